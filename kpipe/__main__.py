@@ -1,0 +1,3 @@
+from kpipe.cli.app import main
+
+main()

@@ -1,0 +1,98 @@
+"""The kpipe command line: one Typer app, one module per command group.
+
+Command modules import their heavy dependencies inside the commands, so that
+`kpipe --help` and shell completion stay instant.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Optional
+
+import typer
+
+from kpipe import __version__
+from kpipe.cli.context import STATE
+
+app = typer.Typer(
+    name="kpipe",
+    help="Build, validate, sign and roll out kernel live patches to Linux fleets.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"kpipe {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    workspace: Optional[str] = typer.Option(
+        None, "--workspace", "-W", envvar="KPIPE_WORKSPACE", help="Workspace folder (holds kpipe.toml)."
+    ),
+    debug: bool = typer.Option(False, "--debug", envvar="KPIPE_DEBUG", help="Show tracebacks."),
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
+) -> None:
+    STATE.workspace_arg = workspace
+    STATE.debug = debug
+
+
+def _register() -> None:
+    # Each module adds its commands or sub-app; the import is cheap by design.
+    from kpipe.cli import (  # noqa: F401
+        artifacts, audit, build, fleet, kernels, lab, recipe, rollout, sign, validate,
+    )
+
+    for mod in (kernels, recipe, build, artifacts, validate, sign, fleet, rollout, audit, lab):
+        mod.register(app)
+
+
+_register()
+
+
+def main() -> None:
+    """Console-script entry point: run the app, map KpipeError to one line and its exit code."""
+    from kpipe.errors import ExitCode, KpipeError
+
+    debug = os.environ.get("KPIPE_DEBUG", "") not in ("", "0")
+    try:
+        app(standalone_mode=False)
+    except KpipeError as e:
+        if debug or STATE.debug:
+            import traceback
+
+            traceback.print_exc()
+        _print_error(str(e), e.hint)
+        sys.exit(int(e.exit_code))
+    except typer.Exit as e:
+        sys.exit(e.exit_code)
+    except typer.Abort:
+        _print_error("aborted", None)
+        sys.exit(int(ExitCode.INTERRUPTED))
+    except KeyboardInterrupt:
+        _print_error("interrupted", None)
+        sys.exit(int(ExitCode.INTERRUPTED))
+    except Exception as e:  # click usage errors and the unexpected
+        import click
+
+        if isinstance(e, click.exceptions.ClickException):
+            e.show()
+            sys.exit(e.exit_code)
+        if isinstance(e, click.exceptions.Exit):
+            sys.exit(e.exit_code)
+        if debug or STATE.debug:
+            raise
+        _print_error(f"internal error: {type(e).__name__}: {e}", "rerun with KPIPE_DEBUG=1 for a traceback")
+        sys.exit(int(ExitCode.FAILURE))
+
+
+def _print_error(message: str, hint: str | None) -> None:
+    sys.stderr.write(f"kpipe: error: {message}\n")
+    if hint:
+        sys.stderr.write(f"  hint: {hint}\n")
+    sys.stderr.flush()
