@@ -1,0 +1,681 @@
+"""Livepatch operations on one host: commands as data, pure parsers, small routines.
+
+Every routine here drives a Transport (`t.run(Command) -> CommandResult`,
+`t.put(local, remote)`) and is idempotent: it reads the host's state first and
+does nothing when the host already is where the step wants it. Nothing trusts a
+tool's exit code for the kernel's state: verification reads sysfs and the kernel
+log after kpipe's own /dev/kmsg marker (kernel-facts.md).
+
+Kernel interfaces used (Documentation/ABI/testing/sysfs-kernel-livepatch):
+`/sys/kernel/livepatch/<m>/{enabled,transition}` (transition: 4.12+),
+`<m>/<object>/patched` (6.1+, optional here), function dirs `<func>,<sympos>`.
+The `force` file is never written: after it rmmod is blocked for good.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+from kpipe.commands import Command, CommandResult
+from kpipe.errors import KpipeError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from kpipe.build.spec import Probe
+
+LIVEPATCH_SYSFS = "/sys/kernel/livepatch"
+KPATCH_DIR = "/var/lib/kpatch"
+INSMOD = "/sbin/insmod"  # explicit: busybox's shell runs its own applets before PATH (lab.md)
+RMMOD = "/sbin/rmmod"
+TAINT_LIVEPATCH = 1 << 15  # K
+TAINT_OOT = 1 << 12  # O
+TAINT_UNSIGNED = 1 << 13  # E
+
+# Privileged commands carry sudo=True; the transport applies it only for hosts that need it.
+_ROOT = {"sudo": True}
+
+_MODULE_NAME = re.compile(r"^[A-Za-z0-9_-]{1,55}$")  # the kernel's name field is 56 bytes
+_SAFE_COMPONENT = re.compile(r"^[A-Za-z0-9._+~-]{1,200}$")
+
+
+class Transport(Protocol):
+    """The part of kpipe.transport's Transport these routines need."""
+
+    name: str
+
+    def run(self, command: Command) -> CommandResult: ...
+
+    def put(self, local_path: str | Path, remote_path: str) -> Any: ...
+
+
+class LivepatchOpError(KpipeError):
+    """A host step could not be carried out (the host answered, the step failed)."""
+
+    def __init__(self, message: str, *, host: str = "", step: str = "", output: str = "", hint: str | None = None):
+        super().__init__(f"{host}: {message}" if host else message, hint=hint)
+        self.host = host
+        self.step = step
+        self.output = output
+
+
+# --------------------------------------------------------------------------- state
+
+# One constant script; user values (extra module names) arrive as "$1".. only.
+# Output: one record per line, fields separated by single spaces:
+#   livepatch_sysfs 0|1 / tainted N / patch M / enabled M V / transition M V /
+#   object M OBJ PATCHED / function M OBJ FUNC,POS / module M 0|1 TAINT
+# V is '-' when the file does not exist and '?' when it could not be read.
+STATE_SCRIPT = r"""
+LP=/sys/kernel/livepatch
+rd() { if [ -e "$1" ]; then v=$(cat "$1" 2>/dev/null) && printf '%s' "$v" || printf '?'; else printf -- '-'; fi; }
+if [ -d "$LP" ]; then echo "livepatch_sysfs 1"; else echo "livepatch_sysfs 0"; fi
+echo "tainted $(rd /proc/sys/kernel/tainted)"
+for d in "$LP"/*/; do
+  [ -d "$d" ] || continue
+  m=${d%/}; m=${m##*/}
+  echo "patch $m"
+  echo "enabled $m $(rd "$d/enabled")"
+  echo "transition $m $(rd "$d/transition")"
+  for o in "$d"*/; do
+    [ -d "$o" ] || continue
+    on=${o%/}; on=${on##*/}
+    echo "object $m $on $(rd "$o/patched")"
+    for f in "$o"*/; do
+      [ -d "$f" ] || continue
+      fn=${f%/}; fn=${fn##*/}
+      echo "function $m $on $fn"
+    done
+  done
+  set -- "$@" "$m"
+done
+for m in "$@"; do
+  if [ -d "/sys/module/$m" ]; then echo "module $m 1 $(rd "/sys/module/$m/taint")"; else echo "module $m 0 -"; fi
+done
+echo "end"
+"""
+
+
+@dataclass(frozen=True)
+class ModuleState:
+    """A module as /sys/module shows it."""
+
+    name: str
+    present: bool
+    taint: str = ""  # the module's taint letters, e.g. "OEK"
+
+
+@dataclass(frozen=True)
+class LivepatchState:
+    """One /sys/kernel/livepatch/<name>/ directory."""
+
+    name: str
+    enabled: int | None  # None: file missing or unreadable
+    transition: int | None
+    objects: dict[str, int | None] = field(default_factory=dict)  # object -> patched (None: no file, < 6.1)
+    functions: tuple[str, ...] = ()  # "object/func,sympos"
+    module_present: bool = False
+    module_taint: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "enabled": self.enabled, "transition": self.transition,
+                "objects": dict(self.objects), "functions": list(self.functions),
+                "module_present": self.module_present, "module_taint": self.module_taint}
+
+
+@dataclass(frozen=True)
+class HostLivepatch:
+    """Everything STATE_SCRIPT reports for one host."""
+
+    sysfs: bool  # /sys/kernel/livepatch exists (CONFIG_LIVEPATCH)
+    tainted: int | None
+    patches: dict[str, LivepatchState]
+    modules: dict[str, ModuleState]
+    complete: bool  # the script ran to its end line
+
+    def module(self, name: str) -> ModuleState:
+        """The /sys/module state of `name` (absent when not reported)."""
+        n = sysfs_name(name)
+        return self.modules.get(n, ModuleState(n, False))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"sysfs": self.sysfs, "tainted": self.tainted,
+                "patches": {k: v.to_dict() for k, v in self.patches.items()},
+                "modules": {k: {"present": v.present, "taint": v.taint} for k, v in self.modules.items()},
+                "complete": self.complete}
+
+
+def _int_or_none(value: str) -> int | None:
+    try:
+        return int(value.strip())
+    except ValueError:
+        return None
+
+
+def parse_host_livepatch(stdout: str) -> HostLivepatch:
+    """Parse STATE_SCRIPT output into a HostLivepatch (unknown lines are ignored)."""
+    sysfs = False
+    tainted: int | None = None
+    complete = False
+    order: list[str] = []
+    raw: dict[str, dict[str, Any]] = {}
+    modules: dict[str, ModuleState] = {}
+
+    def rec(name: str) -> dict[str, Any]:
+        if name not in raw:
+            order.append(name)
+            raw[name] = {"enabled": None, "transition": None, "objects": {}, "functions": []}
+        return raw[name]
+
+    for line in stdout.splitlines():
+        parts = line.strip().split(" ")
+        if not parts or not parts[0]:
+            continue
+        kind, args = parts[0], parts[1:]
+        if kind == "livepatch_sysfs" and args:
+            sysfs = args[0] == "1"
+        elif kind == "tainted" and args:
+            tainted = _int_or_none(args[0])
+        elif kind == "patch" and args:
+            rec(args[0])
+        elif kind in ("enabled", "transition") and len(args) >= 2:
+            rec(args[0])[kind] = _int_or_none(args[1])
+        elif kind == "object" and len(args) >= 3:
+            rec(args[0])["objects"][args[1]] = _int_or_none(args[2])
+        elif kind == "function" and len(args) >= 3:
+            rec(args[0])["functions"].append(f"{args[1]}/{args[2]}")
+        elif kind == "module" and len(args) >= 2:
+            taint = args[2] if len(args) >= 3 and args[2] not in ("-", "?") else ""
+            modules[args[0]] = ModuleState(args[0], args[1] == "1", taint)
+        elif kind == "end":
+            complete = True
+    patches = {}
+    for name in order:
+        r = raw[name]
+        mod = modules.get(name, ModuleState(name, False))
+        patches[name] = LivepatchState(name, r["enabled"], r["transition"], r["objects"], tuple(r["functions"]),
+                                       mod.present, mod.taint)
+    return HostLivepatch(sysfs, tainted, patches, modules, complete)
+
+
+def parse_livepatch_state(stdout: str) -> dict[str, LivepatchState]:
+    """Parse STATE_SCRIPT output: livepatch name -> LivepatchState."""
+    return parse_host_livepatch(stdout).patches
+
+
+def state_command(*module_names: str) -> Command:
+    """The STATE_SCRIPT command; also reports /sys/module for the named modules."""
+    return Command.script(STATE_SCRIPT, *(sysfs_name(m) for m in module_names), label="livepatch-state", **_ROOT)
+
+
+def read_state(t: Transport, *module_names: str) -> HostLivepatch:
+    """Run STATE_SCRIPT on the host and parse it."""
+    r = t.run(state_command(*module_names))
+    st = parse_host_livepatch(r.stdout)
+    if not st.complete:
+        raise LivepatchOpError(f"reading livepatch state failed: {r.summary()}", host=t.name, step="state",
+                               output=r.stdout + r.stderr)
+    return st
+
+
+# --------------------------------------------------------------------------- names
+
+def sysfs_name(module_name: str) -> str:
+    """The module's name as sysfs and lsmod show it ('-' becomes '_'); validated."""
+    name = module_name[:-3] if module_name.endswith(".ko") else module_name
+    if not _MODULE_NAME.match(name):
+        raise KpipeError(f"invalid module name {module_name!r}", hint="module names use [A-Za-z0-9_-], at most 55")
+    return name.replace("-", "_")
+
+
+def staged_path(release: str, module_file_name: str) -> str:
+    """Where a module for `release` is installed: /var/lib/kpatch/<release>/<file>."""
+    for what, value in (("kernel release", release), ("module file name", module_file_name)):
+        if not _SAFE_COMPONENT.match(value) or value in (".", ".."):
+            raise KpipeError(f"invalid {what} {value!r}", hint="no slashes, spaces or shell characters")
+    return f"{KPATCH_DIR}/{release}/{module_file_name}"
+
+
+# --------------------------------------------------------------------------- kernel log
+
+_TS = re.compile(r"^\s*\[\s*[0-9.]+\]\s?")
+_SYSLOG_PREFIX = re.compile(r"^<\d+>")
+
+# The kernel's own failure lines (kernel-facts.md; module loader and kernel/livepatch/core.c, 6.1).
+KERNEL_FAILURE_PATTERNS: tuple[re.Pattern[str], ...] = tuple(re.compile(p) for p in (
+    r"version magic '.*' should be '.*'",
+    r"disagrees about version of symbol",
+    r"Unknown symbol ",
+    r"no symbol version for ",
+    r"failed to enable patch",
+    r"symbol '.*' not found in symbol table",
+    r"failed to register ftrace handler",
+    r"Key was rejected by service",
+    r"Loading of .* is rejected",
+    r"Loading of module with unavailable key is rejected",
+    r"Loading of unsigned module is rejected",
+    r"module is from the staging directory",
+    r"invalid module format|Invalid module format|Exec format error",
+))
+STALL_PATTERN = re.compile(r"signaling remaining tasks")
+
+
+def log_lines(dmesg_output: str) -> list[str]:
+    """Kernel log text without the `[   1.234]` timestamps."""
+    out = []
+    for line in dmesg_output.splitlines():
+        line = _SYSLOG_PREFIX.sub("", _TS.sub("", line)).rstrip()
+        if line:
+            out.append(line)
+    return out
+
+
+def lines_after_marker(dmesg_output: str, marker: str) -> list[str] | None:
+    """The kernel log lines after the LAST occurrence of `marker`; None when it is not in the log."""
+    lines = log_lines(dmesg_output)
+    for i in range(len(lines) - 1, -1, -1):
+        if lines[i].endswith(marker) or marker in lines[i]:
+            return lines[i + 1:]
+    return None
+
+
+def failure_lines(lines: list[str]) -> list[str]:
+    """The kernel's failure lines (kernel-facts.md) among `lines`."""
+    return [ln for ln in lines if any(p.search(ln) for p in KERNEL_FAILURE_PATTERNS)]
+
+
+def new_marker(action: str = "", module_name: str = "") -> str:
+    """A unique marker text: `kpipe: marker <uuid> <action> <module>`."""
+    parts = ["kpipe: marker", uuid.uuid4().hex]
+    if action:
+        parts.append(action)
+    if module_name:
+        parts.append(module_name)
+    return " ".join(parts)
+
+
+MARKER_SCRIPT = r"""printf '%s\n' "$1" > /dev/kmsg"""
+
+
+def write_marker(t: Transport, action: str = "", module_name: str = "") -> str:
+    """Write a unique marker line to /dev/kmsg; return it (read the log after it)."""
+    marker = new_marker(action, module_name and sysfs_name(module_name))
+    r = t.run(Command.script(MARKER_SCRIPT, marker, label="marker", **_ROOT))
+    if not r.ok:
+        raise LivepatchOpError(f"writing the /dev/kmsg marker failed: {r.summary()}", host=t.name, step="marker",
+                               output=r.stderr)
+    return marker
+
+
+# --------------------------------------------------------------------------- results
+
+@dataclass
+class OpResult:
+    """What one host step did: ok, whether it changed the host, and the evidence."""
+
+    step: str
+    ok: bool
+    changed: bool = False
+    message: str = ""
+    marker: str = ""
+    output: str = ""  # the tool's own stdout/stderr, verbatim
+    seconds: float = 0.0
+    kernel_lines: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+@dataclass
+class Verification:
+    """A verification: ok only when `problems` is empty; problems quote the kernel's lines."""
+
+    ok: bool
+    problems: list[str]
+    state: HostLivepatch | None = None
+    kernel_lines: list[str] = field(default_factory=list)  # the log after the marker
+    probe_output: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"ok": self.ok, "problems": list(self.problems),
+                "state": None if self.state is None else self.state.to_dict(),
+                "kernel_lines": list(self.kernel_lines), "probe_output": self.probe_output}
+
+
+# --------------------------------------------------------------------------- stage
+
+STAGE_CHECK_SCRIPT = r"""
+mkdir -p "$1" || exit 2
+if [ -f "$2" ]; then sha256sum "$2" | cut -d ' ' -f 1; else echo absent; fi
+"""
+
+# "$1" temp file, "$2" final path, "$3" expected sha256. The label goes on before the
+# rename so the final name never exists unlabeled; /sys/fs/selinux/enforce exists iff
+# SELinux is enabled (enforcing or permissive).
+STAGE_COMMIT_SCRIPT = r"""
+got=$(sha256sum "$1" | cut -d ' ' -f 1)
+if [ "$got" != "$3" ]; then rm -f "$1"; echo "checksum mismatch: got $got, want $3" >&2; exit 3; fi
+if [ -e /sys/fs/selinux/enforce ]; then
+  chcon -t modules_object_t "$1" || { rm -f "$1"; echo "chcon failed" >&2; exit 4; }
+  echo selinux-labeled
+fi
+mv -f "$1" "$2" || { rm -f "$1"; exit 5; }
+sync "$2" 2>/dev/null || sync
+echo staged
+"""
+
+
+def stage(t: Transport, local_path: str | Path, release: str, sha256: str, module_file_name: str) -> str:
+    """Install the module at /var/lib/kpatch/<release>/<file> (checksum verified, atomic); return the path."""
+    dest = staged_path(release, module_file_name)
+    folder = dest.rsplit("/", 1)[0]
+    sha256 = sha256.lower()
+    r = t.run(Command.script(STAGE_CHECK_SCRIPT, folder, dest, label="stage-check", **_ROOT))
+    if not r.ok:
+        raise LivepatchOpError(f"cannot create {folder}: {r.summary()}", host=t.name, step="stage", output=r.stderr)
+    if r.stdout.strip() == sha256:
+        return dest  # already installed with this content
+    tmp = f"{folder}/.{module_file_name}.kpipe-{uuid.uuid4().hex[:12]}"
+    try:
+        t.put(str(local_path), tmp)
+    except KpipeError:
+        t.run(Command.of("rm", "-f", tmp, label="stage-cleanup", **_ROOT))
+        raise
+    r = t.run(Command.script(STAGE_COMMIT_SCRIPT, tmp, dest, sha256, label="stage", **_ROOT))
+    if not r.ok:
+        raise LivepatchOpError(f"staging {dest} failed: {(r.stderr or r.stdout).strip()}", host=t.name,
+                               step="stage", output=r.stdout + r.stderr)
+    return dest
+
+
+# --------------------------------------------------------------------------- load
+
+KPATCH_CLI_SCRIPT = "command -v kpatch >/dev/null 2>&1 && echo yes || echo no"
+DMESG = Command.of("dmesg", label="dmesg", **_ROOT)
+
+
+def has_kpatch_cli(t: Transport) -> bool:
+    """Whether the kpatch CLI is on the host's PATH."""
+    return t.run(Command.script(KPATCH_CLI_SCRIPT, label="kpatch-cli")).stdout.strip() == "yes"
+
+
+def load_command(remote_path: str, *, kpatch_cli: bool) -> Command:
+    """The command that loads a module file: `kpatch load` or /sbin/insmod."""
+    if kpatch_cli:
+        return Command.of("kpatch", "load", remote_path, label="load", timeout=120, **_ROOT)
+    return Command.of(INSMOD, remote_path, label="load", timeout=120, **_ROOT)
+
+
+def load(t: Transport, remote_path: str, module_name: str, *, use_kpatch_cli: bool | None = None,
+         timeout: float = 120.0) -> OpResult:
+    """Load a staged module (marker first). No-op when the patch is loaded and enabled.
+
+    A module left loaded but disabled cannot be re-enabled (kernel/livepatch), so it is
+    removed and loaded again. `ok` only means the loader accepted it: verify_loaded() decides.
+    """
+    name = sysfs_name(module_name)
+    start = time.monotonic()
+    st = read_state(t, name)
+    patch = st.patches.get(name)
+    if patch is not None and patch.enabled == 1:
+        return OpResult("load", True, False, "already loaded and enabled", seconds=time.monotonic() - start)
+    if patch is not None:  # disabled, unpatching: wait for the dir to vanish before reloading
+        d = disable(t, name, timeout=timeout)
+        if not d.ok:
+            return OpResult("load", False, False, f"a disabled copy is still present: {d.message}",
+                            output=d.output, seconds=time.monotonic() - start)
+    if st.module(name).present:
+        u = unload(t, name)
+        if not u.ok:
+            return OpResult("load", False, False, f"an old copy could not be removed: {u.message}",
+                            output=u.output, seconds=time.monotonic() - start)
+    marker = write_marker(t, "load", name)
+    kpatch_cli = has_kpatch_cli(t) if use_kpatch_cli is None else use_kpatch_cli
+    r = t.run(load_command(remote_path, kpatch_cli=kpatch_cli).with_timeout(timeout))
+    output = (r.stdout + r.stderr).strip()
+    kernel = _lines_after(t, marker)
+    if not r.ok:
+        reason = (r.stderr.strip().splitlines() or [f"exit status {r.exit_status}"])[-1]
+        fails = failure_lines(kernel)
+        msg = f"{'kpatch load' if kpatch_cli else 'insmod'} failed: {reason}"
+        if fails:
+            msg += f"; kernel: {fails[-1]}"
+        return OpResult("load", False, False, msg, marker, output, time.monotonic() - start, kernel)
+    return OpResult("load", True, True, "loaded", marker, output, time.monotonic() - start, kernel)
+
+
+def _lines_after(t: Transport, marker: str) -> list[str]:
+    r = t.run(DMESG)
+    return lines_after_marker(r.stdout, marker) or []
+
+
+# --------------------------------------------------------------------------- transition
+
+# "$1" module, "$2" timeout in seconds (integer), "$3" wanted: "0" (transition done) or "gone".
+WAIT_SCRIPT = r"""
+d=/sys/kernel/livepatch/$1
+end=$(( $(date +%s) + $2 ))
+while :; do
+  if [ ! -d "$d" ]; then echo gone; exit 0; fi
+  tr=$(cat "$d/transition" 2>/dev/null || echo '?')
+  if [ "$3" = 0 ] && [ "$tr" = 0 ]; then echo "transition 0"; exit 0; fi
+  if [ "$(date +%s)" -ge "$end" ]; then echo "timeout transition $tr enabled $(cat "$d/enabled" 2>/dev/null)"; exit 1; fi
+  sleep 0.1 2>/dev/null || sleep 1
+done
+"""
+
+
+def _wait(t: Transport, name: str, timeout: float, wanted: str) -> CommandResult:
+    secs = max(1, int(timeout + 0.999))
+    return t.run(Command.script(WAIT_SCRIPT, name, str(secs), wanted, label=f"wait-{wanted}", timeout=secs + 30,
+                                **_ROOT))
+
+
+def wait_transition(t: Transport, module_name: str, timeout: float = 60.0) -> OpResult:
+    """Wait until the patch's transition is 0 (never writes `force`); reports stalls from the log."""
+    name = sysfs_name(module_name)
+    start = time.monotonic()
+    r = _wait(t, name, timeout, "0")
+    out = r.stdout.strip()
+    if r.ok and out == "transition 0":
+        return OpResult("wait", True, False, "transition complete", seconds=time.monotonic() - start)
+    if r.ok and out == "gone":
+        return OpResult("wait", False, False, f"/sys/kernel/livepatch/{name} is gone", output=out,
+                        seconds=time.monotonic() - start)
+    log = log_lines(t.run(DMESG).stdout)
+    stalls = [ln for ln in log if STALL_PATTERN.search(ln) and name in ln]
+    msg = f"transition still running after {timeout:g} s ({out or r.summary()})"
+    if stalls:
+        msg += f"; kernel: {stalls[-1]}"
+    return OpResult("wait", False, False, msg, output=out, seconds=time.monotonic() - start, kernel_lines=stalls)
+
+
+# --------------------------------------------------------------------------- verify
+
+# One round trip: the state, a separator, then the whole kernel log.
+VERIFY_SCRIPT = STATE_SCRIPT + r"""
+echo "---kpipe-dmesg---"
+dmesg
+"""
+_DMESG_SEP = "---kpipe-dmesg---"
+
+
+def _state_and_log(t: Transport, name: str) -> tuple[HostLivepatch, str]:
+    r = t.run(Command.script(VERIFY_SCRIPT, name, label="verify-state", **_ROOT))
+    head, _, log = r.stdout.partition(_DMESG_SEP)
+    st = parse_host_livepatch(head)
+    if not st.complete:
+        raise LivepatchOpError(f"reading livepatch state failed: {r.summary()}", host=t.name, step="verify",
+                               output=r.stdout + r.stderr)
+    return st, log
+
+
+def evaluate_loaded(module_name: str, state: HostLivepatch, kernel_after_marker: list[str] | None,
+                    marker: str = "") -> list[str]:
+    """Problems with a loaded patch (pure): sysfs, taint K, /sys/module, the log after the marker."""
+    name = sysfs_name(module_name)
+    problems: list[str] = []
+    if not state.sysfs:
+        problems.append("/sys/kernel/livepatch does not exist (kernel without CONFIG_LIVEPATCH?)")
+    patch = state.patches.get(name)
+    if patch is None:
+        problems.append(f"/sys/kernel/livepatch/{name} does not exist")
+    else:
+        if patch.enabled != 1:
+            problems.append(f"/sys/kernel/livepatch/{name}/enabled is {_show(patch.enabled)}, want 1")
+        if patch.transition != 0:
+            problems.append(f"/sys/kernel/livepatch/{name}/transition is {_show(patch.transition)}, want 0")
+        for obj, patched in patch.objects.items():
+            if patched is not None and patched != 1:
+                problems.append(f"/sys/kernel/livepatch/{name}/{obj}/patched is {patched}, want 1")
+    if not state.module(name).present:
+        problems.append(f"/sys/module/{name} does not exist")
+    if state.tainted is None:
+        problems.append("/proc/sys/kernel/tainted could not be read")
+    elif not state.tainted & TAINT_LIVEPATCH:
+        problems.append(f"taint K (livepatch, bit 15) is not set: tainted={state.tainted}")
+    if marker:
+        if kernel_after_marker is None:
+            problems.append(f"the marker {marker!r} is not in the kernel log")
+        else:
+            for ln in failure_lines(kernel_after_marker):
+                problems.append(f"kernel: {ln}")
+            if not any(f"'{name}': patching complete" in ln for ln in kernel_after_marker):
+                problems.append(f"no \"livepatch: '{name}': patching complete\" in the kernel log after the marker")
+    return problems
+
+
+def evaluate_removed(module_name: str, state: HostLivepatch, kernel_after_marker: list[str] | None,
+                     marker: str = "") -> list[str]:
+    """Problems with a removed patch (pure): sysfs dir and /sys/module gone, unpatching logged."""
+    name = sysfs_name(module_name)
+    problems: list[str] = []
+    if name in state.patches:
+        p = state.patches[name]
+        problems.append(f"/sys/kernel/livepatch/{name} still exists (enabled={_show(p.enabled)}, "
+                        f"transition={_show(p.transition)})")
+    if state.module(name).present:
+        problems.append(f"/sys/module/{name} still exists (module still loaded)")
+    if marker:
+        if kernel_after_marker is None:
+            problems.append(f"the marker {marker!r} is not in the kernel log")
+        elif not any(f"'{name}': unpatching complete" in ln for ln in kernel_after_marker):
+            problems.append(f"no \"livepatch: '{name}': unpatching complete\" in the kernel log after the marker")
+    return problems
+
+
+def _show(v: int | None) -> str:
+    return "missing" if v is None else str(v)
+
+
+def run_probe(t: Transport, argv: tuple[str, ...], expect: str) -> tuple[bool, str, str]:
+    """Run a probe command; (matched, stdout, problem text)."""
+    r = t.run(Command(argv=tuple(argv), label="probe", timeout=60))
+    try:
+        matched = re.search(expect, r.stdout) is not None
+    except re.error as e:
+        return False, r.stdout, f"probe regex {expect!r} is invalid: {e}"
+    if matched:
+        return True, r.stdout, ""
+    got = r.stdout.strip().replace("\n", "\\n")[:200]
+    extra = f" (exit {r.exit_status}: {r.stderr.strip()[:200]})" if not r.ok else ""
+    return False, r.stdout, f"probe {' '.join(argv)!r} printed {got!r}, want /{expect}/{extra}"
+
+
+def verify_loaded(t: Transport, module_name: str, marker: str, probe: Probe | None = None) -> Verification:
+    """Verify a load through sysfs, taint, the log after `marker` and the probe; never from exit codes."""
+    name = sysfs_name(module_name)
+    st, log = _state_and_log(t, name)
+    after = lines_after_marker(log, marker) if marker else []
+    problems = evaluate_loaded(name, st, after, marker)
+    probe_out = ""
+    if probe is not None and probe.argv:
+        ok, probe_out, problem = run_probe(t, probe.argv, probe.expect)
+        if not ok:
+            problems.append(problem)
+    return Verification(not problems, problems, st, after or [], probe_out)
+
+
+def verify_removed(t: Transport, module_name: str, probe: Probe | None = None, *, marker: str = "") -> Verification:
+    """Verify a removal: /sys/module/<m> and /sys/kernel/livepatch/<m> gone, unpatching logged, probe."""
+    name = sysfs_name(module_name)
+    st, log = _state_and_log(t, name)
+    after = lines_after_marker(log, marker) if marker else []
+    problems = evaluate_removed(name, st, after, marker)
+    probe_out = ""
+    if probe is not None and probe.argv and probe.expect_after_rollback:
+        ok, probe_out, problem = run_probe(t, probe.argv, probe.expect_after_rollback)
+        if not ok:
+            problems.append(problem)
+    return Verification(not problems, problems, st, after or [], probe_out)
+
+
+# --------------------------------------------------------------------------- disable / unload
+
+# "$1" module. Writes 0 only when enabled is 1; EBUSY (another patch in transition)
+# comes back as the shell's write error on stderr.
+DISABLE_SCRIPT = r"""
+d=/sys/kernel/livepatch/$1
+if [ ! -d "$d" ]; then echo absent; exit 0; fi
+if [ "$(cat "$d/enabled")" = 1 ]; then
+  echo 0 > "$d/enabled" || exit 16
+  echo disabled
+else
+  echo already-disabled
+fi
+"""
+
+
+def disable(t: Transport, module_name: str, timeout: float = 60.0) -> OpResult:
+    """Disable the patch (echo 0 > enabled) and wait until its sysfs dir is gone; no-op when absent."""
+    name = sysfs_name(module_name)
+    start = time.monotonic()
+    st = read_state(t, name)
+    if name not in st.patches:
+        return OpResult("disable", True, False, "not loaded as a livepatch", seconds=time.monotonic() - start)
+    marker = write_marker(t, "disable", name)
+    r = t.run(Command.script(DISABLE_SCRIPT, name, label="disable", **_ROOT))
+    if not r.ok:
+        err = r.stderr.strip() or r.stdout.strip()
+        busy = "busy" in err.lower()
+        msg = ("EBUSY: another livepatch is in transition: " if busy else "writing enabled failed: ") + err
+        return OpResult("disable", False, False, msg, marker, r.stdout + r.stderr, time.monotonic() - start)
+    w = _wait(t, name, timeout, "gone")
+    if w.ok and w.stdout.strip() == "gone":
+        return OpResult("disable", True, r.stdout.strip() == "disabled", "disabled; sysfs dir gone", marker,
+                        r.stdout.strip(), time.monotonic() - start)
+    log = log_lines(t.run(DMESG).stdout)
+    stalls = [ln for ln in log if STALL_PATTERN.search(ln) and name in ln]
+    msg = f"/sys/kernel/livepatch/{name} still present after {timeout:g} s ({w.stdout.strip()})"
+    if stalls:
+        msg += f"; kernel: {stalls[-1]}"
+    return OpResult("disable", False, True, msg, marker, w.stdout, time.monotonic() - start, stalls)
+
+
+def unload(t: Transport, module_name: str) -> OpResult:
+    """Remove the module with /sbin/rmmod; no-op when /sys/module/<m> is absent."""
+    name = sysfs_name(module_name)
+    start = time.monotonic()
+    st = read_state(t, name)
+    if not st.module(name).present:
+        return OpResult("unload", True, False, "not loaded", seconds=time.monotonic() - start)
+    if name in st.patches and st.patches[name].enabled == 1:
+        return OpResult("unload", False, False, f"{name} is an enabled livepatch: disable it first",
+                        seconds=time.monotonic() - start)
+    r = t.run(Command.of(RMMOD, name, label="unload", timeout=60, **_ROOT))
+    if not r.ok:
+        reason = (r.stderr.strip().splitlines() or [f"exit status {r.exit_status}"])[-1]
+        return OpResult("unload", False, False, f"rmmod failed: {reason}", output=r.stdout + r.stderr,
+                        seconds=time.monotonic() - start)
+    return OpResult("unload", True, True, "removed", output=(r.stdout + r.stderr).strip(),
+                    seconds=time.monotonic() - start)
+
+
+def unstage(t: Transport, release: str, module_file_name: str) -> OpResult:
+    """Remove the staged file from /var/lib/kpatch/<release>/ (no-op when absent)."""
+    dest = staged_path(release, module_file_name)
+    r = t.run(Command.of("rm", "-f", dest, label="unstage", **_ROOT))
+    return OpResult("unstage", r.ok, r.ok, "removed" if r.ok else r.summary(), output=r.stderr)
