@@ -1,0 +1,398 @@
+"""SSH through Fabric, tuned as ssh-performance.md measures.
+
+- Strict host key checking: every known_hosts file is parsed once per pool
+  (paramiko's HostKeys.load is quadratic) and shared by all connections
+  through a MissingHostKeyPolicy of our own; unknown keys are refused unless
+  the user asked to accept new ones (then they are appended, once).
+- The private key is loaded once and passed as `pkey`; agent and key probing
+  are off when a key is configured.
+- ssh_config is read once per pool; Connection objects are built in one
+  thread before any fan-out (building them concurrently from one Config races).
+- The socket is ours, connected with TCP_NODELAY (paramiko never sets it, and
+  every command on an open connection then stalls ~40 ms).
+- One connection per host, reused for every later step; `in_stream=False`.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import paramiko
+from paramiko.hostkeys import HostKeyEntry, HostKeys
+
+from kpipe.commands import Command, CommandResult
+from kpipe.errors import CommandTimeout, ConfigError, TransportError
+from kpipe.workspace import SshSettings
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class SshTarget:
+    """Where and as whom to connect."""
+
+    name: str
+    address: str
+    port: int = 22
+    user: str = ""
+    identity_file: str = ""
+    become: bool = False  # run sudo-flagged commands through sudo (non-root users)
+    known_hosts: str = ""  # an extra known_hosts file for this host (e.g. the lab's)
+    connect_timeout: float | None = None
+    options: tuple[tuple[str, str], ...] = field(default=())
+
+
+class KnownHosts:
+    """Host keys from known_hosts files, parsed once, shared by every connection."""
+
+    def __init__(self, files: Iterable[Path], *, accept_new: bool = False, write_to: Path | None = None):
+        self._plain: dict[str, dict[str, paramiko.PKey]] = {}
+        self._hashed: list[tuple[str, str, paramiko.PKey]] = []  # (hashed entry, keytype, key)
+        self._loaded: set[Path] = set()
+        self._lock = threading.Lock()
+        self.accept_new = accept_new
+        self.write_to = write_to
+        for f in files:
+            self.load(f)
+
+    def load(self, path: Path) -> None:
+        """Parse one known_hosts file (linear time; missing files are empty)."""
+        path = Path(os.path.expanduser(str(path)))
+        with self._lock:
+            if path in self._loaded:
+                return
+            self._loaded.add(path)
+            try:
+                lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+            except FileNotFoundError:
+                return
+            except OSError as e:
+                raise ConfigError(f"cannot read known_hosts file {path}: {e.strerror}") from None
+            for lineno, line in enumerate(lines, 1):
+                line = line.strip()
+                if not line or line.startswith("#") or line.startswith("@"):
+                    continue  # @cert-authority / @revoked markers are not supported here
+                try:
+                    entry = HostKeyEntry.from_line(line, lineno)
+                except Exception:  # a broken line must not hide the others (OpenSSH skips it too)
+                    entry = None
+                if entry is None or entry.key is None:
+                    continue
+                ktype = entry.key.get_name()
+                for name in entry.hostnames:
+                    if name.startswith("|1|"):
+                        self._hashed.append((name, ktype, entry.key))
+                    else:
+                        self._plain.setdefault(name, {})[ktype] = entry.key
+
+    def lookup(self, hostname: str) -> dict[str, paramiko.PKey]:
+        """Known keys for a host name as ssh writes it ("host" or "[host]:port")."""
+        found = dict(self._plain.get(hostname, {}))
+        for entry, ktype, key in self._hashed:
+            salt = entry.split("|")[2]
+            if HostKeys.hash_host(hostname, salt) == entry:
+                found.setdefault(ktype, key)
+        return found
+
+    def add(self, hostname: str, key: paramiko.PKey) -> None:
+        with self._lock:
+            self._plain.setdefault(hostname, {})[key.get_name()] = key
+            if self.write_to is not None:
+                self.write_to.parent.mkdir(parents=True, exist_ok=True)
+                with open(self.write_to, "a", encoding="utf-8") as f:
+                    f.write(f"{hostname} {key.get_name()} {key.get_base64()}\n")
+
+
+class _StrictPolicy(paramiko.MissingHostKeyPolicy):
+    """Accept a server key only if known_hosts has exactly it (or new keys are allowed)."""
+
+    def __init__(self, known: KnownHosts, target: SshTarget):
+        self.known = known
+        self.target = target
+
+    def missing_host_key(self, client: paramiko.SSHClient, hostname: str, key: paramiko.PKey) -> None:
+        keys = self.known.lookup(hostname)
+        ktype = key.get_name()
+        if ktype in keys:
+            if keys[ktype] == key:
+                return
+            raise TransportError(
+                f"{self.target.name}: HOST KEY MISMATCH for {hostname} ({ktype}): the server's key is not the one "
+                "in known_hosts", host=self.target.name, kind="hostkey",
+                hint="someone may be intercepting the connection, or the host was reinstalled; fix known_hosts",
+            )
+        if keys:
+            raise TransportError(
+                f"{self.target.name}: {hostname} offered a {ktype} key but known_hosts has only "
+                f"{', '.join(sorted(keys))}", host=self.target.name, kind="hostkey",
+                hint="add the host's key to known_hosts (ssh-keyscan, then check its fingerprint)")
+        if self.known.accept_new:
+            self.known.add(hostname, key)
+            return
+        raise TransportError(
+            f"{self.target.name}: {hostname} is not in known_hosts (strict host key checking)",
+            host=self.target.name, kind="hostkey",
+            hint="add its key to known_hosts, or set [ssh] accept_new_host_keys = true to trust on first use",
+        )
+
+
+def _host_key_name(address: str, port: int) -> str:
+    return address if port == 22 else f"[{address}]:{port}"
+
+
+class SshTransport:
+    """One host over one reused Fabric connection."""
+
+    def __init__(self, target: SshTarget, pool: "SshPool"):
+        from fabric import Connection
+
+        self.name = target.name
+        self.target = target
+        self.pool = pool
+        kwargs: dict[str, Any] = {"look_for_keys": True, "allow_agent": True}
+        pkey = pool.private_key(target.identity_file or pool.settings.identity_file)
+        if pkey is not None:
+            kwargs = {"pkey": pkey, "look_for_keys": False, "allow_agent": False}
+        if pool.disabled_algorithms:
+            kwargs["disabled_algorithms"] = pool.disabled_algorithms
+        kwargs["banner_timeout"] = kwargs["auth_timeout"] = self._connect_timeout()
+        self.conn = Connection(
+            host=target.address, port=target.port, user=target.user or None, config=pool.fabric_config,
+            connect_kwargs=kwargs, connect_timeout=None,
+        )
+        self.conn.client.set_missing_host_key_policy(_StrictPolicy(pool.known_hosts_for(target), target))
+        self._lock = threading.Lock()
+
+    def _connect_timeout(self) -> float:
+        return self.target.connect_timeout or self.pool.settings.connect_timeout
+
+    def _open(self) -> None:
+        if self.conn.is_connected:
+            return
+        address, port = self.conn.host, self.conn.port
+        timeout = self._connect_timeout()
+        try:
+            sock = socket.create_connection((address, port), timeout=timeout)
+        except (socket.timeout, TimeoutError):
+            raise TransportError(f"{self.name}: connection to {address}:{port} timed out after {timeout:g} s",
+                                 host=self.name, kind="timeout") from None
+        except ConnectionRefusedError:
+            raise TransportError(f"{self.name}: connection to {address}:{port} refused", host=self.name,
+                                 kind="refused", hint="is sshd running on that port?") from None
+        except OSError as e:
+            raise TransportError(f"{self.name}: cannot connect to {address}:{port}: {e.strerror or e}",
+                                 host=self.name, kind="error") from None
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.conn.connect_kwargs["sock"] = sock
+        try:
+            self.conn.open()
+        except TransportError:
+            sock.close()
+            raise
+        except paramiko.AuthenticationException as e:
+            sock.close()
+            raise TransportError(f"{self.name}: authentication failed for {self.conn.user}@{address}:{port}: {e}",
+                                 host=self.name, kind="auth", hint="check the user and identity_file") from None
+        except (paramiko.SSHException, EOFError, OSError) as e:
+            sock.close()
+            raise TransportError(f"{self.name}: SSH handshake with {address}:{port} failed: {e or type(e).__name__}",
+                                 host=self.name, kind="error") from None
+        finally:
+            self.conn.connect_kwargs.pop("sock", None)
+
+    def connect(self) -> "SshTransport":
+        """Open the connection now (otherwise the first command opens it)."""
+        with self._lock:
+            self._open()
+        return self
+
+    def _use_sudo(self, cmd: Command) -> bool:
+        return cmd.sudo and (self.target.become or (self.conn.user or "root") != "root")
+
+    def run(self, cmd: Command) -> CommandResult:
+        from invoke.exceptions import CommandTimedOut
+
+        with self._lock:
+            self._open()
+            line = cmd.shell_line(use_sudo=self._use_sudo(cmd))
+            timeout = cmd.timeout if cmd.timeout is not None else self.pool.settings.command_timeout
+            start = time.monotonic()
+            in_stream: Any = False
+            if cmd.stdin is not None:
+                import io
+
+                in_stream = io.StringIO(cmd.stdin.decode("utf-8", "surrogateescape"))
+            try:
+                r = self.conn.run(line, hide=True, warn=True, in_stream=in_stream, timeout=timeout or None,
+                                  pty=False)
+            except CommandTimedOut:
+                self._drop()
+                raise CommandTimeout(f"{self.name}: {cmd.label or cmd.display()} timed out after {timeout:g} s",
+                                     host=self.name) from None
+            except (paramiko.SSHException, EOFError, OSError) as e:
+                self._drop()
+                raise TransportError(f"{self.name}: connection lost during {cmd.label or cmd.argv[0]}: "
+                                     f"{e or type(e).__name__}", host=self.name, kind="disconnected") from None
+            exit_status = r.exited if r.exited is not None else -1
+            if exit_status == -1:
+                # the channel closed without an exit status: the session died under us
+                self._drop()
+                raise TransportError(f"{self.name}: connection lost during {cmd.label or cmd.argv[0]}",
+                                     host=self.name, kind="disconnected")
+            return CommandResult(self.name, cmd, exit_status, r.stdout, r.stderr, time.monotonic() - start)
+
+    def put(self, local: Path, remote: str) -> None:
+        with self._lock:
+            self._open()
+            try:
+                self.conn.put(str(local), remote=remote)
+            except (OSError, paramiko.SSHException, EOFError) as e:
+                raise TransportError(f"{self.name}: copying {local} to {remote} failed: {e}", host=self.name,
+                                     kind="error") from None
+
+    def get(self, remote: str, local: Path) -> None:
+        with self._lock:
+            self._open()
+            Path(local).parent.mkdir(parents=True, exist_ok=True)
+            try:
+                self.conn.get(remote, local=str(local))
+            except FileNotFoundError:
+                raise TransportError(f"{self.name}: {remote} does not exist", host=self.name) from None
+            except (OSError, paramiko.SSHException, EOFError) as e:
+                raise TransportError(f"{self.name}: fetching {remote} failed: {e}", host=self.name,
+                                     kind="error") from None
+
+    def _drop(self) -> None:
+        try:
+            self.conn.close()
+        except Exception:  # closing a dead connection may raise anything; it is gone either way
+            pass
+
+    def close(self) -> None:
+        with self._lock:
+            self._drop()
+
+    def __enter__(self) -> "SshTransport":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class SshPool:
+    """Shared SSH state for a fan-out: parsed known_hosts, keys, ssh_config, open connections."""
+
+    def __init__(self, settings: SshSettings | None = None, *, known_hosts: Iterable[Path] | None = None,
+                 forks: int | None = None, accept_new: bool | None = None):
+        self.settings = settings or SshSettings()
+        files = list(known_hosts) if known_hosts is not None else [Path(os.path.expanduser(self.settings.known_hosts))]
+        accept = self.settings.accept_new_host_keys if accept_new is None else accept_new
+        self._default_known = KnownHosts(files, accept_new=accept, write_to=files[0] if files else None)
+        self._per_file: dict[str, KnownHosts] = {}
+        self.forks = forks or self.settings.forks
+        self._keys: dict[str, paramiko.PKey] = {}
+        self._transports: dict[str, SshTransport] = {}
+        self._lock = threading.Lock()
+        self.disabled_algorithms: dict[str, list[str]] = {}
+        if self.settings.kex:
+            supported = list(paramiko.Transport._preferred_kex)
+            unknown = [k for k in self.settings.kex if k not in supported]
+            if unknown:
+                raise ConfigError(f"[ssh] kex names algorithms paramiko does not know: {unknown}",
+                                  hint=f"known: {supported}")
+            self.disabled_algorithms = {"kex": [k for k in supported if k not in self.settings.kex]}
+        self.fabric_config = self._fabric_config()
+
+    def _fabric_config(self):
+        from fabric import Config
+
+        path = Path(os.path.expanduser(self.settings.ssh_config))
+        ssh_config = paramiko.SSHConfig()
+        if path.is_file():
+            try:
+                ssh_config = paramiko.SSHConfig.from_path(str(path))
+            except Exception as e:  # paramiko raises several types for a malformed file
+                raise ConfigError(f"{path}: cannot parse ssh_config: {e}") from None
+        return Config(ssh_config=ssh_config, lazy=True)
+
+    def known_hosts_for(self, target: SshTarget) -> KnownHosts:
+        if not target.known_hosts:
+            return self._default_known
+        with self._lock:
+            kh = self._per_file.get(target.known_hosts)
+            if kh is None:
+                path = Path(os.path.expanduser(target.known_hosts))
+                kh = KnownHosts([path], accept_new=self._default_known.accept_new, write_to=path)
+                self._per_file[target.known_hosts] = kh
+            return kh
+
+    def private_key(self, path: str) -> paramiko.PKey | None:
+        """The private key at path, loaded once (None when no key is configured)."""
+        if not path:
+            return None
+        with self._lock:
+            key = self._keys.get(path)
+            if key is None:
+                full = os.path.expanduser(path)
+                try:
+                    key = paramiko.PKey.from_path(full)
+                except FileNotFoundError:
+                    raise ConfigError(f"SSH identity file {full} does not exist") from None
+                except (paramiko.SSHException, ValueError, OSError) as e:
+                    raise ConfigError(f"cannot load SSH identity file {full}: {e}",
+                                      hint="kpipe needs an unencrypted key or an ssh-agent") from None
+                self._keys[path] = key
+            return key
+
+    def transport(self, target: SshTarget) -> SshTransport:
+        """The (reused) transport for a target; the connection opens on first use."""
+        with self._lock:
+            t = self._transports.get(target.name)
+            if t is not None and t.target == target:
+                return t
+        t = SshTransport(target, self)
+        with self._lock:
+            self._transports[target.name] = t
+        return t
+
+    def run_many(self, targets: Iterable[SshTarget], fn: Callable[[SshTransport], T],
+                 forks: int | None = None) -> dict[str, T | BaseException]:
+        """fn(transport) for every target with at most `forks` in flight; each result or exception, by name.
+
+        One host's exception never stops the others (partial failure is data).
+        """
+        transports = [self.transport(t) for t in targets]  # built in this thread: Fabric's Config is not thread-safe
+        results: dict[str, T | BaseException] = {}
+
+        def one(t: SshTransport) -> tuple[str, T | BaseException]:
+            try:
+                return t.name, fn(t)
+            except Exception as e:  # collected, not raised: the caller's gate decides what it means
+                return t.name, e
+
+        workers = max(1, min(forks or self.forks, len(transports) or 1))
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="kpipe-ssh") as ex:
+            for name, value in ex.map(one, transports):
+                results[name] = value
+        return results
+
+    def close(self) -> None:
+        with self._lock:
+            transports = list(self._transports.values())
+            self._transports.clear()
+        for t in transports:
+            t.close()
+
+    def __enter__(self) -> "SshPool":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
