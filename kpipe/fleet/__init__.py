@@ -1,0 +1,1 @@
+"""The fleet: inventory (hosts, groups, patterns), facts, and host livepatch operations."""

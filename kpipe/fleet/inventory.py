@@ -1,0 +1,587 @@
+"""The fleet's hosts: kpipe's own fleet file and Ansible inventories, read by ansible-core.
+
+Sources (``load_inventory(workspace)`` with ``sources=None``), in this order:
+
+1. every path in ``[fleet] inventories`` of kpipe.toml (files, folders, executable
+   dynamic inventory scripts);
+2. ``<workspace>/fleet.yml`` (or ``fleet.yaml``) when present;
+3. ``<workspace>/.lab/inventory.yml`` when present (written by ``kpipe lab up``).
+
+A file named ``fleet.yml`` / ``fleet.yaml`` or ``*.fleet.yml`` / ``*.fleet.yaml`` is in
+kpipe's own format; anything else is handed to ansible-core's InventoryManager, whose
+plugins (ini, yaml, toml, script, auto) parse it exactly as ``ansible -i`` would,
+including ``group_vars/`` and ``host_vars/`` folders beside it (read through
+VariableManager). kpipe never parses INI itself.
+
+kpipe's fleet file (YAML)::
+
+    defaults:            # optional, applied to every host of this file
+      user: root
+      port: 22
+      identity_file: ~/.ssh/fleet_ed25519
+      become: false
+      known_hosts: ~/.ssh/known_hosts_fleet
+    hosts:
+      web1: {address: 10.0.0.11}
+      web2: {address: 10.0.0.12, port: 2222, user: ops, become: true}
+      db1:                                   # address defaults to the name
+        vars: {rack: r7}
+    groups:
+      web: {hosts: [web1, web2], vars: {tier: front}}
+      prod: {children: [web], hosts: [db1]}
+
+Per host keys: address, port, user, identity_file, become, known_hosts, vars (a
+mapping). Per group keys: hosts (list), children (list), vars (mapping). Unknown
+keys are errors. Relative paths are relative to the file's folder.
+
+Connection values come from these host variables (Ansible's names):
+``ansible_host``, ``ansible_port``, ``ansible_user``, ``ansible_ssh_private_key_file``,
+``ansible_become`` and kpipe's ``kpipe_known_hosts`` (an extra known_hosts file for
+that host). Host variables are data: they are never templated (Jinja in Ansible
+inventories can run lookups on the controller) and never reach a shell; values that
+could be taken for options or that hold control characters are refused.
+
+Patterns are Ansible's, evaluated by ``InventoryManager.get_hosts``: ``all``, a group,
+a host, globs (``web*``), regexes (``~web[0-9]+``), unions ``a:b`` (or ``a,b``),
+intersections ``a:&b``, exclusions ``a:!b`` and subscripts ``web[0:2]``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterator, Sequence
+
+from kpipe.errors import ConfigError, NotFoundError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from kpipe.transport.ssh import SshTarget
+    from kpipe.workspace import Workspace
+
+FLEET_FILE_NAMES = ("fleet.yml", "fleet.yaml")
+LAB_INVENTORY = Path(".lab") / "inventory.yml"
+
+# Host names are labels in tables, journals and file names; allow what DNS, Ansible
+# and people use, refuse whitespace, control characters, path separators and a
+# leading '-' (it would read as an option to any tool that receives it).
+_NAME_RE = re.compile(r"^[^\s/\x00-\x1f\x7f-][^\s/\x00-\x1f\x7f]{0,252}$")
+# An address is a host name, an IPv4 or an IPv6 address (optionally %zone).
+_ADDRESS_RE = re.compile(r"^(?:[A-Za-z0-9_](?:[A-Za-z0-9_.-]{0,252})|\[?[0-9A-Fa-f:.]+(?:%[A-Za-z0-9_.-]+)?\]?)$")
+_USER_RE = re.compile(r"^[A-Za-z0-9_.][A-Za-z0-9_.@-]{0,63}\$?$")
+
+_HOST_KEYS = {"address", "port", "user", "identity_file", "become", "known_hosts", "vars"}
+_GROUP_KEYS = {"hosts", "children", "vars"}
+_DEFAULT_KEYS = _HOST_KEYS - {"address", "vars"}
+
+# One InventoryManager parse at a time: ansible's Display and plugin loader are
+# process-wide singletons.
+_ANSIBLE_LOCK = threading.RLock()
+
+
+@dataclass(frozen=True)
+class Host:
+    """One fleet host, with its connection settings resolved from inventory variables."""
+
+    name: str
+    address: str
+    port: int = 22
+    user: str = "root"
+    identity_file: str = ""
+    become: bool = False
+    known_hosts: str = ""  # an extra known_hosts file for this host (kpipe_known_hosts)
+    groups: tuple[str, ...] = ()
+    vars: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
+
+    def target(self) -> "SshTarget":
+        """The SSH transport's view of this host."""
+        from kpipe.transport.ssh import SshTarget
+
+        kwargs: dict[str, Any] = dict(
+            name=self.name, address=self.address, port=self.port, user=self.user,
+            identity_file=self.identity_file, sudo=self.become,
+        )
+        if self.known_hosts and "known_hosts" in getattr(SshTarget, "__dataclass_fields__", {}):
+            kwargs["known_hosts"] = self.known_hosts
+        return SshTarget(**kwargs)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data for --json."""
+        return {
+            "name": self.name, "address": self.address, "port": self.port, "user": self.user,
+            "identity_file": self.identity_file, "become": self.become, "known_hosts": self.known_hosts,
+            "groups": list(self.groups), "vars": self.vars,
+        }
+
+
+class Inventory:
+    """Hosts and groups from every source, selectable with Ansible host patterns."""
+
+    def __init__(self, manager: Any, loader: Any, sources: Sequence[Path], warnings: Sequence[str] = ()):
+        self._manager = manager
+        self._loader = loader
+        self._variables: Any = None
+        self.sources = list(sources)
+        self.warnings = list(warnings)  # ansible's non-fatal warnings, captured
+        self._cache: dict[str, Host] = {}
+
+    @property
+    def host_names(self) -> list[str]:
+        """Every explicit host name, in inventory order."""
+        return [h.name for h in self._all_ansible_hosts()]
+
+    @property
+    def groups(self) -> dict[str, list[str]]:
+        """Group name -> host names (children included), without 'all' and 'ungrouped'."""
+        out = {}
+        for name, group in self._manager.groups.items():
+            if name in ("all", "ungrouped"):
+                continue
+            out[str(name)] = [str(h.name) for h in group.get_hosts()]
+        return out
+
+    def __len__(self) -> int:
+        return len(self._all_ansible_hosts())
+
+    def _all_ansible_hosts(self) -> list[Any]:
+        return [h for h in self._manager.get_hosts("all") if not getattr(h, "implicit", False)]
+
+    def select(self, pattern: str | None = None) -> list[Host]:
+        """Hosts matching an Ansible pattern (None or '' = all); NotFoundError if none match."""
+        pattern = (pattern or "all").strip() or "all"
+        if "\n" in pattern or "\x00" in pattern:
+            raise ConfigError(f"host pattern {pattern!r} contains a control character")
+        from ansible.errors import AnsibleError
+        from ansible.inventory.manager import split_host_pattern
+
+        # Ansible treats some invalid regexes (e.g. '~[') as matching every host; for a
+        # rollout that is the worst reading, so an invalid regex is an error here.
+        for term in split_host_pattern(pattern):
+            term = term.lstrip("&!")
+            if term.startswith("~"):
+                try:
+                    re.compile(term[1:])
+                except re.error as e:
+                    raise ConfigError(f"host pattern {pattern!r}: bad regular expression {term[1:]!r}: {e}") from None
+        with _ANSIBLE_LOCK, _captured_warnings() as warnings:
+            self._manager.clear_pattern_cache()
+            try:
+                matched = self._manager.get_hosts(pattern)
+            except AnsibleError as e:
+                raise ConfigError(f"host pattern {pattern!r}: {_first_line(e)}",
+                                  hint="patterns follow Ansible: group, host, glob, ~regex, a:b, a:&b, a:!b") from None
+            except re.error as e:
+                raise ConfigError(f"host pattern {pattern!r}: bad regular expression: {e}") from None
+            hosts = [h for h in matched if not getattr(h, "implicit", False)]
+            if not hosts:
+                known = ", ".join(sorted(self.groups)) or "none"
+                detail = "; ".join(warnings.refresh()) or "no host matched"
+                raise NotFoundError(
+                    f"host pattern {pattern!r} matches no host ({detail})",
+                    hint=f"groups: {known}; sources: {', '.join(map(str, self.sources)) or 'none'}",
+                )
+            return [self._host(h) for h in hosts]
+
+    def get(self, name: str) -> Host:
+        """One host by exact name; NotFoundError if unknown."""
+        with _ANSIBLE_LOCK:
+            h = self._manager.get_host(name)
+        if h is None or getattr(h, "implicit", False):
+            raise NotFoundError(f"no host named {name!r} in the inventory")
+        return self._host(h)
+
+    def _host(self, ahost: Any) -> Host:
+        name = str(ahost.name)
+        if name not in self._cache:
+            with _ANSIBLE_LOCK, _captured_warnings():
+                if self._variables is None:
+                    from ansible.vars.manager import VariableManager
+
+                    self._variables = VariableManager(loader=self._loader, inventory=self._manager)
+                raw = self._variables.get_vars(host=ahost, include_hostvars=False)
+                groups = tuple(sorted(str(g.name) for g in ahost.get_groups() if g.name not in ("all", "ungrouped")))
+            self._cache[name] = host_from_vars(name, _plain(raw), groups)
+        return self._cache[name]
+
+
+# Magic and connection variables that are not the user's host data.
+_HIDDEN_VARS = {
+    "groups", "group_names", "inventory_hostname", "inventory_hostname_short", "inventory_file",
+    "inventory_dir", "omit", "playbook_dir", "ansible_playbook_python", "ansible_config_file",
+    "ansible_facts", "ansible_version", "ansible_check_mode", "ansible_diff_mode", "ansible_forks",
+    "ansible_inventory_sources", "ansible_skip_tags", "ansible_run_tags", "ansible_verbosity",
+    "ansible_search_path", "ansible_collection_name", "ansible_play_name", "environment",
+}
+
+
+def host_from_vars(name: str, hv: dict[str, Any], groups: tuple[str, ...] = ()) -> Host:
+    """A Host from one host's merged Ansible variables; ConfigError on values kpipe cannot use safely."""
+    where = f"host {name!r}"
+    if not isinstance(name, str) or not _NAME_RE.match(name):
+        raise ConfigError(f"{where}: unusable host name (whitespace, control characters, '/' or a leading '-')",
+                          hint="rename the host and put the address in ansible_host")
+    base = Path(str(hv.get("inventory_dir") or "."))
+
+    def text(var: str, default: str = "") -> str:
+        value = hv.get(var, default)
+        if value is None:
+            return default
+        if not isinstance(value, (str, int)) or isinstance(value, bool):
+            raise ConfigError(f"{where}: {var} must be a string, got {type(value).__name__}")
+        value = str(value)
+        if "{{" in value or "{%" in value:
+            raise ConfigError(f"{where}: {var} is a Jinja template ({value!r}); kpipe reads inventory variables as data",
+                              hint="set the resolved value in the inventory")
+        if any(ord(c) < 32 or ord(c) == 127 for c in value):
+            raise ConfigError(f"{where}: {var} contains a control character: {value!r}")
+        return value
+
+    address = text("ansible_host", name) or name
+    if not _ADDRESS_RE.match(address):
+        raise ConfigError(f"{where}: ansible_host {address!r} is not a host name or IP address",
+                          hint="a host name, IPv4 or IPv6 address; no spaces, no leading '-'")
+    raw_port = hv.get("ansible_port", 22)
+    try:
+        if isinstance(raw_port, bool):
+            raise ValueError
+        port = int(str(raw_port).strip())
+    except (TypeError, ValueError):
+        raise ConfigError(f"{where}: ansible_port {raw_port!r} is not a number") from None
+    if not 1 <= port <= 65535:
+        raise ConfigError(f"{where}: ansible_port {port} is outside 1-65535")
+    user = text("ansible_user", "root") or "root"
+    if not _USER_RE.match(user):
+        raise ConfigError(f"{where}: ansible_user {user!r} is not a valid user name")
+    identity = text("ansible_ssh_private_key_file") or text("ansible_private_key_file")
+    known = text("kpipe_known_hosts")
+
+    def path(value: str) -> str:
+        if not value:
+            return ""
+        if value.startswith("-"):
+            raise ConfigError(f"{where}: path {value!r} starts with '-'")
+        p = Path(os.path.expanduser(value))
+        return str(p if p.is_absolute() else (base / p))
+
+    become = _boolean(hv.get("ansible_become", False), f"{where}: ansible_become")
+    user_vars = {k: v for k, v in hv.items() if k not in _HIDDEN_VARS and not k.startswith("ansible_")}
+    return Host(name=name, address=address, port=port, user=user, identity_file=path(identity), become=become,
+                known_hosts=path(known), groups=groups, vars=user_vars)
+
+
+def _boolean(value: Any, where: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    s = str(value).strip().lower()
+    if s in ("1", "yes", "y", "true", "t", "on"):
+        return True
+    if s in ("0", "no", "n", "false", "f", "off", ""):
+        return False
+    raise ConfigError(f"{where} must be a boolean, got {value!r}")
+
+
+def _plain(value: Any) -> Any:
+    """ansible-core's tagged values -> plain Python (str, int, float, bool, None, list, dict)."""
+    if value is None or isinstance(value, bool):
+        return value
+    if isinstance(value, str):
+        return str(value)
+    if isinstance(value, int):
+        return int(value)
+    if isinstance(value, float):
+        return float(value)
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return [_plain(v) for v in value]
+    # vault-encrypted values and other objects stay opaque rather than decrypting or executing anything
+    return f"<{type(value).__name__}>"
+
+
+def _first_line(e: BaseException) -> str:
+    msg = getattr(e, "message", None) or str(e)
+    return str(msg).strip().splitlines()[0] if str(msg).strip() else type(e).__name__
+
+
+class _Warnings(list):
+    """Warnings captured so far (a list that refreshes from ansible's deferred context)."""
+
+    ctx: Any = None
+    fmt: Any = None
+
+    def refresh(self) -> "_Warnings":
+        if self.ctx is not None:
+            self[:] = [" ".join(self.fmt(w, False).split()) for w in self.ctx.get_warnings()]
+        return self
+
+
+@contextlib.contextmanager
+def _captured_warnings() -> Iterator[_Warnings]:
+    """Collect ansible's Display warnings instead of letting them print to stderr."""
+    messages = _Warnings()
+    try:
+        from ansible._internal._display_utils import DeferredWarningContext, format_message
+    except ImportError:  # older ansible-core: patch the Display class for the duration
+        from ansible.utils.display import Display
+
+        saved = Display.warning, getattr(Display, "error_as_warning", None), Display.deprecated
+
+        def warn(self: Any, msg: str, *a: Any, **k: Any) -> None:
+            messages.append(str(msg))
+
+        def warn_exc(self: Any, msg: Any, exception: BaseException, *a: Any, **k: Any) -> None:
+            messages.append(f"{msg or ''} {exception}".strip())
+
+        Display.warning = warn  # type: ignore[method-assign]
+        Display.error_as_warning = warn_exc  # type: ignore[attr-defined]
+        Display.deprecated = lambda self, *a, **k: None  # type: ignore[method-assign]
+        try:
+            yield messages
+        finally:
+            Display.warning, Display.error_as_warning, Display.deprecated = saved  # type: ignore[method-assign]
+        return
+    messages.ctx = DeferredWarningContext(variables={})
+    messages.fmt = format_message
+    with messages.ctx:
+        try:
+            yield messages
+        finally:
+            messages.refresh()
+
+
+def default_sources(workspace: "Workspace | None") -> list[Path]:
+    """The sources a workspace names: [fleet] inventories, fleet.yml, .lab/inventory.yml."""
+    if workspace is None:
+        return []
+    out = list(workspace.inventories)
+    for name in FLEET_FILE_NAMES:
+        if (workspace.root / name).is_file():
+            out.append(workspace.root / name)
+            break
+    lab = workspace.root / LAB_INVENTORY
+    if lab.is_file():
+        out.append(lab)
+    seen: set[Path] = set()
+    unique = []
+    for p in out:
+        if p.resolve() not in seen:
+            seen.add(p.resolve())
+            unique.append(p)
+    return unique
+
+
+def is_kpipe_fleet_file(path: Path) -> bool:
+    """True for files in kpipe's own fleet format (by name, see the module docstring)."""
+    n = path.name
+    return path.is_file() and (n in FLEET_FILE_NAMES or n.endswith(".fleet.yml") or n.endswith(".fleet.yaml"))
+
+
+def load_inventory(workspace: "Workspace | None", sources: Sequence[str | os.PathLike] | None = None) -> Inventory:
+    """Read every inventory source with ansible-core; ConfigError names the file that fails."""
+    paths = [Path(os.path.expanduser(os.fspath(s))) for s in sources] if sources is not None \
+        else default_sources(workspace)
+    if workspace is not None:
+        paths = [p if p.is_absolute() else workspace.root / p for p in paths]
+    for p in paths:
+        if not p.exists():
+            raise ConfigError(f"inventory source {p} does not exist",
+                              hint="fix [fleet] inventories in kpipe.toml or the --inventory path")
+    ansible_sources = [p for p in paths if not is_kpipe_fleet_file(p)]
+    fleet_files = [p for p in paths if is_kpipe_fleet_file(p)]
+    fleet_data = [(p, parse_fleet_file(p)) for p in fleet_files]
+
+    with _ANSIBLE_LOCK:
+        _quiet_ansible_env()
+        from ansible.errors import AnsibleError
+        from ansible.inventory.manager import InventoryManager
+        from ansible.parsing.dataloader import DataLoader
+
+        loader = DataLoader()
+        with _captured_warnings() as warnings:
+            try:
+                manager = InventoryManager(loader=loader, sources=[str(p) for p in ansible_sources] or [], parse=False)
+                for p in ansible_sources:
+                    before = len(warnings)
+                    try:
+                        ok = manager.parse_source(str(p))
+                        warnings.refresh()
+                    except AnsibleError as e:
+                        raise ConfigError(f"{p}: {_first_line(e)}", hint="fix the inventory file") from None
+                    if not ok:
+                        raise ConfigError(f"{p}: not a valid inventory: {_parse_reason(p, warnings[before:])}",
+                                          hint="check it with: ansible-inventory -i <file> --list")
+                    bad = [w for w in warnings[before:] if "Failed to parse" in w or "Unable to parse" in w]
+                    if bad:
+                        raise ConfigError(f"{p}: {_parse_reason(p, bad)}", hint="fix the inventory file")
+                for p, data in fleet_data:
+                    _add_fleet(manager, p, data)
+                manager.reconcile_inventory()
+                _add_inventory_stage_vars(manager, loader)
+            except AnsibleError as e:
+                raise ConfigError(f"inventory: {_first_line(e)}", hint="fix the inventory") from None
+    return Inventory(manager, loader, paths, warnings)
+
+
+def _add_inventory_stage_vars(manager: Any, loader: Any) -> None:
+    # What InventoryManager.parse_sources does after parsing: vars plugins of stage 'inventory'.
+    from ansible.utils.vars import combine_vars
+    from ansible.vars.plugins import get_vars_from_inventory_sources
+
+    sources = list(getattr(manager, "_sources", []))
+    if not sources:
+        return
+    for group in manager.groups.values():
+        group.vars = combine_vars(group.vars, get_vars_from_inventory_sources(loader, sources, [group], "inventory"))
+    for host in manager.hosts.values():
+        host.vars = combine_vars(host.vars, get_vars_from_inventory_sources(loader, sources, [host], "inventory"))
+
+
+def _parse_reason(path: Path, warnings: Sequence[str]) -> str:
+    """The most useful plugin failure for a file: the plugin its kind suggests, else the first."""
+    if not warnings:
+        return "no inventory plugin accepted it"
+    suffix = path.suffix.lower()
+    preferred = ("'script'",) if os.access(path, os.X_OK) and path.is_file() else \
+        ("'yaml'",) if suffix in (".yml", ".yaml") else ("'toml'",) if suffix == ".toml" else ("'ini'",)
+    for w in warnings:
+        if any(p in w for p in preferred):
+            return _clean(w)
+    return _clean(warnings[0])
+
+
+def _clean(message: str) -> str:
+    message = " ".join(message.split())
+    return message[:500]
+
+
+def _quiet_ansible_env() -> None:
+    # Keep ansible from writing retry files or colour codes; settings read at import time.
+    os.environ.setdefault("ANSIBLE_NOCOLOR", "1")
+    os.environ.setdefault("ANSIBLE_LOCALHOST_WARNING", "False")
+    os.environ.setdefault("ANSIBLE_INVENTORY_UNPARSED_WARNING", "False")
+
+
+# kpipe's own fleet file ---------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class FleetFile:
+    """kpipe's fleet file, validated: hosts -> ansible-style vars, groups -> members."""
+
+    hosts: dict[str, dict[str, Any]]
+    groups: dict[str, dict[str, Any]]
+
+
+def parse_fleet_file(path: Path) -> FleetFile:
+    """Read and validate kpipe's fleet file; ConfigError names file:line and the field."""
+    import yaml
+
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: cannot read: {e}") from None
+    try:
+        doc = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
+        raise ConfigError(f"{where}: invalid YAML: {getattr(e, 'problem', e)}") from None
+    return fleet_from_data(path, doc if doc is not None else {})
+
+
+def fleet_from_data(path: Path, doc: Any) -> FleetFile:
+    """Validate an already-loaded fleet document (see the module docstring for the format)."""
+    if not isinstance(doc, dict):
+        raise ConfigError(f"{path}: the fleet file must be a mapping with hosts: and groups:")
+    unknown = set(doc) - {"defaults", "hosts", "groups"}
+    if unknown:
+        raise ConfigError(f"{path}: unknown top-level keys {sorted(map(str, unknown))}",
+                          hint="known keys: defaults, hosts, groups")
+    defaults = doc.get("defaults") or {}
+    if not isinstance(defaults, dict) or set(defaults) - _DEFAULT_KEYS:
+        raise ConfigError(f"{path}: defaults must be a mapping with keys from {sorted(_DEFAULT_KEYS)}")
+    hosts_raw = doc.get("hosts") or {}
+    if not isinstance(hosts_raw, dict):
+        raise ConfigError(f"{path}: hosts must be a mapping of host name -> settings")
+    hosts: dict[str, dict[str, Any]] = {}
+    for name, h in hosts_raw.items():
+        where = f"{path}: hosts.{name}"
+        if not isinstance(name, str) or not _NAME_RE.match(name):
+            raise ConfigError(f"{path}: host name {name!r} is not usable (whitespace, control characters, '/' "
+                              "or a leading '-')")
+        h = {} if h is None else h
+        if not isinstance(h, dict):
+            raise ConfigError(f"{where} must be a mapping")
+        bad = set(h) - _HOST_KEYS
+        if bad:
+            raise ConfigError(f"{where} has unknown keys {sorted(map(str, bad))}", hint=f"known: {sorted(_HOST_KEYS)}")
+        merged = {**defaults, **h}
+        hv: dict[str, Any] = {}
+        user_vars = merged.get("vars") or {}
+        if not isinstance(user_vars, dict):
+            raise ConfigError(f"{where}.vars must be a mapping")
+        hv.update({str(k): v for k, v in user_vars.items()})
+        mapping = {"address": "ansible_host", "port": "ansible_port", "user": "ansible_user",
+                   "identity_file": "ansible_ssh_private_key_file", "become": "ansible_become",
+                   "known_hosts": "kpipe_known_hosts"}
+        for key, var in mapping.items():
+            if key in merged and merged[key] is not None:
+                value = merged[key]
+                if key in ("identity_file", "known_hosts") and isinstance(value, str) and value:
+                    p = Path(os.path.expanduser(value))
+                    value = str(p if p.is_absolute() else path.parent / p)
+                hv[var] = value
+        host_from_vars(name, {**hv, "inventory_dir": str(path.parent)})  # validate now, naming this file
+        hosts[name] = hv
+    groups_raw = doc.get("groups") or {}
+    if not isinstance(groups_raw, dict):
+        raise ConfigError(f"{path}: groups must be a mapping of group name -> members")
+    groups: dict[str, dict[str, Any]] = {}
+    for gname, g in groups_raw.items():
+        where = f"{path}: groups.{gname}"
+        if not isinstance(gname, str) or not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", gname):
+            raise ConfigError(f"{where}: group names are letters, digits and '_' (Ansible's rule)")
+        g = {} if g is None else g
+        if not isinstance(g, dict) or set(g) - _GROUP_KEYS:
+            raise ConfigError(f"{where} must be a mapping with keys from {sorted(_GROUP_KEYS)}")
+        members = g.get("hosts") or []
+        children = g.get("children") or []
+        gvars = g.get("vars") or {}
+        if not isinstance(members, list) or not all(isinstance(m, str) for m in members):
+            raise ConfigError(f"{where}.hosts must be a list of host names")
+        if not isinstance(children, list) or not all(isinstance(c, str) for c in children):
+            raise ConfigError(f"{where}.children must be a list of group names")
+        if not isinstance(gvars, dict):
+            raise ConfigError(f"{where}.vars must be a mapping")
+        for m in members:
+            if m not in hosts:
+                raise ConfigError(f"{where}.hosts names {m!r}, which is not under hosts:")
+        for c in children:
+            if c not in groups_raw:
+                raise ConfigError(f"{where}.children names {c!r}, which is not under groups:")
+        groups[gname] = {"hosts": members, "children": children, "vars": {str(k): v for k, v in gvars.items()}}
+    return FleetFile(hosts=hosts, groups=groups)
+
+
+def _add_fleet(manager: Any, path: Path, fleet: FleetFile) -> None:
+    """Put a validated fleet file into ansible's inventory so that patterns treat it like any source."""
+    for name, hv in fleet.hosts.items():
+        manager.add_host(name, group="all")
+        host = manager.get_host(name)
+        host.set_variable("inventory_file", str(path))
+        host.set_variable("inventory_dir", str(path.parent))
+        for k, v in hv.items():
+            host.set_variable(k, v)
+    for gname in fleet.groups:
+        manager.add_group(gname)
+    for gname, g in fleet.groups.items():
+        group = manager.groups[gname]
+        for k, v in g["vars"].items():
+            group.set_variable(k, v)
+        for m in g["hosts"]:
+            manager.add_host(m, group=gname)
+        for c in g["children"]:
+            group.add_child_group(manager.groups[c])
