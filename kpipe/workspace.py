@@ -301,6 +301,9 @@ def load_workspace(root: Path) -> Workspace:
         for s in _str_tuple(file, "fleet.inventories", fleet_raw.get("inventories", []))
     ]
 
+    for entry in discover_local_kernels():
+        kernels.setdefault(entry.release, entry)
+
     return Workspace(
         root=root,
         file=file,
@@ -315,6 +318,39 @@ def load_workspace(root: Path) -> Workspace:
         inventories=inventories,
         raw=raw,
     )
+
+
+HEADERS_GLOB_ROOTS = (Path("/usr/src"),)
+
+
+def discover_local_kernels(roots: tuple[Path, ...] | None = None) -> list[KernelEntry]:
+    """Kernels whose headers are installed here (a linux-headers-<release> folder with Module.symvers).
+
+    These join the catalog without being declared, so that a Debian machine
+    with linux-headers-amd64 can build and validate for its kernel at once.
+    """
+    from kpipe.kernel import parse_release
+
+    found: list[KernelEntry] = []
+    for root in roots or HEADERS_GLOB_ROOTS:
+        try:
+            candidates = sorted(root.glob("linux-headers-*"))
+        except OSError:
+            continue
+        for d in candidates:
+            symvers = d / "Module.symvers"
+            if not symvers.is_file():
+                continue  # the -common half of Debian's headers, or a broken install
+            release = d.name[len("linux-headers-"):]
+            try:
+                parsed = parse_release(release)
+            except Exception:  # an odd folder name is not a kernel; skip it rather than fail every command
+                continue
+            found.append(KernelEntry(
+                release=release, arch=parsed.arch, distro=parsed.distro, headers=str(d), builder="kbuild",
+                symbols=(str(symvers),), options={"discovered": True},
+            ))
+    return found
 
 
 def open_workspace(explicit: str | os.PathLike | None = None) -> Workspace:

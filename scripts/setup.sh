@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Install everything kpipe, its tests and its lab need on a fresh Debian 12 machine.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+SUDO=""
+[ "$(id -u)" -eq 0 ] || SUDO="sudo"
+
+export DEBIAN_FRONTEND=noninteractive
+$SUDO apt-get update -q
+$SUDO apt-get install -y -q --no-install-recommends \
+  openssh-server openssh-client openssh-sftp-server \
+  linux-headers-amd64 build-essential bc libelf-dev \
+  qemu-system-x86 busybox-static dropbear-bin cpio kmod \
+  xz-utils zstd gzip openssl util-linux iproute2 procps ca-certificates
+# The kernel's own sign-file comes with linux-kbuild-<version>, a dependency of the headers.
+ls /usr/lib/linux-kbuild-*/scripts/sign-file >/dev/null
+
+python3 -m pip install -q --upgrade pip >/dev/null 2>&1 || true
+python3 -m pip install -q -e '.[test]'
