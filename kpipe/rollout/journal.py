@@ -1,0 +1,287 @@
+"""The rollout journal: rollouts and their write-ahead step records in the state store.
+
+Every step that changes a host is recorded `intended` before it runs and
+`done` or `failed` after it, each in its own committed transaction, so a
+kpipe killed at any instant leaves a journal from which `resume` can tell
+what may have happened. One process drives a rollout at a time: the rollout
+row holds the owner's pid and process start time; a lock whose process is
+gone (or whose pid was reused) is stale and may be taken over.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import socket
+import time
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+from kpipe.errors import ConfigError, Locked, NotFoundError
+from kpipe.store import Store
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS rollouts (
+    id TEXT PRIMARY KEY,
+    created_at REAL NOT NULL,
+    updated_at REAL NOT NULL,
+    state TEXT NOT NULL,
+    target TEXT NOT NULL DEFAULT '',
+    plan_json TEXT NOT NULL,
+    options_json TEXT NOT NULL,
+    detail_json TEXT NOT NULL DEFAULT '{}',
+    abort_requested INTEGER NOT NULL DEFAULT 0,
+    owner_pid INTEGER,
+    owner_start TEXT,
+    owner_host TEXT
+);
+CREATE TABLE IF NOT EXISTS journal (
+    rollout_id TEXT NOT NULL REFERENCES rollouts(id),
+    seq INTEGER NOT NULL,
+    host TEXT NOT NULL,
+    wave INTEGER NOT NULL,
+    step TEXT NOT NULL,
+    phase TEXT NOT NULL,
+    detail_json TEXT NOT NULL DEFAULT '{}',
+    ts REAL NOT NULL,
+    PRIMARY KEY (rollout_id, seq)
+);
+CREATE INDEX IF NOT EXISTS journal_host ON journal(rollout_id, host)
+"""
+
+STATES = ("planned", "running", "halted", "completed", "aborted", "rolled_back", "failed")
+PHASES = ("intended", "done", "failed")
+FINAL_HOST_STATES = ("applied", "rolled_back", "failed", "excluded", "unreachable", "pending")
+
+
+@dataclass(frozen=True)
+class Entry:
+    seq: int
+    host: str
+    wave: int
+    step: str
+    phase: str
+    detail: dict[str, Any]
+    ts: float
+
+
+@dataclass(frozen=True)
+class RolloutRecord:
+    id: str
+    created_at: float
+    updated_at: float
+    state: str
+    target: str
+    plan: dict[str, Any]
+    options: dict[str, Any]
+    detail: dict[str, Any]
+    abort_requested: bool
+    owner_pid: int | None
+    owner_start: str | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"id": self.id, "created_at": self.created_at, "updated_at": self.updated_at, "state": self.state,
+                "target": self.target, "detail": self.detail, "abort_requested": self.abort_requested,
+                "owner_pid": self.owner_pid}
+
+
+def _proc_start(pid: int) -> str | None:
+    """The process's start time in clock ticks since boot (/proc/<pid>/stat field 22), or None if gone."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read().decode(errors="replace")
+    except OSError:
+        return None
+    # the command name may hold spaces and parentheses: split after the last ')'
+    rest = data[data.rfind(")") + 2:].split()
+    state = rest[0] if rest else "?"
+    if state in ("Z", "X"):  # a zombie is dead for our purpose
+        return None
+    return rest[19] if len(rest) > 19 else None
+
+
+def new_rollout_id() -> str:
+    """A sortable unique id, e.g. r20261129-070512-3fa9."""
+    return time.strftime("r%Y%m%d-%H%M%S", time.gmtime()) + "-" + secrets.token_hex(2)
+
+
+class Journal:
+    """Rollout rows, the per-host step journal, the driver lock and the abort flag."""
+
+    def __init__(self, store: Store):
+        self.store = store
+        store.ensure_schema(SCHEMA)
+
+    # -- rollouts -------------------------------------------------------------
+    def create(self, plan: dict[str, Any], options: dict[str, Any], *, target: str = "",
+               rollout_id: str | None = None) -> str:
+        """Store a new planned rollout; return its id."""
+        rid = rollout_id or new_rollout_id()
+        now = time.time()
+        with self.store.write() as c:
+            c.execute("INSERT INTO rollouts (id, created_at, updated_at, state, target, plan_json, options_json)"
+                      " VALUES (?, ?, ?, 'planned', ?, ?, ?)",
+                      (rid, now, now, target, json.dumps(plan, sort_keys=True), json.dumps(options, sort_keys=True)))
+        return rid
+
+    def resolve(self, ref: str) -> str:
+        """A rollout id from an id, a unique prefix, or `last` (the most recent)."""
+        ref = (ref or "").strip()
+        if not ref:
+            raise ConfigError("no rollout id given", hint="pass an id from `kpipe rollout list`, or `last`")
+        if ref == "last":
+            row = self.store.query_one("SELECT id FROM rollouts ORDER BY created_at DESC, id DESC LIMIT 1")
+            if row is None:
+                raise NotFoundError("there is no rollout yet", hint="create one with `kpipe rollout plan`")
+            return row["id"]
+        rows = self.store.query("SELECT id FROM rollouts WHERE id = ? OR id LIKE ? ORDER BY id",
+                                (ref, ref.replace("%", "").replace("_", "") + "%"))
+        exact = [r["id"] for r in rows if r["id"] == ref]
+        if exact:
+            return exact[0]
+        if not rows:
+            raise NotFoundError(f"no rollout {ref!r}", hint="see `kpipe rollout list`")
+        if len(rows) > 1:
+            raise ConfigError(f"rollout id prefix {ref!r} is ambiguous ({len(rows)} match)", hint="give more of it")
+        return rows[0]["id"]
+
+    def get(self, rollout_id: str) -> RolloutRecord:
+        row = self.store.query_one("SELECT * FROM rollouts WHERE id = ?", (rollout_id,))
+        if row is None:
+            raise NotFoundError(f"no rollout {rollout_id!r}", hint="see `kpipe rollout list`")
+        return RolloutRecord(id=row["id"], created_at=row["created_at"], updated_at=row["updated_at"],
+                             state=row["state"], target=row["target"], plan=json.loads(row["plan_json"]),
+                             options=json.loads(row["options_json"]), detail=json.loads(row["detail_json"]),
+                             abort_requested=bool(row["abort_requested"]), owner_pid=row["owner_pid"],
+                             owner_start=row["owner_start"])
+
+    def list(self, limit: int = 50) -> list[RolloutRecord]:
+        rows = self.store.query("SELECT id FROM rollouts ORDER BY created_at DESC, id DESC LIMIT ?", (limit,))
+        return [self.get(r["id"]) for r in rows]
+
+    def set_state(self, rollout_id: str, state: str, **detail: Any) -> None:
+        """Change the rollout's state; merge `detail` keys into its detail document."""
+        if state not in STATES:
+            raise ValueError(f"bad rollout state {state!r}")
+        with self.store.write() as c:
+            row = c.execute("SELECT detail_json FROM rollouts WHERE id = ?", (rollout_id,)).fetchone()
+            merged = {**json.loads(row["detail_json"]), **detail} if row else detail
+            c.execute("UPDATE rollouts SET state = ?, detail_json = ?, updated_at = ? WHERE id = ?",
+                      (state, json.dumps(merged, sort_keys=True, default=str), time.time(), rollout_id))
+
+    def update_detail(self, rollout_id: str, **detail: Any) -> None:
+        with self.store.write() as c:
+            row = c.execute("SELECT detail_json FROM rollouts WHERE id = ?", (rollout_id,)).fetchone()
+            merged = {**json.loads(row["detail_json"]), **detail}
+            c.execute("UPDATE rollouts SET detail_json = ?, updated_at = ? WHERE id = ?",
+                      (json.dumps(merged, sort_keys=True, default=str), time.time(), rollout_id))
+
+    # -- abort ----------------------------------------------------------------
+    def request_abort(self, rollout_id: str) -> None:
+        """Ask the driving process to stop after its in-flight hosts."""
+        with self.store.write() as c:
+            c.execute("UPDATE rollouts SET abort_requested = 1, updated_at = ? WHERE id = ?", (time.time(), rollout_id))
+
+    def clear_abort(self, rollout_id: str) -> None:
+        with self.store.write() as c:
+            c.execute("UPDATE rollouts SET abort_requested = 0 WHERE id = ?", (rollout_id,))
+
+    def abort_requested(self, rollout_id: str) -> bool:
+        row = self.store.query_one("SELECT abort_requested FROM rollouts WHERE id = ?", (rollout_id,))
+        return bool(row and row["abort_requested"])
+
+    # -- lock -----------------------------------------------------------------
+    def acquire(self, rollout_id: str, pid: int | None = None) -> None:
+        """Become the one process driving this rollout; Locked (exit 10) if a live process holds it."""
+        pid = pid or os.getpid()
+        start = _proc_start(pid)
+        with self.store.write() as c:
+            row = c.execute("SELECT owner_pid, owner_start, owner_host FROM rollouts WHERE id = ?",
+                            (rollout_id,)).fetchone()
+            if row is None:
+                raise NotFoundError(f"no rollout {rollout_id!r}")
+            holder, holder_start = row["owner_pid"], row["owner_start"]
+            if holder and (holder, holder_start) != (pid, start):
+                same_machine = row["owner_host"] in (None, socket.gethostname())
+                alive = _proc_start(holder) == holder_start if same_machine else True
+                if alive:
+                    raise Locked(f"rollout {rollout_id} is driven by another kpipe (pid {holder} on "
+                                 f"{row['owner_host']})",
+                                 hint="wait for it, or `kpipe rollout abort` it; a dead owner's lock is taken over")
+            c.execute("UPDATE rollouts SET owner_pid = ?, owner_start = ?, owner_host = ? WHERE id = ?",
+                      (pid, start, socket.gethostname(), rollout_id))
+
+    def release(self, rollout_id: str, pid: int | None = None) -> None:
+        pid = pid or os.getpid()
+        with self.store.write() as c:
+            c.execute("UPDATE rollouts SET owner_pid = NULL, owner_start = NULL, owner_host = NULL "
+                      "WHERE id = ? AND owner_pid = ?", (rollout_id, pid))
+
+    # -- the step journal -----------------------------------------------------
+    def record(self, rollout_id: str, host: str, wave: int, step: str, phase: str,
+               detail: dict[str, Any] | None = None) -> int:
+        """Append one journal entry in its own committed transaction; return its seq."""
+        if phase not in PHASES:
+            raise ValueError(f"bad journal phase {phase!r}")
+        with self.store.write() as c:
+            row = c.execute("SELECT COALESCE(MAX(seq), 0) + 1 AS n FROM journal WHERE rollout_id = ?",
+                            (rollout_id,)).fetchone()
+            seq = int(row["n"])
+            c.execute("INSERT INTO journal (rollout_id, seq, host, wave, step, phase, detail_json, ts) "
+                      "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                      (rollout_id, seq, host, wave, step, phase,
+                       json.dumps(detail or {}, sort_keys=True, default=str), time.time()))
+        return seq
+
+    def entries(self, rollout_id: str, host: str | None = None) -> list[Entry]:
+        sql = "SELECT * FROM journal WHERE rollout_id = ?"
+        params: tuple = (rollout_id,)
+        if host is not None:
+            sql += " AND host = ?"
+            params += (host,)
+        rows = self.store.query(sql + " ORDER BY seq", params)
+        return [Entry(r["seq"], r["host"], r["wave"], r["step"], r["phase"], json.loads(r["detail_json"]), r["ts"])
+                for r in rows]
+
+    def iter_hosts(self, rollout_id: str) -> Iterator[tuple[str, list[Entry]]]:
+        by_host: dict[str, list[Entry]] = {}
+        for e in self.entries(rollout_id):
+            by_host.setdefault(e.host, []).append(e)
+        yield from by_host.items()
+
+
+# -- reading a journal (pure) ---------------------------------------------------
+@dataclass(frozen=True)
+class HostJournalState:
+    """What the journal says about one host."""
+
+    host: str
+    outcome: str  # the last recorded outcome, or "" if none
+    outcome_detail: dict[str, Any]
+    unfinished: tuple[str, ...]  # steps with an `intended` and no `done`/`failed` after it
+    last_step: str
+    last_phase: str
+    marker: str  # the /dev/kmsg marker written before the last load, if any
+
+
+def host_state(host: str, entries: list[Entry]) -> HostJournalState:
+    """Summarise one host's entries (in seq order)."""
+    open_steps: dict[str, int] = {}
+    outcome, outcome_detail, marker = "", {}, ""
+    for e in entries:
+        if e.step == "outcome":
+            outcome, outcome_detail = e.detail.get("state", ""), e.detail
+            continue
+        if e.phase == "intended":
+            open_steps[e.step] = e.seq
+            if e.step == "load" and e.detail.get("marker"):
+                marker = e.detail["marker"]
+        else:
+            open_steps.pop(e.step, None)
+            if e.step == "marker" and e.detail.get("marker"):
+                marker = e.detail["marker"]
+    last = entries[-1] if entries else None
+    return HostJournalState(host, outcome, outcome_detail,
+                            tuple(s for s, _ in sorted(open_steps.items(), key=lambda kv: kv[1])),
+                            last.step if last else "", last.phase if last else "", marker)

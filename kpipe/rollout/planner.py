@@ -1,0 +1,386 @@
+"""The rollout planner: hosts + facts + candidate artifacts -> RolloutPlan (pure).
+
+A plan names, for every eligible host, the one artifact built for its exact
+kernel release, cuts the eligible hosts into waves (`1,10%,50%,100%`:
+cumulative counts or percentages of the eligible hosts, at least one host per
+wave, canary hosts first), and lists every excluded host with its reason
+before anything starts.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import asdict, dataclass, field
+from typing import Any, Iterable, Mapping
+
+from kpipe.errors import ConfigError
+
+ROLLBACK_POLICIES = ("failed", "wave", "all")
+DEFAULT_WAVES = "1,10%,50%,100%"
+
+
+# -- options -----------------------------------------------------------------
+@dataclass(frozen=True)
+class FailureBudget:
+    """How many failed hosts a rollout tolerates: a count, or a percentage of the hosts attempted."""
+
+    count: int | None = 0
+    percent: float | None = None
+
+    @classmethod
+    def parse(cls, text: str | int) -> "FailureBudget":
+        """`3` -> at most 3 failures; `10%` -> at most 10 % of the hosts attempted so far."""
+        s = str(text).strip()
+        try:
+            if s.endswith("%"):
+                p = float(s[:-1])
+                if not 0 <= p <= 100:
+                    raise ValueError
+                return cls(count=None, percent=p)
+            n = int(s)
+            if n < 0:
+                raise ValueError
+            return cls(count=n, percent=None)
+        except ValueError:
+            raise ConfigError(f"--max-failures {s!r} is not a count or a percentage",
+                              hint="use N (e.g. 0, 2) or N% (e.g. 10%)") from None
+
+    def allowed(self, attempted: int) -> int:
+        """Failures tolerated once `attempted` hosts have been tried (floor of the percentage)."""
+        if self.percent is not None:
+            return math.floor(self.percent * attempted / 100 + 1e-9)
+        return self.count or 0
+
+    def __str__(self) -> str:
+        return f"{self.percent:g}%" if self.percent is not None else str(self.count)
+
+
+@dataclass(frozen=True)
+class RolloutOptions:
+    """How a plan is executed and gated."""
+
+    waves: str = DEFAULT_WAVES
+    soak_s: float = 0.0  # seconds each wave is watched after it applied
+    verify_interval_s: float = 10.0  # re-verification period during the soak
+    max_failures: FailureBudget = FailureBudget()
+    rollback_policy: str = "failed"  # failed | wave | all
+    skip_preflight: bool = False
+    persist: bool = False  # install for reboot (kpatch install / copy to /var/lib/kpatch)
+    forks: int = 50
+    step_timeout_s: float = 120.0  # per host step (load, transition wait)
+
+    def __post_init__(self) -> None:
+        if self.rollback_policy not in ROLLBACK_POLICIES:
+            raise ConfigError(f"--rollback-policy {self.rollback_policy!r} is unknown",
+                              hint=f"use one of {', '.join(ROLLBACK_POLICIES)}")
+        if self.soak_s < 0 or self.verify_interval_s <= 0:
+            raise ConfigError("--soak must be >= 0 and the verify interval > 0")
+        if self.forks < 1:
+            raise ConfigError("--forks must be at least 1")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["max_failures"] = str(self.max_failures)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "RolloutOptions":
+        d = dict(d)
+        d["max_failures"] = FailureBudget.parse(d.get("max_failures", "0"))
+        known = set(cls.__dataclass_fields__)
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+# -- inputs ------------------------------------------------------------------
+@dataclass(frozen=True)
+class LoadedPatch:
+    """A livepatch the host already runs (from its facts)."""
+
+    name: str
+    enabled: bool = True
+    transition: bool = False
+
+
+@dataclass(frozen=True)
+class HostView:
+    """What the planner needs to know about one host: plain data, built from inventory + facts."""
+
+    name: str
+    reachable: bool = True
+    error: str = ""  # why facts could not be gathered
+    release: str = ""
+    arch: str = ""
+    livepatch: bool = True  # /sys/kernel/livepatch exists
+    sig_enforce: bool = False
+    loaded: tuple[LoadedPatch, ...] = ()
+    canary: bool = False  # inventory group `canary` or host var kpipe_canary
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """An artifact the planner may assign (a projection of kpipe.artifacts.Artifact)."""
+
+    id: str
+    sha256: str
+    module_name: str
+    filename: str
+    kernel: str
+    arch: str = ""
+    recipe: str = ""
+    signed: bool = False
+    status: str = "valid"
+    preflight: str = ""  # passed | failed | "" (never run)
+    created_at: float = 0.0
+    replace: bool = True  # klp replace mode (kpatch-build default)
+
+    @classmethod
+    def of(cls, art: Any) -> "Candidate":
+        """From a kpipe.artifacts.Artifact."""
+        meta = getattr(art, "meta", {}) or {}
+        validation = getattr(art, "validation", {}) or {}
+        replace = meta.get("replace", validation.get("replace", True))
+        return cls(id=art.id, sha256=art.sha256, module_name=art.module_name, filename=art.filename,
+                   kernel=art.kernel, arch=art.arch or "", recipe=art.recipe or "", signed=bool(art.signed),
+                   status=art.status, preflight=str((art.preflight or {}).get("status", "")),
+                   created_at=float(art.created_at or 0), replace=bool(replace))
+
+
+# -- outputs -----------------------------------------------------------------
+@dataclass(frozen=True)
+class Assignment:
+    """One eligible host and what it gets."""
+
+    host: str
+    wave: int  # 1-based
+    release: str
+    arch: str
+    artifact: Candidate
+    notes: tuple[str, ...] = ()
+
+    @property
+    def sysfs_name(self) -> str:
+        """The module name as sysfs and lsmod show it ('-' becomes '_')."""
+        return self.artifact.module_name.replace("-", "_")
+
+
+@dataclass(frozen=True)
+class Exclusion:
+    host: str
+    code: str  # unreachable | no-livepatch | no-artifact | arch-mismatch | unsigned | not-preflighted | conflict
+    reason: str
+
+
+@dataclass(frozen=True)
+class RolloutPlan:
+    """Waves of assignments, exclusions with reasons, and the options to run them with."""
+
+    target: str  # the recipe name or artifact id the user asked for
+    target_kind: str  # recipe | artifact
+    waves: tuple[tuple[str, ...], ...]
+    assignments: dict[str, Assignment]
+    excluded: tuple[Exclusion, ...]
+    options: RolloutOptions
+    probes: dict[str, dict[str, Any]] = field(default_factory=dict)  # artifact id -> Probe as dict
+
+    @property
+    def hosts(self) -> list[str]:
+        """Eligible hosts in execution order."""
+        return [h for w in self.waves for h in w]
+
+    def artifacts(self) -> dict[str, Candidate]:
+        return {a.artifact.id: a.artifact for a in self.assignments.values()}
+
+    def preflight_missing(self) -> list[Exclusion]:
+        """Exclusions that exist only because an artifact has not passed preflight."""
+        return [e for e in self.excluded if e.code == "not-preflighted"]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "target": self.target,
+            "target_kind": self.target_kind,
+            "waves": [list(w) for w in self.waves],
+            "assignments": {h: {**asdict(a), "artifact": asdict(a.artifact), "notes": list(a.notes)}
+                            for h, a in self.assignments.items()},
+            "excluded": [asdict(e) for e in self.excluded],
+            "options": self.options.to_dict(),
+            "probes": self.probes,
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "RolloutPlan":
+        assignments = {}
+        for h, a in d["assignments"].items():
+            a = dict(a)
+            a["artifact"] = Candidate(**a["artifact"])
+            a["notes"] = tuple(a.get("notes", ()))
+            assignments[h] = Assignment(**a)
+        return cls(target=d["target"], target_kind=d["target_kind"],
+                   waves=tuple(tuple(w) for w in d["waves"]), assignments=assignments,
+                   excluded=tuple(Exclusion(**e) for e in d["excluded"]),
+                   options=RolloutOptions.from_dict(d["options"]), probes=dict(d.get("probes", {})))
+
+
+# -- waves -------------------------------------------------------------------
+_WAVE_ITEM = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(%?)\s*$")
+
+
+def parse_waves(spec: str) -> list[tuple[float, bool]]:
+    """`1,10%,50%,100%` -> [(1, False), (10, True), ...]; ConfigError on nonsense."""
+    items = []
+    for part in spec.split(","):
+        m = _WAVE_ITEM.match(part)
+        if not m:
+            raise ConfigError(f"--waves {spec!r}: {part.strip()!r} is neither a count nor a percentage",
+                              hint="e.g. --waves 1,10%,50%,100%")
+        value, pct = float(m.group(1)), bool(m.group(2))
+        if (pct and not 0 < value <= 100) or (not pct and (value < 1 or value != int(value))):
+            raise ConfigError(f"--waves {spec!r}: {part.strip()!r} is out of range",
+                              hint="counts are whole numbers >= 1, percentages in (0, 100]")
+        items.append((value, pct))
+    if not items:
+        raise ConfigError("--waves is empty", hint="e.g. --waves 1,10%,50%,100%")
+    return items
+
+
+def wave_sizes(spec: str, eligible: int) -> list[int]:
+    """Sizes of the waves for `eligible` hosts. Entries are cumulative; each wave gets at least one
+    host; waves that would be empty are dropped; hosts the spec leaves over form a last wave."""
+    items = parse_waves(spec)
+    sizes: list[int] = []
+    done = 0
+    for value, pct in items:
+        if done >= eligible:
+            break
+        cumulative = math.ceil(value * eligible / 100 - 1e-9) if pct else int(value)
+        cumulative = min(max(cumulative, done + 1), eligible)
+        sizes.append(cumulative - done)
+        done = cumulative
+    if done < eligible:
+        sizes.append(eligible - done)
+    return sizes
+
+
+def _natural_key(name: str) -> list[Any]:
+    # web2 before web10: operators number their hosts
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
+
+
+def order_hosts(hosts: Iterable[HostView]) -> list[str]:
+    """Deterministic execution order: canaries first, then round-robin over kernel releases
+    (so that early waves touch every kernel), hosts in natural name order within a release."""
+    hosts = list(hosts)
+    canaries = sorted((h for h in hosts if h.canary), key=lambda h: _natural_key(h.name))
+    by_release: dict[str, list[HostView]] = {}
+    for h in sorted((h for h in hosts if not h.canary), key=lambda h: _natural_key(h.name)):
+        by_release.setdefault(h.release, []).append(h)
+    releases = sorted(by_release, key=lambda r: (-len(by_release[r]), r))
+    rest: list[str] = []
+    i = 0
+    while any(i < len(by_release[r]) for r in releases):
+        rest += [by_release[r][i].name for r in releases if i < len(by_release[r])]
+        i += 1
+    return [h.name for h in canaries] + rest
+
+
+# -- choosing artifacts ------------------------------------------------------
+def _rank(c: Candidate, skip_preflight: bool) -> tuple:
+    # newest signed preferred; a preflighted artifact beats an unchecked one of the same signedness
+    return (c.signed, skip_preflight or c.preflight == "passed", c.created_at, c.id)
+
+
+def choose_artifact(host: HostView, candidates: list[Candidate], target_kind: str, target: str,
+                    skip_preflight: bool) -> tuple[Candidate | None, Exclusion | None]:
+    """The artifact for one host, or the reason it gets none."""
+    if not host.reachable:
+        return None, Exclusion(host.name, "unreachable", f"unreachable: {host.error or 'no facts'}")
+    if not host.livepatch:
+        return None, Exclusion(host.name, "no-livepatch",
+                               f"no livepatch support (/sys/kernel/livepatch missing on {host.release or '?'})")
+    valid = [c for c in candidates if c.status == "valid"]
+    for_release = [c for c in valid if c.kernel == host.release]
+    if not for_release:
+        if target_kind == "artifact" and valid:
+            return None, Exclusion(host.name, "no-artifact",
+                                   f"no artifact for release {host.release}: {target} is for {valid[0].kernel}")
+        return None, Exclusion(host.name, "no-artifact",
+                               f"no valid artifact of {target} for release {host.release or '?'}")
+    arch_ok = [c for c in for_release if not c.arch or not host.arch or c.arch == host.arch]
+    if not arch_ok:
+        return None, Exclusion(host.name, "arch-mismatch",
+                               f"arch mismatch: host is {host.arch}, artifact {for_release[0].id} is "
+                               f"{for_release[0].arch}")
+    usable = [c for c in arch_ok if c.signed] if host.sig_enforce else arch_ok
+    if not usable:
+        return None, Exclusion(host.name, "unsigned",
+                               f"sig_enforce is on and artifact {arch_ok[0].id} is unsigned "
+                               f"(sign it: kpipe sign {arch_ok[0].id})")
+    best = max(usable, key=lambda c: _rank(c, skip_preflight))
+    if not skip_preflight and best.preflight != "passed":
+        status = "failed" if best.preflight == "failed" else "not run"
+        return None, Exclusion(host.name, "not-preflighted",
+                               f"artifact {best.id} not preflighted (preflight {status}; run `kpipe preflight "
+                               f"{best.id}` or pass --skip-preflight)")
+    return best, None
+
+
+def _conflicts(host: HostView, art: Candidate) -> tuple[Exclusion | None, tuple[str, ...]]:
+    """A loaded patch that makes loading ours unsafe, or notes about what ours will do to them."""
+    ours = art.module_name.replace("-", "_")
+    notes = []
+    for p in host.loaded:
+        if p.transition:
+            # enabling a patch while another is in transition fails with EBUSY (kernel/livepatch/core.c)
+            return Exclusion(host.name, "conflict", f"conflicting patch loaded: {p.name} is in transition"), ()
+        if p.name == ours:
+            notes.append(f"{ours} already loaded ({'enabled' if p.enabled else 'disabled'}); will verify")
+            if not p.enabled:
+                # a disabled patch cannot be re-enabled; it must be removed first
+                return Exclusion(host.name, "conflict",
+                                 f"conflicting patch loaded: {p.name} is loaded but disabled"), ()
+        elif p.enabled and not art.replace:
+            return Exclusion(host.name, "conflict",
+                             f"conflicting patch loaded: {p.name} (ours is not a replace patch)"), ()
+        elif p.enabled:
+            notes.append(f"replaces loaded livepatch {p.name}")
+    return None, tuple(notes)
+
+
+def plan_rollout(target: str, target_kind: str, hosts: Iterable[HostView], candidates: Iterable[Candidate],
+                 options: RolloutOptions, probes: Mapping[str, dict[str, Any]] | None = None) -> RolloutPlan:
+    """The plan for `target` (a recipe name or an artifact id) over these hosts (pure)."""
+    if target_kind not in ("recipe", "artifact"):
+        raise ValueError(f"bad target kind {target_kind!r}")
+    cands = list(candidates)
+    hosts = list(hosts)
+    names = [h.name for h in hosts]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"host names repeat: {sorted({n for n in names if names.count(n) > 1})}")
+    chosen: dict[str, tuple[Candidate, tuple[str, ...]]] = {}
+    excluded: list[Exclusion] = []
+    for h in hosts:
+        art, why = choose_artifact(h, cands, target_kind, target, options.skip_preflight)
+        if why is None and art is not None:
+            why, notes = _conflicts(h, art)
+            if why is None:
+                chosen[h.name] = (art, notes)
+        if why is not None:
+            excluded.append(why)
+    views = {h.name: h for h in hosts}
+    order = order_hosts(views[n] for n in chosen)
+    waves: list[tuple[str, ...]] = []
+    i = 0
+    for size in wave_sizes(options.waves, len(order)):
+        waves.append(tuple(order[i:i + size]))
+        i += size
+    assignments = {}
+    for w, wave in enumerate(waves, start=1):
+        for name in wave:
+            art, notes = chosen[name]
+            assignments[name] = Assignment(host=name, wave=w, release=views[name].release,
+                                           arch=views[name].arch, artifact=art, notes=notes)
+    excluded.sort(key=lambda e: _natural_key(e.host))
+    used = {a.artifact.id for a in assignments.values()}
+    return RolloutPlan(target=target, target_kind=target_kind, waves=tuple(waves), assignments=assignments,
+                       excluded=tuple(excluded), options=options,
+                       probes={k: v for k, v in (probes or {}).items() if k in used})
