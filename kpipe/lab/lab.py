@@ -1,0 +1,332 @@
+"""A lab: N disposable VMs of one kernel, tracked in <folder>/state.json.
+
+`up` builds (or reuses) the initramfs, starts the VMs, writes known_hosts and
+an Ansible inventory, and waits until every VM answers SSH through kpipe's own
+strict-host-key transport. `down` stops exactly the recorded qemu processes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from kpipe.errors import ConfigError, KpipeError
+from kpipe.lab import initramfs, vm as vmmod
+from kpipe.lab.kernel import KernelImage, default_cache_dir
+from kpipe.lab.vm import VmProcess, VmSpec
+
+STATE_VERSION = 1
+BASE_APPEND = "console=ttyS0 panic=-1"
+Progress = Callable[[str], None]
+
+
+@dataclass
+class LabConfig:
+    """How many VMs and how to boot them."""
+
+    vms: int = 1
+    memory_mb: int = 256
+    sig_enforce: bool = False  # module.sig_enforce=1 on every VM
+    sig_enforce_vms: tuple[str, ...] = ()  # ...or only on these
+    append: str = ""  # extra kernel arguments
+    boot_timeout: float = 300.0  # seconds until SSH must answer
+    use_kvm: bool | None = None
+    names: tuple[str, ...] = ()  # default lab1..labN
+
+    def vm_names(self, prefix: str = "lab") -> list[str]:
+        if self.names:
+            return list(self.names)
+        return [f"{prefix}{i}" for i in range(1, self.vms + 1)]
+
+
+@dataclass
+class LabState:
+    """state.json: the kernel, the VMs and the files the lab wrote."""
+
+    folder: Path
+    kernel: dict[str, str]
+    vms: list[VmProcess]
+    identity_file: str
+    known_hosts: str
+    inventory: str
+    created_at: float = 0.0
+    ready_seconds: float = 0.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"version": STATE_VERSION, "kernel": self.kernel, "vms": [v.to_dict() for v in self.vms],
+                "identity_file": self.identity_file, "known_hosts": self.known_hosts, "inventory": self.inventory,
+                "created_at": self.created_at, "ready_seconds": self.ready_seconds, "extra": self.extra}
+
+    def vm(self, name: str) -> VmProcess:
+        for v in self.vms:
+            if v.name == name:
+                return v
+        raise ConfigError(f"no lab VM named {name!r}", hint=f"lab VMs: {', '.join(v.name for v in self.vms)}")
+
+
+class Lab:
+    """The VMs recorded in one state folder (the workspace's .lab/, or a preflight's own)."""
+
+    def __init__(self, folder: Path, *, cache_dir: Path | None = None, prefix: str = "lab"):
+        self.folder = Path(folder).resolve()
+        self.cache_dir = cache_dir or default_cache_dir()
+        self.prefix = prefix
+
+    @property
+    def state_file(self) -> Path:
+        return self.folder / "state.json"
+
+    @property
+    def identity_file(self) -> Path:
+        return self.folder / "id_ed25519"
+
+    @property
+    def known_hosts_file(self) -> Path:
+        return self.folder / "known_hosts"
+
+    @property
+    def inventory_file(self) -> Path:
+        return self.folder / "inventory.yml"
+
+    # ------------------------------------------------------------------ state
+
+    def load_state(self) -> LabState | None:
+        """The recorded lab, or None when there is none."""
+        try:
+            d = json.loads(self.state_file.read_text())
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"{self.state_file}: unreadable lab state: {e}",
+                              hint="stop stray qemu processes by PID and delete the file") from None
+        return LabState(self.folder, d.get("kernel", {}), [VmProcess.from_dict(v) for v in d.get("vms", [])],
+                        d.get("identity_file", ""), d.get("known_hosts", ""), d.get("inventory", ""),
+                        d.get("created_at", 0.0), d.get("ready_seconds", 0.0), d.get("extra", {}))
+
+    def _save(self, st: LabState) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        tmp = self.state_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps(st.to_dict(), indent=2) + "\n")
+        os.replace(tmp, self.state_file)
+
+    # ------------------------------------------------------------------ up
+
+    def up(self, kernel: KernelImage, config: LabConfig, progress: Progress | None = None) -> LabState:
+        """Boot the VMs and wait until each answers SSH; on failure stop them all and raise."""
+        say = progress or (lambda _m: None)
+        old = self.load_state()
+        if old is not None:
+            running = [v.name for v in old.vms if vmmod.alive(v)]
+            if running:
+                raise ConfigError(f"a lab is already running in {self.folder} ({', '.join(running)})",
+                                  hint="run `kpipe lab down` first")
+            self._cleanup_files()
+        if config.vms < 1 and not config.names:
+            raise ConfigError("--vms must be at least 1")
+        names = config.vm_names(self.prefix)
+        unknown = [n for n in config.sig_enforce_vms if n not in names]
+        if unknown:
+            raise ConfigError(f"--sig-enforce-vms names unknown VMs: {', '.join(unknown)}",
+                              hint=f"VMs: {', '.join(names)}")
+        extra_args = shlex.split(config.append) if config.append else []
+        self.folder.mkdir(parents=True, exist_ok=True)
+        client_pub = initramfs.make_client_key(self.identity_file)
+        t0 = time.monotonic()
+        say(f"initramfs for {kernel.release}")
+        base = initramfs.build_base(kernel, self.cache_dir)
+        base_bytes = base.read_bytes()
+        vms: list[VmProcess] = []
+        st = LabState(self.folder, kernel.to_dict(), vms, str(self.identity_file), str(self.known_hosts_file),
+                      str(self.inventory_file), time.time())
+        try:
+            specs = []
+            for name in names:
+                folder = self.folder / "vms" / name
+                folder.mkdir(parents=True, exist_ok=True)
+                host_pub = initramfs.make_host_key(self.folder / "keys" / name / "dropbear_ed25519_host_key")
+                initrd = folder / "initrd.img"
+                overlay = initramfs.vm_overlay(self.folder / "keys" / name / "dropbear_ed25519_host_key",
+                                               client_pub, name)
+                initrd.write_bytes(base_bytes + overlay)
+                enforce = config.sig_enforce or name in config.sig_enforce_vms
+                append = " ".join([BASE_APPEND, f"kpipe.lab={name}", *(["module.sig_enforce=1"] if enforce else []),
+                                   *extra_args])
+                spec = VmSpec(name, kernel.vmlinuz, initrd, vmmod.free_port(), folder, config.memory_mb, append,
+                              config.use_kvm)
+                specs.append((spec, enforce, host_pub))
+            say(f"booting {len(specs)} VM(s)")
+            for spec, enforce, host_pub in specs:
+                vms.append(vmmod.start(spec, sig_enforce=enforce, host_key=host_pub))
+                self._save(st)  # recorded at once, so `down` can stop it whatever happens next
+            self._write_access_files(st)
+            self.wait_ready(st, config.boot_timeout, say)
+        except BaseException:
+            self._stop_all(st)
+            raise
+        st.ready_seconds = time.monotonic() - t0
+        self._save(st)
+        return st
+
+    def _write_access_files(self, st: LabState) -> None:
+        lines = [f"[127.0.0.1]:{v.ssh_port} {v.host_key}\n" for v in st.vms]
+        self.known_hosts_file.write_text("".join(lines))
+        self.inventory_file.write_text(render_inventory(st))
+
+    def targets(self, st: LabState | None = None) -> list[Any]:
+        """SshTargets for the recorded VMs (strict host keys from the lab's known_hosts)."""
+        from kpipe.transport.ssh import SshTarget
+
+        st = st or self.require_state()
+        return [SshTarget(v.name, "127.0.0.1", v.ssh_port, "root", st.identity_file, False, st.known_hosts, 10.0)
+                for v in st.vms]
+
+    def pool(self, st: LabState | None = None) -> Any:
+        """An SshPool that trusts exactly the lab's known_hosts."""
+        from kpipe.transport.ssh import SshPool
+        from kpipe.workspace import SshSettings
+
+        st = st or self.require_state()
+        settings = SshSettings(known_hosts=st.known_hosts, identity_file=st.identity_file, ssh_config="/dev/null",
+                               connect_timeout=10.0, command_timeout=120.0)
+        return SshPool(settings, known_hosts=[Path(st.known_hosts)], accept_new=False)
+
+    def wait_ready(self, st: LabState, timeout: float, say: Progress) -> None:
+        """Poll every VM over SSH (strict host keys) until `true` runs; raise with the console tail."""
+        from kpipe.commands import Command
+        from kpipe.errors import TransportError
+
+        deadline = time.monotonic() + timeout
+        errors: dict[str, str] = {}
+        pool = self.pool(st)
+
+        def one(v: VmProcess, target: Any) -> None:
+            last = "no answer yet"
+            while time.monotonic() < deadline:
+                if not vmmod.alive(v):
+                    errors[v.name] = f"qemu exited: {_tail(Path(v.folder) / 'qemu.log')} " \
+                                     f"console: {_tail(Path(v.folder) / 'console.log')}"
+                    return
+                t = pool.transport(target)
+                try:
+                    r = t.run(Command.of("true", timeout=30))
+                    if r.ok:
+                        say(f"{v.name} answers SSH on 127.0.0.1:{v.ssh_port}")
+                        return
+                    last = r.summary()
+                except TransportError as e:
+                    last = str(e)
+                    if e.kind == "hostkey":
+                        errors[v.name] = last
+                        return
+                time.sleep(0.5)
+            errors[v.name] = f"no SSH after {timeout:g} s ({last}); console: {_tail(Path(v.folder) / 'console.log')}"
+
+        try:
+            threads = [threading.Thread(target=one, args=(v, tg), daemon=True)
+                       for v, tg in zip(st.vms, self.targets(st))]
+            for th in threads:
+                th.start()
+            for th in threads:
+                th.join()
+        finally:
+            pool.close()
+        if errors:
+            name, why = sorted(errors.items())[0]
+            raise KpipeError(f"lab VM {name} did not come up: {why}",
+                             hint=f"see {Path(st.folder) / 'vms' / name / 'console.log'}")
+
+    # ------------------------------------------------------------------ status / down
+
+    def require_state(self) -> LabState:
+        st = self.load_state()
+        if st is None:
+            raise ConfigError(f"no lab is running (no {self.state_file})", hint="run `kpipe lab up`")
+        return st
+
+    def status(self) -> dict[str, Any]:
+        """The recorded lab with each VM's liveness and RSS (no SSH)."""
+        st = self.load_state()
+        if st is None:
+            return {"running": False, "folder": str(self.folder), "vms": []}
+        rows = []
+        for v in st.vms:
+            up = vmmod.alive(v)
+            rows.append({"name": v.name, "alive": up, "pid": v.pid, "ssh": f"127.0.0.1:{v.ssh_port}",
+                         "port": v.ssh_port, "sig_enforce": v.sig_enforce, "append": v.append,
+                         "rss_mib": round(vmmod.rss_kib(v.pid) / 1024, 1) if up else 0.0,
+                         "console": str(Path(v.folder) / "console.log")})
+        return {"running": any(r["alive"] for r in rows), "folder": str(self.folder), "kernel": st.kernel,
+                "inventory": st.inventory, "known_hosts": st.known_hosts, "identity_file": st.identity_file,
+                "ready_seconds": round(st.ready_seconds, 1), "vms": rows}
+
+    def down(self) -> list[str]:
+        """Stop exactly the recorded qemu processes and remove the state; the names stopped."""
+        st = self.load_state()
+        if st is None:
+            return []
+        stopped = self._stop_all(st)
+        self._cleanup_files()
+        return stopped
+
+    def _stop_all(self, st: LabState) -> list[str]:
+        stopped = []
+        for v in st.vms:
+            if vmmod.stop(v):
+                stopped.append(v.name)
+        return stopped
+
+    def _cleanup_files(self) -> None:
+        for f in (self.state_file, self.inventory_file, self.known_hosts_file):
+            try:
+                f.unlink()
+            except FileNotFoundError:
+                pass
+
+    def ssh_argv(self, name: str, command: list[str] | None = None) -> list[str]:
+        """An OpenSSH command line into a VM with strict host key checking (argv kept as argv)."""
+        from kpipe.commands import Command
+
+        st = self.require_state()
+        v = st.vm(name)
+        argv = ["ssh", "-i", st.identity_file, "-p", str(v.ssh_port), "-o", "StrictHostKeyChecking=yes",
+                "-o", f"UserKnownHostsFile={st.known_hosts}", "-o", "IdentitiesOnly=yes", "-o", "LogLevel=ERROR",
+                "root@127.0.0.1"]
+        if command:
+            argv += ["--", Command.of(*command).shell_line()]
+        return argv
+
+
+def render_inventory(st: LabState) -> str:
+    """The Ansible YAML inventory of the lab: group `lab`, strict host keys through kpipe_known_hosts."""
+    import yaml
+
+    ssh_args = f"-o StrictHostKeyChecking=yes -o UserKnownHostsFile={st.known_hosts} -o IdentitiesOnly=yes"
+    hosts = {v.name: {"ansible_host": "127.0.0.1", "ansible_port": v.ssh_port, "ansible_user": "root",
+                      "ansible_ssh_private_key_file": st.identity_file, "kpipe_known_hosts": st.known_hosts,
+                      "ansible_ssh_common_args": ssh_args, "kpipe_lab_sig_enforce": v.sig_enforce}
+             for v in st.vms}
+    doc = {"all": {"children": {"lab": {"hosts": hosts}}}}
+    return "# written by `kpipe lab up`; removed by `kpipe lab down`\n" + yaml.safe_dump(doc, sort_keys=False)
+
+
+def _tail(path: Path, lines: int = 3) -> str:
+    try:
+        text = path.read_text(errors="replace").strip().splitlines()
+    except OSError:
+        return ""
+    return " | ".join(ln.strip() for ln in text[-lines:])
+
+
+def workspace_lab(workspace: Any) -> Lab:
+    """The workspace's lab (<root>/.lab), with the cache from [lab] cache_dir if set."""
+    section = workspace.section("lab") if hasattr(workspace, "section") else {}
+    cache = section.get("cache_dir")
+    return Lab(Path(workspace.root) / ".lab", cache_dir=workspace.path(cache) if cache else None)

@@ -1,0 +1,214 @@
+"""qemu processes: the command line, starting one detached, and stopping exactly that one.
+
+A VM is identified by its PID plus the process start time from /proc/<pid>/stat
+(field 22), and its command line must still name its own folder before kpipe
+sends it a signal: a recycled PID is never killed.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from kpipe.errors import KpipeError
+
+QEMU = "qemu-system-x86_64"
+
+
+def host_has_hw_virt(cpuinfo: str | None = None) -> bool:
+    """True when /proc/cpuinfo lists vmx or svm (real KVM; /dev/kvm alone may be PVM, lab.md)."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return False
+    for line in cpuinfo.splitlines():
+        if line.startswith("flags"):
+            flags = set(line.split(":", 1)[1].split())
+            if "vmx" in flags or "svm" in flags:
+                return True
+    return False
+
+
+def accel_args(use_kvm: bool | None = None, tb_size_mb: int = 64) -> list[str]:
+    """-accel/-cpu: KVM only with vmx/svm, else multi-threaded TCG with a small translation cache."""
+    kvm = host_has_hw_virt() and os.path.exists("/dev/kvm") if use_kvm is None else use_kvm
+    if kvm:
+        return ["-accel", "kvm", "-cpu", "host"]
+    return ["-accel", f"tcg,thread=multi,tb-size={tb_size_mb}", "-cpu", "qemu64"]
+
+
+@dataclass
+class VmSpec:
+    """What to boot: one VM's kernel, initrd, port and command line."""
+
+    name: str
+    vmlinuz: Path
+    initrd: Path
+    ssh_port: int
+    folder: Path
+    memory_mb: int = 256
+    append: str = "console=ttyS0 panic=-1"
+    use_kvm: bool | None = None
+
+    def argv(self) -> list[str]:
+        """The qemu command line (stdin /dev/null, serial console to a file, SSH forwarded to loopback)."""
+        return [QEMU, "-name", f"kpipe-{self.name}", "-nodefaults", "-no-user-config", "-display", "none",
+                *accel_args(self.use_kvm), "-m", str(self.memory_mb), "-smp", "1", "-no-reboot",
+                "-kernel", str(self.vmlinuz), "-initrd", str(self.initrd), "-append", self.append,
+                "-serial", f"file:{self.folder / 'console.log'}", "-monitor", "none",
+                "-netdev", f"user,id=n0,hostfwd=tcp:127.0.0.1:{self.ssh_port}-:22",
+                "-device", "virtio-net-pci,netdev=n0,romfile="]
+
+
+@dataclass
+class VmProcess:
+    """A started VM as recorded in the lab's state.json."""
+
+    name: str
+    pid: int
+    start_time: int  # /proc/<pid>/stat field 22, clock ticks since boot
+    ssh_port: int
+    folder: str
+    argv: list[str] = field(default_factory=list)
+    sig_enforce: bool = False
+    append: str = ""
+    host_key: str = ""  # "ssh-ed25519 AAAA..."
+    started_at: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "VmProcess":
+        known = {k: d[k] for k in cls.__dataclass_fields__ if k in d}
+        return cls(**known)
+
+
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1 (the kernel picks it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def proc_start_time(pid: int) -> int | None:
+    """Field 22 of /proc/<pid>/stat (None when the process is gone or a zombie)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    rest = stat.rsplit(")", 1)[1].split()
+    if rest[0] == "Z":
+        return None
+    return int(rest[19])
+
+
+def _cmdline(pid: int) -> list[str]:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
+    except OSError:
+        return []
+
+
+def is_ours(vm: VmProcess) -> bool:
+    """True when vm.pid still is the qemu kpipe started (same start time, its folder on the command line)."""
+    if proc_start_time(vm.pid) != vm.start_time:
+        return False
+    argv = _cmdline(vm.pid)
+    return bool(argv) and os.path.basename(argv[0]).startswith("qemu-system") and any(
+        vm.folder in a for a in argv)
+
+
+def start(spec: VmSpec, *, sig_enforce: bool = False, host_key: str = "") -> VmProcess:
+    """Start qemu detached (own session, stdin /dev/null, output to qemu.log); return its record."""
+    spec.folder.mkdir(parents=True, exist_ok=True)
+    (spec.folder / "console.log").write_bytes(b"")
+    argv = spec.argv()
+    log = open(spec.folder / "qemu.log", "wb")
+    try:
+        p = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                             start_new_session=True, close_fds=True)
+    except FileNotFoundError:
+        raise KpipeError(f"{QEMU} is not installed", hint="install Debian's qemu-system-x86 package") from None
+    finally:
+        log.close()
+    st = None
+    for _ in range(50):  # /proc/<pid>/stat exists as soon as fork returns; be tolerant anyway
+        st = proc_start_time(p.pid)
+        if st is not None:
+            break
+        time.sleep(0.01)
+    _CHILDREN[p.pid] = p
+    return VmProcess(spec.name, p.pid, st or 0, spec.ssh_port, str(spec.folder), argv, sig_enforce, spec.append,
+                     host_key, time.time())
+
+
+# Popen objects of VMs this process started, so that stop() can reap them (no zombies).
+_CHILDREN: dict[int, subprocess.Popen[bytes]] = {}
+
+
+def alive(vm: VmProcess) -> bool:
+    """True while the recorded qemu runs."""
+    child = _CHILDREN.get(vm.pid)
+    if child is not None and child.poll() is not None:
+        return False
+    return is_ours(vm)
+
+
+def stop(vm: VmProcess, timeout: float = 10.0) -> bool:
+    """Stop exactly this qemu (SIGTERM, then SIGKILL); False when it was already gone or not ours."""
+    if not is_ours(vm):
+        _reap(vm.pid)
+        return False
+    try:
+        os.kill(vm.pid, signal.SIGTERM)
+    except ProcessLookupError:
+        _reap(vm.pid)
+        return False
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        _reap(vm.pid)
+        if proc_start_time(vm.pid) != vm.start_time:
+            return True
+        time.sleep(0.05)
+    if is_ours(vm):
+        try:
+            os.kill(vm.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    for _ in range(100):
+        _reap(vm.pid)
+        if proc_start_time(vm.pid) != vm.start_time:
+            break
+        time.sleep(0.05)
+    return True
+
+
+def _reap(pid: int) -> None:
+    child = _CHILDREN.get(pid)
+    if child is not None:
+        if child.poll() is not None:
+            _CHILDREN.pop(pid, None)
+        return
+    try:  # a qemu started by this process through another path: reap if it is our child
+        os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:
+        pass
+
+
+def rss_kib(pid: int) -> int:
+    """Resident set size of a process in KiB (0 when gone)."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
