@@ -1,0 +1,55 @@
+"""The audit as JUnit XML: one testsuite, one testcase per host and patch.
+
+CI systems (Jenkins, GitLab, GitHub test reporters) show a non-compliant
+verdict as a failed test; an unreachable host is an <error> (the check could
+not run), every other non-compliant status a <failure>.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+import xml.etree.ElementTree as ET
+
+from kpipe.audit import COMPLIANT, HOST_ROW, UNREACHABLE, AuditResult
+
+# XML 1.0 forbids most C0 controls, surrogates and U+FFFE/U+FFFF even as
+# character references; a hostile host name must not make the report unreadable.
+_XML_INVALID = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff\ufffe\uffff]")
+
+
+def xml_safe(text: str) -> str:
+    """Text with XML-invalid characters replaced by a visible \\xNN / \\uNNNN escape."""
+    return _XML_INVALID.sub(lambda m: f"\\x{ord(m.group()):02x}" if ord(m.group()) < 256 else f"\\u{ord(m.group()):04x}", text)
+
+
+def render_junit(result: AuditResult, suite_name: str = "kpipe-audit") -> str:
+    """A <testsuites> document with one <testsuite> and a <testcase> per verdict."""
+    rows = result.rows
+    failures = sum(1 for r in rows if r.status not in (COMPLIANT, UNREACHABLE))
+    errors = sum(1 for r in rows if r.status == UNREACHABLE)
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(result.generated_at))
+    counts = {"tests": str(len(rows)), "failures": str(failures), "errors": str(errors), "skipped": "0", "time": "0"}
+    root = ET.Element("testsuites", {"name": suite_name, **counts})
+    suite = ET.SubElement(root, "testsuite", {"name": suite_name, **counts, "timestamp": stamp, "hostname": "kpipe"})
+    props = ET.SubElement(suite, "properties")
+    for source in result.sources:
+        ET.SubElement(props, "property", {"name": "desired_source", "value": xml_safe(source)})
+    for h in result.hosts:
+        for r in h.rows:
+            name = r.patch if r.patch != HOST_ROW else "host"
+            case = ET.SubElement(
+                suite, "testcase", {"classname": xml_safe(f"kpipe.audit.{h.host}"), "name": xml_safe(name), "time": "0"}
+            )
+            if r.status == COMPLIANT:
+                if r.detail:
+                    ET.SubElement(case, "system-out").text = xml_safe(r.detail)
+                continue
+            tag = "error" if r.status == UNREACHABLE else "failure"
+            message = f"{r.status}: {r.detail}" if r.detail else r.status
+            el = ET.SubElement(case, tag, {"message": xml_safe(message), "type": r.status})
+            el.text = xml_safe(
+                f"host={h.host}\npatch={name}\nstatus={r.status}\nkernel={h.kernel}\ndetail={r.detail}\n"
+            )
+    ET.indent(root)
+    return '<?xml version="1.0" encoding="UTF-8"?>\n' + ET.tostring(root, encoding="unicode") + "\n"

@@ -1,0 +1,255 @@
+"""The audit in the Prometheus text exposition format (version 0.0.4).
+
+Meant for node_exporter's textfile collector: write it with `--output
+/var/lib/node_exporter/textfile/kpipe.prom` (kpipe writes a temporary file and
+renames it into place). No sample carries a timestamp, because the textfile
+collector rejects them; the audit's own time is the gauge
+`kpipe_audit_timestamp_seconds`.
+
+`parse_exposition` is a small parser written to the same format spec; the
+tests use it to prove every line we emit is well-formed.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from kpipe.audit import HOST_ROW, STATUSES, AuditResult
+
+_METRICS: tuple[tuple[str, str], ...] = (
+    ("kpipe_audit_timestamp_seconds", "Unix time the audit observed the hosts."),
+    ("kpipe_audit_hosts", "Hosts audited, by overall status (the worst of their verdicts)."),
+    ("kpipe_host_reachable", "1 if kpipe could read the host's live-patch state, else 0."),
+    ("kpipe_host_compliant", "1 if every verdict for the host is compliant, else 0."),
+    ("kpipe_host_tainted", "The host's /proc/sys/kernel/tainted bit mask."),
+    ("kpipe_livepatch_state", "1 for the audit verdict of a host and live patch (label status)."),
+    ("kpipe_livepatch_enabled", "The live patch's sysfs enabled flag (1 or 0) where it is loaded."),
+    ("kpipe_livepatch_transition", "The live patch's sysfs transition flag (1 or 0) where it is loaded."),
+)
+
+
+def escape_label_value(value: str) -> str:
+    """Escape a label value as the format requires: backslash, double quote, line feed."""
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def escape_help(text: str) -> str:
+    """Escape HELP text: backslash and line feed."""
+    return text.replace("\\", "\\\\").replace("\n", "\\n")
+
+
+def _labels(pairs: Iterable[tuple[str, str]]) -> str:
+    inner = ",".join(f'{k}="{escape_label_value(v)}"' for k, v in pairs)
+    return "{" + inner + "}" if inner else ""
+
+
+def _num(v: float) -> str:
+    if isinstance(v, bool):
+        return "1" if v else "0"
+    if isinstance(v, int):
+        return str(v)
+    if math.isnan(v):
+        return "NaN"
+    if math.isinf(v):
+        return "+Inf" if v > 0 else "-Inf"
+    return repr(float(v))
+
+
+def render_prometheus(result: AuditResult) -> str:
+    """Every metric family with HELP and TYPE lines, its samples grouped under it."""
+    samples: dict[str, list[str]] = {name: [] for name, _ in _METRICS}
+
+    def add(metric: str, labels: Iterable[tuple[str, str]], value: float) -> None:
+        samples[metric].append(f"{metric}{_labels(labels)} {_num(value)}")
+
+    add("kpipe_audit_timestamp_seconds", (), round(result.generated_at, 3))
+    by_status = {s: 0 for s in STATUSES}
+    for h in result.hosts:
+        by_status[h.status] += 1
+    for status, n in by_status.items():
+        add("kpipe_audit_hosts", (("status", status),), n)
+    for h in result.hosts:
+        host = (("host", h.host),)
+        add("kpipe_host_reachable", host, h.reachable)
+        add("kpipe_host_compliant", host, h.compliant)
+        if h.tainted is not None:
+            add("kpipe_host_tainted", host, h.tainted)
+        for r in h.rows:
+            patch = r.patch if r.patch != HOST_ROW else ""
+            base = (("host", h.host), ("patch", patch), ("kernel", h.kernel))
+            add("kpipe_livepatch_state", (*base, ("status", r.status)), 1)
+            if r.enabled is not None:
+                add("kpipe_livepatch_enabled", base, r.enabled)
+            if r.transition is not None:
+                add("kpipe_livepatch_transition", base, r.transition)
+    lines: list[str] = []
+    for name, help_text in _METRICS:
+        lines.append(f"# HELP {name} {escape_help(help_text)}")
+        lines.append(f"# TYPE {name} gauge")
+        # Two verdicts can share host+patch+kernel+status only for distinct
+        # forbid globs; the format forbids duplicate series, so keep the first.
+        seen: set[str] = set()
+        for s in samples[name]:
+            key = s.rsplit(" ", 1)[0]
+            if key not in seen:
+                seen.add(key)
+                lines.append(s)
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------------
+# A parser to the format spec (for tests and for checking a written file)
+# ---------------------------------------------------------------------------
+
+_NAME = re.compile(r"[a-zA-Z_:][a-zA-Z0-9_:]*")
+_LABEL = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*")
+_TYPES = {"counter", "gauge", "histogram", "summary", "untyped"}
+
+
+class ExpositionError(ValueError):
+    """A line that does not follow the text exposition format (1-based line number)."""
+
+    def __init__(self, lineno: int, message: str):
+        super().__init__(f"line {lineno}: {message}")
+        self.lineno = lineno
+
+
+@dataclass
+class Family:
+    name: str
+    type: str = "untyped"
+    help: str | None = None
+    samples: list[tuple[str, dict[str, str], float]] = field(default_factory=list)
+
+
+def _unescape(s: str, allowed: str, lineno: int) -> str:
+    out, i = [], 0
+    while i < len(s):
+        c = s[i]
+        if c == "\\":
+            if i + 1 >= len(s):
+                raise ExpositionError(lineno, "dangling backslash")
+            n = s[i + 1]
+            if n not in allowed:
+                raise ExpositionError(lineno, f"invalid escape \\{n}")
+            out.append({"n": "\n", "\\": "\\", '"': '"'}[n])
+            i += 2
+        else:
+            out.append(c)
+            i += 1
+    return "".join(out)
+
+
+def _parse_value(text: str, lineno: int) -> float:
+    if text in ("+Inf", "Inf"):
+        return math.inf
+    if text == "-Inf":
+        return -math.inf
+    if text == "NaN":
+        return math.nan
+    try:
+        return float(text)
+    except ValueError:
+        raise ExpositionError(lineno, f"bad sample value {text!r}") from None
+
+
+def parse_exposition(text: str, *, allow_timestamps: bool = False) -> dict[str, Family]:
+    """Parse text exposition format into families; ExpositionError on any malformed line.
+
+    Also enforces: one HELP and one TYPE per family, TYPE before the family's
+    samples, a family's samples contiguous, no duplicate series, and (for the
+    textfile collector) no timestamps unless allowed.
+    """
+    families: dict[str, Family] = {}
+    seen_series: set[tuple[str, tuple[tuple[str, str], ...]]] = set()
+    closed: set[str] = set()  # families whose sample block has ended
+    current: str | None = None
+    if text and not text.endswith("\n"):
+        raise ExpositionError(text.count("\n") + 1, "the last line must end with a line feed")
+    for lineno, line in enumerate(text.split("\n")[:-1] if text else [], start=1):
+        if line.strip() == "":
+            continue
+        if line.startswith("#"):
+            parts = line[1:].strip().split(None, 2)
+            if len(parts) >= 2 and parts[0] in ("HELP", "TYPE"):
+                kind, name = parts[0], parts[1]
+                if not _NAME.fullmatch(name):
+                    raise ExpositionError(lineno, f"bad metric name {name!r}")
+                fam = families.setdefault(name, Family(name))
+                rest = parts[2] if len(parts) > 2 else ""
+                if kind == "HELP":
+                    if fam.help is not None:
+                        raise ExpositionError(lineno, f"second HELP for {name}")
+                    fam.help = _unescape(rest, "\\n", lineno)
+                else:
+                    if rest not in _TYPES:
+                        raise ExpositionError(lineno, f"bad TYPE {rest!r}")
+                    if fam.samples or name in closed:
+                        raise ExpositionError(lineno, f"TYPE for {name} after its samples")
+                    if getattr(fam, "_typed", False):
+                        raise ExpositionError(lineno, f"second TYPE for {name}")
+                    fam.type = rest
+                    fam._typed = True  # type: ignore[attr-defined]
+            continue  # other comments are allowed
+        m = _NAME.match(line)
+        if not m:
+            raise ExpositionError(lineno, "a sample must start with a metric name")
+        name, pos = m.group(), m.end()
+        labels: dict[str, str] = {}
+        if pos < len(line) and line[pos] == "{":
+            pos += 1
+            while True:
+                while pos < len(line) and line[pos] in " \t":
+                    pos += 1
+                if pos < len(line) and line[pos] == "}":
+                    pos += 1
+                    break
+                lm = _LABEL.match(line, pos)
+                if not lm:
+                    raise ExpositionError(lineno, "bad label name")
+                lname, pos = lm.group(), lm.end()
+                if line[pos : pos + 2] != '="':
+                    raise ExpositionError(lineno, f'label {lname} must be followed by ="')
+                pos += 2
+                start = pos
+                while pos < len(line) and line[pos] != '"':
+                    pos += 2 if line[pos] == "\\" else 1
+                if pos >= len(line):
+                    raise ExpositionError(lineno, f"unterminated value of label {lname}")
+                if lname in labels:
+                    raise ExpositionError(lineno, f"duplicate label {lname}")
+                labels[lname] = _unescape(line[start:pos], '\\n"', lineno)
+                pos += 1
+                if pos < len(line) and line[pos] == ",":
+                    pos += 1
+                elif pos < len(line) and line[pos] == "}":
+                    continue
+                else:
+                    raise ExpositionError(lineno, "expected , or } after a label")
+        rest = line[pos:]
+        if not rest.startswith((" ", "\t")):
+            raise ExpositionError(lineno, "expected a space before the value")
+        fields = rest.split()
+        if len(fields) not in (1, 2):
+            raise ExpositionError(lineno, "expected a value and an optional timestamp")
+        if len(fields) == 2:
+            if not allow_timestamps:
+                raise ExpositionError(lineno, "timestamps are not allowed (textfile collector)")
+            if not re.fullmatch(r"-?[0-9]+", fields[1]):
+                raise ExpositionError(lineno, "bad timestamp")
+        value = _parse_value(fields[0], lineno)
+        if current != name:
+            if current is not None:
+                closed.add(current)
+            if name in closed:
+                raise ExpositionError(lineno, f"samples of {name} are not contiguous")
+            current = name
+        series = (name, tuple(sorted(labels.items())))
+        if series in seen_series:
+            raise ExpositionError(lineno, f"duplicate series {name}{labels}")
+        seen_series.add(series)
+        families.setdefault(name, Family(name)).samples.append((name, labels, value))
+    return families
