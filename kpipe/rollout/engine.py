@@ -1,0 +1,698 @@
+"""The rollout engine: execute a plan wave by wave, journal every host step, gate, roll back, resume.
+
+Per host: preflight (re-read release, arch, free space, livepatch state,
+conflicting patches, checksum of what is already installed), stage, marker,
+load, wait for the transition, verify (+ the recipe's probe), optionally
+persist. Each step is recorded `intended` before it runs and `done`/`failed`
+after it (kpipe.rollout.journal), and every step is idempotent (the host ops
+in kpipe.fleet.livepatch read the host's state first), so a rollout killed at
+any instant is resumed by re-running the unfinished host pipelines: nothing
+is loaded twice, nothing is forgotten. One host's exception never stops its
+wave: the fan-out returns a result or an exception per host, and the gate
+decides what the wave's results mean.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping, Protocol, TypeVar
+
+from kpipe.commands import Command, CommandResult
+from kpipe.errors import CommandTimeout, KpipeError, ConfigError, TransportError
+from kpipe.fleet import livepatch as lp
+from kpipe.kernel import normalize_arch
+from kpipe.rollout.gate import SoakWatch, decide, soak_schedule
+from kpipe.rollout.journal import Journal, host_state
+from kpipe.rollout.planner import Assignment, RolloutPlan
+
+T = TypeVar("T")
+
+# Test hook (documented in tests/test_rollout_*.py and the README's test section): with
+# KPIPE_TEST_PAUSE_AFTER=<step> the engine sleeps KPIPE_TEST_PAUSE_SECONDS (default 3600)
+# after journaling that step as done, so a test can SIGKILL kpipe at a known point.
+PAUSE_ENV = "KPIPE_TEST_PAUSE_AFTER"
+PAUSE_SECONDS_ENV = "KPIPE_TEST_PAUSE_SECONDS"
+
+HOST_STATES = ("applied", "rolled_back", "failed", "excluded", "unreachable", "pending", "skipped")
+_FREE_MARGIN = 1 << 20  # bytes kept free on top of twice the module's size (temp copy + final file)
+
+
+# -- plumbing ------------------------------------------------------------------
+class Runner(Protocol):
+    """Runs fn(transport) for many hosts with bounded parallelism; a result or an exception per host."""
+
+    def run_many(self, hosts: list[str], fn: Callable[[Any], T], forks: int) -> dict[str, T | BaseException]: ...
+
+
+class PoolRunner:
+    """A Runner over kpipe.transport.ssh.SshPool and the hosts' SshTargets."""
+
+    def __init__(self, pool: Any, targets: Mapping[str, Any]):
+        self.pool = pool
+        self.targets = dict(targets)
+
+    def run_many(self, hosts: list[str], fn: Callable[[Any], T], forks: int) -> dict[str, T | BaseException]:
+        missing = [h for h in hosts if h not in self.targets]
+        out: dict[str, T | BaseException] = {
+            h: TransportError(f"{h}: not in the inventory any more", host=h, kind="error") for h in missing}
+        present = [self.targets[h] for h in hosts if h in self.targets]
+        if present:
+            out.update(self.pool.run_many(present, fn, forks=forks))
+        return out
+
+    def close(self) -> None:
+        self.pool.close()
+
+
+@dataclass(frozen=True)
+class Event:
+    """A progress event: rollout, wave, host step, gate, rollback."""
+
+    kind: str  # rollout-start | wave-start | step | host | soak | gate | rollback-start | rollout-end | resume
+    rollout_id: str
+    host: str = ""
+    wave: int = 0
+    step: str = ""
+    phase: str = ""
+    message: str = ""
+    data: dict[str, Any] = field(default_factory=dict)
+
+
+class StepFailed(KpipeError):
+    """A host step ran and failed (the host answered)."""
+
+    def __init__(self, step: str, reason: str, detail: dict[str, Any] | None = None):
+        super().__init__(f"{step}: {reason}")
+        self.step = step
+        self.reason = reason
+        self.detail = detail or {}
+
+
+@dataclass
+class HostResult:
+    host: str
+    state: str  # applied | failed | unreachable | skipped | rolled_back
+    reason: str = ""
+    step: str = ""
+    detail: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class RunSummary:
+    """What a start/resume/rollback ended with."""
+
+    rollout_id: str
+    state: str
+    hosts: dict[str, str]  # host -> final state
+    reasons: dict[str, str] = field(default_factory=dict)
+    halt_reason: str = ""
+
+    @property
+    def halted(self) -> bool:
+        return bool(self.halt_reason)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"rollout_id": self.rollout_id, "state": self.state, "hosts": self.hosts, "reasons": self.reasons,
+                "halt_reason": self.halt_reason}
+
+
+def classify(e: BaseException) -> tuple[str, str]:
+    """A host step's exception -> (host state, reason)."""
+    if isinstance(e, CommandTimeout):
+        return "failed", str(e)
+    if isinstance(e, TransportError):
+        return "unreachable", str(e)
+    if isinstance(e, StepFailed):
+        return "failed", str(e)
+    if isinstance(e, KpipeError):
+        return "failed", str(e)
+    return "failed", f"{type(e).__name__}: {e}"
+
+
+def probe_of(plan: RolloutPlan, a: Assignment) -> Any:
+    """The recipe's probe for this host's artifact, as a kpipe.build.spec.Probe (or None)."""
+    d = plan.probes.get(a.artifact.id)
+    if not d or not d.get("argv"):
+        return None
+    from kpipe.build.spec import Probe
+
+    return Probe(argv=tuple(d["argv"]), expect=d.get("expect", ""),
+                 expect_after_rollback=d.get("expect_after_rollback", ""))
+
+
+# -- host steps (shared by the engine and --dry-run) --------------------------------
+# "$1" staged path. Prints `key value` lines; a missing tool just leaves its line out.
+PREFLIGHT_SCRIPT = r"""
+echo "release $(uname -r)"
+echo "arch $(uname -m)"
+d=${1%/*}
+while [ ! -d "$d" ]; do d=${d%/*}; [ -n "$d" ] || d=/; done
+df -Pk "$d" 2>/dev/null | awk 'NR==2 {print "free_kb " $4}'
+if [ -f "$1" ]; then echo "staged $(sha256sum "$1" | cut -d ' ' -f 1)"; else echo "staged absent"; fi
+if command -v kpatch >/dev/null 2>&1; then echo "kpatch_cli 1"; else echo "kpatch_cli 0"; fi
+"""
+
+
+def preflight_command(staged_path: str) -> Command:
+    return Command.script(PREFLIGHT_SCRIPT, staged_path, label="preflight", sudo=True, timeout=60)
+
+
+def parse_preflight(stdout: str) -> dict[str, str]:
+    """`key value` lines -> dict (pure)."""
+    out: dict[str, str] = {}
+    for line in stdout.splitlines():
+        key, _, value = line.strip().partition(" ")
+        if key:
+            out[key] = value.strip()
+    return out
+
+
+def preflight_problems(a: Assignment, facts: Mapping[str, str], state: lp.HostLivepatch, module_size: int,
+                       ours_by_journal: bool) -> list[str]:
+    """Why this host must not get its artifact now (pure); empty when it may."""
+    problems = []
+    if facts.get("release") != a.release:
+        problems.append(f"release changed: host runs {facts.get('release') or '?'}, plan expected {a.release}")
+    arch = normalize_arch(facts.get("arch", ""))
+    if a.artifact.arch and arch and arch != a.artifact.arch:
+        problems.append(f"arch mismatch: host is {arch}, artifact is {a.artifact.arch}")
+    if not state.sysfs:
+        problems.append("/sys/kernel/livepatch does not exist (no livepatch support)")
+    name = a.sysfs_name
+    try:
+        free = int(facts.get("free_kb", "")) * 1024
+    except ValueError:
+        free = None
+    staged = facts.get("staged", "absent")
+    if free is not None and staged != a.artifact.sha256 and free < 2 * module_size + _FREE_MARGIN:
+        problems.append(f"not enough free space for {a.artifact.filename}: {free // 1024} KiB free, "
+                        f"need {(2 * module_size + _FREE_MARGIN) // 1024} KiB")
+    for p in state.patches.values():
+        if p.name != name and p.transition == 1:
+            problems.append(f"conflicting patch: {p.name} is in transition")
+        elif p.name != name and p.enabled == 1 and not a.artifact.replace:
+            problems.append(f"conflicting patch: {p.name} is loaded and ours is not a replace patch")
+    ours = state.patches.get(name)
+    if (ours is not None or state.module(name).present) and not ours_by_journal:
+        if staged != a.artifact.sha256:
+            problems.append(f"a different build of {name} is loaded (installed file checksum "
+                            f"{staged[:12] if staged != 'absent' else 'absent'}, want {a.artifact.sha256[:12]})")
+    return problems
+
+
+Recorder = Callable[[str, str, dict[str, Any]], None]  # (step, phase, detail)
+
+
+def _run_step(rec: Recorder, step: str, fn: Callable[[], T], intended: dict[str, Any] | None = None,
+              done: Callable[[T], dict[str, Any]] | None = None) -> T:
+    """Write-ahead: record `intended`, run, record `done` or `failed`; re-raise failures."""
+    rec(step, "intended", intended or {})
+    try:
+        value = fn()
+    except StepFailed as e:
+        rec(step, "failed", {"error": e.reason, **e.detail})
+        raise
+    except BaseException as e:
+        rec(step, "failed", {"error": str(e) or type(e).__name__, "type": type(e).__name__})
+        raise
+    rec(step, "done", done(value) if done else {})
+    return value
+
+
+def _op(result: lp.OpResult) -> lp.OpResult:
+    if not result.ok:
+        raise StepFailed(result.step, result.message,
+                         {"output": result.output[-2000:], "kernel": result.kernel_lines[-20:]})
+    return result
+
+
+def _pause_after(step: str, host: str) -> None:
+    if os.environ.get(PAUSE_ENV) == step:
+        sys.stderr.write(f"kpipe: test pause after {step} on {host}\n")
+        sys.stderr.flush()
+        time.sleep(float(os.environ.get(PAUSE_SECONDS_ENV, "3600")))
+
+
+def apply_host(t: Any, a: Assignment, local_path: Path, probe: Any, rec: Recorder, *, journal_marker: str = "",
+               ours_by_journal: bool = False, persist: bool = False, timeout: float = 120.0) -> HostResult:
+    """Run one host's pipeline (every step idempotent); return applied, or raise on the first failure."""
+    art = a.artifact
+    name = a.sysfs_name
+    dest = lp.staged_path(a.release, art.filename)
+    size = local_path.stat().st_size if local_path.exists() else 0
+
+    def preflight() -> tuple[dict[str, str], lp.HostLivepatch]:
+        r = t.run(preflight_command(dest))
+        facts = parse_preflight(r.stdout)
+        if "release" not in facts:
+            raise StepFailed("preflight", f"could not read the host's facts: {r.summary()}")
+        state = lp.read_state(t, name)
+        problems = preflight_problems(a, facts, state, size, ours_by_journal)
+        if problems:
+            raise StepFailed("preflight", "; ".join(problems), {"facts": facts})
+        return facts, state
+
+    facts, state = _run_step(rec, "preflight", preflight, {"release": a.release, "artifact": art.id},
+                             lambda v: {"facts": v[0], "loaded": sorted(v[1].patches)})
+    ours = state.patches.get(name)
+    _run_step(rec, "stage", lambda: lp.stage(t, local_path, a.release, art.sha256, art.filename),
+              {"path": dest, "sha256": art.sha256}, lambda p: {"path": p})
+    if ours is not None and ours.enabled == 1:
+        # already loaded (by an earlier run of this rollout, or the same build by hand): keep the marker
+        # that run journaled so verification still reads "patching complete" after it
+        marker = journal_marker
+    else:
+        marker = _run_step(rec, "marker", lambda: lp.write_marker(t, "rollout", name), {},
+                           lambda m: {"marker": m})
+    kpatch_cli = facts.get("kpatch_cli") == "1"
+    _run_step(rec, "load", lambda: _op(lp.load(t, dest, name, use_kpatch_cli=kpatch_cli, timeout=timeout)),
+              {"marker": marker, "path": dest, "kpatch_cli": kpatch_cli},
+              lambda r: {"changed": r.changed, "message": r.message, "output": r.output[-500:]})
+    _pause_after("load", t.name)
+    _run_step(rec, "wait", lambda: _op(lp.wait_transition(t, name, timeout=timeout)), {"timeout": timeout},
+              lambda r: {"message": r.message, "seconds": round(r.seconds, 3)})
+    _pause_after("wait", t.name)
+
+    def verify() -> lp.Verification:
+        v = lp.verify_loaded(t, name, marker, probe)
+        if not v.ok:
+            raise StepFailed("verify", "; ".join(v.problems), {"kernel": v.kernel_lines[-20:],
+                                                                "probe_output": v.probe_output[-500:]})
+        return v
+
+    v = _run_step(rec, "verify", verify, {"marker": marker, "probe": bool(probe)},
+                  lambda v: {"probe_output": v.probe_output[-500:]})
+    _pause_after("verify", t.name)
+    if persist:
+        _run_step(rec, "persist", lambda: _persist(t, a, dest, kpatch_cli), {"kpatch_cli": kpatch_cli},
+                  lambda d: d)
+    return HostResult(t.name, "applied", "", "verify", {"probe_output": v.probe_output[-200:]})
+
+
+def _persist(t: Any, a: Assignment, dest: str, kpatch_cli: bool) -> dict[str, Any]:
+    if not kpatch_cli:
+        # without the kpatch CLI (kpatch.service) nothing loads /var/lib/kpatch at boot; say so, honestly
+        return {"persisted": False, "why": "no kpatch CLI on the host: staged only, not loaded at boot"}
+    r = t.run(Command.of("kpatch", "install", "-k", a.release, dest, label="persist", sudo=True, timeout=120))
+    if not r.ok:
+        raise StepFailed("persist", f"kpatch install failed: {r.summary()}")
+    return {"persisted": True}
+
+
+def rollback_host(t: Any, a: Assignment, probe: Any, rec: Recorder, *, timeout: float = 120.0,
+                  persisted: bool = False) -> HostResult:
+    """Disable, wait until the sysfs dir is gone, unload, unstage, verify removal (each step idempotent)."""
+    name = a.sysfs_name
+    d = _run_step(rec, "rb-disable", lambda: _op(lp.disable(t, name, timeout=timeout)), {},
+                  lambda r: {"marker": r.marker, "changed": r.changed, "message": r.message})
+    _run_step(rec, "rb-unload", lambda: _op(lp.unload(t, name)), {}, lambda r: {"message": r.message})
+    if persisted:
+        _run_step(rec, "rb-uninstall", lambda: t.run(Command.of("kpatch", "uninstall", "-k", a.release,
+                                                                a.artifact.filename, label="uninstall",
+                                                                sudo=True, timeout=120)), {},
+                  lambda r: {"exit": r.exit_status})
+    _run_step(rec, "rb-unstage", lambda: _op(lp.unstage(t, a.release, a.artifact.filename)), {}, lambda r: {})
+
+    def verify() -> lp.Verification:
+        v = lp.verify_removed(t, name, probe, marker=d.marker if d.changed else "")
+        if not v.ok:
+            raise StepFailed("rb-verify", "; ".join(v.problems), {"kernel": v.kernel_lines[-20:]})
+        return v
+
+    _run_step(rec, "rb-verify", verify, {}, lambda v: {"probe_output": v.probe_output[-200:]})
+    return HostResult(t.name, "rolled_back", "", "rb-verify")
+
+
+# -- dry run ---------------------------------------------------------------------
+class DryRunTransport:
+    """Records every Command and answers as a fresh, healthy host would; changes nothing."""
+
+    def __init__(self, a: Assignment):
+        self.name = a.host
+        self.a = a
+        self.commands: list[str] = []
+        self._marker = ""
+        self._loaded = False
+
+    def run(self, cmd: Command) -> CommandResult:
+        line = cmd.display() if cmd.secret else cmd.shell_line(use_sudo=False)
+        self.commands.append(f"[sudo] {line}" if cmd.sudo else line)
+        out = ""
+        name = self.a.sysfs_name
+        if cmd.label == "preflight":
+            out = (f"release {self.a.release}\narch {self.a.artifact.arch or self.a.arch}\nfree_kb 10485760\n"
+                   f"staged absent\nkpatch_cli 0\n")
+        elif cmd.label in ("livepatch-state", "verify-state"):
+            out = "livepatch_sysfs 1\ntainted 32768\n"
+            if self._loaded:
+                out += (f"patch {name}\nenabled {name} 1\ntransition {name} 0\nobject {name} vmlinux 1\n"
+                        f"module {name} 1 OK\n")
+            out += "end\n"
+            if cmd.label == "verify-state":
+                out += f"---kpipe-dmesg---\n{self._marker}\nlivepatch: '{name}': patching complete\n"
+        elif cmd.label == "marker":
+            self._marker = self._marker or cmd.argv[-1]
+        elif cmd.label == "stage-check":
+            out = "absent\n"
+        elif cmd.label == "load":
+            self._loaded = True
+        elif cmd.label == "wait-0":
+            out = "transition 0\n"
+        elif cmd.label == "probe" and self.a:
+            out = "(probe output)"
+        return CommandResult(self.name, cmd, 0, out, "", 0.0)
+
+    def put(self, local: Any, remote: str) -> None:
+        self.commands.append(f"put {local} -> {remote}")
+
+    def get(self, remote: str, local: Any) -> None:  # pragma: no cover - never used by the pipeline
+        self.commands.append(f"get {remote} -> {local}")
+
+    def close(self) -> None:
+        pass
+
+
+def dry_run(plan: RolloutPlan, local_path: Callable[[Assignment], Path]) -> dict[str, list[str]]:
+    """Every command the engine would run on every host (the same Command values, recorded, not run)."""
+    out = {}
+    for host in plan.hosts:
+        a = plan.assignments[host]
+        t = DryRunTransport(a)
+        probe = probe_of(plan, a)
+        if probe is not None:
+            from kpipe.build.spec import Probe
+
+            probe = Probe(probe.argv, ".*", probe.expect_after_rollback)  # the canned output cannot match
+        apply_host(t, a, local_path(a), probe, lambda *_: None, persist=plan.options.persist,
+                   timeout=plan.options.step_timeout_s)
+        out[host] = t.commands
+    return out
+
+
+# -- the engine --------------------------------------------------------------------
+class Engine:
+    """Drives stored rollouts: start, resume, rollback; every host step journaled."""
+
+    def __init__(self, journal: Journal, runner: Runner, local_path: Callable[[Assignment], Path], *,
+                 on_event: Callable[[Event], None] | None = None, sleep: Callable[[float], None] = time.sleep):
+        self.journal = journal
+        self.runner = runner
+        self.local_path = local_path
+        self._on_event = on_event
+        self._event_lock = threading.Lock()
+        self.sleep = sleep
+
+    def emit(self, **kw: Any) -> None:
+        if self._on_event is not None:
+            with self._event_lock:
+                self._on_event(Event(**kw))
+
+    def _recorder(self, rid: str, host: str, wave: int) -> Recorder:
+        def rec(step: str, phase: str, detail: dict[str, Any]) -> None:
+            self.journal.record(rid, host, wave, step, phase, detail)
+            self.emit(kind="step", rollout_id=rid, host=host, wave=wave, step=step, phase=phase,
+                      message=str(detail.get("error", "")))
+        return rec
+
+    def _outcome(self, rid: str, r: HostResult, wave: int, a: Assignment, action: str = "apply") -> None:
+        self.journal.record(rid, r.host, wave, "outcome", "done" if r.state in ("applied", "rolled_back") else
+                            "failed", {"state": r.state, "reason": r.reason, "step": r.step, "action": action,
+                                       "artifact": a.artifact.id, "sha256": a.artifact.sha256,
+                                       "module": a.sysfs_name, "kernel": a.release, "replace": a.artifact.replace})
+        self.emit(kind="host", rollout_id=rid, host=r.host, wave=wave, step=r.step, phase=r.state, message=r.reason)
+
+    # -- public --------------------------------------------------------------------
+    def start(self, rollout_id: str) -> RunSummary:
+        """Run a planned rollout from its first wave."""
+        rec = self.journal.get(rollout_id)
+        if rec.state != "planned":
+            raise ConfigError(f"rollout {rollout_id} is {rec.state}, not planned",
+                              hint=f"use `kpipe rollout resume {rollout_id}`")
+        return self._drive(rollout_id)
+
+    def resume(self, rollout_id: str) -> RunSummary:
+        """Continue a rollout from its journal after re-reading every host's real state."""
+        return self._drive(rollout_id, resuming=True)
+
+    def rollback(self, rollout_id: str, limit: str | None = None) -> RunSummary:
+        """Roll back every host this rollout touched (or those matching `limit`)."""
+        self.journal.acquire(rollout_id)
+        try:
+            rec = self.journal.get(rollout_id)
+            plan = RolloutPlan.from_dict(rec.plan)
+            hosts = [h for h in self._touched(rollout_id, plan) if _matches(h, limit)]
+            self.journal.set_state(rollout_id, "halted", halt_reason=rec.detail.get("halt_reason")
+                                   or "rollback requested by the operator",
+                                   rollback={"policy": "manual", "hosts": hosts, "done": False,
+                                             "all": limit is None})
+            return self._rollback(rollout_id, plan, hosts, final_all=limit is None)
+        finally:
+            self.journal.release(rollout_id)
+
+    # -- internals -----------------------------------------------------------------
+    def _touched(self, rid: str, plan: RolloutPlan) -> list[str]:
+        """Hosts where this rollout may have changed something and that are not rolled back."""
+        out = []
+        for h, entries in self.journal.iter_hosts(rid):
+            if h not in plan.assignments:
+                continue
+            st = host_state(h, entries)
+            changed = any(e.step in ("stage", "marker", "load") for e in entries)
+            if changed and st.outcome != "rolled_back":
+                out.append(h)
+        return [h for h in plan.hosts if h in out]
+
+    def _drive(self, rid: str, resuming: bool = False) -> RunSummary:
+        self.journal.acquire(rid)
+        try:
+            rec = self.journal.get(rid)
+            plan = RolloutPlan.from_dict(rec.plan)
+            rb = rec.detail.get("rollback") or {}
+            if rec.state == "halted" and rb and not rb.get("done"):
+                self.emit(kind="resume", rollout_id=rid, message="continuing the rollback")
+                return self._rollback(rid, plan, list(rb.get("hosts", [])), final_all=bool(rb.get("all")),
+                                      halt_reason=rec.detail.get("halt_reason", ""))
+            if rec.state in ("completed", "rolled_back", "halted"):
+                return self.summary(rid)
+            if resuming:
+                self.journal.clear_abort(rid)
+            return self._run(rid, plan, resuming)
+        finally:
+            self.journal.release(rid)
+
+    def _run(self, rid: str, plan: RolloutPlan, resuming: bool) -> RunSummary:
+        opts = plan.options
+        self.journal.set_state(rid, "running", started_at=time.time())
+        self.emit(kind="rollout-start", rollout_id=rid, data={"waves": [list(w) for w in plan.waves],
+                                                              "resuming": resuming})
+        failures: dict[str, str] = {}
+        attempted: set[str] = set()
+        applied: list[str] = []
+        gates = {e.wave: e.detail for e in self.journal.entries(rid, "") if e.step == "gate" and e.phase == "done"}
+        for wave_no, wave in enumerate(plan.waves, start=1):
+            states = {h: host_state(h, self.journal.entries(rid, h)) for h in wave}
+            todo = []
+            for h in wave:
+                st = states[h]
+                if st.outcome == "applied":
+                    attempted.add(h)
+                    applied.append(h)
+                elif st.outcome in ("failed", "rolled_back"):
+                    attempted.add(h)
+                    failures[h] = st.outcome_detail.get("reason", st.outcome)
+                else:  # pending, skipped, unreachable, or killed mid-pipeline: (re)run, every step idempotent
+                    todo.append(h)
+            if gates.get(wave_no, {}).get("verdict") == "proceed" and not todo:
+                continue
+            if self.journal.abort_requested(rid):
+                return self._aborted(rid)
+            self.journal.update_detail(rid, wave=wave_no)
+            self.emit(kind="wave-start", rollout_id=rid, wave=wave_no, data={"hosts": list(wave), "todo": todo})
+            results = self.runner.run_many(todo, lambda t: self._apply_one(rid, plan, t, wave_no, states),
+                                           opts.forks) if todo else {}
+            skipped = False
+            for h in todo:
+                r = results.get(h)
+                if isinstance(r, BaseException):
+                    # the fan-out itself failed for this host (connection): journal it so nothing is forgotten
+                    state, reason = classify(r)
+                    r = HostResult(h, state, reason, "connect")
+                    self._outcome(rid, r, wave_no, plan.assignments[h])
+                if r is None or r.state == "skipped":
+                    skipped = True
+                    continue
+                attempted.add(h)
+                if r.state == "applied":
+                    applied.append(h)
+                else:
+                    failures[h] = r.reason
+            if skipped:
+                return self._aborted(rid)
+            # the soak: re-verify every applied host (this wave's and earlier ones'); a regression is a failure
+            watch = SoakWatch()
+            begin = time.monotonic()
+            for offset in soak_schedule(opts.soak_s, opts.verify_interval_s):
+                wait = begin + offset - time.monotonic()
+                if wait > 0:
+                    self.sleep(wait)
+                live = [h for h in applied if h not in failures]
+                round_ = self.runner.run_many(live, lambda t: self._reverify(plan, t), opts.forks) if live else {}
+                results_ok = {}
+                for h, v in round_.items():
+                    results_ok[h] = (False, classify(v)[1]) if isinstance(v, BaseException) else v
+                for h in watch.record(results_ok):
+                    failures[h] = watch.regressions[h]
+                    self._outcome(rid, HostResult(h, "failed", watch.regressions[h], "soak"),
+                                  plan.assignments[h].wave, plan.assignments[h])
+                self.emit(kind="soak", rollout_id=rid, wave=wave_no, data={"round": watch.rounds,
+                                                                           "regressions": dict(watch.regressions)})
+                if self.journal.abort_requested(rid):
+                    break
+            decision = decide(opts.max_failures, len(attempted), failures,
+                              aborted=self.journal.abort_requested(rid))
+            self.journal.record(rid, "", wave_no, "gate", "done", decision.to_dict())
+            self.emit(kind="gate", rollout_id=rid, wave=wave_no, phase=decision.verdict, message=decision.reason,
+                      data=decision.to_dict())
+            if self.journal.abort_requested(rid):
+                return self._aborted(rid)
+            if not decision.proceed:
+                policy = opts.rollback_policy
+                if policy == "failed":
+                    hosts = sorted(failures)
+                elif policy == "wave":
+                    hosts = sorted(set(wave) | set(failures))
+                else:
+                    hosts = sorted(attempted | set(failures))
+                hosts = [h for h in plan.hosts if h in hosts]
+                self.journal.set_state(rid, "halted", halt_reason=decision.reason,
+                                       rollback={"policy": policy, "hosts": hosts, "done": False,
+                                                 "all": policy == "all"})
+                return self._rollback(rid, plan, hosts, final_all=policy == "all", halt_reason=decision.reason)
+        self.journal.set_state(rid, "completed", finished_at=time.time())
+        s = self.summary(rid)
+        self.emit(kind="rollout-end", rollout_id=rid, phase=s.state, data=s.to_dict())
+        return s
+
+    def _aborted(self, rid: str) -> RunSummary:
+        self.journal.set_state(rid, "aborted", finished_at=time.time())
+        s = self.summary(rid)
+        self.emit(kind="rollout-end", rollout_id=rid, phase="aborted", data=s.to_dict())
+        return s
+
+    def _apply_one(self, rid: str, plan: RolloutPlan, t: Any, wave: int, states: Mapping[str, Any]) -> HostResult:
+        a = plan.assignments[t.name]
+        if self.journal.abort_requested(rid):
+            return HostResult(t.name, "skipped", "aborted before this host started")
+        st = states.get(t.name)
+        rec = self._recorder(rid, t.name, wave)
+        # "ours by journal": this rollout already loaded (or began loading) the module on this host
+        entries = self.journal.entries(rid, t.name)
+        ours = any(e.step == "load" for e in entries)
+        try:
+            r = apply_host(t, a, self.local_path(a), probe_of(plan, a), rec,
+                           journal_marker=st.marker if st else "", ours_by_journal=ours,
+                           persist=plan.options.persist, timeout=plan.options.step_timeout_s)
+        except Exception as e:
+            state, reason = classify(e)
+            r = HostResult(t.name, state, reason, getattr(e, "step", ""))
+        self._outcome(rid, r, wave, a)
+        return r
+
+    def _reverify(self, plan: RolloutPlan, t: Any) -> tuple[bool, str]:
+        a = plan.assignments[t.name]
+        v = lp.verify_loaded(t, a.sysfs_name, "", probe_of(plan, a))
+        return v.ok, "; ".join(v.problems)
+
+    def _rollback(self, rid: str, plan: RolloutPlan, hosts: list[str], *, final_all: bool,
+                  halt_reason: str = "") -> RunSummary:
+        self.emit(kind="rollback-start", rollout_id=rid, data={"hosts": hosts}, message=halt_reason)
+        todo = [h for h in hosts if h in plan.assignments
+                and host_state(h, self.journal.entries(rid, h)).outcome != "rolled_back"]
+        persisted = {h for h in todo if any(e.step == "persist" and e.phase == "done" and e.detail.get("persisted")
+                                            for e in self.journal.entries(rid, h))}
+
+        def one(t: Any) -> HostResult:
+            a = plan.assignments[t.name]
+            rec = self._recorder(rid, t.name, a.wave)
+            try:
+                r = rollback_host(t, a, probe_of(plan, a), rec, timeout=plan.options.step_timeout_s,
+                                  persisted=t.name in persisted)
+            except Exception as e:
+                state, reason = classify(e)
+                r = HostResult(t.name, state, f"rollback failed: {reason}", getattr(e, "step", ""))
+            self._outcome(rid, r, a.wave, a, action="rollback")
+            return r
+
+        results = self.runner.run_many(todo, one, plan.options.forks) if todo else {}
+        ok = True
+        for h in todo:
+            r = results.get(h)
+            if isinstance(r, BaseException):
+                state, reason = classify(r)
+                r = HostResult(h, state, f"rollback failed: {reason}", "connect")
+                self._outcome(rid, r, plan.assignments[h].wave, plan.assignments[h], action="rollback")
+            if r is None or r.state != "rolled_back":
+                ok = False
+        rec = self.journal.get(rid)
+        rb = dict(rec.detail.get("rollback") or {})
+        rb["done"] = ok
+        everything = final_all and ok and not self._touched(rid, plan)
+        self.journal.set_state(rid, "rolled_back" if everything else "halted", rollback=rb,
+                               finished_at=time.time())
+        s = self.summary(rid)
+        self.emit(kind="rollout-end", rollout_id=rid, phase=s.state, data=s.to_dict())
+        return s
+
+    def summary(self, rid: str) -> RunSummary:
+        """The rollout's state and every host's final state, from the journal."""
+        return summarize(self.journal, rid)
+
+
+def summarize(journal: Journal, rid: str) -> RunSummary:
+    """Every plan host's final state from the journal: applied, rolled_back, failed, unreachable, excluded,
+    pending (never touched) or skipped (aborted before it started)."""
+    rec = journal.get(rid)
+    plan = RolloutPlan.from_dict(rec.plan)
+    hosts: dict[str, str] = {}
+    reasons: dict[str, str] = {}
+    by_host = dict(journal.iter_hosts(rid))
+    for h in plan.hosts:
+        st = host_state(h, by_host.get(h, []))
+        hosts[h] = st.outcome or ("pending" if not st.unfinished else "interrupted")
+        if st.outcome_detail.get("reason"):
+            reasons[h] = st.outcome_detail["reason"]
+    for e in plan.excluded:
+        hosts[e.host] = "excluded"
+        reasons[e.host] = e.reason
+    halt = rec.detail.get("halt_reason", "") if rec.state in ("halted", "rolled_back") else ""
+    return RunSummary(rid, rec.state, hosts, reasons, halt)
+
+
+def _matches(host: str, pattern: str | None) -> bool:
+    if not pattern:
+        return True
+    return any(fnmatch.fnmatchcase(host, p) for p in pattern.split(":") if p)
+
+
+def applied_records(journal: Journal) -> list[dict[str, Any]]:
+    """Every host outcome of every rollout that applied or rolled back a patch, in journal order
+    (for kpipe.audit's AppliedRecord: seq, rollout_id, host, patch, action, artifact_id, sha256, kernel, replace)."""
+    rows = journal.store.query("SELECT rollout_id, seq, host, detail_json, ts FROM journal "
+                               "WHERE step = 'outcome' ORDER BY ts, rollout_id, seq")
+    import json
+
+    out = []
+    for r in rows:
+        d = json.loads(r["detail_json"])
+        if d.get("state") not in ("applied", "rolled_back"):
+            continue
+        out.append({"seq": r["ts"], "rollout_id": r["rollout_id"], "host": r["host"], "patch": d.get("module", ""),
+                    "action": d["state"], "artifact_id": d.get("artifact", ""), "sha256": d.get("sha256", ""),
+                    "kernel": d.get("kernel", ""), "replace": bool(d.get("replace", False))})
+    return out
