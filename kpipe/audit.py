@@ -392,6 +392,8 @@ class ObservedHost:
     patches: Mapping[str, PatchStateLike] = field(default_factory=dict)
     # sysfs module name -> sha256 of the installed file under /var/lib/kpatch/<release>/
     installed: Mapping[str, str] = field(default_factory=dict)
+    # module name -> present in /sys/module (reported for the names the audit asked about)
+    modules: Mapping[str, bool] = field(default_factory=dict)
 
 
 # --------------------------------------------------------------------------
@@ -515,6 +517,16 @@ class AuditResult:
 # --------------------------------------------------------------------------
 
 
+def _flag(value: Any) -> bool | None:
+    """A sysfs 0/1 flag (int, bool or None from the parsers) as a bool, None when unknown."""
+    if value is None or isinstance(value, bool):
+        return value
+    try:
+        return int(value) != 0
+    except (TypeError, ValueError):
+        return None
+
+
 def _kernel_applies(want: DesiredPatch, kernel: str) -> bool:
     return not want.kernel or not kernel or fnmatch.fnmatchcase(kernel, want.kernel)
 
@@ -562,16 +574,27 @@ def evaluate_host(desired: DesiredState, obs: ObservedHost) -> HostAudit:
                 )
             )
 
-    for name in sorted(set(wanted) | set(observed)):
+    modules = {module_name(n): bool(v) for n, v in obs.modules.items()}
+    # A retired patch whose module is still loaded is an unfinished rollback.
+    lingering = {n for n in retired if modules.get(n) and n not in observed}
+    for name in sorted(set(wanted) | set(observed) | lingering):
         want = wanted.get(name)
         state = observed.get(name)
         sha = installed.get(name, "")
-        enabled = None if state is None else state.enabled
-        transition = None if state is None else state.transition
+        enabled = None if state is None else _flag(state.enabled)
+        transition = None if state is None else _flag(state.transition)
 
         def row(status: str, detail: str) -> PatchStatus:
             return PatchStatus(host, name, status, detail, want, enabled, transition, sha)
 
+        if state is None and modules.get(name):
+            # Since 5.1 a disabled patch's sysfs directory goes away while its
+            # module stays loaded until rmmod: the module is the only trace.
+            detail = "module loaded but the livepatch is disabled (no /sys/kernel/livepatch entry)"
+            if want is None:
+                detail += f"; {retired[name]}, module not removed"
+            rows.append(row(DISABLED, detail))
+            continue
         if state is None:
             assert want is not None
             if not _kernel_applies(want, obs.kernel):
@@ -590,8 +613,8 @@ def evaluate_host(desired: DesiredState, obs: ObservedHost) -> HostAudit:
             what = "patching" if enabled else "unpatching"
             rows.append(row(TRANSITION, f"{what} transition not finished (transition=1)"))
             continue
-        if enabled is False:
-            detail = "loaded but disabled (enabled=0)"
+        if enabled is not True:
+            detail = "loaded but disabled (enabled=0)" if enabled is False else "enabled flag unreadable"
             if want is None:
                 detail += "; " + (retired.get(name) or "not desired")
             rows.append(row(DISABLED, detail))
@@ -607,7 +630,9 @@ def evaluate_host(desired: DesiredState, obs: ObservedHost) -> HostAudit:
             else:
                 rows.append(row(UNEXPECTED, "loaded and enabled; no rollout or rule asks for it"))
             continue
-        unpatched = sorted(o for o, p in (state.objects or {}).items() if p is False and o == "vmlinux")
+        # `patched` is 0 for an object whose module is not loaded (normal), but
+        # vmlinux is always loaded: 0 there means patching is not finished.
+        unpatched = [o for o, p in (state.objects or {}).items() if o == "vmlinux" and _flag(p) is False]
         if unpatched:
             rows.append(row(TRANSITION, "enabled but vmlinux object not patched (patched=0)"))
             continue
@@ -631,6 +656,28 @@ def evaluate_host(desired: DesiredState, obs: ObservedHost) -> HostAudit:
     if not rows:
         rows.append(PatchStatus(host, HOST_ROW, COMPLIANT, "no live patch expected or loaded"))
     return HostAudit(host, True, obs.kernel, obs.tainted, obs.error, tuple(rows))
+
+
+def observed_from_livepatch(
+    host: str,
+    state: Any,
+    *,
+    kernel: str = "",
+    installed: Mapping[str, str] | None = None,
+    error: str = "",
+) -> ObservedHost:
+    """An ObservedHost from kpipe.fleet.livepatch.HostLivepatch (patches, tainted, modules)."""
+    modules = {n: bool(getattr(m, "present", m)) for n, m in (getattr(state, "modules", None) or {}).items()}
+    return ObservedHost(
+        host=host,
+        reachable=True,
+        error=error,
+        kernel=kernel,
+        tainted=getattr(state, "tainted", None),
+        patches=dict(getattr(state, "patches", None) or {}),
+        installed=dict(installed or {}),
+        modules=modules,
+    )
 
 
 def evaluate(

@@ -310,3 +310,38 @@ def test_taint_mask_roundtrip():
 def test_require_must_be_a_list():
     with pytest.raises(ConfigError, match=r"hosts\[0\].require"):
         from_file("version: 1\nhosts:\n- match: a\n  require: {x: 1}\n")
+
+
+# ---- real captured state (lab VM output, parsed by kpipe.fleet.livepatch) -------------
+
+DATA = __import__("pathlib").Path(__file__).parent / "data" / "livepatch"
+DEMO = [applied("vm1", "livepatch-demo")]
+
+
+@pytest.mark.parametrize("capture,records,expected", [
+    ("state_loaded.txt", DEMO, "compliant"),
+    ("state_disabled_module_loaded.txt", DEMO, "disabled"),
+    ("state_removed.txt", DEMO, "missing"),
+    ("state_none.txt", DEMO, "missing"),
+    ("state_loaded.txt", [], "unexpected"),
+    ("state_loaded.txt", DEMO + [rolled_back("vm1", "livepatch-demo")], "unexpected"),
+    ("state_disabled_module_loaded.txt", DEMO + [rolled_back("vm1", "livepatch-demo")], "disabled"),
+])
+def test_real_captured_state(capture, records, expected):
+    lp = pytest.importorskip("kpipe.fleet.livepatch")
+    state = lp.parse_host_livepatch((DATA / capture).read_text())
+    obs = A.observed_from_livepatch("vm1", state, kernel=K)
+    res = A.evaluate(A.desired_from_records(records), [obs])
+    assert [(r.patch, r.status) for r in res.rows] == [("livepatch_demo", expected)]
+
+
+def test_int_flags_from_the_parser_are_understood():
+    lp = pytest.importorskip("kpipe.fleet.livepatch")
+    for enabled, transition, status in [(1, 0, "compliant"), (0, 0, "disabled"), (1, 1, "transition"),
+                                        (0, 1, "transition"), (None, 0, "disabled"), (1, None, "compliant")]:
+        st = lp.LivepatchState("livepatch_fix", enabled, transition, {"vmlinux": 1})
+        res = A.evaluate(A.desired_from_records([applied("h1")]), [H("h1", patches={"livepatch_fix": st})])
+        assert res.rows[0].status == status, (enabled, transition)
+    st = lp.LivepatchState("livepatch_fix", 1, 0, {"vmlinux": 0})
+    res = A.evaluate(A.desired_from_records([applied("h1")]), [H("h1", patches={"livepatch_fix": st})])
+    assert res.rows[0].status == "transition"
