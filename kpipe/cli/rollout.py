@@ -1,9 +1,316 @@
-"""kpipe rollout commands."""
+"""kpipe rollout: plan, start (--dry-run), status, resume, abort, rollback, list."""
 
 from __future__ import annotations
 
+from typing import Any, Optional
+
 import typer
+
+from kpipe.cli.context import print_json, state
+
+rollout_app = typer.Typer(help="Staged, health-gated rollouts with a journal, resume and rollback.",
+                          no_args_is_help=True)
+
+_WAVES = typer.Option("1,10%,50%,100%", "--waves", help="Cumulative wave sizes: counts or percentages.")
+_LIMIT = typer.Option(None, "--limit", "-l", help="Ansible host pattern (group, glob, a:b, a:&b, a:!b).")
 
 
 def register(app: typer.Typer) -> None:
     """Add this group's commands to the root app."""
+    app.add_typer(rollout_app, name="rollout")
+
+
+def _options(waves: str, soak: float, verify_interval: float, max_failures: str, rollback_policy: str,
+             skip_preflight: bool, persist: bool, forks: Optional[int], timeout: float):
+    from kpipe.rollout.planner import FailureBudget, RolloutOptions
+
+    ws = state().workspace
+    return RolloutOptions(waves=waves, soak_s=soak, verify_interval_s=verify_interval,
+                          max_failures=FailureBudget.parse(max_failures), rollback_policy=rollback_policy,
+                          skip_preflight=skip_preflight, persist=persist, forks=forks or ws.ssh.forks,
+                          step_timeout_s=timeout)
+
+
+def _journal():
+    from kpipe.rollout.journal import Journal
+
+    return Journal(state().workspace.store)
+
+
+def _print_plan(plan: Any, rollout_id: str) -> None:
+    from rich.table import Table
+
+    con = state().console
+    o = plan.options
+    con.print(f"[bold]rollout {rollout_id}[/bold]: {plan.target_kind} {plan.target}, "
+              f"{len(plan.hosts)} host(s) in {len(plan.waves)} wave(s), {len(plan.excluded)} excluded")
+    con.print(f"  soak {o.soak_s:g} s (verify every {o.verify_interval_s:g} s), max failures {o.max_failures}, "
+              f"rollback policy {o.rollback_policy}, persist {'yes' if o.persist else 'no'}"
+              + (", [yellow]preflight skipped[/yellow]" if o.skip_preflight else ""))
+    if plan.hosts:
+        t = Table(title="waves", show_lines=False)
+        for col in ("wave", "host", "release", "artifact", "signed", "preflight", "notes"):
+            t.add_column(col)
+        for w, wave in enumerate(plan.waves, start=1):
+            for h in wave:
+                a = plan.assignments[h]
+                pf = a.artifact.preflight or "not run"
+                t.add_row(str(w), h, a.release, f"{a.artifact.id} ({a.artifact.module_name})",
+                          "yes" if a.artifact.signed else "no",
+                          f"[green]{pf}[/green]" if pf == "passed" else f"[yellow]{pf}[/yellow]", "; ".join(a.notes))
+        con.print(t)
+    if plan.excluded:
+        t = Table(title="excluded")
+        t.add_column("host")
+        t.add_column("reason")
+        for e in plan.excluded:
+            t.add_row(e.host, e.reason)
+        con.print(t)
+
+
+def _plan_and_store(target: str, limit: Optional[str], opts: Any, store: bool = True) -> tuple[Any, str]:
+    from kpipe.rollout.world import build_plan
+
+    ws = state().workspace
+    plan, _ = build_plan(ws, target, limit, opts)
+    rid = ""
+    if store:
+        rid = _journal().create(plan.to_dict(), opts.to_dict(), target=target)
+    return plan, rid
+
+
+@rollout_app.command("plan")
+def plan_cmd(
+    target: str = typer.Argument(..., help="A recipe name, or an artifact id."),
+    limit: Optional[str] = _LIMIT,
+    waves: str = _WAVES,
+    soak: float = typer.Option(0.0, "--soak", help="Seconds to watch each wave before the next."),
+    verify_interval: float = typer.Option(10.0, "--verify-interval", help="Re-verify every N seconds in a soak."),
+    max_failures: str = typer.Option("0", "--max-failures", help="Failure budget: N hosts or N%."),
+    rollback_policy: str = typer.Option("failed", "--rollback-policy", help="failed | wave | all"),
+    skip_preflight: bool = typer.Option(False, "--skip-preflight", help="Allow artifacts without a passed preflight."),
+    persist: bool = typer.Option(False, "--persist", help="Install for reboot (kpatch install)."),
+    forks: Optional[int] = typer.Option(None, "--forks", help="Hosts in flight at once."),
+    timeout: float = typer.Option(120.0, "--step-timeout", help="Seconds per load / transition wait."),
+    json_out: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
+    """Plan a rollout: waves, hosts, the artifact per host, preflight status, excluded hosts with reasons."""
+    opts = _options(waves, soak, verify_interval, max_failures, rollback_policy, skip_preflight, persist, forks,
+                    timeout)
+    plan, rid = _plan_and_store(target, limit, opts)
+    if json_out:
+        print_json({"id": rid, **plan.to_dict()})
+    else:
+        _print_plan(plan, rid)
+
+
+def _progress_printer():
+    """An event callback that prints wave, host and gate lines."""
+    con = state().console
+    colors = {"applied": "green", "rolled_back": "cyan", "failed": "red", "unreachable": "red", "skipped": "yellow"}
+
+    def on_event(ev: Any) -> None:
+        if ev.kind == "wave-start":
+            con.print(f"[bold]wave {ev.wave}[/bold]: {len(ev.data.get('todo', []))} host(s)")
+        elif ev.kind == "host":
+            c = colors.get(ev.phase, "white")
+            con.print(f"  [{c}]{ev.phase:<11}[/{c}] {ev.host}" + (f"  {ev.message}" if ev.message else ""))
+        elif ev.kind == "soak" and ev.data.get("regressions"):
+            con.print(f"  soak round {ev.data['round']}: {len(ev.data['regressions'])} regression(s)")
+        elif ev.kind == "gate":
+            con.print(f"  gate after wave {ev.wave}: [{'green' if ev.phase == 'proceed' else 'red'}]{ev.phase}"
+                      f"[/]" + (f": {ev.message}" if ev.message else ""))
+        elif ev.kind == "rollback-start":
+            con.print(f"[bold yellow]rolling back[/bold yellow] {len(ev.data.get('hosts', []))} host(s)")
+        elif ev.kind == "resume":
+            con.print(f"resume: {ev.message}")
+    return on_event
+
+
+def _finish(summary: Any, json_out: bool) -> None:
+    from kpipe.errors import RolloutHalted
+
+    if json_out:
+        print_json(summary.to_dict())
+    else:
+        _print_summary(summary)
+    if summary.halt_reason:
+        raise RolloutHalted(f"rollout {summary.rollout_id} halted: {summary.halt_reason}",
+                            hint=f"see `kpipe rollout status {summary.rollout_id}`")
+    if summary.state == "aborted":
+        from kpipe.errors import ExitCode, KpipeError
+
+        raise KpipeError(f"rollout {summary.rollout_id} aborted", exit_code=ExitCode.FAILURE,
+                         hint=f"continue with `kpipe rollout resume {summary.rollout_id}`")
+
+
+def _print_summary(s: Any) -> None:
+    from collections import Counter
+
+    con = state().console
+    counts = Counter(s.hosts.values())
+    con.print(f"rollout {s.rollout_id}: [bold]{s.state}[/bold] — "
+              + ", ".join(f"{n} {k}" for k, n in sorted(counts.items())))
+    if s.halt_reason:
+        con.print(f"  halted: {s.halt_reason}")
+
+
+def _run_engine(rid: str, what: str, forks: Optional[int], limit: Optional[str] = None) -> Any:
+    from kpipe.rollout.world import engine_for
+
+    journal = _journal()
+    engine, runner = engine_for(state().workspace, journal, rid, forks=forks, on_event=_progress_printer())
+    try:
+        if what == "start":
+            return engine.start(rid)
+        if what == "resume":
+            return engine.resume(rid)
+        return engine.rollback(rid, limit)
+    finally:
+        runner.close()
+
+
+@rollout_app.command("start")
+def start_cmd(
+    target: Optional[str] = typer.Argument(None, help="A recipe name or an artifact id (or use --plan)."),
+    plan_id: Optional[str] = typer.Option(None, "--plan", help="Start a stored plan (an id, or `last`)."),
+    limit: Optional[str] = _LIMIT,
+    waves: str = _WAVES,
+    soak: float = typer.Option(0.0, "--soak"),
+    verify_interval: float = typer.Option(10.0, "--verify-interval"),
+    max_failures: str = typer.Option("0", "--max-failures"),
+    rollback_policy: str = typer.Option("failed", "--rollback-policy"),
+    skip_preflight: bool = typer.Option(False, "--skip-preflight"),
+    persist: bool = typer.Option(False, "--persist"),
+    forks: Optional[int] = typer.Option(None, "--forks"),
+    timeout: float = typer.Option(120.0, "--step-timeout"),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print every command for every host; change nothing."),
+    yes: bool = typer.Option(False, "--yes", "-y", help="Do not ask for confirmation."),
+    json_out: bool = typer.Option(False, "--json"),
+) -> None:
+    """Plan (or take a stored plan) and run it wave by wave; exit 8 when a gate halts it."""
+    from kpipe.errors import ConfigError
+    from kpipe.rollout.planner import RolloutPlan
+    from kpipe.rollout.world import check_preflight, local_path_fn
+
+    journal = _journal()
+    if plan_id:
+        rid = journal.resolve(plan_id)
+        plan = RolloutPlan.from_dict(journal.get(rid).plan)
+    elif target:
+        opts = _options(waves, soak, verify_interval, max_failures, rollback_policy, skip_preflight, persist, forks,
+                        timeout)
+        plan, rid = _plan_and_store(target, limit, opts, store=not dry_run)
+    else:
+        raise ConfigError("name what to roll out", hint="kpipe rollout start RECIPE|ARTIFACT_ID, or --plan ID")
+    if not json_out:
+        _print_plan(plan, rid or "(dry run, not stored)")
+    check_preflight(plan)
+    if dry_run:
+        from kpipe.rollout.engine import dry_run as dry
+
+        cmds = dry(plan, local_path_fn(state().workspace.store))
+        if json_out:
+            print_json({"plan": plan.to_dict(), "commands": cmds})
+            return
+        con = state().console
+        for host, lines in cmds.items():
+            con.print(f"[bold]{host}[/bold] (wave {plan.assignments[host].wave}):")
+            for line in lines:
+                con.print(f"  {line}", markup=False)
+        con.print("dry run: nothing was changed")
+        return
+    if not yes and not typer.confirm(f"Roll out to {len(plan.hosts)} host(s) in {len(plan.waves)} wave(s)?"):
+        raise typer.Abort()
+    _finish(_run_engine(rid, "start", forks), json_out)
+
+
+@rollout_app.command("resume")
+def resume_cmd(rollout_id: str = typer.Argument(..., help="Rollout id, or `last`."),
+               forks: Optional[int] = typer.Option(None, "--forks"),
+               json_out: bool = typer.Option(False, "--json")) -> None:
+    """Continue a rollout from its journal (re-reads every host's real state first)."""
+    rid = _journal().resolve(rollout_id)
+    _finish(_run_engine(rid, "resume", forks), json_out)
+
+
+@rollout_app.command("rollback")
+def rollback_cmd(rollout_id: str = typer.Argument(..., help="Rollout id, or `last`."),
+                 limit: Optional[str] = typer.Option(None, "--limit", "-l", help="Only hosts matching these globs."),
+                 forks: Optional[int] = typer.Option(None, "--forks"),
+                 json_out: bool = typer.Option(False, "--json")) -> None:
+    """Roll back every host the rollout applied (disable, wait, unload, verify removal)."""
+    rid = _journal().resolve(rollout_id)
+    s = _run_engine(rid, "rollback", forks, limit)
+    if json_out:
+        print_json(s.to_dict())
+    else:
+        _print_summary(s)
+    bad = [h for h, st in s.hosts.items() if st in ("failed", "unreachable")]
+    if bad:
+        from kpipe.errors import KpipeError
+
+        raise KpipeError(f"rollback incomplete on {len(bad)} host(s): {', '.join(bad[:5])}",
+                         hint=f"fix them, then `kpipe rollout resume {rid}`")
+
+
+@rollout_app.command("abort")
+def abort_cmd(rollout_id: str = typer.Argument(..., help="Rollout id, or `last`.")) -> None:
+    """Ask the driving kpipe to stop after its in-flight hosts."""
+    j = _journal()
+    rid = j.resolve(rollout_id)
+    j.request_abort(rid)
+    rec = j.get(rid)
+    if rec.state == "running" and not rec.owner_pid:
+        j.set_state(rid, "aborted")
+    state().console.print(f"rollout {rid}: abort requested (state {j.get(rid).state})")
+
+
+@rollout_app.command("status")
+def status_cmd(rollout_id: str = typer.Argument("last", help="Rollout id, or `last`."),
+               json_out: bool = typer.Option(False, "--json")) -> None:
+    """A rollout's state and every host's final state."""
+    from kpipe.rollout.engine import summarize
+
+    j = _journal()
+    rid = j.resolve(rollout_id)
+    rec = j.get(rid)
+    s = summarize(j, rid)
+    if json_out:
+        print_json({**rec.to_dict(), "hosts": s.hosts, "reasons": s.reasons})
+        return
+    from rich.table import Table
+
+    con = state().console
+    con.print(f"rollout {rid}: [bold]{rec.state}[/bold] (target {rec.target})"
+              + (f", driven by pid {rec.owner_pid}" if rec.owner_pid else "")
+              + (", abort requested" if rec.abort_requested else ""))
+    if rec.detail.get("halt_reason"):
+        con.print(f"  halted: {rec.detail['halt_reason']}")
+    t = Table()
+    t.add_column("host")
+    t.add_column("state")
+    t.add_column("reason")
+    for h, st in s.hosts.items():
+        t.add_row(h, st, s.reasons.get(h, ""))
+    con.print(t)
+
+
+@rollout_app.command("list")
+def list_cmd(json_out: bool = typer.Option(False, "--json")) -> None:
+    """Rollouts, newest first."""
+    j = _journal()
+    recs = j.list()
+    if json_out:
+        print_json([r.to_dict() for r in recs])
+        return
+    from rich.table import Table
+    import time as _time
+
+    t = Table()
+    for col in ("id", "created", "state", "target", "hosts"):
+        t.add_column(col)
+    for r in recs:
+        t.add_row(r.id, _time.strftime("%Y-%m-%d %H:%M:%S", _time.gmtime(r.created_at)), r.state, r.target,
+                  str(sum(len(w) for w in r.plan.get("waves", []))))
+    state().console.print(t)

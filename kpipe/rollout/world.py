@@ -1,0 +1,175 @@
+"""The rollout's edges: inventory, facts, artifacts and probes in; an Engine over SSH out.
+
+Everything here touches the world (the store, the inventory files, the hosts);
+the planner, the gate and the journal reader stay pure.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+from kpipe.errors import ConfigError, NotFoundError, ValidationFailed
+from kpipe.rollout.journal import Journal
+from kpipe.rollout.planner import Assignment, Candidate, HostView, LoadedPatch, RolloutOptions, RolloutPlan, \
+    plan_rollout
+
+_ARTIFACT_ID = re.compile(r"^[0-9a-f]{4,12}$")
+
+
+def _truthy(v: Any) -> bool:
+    return str(v).strip().lower() in ("1", "true", "yes", "on")
+
+
+def host_view(host: Any, facts: Any) -> HostView:
+    """A planner HostView from an inventory Host and its HostFacts (or the exception gathering raised)."""
+    canary = "canary" in tuple(getattr(host, "groups", ())) or _truthy((getattr(host, "vars", {}) or {})
+                                                                        .get("kpipe_canary", False))
+    if facts is None or isinstance(facts, BaseException):
+        return HostView(name=host.name, reachable=False, error=str(facts or "no facts"), canary=canary)
+    err = getattr(facts, "error", "") or ""
+    if err and not getattr(facts, "release", ""):
+        return HostView(name=host.name, reachable=False, error=str(err), canary=canary)
+    livepatch = getattr(facts, "livepatch", None)
+    patches = getattr(livepatch, "patches", None) if livepatch is not None else None
+    if patches is None:
+        patches = getattr(facts, "patches", {}) or {}
+    loaded = tuple(LoadedPatch(name=p.name, enabled=p.enabled == 1, transition=p.transition == 1)
+                   for p in dict(patches).values())
+    sysfs = getattr(livepatch, "sysfs", None) if livepatch is not None else None
+    if sysfs is None:
+        sysfs = bool(getattr(facts, "livepatch_sysfs", getattr(facts, "livepatch_supported", True)))
+    from kpipe.kernel import normalize_arch
+
+    return HostView(name=host.name, reachable=True, release=str(getattr(facts, "release", "")),
+                    arch=normalize_arch(str(getattr(facts, "arch", "") or "")), livepatch=bool(sysfs),
+                    sig_enforce=bool(getattr(facts, "sig_enforce", False)), loaded=loaded, canary=canary)
+
+
+def candidates_for(store: Any, target: str) -> tuple[str, list[Candidate]]:
+    """(target kind, candidate artifacts): a recipe name -> its valid artifacts; an id -> that artifact."""
+    from kpipe.artifacts import get_artifact, list_artifacts
+
+    if _ARTIFACT_ID.match(target.lower()):
+        try:
+            art = get_artifact(store, target)
+        except NotFoundError:
+            art = None
+        if art is not None:
+            if art.status != "valid":
+                raise ValidationFailed(f"artifact {art.id} is {art.status}, not valid: it cannot be rolled out",
+                                       hint=f"see `kpipe artifacts show {art.id}`")
+            return "artifact", [Candidate.of(art)]
+    arts = list_artifacts(store, recipe=target, status="valid")
+    if not arts:
+        anything = list_artifacts(store, recipe=target)
+        if anything:
+            raise ValidationFailed(f"recipe {target!r} has no valid artifact ({len(anything)} built, none valid)",
+                                   hint="validate them: kpipe validate ARTIFACT_ID")
+        raise NotFoundError(f"no artifact of recipe {target!r} and no artifact with that id",
+                            hint=f"build it first: kpipe build {target}")
+    return "recipe", [Candidate.of(a) for a in arts]
+
+
+def probes_for(workspace: Any, candidates: Iterable[Candidate]) -> dict[str, dict[str, Any]]:
+    """artifact id -> the recipe's probe rendered for the artifact's kernel (when the recipe has one)."""
+    out: dict[str, dict[str, Any]] = {}
+    try:
+        from kpipe import recipes
+    except ImportError:  # the recipe component is optional for rolling out a given artifact
+        return out
+    for c in candidates:
+        if not c.recipe:
+            continue
+        try:
+            spec = recipes.render(workspace, c.recipe, c.kernel)
+        except Exception:  # a recipe that no longer renders must not block a rollout of a built artifact
+            continue
+        p = getattr(spec, "probe", None)
+        if p is not None and p.argv:
+            out[c.id] = {"argv": list(p.argv), "expect": p.expect, "expect_after_rollback": p.expect_after_rollback}
+    return out
+
+
+def make_pool(workspace: Any, forks: int | None = None) -> Any:
+    from kpipe.transport.ssh import SshPool
+
+    return SshPool(workspace.ssh, forks=forks)
+
+
+def select_hosts(workspace: Any, limit: str | None) -> list[Any]:
+    from kpipe.fleet.inventory import load_inventory
+
+    hosts = load_inventory(workspace).select(limit)
+    if not hosts:
+        raise NotFoundError(f"no host matches {limit!r}" if limit else "the inventory has no hosts",
+                            hint="see `kpipe fleet list`")
+    return hosts
+
+
+def gather(workspace: Any, hosts: list[Any], pool: Any, forks: int) -> dict[str, Any]:
+    """name -> HostFacts or the exception that prevented gathering them."""
+    from kpipe.fleet import facts as fleet_facts
+
+    return fleet_facts.gather_facts(hosts, pool=pool, forks=forks)
+
+
+def build_plan(workspace: Any, target: str, limit: str | None, options: RolloutOptions,
+               *, pool: Any = None) -> tuple[RolloutPlan, list[Any]]:
+    """Select hosts, gather their facts, choose artifacts, render probes -> (plan, hosts)."""
+    kind, cands = candidates_for(workspace.store, target)
+    hosts = select_hosts(workspace, limit)
+    own = pool is None
+    pool = pool or make_pool(workspace, options.forks)
+    try:
+        facts = gather(workspace, hosts, pool, options.forks)
+    finally:
+        if own:
+            pool.close()
+    views = [host_view(h, facts.get(h.name)) for h in hosts]
+    plan = plan_rollout(target, kind, views, cands, options, probes_for(workspace, cands))
+    return plan, hosts
+
+
+def local_path_fn(store: Any) -> Callable[[Assignment], Path]:
+    """Where an assignment's module bytes are (the blob store), checked."""
+    def path(a: Assignment) -> Path:
+        p = store.blob_path(a.artifact.sha256)
+        if not p.is_file():
+            raise NotFoundError(f"artifact {a.artifact.id}'s module is missing from the store ({p})")
+        return p
+    return path
+
+
+def engine_for(workspace: Any, journal: Journal, rollout_id: str, *, forks: int | None = None,
+               on_event: Callable[..., None] | None = None):
+    """An Engine over SSH to the rollout's hosts (targets from the current inventory)."""
+    from kpipe.fleet.inventory import load_inventory
+    from kpipe.rollout.engine import Engine, PoolRunner
+
+    rec = journal.get(rollout_id)
+    plan = RolloutPlan.from_dict(rec.plan)
+    inv = load_inventory(workspace)
+    targets = {}
+    for name in plan.assignments:
+        try:
+            targets[name] = inv.get(name).target()
+        except NotFoundError:
+            pass  # journaled as unreachable by the engine: "not in the inventory any more"
+    pool = make_pool(workspace, forks or plan.options.forks)
+    runner = PoolRunner(pool, targets)
+    return Engine(journal, runner, local_path_fn(workspace.store), on_event=on_event), runner
+
+
+def check_preflight(plan: RolloutPlan) -> None:
+    """Refuse a plan whose artifacts have not passed preflight (PreflightFailed, exit 9)."""
+    from kpipe.errors import PreflightFailed
+
+    missing = plan.preflight_missing()
+    if missing and not plan.options.skip_preflight:
+        ids = sorted({m.reason.split()[1] for m in missing})
+        raise PreflightFailed(f"{len(missing)} host(s) excluded because artifact(s) {', '.join(ids)} have not "
+                              f"passed preflight", hint=f"run `kpipe preflight {ids[0]}`, or pass --skip-preflight")
+    if not plan.hosts:
+        raise ConfigError("the plan has no eligible host", hint="see the excluded hosts and their reasons")
