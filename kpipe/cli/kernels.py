@@ -1,9 +1,113 @@
-"""kpipe kernels commands."""
+"""kpipe kernels: parse release strings, show the kernel catalog (and `kernels symbols`)."""
 
 from __future__ import annotations
 
+import importlib
+from pathlib import Path
+from typing import Any
+
 import typer
+
+from kpipe.cli.context import print_json, state
+
+kernels_app = typer.Typer(help="Kernel releases and the workspace's kernel catalog.", no_args_is_help=True)
+
+
+@kernels_app.command("parse")
+def parse_cmd(
+    release: str = typer.Argument(..., help="A kernel release as `uname -r` prints it."),
+    json_out: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
+    """Parse a kernel release: version, distro, flavour, architecture."""
+    from kpipe.kernel import parse_release
+
+    k = parse_release(release)
+    if json_out:
+        print_json(k.to_dict())
+        return
+    from rich.table import Table
+    from rich.text import Text
+
+    table = Table(show_header=False, box=None, pad_edge=False)
+    table.add_column(style="bold")
+    table.add_column()
+    for key, value in k.to_dict().items():
+        shown = ".".join(str(v) for v in value) if key == "version" else (value if value != "" else "-")
+        table.add_row(key, Text(str(shown)))
+    state().console.print(table)
+
+
+def catalog_rows(ws: Any) -> list[dict[str, Any]]:
+    """The kernel catalog as plain rows: fields, local presence of each path, build hosts that accept it."""
+    from kpipe.kernel import parse_release
+
+    rows = []
+    for release in sorted(ws.kernels):
+        e = ws.kernels[release]
+        k = parse_release(release)
+        paths = {}
+        for key in ("headers", "source", "vmlinux", "config"):
+            value = getattr(e, key)
+            # Paths name files on the build host; presence is checked here only as a hint.
+            paths[key] = {"path": value, "present_here": bool(value) and Path(value).exists()}
+        rows.append({
+            "release": release,
+            "arch": e.arch or k.arch,
+            "distro": e.distro or k.distro,
+            "version": list(k.version),
+            "flavour": k.flavour,
+            "builder": e.builder,
+            "paths": paths,
+            "discovered": bool(e.options.get("discovered")) if isinstance(e.options, dict) else False,
+            "build_hosts": [h.name for h in ws.build_hosts if h.accepts(release, e.arch or k.arch)],
+        })
+    return rows
+
+
+@kernels_app.command("list")
+def list_cmd(json_out: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
+    """List the kernel catalog: kpipe.toml [[kernels]] plus locally installed headers."""
+    st = state()
+    rows = catalog_rows(st.workspace)
+    if json_out:
+        print_json(rows)
+        return
+    from rich.table import Table
+    from rich.text import Text
+
+    def mark(p: dict[str, Any]) -> Text:
+        if not p["path"]:
+            return Text("-", style="dim")
+        return Text("here", style="green") if p["present_here"] else Text("remote", style="yellow")
+
+    table = Table(title=f"kernels in {st.workspace.file}")
+    table.add_column("release", no_wrap=True)
+    for col in ("arch", "distro", "builder", "headers", "source", "vmlinux", "config", "build hosts"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(Text(r["release"] + (" *" if r["discovered"] else "")), Text(r["arch"]), Text(r["distro"]),
+                      Text(r["builder"] or "-"), *(mark(r["paths"][k]) for k in ("headers", "source", "vmlinux",
+                                                                                   "config")),
+                      Text(", ".join(r["build_hosts"]) or "none", style="" if r["build_hosts"] else "red"))
+    st.console.print(table)
+    if any(r["discovered"] for r in rows):
+        st.console.print("* discovered from headers installed on this machine", style="dim")
+
+
+def _mount_symbols() -> None:
+    # H-VALIDATE's `kpipe.cli.symbols.app` joins as `kpipe kernels symbols` once it exists.
+    try:
+        symbols = importlib.import_module("kpipe.cli.symbols")
+    except ImportError:
+        return
+    sub = getattr(symbols, "app", None)
+    if isinstance(sub, typer.Typer):
+        kernels_app.add_typer(sub, name="symbols", help="Kernel symbol indexes (kallsyms, Module.symvers).")
+
+
+_mount_symbols()
 
 
 def register(app: typer.Typer) -> None:
     """Add this group's commands to the root app."""
+    app.add_typer(kernels_app, name="kernels")
