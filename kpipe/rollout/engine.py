@@ -663,8 +663,10 @@ def summarize(journal: Journal, rid: str) -> RunSummary:
     reasons: dict[str, str] = {}
     by_host = dict(journal.iter_hosts(rid))
     for h in plan.hosts:
-        st = host_state(h, by_host.get(h, []))
-        hosts[h] = st.outcome or ("pending" if not st.unfinished else "interrupted")
+        entries = by_host.get(h, [])
+        st = host_state(h, entries)
+        # no outcome yet: "pending" if never touched, "interrupted" if kpipe died in its pipeline
+        hosts[h] = st.outcome or ("interrupted" if entries else "pending")
         if st.outcome_detail.get("reason"):
             reasons[h] = st.outcome_detail["reason"]
     for e in plan.excluded:
