@@ -1,9 +1,87 @@
-"""kpipe validate commands."""
+"""kpipe validate: prove a module is sound for its kernel (exit 0 valid, 3 invalid)."""
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any, List, Optional
+
 import typer
+
+from kpipe.cli.context import print_json, state
+
+_STYLE = {"error": "bold red", "warning": "yellow", "info": "green", "skipped": "dim"}
+
+
+def _workspace_or_none() -> Any:
+    from kpipe.errors import ConfigError
+
+    try:
+        return state().workspace
+    except ConfigError:
+        return None
+
+
+def render_report(report: Any) -> None:
+    """A Rich table of findings, then the verdict."""
+    from rich.table import Table
+    from rich.text import Text
+
+    console = state().console
+    table = Table(title=f"{report.module_name or report.module} -> {report.kernel}", title_justify="left")
+    table.add_column("severity")
+    table.add_column("check")
+    table.add_column("finding", overflow="fold")
+    order = {"error": 0, "warning": 1, "skipped": 2, "info": 3}
+    for f in sorted(report.findings, key=lambda f: order.get(f.severity, 9)):
+        msg = Text(f.message)
+        if f.hint and f.severity != "info":
+            msg.append(f"\n  hint: {f.hint}", style="dim")
+        table.add_row(Text(f.severity, style=_STYLE.get(f.severity, "")), Text(f.id), msg)
+    console.print(table)
+    console.print(Text(report.summary(), style="bold green" if report.ok else "bold red"))
+
+
+def validate_cmd(
+    target: str = typer.Argument(..., help="An artifact id, or a module file (.ko, .ko.xz, .ko.zst, .ko.gz)."),
+    kernel: Optional[str] = typer.Option(None, "--kernel", "-k", help="Target kernel release (default: the artifact's)."),
+    symbols: List[str] = typer.Option([], "--symbols", help="Symbol source: Module.symvers, /proc/kallsyms copy, "
+                                      "System.map or vmlinux (repeatable)."),
+    cert: List[str] = typer.Option([], "--cert", help="Signing certificate, PEM or DER (repeatable); makes a "
+                                   "valid signature mandatory."),
+    strict: bool = typer.Option(False, "--strict", help="Skipped checks fail too."),
+    json_out: bool = typer.Option(False, "--json", help="Print every finding as JSON."),
+) -> None:
+    """Validate a module or artifact for a kernel; exit 3 when it is invalid."""
+    from kpipe.errors import ConfigError, ExitCode
+
+    path = Path(target)
+    if path.is_file():
+        ws = _workspace_or_none()
+        if not kernel:
+            raise ConfigError("--kernel is required when validating a file", hint="e.g. --kernel 6.1.0-56-amd64")
+        from kpipe.validation import validate_module
+
+        report = validate_module(ws, path, kernel, symbol_files=symbols, certs=cert, strict=strict)
+    else:
+        from kpipe.artifacts import get_artifact
+        from kpipe.validation import validate_and_record, validate_module
+
+        ws = state().workspace
+        art = get_artifact(ws.store, target)
+        if kernel and kernel != art.kernel:
+            # Another kernel than the artifact's: report only, never change the artifact's status.
+            report = validate_module(ws, art.path(ws.store), kernel, symbol_files=symbols, certs=cert, strict=strict)
+            report.module = f"{art.id} ({art.filename})"
+        else:
+            report = validate_and_record(ws, art, symbol_files=symbols, certs=cert, strict=strict)
+    if json_out:
+        print_json(report.to_dict())
+    else:
+        render_report(report)
+    if not report.ok:
+        raise typer.Exit(int(ExitCode.INVALID))
 
 
 def register(app: typer.Typer) -> None:
-    """Add this group's commands to the root app."""
+    """Add `kpipe validate` to the root app."""
+    app.command("validate")(validate_cmd)

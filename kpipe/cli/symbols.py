@@ -1,0 +1,116 @@
+"""kpipe kernels symbols: kernel symbol indexes (fetch from a host, add files, list)."""
+
+from __future__ import annotations
+
+import re
+from typing import Any, List, Optional
+
+import typer
+
+from kpipe.cli.context import print_json, state
+
+app = typer.Typer(help="Kernel symbol indexes used by validation (kallsyms, vmlinux, Module.symvers).",
+                  no_args_is_help=True)
+
+
+def _target(ws: Any, spec: str) -> Any:
+    """An SshTarget from the fleet inventory (by host name), or from user@address[:port]."""
+    from kpipe.errors import ConfigError, NotFoundError
+    from kpipe.transport.ssh import SshTarget
+
+    m = re.fullmatch(r"(?:([^@\s]+)@)?(\[[0-9a-fA-F:.]+\]|[^:@\s]+)(?::(\d+))?", spec)
+    host = None
+    if "@" not in spec and ":" not in spec:
+        try:
+            from kpipe.fleet.inventory import load_inventory
+
+            host = load_inventory(ws).get(spec)
+        except ImportError:
+            host = None
+        except NotFoundError:
+            host = None
+        except ConfigError:
+            host = None
+    if host is not None:
+        return SshTarget(name=host.name, address=host.address, port=host.port, user=host.user,
+                         identity_file=host.identity_file or ws.ssh.identity_file, become=host.become,
+                         known_hosts=host.known_hosts)
+    if m is None:
+        raise ConfigError(f"--from {spec!r} is neither an inventory host nor user@address[:port]")
+    user, address, port = m.group(1) or "root", m.group(2).strip("[]"), int(m.group(3) or 22)
+    return SshTarget(name=spec, address=address, port=port, user=user, identity_file=ws.ssh.identity_file)
+
+
+@app.command("fetch")
+def fetch_cmd(
+    release: str = typer.Argument(..., help="Kernel release the host runs."),
+    from_: str = typer.Option(..., "--from", help="Inventory host name, or user@address[:port]."),
+    json_out: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
+    """Read /proc/kallsyms and Module.symvers from a host into the symbol index."""
+    from kpipe.elf.symbols import fetch_from_host, save_source
+    from kpipe.transport.ssh import SshPool
+
+    ws = state().workspace
+    target = _target(ws, from_)
+    pool = SshPool(ws.ssh)
+    try:
+        sources = fetch_from_host(pool.transport(target), release)
+    finally:
+        pool.close()
+    rows = []
+    for src in sources:
+        sid = save_source(ws.store, release, src)
+        rows.append({"id": sid, "kind": src.kind, "origin": src.origin, "exports": len(src.exports),
+                     "symbols": src.symbol_total})
+    if json_out:
+        print_json({"release": release, "sources": rows})
+        return
+    for r in rows:
+        state().console.print(f"{release}: {r['kind']} from {r['origin']} ({r['exports']} exports, "
+                              f"{r['symbols']} symbols)")
+
+
+@app.command("add")
+def add_cmd(
+    release: str = typer.Argument(..., help="Kernel release the files describe."),
+    files: List[str] = typer.Argument(..., help="Module.symvers, kallsyms copy, System.map or vmlinux."),
+    json_out: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
+    """Index local symbol files for a release (parsed once, cached by content digest)."""
+    from kpipe.elf.symbols import add_file, list_sources
+
+    ws = state().workspace
+    ids = [add_file(ws.store, release, f) for f in files]
+    rows = [r for r in list_sources(ws.store, release) if r["id"] in ids]
+    if json_out:
+        print_json(rows)
+        return
+    for r in rows:
+        state().console.print(f"{release}: {r['kind']} {r['origin']} ({r['exports']} exports, {r['symbols']} symbols)")
+
+
+@app.command("list")
+def list_cmd(
+    release: Optional[str] = typer.Argument(None, help="Only this release."),
+    json_out: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
+    """List the cached symbol sources."""
+    from kpipe.elf.symbols import list_sources
+
+    rows = list_sources(state().workspace.store, release)
+    if json_out:
+        print_json(rows)
+        return
+    from rich.table import Table
+
+    table = Table()
+    for col in ("release", "kind", "origin", "exports", "symbols", "digest"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(r["release"], r["kind"], r["origin"], str(r["exports"]), str(r["symbols"]), r["digest"][:12])
+    state().console.print(table)
+
+
+def register(app_: typer.Typer) -> None:
+    """Nothing at the root: H-RECIPES mounts `app` as `kpipe kernels symbols`."""
