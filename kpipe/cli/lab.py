@@ -1,9 +1,151 @@
-"""kpipe lab commands."""
+"""kpipe lab (disposable VMs of a target kernel) and kpipe preflight."""
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import List, Optional
+
 import typer
+
+lab_app = typer.Typer(help="Disposable qemu VMs of a target kernel, reachable over SSH.", no_args_is_help=True)
 
 
 def register(app: typer.Typer) -> None:
     """Add this group's commands to the root app."""
+    app.add_typer(lab_app, name="lab")
+    app.command("preflight", help="Boot the artifact's kernel in a VM, load, verify, probe, unload, verify removal.")(
+        preflight_cmd)
+
+
+def _lab():
+    from kpipe.cli.context import state
+    from kpipe.lab import workspace_lab
+
+    return workspace_lab(state().workspace)
+
+
+@lab_app.command("up")
+def up_cmd(
+    kernel: Optional[str] = typer.Option(None, "--kernel", help="Debian kernel release, or `debian` for the current one."),
+    kernel_image: Optional[Path] = typer.Option(None, "--kernel-image", help="A vmlinuz of your own."),
+    modules: Optional[Path] = typer.Option(None, "--modules", help="Its /lib/modules/<release> folder."),
+    vms: int = typer.Option(1, "--vms", min=1, max=16, help="How many VMs."),
+    memory: int = typer.Option(256, "--memory", min=96, help="Guest memory in MiB."),
+    sig_enforce: bool = typer.Option(False, "--sig-enforce", help="module.sig_enforce=1 on every VM."),
+    sig_enforce_vms: Optional[List[str]] = typer.Option(None, "--sig-enforce-vms",
+                                                        help="module.sig_enforce=1 on these VMs only (repeat or comma-separate)."),
+    append: str = typer.Option("", "--append", help="Extra kernel arguments."),
+    timeout: float = typer.Option(300.0, "--timeout", help="Seconds until every VM must answer SSH."),
+    json_out: bool = typer.Option(False, "--json", help="Print the lab as JSON."),
+) -> None:
+    """Boot N VMs and write .lab/inventory.yml and .lab/known_hosts."""
+    from kpipe.cli.context import print_json, state
+    from kpipe.lab import LabConfig, resolve_kernel
+
+    st = state()
+    lab = _lab()
+    say = (lambda m: st.err_console.print(f"[dim]lab:[/] {m}")) if json_out else (lambda m: st.console.print(f"[dim]lab:[/] {m}"))
+    image = resolve_kernel(kernel, kernel_image, modules, lab.cache_dir)
+    enforce_vms = tuple(n.strip() for v in (sig_enforce_vms or []) for n in v.split(",") if n.strip())
+    cfg = LabConfig(vms=vms, memory_mb=memory, sig_enforce=sig_enforce, sig_enforce_vms=enforce_vms, append=append,
+                    boot_timeout=timeout)
+    lab.up(image, cfg, say)
+    status = lab.status()
+    if json_out:
+        print_json(status)
+        return
+    _print_status(status)
+    st.console.print(f"inventory: {status['inventory']}  (fleet group `lab`)")
+
+
+@lab_app.command("status")
+def status_cmd(json_out: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
+    """Show the lab's VMs: alive, SSH port, RSS."""
+    from kpipe.cli.context import print_json
+
+    status = _lab().status()
+    if json_out:
+        print_json(status)
+        return
+    _print_status(status)
+
+
+def _print_status(status: dict) -> None:
+    from rich.table import Table
+
+    from kpipe.cli.context import state
+
+    console = state().console
+    if not status["vms"]:
+        console.print("no lab is running")
+        return
+    t = Table(title=f"lab: {status['kernel'].get('release', '?')} ({status['folder']})")
+    for col in ("VM", "state", "ssh", "pid", "RSS MiB", "sig_enforce", "kernel args"):
+        t.add_column(col)
+    for v in status["vms"]:
+        t.add_row(v["name"], "[green]running[/]" if v["alive"] else "[red]stopped[/]", v["ssh"], str(v["pid"]),
+                  f"{v['rss_mib']:.0f}", "yes" if v["sig_enforce"] else "no", v["append"])
+    console.print(t)
+    if status.get("ready_seconds"):
+        console.print(f"ready in {status['ready_seconds']:.1f} s")
+
+
+@lab_app.command("ssh", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def ssh_cmd(
+    vm: str = typer.Argument(..., help="VM name, e.g. lab1."),
+    command: Optional[List[str]] = typer.Argument(None, help="Command to run (after --); argv kept as argv."),
+) -> None:
+    """Open a shell on a VM (or run COMMAND) with OpenSSH and strict host key checking."""
+    import os
+    import shutil
+
+    from kpipe.errors import KpipeError
+
+    argv = _lab().ssh_argv(vm, list(command or []))
+    if shutil.which("ssh") is None:
+        raise KpipeError("ssh (OpenSSH client) is not installed", hint="install openssh-client")
+    os.execvp(argv[0], argv)
+
+
+@lab_app.command("down")
+def down_cmd(all_: bool = typer.Option(False, "--all", help="Also stop VMs kept by `kpipe preflight --keep`.")) -> None:
+    """Stop exactly the lab's recorded qemu processes and remove its state."""
+    from kpipe.cli.context import state
+
+    lab = _lab()
+    stopped = lab.down()
+    if all_:
+        stopped += lab.down_preflights()
+    state().console.print(f"stopped: {', '.join(stopped)}" if stopped else "no lab VM was running")
+
+
+def preflight_cmd(
+    artifact_id: str = typer.Argument(..., help="Artifact id (or unique prefix)."),
+    keep: bool = typer.Option(False, "--keep", help="Leave the VM running after the check (stop it with the printed command)."),
+    sig_enforce: bool = typer.Option(False, "--sig-enforce", help="Boot the VM with module.sig_enforce=1."),
+    timeout: float = typer.Option(300.0, "--timeout", help="Seconds the VM may take to answer SSH."),
+    json_out: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+) -> None:
+    """Gate before the first canary: exit 9 with the kernel's own reason on failure."""
+    from kpipe.cli.context import print_json, state
+    from kpipe.errors import PreflightFailed
+    from kpipe.preflight import run_preflight
+
+    st = state()
+    out = st.err_console if json_out else st.console
+    result = run_preflight(st.workspace, artifact_id, keep=keep, sig_enforce=sig_enforce, boot_timeout=timeout,
+                           progress=lambda m: out.print(f"[dim]preflight:[/] {m}"))
+    if json_out:
+        print_json(result)
+    else:
+        colour = "green" if result["status"] == "passed" else "red"
+        st.console.print(f"preflight {result['artifact']} on {result['kernel']}: [{colour}]{result['status']}[/] "
+                         f"in {result['duration_s']:.1f} s")
+        for p in result["problems"]:
+            st.console.print(f"  - {p}")
+        if result.get("kept"):
+            st.console.print(f"VM kept: {result['kept']['ssh']}; stop it with `kpipe lab down` in {result['kept']['folder']}")
+    if result["status"] != "passed":
+        first = result["problems"][0] if result["problems"] else "unknown failure"
+        raise PreflightFailed(f"preflight of {result['artifact']} failed: {first}",
+                              hint="the kernel's own lines are in `kpipe artifacts show` (preflight)")

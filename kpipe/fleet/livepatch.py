@@ -92,7 +92,10 @@ for d in "$LP"/*/; do
   done
   set -- "$@" "$m"
 done
+seen=" "
 for m in "$@"; do
+  case "$seen" in *" $m "*) continue;; esac
+  seen="$seen$m "
   if [ -d "/sys/module/$m" ]; then echo "module $m 1 $(rd "/sys/module/$m/taint")"; else echo "module $m 0 -"; fi
 done
 echo "end"
@@ -518,6 +521,9 @@ def evaluate_loaded(module_name: str, state: HostLivepatch, kernel_after_marker:
     """Problems with a loaded patch (pure): sysfs, taint K, /sys/module, the log after the marker."""
     name = sysfs_name(module_name)
     problems: list[str] = []
+    # the kernel's own reason first: it is what a user needs to read
+    if marker and kernel_after_marker is not None:
+        problems.extend(f"kernel: {ln}" for ln in failure_lines(kernel_after_marker))
     if not state.sysfs:
         problems.append("/sys/kernel/livepatch does not exist (kernel without CONFIG_LIVEPATCH?)")
     patch = state.patches.get(name)
@@ -541,8 +547,6 @@ def evaluate_loaded(module_name: str, state: HostLivepatch, kernel_after_marker:
         if kernel_after_marker is None:
             problems.append(f"the marker {marker!r} is not in the kernel log")
         else:
-            for ln in failure_lines(kernel_after_marker):
-                problems.append(f"kernel: {ln}")
             if not any(f"'{name}': patching complete" in ln for ln in kernel_after_marker):
                 problems.append(f"no \"livepatch: '{name}': patching complete\" in the kernel log after the marker")
     return problems

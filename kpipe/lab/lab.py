@@ -203,17 +203,26 @@ class Lab:
         from kpipe.commands import Command
         from kpipe.errors import TransportError
 
+        import logging
+
+        # paramiko logs every refused banner of a booting guest as an ERROR with a traceback
+        logging.getLogger("paramiko.transport").setLevel(logging.CRITICAL)
         deadline = time.monotonic() + timeout
         errors: dict[str, str] = {}
         pool = self.pool(st)
 
         def one(v: VmProcess, target: Any) -> None:
             last = "no answer yet"
+            console = Path(v.folder) / "console.log"
             while time.monotonic() < deadline:
                 if not vmmod.alive(v):
                     errors[v.name] = f"qemu exited: {_tail(Path(v.folder) / 'qemu.log')} " \
-                                     f"console: {_tail(Path(v.folder) / 'console.log')}"
+                                     f"console: {_tail(console)}"
                     return
+                # qemu's port forward accepts before the guest listens: SSH only after /init says READY
+                if not _console_ready(console):
+                    time.sleep(0.2)
+                    continue
                 t = pool.transport(target)
                 try:
                     r = t.run(Command.of("true", timeout=30))
@@ -276,6 +285,17 @@ class Lab:
         self._cleanup_files()
         return stopped
 
+    def down_preflights(self) -> list[str]:
+        """Stop VMs that `kpipe preflight --keep` left under <folder>/preflight/; their folders are removed."""
+        import shutil
+
+        stopped = []
+        for sub in sorted((self.folder / "preflight").glob("*/state.json")):
+            lab = Lab(sub.parent, cache_dir=self.cache_dir, prefix="preflight")
+            stopped += [f"{sub.parent.name}/{n}" for n in lab.down()]
+            shutil.rmtree(sub.parent, ignore_errors=True)
+        return stopped
+
     def _stop_all(self, st: LabState) -> list[str]:
         stopped = []
         for v in st.vms:
@@ -315,6 +335,14 @@ def render_inventory(st: LabState) -> str:
              for v in st.vms}
     doc = {"all": {"children": {"lab": {"hosts": hosts}}}}
     return "# written by `kpipe lab up`; removed by `kpipe lab down`\n" + yaml.safe_dump(doc, sort_keys=False)
+
+
+def _console_ready(console: Path) -> bool:
+    try:
+        with open(console, "rb") as f:
+            return initramfs.READY_LINE.encode() in f.read()
+    except OSError:
+        return False
 
 
 def _tail(path: Path, lines: int = 3) -> str:

@@ -41,7 +41,9 @@ def accel_args(use_kvm: bool | None = None, tb_size_mb: int = 64) -> list[str]:
     kvm = host_has_hw_virt() and os.path.exists("/dev/kvm") if use_kvm is None else use_kvm
     if kvm:
         return ["-accel", "kvm", "-cpu", "host"]
-    return ["-accel", f"tcg,thread=multi,tb-size={tb_size_mb}", "-cpu", "qemu64"]
+    # +rdrand: TCG emulates RDRAND, so the guest's crng is ready at once instead of
+    # after seconds of jitter entropy (dropbear blocks in getrandom() until then).
+    return ["-accel", f"tcg,thread=multi,tb-size={tb_size_mb}", "-cpu", "qemu64,+rdrand"]
 
 
 @dataclass
@@ -146,12 +148,16 @@ def start(spec: VmSpec, *, sig_enforce: bool = False, host_key: str = "") -> VmP
             break
         time.sleep(0.01)
     _CHILDREN[p.pid] = p
-    return VmProcess(spec.name, p.pid, st or 0, spec.ssh_port, str(spec.folder), argv, sig_enforce, spec.append,
-                     host_key, time.time())
+    vm = VmProcess(spec.name, p.pid, st or 0, spec.ssh_port, str(spec.folder), argv, sig_enforce, spec.append,
+                   host_key, time.time())
+    STARTED.append(vm)
+    return vm
 
 
 # Popen objects of VMs this process started, so that stop() can reap them (no zombies).
 _CHILDREN: dict[int, subprocess.Popen[bytes]] = {}
+# Every VM this process started (tests assert none is left running).
+STARTED: list[VmProcess] = []
 
 
 def alive(vm: VmProcess) -> bool:
