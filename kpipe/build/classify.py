@@ -48,6 +48,7 @@ _RULES: tuple[tuple[str, re.Pattern[str]], ...] = tuple((cat, re.compile(rx)) fo
     ("environment", r"can't find supporting tools"),
     ("environment", r"source dir '.*' not found|vmlinux file '.*' not found|config file '.*' not found"),
     ("environment", r"output dir '.*' not found"),
+    ("environment", r"archversion \S+ does not match the vmlinux|--archversion is incompatible"),
     ("environment", r"kpatch-build: (command )?not found|kpatch-build: No such file"),
     ("environment", r"make(\[\d+\])?: \*\*\* .*: No such file or directory\.\s+Stop\."),
     ("kernel-config", r"kernel doesn't have '?CONFIG_DEBUG_INFO'? enabled"),

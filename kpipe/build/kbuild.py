@@ -81,6 +81,10 @@ echo "gcc=$("$cc" --version 2>/dev/null | head -n 1)"
         njobs = jobs if jobs is not None else (spec.options or {}).get("jobs")
         if njobs:
             argv.append(f"-j{int(njobs)}")
+        extra = (spec.options or {}).get("make_args") or []
+        if isinstance(extra, str):
+            extra = [extra]
+        argv += [str(a) for a in extra]  # argv elements: make sees them as words, no shell in between
         argv.append("modules")
         return BuildPlan(
             builder=self.name, build_dir=build_dir, argv=tuple(argv), module_name=module,

@@ -1,9 +1,182 @@
-"""kpipe artifacts commands."""
+"""kpipe artifacts: list, show, log and export the modules in the store."""
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Optional
+
 import typer
+
+artifacts_app = typer.Typer(help="Built and signed modules in the store.", no_args_is_help=True)
+
+
+@artifacts_app.command("list")
+def list_cmd(
+    kernel: Optional[str] = typer.Option(None, "--kernel", "-k", help="Only this kernel release."),
+    recipe: Optional[str] = typer.Option(None, "--recipe", "-r", help="Only this recipe."),
+    status: Optional[str] = typer.Option(None, "--status", help="Only built, valid or rejected artifacts."),
+    json_out: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
+    """List artifacts, newest first."""
+    from rich.markup import escape
+    from rich.table import Table
+
+    from kpipe.artifacts import list_artifacts
+    from kpipe.cli.context import print_json, state
+
+    st = state()
+    arts = list_artifacts(st.workspace.store, kernel=kernel, recipe=recipe, status=status)
+    if json_out:
+        print_json([a.to_dict() for a in arts])
+        return
+    if not arts:
+        st.console.print("no artifacts" + (" match" if kernel or recipe or status else " yet; run `kpipe build`"))
+        return
+    table = Table()
+    for col in ("id", "module", "kernel", "recipe", "status", "signed", "host", "built"):
+        table.add_column(col)
+    for a in arts:
+        table.add_row(a.id, escape(a.module_name), escape(a.kernel), escape(a.recipe), a.status,
+                      "yes" if a.signed else "", escape(a.build_host), _when(a.created_at))
+    st.console.print(table)
+
+
+@artifacts_app.command("show")
+def show_cmd(
+    artifact_id: str = typer.Argument(..., metavar="ID", help="Artifact id (or a unique prefix)."),
+    json_out: bool = typer.Option(False, "--json", help="Print JSON."),
+    tail: int = typer.Option(20, "--tail", min=0, help="Lines of the build log to show."),
+) -> None:
+    """Show an artifact: metadata, validation summary, preflight and the end of its build log."""
+    from rich.markup import escape
+
+    from kpipe.artifacts import get_artifact
+    from kpipe.cli.context import print_json, state
+
+    st = state()
+    store = st.workspace.store
+    art = get_artifact(store, artifact_id)
+    log_tail = _log_text(store, art.log_sha256).splitlines()[-tail:] if tail and art.log_sha256 else []
+    if json_out:
+        d = art.to_dict()
+        d["path"] = str(art.path(store))
+        d["log_tail"] = log_tail
+        print_json(d)
+        return
+    c = st.console
+    rows = [("id", art.id), ("sha256", art.sha256), ("module", art.module_name), ("file", art.filename),
+            ("kernel", art.kernel), ("arch", art.arch), ("recipe", art.recipe), ("status", art.status),
+            ("signed", "yes" if art.signed else "no"), ("parent", art.parent_id), ("builder", art.builder),
+            ("builder version", art.builder_version), ("build host", art.build_host),
+            ("build time", f"{art.duration_s:.1f} s" if art.duration_s else ""), ("inputs digest", art.inputs_digest),
+            ("created", _when(art.created_at))]
+    for k, v in rows:
+        if v:
+            c.print(f"[bold]{k:16}[/bold] {escape(str(v))}")
+    c.print(f"[bold]{'validation':16}[/bold] {escape(_validation_summary(art.validation))}")
+    for f in (art.validation or {}).get("findings", [])[:20]:
+        if isinstance(f, dict):
+            c.print(f"  {escape(str(f.get('severity', '')))} {escape(str(f.get('id', '')))}: "
+                    f"{escape(str(f.get('message', '')))}")
+    c.print(f"[bold]{'preflight':16}[/bold] {escape(_preflight_summary(art.preflight))}")
+    if log_tail:
+        c.print(f"[bold]build log[/bold] (last {len(log_tail)} lines; `kpipe artifacts log {art.id}` for all):")
+        for line in log_tail:
+            c.print(f"  {escape(line)}", soft_wrap=True)
+
+
+@artifacts_app.command("log")
+def log_cmd(artifact_id: str = typer.Argument(..., metavar="ID", help="Artifact id.")) -> None:
+    """Print the artifact's whole build log."""
+    import sys
+
+    from kpipe.artifacts import get_artifact
+    from kpipe.cli.context import state
+    from kpipe.errors import NotFoundError
+
+    store = state().workspace.store
+    art = get_artifact(store, artifact_id)
+    sha = art.log_sha256
+    if not sha and art.parent_id:  # a signed artifact: its log is its parent's
+        sha = get_artifact(store, art.parent_id).log_sha256
+    if not sha:
+        raise NotFoundError(f"artifact {art.id} has no build log", hint="it was added without a build")
+    sys.stdout.buffer.write(store.get_bytes(sha))
+    sys.stdout.flush()
+
+
+@artifacts_app.command("export")
+def export_cmd(
+    artifact_id: str = typer.Argument(..., metavar="ID", help="Artifact id."),
+    output: Path = typer.Option(..., "--output", "-o", help="File to write the module to."),
+    force: bool = typer.Option(False, "--force", help="Overwrite an existing file."),
+) -> None:
+    """Write the artifact's module to a file (checksum verified)."""
+    import os
+    import tempfile
+
+    from kpipe.artifacts import get_artifact
+    from kpipe.cli.context import state
+    from kpipe.errors import ConfigError, KpipeError
+    from kpipe.store import sha256_file
+
+    st = state()
+    store = st.workspace.store
+    art = get_artifact(store, artifact_id)
+    out = output.expanduser()
+    if out.is_dir():
+        out = out / art.filename
+    if out.exists() and not force:
+        raise ConfigError(f"{out} exists", hint="pass --force to overwrite it")
+    src = art.path(store)
+    if not src.is_file() or sha256_file(src) != art.sha256:
+        raise KpipeError(f"the store's copy of artifact {art.id} is missing or corrupt ({src})",
+                         hint="rebuild it with `kpipe build --force`")
+    try:
+        fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.")
+        with os.fdopen(fd, "wb") as f:
+            f.write(src.read_bytes())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, out)
+    except OSError as e:
+        raise ConfigError(f"cannot write {out}: {e.strerror}") from None
+    st.console.print(f"{out} ({art.sha256})")
+
+
+def _log_text(store, sha: str) -> str:
+    from kpipe.errors import NotFoundError
+
+    try:
+        return store.get_bytes(sha).decode("utf-8", "replace")
+    except NotFoundError:
+        return ""
+
+
+def _when(ts: float) -> str:
+    import datetime
+
+    return datetime.datetime.fromtimestamp(ts, datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%SZ") if ts else ""
+
+
+def _validation_summary(v: dict) -> str:
+    if not v:
+        return "not validated"
+    findings = v.get("findings") or []
+    sev: dict[str, int] = {}
+    for f in findings:
+        if isinstance(f, dict):
+            sev[str(f.get("severity", "?"))] = sev.get(str(f.get("severity", "?")), 0) + 1
+    ok = v.get("ok")
+    head = "passed" if ok else "FAILED" if ok is not None else "recorded"
+    return head + (" (" + ", ".join(f"{n} {s}" for s, n in sorted(sev.items())) + ")" if sev else "")
+
+
+def _preflight_summary(p: dict) -> str:
+    if not p:
+        return "not run"
+    return str(p.get("status", "recorded")) + (f": {p['detail']}" if p.get("detail") else "")
 
 
 def register(app: typer.Typer) -> None:
-    """Add this group's commands to the root app."""
+    """Add `kpipe artifacts ...` to the root app."""
+    app.add_typer(artifacts_app, name="artifacts")

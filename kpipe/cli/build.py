@@ -1,9 +1,203 @@
-"""kpipe build commands."""
+"""kpipe build: build modules on build hosts (one recipe x kernel, or a matrix), with progress."""
 
 from __future__ import annotations
+
+import threading
+import time
+from typing import Optional
 
 import typer
 
 
+def build(
+    kernel: Optional[str] = typer.Option(None, "--kernel", "-k", help="Target kernel release."),
+    recipe: Optional[str] = typer.Option(None, "--recipe", "-r", help="Recipe name (default: every recipe "
+                                         "targeting --kernel)."),
+    all_kernels: bool = typer.Option(False, "--all-kernels", help="Build --recipe for every catalog kernel it "
+                                     "targets."),
+    force: bool = typer.Option(False, "--force", help="Rebuild even when the store has this exact build."),
+    host: Optional[str] = typer.Option(None, "--host", help="Build only on this build host."),
+    jobs: Optional[int] = typer.Option(None, "--jobs", "-j", min=1, help="make jobs per build (overrides the "
+                                       "recipe; does not change the cache key)."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Print every line of the builder's output."),
+    json_out: bool = typer.Option(False, "--json", help="Print the results as JSON."),
+) -> None:
+    """Build live patch modules on the workspace's build hosts (reattaches to running builds)."""
+    from kpipe.build.runner import BuildOptions, BuildResult, BuildRunner
+    from kpipe.cli.context import print_json, state
+    from kpipe.errors import ConfigError
+
+    st = state()
+    ws = st.workspace
+    if not kernel and not recipe:
+        raise ConfigError("give --kernel RELEASE, --recipe NAME --kernel RELEASE, or --recipe NAME --all-kernels",
+                          hint="see `kpipe build --help`")
+    if all_kernels and (kernel or not recipe):
+        raise ConfigError("--all-kernels goes with --recipe NAME and without --kernel")
+    if recipe and not kernel and not all_kernels:
+        raise ConfigError(f"which kernels should recipe {recipe!r} be built for?",
+                          hint="add --kernel RELEASE or --all-kernels")
+    specs, errors = _specs(ws, kernel, recipe, all_kernels)
+    console = st.err_console if json_out else st.console
+    progress = _Progress(console, verbose=verbose, quiet=False)
+    runner = BuildRunner(ws, on_event=progress.event, options=BuildOptions(force=force, host=host, jobs=jobs))
+    try:
+        with progress.status(len(specs)):
+            results: list[BuildResult] = errors + runner.run(specs)
+    finally:
+        runner.close()
+    if json_out:
+        print_json([r.to_dict() for r in results])
+    else:
+        _summary(console, results)
+    _exit_for(results, console if not json_out else None)
+
+
+def _specs(ws, kernel: str | None, recipe: str | None, all_kernels: bool):
+    """The BuildSpecs to build, and error results for the ones that do not render."""
+    from kpipe import recipes
+    from kpipe.build.runner import BuildResult
+    from kpipe.errors import KpipeError, NotFoundError
+
+    pairs: list[tuple[str, str]] = []
+    if recipe and kernel:
+        pairs = [(recipe, kernel)]
+    elif kernel:
+        found = recipes.recipes_for_kernel(ws, kernel)
+        ws.kernel(kernel)  # NotFoundError for a kernel outside the catalog
+        if not found:
+            raise NotFoundError(f"no recipe targets kernel {kernel!r}",
+                                hint="see `kpipe recipe list`; add the release or a glob to a recipe's kernels:")
+        pairs = [(r.name, kernel) for r in found]
+    else:
+        rec = recipes.load_recipe(ws, recipe)
+        releases = recipes.kernels_for_recipe(ws, rec)
+        if not releases:
+            raise NotFoundError(f"recipe {recipe!r} targets no kernel of the catalog",
+                                hint=f"its kernels: {', '.join(rec.kernels)}; see `kpipe kernels list`")
+        pairs = [(rec.name, r) for r in releases]
+    specs, errors = [], []
+    for name, release in pairs:
+        try:
+            specs.append(recipes.render(ws, name, release))
+        except KpipeError as e:
+            if len(pairs) == 1:
+                raise
+            errors.append(BuildResult(f"{name}@{release}", name, release, "error", message=e.message,
+                                      hint=e.hint or "", exit_code=int(e.exit_code)))
+    return specs, errors
+
+
+class _Progress:
+    """Renders BuildEvents: milestones as lines, a live status line on a terminal."""
+
+    def __init__(self, console, *, verbose: bool, quiet: bool):
+        self.console = console
+        self.verbose = verbose
+        self.quiet = quiet
+        self.started: dict[str, float] = {}
+        self.current: dict[str, str] = {}
+        self.done = 0
+        self.total = 0
+        self._status = None
+        self._lock = threading.Lock()
+
+    def status(self, total: int):
+        import contextlib
+
+        self.total = total
+        if not self.console.is_terminal or total == 0:
+            return contextlib.nullcontext()
+        self._status = self.console.status(self._status_text(), spinner="dots")
+        return self._status
+
+    def _status_text(self) -> str:
+        running = ", ".join(f"{k}: {v}" for k, v in list(self.current.items())[:3])
+        return f"building {self.done}/{self.total} done" + (f" | {running}" if running else "")
+
+    def event(self, ev) -> None:
+        from rich.markup import escape
+
+        with self._lock:
+            t0 = self.started.setdefault(ev.key, time.monotonic())
+            elapsed = time.monotonic() - t0
+            tag = f"[bold]{escape(ev.key)}[/bold]"
+            if ev.kind == "line":
+                if self.verbose:
+                    self.console.print(f"{tag} [dim]{escape(ev.message)}[/dim]")
+                return
+            if ev.kind == "milestone":
+                self.current[ev.key] = ev.message[:60]
+                self.console.print(f"{tag} [cyan]{elapsed:6.1f}s[/cyan] {escape(ev.message)}")
+            elif ev.kind in ("started", "reattached", "restarted", "host"):
+                if ev.kind != "host":
+                    self.console.print(f"{tag} {escape(ev.message)}")
+            elif ev.kind == "cached":
+                self.done += 1
+                self.console.print(f"{tag} [green]cached[/green] {escape(ev.message)}")
+            elif ev.kind == "built":
+                self.done += 1
+                self.current.pop(ev.key, None)
+                self.console.print(f"{tag} [green]built[/green] {escape(ev.message)} in {elapsed:.1f}s")
+            elif ev.kind in ("validated", "signed"):
+                self.console.print(f"{tag} {escape(ev.message)}")
+            elif ev.kind in ("failed", "error"):
+                self.done += 1
+                self.current.pop(ev.key, None)
+                self.console.print(f"{tag} [red]{ev.kind}[/red] {escape(ev.message)}")
+            if self._status is not None:
+                self._status.update(self._status_text())
+
+
+def _summary(console, results) -> None:
+    from rich.markup import escape
+    from rich.table import Table
+
+    if len(results) > 1:
+        table = Table(title="builds", show_lines=False)
+        for col in ("recipe", "kernel", "host", "status", "artifact", "time", "detail"):
+            table.add_column(col)
+        colour = {"built": "green", "cached": "green", "failed": "red", "rejected": "red", "error": "red"}
+        for r in results:
+            detail = r.category or ""
+            if not r.ok and r.message:
+                detail = (detail + ": " if detail else "") + r.message[-80:]
+            table.add_row(escape(r.recipe), escape(r.kernel), escape(r.host), f"[{colour[r.status]}]{r.status}[/]",
+                          r.artifact_id, f"{r.duration_s:.1f}s" if r.duration_s else "", escape(detail))
+        console.print(table)
+    for r in results:
+        if r.ok:
+            if len(results) == 1:
+                console.print(f"artifact {r.artifact_id} ({r.artifact_status or r.status}), module "
+                              f"{escape(r.module_name)}, kernel {escape(r.kernel)}"
+                              + (f", signed as {r.signed_id}" if r.signed_id else ""))
+            continue
+        if r.lines:
+            console.print(f"[bold red]{escape(r.key)}[/] failed ({r.category or r.status}); the lines that matter:")
+            for line in r.lines:
+                console.print(f"  {escape(line)}")
+        if r.hint and len(results) > 1:
+            console.print(f"  hint: {escape(r.hint)}")
+
+
+def _exit_for(results, console) -> None:
+    from kpipe.errors import BuildFailed, ExitCode, KpipeError
+
+    bad = [r for r in results if not r.ok]
+    if not bad:
+        return
+    if len(results) == 1:
+        r = bad[0]
+        raise KpipeError(r.message or f"build {r.key} failed", hint=r.hint or None,
+                         exit_code=ExitCode(r.exit_code or int(ExitCode.BUILD_FAILED)))
+    codes = [r.exit_code for r in bad]
+    code = ExitCode.BUILD_FAILED if ExitCode.BUILD_FAILED in codes or not codes else ExitCode(codes[0])
+    raise BuildFailed(f"{len(bad)} of {len(results)} builds did not produce a usable module: "
+                      + ", ".join(f"{r.key} ({r.category or r.status})" for r in bad),
+                      hint="the table above has each failure; rerun `kpipe build` to retry (finished builds are "
+                           "answered from the store)", exit_code=code)
+
+
 def register(app: typer.Typer) -> None:
-    """Add this group's commands to the root app."""
+    """Add `kpipe build` to the root app."""
+    app.command("build")(build)

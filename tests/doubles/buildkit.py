@@ -132,3 +132,82 @@ def kpipe_env(ws_root: Path) -> dict:
 
 
 PYTHON = sys.executable
+
+
+MEMCONTROL_C = """// SPDX-License-Identifier: GPL-2.0-or-later
+/* memcontrol.c - Memory Controller (a fake excerpt for the kpatch-build test double) */
+#include <linux/memcontrol.h>
+
+static bool mem_cgroup_out_of_memory(struct mem_cgroup *memcg, gfp_t gfp_mask, int order)
+{
+	struct oom_control oc = {
+		.zonelist = NULL,
+		.nodemask = NULL,
+		.memcg = memcg,
+		.gfp_mask = gfp_mask,
+		.order = order,
+	};
+	bool ret = true;
+
+	if (mutex_lock_killable(&oom_lock))
+		return true;
+	ret = should_force_charge() || out_of_memory(&oc);
+	mutex_unlock(&oom_lock);
+	return ret;
+}
+"""
+
+MEMCG_PATCH = """From 3c1f7a2b Mon Sep 17 00:00:00 2001
+Subject: [PATCH] mm: memcg: do not report an OOM kill when the charge can be forced
+
+---
+ mm/memcontrol.c | 5 ++++-
+ 1 file changed, 4 insertions(+), 1 deletion(-)
+
+diff --git a/mm/memcontrol.c b/mm/memcontrol.c
+--- a/mm/memcontrol.c
++++ b/mm/memcontrol.c
+@@ -15,7 +15,10 @@ static bool mem_cgroup_out_of_memory(struct mem_cgroup *memcg, gfp_t gfp_mask, int order)
+ 
+ 	if (mutex_lock_killable(&oom_lock))
+ 		return true;
+-	ret = should_force_charge() || out_of_memory(&oc);
++	if (should_force_charge())
++		ret = true;
++	else
++		ret = out_of_memory(&oc);
+ 	mutex_unlock(&oom_lock);
+ 	return ret;
+ }
+{extra}"""
+
+
+def gcc_comment() -> str:
+    """The GCC .comment string this machine's gcc writes (what a matching vmlinux carries)."""
+    import subprocess
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        subprocess.run(["gcc", "-x", "c", "-c", "-o", f"{d}/t.o", "-"], input=b"void main(void) {}", check=True)
+        out = subprocess.run(["readelf", "-p", ".comment", f"{d}/t.o"], capture_output=True, text=True).stdout
+    return out[out.index("GCC:"):].splitlines()[0].strip()
+
+
+def fake_kernel_tree(root: Path, release: str, *, gcc: str | None = None, debug_info: bool = True) -> dict:
+    """A kernel 'source tree', .config and vmlinux the test double accepts; returns a [[kernels]] table."""
+    src = root / f"linux-{release}"
+    (src / "mm").mkdir(parents=True, exist_ok=True)
+    (src / "mm" / "memcontrol.c").write_text(MEMCONTROL_C)
+    config = root / f"config-{release}"
+    config.write_text("CONFIG_LIVEPATCH=y\n" + ("CONFIG_DEBUG_INFO=y\n" if debug_info else "# CONFIG_DEBUG_INFO is not set\n"))
+    vmlinux = root / f"vmlinux-{release}"
+    comment = gcc or gcc_comment()
+    banner = f"Linux version {release} (builder@example) ({comment.replace('GCC: ', 'gcc ')}, GNU ld) #1 SMP\n"
+    vmlinux.write_bytes(b"\x7fELF\x02\x01\x01\x00" + b"\x00" * 56 + banner.encode() + b"\x00" +
+                        comment.encode() + b"\x00")
+    return {"release": release, "arch": "x86_64", "source": str(src), "config": str(config), "vmlinux": str(vmlinux)}
+
+
+def memcg_patch(extra: str = "") -> str:
+    """The memcg patch; `extra` lines (e.g. test-double markers) go after the diff, as patch(1) ignores them."""
+    return MEMCG_PATCH.replace("{extra}", extra)
