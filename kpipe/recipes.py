@@ -82,6 +82,7 @@ class _Problems:
         self.key_lines = key_lines or {}
         self.context = context  # e.g. "kernel 5.10.0-amd64-UOS"
         self.items: list[Problem] = []
+        self.data: Any = None  # the parsed YAML, when it parsed
 
     def line(self, path: tuple, key: bool = False) -> int:
         if key and path in self.key_lines:
@@ -142,6 +143,9 @@ class _YamlFail(Exception):
         self.line, self.message, self.hint = line, message, hint
 
 
+_PLAIN_TAGS = ("tag:yaml.org,2002:map", "tag:yaml.org,2002:seq")
+
+
 def _compose_yaml(text: str) -> tuple[Any, dict[tuple, int], dict[tuple, int]]:
     """YAML text -> (plain data, value lines, key lines); lines are 1-based, keyed by path tuples."""
     import yaml
@@ -167,9 +171,14 @@ def _compose_yaml(text: str) -> tuple[Any, dict[tuple, int], dict[tuple, int]]:
         budget[0] -= 1
         line = node.start_mark.line + 1
         if budget[0] < 0 or depth > 32:
-            raise _YamlFail(line, "the YAML is too large or too deeply nested (alias expansion?)",
+            # an alias points back at its anchor's line; name the top-level key being expanded instead
+            where = key_lines.get(path[:1], line)
+            raise _YamlFail(where, "the YAML is too large or too deeply nested (alias expansion?)",
                             "a recipe is a small document; do not nest anchors and aliases")
         lines[path] = line
+        if node.tag not in _PLAIN_TAGS and not isinstance(node, yaml.ScalarNode):
+            raise _YamlFail(line, f"unsupported YAML tag {node.tag!r} in {_field(path)}",
+                            "use plain strings, numbers, booleans, lists and mappings")
         if isinstance(node, yaml.MappingNode):
             out: dict[str, Any] = {}
             for k, v in node.value:
@@ -277,6 +286,7 @@ def _read_recipe(ws: Any, file: Path, probs: _Problems) -> Recipe | None:
         probs.error((), e.message, e.hint, line=e.line)
         return None
     probs.lines, probs.key_lines = lines, key_lines
+    probs.data = data
     if not isinstance(data, dict):
         probs.error((), "a recipe must be a YAML mapping (key: value lines)", "start with `builder: kbuild`")
         return None
@@ -388,7 +398,7 @@ class _Checker:
             self.probs.error(p, f"{_field(p)} must be a string, got {_type(v)}", "quote the value")
             return None
         if nonempty and not v.strip():
-            self.probs.error(p, f"{_field(p)} must not be empty")
+            self.probs.error(p, f"{_field(p)} must not be empty", f"give `{key}:` a value or remove it")
         return v
 
     def boolean(self, d: dict, key: str, path: tuple) -> Any:
@@ -400,7 +410,7 @@ class _Checker:
             return v
         if self.rendered and isinstance(v, str) and v.strip().lower() in ("true", "yes", "on", "false", "no", "off"):
             return v.strip().lower() in ("true", "yes", "on")
-        self.probs.error(p, f"{_field(p)} must be true or false, got {_type(v)} {v!r}")
+        self.probs.error(p, f"{_field(p)} must be true or false, got {_type(v)} {v!r}", "write true or false")
         return None
 
     def integer(self, d: dict, key: str, path: tuple, *, minimum: int = 0, maximum: int = 1 << 20) -> Any:
@@ -413,10 +423,11 @@ class _Checker:
         if self.rendered and isinstance(v, str) and re.fullmatch(r"\s*\d+\s*", v):
             v = int(v)
         if isinstance(v, bool) or not isinstance(v, int):
-            self.probs.error(p, f"{_field(p)} must be an integer, got {_type(v)} {v!r}")
+            self.probs.error(p, f"{_field(p)} must be an integer, got {_type(v)} {v!r}", "write a whole number, e.g. 4")
             return None
         if not minimum <= v <= maximum:
-            self.probs.error(p, f"{_field(p)} must be between {minimum} and {maximum}, got {v}")
+            self.probs.error(p, f"{_field(p)} must be between {minimum} and {maximum}, got {v}",
+                             f"use a value from {minimum} to {maximum}")
             return None
         return v
 
@@ -432,14 +443,14 @@ class _Checker:
                              f"write it as a YAML list, e.g. `{key}: [a, b]`")
             return None
         if nonempty and not v:
-            self.probs.error(p, f"{_field(p)} must not be empty")
+            self.probs.error(p, f"{_field(p)} must not be empty", f"list at least one item under `{key}:`")
         out = []
         for i, item in enumerate(v):
             if not isinstance(item, str):
                 self.probs.error(p + (i,), f"{_field(p + (i,))} must be a string, got {_type(item)}",
                                  "quote it")
             elif not item.strip():
-                self.probs.error(p + (i,), f"{_field(p + (i,))} must not be empty")
+                self.probs.error(p + (i,), f"{_field(p + (i,))} must not be empty", "remove the empty item")
             else:
                 out.append(item)
         return out
@@ -497,7 +508,8 @@ def _check_schema(data: dict, probs: _Problems, *, rendered: bool) -> dict[str, 
             probs.error((), "a kpatch-build recipe needs `patches:`",
                         "list the patch files under patches/, e.g. `patches: [fix.patch]`")
         elif not patches and isinstance(data.get("patches"), list):
-            probs.error(("patches",), "a kpatch-build recipe needs at least one patch")
+            probs.error(("patches",), "a kpatch-build recipe needs at least one patch",
+                        "list the patch files under patches/, e.g. `patches: [fix.patch]`")
         if kb is not None:
             probs.error(("kbuild",), "`kbuild:` is set but the builder is kpatch-build",
                         "remove `kbuild:` or set `builder: kbuild`", key=True)
@@ -530,12 +542,14 @@ def _check_schema(data: dict, probs: _Problems, *, rendered: bool) -> dict[str, 
         if "sources" not in kb:
             probs.error(path, "kbuild.sources is required", "add sources: [{template: ..., name: ...}]")
         elif not isinstance(sources, list) or not sources:
-            probs.error(path + ("sources",), "kbuild.sources must be a non-empty list of {template, name}")
+            probs.error(path + ("sources",), "kbuild.sources must be a non-empty list of {template, name}",
+                        "e.g. sources: [{template: templates/x.c.j2, name: x.c}]")
         else:
             for i, s in enumerate(sources):
                 sp = path + ("sources", i)
                 if not isinstance(s, dict):
-                    probs.error(sp, f"{_field(sp)} must be a mapping with template: and name:")
+                    probs.error(sp, f"{_field(sp)} must be a mapping with template: and name:",
+                                "e.g. {template: templates/x.c.j2, name: x.c}")
                     continue
                 _check_keys(s, _SOURCE_KEYS, sp, probs)
                 tmpl = c.string(s, "template", sp, required=True, nonempty=True)
@@ -612,7 +626,7 @@ def _percent_or_int(v: Any, p: tuple, c: _Checker, *, minimum: int, what: str) -
         v = int(v)
     if isinstance(v, int) and not isinstance(v, bool):
         if v < minimum:
-            c.probs.error(p, f"{_field(p)} must be at least {minimum}, got {v}")
+            c.probs.error(p, f"{_field(p)} must be at least {minimum}, got {v}", "e.g. 1, 10 or '25%'")
             return None
         return v
     if isinstance(v, str):
@@ -644,7 +658,8 @@ def _check_rollout(ro: dict, c: _Checker, probs: _Problems, rendered: bool) -> t
     if "waves" in ro:
         waves = ro["waves"]
         if not isinstance(waves, list) or not waves:
-            probs.error(path + ("waves",), "rollout.waves must be a non-empty list", "e.g. waves: [1, '10%', '100%']")
+            probs.error(path + ("waves",), "rollout.waves must be a non-empty list",
+                        "e.g. waves: [1, '10%', '100%']")
         else:
             out["waves"] = [_percent_or_int(w, path + ("waves", i), c, minimum=1, what="a host count or a percentage")
                             for i, w in enumerate(waves)]
@@ -1067,6 +1082,19 @@ def render(ws: Any, recipe_name: str, kernel_release: str) -> Any:
 # --- lint ------------------------------------------------------------------------------------------
 
 
+def _unmatched(ws: Any, shown: str, probs: _Problems, patterns: list[Any]) -> list[Problem]:
+    """Warnings for kernel names and globs that match nothing in the catalog."""
+    out = []
+    for i, pattern in enumerate(patterns):
+        if not isinstance(pattern, str) or any(fnmatch.fnmatchcase(r, pattern) for r in ws.kernels):
+            continue
+        what = "glob" if any(ch in pattern for ch in "*?[") else "kernel"
+        out.append(Problem(shown, probs.line(("kernels", i)), f"{what} {pattern!r} matches no kernel in the catalog",
+                           "add it to kpipe.toml [[kernels]] or install its headers; known: "
+                           + ", ".join(sorted(ws.kernels)), "warning"))
+    return out
+
+
 def lint(ws: Any) -> list[Problem]:
     """Every problem of every recipe: schema, YAML, paths, and a render test against each matching kernel."""
     from kpipe.kernel import parse_release
@@ -1086,18 +1114,16 @@ def lint(ws: Any) -> list[Problem]:
             problems.append(Problem(shown, 1, f"recipe {file.stem!r} is also defined by {seen[file.stem].name}",
                                     "keep one of NAME.yaml / NAME.yml"))
         seen.setdefault(file.stem, file)
+        raw_kernels = probs.data.get("kernels") if isinstance(probs.data, dict) else None
         if recipe is None:
+            if isinstance(raw_kernels, list):
+                problems.extend(_unmatched(ws, shown, probs, raw_kernels))
             continue
+        problems.extend(_unmatched(ws, shown, probs, list(recipe.kernels)))
         matched: list[str] = []
-        for i, pattern in enumerate(recipe.kernels):
+        for pattern in recipe.kernels:
             hits = sorted(r for r in ws.kernels if fnmatch.fnmatchcase(r, pattern))
             matched.extend(h for h in hits if h not in matched)
-            if not hits:
-                what = "glob" if any(ch in pattern for ch in "*?[") else "kernel"
-                problems.append(Problem(shown, probs.line(("kernels", i)),
-                                        f"{what} {pattern!r} matches no kernel in the catalog",
-                                        "add it to kpipe.toml [[kernels]] or install its headers; known: "
-                                        + ", ".join(sorted(ws.kernels)), "warning"))
         targets: list[Any] = [ws.kernels[r] for r in matched]
         if not targets:
             # Still render once, against the literal releases the recipe names, so that
