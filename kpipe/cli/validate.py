@@ -52,7 +52,7 @@ def validate_cmd(
     json_out: bool = typer.Option(False, "--json", help="Print every finding as JSON."),
 ) -> None:
     """Validate a module or artifact for a kernel; exit 3 when it is invalid."""
-    from kpipe.errors import ConfigError, ExitCode
+    from kpipe.errors import ConfigError
 
     path = Path(target)
     if path.is_file():
@@ -79,7 +79,13 @@ def validate_cmd(
     else:
         render_report(report)
     if not report.ok:
-        raise typer.Exit(int(ExitCode.INVALID))
+        # A KpipeError, not typer.Exit: main() runs click with standalone_mode=False, which returns
+        # (and so loses) an Exit's code.
+        from kpipe.errors import ValidationFailed
+
+        first = next((f for f in report.findings if f.severity in ("error", "skipped")), None)
+        raise ValidationFailed(report.summary() + (f"; first: {first.id}: {first.message}" if first else ""),
+                               hint="see the findings above" if not json_out else None)
 
 
 def register(app: typer.Typer) -> None:
