@@ -667,8 +667,10 @@ def summarize(journal: Journal, rid: str) -> RunSummary:
         st = host_state(h, entries)
         # no outcome yet: "pending" if never touched, "interrupted" if kpipe died in its pipeline
         hosts[h] = st.outcome or ("interrupted" if entries else "pending")
-        if st.outcome_detail.get("reason"):
-            reasons[h] = st.outcome_detail["reason"]
+        # keep the first failure's reason even after a rollback outcome followed it
+        why = [e.detail.get("reason") for e in entries if e.step == "outcome" and e.detail.get("reason")]
+        if why:
+            reasons[h] = why[-1] if st.outcome != "rolled_back" else why[0]
     for e in plan.excluded:
         hosts[e.host] = "excluded"
         reasons[e.host] = e.reason

@@ -154,12 +154,24 @@ def engine_for(workspace: Any, journal: Journal, rollout_id: str, *, forks: int 
     targets = {}
     for name in plan.assignments:
         try:
-            targets[name] = inv.get(name).target()
+            targets[name] = host_target(inv.get(name))
         except NotFoundError:
             pass  # journaled as unreachable by the engine: "not in the inventory any more"
     pool = make_pool(workspace, forks or plan.options.forks)
     runner = PoolRunner(pool, targets)
     return Engine(journal, runner, local_path_fn(workspace.store), on_event=on_event), runner
+
+
+def host_target(host: Any) -> Any:
+    """The SshTarget of an inventory Host."""
+    try:
+        return host.target()
+    except TypeError:
+        # Host.target() passed a keyword SshTarget does not take (sudo= vs become=) in one version
+        from kpipe.transport.ssh import SshTarget
+
+        return SshTarget(name=host.name, address=host.address, port=host.port, user=host.user,
+                         identity_file=host.identity_file, become=host.become, known_hosts=host.known_hosts)
 
 
 def check_preflight(plan: RolloutPlan) -> None:

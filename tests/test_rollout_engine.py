@@ -1,0 +1,281 @@
+"""The rollout engine against SimFleet: real sshd hosts on loopback, a simulated kernel, injected faults.
+
+Every run must end with every host in a known, journaled state; resume must apply
+nothing twice and forget nothing. Plans are built with the pure planner from the
+simulated hosts' known release (the engine's own preflight re-reads the real facts).
+
+Test hook: KPIPE_TEST_PAUSE_AFTER=<step> makes the engine sleep after journaling that step
+(kpipe/rollout/engine.py), so a test can SIGKILL `python -m kpipe rollout ...` at a known point.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from simfleet import simfleet_factory  # noqa: F401  (the session fixture)
+
+from kpipe.artifacts import add_artifact
+from kpipe.rollout.engine import summarize
+from kpipe.rollout.journal import Journal, host_state
+from kpipe.rollout.planner import Candidate, FailureBudget, HostView, RolloutOptions, plan_rollout
+from kpipe.rollout.world import engine_for
+from kpipe.workspace import open_workspace
+
+RELEASE = "6.1.0-56-amd64"
+MODULE = "livepatch_demo"
+
+
+def setup_ws(fleet, tmp_path: Path, n_bytes: int = 4096):
+    folder = fleet.write_workspace(tmp_path / "ws", forks=50)
+    ws = open_workspace(folder)
+    ko = tmp_path / "livepatch-demo.ko"
+    ko.write_bytes(os.urandom(n_bytes))
+    art = add_artifact(ws.store, ko, kernel=RELEASE, status="valid", arch="x86_64", module_name="livepatch-demo",
+                       preflight={"status": "passed"})
+    return ws, art
+
+
+def make_plan(ws, art, hosts, **opts):
+    options = RolloutOptions(**{"waves": "1,10%,50%,100%", "forks": 50, "step_timeout_s": 30.0, **opts})
+    views = [HostView(h.name, release=RELEASE, arch="x86_64") for h in hosts]
+    plan = plan_rollout(art.id, "artifact", views, [Candidate.of(art)], options)
+    journal = Journal(ws.store)
+    rid = journal.create(plan.to_dict(), options.to_dict(), target=art.id)
+    return plan, journal, rid
+
+
+def run(ws, journal, rid, what="start", **kw):
+    events = []
+    engine, runner = engine_for(ws, journal, rid, on_event=events.append)
+    try:
+        return getattr(engine, what)(rid, **kw), events
+    finally:
+        runner.close()
+
+
+def enabled(host) -> bool:
+    p = host.patches().get(MODULE)
+    return bool(p) and str(p.get("enabled")) == "1" and str(p.get("transition")) == "0"
+
+
+def enables(host) -> int:
+    return sum(1 for ln in host.log() if f"enabling patch '{MODULE}'" in ln)
+
+
+def test_happy_rollout_then_rollback(simfleet_factory, tmp_path):
+    fleet = simfleet_factory(5)
+    ws, art = setup_ws(fleet, tmp_path)
+    plan, journal, rid = make_plan(ws, art, fleet.hosts, waves="1,100%", soak_s=1.0, verify_interval_s=0.5)
+    s, events = run(ws, journal, rid)
+    assert s.state == "completed" and set(s.hosts.values()) == {"applied"}, s
+    assert all(enabled(h) for h in fleet.hosts)
+    assert [e.wave for e in events if e.kind == "gate"] == [1, 2]
+    assert sum(1 for e in events if e.kind == "soak") == 4  # 2 rounds per wave
+    # write-ahead: each step's intended precedes its done, for every host
+    for h in fleet.hosts:
+        es = journal.entries(rid, h.name)
+        for step in ("preflight", "stage", "marker", "load", "wait", "verify"):
+            phases = [e.phase for e in es if e.step == step]
+            assert phases == ["intended", "done"], (h.name, step, phases)
+        staged = h.staged()
+        assert list(staged.values()) == [ws.store.get_bytes(art.sha256)]
+    s, _ = run(ws, journal, rid, "rollback")
+    assert s.state == "rolled_back" and set(s.hosts.values()) == {"rolled_back"}
+    for h in fleet.hosts:
+        assert MODULE not in h.patches() and MODULE not in h.modules() and not h.staged()
+        assert any(f"'{MODULE}': unpatching complete" in ln for ln in h.log())
+
+
+def test_dry_run_changes_nothing(simfleet_factory, tmp_path):
+    fleet = simfleet_factory(2)
+    ws, art = setup_ws(fleet, tmp_path)
+    plan, journal, rid = make_plan(ws, art, fleet.hosts)
+    r = subprocess.run([sys.executable, "-m", "kpipe", "-W", str(ws.root), "rollout", "start", "--plan", rid,
+                        "--dry-run"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    for h in fleet.hosts:
+        assert h.name in r.stdout
+        assert not h.patches() and not h.staged()
+    assert "/sbin/insmod /var/lib/kpatch/6.1.0-56-amd64/livepatch-demo.ko" in r.stdout
+    assert journal.entries(rid) == []
+
+
+FAULTS = {  # fault -> (inject kwargs, expected final state after the run)
+    "refused": ({}, "unreachable"),
+    "die_during": ({"op": "insmod"}, "unreachable"),
+    "hang": ({"op": "insmod", "seconds": 3600}, "failed"),
+    "stuck_transition": ({"stall_after": 0.5}, "failed"),
+    "ebusy_enable": ({}, "failed"),
+    "full_disk": ({}, "failed"),
+    "sig_enforce": ({}, "failed"),
+}
+
+
+@pytest.mark.slow
+def test_200_hosts_with_faults_end_in_known_journaled_states(simfleet_factory, tmp_path):
+    fleet = simfleet_factory(200)
+    ws, art = setup_ws(fleet, tmp_path, n_bytes=64 * 1024)  # bigger than the full disk's 16 KiB
+    faulty = {}
+    names = sorted(FAULTS)
+    for i, h in enumerate(fleet.hosts[5::9][:len(names) * 3]):  # 3 hosts per fault, never the canary
+        fault = names[i % len(names)]
+        h.inject(fault, **FAULTS[fault][0])
+        faulty[h.name] = fault
+    plan, journal, rid = make_plan(ws, art, fleet.hosts, max_failures=FailureBudget.parse("100%"))
+    t0 = time.monotonic()
+    s, events = run(ws, journal, rid)
+    took = time.monotonic() - t0
+    assert s.state == "completed"
+    assert len(s.hosts) == 200
+    for h in fleet.hosts:
+        want = FAULTS[faulty[h.name]][1] if h.name in faulty else "applied"
+        assert s.hosts[h.name] == want, (h.name, faulty.get(h.name), s.reasons.get(h.name))
+        st = host_state(h.name, journal.entries(rid, h.name))
+        assert st.outcome == want and not st.unfinished or want == "unreachable"
+        if want == "applied":
+            assert enabled(h) and enables(h) == 1
+    reasons = {faulty[h]: s.reasons[h] for h in faulty}
+    assert "timed out" in reasons["hang"]
+    assert "transition" in reasons["stuck_transition"]
+    assert "busy" in reasons["ebusy_enable"].lower()
+    assert "rejected" in reasons["sig_enforce"].lower()
+    print(f"200 hosts, {len(faulty)} faulty: {took:.1f} s")
+    # now the hosts come back; resume retries the unreachable ones without loading anything twice
+    for name, fault in faulty.items():
+        fleet.host(name).clear()
+        if fault in ("refused", "die_during"):
+            fleet.host(name).start()
+    # a completed rollout is finished: roll everything back, then every host ends rolled_back
+    s, _ = run(ws, journal, rid, "rollback")
+    for h in fleet.hosts:
+        assert s.hosts[h.name] in ("rolled_back", "failed"), (h.name, s.hosts[h.name], s.reasons.get(h.name))
+        if s.hosts[h.name] == "rolled_back":
+            assert MODULE not in h.patches() and MODULE not in h.modules()
+    # the hosts that died mid-insmod had the module loaded by the kernel: rollback removed it
+    for name, fault in faulty.items():
+        if fault == "die_during":
+            assert s.hosts[name] == "rolled_back" and MODULE not in fleet.host(name).modules()
+
+
+def test_gate_halts_and_rolls_back_the_wave(simfleet_factory, tmp_path):
+    fleet = simfleet_factory(10)
+    ws, art = setup_ws(fleet, tmp_path)
+    plan, journal, rid = make_plan(ws, art, fleet.hosts, waves="1,50%,100%", rollback_policy="wave")
+    bad = plan.waves[1][2]
+    fleet.host(bad).inject("ebusy_enable")
+    s, events = run(ws, journal, rid)
+    assert s.state == "halted" and bad in s.halt_reason
+    wave1, wave2, wave3 = plan.waves
+    assert all(s.hosts[h] == "applied" for h in wave1)
+    assert all(s.hosts[h] == "rolled_back" for h in wave2 if h != bad)
+    assert s.hosts[bad] == "rolled_back"  # nothing loaded; cleanup verified anyway
+    assert all(s.hosts[h] == "pending" for h in wave3)
+    for h in wave3:
+        assert not fleet.host(h).staged() and not fleet.host(h).patches()
+    assert enabled(fleet.host(wave1[0]))
+    assert [e.phase for e in events if e.kind == "gate"] == ["proceed", "halt"]
+
+
+def test_soak_regression_halts(simfleet_factory, tmp_path):
+    fleet = simfleet_factory(3)
+    ws, art = setup_ws(fleet, tmp_path)
+    plan, journal, rid = make_plan(ws, art, fleet.hosts, waves="1,100%", soak_s=3.0, verify_interval_s=1.0,
+                                   rollback_policy="all")
+    canary = fleet.host(plan.waves[0][0])
+
+    def regress(ev):
+        if ev.kind == "soak" and ev.wave == 1 and ev.data["round"] == 1:
+            canary.reboot()  # the patch is gone: a regression during the soak
+    engine, runner = engine_for(ws, journal, rid, on_event=regress)
+    try:
+        s = engine.start(rid)
+    finally:
+        runner.close()
+    assert s.state == "rolled_back"
+    assert "regressed during soak" in s.halt_reason
+    assert s.hosts[canary.name] == "rolled_back"
+    assert all(s.hosts[h] == "pending" for h in plan.waves[1])
+
+
+def test_abort_stops_after_in_flight_hosts(simfleet_factory, tmp_path):
+    fleet = simfleet_factory(6)
+    ws, art = setup_ws(fleet, tmp_path)
+    plan, journal, rid = make_plan(ws, art, fleet.hosts, waves="1,100%", forks=1)
+
+    def on_event(ev):
+        if ev.kind == "host" and ev.wave == 2 and ev.phase == "applied":
+            journal.request_abort(rid)  # what `kpipe rollout abort` does, from another process
+    engine, runner = engine_for(ws, journal, rid, on_event=on_event)
+    try:
+        s = engine.start(rid)
+    finally:
+        runner.close()
+    assert s.state == "aborted"
+    states = [s.hosts[h] for h in plan.waves[1]]
+    assert states[0] == "applied" and set(states[1:]) == {"pending"}
+    s, _ = run(ws, journal, rid, "resume")
+    assert s.state == "completed" and set(s.hosts.values()) == {"applied"}
+    assert all(enables(h) == 1 for h in fleet.hosts)
+
+
+def test_lock_refuses_a_second_driver(simfleet_factory, tmp_path):
+    fleet = simfleet_factory(1)
+    ws, art = setup_ws(fleet, tmp_path)
+    plan, journal, rid = make_plan(ws, art, fleet.hosts)
+    env = {**os.environ, "KPIPE_TEST_PAUSE_AFTER": "load", "KPIPE_TEST_PAUSE_SECONDS": "60"}
+    p = subprocess.Popen([sys.executable, "-m", "kpipe", "-W", str(ws.root), "rollout", "start", "--plan", rid,
+                          "--yes"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        while "test pause after load" not in (p.stderr.readline() or "test pause after load"):
+            pass
+        r = subprocess.run([sys.executable, "-m", "kpipe", "-W", str(ws.root), "rollout", "resume", rid],
+                           capture_output=True, text=True, timeout=60)
+        assert r.returncode == 10, r.stderr
+        assert "driven by another kpipe" in r.stderr
+    finally:
+        p.kill()
+        p.wait()
+
+
+@pytest.mark.parametrize("pause", ["load", "wait"])
+def test_sigkill_mid_rollout_then_resume_verifies_everything(simfleet_factory, tmp_path, pause):
+    fleet = simfleet_factory(20)
+    ws, art = setup_ws(fleet, tmp_path)
+    plan, journal, rid = make_plan(ws, art, fleet.hosts, waves="2,100%")
+    env = {**os.environ, "KPIPE_TEST_PAUSE_AFTER": pause, "KPIPE_TEST_PAUSE_SECONDS": "600"}
+    p = subprocess.Popen([sys.executable, "-m", "kpipe", "-W", str(ws.root), "rollout", "start", "--plan", rid,
+                          "--yes"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        paused = set()
+        deadline = time.monotonic() + 120
+        while len(paused) < 2 and time.monotonic() < deadline:  # the canary wave: 2 hosts
+            line = p.stderr.readline()
+            if not line:
+                break
+            if f"test pause after {pause} on" in line:
+                paused.add(line.rsplit(" ", 1)[-1].strip())
+        assert paused == set(plan.waves[0])
+    finally:
+        p.send_signal(signal.SIGKILL)
+        p.wait()
+    s = summarize(journal, rid)
+    assert s.state == "running"
+    assert {s.hosts[h] for h in plan.waves[0]} == {"interrupted"}
+    assert {s.hosts[h] for h in plan.waves[1]} == {"pending"}
+    r = subprocess.run([sys.executable, "-m", "kpipe", "-W", str(ws.root), "rollout", "resume", rid, "--json"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    out = json.loads(r.stdout)
+    assert out["state"] == "completed" and set(out["hosts"].values()) == {"applied"}
+    for h in fleet.hosts:
+        assert enabled(h) and enables(h) == 1  # nothing applied twice
+        es = journal.entries(rid, h.name)
+        assert any(e.step == "verify" and e.phase == "done" for e in es)
