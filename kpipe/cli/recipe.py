@@ -63,7 +63,7 @@ def list_cmd(json_out: bool = typer.Option(False, "--json", help="Print JSON."))
 def lint_cmd(json_out: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
     """Check every recipe (schema, paths, a render against each target kernel); exit 4 on any error."""
     from kpipe import recipes
-    from kpipe.errors import ExitCode
+    from kpipe.errors import ConfigError
 
     st = state()
     problems = recipes.lint(st.workspace)
@@ -85,7 +85,10 @@ def lint_cmd(json_out: bool = typer.Option(False, "--json", help="Print JSON."))
         summary = f"{len(errors)} error(s), {len(warnings)} warning(s)"
         st.console.print(Text(summary, style="red" if errors else "green"))
     if errors:
-        raise typer.Exit(int(ExitCode.CONFIG))
+        # A KpipeError (not typer.Exit: main() runs click with standalone_mode=False, which
+        # turns Exit into a return value) so that the exit status is 4.
+        raise ConfigError(f"{len(errors)} recipe problem(s) found by lint",
+                          hint="fix the errors listed above, then run `kpipe recipe lint` again")
 
 
 @recipe_app.command("render")
