@@ -1,0 +1,299 @@
+"""Host facts: ONE read-only command per host plus a pure parser.
+
+`facts_command()` is a constant sh script (no user values) that prints one record
+per line; `parse_facts(name, stdout)` turns that text into `HostFacts` or raises
+`FactsError` naming the host and what was wrong; `gather_facts()` runs it over a
+bounded SSH fan-out and returns a result per host (partial failure is data).
+
+What is read, and why (kernel-facts.md):
+- `uname -r`, `uname -m`: the release the artifact must be built for, and the arch;
+- `/etc/os-release` ID, VERSION_ID: the distro (UOS, Kylin, openEuler, Debian...);
+- `/proc/sys/kernel/tainted`: taint bits (K = 15 livepatched, O = 12, E = 13);
+- `/sys/kernel/livepatch` (CONFIG_LIVEPATCH) and every patch in it, through
+  kpipe.fleet.livepatch.STATE_SCRIPT (enabled, transition, objects, functions);
+- `command -v kpatch`: whether the kpatch CLI drives loads on this host;
+- `/sys/fs/selinux/enforce` (exists iff SELinux is enabled; 1 = enforcing);
+- `/sys/module/module/parameters/sig_enforce` (Y: unsigned modules are refused);
+- `df -Pk` of /var/lib/kpatch (or /var/lib when it does not exist yet): free KiB for staging;
+- `/var/lib/kpatch/<release>/*.ko` with their sha256: what is installed for this kernel.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Sequence
+
+from kpipe.commands import Command
+from kpipe.errors import KpipeError, TransportError
+from kpipe.fleet import livepatch
+
+if TYPE_CHECKING:  # pragma: no cover
+    from kpipe.fleet.inventory import Host
+    from kpipe.transport.ssh import SshPool
+    from kpipe.workspace import Workspace
+
+HEADER = "kpipe-facts 1"
+TRAILER = "kpipe-facts-end"
+_LP_BEGIN = "---livepatch---"
+_LP_END = "---end-livepatch---"
+
+# Constant text: no value from the inventory or the user is ever formatted into it.
+# Each probe prints a tagged line even when it fails, so the parser can tell
+# "absent" from "not reported". STATE_SCRIPT runs in a subshell: it shifts "$@".
+FACTS_SCRIPT = (
+    r"""
+echo "kpipe-facts 1"
+echo "release $(uname -r 2>/dev/null)"
+echo "machine $(uname -m 2>/dev/null)"
+if [ -r /etc/os-release ]; then
+  grep -E '^(ID|VERSION_ID|PRETTY_NAME|ID_LIKE)=' /etc/os-release | sed 's/^/os /'
+else
+  echo "os -"
+fi
+echo "tainted $(cat /proc/sys/kernel/tainted 2>/dev/null || echo '?')"
+k=$(command -v kpatch 2>/dev/null) && echo "kpatch $k" || echo "kpatch -"
+if [ -e /sys/fs/selinux/enforce ]; then echo "selinux $(cat /sys/fs/selinux/enforce 2>/dev/null || echo '?')"; else echo "selinux -"; fi
+if [ -e /sys/module/module/parameters/sig_enforce ]; then
+  echo "sig_enforce $(cat /sys/module/module/parameters/sig_enforce 2>/dev/null || echo '?')"
+else
+  echo "sig_enforce -"
+fi
+d=/var/lib/kpatch; [ -d "$d" ] || d=/var/lib
+echo "df $d $(df -Pk "$d" 2>/dev/null | tail -n 1)"
+r=$(uname -r 2>/dev/null)
+if [ -n "$r" ] && [ -d "/var/lib/kpatch/$r" ]; then
+  for f in "/var/lib/kpatch/$r"/*.ko; do
+    [ -f "$f" ] && echo "installed $(sha256sum "$f" 2>/dev/null || echo "? $f")"
+  done
+fi
+echo "---livepatch---"
+(
+"""
+    + livepatch.STATE_SCRIPT
+    + r"""
+)
+echo "---end-livepatch---"
+echo "kpipe-facts-end"
+"""
+)
+
+TAINT_LETTERS = "PFSRMBUDAWCIOELKXTNJ"  # bit 0 = P ... bit 19 = J (Documentation/admin-guide/tainted-kernels.rst)
+
+
+class FactsError(TransportError):
+    """A host answered, but not with facts kpipe can trust (garbage, missing sections, lies)."""
+
+    def __init__(self, message: str, *, host: str = "", hint: str | None = None):
+        super().__init__(f"{host}: {message}" if host else message, host=host, kind="facts", hint=hint)
+
+
+@dataclass(frozen=True)
+class InstalledModule:
+    """A module file in /var/lib/kpatch/<release>/."""
+
+    path: str
+    sha256: str
+
+    @property
+    def file_name(self) -> str:
+        return self.path.rsplit("/", 1)[-1]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"path": self.path, "file": self.file_name, "sha256": self.sha256}
+
+
+@dataclass(frozen=True)
+class HostFacts:
+    """What one host reported; every field is plain data."""
+
+    name: str
+    release: str
+    arch: str  # normalized (x86_64, aarch64, loongarch64)
+    machine: str  # uname -m as printed
+    os_id: str = ""
+    os_version: str = ""
+    os_name: str = ""
+    tainted: int = 0
+    livepatch_sysfs: bool = False
+    patches: dict[str, livepatch.LivepatchState] = field(default_factory=dict)
+    kpatch_cli: str = ""  # path of the kpatch CLI, "" when absent
+    selinux: str = "disabled"  # disabled | permissive | enforcing | unknown
+    sig_enforce: bool | None = None  # None: the parameter does not exist (no CONFIG_MODULE_SIG)
+    free_kb: int | None = None  # free KiB where modules are staged
+    free_path: str = ""
+    installed: tuple[InstalledModule, ...] = ()
+    warnings: tuple[str, ...] = ()  # non-fatal oddities in the output
+
+    @property
+    def taint_flags(self) -> str:
+        """The taint bits as the kernel's letters, e.g. 'OEK'."""
+        return taint_letters(self.tainted)
+
+    @property
+    def livepatched(self) -> bool:
+        """Taint K: a livepatch was loaded since boot (it stays set)."""
+        return bool(self.tainted & livepatch.TAINT_LIVEPATCH)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data for JSON and the state store."""
+        return {
+            "name": self.name, "release": self.release, "arch": self.arch, "machine": self.machine,
+            "os_id": self.os_id, "os_version": self.os_version, "os_name": self.os_name,
+            "tainted": self.tainted, "taint_flags": self.taint_flags, "livepatch_sysfs": self.livepatch_sysfs,
+            "patches": {k: v.to_dict() for k, v in self.patches.items()}, "kpatch_cli": self.kpatch_cli,
+            "selinux": self.selinux, "sig_enforce": self.sig_enforce, "free_kb": self.free_kb,
+            "free_path": self.free_path, "installed": [m.to_dict() for m in self.installed],
+            "warnings": list(self.warnings),
+        }
+
+
+def taint_letters(tainted: int) -> str:
+    """Taint bits -> letters in bit order, e.g. 45056 -> 'OEK'."""
+    return "".join(c for i, c in enumerate(TAINT_LETTERS) if tainted >> i & 1)
+
+
+def facts_command(timeout: float = 60.0) -> Command:
+    """The one read-only command that reports every fact (no user values, no sudo)."""
+    return Command.script(FACTS_SCRIPT, label="facts", timeout=timeout)
+
+
+def _unquote(value: str) -> str:
+    v = value.strip()
+    if len(v) >= 2 and v[0] == v[-1] and v[0] in "\"'":
+        v = v[1:-1]
+    return v.replace('\\"', '"').replace("\\\\", "\\")
+
+
+def parse_facts(name: str, stdout: str) -> HostFacts:
+    """Parse FACTS_SCRIPT output (pure); FactsError says which part is missing or wrong."""
+    from kpipe.kernel import check_release, normalize_arch
+
+    if "\x00" in stdout:
+        raise FactsError("facts output contains NUL bytes", host=name)
+    lines = stdout.splitlines()
+    hint = "the host ran kpipe's facts script but printed something else; check its shell and PATH"
+    if HEADER not in (ln.strip() for ln in lines[:5]):
+        sample = (stdout.strip().splitlines() or ["(empty)"])[0][:80]
+        raise FactsError(f"facts output does not start with {HEADER!r} (got {sample!r})", host=name, hint=hint)
+    if TRAILER not in (ln.strip() for ln in lines):
+        raise FactsError("facts output is cut short (no end line)", host=name, hint=hint)
+    try:
+        lp_start = lines.index(_LP_BEGIN)
+        lp_end = lines.index(_LP_END, lp_start)
+    except ValueError:
+        raise FactsError("facts output has no livepatch section", host=name, hint=hint) from None
+    head = lines[:lp_start] + lines[lp_end + 1:]
+    state = livepatch.parse_host_livepatch("\n".join(lines[lp_start + 1:lp_end]))
+    if not state.complete:
+        raise FactsError("the livepatch section is incomplete", host=name, hint=hint)
+
+    rec: dict[str, str] = {}
+    os_fields: dict[str, str] = {}
+    installed: list[InstalledModule] = []
+    warnings: list[str] = []
+    for ln in head:
+        key, _, value = ln.partition(" ")
+        if key == "os":
+            k, eq, v = value.partition("=")
+            if eq:
+                os_fields[k.strip()] = _unquote(v)
+        elif key == "installed":
+            parts = value.split(None, 1)
+            if len(parts) == 2 and len(parts[0]) == 64 and all(c in "0123456789abcdef" for c in parts[0]):
+                installed.append(InstalledModule(parts[1].strip(), parts[0]))
+            else:
+                warnings.append(f"unreadable installed module line: {value[:120]!r}")
+        elif key in ("release", "machine", "tainted", "kpatch", "selinux", "sig_enforce", "df"):
+            if key in rec:
+                raise FactsError(f"facts output repeats {key!r}", host=name, hint=hint)
+            rec[key] = value.strip()
+    for key in ("release", "machine", "tainted"):
+        if not rec.get(key):
+            raise FactsError(f"facts output has no {key}", host=name, hint=hint)
+
+    try:
+        release = check_release(rec["release"])
+    except KpipeError as e:
+        raise FactsError(f"reported {e.message}", host=name) from None
+    machine = rec["machine"]
+    if not machine.replace("_", "").isalnum() or len(machine) > 32:
+        raise FactsError(f"reported machine {machine[:40]!r} is not an architecture name", host=name)
+    try:
+        tainted = int(rec["tainted"])
+    except ValueError:
+        raise FactsError(f"/proc/sys/kernel/tainted is {rec['tainted'][:40]!r}, not a number", host=name) from None
+    if tainted < 0 or tainted >= 1 << 32:
+        raise FactsError(f"/proc/sys/kernel/tainted is {tainted}, out of range", host=name)
+    if state.tainted is not None and state.tainted != tainted:
+        warnings.append(f"taint changed during the read ({tainted} then {state.tainted})")
+
+    selinux = {"-": "disabled", "1": "enforcing", "0": "permissive"}.get(rec.get("selinux", "-"), "unknown")
+    sig = rec.get("sig_enforce", "-")
+    sig_enforce = None if sig == "-" else sig.upper() in ("Y", "1")
+    if sig not in ("-", "Y", "N", "1", "0", "y", "n"):
+        warnings.append(f"sig_enforce reads {sig[:20]!r}")
+    free_kb, free_path = _parse_df(rec.get("df", ""), warnings)
+    kpatch = rec.get("kpatch", "-")
+    return HostFacts(
+        name=name, release=release, arch=normalize_arch(machine), machine=machine,
+        os_id=os_fields.get("ID", ""), os_version=os_fields.get("VERSION_ID", ""),
+        os_name=os_fields.get("PRETTY_NAME", ""), tainted=tainted, livepatch_sysfs=state.sysfs,
+        patches=dict(state.patches), kpatch_cli="" if kpatch in ("-", "") else kpatch, selinux=selinux,
+        sig_enforce=sig_enforce, free_kb=free_kb, free_path=free_path, installed=tuple(installed),
+        warnings=tuple(warnings),
+    )
+
+
+def _parse_df(value: str, warnings: list[str]) -> tuple[int | None, str]:
+    # "df <path> <filesystem> <1024-blocks> <used> <available> <capacity> <mounted on>"
+    parts = value.split()
+    if not parts:
+        warnings.append("no free-space report")
+        return None, ""
+    path = parts[0]
+    if len(parts) >= 6 and parts[4].isdigit():
+        return int(parts[4]), path
+    warnings.append(f"unreadable df output for {path}")
+    return None, path
+
+
+def pool_for(workspace: "Workspace", forks: int | None = None) -> "SshPool":
+    """An SshPool with the workspace's [ssh] settings."""
+    import os
+    from pathlib import Path
+
+    from kpipe.transport.ssh import SshPool
+
+    return SshPool(workspace.ssh, known_hosts=[Path(os.path.expanduser(workspace.ssh.known_hosts))],
+                   forks=forks or workspace.ssh.forks)
+
+
+def gather_facts(workspace: "Workspace", hosts: Sequence["Host"], forks: int | None = None, *,
+                 pool: "SshPool | None" = None, timeout: float = 60.0) -> dict[str, HostFacts | TransportError]:
+    """Facts for every host (at most `forks` at once): HostFacts, or the TransportError that stopped it."""
+    own = pool is None
+    pool = pool or pool_for(workspace, forks)
+    cmd = facts_command(timeout)
+
+    def one(t: Any) -> HostFacts:
+        r = t.run(cmd)
+        if r.exit_status != 0 and HEADER not in r.stdout:
+            raise FactsError(f"the facts command exited {r.exit_status}: "
+                             f"{(r.stderr.strip().splitlines() or [''])[-1][:200]}", host=t.name)
+        return parse_facts(t.name, r.stdout)
+
+    try:
+        raw = pool.run_many([h.target() for h in hosts], one, forks)
+    finally:
+        if own:
+            pool.close()
+    out: dict[str, HostFacts | TransportError] = {}
+    for h in hosts:
+        value = raw.get(h.name)
+        if isinstance(value, (HostFacts, TransportError)):
+            out[h.name] = value
+        elif isinstance(value, KpipeError):
+            out[h.name] = TransportError(f"{h.name}: {value.message}", host=h.name, kind="error", hint=value.hint)
+        else:  # an unexpected exception is still one host's failure, not the fleet's
+            out[h.name] = TransportError(f"{h.name}: {type(value).__name__}: {value}", host=h.name, kind="error")
+    return out
