@@ -105,6 +105,7 @@ class _Problems:
              line: int | None) -> None:
         if self.context:
             message = f"{message} ({self.context})"
+        hint = hint or "run `kpipe recipe lint` for every problem; README.md documents the recipe format"
         self.items.append(Problem(file or self.file, line if line is not None else self.line(path, key), message,
                                   hint, severity))
 
@@ -147,7 +148,10 @@ _PLAIN_TAGS = ("tag:yaml.org,2002:map", "tag:yaml.org,2002:seq")
 
 
 def _compose_yaml(text: str) -> tuple[Any, dict[tuple, int], dict[tuple, int]]:
-    """YAML text -> (plain data, value lines, key lines); lines are 1-based, keyed by path tuples."""
+    """YAML text -> (plain data, value lines, key lines); lines are 1-based, keyed by path tuples.
+
+    A block scalar (`|` or `>`) is recorded at the line after its indicator, where its text starts.
+    """
     import yaml
 
     try:
@@ -187,7 +191,7 @@ def _compose_yaml(text: str) -> tuple[Any, dict[tuple, int], dict[tuple, int]]:
                     raise _YamlFail(kline, "YAML merge keys (<<) are not supported in recipes",
                                     "write the keys out")
                 if not isinstance(k, yaml.ScalarNode):
-                    raise _YamlFail(kline, "a mapping key must be a plain string", "")
+                    raise _YamlFail(kline, "a mapping key must be a plain string", "write `key: value`")
                 key = constructor.construct_object(k)
                 if not isinstance(key, str):
                     raise _YamlFail(kline, f"mapping key {key!r} must be a string", "quote it")
@@ -199,6 +203,8 @@ def _compose_yaml(text: str) -> tuple[Any, dict[tuple, int], dict[tuple, int]]:
             return out
         if isinstance(node, yaml.SequenceNode):
             return [convert(v, path + (i,), depth + 1) for i, v in enumerate(node.value)]
+        if node.style in ("|", ">"):
+            lines[path] = line + 1  # the text starts on the line after the indicator
         try:
             value = constructor.construct_object(node)
         except yaml.YAMLError as e:
@@ -212,7 +218,7 @@ def _compose_yaml(text: str) -> tuple[Any, dict[tuple, int], dict[tuple, int]]:
     try:
         data = convert(root, (), 0)
     except RecursionError:
-        raise _YamlFail(1, "the YAML nests too deeply", "") from None
+        raise _YamlFail(1, "the YAML nests too deeply", "a recipe is a small, flat document") from None
     return data, lines, key_lines
 
 
@@ -270,10 +276,11 @@ def _read_recipe(ws: Any, file: Path, probs: _Problems) -> Recipe | None:
             return None
         raw = file.read_bytes()
     except OSError as e:
-        probs.error((), f"cannot read the recipe: {e.strerror}")
+        probs.error((), f"cannot read the recipe: {e.strerror}", "check the file's permissions")
         return None
     if len(raw) > MAX_RECIPE_BYTES:
-        probs.error((), f"the recipe is {len(raw)} bytes; at most {MAX_RECIPE_BYTES} are allowed")
+        probs.error((), f"the recipe is {len(raw)} bytes; at most {MAX_RECIPE_BYTES} are allowed",
+                    "move large text into template files under recipes/")
         return None
     try:
         text = raw.decode("utf-8")
@@ -831,9 +838,10 @@ def safe_path(base: Path, rel: str, what: str) -> Path:
     """`rel` resolved inside `base`; ConfigError when it leaves base (.., absolute, symlink) or is missing."""
     base_name = base.name + "/"
     if not isinstance(rel, str) or not rel.strip():
-        raise PathRefused(f"{what} path is empty")
+        raise PathRefused(f"{what} path is empty", hint=f"name a file inside {base_name}")
     if any(ord(ch) < 32 for ch in rel) or "\\" in rel:
-        raise PathRefused(f"{what} path {rel!r} contains control characters or backslashes")
+        raise PathRefused(f"{what} path {rel!r} contains control characters or backslashes",
+                          hint="use a plain relative path with '/' separators")
     p = PurePosixPath(rel)
     if p.is_absolute() or rel.startswith("~"):
         raise PathRefused(f"{what} path {rel!r} is absolute; it must be inside {base_name}",
@@ -848,7 +856,8 @@ def safe_path(base: Path, rel: str, what: str) -> Path:
         raise ConfigError(f"{what} {rel!r} does not exist in {base_name}",
                           hint=f"create {base_name}{rel} or fix the name") from None
     except (OSError, RuntimeError) as e:  # symlink loops
-        raise PathRefused(f"{what} path {rel!r} cannot be resolved: {e}") from None
+        raise PathRefused(f"{what} path {rel!r} cannot be resolved: {e}",
+                          hint="check for symlink loops") from None
     if not resolved.is_relative_to(base.resolve()):
         raise PathRefused(f"{what} path {rel!r} resolves outside {base_name} (through a symlink) to {resolved}",
                           hint=f"copy the file into {base_name} instead of linking it")
@@ -928,7 +937,9 @@ def _render_tree(env: Any, value: Any, path: tuple, variables: dict, probs: _Pro
         out = env.get_template(name).render(variables)
     except Exception as e:  # every template failure is the recipe's fault: report it, never a traceback
         msg, hint = _jinja_error(e)
-        probs.error(path, f"{_field(path)}: {msg}", hint)
+        # a multi-line value: point at the line inside it
+        inner = getattr(e, "lineno", None) or _template_line(e, name) or 1
+        probs.error(path, f"{_field(path)}: {msg}", hint, line=probs.line(path) + inner - 1)
         return value
     if len(out) > MAX_RENDERED_CHARS:
         probs.error(path, f"{_field(path)} renders to {len(out)} characters", "keep rendered values small")
@@ -997,7 +1008,7 @@ def _build_spec(ws: Any, recipe: Recipe, entry: Any, probs: _Problems) -> Any:
             probs.error(("patches", i), str(e), e.hint or "")
             continue
         except OSError as e:
-            probs.error(("patches", i), f"cannot read patch {rel!r}: {e.strerror}")
+            probs.error(("patches", i), f"cannot read patch {rel!r}: {e.strerror}", "check the file's permissions")
             continue
         if not data.strip():
             probs.error(("patches", i), f"patch {rel!r} is empty", "a patch is a unified diff (git format-patch)")

@@ -188,6 +188,8 @@ def test_sandbox_escape_in_field(tmp_path):
     "{{ options.items.__self__ }}",
     "{{ recipe.__class__ }}",
     "{{ kernel|attr('__class__') }}",
+    "{{ '{0.__class__}'.format(recipe) }}",
+    "{{ range(10**9) | list }}",
     "{{ 'x' * 100000000 }}",
     "{{ 2 ** 100000 }}",
     "{% for c in ''.__class__.__mro__[1].__subclasses__() %}{{ c }}{% endfor %}",
@@ -228,6 +230,12 @@ def test_undefined_variable_in_template_file(tmp_path):
     """}, templates={"m.c.j2": "int a;\n\n\nint {{ kernel.nope }};\n"})
     err = _render_error(ws, "k")
     assert "recipes/templates/m.c.j2:4:" in str(err) and "undefined" in str(err)
+
+
+def test_error_inside_block_scalar_points_at_its_line(tmp_path):
+    ws = ws_with(tmp_path, {"r": KPATCH + "description: |\n  first line {{ recipe }}\n  second\n  third {{ kernel.nope }}\n"})
+    err = _render_error(ws)
+    assert f"recipes/r.yaml:{line_of(tmp_path, 'r', 'third')}:" in str(err)
 
 
 def test_template_syntax_error(tmp_path):
