@@ -20,6 +20,7 @@ from __future__ import annotations
 import io
 import json
 import queue
+import re
 import tarfile
 import tempfile
 import threading
@@ -36,7 +37,7 @@ from kpipe.build.classify import Classification, classify
 from kpipe.build.hosts import pick_host, select_hosts
 from kpipe.build.spec import BuildSpec
 from kpipe.commands import Command
-from kpipe.errors import BuildFailed, KpipeError, TransportError
+from kpipe.errors import BuildFailed, ConfigError, KpipeError, TransportError
 from kpipe.store import Store
 from kpipe.workspace import BuildHost, Workspace
 
@@ -182,6 +183,10 @@ fi
 if [ -f "$dir/cachedir-build.log" ]; then echo "cachelog=$dir/cachedir-build.log"; fi
 for k in started finished slot; do echo "$k=$(cat "$dir/$k" 2>/dev/null)"; done
 """
+
+# Kbuild (M=...) and kpatch-build's own make calls break on whitespace and make
+# metacharacters in paths, so the work folder (and CACHEDIR under it) must be plain.
+SAFE_WORKDIR = re.compile(r"/[A-Za-z0-9_./+@%,~-]*")
 
 POLL_ROUNDS = 20  # one follow request waits at most 20 x 50 ms for news
 CHUNK_BYTES = 1 << 20
@@ -410,6 +415,10 @@ def probe_host(transport, host: BuildHost, builder_name: str) -> _Probe:
         raise BuildFailed(f"build host {host.name}: cannot use work folder {host.workdir!r}: "
                           f"{(r.stderr or r.stdout).strip()[-300:]}",
                           hint="check the build host's workdir in kpipe.toml and its permissions")
+    if not SAFE_WORKDIR.fullmatch(kv["workdir"]):
+        raise ConfigError(f"build host {host.name}: workdir {kv['workdir']!r} contains whitespace or characters "
+                          "that make and kpatch-build cannot handle in paths",
+                          hint="set the build host's workdir in kpipe.toml to a plain path, e.g. /srv/kpipe/builds")
     if kv.get("kpatch-build") == "missing":
         raise BuildFailed(f"build host {host.name}: {host.tool('kpatch-build')} is not installed",
                           hint="install kpatch-build on the build host or set tools.kpatch-build in kpipe.toml")
