@@ -1,9 +1,174 @@
-"""kpipe fleet commands."""
+"""kpipe fleet commands: list hosts from the inventories, read their facts.
+
+Exit codes: `fleet list` exits 5 when --limit matches nothing and 4 for a malformed
+inventory. `fleet facts` exits 0 when it could ask every selected host, even if some
+were unreachable or answered nonsense (each host's status is in the table / JSON:
+partial failure is data); with --strict it exits 6 when any host failed.
+"""
 
 from __future__ import annotations
 
+from typing import Any, List, Optional
+
 import typer
+
+fleet_app = typer.Typer(help="The fleet: hosts from kpipe's fleet file and Ansible inventories, and their facts.",
+                        no_args_is_help=True)
+
+_LIMIT = typer.Option(None, "--limit", "-l", help="Ansible host pattern: group, host, glob, ~regex, a:b, a:&b, a:!b.")
+_INVENTORY = typer.Option(None, "--inventory", "-i",
+                          help="Inventory source(s) to read instead of the workspace's (repeatable).")
+_JSON = typer.Option(False, "--json", help="Print JSON instead of a table.")
+
+FACTS_DDL = """
+CREATE TABLE IF NOT EXISTS fleet_facts (
+  host TEXT PRIMARY KEY,
+  gathered_at REAL NOT NULL,
+  ok INTEGER NOT NULL,
+  facts_json TEXT NOT NULL
+);
+"""
+
+
+def _select(limit: Optional[str], inventory: Optional[List[str]]) -> list[Any]:
+    from kpipe.cli.context import state
+    from kpipe.fleet.inventory import load_inventory
+
+    ws = state().workspace
+    inv = load_inventory(ws, inventory or None)
+    return inv.select(limit)
+
+
+@fleet_app.command("list")
+def list_hosts(limit: Optional[str] = _LIMIT, inventory: Optional[List[str]] = _INVENTORY,
+               as_json: bool = _JSON) -> None:
+    """List the hosts a pattern selects, with their connection settings and groups."""
+    from kpipe.cli.context import print_json, state
+
+    hosts = _select(limit, inventory)
+    if as_json:
+        print_json({"hosts": [h.to_dict() for h in hosts]})
+        return
+    from rich.table import Table
+
+    table = Table(title=f"{len(hosts)} host(s)", title_justify="left")
+    for col in ("host", "address", "port", "user", "become", "groups"):
+        table.add_column(col)
+    for h in hosts:
+        table.add_row(h.name, h.address, str(h.port), h.user, "yes" if h.become else "", ", ".join(h.groups))
+    state().console.print(table)
+
+
+@fleet_app.command("facts")
+def facts(limit: Optional[str] = _LIMIT, inventory: Optional[List[str]] = _INVENTORY,
+          forks: Optional[int] = typer.Option(None, "--forks", "-f", min=1, max=1000,
+                                              help="Hosts in flight at once (default: [ssh] forks)."),
+          as_json: bool = _JSON,
+          strict: bool = typer.Option(False, "--strict", help="Exit 6 if any host was unreachable or failed."),
+          ) -> None:
+    """Read kernel, arch, distro, livepatch state, taint, kpatch CLI, SELinux, sig_enforce and free space."""
+    import time
+
+    from kpipe.cli.context import print_json, state
+    from kpipe.errors import ExitCode, KpipeError
+    from kpipe.fleet.facts import HostFacts, gather_facts
+
+    st = state()
+    hosts = _select(limit, inventory)
+    start = time.monotonic()
+    results = gather_facts(st.workspace, hosts, forks)
+    elapsed = time.monotonic() - start
+    failed = [n for n, r in results.items() if not isinstance(r, HostFacts)]
+    _record(st.workspace, results)
+    if as_json:
+        print_json({
+            "hosts": {n: ({"ok": True, "facts": r.to_dict()} if isinstance(r, HostFacts)
+                          else {"ok": False, "kind": getattr(r, "kind", "error"), "error": str(r)})
+                      for n, r in results.items()},
+            "summary": {"hosts": len(results), "ok": len(results) - len(failed), "failed": len(failed),
+                        "seconds": round(elapsed, 3)},
+        })
+    else:
+        _facts_table(st.console, results, elapsed)
+    if strict and failed:
+        raise KpipeError(f"{len(failed)} of {len(results)} host(s) did not report facts: {', '.join(failed[:10])}"
+                         + (" ..." if len(failed) > 10 else ""), exit_code=ExitCode.UNREACHABLE,
+                         hint="see each host's status above; drop --strict to exit 0 with partial results")
+
+
+def _record(workspace: Any, results: dict[str, Any]) -> None:
+    """Keep the latest facts per host in the state store (the audit's observed state)."""
+    import json
+    import time
+
+    from kpipe.fleet.facts import HostFacts
+
+    try:
+        store = workspace.store
+        store.ensure_schema(FACTS_DDL)
+        now = time.time()
+        with store.write() as c:
+            for name, r in results.items():
+                ok = isinstance(r, HostFacts)
+                data = r.to_dict() if ok else {"error": str(r), "kind": getattr(r, "kind", "error")}
+                c.execute("INSERT INTO fleet_facts(host, gathered_at, ok, facts_json) VALUES (?, ?, ?, ?) "
+                          "ON CONFLICT(host) DO UPDATE SET gathered_at=excluded.gathered_at, ok=excluded.ok, "
+                          "facts_json=excluded.facts_json", (name, now, int(ok), json.dumps(data)))
+    except Exception as e:  # facts were read; failing to remember them must not hide them
+        from kpipe.cli.context import state
+
+        state().err_console.print(f"[yellow]warning:[/] facts not recorded in the store: {e}")
+
+
+def _facts_table(console: Any, results: dict[str, Any], elapsed: float) -> None:
+    from rich.markup import escape
+    from rich.table import Table
+
+    from kpipe.fleet.facts import HostFacts
+
+    ok = sum(isinstance(r, HostFacts) for r in results.values())
+    table = Table(title=f"facts: {ok}/{len(results)} host(s) answered in {elapsed:.1f} s", title_justify="left")
+    for col in ("host", "status", "kernel", "arch", "distro", "livepatch", "taint", "kpatch", "selinux", "sig",
+                "free"):
+        table.add_column(col, overflow="fold", no_wrap=col not in ("livepatch", "kernel"))
+    failures = []
+    for name, r in results.items():
+        if not isinstance(r, HostFacts):
+            kind = getattr(r, "kind", "error")
+            table.add_row(escape(name), f"[red]{escape(kind)}[/]", *[""] * 9)
+            failures.append((name, kind, str(r)))
+            continue
+        if not r.livepatch_sysfs:
+            lp = "[yellow]no sysfs[/]"
+        elif not r.patches:
+            lp = "none"
+        else:
+            lp = ", ".join(f"{escape(p.name)}[{_patch_state(p)}]" for p in r.patches.values())
+        free = "" if r.free_kb is None else _size(r.free_kb)
+        sig = {None: "-", True: "Y", False: "N"}[r.sig_enforce]
+        table.add_row(escape(name), "[green]ok[/]", escape(r.release), escape(r.arch),
+                      escape(f"{r.os_id} {r.os_version}".strip()), lp, r.taint_flags or "-",
+                      "yes" if r.kpatch_cli else "no", r.selinux, sig, free)
+    console.print(table)
+    for name, kind, message in failures:
+        prefix = f"{name}: "
+        console.print(f"[red]{escape(name)}[/] {escape(kind)}: "
+                      f"{escape(message[len(prefix):] if message.startswith(prefix) else message)}")
+
+
+def _size(kib: int) -> str:
+    for unit, div in (("T", 1 << 30), ("G", 1 << 20), ("M", 1 << 10)):
+        if kib >= div:
+            return f"{kib / div:.1f}{unit}"
+    return f"{kib}K"
+
+
+def _patch_state(p: Any) -> str:
+    if p.transition == 1:
+        return "in transition"
+    return {1: "enabled", 0: "disabled"}.get(p.enabled, "?")
 
 
 def register(app: typer.Typer) -> None:
     """Add this group's commands to the root app."""
+    app.add_typer(fleet_app, name="fleet")

@@ -100,13 +100,8 @@ class Host:
         """The SSH transport's view of this host."""
         from kpipe.transport.ssh import SshTarget
 
-        kwargs: dict[str, Any] = dict(
-            name=self.name, address=self.address, port=self.port, user=self.user,
-            identity_file=self.identity_file, sudo=self.become,
-        )
-        if self.known_hosts and "known_hosts" in getattr(SshTarget, "__dataclass_fields__", {}):
-            kwargs["known_hosts"] = self.known_hosts
-        return SshTarget(**kwargs)
+        return SshTarget(name=self.name, address=self.address, port=self.port, user=self.user,
+                         identity_file=self.identity_file, become=self.become, known_hosts=self.known_hosts)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data for --json."""
@@ -162,6 +157,8 @@ class Inventory:
         for term in split_host_pattern(pattern):
             term = term.lstrip("&!")
             if term.startswith("~"):
+                if term == "~":
+                    raise ConfigError(f"host pattern {pattern!r}: empty or unparsable regular expression")
                 try:
                     re.compile(term[1:])
                 except re.error as e:
