@@ -115,6 +115,10 @@ def parse_pkcs7(der: bytes) -> Pkcs7Info:
 
     try:
         ci = cms.ContentInfo.load(der, strict=True)
+        # asn1crypto tolerates some wrong universal tags (a SEQUENCE where a SET belongs) that the
+        # kernel's ASN.1 decoder refuses; a DER blob must re-encode to itself.
+        if cms.ContentInfo.load(der).dump(force=True) != der:
+            raise Pkcs7Error("not in canonical DER (a tag or length differs from what the kernel's parser expects)")
         if ci["content_type"].native != "signed_data":
             raise Pkcs7Error(f"content type is {ci['content_type'].native}, not signedData")
         sd = ci["content"]
@@ -127,6 +131,14 @@ def parse_pkcs7(der: bytes) -> Pkcs7Info:
             raise Pkcs7Error(f"{len(signers)} signer infos; the kernel module loader expects exactly one")
         si = signers[0]
         sid = si["sid"]
+        # crypto/asymmetric_keys/pkcs7_parser.c (6.1): SignedData v1 (PKCS#7) or v3 (CMS); a v1 signer
+        # names issuer+serial inside v1 data, a v3 signer names a subject key id inside v3 data.
+        sd_version, si_version = sd["version"].native, si["version"].native
+        if sd_version not in ("v1", "v3"):
+            raise Pkcs7Error(f"unsupported SignedData version {sd_version}")
+        want = {"v1": ("v1", "issuer_and_serial_number"), "v3": ("v3", "subject_key_identifier")}.get(si_version)
+        if want is None or want[0] != sd_version or want[1] != sid.name:
+            raise Pkcs7Error(f"SignerInfo {si_version} with {sid.name} does not fit SignedData {sd_version}")
         info: dict[str, Any] = {}
         if sid.name == "issuer_and_serial_number":
             ias = sid.chosen
@@ -136,8 +148,12 @@ def parse_pkcs7(der: bytes) -> Pkcs7Info:
             info.update(sid_kind="skid", skid=bytes(sid.chosen.native))
         digest_oid = si["digest_algorithm"]["algorithm"].dotted
         digest = "sm3" if digest_oid == _OID_SM3 else si["digest_algorithm"]["algorithm"].native
+        listed = {a["algorithm"].dotted for a in sd["digest_algorithms"]}
+        if digest_oid not in listed:
+            raise Pkcs7Error(f"the signer's digest {digest} is not among the SignedData digestAlgorithms")
         sig_oid = si["signature_algorithm"]["algorithm"].dotted
         sig_alg = _signature_kind(sig_oid, si["signature_algorithm"]["algorithm"].native)
+        _check_signature_algorithm(sig_oid, sig_alg, digest, si["signature_algorithm"]["parameters"])
         has_attrs = bool(si["signed_attrs"].native) if si["signed_attrs"].native is not None else False
         return Pkcs7Info(digest=str(digest), signature_algorithm=sig_alg, signature=bytes(si["signature"].native),
                          has_content=has_content, has_signed_attrs=has_attrs, signer_count=len(signers),
@@ -147,6 +163,32 @@ def parse_pkcs7(der: bytes) -> Pkcs7Info:
         raise
     except Exception as e:  # asn1crypto raises ValueError/TypeError/KeyError on bad DER
         raise Pkcs7Error(f"not a valid PKCS#7 SignedData ({type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''})") from None
+
+
+# crypto/asymmetric_keys/pkcs7_parser.c pkcs7_sig_note_pkey_algo (6.1): rsaEncryption, ecdsa-with-SHA*,
+# SM2-with-SM3; anything else is "Unsupported pkey algo".
+_RSA_OID = "1.2.840.113549.1.1.1"
+_ECDSA_OIDS = {"1.2.840.10045.4.1": "sha1", "1.2.840.10045.4.3.1": "sha224", "1.2.840.10045.4.3.2": "sha256",
+               "1.2.840.10045.4.3.3": "sha384", "1.2.840.10045.4.3.4": "sha512"}
+
+
+def _check_signature_algorithm(oid: str, kind: str, digest: str, params: Any) -> None:
+    present = params.native is not None if hasattr(params, "native") else params is not None
+    if oid == _RSA_OID:
+        if present and params.dump() != b"\x05\x00":
+            raise Pkcs7Error("rsaEncryption with parameters other than NULL")
+        return
+    if oid in _ECDSA_OIDS:
+        if _ECDSA_OIDS[oid] != digest:
+            raise Pkcs7Error(f"signature algorithm ecdsa-with-{_ECDSA_OIDS[oid]} does not match digest {digest}")
+    elif oid in (_OID_SM2_SM3, _OID_SM2):
+        if digest != "sm3":
+            raise Pkcs7Error(f"SM2 signature with digest {digest}; SM2 module signatures use SM3")
+    else:
+        raise Pkcs7Error(f"unsupported signature algorithm {kind} ({oid}); the kernel accepts rsaEncryption, "
+                         "ecdsa-with-SHA* and SM2-with-SM3")
+    if present:
+        raise Pkcs7Error(f"signature algorithm {kind} carries unexpected parameters")
 
 
 def _signature_kind(oid: str, native: str) -> str:
@@ -305,7 +347,9 @@ def _verify_signature(cert: Certificate, p7: Pkcs7Info, payload: bytes | memoryv
     from cryptography.hazmat.primitives import hashes
     from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa, utils
 
-    if cert.key_type == "sm2" or p7.signature_algorithm == "sm2":
+    if {"rsa": "rsa", "ecdsa": "ecdsa", "sm2": "sm2"}.get(p7.signature_algorithm) != cert.key_type:
+        return False  # the PKCS#7 names another algorithm than the certificate's key
+    if cert.key_type == "sm2":
         if cert.key_type != "sm2":
             return False
         return sm2_verify_module(cert, p7.signature, payload, user_id=sm2_user_id)
