@@ -216,7 +216,8 @@ _HIDDEN_VARS = {
 
 def host_from_vars(name: str, hv: dict[str, Any], groups: tuple[str, ...] = ()) -> Host:
     """A Host from one host's merged Ansible variables; ConfigError on values kpipe cannot use safely."""
-    where = f"host {name!r}"
+    source = hv.get("inventory_file")
+    where = f"{source}: host {name!r}" if source else f"host {name!r}"
     if not isinstance(name, str) or not _NAME_RE.match(name):
         raise ConfigError(f"{where}: unusable host name (whitespace, control characters, '/' or a leading '-')",
                           hint="rename the host and put the address in ansible_host")
@@ -531,7 +532,7 @@ def fleet_from_data(path: Path, doc: Any) -> FleetFile:
                     p = Path(os.path.expanduser(value))
                     value = str(p if p.is_absolute() else path.parent / p)
                 hv[var] = value
-        host_from_vars(name, {**hv, "inventory_dir": str(path.parent)})  # validate now, naming this file
+        host_from_vars(name, {**hv, "inventory_dir": str(path.parent), "inventory_file": str(path)})  # validate now
         hosts[name] = hv
     groups_raw = doc.get("groups") or {}
     if not isinstance(groups_raw, dict):
