@@ -1,0 +1,105 @@
+#!/usr/bin/env bash
+# kpipe's main job, end to end, on a local lab of real Debian kernels under qemu:
+# set up the machine, build the kbuild example on the `local` build host, validate,
+# sign with a generated lab key, preflight in a VM, roll out in waves over three lab
+# VMs, verify, audit (table + HTML), roll back, audit again. Leaves no VM running.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$(pwd)
+
+if [ "${KPIPE_SKIP_SETUP:-0}" != 1 ]; then
+  echo "==> [setup] installing Debian and PyPI packages (scripts/setup.sh)"
+  bash scripts/setup.sh
+fi
+
+export KPIPE_WORKSPACE="$ROOT"
+REPORTS="$ROOT/.kpipe/reports"
+mkdir -p "$REPORTS"
+stage() { printf '\n\033[1m==> [%s] %s\033[0m\n' "$1" "$2"; }
+json_field() { python3 -c 'import json,sys; d=json.load(sys.stdin); print(eval(sys.argv[1], {}, {"d": d}))' "$1"; }
+
+cleanup() {
+  stage cleanup "stopping the lab VMs"
+  kpipe lab down || true
+}
+trap cleanup EXIT
+
+RELEASE=$(kpipe kernels list --json | python3 -c '
+import json, sys
+ks = [k["release"] for k in json.load(sys.stdin) if k["release"].endswith("-amd64") and k["release"].startswith("6.1.")]
+print(sorted(ks)[-1])')
+stage kernel "target kernel: $RELEASE (Debian's current 6.1 ABI, discovered from the installed headers)"
+
+stage keys "lab signing key (kernel module-signing certificate, stays on this machine)"
+KEYDIR="$ROOT/.lab/signing"
+if [ ! -s "$KEYDIR/signing_key.pem" ]; then
+  mkdir -p "$KEYDIR"; chmod 700 "$KEYDIR"
+  cat > "$KEYDIR/x509.genkey" <<'CFG'
+[ req ]
+default_bits = 3072
+distinguished_name = req_distinguished_name
+prompt = no
+string_mask = utf8only
+x509_extensions = myexts
+[ req_distinguished_name ]
+O = kpipe lab
+CN = kpipe lab module signing key
+[ myexts ]
+basicConstraints=critical,CA:FALSE
+keyUsage=digitalSignature
+subjectKeyIdentifier=hash
+authorityKeyIdentifier=keyid
+CFG
+  openssl req -new -nodes -utf8 -sha256 -days 3650 -batch -x509 -config "$KEYDIR/x509.genkey" \
+    -outform PEM -out "$KEYDIR/signing_cert.pem" -keyout "$KEYDIR/signing_key.pem" 2>/dev/null
+  chmod 600 "$KEYDIR/signing_key.pem"
+fi
+echo "certificate: $KEYDIR/signing_cert.pem"
+
+stage recipe "lint the recipes, render cmdline-demo for $RELEASE"
+kpipe recipe lint
+kpipe recipe render cmdline-demo --kernel "$RELEASE" | head -n 20
+
+stage build "build cmdline-demo on the local build host (validated and signed as the recipe says)"
+kpipe build --recipe cmdline-demo --kernel "$RELEASE" --host local
+ARTIFACT=$(kpipe artifacts list --recipe cmdline-demo --kernel "$RELEASE" --json \
+  | python3 -c 'import json,sys; a=[x for x in json.load(sys.stdin) if x["status"]=="valid" and x["signed"]]; print(a[0]["id"])')
+echo "signed artifact: $ARTIFACT"
+
+stage validate "validate the signed module for $RELEASE (certificate: the lab key)"
+kpipe validate "$ARTIFACT" --kernel "$RELEASE" --cert "$KEYDIR/signing_cert.pem"
+
+stage preflight "boot $RELEASE in a VM: load, verify, probe, unload, verify removal"
+kpipe preflight "$ARTIFACT"
+
+stage lab "boot three lab VMs of $RELEASE"
+kpipe lab up --kernel "$RELEASE" --vms 3
+show_cmdline() {
+  for vm in lab1 lab2 lab3; do
+    printf '  %s /proc/cmdline: %s\n' "$vm" "$(kpipe lab ssh "$vm" -- cat /proc/cmdline)"
+  done
+}
+echo "before the rollout:"; show_cmdline
+
+stage rollout "roll out in waves (1 canary, then the rest), health-gated"
+kpipe rollout start cmdline-demo --limit lab --waves 1,100% --max-failures 0 --rollback-policy wave --yes
+echo "after the rollout:"; show_cmdline
+
+stage verify "verify every host against the desired state"
+kpipe verify --limit lab
+
+stage audit "audit the fleet (table, HTML)"
+kpipe audit --limit lab --format table
+kpipe audit --limit lab --format html --output "$REPORTS/audit-after-rollout.html"
+echo "HTML report: $REPORTS/audit-after-rollout.html"
+
+stage rollback "roll the patch back on every host"
+kpipe rollout rollback last --yes
+echo "after the rollback:"; show_cmdline
+
+stage audit "audit again"
+kpipe audit --limit lab --format table
+kpipe audit --limit lab --format html --output "$REPORTS/audit-after-rollback.html"
+echo "HTML report: $REPORTS/audit-after-rollback.html"
+
+stage done "main job complete; reports in $REPORTS"
