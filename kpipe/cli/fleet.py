@@ -128,14 +128,15 @@ def _facts_table(console: Any, results: dict[str, Any], elapsed: float) -> None:
 
     ok = sum(isinstance(r, HostFacts) for r in results.values())
     table = Table(title=f"facts: {ok}/{len(results)} host(s) answered in {elapsed:.1f} s", title_justify="left")
-    for col in ("host", "status", "kernel", "arch", "distro", "livepatch", "taint", "kpatch", "selinux", "sig",
-                "free"):
-        table.add_column(col, overflow="fold", no_wrap=col not in ("livepatch", "kernel"))
+    # Failed hosts show their failure kind in the kernel column; the reasons follow the table.
+    for col in ("host", "kernel", "arch", "distro", "livepatch", "taint", "kpatch", "selinux", "sig", "free"):
+        table.add_column(col, overflow="fold", no_wrap=col not in ("livepatch", "kernel", "distro"),
+                         min_width={"kernel": 14, "livepatch": 9}.get(col))
     failures = []
     for name, r in results.items():
         if not isinstance(r, HostFacts):
             kind = getattr(r, "kind", "error")
-            table.add_row(escape(name), f"[red]{escape(kind)}[/]", *[""] * 9)
+            table.add_row(escape(name), f"[red]{escape(kind)}[/]", *[""] * 8)
             failures.append((name, kind, str(r)))
             continue
         if not r.livepatch_sysfs:
@@ -146,7 +147,7 @@ def _facts_table(console: Any, results: dict[str, Any], elapsed: float) -> None:
             lp = ", ".join(f"{escape(p.name)}[{_patch_state(p)}]" for p in r.patches.values())
         free = "" if r.free_kb is None else _size(r.free_kb)
         sig = {None: "-", True: "Y", False: "N"}[r.sig_enforce]
-        table.add_row(escape(name), "[green]ok[/]", escape(r.release), escape(r.arch),
+        table.add_row(escape(name), escape(r.release), escape(r.arch),
                       escape(f"{r.os_id} {r.os_version}".strip()), lp, r.taint_flags or "-",
                       "yes" if r.kpatch_cli else "no", r.selinux, sig, free)
     console.print(table)

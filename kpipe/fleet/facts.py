@@ -253,7 +253,10 @@ def _parse_df(value: str, warnings: list[str]) -> tuple[int | None, str]:
     path = parts[0]
     if len(parts) >= 6 and parts[4].isdigit():
         return int(parts[4]), path
-    warnings.append(f"unreadable df output for {path}")
+    if len(parts) > 1 and parts[1] == "Filesystem":
+        warnings.append(f"df printed no file system for {path} (an initramfs root shows none)")
+    else:
+        warnings.append(f"unreadable df output for {path}")
     return None, path
 
 
