@@ -88,10 +88,21 @@ def remember(st: LabState | None) -> None:
         _SEEN.extend((v.pid, v.start_time) for v in st.vms)
 
 
+# Each test module that imports these fixtures gets its own copy of every session
+# fixture (pytest registers fixtures per module), so the expensive resources are
+# shared through these module globals with reference counts: the last user stops them.
+_GUARDS = [0]
+_LAB: dict[str, object] = {"users": 0, "value": None, "ws": None}
+
+
 @pytest.fixture(scope="session")
 def qemu_guard() -> Iterator[None]:
     """At the end of the session, no qemu started by this session is alive."""
+    _GUARDS[0] += 1
     yield
+    _GUARDS[0] -= 1
+    if _GUARDS[0] > 0 or _LAB["users"]:
+        return  # another module's copy of this fixture checks at the very end
     left = [(v.pid, v.name) for v in vmmod.STARTED if vmmod.alive(v)]
     left += [(pid, "recorded") for pid, st in _SEEN if qemu_alive(pid, st)]
     for v in vmmod.STARTED:  # never leave them behind, even when the assertion fails
@@ -108,16 +119,37 @@ def demo_module(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def shared_lab(tmp_path_factory: pytest.TempPathFactory, qemu_guard: None) -> Iterator[SharedLab]:
     """Two VMs of the current Debian kernel, booted once per session through the CLI."""
+    _LAB["users"] += 1  # type: ignore[operator]
+    try:
+        if _LAB["value"] is None:
+            _LAB["value"] = _boot_shared_lab(tmp_path_factory)
+        yield _LAB["value"]  # type: ignore[misc]
+    finally:
+        _LAB["users"] -= 1  # type: ignore[operator]
+        if not _LAB["users"]:
+            _stop_shared_lab()
+
+
+def _boot_shared_lab(tmp_path_factory: pytest.TempPathFactory) -> SharedLab:
     ws = tmp_path_factory.mktemp("labws")
     (ws / "kpipe.toml").write_text("# lab test workspace\n")
+    _LAB["ws"] = ws
     lab = Lab(ws / ".lab")
-    try:
-        r = kpipe_cli(ws, "lab", "up", "--vms", "2", "--sig-enforce-vms", "lab2", timeout=900)
-        remember(lab.load_state())
-        assert r.returncode == 0, f"kpipe lab up failed ({r.returncode}): {r.stderr}{r.stdout}"
-        st = lab.require_state()
-        yield SharedLab(ws, lab, st)
-    finally:
-        remember(lab.load_state())
-        r = kpipe_cli(ws, "lab", "down", timeout=120)
-        lab.down()  # idempotent fallback (PID + start time checked)
+    r = kpipe_cli(ws, "lab", "up", "--vms", "2", "--sig-enforce-vms", "lab2", timeout=900)
+    remember(lab.load_state())
+    if r.returncode != 0:
+        _stop_shared_lab()
+        pytest.fail(f"kpipe lab up failed ({r.returncode}): {r.stderr}{r.stdout}")
+    return SharedLab(ws, lab, lab.require_state())
+
+
+def _stop_shared_lab() -> None:
+    ws = _LAB["ws"]
+    if ws is None:
+        return
+    lab = Lab(Path(ws) / ".lab")  # type: ignore[arg-type]
+    remember(lab.load_state())
+    kpipe_cli(Path(ws), "lab", "down", timeout=120)  # type: ignore[arg-type]
+    lab.down()  # idempotent fallback (PID + start time checked)
+    _LAB["value"] = None
+    _LAB["ws"] = None
