@@ -104,9 +104,9 @@ def plan_cmd(
         _print_plan(plan, rid)
 
 
-def _progress_printer():
-    """An event callback that prints wave, host and gate lines."""
-    con = state().console
+def _progress_printer(to_stderr: bool = False):
+    """An event callback that prints wave, host and gate lines (on stderr when stdout carries JSON)."""
+    con = state().err_console if to_stderr else state().console
     colors = {"applied": "green", "rolled_back": "cyan", "failed": "red", "unreachable": "red", "skipped": "yellow"}
 
     def on_event(ev: Any) -> None:
@@ -155,11 +155,12 @@ def _print_summary(s: Any) -> None:
         con.print(f"  halted: {s.halt_reason}")
 
 
-def _run_engine(rid: str, what: str, forks: Optional[int], limit: Optional[str] = None) -> Any:
+def _run_engine(rid: str, what: str, forks: Optional[int], limit: Optional[str] = None,
+                json_out: bool = False) -> Any:
     from kpipe.rollout.world import engine_for
 
     journal = _journal()
-    engine, runner = engine_for(state().workspace, journal, rid, forks=forks, on_event=_progress_printer())
+    engine, runner = engine_for(state().workspace, journal, rid, forks=forks, on_event=_progress_printer(json_out))
     try:
         if what == "start":
             return engine.start(rid)
@@ -222,7 +223,7 @@ def start_cmd(
         return
     if not yes and not typer.confirm(f"Roll out to {len(plan.hosts)} host(s) in {len(plan.waves)} wave(s)?"):
         raise typer.Abort()
-    _finish(_run_engine(rid, "start", forks), json_out)
+    _finish(_run_engine(rid, "start", forks, json_out=json_out), json_out)
 
 
 @rollout_app.command("resume")
@@ -231,7 +232,7 @@ def resume_cmd(rollout_id: str = typer.Argument(..., help="Rollout id, or `last`
                json_out: bool = typer.Option(False, "--json")) -> None:
     """Continue a rollout from its journal (re-reads every host's real state first)."""
     rid = _journal().resolve(rollout_id)
-    _finish(_run_engine(rid, "resume", forks), json_out)
+    _finish(_run_engine(rid, "resume", forks, json_out=json_out), json_out)
 
 
 @rollout_app.command("rollback")
@@ -241,7 +242,7 @@ def rollback_cmd(rollout_id: str = typer.Argument(..., help="Rollout id, or `las
                  json_out: bool = typer.Option(False, "--json")) -> None:
     """Roll back every host the rollout applied (disable, wait, unload, verify removal)."""
     rid = _journal().resolve(rollout_id)
-    s = _run_engine(rid, "rollback", forks, limit)
+    s = _run_engine(rid, "rollback", forks, limit, json_out=json_out)
     if json_out:
         print_json(s.to_dict())
     else:
