@@ -1,0 +1,85 @@
+"""bench/lab: boot-to-SSH time of one lab VM and of three, and qemu RSS per VM.
+
+    python bench/lab.py [--runs N] [--memory MB] [--json FILE]
+
+The kernel package and the base initramfs are warmed first, so the figures
+are what a second `kpipe lab up` costs. Target: three VMs ready within 2x the
+time of one. Every VM is stopped at the end (also on failure).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from kpipe.lab import Lab, LabConfig, resolve_kernel  # noqa: E402
+from kpipe.lab import initramfs, vm as vmmod  # noqa: E402
+
+TARGET_RATIO = 2.0
+
+
+def boot(image, folder: Path, n: int, memory: int) -> tuple[float, list[float]]:
+    """Seconds from `up` to every VM answering SSH; RSS (MiB) of each qemu once ready."""
+    lab = Lab(folder, prefix="bench")
+    try:
+        t0 = time.monotonic()
+        st = lab.up(image, LabConfig(vms=n, memory_mb=memory))
+        seconds = time.monotonic() - t0
+        rss = [vmmod.rss_kib(v.pid) / 1024 for v in st.vms]
+        return seconds, rss
+    finally:
+        lab.down()
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--runs", type=int, default=2, help="boots per configuration (median reported)")
+    ap.add_argument("--memory", type=int, default=256, help="guest memory in MiB")
+    ap.add_argument("--kernel", default=None, help="Debian kernel release (default: the current one)")
+    ap.add_argument("--json", dest="json_out", default="", help="also write the figures to this file")
+    args = ap.parse_args()
+
+    t0 = time.monotonic()
+    image = resolve_kernel(args.kernel, None, None)
+    lab_cache = Lab(Path(tempfile.gettempdir())).cache_dir
+    initramfs.build_base(image, lab_cache)
+    print(f"kernel {image.release}; cache warm in {time.monotonic() - t0:.1f} s; accel: "
+          f"{' '.join(vmmod.accel_args()[:4])}; {args.runs} run(s) each, -m {args.memory}")
+
+    results: dict[int, list[float]] = {1: [], 3: []}
+    rss: list[float] = []
+    with tempfile.TemporaryDirectory(prefix="kpipe-bench-lab-") as tmp:
+        for run in range(args.runs):
+            for n in (1, 3):
+                seconds, r = boot(image, Path(tmp) / f"r{run}-n{n}", n, args.memory)
+                results[n].append(seconds)
+                rss += r
+                print(f"  run {run + 1}: {n} VM(s) ready in {seconds:5.1f} s, RSS "
+                      + ", ".join(f"{x:.0f}" for x in r) + " MiB")
+    one, three = statistics.median(results[1]), statistics.median(results[3])
+    ratio = three / one
+    figures = {"one_vm_s": round(one, 2), "three_vms_s": round(three, 2), "ratio": round(ratio, 2),
+               "target_ratio": TARGET_RATIO, "rss_mib_median": round(statistics.median(rss), 1),
+               "rss_mib_max": round(max(rss), 1), "runs": args.runs, "memory_mb": args.memory,
+               "kernel": image.release}
+    print(f"boot-to-SSH: 1 VM {one:.1f} s, 3 VMs {three:.1f} s -> ratio {ratio:.2f}x "
+          f"(target <= {TARGET_RATIO:.1f}x: {'met' if ratio <= TARGET_RATIO else 'MISSED'})")
+    print(f"qemu RSS per VM: median {figures['rss_mib_median']:.0f} MiB, max {figures['rss_mib_max']:.0f} MiB")
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps(figures, indent=2) + "\n")
+    left = [v.pid for v in vmmod.STARTED if vmmod.alive(v)]
+    if left:
+        print(f"qemu left running: {left}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
