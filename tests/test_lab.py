@@ -138,6 +138,23 @@ def test_down_without_a_lab_and_with_dead_vms(tmp_path):
     assert not lab.state_file.exists()
 
 
+def test_user_kernel_accepts_a_modules_folder_or_a_tree_holding_one(tmp_path):
+    vmlinuz = tmp_path / "vmlinuz"
+    vmlinuz.write_bytes(b"k")
+    mods = tmp_path / "tree" / "lib" / "modules" / "5.10.0-136.12.0.86.oe2203sp1.x86_64"
+    mods.mkdir(parents=True)
+    (mods / "modules.order").write_text("")
+    for given in (mods, tmp_path / "tree"):
+        k = labkernel.resolve_kernel(None, vmlinuz, given)
+        assert (k.release, k.modules_dir, k.source) == ("5.10.0-136.12.0.86.oe2203sp1.x86_64", mods, "user")
+    with pytest.raises(ConfigError, match="--modules"):
+        labkernel.resolve_kernel(None, vmlinuz, None)
+    with pytest.raises(ConfigError, match="not a modules folder"):
+        labkernel.resolve_kernel(None, vmlinuz, tmp_path)
+    with pytest.raises(ConfigError, match="invalid kernel release"):
+        labkernel.fetch_debian_kernel("../../etc", tmp_path)
+
+
 def test_bad_sig_enforce_vm_names_are_refused(tmp_path):
     lab = Lab(tmp_path / ".lab")
     image = labkernel.KernelImage("6.1.0-0-amd64", tmp_path / "vmlinuz", tmp_path)

@@ -80,11 +80,14 @@ def _print_status(status: dict) -> None:
         console.print("no lab is running")
         return
     t = Table(title=f"lab: {status['kernel'].get('release', '?')} ({status['folder']})")
-    for col in ("VM", "state", "ssh", "pid", "RSS MiB", "sig_enforce", "kernel args"):
-        t.add_column(col)
+    for col in ("VM", "state", "ssh", "pid", "RSS MiB", "sig_enforce"):
+        t.add_column(col, no_wrap=True)
+    t.add_column("extra kernel args")
     for v in status["vms"]:
+        extra = " ".join(a for a in v["append"].split() if a not in ("console=ttyS0", "panic=-1")
+                         and not a.startswith("kpipe.lab="))
         t.add_row(v["name"], "[green]running[/]" if v["alive"] else "[red]stopped[/]", v["ssh"], str(v["pid"]),
-                  f"{v['rss_mib']:.0f}", "yes" if v["sig_enforce"] else "no", v["append"])
+                  f"{v['rss_mib']:.0f}", "yes" if v["sig_enforce"] else "no", extra)
     console.print(t)
     if status.get("ready_seconds"):
         console.print(f"ready in {status['ready_seconds']:.1f} s")
