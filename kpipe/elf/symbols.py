@@ -411,6 +411,45 @@ def symvers_candidates(release: str) -> list[str]:
             f"/usr/src/kernels/{release}/Module.symvers"]
 
 
+# /proc files report size 0, so SFTP cannot copy them directly: snapshot into a private temp file first.
+_SNAPSHOT_SH = 'f=$(mktemp "${TMPDIR:-/tmp}/kpipe-ksyms.XXXXXX") && cat -- "$1" > "$f" && echo "$f"'
+
+
+def _read_remote(transport: Any, path: str, *, snapshot: bool) -> str | None:
+    """A remote text file's content, or None if it cannot be read.
+
+    Bulk output is copied as a file (transport.get) rather than read from a command's stdout:
+    5 MB of kallsyms through a command's output stream costs tens of seconds over SSH.
+    """
+    import tempfile
+
+    from kpipe.commands import Command
+
+    remote = path
+    if snapshot:
+        res = transport.run(Command.script(_SNAPSHOT_SH, path, label="snapshot", timeout=120))
+        if not res.ok or not res.stdout.strip():
+            return None
+        remote = res.stdout.strip().splitlines()[-1]
+    else:
+        res = transport.run(Command.of("test", "-r", path, label="probe"))
+        if not res.ok:
+            return None
+    try:
+        with tempfile.TemporaryDirectory(prefix="kpipe-fetch-") as tmp:
+            local = Path(tmp) / "copy"
+            try:
+                transport.get(remote, local)
+                return local.read_bytes().decode("utf-8", "replace")
+            except (TransportError, OSError):
+                # No file transfer on this transport: fall back to the command's output.
+                res = transport.run(Command.of("cat", remote, label="read", timeout=600))
+                return res.stdout if res.ok else None
+    finally:
+        if snapshot:
+            transport.run(Command.of("rm", "-f", "--", remote, label="cleanup"))
+
+
 def fetch_from_host(transport: Any, release: str) -> list[SymbolSource]:
     """Read /proc/kallsyms (only if the host runs `release`) and Module.symvers from a host; parsed sources.
 
@@ -424,20 +463,20 @@ def fetch_from_host(transport: Any, release: str) -> list[SymbolSource]:
     running = transport.run(Command.of("cat", "/proc/sys/kernel/osrelease", label="osrelease"))
     running_release = running.stdout.strip() if running.ok else ""
     if running_release == release:
-        res = transport.run(Command.of("cat", "/proc/kallsyms", label="kallsyms", timeout=120))
-        if res.ok and res.stdout.strip():
-            src = parse_nm_style(res.stdout, "kallsyms", f"{host}:/proc/kallsyms")
-            src.digest = digest_of(res.stdout.encode())
+        text = _read_remote(transport, "/proc/kallsyms", snapshot=True)
+        if text and text.strip():
+            src = parse_nm_style(text, "kallsyms", f"{host}:/proc/kallsyms")
+            src.digest = digest_of(text.encode())
             out.append(src)
         else:
-            problems.append(f"cat /proc/kallsyms exited {res.exit_status}")
+            problems.append("cannot read /proc/kallsyms")
     else:
         problems.append(f"the host runs {running_release or 'an unknown kernel'}, not {release}: kallsyms skipped")
     for path in symvers_candidates(release):
-        res = transport.run(Command.of("cat", path, label="symvers", timeout=120))
-        if res.ok and res.stdout.strip():
-            src = parse_symvers(res.stdout, f"{host}:{path}")
-            src.digest = digest_of(res.stdout.encode())
+        text = _read_remote(transport, path, snapshot=False)
+        if text and text.strip():
+            src = parse_symvers(text, f"{host}:{path}")
+            src.digest = digest_of(text.encode())
             out.append(src)
             break
     else:
