@@ -690,3 +690,138 @@ def evaluate(
         hosts=hosts,
         sources=tuple(desired.sources),
     )
+
+
+# --------------------------------------------------------------------------
+# The edge: journal + inventory + hosts -> AuditResult
+# --------------------------------------------------------------------------
+
+
+def journal_records(workspace: Any) -> list[AppliedRecord]:
+    """Every applied / rolled_back host outcome in the workspace's rollout journal."""
+    from kpipe.rollout.engine import applied_records
+    from kpipe.rollout.journal import Journal
+
+    out = []
+    for r in applied_records(Journal(workspace.store)):
+        out.append(
+            AppliedRecord(
+                seq=float(r["seq"]),
+                rollout_id=str(r["rollout_id"]),
+                host=str(r["host"]),
+                patch=str(r["patch"]),
+                action=str(r["action"]),
+                artifact_id=str(r.get("artifact_id", "")),
+                sha256=str(r.get("sha256", "")),
+                kernel=str(r.get("kernel", "")),
+                replace=bool(r.get("replace", False)),
+            )
+        )
+    return out
+
+
+def observed_from_facts(facts: Any, state: Any = None) -> ObservedHost:
+    """An ObservedHost from kpipe.fleet.facts.HostFacts (+ an optional HostLivepatch for /sys/module)."""
+    installed = {module_name(m.file_name): m.sha256 for m in getattr(facts, "installed", ()) if m.sha256 != "?"}
+    patches = dict(facts.patches)
+    modules: dict[str, bool] = {}
+    if state is not None:
+        patches = dict(state.patches) or patches
+        modules = {n: bool(m.present) for n, m in state.modules.items()}
+    return ObservedHost(
+        host=facts.name,
+        reachable=True,
+        kernel=facts.release,
+        tainted=facts.tainted,
+        patches=patches,
+        installed=installed,
+        modules=modules,
+    )
+
+
+def observe_hosts(
+    workspace: Any, hosts: list[Any], names: Mapping[str, Iterable[str]], forks: int | None = None
+) -> dict[str, ObservedHost]:
+    """Ask each host (over SSH, at most `forks` at once) for its facts and its modules' /sys/module state."""
+    from kpipe.errors import KpipeError
+    from kpipe.fleet import facts as F
+    from kpipe.fleet import livepatch as lp
+
+    cmd = F.facts_command()
+
+    def one(t: Any) -> ObservedHost:
+        r = t.run(cmd)
+        if r.exit_status != 0 and F.HEADER not in r.stdout:
+            raise F.FactsError(f"the facts command exited {r.exit_status}", host=t.name)
+        facts = F.parse_facts(t.name, r.stdout)
+        # Module names from the journal and the desired file: a disabled patch's sysfs
+        # folder is gone while its module may still be loaded.
+        wanted = sorted({n for n in names.get(t.name, ()) if lp._MODULE_NAME.match(n)})
+        state = lp.read_state(t, *wanted) if wanted else None
+        return observed_from_facts(facts, state)
+
+    pool = F.pool_for(workspace, forks)
+    try:
+        raw = pool.run_many([h.target() for h in hosts], one, forks or workspace.ssh.forks)
+    finally:
+        pool.close()
+    out: dict[str, ObservedHost] = {}
+    for h in hosts:
+        value = raw.get(h.name)
+        if isinstance(value, ObservedHost):
+            out[h.name] = value
+        else:
+            msg = value.message if isinstance(value, KpipeError) else f"{type(value).__name__}: {value}"
+            out[h.name] = ObservedHost(h.name, reachable=False, error=str(msg).splitlines()[0] if msg else "error")
+    return out
+
+
+def run_audit(
+    workspace: Any,
+    limit: str | None = None,
+    *,
+    desired_file: str | Path | None = None,
+    forks: int | None = None,
+    settle: float = 0.0,
+) -> AuditResult:
+    """Audit the hosts `limit` selects: journal (+ desired file) against what each host reports now.
+
+    `desired_file` defaults to `[audit] desired` in kpipe.toml. Hosts still in
+    transition are read again after `settle` seconds before they are called stuck.
+    """
+    from kpipe.errors import NotFoundError
+    from kpipe.fleet.inventory import load_inventory
+
+    inventory = load_inventory(workspace)
+    hosts = inventory.select(limit)
+    desired = desired_from_records(journal_records(workspace))
+    section = workspace.section("audit") if hasattr(workspace, "section") else {}
+    if desired_file is None and section.get("desired"):
+        desired_file = workspace.path(str(section["desired"])) if hasattr(workspace, "path") else section["desired"]
+    if "allowed_taint" in section:
+        desired.allowed_taint = taint_mask(section["allowed_taint"])
+    if desired_file:
+
+        def match(pattern: str) -> list[str]:
+            try:
+                return [h.name for h in inventory.select(pattern)]
+            except NotFoundError:
+                return []
+
+        apply_desired_file(desired, load_desired_file(Path(desired_file)), match, str(desired_file))
+
+    names = {
+        h.name: set(desired.for_host(h.name)) | set(desired.retired.get(h.name, {})) for h in hosts
+    }
+    observed = observe_hosts(workspace, hosts, names, forks)
+    if settle > 0:
+        shaky = [h for h in hosts if evaluate_host(desired, observed[h.name]).status == TRANSITION]
+        if shaky:
+            time.sleep(settle)
+            observed.update(observe_hosts(workspace, shaky, names, forks))
+    if limit in (None, "", "all"):
+        # A host a rollout patched that left the inventory cannot be verified: say so.
+        known = {h.name for h in hosts}
+        for host in sorted(set(desired.patches) - known):
+            observed[host] = ObservedHost(host, reachable=False, error="not in the inventory (a rollout patched it)")
+    return evaluate(desired, observed.values())

@@ -1,9 +1,117 @@
-"""kpipe audit commands."""
+"""kpipe verify and kpipe audit: desired live-patch state against what the hosts show.
+
+Desired state: what completed (or partly completed) rollouts applied, minus
+what was rolled back, plus an optional desired-state file (`--desired`, or
+`[audit] desired` in kpipe.toml; format in kpipe/audit.py). Observed state:
+only what each host reports now over SSH (sysfs, /sys/module, installed
+module checksums, taint), never the journal.
+
+Exit codes: `verify` exits 0 when every selected host is compliant and 1
+otherwise (an unreachable host is not compliant). `audit` exits 0 once the
+report is written, whatever it says (`--strict`: 1 if anything is not
+compliant). Both exit 4 for a malformed desired-state file or inventory and 5
+when --limit matches no host.
+"""
 
 from __future__ import annotations
 
+from typing import Optional
+
 import typer
+
+_LIMIT = typer.Option(None, "--limit", "-l", help="Ansible host pattern: group, host, glob, ~regex, a:b, a:&b, a:!b.")
+_DESIRED = typer.Option(None, "--desired", "-d",
+                        help="Desired-state YAML (hosts/patterns -> patches required/forbidden).")
+_FORKS = typer.Option(None, "--forks", "-f", min=1, max=1000, help="Hosts in flight at once (default: the ssh section's forks in kpipe.toml).")
+_SETTLE = typer.Option(5.0, "--settle", min=0.0, max=600.0,
+                       help="Seconds to wait before re-reading a host in transition (then it counts as stuck).")
+
+
+def _print_table(result) -> None:  # result: kpipe.audit.AuditResult
+    from rich.table import Table
+    from rich.text import Text
+
+    from kpipe.cli.context import state
+    from kpipe.report.table import COLUMNS, STATUS_STYLE, summary_line, table_rows
+
+    def cell(value: str, style: str = "") -> Text:
+        # Text(), not markup: host names and details come from outside ("[bold]" stays literal).
+        return Text("".join(c if c.isprintable() else repr(c)[1:-1] for c in value), style=style)
+
+    table = Table(title=summary_line(result), title_justify="left")
+    for col in COLUMNS:
+        table.add_column(col, overflow="fold")
+    for host, patch, status, kernel, detail in table_rows(result):
+        table.add_row(cell(host), cell(patch), cell(status, STATUS_STYLE.get(status, "")), cell(kernel), cell(detail))
+    state().console.print(table)
+
+
+def verify(
+    limit: Optional[str] = _LIMIT,
+    as_json: bool = typer.Option(False, "--json", help="Print the audit as JSON instead of a table."),
+    forks: Optional[int] = _FORKS,
+    desired: Optional[str] = _DESIRED,
+    settle: float = _SETTLE,
+) -> None:
+    """Read every selected host's live patches over SSH and check them against the desired state (exit 1 if any host is not compliant)."""
+    from kpipe.audit import run_audit
+    from kpipe.cli.context import print_json, state
+
+    result = run_audit(state().workspace, limit, desired_file=desired, forks=forks, settle=settle)
+    if as_json:
+        print_json(result.to_dict())
+    else:
+        _print_table(result)
+    if not result.compliant:
+        raise typer.Exit(1)
+
+
+def audit(
+    limit: Optional[str] = _LIMIT,
+    desired: Optional[str] = _DESIRED,
+    fmt: str = typer.Option("table", "--format", "-F",
+                            help="table | json | junit | prometheus | html", case_sensitive=False),
+    output: Optional[str] = typer.Option(None, "--output", "-o",
+                                         help="Write the report here (atomically: temp file + rename)."),
+    forks: Optional[int] = _FORKS,
+    settle: float = _SETTLE,
+    strict: bool = typer.Option(False, "--strict", help="Exit 1 if any host is not compliant."),
+) -> None:
+    """Report desired vs observed live-patch state per host and patch, as a table, JSON, JUnit XML, Prometheus text or HTML."""
+    from pathlib import Path
+
+    from kpipe.audit import run_audit
+    from kpipe.cli.context import state
+    from kpipe.errors import ConfigError
+    from kpipe.report import FORMATS, render, write_atomic
+
+    fmt = fmt.lower()
+    if fmt not in FORMATS:
+        raise ConfigError(f"--format {fmt!r} is unknown", hint=f"use one of {', '.join(FORMATS)}")
+    out_path = Path(output) if output else None
+    if out_path is not None and not out_path.parent.is_dir():
+        raise ConfigError(f"--output {output}: folder {out_path.parent} does not exist")
+    result = run_audit(state().workspace, limit, desired_file=desired, forks=forks, settle=settle)
+    if out_path is None and fmt == "table":
+        _print_table(result)
+    else:
+        text = render(result, fmt)
+        if out_path is None:
+            import sys
+
+            sys.stdout.write(text)
+            sys.stdout.flush()
+        else:
+            try:
+                write_atomic(out_path, text)
+            except OSError as e:
+                raise ConfigError(f"--output {output}: cannot write: {e.strerror}") from None
+            state().err_console.print(f"wrote {fmt} report to {out_path}", highlight=False, markup=False)
+    if strict and not result.compliant:
+        raise typer.Exit(1)
 
 
 def register(app: typer.Typer) -> None:
-    """Add this group's commands to the root app."""
+    """Add `kpipe verify` and `kpipe audit` to the root app."""
+    app.command("verify")(verify)
+    app.command("audit")(audit)
