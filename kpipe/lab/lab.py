@@ -166,6 +166,7 @@ class Lab:
             for spec, enforce, host_pub in specs:
                 vms.append(vmmod.start(spec, sig_enforce=enforce, host_key=host_pub))
                 self._save(st)  # recorded at once, so `down` can stop it whatever happens next
+            self._restart_port_clashes(st, specs)
             self._write_access_files(st)
             self.wait_ready(st, config.boot_timeout, say)
         except BaseException:
@@ -174,6 +175,20 @@ class Lab:
         st.ready_seconds = time.monotonic() - t0
         self._save(st)
         return st
+
+    def _restart_port_clashes(self, st: LabState, specs: list[tuple[VmSpec, bool, str]], tries: int = 3) -> None:
+        """Restart a VM whose forwarded port was taken between free_port() and qemu's bind."""
+        for _ in range(tries):
+            time.sleep(1.0)  # qemu binds its forwards within milliseconds of starting
+            clashed = [i for i, v in enumerate(st.vms) if not vmmod.alive(v)
+                       and "host forwarding" in _tail(Path(v.folder) / "qemu.log", 20)]
+            if not clashed:
+                return
+            for i in clashed:
+                spec, enforce, host_pub = specs[i]
+                spec.ssh_port = vmmod.free_port()
+                st.vms[i] = vmmod.start(spec, sig_enforce=enforce, host_key=host_pub)
+                self._save(st)
 
     def _write_access_files(self, st: LabState) -> None:
         lines = [f"[127.0.0.1]:{v.ssh_port} {v.host_key}\n" for v in st.vms]
