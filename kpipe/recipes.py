@@ -26,6 +26,10 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path, PurePosixPath
 from typing import Any, Iterable
 
+import yaml
+from jinja2 import BaseLoader, StrictUndefined, TemplateNotFound, TemplateSyntaxError, UndefinedError
+from jinja2.sandbox import SandboxedEnvironment, SecurityError
+
 from kpipe.errors import ConfigError, NotFoundError
 
 BUILDERS = ("kpatch-build", "kbuild")
@@ -152,8 +156,6 @@ def _compose_yaml(text: str) -> tuple[Any, dict[tuple, int], dict[tuple, int]]:
 
     A block scalar (`|` or `>`) is recorded at the line after its indicator, where its text starts.
     """
-    import yaml
-
     try:
         root = yaml.compose(text, Loader=yaml.SafeLoader)
     except yaml.MarkedYAMLError as e:
@@ -714,9 +716,6 @@ def _check_rollout(ro: dict, c: _Checker, probs: _Problems, rendered: bool) -> t
 
 def _sandbox(loader: Any) -> Any:
     """A SandboxedEnvironment with StrictUndefined, no autoescape, and size limits on * and **."""
-    from jinja2 import StrictUndefined
-    from jinja2.sandbox import SandboxedEnvironment, SecurityError
-
     limit = MAX_RENDERED_CHARS
 
     class _Sandbox(SandboxedEnvironment):
@@ -770,9 +769,6 @@ def _template_line(exc: BaseException, filename: str) -> int | None:
 
 def _jinja_error(exc: BaseException) -> tuple[str, str]:
     """(message, hint) for an exception raised while compiling or rendering a template."""
-    from jinja2 import TemplateNotFound, TemplateSyntaxError, UndefinedError
-    from jinja2.sandbox import SecurityError
-
     if isinstance(exc, SecurityError):
         return (f"template sandbox violation: {exc}",
                 "templates may only read `kernel`, `options`, `recipe` (and `module` in file templates); "
@@ -788,30 +784,23 @@ def _jinja_error(exc: BaseException) -> tuple[str, str]:
     return f"template error: {type(exc).__name__}: {exc}", "check the expression in the template"
 
 
-class _Loader:
-    """A Jinja loader that serves only files under recipes/ or patches/ (no '..', no symlink escapes)."""
+class _WorkspaceLoader(BaseLoader):
+    """Serves the recipe's own strings, and files under recipes/ or patches/ only (no '..', no symlink escapes)."""
 
-    def __init__(self, ws: Any, strings: dict[str, str]):
-        from jinja2 import BaseLoader
-
+    def __init__(self, ws: Any):
         self.ws = ws
-        self.strings = strings
-        outer = self
+        self.sources: dict[str, tuple[str, str]] = {}  # template name -> (text, filename shown in errors)
 
-        class _L(BaseLoader):
-            def get_source(self, environment: Any, template: str) -> tuple[str, str, Any]:
-                from jinja2 import TemplateNotFound
-
-                if template in outer.strings:
-                    return outer.strings[template], template, lambda: True
-                try:
-                    path = resolve_template_path(outer.ws, template)
-                    text = _read_text(path, MAX_TEMPLATE_BYTES)
-                except ConfigError:
-                    raise TemplateNotFound(template) from None
-                return text, str(path), lambda: True
-
-        self.loader = _L()
+    def get_source(self, environment: Any, template: str) -> tuple[str, str, Any]:
+        if template in self.sources:
+            text, filename = self.sources[template]
+            return text, filename, lambda: True
+        try:
+            path = resolve_template_path(self.ws, template)
+            text = _read_text(path, MAX_TEMPLATE_BYTES)
+        except ConfigError:
+            raise TemplateNotFound(template) from None
+        return text, str(path), lambda: True
 
 
 def _read_text(path: Path, limit: int) -> str:
@@ -922,17 +911,18 @@ def _kernel_vars(entry: Any) -> tuple[Any, dict[str, Any]]:
     return k, k.to_dict()
 
 
-def _render_tree(env: Any, value: Any, path: tuple, variables: dict, probs: _Problems, names: dict[str, str]) -> Any:
+def _render_tree(env: Any, value: Any, path: tuple, variables: dict, probs: _Problems,
+                 loader: _WorkspaceLoader) -> Any:
     if isinstance(value, dict):
         return {k: (v if not path and k in _NOT_RENDERED else _render_tree(env, v, path + (k,), variables, probs,
-                                                                           names))
+                                                                           loader))
                 for k, v in value.items()}
     if isinstance(value, list):
-        return [_render_tree(env, v, path + (i,), variables, probs, names) for i, v in enumerate(value)]
+        return [_render_tree(env, v, path + (i,), variables, probs, loader) for i, v in enumerate(value)]
     if not isinstance(value, str) or not _TEMPLATE_MARK.search(value):
         return value
     name = f"<{probs.file}:{probs.line(path)} {_field(path)}>"
-    names[name] = value
+    loader.sources[name] = (value, name)
     try:
         out = env.get_template(name).render(variables)
     except Exception as e:  # every template failure is the recipe's fault: report it, never a traceback
@@ -947,7 +937,8 @@ def _render_tree(env: Any, value: Any, path: tuple, variables: dict, probs: _Pro
     return out
 
 
-def _render_file(env: Any, ws: Any, rel: str, variables: dict, probs: _Problems, path: tuple) -> str | None:
+def _render_file(env: Any, ws: Any, loader: _WorkspaceLoader, rel: str, variables: dict, probs: _Problems,
+                 path: tuple) -> str | None:
     """Render a template file; errors point at the template's own file:line."""
     try:
         file = resolve_template_path(ws, rel)
@@ -956,17 +947,19 @@ def _render_file(env: Any, ws: Any, rel: str, variables: dict, probs: _Problems,
         probs.error(path, str(e), e.hint or "")
         return None
     shown = _display(ws, file)
+    name = f"file:{rel}"
+    loader.sources[name] = (text, str(file))
     try:
-        out = env.get_template(rel).render(variables)
-    except Exception as e:
+        out = env.get_template(name).render(variables)
+    except Exception as e:  # every template failure is the recipe's fault: report it, never a traceback
         msg, hint = _jinja_error(e)
         line = getattr(e, "lineno", None) or _template_line(e, str(file)) or 1
         probs.error(path, f"{msg} (template of {_field(path)}, {probs.file}:{probs.line(path)})", hint,
                     file=shown, line=line)
         return None
-    del text
     if len(out) > MAX_RENDERED_CHARS:
-        probs.error(path, f"template {shown} renders to {len(out)} characters", "", file=shown, line=1)
+        probs.error(path, f"template {shown} renders to {len(out)} characters", "keep generated sources small",
+                    file=shown, line=1)
         return None
     return out
 
@@ -989,10 +982,10 @@ def _build_spec(ws: Any, recipe: Recipe, entry: Any, probs: _Problems) -> Any:
         if key in entry_opts:
             options[key] = entry_opts[key]
     variables = {"kernel": kvars, "options": options, "recipe": recipe.name}
-    strings: dict[str, str] = {}
-    env = _sandbox(_Loader(ws, strings).loader)
+    loader = _WorkspaceLoader(ws)
+    env = _sandbox(loader)
 
-    rendered = _render_tree(env, recipe.data, (), variables, probs, strings)
+    rendered = _render_tree(env, recipe.data, (), variables, probs, loader)
     if probs.errors:
         return None
     norm = _check_schema(rendered, probs, rendered=True)
@@ -1035,11 +1028,12 @@ def _build_spec(ws: Any, recipe: Recipe, entry: Any, probs: _Problems) -> Any:
         builder_opts.setdefault("targets", [])
     else:
         for i, src in enumerate(section.get("sources", [])):
-            text = _render_file(env, ws, src["template"], file_vars, probs, ("kbuild", "sources", i, "template"))
+            text = _render_file(env, ws, loader, src["template"], file_vars, probs,
+                                ("kbuild", "sources", i, "template"))
             if text is not None:
                 sources.append(SourceFile(name=src["name"], text=text))
         if section.get("kbuild"):
-            text = _render_file(env, ws, section["kbuild"], file_vars, probs, ("kbuild", "kbuild"))
+            text = _render_file(env, ws, loader, section["kbuild"], file_vars, probs, ("kbuild", "kbuild"))
             if text is not None:
                 sources.append(SourceFile(name="Kbuild", text=text))
         else:
