@@ -29,12 +29,13 @@ def up_cmd(
     kernel: Optional[str] = typer.Option(None, "--kernel", help="Debian kernel release, or `debian` for the current one."),
     kernel_image: Optional[Path] = typer.Option(None, "--kernel-image", help="A vmlinuz of your own."),
     modules: Optional[Path] = typer.Option(None, "--modules", help="Its /lib/modules/<release> folder."),
-    vms: int = typer.Option(1, "--vms", min=1, max=16, help="How many VMs."),
-    memory: int = typer.Option(256, "--memory", min=96, help="Guest memory in MiB."),
+    vms: Optional[int] = typer.Option(None, "--vms", min=1, max=16, help="How many VMs ([lab] vms, default 1)."),
+    memory: Optional[int] = typer.Option(None, "--memory", min=96,
+                                         help="Guest memory in MiB ([lab] memory, default 256)."),
     sig_enforce: bool = typer.Option(False, "--sig-enforce", help="module.sig_enforce=1 on every VM."),
     sig_enforce_vms: Optional[List[str]] = typer.Option(None, "--sig-enforce-vms",
                                                         help="module.sig_enforce=1 on these VMs only (repeat or comma-separate)."),
-    append: str = typer.Option("", "--append", help="Extra kernel arguments."),
+    append: str = typer.Option("", "--append", help="Extra kernel arguments (after [lab] append)."),
     timeout: float = typer.Option(300.0, "--timeout", help="Seconds until every VM must answer SSH."),
     json_out: bool = typer.Option(False, "--json", help="Print the lab as JSON."),
 ) -> None:
@@ -47,8 +48,10 @@ def up_cmd(
     say = (lambda m: st.err_console.print(f"[dim]lab:[/] {m}")) if json_out else (lambda m: st.console.print(f"[dim]lab:[/] {m}"))
     image = resolve_kernel(kernel, kernel_image, modules, lab.cache_dir)
     enforce_vms = tuple(n.strip() for v in (sig_enforce_vms or []) for n in v.split(",") if n.strip())
-    cfg = LabConfig(vms=vms, memory_mb=memory, sig_enforce=sig_enforce, sig_enforce_vms=enforce_vms, append=append,
-                    boot_timeout=timeout)
+    section = st.workspace.section("lab")
+    cfg = LabConfig(vms=vms or int(section.get("vms", 1)), memory_mb=memory or int(section.get("memory", 256)),
+                    sig_enforce=sig_enforce, sig_enforce_vms=enforce_vms,
+                    append=" ".join(a for a in (str(section.get("append", "")), append) if a), boot_timeout=timeout)
     lab.up(image, cfg, say)
     status = lab.status()
     if json_out:
