@@ -259,7 +259,7 @@ def slow_spec(ws, seconds: int, name: str):
 
 def test_dropped_ssh_connection_does_not_stop_the_build_and_a_rerun_reattaches(env):
     ws, sshd, tmp = env
-    spec = slow_spec(ws, 6, "drop")
+    spec = slow_spec(ws, 10, "drop")
     ev = Events()
     runner = BuildRunner(ws, on_event=ev)
     out = {}
@@ -274,8 +274,8 @@ def test_dropped_ssh_connection_does_not_stop_the_build_and_a_rerun_reattaches(e
     cut = out["res"]
     assert cut.status == "error" and cut.exit_code == 6
     assert "reattach" in cut.hint
-    assert alive(pid), "the build died with the SSH connection"
-    assert not Path(remote_dir, "exit").exists()
+    assert alive(pid) or Path(remote_dir, "exit").read_text().strip() == "0", \
+        f"the build died with the SSH connection: {Path(remote_dir, 'log').read_text()}"
 
     again, ev2 = run_one(ws, spec)
     assert again.status == "built", again
@@ -299,7 +299,7 @@ def write_recipe(ws, name: str, patch_name: str, patch_text: str, kernels=("6.1.
 
 def test_sigkilled_kpipe_leaves_the_build_running_and_a_rerun_reattaches(env):
     ws, sshd, tmp = env
-    write_recipe(ws, "slowfix", "slowfix.patch", memcg_patch("// KPATCH_DOUBLE_SLEEP: 6\n"))
+    write_recipe(ws, "slowfix", "slowfix.patch", memcg_patch("// KPATCH_DOUBLE_SLEEP: 10\n"))
     proc = _kpipe(ws.root, "build", "--recipe", "slowfix", "--kernel", DEBIAN_RELEASE)
     seen = []
     try:

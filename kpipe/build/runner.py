@@ -148,9 +148,11 @@ echo "kpipe: builder exited with status $rc"
 finish "$rc"
 """
 
-# $1 folder, $2 offset, $3 max polls of 50 ms, $4 max bytes. Waits for new output or the end, then prints
-# "<end offset> <log size> <exit status or -> <builder alive 0|1>" and the log bytes [offset, end).
-# The exit file is read before the size: once it exists the log is complete.
+# $1 folder, $2 offset, $3 max polls of 50 ms, $4 max bytes, $5 predicted module, $6 output folder.
+# Waits for new output or the end, then prints "<end offset> <log size> <exit status or -> <alive 0|1>",
+# once the build has ended and the log is drained also where the module and the extra log are
+# (key=value lines), then a "--kpipe-log--" line and the log bytes [offset, end). The exit file is read
+# before the size: once it exists the log is complete.
 FOLLOW_SCRIPT = r"""
 dir=$1; off=$2; n=$3; cap=$4; i=0
 [ -d "$dir" ] || { echo "missing"; exit 0; }
@@ -171,17 +173,15 @@ if [ -z "$rc" ] && [ "$alive" = 0 ]; then rc=$(cat "$dir/exit" 2>/dev/null); siz
 end=$size
 [ $((end - off)) -gt "$cap" ] && end=$((off + cap))
 echo "$end $size ${rc:--} $alive"
-if [ "$end" -gt "$off" ]; then tail -c +$((off + 1)) "$dir/log" | head -c $((end - off)); fi
-"""
-
-# $1 folder, $2 predicted module path, $3 output folder: where the module and the extra log are.
-COLLECT_SCRIPT = r"""
-dir=$1
-if [ -f "$2" ]; then echo "module=$2"
-else for f in "$3"/*.ko; do if [ -f "$f" ]; then echo "module=$f"; break; fi; done
+if [ -n "$rc" ] && [ "$end" -ge "$size" ]; then
+    if [ -f "$5" ]; then echo "module=$5"
+    else for f in "$6"/*.ko; do if [ -f "$f" ]; then echo "module=$f"; break; fi; done
+    fi
+    if [ -f "$dir/cachedir-build.log" ]; then echo "cachelog=$dir/cachedir-build.log"; fi
+    for k in started finished slot; do echo "$k=$(cat "$dir/$k" 2>/dev/null)"; done
 fi
-if [ -f "$dir/cachedir-build.log" ]; then echo "cachelog=$dir/cachedir-build.log"; fi
-for k in started finished slot; do echo "$k=$(cat "$dir/$k" 2>/dev/null)"; done
+echo "--kpipe-log--"
+if [ "$end" -gt "$off" ]; then tail -c +$((off + 1)) "$dir/log" | head -c $((end - off)); fi
 """
 
 # Kbuild (M=...) and kpatch-build's own make calls break on whitespace and make
@@ -566,8 +566,8 @@ class BuildRunner:
                                  f"{host.name} in {build_dir} (pid {pid})",
                                  {"host": host.name, "dir": build_dir, "pid": pid}))
         _record(self.store, digest, host.name, **fields)
-        rc = self._follow(t, key, builder, build_dir)
-        return self._finish(spec, host, t, plan, probe, digest, rc, res)
+        rc, outputs = self._follow(t, key, builder, plan)
+        return self._finish(spec, host, t, plan, probe, digest, rc, outputs, res)
 
     def _launch(self, t, key: str, host: BuildHost, probe: _Probe, name: str, plan: BuildPlan,
                 mode: str) -> tuple[int, str]:
@@ -593,18 +593,19 @@ class BuildRunner:
                                  f"the earlier build (pid {kv['lost']}) died without finishing; started again"))
         return pid, state
 
-    def _follow(self, t, key: str, builder, build_dir: str) -> int:
-        """Follow the log from offset 0 until the exit file appears and the log is drained; the exit status."""
+    def _follow(self, t, key: str, builder, plan: BuildPlan) -> tuple[int, dict[str, str]]:
+        """Follow the log from offset 0 until the build ends and the log is drained: (exit status, outputs)."""
         offset = 0
         splitter = _LineSplitter()
         dead_polls = 0
         while True:
-            r = t.run(Command.script(FOLLOW_SCRIPT, build_dir, str(offset), str(POLL_ROUNDS), str(CHUNK_BYTES),
-                                     label="follow", timeout=60))
-            head, _, body = r.stdout.partition("\n")
-            parts = head.split()
-            if r.exit_status != 0 or len(parts) != 4:
-                raise BuildFailed(f"the build folder {build_dir} vanished from the build host",
+            r = t.run(Command.script(FOLLOW_SCRIPT, plan.build_dir, str(offset), str(POLL_ROUNDS), str(CHUNK_BYTES),
+                                     plan.module_path, plan.output_dir, label="follow", timeout=60))
+            head, sep, body = r.stdout.partition("--kpipe-log--\n")
+            head_lines = head.splitlines()
+            parts = head_lines[0].split() if head_lines else []
+            if r.exit_status != 0 or not sep or len(parts) != 4:
+                raise BuildFailed(f"the build folder {plan.build_dir} vanished from the build host",
                                   hint="run the build again")
             end, size, status, alive = int(parts[0]), int(parts[1]), parts[2], parts[3] == "1"
             if end > offset:
@@ -615,13 +616,13 @@ class BuildRunner:
                 if offset >= size:
                     for line in splitter.flush():
                         self._line(key, builder, line)
-                    return int(status)
+                    return int(status), _kv("\n".join(head_lines[1:]))
                 continue  # the log is complete but longer than one chunk
             if not alive:
                 # no exit status and no process: give run.sh's last write a moment, then call it lost
                 dead_polls += 1
                 if dead_polls >= 3:
-                    raise BuildFailed(f"the build process in {build_dir} died without an exit status "
+                    raise BuildFailed(f"the build process in {plan.build_dir} died without an exit status "
                                       "(killed, or the host rebooted)", hint="run the build again to restart it")
             else:
                 dead_polls = 0
@@ -633,10 +634,8 @@ class BuildRunner:
             self.emit(BuildEvent(key, "milestone", m.text, {"step": m.step}))
 
     def _finish(self, spec: BuildSpec, host: BuildHost, t, plan: BuildPlan, probe: _Probe, digest: str, rc: int,
-                res: BuildResult) -> BuildResult:
+                kv: dict[str, str], res: BuildResult) -> BuildResult:
         key = res.key
-        r = t.run(Command.script(COLLECT_SCRIPT, plan.build_dir, plan.module_path, plan.output_dir, label="collect"))
-        kv = _kv(r.stdout)
         with tempfile.TemporaryDirectory(prefix="kpipe-fetch-") as tmp:
             local_log = Path(tmp) / "log"
             t.get(f"{plan.build_dir}/log", local_log)

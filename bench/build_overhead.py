@@ -1,0 +1,184 @@
+"""Build overhead: kpipe building the kbuild recipe on an SSH build host vs the bare make over SSH.
+
+    python bench/build_overhead.py [--runs N]
+
+Starts a real OpenSSH sshd on a loopback port (like the tests' fixture:
+generated host and client keys, strict known_hosts), and a workspace whose
+build host is that server. Then, alternating so that machine load hits both
+alike, N times each:
+
+  direct  `ssh host make -C <headers> M=<dir> modules` over one OpenSSH
+          connection, sources already in place (the floor: no staging, no
+          detaching, no fetching, no store);
+  kpipe   BuildRunner.run(--force) in-process: connect, probe the toolchain,
+          stage, start detached, follow the log, fetch module + log, store;
+  kpipe CLI  `kpipe build --recipe R --kernel K --force` as a process
+          (adds Python start-up and imports);
+
+and a cache hit (in-process, and `kpipe build` as a process). Prints the
+medians and both ratios beside the targets: overhead < 15 %, cache hit < 0.5 s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
+
+RECIPE = "cmdline-demo"
+
+
+def make_workspace(tmp: Path, server, release: str, headers: str) -> Path:
+    """A workspace with the repository's kbuild recipe (without signing) and one SSH build host."""
+    ws = tmp / "ws"
+    (ws / "recipes").mkdir(parents=True)
+    (ws / "patches").mkdir()
+    shutil.copytree(ROOT / "recipes" / "templates", ws / "recipes" / "templates")
+    text = (ROOT / "recipes" / f"{RECIPE}.yaml").read_text()
+    kept, skip = [], False
+    for line in text.splitlines():
+        if line.startswith("signing:"):
+            skip = True
+            continue
+        if skip and (line.startswith(" ") or not line.strip()):
+            continue
+        skip = False
+        kept.append(line)
+    (ws / "recipes" / f"{RECIPE}.yaml").write_text("\n".join(kept) + "\n")
+    (ws / "kpipe.toml").write_text(f"""
+[workspace]
+store = ".kpipe"
+
+[ssh]
+known_hosts = "{server.known_hosts}"
+
+[[build_hosts]]
+name = "bench"
+address = "{server.address}"
+port = {server.port}
+user = "{server.user}"
+identity_file = "{server.client_key}"
+arch = "x86_64"
+kernels = ["*"]
+slots = 1
+workdir = "{tmp}/remote"
+
+[[kernels]]
+release = "{release}"
+arch = "x86_64"
+headers = "{headers}"
+""")
+    return ws
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--runs", type=int, default=5)
+    args = ap.parse_args()
+
+    from sshd import SshdServer, keygen
+
+    from kpipe import recipes
+    from kpipe.build.base import get_builder
+    from kpipe.build.runner import BuildOptions, BuildRunner
+    from kpipe.workspace import load_workspace
+
+    headers_dirs = sorted(p for p in Path("/usr/src").glob("linux-headers-*-amd64") if (p / "Module.symvers").exists())
+    if not headers_dirs:
+        sys.exit("no /usr/src/linux-headers-*-amd64 with Module.symvers: install linux-headers-amd64")
+    headers = str(headers_dirs[-1])
+    release = headers_dirs[-1].name[len("linux-headers-"):]
+
+    tmp = Path(tempfile.mkdtemp(prefix="kpipe-bench-"))
+    server = SshdServer.start(tmp / "sshd", client_key=keygen(tmp / "id_ed25519"))
+    try:
+        ws_root = make_workspace(tmp, server, release, headers)
+        ws = load_workspace(ws_root)
+        spec = recipes.render(ws, RECIPE, release)
+        host = ws.build_hosts[0]
+        env = dict(os.environ, KPIPE_WORKSPACE=str(ws_root), PYTHONPATH=str(ROOT))
+
+        def direct() -> float:
+            d = tmp / "direct"
+            shutil.rmtree(d, ignore_errors=True)
+            plan = get_builder("kbuild").plan(spec, host, str(d))
+            for f in plan.files:
+                (d / f.name).parent.mkdir(parents=True, exist_ok=True)
+                (d / f.name).write_bytes(f.data)
+            line = shlex.join(plan.argv)
+            t0 = time.perf_counter()
+            r = subprocess.run(server.ssh_argv(line), capture_output=True)
+            dt = time.perf_counter() - t0
+            assert r.returncode == 0 and (d / "src" / f"{plan.module_name}.ko").is_file(), r.stderr[-500:]
+            return dt
+
+        def kpipe_inproc() -> float:
+            t0 = time.perf_counter()
+            runner = BuildRunner(ws, options=BuildOptions(force=True, validate=False))
+            try:
+                res = runner.run([spec])[0]
+            finally:
+                runner.close()
+            dt = time.perf_counter() - t0
+            assert res.status == "built", (res.message, res.lines)
+            return dt
+
+        def kpipe_cli(*extra: str) -> float:
+            t0 = time.perf_counter()
+            r = subprocess.run([sys.executable, "-m", "kpipe", "build", "--recipe", RECIPE, "--kernel", release,
+                                *extra], env=env, capture_output=True, text=True)
+            dt = time.perf_counter() - t0
+            assert r.returncode == 0, r.stderr[-800:]
+            return dt
+
+        # warm-up: page cache for the headers and the compiler, toolchain probe
+        direct()
+        kpipe_inproc()
+        d_times, k_times, c_times = [], [], []
+        for i in range(args.runs):
+            d_times.append(direct())
+            k_times.append(kpipe_inproc())
+            c_times.append(kpipe_cli("--force"))
+            print(f"run {i + 1}/{args.runs}: direct {d_times[-1]:.2f} s, kpipe {k_times[-1]:.2f} s, "
+                  f"kpipe CLI {c_times[-1]:.2f} s", flush=True)
+
+        hit_inproc = []
+        for _ in range(args.runs):
+            t0 = time.perf_counter()
+            runner = BuildRunner(ws, options=BuildOptions())
+            res = runner.run([spec])[0]
+            runner.close()
+            hit_inproc.append(time.perf_counter() - t0)
+            assert res.status == "cached"
+        hit_cli = [kpipe_cli() for _ in range(args.runs)]
+
+        d, k, c = statistics.median(d_times), statistics.median(k_times), statistics.median(c_times)
+        hi, hc = statistics.median(hit_inproc), statistics.median(hit_cli)
+        print()
+        print(f"kbuild recipe {RECIPE!r} for {release} on an SSH build host (loopback sshd), median of {args.runs}")
+        print(f"{'':28}{'seconds':>10}{'vs direct':>12}   target")
+        print(f"{'direct make over ssh':28}{d:10.3f}{'1.00x':>12}")
+        print(f"{'kpipe build (in-process)':28}{k:10.3f}{k / d:11.2f}x   overhead {100 * (k / d - 1):+.1f} % "
+              f"(target < 15 %) {'OK' if k / d < 1.15 else 'MISSED'}")
+        print(f"{'kpipe build (CLI process)':28}{c:10.3f}{c / d:11.2f}x   overhead {100 * (c / d - 1):+.1f} % "
+              f"(target < 15 %) {'OK' if c / d < 1.15 else 'MISSED'}")
+        print(f"{'cache hit (in-process)':28}{hi:10.3f}{hi / d:11.3f}x   target < 0.5 s {'OK' if hi < 0.5 else 'MISSED'}")
+        print(f"{'cache hit (CLI process)':28}{hc:10.3f}{hc / d:11.3f}x   target < 0.5 s {'OK' if hc < 0.5 else 'MISSED'}")
+    finally:
+        server.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
