@@ -411,43 +411,35 @@ def symvers_candidates(release: str) -> list[str]:
             f"/usr/src/kernels/{release}/Module.symvers"]
 
 
-# /proc files report size 0, so SFTP cannot copy them directly: snapshot into a private temp file first.
-_SNAPSHOT_SH = 'f=$(mktemp "${TMPDIR:-/tmp}/kpipe-ksyms.XXXXXX") && cat -- "$1" > "$f" && echo "$f"'
+# One round trip finds everything: the running release, a private snapshot of /proc/kallsyms (proc files
+# report size 0, so they cannot be copied directly) when the host runs the wanted release, and the first
+# readable Module.symvers. Values travel as "$1".. only.
+_PROBE_SH = r"""
+rel=$(cat /proc/sys/kernel/osrelease 2>/dev/null)
+echo "release=$rel"
+want=$1; shift
+if [ "$rel" = "$want" ]; then
+  f=$(mktemp "${TMPDIR:-/tmp}/kpipe-ksyms.XXXXXX") && cat /proc/kallsyms > "$f" && echo "kallsyms=$f"
+fi
+for p in "$@"; do if [ -r "$p" ]; then echo "symvers=$p"; break; fi; done
+true
+"""
 
 
-def _read_remote(transport: Any, path: str, *, snapshot: bool) -> str | None:
-    """A remote text file's content, or None if it cannot be read.
-
-    Bulk output is copied as a file (transport.get) rather than read from a command's stdout:
-    5 MB of kallsyms through a command's output stream costs tens of seconds over SSH.
-    """
+def _copy_text(transport: Any, remote: str) -> str | None:
+    """A remote file's text, copied as a file: bulk data through a command's stdout is very slow over SSH."""
     import tempfile
 
     from kpipe.commands import Command
 
-    remote = path
-    if snapshot:
-        res = transport.run(Command.script(_SNAPSHOT_SH, path, label="snapshot", timeout=120))
-        if not res.ok or not res.stdout.strip():
-            return None
-        remote = res.stdout.strip().splitlines()[-1]
-    else:
-        res = transport.run(Command.of("test", "-r", path, label="probe"))
-        if not res.ok:
-            return None
-    try:
-        with tempfile.TemporaryDirectory(prefix="kpipe-fetch-") as tmp:
-            local = Path(tmp) / "copy"
-            try:
-                transport.get(remote, local)
-                return local.read_bytes().decode("utf-8", "replace")
-            except (TransportError, OSError):
-                # No file transfer on this transport: fall back to the command's output.
-                res = transport.run(Command.of("cat", remote, label="read", timeout=600))
-                return res.stdout if res.ok else None
-    finally:
-        if snapshot:
-            transport.run(Command.of("rm", "-f", "--", remote, label="cleanup"))
+    with tempfile.TemporaryDirectory(prefix="kpipe-fetch-") as tmp:
+        local = Path(tmp) / "copy"
+        try:
+            transport.get(remote, local)
+            return local.read_bytes().decode("utf-8", "replace")
+        except (TransportError, OSError):
+            res = transport.run(Command.of("cat", remote, label="read", timeout=600))  # no file transfer here
+            return res.stdout if res.ok else None
 
 
 def fetch_from_host(transport: Any, release: str) -> list[SymbolSource]:
@@ -458,12 +450,20 @@ def fetch_from_host(transport: Any, release: str) -> list[SymbolSource]:
     from kpipe.commands import Command
 
     host = getattr(transport, "name", "host")
+    res = transport.run(Command.script(_PROBE_SH, release, *symvers_candidates(release), label="symbols-probe",
+                                       timeout=120))
+    found = dict(line.split("=", 1) for line in res.stdout.splitlines() if "=" in line)
     out: list[SymbolSource] = []
     problems: list[str] = []
-    running = transport.run(Command.of("cat", "/proc/sys/kernel/osrelease", label="osrelease"))
-    running_release = running.stdout.strip() if running.ok else ""
-    if running_release == release:
-        text = _read_remote(transport, "/proc/kallsyms", snapshot=True)
+    running_release = found.get("release", "")
+    snapshot = found.get("kallsyms")
+    if running_release != release:
+        problems.append(f"the host runs {running_release or 'an unknown kernel'}, not {release}: kallsyms skipped")
+    elif snapshot:
+        try:
+            text = _copy_text(transport, snapshot)
+        finally:
+            transport.run(Command.of("rm", "-f", "--", snapshot, label="cleanup"))
         if text and text.strip():
             src = parse_nm_style(text, "kallsyms", f"{host}:/proc/kallsyms")
             src.digest = digest_of(text.encode())
@@ -471,14 +471,13 @@ def fetch_from_host(transport: Any, release: str) -> list[SymbolSource]:
         else:
             problems.append("cannot read /proc/kallsyms")
     else:
-        problems.append(f"the host runs {running_release or 'an unknown kernel'}, not {release}: kallsyms skipped")
-    for path in symvers_candidates(release):
-        text = _read_remote(transport, path, snapshot=False)
-        if text and text.strip():
-            src = parse_symvers(text, f"{host}:{path}")
-            src.digest = digest_of(text.encode())
-            out.append(src)
-            break
+        problems.append("cannot snapshot /proc/kallsyms")
+    path = found.get("symvers")
+    text = _copy_text(transport, path) if path else None
+    if path and text and text.strip():
+        src = parse_symvers(text, f"{host}:{path}")
+        src.digest = digest_of(text.encode())
+        out.append(src)
     else:
         problems.append(f"no Module.symvers for {release} under /lib/modules/{release}/build or /usr/src")
     if not out:
