@@ -48,7 +48,8 @@ Inside that private mount namespace only, per-host folders and fake tools cover:
 /sys/kernel (a folder holding livepatch/), /sys/module, /proc/sys/kernel/tainted, /dev/kmsg (a FIFO
 read by the simulator), /var/lib (holding kpatch/), /usr/lib/os-release, and the binaries behind
 /sbin/insmod and /sbin/rmmod (/usr/bin/kmod: one fake dispatching on its name), /usr/bin/dmesg
-and /usr/bin/uname. `kpatch` is absent. The fake insmod/rmmod ask the simulator (one thread in
+and /usr/bin/uname, and root's ~/.bashrc (empty: bash sources it for every command sshd runs,
+and this machine's runs `pyenv init`, which costs hundreds of ms per command). `kpatch` is absent. The fake insmod/rmmod ask the simulator (one thread in
 the test process for all hosts) through request files; the simulator plays the kernel as
 kernel-facts.md and lab.md describe: /sys/module/<m>, /sys/kernel/livepatch/<m>/{enabled,
 transition,vmlinux/patched,vmlinux/cmdline_proc_show,1}, the log lines, taints O/E/K (messages
@@ -317,6 +318,9 @@ class SimHost:
             f"mount --bind '{b}/kmod' '{self.fleet.kmod_path}'",
             f"mount --bind '{b}/dmesg' /usr/bin/dmesg",
             f"mount --bind '{b}/uname' /usr/bin/uname",
+            # bash sources ~/.bashrc for commands sshd runs; this machine's runs `pyenv init`
+            # (hundreds of ms, contending on a lock). A fleet host's root has no such setup.
+            f"if [ -e /root/.bashrc ]; then mount --bind '{b}/bashrc' /root/.bashrc; fi",
             f"mount --bind '{d}/ro' '{d}/ro'",
             f"mount -o remount,bind,ro '{d}/ro'",
         ]
@@ -735,7 +739,8 @@ class SimFleet:
         os.makedirs("/run/sshd", exist_ok=True)  # sshd's privilege separation folder
         self.bin_dir.mkdir(exist_ok=True)
         self.req_dir.mkdir(exist_ok=True)
-        for name, text in (("kmod", FAKE_KMOD), ("dmesg", FAKE_DMESG), ("uname", FAKE_UNAME)):
+        for name, text in (("kmod", FAKE_KMOD), ("dmesg", FAKE_DMESG), ("uname", FAKE_UNAME),
+                           ("bashrc", "# simulated host: no per-user shell setup\n")):
             p = self.bin_dir / name
             p.write_text(text)
             p.chmod(0o755)
