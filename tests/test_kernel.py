@@ -156,3 +156,24 @@ def test_longest_legal_release_is_accepted():
     r = "5.10.0-" + "1" * (64 - len("5.10.0-"))
     assert len(r) == 64
     assert parse_release(r).version == (5, 10, 0)
+
+
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.text(max_size=80))
+def test_any_text_parses_or_is_a_config_error(text):
+    try:
+        k = parse_release(text)
+    except ConfigError as e:
+        assert e.hint
+        return
+    assert k.release == text and len(k.version) >= 2 and k.arch and k.distro
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.from_regex(r"[1-6]\.[0-9]{1,2}\.[0-9]{1,3}-[0-9A-Za-z._+~-]{0,40}", fullmatch=True))
+def test_release_shaped_text_always_parses(text):
+    k = parse_release(text)
+    assert tuple(int(x) for x in k.upstream.split(".")) == k.version and text.startswith(k.upstream)
