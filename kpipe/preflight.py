@@ -47,7 +47,7 @@ def lab_kernel(workspace: Any, release: str, cache_dir: Path | None = None) -> A
 
 
 def run_preflight(workspace: Any, artifact_ref: str, *, keep: bool = False, sig_enforce: bool = False,
-                  boot_timeout: float = 300.0, memory_mb: int = 256, append: str = "",
+                  boot_timeout: float = 480.0, memory_mb: int = 256, append: str = "",
                   progress: Progress | None = None, store_result: bool = True) -> dict[str, Any]:
     """Preflight one artifact; return (and store) {status passed|failed, problems, kernel_lines, duration_s...}."""
     from kpipe.artifacts import get_artifact, update_artifact

@@ -36,7 +36,7 @@ def up_cmd(
     sig_enforce_vms: Optional[List[str]] = typer.Option(None, "--sig-enforce-vms",
                                                         help="module.sig_enforce=1 on these VMs only (repeat or comma-separate)."),
     append: str = typer.Option("", "--append", help="Extra kernel arguments (after \\[lab] append)."),
-    timeout: float = typer.Option(300.0, "--timeout", help="Seconds until every VM must answer SSH."),
+    timeout: float = typer.Option(480.0, "--timeout", help="Seconds until every VM must answer SSH."),
     json_out: bool = typer.Option(False, "--json", help="Print the lab as JSON."),
 ) -> None:
     """Boot N VMs and write .lab/inventory.yml and .lab/known_hosts."""
@@ -129,7 +129,7 @@ def preflight_cmd(
     artifact_id: str = typer.Argument(..., help="Artifact id (or unique prefix)."),
     keep: bool = typer.Option(False, "--keep", help="Leave the VM running after the check (stop it with the printed command)."),
     sig_enforce: bool = typer.Option(False, "--sig-enforce", help="Boot the VM with module.sig_enforce=1."),
-    timeout: float = typer.Option(300.0, "--timeout", help="Seconds the VM may take to answer SSH."),
+    timeout: float = typer.Option(480.0, "--timeout", help="Seconds the VM may take to answer SSH."),
     json_out: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ) -> None:
     """Gate before the first canary: exit 9 with the kernel's own reason on failure."""

@@ -36,7 +36,7 @@ class LabConfig:
     sig_enforce: bool = False  # module.sig_enforce=1 on every VM
     sig_enforce_vms: tuple[str, ...] = ()  # ...or only on these
     append: str = ""  # extra kernel arguments
-    boot_timeout: float = 300.0  # seconds until SSH must answer
+    boot_timeout: float = 480.0  # seconds until SSH must answer (TCG on a loaded 2-CPU host is slow)
     use_kvm: bool | None = None
     names: tuple[str, ...] = ()  # default lab1..labN
 
@@ -229,6 +229,8 @@ class Lab:
         def one(v: VmProcess, target: Any) -> None:
             last = "no answer yet"
             console = Path(v.folder) / "console.log"
+            ready_at: float | None = None
+            v_start = time.monotonic() - max(0.0, time.time() - v.started_at)
             while time.monotonic() < deadline:
                 if not vmmod.alive(v):
                     errors[v.name] = f"qemu exited: {_tail(Path(v.folder) / 'qemu.log')} " \
@@ -238,11 +240,15 @@ class Lab:
                 if not _console_ready(console):
                     time.sleep(0.2)
                     continue
+                if ready_at is None:
+                    ready_at = time.monotonic()
                 t = pool.transport(target)
                 try:
                     r = t.run(Command.of("true", timeout=30))
                     if r.ok:
-                        say(f"{v.name} answers SSH on 127.0.0.1:{v.ssh_port}")
+                        now = time.monotonic()
+                        say(f"{v.name} answers SSH on 127.0.0.1:{v.ssh_port} ({now - v_start:.1f} s after start; "
+                            f"guest ready {ready_at - v_start:.1f} s, SSH {now - ready_at:.1f} s)")
                         return
                     last = r.summary()
                 except TransportError as e:
