@@ -17,7 +17,7 @@ def _scan(ws: Any) -> list[dict[str, Any]]:
     from kpipe.errors import ConfigError
 
     rows = []
-    for file in recipes._recipe_files(ws):
+    for file in recipes.recipe_files(ws):
         try:
             r = recipes.load_recipe(ws, file.stem)
         except ConfigError as e:

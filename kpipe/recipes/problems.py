@@ -1,0 +1,90 @@
+"""Problems found in recipes: file, line, message, hint; and the collector the checks write to."""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import asdict, dataclass
+from typing import Any, Iterable
+
+from kpipe.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One finding of `lint` (or the reason `load`/`render` failed): file:line, message, hint."""
+
+    file: str
+    line: int
+    message: str
+    hint: str = ""
+    severity: str = "error"  # error | warning
+
+    def __str__(self) -> str:
+        return f"{self.file}:{self.line}: {self.message}"
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data for --json."""
+        return asdict(self)
+
+
+class _Problems:
+    """Collects problems for one file; `line(path)` finds the nearest known line of a value."""
+
+    def __init__(self, file: str, lines: dict[tuple, int] | None = None,
+                 key_lines: dict[tuple, int] | None = None, context: str = ""):
+        self.file = file
+        self.lines = lines or {}
+        self.key_lines = key_lines or {}
+        self.context = context  # e.g. "kernel 5.10.0-amd64-UOS"
+        self.items: list[Problem] = []
+        self.data: Any = None  # the parsed YAML, when it parsed
+
+    def line(self, path: tuple, key: bool = False) -> int:
+        if key and path in self.key_lines:
+            return self.key_lines[path]
+        p = path
+        while p:
+            if p in self.lines:
+                return self.lines[p]
+            p = p[:-1]
+        return self.lines.get((), 1)
+
+    def error(self, path: tuple, message: str, hint: str = "", *, key: bool = False, file: str | None = None,
+              line: int | None = None) -> None:
+        self._add("error", path, message, hint, key, file, line)
+
+    def warning(self, path: tuple, message: str, hint: str = "", *, key: bool = False) -> None:
+        self._add("warning", path, message, hint, key, None, None)
+
+    def _add(self, severity: str, path: tuple, message: str, hint: str, key: bool, file: str | None,
+             line: int | None) -> None:
+        if self.context:
+            message = f"{message} ({self.context})"
+        hint = hint or "run `kpipe recipe lint` for every problem; README.md documents the recipe format"
+        self.items.append(Problem(file or self.file, line if line is not None else self.line(path, key), message,
+                                  hint, severity))
+
+    @property
+    def errors(self) -> list[Problem]:
+        return [p for p in self.items if p.severity == "error"]
+
+
+def _raise_first(problems: list[Problem], what: str) -> None:
+    errors = [p for p in problems if p.severity == "error"]
+    if not errors:
+        return
+    first = errors[0]
+    more = f" (+{len(errors) - 1} more problem(s): run `kpipe recipe lint`)" if len(errors) > 1 else ""
+    raise ConfigError(f"{first}{more}", hint=first.hint or f"fix {what}")
+
+
+def _field(path: tuple) -> str:
+    out = ""
+    for p in path:
+        out += f"[{p}]" if isinstance(p, int) else (f".{p}" if out else str(p))
+    return out or "recipe"
+
+
+def _did_you_mean(word: str, choices: Iterable[str]) -> str:
+    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
+    return f"did you mean {close[0]!r}? " if close else ""

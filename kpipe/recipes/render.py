@@ -1,0 +1,231 @@
+"""Rendering one recipe for one catalog kernel into a kpipe.build.spec.BuildSpec."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import replace
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from kpipe.errors import ConfigError, NotFoundError
+from kpipe.recipes.loading import Recipe, _display, kernels_for_recipe, load_recipe
+from kpipe.recipes.paths import resolve_patch_path, resolve_template_path
+from kpipe.recipes.problems import _Problems, _field, _raise_first
+from kpipe.recipes.sandbox import _WorkspaceLoader, _jinja_error, _read_text, _sandbox, _template_line
+from kpipe.recipes.schema import (
+    MAX_RENDERED_CHARS,
+    MAX_TEMPLATE_BYTES,
+    MODULE_NAME_MAX,
+    _NOT_RENDERED,
+    _TEMPLATE_MARK,
+    _check_schema,
+)
+
+
+def _sanitize_module(name: str) -> str:
+    """kpatch-build's rule: characters outside [A-Za-z0-9_-] become '-', then at most 55 characters."""
+    return re.sub(r"[^A-Za-z0-9_-]", "-", name)[:MODULE_NAME_MAX]
+
+
+def predict_module_name(builder: str, recipe_name: str, patches: list[str], explicit: str | None) -> str:
+    """The module name the builder will produce (file <name>.ko; sysfs shows '-' as '_')."""
+    if explicit:
+        return explicit
+    if builder == "kpatch-build" and patches:
+        # kpatch-build: livepatch-<first patch's basename without .patch/.diff>, sanitised
+        base = PurePosixPath(patches[0]).name
+        for suffix in (".patch", ".diff"):
+            if base.endswith(suffix):
+                base = base[: -len(suffix)]
+                break
+        return _sanitize_module(f"livepatch-{base}")
+    return _sanitize_module(f"livepatch-{recipe_name}")
+
+
+def _kernel_vars(entry: Any) -> tuple[Any, dict[str, Any]]:
+    """(KernelRelease, template dict) for a catalog entry; the catalog's arch/distro win over 'unknown'."""
+    from kpipe.kernel import parse_release
+
+    k = parse_release(entry.release)
+    changes = {}
+    if getattr(entry, "arch", "") and entry.arch != "unknown" and k.arch == "unknown":
+        changes["arch"] = entry.arch
+    if getattr(entry, "distro", "") and entry.distro != "unknown" and k.distro == "unknown":
+        changes["distro"] = entry.distro
+    if changes:
+        k = replace(k, **changes)
+    return k, k.to_dict()
+
+
+def _render_tree(env: Any, value: Any, path: tuple, variables: dict, probs: _Problems,
+                 loader: _WorkspaceLoader) -> Any:
+    if isinstance(value, dict):
+        return {k: (v if not path and k in _NOT_RENDERED else _render_tree(env, v, path + (k,), variables, probs,
+                                                                           loader))
+                for k, v in value.items()}
+    if isinstance(value, list):
+        return [_render_tree(env, v, path + (i,), variables, probs, loader) for i, v in enumerate(value)]
+    if not isinstance(value, str) or not _TEMPLATE_MARK.search(value):
+        return value
+    name = f"<{probs.file}:{probs.line(path)} {_field(path)}>"
+    loader.sources[name] = (value, name)
+    try:
+        out = env.get_template(name).render(variables)
+    except Exception as e:  # every template failure is the recipe's fault: report it, never a traceback
+        msg, hint = _jinja_error(e)
+        # a multi-line value: point at the line inside it
+        inner = getattr(e, "lineno", None) or _template_line(e, name) or 1
+        probs.error(path, f"{_field(path)}: {msg}", hint, line=probs.line(path) + inner - 1)
+        return value
+    if len(out) > MAX_RENDERED_CHARS:
+        probs.error(path, f"{_field(path)} renders to {len(out)} characters", "keep rendered values small")
+        return value
+    return out
+
+
+def _render_file(env: Any, ws: Any, loader: _WorkspaceLoader, rel: str, variables: dict, probs: _Problems,
+                 path: tuple) -> str | None:
+    """Render a template file; errors point at the template's own file:line."""
+    try:
+        file = resolve_template_path(ws, rel)
+        text = _read_text(file, MAX_TEMPLATE_BYTES)
+    except ConfigError as e:
+        probs.error(path, str(e), e.hint or "")
+        return None
+    shown = _display(ws, file)
+    name = f"file:{rel}"
+    loader.sources[name] = (text, str(file))
+    try:
+        out = env.get_template(name).render(variables)
+    except Exception as e:  # every template failure is the recipe's fault: report it, never a traceback
+        msg, hint = _jinja_error(e)
+        line = getattr(e, "lineno", None) or _template_line(e, str(file)) or 1
+        probs.error(path, f"{msg} (template of {_field(path)}, {probs.file}:{probs.line(path)})", hint,
+                    file=shown, line=line)
+        return None
+    if len(out) > MAX_RENDERED_CHARS:
+        probs.error(path, f"template {shown} renders to {len(out)} characters", "keep generated sources small",
+                    file=shown, line=1)
+        return None
+    return out
+
+
+def _default_kbuild(module: str, sources: list[str]) -> str:
+    c_objs = [s[:-2] + ".o" for s in sources if s.endswith((".c", ".S"))]
+    if c_objs == [f"{module}.o"]:
+        return f"obj-m := {module}.o\n"
+    return f"obj-m := {module}.o\n{module}-y := {' '.join(c_objs)}\n"
+
+
+def _build_spec(ws: Any, recipe: Recipe, entry: Any, probs: _Problems) -> Any:
+    """Render `recipe` for catalog `entry`; problems go to `probs`; the BuildSpec when there are none."""
+    from kpipe.build.spec import BuildSpec, PatchFile, Probe, SourceFile
+
+    kernel, kvars = _kernel_vars(entry)
+    options = recipe.options
+    entry_opts = dict(getattr(entry, "options", {}) or {})
+    for key in options:  # the catalog may override a recipe option for one kernel
+        if key in entry_opts:
+            options[key] = entry_opts[key]
+    variables = {"kernel": kvars, "options": options, "recipe": recipe.name}
+    loader = _WorkspaceLoader(ws)
+    env = _sandbox(loader)
+
+    rendered = _render_tree(env, recipe.data, (), variables, probs, loader)
+    if probs.errors:
+        return None
+    norm = _check_schema(rendered, probs, rendered=True)
+    if probs.errors:
+        return None
+
+    patches: list[PatchFile] = []
+    for i, rel in enumerate(norm["patches"]):
+        try:
+            path = resolve_patch_path(ws, rel)
+            data = path.read_bytes()
+        except ConfigError as e:
+            probs.error(("patches", i), str(e), e.hint or "")
+            continue
+        except OSError as e:
+            probs.error(("patches", i), f"cannot read patch {rel!r}: {e.strerror}", "check the file's permissions")
+            continue
+        if not data.strip():
+            probs.error(("patches", i), f"patch {rel!r} is empty", "a patch is a unified diff (git format-patch)")
+        elif b"\n--- " not in b"\n" + data or b"\n+++ " not in data or b"\n@@ " not in data:
+            probs.error(("patches", i), f"patch {rel!r} does not look like a unified diff",
+                        "produce it with `git format-patch` or `diff -u`")
+        rel_name = str(path.relative_to(Path(ws.patches_dir).resolve()))
+        patches.append(PatchFile(name=rel_name, path=path, sha256=hashlib.sha256(data).hexdigest()))
+
+    builder = norm["builder"]
+    section = norm["kpatch"] if builder == "kpatch-build" else norm["kbuild"]
+    module = predict_module_name(builder, recipe.name, norm["patches"], section.get("module_name"))
+    file_vars = dict(variables, module=module, module_sysfs=module.replace("-", "_"))
+
+    sources: list[SourceFile] = []
+    builder_opts: dict[str, Any] = {}
+    if builder == "kpatch-build":
+        for key in ("jobs", "non_replace", "skip_compiler_check", "targets"):
+            if key in entry_opts and key not in section:
+                builder_opts[key] = entry_opts[key]  # catalog builder defaults for this kernel
+        builder_opts.update({k: v for k, v in section.items()})
+        builder_opts.setdefault("non_replace", False)
+        builder_opts.setdefault("skip_compiler_check", False)
+        builder_opts.setdefault("targets", [])
+    else:
+        for i, src in enumerate(section.get("sources", [])):
+            text = _render_file(env, ws, loader, src["template"], file_vars, probs,
+                                ("kbuild", "sources", i, "template"))
+            if text is not None:
+                sources.append(SourceFile(name=src["name"], text=text))
+        if section.get("kbuild"):
+            text = _render_file(env, ws, loader, section["kbuild"], file_vars, probs, ("kbuild", "kbuild"))
+            if text is not None:
+                sources.append(SourceFile(name="Kbuild", text=text))
+        else:
+            sources.append(SourceFile(name="Kbuild", text=_default_kbuild(module, [s["name"] for s in
+                                                                                      section.get("sources", [])])))
+        builder_opts = {"make_args": section.get("make_args", [])}
+        if "module_name" in section:
+            builder_opts["module_name"] = section["module_name"]
+
+    signing = {"sign": bool(norm["signing"].get("sign", False)), "signer": norm["signing"].get("signer", "")}
+    probe = None
+    if norm["probe"]:
+        probe = Probe(argv=tuple(norm["probe"]["argv"]), expect=norm["probe"]["expect"],
+                      expect_after_rollback=norm["probe"]["expect_after_rollback"])
+    if probs.errors:
+        return None
+    plain = {
+        "name": recipe.name, "description": norm["description"], "builder": builder, "module_name": module,
+        "kernels": list(norm["kernels"]), "patches": [p.name for p in patches], "options": options,
+        "builder_options": builder_opts, "signing": signing, "rollout": norm["rollout"],
+        "probe": norm["probe"],
+    }
+    return BuildSpec(recipe=recipe.name, recipe_file=recipe.file, kernel=kernel, kernel_entry=entry, builder=builder,
+                     module_name=module, patches=tuple(patches), sources=tuple(sources), options=builder_opts,
+                     signing=signing, rollout=norm["rollout"], probe=probe, rendered=plain)
+
+
+def render(ws: Any, recipe_name: str, kernel_release: str) -> Any:
+    """The BuildSpec of `recipe_name` for `kernel_release` (kpipe.build.spec.BuildSpec).
+
+    ConfigError (file:line) for a bad recipe or template, NotFoundError for an
+    unknown recipe or kernel, or a kernel the recipe does not target.
+    """
+    from kpipe.kernel import check_release
+
+    check_release(kernel_release)
+    recipe = load_recipe(ws, recipe_name)
+    entry = ws.kernel(kernel_release)
+    if not recipe.matches(kernel_release):
+        targets = kernels_for_recipe(ws, recipe)
+        raise NotFoundError(
+            f"recipe {recipe.name!r} does not target kernel {kernel_release!r}",
+            hint=f"its kernels: {', '.join(recipe.kernels)} (in the catalog: {', '.join(targets) or 'none'}); "
+                 f"add the release or a glob to `kernels:` in {_display(ws, recipe.file)}")
+    probs = _Problems(_display(ws, recipe.file), recipe.lines, recipe.key_lines)
+    spec = _build_spec(ws, recipe, entry, probs)
+    _raise_first(probs.items, _display(ws, recipe.file))
+    return spec

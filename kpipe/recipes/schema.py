@@ -1,0 +1,377 @@
+"""The recipe schema: strict key and type checks with did-you-mean hints, before and after rendering."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from kpipe.recipes.problems import _Problems, _did_you_mean, _field
+
+
+BUILDERS = ("kpatch-build", "kbuild")
+ROLLBACK_POLICIES = ("failed", "wave", "all")
+MODULE_NAME_MAX = 55  # the kernel's module name field is 56 bytes with the NUL (MODULE_NAME_LEN)
+MAX_RECIPE_BYTES = 1 << 20
+MAX_TEMPLATE_BYTES = 1 << 20
+MAX_RENDERED_CHARS = 1 << 20
+MAX_YAML_NODES = 20_000  # stops alias bombs ("billion laughs") while composing
+RECIPE_SUFFIXES = (".yaml", ".yml")
+
+_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+_MODULE_RE = re.compile(r"[A-Za-z0-9_-]{1,%d}" % MODULE_NAME_MAX)
+_SOURCE_NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+-]{0,99}")
+_GLOB_RE = re.compile(r"[0-9A-Za-z._+~*?\[\]!-]{1,64}")
+_MAKE_ARG_RE = re.compile(r"(?:[A-Za-z_][A-Za-z0-9_]*=[^\x00-\x1f]*|-j\d{1,4}|-k|-s)")
+_MAKE_RESERVED = ("M", "KBUILD_EXTMOD", "O", "KBUILD_OUTPUT", "src", "obj")
+_TEMPLATE_MARK = re.compile(r"\{\{|\{%|\{#")
+_DURATION_RE = re.compile(r"(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:\.\d+)?)s?)?")
+
+# Keys whose values are never rendered: identity and matching happen before rendering,
+# and `options` are the template's inputs.
+_NOT_RENDERED = ("name", "builder", "kernels", "options")
+
+
+_TOP_KEYS = ("name", "description", "builder", "kernels", "patches", "options", "kpatch", "kbuild", "signing",
+             "rollout")
+_KPATCH_KEYS = ("jobs", "non_replace", "targets", "skip_compiler_check", "module_name")
+_KBUILD_KEYS = ("sources", "kbuild", "make_args", "module_name")
+_SOURCE_KEYS = ("template", "name")
+_SIGNING_KEYS = ("sign", "signer")
+_ROLLOUT_KEYS = ("waves", "max_failures", "soak", "rollback", "probe")
+_PROBE_KEYS = ("argv", "expect", "expect_after_rollback")
+
+
+def _is_template(value: Any) -> bool:
+    return isinstance(value, str) and bool(_TEMPLATE_MARK.search(value))
+
+
+def _check_keys(d: dict, allowed: tuple[str, ...], path: tuple, probs: _Problems) -> None:
+    for key in d:
+        if key not in allowed:
+            probs.error(path + (key,), f"unknown key {key!r} in {_field(path)}",
+                        _did_you_mean(key, allowed) + f"allowed keys: {', '.join(allowed)}", key=True)
+
+
+class _Checker:
+    """Typed field checks that coerce rendered strings ("4" -> 4) and return normalised values."""
+
+    def __init__(self, probs: _Problems, rendered: bool):
+        self.probs, self.rendered = probs, rendered
+
+    def deferred(self, value: Any) -> bool:
+        # Before rendering, a template string can stand for any type; check it after rendering.
+        return not self.rendered and _is_template(value)
+
+    def string(self, d: dict, key: str, path: tuple, *, required: bool = False, nonempty: bool = False) -> Any:
+        p = path + (key,)
+        if key not in d:
+            if required:
+                self.probs.error(path, f"{_field(p)} is required", f"add `{key}:`")
+            return None
+        v = d[key]
+        if not isinstance(v, str):
+            self.probs.error(p, f"{_field(p)} must be a string, got {_type(v)}", "quote the value")
+            return None
+        if nonempty and not v.strip():
+            self.probs.error(p, f"{_field(p)} must not be empty", f"give `{key}:` a value or remove it")
+        return v
+
+    def boolean(self, d: dict, key: str, path: tuple) -> Any:
+        p = path + (key,)
+        if key not in d:
+            return None
+        v = d[key]
+        if isinstance(v, bool) or self.deferred(v):
+            return v
+        if self.rendered and isinstance(v, str) and v.strip().lower() in ("true", "yes", "on", "false", "no", "off"):
+            return v.strip().lower() in ("true", "yes", "on")
+        self.probs.error(p, f"{_field(p)} must be true or false, got {_type(v)} {v!r}", "write true or false")
+        return None
+
+    def integer(self, d: dict, key: str, path: tuple, *, minimum: int = 0, maximum: int = 1 << 20) -> Any:
+        p = path + (key,)
+        if key not in d:
+            return None
+        v = d[key]
+        if self.deferred(v):
+            return v
+        if self.rendered and isinstance(v, str) and re.fullmatch(r"\s*\d+\s*", v):
+            v = int(v)
+        if isinstance(v, bool) or not isinstance(v, int):
+            self.probs.error(p, f"{_field(p)} must be an integer, got {_type(v)} {v!r}", "write a whole number, e.g. 4")
+            return None
+        if not minimum <= v <= maximum:
+            self.probs.error(p, f"{_field(p)} must be between {minimum} and {maximum}, got {v}",
+                             f"use a value from {minimum} to {maximum}")
+            return None
+        return v
+
+    def str_list(self, d: dict, key: str, path: tuple, *, required: bool = False, nonempty: bool = False) -> Any:
+        p = path + (key,)
+        if key not in d:
+            if required:
+                self.probs.error(path, f"{_field(p)} is required", f"add `{key}:` with a list")
+            return None
+        v = d[key]
+        if not isinstance(v, list):
+            self.probs.error(p, f"{_field(p)} must be a list of strings, got {_type(v)}",
+                             f"write it as a YAML list, e.g. `{key}: [a, b]`")
+            return None
+        if nonempty and not v:
+            self.probs.error(p, f"{_field(p)} must not be empty", f"list at least one item under `{key}:`")
+        out = []
+        for i, item in enumerate(v):
+            if not isinstance(item, str):
+                self.probs.error(p + (i,), f"{_field(p + (i,))} must be a string, got {_type(item)}",
+                                 "quote it")
+            elif not item.strip():
+                self.probs.error(p + (i,), f"{_field(p + (i,))} must not be empty", "remove the empty item")
+            else:
+                out.append(item)
+        return out
+
+    def table(self, d: dict, key: str, path: tuple, allowed: tuple[str, ...] | None) -> dict | None:
+        p = path + (key,)
+        if key not in d or d[key] is None:
+            return None
+        v = d[key]
+        if not isinstance(v, dict):
+            self.probs.error(p, f"{_field(p)} must be a mapping, got {_type(v)}",
+                             "write `key: value` lines indented under it")
+            return None
+        if allowed is not None:
+            _check_keys(v, allowed, p, self.probs)
+        return v
+
+
+def _type(v: Any) -> str:
+    return {type(None): "nothing", bool: "a boolean", int: "an integer", float: "a number", str: "a string",
+            list: "a list", dict: "a mapping"}.get(type(v), type(v).__name__)
+
+
+def _check_schema(data: dict, probs: _Problems, *, rendered: bool) -> dict[str, Any]:
+    """Check the whole recipe; returns normalised sections (meaningful once rendered)."""
+    c = _Checker(probs, rendered)
+    _check_keys(data, _TOP_KEYS, (), probs)
+    out: dict[str, Any] = {}
+    name = c.string(data, "name", ())
+    if isinstance(name, str) and not _NAME_RE.fullmatch(name):
+        probs.error(("name",), f"name {name!r} is not a valid recipe name",
+                    "use letters, digits, '.', '_' and '-' (at most 64), starting with a letter or digit")
+    out["description"] = c.string(data, "description", ()) or ""
+    builder = c.string(data, "builder", (), required=True)
+    if isinstance(builder, str) and builder not in BUILDERS:
+        probs.error(("builder",), f"builder {builder!r} is not one of {', '.join(BUILDERS)}",
+                    _did_you_mean(builder, BUILDERS) + "kpatch-build diffs a patched kernel tree; kbuild builds "
+                    "livepatch source against kernel headers")
+    out["builder"] = builder
+    kernels = c.str_list(data, "kernels", (), required=True, nonempty=True) or []
+    for i, pattern in enumerate(kernels):
+        if not _GLOB_RE.fullmatch(pattern):
+            probs.error(("kernels", i), f"kernel pattern {pattern!r} is not a release name or glob",
+                        "a release (`uname -r`) or a glob such as 5.10.0-*-UOS; letters, digits, . _ + ~ - * ? [ ]")
+    out["kernels"] = kernels
+    patches = c.str_list(data, "patches", ()) or []
+    out["patches"] = patches
+    opts = c.table(data, "options", (), None)
+    out["options"] = opts or {}
+
+    kp = c.table(data, "kpatch", (), _KPATCH_KEYS)
+    kb = c.table(data, "kbuild", (), _KBUILD_KEYS)
+    if builder == "kpatch-build":
+        if not patches and "patches" not in data:
+            probs.error((), "a kpatch-build recipe needs `patches:`",
+                        "list the patch files under patches/, e.g. `patches: [fix.patch]`")
+        elif not patches and isinstance(data.get("patches"), list):
+            probs.error(("patches",), "a kpatch-build recipe needs at least one patch",
+                        "list the patch files under patches/, e.g. `patches: [fix.patch]`")
+        if kb is not None:
+            probs.error(("kbuild",), "`kbuild:` is set but the builder is kpatch-build",
+                        "remove `kbuild:` or set `builder: kbuild`", key=True)
+    if builder == "kbuild":
+        if kp is not None:
+            probs.error(("kpatch",), "`kpatch:` is set but the builder is kbuild",
+                        "remove `kpatch:` or set `builder: kpatch-build`", key=True)
+        if kb is None:
+            probs.error((), "a kbuild recipe needs `kbuild:` with `sources:`",
+                        "add kbuild: {sources: [{template: templates/x.c.j2, name: x.c}]}")
+    kpatch: dict[str, Any] = {}
+    if kp is not None:
+        path = ("kpatch",)
+        kpatch["jobs"] = c.integer(kp, "jobs", path, minimum=1, maximum=4096)
+        kpatch["non_replace"] = c.boolean(kp, "non_replace", path)
+        kpatch["targets"] = c.str_list(kp, "targets", path)
+        for i, t in enumerate(kpatch["targets"] or []):
+            if (rendered or not _is_template(t)) and not re.fullmatch(r"[A-Za-z0-9_./-]+", t) or t.startswith("-"):
+                probs.error(path + ("targets", i), f"make target {t!r} is not a plain target name",
+                            "e.g. vmlinux, modules, bzImage")
+        kpatch["skip_compiler_check"] = c.boolean(kp, "skip_compiler_check", path)
+        kpatch["module_name"] = _module_name(c, kp, path, rendered)
+        kpatch = {k: v for k, v in kpatch.items() if v is not None}
+    out["kpatch"] = kpatch
+    kbuild: dict[str, Any] = {}
+    if kb is not None:
+        path = ("kbuild",)
+        sources = kb.get("sources")
+        norm_sources = []
+        if "sources" not in kb:
+            probs.error(path, "kbuild.sources is required", "add sources: [{template: ..., name: ...}]")
+        elif not isinstance(sources, list) or not sources:
+            probs.error(path + ("sources",), "kbuild.sources must be a non-empty list of {template, name}",
+                        "e.g. sources: [{template: templates/x.c.j2, name: x.c}]")
+        else:
+            for i, s in enumerate(sources):
+                sp = path + ("sources", i)
+                if not isinstance(s, dict):
+                    probs.error(sp, f"{_field(sp)} must be a mapping with template: and name:",
+                                "e.g. {template: templates/x.c.j2, name: x.c}")
+                    continue
+                _check_keys(s, _SOURCE_KEYS, sp, probs)
+                tmpl = c.string(s, "template", sp, required=True, nonempty=True)
+                sname = c.string(s, "name", sp, required=True, nonempty=True)
+                if isinstance(sname, str) and (rendered or not _is_template(sname)):
+                    _check_source_name(sname, sp + ("name",), probs)
+                norm_sources.append({"template": tmpl, "name": sname})
+            names = [s["name"] for s in norm_sources if isinstance(s["name"], str)]
+            for i, n in enumerate(names):
+                if names.index(n) != i and (rendered or not _is_template(n)):
+                    probs.error(path + ("sources", i, "name"), f"two sources are both named {n!r}",
+                                "give every output file its own name")
+        kbuild["sources"] = norm_sources
+        kbuild["kbuild"] = c.string(kb, "kbuild", path, nonempty=True)
+        margs = c.str_list(kb, "make_args", path) or []
+        for i, a in enumerate(margs):
+            if rendered or not _is_template(a):
+                _check_make_arg(a, path + ("make_args", i), probs)
+        kbuild["make_args"] = margs
+        kbuild["module_name"] = _module_name(c, kb, path, rendered)
+        kbuild = {k: v for k, v in kbuild.items() if v is not None}
+    out["kbuild"] = kbuild
+
+    sg = c.table(data, "signing", (), _SIGNING_KEYS)
+    signing: dict[str, Any] = {}
+    if sg is not None:
+        signing["sign"] = c.boolean(sg, "sign", ("signing",))
+        signing["signer"] = c.string(sg, "signer", ("signing",), nonempty=True)
+        if signing["signer"] is not None and (rendered or not _is_template(signing["signer"])):
+            if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", signing["signer"]):
+                probs.error(("signing", "signer"), f"signer {signing['signer']!r} is not a signer name",
+                            "name a signer of kpipe.toml [signing.signers]")
+        signing = {k: v for k, v in signing.items() if v is not None}
+    out["signing"] = signing
+
+    ro = c.table(data, "rollout", (), _ROLLOUT_KEYS)
+    out["rollout"], out["probe"] = _check_rollout(ro, c, probs, rendered) if ro is not None else ({}, None)
+    return out
+
+
+def _module_name(c: _Checker, d: dict, path: tuple, rendered: bool) -> Any:
+    v = c.string(d, "module_name", path, nonempty=True)
+    if isinstance(v, str) and (rendered or not _is_template(v)) and not _MODULE_RE.fullmatch(v):
+        c.probs.error(path + ("module_name",), f"module name {v!r} is not a valid module name",
+                      f"use letters, digits, '_' and '-', at most {MODULE_NAME_MAX} characters")
+        return None
+    return v
+
+
+def _check_source_name(name: str, path: tuple, probs: _Problems) -> None:
+    if not _SOURCE_NAME_RE.fullmatch(name) or name in (".", ".."):
+        probs.error(path, f"source file name {name!r} must be a plain file name",
+                    "letters, digits, '_', '.', '+', '-'; no '/' (it is written into the build folder)")
+    elif name in ("Kbuild", "Makefile"):
+        probs.error(path, f"source file name {name!r} is reserved", "use `kbuild.kbuild:` for the Kbuild template")
+    elif not name.endswith((".c", ".h", ".S")):
+        probs.error(path, f"source file name {name!r} should end in .c, .h or .S", "e.g. livepatch-fix.c")
+
+
+def _check_make_arg(arg: str, path: tuple, probs: _Problems) -> None:
+    if not _MAKE_ARG_RE.fullmatch(arg):
+        probs.error(path, f"make argument {arg!r} is not VAR=value or -jN",
+                    "kpipe runs make with -C <headers> M=<build folder>; pass only variables such as KCFLAGS=-O2")
+        return
+    var = arg.split("=", 1)[0]
+    if var in _MAKE_RESERVED:
+        probs.error(path, f"make argument {var}= is set by kpipe itself", "remove it")
+
+
+def _percent_or_int(v: Any, p: tuple, c: _Checker, *, minimum: int, what: str) -> Any:
+    if c.deferred(v):
+        return v
+    if isinstance(v, str) and c.rendered and re.fullmatch(r"\s*\d+\s*", v):
+        v = int(v)
+    if isinstance(v, int) and not isinstance(v, bool):
+        if v < minimum:
+            c.probs.error(p, f"{_field(p)} must be at least {minimum}, got {v}", "e.g. 1, 10 or '25%'")
+            return None
+        return v
+    if isinstance(v, str):
+        m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*%\s*", v)
+        if m and 0 < float(m.group(1)) <= 100:
+            return f"{m.group(1)}%"
+    c.probs.error(p, f"{_field(p)} must be {what}, got {_type(v)} {v!r}", "e.g. 1, 10 or '25%'")
+    return None
+
+
+def parse_duration(value: Any) -> float | None:
+    """Seconds from 30, 30s, 5m, 1h30m; None when the value is not a duration."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, (int, float)):
+        return float(value) if value >= 0 else None
+    if not isinstance(value, str) or not value.strip():
+        return None
+    m = _DURATION_RE.fullmatch(value.strip())
+    if not m or not any(m.groups()):
+        return None
+    h, mi, s = (float(x) if x else 0.0 for x in m.groups())
+    return h * 3600 + mi * 60 + s
+
+
+def _check_rollout(ro: dict, c: _Checker, probs: _Problems, rendered: bool) -> tuple[dict, dict | None]:
+    path = ("rollout",)
+    out: dict[str, Any] = {}
+    if "waves" in ro:
+        waves = ro["waves"]
+        if not isinstance(waves, list) or not waves:
+            probs.error(path + ("waves",), "rollout.waves must be a non-empty list",
+                        "e.g. waves: [1, '10%', '100%']")
+        else:
+            out["waves"] = [_percent_or_int(w, path + ("waves", i), c, minimum=1, what="a host count or a percentage")
+                            for i, w in enumerate(waves)]
+    if "max_failures" in ro:
+        out["max_failures"] = _percent_or_int(ro["max_failures"], path + ("max_failures",), c, minimum=0,
+                                              what="a host count or a percentage")
+    if "soak" in ro:
+        v = ro["soak"]
+        if not c.deferred(v):
+            seconds = parse_duration(v)
+            if seconds is None:
+                probs.error(path + ("soak",), f"rollout.soak must be a duration, got {_type(v)} {v!r}",
+                            "seconds, or 30s / 5m / 1h")
+            else:
+                out["soak"] = int(seconds) if seconds == int(seconds) else seconds
+    rb = c.string(ro, "rollback", path)
+    if isinstance(rb, str) and (rendered or not _is_template(rb)):
+        if rb not in ROLLBACK_POLICIES:
+            probs.error(path + ("rollback",), f"rollout.rollback {rb!r} is not one of {', '.join(ROLLBACK_POLICIES)}",
+                        _did_you_mean(rb, ROLLBACK_POLICIES) + "failed: the failed hosts; wave: the whole wave; "
+                        "all: every host patched so far")
+        else:
+            out["rollback"] = rb
+    probe = None
+    pr = c.table(ro, "probe", path, _PROBE_KEYS)
+    if pr is not None:
+        pp = path + ("probe",)
+        argv = c.str_list(pr, "argv", pp, required=True, nonempty=True)
+        expect = c.string(pr, "expect", pp, required=True, nonempty=True)
+        after = c.string(pr, "expect_after_rollback", pp)
+        for key, rx in (("expect", expect), ("expect_after_rollback", after)):
+            if isinstance(rx, str) and (rendered or not _is_template(rx)):
+                try:
+                    re.compile(rx)
+                except re.error as e:
+                    probs.error(pp + (key,), f"rollout.probe.{key} is not a valid regular expression: {e}",
+                                "it is a Python regex searched in the probe's output; escape ( ) [ ] . * + ?")
+        if argv and isinstance(expect, str):
+            probe = {"argv": argv, "expect": expect, "expect_after_rollback": after or ""}
+    return out, probe
