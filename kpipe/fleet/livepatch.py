@@ -19,10 +19,11 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 from kpipe.commands import Command, CommandResult
 from kpipe.errors import KpipeError
+from kpipe.transport.base import Transport
 
 if TYPE_CHECKING:  # pragma: no cover
     from kpipe.build.spec import Probe
@@ -40,16 +41,6 @@ _ROOT = {"sudo": True}
 
 _MODULE_NAME = re.compile(r"^[A-Za-z0-9_-]{1,55}$")  # the kernel's name field is 56 bytes
 _SAFE_COMPONENT = re.compile(r"^[A-Za-z0-9._+~-]{1,200}$")
-
-
-class Transport(Protocol):
-    """The part of kpipe.transport's Transport these routines need."""
-
-    name: str
-
-    def run(self, command: Command) -> CommandResult: ...
-
-    def put(self, local_path: str | Path, remote_path: str) -> Any: ...
 
 
 class LivepatchOpError(KpipeError):
@@ -383,9 +374,12 @@ def stage(t: Transport, local_path: str | Path, release: str, sha256: str, modul
         return dest  # already installed with this content
     tmp = f"{folder}/.{module_file_name}.kpipe-{uuid.uuid4().hex[:12]}"
     try:
-        t.put(str(local_path), tmp)
+        t.put(Path(local_path), tmp)
     except KpipeError:
-        t.run(Command.of("rm", "-f", tmp, label="stage-cleanup", **_ROOT))
+        try:  # best effort: the connection may be what failed
+            t.run(Command.of("rm", "-f", tmp, label="stage-cleanup", **_ROOT))
+        except KpipeError:
+            pass
         raise
     r = t.run(Command.script(STAGE_COMMIT_SCRIPT, tmp, dest, sha256, label="stage", **_ROOT))
     if not r.ok:
