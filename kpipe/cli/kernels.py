@@ -94,11 +94,23 @@ def list_cmd(json_out: bool = typer.Option(False, "--json", help="Print JSON."))
         st.console.print("* discovered from headers installed on this machine", style="dim")
 
 
+def _warn(message: str) -> None:
+    import sys
+
+    sys.stderr.write(f"kpipe: warning: {message}\n")
+
+
 def _mount_symbols() -> None:
     # H-VALIDATE's `kpipe.cli.symbols.app` joins as `kpipe kernels symbols` once it exists.
     try:
         symbols = importlib.import_module("kpipe.cli.symbols")
-    except ImportError:
+    except ModuleNotFoundError as e:
+        if e.name == "kpipe.cli.symbols":
+            return  # not landed yet
+        _warn(f"`kpipe kernels symbols` is unavailable: {e}")
+        return
+    except Exception as e:  # a broken sibling module must not take every other command down
+        _warn(f"`kpipe kernels symbols` is unavailable: {type(e).__name__}: {e}")
         return
     sub = getattr(symbols, "app", None)
     if isinstance(sub, typer.Typer):
