@@ -66,7 +66,7 @@ def catalog_rows(ws: Any) -> list[dict[str, Any]]:
 
 @kernels_app.command("list")
 def list_cmd(json_out: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
-    """List the kernel catalog: kpipe.toml [[kernels]] plus locally installed headers."""
+    """List the kernel catalog: the kernels of kpipe.toml plus locally installed headers."""
     st = state()
     rows = catalog_rows(st.workspace)
     if json_out:
