@@ -80,7 +80,7 @@ def list_cmd(json_out: bool = typer.Option(False, "--json", help="Print JSON."))
             return Text("-", style="dim")
         return Text("here", style="green") if p["present_here"] else Text("remote", style="yellow")
 
-    table = Table(title=f"kernels in {st.workspace.file}")
+    table = Table(title=Text(f"kernels in {st.workspace.file}"))
     table.add_column("release", no_wrap=True)
     for col in ("arch", "distro", "builder", "headers", "source", "vmlinux", "config", "build hosts"):
         table.add_column(col)

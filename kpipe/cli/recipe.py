@@ -40,7 +40,7 @@ def list_cmd(json_out: bool = typer.Option(False, "--json", help="Print JSON."))
     from rich.table import Table
     from rich.text import Text
 
-    table = Table(title=f"recipes in {st.workspace.recipes_dir}")
+    table = Table(title=Text(f"recipes in {st.workspace.recipes_dir}"))
     table.add_column("name", no_wrap=True)
     table.add_column("builder", no_wrap=True)
     table.add_column("kernels")
