@@ -11,7 +11,7 @@ import pytest
 
 from kpipe.checks import KernelFacts, expected_vermagic, report_ok, run_checks
 from kpipe.elf.reader import parse_module
-from kpipe.elf.symbols import MemoryIndex, parse_nm_style, parse_symvers
+from kpipe.elf.symbols import MemoryIndex, parse_nm_style
 from kpipe.validation import kernel_facts, validate_module
 from kpipe.workspace import load_workspace
 from test_elf_support import (HEADERS, RELEASE, VERMAGIC, kallsyms_text, sample_bytes, sample_module, scratch,

@@ -239,7 +239,7 @@ def _sm2_cert(tmp_path: Path) -> tuple[Path, Path]:
 
 def _sm2_signed_module(tmp_path: Path, key: Path, cert: Path, user_id: str | None) -> bytes:
     """A module signed by OpenSSL's SM2 (an independent implementation), wrapped as the kernel's PKCS#7."""
-    from asn1crypto import algos, cms, core, x509 as ax509
+    from asn1crypto import algos, cms, x509 as ax509
 
     payload = stripped_module()
     (tmp_path / "payload").write_bytes(payload)
@@ -259,7 +259,6 @@ def _sm2_signed_module(tmp_path: Path, key: Path, cert: Path, user_id: str | Non
         "signature_algorithm": {"algorithm": "1.2.156.10197.1.501"}, "signature": sig.read_bytes()})
     sd = cms.SignedData({"version": "v1", "digest_algorithms": [dig], "encap_content_info": {"content_type": "data"},
                          "signer_infos": [si]})
-    del core
     return append_signature(payload, cms.ContentInfo({"content_type": "signed_data", "content": sd}).dump())
 
 

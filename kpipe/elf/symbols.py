@@ -9,6 +9,7 @@ warm validation only runs a handful of indexed SQL lookups.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import re
 import struct
 import time
@@ -253,11 +254,11 @@ def parse_elf_symbols(data: bytes, origin: str, objname: str = "vmlinux") -> Sym
         if is64:
             shoff, = struct.unpack_from(e + "Q", data, 0x28)
             shentsize, shnum = struct.unpack_from(e + "HH", data, 0x3A)
-            shfmt, symfmt, symsize = e + "IIQQQQIIQQ", e + "IBBHQQ", 24
+            shfmt, symsize = e + "IIQQQQIIQQ", 24
         else:
             shoff, = struct.unpack_from(e + "I", data, 0x20)
             shentsize, shnum = struct.unpack_from(e + "HH", data, 0x2E)
-            shfmt, symfmt, symsize = e + "IIIIIIIIII", e + "IIIBBH", 16
+            shfmt, symsize = e + "IIIIIIIIII", 16
         if shoff + shnum * shentsize > len(data) or shentsize != struct.calcsize(shfmt):
             raise ConfigError(f"{origin}: section headers lie outside the file")
         shdrs = list(struct.iter_unpack(shfmt, data[shoff:shoff + shnum * shentsize]))
@@ -267,20 +268,29 @@ def parse_elf_symbols(data: bytes, origin: str, objname: str = "vmlinux") -> Sym
         stroff, strsize = shdrs[symtab[6]][4], shdrs[symtab[6]][5]
         strtab = data[stroff:stroff + strsize]
         raw = data[symtab[4]:symtab[4] + symtab[5]]
-        counts: Counter[str] = Counter()
-        find = strtab.find
+        raw = raw[:len(raw) // symsize * symsize]
+        # Only st_name, st_info and st_shndx are unpacked; everything per-symbol stays in C where possible:
+        # names come from one split of the string table (latin-1 keeps byte offsets), counting is Counter's.
+        fmt = (e + "IBxH16x") if is64 else (e + "I8xBxH")
         # kallsyms keeps functions, objects and untyped labels; section and file symbols never appear.
-        if is64:
-            for st_name, st_info, _o, st_shndx, _v, _s in struct.iter_unpack(symfmt, raw[:len(raw) // symsize * symsize]):
-                if st_name and st_shndx and (st_info & 0xF) < 3:
-                    counts[strtab[st_name:find(b"\0", st_name)]] += 1
-        else:
-            for st_name, _v, _s, st_info, _o, st_shndx in struct.iter_unpack(symfmt, raw[:len(raw) // symsize * symsize]):
-                if st_name and st_shndx and (st_info & 0xF) < 3:
-                    counts[strtab[st_name:find(b"\0", st_name)]] += 1
+        offs = [n for n, i, sh in struct.iter_unpack(fmt, raw) if n and sh and (i & 0xF) < 3]
+        text = strtab.decode("latin-1")
+        parts = text.split("\0")
+        starts = itertools.accumulate(parts, lambda a, p: a + len(p) + 1, initial=0)
+        lookup = dict(zip(starts, parts))
+        counts: Counter[str] = Counter(map(lookup.get, offs))
+        tails = counts.pop(None, 0)
+        if tails:  # names that share a tail of another string (linker string merging)
+            for off in offs:
+                if off not in lookup:
+                    counts[text[off:text.find("\0", off)]] += 1
     except (struct.error, IndexError) as ex:
         raise ConfigError(f"{origin}: malformed ELF ({ex})") from None
-    decoded = Counter({k.decode("utf-8", "replace"): v for k, v in counts.items()})
+    decoded = counts
+    if not text.isascii():
+        decoded = Counter()
+        for k, v in counts.items():
+            decoded[k if k.isascii() else k.encode("latin-1").decode("utf-8", "replace")] += v
     return SymbolSource("vmlinux", origin, "", objects={_modname(objname): decoded})
 
 
