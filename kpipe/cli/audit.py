@@ -46,6 +46,19 @@ def _print_table(result) -> None:  # result: kpipe.audit.AuditResult
     state().console.print(table)
 
 
+def _fail_unless_compliant(result) -> None:
+    # A KpipeError, not typer.Exit: main() runs the app with standalone_mode=False,
+    # where click returns an Exit's code instead of exiting with it.
+    from kpipe.errors import ExitCode, KpipeError
+
+    if not result.compliant:
+        bad = [h.host for h in result.hosts if not h.compliant]
+        raise KpipeError(f"{len(bad)} of {len(result.hosts)} hosts not compliant: {', '.join(bad[:10])}"
+                         + (" ..." if len(bad) > 10 else ""),
+                         hint="see the table / JSON for each host's status and detail",
+                         exit_code=ExitCode.FAILURE)
+
+
 def verify(
     limit: Optional[str] = _LIMIT,
     as_json: bool = typer.Option(False, "--json", help="Print the audit as JSON instead of a table."),
@@ -62,8 +75,7 @@ def verify(
         print_json(result.to_dict())
     else:
         _print_table(result)
-    if not result.compliant:
-        raise typer.Exit(1)
+    _fail_unless_compliant(result)
 
 
 def audit(
@@ -107,8 +119,8 @@ def audit(
             except OSError as e:
                 raise ConfigError(f"--output {output}: cannot write: {e.strerror}") from None
             state().err_console.print(f"wrote {fmt} report to {out_path}", highlight=False, markup=False)
-    if strict and not result.compliant:
-        raise typer.Exit(1)
+    if strict:
+        _fail_unless_compliant(result)
 
 
 def register(app: typer.Typer) -> None:
