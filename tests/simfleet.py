@@ -32,7 +32,10 @@ API
 Faults (``host.inject(name, **params)``):
     "refused"            sshd stopped: connections are refused (same as host.stop())
     "die_during"         op="insmod"|"rmmod"|"disable": the simulator applies the step, then kills the host
-    "hang"               op="insmod"|"rmmod", seconds=3600: the fake tool sleeps before doing anything
+    "hang"               op="insmod"|"rmmod"|"uname"|"dmesg", seconds=3600: the fake tool sleeps first
+                         (uname: every facts/state read that calls it hangs past its timeout)
+    "frozen"             SIGSTOP of the host's processes: TCP connects, SSH never answers (a hung
+                         machine); clear("frozen") sends SIGCONT
     "stuck_transition"   insmod succeeds but the patching transition never completes
                          ("livepatch: signaling remaining tasks" is logged after stall_after seconds)
     "ebusy_enable"       insmod fails: "could not insert module X: Device or resource busy"
@@ -159,12 +162,14 @@ esac
 FAKE_DMESG = r"""#!/bin/sh
 # KPIPE_SIMFLEET_FAKE dmesg: prints the simulated kernel log
 . /sys/kernel/.kpipe-simfleet || { echo "simfleet: not a simulated host" >&2; exit 99; }
+if [ -f "$SIM_DIR/faults/hang_dmesg" ]; then sleep "$(cat "$SIM_DIR/faults/hang_dmesg")"; fi
 cat "$SIM_DIR/kmsg.log"
 """
 
 FAKE_UNAME = r"""#!/bin/sh
 # KPIPE_SIMFLEET_FAKE uname: the simulated host's release and machine
 . /sys/kernel/.kpipe-simfleet || { echo "simfleet: not a simulated host" >&2; exit 99; }
+if [ -f "$SIM_DIR/faults/hang_uname" ]; then sleep "$(cat "$SIM_DIR/faults/hang_uname")"; fi
 [ $# -eq 0 ] && set -- -s
 out=""
 for a in "$@"; do
@@ -207,7 +212,7 @@ echo "SIMFLEET-OK $token"
 
 TAINT_O, TAINT_E, TAINT_K = 1 << 12, 1 << 13, 1 << 15
 FAULTS = ("refused", "die_during", "hang", "stuck_transition", "ebusy_enable", "ebusy_disable", "full_disk",
-          "sig_enforce")
+          "sig_enforce", "frozen")
 
 
 def _keypair(path: Path) -> Path:
@@ -401,6 +406,13 @@ class SimHost:
                     pass
                 self.proc = None
 
+    def _signal(self, sig: int) -> None:
+        for pid in self.pids():
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+
     def stop(self) -> None:
         """sshd down: new connections are refused (kernel state kept)."""
         self.kill()
@@ -435,6 +447,8 @@ class SimHost:
                 self.stop()
                 return
             self.faults[fault] = params
+            if fault == "frozen":
+                self._signal(signal.SIGSTOP)
             if fault == "hang":
                 op = params.get("op", "insmod")
                 (self.dir / "faults" / f"hang_{op}").write_text(str(params.get("seconds", 3600)))
@@ -464,6 +478,8 @@ class SimHost:
                         self._unlock_enabled(p.name)
                 elif f in ("refused", "full_disk") and params is not None:
                     restart = True
+                elif f == "frozen" and params is not None:
+                    self._signal(signal.SIGCONT)
         if restart:
             self.kill()
             self.start()
