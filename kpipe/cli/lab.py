@@ -127,7 +127,7 @@ def down_cmd(all_: bool = typer.Option(False, "--all", help="Also stop VMs kept 
 
 def preflight_cmd(
     artifact_id: str = typer.Argument(..., help="Artifact id (or unique prefix)."),
-    keep: bool = typer.Option(False, "--keep", help="Leave the VM running after the check (stop it with the printed command)."),
+    keep: bool = typer.Option(False, "--keep", help="Leave the VM running after the check (`kpipe lab down --all` stops it)."),
     sig_enforce: bool = typer.Option(False, "--sig-enforce", help="Boot the VM with module.sig_enforce=1."),
     timeout: float = typer.Option(480.0, "--timeout", help="Seconds the VM may take to answer SSH."),
     json_out: bool = typer.Option(False, "--json", help="Print the result as JSON."),
@@ -150,7 +150,9 @@ def preflight_cmd(
         for p in result["problems"]:
             st.console.print(f"  - {p}")
         if result.get("kept"):
-            st.console.print(f"VM kept: {result['kept']['ssh']}; stop it with `kpipe lab down` in {result['kept']['folder']}")
+            kept = result["kept"]
+            st.console.print(f"VM kept at {kept['ssh']} (key and known_hosts in {kept['folder']}); "
+                             "stop it with `kpipe lab down --all`")
     if result["status"] != "passed":
         first = result["problems"][0] if result["problems"] else "unknown failure"
         raise PreflightFailed(f"preflight of {result['artifact']} failed: {first}",
