@@ -5,14 +5,16 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from kpipe.artifacts import add_artifact, get_artifact
+from kpipe.lab import Lab
 from kpipe.workspace import open_workspace
 from test_lab_support import (  # noqa: F401  (fixtures)
-    altered_vermagic, build_demo_module, headers_release, kpipe_cli, qemu_guard,
+    altered_vermagic, build_demo_module, headers_release, kpipe_cli, qemu_guard, remember,
 )
 
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"
@@ -20,7 +22,7 @@ ACTIVE = "kpipe live patch active"  # what recipes/cmdline-demo's probe expects
 
 
 @pytest.fixture(scope="module")
-def preflight_ws(tmp_path_factory: pytest.TempPathFactory, qemu_guard) -> dict:
+def preflight_ws(tmp_path_factory: pytest.TempPathFactory, qemu_guard) -> Iterator[dict]:
     """A workspace with the example recipes and three artifacts: good, altered vermagic, good-for-sig-enforce."""
     ws = tmp_path_factory.mktemp("pfws")
     (ws / "kpipe.toml").write_text("# preflight test workspace\n")
@@ -34,7 +36,14 @@ def preflight_ws(tmp_path_factory: pytest.TempPathFactory, qemu_guard) -> dict:
     a_good = add_artifact(store, good, kernel=release, module_name="livepatch_demo", status="valid", recipe=recipe)
     a_bad = add_artifact(store, bad, kernel=release, module_name="livepatch_demo", status="valid",
                          filename="livepatch_demo.ko")
-    return {"ws": ws, "good": a_good.id, "bad": a_bad.id, "recipe": recipe}
+    try:
+        yield {"ws": ws, "good": a_good.id, "bad": a_bad.id, "recipe": recipe}
+    finally:
+        # a preflight killed mid-way (e.g. a subprocess timeout) leaves its VM recorded: stop it
+        lab = Lab(ws / ".lab")
+        for sub in (ws / ".lab").glob("preflight/*/state.json"):
+            remember(Lab(sub.parent).load_state())
+        lab.down_preflights()
 
 
 def _stored(ws: Path, artifact_id: str) -> dict:
