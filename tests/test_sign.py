@@ -436,3 +436,8 @@ def test_sign_file_writes_compressed_input_uncompressed(tmp_path):
     src.write_bytes(lzma.compress(stripped_module()))
     out = sign_file(src, tmp_path / "m.ko", key, cert)
     assert verify_module(out.read_bytes(), load_certificates(cert)).status == "valid"
+    # in place: still xz, and the signature covers the decompressed module
+    sign_file(src, src, key, cert)
+    again = lzma.decompress(src.read_bytes())
+    assert verify_module(again, load_certificates(cert)).status == "valid"
+    assert parse_module(again, "m").signature is not None

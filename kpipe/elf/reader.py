@@ -340,13 +340,10 @@ class _Parser:
 
         self.elf = ELFFile(io.BytesIO(self.data))
         h = self.elf.header
-        e_type = h["e_type"]
-        e_machine = h["e_machine"]
-        # pyelftools maps known values to names; we keep the numbers (the kernel compares numbers).
+        # pyelftools maps known e_type/e_machine values to names; the kernel compares numbers, so read those.
         raw_type, raw_machine = struct.unpack_from(self.e + "HH", d, 16)
         self.header = ElfHeader(elf_class=64 if self.is64 else 32, endianness="little" if ei_data == 1 else "big",
                                 type=raw_type, machine=raw_machine, osabi=d[7])
-        del e_type, e_machine
         self.shoff = h["e_shoff"]
         self.shnum = h["e_shnum"]
         self.shentsize = h["e_shentsize"]

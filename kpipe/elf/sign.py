@@ -122,8 +122,30 @@ def sign_file(module: Path, output: Path, key: Path | str, cert: Path | str, has
 
     data, compression = load_module_bytes(module)
     signed = sign_bytes(data, key, cert, hash_name, keyid=keyid)
+    # The signature covers the uncompressed module (modules_install signs, then compresses); an output
+    # named like the compressed input is compressed again the same way.
+    if compression and str(output).endswith("." + compression):
+        signed = compress(signed, compression)
     _atomic_write(output, signed)
     return output
+
+
+def compress(data: bytes, kind: str) -> bytes:
+    """xz (CRC32 check, as the kernel's decompressor needs), gz or zst bytes of data."""
+    import gzip
+    import lzma
+
+    if kind == "xz":
+        return lzma.compress(data, format=lzma.FORMAT_XZ, check=lzma.CHECK_CRC32)
+    if kind == "gz":
+        return gzip.compress(data)
+    try:
+        proc = subprocess.run(["zstd", "-q", "-c"], input=data, capture_output=True, timeout=300, check=False)
+    except FileNotFoundError:
+        raise SigningError("zstd is not installed: cannot write a .zst module", hint="apt-get install zstd") from None
+    if proc.returncode != 0:
+        raise SigningError("zstd failed to compress the signed module")
+    return proc.stdout
 
 
 def _atomic_write(path: Path, data: bytes) -> None:

@@ -461,6 +461,7 @@ def sm2_verify(pub: tuple[int, int], e: int, r: int, s: int) -> bool:
 
 
 def sm2_public_point(cert: Certificate) -> tuple[int, int]:
+    """The SM2 public key of a certificate as an affine point, checked to lie on the curve."""
     from asn1crypto import x509 as ax509
 
     c = ax509.Certificate.load(cert.der)

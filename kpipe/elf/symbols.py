@@ -191,6 +191,7 @@ def _modname(obj: str) -> str:
 # -- parsers ---------------------------------------------------------------------------------------------------
 
 def digest_of(data: bytes) -> str:
+    """Hex sha256 of a source's bytes: the cache key next to the release."""
     return hashlib.sha256(data).hexdigest()
 
 
@@ -329,6 +330,7 @@ def parse_source(data: bytes, origin: str, kind: str | None = None) -> SymbolSou
 
 
 def read_source(path: Path | str, kind: str | None = None) -> tuple[bytes, str]:
+    """(bytes, origin label) of a local symbol file; ConfigError if unreadable."""
     p = Path(path)
     try:
         return p.read_bytes(), str(p)
@@ -339,6 +341,7 @@ def read_source(path: Path | str, kind: str | None = None) -> tuple[bytes, str]:
 # -- the store cache -------------------------------------------------------------------------------------------
 
 def cached_source_id(store: Any, release: str, digest: str) -> int | None:
+    """The id of an already indexed source of release with this digest, or None."""
     store.ensure_schema(SCHEMA)
     row = store.query_one("SELECT id FROM ksym_sources WHERE release = ? AND digest = ?", (release, digest))
     return int(row[0]) if row else None
@@ -417,6 +420,7 @@ def release_index(store: Any, release: str, first_ids: Iterable[int] = (), *, au
 # -- fetching from a host --------------------------------------------------------------------------------------
 
 def symvers_candidates(release: str) -> list[str]:
+    """Where distributions install Module.symvers for a release (Debian/Ubuntu, then RHEL-likes)."""
     return [f"/lib/modules/{release}/build/Module.symvers", f"/usr/src/linux-headers-{release}/Module.symvers",
             f"/usr/src/kernels/{release}/Module.symvers"]
 
