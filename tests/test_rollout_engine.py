@@ -129,7 +129,8 @@ def test_200_hosts_with_faults_end_in_known_journaled_states(simfleet_factory, t
         fault = names[i % len(names)]
         h.inject(fault, **FAULTS[fault][0])
         faulty[h.name] = fault
-    plan, journal, rid = make_plan(ws, art, fleet.hosts, max_failures=FailureBudget.parse("100%"))
+    plan, journal, rid = make_plan(ws, art, fleet.hosts, max_failures=FailureBudget.parse("100%"),
+                                   step_timeout_s=15.0)
     t0 = time.monotonic()
     s, events = run(ws, journal, rid)
     took = time.monotonic() - t0
@@ -147,14 +148,16 @@ def test_200_hosts_with_faults_end_in_known_journaled_states(simfleet_factory, t
     assert "transition" in reasons["stuck_transition"]
     assert "busy" in reasons["ebusy_enable"].lower()
     assert "rejected" in reasons["sig_enforce"].lower()
-    print(f"200 hosts, {len(faulty)} faulty: {took:.1f} s")
+    print(f"rollout of 200 hosts, {len(faulty)} faulty: {took:.1f} s")
     # now the hosts come back; resume retries the unreachable ones without loading anything twice
     for name, fault in faulty.items():
         fleet.host(name).clear()
         if fault in ("refused", "die_during"):
             fleet.host(name).start()
     # a completed rollout is finished: roll everything back, then every host ends rolled_back
+    t0 = time.monotonic()
     s, _ = run(ws, journal, rid, "rollback")
+    print(f"rollback of 200 hosts: {time.monotonic() - t0:.1f} s")
     for h in fleet.hosts:
         assert s.hosts[h.name] in ("rolled_back", "failed"), (h.name, s.hosts[h.name], s.reasons.get(h.name))
         if s.hosts[h.name] == "rolled_back":
@@ -279,3 +282,58 @@ def test_sigkill_mid_rollout_then_resume_verifies_everything(simfleet_factory, t
         assert enabled(h) and enables(h) == 1  # nothing applied twice
         es = journal.entries(rid, h.name)
         assert any(e.step == "verify" and e.phase == "done" for e in es)
+
+
+def kpipe_cli(ws, *args, ok=(0,), env=None, timeout=300):
+    r = subprocess.run([sys.executable, "-m", "kpipe", "-W", str(ws.root), *args], capture_output=True, text=True,
+                       timeout=timeout, env={**os.environ, **(env or {})})
+    assert r.returncode in ok, f"exit {r.returncode}\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
+    return r
+
+
+def test_cli_plan_gathers_facts_and_lists_exclusions(simfleet_factory, tmp_path):
+    fleet = simfleet_factory(6)
+    ws, art = setup_ws(fleet, tmp_path)
+    fleet.hosts[4].inject("sig_enforce")
+    fleet.hosts[5].stop()
+    try:
+        r = kpipe_cli(ws, "rollout", "plan", art.id, "--waves", "1,100%", "--json")
+        plan = json.loads(r.stdout)
+        reasons = {e["host"]: e["reason"] for e in plan["excluded"]}
+        assert set(reasons) == {"sim004", "sim005"}
+        assert "unsigned" in reasons["sim004"] and "unreachable" in reasons["sim005"]
+        assert plan["waves"] == [["sim000"], ["sim001", "sim002", "sim003"]]
+        assert plan["assignments"]["sim000"]["artifact"]["preflight"] == "passed"
+        # a table for humans, with the same content
+        r = kpipe_cli(ws, "rollout", "plan", art.id, "--limit", "sim00[0-3]")
+        assert "sim003" in r.stdout and "excluded" not in r.stdout
+        # start: refuses an artifact without preflight (exit 9) unless --skip-preflight
+        from kpipe.artifacts import update_artifact
+
+        update_artifact(ws.store, art.id, preflight={})
+        r = kpipe_cli(ws, "rollout", "start", art.id, "--limit", "sim00[0-3]", "--yes", ok=(9,))
+        assert "preflight" in r.stderr
+        r = kpipe_cli(ws, "rollout", "start", art.id, "--limit", "sim00[0-3]", "--waves", "1,100%", "--yes",
+                      "--skip-preflight", "--json")
+        out = json.loads(r.stdout)
+        assert set(out["hosts"].values()) == {"applied"}
+        st = json.loads(kpipe_cli(ws, "rollout", "status", "last", "--json").stdout)
+        assert st["state"] == "completed" and st["id"] == out["rollout_id"]
+        assert out["rollout_id"] in kpipe_cli(ws, "rollout", "list").stdout
+        r = kpipe_cli(ws, "rollout", "rollback", "last", "--limit", "sim000", "--json")
+        assert json.loads(r.stdout)["hosts"]["sim000"] == "rolled_back"
+        assert MODULE not in fleet.host("sim000").patches() and enabled(fleet.host("sim001"))
+        r = kpipe_cli(ws, "rollout", "rollback", "last", "--json")
+        assert set(json.loads(r.stdout)["hosts"].values()) == {"rolled_back"}
+        # a halting gate exits 8
+        fleet.host("sim002").inject("ebusy_enable")
+        r = kpipe_cli(ws, "rollout", "start", art.id, "--limit", "sim00[0-3]", "--waves", "1,100%", "--yes",
+                      "--skip-preflight", "--rollback-policy", "all", ok=(8,))
+        assert "halted" in r.stderr and "sim002" in r.stderr
+        assert all(MODULE not in fleet.host(f"sim00{i}").patches() for i in range(4))
+        # unknown ids are clear errors
+        r = kpipe_cli(ws, "rollout", "status", "nope", ok=(5,))
+        assert "no rollout" in r.stderr and "Traceback" not in r.stderr
+    finally:
+        fleet.hosts[4].clear()
+        fleet.hosts[5].start()

@@ -93,9 +93,9 @@ def probes_for(workspace: Any, candidates: Iterable[Candidate]) -> dict[str, dic
 
 
 def make_pool(workspace: Any, forks: int | None = None) -> Any:
-    from kpipe.transport.ssh import SshPool
+    from kpipe.fleet.facts import pool_for
 
-    return SshPool(workspace.ssh, forks=forks)
+    return pool_for(workspace, forks)
 
 
 def select_hosts(workspace: Any, limit: str | None) -> list[Any]:
@@ -112,7 +112,7 @@ def gather(workspace: Any, hosts: list[Any], pool: Any, forks: int) -> dict[str,
     """name -> HostFacts or the exception that prevented gathering them."""
     from kpipe.fleet import facts as fleet_facts
 
-    return fleet_facts.gather_facts(hosts, pool=pool, forks=forks)
+    return fleet_facts.gather_facts(workspace, hosts, forks, pool=pool)
 
 
 def build_plan(workspace: Any, target: str, limit: str | None, options: RolloutOptions,
