@@ -165,3 +165,9 @@ def test_symbols_group_is_mounted_when_present(tmp_path):
     assert r.returncode == 0 and "parse" in r.stdout and "list" in r.stdout
     if (REPO / "kpipe" / "cli" / "symbols.py").exists():
         assert "symbols" in r.stdout
+
+
+def test_hostile_release_in_catalog_is_named(tmp_path):
+    (tmp_path / "kpipe.toml").write_text('[[kernels]]\nrelease = "5.10.0;reboot"\narch = "x86_64"\ndistro = "uos"\n')
+    r = kpipe(tmp_path, "kernels", "list")
+    assert r.returncode == 4 and "kpipe.toml" in r.stderr and "';'" in r.stderr

@@ -39,12 +39,16 @@ def parse_cmd(
 
 def catalog_rows(ws: Any) -> list[dict[str, Any]]:
     """The kernel catalog as plain rows: fields, local presence of each path, build hosts that accept it."""
+    from kpipe.errors import ConfigError
     from kpipe.kernel import parse_release
 
     rows = []
     for release in sorted(ws.kernels):
         e = ws.kernels[release]
-        k = parse_release(release)
+        try:
+            k = parse_release(release)
+        except ConfigError as err:
+            raise ConfigError(f"{ws.file}: [[kernels]] release: {err}", hint=err.hint) from None
         paths = {}
         for key in ("headers", "source", "vmlinux", "config"):
             value = getattr(e, key)
