@@ -63,7 +63,8 @@ The module name is the `.modinfo` name= of the file when present, else its file 
 SAFETY: before a host is handed out, a check script runs on it over SSH and compares the
 device:inode of every covered path with the per-host files; anything else and SimFleet refuses
 to start. Processes are stopped by PID (the sshd listener and every process whose mount
-namespace is the host's own), never by name.
+namespace is the host's own and which sees the host's token: the kernel recycles namespace
+ids), never by name.
 """
 
 from __future__ import annotations
@@ -387,9 +388,17 @@ class SimHost:
         if self.proc is not None and self.proc.poll() is None:
             out.add(self.proc.pid)
         if self.mntns:
-            out.update(self.fleet.pids_by_namespace().get(self.mntns, []))
+            out.update(p for p in self.fleet.pids_by_namespace().get(self.mntns, []) if self.owns(p))
         out.discard(os.getpid())
         return sorted(out)
+
+    def owns(self, pid: int) -> bool:
+        """True if pid sees this host's simulated sysfs (namespace ids are recycled by the kernel:
+        an id alone could name another fleet's host, started after this one died)."""
+        try:
+            return Path(f"/proc/{pid}/root/sys/kernel/livepatch/{CONF_NAME}").read_text() == self.token
+        except OSError:
+            return False
 
     def kill(self) -> None:
         """The host dies: SIGKILL of sshd and every process in its namespace (by PID)."""
@@ -813,7 +822,7 @@ class SimFleet:
             if h.proc is not None and h.proc.poll() is None:
                 pids.add(h.proc.pid)
             if h.mntns:
-                pids.update(ns.get(h.mntns, []))
+                pids.update(p for p in ns.get(h.mntns, []) if h.owns(p))
         pids.discard(os.getpid())
         for pid in pids:
             try:
