@@ -246,6 +246,12 @@ def load_workspace(root: Path) -> Workspace:
             raise ConfigError(f"{file}: {where} has unknown keys {sorted(unknown)}",
                               hint=f"known keys: {sorted(_KERNEL_KEYS)}")
         release = _expect(file, f"{where}.release", k.get("release"), str, "a string")
+        from kpipe.kernel import check_release
+
+        try:
+            check_release(release)
+        except ConfigError as e:
+            raise ConfigError(f"{file}: {where}.release: {e.message}", hint=e.hint) from None
         strs = {key: _expect(file, f"{where}.{key}", k.get(key, ""), str, "a string")
                 for key in ("arch", "distro", "source", "vmlinux", "config", "headers", "builder", "sig_hash",
                             "vermagic")}

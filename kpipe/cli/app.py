@@ -61,7 +61,7 @@ def main() -> None:
 
     debug = os.environ.get("KPIPE_DEBUG", "") not in ("", "0")
     try:
-        app(standalone_mode=False)
+        rc = app(standalone_mode=False)
     except KpipeError as e:
         if debug or STATE.debug:
             import traceback
@@ -89,6 +89,11 @@ def main() -> None:
             raise
         _print_error(f"internal error: {type(e).__name__}: {e}", "rerun with KPIPE_DEBUG=1 for a traceback")
         sys.exit(int(ExitCode.FAILURE))
+    sys.exit(_exit_code(rc))
+
+
+def _exit_code(rc: object) -> int:
+    return rc if isinstance(rc, int) else 0
 
 
 def _print_error(message: str, hint: str | None) -> None:
