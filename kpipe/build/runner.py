@@ -515,6 +515,10 @@ class BuildRunner:
             if isinstance(e, TransportError) and res.remote_dir:
                 res.hint = (f"the build keeps running on {host.name} in {res.remote_dir}; run the same "
                             "`kpipe build` again to reattach")
+        except Exception as e:  # one build's surprise must not abort the matrix (partial failure is data)
+            res.status, res.exit_code = "error", 1
+            res.message = f"internal error while building on {host.name}: {type(e).__name__}: {e}"
+            res.hint = "rerun with KPIPE_DEBUG=1 and report it"
         self.emit(BuildEvent(key, "error" if res.status == "error" else "failed", res.message,
                              {"category": res.category, "hint": res.hint}))
         return res
@@ -661,7 +665,7 @@ class BuildRunner:
                     builder_version=probe.version, inputs_digest=digest, build_host=host.name,
                     duration_s=res.duration_s, log_sha256=log_sha, module_name=local_mod.name[:-3],
                     meta={"remote_dir": plan.build_dir, "slot": kv.get("slot", ""), "argv": list(plan.argv),
-                          "rendered": spec.rendered},
+                          "rendered": json.loads(json.dumps(spec.rendered, default=str))},
                 )
                 _record(self.store, digest, host.name, status="succeeded", artifact_id=art.id, log_sha256=log_sha,
                         finished_at=time.time())

@@ -198,6 +198,35 @@ def _exit_for(results, console) -> None:
                            "answered from the store)", exit_code=code)
 
 
+def builds(
+    status: Optional[str] = typer.Option(None, "--status", help="Only running, succeeded or failed builds."),
+    json_out: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
+    """List recorded builds (running ones can be reattached with the same `kpipe build`)."""
+    from rich.markup import escape
+    from rich.table import Table
+
+    from kpipe.build.runner import list_builds
+    from kpipe.cli.context import print_json, state
+
+    st = state()
+    rows = list_builds(st.workspace.store, status=status)
+    if json_out:
+        print_json(rows)
+        return
+    if not rows:
+        st.console.print("no builds recorded")
+        return
+    table = Table()
+    for col in ("recipe", "kernel", "host", "status", "category", "artifact", "folder on host", "pid"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(escape(r["recipe"]), escape(r["kernel"]), escape(r["host"]), r["status"], r["category"],
+                      r["artifact_id"], escape(r["remote_dir"]), str(r["pid"] or ""))
+    st.console.print(table)
+
+
 def register(app: typer.Typer) -> None:
-    """Add `kpipe build` to the root app."""
+    """Add `kpipe build` and `kpipe builds` to the root app."""
     app.command("build")(build)
+    app.command("builds")(builds)
