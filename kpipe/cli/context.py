@@ -35,14 +35,22 @@ class AppState:
         if self._console is None:
             from rich.console import Console
 
-            self._console = Console(highlight=False, soft_wrap=True)
+            self._console = Console(highlight=False, soft_wrap=True, width=_width(sys.stdout))
         return self._console
 
     @property
     def err_console(self):
         from rich.console import Console
 
-        return Console(stderr=True, highlight=False, soft_wrap=True)
+        return Console(stderr=True, highlight=False, soft_wrap=True, width=_width(sys.stderr))
+
+
+def _width(stream: Any) -> int | None:
+    # Rich assumes 80 columns off a terminal; tables of ids and releases then get
+    # truncated in logs and pipes. Let $COLUMNS or a terminal decide, else be wide.
+    if os.environ.get("COLUMNS") or (hasattr(stream, "isatty") and stream.isatty()):
+        return None
+    return 200
 
 
 STATE = AppState()
