@@ -200,7 +200,9 @@ class Inventory:
                     self._variables = VariableManager(loader=self._loader, inventory=self._manager)
                 raw = self._variables.get_vars(host=ahost, include_hostvars=False)
                 groups = tuple(sorted(str(g.name) for g in ahost.get_groups() if g.name not in ("all", "ungrouped")))
-            self._cache[name] = host_from_vars(name, _plain(raw), groups)
+            # Drop the magic variables first: `groups` lists every host, so converting it per host is O(N^2).
+            kept = {k: v for k, v in raw.items() if k not in _HIDDEN_VARS or k in ("inventory_dir", "inventory_file")}
+            self._cache[name] = host_from_vars(name, _plain(kept), groups)
         return self._cache[name]
 
 
