@@ -50,7 +50,7 @@ def _print_plan(plan: Any, rollout_id: str) -> None:
     if plan.hosts:
         t = Table(title="waves", show_lines=False)
         for col in ("wave", "host", "release", "artifact", "signed", "preflight", "notes"):
-            t.add_column(col)
+            t.add_column(col, no_wrap=col in ("host", "release"))
         for w, wave in enumerate(plan.waves, start=1):
             for h in wave:
                 a = plan.assignments[h]
@@ -310,7 +310,7 @@ def list_cmd(json_out: bool = typer.Option(False, "--json")) -> None:
 
     t = Table()
     for col in ("id", "created", "state", "target", "hosts"):
-        t.add_column(col)
+        t.add_column(col, no_wrap=col == "id")
     for r in recs:
         t.add_row(r.id, _time.strftime("%Y-%m-%d %H:%M:%S", _time.gmtime(r.created_at)), r.state, r.target,
                   str(sum(len(w) for w in r.plan.get("waves", []))))
