@@ -171,6 +171,7 @@ class Lab:
             self.wait_ready(st, config.boot_timeout, say)
         except BaseException:
             self._stop_all(st)
+            self._cleanup_files()  # the console logs under vms/ stay for the diagnosis
             raise
         st.ready_seconds = time.monotonic() - t0
         self._save(st)
