@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from kpipe.commands import Command
-from kpipe.errors import ConfigError, TransportError
+from kpipe.errors import ConfigError, KpipeError, TransportError
 from kpipe.lab import Lab, LabConfig
 from kpipe.lab import initramfs, kernel as labkernel, vm as vmmod
 from kpipe.lab.lab import LabState, render_inventory
@@ -252,3 +252,19 @@ def test_lab_up_reuses_the_cache_and_down_stops_exactly_its_qemu(tmp_path, qemu_
     assert stopped == ["solo1"]
     assert vmmod.proc_start_time(v.pid) != v.start_time
     assert not (tmp_path / ".lab" / "state.json").exists()
+
+
+def test_a_kernel_that_does_not_boot_fails_up_cleanly(tmp_path, qemu_guard):
+    vmlinuz = tmp_path / "vmlinuz"
+    vmlinuz.write_bytes(b"this is not a kernel\n" * 100)
+    mods = tmp_path / "lib" / "modules" / "6.1.0-0-bogus"
+    mods.mkdir(parents=True)
+    (mods / "modules.order").write_text("")
+    image = labkernel.user_kernel(vmlinuz, mods)
+    lab = Lab(tmp_path / ".lab", cache_dir=tmp_path / "cache")
+    started = len(vmmod.STARTED)
+    with pytest.raises(KpipeError, match="lab VM lab1 did not come up: qemu exited") as e:
+        lab.up(image, LabConfig(vms=1, boot_timeout=60))
+    assert "console.log" in (e.value.hint or "")
+    assert not lab.state_file.exists() and lab.load_state() is None
+    assert all(not vmmod.alive(v) for v in vmmod.STARTED[started:])
