@@ -6,7 +6,6 @@ verified before use). Nothing here touches this machine's kernel."""
 from __future__ import annotations
 
 import hashlib
-import os
 from pathlib import Path
 
 import pytest

@@ -13,7 +13,10 @@ does the per-host work. This module:
   host attempted so far, which the playbook's gate task checks after each
   wave (`meta: end_play`), and Ansible's per-batch `max_fail_percentage`
   is set so that it never halts earlier than kpipe's budget would
-  (a percentage budget p -> p; a count N -> 100*N/smallest wave);
+  (a percentage budget p -> p; a count N -> 100*N/smallest wave). A host
+  whose apply failed and was rolled back stays in the play (a fact says it
+  failed) so that only kpipe's gate weighs it; Ansible's own brake sees hard
+  failures (unreachable, a rollback that failed);
 - keeps strict host key checking: ANSIBLE_HOST_KEY_CHECKING=True and
   `StrictHostKeyChecking=yes` with `UserKnownHostsFile` = the workspace's
   known_hosts plus each host's `kpipe_known_hosts`;
@@ -64,7 +67,7 @@ class HostProgress:
     failed_step: str = ""
     failure: str = ""
     unreachable: str = ""
-    final_failed: bool = False  # the role's "result | failed" task ran
+    final_failed: bool = False  # the role's rescue ran: the apply failed
     rescued_failures: list[str] = field(default_factory=list)
 
 
@@ -118,6 +121,12 @@ class EventCollector:
                     facts = res.get("ansible_facts") or {}
                     if facts.get("kpipe_result"):
                         p.result = str(facts["kpipe_result"])
+                    if facts.get("kpipe_apply_failed"):
+                        # the role's rescue: the apply failed, the host was rolled back
+                        p.final_failed = True
+                        p.failure = str(facts.get("kpipe_apply_error") or p.failure or "failed")
+                        head = p.failure.split(":", 1)[0]
+                        p.failed_step = _step_of(head) if " | " in head else p.failed_step
                     if full.startswith("gate | weigh"):
                         self.gate = {k: facts.get(k) for k in
                                      ("kpipe_gate_failed", "kpipe_gate_allowed", "kpipe_gate_attempted")}
@@ -128,10 +137,9 @@ class EventCollector:
                             pass
                 elif kind == "runner_on_failed":
                     msg = str(res.get("msg") or res.get("stderr") or "failed").strip()
-                    if full.startswith("result | failed"):
+                    if full.startswith("result | stop here"):
                         p.final_failed = True
                         p.failure = msg
-                        p.failed_step = msg.split(" | ", 1)[0] if " | " in msg else p.failed_step
                     elif data.get("ignore_errors"):
                         pass
                     else:
@@ -362,7 +370,7 @@ def _result_of(p: HostProgress | None, host: str, wave: int) -> Any:
 def run_plan_with_ansible(
     workspace: Any,
     plan_dict: Mapping[str, Any],
-    inventory_path: str | os.PathLike,
+    inventory_path: str | os.PathLike | None,
     *,
     forks: int | None = None,
     timeout: float | None = None,
@@ -389,13 +397,14 @@ def run_plan_with_ansible(
         raise ConfigError(f"plan: hosts without an assignment: {', '.join(missing[:5])}")
     options = plan_dict.get("options") or {}
 
-    inventory = load_inventory(workspace, sources=[str(inventory_path)])
+    # None: the workspace's own inventory sources (kpipe.toml [fleet], fleet.yml, the lab's).
+    inventory = load_inventory(workspace, sources=[str(inventory_path)] if inventory_path else None)
     hosts: dict[str, Any] = {}
     for name in order:
         try:
             hosts[name] = inventory.get(name)
         except NotFoundError:
-            raise NotFoundError(f"plan host {name!r} is not in {inventory_path}",
+            raise NotFoundError(f"plan host {name!r} is not in {inventory_path or 'the inventory'}",
                                 hint="plan and run with the same inventory") from None
 
     # The local module file for each artifact, verified against the plan's sha256.
