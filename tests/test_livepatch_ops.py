@@ -293,3 +293,36 @@ def test_altered_vermagic_is_refused_by_the_kernel(shared_lab, demo_module, tmp_
     finally:
         lp.unstage(t, release, "livepatch_demo.ko")
         pool.close()
+
+
+FAKE_KPATCH = """#!/bin/sh
+# a stand-in for the kpatch CLI (not in the guest): records the call, loads like `kpatch load`
+echo "$*" >> /tmp/kpatch.calls
+case "$1" in load) exec /sbin/insmod "$2";; *) echo "unsupported: $1" >&2; exit 2;; esac
+"""
+
+
+@pytest.mark.vm
+def test_load_uses_the_kpatch_cli_where_the_host_has_one(shared_lab, demo_module):
+    pool, t = _transport(shared_lab, "lab1")
+    release = t.run(Command.of("uname", "-r")).stdout.strip()
+    install = 'printf "%s" "$1" > /usr/bin/kpatch && chmod 755 /usr/bin/kpatch'
+    try:
+        assert not lp.has_kpatch_cli(t)
+        assert t.run(Command.script(install, FAKE_KPATCH)).ok
+        assert lp.has_kpatch_cli(t)
+        path = lp.stage(t, demo_module, release, hashlib.sha256(demo_module.read_bytes()).hexdigest(),
+                        "livepatch_demo.ko")
+        loaded = lp.load(t, path, "livepatch_demo")  # use_kpatch_cli=None: detected
+        assert loaded.ok, loaded
+        assert t.run(Command.of("cat", "/tmp/kpatch.calls")).stdout == f"load {path}\n"
+        assert lp.verify_loaded(t, "livepatch_demo", loaded.marker).ok
+        # told not to use it: insmod directly (no new call recorded)
+        assert lp.disable(t, "livepatch_demo", 30).ok and lp.unload(t, "livepatch_demo").ok
+        assert lp.load(t, path, "livepatch_demo", use_kpatch_cli=False).ok
+        assert t.run(Command.of("cat", "/tmp/kpatch.calls")).stdout == f"load {path}\n"
+    finally:
+        lp.disable(t, "livepatch_demo", 30)
+        lp.unload(t, "livepatch_demo")
+        t.run(Command.of("rm", "-f", "/usr/bin/kpatch", "/tmp/kpatch.calls"))
+        pool.close()
