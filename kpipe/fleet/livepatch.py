@@ -471,7 +471,14 @@ def _wait(t: Transport, name: str, timeout: float, wanted: str) -> CommandResult
                                 **_ROOT))
 
 
-def wait_transition(t: Transport, module_name: str, timeout: float = 60.0) -> OpResult:
+def _stall_lines(dmesg_output: str, marker: str) -> list[str]:
+    # "livepatch: signaling remaining tasks" names no patch (kernel/livepatch/transition.c,
+    # klp_send_signals, 5.1+): read it after the load's marker when there is one
+    lines = (lines_after_marker(dmesg_output, marker) if marker else None) or log_lines(dmesg_output)
+    return [ln for ln in lines if STALL_PATTERN.search(ln)]
+
+
+def wait_transition(t: Transport, module_name: str, timeout: float = 60.0, *, marker: str = "") -> OpResult:
     """Wait until the patch's transition is 0 (never writes `force`); reports stalls from the log."""
     name = sysfs_name(module_name)
     start = time.monotonic()
@@ -482,8 +489,7 @@ def wait_transition(t: Transport, module_name: str, timeout: float = 60.0) -> Op
     if r.ok and out == "gone":
         return OpResult("wait", False, False, f"/sys/kernel/livepatch/{name} is gone", output=out,
                         seconds=time.monotonic() - start)
-    log = log_lines(t.run(DMESG).stdout)
-    stalls = [ln for ln in log if STALL_PATTERN.search(ln) and name in ln]
+    stalls = _stall_lines(t.run(DMESG).stdout, marker)
     msg = f"transition still running after {timeout:g} s ({out or r.summary()})"
     if stalls:
         msg += f"; kernel: {stalls[-1]}"
@@ -645,8 +651,7 @@ def disable(t: Transport, module_name: str, timeout: float = 60.0) -> OpResult:
     if w.ok and w.stdout.strip() == "gone":
         return OpResult("disable", True, r.stdout.strip() == "disabled", "disabled; sysfs dir gone", marker,
                         r.stdout.strip(), time.monotonic() - start)
-    log = log_lines(t.run(DMESG).stdout)
-    stalls = [ln for ln in log if STALL_PATTERN.search(ln) and name in ln]
+    stalls = _stall_lines(t.run(DMESG).stdout, marker)
     msg = f"/sys/kernel/livepatch/{name} still present after {timeout:g} s ({w.stdout.strip()})"
     if stalls:
         msg += f"; kernel: {stalls[-1]}"
