@@ -283,3 +283,18 @@ def test_cli_validate_exit_codes_and_json(tmp_path, target_kallsyms):
     strict = subprocess.run(["kpipe", "validate", str(sample_module()), "--kernel", RELEASE, "--strict"],
                             capture_output=True, text=True, cwd=tmp_path)
     assert strict.returncode == 3  # this_module.size and klp symbols are skipped here
+
+
+def test_cli_prints_paths_literally(tmp_path):
+    from test_elf_support import make_signing_cert
+
+    key, cert = make_signing_cert("rsa")
+    odd = tmp_path / "[bold]odd[red].ko"
+    odd.write_bytes(sample_bytes())
+    r = subprocess.run(["kpipe", "sign", str(odd), "--key", str(key), "--cert", str(cert)], capture_output=True,
+                       text=True, cwd=tmp_path, env={**__import__("os").environ, "COLUMNS": "400"})
+    assert r.returncode == 0, r.stderr
+    assert "[bold]odd[red].ko" in r.stdout  # Rich markup in a file name is printed, not interpreted
+    r = subprocess.run(["kpipe", "validate", str(odd), "--kernel", RELEASE, "--cert", str(cert)],
+                       capture_output=True, text=True, cwd=tmp_path)
+    assert r.returncode == 0, r.stdout + r.stderr

@@ -16,7 +16,7 @@ def sign_cmd(
     cert: Optional[str] = typer.Option(None, "--cert", help="X.509 certificate of the key (PEM/DER)."),
     hash_name: str = typer.Option("sha256", "--hash", help="sha224, sha256, sha384 or sha512."),
     keyid: bool = typer.Option(False, "--keyid", help="Name the signer by subject key id (sign-file -k)."),
-    signer: Optional[str] = typer.Option(None, "--signer", help="A signer from [signing.signers] in kpipe.toml."),
+    signer: Optional[str] = typer.Option(None, "--signer", help="A signer named in kpipe.toml (signing.signers.NAME)."),
     output: Optional[str] = typer.Option(None, "--output", "-o", help="For a file: where to write (default: in place)."),
     json_out: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ) -> None:
@@ -46,7 +46,7 @@ def sign_cmd(
         if json_out:
             print_json({"output": str(out), "signer": used})
         else:
-            state().console.print(f"signed {path} -> {out} ({used})")
+            state().console.print(f"signed {path} -> {out} ({used})", markup=False)
         return
     from kpipe.artifacts import get_artifact
     from kpipe.validation import sign_artifact
@@ -58,7 +58,7 @@ def sign_cmd(
         print_json({"id": new.id, "parent_id": new.parent_id, "status": new.status, "signed": new.signed,
                     "sha256": new.sha256, "signer": new.meta.get("signer", "")})
     else:
-        state().console.print(f"{new.id}  (signed from {art.id}, status {new.status})")
+        state().console.print(f"{new.id}  (signed from {art.id}, status {new.status})", markup=False)
 
 
 def register(app: typer.Typer) -> None:

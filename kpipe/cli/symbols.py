@@ -68,7 +68,7 @@ def fetch_cmd(
         return
     for r in rows:
         state().console.print(f"{release}: {r['kind']} from {r['origin']} ({r['exports']} exports, "
-                              f"{r['symbols']} symbols)")
+                              f"{r['symbols']} symbols)", markup=False)
 
 
 @app.command("add")
@@ -87,7 +87,7 @@ def add_cmd(
         print_json(rows)
         return
     for r in rows:
-        state().console.print(f"{release}: {r['kind']} {r['origin']} ({r['exports']} exports, {r['symbols']} symbols)")
+        state().console.print(f"{release}: {r['kind']} {r['origin']} ({r['exports']} exports, {r['symbols']} symbols)", markup=False)
 
 
 @app.command("list")
@@ -103,12 +103,14 @@ def list_cmd(
         print_json(rows)
         return
     from rich.table import Table
+    from rich.text import Text
 
     table = Table()
     for col in ("release", "kind", "origin", "exports", "symbols", "digest"):
         table.add_column(col)
     for r in rows:
-        table.add_row(r["release"], r["kind"], r["origin"], str(r["exports"]), str(r["symbols"]), r["digest"][:12])
+        table.add_row(*(Text(str(v)) for v in (r["release"], r["kind"], r["origin"], r["exports"], r["symbols"],
+                                                r["digest"][:12])))
     state().console.print(table)
 
 

@@ -27,7 +27,7 @@ def render_report(report: Any) -> None:
     from rich.text import Text
 
     console = state().console
-    table = Table(title=f"{report.module_name or report.module} -> {report.kernel}", title_justify="left")
+    table = Table(title=Text(f"{report.module_name or report.module} -> {report.kernel}"), title_justify="left")
     table.add_column("severity")
     table.add_column("check")
     table.add_column("finding", overflow="fold")
