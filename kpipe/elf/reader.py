@@ -561,10 +561,13 @@ class _Parser:
             return None
 
     def _function_at(self, shndx: int, off: int, fallback: str) -> str:
-        for name, info, sh, value, _size in self.symbols:
-            if sh == shndx and value == off and (info & 0xF) == STT_FUNC:
-                return name
-        return fallback
+        funcs = getattr(self, "_funcs", None)
+        if funcs is None:  # built once: a big module may have many candidate pointers
+            funcs = self._funcs = {}
+            for name, info, sh, value, _size in self.symbols:
+                if (info & 0xF) == STT_FUNC:
+                    funcs.setdefault((sh, value), name)
+        return funcs.get((shndx, off), fallback)
 
     def _pointer(self, shndx: int, off: int) -> int:
         s = self.sections[shndx]
