@@ -90,6 +90,50 @@ print(json.dumps(out))
 """
 
 
+def one_round(record, fleet, ws: Path, env: dict, remote: str, openssh_kex: str | None, masters_dir: Path,
+              tmp: Path, args: argparse.Namespace) -> None:
+    """One measurement of every client, in a fixed order."""
+    # 1. fresh connections
+    wall, cpu, rc, out = timed(["kpipe", "fleet", "facts", "--json", "--forks", str(args.forks)], env=env,
+                               check_output=True)
+    ok = json.loads(out)["summary"]["ok"] if rc == 0 else 0
+    record("kpipe fleet facts (CLI, fresh)", wall, cpu, rc if ok == args.hosts else 1, f"{ok} ok")
+    wall, cpu, rc, err = xargs_ssh(fleet, args.forks, remote, openssh_kex)
+    record(f"xargs -P{args.forks} ssh (fresh)", wall, cpu, rc, err)
+    if not args.skip_ansible:
+        inv = fleet.write_inventory(tmp / "ansible-inventory.yml")
+        ssh_args = "-C -o ControlMaster=auto -o ControlPersist=60s"  # ansible's defaults
+        if openssh_kex:
+            ssh_args += f" -o KexAlgorithms={openssh_kex}"
+        aenv = dict(os.environ, ANSIBLE_SSH_ARGS=ssh_args, ANSIBLE_HOST_KEY_CHECKING="True",
+                    ANSIBLE_SSH_EXTRA_ARGS=f"-o UserKnownHostsFile={fleet.known_hosts} -o IdentitiesOnly=yes",
+                    ANSIBLE_SSH_CONTROL_PATH_DIR=str(masters_dir / "ansible"), ANSIBLE_NOCOLOR="1")
+        wall, cpu, rc, err = timed(["ansible", "all", "-i", str(inv), "-f", str(args.forks), "-m", "raw",
+                                    "-a", remote], env=aenv)
+        record(f"ansible -m raw -f {args.forks} (fresh)", wall, cpu, rc, err)
+
+    # 2. a second command on the same hosts
+    wall_cpu = subprocess.run([sys.executable, "-c", INNER, str(ROOT), str(ws), str(args.forks)],
+                              capture_output=True, text=True, timeout=1800)
+    if wall_cpu.returncode == 0:
+        inner = json.loads(wall_cpu.stdout)
+        record("kpipe pool: first gather (in-process)", inner["first"]["wall"], inner["first"]["cpu"],
+               0 if inner["first"]["ok"] == args.hosts else 1, f"{inner['first']['ok']} ok")
+        record("kpipe pool: second command (reused)", inner["second"]["wall"], inner["second"]["cpu"],
+               0 if inner["second"]["ok"] == args.hosts else 1, f"{inner['second']['ok']} ok")
+    else:
+        print(wall_cpu.stderr[-2000:])
+    cm = ("-o", "ControlMaster=auto", "-o", f"ControlPath={masters_dir}/%C", "-o", "ControlPersist=300")
+    wall, cpu, rc, err = xargs_ssh(fleet, args.forks, remote, openssh_kex, cm)
+    record("OpenSSH ControlMaster: first (opens masters)", wall, cpu, rc, err)
+    wall, cpu, rc, err = xargs_ssh(fleet, args.forks, remote, openssh_kex, cm)
+    record("OpenSSH ControlMaster: second (warm)", wall, cpu, rc, err)
+    # the next round's ControlMaster and ansible runs start cold again
+    for sock in list(masters_dir.glob("*")) + list((masters_dir / "ansible").glob("*")):
+        if sock.is_socket():
+            subprocess.run(["ssh", "-O", "exit", "-o", f"ControlPath={sock}", "bench"], capture_output=True, timeout=30)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--hosts", type=int, default=200)
@@ -99,6 +143,8 @@ def main() -> int:
     ap.add_argument("--skip-ansible", action="store_true")
     ap.add_argument("--json", type=Path, help="also write the figures as JSON")
     ap.add_argument("--keep", action="store_true", help="keep the temporary folder")
+    ap.add_argument("--repeat", type=int, default=2,
+                    help="rounds; each client's best round counts (this machine's load varies)")
     args = ap.parse_args()
 
     from kpipe.fleet.facts import facts_command
@@ -122,46 +168,16 @@ def main() -> int:
         env = dict(os.environ, KPIPE_WORKSPACE=str(ws))
 
         def record(name: str, wall: float, cpu: float, rc: int, note: str = "") -> None:
-            rows[name] = {"wall": wall, "cpu": cpu, "hosts_per_s": args.hosts / wall if wall else 0.0, "rc": rc}
             print(f"  {name:<44} {wall:7.2f} s  {args.hosts / wall:7.1f} hosts/s  cpu {cpu:6.2f} s"
                   f"{'' if rc == 0 else f'  (exit {rc}: {note.strip()[-200:]})'}", flush=True)
+            if name in rows and rows[name]["rc"] == 0 and (rc != 0 or rows[name]["wall"] <= wall):
+                return  # keep the best successful round
+            rows[name] = {"wall": wall, "cpu": cpu, "hosts_per_s": args.hosts / wall if wall else 0.0, "rc": rc}
 
-        # 1. fresh connections
-        wall, cpu, rc, out = timed(["kpipe", "fleet", "facts", "--json", "--forks", str(args.forks)], env=env,
-                                   check_output=True)
-        ok = json.loads(out)["summary"]["ok"] if rc == 0 else 0
-        record("kpipe fleet facts (CLI, fresh)", wall, cpu, rc if ok == args.hosts else 1, f"{ok} ok")
-        wall, cpu, rc, err = xargs_ssh(fleet, args.forks, remote, openssh_kex)
-        record(f"xargs -P{args.forks} ssh (fresh)", wall, cpu, rc, err)
-        if not args.skip_ansible:
-            inv = fleet.write_inventory(tmp / "ansible-inventory.yml")
-            ssh_args = "-C -o ControlMaster=auto -o ControlPersist=60s"  # ansible's defaults
-            if openssh_kex:
-                ssh_args += f" -o KexAlgorithms={openssh_kex}"
-            aenv = dict(os.environ, ANSIBLE_SSH_ARGS=ssh_args, ANSIBLE_HOST_KEY_CHECKING="True",
-                        ANSIBLE_SSH_EXTRA_ARGS=f"-o UserKnownHostsFile={fleet.known_hosts} -o IdentitiesOnly=yes",
-                        ANSIBLE_SSH_CONTROL_PATH_DIR=str(masters_dir / "ansible"), ANSIBLE_NOCOLOR="1",
-                        ANSIBLE_STDOUT_CALLBACK="json", ANSIBLE_LOAD_CALLBACK_PLUGINS="1")
-            wall, cpu, rc, err = timed(["ansible", "all", "-i", str(inv), "-f", str(args.forks), "-m", "raw",
-                                        "-a", remote], env=aenv)
-            record(f"ansible -m raw -f {args.forks} (fresh)", wall, cpu, rc, err)
+        for round_ in range(1, args.repeat + 1):
+            print(f"round {round_}/{args.repeat}", flush=True)
+            one_round(record, fleet, ws, env, remote, openssh_kex, masters_dir, tmp, args)
 
-        # 2. a second command on the same hosts
-        wall_cpu = subprocess.run([sys.executable, "-c", INNER, str(ROOT), str(ws), str(args.forks)],
-                                  capture_output=True, text=True, timeout=1800)
-        if wall_cpu.returncode == 0:
-            inner = json.loads(wall_cpu.stdout)
-            record("kpipe pool: first gather (in-process)", inner["first"]["wall"], inner["first"]["cpu"],
-                   0 if inner["first"]["ok"] == args.hosts else 1, f"{inner['first']['ok']} ok")
-            record("kpipe pool: second command (reused)", inner["second"]["wall"], inner["second"]["cpu"],
-                   0 if inner["second"]["ok"] == args.hosts else 1, f"{inner['second']['ok']} ok")
-        else:
-            print(wall_cpu.stderr[-2000:])
-        cm = ("-o", "ControlMaster=auto", "-o", f"ControlPath={masters_dir}/%C", "-o", "ControlPersist=300")
-        wall, cpu, rc, err = xargs_ssh(fleet, args.forks, remote, openssh_kex, cm)
-        record("OpenSSH ControlMaster: first (opens masters)", wall, cpu, rc, err)
-        wall, cpu, rc, err = xargs_ssh(fleet, args.forks, remote, openssh_kex, cm)
-        record("OpenSSH ControlMaster: second (warm)", wall, cpu, rc, err)
     finally:
         # ControlPersist masters are background ssh processes: ask each to exit through its socket.
         for sock in list(masters_dir.glob("*")) + list((masters_dir / "ansible").glob("*")):
