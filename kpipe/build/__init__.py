@@ -1,0 +1,1 @@
+"""Builders: turn a BuildSpec into a module on a build host."""
