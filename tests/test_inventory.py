@@ -292,3 +292,10 @@ def test_cli_fleet_list_json_and_exit_codes(tmp_path: Path, ini: Path) -> None:
                        timeout=120)
     assert r.returncode == ExitCode.CONFIG and str(bad) in r.stderr and "Traceback" not in r.stderr
     assert "[WARNING]" not in r.stderr
+
+
+def test_workspace_without_inventory_says_how_to_add_one(tmp_path: Path) -> None:
+    write(tmp_path / "kpipe.toml", "")
+    with pytest.raises(NotFoundError, match="no inventory") as e:
+        load_inventory(load_workspace(tmp_path)).select(None)
+    assert "fleet.yml" in (e.value.hint or "")

@@ -147,6 +147,10 @@ class Inventory:
     def select(self, pattern: str | None = None) -> list[Host]:
         """Hosts matching an Ansible pattern (None or '' = all); NotFoundError if none match."""
         pattern = (pattern or "all").strip() or "all"
+        if not self.sources:
+            raise NotFoundError("no inventory: the workspace names no hosts",
+                                hint="create fleet.yml in the workspace root, list Ansible inventories under "
+                                     "[fleet] inventories in kpipe.toml, or run `kpipe lab up`")
         if "\n" in pattern or "\x00" in pattern:
             raise ConfigError(f"host pattern {pattern!r} contains a control character")
         from ansible.errors import AnsibleError
