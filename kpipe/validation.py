@@ -107,11 +107,11 @@ def _headers_arch(headers: Path, config: dict[str, str]) -> str:
 
 
 def stock_this_module_size(release: str, explicit: str = "") -> tuple[int | None, str]:
-    """sizeof(struct module) read from the first stock module under /lib/modules/<release>/kernel."""
+    """sizeof(struct module) (bytes) read from the first stock module under /lib/modules/<release>/."""
     from kpipe.elf.reader import ModuleFormatError, read_module
 
-    roots = [Path(explicit)] if explicit else [Path(f"/lib/modules/{release}/kernel"),
-                                              Path(f"/lib/modules/{release}/updates")]
+    # os.walk does not follow the build/ and source/ symlinks into the headers tree.
+    roots = [Path(explicit)] if explicit else [Path(f"/lib/modules/{release}")]
     for root in roots:
         if root.is_file():
             cands: Iterable[Path] = [root]

@@ -390,7 +390,11 @@ class _Parser:
     def _section_bytes(self, s: Section) -> bytes:
         if s.type == SHT_NOBITS:
             return b""
-        return self._bytes_of(s.offset, s.size, f"section {s.name}")
+        cache = self.__dict__.setdefault("_sec_cache", {})
+        raw = cache.get(s.index)
+        if raw is None:  # sliced once: string and pointer lookups come back to the same sections
+            raw = cache[s.index] = self._bytes_of(s.offset, s.size, f"section {s.name}")
+        return raw
 
     def _read_symbols(self) -> None:
         symtabs = [s for s in self.sections if s.type == SHT_SYMTAB]
