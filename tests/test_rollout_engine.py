@@ -146,6 +146,7 @@ def test_200_hosts_with_faults_end_in_known_journaled_states(simfleet_factory, t
     reasons = {faulty[h]: s.reasons[h] for h in faulty}
     assert "timed out" in reasons["hang"]
     assert "transition" in reasons["stuck_transition"]
+    assert "free space" in reasons["full_disk"]
     assert "busy" in reasons["ebusy_enable"].lower()
     assert "rejected" in reasons["sig_enforce"].lower()
     print(f"rollout of 200 hosts, {len(faulty)} faulty: {took:.1f} s")
@@ -159,9 +160,13 @@ def test_200_hosts_with_faults_end_in_known_journaled_states(simfleet_factory, t
     s, _ = run(ws, journal, rid, "rollback")
     print(f"rollback of 200 hosts: {time.monotonic() - t0:.1f} s")
     for h in fleet.hosts:
-        assert s.hosts[h.name] in ("rolled_back", "failed"), (h.name, s.hosts[h.name], s.reasons.get(h.name))
-        if s.hosts[h.name] == "rolled_back":
-            assert MODULE not in h.patches() and MODULE not in h.modules()
+        if faulty.get(h.name) in ("refused", "full_disk"):
+            # never touched (unreachable; refused by kpipe's own free-space preflight): nothing to roll back
+            want = "unreachable" if faulty[h.name] == "refused" else "failed"
+            assert s.hosts[h.name] == want and not h.staged() and not h.modules()
+            continue
+        assert s.hosts[h.name] == "rolled_back", (h.name, s.hosts[h.name], s.reasons.get(h.name))
+        assert MODULE not in h.patches() and MODULE not in h.modules() and not h.staged()
     # the hosts that died mid-insmod had the module loaded by the kernel: rollback removed it
     for name, fault in faulty.items():
         if fault == "die_during":
@@ -337,3 +342,25 @@ def test_cli_plan_gathers_facts_and_lists_exclusions(simfleet_factory, tmp_path)
     finally:
         fleet.hosts[4].clear()
         fleet.hosts[5].start()
+
+
+def test_host_dying_mid_insmod_is_resumed_without_loading_twice(simfleet_factory, tmp_path):
+    fleet = simfleet_factory(4)
+    ws, art = setup_ws(fleet, tmp_path)
+    plan, journal, rid = make_plan(ws, art, fleet.hosts, waves="100%", max_failures=FailureBudget.parse("50%"))
+    victim = fleet.host("sim002")
+    victim.inject("die_during", op="insmod")
+    s, _ = run(ws, journal, rid)
+    assert s.state == "completed" and s.hosts["sim002"] == "unreachable"
+    assert MODULE in victim.modules()  # the kernel loaded it before the host died
+    victim.clear()
+    victim.reboot()  # it comes back rebooted: the module is gone, the staged file stays
+    s, _ = run(ws, journal, rid, "resume")
+    assert s.state == "completed" and set(s.hosts.values()) == {"applied"}, s
+    assert enables(victim) == 1 and enabled(victim)
+    loads = [e for e in journal.entries(rid, "sim002") if e.step == "load"]
+    assert [e.phase for e in loads] == ["intended", "failed", "intended", "done"]
+    assert loads[-1].detail["changed"] is True
+    for h in ("sim000", "sim001", "sim003"):  # the others were re-checked, not touched again
+        assert enables(fleet.host(h)) == 1
+        assert [e.phase for e in journal.entries(rid, h) if e.step == "load"] == ["intended", "done"]

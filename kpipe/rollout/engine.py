@@ -267,6 +267,12 @@ def apply_host(t: Any, a: Assignment, local_path: Path, probe: Any, rec: Recorde
         # already loaded (by an earlier run of this rollout, or the same build by hand): keep the marker
         # that run journaled so verification still reads "patching complete" after it
         marker = journal_marker
+        if marker and lp.lines_after_marker(t.run(lp.DMESG).stdout, marker) is None:
+            # the log no longer holds our marker (ring buffer wrapped, or the host's log was reset while
+            # it was away): the load cannot be re-proved from the log, so verify through sysfs only
+            rec("marker", "intended", {"reuse": marker})
+            rec("marker", "done", {"marker": "", "lost": marker})
+            marker = ""
     else:
         marker = _run_step(rec, "marker", lambda: lp.write_marker(t, "rollout", name), {},
                            lambda m: {"marker": m})
@@ -478,7 +484,9 @@ class Engine:
                 self.emit(kind="resume", rollout_id=rid, message="continuing the rollback")
                 return self._rollback(rid, plan, list(rb.get("hosts", [])), final_all=bool(rb.get("all")),
                                       halt_reason=rec.detail.get("halt_reason", ""))
-            if rec.state in ("completed", "rolled_back", "halted"):
+            if rec.state == "completed" and resuming and self._unfinished_hosts(rid, plan):
+                pass  # hosts that were unreachable (or interrupted) are retried: nothing is forgotten
+            elif rec.state in ("completed", "rolled_back", "halted"):
                 return self.summary(rid)
             if resuming:
                 self.journal.clear_abort(rid)
@@ -494,6 +502,8 @@ class Engine:
         failures: dict[str, str] = {}
         attempted: set[str] = set()
         applied: list[str] = []
+        if resuming:
+            self._recheck_applied(rid, plan)
         gates = {e.wave: e.detail for e in self.journal.entries(rid, "") if e.step == "gate" and e.phase == "done"}
         for wave_no, wave in enumerate(plan.waves, start=1):
             states = {h: host_state(h, self.journal.entries(rid, h)) for h in wave}
@@ -578,6 +588,28 @@ class Engine:
         s = self.summary(rid)
         self.emit(kind="rollout-end", rollout_id=rid, phase=s.state, data=s.to_dict())
         return s
+
+    def _unfinished_hosts(self, rid: str, plan: RolloutPlan) -> list[str]:
+        by_host = dict(self.journal.iter_hosts(rid))
+        return [h for h in plan.hosts if host_state(h, by_host.get(h, [])).outcome not in
+                ("applied", "failed", "rolled_back")]
+
+    def _recheck_applied(self, rid: str, plan: RolloutPlan) -> None:
+        """On resume, re-read the real state of every host the journal calls applied: a host whose patch
+        is gone or broken becomes failed (a regression); one that cannot be reached is retried."""
+        done = [h for h in plan.hosts if host_state(h, self.journal.entries(rid, h)).outcome == "applied"]
+        if not done:
+            return
+        results = self.runner.run_many(done, lambda t: self._reverify(plan, t), plan.options.forks)
+        for h in done:
+            v = results.get(h)
+            a = plan.assignments[h]
+            if isinstance(v, BaseException):
+                state, reason = classify(v)
+                self._outcome(rid, HostResult(h, state, f"re-check on resume: {reason}", "resume"), a.wave, a)
+            elif v is not None and not v[0]:
+                self._outcome(rid, HostResult(h, "failed", f"regressed before resume: {v[1]}", "resume"), a.wave, a)
+        self.emit(kind="resume", rollout_id=rid, message=f"re-checked {len(done)} applied host(s)")
 
     def _aborted(self, rid: str) -> RunSummary:
         self.journal.set_state(rid, "aborted", finished_at=time.time())
