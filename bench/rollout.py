@@ -123,7 +123,7 @@ def main() -> None:
 
         def kpipe_run() -> float:
             start = time.monotonic()
-            r = kp(ws, "rollout", "start", art.id, "--limit", "lab", "--waves", "100%", "--skip-preflight", "--yes",
+            r = kp(ws, "rollout", "start", art.id, "--limit", "lab", "--waves", "100%", "--soak", "0", "--skip-preflight", "--yes",
                    "--json")
             took = time.monotonic() - start
             out = json.loads(r.stdout)

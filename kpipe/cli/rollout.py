@@ -11,7 +11,8 @@ from kpipe.cli.context import print_json, state
 rollout_app = typer.Typer(help="Staged, health-gated rollouts with a journal, resume and rollback.",
                           no_args_is_help=True)
 
-_WAVES = typer.Option("1,10%,50%,100%", "--waves", help="Cumulative wave sizes: counts or percentages.")
+_WAVES = typer.Option(None, "--waves",
+                      help="Cumulative wave sizes: counts or percentages (default: the recipe's, else 1,10%,50%,100%).")
 _LIMIT = typer.Option(None, "--limit", "-l", help="Ansible host pattern (group, glob, a:b, a:&b, a:!b).")
 
 
@@ -20,11 +21,23 @@ def register(app: typer.Typer) -> None:
     app.add_typer(rollout_app, name="rollout")
 
 
-def _options(waves: str, soak: float, verify_interval: float, max_failures: str, rollback_policy: str,
-             skip_preflight: bool, persist: bool, forks: Optional[int], timeout: float):
-    from kpipe.rollout.planner import FailureBudget, RolloutOptions
+def _options(target: str, waves: Optional[str], soak: Optional[float], verify_interval: float,
+             max_failures: Optional[str], rollback_policy: Optional[str], skip_preflight: bool, persist: bool,
+             forks: Optional[int], timeout: float):
+    """Options from the command line; what it leaves out comes from the recipe's `rollout:` section."""
+    from kpipe.rollout.planner import DEFAULT_WAVES, FailureBudget, RolloutOptions
+    from kpipe.rollout.world import recipe_defaults
 
     ws = state().workspace
+    rd = recipe_defaults(ws, target) if None in (waves, soak, max_failures, rollback_policy) else {}
+    if waves is None:
+        waves = ",".join(str(w) for w in rd["waves"]) if rd.get("waves") else DEFAULT_WAVES
+    if soak is None:
+        soak = float(rd.get("soak", 0) or 0)
+    if max_failures is None:
+        max_failures = str(rd.get("max_failures", 0))
+    if rollback_policy is None:
+        rollback_policy = str(rd.get("rollback", "failed"))
     return RolloutOptions(waves=waves, soak_s=soak, verify_interval_s=verify_interval,
                           max_failures=FailureBudget.parse(max_failures), rollback_policy=rollback_policy,
                           skip_preflight=skip_preflight, persist=persist, forks=forks or ws.ssh.forks,
@@ -83,11 +96,11 @@ def _plan_and_store(target: str, limit: Optional[str], opts: Any, store: bool = 
 def plan_cmd(
     target: str = typer.Argument(..., help="A recipe name, or an artifact id."),
     limit: Optional[str] = _LIMIT,
-    waves: str = _WAVES,
-    soak: float = typer.Option(0.0, "--soak", help="Seconds to watch each wave before the next."),
+    waves: Optional[str] = _WAVES,
+    soak: Optional[float] = typer.Option(None, "--soak", help="Seconds to watch each wave (default: the recipe's, else 0)."),
     verify_interval: float = typer.Option(10.0, "--verify-interval", help="Re-verify every N seconds in a soak."),
-    max_failures: str = typer.Option("0", "--max-failures", help="Failure budget: N hosts or N%."),
-    rollback_policy: str = typer.Option("failed", "--rollback-policy", help="failed | wave | all"),
+    max_failures: Optional[str] = typer.Option(None, "--max-failures", help="Failure budget: N hosts or N% (default 0)."),
+    rollback_policy: Optional[str] = typer.Option(None, "--rollback-policy", help="failed | wave | all (default failed)."),
     skip_preflight: bool = typer.Option(False, "--skip-preflight", help="Allow artifacts without a passed preflight."),
     persist: bool = typer.Option(False, "--persist", help="Install for reboot (kpatch install)."),
     forks: Optional[int] = typer.Option(None, "--forks", help="Hosts in flight at once."),
@@ -95,7 +108,7 @@ def plan_cmd(
     json_out: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """Plan a rollout: waves, hosts, the artifact per host, preflight status, excluded hosts with reasons."""
-    opts = _options(waves, soak, verify_interval, max_failures, rollback_policy, skip_preflight, persist, forks,
+    opts = _options(target, waves, soak, verify_interval, max_failures, rollback_policy, skip_preflight, persist, forks,
                     timeout)
     plan, rid = _plan_and_store(target, limit, opts)
     if json_out:
@@ -176,11 +189,11 @@ def start_cmd(
     target: Optional[str] = typer.Argument(None, help="A recipe name or an artifact id (or use --plan)."),
     plan_id: Optional[str] = typer.Option(None, "--plan", help="Start a stored plan (an id, or `last`)."),
     limit: Optional[str] = _LIMIT,
-    waves: str = _WAVES,
-    soak: float = typer.Option(0.0, "--soak"),
+    waves: Optional[str] = _WAVES,
+    soak: Optional[float] = typer.Option(None, "--soak"),
     verify_interval: float = typer.Option(10.0, "--verify-interval"),
-    max_failures: str = typer.Option("0", "--max-failures"),
-    rollback_policy: str = typer.Option("failed", "--rollback-policy"),
+    max_failures: Optional[str] = typer.Option(None, "--max-failures"),
+    rollback_policy: Optional[str] = typer.Option(None, "--rollback-policy"),
     skip_preflight: bool = typer.Option(False, "--skip-preflight"),
     persist: bool = typer.Option(False, "--persist"),
     forks: Optional[int] = typer.Option(None, "--forks"),
@@ -199,7 +212,7 @@ def start_cmd(
         rid = journal.resolve(plan_id)
         plan = RolloutPlan.from_dict(journal.get(rid).plan)
     elif target:
-        opts = _options(waves, soak, verify_interval, max_failures, rollback_policy, skip_preflight, persist, forks,
+        opts = _options(target, waves, soak, verify_interval, max_failures, rollback_policy, skip_preflight, persist, forks,
                         timeout)
         plan, rid = _plan_and_store(target, limit, opts, store=not dry_run)
     else:

@@ -92,6 +92,22 @@ def probes_for(workspace: Any, candidates: Iterable[Candidate]) -> dict[str, dic
     return out
 
 
+def recipe_defaults(workspace: Any, target: str) -> dict[str, Any]:
+    """The recipe's `rollout:` section (waves, max_failures, soak, rollback) for the target, or {}."""
+    try:
+        _, cands = candidates_for(workspace.store, target)
+        from kpipe import recipes
+    except Exception:  # no artifact yet, or no recipe component: the CLI's own defaults apply
+        return {}
+    for c in cands:
+        if c.recipe:
+            try:
+                return dict(recipes.render(workspace, c.recipe, c.kernel).rollout or {})
+            except Exception:
+                return {}
+    return {}
+
+
 def make_pool(workspace: Any, forks: int | None = None) -> Any:
     from kpipe.fleet.facts import pool_for
 
