@@ -274,12 +274,15 @@ def validate_module(workspace: Any, module_path: Path | str, kernel_release: str
 
 
 def validate_and_record(workspace: Any, artifact: Any, *, symbol_files: Iterable[str | os.PathLike] = (),
-                        certs: Iterable[Any] = (), strict: bool = False) -> ValidationReport:
+                        certs: Iterable[Any] = (), strict: bool | None = None) -> ValidationReport:
     """Validate an artifact for its kernel; store the report in artifact.validation and set its status
-    to valid or rejected. A module that cannot even be read is recorded as rejected, then re-raised."""
+    to valid or rejected. A module that cannot even be read is recorded as rejected, then re-raised.
+    strict=None takes `[validation] strict` from kpipe.toml (default false)."""
     from kpipe.artifacts import update_artifact
     from kpipe.elf.reader import ModuleFormatError
 
+    if strict is None:
+        strict = bool(workspace.section("validation").get("strict", False))
     store = workspace.store
     path = artifact.path(store)
     if not path.is_file():

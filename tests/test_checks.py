@@ -298,3 +298,17 @@ def test_cli_prints_paths_literally(tmp_path):
     r = subprocess.run(["kpipe", "validate", str(odd), "--kernel", RELEASE, "--cert", str(cert)],
                        capture_output=True, text=True, cwd=tmp_path)
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_workspace_strict_setting_rejects_artifacts_with_skips(tmp_path):
+    from kpipe.artifacts import add_artifact, get_artifact
+    from kpipe.validation import validate_and_record
+
+    (tmp_path / "kpipe.toml").write_text('[workspace]\nstore = ".kpipe"\n[validation]\nstrict = true\n')
+    ws = load_workspace(tmp_path)
+    art = add_artifact(ws.store, sample_module(), kernel=RELEASE)
+    report = validate_and_record(ws, art)  # this_module.size and the klp symbols lack reference data here
+    assert report.strict and not report.ok and not report.errors
+    assert get_artifact(ws.store, art.id).status == "rejected"
+    assert validate_and_record(ws, art, strict=False).ok
+    assert get_artifact(ws.store, art.id).status == "valid"

@@ -48,7 +48,8 @@ def validate_cmd(
                                       "System.map or vmlinux (repeatable)."),
     cert: List[str] = typer.Option([], "--cert", help="Signing certificate, PEM or DER (repeatable); makes a "
                                    "valid signature mandatory."),
-    strict: bool = typer.Option(False, "--strict", help="Skipped checks fail too."),
+    strict: Optional[bool] = typer.Option(None, "--strict/--no-strict", help="Skipped checks fail too "
+                                          "(default: [validation] strict in kpipe.toml, else off)."),
     json_out: bool = typer.Option(False, "--json", help="Print every finding as JSON."),
 ) -> None:
     """Validate a module or artifact for a kernel; exit 3 when it is invalid."""
@@ -61,6 +62,8 @@ def validate_cmd(
             raise ConfigError("--kernel is required when validating a file", hint="e.g. --kernel 6.1.0-56-amd64")
         from kpipe.validation import validate_module
 
+        if strict is None:
+            strict = bool(ws.section("validation").get("strict", False)) if ws is not None else False
         report = validate_module(ws, path, kernel, symbol_files=symbols, certs=cert, strict=strict)
     else:
         from kpipe.artifacts import get_artifact
@@ -70,7 +73,9 @@ def validate_cmd(
         art = get_artifact(ws.store, target)
         if kernel and kernel != art.kernel:
             # Another kernel than the artifact's: report only, never change the artifact's status.
-            report = validate_module(ws, art.path(ws.store), kernel, symbol_files=symbols, certs=cert, strict=strict)
+            report = validate_module(ws, art.path(ws.store), kernel, symbol_files=symbols, certs=cert,
+                                     strict=bool(strict if strict is not None
+                                                 else ws.section("validation").get("strict", False)))
             report.module = f"{art.id} ({art.filename})"
         else:
             report = validate_and_record(ws, art, symbol_files=symbols, certs=cert, strict=strict)
