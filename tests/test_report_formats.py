@@ -349,3 +349,30 @@ def test_write_atomic_temp_name_is_ignored_by_textfile_collector(tmp_path, monke
     monkeypatch.setattr(os, "replace", spy)
     write_atomic(tmp_path / "kpipe.prom", "x 1\n")
     assert seen and seen[0].startswith(".") and not seen[0].endswith(".prom")
+
+
+# ---- properties over arbitrary text ------------------------------------------------------
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+_TEXT = st.text(st.characters(blacklist_categories=("Cs",)), min_size=1, max_size=40)
+
+
+@settings(max_examples=150, deadline=None)
+@given(host=_TEXT, patch=_TEXT, kernel=_TEXT, error=_TEXT)
+def test_any_text_survives_every_format(host, patch, kernel, error):
+    desired = A.desired_from_records([R(1, "r", host, patch, "applied", "a", SHA, kernel)])
+    result = A.evaluate(desired, [H(host, kernel=kernel, patches=lp(A.module_name(patch))),
+                                  H(host + "-down", reachable=False, error=error)], generated_at=1)
+    fams = parse_exposition(render(result, "prometheus"))
+    assert {s[1]["host"] for s in fams["kpipe_host_reachable"].samples} == {host, host + "-down"}
+    assert {s[1]["kernel"] for s in fams["kpipe_livepatch_state"].samples if s[1]["host"] == host} == {kernel}
+    root = ET.fromstring(render(result, "junit").encode("utf-8"))
+    assert len(root.findall("./testsuite/testcase")) == len(result.rows)
+    assert json.loads(render(result, "json"))["hosts"][0]["host"] in (host, host + "-down")
+    page = render(result, "html")
+    p = _Tags()
+    p.feed(page)
+    assert set(p.tags) <= {"html", "head", "meta", "title", "style", "body", "h1", "h2", "div", "table", "tr",
+                           "th", "td", "span", "p"}
