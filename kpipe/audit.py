@@ -830,3 +830,47 @@ def run_audit(
         for host in sorted(set(desired.patches) - known):
             observed[host] = ObservedHost(host, reachable=False, error="not in the inventory (a rollout patched it)")
     return evaluate(desired, observed.values())
+
+
+# --------------------------------------------------------------------------
+# The audit trail: every verify / audit run, kept in the state store
+# --------------------------------------------------------------------------
+
+AUDIT_SCHEMA = """
+CREATE TABLE IF NOT EXISTS audits (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    generated_at REAL NOT NULL,
+    command TEXT NOT NULL,
+    host_pattern TEXT NOT NULL DEFAULT '',
+    compliant INTEGER NOT NULL,
+    hosts INTEGER NOT NULL,
+    compliant_hosts INTEGER NOT NULL,
+    result_json TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS audits_time ON audits(generated_at)
+"""
+
+
+def record_audit(store: Any, result: AuditResult, *, command: str = "audit", limit: str | None = None) -> int:
+    """Keep one audit's full result in the store (compliance asks for a trail); return its id."""
+    import json
+
+    store.ensure_schema(AUDIT_SCHEMA)
+    doc = result.to_dict()
+    with store.write() as c:
+        cur = c.execute(
+            "INSERT INTO audits (generated_at, command, host_pattern, compliant, hosts, compliant_hosts, result_json)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (result.generated_at, command, limit or "", int(result.compliant), len(result.hosts),
+             doc["summary"]["compliant_hosts"], json.dumps(doc, ensure_ascii=False)),
+        )
+        return int(cur.lastrowid)
+
+
+def audit_history(store: Any, limit: int = 20) -> list[dict[str, Any]]:
+    """The most recent audits, newest first: id, time, command, pattern, counts (no full result)."""
+    store.ensure_schema(AUDIT_SCHEMA)
+    rows = store.query(
+        "SELECT id, generated_at, command, host_pattern, compliant, hosts, compliant_hosts FROM audits"
+        " ORDER BY generated_at DESC, id DESC LIMIT ?", (limit,))
+    return [dict(r) for r in rows]

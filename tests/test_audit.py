@@ -352,3 +352,21 @@ def test_int_flags_from_the_parser_are_understood():
     st = lp.LivepatchState("livepatch_fix", 1, 0, {"vmlinux": 0})
     res = A.evaluate(A.desired_from_records([applied("h1")]), [H("h1", patches={"livepatch_fix": st})])
     assert res.rows[0].status == "transition"
+
+
+def test_audit_trail_in_the_store(tmp_path):
+    from kpipe.store import Store
+
+    store = Store(tmp_path / "store")
+    res = A.evaluate(A.desired_from_records([applied("h1")]), [H("h1")], generated_at=100)
+    ok = A.evaluate(A.DesiredState(), [H("h1")], generated_at=200)
+    first = A.record_audit(store, res, command="verify", limit="h*")
+    second = A.record_audit(store, ok)
+    assert second > first
+    hist = A.audit_history(store)
+    assert [(h["id"], h["command"], h["host_pattern"], h["compliant"]) for h in hist] == [
+        (second, "audit", "", 1), (first, "verify", "h*", 0)]
+    import json
+
+    doc = json.loads(store.query_one("SELECT result_json FROM audits WHERE id = ?", (first,))["result_json"])
+    assert doc["hosts"][0]["patches"][0]["status"] == "missing"

@@ -10,7 +10,8 @@ Exit codes: `verify` exits 0 when every selected host is compliant and 1
 otherwise (an unreachable host is not compliant). `audit` exits 0 once the
 report is written, whatever it says (`--strict`: 1 if anything is not
 compliant). Both exit 4 for a malformed desired-state file or inventory and 5
-when --limit matches no host.
+when --limit matches no host. Every run is kept in the store's `audits` table
+(the audit trail).
 """
 
 from __future__ import annotations
@@ -46,6 +47,18 @@ def _print_table(result) -> None:  # result: kpipe.audit.AuditResult
     state().console.print(table)
 
 
+def _keep(ws, result, command: str, limit: Optional[str]) -> None:
+    # The audit trail (table `audits`): a failure to record must not hide the result.
+    from kpipe.audit import record_audit
+
+    try:
+        record_audit(ws.store, result, command=command, limit=limit)
+    except Exception as e:  # noqa: BLE001
+        from kpipe.cli.context import state
+
+        state().err_console.print(f"warning: audit not recorded in the store: {e}", markup=False)
+
+
 def _fail_unless_compliant(result) -> None:
     # A KpipeError, not typer.Exit: main() runs the app with standalone_mode=False,
     # where click returns an Exit's code instead of exiting with it.
@@ -70,7 +83,9 @@ def verify(
     from kpipe.audit import run_audit
     from kpipe.cli.context import print_json, state
 
-    result = run_audit(state().workspace, limit, desired_file=desired, forks=forks, settle=settle)
+    ws = state().workspace
+    result = run_audit(ws, limit, desired_file=desired, forks=forks, settle=settle)
+    _keep(ws, result, "verify", limit)
     if as_json:
         print_json(result.to_dict())
     else:
@@ -103,7 +118,9 @@ def audit(
     out_path = Path(output) if output else None
     if out_path is not None and not out_path.parent.is_dir():
         raise ConfigError(f"--output {output}: folder {out_path.parent} does not exist")
-    result = run_audit(state().workspace, limit, desired_file=desired, forks=forks, settle=settle)
+    ws = state().workspace
+    result = run_audit(ws, limit, desired_file=desired, forks=forks, settle=settle)
+    _keep(ws, result, "audit", limit)
     if out_path is None and fmt == "table":
         _print_table(result)
     else:
