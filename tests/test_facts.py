@@ -62,7 +62,6 @@ def test_stuck_transition_is_visible() -> None:
 LAB = DATA / "lab-vm-debian-6.1.txt"
 
 
-@pytest.mark.skipif(not LAB.exists(), reason="no captured lab VM output")
 def test_lab_vm_output() -> None:
     facts = parse_facts("vm0", LAB.read_text())
     assert facts.release.startswith("6.1.0-") and facts.arch == "x86_64"
@@ -70,6 +69,33 @@ def test_lab_vm_output() -> None:
     assert facts.sig_enforce is False and facts.selinux == "disabled" and facts.kpatch_cli == ""
     # the lab's initramfs has no /etc/os-release and its root file system shows no df line
     assert facts.os_id == "" and facts.free_kb is None and "no file system" in facts.warnings[0]
+
+
+def test_lab_vm_with_a_real_livepatch_loaded() -> None:
+    """Captured after `kpipe lab up` + stage + insmod of the kbuild demo module on Debian's 6.1."""
+    facts = parse_facts("lab1", data("lab-vm-debian-6.1-loaded.txt"))
+    p = facts.patches["livepatch_demo"]
+    assert (p.enabled, p.transition, p.objects, p.module_present, p.module_taint) == (1, 0, {"vmlinux": 1}, True,
+                                                                                      "OEK")
+    assert p.functions == ("vmlinux/cmdline_proc_show,1",)
+    assert (facts.tainted, facts.taint_flags, facts.sig_enforce) == (45056, "OEK", False)
+    [m] = facts.installed
+    assert m.path == "/var/lib/kpatch/6.1.0-56-amd64/livepatch_demo.ko"
+
+
+def test_lab_vm_with_sig_enforce_that_refused_the_module() -> None:
+    """Booted with module.sig_enforce=1: the unsigned module is staged but never loaded."""
+    facts = parse_facts("lab2", data("lab-vm-debian-6.1-sig-enforce-refused.txt"))
+    assert facts.sig_enforce is True and facts.patches == {} and facts.tainted == 0
+    assert [m.file_name for m in facts.installed] == ["livepatch_demo.ko"]
+
+
+def test_simfleet_matches_the_real_kernel() -> None:
+    """SimFleet's loaded state reads exactly like the real VM's (same taint, objects, functions)."""
+    real = parse_facts("x", data("lab-vm-debian-6.1-loaded.txt")).patches["livepatch_demo"]
+    sim = parse_facts("x", data("simfleet-openeuler-loaded.txt")).patches["livepatch_cmdline"]
+    assert (real.enabled, real.transition, real.objects, real.functions, real.module_taint) == (
+        sim.enabled, sim.transition, sim.objects, sim.functions, sim.module_taint)
 
 
 def test_this_machine_live() -> None:

@@ -144,7 +144,7 @@ def _facts_table(console: Any, results: dict[str, Any], elapsed: float) -> None:
         elif not r.patches:
             lp = "none"
         else:
-            lp = ", ".join(f"{escape(p.name)}[{_patch_state(p)}]" for p in r.patches.values())
+            lp = ", ".join(f"{escape(p.name)} ({_patch_state(p)})" for p in r.patches.values())
         free = "" if r.free_kb is None else _size(r.free_kb)
         sig = {None: "-", True: "Y", False: "N"}[r.sig_enforce]
         table.add_row(escape(name), escape(r.release), escape(r.arch),
