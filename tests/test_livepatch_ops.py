@@ -37,12 +37,15 @@ def captured(name: str) -> str:
     ("state_removed.txt", {}, False, 45056),
     ("state_sig_enforce.txt", {}, False, 0),
     ("state_vermagic.txt", {}, False, 0),
+    ("state_in_transition.txt",
+     {"livepatch_stall": (1, 1, {"vmlinux": 1}, ("vmlinux/wait_for_completion_state,1",))}, True, 45056),
 ])
 def test_state_parser_reads_real_vm_outputs(file, patches, module_present, tainted):
     st = lp.parse_host_livepatch(captured(file))
     assert st.complete and st.sysfs
     assert st.tainted == tainted
-    assert st.module("livepatch_demo").present is module_present
+    module = next(iter(patches), "livepatch_demo")
+    assert st.module(module).present is module_present
     assert {n: (p.enabled, p.transition, p.objects, p.functions) for n, p in st.patches.items()} == patches
     assert lp.parse_livepatch_state(captured(file)).keys() == patches.keys()
 
@@ -113,6 +116,19 @@ def test_refused_loads_are_reported_with_the_kernels_own_line(file, marker, reas
     assert problems[0] == f"kernel: {reason}"
     assert any("does not exist" in p for p in problems)
     assert any("taint K" in p for p in problems)
+
+
+def test_a_stalled_transition_is_reported_with_the_kernels_line():
+    log = captured("dmesg_stall.txt")
+    marker = "kpipe: marker 5484c624ba0845ef8fb96b97fe1ca26e load livepatch_stall"
+    assert lp._stall_lines(log, marker) == ["livepatch: signaling remaining tasks"]
+    st = lp.parse_host_livepatch(captured("state_in_transition.txt"))
+    after = lp.lines_after_marker(log, marker)
+    cut = after.index("livepatch: signaling remaining tasks") + 1  # the log as it was while stalled
+    assert lp.evaluate_loaded("livepatch_stall", st, after[:cut], marker) == [
+        "/sys/kernel/livepatch/livepatch_stall/transition is 1, want 0",
+        "no \"livepatch: 'livepatch_stall': patching complete\" in the kernel log after the marker",
+    ]
 
 
 def test_successful_load_evaluates_clean_and_taint_warnings_are_not_failures():
@@ -325,4 +341,56 @@ def test_load_uses_the_kpatch_cli_where_the_host_has_one(shared_lab, demo_module
         lp.disable(t, "livepatch_demo", 30)
         lp.unload(t, "livepatch_demo")
         t.run(Command.of("rm", "-f", "/usr/bin/kpatch", "/tmp/kpatch.calls"))
+        pool.close()
+
+
+@pytest.fixture(scope="module")
+def stall_kit(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A livepatch whose transition stalls behind a vfork() parent, and the static program that holds one."""
+    import shutil
+
+    from test_lab_support import DATA, headers_release
+
+    src = tmp_path_factory.mktemp("stall") / "src"
+    shutil.copytree(DATA / "livepatch_stall", src)
+    r = subprocess.run(["make", "-s", "-C", f"/usr/src/linux-headers-{headers_release()}", f"M={src}", "modules"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    r = subprocess.run(["gcc", "-static", "-O2", "-o", str(src / "vforkhold"), str(src / "vforkhold.c")],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    return src / "livepatch_stall.ko", src / "vforkhold"
+
+
+@pytest.mark.vm
+def test_wait_transition_reports_a_real_stall_and_never_forces(shared_lab, stall_kit):
+    ko, holder = stall_kit
+    pool, t = _transport(shared_lab, "lab1")
+    release = t.run(Command.of("uname", "-r")).stdout.strip()
+    try:
+        t.put(holder, "/tmp/vforkhold")
+        r = t.run(Command.script("chmod 755 /tmp/vforkhold && (setsid /tmp/vforkhold </dev/null >/dev/null 2>&1 &) "
+                                 "&& sleep 1 && pidof vforkhold"))
+        assert len(r.stdout.split()) == 2, r  # the vfork parent and its child
+        path = lp.stage(t, ko, release, hashlib.sha256(ko.read_bytes()).hexdigest(), "livepatch_stall.ko")
+        loaded = lp.load(t, path, "livepatch_stall")
+        assert loaded.ok, loaded
+        w = lp.wait_transition(t, "livepatch_stall", 20, marker=loaded.marker)
+        assert not w.ok
+        assert "transition still running after 20 s" in w.message
+        assert w.kernel_lines == ["livepatch: signaling remaining tasks"]  # after ~15 s (klp_send_signals)
+        v = lp.verify_loaded(t, "livepatch_stall", loaded.marker)
+        assert "/sys/kernel/livepatch/livepatch_stall/transition is 1, want 0" in v.problems
+        # the stall ends when the task leaves the old function: nothing forced
+        # (killing one of the pair may end the other first: only check that none is left)
+        assert t.run(Command.script("kill -9 $(pidof vforkhold) 2>/dev/null; sleep 1; ! pidof vforkhold")).ok
+        assert lp.wait_transition(t, "livepatch_stall", 60, marker=loaded.marker).ok
+        assert lp.verify_loaded(t, "livepatch_stall", loaded.marker).ok
+    finally:
+        t.run(Command.script("kill -9 $(pidof vforkhold) 2>/dev/null; rm -f /tmp/vforkhold"))
+        d = lp.disable(t, "livepatch_stall", 60)
+        assert d.ok, d
+        assert lp.unload(t, "livepatch_stall").ok
+        assert lp.verify_removed(t, "livepatch_stall", marker=d.marker).ok
+        lp.unstage(t, release, "livepatch_stall.ko")
         pool.close()
