@@ -363,11 +363,15 @@ def stall_kit(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 
 
 @pytest.mark.vm
-def test_wait_transition_reports_a_real_stall_and_never_forces(shared_lab, stall_kit):
+def test_wait_transition_reports_a_real_stall_and_never_forces(shared_lab, stall_kit, demo_module):
     ko, holder = stall_kit
     pool, t = _transport(shared_lab, "lab1")
     release = t.run(Command.of("uname", "-r")).stdout.strip()
     try:
+        demo = lp.stage(t, demo_module, release, hashlib.sha256(demo_module.read_bytes()).hexdigest(),
+                        "livepatch_demo.ko")
+        assert lp.load(t, demo, "livepatch_demo").ok
+        assert lp.wait_transition(t, "livepatch_demo", 30).ok
         t.put(holder, "/tmp/vforkhold")
         r = t.run(Command.script("chmod 755 /tmp/vforkhold && (setsid /tmp/vforkhold </dev/null >/dev/null 2>&1 &) "
                                  "&& sleep 1 && pidof vforkhold"))
@@ -381,6 +385,10 @@ def test_wait_transition_reports_a_real_stall_and_never_forces(shared_lab, stall
         assert w.kernel_lines == ["livepatch: signaling remaining tasks"]  # after ~15 s (klp_send_signals)
         v = lp.verify_loaded(t, "livepatch_stall", loaded.marker)
         assert "/sys/kernel/livepatch/livepatch_stall/transition is 1, want 0" in v.problems
+        # another patch cannot be disabled while one is in transition (kernel/livepatch/core.c: -EBUSY)
+        busy = lp.disable(t, "livepatch_demo", 10)
+        assert not busy.ok and busy.message.startswith("EBUSY"), busy
+        assert lp.read_state(t).patches["livepatch_demo"].enabled == 1
         # the stall ends when the task leaves the old function: nothing forced
         # (killing one of the pair may end the other first: only check that none is left)
         assert t.run(Command.script("kill -9 $(pidof vforkhold) 2>/dev/null; sleep 1; ! pidof vforkhold")).ok
@@ -388,9 +396,10 @@ def test_wait_transition_reports_a_real_stall_and_never_forces(shared_lab, stall
         assert lp.verify_loaded(t, "livepatch_stall", loaded.marker).ok
     finally:
         t.run(Command.script("kill -9 $(pidof vforkhold) 2>/dev/null; rm -f /tmp/vforkhold"))
-        d = lp.disable(t, "livepatch_stall", 60)
-        assert d.ok, d
-        assert lp.unload(t, "livepatch_stall").ok
-        assert lp.verify_removed(t, "livepatch_stall", marker=d.marker).ok
-        lp.unstage(t, release, "livepatch_stall.ko")
+        for name in ("livepatch_stall", "livepatch_demo"):
+            d = lp.disable(t, name, 60)
+            assert d.ok, d
+            assert lp.unload(t, name).ok
+            assert lp.verify_removed(t, name, marker=d.marker if d.changed else "").ok
+            lp.unstage(t, release, f"{name}.ko")
         pool.close()
