@@ -744,6 +744,17 @@ def observed_from_facts(facts: Any, state: Any = None) -> ObservedHost:
     )
 
 
+def _valid_module(name: str) -> bool:
+    from kpipe.errors import KpipeError
+    from kpipe.fleet import livepatch as lp
+
+    try:
+        lp.sysfs_name(name)
+    except KpipeError:
+        return False
+    return True
+
+
 def observe_hosts(
     workspace: Any, hosts: list[Any], names: Mapping[str, Iterable[str]], forks: int | None = None
 ) -> dict[str, ObservedHost]:
@@ -761,7 +772,7 @@ def observe_hosts(
         facts = F.parse_facts(t.name, r.stdout)
         # Module names from the journal and the desired file: a disabled patch's sysfs
         # folder is gone while its module may still be loaded.
-        wanted = sorted({n for n in names.get(t.name, ()) if lp._MODULE_NAME.match(n)})
+        wanted = sorted({n for n in names.get(t.name, ()) if _valid_module(n)})
         state = lp.read_state(t, *wanted) if wanted else None
         return observed_from_facts(facts, state)
 
