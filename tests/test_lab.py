@@ -5,12 +5,10 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
-import yaml
 
 from kpipe.commands import Command
 from kpipe.errors import ConfigError, KpipeError, TransportError
