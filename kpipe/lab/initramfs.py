@@ -320,4 +320,11 @@ def make_client_key(path: Path) -> str:
         with os.fdopen(fd, "wb") as f:
             f.write(pem)
         Path(str(path) + ".pub").write_bytes(pub + b" kpipe-lab\n")
-    return Path(str(path) + ".pub").read_text().split(" kpipe-lab")[0].strip()
+    pub_file = Path(str(path) + ".pub")
+    if not pub_file.is_file():  # derive it again from the private key
+        from cryptography.hazmat.primitives import serialization
+
+        key = serialization.load_ssh_private_key(path.read_bytes(), password=None)
+        pub_file.write_bytes(key.public_key().public_bytes(serialization.Encoding.OpenSSH,
+                                                           serialization.PublicFormat.OpenSSH) + b" kpipe-lab\n")
+    return " ".join(pub_file.read_text().split()[:2])
