@@ -124,7 +124,11 @@ def test_failed_host_is_rolled_back_and_gate_halts_later_waves(fresh, tmp_path):
         assert_clean(fresh.host(n))
 
 
-def test_wave_policy_rolls_back_the_whole_failing_wave(fresh, tmp_path):
+def test_wave_policy_rolls_back_the_whole_failing_wave_and_audit_agrees(fresh, tmp_path):
+    from kpipe.audit import run_audit
+    from kpipe.rollout.journal import Journal
+    from kpipe.transport.ansible import record_outcomes
+
     ws, inv = make_ws(fresh, tmp_path)
     path, cand = artifact(tmp_path)
     h = [x.name for x in fresh.hosts]
@@ -138,6 +142,19 @@ def test_wave_policy_rolls_back_the_whole_failing_wave(fresh, tmp_path):
     for n in (h[1], h[2], h[3]):
         assert_clean(fresh.host(n))
     assert not any(k.endswith(f"{MODULE}.ko") for k in fresh.host(h[1]).staged())  # unstaged too
+
+    # Journaled like the SSH engine's outcomes, the audit then reads the hosts themselves.
+    journal = Journal(ws.store)
+    rid = journal.create(plan, plan["options"], target=cand.id)
+    record_outcomes(journal, rid, plan, results)
+    audit = run_audit(ws, f"{h[0]}:{h[1]}:{h[2]}:{h[3]}")
+    assert {x.host: x.status for x in audit.hosts} == {n: "compliant" for n in h[:4]}, audit.to_dict()
+    row = next(r for r in audit.rows if r.host == h[0])
+    assert row.patch == "livepatch_demo" and row.observed_sha256 == cand.sha256
+    # A host changed behind kpipe's back shows up at once.
+    fresh.host(h[0]).reboot()
+    fresh.verify([fresh.host(h[0])])
+    assert run_audit(ws, h[0]).hosts[0].status == "missing"
 
 
 def test_budget_tolerates_a_failure_and_stuck_transition_is_rolled_back(fresh, tmp_path):

@@ -485,3 +485,35 @@ def results_to_dict(results: Mapping[str, Any]) -> dict[str, Any]:
     return {h: {"state": r.state, "reason": r.reason, "step": r.step, "detail": json.loads(json.dumps(r.detail,
                                                                                                         default=str))}
             for h, r in results.items()}
+
+
+def record_outcomes(journal: Any, rollout_id: str, plan_dict: Mapping[str, Any], results: Mapping[str, Any]) -> None:
+    """Journal each host's result the way kpipe's own engine does (step `outcome`), so that
+    `kpipe rollout status` and the audit see an Ansible-run rollout like any other.
+
+    A host rolled back after its own failure gets a `failed` then a `rolled_back`
+    outcome; a host rolled back by policy an `applied` then a `rolled_back` one;
+    hosts never attempted (`skipped`) get none.
+    """
+    assignments = plan_dict.get("assignments") or {}
+
+    def outcome(host: str, state: str, reason: str, step: str, action: str) -> None:
+        a = assignments[host]
+        art = a.get("artifact") or {}
+        journal.record(rollout_id, host, int(a.get("wave", 1)), "outcome",
+                       "done" if state in ("applied", "rolled_back") else "failed",
+                       {"state": state, "reason": reason, "step": step, "action": action, "engine": "ansible",
+                        "artifact": art.get("id", ""), "sha256": art.get("sha256", ""),
+                        "module": str(art.get("module_name", "")).replace("-", "_"),
+                        "kernel": a.get("release", ""), "replace": bool(art.get("replace", False))})
+
+    for host, r in results.items():
+        if host not in assignments or r.state == "skipped":
+            continue
+        if r.state == "rolled_back":
+            before = "failed" if r.detail.get("apply_failed") or r.detail.get("state_before_rollback") != "applied" \
+                else "applied"
+            outcome(host, before, r.reason, r.detail.get("failed_step", r.step), "apply")
+            outcome(host, "rolled_back", r.reason, "rollback", "rollback")
+        else:
+            outcome(host, r.state, r.reason, r.step, "apply")
