@@ -20,6 +20,7 @@ from __future__ import annotations
 import io
 import json
 import queue
+import sqlite3
 import tarfile
 import tempfile
 import threading
@@ -487,7 +488,12 @@ class BuildRunner:
             return
         key = res.key
         try:
-            report = validation.validate_and_record(self.ws, art)
+            try:
+                report = validation.validate_and_record(self.ws, art)
+            except sqlite3.IntegrityError:
+                # Another kpipe process indexed the same kernel's symbols at the same moment (its
+                # check-then-insert lost the race); the index exists now, so validate once more.
+                report = validation.validate_and_record(self.ws, art)
             art = get_artifact(self.store, art.id)
             res.artifact_status = art.status
             ok = bool(getattr(report, "ok", art.status == "valid"))
