@@ -81,15 +81,16 @@ def _print_plan(plan: Any, rollout_id: str) -> None:
         con.print(t)
 
 
-def _plan_and_store(target: str, limit: Optional[str], opts: Any, store: bool = True) -> tuple[Any, str]:
+def _plan_and_store(target: str, limit: Optional[str], opts: Any, store: bool = True,
+                    pool: Any = None) -> tuple[Any, str, list]:
     from kpipe.rollout.world import build_plan
 
     ws = state().workspace
-    plan, _ = build_plan(ws, target, limit, opts)
+    plan, hosts = build_plan(ws, target, limit, opts, pool=pool)
     rid = ""
     if store:
         rid = _journal().create(plan.to_dict(), opts.to_dict(), target=target)
-    return plan, rid
+    return plan, rid, hosts
 
 
 @rollout_app.command("plan")
@@ -110,7 +111,7 @@ def plan_cmd(
     """Plan a rollout: waves, hosts, the artifact per host, preflight status, excluded hosts with reasons."""
     opts = _options(target, waves, soak, verify_interval, max_failures, rollback_policy, skip_preflight, persist, forks,
                     timeout)
-    plan, rid = _plan_and_store(target, limit, opts)
+    plan, rid, _ = _plan_and_store(target, limit, opts)
     if json_out:
         print_json({"id": rid, **plan.to_dict()})
     else:
@@ -169,11 +170,12 @@ def _print_summary(s: Any) -> None:
 
 
 def _run_engine(rid: str, what: str, forks: Optional[int], limit: Optional[str] = None,
-                json_out: bool = False) -> Any:
+                json_out: bool = False, pool: Any = None, hosts: Optional[list] = None) -> Any:
     from kpipe.rollout.world import engine_for
 
     journal = _journal()
-    engine, runner = engine_for(state().workspace, journal, rid, forks=forks, on_event=_progress_printer(json_out))
+    engine, runner = engine_for(state().workspace, journal, rid, forks=forks, on_event=_progress_printer(json_out),
+                                pool=pool, hosts=hosts)
     try:
         if what == "start":
             return engine.start(rid)
@@ -205,18 +207,37 @@ def start_cmd(
     """Plan (or take a stored plan) and run it wave by wave; exit 8 when a gate halts it."""
     from kpipe.errors import ConfigError
     from kpipe.rollout.planner import RolloutPlan
-    from kpipe.rollout.world import check_preflight, local_path_fn
 
     journal = _journal()
+    pool, hosts = None, None
     if plan_id:
         rid = journal.resolve(plan_id)
         plan = RolloutPlan.from_dict(journal.get(rid).plan)
     elif target:
-        opts = _options(target, waves, soak, verify_interval, max_failures, rollback_policy, skip_preflight, persist, forks,
-                        timeout)
-        plan, rid = _plan_and_store(target, limit, opts, store=not dry_run)
+        from kpipe.rollout.world import make_pool
+
+        opts = _options(target, waves, soak, verify_interval, max_failures, rollback_policy, skip_preflight, persist,
+                        forks, timeout)
+        # one pool for facts and the rollout: each host's connection is opened once
+        pool = make_pool(state().workspace, opts.forks)
+        try:
+            plan, rid, hosts = _plan_and_store(target, limit, opts, store=not dry_run, pool=pool)
+        except BaseException:
+            pool.close()
+            raise
     else:
         raise ConfigError("name what to roll out", hint="kpipe rollout start RECIPE|ARTIFACT_ID, or --plan ID")
+    try:
+        _start(plan, rid, dry_run, yes, json_out, forks, pool, hosts)
+    finally:
+        if pool is not None:
+            pool.close()
+
+
+def _start(plan: Any, rid: str, dry_run: bool, yes: bool, json_out: bool, forks: Optional[int], pool: Any,
+           hosts: Optional[list]) -> None:
+    from kpipe.rollout.world import check_preflight, local_path_fn
+
     if not json_out:
         _print_plan(plan, rid or "(dry run, not stored)")
     check_preflight(plan)
@@ -236,7 +257,7 @@ def start_cmd(
         return
     if not yes and not typer.confirm(f"Roll out to {len(plan.hosts)} host(s) in {len(plan.waves)} wave(s)?"):
         raise typer.Abort()
-    _finish(_run_engine(rid, "start", forks, json_out=json_out), json_out)
+    _finish(_run_engine(rid, "start", forks, json_out=json_out, pool=pool, hosts=hosts), json_out)
 
 
 @rollout_app.command("resume")

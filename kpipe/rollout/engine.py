@@ -159,8 +159,10 @@ if command -v kpatch >/dev/null 2>&1; then echo "kpatch_cli 1"; else echo "kpatc
 """
 
 
-def preflight_command(staged_path: str) -> Command:
-    return Command.script(PREFLIGHT_SCRIPT, staged_path, label="preflight", sudo=True, timeout=60)
+def preflight_command(staged_path: str, module: str) -> Command:
+    """The facts the host pipeline re-reads, plus kpipe.fleet.livepatch's STATE_SCRIPT, in one round trip."""
+    return Command.script(PREFLIGHT_SCRIPT + "shift\n" + lp.STATE_SCRIPT, staged_path, lp.sysfs_name(module),
+                          label="preflight", sudo=True, timeout=60)
 
 
 def parse_preflight(stdout: str) -> dict[str, str]:
@@ -248,11 +250,12 @@ def apply_host(t: Any, a: Assignment, local_path: Path, probe: Any, rec: Recorde
     size = local_path.stat().st_size if local_path.exists() else 0
 
     def preflight() -> tuple[dict[str, str], lp.HostLivepatch]:
-        r = t.run(preflight_command(dest))
+        r = t.run(preflight_command(dest, name))
         facts = parse_preflight(r.stdout)
-        if "release" not in facts:
+        # STATE_SCRIPT's lines share the output; its parser ignores ours, ours are read by key
+        state = lp.parse_host_livepatch(r.stdout)
+        if "release" not in facts or not state.complete:
             raise StepFailed("preflight", f"could not read the host's facts: {r.summary()}")
-        state = lp.read_state(t, name)
         problems = preflight_problems(a, facts, state, size, ours_by_journal)
         if problems:
             raise StepFailed("preflight", "; ".join(problems), {"facts": facts})
@@ -353,7 +356,7 @@ class DryRunTransport:
         name = self.a.sysfs_name
         if cmd.label == "preflight":
             out = (f"release {self.a.release}\narch {self.a.artifact.arch or self.a.arch}\nfree_kb 10485760\n"
-                   f"staged absent\nkpatch_cli 0\n")
+                   f"staged absent\nkpatch_cli 0\nlivepatch_sysfs 1\ntainted 0\nend\n")
         elif cmd.label in ("livepatch-state", "verify-state"):
             out = "livepatch_sysfs 1\ntainted 32768\n"
             if self._loaded:

@@ -159,21 +159,26 @@ def local_path_fn(store: Any) -> Callable[[Assignment], Path]:
 
 
 def engine_for(workspace: Any, journal: Journal, rollout_id: str, *, forks: int | None = None,
-               on_event: Callable[..., None] | None = None):
-    """An Engine over SSH to the rollout's hosts (targets from the current inventory)."""
-    from kpipe.fleet.inventory import load_inventory
+               on_event: Callable[..., None] | None = None, pool: Any = None, hosts: list[Any] | None = None):
+    """An Engine over SSH to the rollout's hosts (targets from the current inventory, or `hosts` when
+    the caller just loaded them). Passing the planning pool reuses its open connections."""
     from kpipe.rollout.engine import Engine, PoolRunner
 
     rec = journal.get(rollout_id)
     plan = RolloutPlan.from_dict(rec.plan)
-    inv = load_inventory(workspace)
     targets = {}
-    for name in plan.assignments:
-        try:
-            targets[name] = host_target(inv.get(name))
-        except NotFoundError:
-            pass  # journaled as unreachable by the engine: "not in the inventory any more"
-    pool = make_pool(workspace, forks or plan.options.forks)
+    if hosts is not None:
+        targets = {h.name: host_target(h) for h in hosts if h.name in plan.assignments}
+    else:
+        from kpipe.fleet.inventory import load_inventory
+
+        inv = load_inventory(workspace)
+        for name in plan.assignments:
+            try:
+                targets[name] = host_target(inv.get(name))
+            except NotFoundError:
+                pass  # journaled as unreachable by the engine: "not in the inventory any more"
+    pool = pool or make_pool(workspace, forks or plan.options.forks)
     runner = PoolRunner(pool, targets)
     return Engine(journal, runner, local_path_fn(workspace.store), on_event=on_event), runner
 
