@@ -162,9 +162,9 @@ def test_broken_or_lying_output_is_a_clear_per_host_error(case: str) -> None:
 SOFT = {
     "no-os-release": (edit(GOOD, 'os PRETTY_NAME="openEuler 22.03 (simfleet)"\nos ID=openEuler\n'
                             'os VERSION_ID="22.03"', "os -"), dict(os_id="", os_version="")),
-    "df-missing": (edit(GOOD, GOOD[GOOD.index("df /var"):GOOD.index("\ninstalled")], "df /var/lib"),
+    "df-missing": (edit(GOOD, GOOD[GOOD.index("df-begin"):GOOD.index("df-end")], "df-begin /var/lib\n"),
                    dict(free_kb=None, free_path="/var/lib")),
-    "df-garbage": (edit(GOOD, GOOD[GOOD.index("df /var"):GOOD.index("\ninstalled")], "df /var/lib x y z w v"),
+    "df-garbage": (edit(GOOD, GOOD[GOOD.index("df-begin"):GOOD.index("df-end")], "df-begin /var/lib\nx y z w v\n"),
                    dict(free_kb=None)),
     "selinux-enforcing": (edit(GOOD, "selinux -", "selinux 1"), dict(selinux="enforcing")),
     "selinux-permissive": (edit(GOOD, "selinux -", "selinux 0"), dict(selinux="permissive")),

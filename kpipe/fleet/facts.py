@@ -39,39 +39,54 @@ _LP_END = "---end-livepatch---"
 
 # Constant text: no value from the inventory or the user is ever formatted into it.
 # Each probe prints a tagged line even when it fails, so the parser can tell
-# "absent" from "not reported". STATE_SCRIPT runs in a subshell: it shifts "$@".
+# "absent" from "not reported". Shell builtins (read, case, printf) instead of
+# cat/grep/sed and one `uname -r -m`: every process spawned here costs CPU on
+# every host of the fleet. STATE_SCRIPT appends module names to "$@": cleared first.
 FACTS_SCRIPT = (
     r"""
 echo "kpipe-facts 1"
-echo "release $(uname -r 2>/dev/null)"
-echo "machine $(uname -m 2>/dev/null)"
+set -f
+set -- $(uname -r -m 2>/dev/null)
+set +f
+r=$1
+printf 'release %s\nmachine %s\n' "$1" "$2"
 if [ -r /etc/os-release ]; then
-  grep -E '^(ID|VERSION_ID|PRETTY_NAME|ID_LIKE)=' /etc/os-release | sed 's/^/os /'
+  while IFS= read -r l || [ -n "$l" ]; do
+    case $l in ID=*|VERSION_ID=*|PRETTY_NAME=*|ID_LIKE=*) printf 'os %s\n' "$l" ;; esac
+  done < /etc/os-release
 else
   echo "os -"
 fi
+# cat, never the shell's read: read takes one byte per read(2) and /proc/sys files answer
+# EOF past offset 0 (proc_dointvec), so busybox's read sees "4" of "45056" (seen on a lab VM).
 echo "tainted $(cat /proc/sys/kernel/tainted 2>/dev/null || echo '?')"
-k=$(command -v kpatch 2>/dev/null) && echo "kpatch $k" || echo "kpatch -"
-if [ -e /sys/fs/selinux/enforce ]; then echo "selinux $(cat /sys/fs/selinux/enforce 2>/dev/null || echo '?')"; else echo "selinux -"; fi
+if k=$(command -v kpatch 2>/dev/null); then printf 'kpatch %s\n' "$k"; else echo "kpatch -"; fi
+if [ -e /sys/fs/selinux/enforce ]; then
+  v=; read -r v 2>/dev/null < /sys/fs/selinux/enforce; printf 'selinux %s\n' "${v:-?}"
+else
+  echo "selinux -"
+fi
 if [ -e /sys/module/module/parameters/sig_enforce ]; then
-  echo "sig_enforce $(cat /sys/module/module/parameters/sig_enforce 2>/dev/null || echo '?')"
+  v=; read -r v 2>/dev/null < /sys/module/module/parameters/sig_enforce; printf 'sig_enforce %s\n' "${v:-?}"
 else
   echo "sig_enforce -"
 fi
 d=/var/lib/kpatch; [ -d "$d" ] || d=/var/lib
-echo "df $d $(df -Pk "$d" 2>/dev/null | tail -n 1)"
-r=$(uname -r 2>/dev/null)
+printf 'df-begin %s\n' "$d"
+df -Pk "$d" 2>/dev/null
+echo "df-end"
 if [ -n "$r" ] && [ -d "/var/lib/kpatch/$r" ]; then
   for f in "/var/lib/kpatch/$r"/*.ko; do
-    [ -f "$f" ] && echo "installed $(sha256sum "$f" 2>/dev/null || echo "? $f")"
+    [ -f "$f" ] || continue
+    printf 'installed '
+    sha256sum "$f" 2>/dev/null || printf '? %s\n' "$f"
   done
 fi
 echo "---livepatch---"
-(
+set --
 """
     + livepatch.STATE_SCRIPT
     + r"""
-)
 echo "---end-livepatch---"
 echo "kpipe-facts-end"
 """
@@ -191,9 +206,20 @@ def parse_facts(name: str, stdout: str) -> HostFacts:
     os_fields: dict[str, str] = {}
     installed: list[InstalledModule] = []
     warnings: list[str] = []
+    df_lines: list[str] | None = None
+    df_path = ""
     for ln in head:
         key, _, value = ln.partition(" ")
-        if key == "os":
+        if df_lines is not None:
+            if ln.strip() == "df-end":
+                rec["df"] = " ".join([df_path, *(df_lines[-1:] if df_lines else [])])
+                df_lines = None
+            else:
+                df_lines.append(ln)
+            continue
+        if key == "df-begin":
+            df_path, df_lines = value.strip(), []
+        elif key == "os":
             k, eq, v = value.partition("=")
             if eq:
                 os_fields[k.strip()] = _unquote(v)
