@@ -73,7 +73,7 @@ def test_gate_abort_halts():
 
 
 @pytest.mark.parametrize("soak,interval,expected", [
-    (0, 10, [0.0]), (30, 10, [10, 20, 30]), (25, 10, [10, 20, 25]), (5, 10, [5]),
+    (0, 10, []), (30, 10, [10, 20, 30]), (25, 10, [10, 20, 25]), (5, 10, [5]),
 ])
 def test_soak_schedule(soak, interval, expected):
     assert soak_schedule(soak, interval) == expected

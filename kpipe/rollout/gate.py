@@ -52,9 +52,9 @@ def decide(budget: FailureBudget, attempted: int, failures: Mapping[str, str],
 
 def soak_schedule(soak_s: float, interval_s: float) -> list[float]:
     """Offsets in seconds (from the end of a wave) at which to re-verify; the last is soak_s.
-    No soak -> one immediate verification round."""
+    No soak -> no round (each host was verified as its last step moments ago)."""
     if soak_s <= 0:
-        return [0.0]
+        return []
     n = max(1, math.ceil(soak_s / interval_s - 1e-9))
     return [min(soak_s, interval_s * (i + 1)) for i in range(n)]
 
