@@ -115,3 +115,15 @@ def test_builds_lists_the_recorded_build(built):
     rows = json.loads(kpipe(ws.root, "builds", "--json").stdout)
     assert rows[0]["status"] == "succeeded" and rows[0]["artifact_id"] == res["artifact_id"]
     assert rows[0]["host"] == "local"
+
+
+def test_failed_build_log_is_kept_and_printable(built):
+    ws, _ = built
+    (ws.recipes_dir / "broken.yaml").write_text(RECIPE.replace("lp-demo", "broken").replace(
+        "templates/Kbuild.j2", "templates/Kbuild.j2\n  make_args: [\"KCFLAGS=-DKPIPE_NO_SUCH_HEADER -include nonexistent.h\"]"))
+    r = kpipe(ws.root, "build", "--recipe", "broken", "--kernel", DEBIAN_RELEASE)
+    assert r.returncode == 7, r.stderr
+    assert "failed (source)" in r.stdout and "nonexistent.h" in r.stdout
+    ref = r.stderr.split("kpipe builds --log ")[1].split("`")[0]
+    log = kpipe(ws.root, "builds", "--log", ref)
+    assert log.returncode == 0 and "nonexistent.h" in log.stdout

@@ -215,6 +215,8 @@ CASES = [
     ("symbols", "ERROR: Patch module referencing altered exported kernel symbols cannot be loaded."),
     ("crash", "ERROR: create-diff-object SIGSEGV"),
     ("source", "/w/k/src/lp.c:9:9: error: implicit declaration of function 'seq_printff'"),
+    ("source", "/w/k/src/lp.c:3:10: fatal error: linux/nope.h: No such file or directory"),
+    ("source", "<command-line>: fatal error: nonexistent.h: No such file or directory"),
 ]
 
 
@@ -239,6 +241,14 @@ def test_classify_unknown_keeps_the_tail():
     c = classify(log)
     assert c.category == "unknown"
     assert c.lines[-1] == "line 39" and len(c.lines) == 12
+
+
+def test_classify_unknown_prefers_the_tools_error_lines():
+    log = "Building patch module: x.ko\nERROR: something new broke. Check build.log\nkpipe: builder exited with 1\n"
+    c = classify(log)
+    assert c.category == "unknown"
+    assert c.lines == ("ERROR: something new broke. Check build.log",)
+    assert c.matched == c.lines[0]
 
 
 def test_classify_takes_the_first_cause_and_the_error_summary():

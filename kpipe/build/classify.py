@@ -35,7 +35,7 @@ HINTS: dict[str, str] = {
              "rerun with the debug option to keep $CACHEDIR/tmp",
     "source": "the rendered module source does not compile against the kernel's headers: fix the recipe's "
               "C template (see the compiler errors above)",
-    "unknown": "see the full log with `kpipe build ... --json` or in the build folder on the host",
+    "unknown": "no known failure message in the log; read it whole",
 }
 
 # Order matters only for ties on the same line; the earliest matching line decides.
@@ -74,7 +74,7 @@ _RULES: tuple[tuple[str, re.Pattern[str]], ...] = tuple((cat, re.compile(rx)) fo
     ("symbols", r"Undefined symbols:"),
     ("symbols", r"Patch module referencing altered exported kernel symbols"),
     ("symbols", r"ERROR: modpost: \"[^\"]+\" \[.*\] undefined!"),
-    ("source", r"^\S+:\d+:\d+: (fatal )?error: "),
+    ("source", r"^\S+:\d+(:\d+)?: (fatal )?error: |^<command-line>: (fatal )?error: "),
 ))
 
 # Lines shown with the deciding line: the tool's own summary and compiler errors.
@@ -107,8 +107,10 @@ def classify(log: str, *, max_lines: int = 12) -> Classification:
         if decided:
             break
     if decided is None:
-        tail = tuple(l for l in lines[-max_lines:] if l.strip())
-        return Classification("unknown", tail, HINTS["unknown"])
+        # No known message: the tool's own error lines, else the end of the log.
+        errors = [l.strip() for l in lines if _CONTEXT.search(l)]
+        picked = list(dict.fromkeys(errors))[:max_lines] or [l for l in lines[-max_lines:] if l.strip()]
+        return Classification("unknown", tuple(picked), HINTS["unknown"], picked[0] if errors else "")
     index, category = decided
     matched = lines[index].strip()
     # The deciding line, the other lines of the same category, and the tool's error summaries; deduplicated.

@@ -471,7 +471,8 @@ class BuildRunner:
                                f"{plan.output_dir}", "no module produced")
         record(self.store, digest, host.name, status="failed", category=c.category, lines=list(c.lines),
                 hint=c.hint, message=c.matched, log_sha256=log_sha, finished_at=time.time())
-        res.status, res.category, res.lines, res.hint = "failed", c.category, list(c.lines), c.hint
+        res.status, res.category, res.lines = "failed", c.category, list(c.lines)
+        res.hint = f"{c.hint} (whole log: `kpipe builds --log {digest[:12]}`)"
         res.message = f"{spec.builder} failed ({c.category}) on {host.name}: {c.matched or 'exit status ' + str(rc)}"
         res.exit_code = int(BuildFailed.exit_code)
         self.emit(BuildEvent(key, "failed", res.message, {"category": c.category, "lines": list(c.lines),

@@ -159,9 +159,7 @@ def _summary(console, results) -> None:
             table.add_column(col)
         colour = {"built": "green", "cached": "green", "failed": "red", "rejected": "red", "error": "red"}
         for r in results:
-            detail = r.category or ""
-            if not r.ok and r.message:
-                detail = (detail + ": " if detail else "") + r.message[-80:]
+            detail = r.message[-100:] if not r.ok else ""
             table.add_row(escape(r.recipe), escape(r.kernel), escape(r.host), f"[{colour[r.status]}]{r.status}[/]",
                           r.artifact_id, f"{r.duration_s:.1f}s" if r.duration_s else "", escape(detail))
         console.print(table)
@@ -200,6 +198,8 @@ def _exit_for(results, console) -> None:
 
 def builds(
     status: Optional[str] = typer.Option(None, "--status", help="Only running, succeeded or failed builds."),
+    log: Optional[str] = typer.Option(None, "--log", metavar="ID", help="Print the stored log of the build whose "
+                                      "id (inputs digest prefix) is ID."),
     json_out: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """List recorded builds (running ones can be reattached with the same `kpipe build`)."""
@@ -211,6 +211,9 @@ def builds(
 
     st = state()
     rows = list_builds(st.workspace.store, status=status)
+    if log is not None:
+        _print_build_log(st.workspace.store, rows, log)
+        return
     if json_out:
         print_json(rows)
         return
@@ -218,12 +221,31 @@ def builds(
         st.console.print("no builds recorded")
         return
     table = Table()
-    for col in ("recipe", "kernel", "host", "status", "category", "artifact", "folder on host", "pid"):
+    for col in ("id", "recipe", "kernel", "host", "status", "category", "artifact", "folder on host", "pid"):
         table.add_column(col)
     for r in rows:
-        table.add_row(escape(r["recipe"]), escape(r["kernel"]), escape(r["host"]), r["status"], r["category"],
-                      r["artifact_id"], escape(r["remote_dir"]), str(r["pid"] or ""))
+        table.add_row(r["inputs_digest"][:12], escape(r["recipe"]), escape(r["kernel"]), escape(r["host"]),
+                      r["status"], r["category"], r["artifact_id"], escape(r["remote_dir"]), str(r["pid"] or ""))
     st.console.print(table)
+
+
+def _print_build_log(store, rows, ref: str) -> None:
+    import sys
+
+    from kpipe.errors import ConfigError, NotFoundError
+
+    ref = ref.strip().lower()
+    hits = [r for r in rows if r["inputs_digest"].startswith(ref)] if len(ref) >= 4 else []
+    if not hits:
+        raise NotFoundError(f"no recorded build {ref!r}", hint="ids are in the first column of `kpipe builds`")
+    if len({r["inputs_digest"] for r in hits}) > 1:
+        raise ConfigError(f"build id prefix {ref!r} is ambiguous", hint="give more digits")
+    done = [r for r in hits if r["log_sha256"]]
+    if not done:
+        raise NotFoundError(f"build {ref} has no stored log yet (still running?)",
+                            hint=f"the live log is {hits[0]['remote_dir']}/log on {hits[0]['host']}")
+    sys.stdout.buffer.write(store.get_bytes(done[0]["log_sha256"]))
+    sys.stdout.flush()
 
 
 def register(app: typer.Typer) -> None:
