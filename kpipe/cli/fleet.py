@@ -65,6 +65,8 @@ def facts(limit: Optional[str] = _LIMIT, inventory: Optional[List[str]] = _INVEN
                                               help="Hosts in flight at once (default: [ssh] forks)."),
           as_json: bool = _JSON,
           strict: bool = typer.Option(False, "--strict", help="Exit 6 if any host was unreachable or failed."),
+          timeout: float = typer.Option(60.0, "--timeout", min=1.0,
+                                        help="Seconds the facts command may run on one host."),
           ) -> None:
     """Read kernel, arch, distro, livepatch state, taint, kpatch CLI, SELinux, sig_enforce and free space."""
     import time
@@ -76,7 +78,7 @@ def facts(limit: Optional[str] = _LIMIT, inventory: Optional[List[str]] = _INVEN
     st = state()
     hosts = _select(limit, inventory)
     start = time.monotonic()
-    results = gather_facts(st.workspace, hosts, forks)
+    results = gather_facts(st.workspace, hosts, forks, timeout=timeout)
     elapsed = time.monotonic() - start
     failed = [n for n, r in results.items() if not isinstance(r, HostFacts)]
     _record(st.workspace, results)
