@@ -43,7 +43,11 @@ could be taken for options or that hold control characters are refused.
 
 Patterns are Ansible's, evaluated by ``InventoryManager.get_hosts``: ``all``, a group,
 a host, globs (``web*``), regexes (``~web[0-9]+``), unions ``a:b`` (or ``a,b``),
-intersections ``a:&b``, exclusions ``a:!b`` and subscripts ``web[0:2]``.
+intersections ``a:&b``, exclusions ``a:!b`` and subscripts ``web[0:2]``. One deliberate
+difference: an invalid or empty regex (``~[``, ``~``) is a ConfigError here, where Ansible
+reads it as "every host" (the worst reading for a rollout). A pattern that matches no host
+is a NotFoundError. Ansible's warnings are captured (never printed); a source no plugin can
+parse is a ConfigError naming the file and the plugin's reason.
 """
 
 from __future__ import annotations
