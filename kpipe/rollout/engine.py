@@ -21,7 +21,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Protocol, TypeVar
+from typing import Any, Callable, Mapping, Protocol, TypeVar
 
 from kpipe.commands import Command, CommandResult
 from kpipe.errors import CommandTimeout, KpipeError, ConfigError, TransportError
