@@ -364,3 +364,25 @@ def test_host_dying_mid_insmod_is_resumed_without_loading_twice(simfleet_factory
     for h in ("sim000", "sim001", "sim003"):  # the others were re-checked, not touched again
         assert enables(fleet.host(h)) == 1
         assert [e.phase for e in journal.entries(rid, h) if e.step == "load"] == ["intended", "done"]
+
+
+def test_halted_rollout_resumes_its_rollback(simfleet_factory, tmp_path):
+    fleet = simfleet_factory(3)
+    ws, art = setup_ws(fleet, tmp_path)
+    plan, journal, rid = make_plan(ws, art, fleet.hosts, waves="100%", rollback_policy="all")
+    stuck, bad = fleet.host("sim000"), fleet.host("sim001")
+    stuck.inject("ebusy_disable")  # loads fine; writing `enabled` fails later
+    bad.inject("ebusy_enable")     # the load fails: the gate halts
+    s, _ = run(ws, journal, rid)
+    assert s.state == "halted" and "sim001" in s.halt_reason
+    assert s.hosts["sim000"] == "failed" and "rollback failed" in s.reasons["sim000"]
+    assert s.hosts["sim002"] == "rolled_back"
+    assert journal.get(rid).detail["rollback"]["done"] is False
+    assert enabled(stuck)  # still patched: the rollback is pending
+    stuck.clear()
+    bad.clear()
+    s, events = run(ws, journal, rid, "resume")
+    assert any(e.kind == "resume" and "rollback" in e.message for e in events)
+    assert s.state == "rolled_back" and set(s.hosts.values()) == {"rolled_back"}, s
+    for h in fleet.hosts:
+        assert MODULE not in h.patches() and MODULE not in h.modules() and not h.staged()
