@@ -52,8 +52,9 @@ Inside that private mount namespace only, per-host folders and fake tools cover:
 read by the simulator), /var/lib (holding kpatch/), /usr/lib/os-release, and the binaries behind
 /sbin/insmod and /sbin/rmmod (/usr/bin/kmod: one fake dispatching on its name), /usr/bin/dmesg
 and /usr/bin/uname, and root's ~/.bashrc (empty: bash sources it for every command sshd runs,
-and this machine's runs `pyenv init`, which costs hundreds of ms per command). `kpatch` is absent. The fake insmod/rmmod ask the simulator (one thread in
-the test process for all hosts) through request files; the simulator plays the kernel as
+and this machine's runs `pyenv init`, which costs hundreds of ms per command). `kpatch` is absent.
+The fake insmod/rmmod ask the simulator (one thread in the test process for all hosts) through
+request files; the simulator plays the kernel as
 kernel-facts.md and lab.md describe: /sys/module/<m>, /sys/kernel/livepatch/<m>/{enabled,
 transition,vmlinux/patched,vmlinux/cmdline_proc_show,1}, the log lines, taints O/E/K (messages
 only the first time), `echo 0 > enabled` -> unpatching transition then the folder vanishes, rmmod
