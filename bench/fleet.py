@@ -204,6 +204,9 @@ def main() -> int:
         ("kpipe CLI vs parallel OpenSSH (throughput)", ratio(kp, xs), 1.0, ">="),
         ("kpipe in-process first gather vs parallel OpenSSH", ratio(first_inproc, xs), 1.0, ">="),
         ("kpipe CLI vs ansible -m raw (throughput)", ratio(kp, an), 3.0, ">="),
+        ("kpipe in-process first gather vs ansible -m raw", ratio(first_inproc, an), 3.0, ">="),
+        ("kpipe CLI vs ansible -m raw (client CPU)", None if kp not in rows or an not in rows
+         else rows[an]["cpu"] / rows[kp]["cpu"], 3.0, ">="),
         ("kpipe second command vs ControlMaster (time)", None if second not in rows or cmw not in rows
          else rows[second]["wall"] / rows[cmw]["wall"], 1.5, "<="),
     ]
