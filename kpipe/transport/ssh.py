@@ -291,6 +291,8 @@ class SshTransport:
             try:
                 self.conn.put(str(local), remote=remote)
             except (OSError, paramiko.SSHException, EOFError) as e:
+                if not self._alive():
+                    self._drop()
                 raise TransportError(f"{self.name}: copying {local} to {remote} failed: {e}", host=self.name,
                                      kind="error") from None
 
@@ -303,8 +305,14 @@ class SshTransport:
             except FileNotFoundError:
                 raise TransportError(f"{self.name}: {remote} does not exist", host=self.name) from None
             except (OSError, paramiko.SSHException, EOFError) as e:
+                if not self._alive():
+                    self._drop()
                 raise TransportError(f"{self.name}: fetching {remote} failed: {e}", host=self.name,
                                      kind="error") from None
+
+    def _alive(self) -> bool:
+        transport = self.conn.client.get_transport()
+        return transport is not None and transport.is_active()
 
     def _drop(self) -> None:
         try:
@@ -331,6 +339,7 @@ class SshPool:
         self.settings = settings or SshSettings()
         files = list(known_hosts) if known_hosts is not None else [Path(os.path.expanduser(self.settings.known_hosts))]
         accept = self.settings.accept_new_host_keys if accept_new is None else accept_new
+        self._known_files = files
         self._default_known = KnownHosts(files, accept_new=accept, write_to=files[0] if files else None)
         self._per_file: dict[str, KnownHosts] = {}
         self.forks = forks or self.settings.forks
@@ -360,13 +369,15 @@ class SshPool:
         return Config(ssh_config=ssh_config, lazy=True)
 
     def known_hosts_for(self, target: SshTarget) -> KnownHosts:
+        """The known host keys for a target: the pool's files plus the target's own extra file."""
         if not target.known_hosts:
             return self._default_known
         with self._lock:
             kh = self._per_file.get(target.known_hosts)
             if kh is None:
-                path = Path(os.path.expanduser(target.known_hosts))
-                kh = KnownHosts([path], accept_new=self._default_known.accept_new, write_to=path)
+                extra = Path(os.path.expanduser(target.known_hosts))
+                kh = KnownHosts([*self._known_files, extra], accept_new=self._default_known.accept_new,
+                                write_to=extra)
                 self._per_file[target.known_hosts] = kh
             return kh
 
