@@ -167,6 +167,14 @@ def test_kbuild_refuses_module_names_that_would_inject_into_make(ws):
         get_builder("kbuild").plan(spec, BuildHost("b"), "/w/k")
 
 
+def test_followed_log_is_reused_only_when_lossless():
+    from kpipe.build.runner import _lossless
+
+    assert _lossless("h\u00e9llo\n", "7") == "h\u00e9llo\n".encode()
+    assert _lossless("bad \ufffd byte", "12") is None  # a replaced byte: fetch the real one
+    assert _lossless("short", "99") is None  # incomplete
+
+
 def test_version_output_is_stable():
     out = "workdir=/w\ngcc=gcc 12\nmake=GNU Make 4.3\nnoise line\n"
     assert parse_version_output(out) == "gcc=gcc 12; make=GNU Make 4.3"

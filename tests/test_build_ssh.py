@@ -239,6 +239,18 @@ def test_cachedir_build_log_is_fetched_after_a_failure(env):
     assert "make -j" in log.split("===== $CACHEDIR/build.log")[1]  # a line only build.log has
 
 
+def test_log_bytes_are_kept_exactly_even_when_not_utf8(env):
+    ws, sshd, tmp = env
+    spec = kpatch_spec(ws, memcg_patch("// KPATCH_DOUBLE_RAW: 1\n"), release=DEBIAN_RELEASE, recipe="raw",
+                       patch_name="raw.patch")
+    res, _ = run_one(ws, spec)
+    assert res.status == "built", res
+    art = get_artifact(ws.store, res.artifact_id)
+    log = ws.store.get_bytes(art.log_sha256)
+    assert b"odd bytes \xff\xfe in a message" in log
+    assert log == Path(res.remote_dir, "log").read_bytes()
+
+
 def test_failed_build_is_retried_fresh_next_time(env):
     ws, sshd, tmp = env
     spec = kpatch_spec(ws, memcg_patch("// KPATCH_DOUBLE_FAIL: crash\n"), release=DEBIAN_RELEASE, recipe="retry",

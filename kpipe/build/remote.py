@@ -83,18 +83,22 @@ echo "kpipe: builder exited with status $rc"
 finish "$rc"
 """
 
-# $1 folder, $2 offset, $3 max polls of 50 ms, $4 max bytes, $5 predicted module, $6 output folder.
+# $1 folder, $2 offset, $3 max polls of 50 ms, $4 max bytes, $5 predicted module, $6 output folder,
+# $7 polls to wait before new output alone ends the wait (batches output: fewer requests competing with
+# the build for CPU; the end of the build is still seen within 50 ms).
 # Waits for new output or the end, then prints "<end offset> <log size> <exit status or -> <alive 0|1>",
 # once the build has ended and the log is drained also where the module and the extra log are
 # (key=value lines), then a "--kpipe-log--" line and the log bytes [offset, end). The exit file is read
 # before the size: once it exists the log is complete.
 FOLLOW_SCRIPT = r"""
-dir=$1; off=$2; n=$3; cap=$4; i=0
+dir=$1; off=$2; n=$3; cap=$4; minw=${7:-0}; i=0
 [ -d "$dir" ] || { echo "missing"; exit 0; }
 while :; do
     [ -f "$dir/exit" ] && break
-    size=$(stat -c %s "$dir/log" 2>/dev/null || echo 0)
-    [ "$size" -gt "$off" ] && break
+    if [ "$i" -ge "$minw" ]; then
+        size=$(stat -c %s "$dir/log" 2>/dev/null || echo 0)
+        [ "$size" -gt "$off" ] && break
+    fi
     [ "$i" -ge "$n" ] && break
     i=$((i + 1))
     sleep 0.05
@@ -114,6 +118,7 @@ if [ -n "$rc" ] && [ "$end" -ge "$size" ]; then
     fi
     if [ -f "$dir/cachedir-build.log" ]; then echo "cachelog=$dir/cachedir-build.log"; fi
     for k in started finished slot; do echo "$k=$(cat "$dir/$k" 2>/dev/null)"; done
+    echo "logsize=$size"
 fi
 echo "--kpipe-log--"
 if [ "$end" -gt "$off" ]; then tail -c +$((off + 1)) "$dir/log" | head -c $((end - off)); fi

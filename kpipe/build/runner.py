@@ -46,6 +46,7 @@ from kpipe.workspace import BuildHost, Workspace
 
 POLL_ROUNDS = 20  # one follow request waits at most 20 x 50 ms for news
 CHUNK_BYTES = 1 << 20
+BATCH_ROUNDS = 5  # new output alone returns a follow request only after 5 x 50 ms
 
 
 # -- data -----------------------------------------------------------------------
@@ -185,6 +186,14 @@ class _LineSplitter:
     def flush(self) -> list[str]:
         rest, self.partial = self.partial, ""
         return [rest] if rest else []
+
+
+def _lossless(text: str, size: str) -> bytes | None:
+    """The log's bytes from the followed text when it decoded losslessly and is complete, else None."""
+    data = text.encode("utf-8")
+    if "\ufffd" in text or str(len(data)) != size:
+        return None
+    return data
 
 
 @dataclass
@@ -359,8 +368,8 @@ class BuildRunner:
                                  f"{host.name} in {build_dir} (pid {pid})",
                                  {"host": host.name, "dir": build_dir, "pid": pid}))
         record(self.store, digest, host.name, **fields)
-        rc, outputs = self._follow(t, key, builder, plan)
-        return self._finish(spec, host, t, plan, probe, digest, rc, outputs, res)
+        rc, outputs, followed = self._follow(t, key, builder, plan)
+        return self._finish(spec, host, t, plan, probe, digest, rc, outputs, followed, res)
 
     def _launch(self, t, key: str, host: BuildHost, probe: _Probe, name: str, plan: BuildPlan,
                 mode: str) -> tuple[int, str]:
@@ -386,14 +395,19 @@ class BuildRunner:
                                  f"the earlier build (pid {kv['lost']}) died without finishing; started again"))
         return pid, state
 
-    def _follow(self, t, key: str, builder, plan: BuildPlan) -> tuple[int, dict[str, str]]:
-        """Follow the log from offset 0 until the build ends and the log is drained: (exit status, outputs)."""
+    def _follow(self, t, key: str, builder, plan: BuildPlan) -> tuple[int, dict[str, str], str]:
+        """Follow the log from offset 0 until the build ends and the log is drained.
+
+        Returns the exit status, where the outputs are (key=value) and the log text as followed.
+        """
         offset = 0
         splitter = _LineSplitter()
         dead_polls = 0
+        chunks: list[str] = []
         while True:
             r = t.run(Command.script(FOLLOW_SCRIPT, plan.build_dir, str(offset), str(POLL_ROUNDS), str(CHUNK_BYTES),
-                                     plan.module_path, plan.output_dir, label="follow", timeout=60))
+                                     plan.module_path, plan.output_dir, str(BATCH_ROUNDS), label="follow",
+                                     timeout=60))
             head, sep, body = r.stdout.partition("--kpipe-log--\n")
             head_lines = head.splitlines()
             parts = head_lines[0].split() if head_lines else []
@@ -402,6 +416,7 @@ class BuildRunner:
                                   hint="run the build again")
             end, size, status, alive = int(parts[0]), int(parts[1]), parts[2], parts[3] == "1"
             if end > offset:
+                chunks.append(body)
                 for line in splitter.feed(body):
                     self._line(key, builder, line)
                 offset = end
@@ -409,7 +424,7 @@ class BuildRunner:
                 if offset >= size:
                     for line in splitter.flush():
                         self._line(key, builder, line)
-                    return int(status), _kv("\n".join(head_lines[1:]))
+                    return int(status), _kv("\n".join(head_lines[1:])), "".join(chunks)
                 continue  # the log is complete but longer than one chunk
             if not alive:
                 # no exit status and no process: give run.sh's last write a moment, then call it lost
@@ -427,12 +442,14 @@ class BuildRunner:
             self.emit(BuildEvent(key, "milestone", m.text, {"step": m.step}))
 
     def _finish(self, spec: BuildSpec, host: BuildHost, t, plan: BuildPlan, probe: _Probe, digest: str, rc: int,
-                kv: dict[str, str], res: BuildResult) -> BuildResult:
+                kv: dict[str, str], followed: str, res: BuildResult) -> BuildResult:
         key = res.key
         with tempfile.TemporaryDirectory(prefix="kpipe-fetch-") as tmp:
-            local_log = Path(tmp) / "log"
-            t.get(f"{plan.build_dir}/log", local_log)
-            log = local_log.read_bytes()
+            log = _lossless(followed, kv.get("logsize", ""))
+            if log is None:  # not valid UTF-8 (or incomplete): fetch the bytes themselves
+                local_log = Path(tmp) / "log"
+                t.get(f"{plan.build_dir}/log", local_log)
+                log = local_log.read_bytes()
             if kv.get("cachelog"):
                 extra = Path(tmp) / "cachedir-build.log"
                 t.get(kv["cachelog"], extra)
