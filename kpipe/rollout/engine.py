@@ -53,11 +53,13 @@ class Runner(Protocol):
 class PoolRunner:
     """A Runner over kpipe.transport.ssh.SshPool and the hosts' SshTargets."""
 
-    def __init__(self, pool: Any, targets: Mapping[str, Any]):
+    def __init__(self, pool: Any, targets: Mapping[str, Any], forks: int | None = None):
         self.pool = pool
         self.targets = dict(targets)
+        self.forks = forks  # the operator's --forks wins over the plan's
 
     def run_many(self, hosts: list[str], fn: Callable[[Any], T], forks: int) -> dict[str, T | BaseException]:
+        forks = self.forks or forks
         missing = [h for h in hosts if h not in self.targets]
         out: dict[str, T | BaseException] = {
             h: TransportError(f"{h}: not in the inventory any more", host=h, kind="error") for h in missing}

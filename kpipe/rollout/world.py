@@ -179,7 +179,7 @@ def engine_for(workspace: Any, journal: Journal, rollout_id: str, *, forks: int 
             except NotFoundError:
                 pass  # journaled as unreachable by the engine: "not in the inventory any more"
     pool = pool or make_pool(workspace, forks or plan.options.forks)
-    runner = PoolRunner(pool, targets)
+    runner = PoolRunner(pool, targets, forks)
     return Engine(journal, runner, local_path_fn(workspace.store), on_event=on_event), runner
 
 
