@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import queue
 import sqlite3
 import tarfile
@@ -314,6 +315,8 @@ class BuildRunner:
                 res.hint = (f"the build keeps running on {host.name} in {res.remote_dir}; run the same "
                             "`kpipe build` again to reattach")
         except Exception as e:  # one build's surprise must not abort the matrix (partial failure is data)
+            if os.environ.get("KPIPE_DEBUG", "") not in ("", "0"):
+                raise
             res.status, res.exit_code = "error", 1
             res.message = f"internal error while building on {host.name}: {type(e).__name__}: {e}"
             res.hint = "rerun with KPIPE_DEBUG=1 and report it"
