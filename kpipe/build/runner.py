@@ -35,9 +35,7 @@ from typing import Any
 from kpipe.artifacts import Artifact, add_artifact, find_by_inputs, get_artifact
 from kpipe.build.base import BuildPlan, StagedFile, get_builder, parse_version_output
 from kpipe.build.classify import Classification, classify
-from kpipe.build.records import (  # noqa: F401  (re-exported for callers of the runner)
-    build_record, cached_tool_version, ensure_schema, find_cached, list_builds, record, save_tool_version,
-)
+from kpipe.build.records import build_record, ensure_schema, find_cached, record, save_tool_version
 from kpipe.build.hosts import pick_host, select_hosts
 from kpipe.build.remote import FOLLOW_SCRIPT, LAUNCH_SCRIPT, PROBE_PREFIX, RUN_SCRIPT, SAFE_WORKDIR
 from kpipe.build.spec import BuildSpec

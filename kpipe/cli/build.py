@@ -206,7 +206,7 @@ def builds(
     from rich.markup import escape
     from rich.table import Table
 
-    from kpipe.build.runner import list_builds
+    from kpipe.build.records import list_builds
     from kpipe.cli.context import print_json, state
 
     st = state()
