@@ -513,3 +513,32 @@ def test_arch_is_not_exported_to_kpatch_build(tmp_path, monkeypatch):
     res, ev = run_one(ws, kpatch_spec(ws, memcg_patch(), release=DEBIAN_RELEASE))
     assert res.status == "built", (res.message, res.lines)
     assert res.host == "local"
+
+
+def test_matrix_spreads_kernels_over_the_build_hosts_that_accept_them(tmp_path, sshd_factory):
+    a, b = sshd_factory(), sshd_factory()
+    k56 = fake_kernel_tree(tmp_path / "kernels", DEBIAN_RELEASE)
+    k55 = fake_kernel_tree(tmp_path / "kernels", "6.1.0-55-amd64")
+    ws = write_workspace(tmp_path / "ws", [
+        ssh_host(a, "host-56", workdir=str(tmp_path / "wa"), kernels=["6.1.0-56-*"], tools={"kpatch-build": str(DOUBLE)}),
+        ssh_host(b, "host-55", workdir=str(tmp_path / "wb"), kernels=["6.1.0-55-*"], tools={"kpatch-build": str(DOUBLE)}),
+    ], [k56, k55], ssh={"known_hosts": str(a.known_hosts)})
+    # one known_hosts file for both servers, as an operator would have
+    with open(a.known_hosts, "a") as f:
+        f.write(b.known_hosts.read_text())
+    first = run_one(ws, kpatch_spec(ws, memcg_patch(), release=DEBIAN_RELEASE), validate=False)[0]
+    assert first.status == "built", first
+    fixture = tmp_path / "prebuilt.ko"  # the double copies it for a release without headers here
+    fixture.write_bytes(get_artifact(ws.store, first.artifact_id).path(ws.store).read_bytes())
+    patch = memcg_patch(f"// KPATCH_DOUBLE_MODULE: {fixture}\n// matrix\n")
+    specs = [kpatch_spec(ws, patch, release=r, recipe="mx", patch_name="mx.patch") for r in
+             (DEBIAN_RELEASE, "6.1.0-55-amd64")]
+    runner = BuildRunner(ws, options=BuildOptions(validate=False))
+    try:
+        results = runner.run(specs)
+    finally:
+        runner.close()
+    assert [(r.status, r.host) for r in results] == [("built", "host-56"), ("built", "host-55")], \
+        [r.message for r in results]
+    assert Path(results[0].remote_dir).parent == tmp_path / "wa"
+    assert Path(results[1].remote_dir).parent == tmp_path / "wb"
