@@ -266,3 +266,32 @@ def test_a_kernel_that_does_not_boot_fails_up_cleanly(tmp_path, qemu_guard):
     assert "console.log" in (e.value.hint or "")
     assert not lab.state_file.exists() and lab.load_state() is None
     assert all(not vmmod.alive(v) for v in vmmod.STARTED[started:])
+
+
+def test_a_forwarded_port_taken_before_qemu_binds_it_gets_a_new_port(tmp_path, qemu_guard, monkeypatch):
+    import socket
+
+    holder = socket.socket()
+    holder.bind(("127.0.0.1", 0))
+    holder.listen()
+    busy = holder.getsockname()[1]
+    assert vmmod.listens_on(os.getpid(), busy) and not vmmod.listens_on(os.getpid(), busy + 1)
+    ports = iter([busy])
+    real = vmmod.free_port
+    monkeypatch.setattr(vmmod, "free_port", lambda: next(ports, None) or real())  # the first VM gets a taken port
+    vmlinuz = tmp_path / "vmlinuz"
+    vmlinuz.write_bytes(b"not a kernel\n")
+    mods = tmp_path / "lib" / "modules" / "6.1.0-0-bogus"
+    mods.mkdir(parents=True)
+    (mods / "modules.order").write_text("")
+    lab = Lab(tmp_path / ".lab", cache_dir=tmp_path / "cache")
+    started = len(vmmod.STARTED)
+    try:
+        with pytest.raises(KpipeError) as e:
+            lab.up(labkernel.user_kernel(vmlinuz, mods), LabConfig(vms=1, boot_timeout=60))
+    finally:
+        holder.close()
+    ours = vmmod.STARTED[started:]
+    assert [v.ssh_port == busy for v in ours] == [True, False]  # restarted once, on another port
+    assert "host forwarding" not in str(e.value)  # it then failed for the bogus kernel, not the port
+    assert all(not vmmod.alive(v) for v in ours)

@@ -180,9 +180,19 @@ class Lab:
     def _restart_port_clashes(self, st: LabState, specs: list[tuple[VmSpec, bool, str]], tries: int = 3) -> None:
         """Restart a VM whose forwarded port was taken between free_port() and qemu's bind."""
         for _ in range(tries):
-            time.sleep(1.0)  # qemu binds its forwards within milliseconds of starting
-            clashed = [i for i, v in enumerate(st.vms) if not vmmod.alive(v)
-                       and "host forwarding" in _tail(Path(v.folder) / "qemu.log", 20)]
+            deadline = time.monotonic() + 5.0
+            clashed: list[int] = []
+            pending = set(range(len(st.vms)))
+            while pending and time.monotonic() < deadline:
+                for i in sorted(pending):
+                    v = st.vms[i]
+                    if vmmod.listens_on(v.pid, v.ssh_port):
+                        pending.discard(i)  # qemu holds its forward
+                    elif not vmmod.alive(v):
+                        pending.discard(i)
+                        if "host forwarding" in _tail(Path(v.folder) / "qemu.log", 20):
+                            clashed.append(i)
+                time.sleep(0.05)
             if not clashed:
                 return
             for i in clashed:

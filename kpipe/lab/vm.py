@@ -100,6 +100,32 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def listens_on(pid: int, port: int) -> bool:
+    """True when process pid holds a listening TCP socket on 127.0.0.1:port (/proc/net/tcp + its fds)."""
+    inodes = set()
+    try:
+        lines = Path(f"/proc/{pid}/net/tcp").read_text().splitlines()[1:]
+    except OSError:
+        return False
+    want = f"0100007F:{port:04X}"
+    for line in lines:
+        f = line.split()
+        if len(f) > 9 and f[1] == want and f[3] == "0A":  # 0A = TCP_LISTEN
+            inodes.add(f"socket:[{f[9]}]")
+    if not inodes:
+        return False
+    try:
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            try:
+                if os.readlink(f"/proc/{pid}/fd/{fd}") in inodes:
+                    return True
+            except OSError:
+                continue
+    except OSError:
+        return False
+    return False
+
+
 def proc_start_time(pid: int) -> int | None:
     """Field 22 of /proc/<pid>/stat (None when the process is gone or a zombie)."""
     try:
