@@ -341,6 +341,36 @@ def test_sigkilled_kpipe_leaves_the_build_running_and_a_rerun_reattaches(env):
     assert not alive(pid)
 
 
+def test_ctrl_c_stops_following_at_once_and_leaves_the_build_running(env):
+    ws, sshd, tmp = env
+    write_recipe(ws, "intfix", "intfix.patch", memcg_patch("// KPATCH_DOUBLE_SLEEP: 10\n"))
+    proc = _kpipe(ws.root, "build", "--recipe", "intfix", "--kernel", DEBIAN_RELEASE)
+    seen = []
+    try:
+        for line in proc.stdout:
+            seen.append(line)
+            if "Building original source" in line:
+                break
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=30)
+        assert time.monotonic() - t0 < 5, "kpipe waited for the build instead of stopping"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130, err
+    assert "interrupted: the started builds keep running" in err and "reattach" in err
+    assert "Traceback" not in err
+    pid = int(next(l for l in seen if "started on b1" in l).rsplit("(pid ", 1)[1].split(")")[0])
+    assert alive(pid)
+    again = _kpipe(ws.root, "build", "--recipe", "intfix", "--kernel", DEBIAN_RELEASE, "--json")
+    out, err = again.communicate(timeout=120)
+    assert again.returncode == 0, err
+    res = json.loads(out)[0]
+    assert res["reattached"] and res["pid"] == pid
+
+
 def test_finished_but_uncollected_build_is_collected_not_rebuilt(env):
     ws, sshd, tmp = env
     spec = slow_spec(ws, 1, "late")

@@ -40,7 +40,7 @@ from kpipe.build.hosts import pick_host, select_hosts
 from kpipe.build.remote import FOLLOW_SCRIPT, LAUNCH_SCRIPT, PROBE_PREFIX, RUN_SCRIPT, SAFE_WORKDIR
 from kpipe.build.spec import BuildSpec
 from kpipe.commands import Command
-from kpipe.errors import BuildFailed, ConfigError, KpipeError, TransportError
+from kpipe.errors import BuildFailed, ConfigError, ExitCode, KpipeError, TransportError
 from kpipe.workspace import BuildHost, Workspace
 
 POLL_ROUNDS = 20  # one follow request waits at most 20 x 50 ms for news
@@ -234,6 +234,7 @@ class BuildRunner:
         self.connections = connections or Connections(ws)
         self._probes: dict[tuple[str, str], _Probe] = {}
         self._probe_lock = threading.Lock()
+        self._stop = threading.Event()  # set on Ctrl-C: stop following, leave the builds running
         ensure_schema(self.store)
 
     # -- the matrix ---------------------------------------------------------------
@@ -281,9 +282,16 @@ class BuildRunner:
                 finally:
                     lanes[host.name].put(lane)
 
-            with ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="kpipe-build") as ex:
+            ex = ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="kpipe-build")
+            try:
                 for i, res in ex.map(one, todo):
                     results[i] = res
+            except KeyboardInterrupt:
+                # Stop following (the detached builds go on); the workers notice within one poll.
+                self._stop.set()
+                ex.shutdown(wait=True, cancel_futures=True)
+                raise
+            ex.shutdown(wait=True)
         return [results[i] for i in range(len(specs))]
 
     def close(self) -> None:
@@ -309,7 +317,7 @@ class BuildRunner:
             res.exit_code = int(e.exit_code)
         except KpipeError as e:
             res.status, res.message, res.hint, res.exit_code = "error", e.message, e.hint or "", int(e.exit_code)
-            if isinstance(e, TransportError) and res.remote_dir:
+            if (isinstance(e, TransportError) or e.exit_code == ExitCode.INTERRUPTED) and res.remote_dir:
                 res.hint = (f"the build keeps running on {host.name} in {res.remote_dir}; run the same "
                             "`kpipe build` again to reattach")
         except Exception as e:  # one build's surprise must not abort the matrix (partial failure is data)
@@ -406,6 +414,9 @@ class BuildRunner:
         dead_polls = 0
         chunks: list[str] = []
         while True:
+            if self._stop.is_set():
+                raise KpipeError(f"stopped following the build in {plan.build_dir}; it keeps running",
+                                 exit_code=ExitCode.INTERRUPTED)
             r = t.run(Command.script(FOLLOW_SCRIPT, plan.build_dir, str(offset), str(POLL_ROUNDS), str(CHUNK_BYTES),
                                      plan.module_path, plan.output_dir, str(BATCH_ROUNDS), label="follow",
                                      timeout=60))

@@ -25,7 +25,7 @@ def build(
     """Build live patch modules on the workspace's build hosts (reattaches to running builds)."""
     from kpipe.build.runner import BuildOptions, BuildResult, BuildRunner
     from kpipe.cli.context import print_json, state
-    from kpipe.errors import ConfigError
+    from kpipe.errors import ConfigError, ExitCode, KpipeError
 
     st = state()
     ws = st.workspace
@@ -44,6 +44,10 @@ def build(
     try:
         with progress.status(len(specs)):
             results: list[BuildResult] = errors + runner.run(specs)
+    except KeyboardInterrupt:
+        raise KpipeError("interrupted: the started builds keep running on their build hosts",
+                         hint="run the same `kpipe build` again to reattach (`kpipe builds` lists them)",
+                         exit_code=ExitCode.INTERRUPTED) from None
     finally:
         runner.close()
     if json_out:
