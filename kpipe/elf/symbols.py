@@ -354,6 +354,11 @@ def save_source(store: Any, release: str, src: SymbolSource) -> int:
     if existing is not None:
         return existing
     with store.write() as c:
+        # re-check inside the write transaction: another kpipe may have indexed it meanwhile
+        row = c.execute("SELECT id FROM ksym_sources WHERE release = ? AND digest = ?",
+                        (release, src.digest)).fetchone()
+        if row is not None:
+            return int(row[0])
         cur = c.execute("INSERT INTO ksym_sources (release, kind, origin, digest, exports, symbols, created_at) "
                         "VALUES (?, ?, ?, ?, ?, ?, ?)",
                         (release, src.kind, src.origin, src.digest, len(src.exports), src.symbol_total, time.time()))
