@@ -295,3 +295,17 @@ def test_a_forwarded_port_taken_before_qemu_binds_it_gets_a_new_port(tmp_path, q
     assert [v.ssh_port == busy for v in ours] == [True, False]  # restarted once, on another port
     assert "host forwarding" not in str(e.value)  # it then failed for the bogus kernel, not the port
     assert all(not vmmod.alive(v) for v in ours)
+
+
+@pytest.mark.slow
+def test_the_debian_bzimage_is_unpacked_once_into_a_pvh_vmlinux(tmp_path):
+    image = labkernel.resolve_kernel(None, None, None)
+    fmt, payload = labkernel.bzimage_payload(image.vmlinuz.read_bytes())
+    assert fmt in ("xz", "gzip", "zstd") and len(payload) > 1_000_000
+    elf = labkernel.boot_image(image, tmp_path)
+    assert elf != image.vmlinuz and elf.parent == tmp_path / "pvh"
+    data = elf.read_bytes()
+    assert data[:4] == b"\x7fELF" and labkernel.has_pvh_entry(data)
+    mtime = elf.stat().st_mtime_ns
+    assert labkernel.boot_image(image, tmp_path) == elf and elf.stat().st_mtime_ns == mtime
+    assert labkernel.bzimage_payload(data) is None and not labkernel.has_pvh_entry(b"\x7fELF" + bytes(100))

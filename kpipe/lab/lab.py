@@ -19,7 +19,7 @@ from typing import Any
 
 from kpipe.errors import ConfigError, KpipeError
 from kpipe.lab import initramfs, vm as vmmod
-from kpipe.lab.kernel import KernelImage, default_cache_dir
+from kpipe.lab.kernel import KernelImage, boot_image, default_cache_dir
 from kpipe.lab.vm import VmProcess, VmSpec
 
 STATE_VERSION = 1
@@ -39,6 +39,7 @@ class LabConfig:
     boot_timeout: float = 480.0  # seconds until SSH must answer (TCG on a loaded 2-CPU host is slow)
     use_kvm: bool | None = None
     names: tuple[str, ...] = ()  # default lab1..labN
+    pvh: bool = True  # boot the uncompressed vmlinux through PVH when the kernel supports it (half the CPU)
 
     def vm_names(self, prefix: str = "lab") -> list[str]:
         if self.names:
@@ -143,9 +144,10 @@ class Lab:
         say(f"initramfs for {kernel.release}")
         base = initramfs.build_base(kernel, self.cache_dir)
         base_bytes = base.read_bytes()
+        image = boot_image(kernel, self.cache_dir) if config.pvh else kernel.vmlinuz
         vms: list[VmProcess] = []
-        st = LabState(self.folder, kernel.to_dict(), vms, str(self.identity_file), str(self.known_hosts_file),
-                      str(self.inventory_file), time.time())
+        st = LabState(self.folder, {**kernel.to_dict(), "boot_image": str(image)}, vms, str(self.identity_file),
+                      str(self.known_hosts_file), str(self.inventory_file), time.time())
         try:
             specs = []
             for name in names:
@@ -159,7 +161,7 @@ class Lab:
                 enforce = config.sig_enforce or name in config.sig_enforce_vms
                 append = " ".join([BASE_APPEND, f"kpipe.lab={name}", *(["module.sig_enforce=1"] if enforce else []),
                                    *extra_args])
-                spec = VmSpec(name, kernel.vmlinuz, initrd, vmmod.free_port(), folder, config.memory_mb, append,
+                spec = VmSpec(name, image, initrd, vmmod.free_port(), folder, config.memory_mb, append,
                               config.use_kvm)
                 specs.append((spec, enforce, host_pub))
             say(f"booting {len(specs)} VM(s)")
