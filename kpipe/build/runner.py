@@ -300,9 +300,31 @@ class BuildRunner:
     def _cached(self, spec: BuildSpec, key: str, art: Artifact, host: BuildHost) -> BuildResult:
         self.emit(BuildEvent(key, "cached", f"answered from the store: artifact {art.id} ({art.status})",
                              {"artifact": art.id, "host": art.build_host}))
-        return BuildResult(key, spec.recipe, spec.kernel.release, "cached", host=art.build_host or host.name,
-                           builder=spec.builder, inputs_digest=art.inputs_digest, artifact_id=art.id,
-                           artifact_status=art.status, module_name=art.module_name, duration_s=art.duration_s)
+        res = BuildResult(key, spec.recipe, spec.kernel.release, "cached", host=art.build_host or host.name,
+                          builder=spec.builder, inputs_digest=art.inputs_digest, artifact_id=art.id,
+                          artifact_status=art.status, module_name=art.module_name, duration_s=art.duration_s)
+        if art.status == "valid" and (spec.signing or {}).get("sign"):
+            self._ensure_signed(spec, key, art, res)
+        return res
+
+    def _ensure_signed(self, spec: BuildSpec, key: str, art: Artifact, res: BuildResult) -> None:
+        """A cached module the recipe wants signed: reuse its signed artifact, or sign it now
+        (the signer may have been configured after the build)."""
+        from kpipe.artifacts import list_artifacts
+
+        for other in list_artifacts(self.store, kernel=art.kernel):
+            if other.parent_id == art.id and other.signed and other.status == "valid":
+                res.signed_id = other.id
+                return
+        try:
+            from kpipe import validation
+
+            signed = validation.sign_artifact(self.ws, art, (spec.signing or {}).get("signer"))
+        except KpipeError as e:
+            res.status, res.message, res.hint, res.exit_code = "error", e.message, e.hint or "", int(e.exit_code)
+            return
+        res.signed_id = signed.id
+        self.emit(BuildEvent(key, "signed", f"signed -> artifact {signed.id}", {"artifact": signed.id}))
 
     # -- one build on one host ---------------------------------------------------
     def build_on(self, spec: BuildSpec, host: BuildHost, *, lane: int = 0) -> BuildResult:
