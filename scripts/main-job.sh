@@ -58,7 +58,7 @@ echo "certificate: $KEYDIR/signing_cert.pem"
 
 stage recipe "lint the recipes, render cmdline-demo for $RELEASE"
 kpipe recipe lint
-kpipe recipe render cmdline-demo --kernel "$RELEASE" | head -n 20
+kpipe recipe render cmdline-demo --kernel "$RELEASE"
 
 stage build "build cmdline-demo on the local build host (validated and signed as the recipe says)"
 kpipe build --recipe cmdline-demo --kernel "$RELEASE" --host local

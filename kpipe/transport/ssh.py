@@ -261,9 +261,12 @@ class SshTransport:
                 chan.sendall(stdin)
             chan.shutdown_write()
             out, err = bytearray(), bytearray()
+            # poll, not select: a fan-out holds far more than FD_SETSIZE (1024) descriptors
+            poller = select.poll()
+            poller.register(chan.fileno(), select.POLLIN)
             while True:
                 wait = 1.0 if deadline is None else max(0.0, min(1.0, deadline - time.monotonic()))
-                select.select([chan], [], [], wait)
+                poller.poll(wait * 1000)
                 while chan.recv_ready():
                     out += chan.recv(65536)
                 while chan.recv_stderr_ready():
@@ -339,7 +342,6 @@ class SshPool:
         self.settings = settings or SshSettings()
         files = list(known_hosts) if known_hosts is not None else [Path(os.path.expanduser(self.settings.known_hosts))]
         accept = self.settings.accept_new_host_keys if accept_new is None else accept_new
-        self._known_files = files
         self._default_known = KnownHosts(files, accept_new=accept, write_to=files[0] if files else None)
         self._per_file: dict[str, KnownHosts] = {}
         self.forks = forks or self.settings.forks
@@ -369,14 +371,15 @@ class SshPool:
         return Config(ssh_config=ssh_config, lazy=True)
 
     def known_hosts_for(self, target: SshTarget) -> KnownHosts:
-        """The known host keys for a target: the pool's files plus the target's own extra file."""
+        """The known host keys for a target: its own file when it names one (like OpenSSH's
+        UserKnownHostsFile, it replaces the pool's files), else the pool's."""
         if not target.known_hosts:
             return self._default_known
         with self._lock:
             kh = self._per_file.get(target.known_hosts)
             if kh is None:
                 extra = Path(os.path.expanduser(target.known_hosts))
-                kh = KnownHosts([*self._known_files, extra], accept_new=self._default_known.accept_new,
+                kh = KnownHosts([extra], accept_new=self._default_known.accept_new,
                                 write_to=extra)
                 self._per_file[target.known_hosts] = kh
             return kh
