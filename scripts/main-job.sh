@@ -94,7 +94,7 @@ kpipe audit --limit lab --format html --output "$REPORTS/audit-after-rollout.htm
 echo "HTML report: $REPORTS/audit-after-rollout.html"
 
 stage rollback "roll the patch back on every host"
-kpipe rollout rollback last --yes
+kpipe rollout rollback last
 echo "after the rollback:"; show_cmdline
 
 stage audit "audit again"

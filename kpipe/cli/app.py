@@ -78,18 +78,33 @@ def main() -> None:
         _print_error("interrupted", None)
         sys.exit(int(ExitCode.INTERRUPTED))
     except Exception as e:  # click usage errors and the unexpected
-        import click
-
-        if isinstance(e, click.exceptions.ClickException):
+        click_error = _click_exception_types()
+        if isinstance(e, click_error):
             e.show()
-            sys.exit(e.exit_code)
-        if isinstance(e, click.exceptions.Exit):
             sys.exit(e.exit_code)
         if debug or STATE.debug:
             raise
         _print_error(f"internal error: {type(e).__name__}: {e}", "rerun with KPIPE_DEBUG=1 for a traceback")
         sys.exit(int(ExitCode.FAILURE))
     sys.exit(_exit_code(rc))
+
+
+def _click_exception_types() -> tuple[type, ...]:
+    """ClickException classes: click's own, and the copy newer Typer releases vendor."""
+    types: list[type] = []
+    try:
+        import click
+
+        types.append(click.exceptions.ClickException)
+    except ImportError:
+        pass
+    try:
+        from typer._click import exceptions as vendored  # Typer >= 0.26 ships its own click
+
+        types.append(vendored.ClickException)
+    except ImportError:
+        pass
+    return tuple(types)
 
 
 def _exit_code(rc: object) -> int:
