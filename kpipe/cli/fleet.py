@@ -32,11 +32,9 @@ CREATE TABLE IF NOT EXISTS fleet_facts (
 
 def _select(limit: Optional[str], inventory: Optional[List[str]]) -> list[Any]:
     from kpipe.cli.context import state
-    from kpipe.fleet.inventory import load_inventory
+    from kpipe.fleet.inventory import select_hosts
 
-    ws = state().workspace
-    inv = load_inventory(ws, inventory or None)
-    return inv.select(limit)
+    return select_hosts(state().workspace, limit, inventory or None)
 
 
 @fleet_app.command("list")

@@ -115,9 +115,9 @@ def make_pool(workspace: Any, forks: int | None = None) -> Any:
 
 
 def select_hosts(workspace: Any, limit: str | None) -> list[Any]:
-    from kpipe.fleet.inventory import load_inventory
+    from kpipe.fleet.inventory import select_hosts as select_from_inventory
 
-    hosts = load_inventory(workspace).select(limit)
+    hosts = select_from_inventory(workspace, limit)
     if not hosts:
         raise NotFoundError(f"no host matches {limit!r}" if limit else "the inventory has no hosts",
                             hint="see `kpipe fleet list`")
