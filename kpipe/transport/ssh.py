@@ -419,7 +419,7 @@ class SshPool:
 
         One host's exception never stops the others (partial failure is data).
         """
-        transports = [self.transport(t) for t in targets]  # built in this thread: Fabric's Config is not thread-safe
+        targets = list(targets)
         results: dict[str, T | BaseException] = {}
 
         def one(t: SshTransport) -> tuple[str, T | BaseException]:
@@ -428,9 +428,13 @@ class SshPool:
             except Exception as e:  # collected, not raised: the caller's gate decides what it means
                 return t.name, e
 
-        workers = max(1, min(forks or self.forks, len(transports) or 1))
+        workers = max(1, min(forks or self.forks, len(targets) or 1))
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="kpipe-ssh") as ex:
-            for name, value in ex.map(one, transports):
+            # Connections are built here, in this one thread (Fabric's Config is not thread-safe),
+            # and each is submitted at once, so the first handshakes overlap the rest's construction.
+            futures = [ex.submit(one, self.transport(t)) for t in targets]
+            for fut in futures:
+                name, value = fut.result()
                 results[name] = value
         return results
 
