@@ -165,8 +165,10 @@ class SshTransport:
         if pool.disabled_algorithms:
             kwargs["disabled_algorithms"] = pool.disabled_algorithms
         kwargs["banner_timeout"] = kwargs["auth_timeout"] = self._connect_timeout()
+        # A Config of its own: Fabric reads (and lazily fills) a Connection's Config while it
+        # opens, so one Config shared by connections opening in parallel threads races.
         self.conn = Connection(
-            host=target.address, port=target.port, user=target.user or None, config=pool.fabric_config,
+            host=target.address, port=target.port, user=target.user or None, config=pool.fabric_config.clone(),
             connect_kwargs=kwargs, connect_timeout=None,
         )
         self.conn.client.set_missing_host_key_policy(_StrictPolicy(pool.known_hosts_for(target), target))
@@ -419,7 +421,10 @@ class SshPool:
 
         One host's exception never stops the others (partial failure is data).
         """
-        targets = list(targets)
+        # Built here, all before the fan-out: constructing a Connection mutates the shared Fabric
+        # Config, and doing it while other threads open connections races (seen: "No attribute
+        # or config key found for 'authentication'" on half of 200 hosts).
+        transports = [self.transport(t) for t in targets]
         results: dict[str, T | BaseException] = {}
 
         def one(t: SshTransport) -> tuple[str, T | BaseException]:
@@ -428,13 +433,9 @@ class SshPool:
             except Exception as e:  # collected, not raised: the caller's gate decides what it means
                 return t.name, e
 
-        workers = max(1, min(forks or self.forks, len(targets) or 1))
+        workers = max(1, min(forks or self.forks, len(transports) or 1))
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="kpipe-ssh") as ex:
-            # Connections are built here, in this one thread (Fabric's Config is not thread-safe),
-            # and each is submitted at once, so the first handshakes overlap the rest's construction.
-            futures = [ex.submit(one, self.transport(t)) for t in targets]
-            for fut in futures:
-                name, value = fut.result()
+            for name, value in ex.map(one, transports):
                 results[name] = value
         return results
 
