@@ -8,10 +8,6 @@ import sys
 from dataclasses import dataclass
 from typing import Any
 
-import typer
-
-from kpipe.errors import KpipeError
-
 
 @dataclass
 class AppState:
@@ -76,14 +72,3 @@ def _default(o: Any) -> Any:
     if isinstance(o, bytes):
         return o.hex()
     raise TypeError(f"not JSON serializable: {type(o).__name__}")
-
-
-def fail(message: str, *, hint: str | None = None, code: int = 1) -> None:
-    """End the command with one error line (raises KpipeError, rendered by main)."""
-    from kpipe.errors import ExitCode
-
-    raise KpipeError(message, hint=hint, exit_code=ExitCode(code))
-
-
-def exit_with(code: int) -> None:
-    raise typer.Exit(code)
