@@ -87,7 +87,7 @@ def _print_status(status: dict) -> None:
         t.add_column(col, no_wrap=True)
     t.add_column("extra kernel args")
     for v in status["vms"]:
-        extra = " ".join(a for a in v["append"].split() if a not in ("console=ttyS0", "panic=-1")
+        extra = " ".join(a for a in v["append"].split() if a != "panic=-1" and not a.startswith("console=")
                          and not a.startswith("kpipe.lab="))
         t.add_row(v["name"], "[green]running[/]" if v["alive"] else "[red]stopped[/]", v["ssh"], str(v["pid"]),
                   f"{v['rss_mib']:.0f}", "yes" if v["sig_enforce"] else "no", extra)
