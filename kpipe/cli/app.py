@@ -45,10 +45,10 @@ def _root(
 def _register() -> None:
     # Each module adds its commands or sub-app; the import is cheap by design.
     from kpipe.cli import (  # noqa: F401
-        artifacts, audit, build, fleet, kernels, keys, lab, recipe, rollout, sign, validate,
+        artifacts, audit, build, fleet, init, kernels, keys, lab, recipe, rollout, sign, validate,
     )
 
-    for mod in (kernels, recipe, build, artifacts, validate, sign, keys, fleet, rollout, audit, lab):
+    for mod in (init, kernels, recipe, build, artifacts, validate, sign, keys, fleet, rollout, audit, lab):
         mod.register(app)
 
 
