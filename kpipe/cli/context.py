@@ -6,7 +6,7 @@ import json
 import os
 import sys
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 
 @dataclass
@@ -36,6 +36,7 @@ class AppState:
 
     @property
     def err_console(self):
+        """A rich Console on stderr (progress while stdout carries JSON, warnings)."""
         from rich.console import Console
 
         return Console(stderr=True, highlight=False, soft_wrap=True, width=_width(sys.stderr))
@@ -53,7 +54,53 @@ STATE = AppState()
 
 
 def state() -> AppState:
+    """The process's shared AppState."""
     return STATE
+
+
+def esc(value: Any) -> str:
+    """Outside text (host names, kernel releases, reasons, paths) made safe to put in Rich markup:
+    brackets escaped, control characters shown as escapes so a terminal never acts on them."""
+    from rich.markup import escape
+
+    s = str(value)
+    if not s.isprintable():
+        s = "".join(c if c.isprintable() else repr(c)[1:-1] for c in s)
+    return escape(s)
+
+
+def guarded(fn: Callable[[Any], None], console: Any = None) -> Callable[[Any], None]:
+    """A progress callback that never raises: a failure to print must not stop the work it reports on.
+    A closed pipe (`| head`) sends the console's stream to /dev/null for the rest of the run, so the
+    exit code still tells the outcome; any other error is reported once on stderr, then ignored."""
+    warned = False
+
+    def call(event: Any) -> None:
+        nonlocal warned
+        try:
+            fn(event)
+        except BrokenPipeError:
+            _to_devnull(getattr(console, "file", None) or sys.stdout)
+        except Exception as e:  # noqa: BLE001 - whatever the printer tripped on, the engine goes on
+            if not warned:
+                warned = True
+                try:
+                    sys.stderr.write(f"kpipe: warning: progress output failed ({type(e).__name__}: {e}); "
+                                     "the run goes on, see its status afterwards\n")
+                    sys.stderr.flush()
+                except Exception:  # noqa: BLE001 - stderr is gone too: nothing left to tell
+                    pass
+    return call
+
+
+def _to_devnull(stream: Any) -> None:
+    try:
+        fd = stream.fileno()
+        null = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(null, fd)
+        os.close(null)
+    except (OSError, ValueError, AttributeError):
+        pass
 
 
 def print_json(data: Any) -> None:
