@@ -29,17 +29,29 @@ class AppState:
     def console(self):
         """A rich Console on stdout."""
         if self._console is None:
-            from rich.console import Console
-
-            self._console = Console(highlight=False, soft_wrap=True, width=_width(sys.stdout))
+            self._console = _new_console(highlight=False, soft_wrap=True, width=_width(sys.stdout))
         return self._console
 
     @property
     def err_console(self):
         """A rich Console on stderr (progress while stdout carries JSON, warnings)."""
-        from rich.console import Console
+        return _new_console(stderr=True, highlight=False, soft_wrap=True, width=_width(sys.stderr))
 
-        return Console(stderr=True, highlight=False, soft_wrap=True, width=_width(sys.stderr))
+
+def _new_console(**kw: Any) -> Any:
+    """A rich Console that survives its reader going away (`kpipe ... | head`).
+
+    Rich's default answer to a broken pipe is SystemExit(1) from inside print(): raised in a progress
+    callback, that would stop a rollout between two host steps. Here the rest of the output is
+    dropped and the command finishes its work; its exit code still tells the outcome."""
+    from rich.console import Console
+
+    class _Console(Console):
+        def on_broken_pipe(self) -> None:
+            self.quiet = True
+            _to_devnull(self.file)
+
+    return _Console(**kw)
 
 
 def _width(stream: Any) -> int | None:
@@ -104,9 +116,12 @@ def _to_devnull(stream: Any) -> None:
 
 
 def print_json(data: Any) -> None:
-    """Machine-readable output: one JSON document on stdout."""
-    sys.stdout.write(json.dumps(data, indent=2, sort_keys=False, default=_default) + "\n")
-    sys.stdout.flush()
+    """Machine-readable output: one JSON document on stdout (dropped if the reader went away)."""
+    try:
+        sys.stdout.write(json.dumps(data, indent=2, sort_keys=False, default=_default) + "\n")
+        sys.stdout.flush()
+    except BrokenPipeError:
+        _to_devnull(sys.stdout)
 
 
 def _default(o: Any) -> Any:
