@@ -324,3 +324,59 @@ def test_start_without_a_terminal_and_without_yes_says_pass_yes(simfleet_factory
     # a dry run needs no confirmation
     r = kp(ws, "rollout", "start", art.id, "--dry-run")
     assert "dry run: nothing was changed" in r.stdout
+
+
+def _on_terminal(ws, answer: str, *args: str) -> tuple[int, str]:
+    """Run kpipe with a pseudo-terminal as stdin/stdout/stderr; answer its question; (exit code, output)."""
+    import pty
+    import select
+
+    master, slave = pty.openpty()
+    env = {k: v for k, v in os.environ.items() if k != "KPIPE_DEBUG"}
+    p = subprocess.Popen([sys.executable, "-m", "kpipe", "-W", str(ws.root), *args], stdin=slave, stdout=slave,
+                         stderr=slave, env=env)
+    os.close(slave)
+    out, answered = b"", False
+    deadline = time.monotonic() + 300
+    try:
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([master], [], [], 1.0)
+            if not ready:
+                if p.poll() is not None:
+                    break
+                continue
+            try:
+                data = os.read(master, 4096)
+            except OSError:  # EIO: the child closed the terminal
+                break
+            if not data:
+                break
+            out += data
+            if not answered and b"[y/N]" in out:
+                os.write(master, answer.encode() + b"\n")
+                answered = True
+        p.wait(timeout=60)
+    finally:
+        os.close(master)
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    return p.returncode, out.decode(errors="replace")
+
+
+def test_resume_and_rollback_ask_on_a_terminal_unless_yes(simfleet_factory, tmp_path):
+    fleet = simfleet_factory(1)
+    ws, art = setup_ws(fleet, tmp_path)
+    host = fleet.hosts[0]
+    rid = json.loads(kp(ws, "rollout", "start", art.id, "--yes", "--waves", "100%", "--json").stdout)["rollout_id"]
+    code, out = _on_terminal(ws, "n", "rollout", "rollback", rid)
+    assert f"Roll back rollout {rid}" in out and code == 130, out
+    assert loaded(host)  # "no" means no
+    code, out = _on_terminal(ws, "y", "rollout", "rollback", rid)
+    assert code == 0 and "rolled_back" in out, out
+    assert not loaded(host)
+    code, out = _on_terminal(ws, "n", "rollout", "resume", rid)
+    assert f"Resume rollout {rid}" in out and code == 130, out
+    # --yes: no question, on a terminal too
+    code, out = _on_terminal(ws, "n", "rollout", "resume", rid, "--yes")
+    assert "[y/N]" not in out and code in (0, 8), out

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import sys
@@ -44,14 +45,19 @@ def _new_console(**kw: Any) -> Any:
     Rich's default answer to a broken pipe is SystemExit(1) from inside print(): raised in a progress
     callback, that would stop a rollout between two host steps. Here the rest of the output is
     dropped and the command finishes its work; its exit code still tells the outcome."""
-    from rich.console import Console
+    return _console_class()(**kw)
+
+
+@functools.lru_cache(maxsize=None)
+def _console_class() -> type:
+    from rich.console import Console  # imported on first use: `kpipe --help` stays instant
 
     class _Console(Console):
         def on_broken_pipe(self) -> None:
             self.quiet = True
             _to_devnull(self.file)
 
-    return _Console(**kw)
+    return _Console
 
 
 def _width(stream: Any) -> int | None:

@@ -330,7 +330,10 @@ def _run_engine(rid: str, what: str, forks: Optional[int], limit: Optional[str] 
         from kpipe.errors import ExitCode, KpipeError
         from kpipe.rollout.journal import mark_interrupted
 
-        mark_interrupted(journal, rid)
+        if mark_interrupted(journal, rid) == "planned":  # stopped before its first step
+            raise KpipeError(f"interrupted before rollout {rid} started; nothing was changed",
+                             exit_code=ExitCode.INTERRUPTED,
+                             hint=f"start it with `kpipe rollout start --plan {rid}`") from None
         raise KpipeError(f"interrupted; resume with `kpipe rollout resume {rid}`", exit_code=ExitCode.INTERRUPTED,
                          hint=f"`kpipe rollout status {rid}` shows where each host stopped") from None
     finally:
