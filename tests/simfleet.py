@@ -28,6 +28,7 @@ API
     host.stop() / host.start()      # sshd down (connection refused) / up again, kernel state kept
     host.kill()                     # the host dies: SIGKILL of sshd and every process in its namespace
     host.reboot()                   # kill, clear the simulated kernel state (patches, modules, taint, log), start
+    host.set_release(text)          # `uname -r` prints text from now on ("" = the fleet's release again)
 
 Faults (``host.inject(name, **params)``):
     "refused"            sshd stopped: connections are refused (same as host.stop())
@@ -189,7 +190,7 @@ for a in "$@"; do
     *) echo "uname: extra operand '$a'" >&2; exit 1 ;;
   esac
 done
-echo ${out# }
+printf '%s\n' "${out# }"
 """
 
 # Runs over SSH before a host is handed out: "$1" is the host's token, then
@@ -256,6 +257,8 @@ class _Patch:
 class SimHost:
     """One simulated host: an sshd in its own mount namespace plus simulated kernel state."""
 
+    release_override = ""  # set_release(): this host's `uname -r` instead of the fleet's release
+
     def __init__(self, fleet: "SimFleet", index: int, name: str, address: str):
         self.fleet = fleet
         self.index = index
@@ -293,7 +296,7 @@ class SimHost:
         f = self.fleet
         (d / "sys_kernel" / CONF_NAME).write_text(
             f"SIM_NAME='{self.name}'\nSIM_DIR='{d}'\nSIM_REQ='{f.req_dir}'\n"
-            f"SIM_RELEASE='{f.release}'\nSIM_ARCH='{f.arch}'\n")
+            f"SIM_RELEASE='{self.release_override or f.release}'\nSIM_ARCH='{f.arch}'\n")
         for p in (self.lp / CONF_NAME, self.sysmod / CONF_NAME, d / "var_lib" / CONF_NAME):
             p.write_text(self.token)
         (self.sysmod / "module" / "parameters" / "sig_enforce").write_text("N\n")
@@ -446,6 +449,17 @@ class SimHost:
             (self.dir / "kmsg.log").write_text("")
             self.boot = time.monotonic()
         self.start()
+
+    def set_release(self, release: str) -> None:
+        """From now on (restarts included) `uname -r` prints `release` on this host, any text but quotes
+        and line breaks (tests feed hostile strings through it); "" goes back to the fleet's release."""
+        if any(c in release for c in "'\n\r\0"):
+            raise ValueError(f"release {release!r}: quotes and line breaks cannot pass the fakes' config")
+        with self.lock:
+            self.release_override = release
+            conf = self.dir / "sys_kernel" / CONF_NAME  # only this line: _layout() would reset the kernel state
+            line = f"SIM_RELEASE='{release or self.fleet.release}'"
+            conf.write_text(re.sub(r"^SIM_RELEASE=.*$", lambda _: line, conf.read_text(), flags=re.M))
 
     # ------------------------------------------------------------------ faults
     def inject(self, fault: str, **params: Any) -> None:

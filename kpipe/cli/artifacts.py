@@ -140,7 +140,7 @@ def export_cmd(
         os.replace(tmp, out)
     except OSError as e:
         raise ConfigError(f"cannot write {out}: {e.strerror}") from None
-    st.console.print(f"{out} ({art.sha256})")
+    st.console.print(f"{out} ({art.sha256})", markup=False)
 
 
 def _log_text(store, sha: str) -> str:

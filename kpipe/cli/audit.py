@@ -39,7 +39,7 @@ def _print_table(result) -> None:  # result: kpipe.audit.AuditResult
         # Text(), not markup: host names and details come from outside ("[bold]" stays literal).
         return Text("".join(c if c.isprintable() else repr(c)[1:-1] for c in value), style=style)
 
-    table = Table(title=summary_line(result), title_justify="left")
+    table = Table(title=Text(summary_line(result)), title_justify="left")
     for col in COLUMNS:
         table.add_column(col, overflow="fold")
     for host, patch, status, kernel, detail in table_rows(result):

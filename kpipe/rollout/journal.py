@@ -285,3 +285,20 @@ def host_state(host: str, entries: list[Entry]) -> HostJournalState:
     return HostJournalState(host, outcome, outcome_detail,
                             tuple(s for s, _ in sorted(open_steps.items(), key=lambda kv: kv[1])),
                             last.step if last else "", last.phase if last else "", marker)
+
+
+# -- interruption (kept apart from the rest: the CLI's Ctrl-C handling) -------------
+# A driver stopped by the operator (Ctrl-C) leaves its rollout neither running nor finished.
+INTERRUPTED = "interrupted"
+STATES = STATES + (INTERRUPTED,)
+
+
+def mark_interrupted(journal: Journal, rollout_id: str) -> str:
+    """After the driving kpipe was interrupted: a `running` rollout becomes `interrupted` (resume continues
+    it); any other state is kept (a `halted` one with an open rollback is what resume must continue).
+    Returns the state now."""
+    rec = journal.get(rollout_id)
+    if rec.state == "running":
+        journal.set_state(rollout_id, INTERRUPTED, interrupted_at=time.time())
+        return INTERRUPTED
+    return rec.state
