@@ -276,6 +276,12 @@ def _recipe_for_release(ws: Any, recipe: Any, release: str, modules_built: Itera
                      fixes=tuple(Fix(**f) for f in fixes), arch=arch)
 
 
+def _one_line(e: Any) -> str:
+    """A KpipeError as "file:line: message (hint)": the CVE view keeps problems as lines."""
+    hint = (e.hint or "").strip()
+    return f"{e.message} ({hint})" if hint else e.message
+
+
 def load_cve_recipes(ws: Any, releases: Iterable[str]) -> tuple[list[CveRecipe], list[str]]:
     """The recipes that declare `fixes:`, one CveRecipe per recipe and fleet release it targets.
 
@@ -303,7 +309,7 @@ def load_cve_recipes(ws: Any, releases: Iterable[str]) -> tuple[list[CveRecipe],
         try:
             recipe = load_recipe(ws, file.stem)
         except KpipeError as e:
-            errors.append(e.message)
+            errors.append(_one_line(e))
             continue
         if not recipe.data.get("fixes"):
             continue
@@ -312,7 +318,7 @@ def load_cve_recipes(ws: Any, releases: Iterable[str]) -> tuple[list[CveRecipe],
             try:
                 out.append(_recipe_for_release(ws, recipe, release, built.get((recipe.name, release), ())))
             except KpipeError as e:
-                errors.append(e.message)
+                errors.append(_one_line(e))
         if not targeted:
             # No audited host runs a kernel it targets: its CVEs still belong in the
             # view (nobody exposed), from the literal entries (templates need a kernel).

@@ -224,9 +224,10 @@ def audit(
     ws = state().workspace
     result = run_audit(ws, limit, desired_file=desired, forks=forks, settle=settle)
     _keep(ws, result, "audit", limit)
-    _warn_recipe_errors(result)
     if cves:
         result = _narrow_to_cves(result, cves)
+    else:
+        _warn_recipe_errors(result)
     if out_path is None and fmt == "table":
         if not cves:
             _print_table(result)
