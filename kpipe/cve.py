@@ -262,12 +262,17 @@ def _recipe_for_release(ws: Any, recipe: Any, release: str, modules_built: Itera
     loader = _WorkspaceLoader(ws)
     env = _sandbox(loader)
     data = recipe.data
-    subset = {k: data[k] for k in ("fixes", "patches", "kpatch", "kbuild") if k in data}
+    # Only what the CVE view reads: a template elsewhere (a source name, the signer) is
+    # the build's business, and `kpipe recipe lint` reports it.
+    section_key = "kpatch" if recipe.builder == "kpatch-build" else "kbuild"
+    subset: dict[str, Any] = {k: data[k] for k in ("fixes", "patches") if k in data}
+    section = data.get(section_key)
+    if isinstance(section, dict) and "module_name" in section:
+        subset[section_key] = {"module_name": section["module_name"]}
     rendered = _render_tree(env, subset, (), variables, probs, loader)
     fixes = check_fixes(rendered, probs, rendered=True) if not probs.errors else []
     _raise_first(probs.items, shown)
-    section = rendered.get("kpatch" if recipe.builder == "kpatch-build" else "kbuild") or {}
-    explicit = section.get("module_name") if isinstance(section, dict) else None
+    explicit = (rendered.get(section_key) or {}).get("module_name")
     patches = [p for p in rendered.get("patches") or [] if isinstance(p, str)]
     module = predict_module_name(recipe.builder, recipe.name, patches, explicit if isinstance(explicit, str) else None)
     arch = getattr(entry, "arch", "") or parse_release(release).arch

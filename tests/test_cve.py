@@ -311,3 +311,10 @@ def test_report_narrowing():
     only = report.only(["CVE-2022-99999"])
     assert [s.cve for s in only.cves] == ["CVE-2022-99999"] and only.verdicts == ()
     assert CveReport().to_dict() == {"summary": [], "hosts": [], "errors": []}
+
+
+def test_templated_module_name_is_rendered_for_the_hosts_kernel(tmp_path):
+    recipe = KPATCH.replace("module_name: livepatch-memcg", "module_name: \"livepatch-memcg-{{ kernel.abi or 'x' }}\"")
+    make_workspace(tmp_path, {"r": recipe + "fixes: [{cve: CVE-2024-1234, severity: high, summary: x}]\n"})
+    (rec,), errors = load_cve_recipes(load_workspace(tmp_path), [UOS])
+    assert errors == [] and rec.modules == ("livepatch_memcg_x",)
