@@ -239,7 +239,10 @@ def cve_hosts_from_audit(result: Any, arches: Mapping[str, str] | None = None) -
 
 
 def _recipe_for_release(ws: Any, recipe: Any, release: str, modules_built: Iterable[str]) -> CveRecipe:
-    """Render a recipe's `fixes:` and module name for one release (in the recipes' sandbox); ConfigError on a problem."""
+    """A recipe's `fixes:` and module name rendered for one release (in the recipes' sandbox).
+
+    ConfigError (file:line) on a problem.
+    """
     from kpipe.audit import module_name
     from kpipe.kernel import parse_release
     from kpipe.recipes.loading import _display

@@ -166,7 +166,8 @@ def lint_errors(tmp_path, fixes_yaml):
     ("fixes:\n  - cve: CVE-2024-1234\n    severty: high\n    summary: x\n", "severty:", "did you mean 'severity'"),
     ("fixes: CVE-2024-1234\n", "fixes:", "must be a list"),
     ("fixes:\n  - CVE-2024-1234\n", "- CVE-2024-1234", "must be a mapping"),
-    ("fixes:\n  - {cve: CVE-2024-1234, severity: low, summary: a}\n  - {cve: cve-2024-1234, severity: low, summary: b}\n",
+    ("fixes:\n  - {cve: CVE-2024-1234, severity: low, summary: a}\n"
+     "  - {cve: cve-2024-1234, severity: low, summary: b}\n",
      "cve-2024-1234", "listed twice"),
     ("fixes:\n  - cve: \"{{ options.id }}\"\n    severity: high\n    summary: x\noptions: {id: CVE-1}\n",
      "cve:", "is not a CVE id"),
@@ -269,7 +270,8 @@ def test_json_carries_the_cve_view_and_validates(result):
 
 def test_prometheus_cve_families_parse_with_prometheus_client(result):
     fams = {f.name: f for f in text_string_to_metric_families(render(result, "prometheus"))}
-    exposed = {(s.labels["host"], s.labels["cve"], s.labels["severity"]): s.value for s in fams["kpipe_cve_exposed"].samples}
+    exposed = {(s.labels["host"], s.labels["cve"], s.labels["severity"]): s.value
+               for s in fams["kpipe_cve_exposed"].samples}
     assert exposed == {("fixed-1", "CVE-2024-12345", "high"): 0.0, ("exposed-1", "CVE-2024-12345", "high"): 1.0,
                        ('bad"host\\\n', "CVE-2024-12345", "high"): 1.0}
     fleet = {(s.labels["cve"], s.labels["severity"]): s.value for s in fams["kpipe_cve_exposed_hosts"].samples}

@@ -117,7 +117,8 @@ def _narrow_to_cves(result, cves: list[str]):
     report = result.cves if result.cves is not None else CveReport()
     if report.errors:
         # A recipe that cannot be read may declare this CVE too: the answer would be incomplete.
-        raise ConfigError(f"{report.errors[0]}" + (f" (+{len(report.errors) - 1} more)" if len(report.errors) > 1 else ""),
+        more = f" (+{len(report.errors) - 1} more)" if len(report.errors) > 1 else ""
+        raise ConfigError(f"{report.errors[0]}{more}",
                           hint="fix the recipe (`kpipe recipe lint`) so that its fixes count")
     known = [s.cve for s in report.cves]
     for cve in cves:

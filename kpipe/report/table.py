@@ -70,7 +70,10 @@ def cve_summary_rows(result: AuditResult) -> list[tuple[str, ...]]:
 
 
 def cve_host_rows(result: AuditResult, cves: list[str], *, all_hosts: bool = False) -> list[tuple[str, ...]]:
-    """(host, cve, severity, status, kernel, detail) for the hosts exposed (or unknown) to `cves`; every verdict with all_hosts."""
+    """(host, cve, severity, status, kernel, detail) for the hosts exposed (or unknown) to `cves`.
+
+    With all_hosts, the fixed hosts too.
+    """
     report = getattr(result, "cves", None)
     if report is None:
         return []
