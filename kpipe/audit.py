@@ -394,6 +394,7 @@ class ObservedHost:
     installed: Mapping[str, str] = field(default_factory=dict)
     # module name -> present in /sys/module (reported for the names the audit asked about)
     modules: Mapping[str, bool] = field(default_factory=dict)
+    arch: str = ""  # `uname -m`, normalised (the CVE view matches it against the recipe's kernel)
 
 
 # --------------------------------------------------------------------------
@@ -475,6 +476,7 @@ class AuditResult:
     generated_at: float
     hosts: tuple[HostAudit, ...]
     sources: tuple[str, ...] = ()
+    cves: Any = None  # kpipe.cve.CveReport: which CVEs loaded patches fix, who is exposed (None: not computed)
 
     @property
     def rows(self) -> list[PatchStatus]:
@@ -509,6 +511,7 @@ class AuditResult:
                 "statuses": self.counts(),
             },
             "hosts": [h.to_dict() for h in self.hosts],
+            **({"cves": self.cves.to_dict()} if self.cves is not None else {}),
         }
 
 
@@ -737,6 +740,7 @@ def observed_from_facts(facts: Any, state: Any = None) -> ObservedHost:
         host=facts.name,
         reachable=True,
         kernel=facts.release,
+        arch=getattr(facts, "arch", ""),
         tainted=facts.tainted,
         patches=patches,
         installed=installed,
@@ -840,7 +844,12 @@ def run_audit(
         known = {h.name for h in hosts}
         for host in sorted(set(desired.patches) - known):
             observed[host] = ObservedHost(host, reachable=False, error="not in the inventory (a rollout patched it)")
-    return evaluate(desired, observed.values())
+    result = evaluate(desired, observed.values())
+    from dataclasses import replace
+
+    from kpipe.cve import cve_report
+
+    return replace(result, cves=cve_report(workspace, result, {o.host: o.arch for o in observed.values()}))
 
 
 # --------------------------------------------------------------------------

@@ -97,7 +97,47 @@ def render_prometheus(result: AuditResult) -> str:
             if key not in seen:
                 seen.add(key)
                 lines.append(s)
+    lines.extend(cve_metric_lines(result))
     return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------------
+# The CVE view (kpipe.cve): exposure per host and per CVE
+# ---------------------------------------------------------------------------
+
+_CVE_METRICS: tuple[tuple[str, str], ...] = (
+    ("kpipe_cve_exposed", "1 if the host runs a kernel a recipe fixing the CVE targets without its patch loaded "
+                          "and verified, 0 if the patch is; no sample when the host could not be read."),
+    ("kpipe_cve_exposed_hosts", "Hosts exposed to the CVE (a recipe targets their kernel, its patch is not loaded "
+                                "and verified)."),
+    ("kpipe_cve_fixed_hosts", "Hosts where a loaded and verified patch fixes the CVE."),
+    ("kpipe_cve_unknown_hosts", "Hosts that could not be read, so their exposure to the CVE is unknown."),
+)
+
+
+def cve_metric_lines(result: AuditResult) -> list[str]:
+    """HELP, TYPE and samples of the CVE families; none when the audit has no CVE view."""
+    report = getattr(result, "cves", None)
+    if report is None:
+        return []
+    from kpipe.cve import EXPOSED, FIXED
+
+    samples: dict[str, list[str]] = {name: [] for name, _ in _CVE_METRICS}
+    for v in report.verdicts:
+        if v.status in (EXPOSED, FIXED):
+            labels = (("host", v.host), ("cve", v.cve), ("severity", v.severity))
+            samples["kpipe_cve_exposed"].append(f"kpipe_cve_exposed{_labels(labels)} {_num(v.exposed)}")
+    for s in report.cves:
+        labels = _labels((("cve", s.cve), ("severity", s.severity)))
+        samples["kpipe_cve_exposed_hosts"].append(f"kpipe_cve_exposed_hosts{labels} {len(s.exposed_hosts)}")
+        samples["kpipe_cve_fixed_hosts"].append(f"kpipe_cve_fixed_hosts{labels} {len(s.fixed_hosts)}")
+        samples["kpipe_cve_unknown_hosts"].append(f"kpipe_cve_unknown_hosts{labels} {len(s.unknown_hosts)}")
+    lines: list[str] = []
+    for name, help_text in _CVE_METRICS:
+        lines.append(f"# HELP {name} {escape_help(help_text)}")
+        lines.append(f"# TYPE {name} gauge")
+        lines.extend(samples[name])
+    return lines
 
 
 # ---------------------------------------------------------------------------
