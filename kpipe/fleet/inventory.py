@@ -48,6 +48,10 @@ difference: an invalid or empty regex (``~[``, ``~``) is a ConfigError here, whe
 reads it as "every host" (the worst reading for a rollout). A pattern that matches no host
 is a NotFoundError. Ansible's warnings are captured (never printed); a source no plugin can
 parse is a ConfigError naming the file and the plugin's reason.
+
+A dynamic inventory script runs in a process group of its own, with no stdin, for at most
+``[fleet] inventory_timeout`` seconds (default 60; ``--list`` and any ``--host`` calls of one
+source share it); past that the group is killed and a ConfigError names the script.
 """
 
 from __future__ import annotations

@@ -44,7 +44,7 @@ def quiet_paramiko_logging() -> None:
     handler configured, logging's last-resort handler prints them (~20 lines per host). kpipe
     reports each host's failure once itself. KPIPE_DEBUG=1 leaves paramiko's records alone.
     """
-    if os.environ.get("KPIPE_DEBUG"):
+    if os.environ.get("KPIPE_DEBUG", "") not in ("", "0"):
         return
     log = logging.getLogger("paramiko")
     if not any(isinstance(h, logging.NullHandler) for h in log.handlers):
