@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import bisect
 import difflib
+import fnmatch
 import math
 import re
 import tomllib
@@ -70,8 +71,6 @@ class BuildHost:
 
     def accepts(self, release: str, arch: str) -> bool:
         """Whether this host builds for a kernel release and arch."""
-        import fnmatch
-
         return (arch in ("", "unknown") or self.arch == arch) and any(
             fnmatch.fnmatchcase(release, g) for g in self.kernels
         )
@@ -751,8 +750,21 @@ def _ssh(r: _Reader, data: dict) -> SshSettings:
         connect_timeout=r.number(d, "connect_timeout", p, base.connect_timeout, minimum=0, maximum=3600, above=True),
         command_timeout=r.number(d, "command_timeout", p, base.command_timeout, minimum=0, maximum=7 * 86400),
         forks=r.integer(d, "forks", p, base.forks, minimum=1, maximum=10000),
-        kex=r.str_list(d, "kex", p),
+        kex=_kex(r, d, p),
     )
+
+
+def _kex(r: _Reader, d: dict, p: tuple) -> tuple[str, ...]:
+    names = r.str_list(d, "kex", p)
+    if names:
+        import paramiko  # only when kex is pinned: paramiko is slow to import
+
+        known = tuple(paramiko.Transport._preferred_kex)
+        for i, name in enumerate(names):
+            if name not in known:
+                r.error(p + ("kex", i), f"ssh.kex[{i}] {name!r} is not a key exchange paramiko knows",
+                        did_you_mean(name, known) + f"known: {', '.join(known)}")
+    return names
 
 
 _SIGNER_KEYS = ("type", "key", "cert", "hash", "keyid", "argv", "sm2_user_id")

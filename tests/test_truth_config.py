@@ -91,6 +91,8 @@ BAD = [
     ("[ssh]\nforks = 0\n", 2, "ssh.forks must be from 1 to 10000"),
     ("[ssh]\nknown_hosts = [1,2]\n", 2, "ssh.known_hosts must be a string, got an array [1, 2]"),
     ('[ssh]\nkex = "curve25519-sha256"\n', 2, "ssh.kex must be an array of strings"),
+    ('[ssh]\nkex = [\n  "curve25519-sha256@libssh.org",\n  "curve25519-sha265@libssh.org",\n]\n', 4,
+     "ssh.kex[1] 'curve25519-sha265@libssh.org' is not a key exchange paramiko knows"),
     ("[ssh]\nconect_timeout = 3\n", 2, "unknown key 'conect_timeout' in [ssh]"),
     ('[[build_hosts]]\nname = "a"\n\n[[build_hosts]]\nname = "b"\nport = -1\n', 6,
      "build_hosts[1].port must be from 1 to 65535, got -1"),
@@ -234,7 +236,7 @@ accept_new_host_keys = true
 connect_timeout = 2.5
 command_timeout = 0
 forks = 7
-kex = ["curve25519-sha256"]
+kex = ["curve25519-sha256@libssh.org"]
 
 [signing]
 default = "vendor"
@@ -289,7 +291,7 @@ def test_every_section_is_typed(tmp_path):
     k = ws.kernel("5.10.0-amd64-UOS")
     assert (k.distro, k.builder, k.sig_hash, k.arch, k.options) == ("uos", "kpatch-build", "sm3", "x86_64", {"jobs": 3})
     assert ws.ssh.accept_new_host_keys is True and ws.ssh.connect_timeout == 2.5 and ws.ssh.forks == 7
-    assert ws.ssh.command_timeout == 0 and ws.ssh.kex == ("curve25519-sha256",)
+    assert ws.ssh.command_timeout == 0 and ws.ssh.kex == ("curve25519-sha256@libssh.org",)
     assert ws.default_signer == "vendor" and ws.signers["vendor"].argv[0] == "/usr/bin/sign"
     assert ws.signers["team"].keyid is True and ws.signers["team"].type == "builtin"
     assert ws.signers["team"].sm2_user_id == "1234567812345678" and ws.signers["vendor"].sm2_user_id is None
