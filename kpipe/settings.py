@@ -814,6 +814,13 @@ def _lab(r: _Reader, data: dict) -> LabSettings:
     kp = p + ("kernels",)
     for release, k in (r.table(d["kernels"], kp, None) if "kernels" in d else {}).items():
         q = kp + (release,)
+        from kpipe.kernel import check_release
+
+        try:
+            check_release(release)
+        except ConfigError as e:
+            r.error(q, f"[{_field(q)}]: {e.message}", e.hint or "name the table by the kernel's release")
+            continue
         k = r.table(k, q, ("image", "modules"), what=f'write [lab.kernels."{release}"] with image = "..." under it')
         image = r.string(k, "image", q, required=True)
         if image:

@@ -115,6 +115,7 @@ BAD = [
     ('[lab]\nvms = "2"\n', 2, "lab.vms must be an integer, got a string '2'"),
     ("[lab]\nmemory = 16\n", 2, "lab.memory must be from 96"),
     ('[lab.kernels."6.1.0-9-amd64"]\nimg = "vmlinuz"\n', 2, "unknown key 'img' in [lab.kernels.\"6.1.0-9-amd64\"]"),
+    ('[lab]\nvms = 2\n\n[lab.kernels."my kernel"]\nimage = "vmlinuz"\n', 4, 'lab.kernels."my kernel"'),
     ('[validation]\nstrict = "yes"\n', 2, "validation.strict must be true or false"),
     ('[validation]\nstrickt = true\n', 2, "unknown key 'strickt' in [validation]"),
     ('[audit]\nallowed_taint = "OEZ"\n', 2, "audit.allowed_taint has unknown taint letter(s) 'Z'"),
@@ -413,11 +414,24 @@ def _leaves(value, path=()):
             yield from _leaves(v, path + (i,))
 
 
-@pytest.mark.parametrize("name", ["repo kpipe.toml", "tricky", "full"])
+CRLF = ('[ssh]\r\nforks = 3\r\n"ключ" = "é"\r\n[[a]]\r\nb = """x\r\n[[a]]"""\r\n[[a]]\r\n'
+        "\tc = [ {d = 1}, {d = '''q'''} ]\r\ne = \"\"\"\"\"\"\r\nf = \"\"\"a\"\"\"\"\"\r\ng = 1 # x\r\n")
+
+
+def test_toml_lines_with_crlf_quotes_and_unicode():
+    from kpipe.settings import toml_lines
+
+    assert tomllib.loads(CRLF)["a"][1]["f"] == 'a""'
+    lines = toml_lines(CRLF)
+    assert lines[("ssh", "ключ")] == 3 and lines[("a", 1)] == 7 and lines[("a", 1, "c", 1, "d")] == 8
+    assert lines[("a", 1, "f")] == 10 and lines[("a", 1, "g")] == 11 and ("a", 2) not in lines
+
+
+@pytest.mark.parametrize("name", ["repo kpipe.toml", "tricky", "full", "crlf"])
 def test_toml_lines_finds_every_key_on_a_line_that_names_it(name):
     from kpipe.settings import toml_lines
 
-    text = {"repo kpipe.toml": (REPO / "kpipe.toml").read_text(), "tricky": TRICKY, "full": FULL}[name]
+    text = {"repo kpipe.toml": (REPO / "kpipe.toml").read_text(), "tricky": TRICKY, "full": FULL, "crlf": CRLF}[name]
     lines = toml_lines(text)
     rows = text.splitlines()
     for path in _leaves(tomllib.loads(text)):
