@@ -676,7 +676,7 @@ def _build_hosts(r: _Reader, data: dict) -> tuple[BuildHost, ...]:
     seen: dict[str, tuple] = {}
     for p, h in r.tables(data, "build_hosts", (), _BUILD_HOST_KEYS):
         name = r.string(h, "name", p, required=True)
-        if name in seen:
+        if name and name in seen:
             r.error(p + ("name",), f"build host name {name!r} repeats (first at line {r.line(seen[name])})",
                     "give every [[build_hosts]] entry its own name")
         seen.setdefault(name, p + ("name",))
