@@ -154,3 +154,14 @@ def test_banner_failure_reason_is_one_readable_line(liars):
             assert e.value.message.startswith(f"{mode}: SSH handshake with 127.0.0.1:") and "\n" not in e.value.message
             if mode != "close":  # a closed socket may fail the client's own banner write first
                 assert "no SSH protocol banner" in e.value.message
+
+
+def test_verify_and_audit_over_lying_hosts_are_quiet(tmp_path, liars, client_key):
+    hosts = _bad_hosts(liars)
+    ws = _workspace(tmp_path / "ws", hosts, key=client_key, known_hosts=tmp_path / "known_hosts")
+    r = _kpipe(ws, "verify")
+    assert r.returncode == 1, (r.returncode, r.stderr)  # README: verify exits 1 for non-compliant hosts
+    assert "Traceback" not in r.stderr and "paramiko" not in r.stderr and len(r.stderr.splitlines()) <= 2, r.stderr
+    r = _kpipe(ws, "audit", "--format", "json")
+    assert "Traceback" not in r.stderr and "paramiko" not in r.stderr and len(r.stderr.splitlines()) <= 2, r.stderr
+    assert "[Errno" not in r.stdout

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import select
 import socket
 import threading
@@ -54,7 +55,7 @@ def quiet_paramiko_logging() -> None:
 
 def _handshake_reason(e: BaseException) -> str:
     """A one-line reason for a failed SSH handshake (paramiko glues the cause onto the banner text)."""
-    text = str(e) or type(e).__name__
+    text = re.sub(r"\[Errno \d+\] ", "", str(e)) or type(e).__name__
     if text.startswith("Error reading SSH protocol banner"):
         cause = text[len("Error reading SSH protocol banner"):].strip()
         return ("no SSH protocol banner (not an SSH server, or it closed or stalled the connection)"
