@@ -815,11 +815,11 @@ def run_audit(
     inventory = load_inventory(workspace)
     hosts = inventory.select(limit)
     desired = desired_from_records(journal_records(workspace))
-    section = workspace.section("audit") if hasattr(workspace, "section") else {}
-    if desired_file is None and section.get("desired"):
-        desired_file = workspace.path(str(section["desired"])) if hasattr(workspace, "path") else section["desired"]
-    if "allowed_taint" in section:
-        desired.allowed_taint = taint_mask(section["allowed_taint"])
+    section = workspace.settings.audit
+    if desired_file is None and section.desired:
+        desired_file = workspace.path(section.desired)
+    if section.allowed_taint is not None:
+        desired.allowed_taint = taint_mask(section.allowed_taint)
     if desired_file:
 
         def match(pattern: str) -> list[str]:

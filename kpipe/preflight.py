@@ -39,10 +39,9 @@ def lab_kernel(workspace: Any, release: str, cache_dir: Path | None = None) -> A
     """The bootable kernel for a release: [lab.kernels."<release>"] image+modules, else Debian's package."""
     from kpipe.lab.kernel import fetch_debian_kernel, user_kernel
 
-    section = workspace.section("lab") if hasattr(workspace, "section") else {}
-    custom = (section.get("kernels") or {}).get(release)
-    if isinstance(custom, dict) and custom.get("image"):
-        return user_kernel(workspace.path(custom["image"]), workspace.path(custom.get("modules", "")))
+    custom = workspace.settings.lab.kernels.get(release)
+    if custom is not None:
+        return user_kernel(workspace.path(custom.image), workspace.path(custom.modules))
     return fetch_debian_kernel(release, cache_dir)
 
 

@@ -282,7 +282,7 @@ def validate_and_record(workspace: Any, artifact: Any, *, symbol_files: Iterable
     from kpipe.elf.reader import ModuleFormatError
 
     if strict is None:
-        strict = bool(workspace.section("validation").get("strict", False))
+        strict = workspace.settings.validation.strict
     store = workspace.store
     path = artifact.path(store)
     if not path.is_file():

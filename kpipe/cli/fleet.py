@@ -1,9 +1,10 @@
 """kpipe fleet commands: list hosts from the inventories, read their facts.
 
 Exit codes: `fleet list` exits 5 when --limit matches nothing and 4 for a malformed
-inventory. `fleet facts` exits 0 when it could ask every selected host, even if some
-were unreachable or answered nonsense (each host's status is in the table / JSON:
-partial failure is data); with --strict it exits 6 when any host failed.
+inventory. `fleet facts` exits 0 when at least one selected host reported facts, even if
+others were unreachable or answered nonsense (each host's status is in the table / JSON:
+partial failure is data); it exits 6 when no host reported facts, and with --strict when
+any host failed. Each failing host is reported on one line.
 """
 
 from __future__ import annotations
@@ -91,6 +92,9 @@ def facts(limit: Optional[str] = _LIMIT, inventory: Optional[List[str]] = _INVEN
         })
     else:
         _facts_table(st.console, results, elapsed)
+    if failed and len(failed) == len(results):
+        raise KpipeError(f"none of the {len(results)} host(s) reported facts", exit_code=ExitCode.UNREACHABLE,
+                         hint="each host's reason is in the output above; check addresses, ports and that sshd runs")
     if strict and failed:
         raise KpipeError(f"{len(failed)} of {len(results)} host(s) did not report facts: {', '.join(failed[:10])}"
                          + (" ..." if len(failed) > 10 else ""), exit_code=ExitCode.UNREACHABLE,

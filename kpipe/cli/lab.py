@@ -52,10 +52,10 @@ def up_cmd(
 
     image = resolve_kernel(kernel, kernel_image, modules, lab.cache_dir)
     enforce_vms = tuple(n.strip() for v in (sig_enforce_vms or []) for n in v.split(",") if n.strip())
-    section = st.workspace.section("lab")
-    cfg = LabConfig(vms=vms or int(section.get("vms", 1)), memory_mb=memory or int(section.get("memory", 256)),
+    section = st.workspace.settings.lab
+    cfg = LabConfig(vms=vms or section.vms, memory_mb=memory or section.memory,
                     sig_enforce=sig_enforce, sig_enforce_vms=enforce_vms,
-                    append=" ".join(a for a in (str(section.get("append", "")), append) if a), boot_timeout=timeout)
+                    append=" ".join(a for a in (section.append, append) if a), boot_timeout=timeout)
     lab.up(image, cfg, say)
     status = lab.status()
     if json_out:

@@ -63,7 +63,7 @@ def validate_cmd(
         from kpipe.validation import validate_module
 
         if strict is None:
-            strict = bool(ws.section("validation").get("strict", False)) if ws is not None else False
+            strict = ws.settings.validation.strict if ws is not None else False
         report = validate_module(ws, path, kernel, symbol_files=symbols, certs=cert, strict=strict)
     else:
         from kpipe.artifacts import get_artifact
@@ -74,8 +74,7 @@ def validate_cmd(
         if kernel and kernel != art.kernel:
             # Another kernel than the artifact's: report only, never change the artifact's status.
             report = validate_module(ws, art.path(ws.store), kernel, symbol_files=symbols, certs=cert,
-                                     strict=bool(strict if strict is not None
-                                                 else ws.section("validation").get("strict", False)))
+                                     strict=strict if strict is not None else ws.settings.validation.strict)
             report.module = f"{art.id} ({art.filename})"
         else:
             report = validate_and_record(ws, art, symbol_files=symbols, certs=cert, strict=strict)

@@ -398,6 +398,5 @@ def _tail(path: Path, lines: int = 3) -> str:
 
 def workspace_lab(workspace: Any) -> Lab:
     """The workspace's lab (<root>/.lab), with the cache from [lab] cache_dir if set."""
-    section = workspace.section("lab") if hasattr(workspace, "section") else {}
-    cache = section.get("cache_dir")
+    cache = workspace.settings.lab.cache_dir
     return Lab(Path(workspace.root) / ".lab", cache_dir=workspace.path(cache) if cache else None)
