@@ -14,6 +14,9 @@ rollout_app = typer.Typer(help="Staged, health-gated rollouts with a journal, re
 _WAVES = typer.Option(None, "--waves",
                       help="Cumulative wave sizes: counts or percentages (default: the recipe's, else 1,10%,50%,100%).")
 _LIMIT = typer.Option(None, "--limit", "-l", help="Ansible host pattern (group, glob, a:b, a:&b, a:!b).")
+_NO_PROBE = typer.Option(False, "--no-probe",
+                         help="Roll out without the recipe's probe (a recipe that no longer renders is then "
+                              "tolerated and its rollout settings are not used).")
 
 
 def register(app: typer.Typer) -> None:
@@ -23,13 +26,13 @@ def register(app: typer.Typer) -> None:
 
 def _options(target: str, waves: Optional[str], soak: Optional[float], verify_interval: float,
              max_failures: Optional[str], rollback_policy: Optional[str], skip_preflight: bool, persist: bool,
-             forks: Optional[int], timeout: float):
+             forks: Optional[int], timeout: float, no_probe: bool = False):
     """Options from the command line; what it leaves out comes from the recipe's `rollout:` section."""
     from kpipe.rollout.planner import DEFAULT_WAVES, FailureBudget, RolloutOptions
     from kpipe.rollout.world import recipe_defaults
 
     ws = state().workspace
-    rd = recipe_defaults(ws, target) if None in (waves, soak, max_failures, rollback_policy) else {}
+    rd = recipe_defaults(ws, target, no_probe=no_probe) if None in (waves, soak, max_failures, rollback_policy) else {}
     if waves is None:
         waves = ",".join(str(w) for w in rd["waves"]) if rd.get("waves") else DEFAULT_WAVES
     if soak is None:
@@ -82,11 +85,11 @@ def _print_plan(plan: Any, rollout_id: str) -> None:
 
 
 def _plan_and_store(target: str, limit: Optional[str], opts: Any, store: bool = True,
-                    pool: Any = None) -> tuple[Any, str, list]:
+                    pool: Any = None, no_probe: bool = False) -> tuple[Any, str, list]:
     from kpipe.rollout.world import build_plan
 
     ws = state().workspace
-    plan, hosts = build_plan(ws, target, limit, opts, pool=pool)
+    plan, hosts = build_plan(ws, target, limit, opts, pool=pool, no_probe=no_probe)
     rid = ""
     if store:
         rid = _journal().create(plan.to_dict(), opts.to_dict(), target=target)
@@ -106,12 +109,13 @@ def plan_cmd(
     persist: bool = typer.Option(False, "--persist", help="Install for reboot (kpatch install)."),
     forks: Optional[int] = typer.Option(None, "--forks", help="Hosts in flight at once."),
     timeout: float = typer.Option(120.0, "--step-timeout", help="Seconds per load / transition wait."),
+    no_probe: bool = _NO_PROBE,
     json_out: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """Plan a rollout: waves, hosts, the artifact per host, preflight status, excluded hosts with reasons."""
     opts = _options(target, waves, soak, verify_interval, max_failures, rollback_policy, skip_preflight, persist, forks,
-                    timeout)
-    plan, rid, _ = _plan_and_store(target, limit, opts)
+                    timeout, no_probe)
+    plan, rid, _ = _plan_and_store(target, limit, opts, no_probe=no_probe)
     if json_out:
         print_json({"id": rid, **plan.to_dict()})
     else:
@@ -201,6 +205,7 @@ def start_cmd(
     forks: Optional[int] = typer.Option(None, "--forks"),
     timeout: float = typer.Option(120.0, "--step-timeout"),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print every command for every host; change nothing."),
+    no_probe: bool = _NO_PROBE,
     yes: bool = typer.Option(False, "--yes", "-y", help="Do not ask for confirmation."),
     json_out: bool = typer.Option(False, "--json"),
 ) -> None:
@@ -217,11 +222,11 @@ def start_cmd(
         from kpipe.rollout.world import make_pool
 
         opts = _options(target, waves, soak, verify_interval, max_failures, rollback_policy, skip_preflight, persist,
-                        forks, timeout)
+                        forks, timeout, no_probe)
         # one pool for facts and the rollout: each host's connection is opened once
         pool = make_pool(state().workspace, opts.forks)
         try:
-            plan, rid, hosts = _plan_and_store(target, limit, opts, store=not dry_run, pool=pool)
+            plan, rid, hosts = _plan_and_store(target, limit, opts, store=not dry_run, pool=pool, no_probe=no_probe)
         except BaseException:
             pool.close()
             raise
@@ -294,11 +299,8 @@ def abort_cmd(rollout_id: str = typer.Argument(..., help="Rollout id, or `last`.
     """Ask the driving kpipe to stop after its in-flight hosts."""
     j = _journal()
     rid = j.resolve(rollout_id)
-    j.request_abort(rid)
-    rec = j.get(rid)
-    if rec.state == "running" and not rec.owner_pid:
-        j.set_state(rid, "aborted")
-    state().console.print(f"rollout {rid}: abort requested (state {j.get(rid).state})")
+    st = j.abort(rid)
+    state().console.print(f"rollout {rid}: abort requested (state {st})", markup=False)
 
 
 @rollout_app.command("status")
@@ -311,14 +313,15 @@ def status_cmd(rollout_id: str = typer.Argument("last", help="Rollout id, or `la
     rid = j.resolve(rollout_id)
     rec = j.get(rid)
     s = summarize(j, rid)
+    owner = j.live_owner(rid)  # a killed kpipe's pid is not a driver
     if json_out:
-        print_json({**rec.to_dict(), "hosts": s.hosts, "reasons": s.reasons})
+        print_json({**rec.to_dict(), "owner_pid": owner, "hosts": s.hosts, "reasons": s.reasons})
         return
     from rich.table import Table
 
     con = state().console
     con.print(f"rollout {rid}: [bold]{rec.state}[/bold] (target {rec.target})"
-              + (f", driven by pid {rec.owner_pid}" if rec.owner_pid else "")
+              + (f", driven by pid {owner}" if owner else "")
               + (", abort requested" if rec.abort_requested else ""))
     if rec.detail.get("halt_reason"):
         con.print(f"  halted: {rec.detail['halt_reason']}")
