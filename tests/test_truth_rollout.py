@@ -285,3 +285,30 @@ def test_the_engine_reads_no_test_hook_from_the_environment(simfleet_factory, tm
     assert r.returncode == 0, r.stderr
     assert "test pause" not in r.stderr
     assert summarize(journal, rid).state == "completed"
+
+
+# -- pure parts of the build comparison ------------------------------------------------------
+def test_desired_state_keeps_a_build_that_another_builds_rollback_did_not_touch():
+    from kpipe.audit import AppliedRecord, desired_from_records
+
+    a, b = "a" * 64, "b" * 64
+    recs = [AppliedRecord(1, "r1", "h1", MODULE, "applied", "aaaa", a, "k", build_id="11" * 20),
+            AppliedRecord(2, "r2", "h1", MODULE, "rolled_back", "bbbb", b, "k")]
+    want = desired_from_records(recs).for_host("h1")
+    assert want[MODULE].sha256 == a and want[MODULE].build_id == "11" * 20
+    recs.append(AppliedRecord(3, "r1", "h1", MODULE, "rolled_back", "aaaa", a, "k"))
+    assert MODULE not in desired_from_records(recs).for_host("h1")
+
+
+def test_state_script_output_carries_the_loaded_build():
+    note = (4).to_bytes(4, "little") + (20).to_bytes(4, "little") + (3).to_bytes(4, "little") + b"GNU\0" + \
+        bytes(range(20))
+    out = (f"livepatch_sysfs 1\ntainted 32768\nmodule {MODULE} 1 OEK\nnotes {MODULE} {note.hex()}\n"
+           f"srcversion {MODULE} 9F1C0A\nend\n")
+    st = lp.parse_host_livepatch(out)
+    assert st.module(MODULE).build_id == bytes(range(20)).hex()
+    assert st.module(MODULE).srcversion == "9F1C0A"
+    ours = lp.ModuleIdentity(bytes(range(20)).hex())
+    assert ours.differs(st.module(MODULE).identity()) == ""
+    assert "build-id" in lp.ModuleIdentity("ff" * 20).differs(st.module(MODULE).identity())
+    assert lp.ModuleIdentity("", "9F1C0A").differs(lp.ModuleIdentity("", "000000")).startswith("srcversion")
