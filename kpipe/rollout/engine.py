@@ -758,7 +758,8 @@ def _finished_rollback(s: RunSummary) -> RunSummary:
 
 def summarize(journal: Journal, rid: str) -> RunSummary:
     """Every plan host's final state from the journal: applied, rolled_back, failed, unreachable, excluded,
-    pending (never touched) or skipped (aborted before it started)."""
+    pending (never touched), skipped (aborted before it started), interrupted (kpipe died in the host's
+    pipeline or rollback; the reason names the rollback step) or rolling_back (a live kpipe is at it)."""
     rec = journal.get(rid)
     plan = RolloutPlan.from_dict(rec.plan)
     hosts: dict[str, str] = {}
