@@ -216,5 +216,20 @@ def test_sigkill_between_load_and_verify_then_resume(lab):
         assert [e["detail"]["changed"] for e in loads] == [True, False]  # loaded once; resume found it loaded
         assert any(e["host"] == vm and e["step"] == "verify" and e["phase"] == "done" for e in entries)
         assert cmdline(ws, vm) == TEXT
+    # the build the kernel shows (its GNU build-id note) is the artifact's, and the journal recorded it
+    from kpipe.artifacts import get_artifact
+    from kpipe.store import Store
+
+    store = Store(ws / ".kpipe")
+    try:
+        blob = store.blob_path(get_artifact(store, lab["plain"]).sha256)
+    finally:
+        store.close()
+    want = subprocess.run(["readelf", "-n", str(blob)], capture_output=True, text=True,
+                          check=True).stdout.split("Build ID:")[1].split()[0]
+    raw = on_vm(ws, "lab1", "od", "-An", "-v", "-tx1", "/sys/module/livepatch_demo/notes/.note.gnu.build-id")
+    assert want in "".join(raw.split())
+    outcome = [e for e in entries if e["host"] == "lab1" and e["step"] == "outcome"][-1]
+    assert outcome["detail"]["build_id"] == want
     kp(ws, "rollout", "rollback", rid)
     assert_clean(ws)
