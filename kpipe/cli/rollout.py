@@ -88,6 +88,9 @@ _FORKS = typer.Option(None, "--forks", min=1, max=1000, help="Hosts in flight at
 _STEP_TIMEOUT = typer.Option(120.0, "--step-timeout", callback=_number(1.0, _DAY, "seconds"),
                              help="Seconds per load / transition wait (1 to 86400).")
 _YES = typer.Option(False, "--yes", "-y", help="Do not ask for confirmation.")
+_NO_PROBE = typer.Option(False, "--no-probe",
+                         help="Roll out without the recipe's probe (a recipe that no longer renders is then "
+                              "tolerated and its rollout settings are not used).")
 
 
 def register(app: typer.Typer) -> None:
@@ -97,13 +100,13 @@ def register(app: typer.Typer) -> None:
 
 def _options(target: str, waves: Optional[str], soak: Optional[float], verify_interval: float,
              max_failures: Optional[str], rollback_policy: Optional[str], skip_preflight: bool, persist: bool,
-             forks: Optional[int], timeout: float):
+             forks: Optional[int], timeout: float, no_probe: bool = False):
     """Options from the command line; what it leaves out comes from the recipe's `rollout:` section."""
     from kpipe.rollout.planner import DEFAULT_WAVES, FailureBudget, RolloutOptions
     from kpipe.rollout.world import recipe_defaults
 
     ws = state().workspace
-    rd = recipe_defaults(ws, target) if None in (waves, soak, max_failures, rollback_policy) else {}
+    rd = recipe_defaults(ws, target, no_probe=no_probe) if None in (waves, soak, max_failures, rollback_policy) else {}
     if waves is None:
         waves = ",".join(str(w) for w in rd["waves"]) if rd.get("waves") else DEFAULT_WAVES
     if soak is None:
@@ -223,11 +226,11 @@ def _print_plan(plan: Any, rollout_id: str) -> None:
 
 
 def _plan_and_store(target: str, limit: Optional[str], opts: Any, store: bool = True,
-                    pool: Any = None) -> tuple[Any, str, list]:
+                    pool: Any = None, no_probe: bool = False) -> tuple[Any, str, list]:
     from kpipe.rollout.world import build_plan
 
     ws = state().workspace
-    plan, hosts = build_plan(ws, target, limit, opts, pool=pool)
+    plan, hosts = build_plan(ws, target, limit, opts, pool=pool, no_probe=no_probe)
     rid = ""
     if store:
         rid = _journal().create(plan.to_dict(), opts.to_dict(), target=target)
@@ -247,12 +250,13 @@ def plan_cmd(
     persist: bool = typer.Option(False, "--persist", help="Install for reboot (kpatch install)."),
     forks: Optional[int] = _FORKS,
     timeout: float = _STEP_TIMEOUT,
+    no_probe: bool = _NO_PROBE,
     json_out: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """Plan a rollout: waves, hosts, the artifact per host, preflight status, excluded hosts with reasons."""
     opts = _options(target, waves, soak, verify_interval, max_failures, rollback_policy, skip_preflight, persist, forks,
-                    timeout)
-    plan, rid, _ = _plan_and_store(target, limit, opts)
+                    timeout, no_probe)
+    plan, rid, _ = _plan_and_store(target, limit, opts, no_probe=no_probe)
     if json_out:
         print_json({"id": rid, **plan.to_dict()})
     else:
@@ -355,6 +359,7 @@ def start_cmd(
     forks: Optional[int] = _FORKS,
     timeout: float = _STEP_TIMEOUT,
     dry_run: bool = typer.Option(False, "--dry-run", help="Print every command for every host; change nothing."),
+    no_probe: bool = _NO_PROBE,
     yes: bool = _YES,
     json_out: bool = typer.Option(False, "--json"),
 ) -> None:
@@ -373,11 +378,11 @@ def start_cmd(
         from kpipe.rollout.world import make_pool
 
         opts = _options(target, waves, soak, verify_interval, max_failures, rollback_policy, skip_preflight, persist,
-                        forks, timeout)
+                        forks, timeout, no_probe)
         # one pool for facts and the rollout: each host's connection is opened once
         pool = make_pool(state().workspace, opts.forks)
         try:
-            plan, rid, hosts = _plan_and_store(target, limit, opts, store=not dry_run, pool=pool)
+            plan, rid, hosts = _plan_and_store(target, limit, opts, store=not dry_run, pool=pool, no_probe=no_probe)
         except BaseException:
             pool.close()
             raise
@@ -463,11 +468,8 @@ def abort_cmd(rollout_id: str = typer.Argument(..., help="Rollout id, or `last` 
     """Ask the driving kpipe to stop after its in-flight hosts."""
     j = _journal()
     rid = _resolve(j, rollout_id)
-    j.request_abort(rid)
-    rec = j.get(rid)
-    if rec.state in ("running", "interrupted") and not rec.owner_pid:
-        j.set_state(rid, "aborted")
-    state().console.print(f"rollout {esc(rid)}: abort requested (state {esc(j.get(rid).state)})")
+    st = j.abort(rid)
+    state().console.print(f"rollout {esc(rid)}: abort requested (state {esc(st)})")
 
 
 @rollout_app.command("status")
@@ -480,14 +482,15 @@ def status_cmd(rollout_id: str = typer.Argument("last", help="Rollout id, or `la
     rid = _resolve(j, rollout_id)
     rec = j.get(rid)
     s = summarize(j, rid)
+    owner = j.live_owner(rid)  # a killed kpipe's pid is not a driver
     if json_out:
-        print_json({**rec.to_dict(), "hosts": s.hosts, "reasons": s.reasons})
+        print_json({**rec.to_dict(), "owner_pid": owner, "hosts": s.hosts, "reasons": s.reasons})
         return
     from rich.table import Table
 
     con = state().console
     con.print(f"rollout {esc(rid)}: [bold]{esc(rec.state)}[/bold] (target {esc(rec.target)})"
-              + (f", driven by pid {rec.owner_pid}" if rec.owner_pid else "")
+              + (f", driven by pid {owner}" if owner else "")
               + (", abort requested" if rec.abort_requested else ""))
     if rec.detail.get("halt_reason"):
         con.print(f"  halted: {esc(rec.detail['halt_reason'])}")
