@@ -247,6 +247,16 @@ def record_preflight(store: Store, artifact_id: str, options: dict[str, Any], re
     store.ensure_schema(SCHEMA)
     result = {**result, "options": options}
     with store.write() as c:
+        earlier = c.execute("SELECT count(*) FROM artifact_preflights WHERE artifact_id = ?", (artifact_id,)).fetchone()
+        legacy = c.execute("SELECT preflight FROM artifacts WHERE id = ?", (artifact_id,)).fetchone()
+        old = json.loads(legacy[0] or "{}") if legacy is not None else {}
+        if not earlier[0] and old.get("status"):
+            # a preflight stored before records were kept: keep it as the first record
+            old_opts = {**DEFAULT_PREFLIGHT_OPTIONS, "sig_enforce": bool(old.get("sig_enforce", False))}
+            c.execute("INSERT INTO artifact_preflights (artifact_id, options, status, result, at) "
+                      "VALUES (?, ?, ?, ?, ?)", (artifact_id, _canon(old_opts), str(old["status"]),
+                                                 json.dumps({**old, "options": old_opts}, sort_keys=True),
+                                                 float(old.get("at") or 0)))
         c.execute("INSERT INTO artifact_preflights (artifact_id, options, status, result, at) VALUES (?, ?, ?, ?, ?)",
                   (artifact_id, _canon(options), str(result.get("status", "")), json.dumps(result, sort_keys=True),
                    time.time()))

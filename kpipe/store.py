@@ -102,6 +102,7 @@ def lock_holders(paths: list[Path]) -> list[str]:
             cmd = shlex.join(a.decode("utf-8", "replace") for a in argv)
         except OSError:
             cmd = ""
+        cmd = "".join(ch if ch.isprintable() else " " for ch in cmd)  # the error stays one line
         if len(cmd) > 120:
             cmd = cmd[:117] + "..."
         out.append(f"pid {pid}" + (f" ({cmd})" if cmd else ""))

@@ -135,6 +135,8 @@ def build_plan(workspace: Any, target: str, limit: str | None, options: RolloutO
                *, pool: Any = None) -> tuple[RolloutPlan, list[Any]]:
     """Select hosts, gather their facts, choose artifacts, render probes -> (plan, hosts)."""
     kind, cands = candidates_for(workspace.store, target)
+    for c in cands:  # a changed module never leaves the store: refuse before any host is contacted
+        workspace.store.verified_path(c.sha256)
     hosts = select_hosts(workspace, limit)
     own = pool is None
     pool = pool or make_pool(workspace, options.forks)
