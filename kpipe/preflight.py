@@ -62,6 +62,7 @@ def run_preflight(workspace: Any, artifact_ref: str, *, keep: bool = False, sig_
     say = progress or (lambda _m: None)
     store = workspace.store
     art = get_artifact(store, artifact_ref)
+    art.path(store)  # a missing or changed blob is refused before a VM boots (and nothing is recorded)
     start = time.monotonic()
     steps: list[dict[str, Any]] = []
     problems: list[str] = []

@@ -393,3 +393,22 @@ def test_failed_trial_preflight_command_keeps_the_passing_one(ws_root, sample, m
 
     recs = preflight_records(ws.store, art.id)
     assert [(r["options"]["sig_enforce"], r["status"]) for r in recs] == [(False, "passed"), (True, "failed")]
+
+
+def test_preflight_refuses_a_tampered_blob_before_booting(ws_root, sample, monkeypatch):
+    from kpipe import preflight
+    from kpipe.artifacts import get_artifact
+    from kpipe.errors import KpipeError
+
+    ws, art = _valid_artifact(ws_root, sample)
+    booted = []
+
+    def no_vm(*a, **_k):
+        booted.append(a)
+        raise KpipeError("no VM in this test")
+
+    monkeypatch.setattr(preflight, "lab_kernel", no_vm)
+    _tamper(ws.store, art.sha256)
+    with pytest.raises(KpipeError, match="corrupt"):
+        preflight.run_preflight(ws, art.id)
+    assert booted == [] and get_artifact(ws.store, art.id).preflight == {}

@@ -154,11 +154,14 @@ def export_cmd(
 
 def _log_text(store, sha: str) -> str:
     from kpipe.errors import NotFoundError
+    from kpipe.store import StoreCorrupt
 
     try:
         return store.get_bytes(sha).decode("utf-8", "replace")
     except NotFoundError:
         return ""
+    except StoreCorrupt as e:  # `show` still shows the rest; `artifacts log` refuses
+        return f"({e.message})"
 
 
 def _when(ts: float) -> str:
