@@ -412,3 +412,52 @@ def test_preflight_refuses_a_tampered_blob_before_booting(ws_root, sample, monke
     with pytest.raises(KpipeError, match="corrupt"):
         preflight.run_preflight(ws, art.id)
     assert booted == [] and get_artifact(ws.store, art.id).preflight == {}
+
+
+_RECIPE = """name: lp-demo
+description: "demo for {{ kernel.release }}"
+builder: kbuild
+kernels: ["*"]
+options:
+  message: "patched by a kpipe test"
+kbuild:
+  module_name: livepatch-lp-demo
+  sources:
+    - template: templates/livepatch-cmdline.c.j2
+      name: livepatch-lp-demo.c
+  kbuild: templates/Kbuild.j2
+"""
+
+
+@pytest.mark.timeout(600)
+def test_build_cache_hit_with_a_tampered_blob_fails_and_force_rebuilds(tmp_path, sample):
+    import shutil
+
+    from doubles.buildkit import write_workspace
+
+    release, _ko = sample
+    ws = write_workspace(tmp_path / "ws", [{"name": "local", "workdir": str(tmp_path / "work"), "slots": 1}],
+                         [{"release": release, "arch": "x86_64", "headers": f"/usr/src/linux-headers-{release}"}])
+    shutil.copytree(Path(__file__).resolve().parents[1] / "recipes" / "templates", ws.recipes_dir / "templates")
+    (ws.recipes_dir / "lp-demo.yaml").write_text(_RECIPE)
+    r = _kpipe(ws.root, "build", "--kernel", release, "--json", timeout=300)
+    assert r.returncode == 0, r.stderr
+    built = json.loads(r.stdout)[0]
+    from kpipe.artifacts import get_artifact
+
+    art = get_artifact(ws.store, built["artifact_id"])
+    data = bytearray(ws.store.blob_path(art.sha256).read_bytes())
+    path = ws.store.blob_path(art.sha256)
+    data[len(data) // 2] ^= 0xFF
+    os.chmod(path, 0o644)
+    path.write_bytes(bytes(data))
+
+    r = _kpipe(ws.root, "build", "--kernel", release, "--json", timeout=300)
+    res = json.loads(r.stdout)[0]
+    assert r.returncode == 1 and res["status"] != "cached" and "corrupt" in res["message"], r.stdout + r.stderr
+    r = _kpipe(ws.root, "build", "--kernel", release, "--force", "--json", timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    fresh = get_artifact(ws.store, json.loads(r.stdout)[0]["artifact_id"])
+    r = _kpipe(ws.root, "build", "--kernel", release, "--json", timeout=300)
+    assert r.returncode == 0 and json.loads(r.stdout)[0]["status"] == "cached", r.stdout + r.stderr
+    ws.store.verified_path(fresh.sha256)
