@@ -322,7 +322,7 @@ def _run_engine(rid: str, what: str, forks: Optional[int], limit: Optional[str] 
 
     journal = _journal()
     engine, runner = engine_for(state().workspace, journal, rid, forks=forks, on_event=_progress_printer(json_out),
-                                pool=pool, hosts=hosts)
+                                pool=pool, hosts=hosts, check_blobs=what != "rollback")
     try:
         if what == "start":
             return engine.start(rid)

@@ -151,6 +151,8 @@ def build_plan(workspace: Any, target: str, limit: str | None, options: RolloutO
 
     The probes are rendered first: a recipe that does not render stops here, before any host is asked."""
     kind, cands = candidates_for(workspace.store, target)
+    for c in cands:  # a changed module never leaves the store: refuse before any host is contacted
+        workspace.store.verified_path(c.sha256)
     probes = probes_for(workspace, cands, no_probe=no_probe)
     hosts = select_hosts(workspace, limit)
     own = pool is None
@@ -168,21 +170,23 @@ def build_plan(workspace: Any, target: str, limit: str | None, options: RolloutO
 def local_path_fn(store: Any) -> Callable[[Assignment], Path]:
     """Where an assignment's module bytes are (the blob store), checked."""
     def path(a: Assignment) -> Path:
-        p = store.blob_path(a.artifact.sha256)
-        if not p.is_file():
-            raise NotFoundError(f"artifact {a.artifact.id}'s module is missing from the store ({p})")
-        return p
+        return store.verified_path(a.artifact.sha256)  # NotFoundError if gone, StoreCorrupt if changed
     return path
 
 
 def engine_for(workspace: Any, journal: Journal, rollout_id: str, *, forks: int | None = None,
-               on_event: Callable[..., None] | None = None, pool: Any = None, hosts: list[Any] | None = None):
+               on_event: Callable[..., None] | None = None, pool: Any = None, hosts: list[Any] | None = None,
+               check_blobs: bool = False):
     """An Engine over SSH to the rollout's hosts (targets from the current inventory, or `hosts` when
-    the caller just loaded them). Passing the planning pool reuses its open connections."""
+    the caller just loaded them). Passing the planning pool reuses its open connections. check_blobs:
+    refuse (before any host is contacted) when a module the plan ships changed in the store."""
     from kpipe.rollout.engine import Engine, PoolRunner
 
     rec = journal.get(rollout_id)
     plan = RolloutPlan.from_dict(rec.plan)
+    if check_blobs:
+        for sha in sorted({a.artifact.sha256 for a in plan.assignments.values()}):
+            workspace.store.verified_path(sha)
     targets = {}
     if hosts is not None:
         targets = {h.name: host_target(h) for h in hosts if h.name in plan.assignments}
