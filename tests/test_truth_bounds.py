@@ -176,3 +176,91 @@ def test_ordinary_templates_still_render(tmp_path):
                                                   + "'\n"}))
     spec = recipes.render(ws, "r", "5.10.0-amd64-UOS")
     assert spec.rendered["description"] == "ab    |  7    x   y   a1[2] p,q 0-1-2 a b 1024 <1>[zzz]"
+
+
+# --- module files: refused over the limit, mapped rather than read, decompression bounded ------------------
+
+# parser test data: the release only names the kernel the file is checked for; the file is refused first
+SOME_RELEASE = "5.10.0-amd64-UOS"
+
+
+def test_huge_module_file_is_refused_in_one_line(tmp_path):
+    big = tmp_path / "big.ko"
+    with open(big, "wb") as f:
+        f.truncate(3 << 30)  # sparse: no disk space, no writing of GBs
+    r = kpipe_limited(tmp_path, "validate", str(big), "--kernel", SOME_RELEASE)
+    assert r.returncode == 3, r.stderr
+    lines = r.stderr.splitlines()
+    assert lines[0] == (f"kpipe: error: {big}: is 3072 MiB, more than 512 MiB, larger than any kernel module"), \
+        r.stderr
+    assert lines[1].lstrip().startswith("hint:") and len(lines) == 2, r.stderr
+
+
+def test_huge_module_file_is_refused_for_signing_too(tmp_path, memory_cap):
+    from kpipe.elf.reader import ModuleFormatError, load_module_bytes
+
+    big = tmp_path / "big.ko"
+    with open(big, "wb") as f:
+        f.truncate(3 << 30)
+    with pytest.raises(ModuleFormatError) as e:
+        load_module_bytes(big)
+    assert "larger than any kernel module" in e.value.message
+
+
+def test_module_file_is_mapped_not_read_whole(tmp_path):
+    from test_elf_support import synthetic_livepatch
+
+    ko = tmp_path / "padded.ko"
+    ko.write_bytes(synthetic_livepatch(name="lp_pad"))
+    with open(ko, "r+b") as f:
+        f.truncate(400 << 20)  # a sparse tail past the sections, like a module with huge debug sections
+    code = ("import resource, sys\n"
+            "from kpipe.elf.reader import read_module\n"
+            "info = read_module(sys.argv[1])\n"
+            "print(info.name, info.size, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\n")
+    r = subprocess.run([sys.executable, "-c", code, str(ko)], capture_output=True, text=True, timeout=120,
+                       preexec_fn=_limit_memory)
+    assert r.returncode == 0, r.stderr
+    name, size, max_rss_kib = r.stdout.split()
+    assert (name, int(size)) == ("lp_pad", 400 << 20)
+    # reading the file whole would take 400 MiB of memory at least; the parse needs the headers only
+    assert int(max_rss_kib) < 200 * 1024, max_rss_kib
+
+
+def _compress(kind: str, data: bytes) -> bytes:
+    import gzip
+    import lzma
+
+    if kind == "xz":
+        return lzma.compress(data, check=lzma.CHECK_CRC32)
+    if kind == "gz":
+        return gzip.compress(data)
+    return subprocess.run(["zstd", "-q", "-c"], input=data, capture_output=True, check=True).stdout
+
+
+@pytest.mark.parametrize("kind", ["xz", "gz", "zst"])
+def test_decompression_stops_at_the_limit(tmp_path, monkeypatch, kind):
+    from kpipe.elf import reader
+
+    monkeypatch.setattr(reader, "MAX_MODULE_BYTES", 1 << 20)
+    ko = tmp_path / f"bomb.ko.{kind}"
+    ko.write_bytes(_compress(kind, b"\0" * (4 << 20)))
+    with pytest.raises(reader.ModuleFormatError) as e:
+        reader.read_module(ko)
+    assert e.value.message == f"{ko}: decompresses to more than 1 MiB, larger than any kernel module"
+
+
+def test_zstd_bomb_is_stopped_not_buffered(tmp_path):
+    # 600 MiB of zeros: over the 512 MiB limit, a few hundred KiB compressed
+    ko = tmp_path / "bomb.ko.zst"
+    with open(ko, "wb") as out:
+        proc = subprocess.Popen(["zstd", "-q", "-c"], stdin=subprocess.PIPE, stdout=out)
+        chunk = b"\0" * (1 << 20)
+        for _ in range(600):
+            proc.stdin.write(chunk)
+        proc.stdin.close()
+        assert proc.wait() == 0
+    r = kpipe_limited(tmp_path, "validate", str(ko), "--kernel", SOME_RELEASE)
+    assert r.returncode == 3, r.stderr
+    assert r.stderr.splitlines()[0] == (f"kpipe: error: {ko}: decompresses to more than 512 MiB, larger than any "
+                                        "kernel module"), r.stderr
