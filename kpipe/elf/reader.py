@@ -262,7 +262,7 @@ def _unzstd(raw: Any, label: str, limit: int) -> bytes:
     try:
         # zstandard is optional (not a declared dependency): faster and no subprocess when installed
         import zstandard
-    except ImportError:
+    except ImportError:  # not installed: the zstd command does the same, in a subprocess
         return _unzstd_cli(raw, label, limit)
     try:
         with zstandard.ZstdDecompressor().stream_reader(_ViewReader(memoryview(raw))) as r:
