@@ -198,10 +198,11 @@ MAX_MODULE_BYTES = 512 << 20
 MAX_DECOMPRESSED_BYTES = 2 << 30
 
 
-def _too_large(label: str, what: str, limit: int) -> ModuleFormatError:
-    return ModuleFormatError(f"{label}: {what} more than {limit >> 20} MiB, larger than any kernel module",
-                             hint="check the path: kpipe reads modules up to "
-                                  f"{limit >> 20} MiB (MAX_MODULE_BYTES in kpipe/elf/reader.py)")
+def _too_large(label: str, what: str, limit: int, kind: str) -> ModuleFormatError:
+    setting = "MAX_MODULE_BYTES" if kind == "kernel module" else "MAX_DECOMPRESSED_BYTES"
+    return ModuleFormatError(f"{label}: {what} more than {limit >> 20} MiB, larger than any {kind}",
+                             hint=f"check the path: kpipe reads a {kind} of up to {limit >> 20} MiB "
+                                  f"({setting} in kpipe/elf/reader.py)")
 
 
 def map_module(path: Path) -> tuple[Any, str]:
@@ -214,13 +215,13 @@ def map_module(path: Path) -> tuple[Any, str]:
         with open(path, "rb") as f:
             size = os.fstat(f.fileno()).st_size
             if size > MAX_MODULE_BYTES:
-                raise _too_large(str(path), f"is {size >> 20} MiB,", MAX_MODULE_BYTES)
+                raise _too_large(str(path), f"is {size >> 20} MiB,", MAX_MODULE_BYTES, "kernel module")
             if size == 0:
                 return b"", ""
             raw = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
     except OSError as e:
         raise ModuleFormatError(f"{path}: cannot read: {e.strerror}") from None
-    return decompress(raw, str(path), limit=MAX_MODULE_BYTES)
+    return decompress(raw, str(path), limit=MAX_MODULE_BYTES, kind="kernel module")
 
 
 def load_module_bytes(path: Path) -> tuple[bytes, str]:
@@ -229,52 +230,53 @@ def load_module_bytes(path: Path) -> tuple[bytes, str]:
     return bytes(data), compression
 
 
-def decompress(raw: Any, label: str, *, limit: int = MAX_DECOMPRESSED_BYTES) -> tuple[Any, str]:
+def decompress(raw: Any, label: str, *, limit: int = MAX_DECOMPRESSED_BYTES,
+               kind: str = "symbol source") -> tuple[Any, str]:
     """Decompress xz/zstd/gzip by magic number (the kernel's own loader also goes by content); past `limit`
-    decompressed bytes it stops and refuses. Anything else comes back unchanged."""
+    decompressed bytes it stops and refuses (naming `kind`). Anything else comes back unchanged."""
     try:
         if raw[:6] == _XZ_MAGIC:
-            return _bounded(lzma.LZMADecompressor(), raw, label, limit), "xz"
+            return _bounded(lzma.LZMADecompressor(), raw, label, limit, kind), "xz"
         if raw[:2] == _GZ_MAGIC:
             with gzip.GzipFile(fileobj=io.BufferedReader(_ViewReader(memoryview(raw)))) as f:
                 data = f.read(limit + 1)
             if len(data) > limit:
-                raise _too_large(label, "decompresses to", limit)
+                raise _too_large(label, "decompresses to", limit, kind)
             return data, "gz"
         if raw[:4] == _ZSTD_MAGIC:
-            return _unzstd(raw, label, limit), "zst"
+            return _unzstd(raw, label, limit, kind), "zst"
     except (lzma.LZMAError, OSError, EOFError, gzip.BadGzipFile) as e:
         raise ModuleFormatError(f"{label}: corrupt compressed module: {e}",
                                 hint="re-fetch the file; check it with xz -t / zstd -t / gzip -t") from None
     return raw, ""
 
 
-def _bounded(dec: lzma.LZMADecompressor, raw: Any, label: str, limit: int) -> bytes:
+def _bounded(dec: lzma.LZMADecompressor, raw: Any, label: str, limit: int, kind: str) -> bytes:
     data = dec.decompress(raw, max_length=limit + 1)
     if len(data) > limit:
-        raise _too_large(label, "decompresses to", limit)
+        raise _too_large(label, "decompresses to", limit, kind)
     if not dec.eof:
         raise ModuleFormatError(f"{label}: truncated xz stream")
     return data
 
 
-def _unzstd(raw: Any, label: str, limit: int) -> bytes:
+def _unzstd(raw: Any, label: str, limit: int, kind: str) -> bytes:
     try:
         # zstandard is optional (not a declared dependency): faster and no subprocess when installed
         import zstandard
     except ImportError:  # not installed: the zstd command does the same, in a subprocess
-        return _unzstd_cli(raw, label, limit)
+        return _unzstd_cli(raw, label, limit, kind)
     try:
         with zstandard.ZstdDecompressor().stream_reader(_ViewReader(memoryview(raw))) as r:
             data = r.read(limit + 1)
     except zstandard.ZstdError as e:
         raise ModuleFormatError(f"{label}: corrupt zstd stream: {e}") from None
     if len(data) > limit:
-        raise _too_large(label, "decompresses to", limit)
+        raise _too_large(label, "decompresses to", limit, kind)
     return data
 
 
-def _unzstd_cli(raw: Any, label: str, limit: int) -> bytes:
+def _unzstd_cli(raw: Any, label: str, limit: int, kind: str) -> bytes:
     """zstd -dc, reading at most limit+1 bytes of its output (a bomb is stopped, not buffered)."""
     try:
         proc = subprocess.Popen(["zstd", "-dc", "-q"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
@@ -323,7 +325,7 @@ def _unzstd_cli(raw: Any, label: str, limit: int) -> bytes:
     if timed_out.is_set():
         raise ModuleFormatError(f"{label}: zstd took more than 120 s")
     if len(data) > limit:
-        raise _too_large(label, "decompresses to", limit)
+        raise _too_large(label, "decompresses to", limit, kind)
     if code != 0:
         msg = b"".join(errors).decode("utf-8", "replace").strip().splitlines()
         raise ModuleFormatError(f"{label}: corrupt zstd stream: {msg[-1] if msg else f'zstd exited with {code}'}")
