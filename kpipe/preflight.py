@@ -31,8 +31,6 @@ def recipe_probe(workspace: Any, artifact: Any) -> tuple[Any, str]:
         return render(workspace, artifact.recipe, artifact.kernel).probe, ""
     except KpipeError as e:
         return None, f"recipe {artifact.recipe!r} could not be rendered for {artifact.kernel}: {e}"
-    except ImportError:  # pragma: no cover - kpipe.recipes is part of the package
-        return None, "kpipe.recipes is not available"
 
 
 def lab_kernel(workspace: Any, release: str, cache_dir: Path | None = None) -> Any:

@@ -254,11 +254,11 @@ def validate_module(workspace: Any, module_path: Path | str, kernel_release: str
     the workspace signers' certificates are used to verify one when present."""
     import hashlib
 
-    from kpipe.elf.reader import load_module_bytes, parse_module
+    from kpipe.elf.reader import map_module, parse_module
 
     t0 = time.process_time()
     path = Path(module_path)
-    data, compression = load_module_bytes(path)
+    data, compression = map_module(path)
     info = parse_module(data, str(path), compression=compression)
     facts = kernel_facts(workspace, kernel_release)
     index = symbol_index(workspace, kernel_release, symbol_files)
