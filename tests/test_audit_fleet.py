@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+import kenv
 from simfleet import simfleet_factory  # noqa: F401  (fixture)
 
 from kpipe import audit as A
@@ -22,7 +23,7 @@ from kpipe.report.prometheus import parse_exposition
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
-RELEASE = "6.1.0-56-amd64"
+RELEASE = kenv.kernel_env(module_level=True).release  # the installed headers' release (tests/kenv.py)
 NAME = "livepatch_demo"
 
 
