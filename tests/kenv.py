@@ -52,7 +52,8 @@ def require_module(name: str) -> ModuleType:
     try:
         return importlib.import_module(name)
     except ImportError as e:
-        require_or_skip(f"python module {name} is not installed ({e}); pip install -e '.[test]'")
+        missing = str(e)
+    require_or_skip(f"python module {name} is not installed ({missing}); pip install -e '.[test]'")
     raise AssertionError("unreachable")
 
 
@@ -115,23 +116,28 @@ def other_release(release: str, delta: int = -1) -> str:
 
 
 def _sort_key(release: str) -> tuple:
-    from kpipe.kernel import parse_release
+    """Newest upstream version, then highest ABI (numerically: 10 > 9), then the plain flavour (amd64 over rt)."""
+    from kpipe.kernel import normalize_arch, parse_release
 
     p = parse_release(release)
     abi = tuple(int(x) if x.isdigit() else -1 for x in re.split(r"[.-]", p.abi)) if p.abi else ()
-    return (p.version, abi, release)
+    plain = normalize_arch(p.flavour) == p.arch
+    return (p.version, abi, plain, release)
 
 
 @functools.lru_cache(maxsize=None)
-def discover(override: str | None = None) -> KernelEnv:
-    """The installed kernel headers to test against: the newest, or `override` (KPIPE_TEST_KERNEL) when set."""
+def discover(override: str | None = None, roots: tuple[Path, ...] | None = None) -> KernelEnv:
+    """The installed kernel headers to test against: the newest, or `override` (KPIPE_TEST_KERNEL) when set.
+
+    `roots` replaces /usr/src (kpipe.workspace.HEADERS_GLOB_ROOTS) for the tests of this function.
+    """
     from kpipe.workspace import discover_local_kernels
 
     if override is None:
         override = os.environ.get(OVERRIDE_ENV) or None
     usable: dict[str, KernelEnv] = {}
     broken: list[str] = []
-    for entry in discover_local_kernels():
+    for entry in discover_local_kernels(roots):
         headers = Path(entry.headers)
         sign_file = headers / "scripts" / "sign-file"
         if not (headers / "Makefile").is_file():
@@ -147,7 +153,8 @@ def discover(override: str | None = None) -> KernelEnv:
         return usable[override]
     if not usable:
         detail = f" ({'; '.join(broken)})" if broken else ""
-        raise KernelEnvMissing(f"no kernel headers with Module.symvers and sign-file under /usr/src{detail}; "
+        where = ", ".join(str(r) for r in roots) if roots else "/usr/src"
+        raise KernelEnvMissing(f"no kernel headers with Module.symvers and sign-file under {where}{detail}; "
                                "install linux-headers-amd64 (scripts/setup.sh does)")
     return usable[max(usable, key=_sort_key)]
 
