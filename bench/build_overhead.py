@@ -94,11 +94,13 @@ def main() -> None:
     from kpipe.build.runner import BuildOptions, BuildRunner
     from kpipe.workspace import load_workspace
 
-    headers_dirs = sorted(p for p in Path("/usr/src").glob("linux-headers-*-amd64") if (p / "Module.symvers").exists())
-    if not headers_dirs:
-        sys.exit("no /usr/src/linux-headers-*-amd64 with Module.symvers: install linux-headers-amd64")
-    headers = str(headers_dirs[-1])
-    release = headers_dirs[-1].name[len("linux-headers-"):]
+    import kenv  # the tests' discovery of the installed headers (newest, or KPIPE_TEST_KERNEL)
+
+    try:
+        found = kenv.discover()
+    except kenv.KernelEnvMissing as e:
+        sys.exit(str(e))
+    headers, release = str(found.headers), found.release
 
     tmp = Path(tempfile.mkdtemp(prefix="kpipe-bench-"))
     server = SshdServer.start(tmp / "sshd", client_key=keygen(tmp / "id_ed25519"))

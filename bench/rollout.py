@@ -63,10 +63,14 @@ def kp(ws: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
 
 
 def release() -> str:
-    for d in sorted(Path("/usr/src").glob("linux-headers-*-amd64")):
-        if (d / "Module.symvers").is_file():
-            return d.name[len("linux-headers-"):]
-    sys.exit("no linux-headers-*-amd64 installed")
+    """The installed headers' release, discovered as the tests do (tests/kenv.py)."""
+    sys.path[:0] = [str(REPO), str(REPO / "tests")]
+    import kenv
+
+    try:
+        return kenv.discover().release
+    except kenv.KernelEnvMissing as e:
+        sys.exit(str(e))
 
 
 def build(out: Path, rel: str) -> Path:
@@ -74,7 +78,7 @@ def build(out: Path, rel: str) -> Path:
     shutil.copytree(DEMO, src)
     c = src / "livepatch_demo.c"
     c.write_text(f'#define KPIPE_TEXT "{TEXT}"\n' + c.read_text())
-    subprocess.run(["make", "-C", f"/lib/modules/{rel}/build", f"M={src}", "modules"], check=True,
+    subprocess.run(["make", "-C", f"/usr/src/linux-headers-{rel}", f"M={src}", "modules"], check=True,
                    capture_output=True)
     return src / "livepatch_demo.ko"
 

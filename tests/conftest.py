@@ -1,4 +1,9 @@
-"""Shared fixtures: real OpenSSH servers on loopback."""
+"""Shared fixtures: the installed kernel headers (tests/kenv.py) and real OpenSSH servers on loopback.
+
+KPIPE_REQUIRE_REAL=1 (.ci/run sets it) makes every environment skip a failure: the
+helpers in kenv.py fail instead of skipping, and any skip that still reaches a report
+is turned into a failure naming its reason, so a CI run can only end with 0 skipped.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +15,26 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+import kenv  # noqa: E402
+from kenv import KernelEnv, require_or_skip  # noqa: E402,F401  (require_or_skip: the one skip helper)
 from sshd import SshdServer, keygen  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def kernel_env() -> KernelEnv:
+    """The installed kernel headers (newest, or KPIPE_TEST_KERNEL): release, headers tree, sign-file."""
+    return kenv.kernel_env()
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
+    """Under KPIPE_REQUIRE_REAL=1 a skip of any origin (skipif, importorskip, a plugin) fails the test."""
+    outcome = yield
+    rep = outcome.get_result()
+    if rep.skipped and kenv.require_real() and not hasattr(rep, "wasxfail"):
+        reason = rep.longrepr[2] if isinstance(rep.longrepr, tuple) else str(rep.longrepr)
+        rep.outcome = "failed"
+        rep.longrepr = f"{kenv.REQUIRE_ENV}=1 and the test was skipped: {reason}"
 
 
 @pytest.fixture(scope="session")

@@ -809,11 +809,15 @@ class SimHost:
 class SimFleet:
     """N simulated hosts, one simulator thread; see the module docstring."""
 
-    def __init__(self, n: int, tmpdir: Path | str, *, release: str = "6.1.0-56-amd64", arch: str = "x86_64",
+    def __init__(self, n: int, tmpdir: Path | str, *, release: str | None = None, arch: str = "x86_64",
                  os_id: str = "debian", version_id: str = "12", prefix: str = "sim", client_key: Path | None = None,
                  transition_delay: float = 0.05, tick: float = 0.02, start_workers: int = 16):
         if n < 1:
             raise ValueError("a SimFleet needs at least one host")
+        if release is None:  # the installed headers' release (tests/kenv.py), so real builds match the hosts
+            import kenv
+
+            release = kenv.kernel_env().release
         for what, value in (("release", release), ("arch", arch), ("os_id", os_id), ("version_id", version_id),
                             ("prefix", prefix)):
             if not re.match(r"^[A-Za-z0-9._+~-]+$", value):

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+import kenv
 from simfleet import simfleet_factory  # noqa: F401  (fixture)
 
 from kpipe.rollout.planner import Assignment, Candidate, FailureBudget, RolloutOptions, RolloutPlan
@@ -18,7 +19,7 @@ from kpipe.errors import ConfigError
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
-RELEASE = "6.1.0-56-amd64"
+RELEASE = kenv.kernel_env(module_level=True).release  # the installed headers' release (tests/kenv.py)
 MODULE = "livepatch-demo"
 
 

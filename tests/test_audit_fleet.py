@@ -16,13 +16,14 @@ from pathlib import Path
 import pytest
 
 from exposition import parse_exposition
+import kenv
 from simfleet import simfleet_factory  # noqa: F401  (fixture)
 
 from kpipe import audit as A
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
-RELEASE = "6.1.0-56-amd64"
+RELEASE = kenv.kernel_env(module_level=True).release  # the installed headers' release (tests/kenv.py)
 NAME = "livepatch_demo"
 
 

@@ -25,7 +25,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 
 from doubles.buildkit import (  # noqa: E402
-    DEBIAN_HEADERS, DEBIAN_RELEASE, DOUBLE, PYTHON, fake_kernel_tree, kbuild_spec, kpatch_spec, kpipe_env,
+    DEBIAN_HEADERS, DEBIAN_RELEASE, DOUBLE, KERNEL, PYTHON, fake_kernel_tree, kbuild_spec, kpatch_spec, kpipe_env,
     memcg_patch, ssh_host, write_workspace,
 )
 from kpipe.artifacts import get_artifact, list_artifacts  # noqa: E402
@@ -143,13 +143,10 @@ def test_identical_build_is_answered_from_the_store_without_the_host(env):
     spec = kbuild_spec(ws, comment="cache test")
     first, _ = run_one(ws, spec)
     assert first.status == "built"
-    sshd.stop()  # no host to contact any more
-    t0 = time.monotonic()
+    sshd.stop()  # no host to contact any more: a hit that tried SSH would end in a transport error
     again, ev = run_one(ws, spec)
-    elapsed = time.monotonic() - t0
     assert again.status == "cached" and again.artifact_id == first.artifact_id
-    assert ev.kinds() == ["cached"]
-    assert elapsed < 0.5
+    assert ev.kinds() == ["cached"]  # no connect, upload or build event: answered from the store alone
     # --force must go to the host: with the host down that is a transport error, not a silent cache hit
     forced, _ = run_one(ws, spec, force=True)
     assert forced.status == "error" and forced.exit_code == 6
@@ -547,12 +544,15 @@ def test_arch_is_not_exported_to_kpatch_build(tmp_path, monkeypatch):
 
 def test_matrix_spreads_kernels_over_the_build_hosts_that_accept_them(tmp_path, sshd_factory):
     a, b = sshd_factory(), sshd_factory()
-    k56 = fake_kernel_tree(tmp_path / "kernels", DEBIAN_RELEASE)
-    k55 = fake_kernel_tree(tmp_path / "kernels", "6.1.0-55-amd64")
+    other = KERNEL.uninstalled_release()  # same flavour, another ABI, no headers here
+    k_cur = fake_kernel_tree(tmp_path / "kernels", DEBIAN_RELEASE)
+    k_other = fake_kernel_tree(tmp_path / "kernels", other)
     ws = write_workspace(tmp_path / "ws", [
-        ssh_host(a, "host-56", workdir=str(tmp_path / "wa"), kernels=["6.1.0-56-*"], tools={"kpatch-build": str(DOUBLE)}),
-        ssh_host(b, "host-55", workdir=str(tmp_path / "wb"), kernels=["6.1.0-55-*"], tools={"kpatch-build": str(DOUBLE)}),
-    ], [k56, k55], ssh={"known_hosts": str(a.known_hosts)})
+        ssh_host(a, "host-cur", workdir=str(tmp_path / "wa"), kernels=[KERNEL.abi_glob()],
+                 tools={"kpatch-build": str(DOUBLE)}),
+        ssh_host(b, "host-other", workdir=str(tmp_path / "wb"), kernels=[KERNEL.abi_glob(other)],
+                 tools={"kpatch-build": str(DOUBLE)}),
+    ], [k_cur, k_other], ssh={"known_hosts": str(a.known_hosts)})
     # one known_hosts file for both servers, as an operator would have
     with open(a.known_hosts, "a") as f:
         f.write(b.known_hosts.read_text())
@@ -562,13 +562,13 @@ def test_matrix_spreads_kernels_over_the_build_hosts_that_accept_them(tmp_path, 
     fixture.write_bytes(get_artifact(ws.store, first.artifact_id).path(ws.store).read_bytes())
     patch = memcg_patch(f"// KPATCH_DOUBLE_MODULE: {fixture}\n// matrix\n")
     specs = [kpatch_spec(ws, patch, release=r, recipe="mx", patch_name="mx.patch") for r in
-             (DEBIAN_RELEASE, "6.1.0-55-amd64")]
+             (DEBIAN_RELEASE, other)]
     runner = BuildRunner(ws, options=BuildOptions(validate=False))
     try:
         results = runner.run(specs)
     finally:
         runner.close()
-    assert [(r.status, r.host) for r in results] == [("built", "host-56"), ("built", "host-55")], \
+    assert [(r.status, r.host) for r in results] == [("built", "host-cur"), ("built", "host-other")], \
         [r.message for r in results]
     assert Path(results[0].remote_dir).parent == tmp_path / "wa"
     assert Path(results[1].remote_dir).parent == tmp_path / "wb"

@@ -14,7 +14,7 @@ from kpipe.elf.reader import parse_module
 from kpipe.elf.symbols import MemoryIndex, parse_nm_style
 from kpipe.validation import kernel_facts, validate_module
 from kpipe.workspace import load_workspace
-from test_elf_support import (HEADERS, RELEASE, VERMAGIC, kallsyms_text, sample_bytes, sample_module, scratch,
+from test_elf_support import (HEADERS, KERNEL, RELEASE, VERMAGIC, kallsyms_text, sample_bytes, sample_module, scratch,
                               synthetic_livepatch, this_module_blob)
 
 SYMVERS = HEADERS / "Module.symvers"
@@ -56,17 +56,16 @@ def test_real_module_validates_clean_for_its_kernel(target_kallsyms):
 
 def test_facts_from_installed_headers():
     f = kernel_facts(None, RELEASE)
-    if not HEADERS.is_dir():
-        pytest.skip("headers not installed")
     assert f.arch == "x86_64" and f.vermagic == VERMAGIC and f.modversions is True and f.sig_force is False
 
 
 def test_fails_for_another_release():
-    r = validate_module(None, sample_module(), "6.1.0-55-amd64")
+    other = KERNEL.uninstalled_release()
+    r = validate_module(None, sample_module(), other)
     assert not r.ok
     assert _ids(r) == {"vermagic.release"}
     msg = next(m for i, m in _errors(r) if i == "vermagic.release")
-    assert "6.1.0-56-amd64" in msg and "6.1.0-55-amd64" in msg
+    assert RELEASE in msg and other in msg
 
 
 def test_fails_for_other_vermagic_flags_in_the_catalog(tmp_path):
@@ -276,7 +275,7 @@ def test_cli_validate_exit_codes_and_json(tmp_path, target_kallsyms):
     assert ok.returncode == 0, ok.stderr
     doc = json.loads(ok.stdout)
     assert doc["ok"] is True and doc["kernel"] == RELEASE and len(doc["findings"]) > 10
-    bad = subprocess.run(["kpipe", "validate", str(sample_module()), "--kernel", "6.1.0-99-amd64"],
+    bad = subprocess.run(["kpipe", "validate", str(sample_module()), "--kernel", KERNEL.uninstalled_release()],
                          capture_output=True, text=True, cwd=tmp_path)
     assert bad.returncode == 3
     assert "vermagic.release" in bad.stdout and "INVALID" in bad.stdout

@@ -11,6 +11,7 @@ import pytest
 
 from kpipe.elf.reader import ModuleFormatError, parse_module, read_module
 from kpipe.errors import ExitCode, KpipeError
+import kenv
 from test_elf_support import (ElfBuilder, RELEASE, VERMAGIC, modinfo_blob, sample_bytes, sample_module, scratch,
                               synthetic_livepatch, this_module_blob, versions_blob)
 
@@ -49,7 +50,7 @@ def test_versions_match_modprobe_dump():
     out = subprocess.run(["modprobe", "--dump-modversions", str(sample_module())], capture_output=True,
                          text=True)
     if out.returncode != 0:
-        pytest.skip("modprobe --dump-modversions unavailable")
+        kenv.require_or_skip(f"modprobe --dump-modversions failed (kmod): {out.stderr.strip()}")
     want = {line.split()[1]: int(line.split()[0], 16) for line in out.stdout.splitlines() if line.strip()}
     assert {v.name: v.crc for v in info.versions} == want
 

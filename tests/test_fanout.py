@@ -53,7 +53,7 @@ def test_facts_from_every_host_partial_failure_is_data(fleet: SimFleet, workspac
     assert failed[fleet.hosts[N - 2].name].kind in ("timeout", "error")
     for name, r in results.items():
         if isinstance(r, HostFacts):
-            assert (r.release, r.arch, r.livepatch_sysfs, r.kpatch_cli) == ("6.1.0-56-amd64", "x86_64", True, "")
+            assert (r.release, r.arch, r.livepatch_sysfs, r.kpatch_cli) == (fleet.release, "x86_64", True, "")
     # the hung and frozen hosts cost their timeouts once, in parallel with the rest
     assert elapsed < 60, elapsed
 

@@ -17,7 +17,7 @@ from kpipe.lab import initramfs, kernel as labkernel, vm as vmmod
 from kpipe.lab.arch import AARCH64, X86_64, host_has_hw_virt, lab_arch
 from kpipe.lab.lab import LabState, render_inventory
 from test_lab_support import (  # noqa: F401  (fixtures)
-    SharedLab, kpipe_cli, qemu_guard, remember, shared_lab,
+    SharedLab, headers_release, kpipe_cli, qemu_guard, remember, shared_lab,
 )
 
 
@@ -59,7 +59,7 @@ def _state(tmp_path: Path) -> LabState:
     vms = [vmmod.VmProcess("lab1", 1, 1, 40001, str(tmp_path / "vms/lab1"), host_key="ssh-ed25519 AAAA1"),
            vmmod.VmProcess("lab2", 2, 2, 40002, str(tmp_path / "vms/lab2"), sig_enforce=True,
                            host_key="ssh-ed25519 AAAA2")]
-    return LabState(tmp_path, {"release": "6.1.0-56-amd64"}, vms, str(tmp_path / "id_ed25519"),
+    return LabState(tmp_path, {"release": headers_release()}, vms, str(tmp_path / "id_ed25519"),
                     str(tmp_path / "known_hosts"), str(tmp_path / "inventory.yml"))
 
 

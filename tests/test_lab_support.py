@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+import kenv
 from kpipe.lab import Lab, LabState
 from kpipe.lab import vm as vmmod
 
@@ -26,10 +27,8 @@ DEMO_TEXT = "kpipe livepatch demo"
 
 
 def headers_release() -> str:
-    """The release of the installed linux-headers-amd64 (the lab boots the same kernel)."""
-    from kpipe.lab.kernel import discover_debian_release
-
-    return discover_debian_release()
+    """The release of the installed headers (tests/kenv.py); the shared lab boots the same kernel."""
+    return kenv.kernel_env().release
 
 
 def kpipe_cli(workspace: Path, *args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
@@ -46,7 +45,7 @@ def build_demo_module(dest: Path, release: str, *, text: str = DEMO_TEXT) -> Pat
     shutil.copytree(DEMO_SOURCE, dest)
     headers = Path(f"/usr/src/linux-headers-{release}")
     if not headers.is_dir():
-        pytest.skip(f"no kernel headers at {headers}")
+        kenv.require_or_skip(f"no kernel headers at {headers} (install linux-headers-{release})")
     r = subprocess.run(["make", "-s", "-C", str(headers), f"M={dest}",
                         f"KPIPE_CFLAGS=-DKPIPE_TEXT='\"{text}\"'", "modules"],
                        capture_output=True, text=True, timeout=300)
@@ -135,7 +134,8 @@ def _boot_shared_lab(tmp_path_factory: pytest.TempPathFactory) -> SharedLab:
     (ws / "kpipe.toml").write_text("# lab test workspace\n")
     _LAB["ws"] = ws
     lab = Lab(ws / ".lab")
-    r = kpipe_cli(ws, "lab", "up", "--vms", "2", "--sig-enforce-vms", "lab2", timeout=900)
+    r = kpipe_cli(ws, "lab", "up", "--kernel", headers_release(), "--vms", "2", "--sig-enforce-vms", "lab2",
+                  timeout=900)
     remember(lab.load_state())
     if r.returncode != 0:
         _stop_shared_lab()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import subprocess
 from pathlib import Path
 
@@ -14,6 +13,7 @@ from kpipe import recipes
 from kpipe.build.spec import BuildSpec
 from kpipe.errors import ConfigError, NotFoundError
 from kpipe.workspace import load_workspace
+import kenv
 from recipe_ws import REPO, line_of, make_workspace
 
 KPATCH = """\
@@ -71,14 +71,9 @@ def test_digest_changes_with_kernel_and_patch(tmp_path):
     assert recipes.render(ws, "memcg-oom-fix", "5.10.0-amd64-UOS").inputs_digest() != a
 
 
-HEADERS = Path("/usr/src/linux-headers-6.1.0-56-amd64")
-LOCAL_HEADERS = sorted(p for p in Path("/usr/src").glob("linux-headers-6.1.*-amd64") if (p / "Module.symvers").is_file())
-
-
-@pytest.mark.skipif(not LOCAL_HEADERS or not shutil.which("make"), reason="needs Debian 6.1 amd64 headers")
-def test_cmdline_example_compiles_against_real_headers(tmp_path):
-    headers = LOCAL_HEADERS[-1]
-    release = headers.name[len("linux-headers-"):]
+def test_cmdline_example_compiles_against_real_headers(tmp_path, kernel_env):
+    kenv.require_tool("make")
+    headers, release = kernel_env.headers, kernel_env.release
     ws = ws_with(tmp_path / "ws", {}, examples=True)
     # hostile message: quotes, format specifiers, shell syntax; it must stay a C string literal
     cfg = tmp_path / "ws" / "recipes" / "cmdline-demo.yaml"

@@ -9,6 +9,7 @@ from html.parser import HTMLParser
 
 import pytest
 
+import kenv
 from kpipe import audit as A
 from kpipe.audit import AppliedRecord as R
 from kpipe.audit import ObservedHost as H
@@ -21,6 +22,9 @@ from kpipe.report.table import table_rows
 from exposition import parse_exposition
 
 SHA = "c" * 64
+K = kenv.kernel_env(module_level=True).release  # the installed headers' release (tests/kenv.py)
+_BASE, _FLAVOUR = K.rsplit("-", 1)
+HOSTILE_K = f'{_BASE}-"{_FLAVOUR}"\n'  # a kernel string with a quote and a newline
 HOSTILE = [
     'quote"host',
     "new\nline",
@@ -40,12 +44,12 @@ def lp(name, enabled=True, transition=False):
 def sample_result(hosts=None) -> A.AuditResult:
     """Every status at least once, hostile names mixed in."""
     hosts = hosts or ["h-ok", "h-miss"]
-    records = [R(i, "r1", h, "livepatch-fix", "applied", "art", SHA, "6.1.0-56-amd64") for i, h in enumerate(hosts)]
-    records += [R(1, "r1", h, "livepatch-fix", "applied", "art", SHA, "6.1.0-56-amd64")
+    records = [R(i, "r1", h, "livepatch-fix", "applied", "art", SHA, K) for i, h in enumerate(hosts)]
+    records += [R(1, "r1", h, "livepatch-fix", "applied", "art", SHA, K)
                 for h in ("h-dis", "h-tr", "h-hash", "h-down")]
     desired = A.desired_from_records(records)
-    observed = [H(h, kernel='6.1.0-56-"amd64"\n', tainted=45056, patches=lp("livepatch_fix")) for h in hosts[:1]]
-    observed += [H(h, kernel="6.1.0-56-amd64") for h in hosts[1:]]
+    observed = [H(h, kernel=HOSTILE_K, tainted=45056, patches=lp("livepatch_fix")) for h in hosts[:1]]
+    observed += [H(h, kernel=K) for h in hosts[1:]]
     observed += [
         H("h-dis", kernel="k", patches=lp("livepatch_fix", enabled=False)),
         H("h-tr", kernel="k", patches=lp("livepatch_fix", transition=True)),
@@ -68,7 +72,7 @@ def test_sample_covers_every_status():
 
 @pytest.mark.parametrize("result", every_result(), ids=["sample", "hostile", "empty"])
 def test_json_matches_schema_and_round_trips(result):
-    jsonschema = pytest.importorskip("jsonschema")
+    jsonschema = kenv.require_module("jsonschema")
     doc = json.loads(render(result, "json"))
     jsonschema.validate(doc, AUDIT_SCHEMA)
     assert [h["host"] for h in doc["hosts"]] == [h.host for h in result.hosts]
@@ -77,7 +81,7 @@ def test_json_matches_schema_and_round_trips(result):
 
 
 def test_json_schema_rejects_a_wrong_document():
-    jsonschema = pytest.importorskip("jsonschema")
+    jsonschema = kenv.require_module("jsonschema")
     doc = json.loads(render(sample_result(), "json"))
     doc["hosts"][0]["patches"][0]["status"] = "fine"
     with pytest.raises(jsonschema.ValidationError):
@@ -170,7 +174,7 @@ def test_prometheus_hostile_label_values_round_trip():
     hosts = {s[1]["host"] for s in fams["kpipe_host_reachable"].samples}
     assert set(HOSTILE) <= hosts
     kernels = {s[1]["kernel"] for s in fams["kpipe_livepatch_state"].samples}
-    assert '6.1.0-56-"amd64"\n' in kernels
+    assert HOSTILE_K in kernels
     patches = {s[1]["patch"] for s in fams["kpipe_livepatch_state"].samples}
     assert 'vendor"<b>\\x' in patches
 

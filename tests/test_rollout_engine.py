@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+import kenv
 from simfleet import simfleet_factory  # noqa: F401  (the session fixture)
 
 from kpipe.artifacts import add_artifact
@@ -29,7 +30,7 @@ from kpipe.rollout.planner import Candidate, FailureBudget, HostView, RolloutOpt
 from kpipe.rollout.world import engine_for
 from kpipe.workspace import open_workspace
 
-RELEASE = "6.1.0-56-amd64"
+RELEASE = kenv.kernel_env(module_level=True).release  # the installed headers' release (tests/kenv.py)
 MODULE = "livepatch_demo"
 
 
@@ -104,7 +105,7 @@ def test_dry_run_changes_nothing(simfleet_factory, tmp_path):
     for h in fleet.hosts:
         assert h.name in r.stdout
         assert not h.patches() and not h.staged()
-    assert "/sbin/insmod /var/lib/kpatch/6.1.0-56-amd64/livepatch-demo.ko" in r.stdout
+    assert f"/sbin/insmod /var/lib/kpatch/{RELEASE}/livepatch-demo.ko" in r.stdout
     assert journal.entries(rid) == []
 
 

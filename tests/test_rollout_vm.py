@@ -21,20 +21,14 @@ from pathlib import Path
 
 import pytest
 
+import kenv
+
 pytestmark = [pytest.mark.vm, pytest.mark.timeout(1800)]
 
 REPO = Path(__file__).resolve().parent.parent
 DEMO = REPO / "tests" / "data" / "livepatch_demo"
 TEXT = "kpipe live patch active"
 MODULE = "livepatch_demo"
-SIGN_FILE = "/usr/lib/linux-kbuild-6.1/scripts/sign-file"
-
-
-def _release() -> str:
-    for d in sorted(Path("/usr/src").glob("linux-headers-*-amd64")):
-        if (d / "Module.symvers").is_file():
-            return d.name[len("linux-headers-"):]
-    pytest.skip("no linux-headers-*-amd64 with Module.symvers installed")
 
 
 def kp(ws: Path, *args: str, ok: tuple[int, ...] = (0,), env: dict | None = None,
@@ -58,17 +52,17 @@ def livepatch_dirs(ws: Path, vm: str) -> str:
     return on_vm(ws, vm, "sh", "-c", "ls /sys/kernel/livepatch 2>/dev/null; ls -d /sys/module/livepatch_* 2>/dev/null; true")
 
 
-def build_module(out: Path, release: str) -> Path:
+def build_module(out: Path, headers: Path) -> Path:
     src = out / "src"
     shutil.copytree(DEMO, src)
     c = src / "livepatch_demo.c"
     c.write_text(f'#define KPIPE_TEXT "{TEXT}"\n' + c.read_text())
-    subprocess.run(["make", "-C", f"/lib/modules/{release}/build", f"M={src}", "modules"], check=True,
+    subprocess.run(["make", "-C", str(headers), f"M={src}", "modules"], check=True,
                    capture_output=True, timeout=600)
     return src / "livepatch_demo.ko"
 
 
-def sign_with_unknown_key(ko: Path, out: Path) -> Path:
+def sign_with_unknown_key(ko: Path, out: Path, sign_file: Path) -> Path:
     """Sign with a fresh key the VM's kernel does not hold: sig_enforce=1 must refuse it."""
     key, crt = out / "key.pem", out / "cert.der"
     subprocess.run(["openssl", "req", "-new", "-nodes", "-utf8", "-sha256", "-days", "2", "-batch", "-x509",
@@ -76,21 +70,20 @@ def sign_with_unknown_key(ko: Path, out: Path) -> Path:
                     "-newkey", "rsa:2048"], check=True, capture_output=True)
     signed = out / "signed" / ko.name
     signed.parent.mkdir()
-    subprocess.run([SIGN_FILE, "sha256", str(key), str(crt), str(ko), str(signed)], check=True, capture_output=True)
+    subprocess.run([str(sign_file), "sha256", str(key), str(crt), str(ko), str(signed)], check=True, capture_output=True)
     return signed
 
 
 @pytest.fixture(scope="session")
-def lab(tmp_path_factory):
+def lab(tmp_path_factory, kernel_env):
     """A workspace with 4 lab VMs (lab4: module.sig_enforce=1) and two artifacts (unsigned, signed)."""
-    if not shutil.which("qemu-system-x86_64"):
-        pytest.skip("qemu-system-x86_64 is not installed")
-    release = _release()
+    kenv.require_tool("qemu-system-x86_64")
+    release = kernel_env.release
     ws = tmp_path_factory.mktemp("rollout-vm")
     (ws / "kpipe.toml").write_text('[workspace]\nstore = ".kpipe"\n')
     shutil.copytree(REPO / "recipes", ws / "recipes")
-    ko = build_module(ws, release)
-    signed = sign_with_unknown_key(ko, ws)
+    ko = build_module(ws, kernel_env.headers)
+    signed = sign_with_unknown_key(ko, ws, kernel_env.sign_file)
     from kpipe.artifacts import add_artifact
     from kpipe.store import Store
 

@@ -17,11 +17,9 @@ from kpipe.elf.signature import (MAGIC, SIG_INFO, append_signature, digest_bytes
                                  split_signature, strip_signature, verify_module)
 from kpipe.errors import ConfigError
 from kpipe.workspace import SignerConfig, load_workspace
-from test_elf_support import (RELEASE, SIGN_FILE, VERMAGIC, make_signing_cert, sample_bytes, sample_module,
+import kenv
+from test_elf_support import (KERNEL, RELEASE, SIGN_FILE, VERMAGIC, make_signing_cert, sample_bytes, sample_module,
                               scratch, stripped_module)
-
-needs_sign_file = pytest.mark.skipif(not SIGN_FILE.is_file(), reason="linux-kbuild sign-file not installed")
-
 
 def _sign_file(hash_name: str, key: Path, cert: Path, module: Path, keyid: bool = False) -> bytes:
     out = scratch("sf.ko")
@@ -40,7 +38,6 @@ def _sig_findings(data: bytes, certs) -> dict[str, str]:
     return {f.id: f.severity for f in fs if f.id.startswith("sig.")}
 
 
-@needs_sign_file
 @pytest.mark.parametrize("hash_name", ["sha256", "sha384", "sha512"])
 @pytest.mark.parametrize("keyid", [False, True])
 def test_rsa_signature_is_byte_identical_to_sign_file(hash_name, keyid):
@@ -55,7 +52,6 @@ def test_rsa_signature_is_byte_identical_to_sign_file(hash_name, keyid):
     assert p7.digest == hash_name and not p7.has_signed_attrs and not p7.has_content
 
 
-@needs_sign_file
 @pytest.mark.parametrize("kind,hash_name", [("p384", "sha384"), ("p256", "sha256"), ("p384", "sha512")])
 @pytest.mark.parametrize("keyid", [False, True])
 def test_ecdsa_signatures_of_both_tools_verify(kind, hash_name, keyid):
@@ -231,7 +227,7 @@ def _sm2_cert(tmp_path: Path) -> tuple[Path, Path]:
     key, cert = tmp_path / "sm2.key", tmp_path / "sm2.crt"
     r = subprocess.run(["openssl", "genpkey", "-algorithm", "SM2", "-out", str(key)], capture_output=True)
     if r.returncode != 0:
-        pytest.skip("this OpenSSL has no SM2")
+        kenv.require_or_skip(f"this OpenSSL has no SM2: {r.stderr.decode(errors='replace').strip()}")
     subprocess.run(["openssl", "req", "-new", "-x509", "-key", str(key), "-sm3", "-sigopt", "distid:1234567812345678",
                     "-days", "30", "-subj", "/CN=kpipe sm2 test", "-out", str(cert)], check=True, capture_output=True)
     return key, cert
@@ -286,7 +282,6 @@ def test_expand_argv_substitutes_per_element_only():
     assert argv == ["tool", "--in=/a b/$(rm -rf x).ko", "/o", "/k", "xsha256y", "{other}"]
 
 
-@needs_sign_file
 @pytest.mark.parametrize("in_place", [False, True])
 def test_command_signer_runs_sign_file_without_a_shell(tmp_path, in_place):
     key, cert = make_signing_cert("rsa")
@@ -359,12 +354,11 @@ def test_validate_and_sign_artifacts(tmp_path):
     assert signed.status == "valid" and signed.meta["signer"] == "team"
     sig = {f["id"]: f["severity"] for f in signed.validation["findings"] if f["id"].startswith("sig.")}
     assert sig["sig.invalid"] == "info"  # verified against the signer's certificate
-    if SIGN_FILE.is_file():
-        via_cmd = sign_artifact(ws, art, "sf")
-        assert via_cmd.sha256 == signed.sha256  # sign-file and the builtin signer agree byte for byte
+    via_cmd = sign_artifact(ws, art, "sf")
+    assert via_cmd.sha256 == signed.sha256  # sign-file and the builtin signer agree byte for byte
 
     # a module for another kernel is recorded as rejected and cannot be signed
-    other = add_artifact(ws.store, Path(_copy_with_suffix(sample_module(), b"x")), kernel="6.1.0-55-amd64")
+    other = add_artifact(ws.store, Path(_copy_with_suffix(sample_module(), b"x")), kernel=KERNEL.uninstalled_release())
     assert not validate_and_record(ws, other).ok
     assert get_artifact(ws.store, other.id).status == "rejected"
     from kpipe.errors import ValidationFailed

@@ -15,9 +15,10 @@ from kpipe.errors import CommandTimeout, TransportError
 from kpipe.fleet import livepatch as lp
 from kpipe.transport.ssh import SshPool
 from kpipe.workspace import SshSettings
+import kenv
 from simfleet import SimFleet, simfleet_factory  # noqa: F401  (the fixture)
 
-RELEASE = "6.1.0-56-amd64"
+RELEASE = kenv.kernel_env(module_level=True).release  # the installed headers' release (tests/kenv.py)
 MODULE = "livepatch-sim"
 NAME = "livepatch_sim"
 

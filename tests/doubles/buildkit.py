@@ -11,12 +11,15 @@ import os
 import sys
 from pathlib import Path
 
+import kenv
 from kpipe.build.spec import BuildSpec, PatchFile, SourceFile
 from kpipe.kernel import parse_release
 from kpipe.workspace import load_workspace
 
-DEBIAN_RELEASE = "6.1.0-56-amd64"
-DEBIAN_HEADERS = f"/usr/src/linux-headers-{DEBIAN_RELEASE}"
+# The installed headers (tests/kenv.py), never a hard-coded Debian ABI.
+KERNEL = kenv.kernel_env(module_level=True)
+DEBIAN_RELEASE = KERNEL.release
+DEBIAN_HEADERS = str(KERNEL.headers)
 DOUBLE = Path(__file__).with_name("kpatch-build")
 
 LIVEPATCH_C = r"""// {comment}
