@@ -23,11 +23,12 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from simfleet import simfleet_factory  # noqa: F401  (fixture)
 
+import kenv
 from kpipe.report.jsonfmt import AUDIT_SCHEMA
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
-RELEASE = "6.1.0-56-amd64"
+RELEASE = kenv.kernel_env(module_level=True).release  # the simulated hosts run the installed headers' release
 NAME = "livepatch_demo"
 CVE = "CVE-2024-11111"
 OTHER = "CVE-2023-22222"
