@@ -74,12 +74,17 @@ kpipe audit --limit lab --format table
 kpipe audit --limit lab --format html --output "$REPORTS/audit-after-rollout.html"
 echo "HTML report: $REPORTS/audit-after-rollout.html"
 
+stage cve "who is still exposed to the demo recipe's CVE? (nobody: exit 0)"
+kpipe audit --limit lab --cve CVE-2099-0001
+
 stage rollback "roll the patch back on every host"
 kpipe rollout rollback last
 echo "after the rollback:"; show_cmdline
 
 stage audit "audit again"
 kpipe audit --limit lab --format table
+echo "exposed again after the rollback (exit 1 expected):"
+if kpipe audit --limit lab --cve CVE-2099-0001; then echo "unexpected: no host exposed"; exit 1; fi
 kpipe audit --limit lab --format html --output "$REPORTS/audit-after-rollback.html"
 echo "HTML report: $REPORTS/audit-after-rollback.html"
 
