@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import platform
 from dataclasses import dataclass, field
-from importlib import resources
 from pathlib import Path
 
 from kpipe.errors import ConfigError
@@ -58,7 +57,7 @@ def init_workspace(root: Path, kernels: list[str], *, arch: str | None = None, f
     described = ", ".join(kernels) if kernels else "none installed yet (install linux-headers-<release>)"
     subst = {"@ARCH@": normalize_arch(arch or platform.machine()), "@KERNEL_GLOBS@": glob_list,
              "@KERNELS@": described}
-    assets = resources.files("kpipe") / "init_assets"
+    assets = Path(__file__).parent / "init_assets"
     contents = {
         "kpipe.toml": _fill(assets.joinpath("kpipe.toml.in").read_text(), subst),
         "recipes/cmdline-demo.yaml": _fill(assets.joinpath("cmdline-demo.yaml.in").read_text(), subst),

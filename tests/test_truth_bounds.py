@@ -229,17 +229,20 @@ def test_module_file_is_mapped_not_read_whole(tmp_path):
     ko.write_bytes(synthetic_livepatch(name="lp_pad"))
     with open(ko, "r+b") as f:
         f.truncate(400 << 20)  # a sparse tail past the sections, like a module with huge debug sections
-    code = ("import resource, sys\n"
+    # Python's own allocations (tracemalloc) are what a whole-file read() would show; pages of a mapping
+    # are the kernel's page cache, reclaimable, and are not what this test is about.
+    code = ("import sys, tracemalloc\n"
             "from kpipe.elf.reader import read_module\n"
+            "tracemalloc.start()\n"
             "info = read_module(sys.argv[1])\n"
-            "print(info.name, info.size, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\n")
+            "print(info.name, info.size, tracemalloc.get_traced_memory()[1] // 1024)\n")
     r = subprocess.run([sys.executable, "-c", code, str(ko)], capture_output=True, text=True, timeout=120,
                        preexec_fn=_limit_memory)
     assert r.returncode == 0, r.stderr
-    name, size, max_rss_kib = r.stdout.split()
+    name, size, peak_kib = r.stdout.split()
     assert (name, int(size)) == ("lp_pad", 400 << 20)
-    # reading the file whole would take 400 MiB of memory at least; the parse needs the headers only
-    assert int(max_rss_kib) < 200 * 1024, max_rss_kib
+    # reading the file whole would allocate 400 MiB at least; the parse needs the headers only
+    assert int(peak_kib) < 64 * 1024, peak_kib
 
 
 def _compress(kind: str, data: bytes) -> bytes:
@@ -324,6 +327,8 @@ def test_build_does_not_skip_validation_when_it_cannot_import_it(monkeypatch, tm
 
     # kpipe.validation failing to import is a broken install: the build must say so, not skip validation
     monkeypatch.setitem(sys.modules, "kpipe.validation", None)
+    import kpipe
+    monkeypatch.delattr(kpipe, "validation", raising=False)  # an earlier test imported it: forget that too
     fake = runner.BuildRunner.__new__(runner.BuildRunner)
     fake.options = runner.BuildOptions(validate=True)
     with pytest.raises(ImportError):

@@ -329,7 +329,7 @@ def test_start_without_a_terminal_and_without_yes_says_pass_yes(simfleet_factory
 def _on_terminal(ws, answer: str, *args: str) -> tuple[int, str]:
     """Run kpipe with a pseudo-terminal as stdin/stdout/stderr; answer its question; (exit code, output)."""
     import pty
-    import select
+    import selectors
 
     master, slave = pty.openpty()
     env = {k: v for k, v in os.environ.items() if k != "KPIPE_DEBUG"}
@@ -338,9 +338,11 @@ def _on_terminal(ws, answer: str, *args: str) -> tuple[int, str]:
     os.close(slave)
     out, answered = b"", False
     deadline = time.monotonic() + 300
+    sel = selectors.DefaultSelector()  # epoll: the fd may be past select()'s FD_SETSIZE in a long session
+    sel.register(master, selectors.EVENT_READ)
     try:
         while time.monotonic() < deadline:
-            ready, _, _ = select.select([master], [], [], 1.0)
+            ready = sel.select(1.0)
             if not ready:
                 if p.poll() is not None:
                     break
@@ -357,6 +359,7 @@ def _on_terminal(ws, answer: str, *args: str) -> tuple[int, str]:
                 answered = True
         p.wait(timeout=60)
     finally:
+        sel.close()
         os.close(master)
         if p.poll() is None:
             p.kill()

@@ -191,7 +191,9 @@ class Lab:
     def _restart_port_clashes(self, st: LabState, specs: list[tuple[VmSpec, bool, str]], tries: int = 3) -> None:
         """Restart a VM whose forwarded port was taken between free_port() and qemu's bind."""
         for _ in range(tries):
-            deadline = time.monotonic() + 5.0
+            # qemu binds its forward before the guest runs, but a loaded machine can take many seconds to
+            # get there; the wait ends as soon as every VM listens or has exited.
+            deadline = time.monotonic() + 60.0
             clashed: list[int] = []
             pending = set(range(len(st.vms)))
             while pending and time.monotonic() < deadline:

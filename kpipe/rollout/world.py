@@ -48,7 +48,15 @@ def host_view(host: Any, facts: Any) -> HostView:
 
 
 def candidates_for(store: Any, target: str) -> tuple[str, list[Candidate]]:
-    """(target kind, candidate artifacts): a recipe name -> its valid artifacts; an id -> that artifact."""
+    """(target kind, candidate artifacts): a recipe name -> its valid artifacts; an id -> that artifact.
+    StoreCorrupt when a candidate's module changed in the store: it never leaves, and no host is asked."""
+    kind, cands = _candidates(store, target)
+    for c in cands:
+        store.verified_path(c.sha256)
+    return kind, cands
+
+
+def _candidates(store: Any, target: str) -> tuple[str, list[Candidate]]:
     from kpipe.artifacts import get_artifact, list_artifacts
 
     if _ARTIFACT_ID.match(target.lower()):
@@ -110,7 +118,7 @@ def recipe_defaults(workspace: Any, target: str, *, no_probe: bool = False) -> d
     try:
         _, cands = candidates_for(workspace.store, target)
     except KpipeError:
-        return {}  # build_plan reports the missing or invalid artifact with its own message
+        return {}  # build_plan reports the missing, invalid or damaged artifact with its own message
     for c in cands:
         if c.recipe:
             try:
@@ -150,9 +158,7 @@ def build_plan(workspace: Any, target: str, limit: str | None, options: RolloutO
     """Select hosts, gather their facts, choose artifacts, render probes -> (plan, hosts).
 
     The probes are rendered first: a recipe that does not render stops here, before any host is asked."""
-    kind, cands = candidates_for(workspace.store, target)
-    for c in cands:  # a changed module never leaves the store: refuse before any host is contacted
-        workspace.store.verified_path(c.sha256)
+    kind, cands = candidates_for(workspace.store, target)  # checks every candidate's bytes
     probes = probes_for(workspace, cands, no_probe=no_probe)
     hosts = select_hosts(workspace, limit)
     own = pool is None
