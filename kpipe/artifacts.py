@@ -4,6 +4,14 @@ A module's bytes live in the blob store under their sha256; the artifact id is
 the first 12 hex digits of that sha256, so the same bytes always get the same
 id. A rejected artifact (failed validation) is kept for inspection but can
 never be offered to a rollout.
+
+Every validation and preflight is kept as a record with its options. The
+artifact's status follows only its own validation (the one the build or the
+signing ran, or a `kpipe validate` with those same options); a trial with other
+options (another certificate, extra symbols, --strict, another kernel) is
+recorded and never changes it. Its preflight follows the last run of the
+default options (no --sig-enforce, no --append); without one, the last passing
+run, else the last run.
 """
 
 from __future__ import annotations
@@ -41,8 +49,31 @@ CREATE TABLE IF NOT EXISTS artifacts (
     created_at REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS artifacts_inputs ON artifacts(inputs_digest);
-CREATE INDEX IF NOT EXISTS artifacts_kernel ON artifacts(kernel)
+CREATE INDEX IF NOT EXISTS artifacts_kernel ON artifacts(kernel);
+CREATE TABLE IF NOT EXISTS artifact_validations (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    artifact_id TEXT NOT NULL,
+    kernel TEXT NOT NULL,
+    options TEXT NOT NULL,
+    own INTEGER NOT NULL,
+    ok INTEGER NOT NULL,
+    report TEXT NOT NULL,
+    at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS artifact_validations_by_id ON artifact_validations(artifact_id, seq);
+CREATE TABLE IF NOT EXISTS artifact_preflights (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    artifact_id TEXT NOT NULL,
+    options TEXT NOT NULL,
+    status TEXT NOT NULL,
+    result TEXT NOT NULL,
+    at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS artifact_preflights_by_id ON artifact_preflights(artifact_id, seq)
 """
+
+# The preflight options whose last run is the artifact's preflight (a plain `kpipe preflight ID`).
+DEFAULT_PREFLIGHT_OPTIONS: dict[str, Any] = {"sig_enforce": False, "append": ""}
 
 # built: produced, not yet validated; valid: passed validation; rejected: failed it.
 STATUSES = ("built", "valid", "rejected")
@@ -72,8 +103,9 @@ class Artifact:
     created_at: float = 0.0
 
     def path(self, store: Store) -> Path:
-        """The module file in the blob store (read-only)."""
-        return store.blob_path(self.sha256)
+        """The module file in the blob store (read-only), its bytes checked against sha256
+        (kpipe.store.StoreCorrupt when they changed)."""
+        return store.verified_path(self.sha256)
 
     @property
     def deployable(self) -> bool:
@@ -149,7 +181,12 @@ def find_by_inputs(store: Store, inputs_digest: str) -> Artifact | None:
     row = store.query_one(
         "SELECT * FROM artifacts WHERE inputs_digest = ? AND parent_id = '' ORDER BY created_at DESC LIMIT 1",
         (inputs_digest,))
-    return _row_to_artifact(row) if row else None
+    if row is None:
+        return None
+    art = _row_to_artifact(row)
+    # A cache hit answers with these bytes: a changed blob must fail the build, not be reused.
+    art.path(store)
+    return art
 
 
 def update_artifact(store: Store, artifact_id: str, **fields: Any) -> Artifact:
@@ -168,3 +205,74 @@ def update_artifact(store: Store, artifact_id: str, **fields: Any) -> Artifact:
     with store.write() as c:
         c.execute(f"UPDATE artifacts SET {', '.join(sets)} WHERE id = ?", (*params, artifact_id))
     return get_artifact(store, artifact_id)
+
+
+def check_blobs(store: Store, artifacts: Any) -> None:
+    """Refuse (StoreCorrupt, exit 1; NotFoundError, exit 5) when the stored bytes of any of these
+    artifacts (anything with .id and .sha256) are missing or no longer hash to their sha256."""
+    for a in artifacts:
+        store.verified_path(a.sha256)
+
+
+def _canon(options: dict[str, Any]) -> str:
+    return json.dumps(options, sort_keys=True, separators=(",", ":"))
+
+
+def record_validation(store: Store, artifact_id: str, *, kernel: str, options: dict[str, Any], own: bool,
+                      ok: bool, report: dict[str, Any]) -> None:
+    """Keep one validation with its options; the artifact's own validation also sets its status."""
+    store.ensure_schema(SCHEMA)
+    report = {**report, "options": options, "own": own}
+    with store.write() as c:
+        c.execute("INSERT INTO artifact_validations (artifact_id, kernel, options, own, ok, report, at) "
+                  "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                  (artifact_id, kernel, _canon(options), int(own), int(ok), json.dumps(report, sort_keys=True),
+                   time.time()))
+        if own:
+            c.execute("UPDATE artifacts SET validation = ?, status = ? WHERE id = ?",
+                      (json.dumps(report, sort_keys=True), "valid" if ok else "rejected", artifact_id))
+
+
+def validation_records(store: Store, artifact_id: str) -> list[dict[str, Any]]:
+    """Every validation of an artifact, oldest first: {kernel, options, own, ok, report, at}."""
+    store.ensure_schema(SCHEMA)
+    rows = store.query("SELECT * FROM artifact_validations WHERE artifact_id = ? ORDER BY seq", (artifact_id,))
+    return [{"kernel": r["kernel"], "options": json.loads(r["options"]), "own": bool(r["own"]), "ok": bool(r["ok"]),
+             "report": json.loads(r["report"]), "at": r["at"]} for r in rows]
+
+
+def record_preflight(store: Store, artifact_id: str, options: dict[str, Any], result: dict[str, Any]) -> None:
+    """Keep one preflight with its options, then set the artifact's preflight: the last run of the default
+    options; without one, the last passing run, else the last run (a failed trial never hides a pass)."""
+    store.ensure_schema(SCHEMA)
+    result = {**result, "options": options}
+    with store.write() as c:
+        earlier = c.execute("SELECT count(*) FROM artifact_preflights WHERE artifact_id = ?", (artifact_id,)).fetchone()
+        legacy = c.execute("SELECT preflight FROM artifacts WHERE id = ?", (artifact_id,)).fetchone()
+        old = json.loads(legacy[0] or "{}") if legacy is not None else {}
+        if not earlier[0] and old.get("status"):
+            # a preflight stored before records were kept: keep it as the first record
+            old_opts = {**DEFAULT_PREFLIGHT_OPTIONS, "sig_enforce": bool(old.get("sig_enforce", False))}
+            c.execute("INSERT INTO artifact_preflights (artifact_id, options, status, result, at) "
+                      "VALUES (?, ?, ?, ?, ?)", (artifact_id, _canon(old_opts), str(old["status"]),
+                                                 json.dumps({**old, "options": old_opts}, sort_keys=True),
+                                                 float(old.get("at") or 0)))
+        c.execute("INSERT INTO artifact_preflights (artifact_id, options, status, result, at) VALUES (?, ?, ?, ?, ?)",
+                  (artifact_id, _canon(options), str(result.get("status", "")), json.dumps(result, sort_keys=True),
+                   time.time()))
+        chosen = None
+        for where, params in (("options = ?", (_canon(DEFAULT_PREFLIGHT_OPTIONS),)), ("status = 'passed'", ()),
+                              ("1", ())):
+            chosen = c.execute(f"SELECT result FROM artifact_preflights WHERE artifact_id = ? AND {where} "
+                               "ORDER BY seq DESC LIMIT 1", (artifact_id, *params)).fetchone()
+            if chosen is not None:
+                break
+        c.execute("UPDATE artifacts SET preflight = ? WHERE id = ?", (chosen[0], artifact_id))
+
+
+def preflight_records(store: Store, artifact_id: str) -> list[dict[str, Any]]:
+    """Every preflight of an artifact, oldest first: {options, status, result, at}."""
+    store.ensure_schema(SCHEMA)
+    rows = store.query("SELECT * FROM artifact_preflights WHERE artifact_id = ? ORDER BY seq", (artifact_id,))
+    return [{"options": json.loads(r["options"]), "status": r["status"], "result": json.loads(r["result"]),
+             "at": r["at"]} for r in rows]

@@ -123,6 +123,8 @@ class AppliedRecord:
     sha256: str = ""
     kernel: str = ""
     replace: bool = False
+    build_id: str = ""  # the artifact's GNU build-id (hex), "" when unknown
+    srcversion: str = ""
 
 
 @dataclass(frozen=True)
@@ -134,6 +136,8 @@ class DesiredPatch:
     sha256: str = ""
     kernel: str = ""  # release (glob allowed from the file) the artifact is for
     source: str = ""  # "rollout <id>" or "<file>:<line>"
+    build_id: str = ""  # the loaded module must show this GNU build-id (when both are known)
+    srcversion: str = ""  # else this srcversion
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -190,9 +194,15 @@ def desired_from_records(records: Iterable[AppliedRecord]) -> DesiredState:
                 sha256=rec.sha256.lower(),
                 kernel=rec.kernel,
                 source=f"rollout {rec.rollout_id}",
+                build_id=rec.build_id.lower(),
+                srcversion=rec.srcversion,
             )
             retired.pop(name, None)
         elif rec.action == "rolled_back":
+            current = host_patches.get(name)
+            if current is not None and current.sha256 and rec.sha256 and current.sha256 != rec.sha256.lower():
+                # another build's rollback (a later rollout that was refused, say) does not undo this one
+                continue
             if host_patches.pop(name, None) is not None or name not in retired:
                 retired[name] = f"rolled back by rollout {rec.rollout_id}"
         else:
@@ -394,6 +404,9 @@ class ObservedHost:
     installed: Mapping[str, str] = field(default_factory=dict)
     # module name -> present in /sys/module (reported for the names the audit asked about)
     modules: Mapping[str, bool] = field(default_factory=dict)
+    arch: str = ""  # `uname -m`, normalised (the CVE view matches it against the recipe's kernel)
+    # module name -> (build-id hex, srcversion) of the loaded module, "" where the kernel shows none
+    builds: Mapping[str, tuple[str, str]] = field(default_factory=dict)
 
 
 # --------------------------------------------------------------------------
@@ -475,6 +488,7 @@ class AuditResult:
     generated_at: float
     hosts: tuple[HostAudit, ...]
     sources: tuple[str, ...] = ()
+    cves: Any = None  # kpipe.cve.CveReport: which CVEs loaded patches fix, who is exposed (None: not computed)
 
     @property
     def rows(self) -> list[PatchStatus]:
@@ -509,6 +523,7 @@ class AuditResult:
                 "statuses": self.counts(),
             },
             "hosts": [h.to_dict() for h in self.hosts],
+            **({"cves": self.cves.to_dict()} if self.cves is not None else {}),
         }
 
 
@@ -575,6 +590,7 @@ def evaluate_host(desired: DesiredState, obs: ObservedHost) -> HostAudit:
             )
 
     modules = {module_name(n): bool(v) for n, v in obs.modules.items()}
+    builds = {module_name(n): (str(b[0]).lower(), str(b[1])) for n, b in obs.builds.items()}
     # A retired patch whose module is still loaded is an unfinished rollback.
     lingering = {n for n in retired if modules.get(n) and n not in observed}
     for name in sorted(set(wanted) | set(observed) | lingering):
@@ -640,6 +656,15 @@ def evaluate_host(desired: DesiredState, obs: ObservedHost) -> HostAudit:
         unpatched = [o for o, p in (state.objects or {}).items() if o == "vmlinux" and _flag(p) is False]
         if unpatched:
             rows.append(row(TRANSITION, "enabled but vmlinux object not patched (patched=0)"))
+            continue
+        loaded_build = builds.get(name, ("", ""))
+        if want.build_id and loaded_build[0] and loaded_build[0] != want.build_id:
+            rows.append(row(WRONG_HASH, f"loaded module build-id {loaded_build[0][:16]} != expected "
+                                        f"{want.build_id[:16]} (artifact {want.artifact_id or '?'})"))
+            continue
+        if (not (want.build_id and loaded_build[0]) and want.srcversion and loaded_build[1]
+                and loaded_build[1] != want.srcversion):
+            rows.append(row(WRONG_HASH, f"loaded module srcversion {loaded_build[1]} != expected {want.srcversion}"))
             continue
         if want.sha256 and sha and sha != want.sha256:
             rows.append(
@@ -720,6 +745,8 @@ def journal_records(workspace: Any) -> list[AppliedRecord]:
                 sha256=str(r.get("sha256", "")),
                 kernel=str(r.get("kernel", "")),
                 replace=bool(r.get("replace", False)),
+                build_id=str(r.get("build_id", "")),
+                srcversion=str(r.get("srcversion", "")),
             )
         )
     return out
@@ -730,17 +757,22 @@ def observed_from_facts(facts: Any, state: Any = None) -> ObservedHost:
     installed = {module_name(m.file_name): m.sha256 for m in getattr(facts, "installed", ()) if m.sha256 != "?"}
     patches = dict(facts.patches)
     modules: dict[str, bool] = {}
+    builds: dict[str, tuple[str, str]] = {}
     if state is not None:
         patches = dict(state.patches) or patches
         modules = {n: bool(m.present) for n, m in state.modules.items()}
+        builds = {n: (getattr(m, "build_id", ""), getattr(m, "srcversion", "")) for n, m in state.modules.items()
+                  if m.present}
     return ObservedHost(
         host=facts.name,
         reachable=True,
         kernel=facts.release,
+        arch=getattr(facts, "arch", ""),
         tainted=facts.tainted,
         patches=patches,
         installed=installed,
         modules=modules,
+        builds=builds,
     )
 
 
@@ -811,11 +843,11 @@ def run_audit(
     inventory = load_inventory(workspace)
     hosts = inventory.select(limit)
     desired = desired_from_records(journal_records(workspace))
-    section = workspace.section("audit") if hasattr(workspace, "section") else {}
-    if desired_file is None and section.get("desired"):
-        desired_file = workspace.path(str(section["desired"])) if hasattr(workspace, "path") else section["desired"]
-    if "allowed_taint" in section:
-        desired.allowed_taint = taint_mask(section["allowed_taint"])
+    section = workspace.settings.audit
+    if desired_file is None and section.desired:
+        desired_file = workspace.path(section.desired)
+    if section.allowed_taint is not None:
+        desired.allowed_taint = taint_mask(section.allowed_taint)
     if desired_file:
 
         def match(pattern: str) -> list[str]:
@@ -840,7 +872,12 @@ def run_audit(
         known = {h.name for h in hosts}
         for host in sorted(set(desired.patches) - known):
             observed[host] = ObservedHost(host, reachable=False, error="not in the inventory (a rollout patched it)")
-    return evaluate(desired, observed.values())
+    result = evaluate(desired, observed.values())
+    from dataclasses import replace
+
+    from kpipe.cve import cve_report
+
+    return replace(result, cves=cve_report(workspace, result, {o.host: o.arch for o in observed.values()}))
 
 
 # --------------------------------------------------------------------------

@@ -31,32 +31,35 @@ def recipe_probe(workspace: Any, artifact: Any) -> tuple[Any, str]:
         return render(workspace, artifact.recipe, artifact.kernel).probe, ""
     except KpipeError as e:
         return None, f"recipe {artifact.recipe!r} could not be rendered for {artifact.kernel}: {e}"
-    except ImportError:  # pragma: no cover - kpipe.recipes is part of the package
-        return None, "kpipe.recipes is not available"
 
 
 def lab_kernel(workspace: Any, release: str, cache_dir: Path | None = None) -> Any:
     """The bootable kernel for a release: [lab.kernels."<release>"] image+modules, else Debian's package."""
     from kpipe.lab.kernel import fetch_debian_kernel, user_kernel
 
-    section = workspace.section("lab") if hasattr(workspace, "section") else {}
-    custom = (section.get("kernels") or {}).get(release)
-    if isinstance(custom, dict) and custom.get("image"):
-        return user_kernel(workspace.path(custom["image"]), workspace.path(custom.get("modules", "")))
+    custom = workspace.settings.lab.kernels.get(release)
+    if custom is not None:
+        return user_kernel(workspace.path(custom.image), workspace.path(custom.modules))
     return fetch_debian_kernel(release, cache_dir)
+
+
+def preflight_options(*, sig_enforce: bool = False, append: str = "") -> dict[str, Any]:
+    """The options a preflight result depends on (its record's key)."""
+    return {"sig_enforce": bool(sig_enforce), "append": append.strip()}
 
 
 def run_preflight(workspace: Any, artifact_ref: str, *, keep: bool = False, sig_enforce: bool = False,
                   boot_timeout: float = 480.0, memory_mb: int = 256, append: str = "",
                   progress: Progress | None = None, store_result: bool = True) -> dict[str, Any]:
     """Preflight one artifact; return (and store) {status passed|failed, problems, kernel_lines, duration_s...}."""
-    from kpipe.artifacts import get_artifact, update_artifact
+    from kpipe.artifacts import get_artifact, record_preflight
     from kpipe.fleet import livepatch as lp
     from kpipe.lab.lab import Lab, LabConfig, workspace_lab
 
     say = progress or (lambda _m: None)
     store = workspace.store
     art = get_artifact(store, artifact_ref)
+    art.path(store)  # a missing or changed blob is refused before a VM boots (and nothing is recorded)
     start = time.monotonic()
     steps: list[dict[str, Any]] = []
     problems: list[str] = []
@@ -144,5 +147,8 @@ def run_preflight(workspace: Any, artifact_ref: str, *, keep: bool = False, sig_
     if kept:
         result["kept"] = kept
     if store_result:
-        update_artifact(store, art.id, preflight={k: v for k, v in result.items() if k != "kept"})
+        # Kept as a record with its options: a trial (--sig-enforce, --append) that fails never replaces
+        # the artifact's passing preflight of the default options (kpipe.artifacts.record_preflight).
+        record_preflight(store, art.id, preflight_options(sig_enforce=sig_enforce, append=append),
+                         {k: v for k, v in result.items() if k != "kept"})
     return result

@@ -4,11 +4,13 @@ Layout under the store folder (default `.kpipe/` in the workspace):
 `state.db` (SQLite, WAL mode) and `blobs/sha256/<2 hex>/<62 hex>`.
 
 Each component declares its own tables as a DDL string and calls
-`Store.ensure_schema()`; the DDL uses CREATE ... IF NOT EXISTS so that every
-process can run it. WAL plus a busy timeout plus IMMEDIATE write transactions
-let several kpipe processes share one store without corrupting it; blobs are
-written to a temporary file and renamed into place, so a reader never sees a
-half-written blob.
+`Store.ensure_schema()`; the DDL runs only when one of the tables or indexes it
+names is missing, so read-only commands never take the write lock. WAL plus a
+bounded busy wait plus IMMEDIATE write transactions let several kpipe processes
+share one store; a writer that holds the lock longer than the wait
+(`KPIPE_STORE_WAIT`, default 5 s) makes the command exit 10 naming the holder.
+Blobs are written to a temporary file and renamed into place, and every read
+checks the bytes against their sha256, so a changed blob never leaves the store.
 """
 
 from __future__ import annotations
@@ -16,16 +18,45 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import re
+import shlex
 import sqlite3
+import struct
 import tempfile
 import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from kpipe.errors import KpipeError, NotFoundError
+from kpipe.errors import ConfigError, KpipeError, Locked, NotFoundError
 
-_BUSY_TIMEOUT_MS = 60_000
+WAIT_ENV = "KPIPE_STORE_WAIT"
+_DEFAULT_WAIT_S = 5.0
+# PRAGMA application_id of a store kpipe created ("kpip"): tells a new store from an emptied one.
+_APPLICATION_ID = 0x6B706970
+_DDL_NAME = re.compile(r"^\s*CREATE\s+(?:UNIQUE\s+)?(?:TABLE|INDEX|VIEW|TRIGGER)\s+IF\s+NOT\s+EXISTS\s+([\w\"]+)",
+                       re.IGNORECASE)
+_RESTORE_HINT = ("restore it from a backup, or move it aside to start a new store (the blobs stay; "
+                 "their metadata is lost)")
+
+
+class StoreCorrupt(KpipeError):
+    """The store's bytes are not what it recorded: a changed blob, or a damaged state.db (exit 1)."""
+
+
+def store_wait_seconds() -> float:
+    """How long to wait for another process's write lock: KPIPE_STORE_WAIT seconds (default 5)."""
+    raw = os.environ.get(WAIT_ENV, "").strip()
+    if not raw:
+        return _DEFAULT_WAIT_S
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not (0 <= value <= 86_400):  # also refuses nan and inf
+        raise ConfigError(f"{WAIT_ENV}={raw!r} is not a number of seconds",
+                          hint=f"e.g. {WAIT_ENV}=30; unset it for the default of {_DEFAULT_WAIT_S:g}")
+    return value
 
 
 def sha256_file(path: Path, bufsize: int = 1 << 20) -> str:
@@ -37,6 +68,68 @@ def sha256_file(path: Path, bufsize: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+def lock_holders(paths: list[Path]) -> list[str]:
+    """`pid N (command)` of each process holding a POSIX write lock on one of paths (from /proc/locks)."""
+    ids: set[tuple[int, int, int]] = set()
+    for p in paths:
+        with contextlib.suppress(OSError):
+            st = os.stat(p)
+            ids.add((os.major(st.st_dev), os.minor(st.st_dev), st.st_ino))
+    if not ids:
+        return []
+    try:
+        lines = Path("/proc/locks").read_text().splitlines()
+    except OSError:
+        return []
+    pids: list[int] = []
+    for line in lines:
+        fields = [f for f in line.split() if f != "->"]
+        # "1: POSIX  ADVISORY  WRITE 8697 fe:00:2163119 120 120"
+        if len(fields) < 6 or fields[3] != "WRITE":
+            continue
+        try:
+            pid = int(fields[4])
+            maj, mnr, ino = fields[5].split(":")
+            key = (int(maj, 16), int(mnr, 16), int(ino))
+        except ValueError:
+            continue
+        if key in ids and pid > 0 and pid not in pids:
+            pids.append(pid)
+    out = []
+    for pid in pids:
+        try:
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().rstrip(b"\0").split(b"\0")
+            cmd = shlex.join(a.decode("utf-8", "replace") for a in argv)
+        except OSError:
+            cmd = ""
+        cmd = "".join(ch if ch.isprintable() else " " for ch in cmd)  # the error stays one line
+        if len(cmd) > 120:
+            cmd = cmd[:117] + "..."
+        out.append(f"pid {pid}" + (f" ({cmd})" if cmd else ""))
+    return out
+
+
+def _header_problem(path: Path) -> str | None:
+    """Why state.db cannot be a whole SQLite database (empty, foreign, truncated), or None."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(100)
+    except OSError as e:
+        return f"cannot be read ({e.strerror})"
+    if size == 0:
+        return "is empty (0 bytes)"
+    if len(head) < 100 or not head.startswith(b"SQLite format 3\0"):
+        return "is not an SQLite database"
+    page_size = struct.unpack(">H", head[16:18])[0]
+    page_size = 65536 if page_size == 1 else page_size
+    pages, counter, valid_for = (struct.unpack(">I", head[o:o + 4])[0] for o in (28, 24, 92))
+    # The in-header page count is trustworthy only when its version stamp matches the change counter.
+    if counter == valid_for and pages and size < pages * page_size:
+        return f"is truncated ({size} bytes, its header says {pages * page_size})"
+    return None
+
+
 class Store:
     """One workspace's state: a SQLite database and a blob folder."""
 
@@ -45,22 +138,84 @@ class Store:
         self.blob_root = self.root / "blobs" / "sha256"
         self.db_path = self.root / "state.db"
         self._local = threading.local()
-        self._ensured: set[int] = set()
+        self._ensured: set[str] = set()
         self._ensure_lock = threading.Lock()
+        self._opened = False
+        self._verified: set[tuple] = set()
         try:
             self.blob_root.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise KpipeError(f"cannot create the store at {self.root}: {e.strerror}") from e
 
     # -- SQLite -------------------------------------------------------------
+    def _create_db(self) -> None:
+        """Make a new state.db atomically (built aside, then linked into place), so no process ever
+        sees a half-made one, and mark it as kpipe's (application_id)."""
+        fd, tmp = tempfile.mkstemp(dir=self.root, prefix=".state.db.new-")
+        os.close(fd)
+        try:
+            c = sqlite3.connect(tmp, isolation_level=None)
+            try:
+                c.execute("PRAGMA journal_mode=WAL")
+                c.execute(f"PRAGMA application_id={_APPLICATION_ID}")
+            finally:
+                c.close()
+            with contextlib.suppress(FileExistsError):  # another process made it first: use theirs
+                os.link(tmp, self.db_path)
+        finally:
+            for suffix in ("", "-wal", "-shm"):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(tmp + suffix)
+
+    def _open_check(self, conn: sqlite3.Connection) -> None:
+        """Refuse a state.db that is damaged, or that exists but holds nothing of kpipe's."""
+        app_id = conn.execute("PRAGMA application_id").fetchone()[0]
+        if app_id == _APPLICATION_ID:
+            return
+        tables = conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]
+        if app_id != 0 or not tables:
+            why = "holds no kpipe tables" if app_id == 0 else f"belongs to another program (application_id {app_id})"
+            raise StoreCorrupt(f"the store's database {self.db_path} {why}", hint=_RESTORE_HINT)
+
     def _connect(self) -> sqlite3.Connection:
-        conn = sqlite3.connect(self.db_path, timeout=_BUSY_TIMEOUT_MS / 1000, isolation_level=None)
-        conn.row_factory = sqlite3.Row
-        conn.execute(f"PRAGMA busy_timeout={_BUSY_TIMEOUT_MS}")
-        conn.execute("PRAGMA journal_mode=WAL")
-        conn.execute("PRAGMA synchronous=NORMAL")
-        conn.execute("PRAGMA foreign_keys=ON")
+        wait = store_wait_seconds()
+        if not self._opened:
+            if not self.db_path.exists():
+                self._create_db()
+            elif (why := _header_problem(self.db_path)) is not None:
+                raise StoreCorrupt(f"the store's database {self.db_path} {why}", hint=_RESTORE_HINT)
+        conn = sqlite3.connect(self.db_path, timeout=wait, isolation_level=None)
+        try:
+            conn.row_factory = sqlite3.Row
+            conn.execute(f"PRAGMA busy_timeout={int(wait * 1000)}")
+            if not self._opened:
+                self._open_check(conn)
+            if conn.execute("PRAGMA journal_mode").fetchone()[0] != "wal":  # a store from before WAL
+                conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=NORMAL")
+            conn.execute("PRAGMA foreign_keys=ON")
+        except sqlite3.Error as e:
+            conn.close()
+            raise self._translate(e) from None
+        except BaseException:
+            conn.close()
+            raise
+        self._opened = True
         return conn
+
+    def _translate(self, e: sqlite3.Error) -> BaseException:
+        """A lock held too long -> Locked (exit 10) naming the holder; a damaged file -> StoreCorrupt."""
+        text = str(e)
+        if isinstance(e, sqlite3.OperationalError) and ("locked" in text or "busy" in text):
+            paths = [self.db_path, Path(f"{self.db_path}-wal"), Path(f"{self.db_path}-shm")]
+            holders = [h for h in lock_holders(paths) if not h.startswith(f"pid {os.getpid()} ")]
+            who = f"held by {', '.join(holders)}" if holders else "held by another process"
+            return Locked(f"the store {self.db_path} is locked ({who}); gave up after {store_wait_seconds():g} s",
+                          hint=f"wait for it to finish, or set {WAIT_ENV}=SECONDS to wait longer")
+        if type(e) is sqlite3.DatabaseError or any(
+                w in text for w in ("malformed", "not a database", "corrupt", "disk image")):
+            return StoreCorrupt(f"the store's database {self.db_path} is corrupt: {text}", hint=_RESTORE_HINT)
+        return e
 
     @property
     def conn(self) -> sqlite3.Connection:
@@ -72,46 +227,77 @@ class Store:
         return conn
 
     def ensure_schema(self, ddl: str) -> None:
-        """Create a component's tables if missing (idempotent, once per process per DDL)."""
-        key = hash(ddl)
-        if key in self._ensured:
+        """Create a component's tables and indexes when one is missing (so reading never writes)."""
+        if ddl in self._ensured:
             return
         with self._ensure_lock:
-            if key in self._ensured:
+            if ddl in self._ensured:
                 return
-            with self.write() as c:
-                for stmt in ddl.split(";"):
-                    if stmt.strip():
+            stmts = [s for s in ddl.split(";") if s.strip()]
+            names = [m.group(1).strip('"') for s in stmts if (m := _DDL_NAME.match(s))]
+            present = set()
+            if len(names) == len(stmts):  # every statement is a CREATE ... IF NOT EXISTS: check first
+                marks = ", ".join("?" * len(names))
+                present = {r[0] for r in self.query(f"SELECT name FROM sqlite_master WHERE name IN ({marks})",
+                                                    tuple(names))}
+            if len(names) != len(stmts) or present != set(names):
+                with self.write() as c:
+                    for stmt in stmts:
                         c.execute(stmt)
-            self._ensured.add(key)
+            self._ensured.add(ddl)
 
     @contextlib.contextmanager
     def write(self) -> Iterator[sqlite3.Connection]:
-        """A write transaction (BEGIN IMMEDIATE): committed on success, rolled back on error."""
+        """A write transaction (BEGIN IMMEDIATE): committed on success, rolled back on error.
+        Waits at most KPIPE_STORE_WAIT seconds for another writer, then raises Locked."""
         c = self.conn
-        for attempt in range(50):
-            try:
-                c.execute("BEGIN IMMEDIATE")
-                break
-            except sqlite3.OperationalError as e:  # busy beyond busy_timeout (rare)
-                if "locked" not in str(e) or attempt == 49:
-                    raise
-                time.sleep(0.05)
+        try:
+            c.execute("BEGIN IMMEDIATE")
+        except sqlite3.Error as e:
+            raise self._translate(e) from None
         try:
             yield c
+        except sqlite3.Error as e:
+            with contextlib.suppress(sqlite3.Error):
+                c.execute("ROLLBACK")
+            err = self._translate(e)
+            if err is e:
+                raise
+            raise err from None
         except BaseException:
-            c.execute("ROLLBACK")
+            with contextlib.suppress(sqlite3.Error):
+                c.execute("ROLLBACK")
             raise
         else:
-            c.execute("COMMIT")
+            try:
+                c.execute("COMMIT")
+            except sqlite3.Error as e:
+                with contextlib.suppress(sqlite3.Error):
+                    c.execute("ROLLBACK")
+                raise self._translate(e) from None
 
     def query(self, sql: str, params: tuple | dict = ()) -> list[sqlite3.Row]:
-        return self.conn.execute(sql, params).fetchall()
+        """All rows of a read."""
+        try:
+            return self.conn.execute(sql, params).fetchall()
+        except sqlite3.Error as e:
+            err = self._translate(e)
+            if err is e:
+                raise
+            raise err from None
 
     def query_one(self, sql: str, params: tuple | dict = ()) -> sqlite3.Row | None:
-        return self.conn.execute(sql, params).fetchone()
+        """The first row of a read, or None."""
+        try:
+            return self.conn.execute(sql, params).fetchone()
+        except sqlite3.Error as e:
+            err = self._translate(e)
+            if err is e:
+                raise
+            raise err from None
 
     def close(self) -> None:
+        """Close this thread's connection."""
         conn = getattr(self._local, "conn", None)
         if conn is not None:
             conn.close()
@@ -119,22 +305,55 @@ class Store:
 
     # -- blobs --------------------------------------------------------------
     def blob_path(self, digest: str) -> Path:
+        """Where a blob lives (unchecked: readers use verified_path or get_bytes)."""
         return self.blob_root / digest[:2] / digest[2:]
 
     def has_blob(self, digest: str) -> bool:
+        """Whether a blob file exists (its bytes unchecked)."""
         return self.blob_path(digest).is_file()
 
+    def _corrupt(self, digest: str, actual: str) -> StoreCorrupt:
+        return StoreCorrupt(f"blob {digest[:12]} in the store at {self.root} is corrupt: its bytes hash to "
+                            f"{actual[:12]}, not {digest[:12]}",
+                            hint="the file was changed after it was stored; rebuild it (`kpipe build --force`) "
+                                 "or restore it from a backup")
+
+    def verified_path(self, digest: str) -> Path:
+        """The path of a blob whose bytes still hash to digest; StoreCorrupt (exit 1) otherwise.
+        Every reader of a blob by path goes through here."""
+        path = self.blob_path(digest)
+        try:
+            st = path.stat()
+        except FileNotFoundError:
+            raise NotFoundError(f"blob {digest[:12]} is missing from the store at {self.root}",
+                                hint="rebuild it with `kpipe build --force`") from None
+        # ctime moves on any write, chmod or rename: an unchanged stat means unchanged bytes.
+        key = (digest, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+        if key not in self._verified:
+            actual = sha256_file(path)
+            if actual != digest:
+                raise self._corrupt(digest, actual)
+            self._verified.add(key)
+        return path
+
+    def _blob_intact(self, digest: str) -> bool:
+        try:
+            self.verified_path(digest)
+        except KpipeError:
+            return False
+        return True
+
     def put_bytes(self, data: bytes) -> str:
-        """Store bytes; return their sha256 (the blob's address)."""
+        """Store bytes; return their sha256 (the blob's address). A damaged copy is replaced."""
         digest = hashlib.sha256(data).hexdigest()
-        if not self.has_blob(digest):
+        if not self._blob_intact(digest):
             self._atomic_write(digest, lambda f: f.write(data))
         return digest
 
     def put_file(self, path: Path) -> str:
-        """Store a file's bytes; return their sha256."""
+        """Store a file's bytes; return their sha256. A damaged copy is replaced."""
         digest = sha256_file(path)
-        if not self.has_blob(digest):
+        if not self._blob_intact(digest):
             def copy(f) -> None:
                 with open(path, "rb") as src:
                     while chunk := src.read(1 << 20):
@@ -159,11 +378,16 @@ class Store:
             raise
 
     def get_bytes(self, digest: str) -> bytes:
+        """A blob's bytes, checked against digest (StoreCorrupt when they differ)."""
         path = self.blob_path(digest)
         try:
-            return path.read_bytes()
+            data = path.read_bytes()
         except FileNotFoundError:
             raise NotFoundError(f"blob {digest[:12]} is missing from the store at {self.root}") from None
+        actual = hashlib.sha256(data).hexdigest()
+        if actual != digest:
+            raise self._corrupt(digest, actual)
+        return data
 
 
 _stores: dict[Path, Store] = {}

@@ -35,6 +35,7 @@ class ValidationReport:
     module_name: str = ""
     sha256: str = ""
     seconds: float = 0.0
+    own: bool | None = None  # set when recorded on an artifact: its own validation, or a trial
 
     @property
     def errors(self) -> list[Finding]:
@@ -253,11 +254,11 @@ def validate_module(workspace: Any, module_path: Path | str, kernel_release: str
     the workspace signers' certificates are used to verify one when present."""
     import hashlib
 
-    from kpipe.elf.reader import load_module_bytes, parse_module
+    from kpipe.elf.reader import map_module, parse_module
 
     t0 = time.process_time()
     path = Path(module_path)
-    data, compression = load_module_bytes(path)
+    data, compression = map_module(path)
     info = parse_module(data, str(path), compression=compression)
     facts = kernel_facts(workspace, kernel_release)
     index = symbol_index(workspace, kernel_release, symbol_files)
@@ -273,30 +274,72 @@ def validate_module(workspace: Any, module_path: Path | str, kernel_release: str
                             seconds=time.process_time() - t0)
 
 
+def _validation_options(workspace: Any, kernel: str, symbol_files: Iterable[str | os.PathLike],
+                        certs: Iterable[Any], strict: bool) -> dict[str, Any]:
+    """The options of one validation, comparable across runs (files by resolved path)."""
+    def where(p: Any) -> str:
+        p = getattr(p, "path", p)  # a loaded Certificate names its file
+        path = workspace.path(str(p)) if workspace is not None else Path(p)
+        return str(Path(path).resolve())
+
+    return {"kernel": kernel, "certs": sorted(where(c) for c in certs),
+            "symbols": sorted(where(p) for p in symbol_files), "strict": bool(strict)}
+
+
+def _is_own(workspace: Any, artifact: Any, options: dict[str, Any]) -> bool:
+    """Whether options are the artifact's own validation's: its kernel, the certificates and symbol files
+    it was validated with (none before its first validation) and the workspace's strictness."""
+    if options["kernel"] != artifact.kernel:
+        return False
+    if options["strict"] != workspace.settings.validation.strict:
+        return False
+    own = (artifact.validation or {}).get("options") or {}
+    return (options["certs"], options["symbols"]) == (own.get("certs", []), own.get("symbols", []))
+
+
+def _check_read(store: Any, artifact: Any, sha256: str) -> None:
+    """The bytes a check read must be the artifact's (the blob may change between two reads)."""
+    from kpipe.store import StoreCorrupt
+
+    if sha256 and sha256 != artifact.sha256:
+        raise StoreCorrupt(f"blob {artifact.sha256[:12]} of artifact {artifact.id} changed while it was read "
+                           f"(its bytes hash to {sha256[:12]})",
+                           hint="the file was changed after it was stored; rebuild it (`kpipe build --force`)")
+
+
 def validate_and_record(workspace: Any, artifact: Any, *, symbol_files: Iterable[str | os.PathLike] = (),
-                        certs: Iterable[Any] = (), strict: bool | None = None) -> ValidationReport:
-    """Validate an artifact for its kernel; store the report in artifact.validation and set its status
-    to valid or rejected. A module that cannot even be read is recorded as rejected, then re-raised.
-    strict=None takes `[validation] strict` from kpipe.toml (default false)."""
-    from kpipe.artifacts import update_artifact
+                        certs: Iterable[Any] = (), strict: bool | None = None, kernel: str | None = None,
+                        own: bool | None = None) -> ValidationReport:
+    """Validate an artifact (for its kernel, or another) and keep the report as a record with its options.
+    Only its own validation (own=True, or options equal to the artifact's own: see _is_own) sets its
+    status to valid or rejected; any other is a trial that changes nothing. A module that cannot even be
+    read is recorded the same way, then re-raised. strict=None takes `[validation] strict` from kpipe.toml.
+    The report's `own` attribute says how it was recorded."""
+    from kpipe.artifacts import record_validation
     from kpipe.elf.reader import ModuleFormatError
 
     if strict is None:
-        strict = bool(workspace.section("validation").get("strict", False))
+        strict = workspace.settings.validation.strict
+    symbol_files, certs = list(symbol_files), list(certs)
+    kernel = kernel or artifact.kernel
+    options = _validation_options(workspace, kernel, symbol_files, certs, strict)
+    if own is None:
+        own = _is_own(workspace, artifact, options)
     store = workspace.store
-    path = artifact.path(store)
-    if not path.is_file():
-        raise NotFoundError(f"artifact {artifact.id}: blob {artifact.sha256[:12]} is missing from the store")
+    path = artifact.path(store)  # NotFoundError when missing, StoreCorrupt when its bytes changed
     try:
-        report = validate_module(workspace, path, artifact.kernel, symbol_files=symbol_files, certs=certs,
+        report = validate_module(workspace, path, kernel, symbol_files=symbol_files, certs=certs,
                                  strict=strict)
     except ModuleFormatError as e:
-        update_artifact(store, artifact.id, status="rejected", validation={
-            "ok": False, "kernel": artifact.kernel, "error": e.message, "validated_at": time.time(),
+        record_validation(store, artifact.id, kernel=kernel, options=options, own=own, ok=False, report={
+            "ok": False, "kernel": kernel, "error": e.message, "validated_at": time.time(),
             "findings": [{"id": "elf.format", "severity": "error", "message": e.message, "hint": e.hint or ""}]})
         raise
+    _check_read(store, artifact, report.sha256)
     report.module = f"{artifact.id} ({artifact.filename})"
-    update_artifact(store, artifact.id, validation=report.to_dict(), status="valid" if report.ok else "rejected")
+    record_validation(store, artifact.id, kernel=kernel, options=options, own=own, ok=report.ok,
+                      report=report.to_dict())
+    report.own = own
     return report
 
 
@@ -311,8 +354,11 @@ def sign_artifact(workspace: Any, artifact: Any, signer: str | None = None, *, k
         raise ValidationFailed(f"artifact {artifact.id} failed validation; it cannot be signed",
                                hint=f"see `kpipe validate {artifact.id}`")
     store = workspace.store
-    src = artifact.path(store)
     with tempfile.TemporaryDirectory(prefix="kpipe-sign-") as tmp:
+        # Sign a private copy of checked bytes: the blob itself could change between a check and the read.
+        src = Path(tmp) / "in" / artifact.filename
+        src.parent.mkdir()
+        src.write_bytes(store.get_bytes(artifact.sha256))
         out = Path(tmp) / artifact.filename
         if key or cert:
             if not (key and cert):
@@ -338,7 +384,7 @@ def sign_artifact(workspace: Any, artifact: Any, signer: str | None = None, *, k
                            build_host=artifact.build_host, duration_s=artifact.duration_s,
                            log_sha256=artifact.log_sha256, signed=True, parent_id=artifact.id, meta=meta)
     certs = [cert_path] if cert_path is not None and Path(cert_path).is_file() else []
-    validate_and_record(workspace, new, certs=certs)
+    validate_and_record(workspace, new, certs=certs, own=True)  # the signed artifact's own validation
     return get_artifact(store, new.id)
 
 

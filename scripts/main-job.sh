@@ -33,26 +33,7 @@ stage kernel "target kernel: $RELEASE (Debian's current 6.1 ABI, discovered from
 stage keys "lab signing key (kernel module-signing certificate, stays on this machine)"
 KEYDIR="$ROOT/.lab/signing"
 if [ ! -s "$KEYDIR/signing_key.pem" ]; then
-  mkdir -p "$KEYDIR"; chmod 700 "$KEYDIR"
-  cat > "$KEYDIR/x509.genkey" <<'CFG'
-[ req ]
-default_bits = 3072
-distinguished_name = req_distinguished_name
-prompt = no
-string_mask = utf8only
-x509_extensions = myexts
-[ req_distinguished_name ]
-O = kpipe lab
-CN = kpipe lab module signing key
-[ myexts ]
-basicConstraints=critical,CA:FALSE
-keyUsage=digitalSignature
-subjectKeyIdentifier=hash
-authorityKeyIdentifier=keyid
-CFG
-  openssl req -new -nodes -utf8 -sha256 -days 3650 -batch -x509 -config "$KEYDIR/x509.genkey" \
-    -outform PEM -out "$KEYDIR/signing_cert.pem" -keyout "$KEYDIR/signing_key.pem" 2>/dev/null
-  chmod 600 "$KEYDIR/signing_key.pem"
+  kpipe keys generate --signer lab --cn "kpipe lab module signing key"
 fi
 echo "certificate: $KEYDIR/signing_cert.pem"
 

@@ -24,10 +24,17 @@ API
     host.modules()        -> set of names under the simulated /sys/module
     host.tainted          -> int;  host.log() -> kernel log lines (as `dmesg` prints them, without timestamps)
     host.staged()         -> {path under /var/lib/kpatch: bytes}
+    host.temp_files()     -> paths of leftover partial uploads (`.NAME.ko.kpipe-*`) under /var/lib/kpatch
+    fake_module(name, build_id=..., srcversion=...) -> bytes of a small ELF module with those notes
+
+Loaded modules show what the kernel shows of a module's ELF file: /sys/module/<m>/notes/
+.note.gnu.build-id (the raw note section) when the file has a GNU build-id note, and
+/sys/module/<m>/srcversion when its .modinfo has srcversion= (files that are not ELF show neither).
     host.inject(fault, **params) / host.clear(fault=None)
     host.stop() / host.start()      # sshd down (connection refused) / up again, kernel state kept
     host.kill()                     # the host dies: SIGKILL of sshd and every process in its namespace
     host.reboot()                   # kill, clear the simulated kernel state (patches, modules, taint, log), start
+    host.set_release(text)          # `uname -r` prints text from now on ("" = the fleet's release again)
 
 Faults (``host.inject(name, **params)``):
     "refused"            sshd stopped: connections are refused (same as host.stop())
@@ -77,6 +84,7 @@ import select
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import threading
 import time
@@ -189,7 +197,7 @@ for a in "$@"; do
     *) echo "uname: extra operand '$a'" >&2; exit 1 ;;
   esac
 done
-echo ${out# }
+printf '%s\n' "${out# }"
 """
 
 # Runs over SSH before a host is handed out: "$1" is the host's token, then
@@ -215,6 +223,59 @@ echo "SIMFLEET-OK $token"
 TAINT_O, TAINT_E, TAINT_K = 1 << 12, 1 << 13, 1 << 15
 FAULTS = ("refused", "die_during", "hang", "stuck_transition", "ebusy_enable", "ebusy_disable", "full_disk",
           "sig_enforce", "frozen")
+
+
+def elf_sections(data: bytes) -> dict[str, bytes]:
+    """Section name -> contents of a little-endian ELF64 file; {} for anything else (the simulator's own
+    reader, independent of kpipe's)."""
+    try:
+        if data[:4] != b"\x7fELF" or data[4] != 2 or data[5] != 1:
+            return {}
+        shoff = struct.unpack_from("<Q", data, 0x28)[0]
+        shentsize, shnum, shstrndx = struct.unpack_from("<HHH", data, 0x3A)
+        secs = [struct.unpack_from("<IIQQQQ", data, shoff + i * shentsize) for i in range(shnum)]
+        _, _, _, _, stroff, strsize = secs[shstrndx]
+        names = data[stroff:stroff + strsize]
+        out = {}
+        for name, typ, _, _, off, size in secs:
+            n = names[name:names.index(b"\0", name)].decode()
+            out[n] = b"" if typ == 8 else data[off:off + size]  # SHT_NOBITS has no bytes
+        return out
+    except (struct.error, ValueError, IndexError):
+        return {}
+
+
+def fake_module(name: str, *, build_id: bytes | None = None, srcversion: str = "", size: int = 4096) -> bytes:
+    """A small ELF64 relocatable "module": .modinfo (name=, srcversion=), a GNU build-id note, padding
+    of random bytes (so two calls give two builds). Enough for the simulated kernel and kpipe's stage."""
+    modinfo = f"name={name}\0".encode() + (f"srcversion={srcversion}\0".encode() if srcversion else b"")
+    sections = [(".modinfo", 1, 2, modinfo, 1)]
+    if build_id:
+        sections.append((".note.gnu.build-id", 7, 2,
+                         struct.pack("<III", 4, len(build_id), 3) + b"GNU\0" + build_id, 4))
+    sections.append((".data", 1, 3, os.urandom(size), 8))
+    shstr = b"\0"
+    body = b""
+    headers = [struct.pack("<IIQQQQIIQQ", 0, 0, 0, 0, 0, 0, 0, 0, 0, 0)]
+    offset = 64
+    for sname, typ, flags, content, align in sections:
+        pad = (-(offset + len(body))) % align
+        body += b"\0" * pad
+        headers.append(struct.pack("<IIQQQQIIQQ", len(shstr), typ, flags, 0, offset + len(body), len(content),
+                                   0, 0, align, 0))
+        shstr += sname.encode() + b"\0"
+        body += content
+    shstr_name = len(shstr)
+    shstr += b".shstrtab\0"
+    headers.append(struct.pack("<IIQQQQIIQQ", shstr_name, 3, 0, 0, offset + len(body), len(shstr), 0, 0, 1, 0))
+    body += shstr
+    pad = (-(offset + len(body))) % 8
+    body += b"\0" * pad
+    shoff = offset + len(body)
+    ident = b"\x7fELF" + bytes([2, 1, 1, 0]) + b"\0" * 8
+    ehdr = ident + struct.pack("<HHIQQQIHHHHHH", 1, 62, 1, 0, 0, shoff, 0, 64, 0, 0, 64, len(headers),
+                               len(headers) - 1)
+    return ehdr + body + b"".join(headers)
 
 
 def _keypair(path: Path) -> Path:
@@ -256,6 +317,8 @@ class _Patch:
 class SimHost:
     """One simulated host: an sshd in its own mount namespace plus simulated kernel state."""
 
+    release_override = ""  # set_release(): this host's `uname -r` instead of the fleet's release
+
     def __init__(self, fleet: "SimFleet", index: int, name: str, address: str):
         self.fleet = fleet
         self.index = index
@@ -293,7 +356,7 @@ class SimHost:
         f = self.fleet
         (d / "sys_kernel" / CONF_NAME).write_text(
             f"SIM_NAME='{self.name}'\nSIM_DIR='{d}'\nSIM_REQ='{f.req_dir}'\n"
-            f"SIM_RELEASE='{f.release}'\nSIM_ARCH='{f.arch}'\n")
+            f"SIM_RELEASE='{self.release_override or f.release}'\nSIM_ARCH='{f.arch}'\n")
         for p in (self.lp / CONF_NAME, self.sysmod / CONF_NAME, d / "var_lib" / CONF_NAME):
             p.write_text(self.token)
         (self.sysmod / "module" / "parameters" / "sig_enforce").write_text("N\n")
@@ -447,6 +510,17 @@ class SimHost:
             self.boot = time.monotonic()
         self.start()
 
+    def set_release(self, release: str) -> None:
+        """From now on (restarts included) `uname -r` prints `release` on this host, any text but quotes
+        and line breaks (tests feed hostile strings through it); "" goes back to the fleet's release."""
+        if any(c in release for c in "'\n\r\0"):
+            raise ValueError(f"release {release!r}: quotes and line breaks cannot pass the fakes' config")
+        with self.lock:
+            self.release_override = release
+            conf = self.dir / "sys_kernel" / CONF_NAME  # only this line: _layout() would reset the kernel state
+            line = f"SIM_RELEASE='{release or self.fleet.release}'"
+            conf.write_text(re.sub(r"^SIM_RELEASE=.*$", lambda _: line, conf.read_text(), flags=re.M))
+
     # ------------------------------------------------------------------ faults
     def inject(self, fault: str, **params: Any) -> None:
         """Turn on a fault (see the module docstring)."""
@@ -529,6 +603,14 @@ class SimHost:
             if p.is_file() and not p.name.startswith("."):
                 out["/var/lib/kpatch/" + str(p.relative_to(root))] = p.read_bytes()
         return out
+
+    def temp_files(self) -> list[str]:
+        """Leftover partial uploads (`.NAME.ko.kpipe-*`) under the host's /var/lib/kpatch."""
+        root = self.dir / "var_lib" / "kpatch"
+        if "full_disk" in self.faults and self.proc is not None:
+            root = Path(f"/proc/{self.proc.pid}/root/var/lib/kpatch")
+        return sorted("/var/lib/kpatch/" + str(p.relative_to(root)) for p in root.rglob("*")
+                      if p.is_file() and ".kpipe-" in p.name)
 
     def target(self, **kw: Any):
         """A kpipe SshTarget for this host."""
@@ -621,6 +703,7 @@ class SimHost:
             (mod / "taint").write_text(self.modules_[name] + "\n")
             (mod / "initstate").write_text("live\n")
             (mod / "refcnt").write_text("0\n")
+            self._module_notes(mod, path)
             d = self.lp / name
             (d / "vmlinux" / "cmdline_proc_show,1").mkdir(parents=True, exist_ok=True)
             self._write(d / "transition", "1")
@@ -651,6 +734,21 @@ class SimHost:
             self._maybe_die("rmmod")
             return 0, ""
         return 1, f"{op}: not simulated"
+
+    def _module_notes(self, mod: Path, path: str) -> None:
+        # what the kernel shows of the file's ELF notes and modinfo (kernel/module/sysfs.c)
+        try:
+            data = Path(f"/proc/{self.proc.pid}/root{path}").read_bytes() if self.proc is not None else b""
+        except OSError:
+            data = b""
+        secs = elf_sections(data)
+        note = secs.get(".note.gnu.build-id")
+        if note:
+            (mod / "notes").mkdir(exist_ok=True)
+            (mod / "notes" / ".note.gnu.build-id").write_bytes(note)
+        for item in secs.get(".modinfo", b"").split(b"\0"):
+            if item.startswith(b"srcversion="):
+                (mod / "srcversion").write_text(item[len(b"srcversion="):].decode() + "\n")
 
     def _maybe_die(self, op: str) -> None:
         # The step took effect in the kernel, then the host dies before the tool answers.

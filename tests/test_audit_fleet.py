@@ -15,11 +15,11 @@ from pathlib import Path
 
 import pytest
 
+from exposition import parse_exposition
 import kenv
 from simfleet import simfleet_factory  # noqa: F401  (fixture)
 
 from kpipe import audit as A
-from kpipe.report.prometheus import parse_exposition
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 

@@ -41,7 +41,7 @@ def test_malformed_workspace_names_the_file(tmp_path):
     (tmp_path / "kpipe.toml").write_text("[[build_hosts]]\nname = 'x'\nslots = 'many'\n")
     r = kpipe_run("kernels", "list", cwd=tmp_path, env_extra={"KPIPE_WORKSPACE": ""})
     assert r.returncode == 4
-    assert f"{tmp_path / 'kpipe.toml'}: build_hosts[0].slots must be an integer" in r.stderr
+    assert f"{tmp_path / 'kpipe.toml'}:3: build_hosts[0].slots must be an integer" in r.stderr
 
 
 def test_exit_code_of_a_failing_command_is_kept(tmp_path):

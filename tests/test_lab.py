@@ -14,6 +14,7 @@ from kpipe.commands import Command
 from kpipe.errors import ConfigError, KpipeError, TransportError
 from kpipe.lab import Lab, LabConfig
 from kpipe.lab import initramfs, kernel as labkernel, vm as vmmod
+from kpipe.lab.arch import AARCH64, X86_64, host_has_hw_virt, lab_arch
 from kpipe.lab.lab import LabState, render_inventory
 from test_lab_support import (  # noqa: F401  (fixtures)
     SharedLab, headers_release, kpipe_cli, qemu_guard, remember, shared_lab,
@@ -40,7 +41,7 @@ def test_release_discovery_reads_apt_and_dpkg_dependencies(text, release):
     ("fpu vmxnet", False),  # a word that merely contains vmx is not the flag
 ])
 def test_kvm_only_with_vmx_or_svm(flags, hw):
-    assert vmmod.host_has_hw_virt(f"processor\t: 0\nflags\t\t: {flags}\n") is hw
+    assert host_has_hw_virt(f"processor\t: 0\nflags\t\t: {flags}\n") is hw
 
 
 def test_tcg_command_line_forwards_ssh_to_loopback_only(tmp_path):
@@ -309,3 +310,31 @@ def test_the_debian_bzimage_is_unpacked_once_into_a_pvh_vmlinux(tmp_path):
     mtime = elf.stat().st_mtime_ns
     assert labkernel.boot_image(image, tmp_path) == elf and elf.stat().st_mtime_ns == mtime
     assert labkernel.bzimage_payload(data) is None and not labkernel.has_pvh_entry(b"\x7fELF" + bytes(100))
+
+
+@pytest.mark.parametrize("name, arch", [
+    ("x86_64", X86_64), ("amd64", X86_64), ("AMD64", X86_64),
+    ("aarch64", AARCH64), ("arm64", AARCH64),
+])
+def test_the_architecture_registry_accepts_every_spelling_of_an_arch(name, arch):
+    assert lab_arch(name) is arch
+
+
+def test_an_architecture_the_lab_cannot_boot_is_a_config_error():
+    from kpipe.errors import ConfigError
+    with pytest.raises(ConfigError, match="loongarch64"):
+        lab_arch("loongarch64")
+
+
+@pytest.mark.parametrize("arch, qemu, console, machine", [
+    (X86_64, "qemu-system-x86_64", "ttyS0", None),
+    (AARCH64, "qemu-system-aarch64", "ttyAMA0", "virt,gic-version=max"),
+])
+def test_the_qemu_command_line_comes_from_the_architecture(tmp_path, arch, qemu, console, machine):
+    spec = vmmod.VmSpec("lab1", Path("/k/vmlinuz"), Path("/i.img"), 40022, tmp_path, 128,
+                        f"console={console}", False, arch)
+    argv = spec.argv()
+    assert argv[0] == qemu and arch.console == console
+    assert argv[argv.index("-cpu") + 1] == arch.tcg_cpu
+    assert (argv[argv.index("-machine") + 1] if "-machine" in argv else None) == machine
+    assert f"{arch.nic},netdev=n0,romfile=" in argv

@@ -4,8 +4,8 @@ Every run must end with every host in a known, journaled state; resume must appl
 nothing twice and forget nothing. Plans are built with the pure planner from the
 simulated hosts' known release (the engine's own preflight re-reads the real facts).
 
-Test hook: KPIPE_TEST_PAUSE_AFTER=<step> makes the engine sleep after journaling that step
-(kpipe/rollout/engine.py), so a test can SIGKILL `python -m kpipe rollout ...` at a known point.
+Kill points: tests/crashpoint.py runs the CLI with the journal wrapped (test code only), so a
+test can hold kpipe after it journaled a step, or SIGKILL it there.
 """
 
 from __future__ import annotations
@@ -235,15 +235,18 @@ def test_abort_stops_after_in_flight_hosts(simfleet_factory, tmp_path):
     assert all(enables(h) == 1 for h in fleet.hosts)
 
 
+CRASHPOINT = str(Path(__file__).with_name("crashpoint.py"))
+
+
 def test_lock_refuses_a_second_driver(simfleet_factory, tmp_path):
     fleet = simfleet_factory(1)
     ws, art = setup_ws(fleet, tmp_path)
     plan, journal, rid = make_plan(ws, art, fleet.hosts)
-    env = {**os.environ, "KPIPE_TEST_PAUSE_AFTER": "load", "KPIPE_TEST_PAUSE_SECONDS": "60"}
-    p = subprocess.Popen([sys.executable, "-m", "kpipe", "-W", str(ws.root), "rollout", "start", "--plan", rid,
-                          "--yes"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    hold = json.dumps({"event": "record", "match": {"step": "load", "phase": "done"}, "nth": 999, "hold": True})
+    p = subprocess.Popen([sys.executable, CRASHPOINT, hold, "-W", str(ws.root), "rollout", "start", "--plan", rid,
+                          "--yes"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
-        while "test pause after load" not in (p.stderr.readline() or "test pause after load"):
+        while "crashpoint: holding at record" not in (p.stderr.readline() or "crashpoint: holding at record"):
             pass
         r = subprocess.run([sys.executable, "-m", "kpipe", "-W", str(ws.root), "rollout", "resume", rid],
                            capture_output=True, text=True, timeout=60)
@@ -259,18 +262,19 @@ def test_sigkill_mid_rollout_then_resume_verifies_everything(simfleet_factory, t
     fleet = simfleet_factory(20)
     ws, art = setup_ws(fleet, tmp_path)
     plan, journal, rid = make_plan(ws, art, fleet.hosts, waves="2,100%")
-    env = {**os.environ, "KPIPE_TEST_PAUSE_AFTER": pause, "KPIPE_TEST_PAUSE_SECONDS": "600"}
-    p = subprocess.Popen([sys.executable, "-m", "kpipe", "-W", str(ws.root), "rollout", "start", "--plan", rid,
-                          "--yes"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    # both canary hosts are held after journaling `pause` as done; the second one's arrival kills kpipe
+    hold = json.dumps({"event": "record", "match": {"step": pause, "phase": "done"}, "nth": 2, "hold": True})
+    p = subprocess.Popen([sys.executable, CRASHPOINT, hold, "-W", str(ws.root), "rollout", "start", "--plan", rid,
+                          "--yes"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         paused = set()
         deadline = time.monotonic() + 120
-        while len(paused) < 2 and time.monotonic() < deadline:  # the canary wave: 2 hosts
+        while time.monotonic() < deadline:  # the canary wave: 2 hosts
             line = p.stderr.readline()
             if not line:
                 break
-            if f"test pause after {pause} on" in line:
-                paused.add(line.rsplit(" ", 1)[-1].strip())
+            if line.startswith("crashpoint: "):
+                paused.add(line.split(" record ", 1)[1].split()[0])
         assert paused == set(plan.waves[0])
     finally:
         p.send_signal(signal.SIGKILL)

@@ -3,9 +3,9 @@
 One lab for the whole module (session fixture): lab1-lab3 are plain, lab4 boots with
 module.sig_enforce=1. Every test leaves the VMs as it found them (rolled back).
 
-Test hook used here: KPIPE_TEST_PAUSE_AFTER=load makes the engine sleep right after it
-journaled a host's load as done (kpipe/rollout/engine.py), so the test can SIGKILL kpipe
-between load and verification at a known point.
+Kill point used here: tests/crashpoint.py runs the CLI with the journal wrapped (test code
+only) so every host is held right after its load is journaled as done, and kpipe is SIGKILLed
+when the last one arrives: between load and verification, at a known point.
 """
 
 from __future__ import annotations
@@ -176,10 +176,11 @@ def test_sig_enforce_refusal_halts_and_rolls_back(lab):
 
 def test_sigkill_between_load_and_verify_then_resume(lab):
     ws = lab["ws"]
-    env = {**os.environ, "KPIPE_TEST_PAUSE_AFTER": "load", "KPIPE_TEST_PAUSE_SECONDS": "600"}
-    p = subprocess.Popen([sys.executable, "-m", "kpipe", "-W", str(ws), "rollout", "start", lab["plain"],
+    hold = json.dumps({"event": "record", "match": {"step": "load", "phase": "done"}, "nth": 3, "hold": True})
+    crashpoint = str(Path(__file__).with_name("crashpoint.py"))
+    p = subprocess.Popen([sys.executable, crashpoint, hold, "-W", str(ws), "rollout", "start", lab["plain"],
                           "--limit", "lab1:lab2:lab3", "--waves", "100%", "--skip-preflight", "--yes"],
-                         cwd=ws, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                         cwd=ws, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     paused = set()
     deadline = time.monotonic() + 600
     try:
@@ -187,8 +188,8 @@ def test_sigkill_between_load_and_verify_then_resume(lab):
             line = p.stderr.readline()
             if not line:
                 break
-            if "test pause after load on" in line:
-                paused.add(line.rsplit(" ", 1)[-1].strip())
+            if line.startswith("crashpoint: ") and " record " in line:
+                paused.add(line.split(" record ", 1)[1].split()[0])
         assert paused == {"lab1", "lab2", "lab3"}
     finally:
         p.send_signal(signal.SIGKILL)
@@ -208,5 +209,20 @@ def test_sigkill_between_load_and_verify_then_resume(lab):
         assert [e["detail"]["changed"] for e in loads] == [True, False]  # loaded once; resume found it loaded
         assert any(e["host"] == vm and e["step"] == "verify" and e["phase"] == "done" for e in entries)
         assert cmdline(ws, vm) == TEXT
+    # the build the kernel shows (its GNU build-id note) is the artifact's, and the journal recorded it
+    from kpipe.artifacts import get_artifact
+    from kpipe.store import Store
+
+    store = Store(ws / ".kpipe")
+    try:
+        blob = store.blob_path(get_artifact(store, lab["plain"]).sha256)
+    finally:
+        store.close()
+    want = subprocess.run(["readelf", "-n", str(blob)], capture_output=True, text=True,
+                          check=True).stdout.split("Build ID:")[1].split()[0]
+    raw = on_vm(ws, "lab1", "od", "-An", "-v", "-tx1", "/sys/module/livepatch_demo/notes/.note.gnu.build-id")
+    assert want in "".join(raw.split())
+    outcome = [e for e in entries if e["host"] == "lab1" and e["step"] == "outcome"][-1]
+    assert outcome["detail"]["build_id"] == want
     kp(ws, "rollout", "rollback", rid)
     assert_clean(ws)

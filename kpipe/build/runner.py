@@ -109,7 +109,7 @@ class BuildOptions:
     force: bool = False  # rebuild even when the store has the artifact
     host: str | None = None  # only this build host
     jobs: int | None = None  # make jobs override (does not change the inputs digest)
-    validate: bool = True  # run kpipe.validation after a build when it is installed
+    validate: bool = True  # run kpipe.validation after a build
 
 
 # -- transports -----------------------------------------------------------------
@@ -531,13 +531,11 @@ class BuildRunner:
         return res
 
     def _after_build(self, spec: BuildSpec, art: Artifact, res: BuildResult) -> None:
-        """Validate (and sign when the recipe asks) through kpipe.validation, when it is installed."""
+        """Validate (and sign when the recipe asks) through kpipe.validation."""
         if not self.options.validate:
             return
-        try:
-            from kpipe import validation
-        except ImportError:  # H-VALIDATE's module has not landed: builds still work
-            return
+        from kpipe import validation
+
         key = res.key
         try:
             try:

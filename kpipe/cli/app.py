@@ -45,10 +45,10 @@ def _root(
 def _register() -> None:
     # Each module adds its commands or sub-app; the import is cheap by design.
     from kpipe.cli import (  # noqa: F401
-        artifacts, audit, build, fleet, kernels, lab, recipe, rollout, sign, validate,
+        artifacts, audit, build, fleet, init, kernels, keys, lab, recipe, rollout, sign, validate,
     )
 
-    for mod in (kernels, recipe, build, artifacts, validate, sign, fleet, rollout, audit, lab):
+    for mod in (init, kernels, recipe, build, artifacts, validate, sign, keys, fleet, rollout, audit, lab):
         mod.register(app)
 
 
@@ -91,18 +91,20 @@ def main() -> None:
 
 def _click_exception_types() -> tuple[type, ...]:
     """ClickException classes: click's own, and the copy newer Typer releases vendor."""
+    # Both are genuine version differences, not missing kpipe code: Typer < 0.26 depends on click and has
+    # no vendored copy; Typer >= 0.26 vendors click and no longer installs it.
     types: list[type] = []
     try:
         import click
 
         types.append(click.exceptions.ClickException)
-    except ImportError:
+    except ImportError:  # Typer >= 0.26 without a separately installed click
         pass
     try:
-        from typer._click import exceptions as vendored  # Typer >= 0.26 ships its own click
+        from typer._click import exceptions as vendored
 
         types.append(vendored.ClickException)
-    except ImportError:
+    except ImportError:  # Typer < 0.26
         pass
     return tuple(types)
 

@@ -50,17 +50,21 @@ def show_cmd(
     """Show an artifact: metadata, validation summary, preflight and the end of its build log."""
     from rich.markup import escape
 
-    from kpipe.artifacts import get_artifact
+    from kpipe.artifacts import get_artifact, preflight_records, validation_records
     from kpipe.cli.context import print_json, state
 
     st = state()
     store = st.workspace.store
     art = get_artifact(store, artifact_id)
     log_tail = _log_text(store, art.log_sha256).splitlines()[-tail:] if tail and art.log_sha256 else []
+    validations, preflights = validation_records(store, art.id), preflight_records(store, art.id)
     if json_out:
         d = art.to_dict()
-        d["path"] = str(art.path(store))
+        d["path"] = str(store.blob_path(art.sha256))  # shown, not read: `show` inspects a damaged artifact too
         d["log_tail"] = log_tail
+        d["validations"] = [{**{k: v for k, v in r.items() if k != "report"},
+                             "summary": _validation_summary(r["report"])} for r in validations]
+        d["preflights"] = [{k: v for k, v in r.items() if k != "result"} for r in preflights]
         print_json(d)
         return
     c = st.console
@@ -79,6 +83,15 @@ def show_cmd(
             c.print(f"  {escape(str(f.get('severity', '')))} {escape(str(f.get('id', '')))}: "
                     f"{escape(str(f.get('message', '')))}")
     c.print(f"[bold]{'preflight':16}[/bold] {escape(_preflight_summary(art.preflight))}")
+    trials = [r for r in validations if not r["own"]]
+    if trials or len(preflights) > 1:
+        c.print(f"[bold]{'records':16}[/bold] {len(validations)} validation(s), {len(trials)} of them trials "
+                f"that did not change the status; {len(preflights)} preflight(s)")
+        for r in trials[-5:]:
+            c.print(f"  validation {_when(r['at'])} {escape(_options_text(r['options']))}: "
+                    f"{escape(_validation_summary(r['report']))}")
+        for r in preflights[-5:]:
+            c.print(f"  preflight {_when(r['at'])} {escape(_options_text(r['options']))}: {escape(r['status'])}")
     if log_tail:
         c.print(f"[bold]build log[/bold] (last {len(log_tail)} lines; `kpipe artifacts log {art.id}` for all):")
         for line in log_tail:
@@ -117,8 +130,7 @@ def export_cmd(
 
     from kpipe.artifacts import get_artifact
     from kpipe.cli.context import state
-    from kpipe.errors import ConfigError, KpipeError
-    from kpipe.store import sha256_file
+    from kpipe.errors import ConfigError
 
     st = state()
     store = st.workspace.store
@@ -128,28 +140,28 @@ def export_cmd(
         out = out / art.filename
     if out.exists() and not force:
         raise ConfigError(f"{out} exists", hint="pass --force to overwrite it")
-    src = art.path(store)
-    if not src.is_file() or sha256_file(src) != art.sha256:
-        raise KpipeError(f"the store's copy of artifact {art.id} is missing or corrupt ({src})",
-                         hint="rebuild it with `kpipe build --force`")
+    data = store.get_bytes(art.sha256)  # checked: NotFoundError when missing, StoreCorrupt when changed
     try:
         fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.")
         with os.fdopen(fd, "wb") as f:
-            f.write(src.read_bytes())
+            f.write(data)
         os.chmod(tmp, 0o644)
         os.replace(tmp, out)
     except OSError as e:
         raise ConfigError(f"cannot write {out}: {e.strerror}") from None
-    st.console.print(f"{out} ({art.sha256})")
+    st.console.print(f"{out} ({art.sha256})", markup=False)
 
 
 def _log_text(store, sha: str) -> str:
     from kpipe.errors import NotFoundError
+    from kpipe.store import StoreCorrupt
 
     try:
         return store.get_bytes(sha).decode("utf-8", "replace")
     except NotFoundError:
         return ""
+    except StoreCorrupt as e:  # `show` still shows the rest; `artifacts log` refuses
+        return f"({e.message})"
 
 
 def _when(ts: float) -> str:
@@ -169,6 +181,12 @@ def _validation_summary(v: dict) -> str:
     ok = v.get("ok")
     head = "passed" if ok else "FAILED" if ok is not None else "recorded"
     return head + (" (" + ", ".join(f"{n} {s}" for s, n in sorted(sev.items())) + ")" if sev else "")
+
+
+def _options_text(options: dict) -> str:
+    """The options that differ from a default run, as short text."""
+    parts = [f"{k}={v}" for k, v in sorted(options.items()) if v not in (None, False, "", [], ())]
+    return "(" + (", ".join(parts) or "default options") + ")"
 
 
 def _preflight_summary(p: dict) -> str:

@@ -9,8 +9,11 @@ module checksums, taint), never the journal.
 Exit codes: `verify` exits 0 when every selected host is compliant and 1
 otherwise (an unreachable host is not compliant). `audit` exits 0 once the
 report is written, whatever it says (`--strict`: 1 if anything is not
-compliant). Both exit 4 for a malformed desired-state file or inventory and 5
-when --limit matches no host. Every run is kept in the store's `audits` table
+compliant). `audit --cve CVE-...` exits 1 when a selected host is exposed to
+that CVE or could not be read, 0 when none is. Both exit 4 for a malformed
+desired-state file or inventory (and `--cve` for a malformed id or a recipe
+that cannot be read) and 5 when --limit matches no host (`--cve`: a CVE no
+recipe declares). Every run is kept in the store's `audits` table
 (the audit trail).
 """
 
@@ -39,12 +42,109 @@ def _print_table(result) -> None:  # result: kpipe.audit.AuditResult
         # Text(), not markup: host names and details come from outside ("[bold]" stays literal).
         return Text("".join(c if c.isprintable() else repr(c)[1:-1] for c in value), style=style)
 
-    table = Table(title=summary_line(result), title_justify="left")
+    table = Table(title=Text(summary_line(result)), title_justify="left")
     for col in COLUMNS:
         table.add_column(col, overflow="fold")
     for host, patch, status, kernel, detail in table_rows(result):
         table.add_row(cell(host), cell(patch), cell(status, STATUS_STYLE.get(status, "")), cell(kernel), cell(detail))
     state().console.print(table)
+
+
+def _print_cves(result, cves: list[str]) -> None:
+    """The CVE view under the audit table: per CVE the fleet counts, or (with --cve) the exposed hosts."""
+    from rich.table import Table
+    from rich.text import Text
+
+    from kpipe.cli.context import state
+    from kpipe.report.table import CVE_COLUMNS, CVE_HOST_COLUMNS, CVE_STYLE, cve_host_rows, cve_summary_rows
+
+    def cell(value: str, style: str = "") -> Text:
+        return Text("".join(c if c.isprintable() else repr(c)[1:-1] for c in value), style=style)
+
+    console = state().console
+    if cves:
+        for s in result.cves.cves:
+            console.print(Text(f"{s.cve} ({s.severity}): {len(s.exposed_hosts)} exposed, {len(s.fixed_hosts)} fixed, "
+                               f"{len(s.unknown_hosts)} unknown; {s.summary}"))
+        rows = cve_host_rows(result, cves)
+        if not rows:
+            console.print(Text(f"no selected host is exposed to {', '.join(cves)}", style="green"))
+            return
+        table = Table(title="exposed hosts", title_justify="left")
+        for col in CVE_HOST_COLUMNS:
+            table.add_column(col, overflow="fold")
+        for host, cve, severity, status, kernel, detail in rows:
+            table.add_row(cell(host), cell(cve), cell(severity, CVE_STYLE.get(severity, "")),
+                          cell(status, CVE_STYLE.get(status, "")), cell(kernel), cell(detail))
+        console.print(table)
+        return
+    rows = cve_summary_rows(result)
+    if not rows:
+        return
+    table = Table(title="CVEs the recipes fix", title_justify="left")
+    for col in CVE_COLUMNS:
+        table.add_column(col, overflow="fold")
+    for cve, severity, fixed, exposed, unknown, hosts in rows:
+        table.add_row(cell(cve), cell(severity, CVE_STYLE.get(severity, "")), cell(fixed),
+                      cell(exposed, "red" if exposed != "0" else ""), cell(unknown), cell(hosts))
+    console.print(table)
+
+
+def _check_cve_ids(cves: list[str]) -> list[str]:
+    """The --cve values, upper-cased; ConfigError on one that is not CVE-YYYY-NNNN."""
+    from kpipe.errors import ConfigError
+    from kpipe.recipes.schema import CVE_RE
+
+    out = []
+    for raw in cves:
+        cve = raw.strip().upper()
+        if not CVE_RE.fullmatch(cve):
+            raise ConfigError(f"--cve {raw!r} is not a CVE id", hint="write CVE-YYYY-NNNN, e.g. CVE-2024-12345")
+        if cve not in out:
+            out.append(cve)
+    return out
+
+
+def _narrow_to_cves(result, cves: list[str]):
+    """The result with its CVE view narrowed to `cves`; NotFoundError for a CVE no recipe declares."""
+    from dataclasses import replace
+
+    from kpipe.errors import ConfigError, NotFoundError
+    from kpipe.recipes.problems import _did_you_mean
+
+    from kpipe.cve import CveReport
+
+    report = result.cves if result.cves is not None else CveReport()
+    if report.errors:
+        # A recipe that cannot be read may declare this CVE too: the answer would be incomplete.
+        more = f" (+{len(report.errors) - 1} more)" if len(report.errors) > 1 else ""
+        raise ConfigError(f"{report.errors[0]}{more}",
+                          hint="fix the recipe (`kpipe recipe lint`) so that its fixes count")
+    known = [s.cve for s in report.cves]
+    for cve in cves:
+        if cve not in known:
+            raise NotFoundError(f"no recipe declares a fix for {cve}",
+                                hint=_did_you_mean(cve, known) + f"declared: {', '.join(known) or 'none'} "
+                                     "(recipes list them under `fixes:`)")
+    return replace(result, cves=report.only(cves))
+
+
+def _fail_if_exposed(result, cves: list[str]) -> None:
+    from kpipe.errors import ExitCode, KpipeError
+
+    bad = sorted({v.host for v in result.cves.verdicts if v.cve in cves and v.status != "fixed"})
+    if bad:
+        raise KpipeError(f"{len(bad)} host(s) exposed to {', '.join(cves)} or not read: {', '.join(bad[:10])}"
+                         + (" ..." if len(bad) > 10 else ""),
+                         hint="roll out the recipe's patch to them (`kpipe rollout start`), then audit again",
+                         exit_code=ExitCode.FAILURE)
+
+
+def _warn_recipe_errors(result) -> None:
+    from kpipe.cli.context import state
+
+    for problem in getattr(result.cves, "errors", ()) if result.cves is not None else ():
+        state().err_console.print(f"warning: CVE view incomplete: {problem}", markup=False, highlight=False)
 
 
 def _keep(ws, result, command: str, limit: Optional[str]) -> None:
@@ -103,6 +203,9 @@ def audit(
     forks: Optional[int] = _FORKS,
     settle: float = _SETTLE,
     strict: bool = typer.Option(False, "--strict", help="Exit 1 if any host is not compliant."),
+    cve: Optional[list[str]] = typer.Option(None, "--cve", metavar="CVE-YYYY-NNNN",
+                                            help="Who is still exposed to this CVE (repeatable): the table lists the "
+                                                 "exposed hosts; exit 1 if any host is exposed or unreadable."),
 ) -> None:
     """Report desired vs observed live-patch state per host and patch, as a table, JSON, JUnit XML, Prometheus text or HTML."""
     from pathlib import Path
@@ -118,11 +221,18 @@ def audit(
     out_path = Path(output) if output else None
     if out_path is not None and not out_path.parent.is_dir():
         raise ConfigError(f"--output {output}: folder {out_path.parent} does not exist")
+    cves = _check_cve_ids(cve or [])
     ws = state().workspace
     result = run_audit(ws, limit, desired_file=desired, forks=forks, settle=settle)
     _keep(ws, result, "audit", limit)
+    if cves:
+        result = _narrow_to_cves(result, cves)
+    else:
+        _warn_recipe_errors(result)
     if out_path is None and fmt == "table":
-        _print_table(result)
+        if not cves:
+            _print_table(result)
+        _print_cves(result, cves)
     else:
         text = render(result, fmt)
         if out_path is None:
@@ -136,6 +246,8 @@ def audit(
             except OSError as e:
                 raise ConfigError(f"--output {output}: cannot write: {e.strerror}") from None
             state().err_console.print(f"wrote {fmt} report to {out_path}", highlight=False, markup=False)
+    if cves:
+        _fail_if_exposed(result, cves)
     if strict:
         _fail_unless_compliant(result)
 

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import sys
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 
 @dataclass
@@ -29,16 +30,34 @@ class AppState:
     def console(self):
         """A rich Console on stdout."""
         if self._console is None:
-            from rich.console import Console
-
-            self._console = Console(highlight=False, soft_wrap=True, width=_width(sys.stdout))
+            self._console = _new_console(highlight=False, soft_wrap=True, width=_width(sys.stdout))
         return self._console
 
     @property
     def err_console(self):
-        from rich.console import Console
+        """A rich Console on stderr (progress while stdout carries JSON, warnings)."""
+        return _new_console(stderr=True, highlight=False, soft_wrap=True, width=_width(sys.stderr))
 
-        return Console(stderr=True, highlight=False, soft_wrap=True, width=_width(sys.stderr))
+
+def _new_console(**kw: Any) -> Any:
+    """A rich Console that survives its reader going away (`kpipe ... | head`).
+
+    Rich's default answer to a broken pipe is SystemExit(1) from inside print(): raised in a progress
+    callback, that would stop a rollout between two host steps. Here the rest of the output is
+    dropped and the command finishes its work; its exit code still tells the outcome."""
+    return _console_class()(**kw)
+
+
+@functools.lru_cache(maxsize=None)
+def _console_class() -> type:
+    from rich.console import Console  # imported on first use: `kpipe --help` stays instant
+
+    class _Console(Console):
+        def on_broken_pipe(self) -> None:
+            self.quiet = True
+            _to_devnull(self.file)
+
+    return _Console
 
 
 def _width(stream: Any) -> int | None:
@@ -53,13 +72,62 @@ STATE = AppState()
 
 
 def state() -> AppState:
+    """The process's shared AppState."""
     return STATE
 
 
+def esc(value: Any) -> str:
+    """Outside text (host names, kernel releases, reasons, paths) made safe to put in Rich markup:
+    brackets escaped, control characters shown as escapes so a terminal never acts on them."""
+    from rich.markup import escape
+
+    s = str(value)
+    if not s.isprintable():
+        s = "".join(c if c.isprintable() else repr(c)[1:-1] for c in s)
+    return escape(s)
+
+
+def guarded(fn: Callable[[Any], None], console: Any = None) -> Callable[[Any], None]:
+    """A progress callback that never raises: a failure to print must not stop the work it reports on.
+    A closed pipe (`| head`) sends the console's stream to /dev/null for the rest of the run, so the
+    exit code still tells the outcome; any other error is reported once on stderr, then ignored."""
+    warned = False
+
+    def call(event: Any) -> None:
+        nonlocal warned
+        try:
+            fn(event)
+        except BrokenPipeError:
+            _to_devnull(getattr(console, "file", None) or sys.stdout)
+        except Exception as e:  # noqa: BLE001 - whatever the printer tripped on, the engine goes on
+            if not warned:
+                warned = True
+                try:
+                    sys.stderr.write(f"kpipe: warning: progress output failed ({type(e).__name__}: {e}); "
+                                     "the run goes on, see its status afterwards\n")
+                    sys.stderr.flush()
+                except Exception:  # noqa: BLE001 - stderr is gone too: nothing left to tell
+                    pass
+    return call
+
+
+def _to_devnull(stream: Any) -> None:
+    try:
+        fd = stream.fileno()
+        null = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(null, fd)
+        os.close(null)
+    except (OSError, ValueError, AttributeError):
+        pass
+
+
 def print_json(data: Any) -> None:
-    """Machine-readable output: one JSON document on stdout."""
-    sys.stdout.write(json.dumps(data, indent=2, sort_keys=False, default=_default) + "\n")
-    sys.stdout.flush()
+    """Machine-readable output: one JSON document on stdout (dropped if the reader went away)."""
+    try:
+        sys.stdout.write(json.dumps(data, indent=2, sort_keys=False, default=_default) + "\n")
+        sys.stdout.flush()
+    except BrokenPipeError:
+        _to_devnull(sys.stdout)
 
 
 def _default(o: Any) -> Any:

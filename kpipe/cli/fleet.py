@@ -1,9 +1,10 @@
 """kpipe fleet commands: list hosts from the inventories, read their facts.
 
 Exit codes: `fleet list` exits 5 when --limit matches nothing and 4 for a malformed
-inventory. `fleet facts` exits 0 when it could ask every selected host, even if some
-were unreachable or answered nonsense (each host's status is in the table / JSON:
-partial failure is data); with --strict it exits 6 when any host failed.
+inventory. `fleet facts` exits 0 when at least one selected host reported facts, even if
+others were unreachable or answered nonsense (each host's status is in the table / JSON:
+partial failure is data); it exits 6 when no host reported facts, and with --strict when
+any host failed. Each failing host is reported on one line.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ def _select(limit: Optional[str], inventory: Optional[List[str]]) -> list[Any]:
 def list_hosts(limit: Optional[str] = _LIMIT, inventory: Optional[List[str]] = _INVENTORY,
                as_json: bool = _JSON) -> None:
     """List the hosts a pattern selects, with their connection settings and groups."""
-    from kpipe.cli.context import print_json, state
+    from kpipe.cli.context import esc, print_json, state
 
     hosts = _select(limit, inventory)
     if as_json:
@@ -53,7 +54,8 @@ def list_hosts(limit: Optional[str] = _LIMIT, inventory: Optional[List[str]] = _
     for col in ("host", "address", "port", "user", "become", "groups"):
         table.add_column(col)
     for h in hosts:
-        table.add_row(h.name, h.address, str(h.port), h.user, "yes" if h.become else "", ", ".join(h.groups))
+        table.add_row(esc(h.name), esc(h.address), str(h.port), esc(h.user or ""), "yes" if h.become else "",
+                      esc(", ".join(h.groups)))
     state().console.print(table)
 
 
@@ -90,6 +92,9 @@ def facts(limit: Optional[str] = _LIMIT, inventory: Optional[List[str]] = _INVEN
         })
     else:
         _facts_table(st.console, results, elapsed)
+    if failed and len(failed) == len(results):
+        raise KpipeError(f"none of the {len(results)} host(s) reported facts", exit_code=ExitCode.UNREACHABLE,
+                         hint="each host's reason is in the output above; check addresses, ports and that sshd runs")
     if strict and failed:
         raise KpipeError(f"{len(failed)} of {len(results)} host(s) did not report facts: {', '.join(failed[:10])}"
                          + (" ..." if len(failed) > 10 else ""), exit_code=ExitCode.UNREACHABLE,
@@ -117,13 +122,15 @@ def _record(workspace: Any, results: dict[str, Any]) -> None:
     except Exception as e:  # facts were read; failing to remember them must not hide them
         from kpipe.cli.context import state
 
-        state().err_console.print(f"[yellow]warning:[/] facts not recorded in the store: {e}")
+        from kpipe.cli.context import esc
+
+        state().err_console.print(f"[yellow]warning:[/] facts not recorded in the store: {esc(e)}")
 
 
 def _facts_table(console: Any, results: dict[str, Any], elapsed: float) -> None:
-    from rich.markup import escape
     from rich.table import Table
 
+    from kpipe.cli.context import esc as escape
     from kpipe.fleet.facts import HostFacts
 
     ok = sum(isinstance(r, HostFacts) for r in results.values())
@@ -148,8 +155,8 @@ def _facts_table(console: Any, results: dict[str, Any], elapsed: float) -> None:
         free = "" if r.free_kb is None else _size(r.free_kb)
         sig = {None: "-", True: "Y", False: "N"}[r.sig_enforce]
         table.add_row(escape(name), escape(r.release), escape(r.arch),
-                      escape(f"{r.os_id} {r.os_version}".strip()), lp, r.taint_flags or "-",
-                      "yes" if r.kpatch_cli else "no", r.selinux, sig, free)
+                      escape(f"{r.os_id} {r.os_version}".strip()), lp, escape(r.taint_flags or "-"),
+                      "yes" if r.kpatch_cli else "no", escape(r.selinux), sig, free)
     console.print(table)
     for name, kind, message in failures:
         prefix = f"{name}: "

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import importlib
 from pathlib import Path
 from typing import Any
 
 import typer
 
 from kpipe.cli.context import print_json, state
+from kpipe.cli.symbols import app as symbols_app
 
 kernels_app = typer.Typer(help="Kernel releases and the workspace's kernel catalog.", no_args_is_help=True)
 
@@ -98,30 +98,7 @@ def list_cmd(json_out: bool = typer.Option(False, "--json", help="Print JSON."))
         st.console.print("* discovered from headers installed on this machine", style="dim")
 
 
-def _warn(message: str) -> None:
-    import sys
-
-    sys.stderr.write(f"kpipe: warning: {message}\n")
-
-
-def _mount_symbols() -> None:
-    # H-VALIDATE's `kpipe.cli.symbols.app` joins as `kpipe kernels symbols` once it exists.
-    try:
-        symbols = importlib.import_module("kpipe.cli.symbols")
-    except ModuleNotFoundError as e:
-        if e.name == "kpipe.cli.symbols":
-            return  # not landed yet
-        _warn(f"`kpipe kernels symbols` is unavailable: {e}")
-        return
-    except Exception as e:  # a broken sibling module must not take every other command down
-        _warn(f"`kpipe kernels symbols` is unavailable: {type(e).__name__}: {e}")
-        return
-    sub = getattr(symbols, "app", None)
-    if isinstance(sub, typer.Typer):
-        kernels_app.add_typer(sub, name="symbols", help="Kernel symbol indexes (kallsyms, Module.symvers).")
-
-
-_mount_symbols()
+kernels_app.add_typer(symbols_app, name="symbols", help="Kernel symbol indexes (kallsyms, Module.symvers).")
 
 
 def register(app: typer.Typer) -> None:

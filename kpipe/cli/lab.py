@@ -40,25 +40,29 @@ def up_cmd(
     json_out: bool = typer.Option(False, "--json", help="Print the lab as JSON."),
 ) -> None:
     """Boot N VMs and write .lab/inventory.yml and .lab/known_hosts."""
-    from kpipe.cli.context import print_json, state
+    from kpipe.cli.context import esc, print_json, state
     from kpipe.lab import LabConfig, resolve_kernel
 
     st = state()
     lab = _lab()
-    say = (lambda m: st.err_console.print(f"[dim]lab:[/] {m}")) if json_out else (lambda m: st.console.print(f"[dim]lab:[/] {m}"))
+    out = st.err_console if json_out else st.console
+
+    def say(m: str) -> None:
+        out.print(f"[dim]lab:[/] {esc(m)}")
+
     image = resolve_kernel(kernel, kernel_image, modules, lab.cache_dir)
     enforce_vms = tuple(n.strip() for v in (sig_enforce_vms or []) for n in v.split(",") if n.strip())
-    section = st.workspace.section("lab")
-    cfg = LabConfig(vms=vms or int(section.get("vms", 1)), memory_mb=memory or int(section.get("memory", 256)),
+    section = st.workspace.settings.lab
+    cfg = LabConfig(vms=vms or section.vms, memory_mb=memory or section.memory,
                     sig_enforce=sig_enforce, sig_enforce_vms=enforce_vms,
-                    append=" ".join(a for a in (str(section.get("append", "")), append) if a), boot_timeout=timeout)
+                    append=" ".join(a for a in (section.append, append) if a), boot_timeout=timeout)
     lab.up(image, cfg, say)
     status = lab.status()
     if json_out:
         print_json(status)
         return
     _print_status(status)
-    st.console.print(f"inventory: {status['inventory']}  (fleet group `lab`)")
+    st.console.print(f"inventory: {esc(status['inventory'])}  (fleet group `lab`)")
 
 
 @lab_app.command("status")
@@ -76,21 +80,21 @@ def status_cmd(json_out: bool = typer.Option(False, "--json", help="Print JSON."
 def _print_status(status: dict) -> None:
     from rich.table import Table
 
-    from kpipe.cli.context import state
+    from kpipe.cli.context import esc, state
 
     console = state().console
     if not status["vms"]:
         console.print("no lab is running")
         return
-    t = Table(title=f"lab: {status['kernel'].get('release', '?')} ({status['folder']})")
+    t = Table(title=f"lab: {esc(status['kernel'].get('release', '?'))} ({esc(status['folder'])})")
     for col in ("VM", "state", "ssh", "pid", "RSS MiB", "sig_enforce"):
         t.add_column(col, no_wrap=True)
     t.add_column("extra kernel args")
     for v in status["vms"]:
-        extra = " ".join(a for a in v["append"].split() if a not in ("console=ttyS0", "panic=-1")
+        extra = " ".join(a for a in v["append"].split() if a != "panic=-1" and not a.startswith("console=")
                          and not a.startswith("kpipe.lab="))
-        t.add_row(v["name"], "[green]running[/]" if v["alive"] else "[red]stopped[/]", v["ssh"], str(v["pid"]),
-                  f"{v['rss_mib']:.0f}", "yes" if v["sig_enforce"] else "no", extra)
+        t.add_row(esc(v["name"]), "[green]running[/]" if v["alive"] else "[red]stopped[/]", esc(v["ssh"]),
+                  str(v["pid"]), f"{v['rss_mib']:.0f}", "yes" if v["sig_enforce"] else "no", esc(extra))
     console.print(t)
     if status.get("ready_seconds"):
         console.print(f"ready in {status['ready_seconds']:.1f} s")
@@ -116,13 +120,13 @@ def ssh_cmd(
 @lab_app.command("down")
 def down_cmd(all_: bool = typer.Option(False, "--all", help="Also stop VMs kept by `kpipe preflight --keep`.")) -> None:
     """Stop exactly the lab's recorded qemu processes and remove its state."""
-    from kpipe.cli.context import state
+    from kpipe.cli.context import esc, state
 
     lab = _lab()
     stopped = lab.down()
     if all_:
         stopped += lab.down_preflights()
-    state().console.print(f"stopped: {', '.join(stopped)}" if stopped else "no lab VM was running")
+    state().console.print(f"stopped: {esc(', '.join(stopped))}" if stopped else "no lab VM was running")
 
 
 def preflight_cmd(
@@ -133,25 +137,25 @@ def preflight_cmd(
     json_out: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ) -> None:
     """Gate before the first canary: exit 9 with the kernel's own reason on failure."""
-    from kpipe.cli.context import print_json, state
+    from kpipe.cli.context import esc, print_json, state
     from kpipe.errors import PreflightFailed
     from kpipe.preflight import run_preflight
 
     st = state()
     out = st.err_console if json_out else st.console
     result = run_preflight(st.workspace, artifact_id, keep=keep, sig_enforce=sig_enforce, boot_timeout=timeout,
-                           progress=lambda m: out.print(f"[dim]preflight:[/] {m}"))
+                           progress=lambda m: out.print(f"[dim]preflight:[/] {esc(m)}"))
     if json_out:
         print_json(result)
     else:
         colour = "green" if result["status"] == "passed" else "red"
-        st.console.print(f"preflight {result['artifact']} on {result['kernel']}: [{colour}]{result['status']}[/] "
-                         f"in {result['duration_s']:.1f} s")
+        st.console.print(f"preflight {esc(result['artifact'])} on {esc(result['kernel'])}: "
+                         f"[{colour}]{esc(result['status'])}[/] in {result['duration_s']:.1f} s")
         for p in result["problems"]:
-            st.console.print(f"  - {p}")
+            st.console.print(f"  - {esc(p)}")
         if result.get("kept"):
             kept = result["kept"]
-            st.console.print(f"VM kept at {kept['ssh']} (key and known_hosts in {kept['folder']}); "
+            st.console.print(f"VM kept at {esc(kept['ssh'])} (key and known_hosts in {esc(kept['folder'])}); "
                              "stop it with `kpipe lab down --all`")
     if result["status"] != "passed":
         first = result["problems"][0] if result["problems"] else "unknown failure"

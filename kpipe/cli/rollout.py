@@ -1,19 +1,96 @@
-"""kpipe rollout: plan, start (--dry-run), status, resume, abort, rollback, list."""
+"""kpipe rollout: plan, start (--dry-run), status, resume, abort, rollback, list.
+
+`last` names the rollout that was started (or resumed) most recently; a plan that never ran is not
+`last` (`start --plan last` takes the newest stored plan). Numeric options are checked while the
+command line is parsed: nonsense is a usage error (exit 2) before any host is contacted.
+"""
 
 from __future__ import annotations
 
-from typing import Any, Optional
+import math
+import sys
+from typing import Any, Callable, Optional
 
 import typer
 
-from kpipe.cli.context import print_json, state
+from kpipe.cli.context import esc, guarded, print_json, state
 
 rollout_app = typer.Typer(help="Staged, health-gated rollouts with a journal, resume and rollback.",
                           no_args_is_help=True)
 
-_WAVES = typer.Option(None, "--waves",
+_WEEK = 7 * 24 * 3600.0
+_DAY = 24 * 3600.0
+
+
+def _number(lo: float, hi: float, what: str) -> Callable[[Optional[float]], Optional[float]]:
+    """A click callback: the value must be a finite number in [lo, hi], else a usage error (exit 2).
+    click's own range check lets nan through (every comparison with nan is false)."""
+    def check(value: Optional[float]) -> Optional[float]:
+        if value is None:
+            return value
+        if not math.isfinite(value):
+            raise typer.BadParameter(f"{value} is not a finite number of {what}")
+        if not lo <= value <= hi:
+            raise typer.BadParameter(f"{value:g} is not in the range {lo:g}<=x<={hi:g} ({what})")
+        return value
+    return check
+
+
+def _budget(value: Optional[str]) -> Optional[str]:
+    """--max-failures: N or N%, checked at parse time."""
+    if value is None:
+        return value
+    from kpipe.errors import ConfigError
+    from kpipe.rollout.planner import FailureBudget
+
+    try:
+        return str(FailureBudget.parse(value))
+    except ConfigError:
+        raise typer.BadParameter(f"{value!r} is not a count (0, 2) or a percentage (10%) of 0-100") from None
+
+
+def _waves(value: Optional[str]) -> Optional[str]:
+    """--waves: cumulative counts or percentages, checked at parse time."""
+    if value is None:
+        return value
+    from kpipe.errors import ConfigError
+    from kpipe.rollout.planner import parse_waves
+
+    try:
+        parse_waves(value)
+    except ConfigError as e:
+        raise typer.BadParameter(e.message.removeprefix("--waves ") + (f" ({e.hint})" if e.hint else "")) from None
+    return value
+
+
+def _policy(value: Optional[str]) -> Optional[str]:
+    if value is None:
+        return value
+    from kpipe.rollout.planner import ROLLBACK_POLICIES
+
+    if value not in ROLLBACK_POLICIES:
+        raise typer.BadParameter(f"{value!r} is not one of {', '.join(ROLLBACK_POLICIES)}")
+    return value
+
+
+_WAVES = typer.Option(None, "--waves", callback=_waves,
                       help="Cumulative wave sizes: counts or percentages (default: the recipe's, else 1,10%,50%,100%).")
 _LIMIT = typer.Option(None, "--limit", "-l", help="Ansible host pattern (group, glob, a:b, a:&b, a:!b).")
+_SOAK = typer.Option(None, "--soak", callback=_number(0.0, _WEEK, "seconds"),
+                     help="Seconds to watch each wave, 0 to 604800 (default: the recipe's, else 0).")
+_VERIFY_INTERVAL = typer.Option(10.0, "--verify-interval", callback=_number(0.5, _WEEK, "seconds"),
+                                help="Re-verify every N seconds in a soak (at least 0.5).")
+_MAX_FAILURES = typer.Option(None, "--max-failures", callback=_budget,
+                             help="Failure budget: N hosts or N% (default 0).")
+_POLICY = typer.Option(None, "--rollback-policy", callback=_policy,
+                       help="failed | wave | all (default failed).")
+_FORKS = typer.Option(None, "--forks", min=1, max=1000, help="Hosts in flight at once (1-1000).")
+_STEP_TIMEOUT = typer.Option(120.0, "--step-timeout", callback=_number(1.0, _DAY, "seconds"),
+                             help="Seconds per load / transition wait (1 to 86400).")
+_YES = typer.Option(False, "--yes", "-y", help="Do not ask for confirmation.")
+_NO_PROBE = typer.Option(False, "--no-probe",
+                         help="Roll out without the recipe's probe (a recipe that no longer renders is then "
+                              "tolerated and its rollout settings are not used).")
 
 
 def register(app: typer.Typer) -> None:
@@ -23,13 +100,13 @@ def register(app: typer.Typer) -> None:
 
 def _options(target: str, waves: Optional[str], soak: Optional[float], verify_interval: float,
              max_failures: Optional[str], rollback_policy: Optional[str], skip_preflight: bool, persist: bool,
-             forks: Optional[int], timeout: float):
+             forks: Optional[int], timeout: float, no_probe: bool = False):
     """Options from the command line; what it leaves out comes from the recipe's `rollout:` section."""
     from kpipe.rollout.planner import DEFAULT_WAVES, FailureBudget, RolloutOptions
     from kpipe.rollout.world import recipe_defaults
 
     ws = state().workspace
-    rd = recipe_defaults(ws, target) if None in (waves, soak, max_failures, rollback_policy) else {}
+    rd = recipe_defaults(ws, target, no_probe=no_probe) if None in (waves, soak, max_failures, rollback_policy) else {}
     if waves is None:
         waves = ",".join(str(w) for w in rd["waves"]) if rd.get("waves") else DEFAULT_WAVES
     if soak is None:
@@ -50,15 +127,81 @@ def _journal():
     return Journal(state().workspace.store)
 
 
+def _resolve(journal: Any, ref: str) -> str:
+    """A rollout id from an id, a unique prefix, or `last`: the rollout started (or resumed) most
+    recently. A stored plan that never ran is not `last`: rolling it back or resuming it means nothing."""
+    if (ref or "").strip() != "last":
+        return journal.resolve(ref)
+    import json
+
+    from kpipe.errors import NotFoundError
+
+    rows = journal.store.query("SELECT id, created_at, detail_json FROM rollouts WHERE state != 'planned'")
+    if not rows:
+        raise NotFoundError("no rollout has been started yet (`last` never names a plan that did not run)",
+                            hint="see `kpipe rollout list`; start a plan with `kpipe rollout start --plan ID`")
+
+    def started(r: Any) -> tuple:
+        detail = json.loads(r["detail_json"] or "{}")
+        return (float(detail.get("started_at") or r["created_at"]), r["created_at"], r["id"])
+
+    return max(rows, key=started)["id"]
+
+
+def _resolve_plan(journal: Any, ref: str) -> str:
+    """`start --plan`: an id, a prefix, or `last` (the newest stored plan that has not run)."""
+    if (ref or "").strip() != "last":
+        return journal.resolve(ref)
+    from kpipe.errors import NotFoundError
+
+    row = journal.store.query_one("SELECT id FROM rollouts WHERE state = 'planned' "
+                                  "ORDER BY created_at DESC, id DESC LIMIT 1")
+    if row is None:
+        raise NotFoundError("no stored plan is waiting to be started", hint="make one with `kpipe rollout plan`")
+    return row["id"]
+
+
+def _refuse_plan(journal: Any, rid: str, verb: str) -> Any:
+    """The rollout's record; a plan that never ran cannot be resumed or rolled back (ConfigError, exit 4)."""
+    from kpipe.errors import ConfigError
+
+    rec = journal.get(rid)
+    if rec.state == "planned":
+        raise ConfigError(f"rollout {rid} is a plan that never ran: there is nothing to {verb}",
+                          hint=f"start it with `kpipe rollout start --plan {rid}`")
+    return rec
+
+
+def _interactive() -> bool:
+    try:
+        return sys.stdin.isatty()
+    except (AttributeError, ValueError):  # no stdin, or it was closed
+        return False
+
+
+def _need_yes(what: str) -> None:
+    """Without a terminal there is no one to ask: a rollout must then be confirmed with --yes (exit 2)."""
+    from kpipe.errors import ExitCode, KpipeError
+
+    raise KpipeError(f"cannot ask for confirmation to {what}: stdin is not a terminal",
+                     hint="pass --yes to confirm on the command line", exit_code=ExitCode.USAGE)
+
+
+def _confirm(question: str, json_out: bool) -> None:
+    # the question goes to stderr when stdout carries JSON
+    if not typer.confirm(question, err=json_out):
+        raise typer.Abort()
+
+
 def _print_plan(plan: Any, rollout_id: str) -> None:
     from rich.table import Table
 
     con = state().console
     o = plan.options
-    con.print(f"[bold]rollout {rollout_id}[/bold]: {plan.target_kind} {plan.target}, "
+    con.print(f"[bold]rollout {esc(rollout_id)}[/bold]: {esc(plan.target_kind)} {esc(plan.target)}, "
               f"{len(plan.hosts)} host(s) in {len(plan.waves)} wave(s), {len(plan.excluded)} excluded")
-    con.print(f"  soak {o.soak_s:g} s (verify every {o.verify_interval_s:g} s), max failures {o.max_failures}, "
-              f"rollback policy {o.rollback_policy}, persist {'yes' if o.persist else 'no'}"
+    con.print(f"  soak {o.soak_s:g} s (verify every {o.verify_interval_s:g} s), max failures {esc(o.max_failures)}, "
+              f"rollback policy {esc(o.rollback_policy)}, persist {'yes' if o.persist else 'no'}"
               + (", [yellow]preflight skipped[/yellow]" if o.skip_preflight else ""))
     if plan.hosts:
         t = Table(title="waves", show_lines=False)
@@ -68,25 +211,26 @@ def _print_plan(plan: Any, rollout_id: str) -> None:
             for h in wave:
                 a = plan.assignments[h]
                 pf = a.artifact.preflight or "not run"
-                t.add_row(str(w), h, a.release, f"{a.artifact.id} ({a.artifact.module_name})",
+                t.add_row(str(w), esc(h), esc(a.release), esc(f"{a.artifact.id} ({a.artifact.module_name})"),
                           "yes" if a.artifact.signed else "no",
-                          f"[green]{pf}[/green]" if pf == "passed" else f"[yellow]{pf}[/yellow]", "; ".join(a.notes))
+                          f"[green]{esc(pf)}[/green]" if pf == "passed" else f"[yellow]{esc(pf)}[/yellow]",
+                          esc("; ".join(a.notes)))
         con.print(t)
     if plan.excluded:
         t = Table(title="excluded")
         t.add_column("host")
         t.add_column("reason")
         for e in plan.excluded:
-            t.add_row(e.host, e.reason)
+            t.add_row(esc(e.host), esc(e.reason))
         con.print(t)
 
 
 def _plan_and_store(target: str, limit: Optional[str], opts: Any, store: bool = True,
-                    pool: Any = None) -> tuple[Any, str, list]:
+                    pool: Any = None, no_probe: bool = False) -> tuple[Any, str, list]:
     from kpipe.rollout.world import build_plan
 
     ws = state().workspace
-    plan, hosts = build_plan(ws, target, limit, opts, pool=pool)
+    plan, hosts = build_plan(ws, target, limit, opts, pool=pool, no_probe=no_probe)
     rid = ""
     if store:
         rid = _journal().create(plan.to_dict(), opts.to_dict(), target=target)
@@ -98,28 +242,30 @@ def plan_cmd(
     target: str = typer.Argument(..., help="A recipe name, or an artifact id."),
     limit: Optional[str] = _LIMIT,
     waves: Optional[str] = _WAVES,
-    soak: Optional[float] = typer.Option(None, "--soak", help="Seconds to watch each wave (default: the recipe's, else 0)."),
-    verify_interval: float = typer.Option(10.0, "--verify-interval", help="Re-verify every N seconds in a soak."),
-    max_failures: Optional[str] = typer.Option(None, "--max-failures", help="Failure budget: N hosts or N% (default 0)."),
-    rollback_policy: Optional[str] = typer.Option(None, "--rollback-policy", help="failed | wave | all (default failed)."),
+    soak: Optional[float] = _SOAK,
+    verify_interval: float = _VERIFY_INTERVAL,
+    max_failures: Optional[str] = _MAX_FAILURES,
+    rollback_policy: Optional[str] = _POLICY,
     skip_preflight: bool = typer.Option(False, "--skip-preflight", help="Allow artifacts without a passed preflight."),
     persist: bool = typer.Option(False, "--persist", help="Install for reboot (kpatch install)."),
-    forks: Optional[int] = typer.Option(None, "--forks", help="Hosts in flight at once."),
-    timeout: float = typer.Option(120.0, "--step-timeout", help="Seconds per load / transition wait."),
+    forks: Optional[int] = _FORKS,
+    timeout: float = _STEP_TIMEOUT,
+    no_probe: bool = _NO_PROBE,
     json_out: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """Plan a rollout: waves, hosts, the artifact per host, preflight status, excluded hosts with reasons."""
     opts = _options(target, waves, soak, verify_interval, max_failures, rollback_policy, skip_preflight, persist, forks,
-                    timeout)
-    plan, rid, _ = _plan_and_store(target, limit, opts)
+                    timeout, no_probe)
+    plan, rid, _ = _plan_and_store(target, limit, opts, no_probe=no_probe)
     if json_out:
         print_json({"id": rid, **plan.to_dict()})
     else:
         _print_plan(plan, rid)
 
 
-def _progress_printer(to_stderr: bool = False):
-    """An event callback that prints wave, host and gate lines (on stderr when stdout carries JSON)."""
+def _progress_printer(to_stderr: bool = False) -> Callable[[Any], None]:
+    """An event callback that prints wave, host and gate lines (on stderr when stdout carries JSON).
+    Host names and reasons are data, never markup; and a failure to print never stops the engine."""
     con = state().err_console if to_stderr else state().console
     colors = {"applied": "green", "rolled_back": "cyan", "failed": "red", "unreachable": "red", "skipped": "yellow"}
 
@@ -128,17 +274,18 @@ def _progress_printer(to_stderr: bool = False):
             con.print(f"[bold]wave {ev.wave}[/bold]: {len(ev.data.get('todo', []))} host(s)")
         elif ev.kind == "host":
             c = colors.get(ev.phase, "white")
-            con.print(f"  [{c}]{ev.phase:<11}[/{c}] {ev.host}" + (f"  {ev.message}" if ev.message else ""))
+            con.print(f"  [{c}]{esc(f'{ev.phase:<11}')}[/{c}] {esc(ev.host)}"
+                      + (f"  {esc(ev.message)}" if ev.message else ""))
         elif ev.kind == "soak" and ev.data.get("regressions"):
             con.print(f"  soak round {ev.data['round']}: {len(ev.data['regressions'])} regression(s)")
         elif ev.kind == "gate":
-            con.print(f"  gate after wave {ev.wave}: [{'green' if ev.phase == 'proceed' else 'red'}]{ev.phase}"
-                      f"[/]" + (f": {ev.message}" if ev.message else ""))
+            con.print(f"  gate after wave {ev.wave}: [{'green' if ev.phase == 'proceed' else 'red'}]{esc(ev.phase)}"
+                      f"[/]" + (f": {esc(ev.message)}" if ev.message else ""))
         elif ev.kind == "rollback-start":
             con.print(f"[bold yellow]rolling back[/bold yellow] {len(ev.data.get('hosts', []))} host(s)")
         elif ev.kind == "resume":
-            con.print(f"resume: {ev.message}")
-    return on_event
+            con.print(f"resume: {esc(ev.message)}")
+    return guarded(on_event, con)
 
 
 def _finish(summary: Any, json_out: bool) -> None:
@@ -163,10 +310,10 @@ def _print_summary(s: Any) -> None:
 
     con = state().console
     counts = Counter(s.hosts.values())
-    con.print(f"rollout {s.rollout_id}: [bold]{s.state}[/bold] — "
-              + ", ".join(f"{n} {k}" for k, n in sorted(counts.items())))
+    con.print(f"rollout {esc(s.rollout_id)}: [bold]{esc(s.state)}[/bold] — "
+              + ", ".join(f"{n} {esc(k)}" for k, n in sorted(counts.items())))
     if s.halt_reason:
-        con.print(f"  halted: {s.halt_reason}")
+        con.print(f"  halted: {esc(s.halt_reason)}")
 
 
 def _run_engine(rid: str, what: str, forks: Optional[int], limit: Optional[str] = None,
@@ -175,13 +322,24 @@ def _run_engine(rid: str, what: str, forks: Optional[int], limit: Optional[str] 
 
     journal = _journal()
     engine, runner = engine_for(state().workspace, journal, rid, forks=forks, on_event=_progress_printer(json_out),
-                                pool=pool, hosts=hosts)
+                                pool=pool, hosts=hosts, check_blobs=what != "rollback")
     try:
         if what == "start":
             return engine.start(rid)
         if what == "resume":
             return engine.resume(rid)
         return engine.rollback(rid, limit)
+    except KeyboardInterrupt:
+        # Ctrl-C: the journal holds every step taken so far; the rollout is not `running` any more
+        from kpipe.errors import ExitCode, KpipeError
+        from kpipe.rollout.journal import mark_interrupted
+
+        if mark_interrupted(journal, rid) == "planned":  # stopped before its first step
+            raise KpipeError(f"interrupted before rollout {rid} started; nothing was changed",
+                             exit_code=ExitCode.INTERRUPTED,
+                             hint=f"start it with `kpipe rollout start --plan {rid}`") from None
+        raise KpipeError(f"interrupted; resume with `kpipe rollout resume {rid}`", exit_code=ExitCode.INTERRUPTED,
+                         hint=f"`kpipe rollout status {rid}` shows where each host stopped") from None
     finally:
         runner.close()
 
@@ -189,39 +347,42 @@ def _run_engine(rid: str, what: str, forks: Optional[int], limit: Optional[str] 
 @rollout_app.command("start")
 def start_cmd(
     target: Optional[str] = typer.Argument(None, help="A recipe name or an artifact id (or use --plan)."),
-    plan_id: Optional[str] = typer.Option(None, "--plan", help="Start a stored plan (an id, or `last`)."),
+    plan_id: Optional[str] = typer.Option(None, "--plan", help="Start a stored plan (an id, or `last`: the newest plan)."),
     limit: Optional[str] = _LIMIT,
     waves: Optional[str] = _WAVES,
-    soak: Optional[float] = typer.Option(None, "--soak"),
-    verify_interval: float = typer.Option(10.0, "--verify-interval"),
-    max_failures: Optional[str] = typer.Option(None, "--max-failures"),
-    rollback_policy: Optional[str] = typer.Option(None, "--rollback-policy"),
-    skip_preflight: bool = typer.Option(False, "--skip-preflight"),
-    persist: bool = typer.Option(False, "--persist"),
-    forks: Optional[int] = typer.Option(None, "--forks"),
-    timeout: float = typer.Option(120.0, "--step-timeout"),
+    soak: Optional[float] = _SOAK,
+    verify_interval: float = _VERIFY_INTERVAL,
+    max_failures: Optional[str] = _MAX_FAILURES,
+    rollback_policy: Optional[str] = _POLICY,
+    skip_preflight: bool = typer.Option(False, "--skip-preflight", help="Allow artifacts without a passed preflight."),
+    persist: bool = typer.Option(False, "--persist", help="Install for reboot (kpatch install)."),
+    forks: Optional[int] = _FORKS,
+    timeout: float = _STEP_TIMEOUT,
     dry_run: bool = typer.Option(False, "--dry-run", help="Print every command for every host; change nothing."),
-    yes: bool = typer.Option(False, "--yes", "-y", help="Do not ask for confirmation."),
+    no_probe: bool = _NO_PROBE,
+    yes: bool = _YES,
     json_out: bool = typer.Option(False, "--json"),
 ) -> None:
     """Plan (or take a stored plan) and run it wave by wave; exit 8 when a gate halts it."""
     from kpipe.errors import ConfigError
     from kpipe.rollout.planner import RolloutPlan
 
+    if not (yes or dry_run or _interactive()):
+        _need_yes("start a rollout")  # before any host is asked or any plan stored
     journal = _journal()
     pool, hosts = None, None
     if plan_id:
-        rid = journal.resolve(plan_id)
+        rid = _resolve_plan(journal, plan_id)
         plan = RolloutPlan.from_dict(journal.get(rid).plan)
     elif target:
         from kpipe.rollout.world import make_pool
 
         opts = _options(target, waves, soak, verify_interval, max_failures, rollback_policy, skip_preflight, persist,
-                        forks, timeout)
+                        forks, timeout, no_probe)
         # one pool for facts and the rollout: each host's connection is opened once
         pool = make_pool(state().workspace, opts.forks)
         try:
-            plan, rid, hosts = _plan_and_store(target, limit, opts, store=not dry_run, pool=pool)
+            plan, rid, hosts = _plan_and_store(target, limit, opts, store=not dry_run, pool=pool, no_probe=no_probe)
         except BaseException:
             pool.close()
             raise
@@ -250,32 +411,45 @@ def _start(plan: Any, rid: str, dry_run: bool, yes: bool, json_out: bool, forks:
             return
         con = state().console
         for host, lines in cmds.items():
-            con.print(f"[bold]{host}[/bold] (wave {plan.assignments[host].wave}):")
+            con.print(f"[bold]{esc(host)}[/bold] (wave {plan.assignments[host].wave}):")
             for line in lines:
                 con.print(f"  {line}", markup=False)
         con.print("dry run: nothing was changed")
         return
-    if not yes and not typer.confirm(f"Roll out to {len(plan.hosts)} host(s) in {len(plan.waves)} wave(s)?"):
-        raise typer.Abort()
+    if not yes:
+        _confirm(f"Roll out to {len(plan.hosts)} host(s) in {len(plan.waves)} wave(s)?", json_out)
     _finish(_run_engine(rid, "start", forks, json_out=json_out, pool=pool, hosts=hosts), json_out)
 
 
 @rollout_app.command("resume")
-def resume_cmd(rollout_id: str = typer.Argument(..., help="Rollout id, or `last`."),
-               forks: Optional[int] = typer.Option(None, "--forks"),
+def resume_cmd(rollout_id: str = typer.Argument(..., help="Rollout id, or `last` (the last one started)."),
+               forks: Optional[int] = _FORKS,
+               yes: bool = _YES,
                json_out: bool = typer.Option(False, "--json")) -> None:
-    """Continue a rollout from its journal (re-reads every host's real state first)."""
-    rid = _journal().resolve(rollout_id)
+    """Continue a rollout from its journal (re-reads every host's real state first).
+    On a terminal it asks first unless --yes; without one it goes on (the rollout was confirmed at start)."""
+    j = _journal()
+    rid = _resolve(j, rollout_id)
+    rec = _refuse_plan(j, rid, "resume")
+    if not yes and _interactive():
+        _confirm(f"Resume rollout {rid} ({rec.state}, target {rec.target})?", json_out)
     _finish(_run_engine(rid, "resume", forks, json_out=json_out), json_out)
 
 
 @rollout_app.command("rollback")
-def rollback_cmd(rollout_id: str = typer.Argument(..., help="Rollout id, or `last`."),
+def rollback_cmd(rollout_id: str = typer.Argument(..., help="Rollout id, or `last` (the last one started)."),
                  limit: Optional[str] = typer.Option(None, "--limit", "-l", help="Only hosts matching these globs."),
-                 forks: Optional[int] = typer.Option(None, "--forks"),
+                 forks: Optional[int] = _FORKS,
+                 yes: bool = _YES,
                  json_out: bool = typer.Option(False, "--json")) -> None:
-    """Roll back every host the rollout applied (disable, wait, unload, verify removal)."""
-    rid = _journal().resolve(rollout_id)
+    """Roll back every host the rollout applied (disable, wait, unload, verify removal).
+    On a terminal it asks first unless --yes; without one it goes on (a rollback is the way back)."""
+    j = _journal()
+    rid = _resolve(j, rollout_id)
+    rec = _refuse_plan(j, rid, "roll back")
+    if not yes and _interactive():
+        _confirm(f"Roll back rollout {rid} ({rec.state}, target {rec.target})"
+                 + (f" on hosts matching {limit}" if limit else "") + "?", json_out)
     s = _run_engine(rid, "rollback", forks, limit, json_out=json_out)
     if json_out:
         print_json(s.to_dict())
@@ -290,44 +464,44 @@ def rollback_cmd(rollout_id: str = typer.Argument(..., help="Rollout id, or `las
 
 
 @rollout_app.command("abort")
-def abort_cmd(rollout_id: str = typer.Argument(..., help="Rollout id, or `last`.")) -> None:
+def abort_cmd(rollout_id: str = typer.Argument(..., help="Rollout id, or `last` (the last one started).")) -> None:
     """Ask the driving kpipe to stop after its in-flight hosts."""
     j = _journal()
-    rid = j.resolve(rollout_id)
-    j.request_abort(rid)
-    rec = j.get(rid)
-    if rec.state == "running" and not rec.owner_pid:
-        j.set_state(rid, "aborted")
-    state().console.print(f"rollout {rid}: abort requested (state {j.get(rid).state})")
+    rid = _resolve(j, rollout_id)
+    st = j.abort(rid)
+    state().console.print(f"rollout {esc(rid)}: abort requested (state {esc(st)})")
 
 
 @rollout_app.command("status")
-def status_cmd(rollout_id: str = typer.Argument("last", help="Rollout id, or `last`."),
+def status_cmd(rollout_id: str = typer.Argument("last", help="Rollout id, or `last` (the last one started)."),
                json_out: bool = typer.Option(False, "--json")) -> None:
     """A rollout's state and every host's final state."""
     from kpipe.rollout.engine import summarize
 
     j = _journal()
-    rid = j.resolve(rollout_id)
+    rid = _resolve(j, rollout_id)
     rec = j.get(rid)
     s = summarize(j, rid)
+    owner = j.live_owner(rid)  # a killed kpipe's pid is not a driver
     if json_out:
-        print_json({**rec.to_dict(), "hosts": s.hosts, "reasons": s.reasons})
+        print_json({**rec.to_dict(), "owner_pid": owner, "hosts": s.hosts, "reasons": s.reasons})
         return
     from rich.table import Table
 
     con = state().console
-    con.print(f"rollout {rid}: [bold]{rec.state}[/bold] (target {rec.target})"
-              + (f", driven by pid {rec.owner_pid}" if rec.owner_pid else "")
+    con.print(f"rollout {esc(rid)}: [bold]{esc(rec.state)}[/bold] (target {esc(rec.target)})"
+              + (f", driven by pid {owner}" if owner else "")
               + (", abort requested" if rec.abort_requested else ""))
     if rec.detail.get("halt_reason"):
-        con.print(f"  halted: {rec.detail['halt_reason']}")
+        con.print(f"  halted: {esc(rec.detail['halt_reason'])}")
+    if rec.state == "interrupted":
+        con.print(f"  interrupted: continue with `kpipe rollout resume {esc(rid)}`")
     t = Table()
     t.add_column("host")
     t.add_column("state")
     t.add_column("reason")
     for h, st in s.hosts.items():
-        t.add_row(h, st, s.reasons.get(h, ""))
+        t.add_row(esc(h), esc(st), esc(s.reasons.get(h, "")))
     con.print(t)
 
 
@@ -346,6 +520,6 @@ def list_cmd(json_out: bool = typer.Option(False, "--json")) -> None:
     for col in ("id", "created", "state", "target", "hosts"):
         t.add_column(col, no_wrap=col == "id")
     for r in recs:
-        t.add_row(r.id, _time.strftime("%Y-%m-%d %H:%M:%S", _time.gmtime(r.created_at)), r.state, r.target,
-                  str(sum(len(w) for w in r.plan.get("waves", []))))
+        t.add_row(esc(r.id), _time.strftime("%Y-%m-%d %H:%M:%S", _time.gmtime(r.created_at)), esc(r.state),
+                  esc(r.target), str(sum(len(w) for w in r.plan.get("waves", []))))
     state().console.print(t)

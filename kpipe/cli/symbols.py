@@ -21,12 +21,10 @@ def _target(ws: Any, spec: str) -> Any:
     m = re.fullmatch(r"(?:([^@\s]+)@)?(\[[0-9a-fA-F:.]+\]|[^:@\s]+)(?::(\d+))?", spec)
     host = None
     if "@" not in spec and ":" not in spec:
-        try:
-            from kpipe.fleet.inventory import load_inventory
+        from kpipe.fleet.inventory import load_inventory
 
+        try:
             host = load_inventory(ws).get(spec)
-        except ImportError:
-            host = None
         except NotFoundError:
             host = None
         except ConfigError:
@@ -112,7 +110,3 @@ def list_cmd(
         table.add_row(*(Text(str(v)) for v in (r["release"], r["kind"], r["origin"], r["exports"], r["symbols"],
                                                 r["digest"][:12])))
     state().console.print(table)
-
-
-def register(app_: typer.Typer) -> None:
-    """Nothing at the root: H-RECIPES mounts `app` as `kpipe kernels symbols`."""

@@ -59,36 +59,39 @@ def validate_cmd(
     if path.is_file():
         ws = _workspace_or_none()
         if not kernel:
-            raise ConfigError("--kernel is required when validating a file", hint="e.g. --kernel 6.1.0-56-amd64")
+            raise ConfigError("--kernel is required when validating a file",
+                              hint="name the target release, e.g. one from `kpipe kernels list`")
         from kpipe.validation import validate_module
 
         if strict is None:
-            strict = bool(ws.section("validation").get("strict", False)) if ws is not None else False
+            strict = ws.settings.validation.strict if ws is not None else False
         report = validate_module(ws, path, kernel, symbol_files=symbols, certs=cert, strict=strict)
     else:
         from kpipe.artifacts import get_artifact
-        from kpipe.validation import validate_and_record, validate_module
+        from kpipe.validation import validate_and_record
 
         ws = state().workspace
         art = get_artifact(ws.store, target)
-        if kernel and kernel != art.kernel:
-            # Another kernel than the artifact's: report only, never change the artifact's status.
-            report = validate_module(ws, art.path(ws.store), kernel, symbol_files=symbols, certs=cert,
-                                     strict=bool(strict if strict is not None
-                                                 else ws.section("validation").get("strict", False)))
-            report.module = f"{art.id} ({art.filename})"
-        else:
-            report = validate_and_record(ws, art, symbol_files=symbols, certs=cert, strict=strict)
+        # Recorded either way; only the artifact's own validation (its kernel, certificates, symbols and
+        # the workspace's strictness) can change its status: a trial with other options never does.
+        report = validate_and_record(ws, art, symbol_files=symbols, certs=cert, strict=strict, kernel=kernel)
     if json_out:
-        print_json(report.to_dict())
+        print_json({**report.to_dict(), **({"own": report.own} if report.own is not None else {})})
     else:
         render_report(report)
+        if report.own is False:
+            from rich.text import Text
+
+            state().console.print(Text(f"a trial with other options than {target}'s own validation: recorded; "
+                                       "its status is unchanged", style="dim"))
     if not report.ok:
         # A KpipeError, not typer.Exit: main() runs click with standalone_mode=False, which returns
         # (and so loses) an Exit's code.
         from kpipe.errors import ValidationFailed
 
-        first = next((f for f in report.findings if f.severity in ("error", "skipped")), None)
+        # The first real error; a skipped check only when strict mode failed on skips alone.
+        first = next((f for f in report.findings if f.severity == "error"),
+                     next((f for f in report.findings if f.severity == "skipped"), None))
         raise ValidationFailed(report.summary() + (f"; first: {first.id}: {first.message}" if first else ""),
                                hint="see the findings above" if not json_out else None)
 

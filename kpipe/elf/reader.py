@@ -12,9 +12,12 @@ from __future__ import annotations
 import gzip
 import io
 import lzma
+import mmap
+import os
 import re
 import struct
 import subprocess
+import threading
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -187,82 +190,186 @@ class ModuleInfo:
 _XZ_MAGIC = b"\xfd7zXZ\x00"
 _ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 _GZ_MAGIC = b"\x1f\x8b"
-_MAX_MODULE = 1 << 31  # 2 GiB: no module is larger; stops decompression bombs
+# The largest module file kpipe reads, compressed or decompressed. Real livepatch modules are a few MB and
+# modules with full debug info a few hundred MB; a larger file is the wrong file (or a decompression bomb),
+# and refusing it up front beats running out of memory half way.
+MAX_MODULE_BYTES = 512 << 20
+# Symbol sources (a debug vmlinux) may be larger than any module: the bound for decompressing those.
+MAX_DECOMPRESSED_BYTES = 2 << 30
+
+
+def _too_large(label: str, what: str, limit: int, kind: str) -> ModuleFormatError:
+    setting = "MAX_MODULE_BYTES" if kind == "kernel module" else "MAX_DECOMPRESSED_BYTES"
+    return ModuleFormatError(f"{label}: {what} more than {limit >> 20} MiB, larger than any {kind}",
+                             hint=f"check the path: kpipe reads a {kind} of up to {limit >> 20} MiB "
+                                  f"({setting} in kpipe/elf/reader.py)")
+
+
+def map_module(path: Path) -> tuple[Any, str]:
+    """A module file as a read-only buffer (a memory map when uncompressed) and its compression ("" if none).
+
+    The parser only touches the headers and the sections it needs, so a mapped file is never read whole.
+    Files over MAX_MODULE_BYTES, and compressed ones that decompress to more, are refused.
+    """
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if size > MAX_MODULE_BYTES:
+                raise _too_large(str(path), f"is {size >> 20} MiB,", MAX_MODULE_BYTES, "kernel module")
+            if size == 0:
+                return b"", ""
+            raw = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    except OSError as e:
+        raise ModuleFormatError(f"{path}: cannot read: {e.strerror}") from None
+    return decompress(raw, str(path), limit=MAX_MODULE_BYTES, kind="kernel module")
 
 
 def load_module_bytes(path: Path) -> tuple[bytes, str]:
-    """The decompressed bytes of a module file and the compression it used ("" if none)."""
-    try:
-        raw = Path(path).read_bytes()
-    except OSError as e:
-        raise ModuleFormatError(f"{path}: cannot read: {e.strerror}") from None
-    return decompress(raw, str(path))
+    """The decompressed bytes of a module file and the compression it used ("" if none); see map_module."""
+    data, compression = map_module(path)
+    return bytes(data), compression
 
 
-def decompress(raw: bytes, label: str) -> tuple[bytes, str]:
-    """Decompress xz/zstd/gzip by magic number (the kernel's own loader also goes by content)."""
+def decompress(raw: Any, label: str, *, limit: int = MAX_DECOMPRESSED_BYTES,
+               kind: str = "symbol source") -> tuple[Any, str]:
+    """Decompress xz/zstd/gzip by magic number (the kernel's own loader also goes by content); past `limit`
+    decompressed bytes it stops and refuses (naming `kind`). Anything else comes back unchanged."""
     try:
-        if raw.startswith(_XZ_MAGIC):
-            return _bounded(lzma.LZMADecompressor(), raw, label), "xz"
-        if raw.startswith(_GZ_MAGIC):
-            with gzip.GzipFile(fileobj=io.BytesIO(raw)) as f:
-                data = f.read(_MAX_MODULE + 1)
-            if len(data) > _MAX_MODULE:
-                raise ModuleFormatError(f"{label}: decompresses to more than 2 GiB")
+        if raw[:6] == _XZ_MAGIC:
+            return _bounded(lzma.LZMADecompressor(), raw, label, limit, kind), "xz"
+        if raw[:2] == _GZ_MAGIC:
+            with gzip.GzipFile(fileobj=io.BufferedReader(_ViewReader(memoryview(raw)))) as f:
+                data = f.read(limit + 1)
+            if len(data) > limit:
+                raise _too_large(label, "decompresses to", limit, kind)
             return data, "gz"
-        if raw.startswith(_ZSTD_MAGIC):
-            return _unzstd(raw, label), "zst"
+        if raw[:4] == _ZSTD_MAGIC:
+            return _unzstd(raw, label, limit, kind), "zst"
     except (lzma.LZMAError, OSError, EOFError, gzip.BadGzipFile) as e:
         raise ModuleFormatError(f"{label}: corrupt compressed module: {e}",
                                 hint="re-fetch the file; check it with xz -t / zstd -t / gzip -t") from None
     return raw, ""
 
 
-def _bounded(dec: lzma.LZMADecompressor, raw: bytes, label: str) -> bytes:
-    data = dec.decompress(raw, max_length=_MAX_MODULE + 1)
-    if len(data) > _MAX_MODULE:
-        raise ModuleFormatError(f"{label}: decompresses to more than 2 GiB")
+def _bounded(dec: lzma.LZMADecompressor, raw: Any, label: str, limit: int, kind: str) -> bytes:
+    data = dec.decompress(raw, max_length=limit + 1)
+    if len(data) > limit:
+        raise _too_large(label, "decompresses to", limit, kind)
     if not dec.eof:
         raise ModuleFormatError(f"{label}: truncated xz stream")
     return data
 
 
-def _unzstd(raw: bytes, label: str) -> bytes:
+def _unzstd(raw: Any, label: str, limit: int, kind: str) -> bytes:
     try:
-        import zstandard  # optional: faster and no subprocess
-
-        try:
-            with zstandard.ZstdDecompressor().stream_reader(io.BytesIO(raw)) as r:
-                data = r.read(_MAX_MODULE + 1)
-        except zstandard.ZstdError as e:
-            raise ModuleFormatError(f"{label}: corrupt zstd stream: {e}") from None
-    except ImportError:
-        try:
-            proc = subprocess.run(["zstd", "-dc", "-q"], input=raw, capture_output=True, timeout=120, check=False)
-        except FileNotFoundError:
-            raise ModuleFormatError(f"{label}: is zstd-compressed and neither python zstandard nor zstd is installed",
-                                    hint="apt-get install zstd, or pip install zstandard") from None
-        except subprocess.TimeoutExpired:
-            raise ModuleFormatError(f"{label}: zstd took more than 120 s") from None
-        if proc.returncode != 0:
-            msg = proc.stderr.decode("utf-8", "replace").strip().splitlines()
-            raise ModuleFormatError(f"{label}: corrupt zstd stream: {msg[-1] if msg else 'zstd failed'}")
-        data = proc.stdout
-    if len(data) > _MAX_MODULE:
-        raise ModuleFormatError(f"{label}: decompresses to more than 2 GiB")
+        # zstandard is optional (not a declared dependency): faster and no subprocess when installed
+        import zstandard
+    except ImportError:  # not installed: the zstd command does the same, in a subprocess
+        return _unzstd_cli(raw, label, limit, kind)
+    try:
+        with zstandard.ZstdDecompressor().stream_reader(_ViewReader(memoryview(raw))) as r:
+            data = r.read(limit + 1)
+    except zstandard.ZstdError as e:
+        raise ModuleFormatError(f"{label}: corrupt zstd stream: {e}") from None
+    if len(data) > limit:
+        raise _too_large(label, "decompresses to", limit, kind)
     return data
+
+
+def _unzstd_cli(raw: Any, label: str, limit: int, kind: str) -> bytes:
+    """zstd -dc, reading at most limit+1 bytes of its output (a bomb is stopped, not buffered)."""
+    try:
+        proc = subprocess.Popen(["zstd", "-dc", "-q"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE)
+    except FileNotFoundError:
+        raise ModuleFormatError(f"{label}: is zstd-compressed and neither python zstandard nor zstd is installed",
+                                hint="apt-get install zstd, or pip install zstandard") from None
+    errors: list[bytes] = []
+
+    def feed() -> None:
+        try:
+            proc.stdin.write(memoryview(raw))
+        except OSError:  # zstd stopped reading: it failed, or we stopped it
+            pass
+        finally:
+            try:
+                proc.stdin.close()
+            except OSError:
+                pass
+
+    def drain() -> None:
+        errors.append(proc.stderr.read())
+
+    timed_out = threading.Event()
+
+    def stop() -> None:  # a stuck zstd must not hang kpipe
+        timed_out.set()
+        proc.kill()
+
+    threads = [threading.Thread(target=feed, daemon=True), threading.Thread(target=drain, daemon=True)]
+    for t in threads:
+        t.start()
+    timer = threading.Timer(120, stop)
+    timer.start()
+    data = b""
+    try:
+        data = proc.stdout.read(limit + 1)
+    finally:
+        if len(data) > limit:
+            proc.kill()
+        proc.stdout.close()
+        code = proc.wait()
+        timer.cancel()
+        for t in threads:
+            t.join()
+    if timed_out.is_set():
+        raise ModuleFormatError(f"{label}: zstd took more than 120 s")
+    if len(data) > limit:
+        raise _too_large(label, "decompresses to", limit, kind)
+    if code != 0:
+        msg = b"".join(errors).decode("utf-8", "replace").strip().splitlines()
+        raise ModuleFormatError(f"{label}: corrupt zstd stream: {msg[-1] if msg else f'zstd exited with {code}'}")
+    return data
+
+
+class _ViewReader(io.RawIOBase):
+    """A read-only, seekable stream over a buffer without copying it (io.BytesIO would copy)."""
+
+    def __init__(self, view: memoryview):
+        self.view = view
+        self.pos = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def readinto(self, b: Any) -> int:
+        n = max(0, min(len(b), len(self.view) - self.pos))
+        b[:n] = self.view[self.pos:self.pos + n]
+        self.pos += n
+        return n
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self.pos, io.SEEK_END: len(self.view)}[whence]
+        self.pos = max(0, base + offset)
+        return self.pos
+
+    def tell(self) -> int:
+        return self.pos
 
 
 # -- reading -------------------------------------------------------------------------------------------------
 
 def read_module(path: Path | str) -> ModuleInfo:
     """Read and parse a module file (compressed or not); ModuleFormatError if it is not a sane module."""
-    data, compression = load_module_bytes(Path(path))
+    data, compression = map_module(Path(path))
     return parse_module(data, str(path), compression=compression)
 
 
-def parse_module(data: bytes, label: str = "<module>", *, compression: str = "") -> ModuleInfo:
-    """Parse decompressed module bytes; ModuleFormatError names `label` and the problem."""
+def parse_module(data: Any, label: str = "<module>", *, compression: str = "") -> ModuleInfo:
+    """Parse decompressed module bytes (any buffer: bytes, a memory map); ModuleFormatError names `label`."""
     try:
         return _Parser(data, label, compression).parse()
     except ModuleFormatError:
@@ -296,7 +403,7 @@ class _Parser:
         signature, sig_problem, payload_len = split_signature(data)
         if sig_problem:
             payload_len = len(data)  # the ELF image cannot be delimited; parse what is there
-        self.data = memoryview(data)[:payload_len].tobytes() if payload_len != len(data) else data
+        self.data = memoryview(data)[:payload_len]  # no copy: only the sections read are sliced out
         self._read_header()
         self._read_sections()
         self._read_symbols()
@@ -338,7 +445,7 @@ class _Parser:
             raise self.fail(f"truncated: {len(d)} bytes, shorter than the ELF header")
         from elftools.elf.elffile import ELFFile
 
-        self.elf = ELFFile(io.BytesIO(self.data))
+        self.elf = ELFFile(_ViewReader(self.data))
         h = self.elf.header
         # pyelftools maps known e_type/e_machine values to names; the kernel compares numbers, so read those.
         raw_type, raw_machine = struct.unpack_from(self.e + "HH", d, 16)
@@ -385,7 +492,7 @@ class _Parser:
     def _bytes_of(self, off: int, size: int, what: str) -> bytes:
         if off + size > len(self.data) or off < 0:
             raise self.fail(f"{what} ({off:#x}+{size:#x}) lies outside the file")
-        return self.data[off:off + size]
+        return self.data[off:off + size].tobytes()
 
     def _section_bytes(self, s: Section) -> bytes:
         if s.type == SHT_NOBITS:

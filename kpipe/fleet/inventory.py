@@ -48,6 +48,10 @@ difference: an invalid or empty regex (``~[``, ``~``) is a ConfigError here, whe
 reads it as "every host" (the worst reading for a rollout). A pattern that matches no host
 is a NotFoundError. Ansible's warnings are captured (never printed); a source no plugin can
 parse is a ConfigError naming the file and the plugin's reason.
+
+A dynamic inventory script runs in a process group of its own, with no stdin, for at most
+``[fleet] inventory_timeout`` seconds (default 60; ``--list`` and any ``--host`` calls of one
+source share it); past that the group is killed and a ConfigError names the script.
 """
 
 from __future__ import annotations
@@ -55,7 +59,11 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import signal
+import subprocess
+import sys
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, Sequence
@@ -387,8 +395,98 @@ def is_kpipe_fleet_file(path: Path) -> bool:
     return path.is_file() and (n in FLEET_FILE_NAMES or n.endswith(".fleet.yml") or n.endswith(".fleet.yaml"))
 
 
+class _ScriptClock:
+    """The time a dynamic inventory source may take, and what overran it."""
+
+    def __init__(self, timeout: float):
+        self.timeout = timeout
+        self.deadline = time.monotonic() + timeout
+        self.overran: list[str] | None = None  # the argv of the script that was killed
+
+    def restart(self) -> None:
+        self.deadline = time.monotonic() + self.timeout
+        self.overran = None
+
+    def remaining(self) -> float:
+        return max(0.0, self.deadline - time.monotonic())
+
+
+def _bounded_popen(clock: _ScriptClock) -> type:
+    """A Popen for ansible's script plugin: its own process group, and killed with it at the deadline."""
+
+    class BoundedPopen(subprocess.Popen):  # type: ignore[type-arg]
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            kwargs["start_new_session"] = True  # a process group of its own, so its children die with it
+            kwargs.setdefault("stdin", subprocess.DEVNULL)  # never kpipe's terminal (a --yes prompt)
+            super().__init__(*args, **kwargs)
+
+        def communicate(self, input: Any = None, timeout: float | None = None) -> tuple[Any, Any]:
+            try:
+                return super().communicate(input, timeout=clock.remaining())
+            except subprocess.TimeoutExpired:
+                clock.overran = [str(a) for a in (self.args if isinstance(self.args, list) else [self.args])]
+                _kill_group(self)
+                raise
+
+    return BoundedPopen
+
+
+def _kill_group(proc: subprocess.Popen) -> None:  # type: ignore[type-arg]
+    """SIGKILL a script's process group and reap it; pipes a stray grandchild holds are closed, not waited on."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+    try:
+        proc.communicate(timeout=5)
+    except subprocess.TimeoutExpired:  # a process that left the group still holds the pipes
+        for pipe in (proc.stdout, proc.stderr):
+            if pipe is not None:
+                pipe.close()
+        proc.wait(5)
+
+
+@contextlib.contextmanager
+def _bounded_inventory_scripts(clock: _ScriptClock) -> Iterator[None]:
+    """Make ansible's script inventory plugin run scripts under `clock` (it waits for them forever).
+
+    The plugin calls subprocess.Popen(...).communicate() with no timeout; its module gets a
+    subprocess namespace whose Popen honours the clock, for the duration (under _ANSIBLE_LOCK).
+    """
+    from ansible.plugins.loader import inventory_loader
+
+    plugin = inventory_loader.get("script")
+    module = sys.modules.get(type(plugin).__module__) if plugin is not None else None
+    if module is None or getattr(module, "subprocess", None) is not subprocess:
+        yield  # a plugin that runs scripts differently: nothing to bound here
+        return
+
+    class _Subprocess:
+        def __getattr__(self, name: str) -> Any:
+            return getattr(subprocess, name)
+
+    shim = _Subprocess()
+    shim.Popen = _bounded_popen(clock)  # type: ignore[attr-defined]
+    module.subprocess = shim  # type: ignore[attr-defined]
+    try:
+        yield
+    finally:
+        module.subprocess = subprocess  # type: ignore[attr-defined]
+
+
+def inventory_timeout(workspace: "Workspace | None") -> float:
+    """Seconds a dynamic inventory script may run: [fleet] inventory_timeout (default 60)."""
+    from kpipe.settings import DEFAULT_INVENTORY_TIMEOUT
+
+    settings = getattr(workspace, "settings", None)
+    return settings.fleet.inventory_timeout if settings is not None else DEFAULT_INVENTORY_TIMEOUT
+
+
 def load_inventory(workspace: "Workspace | None", sources: Sequence[str | os.PathLike] | None = None) -> Inventory:
-    """Read every inventory source with ansible-core; ConfigError names the file that fails."""
+    """Read every inventory source with ansible-core; ConfigError names the file that fails.
+
+    A dynamic inventory script that runs longer than [fleet] inventory_timeout is killed with its
+    process group: a ConfigError names it."""
     paths = [Path(os.path.expanduser(os.fspath(s))) for s in sources] if sources is not None \
         else default_sources(workspace)
     if workspace is not None:
@@ -408,16 +506,22 @@ def load_inventory(workspace: "Workspace | None", sources: Sequence[str | os.Pat
         from ansible.parsing.dataloader import DataLoader
 
         loader = DataLoader()
-        with _captured_warnings() as warnings:
+        clock = _ScriptClock(inventory_timeout(workspace))
+        with _captured_warnings() as warnings, _bounded_inventory_scripts(clock):
             try:
                 manager = InventoryManager(loader=loader, sources=[str(p) for p in ansible_sources] or [], parse=False)
                 for p in ansible_sources:
                     before = len(warnings)
+                    clock.restart()
                     try:
                         ok = manager.parse_source(str(p))
                         warnings.refresh()
                     except AnsibleError as e:
+                        if clock.overran is not None:
+                            raise _script_timeout(p, clock) from None
                         raise ConfigError(f"{p}: {_first_line(e)}", hint="fix the inventory file") from None
+                    if clock.overran is not None:
+                        raise _script_timeout(p, clock)
                     if not ok:
                         raise ConfigError(f"{p}: not a valid inventory: {_parse_reason(p, warnings[before:])}",
                                           hint="check it with: ansible-inventory -i <file> --list")
@@ -431,6 +535,14 @@ def load_inventory(workspace: "Workspace | None", sources: Sequence[str | os.Pat
             except AnsibleError as e:
                 raise ConfigError(f"inventory: {_first_line(e)}", hint="fix the inventory") from None
     return Inventory(manager, loader, paths, warnings)
+
+
+def _script_timeout(path: Path, clock: _ScriptClock) -> ConfigError:
+    argv = clock.overran or [str(path)]
+    shown = " ".join(argv[1:])
+    return ConfigError(f"{path}: inventory script did not finish within {clock.timeout:g} s"
+                       + (f" (running {shown}); " if shown else "; ") + "killed it and its child processes",
+                       hint="fix the script, or raise [fleet] inventory_timeout in kpipe.toml")
 
 
 def _add_inventory_stage_vars(manager: Any, loader: Any) -> None:

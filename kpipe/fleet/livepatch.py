@@ -15,6 +15,7 @@ The `force` file is never written: after it rmmod is blocked for good.
 from __future__ import annotations
 
 import re
+import struct
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -58,7 +59,8 @@ class LivepatchOpError(KpipeError):
 # One constant script; user values (extra module names) arrive as "$1".. only.
 # Output: one record per line, fields separated by single spaces:
 #   livepatch_sysfs 0|1 / tainted N / patch M / enabled M V / transition M V /
-#   object M OBJ PATCHED / function M OBJ FUNC,POS / module M 0|1 TAINT
+#   object M OBJ PATCHED / function M OBJ FUNC,POS / module M 0|1 TAINT /
+#   notes M HEX (the raw /sys/module/M/notes/.note.gnu.build-id) / srcversion M V
 # V is '-' when the file does not exist and '?' when it could not be read.
 STATE_SCRIPT = r"""
 LP=/sys/kernel/livepatch
@@ -87,7 +89,14 @@ seen=" "
 for m in "$@"; do
   case "$seen" in *" $m "*) continue;; esac
   seen="$seen$m "
-  if [ -d "/sys/module/$m" ]; then echo "module $m 1 $(rd "/sys/module/$m/taint")"; else echo "module $m 0 -"; fi
+  if [ -d "/sys/module/$m" ]; then
+    echo "module $m 1 $(rd "/sys/module/$m/taint")"
+    n="/sys/module/$m/notes/.note.gnu.build-id"
+    if [ -r "$n" ]; then echo "notes $m $(od -An -v -tx1 "$n" 2>/dev/null | tr -d ' \n')"; fi
+    if [ -r "/sys/module/$m/srcversion" ]; then echo "srcversion $m $(rd "/sys/module/$m/srcversion")"; fi
+  else
+    echo "module $m 0 -"
+  fi
 done
 echo "end"
 """
@@ -100,6 +109,12 @@ class ModuleState:
     name: str
     present: bool
     taint: str = ""  # the module's taint letters, e.g. "OEK"
+    build_id: str = ""  # GNU build-id (hex) from /sys/module/<m>/notes, "" when the kernel shows none
+    srcversion: str = ""  # /sys/module/<m>/srcversion, "" when absent
+
+    def identity(self) -> "ModuleIdentity":
+        """The loaded build's identity (empty fields: unknown)."""
+        return ModuleIdentity(self.build_id, self.srcversion)
 
 
 @dataclass(frozen=True)
@@ -138,7 +153,8 @@ class HostLivepatch:
     def to_dict(self) -> dict[str, Any]:
         return {"sysfs": self.sysfs, "tainted": self.tainted,
                 "patches": {k: v.to_dict() for k, v in self.patches.items()},
-                "modules": {k: {"present": v.present, "taint": v.taint} for k, v in self.modules.items()},
+                "modules": {k: {"present": v.present, "taint": v.taint, "build_id": v.build_id,
+                                "srcversion": v.srcversion} for k, v in self.modules.items()},
                 "complete": self.complete}
 
 
@@ -157,6 +173,8 @@ def parse_host_livepatch(stdout: str) -> HostLivepatch:
     order: list[str] = []
     raw: dict[str, dict[str, Any]] = {}
     modules: dict[str, ModuleState] = {}
+    notes: dict[str, str] = {}
+    srcversions: dict[str, str] = {}
 
     def rec(name: str) -> dict[str, Any]:
         if name not in raw:
@@ -184,8 +202,16 @@ def parse_host_livepatch(stdout: str) -> HostLivepatch:
         elif kind == "module" and len(args) >= 2:
             taint = args[2] if len(args) >= 3 and args[2] not in ("-", "?") else ""
             modules[args[0]] = ModuleState(args[0], args[1] == "1", taint)
+        elif kind == "notes" and args:
+            notes[args[0]] = build_id_from_notes(args[1] if len(args) > 1 else "")
+        elif kind == "srcversion" and len(args) >= 2 and args[1] not in ("-", "?"):
+            srcversions[args[0]] = args[1]
         elif kind == "end":
             complete = True
+    for n in set(notes) | set(srcversions):
+        if n in modules:
+            m = modules[n]
+            modules[n] = ModuleState(m.name, m.present, m.taint, notes.get(n, ""), srcversions.get(n, ""))
     patches = {}
     for name in order:
         r = raw[name]
@@ -231,6 +257,77 @@ def staged_path(release: str, module_file_name: str) -> str:
         if not _SAFE_COMPONENT.match(value) or value in (".", ".."):
             raise KpipeError(f"invalid {what} {value!r}", hint="no slashes, spaces or shell characters")
     return f"{KPATCH_DIR}/{release}/{module_file_name}"
+
+
+# --------------------------------------------------------------------------- build identity
+
+@dataclass(frozen=True)
+class ModuleIdentity:
+    """Which build a module is: its GNU build-id and its srcversion ("" when unknown)."""
+
+    build_id: str = ""
+    srcversion: str = ""
+
+    @property
+    def known(self) -> bool:
+        return bool(self.build_id or self.srcversion)
+
+    def differs(self, other: "ModuleIdentity") -> str:
+        """Why `other` (what a host has loaded) is not this build; "" when it is or cannot be told."""
+        if self.build_id and other.build_id:
+            return "" if self.build_id == other.build_id else f"build-id {other.build_id[:16]}, want {self.build_id[:16]}"
+        if self.srcversion and other.srcversion:
+            return "" if self.srcversion == other.srcversion else \
+                f"srcversion {other.srcversion}, want {self.srcversion}"
+        return ""
+
+    def to_dict(self) -> dict[str, str]:
+        return {"build_id": self.build_id, "srcversion": self.srcversion}
+
+
+def build_id_from_notes(hex_text: str) -> str:
+    """The GNU build-id (hex) in the raw bytes of an ELF note section given as hex (pure); "" if none."""
+    try:
+        data = bytes.fromhex(hex_text.strip())
+    except ValueError:
+        return ""
+    off = 0
+    while off + 12 <= len(data):
+        namesz, descsz, ntype = struct.unpack_from("<III", data, off)
+        off += 12
+        name = data[off:off + namesz]
+        off += (namesz + 3) & ~3
+        desc = data[off:off + descsz]
+        off += (descsz + 3) & ~3
+        if name.rstrip(b"\0") == b"GNU" and ntype == 3 and len(desc) == descsz and desc:  # NT_GNU_BUILD_ID
+            return desc.hex()
+    return ""
+
+
+def module_identity(path: str | Path) -> ModuleIdentity:
+    """The build-id and srcversion of a module file (decompressed first); empty when it has none."""
+    import io
+
+    from elftools.common.exceptions import ELFError
+    from elftools.elf.elffile import ELFFile
+
+    from kpipe.elf.reader import load_module_bytes
+
+    try:
+        data, _ = load_module_bytes(Path(path))
+        elf = ELFFile(io.BytesIO(data))
+        build_id, srcversion = "", ""
+        notes = elf.get_section_by_name(".note.gnu.build-id")
+        if notes is not None:
+            build_id = build_id_from_notes(notes.data().hex())
+        info = elf.get_section_by_name(".modinfo")
+        if info is not None:
+            for item in info.data().split(b"\0"):
+                if item.startswith(b"srcversion="):
+                    srcversion = item[len(b"srcversion="):].decode("ascii", "replace")
+        return ModuleIdentity(build_id, srcversion)
+    except (KpipeError, ELFError, ValueError, OSError, struct.error):
+        return ModuleIdentity()  # not an ELF module kpipe can read: the name and checksum are all we have
 
 
 # --------------------------------------------------------------------------- kernel log
@@ -341,8 +438,11 @@ class Verification:
 
 # --------------------------------------------------------------------------- stage
 
+# "$1" folder, "$2" final path, "$3" module file name. Partial copies a killed kpipe left
+# (the temp name is deterministic, see temp_path) go first.
 STAGE_CHECK_SCRIPT = r"""
 mkdir -p "$1" || exit 2
+rm -f -- "$1/.$3.kpipe-"*
 if [ -f "$2" ]; then sha256sum "$2" | cut -d ' ' -f 1; else echo absent; fi
 """
 
@@ -361,22 +461,34 @@ sync "$2" 2>/dev/null || sync
 echo staged
 """
 
+TEMP_MARK = ".kpipe-"
+
+
+def temp_path(release: str, module_file_name: str, sha256: str) -> str:
+    """The upload's temp name beside the final file: `.<file>.kpipe-<sha256 prefix>`.
+
+    Deterministic, so a copy left by a kpipe killed mid-upload is found and removed by the
+    next stage, unstage or rollback (they remove every `.<file>.kpipe-*`)."""
+    dest = staged_path(release, module_file_name)
+    folder = dest.rsplit("/", 1)[0]
+    return f"{folder}/.{module_file_name}{TEMP_MARK}{sha256.lower()[:16]}"
+
 
 def stage(t: Transport, local_path: str | Path, release: str, sha256: str, module_file_name: str) -> str:
     """Install the module at /var/lib/kpatch/<release>/<file> (checksum verified, atomic); return the path."""
     dest = staged_path(release, module_file_name)
     folder = dest.rsplit("/", 1)[0]
     sha256 = sha256.lower()
-    r = t.run(Command.script(STAGE_CHECK_SCRIPT, folder, dest, label="stage-check", **_ROOT))
+    r = t.run(Command.script(STAGE_CHECK_SCRIPT, folder, dest, module_file_name, label="stage-check", **_ROOT))
     if not r.ok:
         raise LivepatchOpError(f"cannot create {folder}: {r.summary()}", host=t.name, step="stage", output=r.stderr)
     if r.stdout.strip() == sha256:
         return dest  # already installed with this content
-    tmp = f"{folder}/.{module_file_name}.kpipe-{uuid.uuid4().hex[:12]}"
+    tmp = temp_path(release, module_file_name, sha256)
     try:
         t.put(Path(local_path), tmp)
     except KpipeError:
-        try:  # best effort: the connection may be what failed
+        try:  # best effort: the connection may be what failed (the next stage or unstage removes it then)
             t.run(Command.of("rm", "-f", tmp, label="stage-cleanup", **_ROOT))
         except KpipeError:
             pass
@@ -517,8 +629,9 @@ def _state_and_log(t: Transport, name: str) -> tuple[HostLivepatch, str]:
 
 
 def evaluate_loaded(module_name: str, state: HostLivepatch, kernel_after_marker: list[str] | None,
-                    marker: str = "") -> list[str]:
-    """Problems with a loaded patch (pure): sysfs, taint K, /sys/module, the log after the marker."""
+                    marker: str = "", expect: ModuleIdentity | None = None) -> list[str]:
+    """Problems with a loaded patch (pure): sysfs, taint K, /sys/module (and, with `expect`, that it is
+    that build: build-id, else srcversion), the log after the marker."""
     name = sysfs_name(module_name)
     problems: list[str] = []
     # the kernel's own reason first: it is what a user needs to read
@@ -537,8 +650,13 @@ def evaluate_loaded(module_name: str, state: HostLivepatch, kernel_after_marker:
         for obj, patched in patch.objects.items():
             if patched is not None and patched != 1:
                 problems.append(f"/sys/kernel/livepatch/{name}/{obj}/patched is {patched}, want 1")
-    if not state.module(name).present:
+    mod = state.module(name)
+    if not mod.present:
         problems.append(f"/sys/module/{name} does not exist")
+    elif expect is not None:
+        why = expect.differs(mod.identity())
+        if why:
+            problems.append(f"/sys/module/{name} is another build of {name}: {why}")
     if state.tainted is None:
         problems.append("/proc/sys/kernel/tainted could not be read")
     elif not state.tainted & TAINT_LIVEPATCH:
@@ -553,10 +671,13 @@ def evaluate_loaded(module_name: str, state: HostLivepatch, kernel_after_marker:
 
 
 def evaluate_removed(module_name: str, state: HostLivepatch, kernel_after_marker: list[str] | None,
-                     marker: str = "") -> list[str]:
-    """Problems with a removed patch (pure): sysfs dir and /sys/module gone, unpatching logged."""
+                     marker: str = "", expect: ModuleIdentity | None = None) -> list[str]:
+    """Problems with a removed patch (pure): sysfs dir and /sys/module gone, unpatching logged.
+    With `expect`, a module of the same name that is provably another build is not ours: it may stay."""
     name = sysfs_name(module_name)
     problems: list[str] = []
+    if expect is not None and state.module(name).present and expect.differs(state.module(name).identity()):
+        return problems
     if name in state.patches:
         p = state.patches[name]
         problems.append(f"/sys/kernel/livepatch/{name} still exists (enabled={_show(p.enabled)}, "
@@ -589,12 +710,14 @@ def run_probe(t: Transport, argv: tuple[str, ...], expect: str) -> tuple[bool, s
     return False, r.stdout, f"probe {' '.join(argv)!r} printed {got!r}, want /{expect}/{extra}"
 
 
-def verify_loaded(t: Transport, module_name: str, marker: str, probe: Probe | None = None) -> Verification:
-    """Verify a load through sysfs, taint, the log after `marker` and the probe; never from exit codes."""
+def verify_loaded(t: Transport, module_name: str, marker: str, probe: Probe | None = None,
+                  expect: ModuleIdentity | None = None) -> Verification:
+    """Verify a load through sysfs, taint, the loaded build (`expect`), the log after `marker` and the
+    probe; never from exit codes."""
     name = sysfs_name(module_name)
     st, log = _state_and_log(t, name)
     after = lines_after_marker(log, marker) if marker else []
-    problems = evaluate_loaded(name, st, after, marker)
+    problems = evaluate_loaded(name, st, after, marker, expect)
     probe_out = ""
     if probe is not None and probe.argv:
         ok, probe_out, problem = run_probe(t, probe.argv, probe.expect)
@@ -603,12 +726,14 @@ def verify_loaded(t: Transport, module_name: str, marker: str, probe: Probe | No
     return Verification(not problems, problems, st, after or [], probe_out)
 
 
-def verify_removed(t: Transport, module_name: str, probe: Probe | None = None, *, marker: str = "") -> Verification:
-    """Verify a removal: /sys/module/<m> and /sys/kernel/livepatch/<m> gone, unpatching logged, probe."""
+def verify_removed(t: Transport, module_name: str, probe: Probe | None = None, *, marker: str = "",
+                   expect: ModuleIdentity | None = None) -> Verification:
+    """Verify a removal: /sys/module/<m> and /sys/kernel/livepatch/<m> gone (or provably another build
+    than `expect`), unpatching logged, probe."""
     name = sysfs_name(module_name)
     st, log = _state_and_log(t, name)
     after = lines_after_marker(log, marker) if marker else []
-    problems = evaluate_removed(name, st, after, marker)
+    problems = evaluate_removed(name, st, after, marker, expect)
     probe_out = ""
     if probe is not None and probe.argv and probe.expect_after_rollback:
         ok, probe_out, problem = run_probe(t, probe.argv, probe.expect_after_rollback)
@@ -677,8 +802,24 @@ def unload(t: Transport, module_name: str) -> OpResult:
                     seconds=time.monotonic() - start)
 
 
-def unstage(t: Transport, release: str, module_file_name: str) -> OpResult:
-    """Remove the staged file from /var/lib/kpatch/<release>/ (no-op when absent)."""
+# "$1" final path, "$2" folder, "$3" module file name, "$4" sha256 of the build to remove ("" = any).
+# A file of another build at the same path is not ours to remove: it is kept and reported.
+UNSTAGE_SCRIPT = r"""
+rm -f -- "$2/.$3.kpipe-"*
+if [ -n "$4" ] && [ -f "$1" ] && [ "$(sha256sum "$1" | cut -d ' ' -f 1)" != "$4" ]; then echo kept-other; exit 0; fi
+if [ -e "$1" ]; then rm -f -- "$1" && echo removed; else echo absent; fi
+"""
+
+
+def unstage(t: Transport, release: str, module_file_name: str, sha256: str = "") -> OpResult:
+    """Remove the staged file from /var/lib/kpatch/<release>/ and any partial upload of it (no-op when
+    absent); with `sha256`, a file of another build at that path is kept."""
     dest = staged_path(release, module_file_name)
-    r = t.run(Command.of("rm", "-f", dest, label="unstage", **_ROOT))
-    return OpResult("unstage", r.ok, r.ok, "removed" if r.ok else r.summary(), output=r.stderr)
+    folder = dest.rsplit("/", 1)[0]
+    r = t.run(Command.script(UNSTAGE_SCRIPT, dest, folder, module_file_name, sha256.lower(), label="unstage",
+                             **_ROOT))
+    out = r.stdout.strip()
+    return OpResult("unstage", r.ok, out == "removed",
+                    {"removed": "removed", "absent": "not staged",
+                     "kept-other": f"kept {dest}: another build (not sha256 {sha256[:12]})"}.get(out, out)
+                    if r.ok else r.summary(), output=r.stderr)

@@ -19,11 +19,18 @@ from typing import Any
 
 from kpipe.errors import ConfigError, KpipeError
 from kpipe.lab import initramfs, vm as vmmod
+from kpipe.lab.arch import LabArch, lab_arch
 from kpipe.lab.kernel import KernelImage, boot_image, default_cache_dir
 from kpipe.lab.vm import VmProcess, VmSpec
 
 STATE_VERSION = 1
-BASE_APPEND = "console=ttyS0 panic=-1"
+
+
+def base_append(arch: LabArch) -> str:
+    """The kernel arguments every lab VM gets: its serial console, and reboot-as-exit on panic."""
+    return f"console={arch.console} panic=-1"
+
+
 Progress = Callable[[str], None]
 
 
@@ -40,6 +47,7 @@ class LabConfig:
     use_kvm: bool | None = None
     names: tuple[str, ...] = ()  # default lab1..labN
     pvh: bool = True  # boot the uncompressed vmlinux through PVH when the kernel supports it (half the CPU)
+    arch: str = "x86_64"  # the guest architecture (kpipe.lab.arch registry)
 
     def vm_names(self, prefix: str = "lab") -> list[str]:
         if self.names:
@@ -144,7 +152,8 @@ class Lab:
         say(f"initramfs for {kernel.release}")
         base = initramfs.build_base(kernel, self.cache_dir)
         base_bytes = base.read_bytes()
-        image = boot_image(kernel, self.cache_dir) if config.pvh else kernel.vmlinuz
+        arch = lab_arch(config.arch)
+        image = boot_image(kernel, self.cache_dir) if config.pvh and arch.pvh else kernel.vmlinuz
         vms: list[VmProcess] = []
         st = LabState(self.folder, {**kernel.to_dict(), "boot_image": str(image)}, vms, str(self.identity_file),
                       str(self.known_hosts_file), str(self.inventory_file), time.time())
@@ -159,10 +168,10 @@ class Lab:
                                                client_pub, name)
                 initrd.write_bytes(base_bytes + overlay)
                 enforce = config.sig_enforce or name in config.sig_enforce_vms
-                append = " ".join([BASE_APPEND, f"kpipe.lab={name}", *(["module.sig_enforce=1"] if enforce else []),
+                append = " ".join([base_append(arch), f"kpipe.lab={name}", *(["module.sig_enforce=1"] if enforce else []),
                                    *extra_args])
                 spec = VmSpec(name, image, initrd, vmmod.free_port(), folder, config.memory_mb, append,
-                              config.use_kvm)
+                              config.use_kvm, arch)
                 specs.append((spec, enforce, host_pub))
             say(f"booting {len(specs)} VM(s)")
             for spec, enforce, host_pub in specs:
@@ -389,6 +398,5 @@ def _tail(path: Path, lines: int = 3) -> str:
 
 def workspace_lab(workspace: Any) -> Lab:
     """The workspace's lab (<root>/.lab), with the cache from [lab] cache_dir if set."""
-    section = workspace.section("lab") if hasattr(workspace, "section") else {}
-    cache = section.get("cache_dir")
+    cache = workspace.settings.lab.cache_dir
     return Lab(Path(workspace.root) / ".lab", cache_dir=workspace.path(cache) if cache else None)

@@ -17,34 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from kpipe.errors import KpipeError
-
-QEMU = "qemu-system-x86_64"
-
-
-def host_has_hw_virt(cpuinfo: str | None = None) -> bool:
-    """True when /proc/cpuinfo lists vmx or svm (real KVM; /dev/kvm alone may be PVM, lab.md)."""
-    if cpuinfo is None:
-        try:
-            cpuinfo = Path("/proc/cpuinfo").read_text()
-        except OSError:
-            return False
-    for line in cpuinfo.splitlines():
-        if line.startswith("flags"):
-            flags = set(line.split(":", 1)[1].split())
-            if "vmx" in flags or "svm" in flags:
-                return True
-    return False
-
-
-def accel_args(use_kvm: bool | None = None, tb_size_mb: int = 64) -> list[str]:
-    """-accel/-cpu: KVM only with vmx/svm, else multi-threaded TCG with a small translation cache."""
-    kvm = host_has_hw_virt() and os.path.exists("/dev/kvm") if use_kvm is None else use_kvm
-    if kvm:
-        return ["-accel", "kvm", "-cpu", "host"]
-    # +rdrand: TCG emulates RDRAND, so the guest's crng is ready at once instead of
-    # after seconds of jitter entropy (dropbear blocks in getrandom() until then).
-    return ["-accel", f"tcg,thread=multi,tb-size={tb_size_mb}", "-cpu", "qemu64,+rdrand"]
-
+from kpipe.lab.arch import X86_64, LabArch
 
 @dataclass
 class VmSpec:
@@ -58,15 +31,17 @@ class VmSpec:
     memory_mb: int = 256
     append: str = "console=ttyS0 panic=-1"
     use_kvm: bool | None = None
+    arch: LabArch = X86_64
 
     def argv(self) -> list[str]:
         """The qemu command line (stdin /dev/null, serial console to a file, SSH forwarded to loopback)."""
-        return [QEMU, "-name", f"kpipe-{self.name}", "-nodefaults", "-no-user-config", "-display", "none",
-                *accel_args(self.use_kvm), "-m", str(self.memory_mb), "-smp", "1", "-no-reboot",
+        return [self.arch.qemu, "-name", f"kpipe-{self.name}", "-nodefaults", "-no-user-config", "-display", "none",
+                *self.arch.machine, *self.arch.accel_args(self.use_kvm), "-m", str(self.memory_mb), "-smp", "1",
+                "-no-reboot",
                 "-kernel", str(self.vmlinuz), "-initrd", str(self.initrd), "-append", self.append,
                 "-serial", f"file:{self.folder / 'console.log'}", "-monitor", "none",
                 "-netdev", f"user,id=n0,hostfwd=tcp:127.0.0.1:{self.ssh_port}-:22",
-                "-device", "virtio-net-pci,netdev=n0,romfile="]
+                "-device", f"{self.arch.nic},netdev=n0,romfile="]
 
 
 @dataclass
@@ -164,7 +139,8 @@ def start(spec: VmSpec, *, sig_enforce: bool = False, host_key: str = "") -> VmP
         p = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                              start_new_session=True, close_fds=True)
     except FileNotFoundError:
-        raise KpipeError(f"{QEMU} is not installed", hint="install Debian's qemu-system-x86 package") from None
+        raise KpipeError(f"{spec.arch.qemu} is not installed",
+                         hint=f"install Debian's {spec.arch.qemu_package} package") from None
     finally:
         log.close()
     st = None

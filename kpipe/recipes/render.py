@@ -14,7 +14,6 @@ from kpipe.recipes.paths import resolve_patch_path, resolve_template_path
 from kpipe.recipes.problems import _Problems, _field, _raise_first
 from kpipe.recipes.sandbox import _WorkspaceLoader, _jinja_error, _read_text, _sandbox, _template_line
 from kpipe.recipes.schema import (
-    MAX_RENDERED_CHARS,
     MAX_TEMPLATE_BYTES,
     MODULE_NAME_MAX,
     _NOT_RENDERED,
@@ -71,17 +70,13 @@ def _render_tree(env: Any, value: Any, path: tuple, variables: dict, probs: _Pro
     name = f"<{probs.file}:{probs.line(path)} {_field(path)}>"
     loader.sources[name] = (value, name)
     try:
-        out = env.get_template(name).render(variables)
+        return env.render_bounded(name, variables)
     except Exception as e:  # every template failure is the recipe's fault: report it, never a traceback
         msg, hint = _jinja_error(e)
         # a multi-line value: point at the line inside it
         inner = getattr(e, "lineno", None) or _template_line(e, name) or 1
         probs.error(path, f"{_field(path)}: {msg}", hint, line=probs.line(path) + inner - 1)
         return value
-    if len(out) > MAX_RENDERED_CHARS:
-        probs.error(path, f"{_field(path)} renders to {len(out)} characters", "keep rendered values small")
-        return value
-    return out
 
 
 def _render_file(env: Any, ws: Any, loader: _WorkspaceLoader, rel: str, variables: dict, probs: _Problems,
@@ -97,18 +92,13 @@ def _render_file(env: Any, ws: Any, loader: _WorkspaceLoader, rel: str, variable
     name = f"file:{rel}"
     loader.sources[name] = (text, str(file))
     try:
-        out = env.get_template(name).render(variables)
+        return env.render_bounded(name, variables)
     except Exception as e:  # every template failure is the recipe's fault: report it, never a traceback
         msg, hint = _jinja_error(e)
         line = getattr(e, "lineno", None) or _template_line(e, str(file)) or 1
         probs.error(path, f"{msg} (template of {_field(path)}, {probs.file}:{probs.line(path)})", hint,
                     file=shown, line=line)
         return None
-    if len(out) > MAX_RENDERED_CHARS:
-        probs.error(path, f"template {shown} renders to {len(out)} characters", "keep generated sources small",
-                    file=shown, line=1)
-        return None
-    return out
 
 
 def _default_kbuild(module: str, sources: list[str]) -> str:

@@ -32,13 +32,17 @@ _NOT_RENDERED = ("name", "builder", "kernels", "options")
 
 
 _TOP_KEYS = ("name", "description", "builder", "kernels", "patches", "options", "kpatch", "kbuild", "signing",
-             "rollout")
+             "rollout", "fixes")
 _KPATCH_KEYS = ("jobs", "non_replace", "targets", "skip_compiler_check", "module_name")
 _KBUILD_KEYS = ("sources", "kbuild", "make_args", "module_name")
 _SOURCE_KEYS = ("template", "name")
 _SIGNING_KEYS = ("sign", "signer")
 _ROLLOUT_KEYS = ("waves", "max_failures", "soak", "rollback", "probe")
 _PROBE_KEYS = ("argv", "expect", "expect_after_rollback")
+_FIX_KEYS = ("cve", "severity", "summary")
+# CVSS v3 qualitative ratings (plus "none"), lowest first: kpipe.cve orders by this.
+SEVERITIES = ("none", "low", "medium", "high", "critical")
+CVE_RE = re.compile(r"CVE-(?:19|20)\d{2}-\d{4,}")
 
 
 def _is_template(value: Any) -> bool:
@@ -262,6 +266,61 @@ def _check_schema(data: dict, probs: _Problems, *, rendered: bool) -> dict[str, 
 
     ro = c.table(data, "rollout", (), _ROLLOUT_KEYS)
     out["rollout"], out["probe"] = _check_rollout(ro, c, probs, rendered) if ro is not None else ({}, None)
+    out["fixes"] = check_fixes(data, probs, rendered=rendered)
+    return out
+
+
+def check_fixes(data: dict, probs: _Problems, *, rendered: bool) -> list[dict[str, str]]:
+    """Check `fixes:` (the CVEs a recipe's patch fixes); the normalised entries {cve, severity, summary}.
+
+    Template values are checked once rendered; before that they stand for any string.
+    """
+    c = _Checker(probs, rendered)
+    path = ("fixes",)
+    if "fixes" not in data or data["fixes"] is None:
+        return []
+    fixes = data["fixes"]
+    if not isinstance(fixes, list):
+        probs.error(path, f"fixes must be a list of {{cve, severity, summary}}, got {_type(fixes)}",
+                    "e.g. fixes: [{cve: CVE-2024-12345, severity: high, summary: \"...\"}]")
+        return []
+    out: list[dict[str, str]] = []
+    seen: dict[str, int] = {}
+    for i, fix in enumerate(fixes):
+        fp = path + (i,)
+        if not isinstance(fix, dict):
+            probs.error(fp, f"{_field(fp)} must be a mapping with cve, severity and summary, got {_type(fix)}",
+                        "e.g. {cve: CVE-2024-12345, severity: high, summary: \"...\"}")
+            continue
+        _check_keys(fix, _FIX_KEYS, fp, probs)
+        cve = c.string(fix, "cve", fp, required=True, nonempty=True)
+        severity = c.string(fix, "severity", fp, required=True, nonempty=True)
+        summary = c.string(fix, "summary", fp, required=True, nonempty=True)
+        if isinstance(cve, str) and (rendered or not _is_template(cve)):
+            norm = cve.strip().upper()
+            if not CVE_RE.fullmatch(norm):
+                probs.error(fp + ("cve",), f"{_field(fp + ('cve',))} {cve!r} is not a CVE id",
+                            "write CVE-YYYY-NNNN (four or more digits after the year), e.g. CVE-2024-12345")
+                cve = None
+            elif norm in seen:
+                probs.error(fp + ("cve",), f"{norm} is listed twice in fixes (also fixes[{seen[norm]}])",
+                            "keep one entry per CVE")
+                cve = None
+            else:
+                seen[norm] = i
+                cve = norm
+        if isinstance(severity, str) and (rendered or not _is_template(severity)):
+            sev = severity.strip().lower()
+            if sev not in SEVERITIES:
+                probs.error(fp + ("severity",), f"{_field(fp + ('severity',))} {severity!r} is not a severity",
+                            _did_you_mean(sev, SEVERITIES) + f"use one of {', '.join(SEVERITIES)} (CVSS ratings)")
+                severity = None
+            else:
+                severity = sev
+        if isinstance(summary, str) and not summary.strip():
+            summary = None
+        if isinstance(cve, str) and isinstance(severity, str) and isinstance(summary, str):
+            out.append({"cve": cve, "severity": severity, "summary": summary.strip()})
     return out
 
 

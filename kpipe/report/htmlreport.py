@@ -80,4 +80,17 @@ def render_html(result: AuditResult, title: str = "kpipe live-patch audit") -> s
         hosts_compliant=sum(1 for h in result.hosts if h.compliant),
         colours=STATUS_COLOUR,
         statuses=STATUSES,
+        cves=cve_section(result),
     )
+
+
+def cve_section(result: AuditResult) -> dict | None:
+    """What the page's CVE section shows: per CVE the fleet counts and exposed hosts; None without a CVE view."""
+    report = getattr(result, "cves", None)
+    if report is None:
+        return None
+    return {
+        "summary": [s.to_dict() for s in report.cves],
+        "exposed": [v.to_dict() for v in report.verdicts if v.status != "fixed"],
+        "errors": list(report.errors),
+    }

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 
 from kpipe.audit import STATUSES, AuditResult
+from kpipe.cve import CVE_STATUSES
+from kpipe.recipes.schema import SEVERITIES
 
 
 _NULLABLE_BOOL = {"type": ["boolean", "null"]}
@@ -86,6 +88,62 @@ AUDIT_SCHEMA: dict = {
         },
     },
 }
+
+
+_STRINGS = {"type": "array", "items": {"type": "string"}}
+_COUNT = {"type": "integer", "minimum": 0}
+
+# The CVE view (kpipe.cve.CveReport.to_dict): a fleet summary per CVE and one
+# verdict per host and CVE. Present whenever `kpipe audit` computed it.
+CVE_SCHEMA: dict = {
+    "type": "object",
+    "required": ["summary", "hosts", "errors"],
+    "additionalProperties": False,
+    "properties": {
+        "summary": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "required": ["cve", "severity", "summary", "recipes", "hosts_targeted", "hosts_fixed", "hosts_exposed",
+                             "hosts_unknown", "fixed_hosts", "exposed_hosts", "unknown_hosts"],
+                "additionalProperties": False,
+                "properties": {
+                    "cve": {"type": "string", "pattern": "^CVE-[0-9]{4}-[0-9]{4,}$"},
+                    "severity": {"enum": list(SEVERITIES)},
+                    "summary": {"type": "string"},
+                    "recipes": _STRINGS,
+                    "hosts_targeted": _COUNT,
+                    "hosts_fixed": _COUNT,
+                    "hosts_exposed": _COUNT,
+                    "hosts_unknown": _COUNT,
+                    "fixed_hosts": _STRINGS,
+                    "exposed_hosts": _STRINGS,
+                    "unknown_hosts": _STRINGS,
+                },
+            },
+        },
+        "hosts": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "required": ["host", "cve", "severity", "status", "recipes", "modules", "kernel", "detail"],
+                "additionalProperties": False,
+                "properties": {
+                    "host": {"type": "string"},
+                    "cve": {"type": "string", "pattern": "^CVE-[0-9]{4}-[0-9]{4,}$"},
+                    "severity": {"enum": list(SEVERITIES)},
+                    "status": {"enum": list(CVE_STATUSES)},
+                    "recipes": _STRINGS,
+                    "modules": _STRINGS,
+                    "kernel": {"type": "string"},
+                    "detail": {"type": "string"},
+                },
+            },
+        },
+        "errors": _STRINGS,
+    },
+}
+AUDIT_SCHEMA["properties"]["cves"] = CVE_SCHEMA
 
 
 def render_json(result: AuditResult) -> str:

@@ -51,5 +51,39 @@ def render_junit(result: AuditResult, suite_name: str = "kpipe-audit") -> str:
             el.text = xml_safe(
                 f"host={h.host}\npatch={name}\nstatus={r.status}\nkernel={h.kernel}\ndetail={r.detail}\n"
             )
+    add_cve_suite(root, result, stamp)
     ET.indent(root)
     return '<?xml version="1.0" encoding="UTF-8"?>\n' + ET.tostring(root, encoding="unicode") + "\n"
+
+
+def add_cve_suite(root: ET.Element, result: AuditResult, stamp: str, suite_name: str = "kpipe-cve") -> None:
+    """A second <testsuite>: a testcase per host and CVE (exposed: failure; host not read: error)."""
+    from kpipe.cve import EXPOSED, UNKNOWN
+
+    report = getattr(result, "cves", None)
+    if report is None:
+        return
+    verdicts = report.verdicts
+    failures = sum(1 for v in verdicts if v.status == EXPOSED)
+    errors = sum(1 for v in verdicts if v.status == UNKNOWN)
+    counts = {"tests": str(len(verdicts)), "failures": str(failures), "errors": str(errors), "skipped": "0",
+              "time": "0"}
+    suite = ET.SubElement(root, "testsuite", {"name": suite_name, **counts, "timestamp": stamp, "hostname": "kpipe"})
+    props = ET.SubElement(suite, "properties")
+    for s in report.cves:
+        ET.SubElement(props, "property", {"name": xml_safe(s.cve), "value": xml_safe(f"{s.severity}: {s.summary}")})
+    for problem in report.errors:
+        ET.SubElement(props, "property", {"name": "recipe_error", "value": xml_safe(problem)})
+    for v in verdicts:
+        case = ET.SubElement(suite, "testcase", {"classname": xml_safe(f"kpipe.cve.{v.host}"), "name": xml_safe(v.cve),
+                                                 "time": "0"})
+        if v.status not in (EXPOSED, UNKNOWN):
+            ET.SubElement(case, "system-out").text = xml_safe(v.detail)
+            continue
+        tag = "failure" if v.status == EXPOSED else "error"
+        el = ET.SubElement(case, tag, {"message": xml_safe(f"{v.status} ({v.severity}): {v.detail}"), "type": v.status})
+        el.text = xml_safe(f"host={v.host}\ncve={v.cve}\nseverity={v.severity}\nstatus={v.status}\n"
+                           f"kernel={v.kernel}\nrecipes={','.join(v.recipes)}\nmodules={','.join(v.modules)}\n"
+                           f"detail={v.detail}\n")
+    for key in ("tests", "failures", "errors"):
+        root.set(key, str(int(root.get(key, "0")) + int(counts[key])))

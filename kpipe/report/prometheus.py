@@ -5,17 +5,12 @@ Meant for node_exporter's textfile collector: write it with `--output
 renames it into place). No sample carries a timestamp, because the textfile
 collector rejects them; the audit's own time is the gauge
 `kpipe_audit_timestamp_seconds`.
-
-`parse_exposition` is a small parser written to the same format spec; the
-tests use it to prove every line we emit is well-formed.
 """
 
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Iterable
-from dataclasses import dataclass, field
 
 from kpipe.audit import HOST_ROW, STATUSES, AuditResult
 
@@ -97,159 +92,44 @@ def render_prometheus(result: AuditResult) -> str:
             if key not in seen:
                 seen.add(key)
                 lines.append(s)
+    lines.extend(cve_metric_lines(result))
     return "\n".join(lines) + "\n"
 
 
 # ---------------------------------------------------------------------------
-# A parser to the format spec (for tests and for checking a written file)
+# The CVE view (kpipe.cve): exposure per host and per CVE
 # ---------------------------------------------------------------------------
 
-_NAME = re.compile(r"[a-zA-Z_:][a-zA-Z0-9_:]*")
-_LABEL = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*")
-_TYPES = {"counter", "gauge", "histogram", "summary", "untyped"}
+_CVE_METRICS: tuple[tuple[str, str], ...] = (
+    ("kpipe_cve_exposed", "1 if the host runs a kernel a recipe fixing the CVE targets without its patch loaded "
+                          "and verified, 0 if the patch is; no sample when the host could not be read."),
+    ("kpipe_cve_exposed_hosts", "Hosts exposed to the CVE (a recipe targets their kernel, its patch is not loaded "
+                                "and verified)."),
+    ("kpipe_cve_fixed_hosts", "Hosts where a loaded and verified patch fixes the CVE."),
+    ("kpipe_cve_unknown_hosts", "Hosts that could not be read, so their exposure to the CVE is unknown."),
+)
 
 
-class ExpositionError(ValueError):
-    """A line that does not follow the text exposition format (1-based line number)."""
+def cve_metric_lines(result: AuditResult) -> list[str]:
+    """HELP, TYPE and samples of the CVE families; none when the audit has no CVE view."""
+    report = getattr(result, "cves", None)
+    if report is None:
+        return []
+    from kpipe.cve import EXPOSED, FIXED
 
-    def __init__(self, lineno: int, message: str):
-        super().__init__(f"line {lineno}: {message}")
-        self.lineno = lineno
-
-
-@dataclass
-class Family:
-    name: str
-    type: str = "untyped"
-    help: str | None = None
-    samples: list[tuple[str, dict[str, str], float]] = field(default_factory=list)
-
-
-def _unescape(s: str, allowed: str, lineno: int) -> str:
-    out, i = [], 0
-    while i < len(s):
-        c = s[i]
-        if c == "\\":
-            if i + 1 >= len(s):
-                raise ExpositionError(lineno, "dangling backslash")
-            n = s[i + 1]
-            if n not in allowed:
-                raise ExpositionError(lineno, f"invalid escape \\{n}")
-            out.append({"n": "\n", "\\": "\\", '"': '"'}[n])
-            i += 2
-        else:
-            out.append(c)
-            i += 1
-    return "".join(out)
-
-
-def _parse_value(text: str, lineno: int) -> float:
-    if text in ("+Inf", "Inf"):
-        return math.inf
-    if text == "-Inf":
-        return -math.inf
-    if text == "NaN":
-        return math.nan
-    try:
-        return float(text)
-    except ValueError:
-        raise ExpositionError(lineno, f"bad sample value {text!r}") from None
-
-
-def parse_exposition(text: str, *, allow_timestamps: bool = False) -> dict[str, Family]:
-    """Parse text exposition format into families; ExpositionError on any malformed line.
-
-    Also enforces: one HELP and one TYPE per family, TYPE before the family's
-    samples, a family's samples contiguous, no duplicate series, and (for the
-    textfile collector) no timestamps unless allowed.
-    """
-    families: dict[str, Family] = {}
-    seen_series: set[tuple[str, tuple[tuple[str, str], ...]]] = set()
-    closed: set[str] = set()  # families whose sample block has ended
-    current: str | None = None
-    if text and not text.endswith("\n"):
-        raise ExpositionError(text.count("\n") + 1, "the last line must end with a line feed")
-    for lineno, line in enumerate(text.split("\n")[:-1] if text else [], start=1):
-        if line.strip() == "":
-            continue
-        if line.startswith("#"):
-            parts = line[1:].strip().split(None, 2)
-            if len(parts) >= 2 and parts[0] in ("HELP", "TYPE"):
-                kind, name = parts[0], parts[1]
-                if not _NAME.fullmatch(name):
-                    raise ExpositionError(lineno, f"bad metric name {name!r}")
-                fam = families.setdefault(name, Family(name))
-                rest = parts[2] if len(parts) > 2 else ""
-                if kind == "HELP":
-                    if fam.help is not None:
-                        raise ExpositionError(lineno, f"second HELP for {name}")
-                    fam.help = _unescape(rest, "\\n", lineno)
-                else:
-                    if rest not in _TYPES:
-                        raise ExpositionError(lineno, f"bad TYPE {rest!r}")
-                    if fam.samples or name in closed:
-                        raise ExpositionError(lineno, f"TYPE for {name} after its samples")
-                    if getattr(fam, "_typed", False):
-                        raise ExpositionError(lineno, f"second TYPE for {name}")
-                    fam.type = rest
-                    fam._typed = True  # type: ignore[attr-defined]
-            continue  # other comments are allowed
-        m = _NAME.match(line)
-        if not m:
-            raise ExpositionError(lineno, "a sample must start with a metric name")
-        name, pos = m.group(), m.end()
-        labels: dict[str, str] = {}
-        if pos < len(line) and line[pos] == "{":
-            pos += 1
-            while True:
-                while pos < len(line) and line[pos] in " \t":
-                    pos += 1
-                if pos < len(line) and line[pos] == "}":
-                    pos += 1
-                    break
-                lm = _LABEL.match(line, pos)
-                if not lm:
-                    raise ExpositionError(lineno, "bad label name")
-                lname, pos = lm.group(), lm.end()
-                if line[pos : pos + 2] != '="':
-                    raise ExpositionError(lineno, f'label {lname} must be followed by ="')
-                pos += 2
-                start = pos
-                while pos < len(line) and line[pos] != '"':
-                    pos += 2 if line[pos] == "\\" else 1
-                if pos >= len(line):
-                    raise ExpositionError(lineno, f"unterminated value of label {lname}")
-                if lname in labels:
-                    raise ExpositionError(lineno, f"duplicate label {lname}")
-                labels[lname] = _unescape(line[start:pos], '\\n"', lineno)
-                pos += 1
-                if pos < len(line) and line[pos] == ",":
-                    pos += 1
-                elif pos < len(line) and line[pos] == "}":
-                    continue
-                else:
-                    raise ExpositionError(lineno, "expected , or } after a label")
-        rest = line[pos:]
-        if not rest.startswith((" ", "\t")):
-            raise ExpositionError(lineno, "expected a space before the value")
-        fields = rest.split()
-        if len(fields) not in (1, 2):
-            raise ExpositionError(lineno, "expected a value and an optional timestamp")
-        if len(fields) == 2:
-            if not allow_timestamps:
-                raise ExpositionError(lineno, "timestamps are not allowed (textfile collector)")
-            if not re.fullmatch(r"-?[0-9]+", fields[1]):
-                raise ExpositionError(lineno, "bad timestamp")
-        value = _parse_value(fields[0], lineno)
-        if current != name:
-            if current is not None:
-                closed.add(current)
-            if name in closed:
-                raise ExpositionError(lineno, f"samples of {name} are not contiguous")
-            current = name
-        series = (name, tuple(sorted(labels.items())))
-        if series in seen_series:
-            raise ExpositionError(lineno, f"duplicate series {name}{labels}")
-        seen_series.add(series)
-        families.setdefault(name, Family(name)).samples.append((name, labels, value))
-    return families
+    samples: dict[str, list[str]] = {name: [] for name, _ in _CVE_METRICS}
+    for v in report.verdicts:
+        if v.status in (EXPOSED, FIXED):
+            labels = (("host", v.host), ("cve", v.cve), ("severity", v.severity))
+            samples["kpipe_cve_exposed"].append(f"kpipe_cve_exposed{_labels(labels)} {_num(v.exposed)}")
+    for s in report.cves:
+        labels = _labels((("cve", s.cve), ("severity", s.severity)))
+        samples["kpipe_cve_exposed_hosts"].append(f"kpipe_cve_exposed_hosts{labels} {len(s.exposed_hosts)}")
+        samples["kpipe_cve_fixed_hosts"].append(f"kpipe_cve_fixed_hosts{labels} {len(s.fixed_hosts)}")
+        samples["kpipe_cve_unknown_hosts"].append(f"kpipe_cve_unknown_hosts{labels} {len(s.unknown_hosts)}")
+    lines: list[str] = []
+    for name, help_text in _CVE_METRICS:
+        lines.append(f"# HELP {name} {escape_help(help_text)}")
+        lines.append(f"# TYPE {name} gauge")
+        lines.extend(samples[name])
+    return lines

@@ -37,12 +37,48 @@ def summary_line(result: AuditResult) -> str:
 
 def render_text(result: AuditResult) -> str:
     """A plain-text table (for --output with the table format, and logs)."""
-    rows = [COLUMNS, *table_rows(result)]
+    text = _text_table(COLUMNS, table_rows(result)) + summary_line(result) + "\n"
+    cves = cve_summary_rows(result)
+    if cves:
+        text += "\n" + _text_table(CVE_COLUMNS, cves)
+    return text
+
+
+def _text_table(columns: tuple[str, ...], body: list[tuple[str, ...]]) -> str:
+    rows = [columns, *body]
     # Control characters in host names or details would break the layout (and a terminal).
     rows = [tuple(_printable(c) for c in r) for r in rows]
-    widths = [max(len(r[i]) for r in rows) for i in range(len(COLUMNS) - 1)]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(columns) - 1)]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[-1] for r in rows]
-    return "\n".join(line.rstrip() for line in lines) + "\n" + summary_line(result) + "\n"
+    return "\n".join(line.rstrip() for line in lines) + "\n"
+
+
+# The CVE view: one row per CVE for the fleet, and one per host and CVE for `--cve`.
+CVE_COLUMNS: tuple[str, ...] = ("CVE", "SEVERITY", "FIXED", "EXPOSED", "UNKNOWN", "EXPOSED HOSTS")
+CVE_HOST_COLUMNS: tuple[str, ...] = ("HOST", "CVE", "SEVERITY", "STATUS", "KERNEL", "DETAIL")
+CVE_STYLE: dict[str, str] = {"fixed": "green", "exposed": "red", "unknown": "bold red",
+                             "critical": "bold red", "high": "red", "medium": "yellow"}
+
+
+def cve_summary_rows(result: AuditResult) -> list[tuple[str, ...]]:
+    """One (cve, severity, fixed, exposed, unknown, exposed hosts) row per CVE; [] without a CVE view."""
+    report = getattr(result, "cves", None)
+    if report is None:
+        return []
+    return [(s.cve, s.severity, str(len(s.fixed_hosts)), str(len(s.exposed_hosts)), str(len(s.unknown_hosts)),
+             ", ".join(s.exposed_hosts) or "-") for s in report.cves]
+
+
+def cve_host_rows(result: AuditResult, cves: list[str], *, all_hosts: bool = False) -> list[tuple[str, ...]]:
+    """(host, cve, severity, status, kernel, detail) for the hosts exposed (or unknown) to `cves`.
+
+    With all_hosts, the fixed hosts too.
+    """
+    report = getattr(result, "cves", None)
+    if report is None:
+        return []
+    return [(v.host, v.cve, v.severity, v.status, v.kernel or "-", v.detail) for v in report.verdicts
+            if v.cve in cves and (all_hosts or v.status != "fixed")]
 
 
 def _printable(s: str) -> str:

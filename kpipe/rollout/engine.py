@@ -15,7 +15,6 @@ decides what the wave's results mean.
 from __future__ import annotations
 
 import fnmatch
-import os
 import sys
 import threading
 import time
@@ -33,13 +32,8 @@ from kpipe.rollout.planner import Assignment, RolloutPlan
 
 T = TypeVar("T")
 
-# Test hook (documented in tests/test_rollout_*.py and the README's test section): with
-# KPIPE_TEST_PAUSE_AFTER=<step> the engine sleeps KPIPE_TEST_PAUSE_SECONDS (default 3600)
-# after journaling that step as done, so a test can SIGKILL kpipe at a known point.
-PAUSE_ENV = "KPIPE_TEST_PAUSE_AFTER"
-PAUSE_SECONDS_ENV = "KPIPE_TEST_PAUSE_SECONDS"
-
-HOST_STATES = ("applied", "rolled_back", "failed", "excluded", "unreachable", "pending", "skipped")
+HOST_STATES = ("applied", "rolled_back", "failed", "excluded", "unreachable", "pending", "skipped", "interrupted",
+               "rolling_back")
 _FREE_MARGIN = 1 << 20  # bytes kept free on top of twice the module's size (temp copy + final file)
 
 
@@ -178,8 +172,11 @@ def parse_preflight(stdout: str) -> dict[str, str]:
 
 
 def preflight_problems(a: Assignment, facts: Mapping[str, str], state: lp.HostLivepatch, module_size: int,
-                       ours_by_journal: bool) -> list[str]:
-    """Why this host must not get its artifact now (pure); empty when it may."""
+                       ours_by_journal: bool, expect: lp.ModuleIdentity | None = None) -> list[str]:
+    """Why this host must not get its artifact now (pure); empty when it may.
+
+    A module of the same name that is loaded must be this very build: its build-id (or srcversion)
+    when the host shows one and `expect` knows ours, else the installed file's checksum."""
     problems = []
     if facts.get("release") != a.release:
         problems.append(f"release changed: host runs {facts.get('release') or '?'}, plan expected {a.release}")
@@ -203,7 +200,12 @@ def preflight_problems(a: Assignment, facts: Mapping[str, str], state: lp.HostLi
         elif p.name != name and p.enabled == 1 and not a.artifact.replace:
             problems.append(f"conflicting patch: {p.name} is loaded and ours is not a replace patch")
     ours = state.patches.get(name)
-    if (ours is not None or state.module(name).present) and not ours_by_journal:
+    mod = state.module(name)
+    other = expect.differs(mod.identity()) if expect is not None and mod.present else ""
+    comparable = expect is not None and expect.known and mod.identity().known
+    if other:
+        problems.append(f"a different build of {name} is loaded ({other})")
+    elif (ours is not None or mod.present) and not ours_by_journal and not comparable:
         if staged != a.artifact.sha256:
             problems.append(f"a different build of {name} is loaded (installed file checksum "
                             f"{staged[:12] if staged != 'absent' else 'absent'}, want {a.artifact.sha256[:12]})")
@@ -236,16 +238,11 @@ def _op(result: lp.OpResult) -> lp.OpResult:
     return result
 
 
-def _pause_after(step: str, host: str) -> None:
-    if os.environ.get(PAUSE_ENV) == step:
-        sys.stderr.write(f"kpipe: test pause after {step} on {host}\n")
-        sys.stderr.flush()
-        time.sleep(float(os.environ.get(PAUSE_SECONDS_ENV, "3600")))
-
-
 def apply_host(t: Any, a: Assignment, local_path: Path, probe: Any, rec: Recorder, *, journal_marker: str = "",
-               ours_by_journal: bool = False, persist: bool = False, timeout: float = 120.0) -> HostResult:
-    """Run one host's pipeline (every step idempotent); return applied, or raise on the first failure."""
+               ours_by_journal: bool = False, persist: bool = False, timeout: float = 120.0,
+               expect: lp.ModuleIdentity | None = None) -> HostResult:
+    """Run one host's pipeline (every step idempotent); return applied, or raise on the first failure.
+    `expect` is the artifact's build identity: the loaded module must be that build."""
     art = a.artifact
     name = a.sysfs_name
     dest = lp.staged_path(a.release, art.filename)
@@ -258,7 +255,7 @@ def apply_host(t: Any, a: Assignment, local_path: Path, probe: Any, rec: Recorde
         state = lp.parse_host_livepatch(r.stdout)
         if "release" not in facts or not state.complete:
             raise StepFailed("preflight", f"could not read the host's facts: {r.summary()}")
-        problems = preflight_problems(a, facts, state, size, ours_by_journal)
+        problems = preflight_problems(a, facts, state, size, ours_by_journal, expect)
         if problems:
             raise StepFailed("preflight", "; ".join(problems), {"facts": facts})
         return facts, state
@@ -266,8 +263,10 @@ def apply_host(t: Any, a: Assignment, local_path: Path, probe: Any, rec: Recorde
     facts, state = _run_step(rec, "preflight", preflight, {"release": a.release, "artifact": art.id},
                              lambda v: {"facts": v[0], "loaded": sorted(v[1].patches)})
     ours = state.patches.get(name)
+    # the temp name is journaled: a kpipe killed mid-upload leaves it, the next stage or unstage removes it
     _run_step(rec, "stage", lambda: lp.stage(t, local_path, a.release, art.sha256, art.filename),
-              {"path": dest, "sha256": art.sha256}, lambda p: {"path": p})
+              {"path": dest, "sha256": art.sha256, "temp": lp.temp_path(a.release, art.filename, art.sha256)},
+              lambda p: {"path": p})
     if ours is not None and ours.enabled == 1:
         # already loaded (by an earlier run of this rollout, or the same build by hand): keep the marker
         # that run journaled so verification still reads "patching complete" after it
@@ -285,13 +284,11 @@ def apply_host(t: Any, a: Assignment, local_path: Path, probe: Any, rec: Recorde
     _run_step(rec, "load", lambda: _op(lp.load(t, dest, name, use_kpatch_cli=kpatch_cli, timeout=timeout)),
               {"marker": marker, "path": dest, "kpatch_cli": kpatch_cli},
               lambda r: {"changed": r.changed, "message": r.message, "output": r.output[-500:]})
-    _pause_after("load", t.name)
     _run_step(rec, "wait", lambda: _op(lp.wait_transition(t, name, timeout=timeout)), {"timeout": timeout},
               lambda r: {"message": r.message, "seconds": round(r.seconds, 3)})
-    _pause_after("wait", t.name)
 
     def verify() -> lp.Verification:
-        v = lp.verify_loaded(t, name, marker, probe)
+        v = lp.verify_loaded(t, name, marker, probe, expect)
         if not v.ok:
             raise StepFailed("verify", "; ".join(v.problems), {"kernel": v.kernel_lines[-20:],
                                                                 "probe_output": v.probe_output[-500:]})
@@ -299,7 +296,6 @@ def apply_host(t: Any, a: Assignment, local_path: Path, probe: Any, rec: Recorde
 
     v = _run_step(rec, "verify", verify, {"marker": marker, "probe": bool(probe)},
                   lambda v: {"probe_output": v.probe_output[-500:]})
-    _pause_after("verify", t.name)
     if persist:
         _run_step(rec, "persist", lambda: _persist(t, a, dest, kpatch_cli), {"kpatch_cli": kpatch_cli},
                   lambda d: d)
@@ -316,22 +312,48 @@ def _persist(t: Any, a: Assignment, dest: str, kpatch_cli: bool) -> dict[str, An
     return {"persisted": True}
 
 
+def _other_build(t: Any, name: str, expect: lp.ModuleIdentity | None) -> str:
+    """Why the module loaded under `name` is provably not the build `expect` names ("" if it may be ours)."""
+    if expect is None or not expect.known:
+        return ""
+    mod = lp.read_state(t, name).module(name)
+    return expect.differs(mod.identity()) if mod.present else ""
+
+
 def rollback_host(t: Any, a: Assignment, probe: Any, rec: Recorder, *, timeout: float = 120.0,
-                  persisted: bool = False) -> HostResult:
-    """Disable, wait until the sysfs dir is gone, unload, unstage, verify removal (each step idempotent)."""
+                  persisted: bool = False, expect: lp.ModuleIdentity | None = None) -> HostResult:
+    """Disable, wait until the sysfs dir is gone, unload, unstage, verify removal (each step idempotent).
+
+    Only what this rollout installed is removed: a module of the same name that is another build
+    (`expect`: the artifact's build-id or srcversion) stays loaded, a file of another build stays staged."""
     name = a.sysfs_name
-    d = _run_step(rec, "rb-disable", lambda: _op(lp.disable(t, name, timeout=timeout)), {},
+
+    def disable() -> lp.OpResult:
+        other = _other_build(t, name, expect)
+        if other:
+            return lp.OpResult("disable", True, False, f"left {name} loaded: not this rollout's build ({other})")
+        return _op(lp.disable(t, name, timeout=timeout))
+
+    def unload() -> lp.OpResult:
+        other = _other_build(t, name, expect)
+        if other:
+            return lp.OpResult("unload", True, False, f"left {name} loaded: not this rollout's build ({other})")
+        return _op(lp.unload(t, name))
+
+    d = _run_step(rec, "rb-disable", disable, {},
                   lambda r: {"marker": r.marker, "changed": r.changed, "message": r.message})
-    _run_step(rec, "rb-unload", lambda: _op(lp.unload(t, name)), {}, lambda r: {"message": r.message})
+    _run_step(rec, "rb-unload", unload, {}, lambda r: {"message": r.message})
     if persisted:
         _run_step(rec, "rb-uninstall", lambda: t.run(Command.of("kpatch", "uninstall", "-k", a.release,
                                                                 a.artifact.filename, label="uninstall",
                                                                 sudo=True, timeout=120)), {},
                   lambda r: {"exit": r.exit_status})
-    _run_step(rec, "rb-unstage", lambda: _op(lp.unstage(t, a.release, a.artifact.filename)), {}, lambda r: {})
+    _run_step(rec, "rb-unstage", lambda: _op(lp.unstage(t, a.release, a.artifact.filename, a.artifact.sha256)),
+              {"temp": lp.temp_path(a.release, a.artifact.filename, a.artifact.sha256)},
+              lambda r: {"message": r.message})
 
     def verify() -> lp.Verification:
-        v = lp.verify_removed(t, name, probe, marker=d.marker if d.changed else "")
+        v = lp.verify_removed(t, name, probe, marker=d.marker if d.changed else "", expect=expect)
         if not v.ok:
             raise StepFailed("rb-verify", "; ".join(v.problems), {"kernel": v.kernel_lines[-20:]})
         return v
@@ -417,12 +439,34 @@ class Engine:
         self.local_path = local_path
         self._on_event = on_event
         self._event_lock = threading.Lock()
+        self._event_failed = False
+        self._identities: dict[str, lp.ModuleIdentity] = {}
         self.sleep = sleep
 
+    def identity(self, a: Assignment) -> lp.ModuleIdentity:
+        """The artifact's build identity (build-id, srcversion), read once from its bytes in the store."""
+        sha = a.artifact.sha256
+        if sha not in self._identities:
+            try:
+                path = self.local_path(a)
+            except KpipeError:
+                return lp.ModuleIdentity()  # the missing blob fails the host's stage step with its own message
+            self._identities[sha] = lp.module_identity(path)
+        return self._identities[sha]
+
     def emit(self, **kw: Any) -> None:
-        if self._on_event is not None:
-            with self._event_lock:
+        """Tell the progress callback; its failure never stops the rollout (the journal is the record)."""
+        if self._on_event is None:
+            return
+        with self._event_lock:
+            try:
                 self._on_event(Event(**kw))
+            except Exception as e:
+                # a broken progress printer must not leave hosts half-applied and the rollout `running`
+                if not self._event_failed:
+                    self._event_failed = True
+                    sys.stderr.write(f"kpipe: progress display failed ({type(e).__name__}: {e}); "
+                                     f"the rollout continues, see `kpipe rollout status {kw.get('rollout_id', '')}`\n")
 
     def _recorder(self, rid: str, host: str, wave: int) -> Recorder:
         def rec(step: str, phase: str, detail: dict[str, Any]) -> None:
@@ -432,10 +476,12 @@ class Engine:
         return rec
 
     def _outcome(self, rid: str, r: HostResult, wave: int, a: Assignment, action: str = "apply") -> None:
+        ident = self.identity(a)
         self.journal.record(rid, r.host, wave, "outcome", "done" if r.state in ("applied", "rolled_back") else
                             "failed", {"state": r.state, "reason": r.reason, "step": r.step, "action": action,
                                        "artifact": a.artifact.id, "sha256": a.artifact.sha256,
-                                       "module": a.sysfs_name, "kernel": a.release, "replace": a.artifact.replace})
+                                       "module": a.sysfs_name, "kernel": a.release, "replace": a.artifact.replace,
+                                       "build_id": ident.build_id, "srcversion": ident.srcversion})
         self.emit(kind="host", rollout_id=rid, host=r.host, wave=wave, step=r.step, phase=r.state, message=r.reason)
 
     # -- public --------------------------------------------------------------------
@@ -453,16 +499,17 @@ class Engine:
 
     def rollback(self, rollout_id: str, limit: str | None = None) -> RunSummary:
         """Roll back every host this rollout touched (or those matching `limit`)."""
-        self.journal.acquire(rollout_id)
+        self._acquire(rollout_id)
         try:
             rec = self.journal.get(rollout_id)
             plan = RolloutPlan.from_dict(rec.plan)
             hosts = [h for h in self._touched(rollout_id, plan) if _matches(h, limit)]
-            self.journal.set_state(rollout_id, "halted", halt_reason=rec.detail.get("halt_reason")
-                                   or "rollback requested by the operator",
+            # an operator's rollback is no halt: only a gate's halt reason (if any) is kept
+            self.journal.set_state(rollout_id, "halted",
                                    rollback={"policy": "manual", "hosts": hosts, "done": False,
                                              "all": limit is None})
-            return self._rollback(rollout_id, plan, hosts, final_all=limit is None)
+            return self._rollback(rollout_id, plan, hosts, final_all=limit is None,
+                                  halt_reason=rec.detail.get("halt_reason", ""))
         finally:
             self.journal.release(rollout_id)
 
@@ -479,20 +526,26 @@ class Engine:
                 out.append(h)
         return [h for h in plan.hosts if h in out]
 
+    def _acquire(self, rid: str) -> None:
+        """The rollout's driver lock plus one lock per host of its plan (Locked, exit 10, if taken)."""
+        plan = RolloutPlan.from_dict(self.journal.get(rid).plan)
+        self.journal.acquire(rid, hosts={h: a.sysfs_name for h, a in plan.assignments.items()})
+
     def _drive(self, rid: str, resuming: bool = False) -> RunSummary:
-        self.journal.acquire(rid)
+        self._acquire(rid)
         try:
             rec = self.journal.get(rid)
             plan = RolloutPlan.from_dict(rec.plan)
             rb = rec.detail.get("rollback") or {}
             if rec.state == "halted" and rb and not rb.get("done"):
                 self.emit(kind="resume", rollout_id=rid, message="continuing the rollback")
-                return self._rollback(rid, plan, list(rb.get("hosts", [])), final_all=bool(rb.get("all")),
-                                      halt_reason=rec.detail.get("halt_reason", ""))
+                return _finished_rollback(self._rollback(rid, plan, list(rb.get("hosts", [])),
+                                                         final_all=bool(rb.get("all")),
+                                                         halt_reason=rec.detail.get("halt_reason", "")))
             if rec.state == "completed" and resuming and self._unfinished_hosts(rid, plan):
                 pass  # hosts that were unreachable (or interrupted) are retried: nothing is forgotten
             elif rec.state in ("completed", "rolled_back", "halted"):
-                return self.summary(rid)
+                return _finished_rollback(self.summary(rid))
             if resuming:
                 self.journal.clear_abort(rid)
             return self._run(rid, plan, resuming)
@@ -584,7 +637,10 @@ class Engine:
                     hosts = sorted(set(wave) | set(failures))
                 else:
                     hosts = sorted(attempted | set(failures))
-                hosts = [h for h in plan.hosts if h in hosts]
+                # only where this rollout changed something: a host refused before its stage step still
+                # runs what it ran before (another rollout's build of the module, say), and stays `failed`
+                touched = set(self._touched(rid, plan))
+                hosts = [h for h in plan.hosts if h in hosts and h in touched]
                 self.journal.set_state(rid, "halted", halt_reason=decision.reason,
                                        rollback={"policy": policy, "hosts": hosts, "done": False,
                                                  "all": policy == "all"})
@@ -634,7 +690,8 @@ class Engine:
         try:
             r = apply_host(t, a, self.local_path(a), probe_of(plan, a), rec,
                            journal_marker=st.marker if st else "", ours_by_journal=ours,
-                           persist=plan.options.persist, timeout=plan.options.step_timeout_s)
+                           persist=plan.options.persist, timeout=plan.options.step_timeout_s,
+                           expect=self.identity(a))
         except Exception as e:
             state, reason = classify(e)
             r = HostResult(t.name, state, reason, getattr(e, "step", ""))
@@ -643,7 +700,7 @@ class Engine:
 
     def _reverify(self, plan: RolloutPlan, t: Any) -> tuple[bool, str]:
         a = plan.assignments[t.name]
-        v = lp.verify_loaded(t, a.sysfs_name, "", probe_of(plan, a))
+        v = lp.verify_loaded(t, a.sysfs_name, "", probe_of(plan, a), self.identity(a))
         return v.ok, "; ".join(v.problems)
 
     def _rollback(self, rid: str, plan: RolloutPlan, hosts: list[str], *, final_all: bool,
@@ -659,7 +716,7 @@ class Engine:
             rec = self._recorder(rid, t.name, a.wave)
             try:
                 r = rollback_host(t, a, probe_of(plan, a), rec, timeout=plan.options.step_timeout_s,
-                                  persisted=t.name in persisted)
+                                  persisted=t.name in persisted, expect=self.identity(a))
             except Exception as e:
                 state, reason = classify(e)
                 r = HostResult(t.name, state, f"rollback failed: {reason}", getattr(e, "step", ""))
@@ -691,14 +748,24 @@ class Engine:
         return summarize(self.journal, rid)
 
 
+def _finished_rollback(s: RunSummary) -> RunSummary:
+    """What resuming a rollout whose rollback is complete reports: success. The halt that started
+    the rollback was reported when it happened; a finished rollback is what resume was asked for."""
+    if s.state == "rolled_back":
+        return RunSummary(s.rollout_id, s.state, s.hosts, s.reasons, "")
+    return s
+
+
 def summarize(journal: Journal, rid: str) -> RunSummary:
     """Every plan host's final state from the journal: applied, rolled_back, failed, unreachable, excluded,
-    pending (never touched) or skipped (aborted before it started)."""
+    pending (never touched), skipped (aborted before it started), interrupted (kpipe died in the host's
+    pipeline or rollback; the reason names the rollback step) or rolling_back (a live kpipe is at it)."""
     rec = journal.get(rid)
     plan = RolloutPlan.from_dict(rec.plan)
     hosts: dict[str, str] = {}
     reasons: dict[str, str] = {}
     by_host = dict(journal.iter_hosts(rid))
+    alive = journal.live_owner(rid) is not None
     for h in plan.hosts:
         entries = by_host.get(h, [])
         st = host_state(h, entries)
@@ -708,11 +775,30 @@ def summarize(journal: Journal, rid: str) -> RunSummary:
         why = [e.detail.get("reason") for e in entries if e.step == "outcome" and e.detail.get("reason")]
         if why:
             reasons[h] = why[-1] if st.outcome != "rolled_back" else why[0]
+        step = _open_rollback(entries)
+        if step:
+            # rollback steps after the last outcome: the host may already be un-patched, never say applied
+            hosts[h] = "rolling_back" if alive else "interrupted"
+            reasons[h] = f"rollback {'at' if alive else 'interrupted at'} {step}"
     for e in plan.excluded:
         hosts[e.host] = "excluded"
         reasons[e.host] = e.reason
     halt = rec.detail.get("halt_reason", "") if rec.state in ("halted", "rolled_back") else ""
     return RunSummary(rid, rec.state, hosts, reasons, halt)
+
+
+def _open_rollback(entries: list[Any]) -> str:
+    """The rollback step a host is in (e.g. "rb-unload (started, not finished)") when rollback steps follow
+    its last outcome; "" when none do."""
+    last = max((i for i, e in enumerate(entries) if e.step == "outcome"), default=-1)
+    rb = [e for e in entries[last + 1:] if e.step.startswith("rb-")]
+    if not rb:
+        return ""
+    open_steps = [e.step for e in rb if e.phase == "intended"
+                  and not any(x.step == e.step and x.seq > e.seq and x.phase != "intended" for x in rb)]
+    if open_steps:
+        return f"{open_steps[-1]} (started, not finished)"
+    return f"{rb[-1].step} ({rb[-1].phase}; the next step did not start)"
 
 
 def _matches(host: str, pattern: str | None) -> bool:
@@ -735,5 +821,6 @@ def applied_records(journal: Journal) -> list[dict[str, Any]]:
             continue
         out.append({"seq": r["ts"], "rollout_id": r["rollout_id"], "host": r["host"], "patch": d.get("module", ""),
                     "action": d["state"], "artifact_id": d.get("artifact", ""), "sha256": d.get("sha256", ""),
-                    "kernel": d.get("kernel", ""), "replace": bool(d.get("replace", False))})
+                    "kernel": d.get("kernel", ""), "replace": bool(d.get("replace", False)),
+                    "build_id": d.get("build_id", ""), "srcversion": d.get("srcversion", "")})
     return out

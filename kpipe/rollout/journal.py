@@ -5,7 +5,10 @@ Every step that changes a host is recorded `intended` before it runs and
 kpipe killed at any instant leaves a journal from which `resume` can tell
 what may have happened. One process drives a rollout at a time: the rollout
 row holds the owner's pid and process start time; a lock whose process is
-gone (or whose pid was reused) is stale and may be taken over.
+gone (or whose pid was reused) is stale and may be taken over. One rollout
+drives a host at a time: the driver also holds a lock per host of its plan
+(host_locks), so two rollouts never load, verify or roll back on the same
+host at once (livepatches on a host interact: transitions, replace mode).
 """
 
 from __future__ import annotations
@@ -47,10 +50,20 @@ CREATE TABLE IF NOT EXISTS journal (
     ts REAL NOT NULL,
     PRIMARY KEY (rollout_id, seq)
 );
-CREATE INDEX IF NOT EXISTS journal_host ON journal(rollout_id, host)
+CREATE INDEX IF NOT EXISTS journal_host ON journal(rollout_id, host);
+CREATE TABLE IF NOT EXISTS host_locks (
+    host TEXT PRIMARY KEY,
+    module TEXT NOT NULL,
+    rollout_id TEXT NOT NULL,
+    owner_pid INTEGER NOT NULL,
+    owner_start TEXT,
+    owner_host TEXT
+)
 """
 
-STATES = ("planned", "running", "halted", "completed", "aborted", "rolled_back", "failed")
+# interrupted: the driving kpipe was stopped by the operator (Ctrl-C); resume continues it.
+INTERRUPTED = "interrupted"
+STATES = ("planned", "running", INTERRUPTED, "halted", "completed", "aborted", "rolled_back", "failed")
 PHASES = ("intended", "done", "failed")
 FINAL_HOST_STATES = ("applied", "rolled_back", "failed", "excluded", "unreachable", "pending")
 
@@ -99,6 +112,15 @@ def _proc_start(pid: int) -> str | None:
     if state in ("Z", "X"):  # a zombie is dead for our purpose
         return None
     return rest[19] if len(rest) > 19 else None
+
+
+def _alive(pid: int | None, start: str | None, owner_host: str | None) -> bool:
+    """Whether a lock's holder still runs (a holder on another machine is assumed to)."""
+    if not pid:
+        return False
+    if owner_host not in (None, socket.gethostname()):
+        return True
+    return _proc_start(pid) == start
 
 
 def new_rollout_id() -> str:
@@ -192,31 +214,61 @@ class Journal:
         return bool(row and row["abort_requested"])
 
     # -- lock -----------------------------------------------------------------
-    def acquire(self, rollout_id: str, pid: int | None = None) -> None:
-        """Become the one process driving this rollout; Locked (exit 10) if a live process holds it."""
+    def acquire(self, rollout_id: str, pid: int | None = None, hosts: dict[str, str] | None = None) -> None:
+        """Become the one process driving this rollout, and the one rollout driving each of `hosts`
+        (host -> module); Locked (exit 10) if a live process holds either. All or nothing."""
         pid = pid or os.getpid()
         start = _proc_start(pid)
+        me = socket.gethostname()
         with self.store.write() as c:
             row = c.execute("SELECT owner_pid, owner_start, owner_host FROM rollouts WHERE id = ?",
                             (rollout_id,)).fetchone()
             if row is None:
                 raise NotFoundError(f"no rollout {rollout_id!r}")
             holder, holder_start = row["owner_pid"], row["owner_start"]
-            if holder and (holder, holder_start) != (pid, start):
-                same_machine = row["owner_host"] in (None, socket.gethostname())
-                alive = _proc_start(holder) == holder_start if same_machine else True
-                if alive:
-                    raise Locked(f"rollout {rollout_id} is driven by another kpipe (pid {holder} on "
-                                 f"{row['owner_host']})",
-                                 hint="wait for it, or `kpipe rollout abort` it; a dead owner's lock is taken over")
+            if holder and (holder, holder_start) != (pid, start) and _alive(holder, holder_start, row["owner_host"]):
+                raise Locked(f"rollout {rollout_id} is driven by another kpipe (pid {holder} on "
+                             f"{row['owner_host']})",
+                             hint="wait for it, or `kpipe rollout abort` it; a dead owner's lock is taken over")
+            for host, module in sorted((hosts or {}).items()):
+                lock = c.execute("SELECT * FROM host_locks WHERE host = ?", (host,)).fetchone()
+                if (lock is not None and lock["rollout_id"] != rollout_id
+                        and _alive(lock["owner_pid"], lock["owner_start"], lock["owner_host"])):
+                    raise Locked(f"{host}: rollout {lock['rollout_id']} is rolling out {lock['module']} there "
+                                 f"(pid {lock['owner_pid']} on {lock['owner_host']}); one rollout per host at a time",
+                                 hint=f"wait for it (`kpipe rollout status {lock['rollout_id']}`), or leave "
+                                      f"{host} out with --limit")
+                c.execute("INSERT OR REPLACE INTO host_locks (host, module, rollout_id, owner_pid, owner_start, "
+                          "owner_host) VALUES (?, ?, ?, ?, ?, ?)", (host, module, rollout_id, pid, start, me))
             c.execute("UPDATE rollouts SET owner_pid = ?, owner_start = ?, owner_host = ? WHERE id = ?",
-                      (pid, start, socket.gethostname(), rollout_id))
+                      (pid, start, me, rollout_id))
 
     def release(self, rollout_id: str, pid: int | None = None) -> None:
         pid = pid or os.getpid()
         with self.store.write() as c:
+            c.execute("DELETE FROM host_locks WHERE rollout_id = ? AND owner_pid = ?", (rollout_id, pid))
             c.execute("UPDATE rollouts SET owner_pid = NULL, owner_start = NULL, owner_host = NULL "
                       "WHERE id = ? AND owner_pid = ?", (rollout_id, pid))
+
+    def live_owner(self, rollout_id: str) -> int | None:
+        """The pid of the live process driving the rollout, or None (nobody, or a dead kpipe's stale lock)."""
+        row = self.store.query_one("SELECT owner_pid, owner_start, owner_host FROM rollouts WHERE id = ?",
+                                   (rollout_id,))
+        if row is None or not row["owner_pid"]:
+            return None
+        return row["owner_pid"] if _alive(row["owner_pid"], row["owner_start"], row["owner_host"]) else None
+
+    def abort(self, rollout_id: str) -> str:
+        """`kpipe rollout abort`: ask the live driver to stop after its in-flight hosts; a rollout whose
+        driver is dead (killed) is marked aborted at once and its stale locks dropped. Returns the state."""
+        self.request_abort(rollout_id)
+        if self.live_owner(rollout_id) is None:
+            with self.store.write() as c:
+                c.execute("DELETE FROM host_locks WHERE rollout_id = ?", (rollout_id,))
+                c.execute("UPDATE rollouts SET owner_pid = NULL, owner_start = NULL, owner_host = NULL, "
+                          "state = CASE WHEN state IN ('running', 'interrupted') THEN 'aborted' ELSE state END, updated_at = ? "
+                          "WHERE id = ?", (time.time(), rollout_id))
+        return self.get(rollout_id).state
 
     # -- the step journal -----------------------------------------------------
     def record(self, rollout_id: str, host: str, wave: int, step: str, phase: str,
@@ -285,3 +337,14 @@ def host_state(host: str, entries: list[Entry]) -> HostJournalState:
     return HostJournalState(host, outcome, outcome_detail,
                             tuple(s for s, _ in sorted(open_steps.items(), key=lambda kv: kv[1])),
                             last.step if last else "", last.phase if last else "", marker)
+
+
+def mark_interrupted(journal: Journal, rollout_id: str) -> str:
+    """After the driving kpipe was interrupted: a `running` rollout becomes `interrupted` (resume continues
+    it); any other state is kept (a `halted` one with an open rollback is what resume must continue).
+    Returns the state now."""
+    rec = journal.get(rollout_id)
+    if rec.state == "running":
+        journal.set_state(rollout_id, INTERRUPTED, interrupted_at=time.time())
+        return INTERRUPTED
+    return rec.state

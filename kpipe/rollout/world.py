@@ -10,7 +10,7 @@ import re
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-from kpipe.errors import ConfigError, NotFoundError, ValidationFailed
+from kpipe.errors import ConfigError, KpipeError, NotFoundError, ValidationFailed
 from kpipe.rollout.journal import Journal
 from kpipe.rollout.planner import Assignment, Candidate, HostView, LoadedPatch, RolloutOptions, RolloutPlan, \
     plan_rollout
@@ -72,39 +72,53 @@ def candidates_for(store: Any, target: str) -> tuple[str, list[Candidate]]:
     return "recipe", [Candidate.of(a) for a in arts]
 
 
-def probes_for(workspace: Any, candidates: Iterable[Candidate]) -> dict[str, dict[str, Any]]:
-    """artifact id -> the recipe's probe rendered for the artifact's kernel (when the recipe has one)."""
-    out: dict[str, dict[str, Any]] = {}
+def _render(workspace: Any, c: Candidate) -> Any:
+    """The recipe of artifact `c` rendered for its kernel; a recipe that does not render is an error."""
+    from kpipe import recipes
+    from kpipe.errors import KpipeError
+
     try:
-        from kpipe import recipes
-    except ImportError:  # the recipe component is optional for rolling out a given artifact
+        return recipes.render(workspace, c.recipe, c.kernel)
+    except KpipeError as e:
+        # without it the rollout would run without the recipe's probe and `rollout:` settings
+        raise ConfigError(f"recipe {c.recipe!r} of artifact {c.id} does not render for {c.kernel}: {e.message}",
+                          hint="fix the recipe (`kpipe recipe lint`), or pass --no-probe to roll out without "
+                               "its probe and rollout settings") from e
+
+
+def probes_for(workspace: Any, candidates: Iterable[Candidate], *, no_probe: bool = False) -> dict[str, dict[str, Any]]:
+    """artifact id -> the recipe's probe rendered for the artifact's kernel (when the recipe has one).
+
+    ConfigError when an artifact's recipe does not render, unless `no_probe` (then no probe at all)."""
+    out: dict[str, dict[str, Any]] = {}
+    if no_probe:
         return out
     for c in candidates:
         if not c.recipe:
             continue
-        try:
-            spec = recipes.render(workspace, c.recipe, c.kernel)
-        except Exception:  # a recipe that no longer renders must not block a rollout of a built artifact
-            continue
-        p = getattr(spec, "probe", None)
+        p = getattr(_render(workspace, c), "probe", None)
         if p is not None and p.argv:
             out[c.id] = {"argv": list(p.argv), "expect": p.expect, "expect_after_rollback": p.expect_after_rollback}
     return out
 
 
-def recipe_defaults(workspace: Any, target: str) -> dict[str, Any]:
-    """The recipe's `rollout:` section (waves, max_failures, soak, rollback) for the target, or {}."""
+def recipe_defaults(workspace: Any, target: str, *, no_probe: bool = False) -> dict[str, Any]:
+    """The recipe's `rollout:` section (waves, max_failures, soak, rollback) for the target, or {}.
+
+    {} when there is no artifact yet (the planner reports that) or the artifact has no recipe; ConfigError
+    when the recipe does not render, unless `no_probe` (then the command line's defaults apply)."""
     try:
         _, cands = candidates_for(workspace.store, target)
-        from kpipe import recipes
-    except Exception:  # no artifact yet, or no recipe component: the CLI's own defaults apply
-        return {}
+    except KpipeError:
+        return {}  # build_plan reports the missing or invalid artifact with its own message
     for c in cands:
         if c.recipe:
             try:
-                return dict(recipes.render(workspace, c.recipe, c.kernel).rollout or {})
-            except Exception:
-                return {}
+                return dict(_render(workspace, c).rollout or {})
+            except ConfigError:
+                if no_probe:
+                    return {}
+                raise
     return {}
 
 
@@ -132,9 +146,14 @@ def gather(workspace: Any, hosts: list[Any], pool: Any, forks: int) -> dict[str,
 
 
 def build_plan(workspace: Any, target: str, limit: str | None, options: RolloutOptions,
-               *, pool: Any = None) -> tuple[RolloutPlan, list[Any]]:
-    """Select hosts, gather their facts, choose artifacts, render probes -> (plan, hosts)."""
+               *, pool: Any = None, no_probe: bool = False) -> tuple[RolloutPlan, list[Any]]:
+    """Select hosts, gather their facts, choose artifacts, render probes -> (plan, hosts).
+
+    The probes are rendered first: a recipe that does not render stops here, before any host is asked."""
     kind, cands = candidates_for(workspace.store, target)
+    for c in cands:  # a changed module never leaves the store: refuse before any host is contacted
+        workspace.store.verified_path(c.sha256)
+    probes = probes_for(workspace, cands, no_probe=no_probe)
     hosts = select_hosts(workspace, limit)
     own = pool is None
     pool = pool or make_pool(workspace, options.forks)
@@ -144,28 +163,30 @@ def build_plan(workspace: Any, target: str, limit: str | None, options: RolloutO
         if own:
             pool.close()
     views = [host_view(h, facts.get(h.name)) for h in hosts]
-    plan = plan_rollout(target, kind, views, cands, options, probes_for(workspace, cands))
+    plan = plan_rollout(target, kind, views, cands, options, probes)
     return plan, hosts
 
 
 def local_path_fn(store: Any) -> Callable[[Assignment], Path]:
     """Where an assignment's module bytes are (the blob store), checked."""
     def path(a: Assignment) -> Path:
-        p = store.blob_path(a.artifact.sha256)
-        if not p.is_file():
-            raise NotFoundError(f"artifact {a.artifact.id}'s module is missing from the store ({p})")
-        return p
+        return store.verified_path(a.artifact.sha256)  # NotFoundError if gone, StoreCorrupt if changed
     return path
 
 
 def engine_for(workspace: Any, journal: Journal, rollout_id: str, *, forks: int | None = None,
-               on_event: Callable[..., None] | None = None, pool: Any = None, hosts: list[Any] | None = None):
+               on_event: Callable[..., None] | None = None, pool: Any = None, hosts: list[Any] | None = None,
+               check_blobs: bool = False):
     """An Engine over SSH to the rollout's hosts (targets from the current inventory, or `hosts` when
-    the caller just loaded them). Passing the planning pool reuses its open connections."""
+    the caller just loaded them). Passing the planning pool reuses its open connections. check_blobs:
+    refuse (before any host is contacted) when a module the plan ships changed in the store."""
     from kpipe.rollout.engine import Engine, PoolRunner
 
     rec = journal.get(rollout_id)
     plan = RolloutPlan.from_dict(rec.plan)
+    if check_blobs:
+        for sha in sorted({a.artifact.sha256 for a in plan.assignments.values()}):
+            workspace.store.verified_path(sha)
     targets = {}
     if hosts is not None:
         targets = {h.name: host_target(h) for h in hosts if h.name in plan.assignments}

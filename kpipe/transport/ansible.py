@@ -438,8 +438,7 @@ def run_plan_with_ansible(
     base = Path(run_dir) if run_dir else Path(workspace.store.root) / "ansible" / stamp
     wave_of = {h: i + 1 for i, w in enumerate(waves) for h in w}
     # [ansible] python_interpreter in kpipe.toml, else the host's own variable, else discovery.
-    section = workspace.section("ansible") if hasattr(workspace, "section") else {}
-    interp = str(section.get("python_interpreter", "auto_silent"))
+    interp = workspace.settings.ansible.python_interpreter
     inv = build_inventory(plan_dict, hosts, artifact_paths, known_hosts, rollout_hosts=order, rollback_hosts=[],
                           python_interpreter=interp)
     run = run_playbook(Path(base) / "apply", inv, extravars, forks=forks, timeout=timeout, on_event=on_event)

@@ -15,7 +15,9 @@
 
 from __future__ import annotations
 
+import logging
 import os
+import re
 import select
 import socket
 import threading
@@ -34,6 +36,31 @@ from kpipe.errors import CommandTimeout, ConfigError, TransportError
 from kpipe.workspace import SshSettings
 
 T = TypeVar("T")
+
+
+def quiet_paramiko_logging() -> None:
+    """Keep paramiko's own log records (a traceback per failed handshake) off stderr.
+
+    paramiko's transport thread logs every failed handshake as an ERROR with a traceback; with no
+    handler configured, logging's last-resort handler prints them (~20 lines per host). kpipe
+    reports each host's failure once itself. KPIPE_DEBUG=1 leaves paramiko's records alone.
+    """
+    if os.environ.get("KPIPE_DEBUG", "") not in ("", "0"):
+        return
+    log = logging.getLogger("paramiko")
+    if not any(isinstance(h, logging.NullHandler) for h in log.handlers):
+        log.addHandler(logging.NullHandler())
+    log.propagate = False
+
+
+def _handshake_reason(e: BaseException) -> str:
+    """A one-line reason for a failed SSH handshake (paramiko glues the cause onto the banner text)."""
+    text = re.sub(r"\[Errno \d+\] ", "", str(e)) or type(e).__name__
+    if text.startswith("Error reading SSH protocol banner"):
+        cause = text[len("Error reading SSH protocol banner"):].strip()
+        return ("no SSH protocol banner (not an SSH server, or it closed or stalled the connection)"
+                + (f": {cause}" if cause else ""))
+    return " ".join(text.split())
 
 
 @dataclass(frozen=True)
@@ -198,15 +225,20 @@ class SshTransport:
         try:
             self.conn.open()
         except TransportError:
+            self._drop()
             sock.close()
             raise
         except paramiko.AuthenticationException as e:
+            self._drop()
             sock.close()
             raise TransportError(f"{self.name}: authentication failed for {self.conn.user}@{address}:{port}: {e}",
                                  host=self.name, kind="auth", hint="check the user and identity_file") from None
         except (paramiko.SSHException, EOFError, OSError) as e:
+            # Stop paramiko's transport thread before closing its socket under it (else it logs
+            # "Socket exception: Bad file descriptor" from the thread).
+            self._drop()
             sock.close()
-            raise TransportError(f"{self.name}: SSH handshake with {address}:{port} failed: {e or type(e).__name__}",
+            raise TransportError(f"{self.name}: SSH handshake with {address}:{port} failed: {_handshake_reason(e)}",
                                  host=self.name, kind="error") from None
         finally:
             self.conn.connect_kwargs.pop("sock", None)
@@ -341,6 +373,7 @@ class SshPool:
 
     def __init__(self, settings: SshSettings | None = None, *, known_hosts: Iterable[Path] | None = None,
                  forks: int | None = None, accept_new: bool | None = None):
+        quiet_paramiko_logging()
         self.settings = settings or SshSettings()
         files = list(known_hosts) if known_hosts is not None else [Path(os.path.expanduser(self.settings.known_hosts))]
         accept = self.settings.accept_new_host_keys if accept_new is None else accept_new
