@@ -13,6 +13,7 @@ import jsonschema
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+import kenv
 from kpipe import audit as A
 from kpipe import recipes
 from kpipe.cve import (
@@ -34,7 +35,7 @@ from recipe_ws import REPO, line_of, make_workspace
 
 UOS = "5.10.0-amd64-UOS"
 ARM = "5.10.0-arm64-UOS"
-DEB = "6.1.0-56-amd64"
+DEB = kenv.kernel_env(module_level=True).release  # the installed headers' release (tests/kenv.py)
 
 HIGH = Fix("CVE-2024-12345", "high", "use-after-free in memcg")
 LOW = Fix("CVE-2023-0042", "low", "info leak")
@@ -192,7 +193,7 @@ def test_good_fixes_lint_clean_and_normalise(tmp_path):
 def test_shipped_examples_declare_fixes():
     ws = load_workspace(REPO)
     assert [p for p in recipes.lint(ws) if p.severity == "error"] == []
-    got, errors = load_cve_recipes(ws, ["6.1.0-56-amd64", UOS])
+    got, errors = load_cve_recipes(ws, [DEB, UOS])
     assert errors == []
     by_name = {r.recipe: r for r in got}
     assert by_name["cmdline-demo"].fixes[0].severity == "low" and by_name["cmdline-demo"].fixes[0].summary == "demo"

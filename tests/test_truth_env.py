@@ -55,7 +55,8 @@ def test_an_override_pins_another_installed_release(tmp_path):
         kenv.discover("6.1.0-55-amd64", (tmp_path,))
 
 
-def test_no_usable_headers_names_what_is_missing(tmp_path):
+def test_no_usable_headers_names_what_is_missing(tmp_path, monkeypatch):
+    monkeypatch.delenv(kenv.OVERRIDE_ENV, raising=False)
     fake_headers(tmp_path, "6.1.0-57-amd64", sign_file=False)
     with pytest.raises(kenv.KernelEnvMissing, match="sign-file is missing .*install linux-headers-amd64"):
         kenv.discover(None, (tmp_path,))

@@ -9,10 +9,9 @@
 
 from __future__ import annotations
 
-import functools
-import glob
 import json
 import os
+import shutil
 import socket
 import sqlite3
 import subprocess
@@ -21,44 +20,15 @@ from pathlib import Path
 
 import pytest
 
-from test_elf_support import LIVEPATCH_C, make_signing_cert
-
-REQUIRE_REAL = os.environ.get("KPIPE_REQUIRE_REAL", "") not in ("", "0")
-
-
-def _installed_release() -> str | None:
-    """The release of an installed, buildable headers tree (the newest), discovered, never assumed."""
-    trees = sorted(p for p in glob.glob("/usr/src/linux-headers-*") if Path(p, "Makefile").is_file()
-                   and Path(p, "include/config/auto.conf").is_file())
-    return Path(trees[-1]).name.removeprefix("linux-headers-") if trees else None
-
-
-@functools.lru_cache(maxsize=None)
-def _build(workdir: str) -> tuple[str, Path] | str:
-    release = _installed_release()
-    if release is None:
-        return "no kernel headers installed under /usr/src"
-    src = Path(workdir) / "lpsample"
-    src.mkdir(parents=True, exist_ok=True)
-    (src / "livepatch-sample.c").write_text(LIVEPATCH_C)
-    (src / "Kbuild").write_text("obj-m += livepatch-sample.o\n")
-    proc = subprocess.run(["make", "-C", f"/usr/src/linux-headers-{release}", f"M={src}", "modules"],
-                          capture_output=True, text=True, timeout=300)
-    ko = src / "livepatch-sample.ko"
-    if proc.returncode != 0 or not ko.is_file():
-        raise RuntimeError(f"building the sample module failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
-    return release, ko
+from test_elf_support import make_signing_cert, sample_module
 
 
 @pytest.fixture(scope="module")
-def sample(tmp_path_factory) -> tuple[str, Path]:
-    """(release, a real livepatch module built against it)."""
-    r = _build(str(tmp_path_factory.mktemp("lpbuild")))
-    if isinstance(r, str):
-        if REQUIRE_REAL:
-            pytest.fail(r)
-        pytest.skip(r)
-    return r
+def sample(kernel_env, tmp_path_factory) -> tuple[str, Path]:
+    """(release, a real livepatch module built against it): the installed headers (tests/kenv.py)."""
+    ko = tmp_path_factory.mktemp("lpbuild") / "livepatch-sample.ko"
+    shutil.copyfile(sample_module(), ko)  # a private copy: these tests may change its bytes
+    return kernel_env.release, ko
 
 
 @pytest.fixture
