@@ -234,10 +234,8 @@ def test_lab_up_reuses_the_cache_and_down_stops_exactly_its_qemu(tmp_path, qemu_
     base = initramfs.build_base(image, lab.cache_dir)
     mtime = base.stat().st_mtime_ns
     try:
-        t0 = time.monotonic()
         st = lab.up(image, LabConfig(vms=1, memory_mb=192, append="kpipe.test=1"))
         remember(st)
-        boot = time.monotonic() - t0
         assert initramfs.build_base(image, lab.cache_dir) == base and base.stat().st_mtime_ns == mtime
         v = st.vms[0]
         assert vmmod.is_ours(v)
@@ -245,7 +243,6 @@ def test_lab_up_reuses_the_cache_and_down_stops_exactly_its_qemu(tmp_path, qemu_
         with lab.pool(st) as pool:
             r = pool.transport(lab.targets(st)[0]).run(Command.of("cat", "/proc/cmdline"))
         assert "kpipe.test=1" in r.stdout
-        assert boot < 240
     finally:
         stopped = lab.down()
     assert stopped == ["solo1"]
