@@ -25,9 +25,10 @@ cleanup() {
 trap cleanup EXIT
 
 RELEASE=$(kpipe kernels list --json | python3 -c '
-import json, sys
-ks = [k["release"] for k in json.load(sys.stdin) if k["release"].endswith("-amd64") and k["release"].startswith("6.1.")]
-print(sorted(ks)[-1])')
+import json, re, sys
+# the plain amd64 flavour (not rt or cloud) of Debian 12, newest ABI by number
+ks = [k["release"] for k in json.load(sys.stdin) if re.fullmatch(r"6\.1\.0-[0-9]+-amd64", k["release"])]
+print(max(ks, key=lambda r: int(r.split("-")[1])))')
 stage kernel "target kernel: $RELEASE (Debian's current 6.1 ABI, discovered from the installed headers)"
 
 stage keys "lab signing key (kernel module-signing certificate, stays on this machine)"
