@@ -139,6 +139,11 @@ def resolve_kernel(kernel: str | None, kernel_image: Path | None, modules: Path 
             raise ConfigError("--kernel-image needs --modules DIR (its /lib/modules/<release> folder)")
         return user_kernel(kernel_image, modules)
     release = discover_debian_release() if kernel in (None, "", "debian") else kernel
+    from kpipe.lab.forge import find_forged_kernel  # a kernel built by `kpipe lab forge`
+
+    forged = find_forged_kernel(release)
+    if forged is not None:
+        return forged
     return fetch_debian_kernel(release, cache_dir)
 
 
