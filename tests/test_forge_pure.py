@@ -195,3 +195,17 @@ def test_known_hosts_and_build_host_entry(tmp_path):
     [h] = tomllib.loads(text)["build_hosts"]
     assert h == {"name": "forge-trixie", "address": "127.0.0.1", "port": 2200, "user": "root", "arch": "x86_64",
                  "kernels": ["*-kforge-*"], "identity_file": str(tmp_path / 'id "x"')}
+
+
+@pytest.mark.parametrize("text, release", [
+    ("6.12.117-kforge-0123abcd\n", "6.12.117-kforge-0123abcd"),
+    ("6.12.117\n", "6.12.117"),
+    ("", None),
+    ("6.12 with spaces\n", None),
+    (None, None),  # no file: the tree was never built
+])
+def test_the_release_is_read_from_the_built_tree(tmp_path, text, release):
+    if text is not None:
+        (tmp_path / "include" / "config").mkdir(parents=True)
+        (tmp_path / "include" / "config" / "kernel.release").write_text(text)
+    assert forge.release_of(tmp_path) == release

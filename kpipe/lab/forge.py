@@ -175,6 +175,15 @@ def localversion(key: str) -> str:
     return f"-kforge-{key[:8]}"
 
 
+def release_of(tree: Path) -> str | None:
+    """The release a built tree records in include/config/kernel.release, or None."""
+    try:
+        release = (tree / "include" / "config" / "kernel.release").read_text().strip()
+    except OSError:
+        return None
+    return release if re.fullmatch(r"[0-9][A-Za-z0-9._+~-]{2,100}", release) else None
+
+
 # --------------------------------------------------------------------------- cache layout
 
 def default_cache_dir() -> Path:
@@ -492,13 +501,13 @@ def _build(chroot: Chroot, source: ForgeSource, pkg_version: str, frag: dict[str
         raise ConfigError(f"the fragment's options did not survive olddefconfig: {', '.join(dropped[:6])}"
                           + (f" and {len(dropped) - 6} more" if len(dropped) > 6 else ""),
                           hint="add the options they depend on to the fragment (see `make menuconfig` help)")
-    release = step("kernelrelease", ["make", "-s", "-C", str(src), "ARCH=x86_64", "kernelrelease"]).strip()
-    release = release.splitlines()[-1] if release else ""
-    if not re.fullmatch(r"[0-9][A-Za-z0-9._+~-]{2,100}", release):
-        raise KpipeError(f"unexpected kernel release {release!r} from make kernelrelease", hint=f"see {log}")
-
-    say(f"building {release}: vmlinux bzImage modules (-j{njobs}, nice {NICE}, the suite's gcc)")
+    say(f"building {source.package} {pkg_version}: vmlinux bzImage modules (-j{njobs}, nice {NICE}, "
+        "the suite's gcc)")
     step("build", make_argv(["vmlinux", "bzImage", "modules"], njobs, src=src))
+    # Written by the build from auto.conf (`make kernelrelease` before it lacks CONFIG_LOCALVERSION).
+    release = release_of(src)
+    if release is None:
+        raise KpipeError("the build wrote no valid include/config/kernel.release", hint=f"see {log}")
     step("modules_install", make_argv(["modules_install"], 1, src=src,
                                       extra=(f"INSTALL_MOD_PATH={folder / 'modroot'}",)))
     # Copies taken now are what boots; kpatch-build later rebuilds src with its own flags.
