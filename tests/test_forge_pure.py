@@ -209,3 +209,38 @@ def test_the_release_is_read_from_the_built_tree(tmp_path, text, release):
         (tmp_path / "include" / "config").mkdir(parents=True)
         (tmp_path / "include" / "config" / "kernel.release").write_text(text)
     assert forge.release_of(tmp_path) == release
+
+
+def _fake_forged(cache: Path, release: str) -> Path:
+    folder = cache / "kernels" / "6.12-fake"
+    (folder / "modroot" / "lib" / "modules" / release).mkdir(parents=True)
+    (folder / "bzImage").write_bytes(b"not really a kernel")
+    (folder / "forge.json").write_text(f'{{"release": "{release}", "source": "debian:trixie/6.12", '
+                                       '"package_version": "6.12.9-1", "key": "fe", "complete": true}')
+    return folder
+
+
+def test_the_workspace_catalog_and_the_lab_lookup_find_forged_kernels(monkeypatch, tmp_path):
+    from kpipe.lab.kernel import fetch_debian_kernel
+    from kpipe.workspace import load_workspace
+
+    monkeypatch.setenv("KPIPE_FORGE_CACHE", str(tmp_path / "forge"))
+    folder = _fake_forged(tmp_path / "forge", "6.12.9-kforge-fe")
+    (tmp_path / "ws").mkdir()
+    (tmp_path / "ws" / "kpipe.toml").write_text("[workspace]\n")
+    entry = load_workspace(tmp_path / "ws").kernels["6.12.9-kforge-fe"]
+    assert entry.source == str(folder / "src") and entry.builder == "kpatch-build"
+    # no apt-get download: the forged kernel answers the release
+    image = fetch_debian_kernel("6.12.9-kforge-fe", tmp_path / "labcache")
+    assert (image.vmlinuz, image.source) == (folder / "bzImage", "forge")
+    assert not (tmp_path / "labcache").exists()
+
+
+def test_a_declared_kernel_wins_over_a_forged_one_of_the_same_release(monkeypatch, tmp_path):
+    from kpipe.workspace import load_workspace
+
+    monkeypatch.setenv("KPIPE_FORGE_CACHE", str(tmp_path / "forge"))
+    _fake_forged(tmp_path / "forge", "6.12.9-kforge-fe")
+    (tmp_path / "ws").mkdir()
+    (tmp_path / "ws" / "kpipe.toml").write_text('[[kernels]]\nrelease = "6.12.9-kforge-fe"\nsource = "/srv/k"\n')
+    assert load_workspace(tmp_path / "ws").kernels["6.12.9-kforge-fe"].source == "/srv/k"
