@@ -59,8 +59,9 @@ def forged() -> ForgedKernel:
 
 
 @pytest.fixture(scope="session")
-def forge_buildhost(tmp_path_factory: pytest.TempPathFactory, forged: ForgedKernel) -> Iterator[dict]:
+def forge_buildhost(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
     """The forge chroot's sshd on a free loopback port; stopped by PID at the end (no process left)."""
+    need_forge_tools()
     bh = BuildHostChroot(tmp_path_factory.mktemp("buildhost"))
     suite, version = FORGE_SOURCE.split(":", 1)[1].split("/")
     t = time.monotonic()

@@ -269,7 +269,7 @@ def ensure_chroot(suite: str, *, extra_packages: tuple[str, ...] = (), mirror: s
     if os.geteuid() != 0:
         raise KpipeError("the forge makes its chroot as root (mmdebstrap --mode=root, chroot, mount namespaces)",
                          hint="run `kpipe lab forge` as root, or in a root container")
-    with _locked(base.with_suffix(".lock")):
+    with _locked(base.parent / (base.name + ".lock")):
         if done.is_file():
             return Chroot(suite, root, key)
         base.mkdir(parents=True, exist_ok=True)
@@ -319,7 +319,7 @@ def ensure_lab_key(cache_dir: Path | None = None) -> tuple[Path, Path]:
     key, cert = folder / "signing_key.pem", folder / "signing_cert.pem"
     if key.is_file() and cert.is_file():
         return key, cert
-    with _locked(folder.with_suffix(".lock")):
+    with _locked(folder.parent / (folder.name + ".lock")):
         if key.is_file() and cert.is_file():
             return key, cert
         folder.mkdir(parents=True, exist_ok=True)
@@ -452,7 +452,7 @@ def forge(source: ForgeSource, *, fragment: Path | None = None, cert: Path | Non
     if found is not None:
         say(f"cached: {found.release} ({folder})")
         return found
-    with _locked(folder.with_suffix(".lock")):
+    with _locked(folder.parent / (folder.name + ".lock")):
         found = ForgedKernel.load(folder)
         if found is not None:
             return found
