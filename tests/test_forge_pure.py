@@ -244,3 +244,16 @@ def test_a_declared_kernel_wins_over_a_forged_one_of_the_same_release(monkeypatc
     (tmp_path / "ws").mkdir()
     (tmp_path / "ws" / "kpipe.toml").write_text('[[kernels]]\nrelease = "6.12.9-kforge-fe"\nsource = "/srv/k"\n')
     assert load_workspace(tmp_path / "ws").kernels["6.12.9-kforge-fe"].source == "/srv/k"
+
+
+def test_forge_steps_stream_into_the_log_and_fail_with_its_tail(tmp_path):
+    from kpipe.errors import KpipeError
+
+    log = tmp_path / "forge.log"
+    assert forge._run(["sh", "-c", "echo one; echo two >&2"], log=log) == "one\ntwo\n"
+    with pytest.raises(KpipeError) as e:
+        forge._run(["sh", "-c", "echo compiling; echo 'error: boom' >&2; exit 2"], log=log, what="forge build")
+    assert e.value.message == "forge build failed (exit 2): compiling | error: boom"
+    assert str(log) in (e.value.hint or "")
+    text = log.read_text()
+    assert "one\ntwo\n[exit 0]" in text and "error: boom\n[exit 2]" in text

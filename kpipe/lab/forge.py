@@ -208,23 +208,36 @@ def _locked(path: Path) -> Iterator[None]:
 
 
 def _run(argv: list[str], *, log: Path | None = None, timeout: float = 7200, what: str = "") -> str:
-    """Run argv; append its output to log; raise with the last lines on failure."""
+    """Run argv (its output streamed into log when given, so a long build can be followed); raise on failure."""
+    out = None
     try:
-        r = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, check=False,
-                           stdin=subprocess.DEVNULL)
+        if log is None:
+            r = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, check=False,
+                               stdin=subprocess.DEVNULL)
+            text = r.stdout + r.stderr
+        else:
+            with open(log, "ab") as f:
+                f.write(f"$ {' '.join(argv)}\n".encode())
+                f.flush()
+                start = f.tell()
+                out = subprocess.run(argv, stdout=f, stderr=subprocess.STDOUT, timeout=timeout, check=False,
+                                     stdin=subprocess.DEVNULL)
+                f.write(f"[exit {out.returncode}]\n".encode())
+            with open(log, "rb") as f:
+                f.seek(start)
+                text = f.read().decode(errors="replace")
+            r = subprocess.CompletedProcess(argv, out.returncode, text, "")
     except FileNotFoundError:
         raise KpipeError(f"{argv[0]} is not installed",
                          hint="run scripts/setup.sh (the forge needs mmdebstrap, util-linux and openssl)") from None
     except subprocess.TimeoutExpired:
-        raise KpipeError(f"{what or argv[0]} took longer than {timeout:.0f} s") from None
-    if log is not None:
-        with open(log, "a", encoding="utf-8", errors="replace") as f:
-            f.write(f"$ {' '.join(argv)}\n{r.stdout}{r.stderr}\n[exit {r.returncode}]\n")
+        raise KpipeError(f"{what or argv[0]} took longer than {timeout:.0f} s",
+                         hint=f"see {log}" if log else "") from None
     if r.returncode != 0:
-        tail = [ln for ln in (r.stdout + r.stderr).splitlines() if ln.strip()][-5:]
+        tail = [ln for ln in text.splitlines() if ln.strip() and not ln.startswith("[exit ")][-5:]
         raise KpipeError(f"{what or argv[0]} failed (exit {r.returncode}): {' | '.join(tail)[-400:]}",
                          hint=f"full output in {log}" if log else "")
-    return r.stdout
+    return r.stdout if log is None else text.rsplit("[exit ", 1)[0]
 
 
 # --------------------------------------------------------------------------- the chroot
