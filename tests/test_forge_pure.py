@@ -257,3 +257,12 @@ def test_forge_steps_stream_into_the_log_and_fail_with_its_tail(tmp_path):
     assert str(log) in (e.value.hint or "")
     text = log.read_text()
     assert "one\ntwo\n[exit 0]" in text and "error: boom\n[exit 2]" in text
+
+
+@pytest.mark.parametrize("record", ['{"complete": true}', '[1, 2]', '{"complete": true, "release": "6.12.1-x", '
+                                    '"source": "s", "package_version": "p", "key": "k", "created_at": "soon"}',
+                                    "not json"])
+def test_a_damaged_forge_record_is_ignored_not_fatal(tmp_path, record):
+    (tmp_path / "kernels" / "6.12-d").mkdir(parents=True)
+    (tmp_path / "kernels" / "6.12-d" / "forge.json").write_text(record)
+    assert forge.forged_kernels(tmp_path) == [] and forge.forged_kernel_entries(tmp_path) == []

@@ -422,8 +422,11 @@ class ForgedKernel:
             return None
         if not isinstance(d, dict) or not d.get("complete"):
             return None
-        return cls(str(d["release"]), folder, str(d["source"]), str(d["package_version"]), str(d["key"]),
-                   float(d.get("created_at", 0.0)), float(d.get("seconds", 0.0)))
+        try:
+            return cls(str(d["release"]), folder, str(d["source"]), str(d["package_version"]), str(d["key"]),
+                       float(d.get("created_at", 0.0)), float(d.get("seconds", 0.0)))
+        except (KeyError, TypeError, ValueError):  # a record from another format: not a kernel kpipe can use
+            return None
 
 
 def kernels_dir(cache_dir: Path | None = None) -> Path:
