@@ -19,6 +19,7 @@ import pytest
 from forge_support import (  # noqa: F401  (fixtures)
     FORGE_SOURCE, TIMINGS, forge_buildhost, forged, workspace_with_buildhost,
 )
+from kpipe.errors import ExitCode
 from kpipe.lab.forge import ForgedKernel, forge, localversion, parse_config, parse_source
 
 pytestmark = [pytest.mark.forge, pytest.mark.timeout(3600)]
@@ -84,7 +85,8 @@ def test_forged_kernel_joins_the_kernel_catalog(forged: ForgedKernel, tmp_path):
 def test_a_bad_fragment_fails_before_any_build(tmp_path):
     (tmp_path / "kpipe.toml").write_text("[workspace]\n")
     (tmp_path / "frag.config").write_text("CONFIG_LIVEPATCH=y\nLIVEPATCH=y\n")
-    r = kp(tmp_path, "lab", "forge", "--source", FORGE_SOURCE, "--config-fragment", "frag.config", ok=(3,))
+    r = kp(tmp_path, "lab", "forge", "--source", FORGE_SOURCE, "--config-fragment", "frag.config",
+           ok=(int(ExitCode.CONFIG),))
     assert "frag.config:2: not a config line" in r.stderr + r.stdout
     assert "Traceback" not in r.stderr
 
