@@ -585,7 +585,7 @@ def forged_kernel_entries(cache_dir: Path | None = None) -> list[Any]:
         out.append(KernelEntry(release=k.release, arch="x86_64", distro="debian", source=str(k.tree),
                                vmlinux=str(k.vmlinux), config=str(k.config), headers=str(k.tree),
                                builder="kpatch-build", symbols=symbols, sig_hash="sha256",
-                               options={"discovered": True, "forged": k.source}))
+                               options={"forged": k.source}))
     return out
 
 
