@@ -147,3 +147,23 @@ def test_lab_boots_the_forged_kernel_by_release(forged: ForgedKernel, tmp_path):
         assert "module.sig_enforce=1" in out and "livepatch-ok" in out
     finally:
         kp(tmp_path, "lab", "down")
+
+
+def test_cli_buildhost_up_and_down_by_pid(tmp_path):
+    from forge_support import need_forge_tools
+
+    need_forge_tools()
+    (tmp_path / "kpipe.toml").write_text("[workspace]\n")
+    folder = tmp_path / "bh"
+    state = json.loads(kp(tmp_path, "lab", "buildhost", "up", "--folder", str(folder), "--json").stdout)
+    pid = int(state["pid"])
+    try:
+        assert f"-f {folder}/sshd_config" in Path(f"/proc/{pid}/cmdline").read_bytes().decode().replace("\0", " ")
+        assert Path(state["known_hosts"]).read_text().startswith(f"[127.0.0.1]:{state['port']} ssh-ed25519 ")
+        r = kp(tmp_path, "lab", "buildhost", "up", "--folder", str(folder), ok=(int(ExitCode.CONFIG),))
+        assert "already running" in r.stderr
+    finally:
+        out = kp(tmp_path, "lab", "buildhost", "down", "--folder", str(folder)).stdout
+    assert str(pid) in out
+    assert not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text().split(") ")[1][:1]
+    assert "no build host was running" in kp(tmp_path, "lab", "buildhost", "down", "--folder", str(folder)).stdout

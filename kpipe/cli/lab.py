@@ -186,8 +186,8 @@ def buildhost_up_cmd(
         print_json(info)
         return
     st.console.print(f"build host: root@127.0.0.1:{info['port']} (sshd PID {info['pid']})")
-    st.console.print("add to kpipe.toml (strict host keys: [ssh] known_hosts = "
-                     f"{escape(repr(info['known_hosts']))}):")
+    st.console.print(escape(f"add to kpipe.toml, and set [ssh] known_hosts = \"{info['known_hosts']}\" "
+                            "(strict host keys):"), highlight=False)
     st.console.print(escape(build_host_toml(f"forge-{suite}", info["port"], bh.identity_file)), highlight=False)
 
 
