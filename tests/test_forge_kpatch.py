@@ -96,14 +96,16 @@ def test_kpipe_build_runs_the_real_kpatch_build_over_ssh(built, kws, forged, for
     assert hashlib.sha256(ko.read_bytes()).hexdigest() == art["sha256"]
 
 
-def test_the_signed_module_validates_against_the_forged_vmlinux(built, kws, forged):
+def test_the_signed_module_validates_against_the_forged_vmlinux(built, kws, forged, tmp_path):
     art = json.loads(kp(kws, "artifacts", "show", built["artifact_id"], "--json").stdout)
     assert art["status"] == "valid", art
-    r = subprocess.run(["modinfo", "-F", "vermagic", art["path"]], capture_output=True, text=True, check=True)
+    ko = tmp_path / f"{MODULE}.ko"  # modinfo wants a .ko name; store blobs have none
+    shutil.copyfile(art["path"], ko)
+    r = subprocess.run(["modinfo", "-F", "vermagic", str(ko)], capture_output=True, text=True, check=True)
     assert r.stdout.split()[0] == forged.release  # kpatch-build built it against the forged tree
     report = json.loads(kp(kws, "validate", built["signed_id"], "--kernel", forged.release, "--cert",
                            str(forged.cert), "--json").stdout)
-    assert report["ok"] is True, [f for f in report["findings"] if f["severity"] != "info"]
+    assert report["ok"] is True, [f for f in report["findings"] if f["severity"] == "error"]
     assert str(forged.vmlinux) in json.dumps(report["symbol_sources"])
 
 
