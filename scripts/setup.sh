@@ -13,6 +13,9 @@ $SUDO apt-get install -y -q --no-install-recommends \
   linux-headers-amd64 build-essential bc libelf-dev \
   qemu-system-x86 busybox-static dropbear-bin cpio kmod \
   xz-utils zstd gzip openssl util-linux iproute2 procps ca-certificates
+# The kernel forge (kpipe lab forge) and its kpatch-build build host: mmdebstrap makes a chroot of the
+# source's suite (with its own apt sources; the host's are never changed), unshare gives it private mounts.
+$SUDO apt-get install -y -q --no-install-recommends mmdebstrap debian-archive-keyring util-linux
 # The kernel's own sign-file comes with linux-kbuild-<version>, a dependency of the headers.
 ls /usr/lib/linux-kbuild-*/scripts/sign-file >/dev/null
 

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import List, Optional
 
 import typer
+from rich.markup import escape
 
 lab_app = typer.Typer(help="Disposable qemu VMs of a target kernel, reachable over SSH.", no_args_is_help=True)
 
@@ -127,6 +128,82 @@ def down_cmd(all_: bool = typer.Option(False, "--all", help="Also stop VMs kept 
     if all_:
         stopped += lab.down_preflights()
     state().console.print(f"stopped: {esc(', '.join(stopped))}" if stopped else "no lab VM was running")
+
+
+@lab_app.command("forge")
+def forge_cmd(
+    source: str = typer.Option(..., "--source", help="debian:<suite>/<version>, e.g. debian:trixie/6.12."),
+    config_fragment: Optional[Path] = typer.Option(None, "--config-fragment",
+                                                   help="Config fragment merged over tinyconfig (default: the lab's)."),
+    cert: Optional[Path] = typer.Option(None, "--cert", help="PEM certificate the kernel trusts (default: the forge's lab key)."),
+    jobs: Optional[int] = typer.Option(None, "--jobs", "-j", min=1, help="make -j (default: nproc)."),
+    mirror: Optional[str] = typer.Option(None, "--mirror", help="Debian mirror for the chroot."),
+    json_out: bool = typer.Option(False, "--json", help="Print the forged kernel as JSON."),
+) -> None:
+    """Build (once, cached) a small bootable, live-patchable kernel from a Debian source package."""
+    from kpipe.cli.context import print_json, state
+    from kpipe.lab.forge import DEFAULT_MIRROR, forge, parse_source
+
+    st = state()
+    out = st.err_console if json_out else st.console
+    k = forge(parse_source(source), fragment=config_fragment, cert=cert, jobs=jobs, mirror=mirror or DEFAULT_MIRROR,
+              progress=lambda m: out.print(f"[dim]forge:[/] {escape(m)}"))
+    if json_out:
+        print_json(k.to_dict())
+        return
+    st.console.print(f"forged kernel: [bold]{escape(k.release)}[/] ({escape(k.source)}, {escape(k.package_version)})")
+    for label, path in (("source tree", k.tree), ("config", k.config), ("vmlinux", k.vmlinux),
+                        ("bzImage", k.bzimage), ("modules", k.modules_dir), ("trusted cert", k.cert)):
+        st.console.print(f"  {label:13} {escape(str(path))}")
+    st.console.print(f"boot it: kpipe lab up --kernel {escape(k.release)}")
+
+
+buildhost_app = typer.Typer(help="A kpatch-build build host: the forge's chroot running its own sshd on loopback.",
+                            no_args_is_help=True)
+lab_app.add_typer(buildhost_app, name="buildhost")
+
+
+def _buildhost(folder: Optional[Path]):
+    from kpipe.cli.context import state
+    from kpipe.lab.buildhost import BuildHostChroot
+
+    return BuildHostChroot(folder or state().workspace.root / ".lab" / "buildhost")
+
+
+@buildhost_app.command("up")
+def buildhost_up_cmd(
+    suite: str = typer.Option("trixie", "--suite", help="Debian suite of the chroot (must ship kpatch-build)."),
+    version: str = typer.Option("6.12", "--version", help="linux-source-<version> in the chroot (the forge's)."),
+    port: Optional[int] = typer.Option(None, "--port", min=1, max=65535, help="Loopback port (default: a free one)."),
+    folder: Optional[Path] = typer.Option(None, "--folder", help="State folder (default: <workspace>/.lab/buildhost)."),
+    json_out: bool = typer.Option(False, "--json", help="Print the state as JSON."),
+) -> None:
+    """Start the chroot's sshd; print the [[build_hosts]] entry and the known_hosts file to use."""
+    from kpipe.cli.context import print_json, state
+    from kpipe.lab.buildhost import build_host_toml
+
+    st = state()
+    out = st.err_console if json_out else st.console
+    bh = _buildhost(folder)
+    info = bh.up(suite, version=version, port=port, progress=lambda m: out.print(f"[dim]buildhost:[/] {escape(m)}"))
+    if json_out:
+        print_json(info)
+        return
+    st.console.print(f"build host: root@127.0.0.1:{info['port']} (sshd PID {info['pid']})")
+    st.console.print(escape(f"add to kpipe.toml, and set [ssh] known_hosts = \"{info['known_hosts']}\" "
+                            "(strict host keys):"), highlight=False)
+    st.console.print(escape(build_host_toml(f"forge-{suite}", info["port"], bh.identity_file)), highlight=False)
+
+
+@buildhost_app.command("down")
+def buildhost_down_cmd(
+    folder: Optional[Path] = typer.Option(None, "--folder", help="State folder (default: <workspace>/.lab/buildhost)."),
+) -> None:
+    """Stop exactly the recorded sshd (and the processes left in its mount namespace)."""
+    from kpipe.cli.context import state
+
+    stopped = _buildhost(folder).down()
+    state().console.print(f"stopped PIDs: {', '.join(map(str, stopped))}" if stopped else "no build host was running")
 
 
 def preflight_cmd(

@@ -76,9 +76,14 @@ def discover_debian_release() -> str:
 
 
 def fetch_debian_kernel(release: str, cache_dir: Path | None = None) -> KernelImage:
-    """Download and unpack linux-image-<release> into the cache (once); return the image."""
+    """A kernel built by `kpipe lab forge`, else linux-image-<release> downloaded and unpacked (once)."""
     if not _RELEASE.match(release):
         raise ConfigError(f"invalid kernel release {release!r}", hint="e.g. 6.1.0-56-amd64")
+    from kpipe.lab.forge import find_forged_kernel  # every release lookup (lab up, preflight) passes here
+
+    forged = find_forged_kernel(release)
+    if forged is not None:
+        return forged
     cache = (cache_dir or default_cache_dir()) / "kernels" / release
     done = cache / ".complete"
     if not done.exists():

@@ -1,0 +1,599 @@
+"""The kernel forge: a small bootable, live-patchable kernel from a Debian source package.
+
+`forge()` makes (once) a lean chroot of the source's suite with mmdebstrap
+(`--variant=apt`, only build tools, kpatch-build installed with
+`dpkg --force-depends` because its Depends pull ~500 MB of TeX), unpacks
+linux-source-<version> in it, runs `make ARCH=x86_64 tinyconfig`, merges a
+config fragment, `make olddefconfig`, and builds vmlinux, bzImage and modules
+with the suite's own gcc, niced. Everything lands in a cache folder keyed by
+the inputs (suite, version, source package version, fragment and lab
+certificate digests). The kernel is booted from copies taken right after the
+normal build: kpatch-build later rebuilds the same tree with
+-ffunction-sections/-fdata-sections, and that vmlinux does not boot.
+
+Forged kernels join the kernel catalog (`forged_kernel_entries`) and the lab
+(`find_forged_kernel`).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from kpipe.errors import ConfigError, KpipeError, NotFoundError
+from kpipe.lab.chroot import enter_argv
+
+FORMAT_VERSION = 1
+DEFAULT_MIRROR = "http://deb.debian.org/debian"
+DEFAULT_FRAGMENT = "forge-lab.config"
+NICE = 10
+# Build tools only (kpatch-build's own Depends would add the kernel's packaging build-deps:
+# TeX, asciidoc, ghostscript...). openssl: the kernel generates its module signing key;
+# openssh-server: the same chroot serves as a kpatch-build build host (kpipe.lab.buildhost).
+BASE_PACKAGES = ("build-essential", "bc", "bison", "flex", "libelf-dev", "libssl-dev", "openssl", "cpio", "kmod",
+                 "xz-utils", "gawk", "patch", "python3", "openssh-server")
+FORCE_DEPENDS_PACKAGES = ("kpatch-build",)
+LAB_CERT_NAME = "kpipe-lab-cert.pem"  # inside the kernel tree's certs/
+
+Progress = Callable[[str], None]
+
+_SOURCE = re.compile(r"^debian:([a-z][a-z0-9-]{1,30})/([0-9]+\.[0-9]+)$")
+_CONFIG_LINE = re.compile(r"^(CONFIG_[A-Za-z0-9_]+)=(.*)$")
+_UNSET_LINE = re.compile(r"^# (CONFIG_[A-Za-z0-9_]+) is not set\s*$")
+
+
+# --------------------------------------------------------------------------- pure logic
+
+@dataclass(frozen=True)
+class ForgeSource:
+    """A Debian kernel source package: linux-source-<version> of <suite>."""
+
+    suite: str
+    version: str
+
+    @property
+    def package(self) -> str:
+        return f"linux-source-{self.version}"
+
+    def __str__(self) -> str:
+        return f"debian:{self.suite}/{self.version}"
+
+
+def parse_source(text: str) -> ForgeSource:
+    """`debian:<suite>/<major.minor>` (e.g. debian:trixie/6.12) into a ForgeSource."""
+    m = _SOURCE.match(text.strip())
+    if not m:
+        raise ConfigError(f"--source {text!r} is not debian:<suite>/<version>",
+                          hint="e.g. debian:trixie/6.12 (the suite must ship linux-source-<version>)")
+    return ForgeSource(m.group(1), m.group(2))
+
+
+def parse_config(text: str) -> dict[str, str]:
+    """A .config or fragment as {CONFIG_X: value}; `# CONFIG_X is not set` is 'n'."""
+    out: dict[str, str] = {}
+    for line in text.splitlines():
+        line = line.strip()
+        if m := _CONFIG_LINE.match(line):
+            out[m.group(1)] = m.group(2)
+        elif m := _UNSET_LINE.match(line):
+            out[m.group(1)] = "n"
+    return out
+
+
+def check_fragment(text: str, where: str) -> dict[str, str]:
+    """Parse a fragment, refusing lines that are neither options, unset markers, comments nor blank."""
+    for i, line in enumerate(text.splitlines(), 1):
+        s = line.strip()
+        if s and not s.startswith("#") and not _CONFIG_LINE.match(s):
+            raise ConfigError(f"{where}:{i}: not a config line: {s[:60]!r}",
+                              hint="write CONFIG_NAME=value or '# CONFIG_NAME is not set'")
+    return parse_config(text)
+
+
+def merge_config(base: str, fragment: dict[str, str]) -> str:
+    """base .config with the fragment's values overriding (as merge_config.sh -m does), new ones appended."""
+    lines: list[str] = []
+    seen: set[str] = set()
+    for line in base.splitlines():
+        s = line.strip()
+        m = _CONFIG_LINE.match(s) or _UNSET_LINE.match(s)
+        if m and m.group(1) in fragment:
+            name = m.group(1)
+            seen.add(name)
+            lines.append(_config_line(name, fragment[name]))
+        else:
+            lines.append(line)
+    for name, value in fragment.items():
+        if name not in seen:
+            lines.append(_config_line(name, value))
+    return "\n".join(lines) + "\n"
+
+
+def _config_line(name: str, value: str) -> str:
+    return f"# {name} is not set" if value == "n" else f"{name}={value}"
+
+
+def dropped_options(final: dict[str, str], fragment: dict[str, str]) -> list[str]:
+    """Fragment options that olddefconfig did not keep (a dependency is missing), as 'NAME=want (got)'."""
+    out = []
+    for name, want in fragment.items():
+        got = final.get(name, "n")
+        if got != want:
+            out.append(f"{name}={want} (got {got if name in final else 'unset'})")
+    return out
+
+
+def forge_key(inputs: dict[str, Any]) -> str:
+    """The cache key of a forged kernel: sha256 over its canonical JSON inputs."""
+    blob = json.dumps(inputs, sort_keys=True, separators=(",", ":")).encode()
+    return hashlib.sha256(blob).hexdigest()
+
+
+def chroot_inputs(suite: str, mirror: str, packages: tuple[str, ...] = BASE_PACKAGES,
+                  forced: tuple[str, ...] = FORCE_DEPENDS_PACKAGES) -> dict[str, Any]:
+    """What a forge chroot is made from (its cache key's inputs)."""
+    return {"format": FORMAT_VERSION, "suite": suite, "mirror": mirror, "variant": "apt",
+            "packages": sorted(set(packages)), "force_depends": sorted(set(forced))}
+
+
+def mmdebstrap_argv(suite: str, target: Path, mirror: str, packages: tuple[str, ...],
+                    forced: tuple[str, ...] = FORCE_DEPENDS_PACKAGES) -> list[str]:
+    """The mmdebstrap command line; forced packages are downloaded and `dpkg --force-depends -i`-ed in a hook."""
+    argv = ["mmdebstrap", "--variant=apt", "--components=main", "--include=" + ",".join(packages)]
+    if forced:
+        # The hook's shell text is a constant; package names reach it as "$@"-free literals checked below.
+        for p in forced:
+            if not re.fullmatch(r"[a-z0-9][a-z0-9.+-]+", p):
+                raise ConfigError(f"invalid package name {p!r}")
+        names = " ".join(forced)
+        argv.append("--customize-hook=chroot \"$1\" sh -c 'cd /tmp && apt-get download " + names +
+                    " && dpkg --force-depends -i *.deb && rm -f /tmp/*.deb'")
+    argv += [suite, str(target), mirror]
+    return argv
+
+
+def make_argv(targets: list[str], jobs: int, *, src: Path, extra: tuple[str, ...] = ()) -> list[str]:
+    """make in the kernel tree for x86_64 with -j jobs."""
+    return ["make", "-C", str(src), "ARCH=x86_64", f"-j{max(1, jobs)}", *extra, *targets]
+
+
+def localversion(key: str) -> str:
+    """The forge's LOCALVERSION: the key's first 8 hex digits, so each input set has its own release."""
+    return f"-kforge-{key[:8]}"
+
+
+def release_of(tree: Path) -> str | None:
+    """The release a built tree records in include/config/kernel.release, or None."""
+    try:
+        release = (tree / "include" / "config" / "kernel.release").read_text().strip()
+    except OSError:
+        return None
+    return release if re.fullmatch(r"[0-9][A-Za-z0-9._+~-]{2,100}", release) else None
+
+
+# --------------------------------------------------------------------------- cache layout
+
+def default_cache_dir() -> Path:
+    """$KPIPE_FORGE_CACHE, else $XDG_CACHE_HOME/kpipe/forge, else ~/.cache/kpipe/forge."""
+    env = os.environ.get("KPIPE_FORGE_CACHE")
+    if env:
+        return Path(env).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")
+    return Path(base) / "kpipe" / "forge"
+
+
+@contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    """One forge/chroot build per key at a time (a second caller waits, then finds the cache)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _run(argv: list[str], *, log: Path | None = None, timeout: float = 7200, what: str = "") -> str:
+    """Run argv (its output streamed into log when given, so a long build can be followed); raise on failure."""
+    out = None
+    try:
+        if log is None:
+            r = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, check=False,
+                               stdin=subprocess.DEVNULL)
+            text = r.stdout + r.stderr
+        else:
+            with open(log, "ab") as f:
+                f.write(f"$ {' '.join(argv)}\n".encode())
+                f.flush()
+                start = f.tell()
+                out = subprocess.run(argv, stdout=f, stderr=subprocess.STDOUT, timeout=timeout, check=False,
+                                     stdin=subprocess.DEVNULL)
+                f.write(f"[exit {out.returncode}]\n".encode())
+            with open(log, "rb") as f:
+                f.seek(start)
+                text = f.read().decode(errors="replace")
+            r = subprocess.CompletedProcess(argv, out.returncode, text, "")
+    except FileNotFoundError:
+        raise KpipeError(f"{argv[0]} is not installed",
+                         hint="run scripts/setup.sh (the forge needs mmdebstrap, util-linux and openssl)") from None
+    except subprocess.TimeoutExpired:
+        raise KpipeError(f"{what or argv[0]} took longer than {timeout:.0f} s",
+                         hint=f"see {log}" if log else "") from None
+    if r.returncode != 0:
+        tail = [ln for ln in text.splitlines() if ln.strip() and not ln.startswith("[exit ")][-5:]
+        raise KpipeError(f"{what or argv[0]} failed (exit {r.returncode}): {' | '.join(tail)[-400:]}",
+                         hint=f"full output in {log}" if log else "")
+    return r.stdout if log is None else text.rsplit("[exit ", 1)[0]
+
+
+# --------------------------------------------------------------------------- the chroot
+
+@dataclass(frozen=True)
+class Chroot:
+    """A cached chroot of one suite."""
+
+    suite: str
+    root: Path
+    key: str
+
+    def run(self, argv: list[str], *, binds: tuple[Path, ...] = (), nice: int = 0, log: Path | None = None,
+            what: str = "", timeout: float = 7200) -> str:
+        """Run argv inside the chroot (private mount namespace, binds at their host paths)."""
+        return _run(enter_argv(self.root, argv, binds, nice=nice), log=log, what=what, timeout=timeout)
+
+    def package_version(self, package: str) -> str:
+        """The installed version of a package in the chroot (read from its dpkg status file)."""
+        status = (self.root / "var/lib/dpkg/status").read_text(errors="replace")
+        for block in status.split("\n\n"):
+            if re.search(rf"^Package: {re.escape(package)}$", block, re.M) and \
+                    re.search(r"^Status: install ok installed$", block, re.M):
+                m = re.search(r"^Version: (\S+)$", block, re.M)
+                if m:
+                    return m.group(1)
+        raise NotFoundError(f"{package} is not installed in the {self.suite} chroot {self.root}")
+
+
+def ensure_chroot(suite: str, *, extra_packages: tuple[str, ...] = (), mirror: str = DEFAULT_MIRROR,
+                  cache_dir: Path | None = None, progress: Progress | None = None) -> Chroot:
+    """The suite's build chroot, made once with mmdebstrap (as root) and cached by its inputs."""
+    say = progress or (lambda _m: None)
+    packages = tuple(dict.fromkeys(BASE_PACKAGES + extra_packages))
+    inputs = chroot_inputs(suite, mirror, packages)
+    key = forge_key(inputs)
+    base = (cache_dir or default_cache_dir()) / "chroots" / f"{suite}-{key[:16]}"
+    root = base / "root"
+    done = base / "chroot.json"
+    if done.is_file():
+        return Chroot(suite, root, key)
+    if os.geteuid() != 0:
+        raise KpipeError("the forge makes its chroot as root (mmdebstrap --mode=root, chroot, mount namespaces)",
+                         hint="run `kpipe lab forge` as root, or in a root container")
+    with _locked(base.parent / (base.name + ".lock")):
+        if done.is_file():
+            return Chroot(suite, root, key)
+        base.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=base, prefix=".root-"))
+        tmp.rmdir()  # mmdebstrap wants to create (or find empty) the target itself
+        say(f"creating a {suite} chroot with mmdebstrap ({len(packages)} packages + "
+            f"{', '.join(FORCE_DEPENDS_PACKAGES)}); once per input set")
+        t0 = time.monotonic()
+        log = base / "mmdebstrap.log"
+        try:
+            _run(["nice", "-n", str(NICE), *mmdebstrap_argv(suite, tmp, mirror, packages)], log=log,
+                 what=f"mmdebstrap {suite}", timeout=3600)
+        except KpipeError:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        if root.exists():
+            shutil.rmtree(root)
+        os.rename(tmp, root)
+        inputs["seconds"] = round(time.monotonic() - t0, 1)
+        done.write_text(json.dumps(inputs, indent=2) + "\n")
+        say(f"chroot ready in {inputs['seconds']:.0f} s: {root}")
+    return Chroot(suite, root, key)
+
+
+# --------------------------------------------------------------------------- the lab key
+
+LAB_KEY_CONFIG = """[ req ]
+default_bits = 3072
+distinguished_name = req_distinguished_name
+prompt = no
+string_mask = utf8only
+x509_extensions = myexts
+[ req_distinguished_name ]
+O = kpipe lab
+CN = kpipe forge lab module signing key
+[ myexts ]
+basicConstraints=critical,CA:FALSE
+keyUsage=digitalSignature
+subjectKeyIdentifier=hash
+authorityKeyIdentifier=keyid
+"""
+
+
+def ensure_lab_key(cache_dir: Path | None = None) -> tuple[Path, Path]:
+    """(signing_key.pem, signing_cert.pem) of the forge's lab key, created once with openssl."""
+    folder = (cache_dir or default_cache_dir()) / "labkey"
+    key, cert = folder / "signing_key.pem", folder / "signing_cert.pem"
+    if key.is_file() and cert.is_file():
+        return key, cert
+    with _locked(folder.parent / (folder.name + ".lock")):
+        if key.is_file() and cert.is_file():
+            return key, cert
+        folder.mkdir(parents=True, exist_ok=True)
+        os.chmod(folder, 0o700)
+        genkey = folder / "x509.genkey"
+        genkey.write_text(LAB_KEY_CONFIG)
+        tmp_key, tmp_cert = folder / ".key.tmp", folder / ".cert.tmp"
+        _run(["openssl", "req", "-new", "-nodes", "-utf8", "-sha256", "-days", "3650", "-batch", "-x509",
+              "-config", str(genkey), "-outform", "PEM", "-out", str(tmp_cert), "-keyout", str(tmp_key)],
+             what="openssl req (lab key)")
+        os.chmod(tmp_key, 0o600)
+        os.replace(tmp_cert, cert)
+        os.replace(tmp_key, key)
+    return key, cert
+
+
+def _cert_pem(path: Path) -> bytes:
+    data = path.read_bytes() if path.is_file() else b""
+    if b"-----BEGIN CERTIFICATE-----" not in data:
+        raise ConfigError(f"--cert {path}: not a PEM certificate",
+                          hint="pass the lab signer's signing_cert.pem (the key stays out of the kernel)")
+    if b"PRIVATE KEY" in data:
+        raise ConfigError(f"--cert {path}: holds a private key; pass the certificate alone",
+                          hint="the kernel embeds SYSTEM_TRUSTED_KEYS in vmlinux")
+    return data
+
+
+# --------------------------------------------------------------------------- the forge
+
+@dataclass(frozen=True)
+class ForgedKernel:
+    """A forged kernel in the cache: its release and where its parts are."""
+
+    release: str
+    folder: Path
+    source: str  # debian:<suite>/<version>
+    package_version: str  # linux-source-<version>'s Debian version
+    key: str
+    created_at: float = 0.0
+    seconds: float = 0.0
+
+    @property
+    def tree(self) -> Path:
+        return self.folder / "src"
+
+    @property
+    def vmlinux(self) -> Path:
+        return self.folder / "vmlinux"
+
+    @property
+    def bzimage(self) -> Path:
+        return self.folder / "bzImage"
+
+    @property
+    def config(self) -> Path:
+        return self.folder / "config"
+
+    @property
+    def system_map(self) -> Path:
+        return self.folder / "System.map"
+
+    @property
+    def symvers(self) -> Path:
+        return self.folder / "Module.symvers"
+
+    @property
+    def cert(self) -> Path:
+        return self.folder / "trusted-cert.pem"
+
+    @property
+    def modules_dir(self) -> Path:
+        return self.folder / "modroot" / "lib" / "modules" / self.release
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"release": self.release, "source": self.source, "package_version": self.package_version,
+                "key": self.key, "folder": str(self.folder), "tree": str(self.tree), "vmlinux": str(self.vmlinux),
+                "bzImage": str(self.bzimage), "config": str(self.config), "system_map": str(self.system_map),
+                "module_symvers": str(self.symvers), "modules_dir": str(self.modules_dir),
+                "trusted_cert": str(self.cert), "created_at": self.created_at, "seconds": self.seconds}
+
+    @classmethod
+    def load(cls, folder: Path) -> "ForgedKernel | None":
+        """The forged kernel recorded in folder/forge.json, or None when absent or unfinished."""
+        try:
+            d = json.loads((folder / "forge.json").read_text())
+        except (OSError, ValueError):
+            return None
+        if not isinstance(d, dict) or not d.get("complete"):
+            return None
+        try:
+            return cls(str(d["release"]), folder, str(d["source"]), str(d["package_version"]), str(d["key"]),
+                       float(d.get("created_at", 0.0)), float(d.get("seconds", 0.0)))
+        except (KeyError, TypeError, ValueError):  # a record from another format: not a kernel kpipe can use
+            return None
+
+
+def kernels_dir(cache_dir: Path | None = None) -> Path:
+    """Where forged kernels live (bind-mounted at the same path into chroots)."""
+    return (cache_dir or default_cache_dir()) / "kernels"
+
+
+def forge(source: ForgeSource, *, fragment: Path | None = None, cert: Path | None = None,
+          jobs: int | None = None, mirror: str = DEFAULT_MIRROR, cache_dir: Path | None = None,
+          progress: Progress | None = None) -> ForgedKernel:
+    """Build (or find in the cache) a kernel from a Debian source package; return it."""
+    say = progress or (lambda _m: None)
+    cache = cache_dir or default_cache_dir()
+    if fragment is not None:
+        frag_path = fragment.expanduser()
+        try:
+            frag_text = frag_path.read_text()
+        except OSError as e:
+            raise ConfigError(f"--config-fragment {fragment}: {e.strerror}") from None
+        where = str(frag_path)
+    else:
+        frag_text = resources.files("kpipe").joinpath("lab_assets", DEFAULT_FRAGMENT).read_text()
+        where = f"(default fragment {DEFAULT_FRAGMENT})"
+    frag = check_fragment(frag_text, where)
+    cert_path = cert.expanduser().resolve() if cert is not None else ensure_lab_key(cache)[1]
+    cert_pem = _cert_pem(cert_path)
+
+    chroot = ensure_chroot(source.suite, extra_packages=(source.package,), mirror=mirror, cache_dir=cache,
+                           progress=say)
+    pkg_version = chroot.package_version(source.package)
+    inputs = {"format": FORMAT_VERSION, "arch": "x86_64", "suite": source.suite, "version": source.version,
+              "package_version": pkg_version, "chroot": chroot.key,
+              "fragment_sha256": hashlib.sha256(frag_text.encode()).hexdigest(),
+              "cert_sha256": hashlib.sha256(cert_pem).hexdigest()}
+    key = forge_key(inputs)
+    kdir = kernels_dir(cache)
+    folder = kdir / f"{source.version}-{key[:16]}"
+    found = ForgedKernel.load(folder)
+    if found is not None:
+        say(f"cached: {found.release} ({folder})")
+        return found
+    with _locked(folder.parent / (folder.name + ".lock")):
+        found = ForgedKernel.load(folder)
+        if found is not None:
+            return found
+        return _build(chroot, source, pkg_version, frag, cert_pem, inputs, key, folder, jobs, say)
+
+
+def _build(chroot: Chroot, source: ForgeSource, pkg_version: str, frag: dict[str, str], cert_pem: bytes,
+           inputs: dict[str, Any], key: str, folder: Path, jobs: int | None, say: Progress) -> ForgedKernel:
+    if folder.exists():  # an interrupted earlier build
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True)
+    log = folder / "forge.log"
+    binds = (folder,)
+    njobs = jobs or os.cpu_count() or 1
+    t0 = time.monotonic()
+    times: dict[str, float] = {}
+
+    def step(name: str, argv: list[str], *, nice: int = NICE) -> str:
+        t = time.monotonic()
+        out = chroot.run(argv, binds=binds, nice=nice, log=log, what=f"forge {name}")
+        times[name] = round(time.monotonic() - t, 1)
+        return out
+
+    tarball = f"/usr/src/{source.package}.tar.xz"
+    if not (chroot.root / tarball.lstrip("/")).is_file():
+        raise NotFoundError(f"{tarball} is missing from the {source.suite} chroot")
+    say(f"unpacking {source.package} {pkg_version}")
+    step("unpack", ["tar", "-xf", tarball, "-C", str(folder)])
+    os.rename(folder / source.package, folder / "src")
+    src = folder / "src"
+    (src / "certs" / LAB_CERT_NAME).write_bytes(cert_pem)
+    (folder / "trusted-cert.pem").write_bytes(cert_pem)
+
+    say("make tinyconfig, merge the fragment, make olddefconfig")
+    step("tinyconfig", make_argv(["tinyconfig"], 1, src=src))
+    frag = dict(frag)
+    frag.setdefault("CONFIG_LOCALVERSION", f'"{localversion(key)}"')
+    frag["CONFIG_LOCALVERSION_AUTO"] = "n"
+    if frag.get("CONFIG_MODULE_SIG") == "y":
+        frag["CONFIG_SYSTEM_TRUSTED_KEYS"] = f'"certs/{LAB_CERT_NAME}"'
+    config = src / ".config"
+    config.write_text(merge_config(config.read_text(), frag))
+    step("olddefconfig", make_argv(["olddefconfig"], 1, src=src))
+    dropped = dropped_options(parse_config(config.read_text()), frag)
+    if dropped:
+        raise ConfigError(f"the fragment's options did not survive olddefconfig: {', '.join(dropped[:6])}"
+                          + (f" and {len(dropped) - 6} more" if len(dropped) > 6 else ""),
+                          hint="add the options they depend on to the fragment (see `make menuconfig` help)")
+    say(f"building {source.package} {pkg_version}: vmlinux bzImage modules (-j{njobs}, nice {NICE}, "
+        "the suite's gcc)")
+    step("build", make_argv(["vmlinux", "bzImage", "modules"], njobs, src=src))
+    # Written by the build from auto.conf (`make kernelrelease` before it lacks CONFIG_LOCALVERSION).
+    release = release_of(src)
+    if release is None:
+        raise KpipeError("the build wrote no valid include/config/kernel.release", hint=f"see {log}")
+    step("modules_install", make_argv(["modules_install"], 1, src=src,
+                                      extra=(f"INSTALL_MOD_PATH={folder / 'modroot'}",)))
+    # Copies taken now are what boots; kpatch-build later rebuilds src with its own flags.
+    for name, dest in (("vmlinux", "vmlinux"), ("arch/x86/boot/bzImage", "bzImage"), (".config", "config"),
+                       ("System.map", "System.map"), ("Module.symvers", "Module.symvers")):
+        if (src / name).is_file():
+            shutil.copy2(src / name, folder / dest)
+    for needed in ("vmlinux", "bzImage", "config"):
+        if not (folder / needed).is_file():
+            raise KpipeError(f"the build produced no {needed}", hint=f"see {log}")
+    modules = folder / "modroot" / "lib" / "modules" / release
+    modules.mkdir(parents=True, exist_ok=True)
+    (modules / "modules.order").touch()
+    gcc = step("gcc", ["gcc", "--version"], nice=0).splitlines()
+    record = {**inputs, "key": key, "release": release, "source": str(source), "complete": True,
+              "created_at": time.time(), "seconds": round(time.monotonic() - t0, 1), "steps": times,
+              "jobs": njobs, "gcc": gcc[0] if gcc else ""}
+    tmp = folder / "forge.json.tmp"
+    tmp.write_text(json.dumps(record, indent=2) + "\n")
+    os.replace(tmp, folder / "forge.json")
+    say(f"forged {release} in {record['seconds']:.0f} s")
+    loaded = ForgedKernel.load(folder)
+    assert loaded is not None
+    return loaded
+
+
+# --------------------------------------------------------------------------- registry
+
+def forged_kernels(cache_dir: Path | None = None) -> list[ForgedKernel]:
+    """Every finished forged kernel in the cache, newest first."""
+    base = kernels_dir(cache_dir)
+    try:
+        folders = [p for p in base.iterdir() if p.is_dir()]
+    except OSError:
+        return []
+    found = [k for k in (ForgedKernel.load(p) for p in folders) if k is not None]
+    return sorted(found, key=lambda k: k.created_at, reverse=True)
+
+
+def find_forged(release: str, cache_dir: Path | None = None) -> ForgedKernel | None:
+    """The newest forged kernel of that release, or None."""
+    for k in forged_kernels(cache_dir):
+        if k.release == release:
+            return k
+    return None
+
+
+def forged_kernel_entries(cache_dir: Path | None = None) -> list[Any]:
+    """Catalog entries (workspace.KernelEntry) for the forged kernels: tree, vmlinux, config on this machine."""
+    from kpipe.workspace import KernelEntry
+
+    out = []
+    seen: set[str] = set()
+    for k in forged_kernels(cache_dir):
+        if k.release in seen:
+            continue
+        seen.add(k.release)
+        symbols = tuple(str(p) for p in (k.vmlinux, k.symvers) if p.is_file())
+        out.append(KernelEntry(release=k.release, arch="x86_64", distro="debian", source=str(k.tree),
+                               vmlinux=str(k.vmlinux), config=str(k.config), headers=str(k.tree),
+                               builder="kpatch-build", symbols=symbols, sig_hash="sha256",
+                               options={"forged": k.source}))
+    return out
+
+
+def find_forged_kernel(release: str, cache_dir: Path | None = None) -> Any:
+    """The lab's view (lab.kernel.KernelImage) of a forged kernel, or None."""
+    from kpipe.lab.kernel import KernelImage
+
+    k = find_forged(release, cache_dir)
+    if k is None:
+        return None
+    return KernelImage(k.release, k.bzimage, k.modules_dir, "forge")
