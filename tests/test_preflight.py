@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from kpipe.artifacts import add_artifact, get_artifact
+from kpipe.artifacts import add_artifact, get_artifact, preflight_records
 from kpipe.lab import Lab
 from kpipe.workspace import open_workspace
 from test_lab_support import (  # noqa: F401  (fixtures)
@@ -97,10 +97,13 @@ def test_preflight_fails_for_an_unsigned_module_under_sig_enforce(preflight_ws):
     assert r.returncode == 9, r.stdout + r.stderr
     assert "kpipe: error: preflight of" in r.stderr
     assert "Loading of unsigned module is rejected" in r.stderr
-    stored = _stored(ws, preflight_ws["good"])
-    assert stored["status"] == "failed" and stored["sig_enforce"] is True
-    assert "kernel: Loading of unsigned module is rejected" in stored["problems"]
-    assert any("Key was rejected by service" in p for p in stored["problems"])
+    store = open_workspace(str(ws)).store
+    trial = preflight_records(store, preflight_ws["good"])[-1]  # every run is a record with its options
+    assert trial["status"] == "failed" and trial["options"]["sig_enforce"] is True
+    assert "kernel: Loading of unsigned module is rejected" in trial["result"]["problems"]
+    assert any("Key was rejected by service" in p for p in trial["result"]["problems"])
+    # a failed trial with other options never replaces the artifact's own (default-options) preflight
+    assert _stored(ws, preflight_ws["good"])["sig_enforce"] is False
     _no_vm_left(ws)
 
 
