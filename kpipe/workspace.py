@@ -75,6 +75,10 @@ class Workspace:
         return p if p.is_absolute() else self.root / p
 
 
+class NoWorkspace(ConfigError):
+    """No kpipe.toml where kpipe looked (exit 4, like every configuration error)."""
+
+
 def find_workspace(start: Path | None = None, explicit: str | os.PathLike | None = None) -> Path:
     """The folder holding kpipe.toml: explicit, $KPIPE_WORKSPACE, or upward from start."""
     explicit = explicit or os.environ.get("KPIPE_WORKSPACE")
@@ -83,15 +87,16 @@ def find_workspace(start: Path | None = None, explicit: str | os.PathLike | None
         if p.is_file():
             p = p.parent
         if not (p / WORKSPACE_FILE).is_file():
-            raise ConfigError(f"{p} has no {WORKSPACE_FILE}", hint="run kpipe inside a workspace or pass --workspace")
+            raise NoWorkspace(f"{p} has no {WORKSPACE_FILE}",
+                              hint=f"create one with `kpipe init {p}`, or pass another --workspace")
         return p
     here = (start or Path.cwd()).resolve()
     for d in (here, *here.parents):
         if (d / WORKSPACE_FILE).is_file():
             return d
-    raise ConfigError(
+    raise NoWorkspace(
         f"no {WORKSPACE_FILE} in {here} or any parent folder",
-        hint="run kpipe inside a workspace, or pass --workspace / set KPIPE_WORKSPACE",
+        hint="start one with `kpipe init`, or run kpipe inside a workspace (--workspace / KPIPE_WORKSPACE)",
     )
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -55,3 +56,29 @@ def test_init_command_in_an_empty_folder(tmp_path):
     lint = subprocess.run([sys.executable, "-m", "kpipe", "recipe", "lint"], cwd=tmp_path / "new",
                           capture_output=True, text=True, env=env, timeout=120)
     assert lint.returncode == 0, lint.stdout + lint.stderr
+
+
+def test_a_command_without_a_workspace_points_at_kpipe_init(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "KPIPE_WORKSPACE"}
+    r = subprocess.run([sys.executable, "-m", "kpipe", "artifacts", "list"], cwd=tmp_path, capture_output=True,
+                       text=True, env=env, timeout=120)
+    assert r.returncode == 4
+    assert r.stderr.splitlines()[0] == f"kpipe: error: no kpipe.toml in {tmp_path} or any parent folder"
+    assert "kpipe init" in r.stderr
+
+
+def test_inventory_paths_are_the_users_relative_to_the_current_folder(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "KPIPE_WORKSPACE"}
+    (tmp_path / "hosts.ini").write_text("[web]\nweb1 ansible_host=127.0.0.1\n")
+    alone = subprocess.run([sys.executable, "-m", "kpipe", "fleet", "list", "-i", "hosts.ini", "--json"],
+                           cwd=tmp_path, capture_output=True, text=True, env=env, timeout=120)
+    assert alone.returncode == 0, alone.stderr  # no workspace needed with -i
+    assert [h["name"] for h in json.loads(alone.stdout)["hosts"]] == ["web1"]
+    init_workspace(tmp_path / "ws", [])
+    sub = tmp_path / "ws" / "inventories"
+    sub.mkdir()
+    (sub / "db.ini").write_text("[db]\ndb1 ansible_host=127.0.0.2\n")
+    inside = subprocess.run([sys.executable, "-m", "kpipe", "fleet", "list", "-i", "db.ini", "--json"],
+                            cwd=sub, capture_output=True, text=True, env=env, timeout=120)
+    assert inside.returncode == 0, inside.stderr  # db.ini is here, not at the workspace root
+    assert [h["name"] for h in json.loads(inside.stdout)["hosts"]] == ["db1"]

@@ -26,6 +26,15 @@ class AppState:
             self._workspace = open_workspace(self.workspace_arg)
         return self._workspace
 
+    def optional_workspace(self):
+        """The workspace, or None when there is none here (commands that can work without one)."""
+        from kpipe.workspace import NoWorkspace
+
+        try:
+            return self.workspace
+        except NoWorkspace:
+            return None
+
     @property
     def console(self):
         """A rich Console on stdout."""

@@ -9,6 +9,8 @@ any host failed. Each failing host is reported on one line.
 
 from __future__ import annotations
 
+import os
+
 from typing import Any, List, Optional
 
 import typer
@@ -35,7 +37,12 @@ def _select(limit: Optional[str], inventory: Optional[List[str]]) -> list[Any]:
     from kpipe.cli.context import state
     from kpipe.fleet.inventory import select_hosts
 
-    return select_hosts(state().workspace, limit, inventory or None)
+    if not inventory:
+        return select_hosts(state().workspace, limit, None)
+    # -i paths are the user's, relative to the current folder (as `ansible -i`); with them no
+    # workspace is needed.
+    sources = [os.path.abspath(os.path.expanduser(p)) for p in inventory]
+    return select_hosts(state().optional_workspace(), limit, sources)
 
 
 @fleet_app.command("list")

@@ -769,7 +769,7 @@ def _host_from_dict(d: dict[str, Any]) -> Host:
                 groups=tuple(d["groups"]), vars=dict(d["vars"]))
 
 
-def select_hosts(workspace: "Workspace", pattern: str | None = None,
+def select_hosts(workspace: "Workspace | None", pattern: str | None = None,
                  sources: Sequence[str | os.PathLike] | None = None) -> list[Host]:
     """`load_inventory(workspace, sources).select(pattern)`, answered from the store when no
     inventory file changed since the same selection was last resolved."""
@@ -778,6 +778,8 @@ def select_hosts(workspace: "Workspace", pattern: str | None = None,
 
     from kpipe import __version__
 
+    if workspace is None:  # no store to cache the selection in
+        return load_inventory(None, sources).select(pattern)
     paths = [Path(os.path.expanduser(os.fspath(s))) for s in sources] if sources is not None \
         else default_sources(workspace)
     paths = [p if p.is_absolute() else workspace.root / p for p in paths]
