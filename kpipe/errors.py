@@ -48,6 +48,12 @@ class ConfigError(KpipeError):
     exit_code = ExitCode.CONFIG
 
 
+class UsageError(KpipeError):
+    """Options that do not go together, or a missing one kpipe checks itself (exit 2, as click's own)."""
+
+    exit_code = ExitCode.USAGE
+
+
 class NotFoundError(KpipeError):
     exit_code = ExitCode.NOT_FOUND
 

@@ -48,3 +48,19 @@ def test_exit_code_of_a_failing_command_is_kept(tmp_path):
     # an unknown artifact: NotFoundError -> 5
     r = kpipe_run("artifacts", "show", "abcdef123456")
     assert r.returncode == 5 and "no artifact" in r.stderr
+
+
+import pytest  # noqa: E402
+
+
+@pytest.mark.parametrize("args, message", [
+    (("build",), "give --kernel RELEASE"),
+    (("build", "--all-kernels", "--kernel", "5.10.0-amd64-UOS"), "--all-kernels goes with --recipe NAME"),
+    (("build", "--recipe", "cmdline-demo"), "which kernels should recipe 'cmdline-demo' be built for?"),
+    (("sign", "x.ko", "--key", "k.pem"), "--key and --cert go together"),
+    (("keys", "generate", "--signer", "lab", "--key", "k", "--cert", "c"), "not both"),
+])
+def test_usage_errors_kpipe_checks_itself_exit_2(tmp_path, args, message):
+    r = kpipe_run(*args, cwd=tmp_path)  # no workspace needed to say how the command is used
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.startswith(f"kpipe: error: ") and message in r.stderr and "Traceback" not in r.stderr

@@ -25,18 +25,18 @@ def build(
     """Build live patch modules on the workspace's build hosts (reattaches to running builds)."""
     from kpipe.build.runner import BuildOptions, BuildResult, BuildRunner
     from kpipe.cli.context import print_json, state
-    from kpipe.errors import ConfigError, ExitCode, KpipeError
+    from kpipe.errors import ExitCode, KpipeError, UsageError
 
     st = state()
-    ws = st.workspace
     if not kernel and not recipe:
-        raise ConfigError("give --kernel RELEASE, --recipe NAME --kernel RELEASE, or --recipe NAME --all-kernels",
-                          hint="see `kpipe build --help`")
+        raise UsageError("give --kernel RELEASE, --recipe NAME --kernel RELEASE, or --recipe NAME --all-kernels",
+                         hint="see `kpipe build --help`")
     if all_kernels and (kernel or not recipe):
-        raise ConfigError("--all-kernels goes with --recipe NAME and without --kernel")
+        raise UsageError("--all-kernels goes with --recipe NAME and without --kernel")
     if recipe and not kernel and not all_kernels:
-        raise ConfigError(f"which kernels should recipe {recipe!r} be built for?",
-                          hint="add --kernel RELEASE or --all-kernels")
+        raise UsageError(f"which kernels should recipe {recipe!r} be built for?",
+                         hint="add --kernel RELEASE or --all-kernels")
+    ws = st.workspace
     specs, errors = _specs(ws, kernel, recipe, all_kernels)
     console = st.err_console if json_out else st.console
     progress = _Progress(console, verbose=verbose, quiet=False)

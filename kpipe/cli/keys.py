@@ -29,13 +29,13 @@ def generate_cmd(
     json_out: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ) -> None:
     """Create a module-signing key (0600) and its self-signed certificate, as the kernel's certs/ does."""
-    from kpipe.errors import ConfigError
+    from kpipe.errors import ConfigError, UsageError
     from kpipe.keys import generate_signing_key
 
     if (key or cert) and signer:
-        raise ConfigError("give either --signer or --key/--cert, not both")
+        raise UsageError("give either --signer or --key/--cert, not both")
     if bool(key) != bool(cert):
-        raise ConfigError("--key and --cert go together")
+        raise UsageError("--key and --cert go together")
     if key and cert:
         key_path, cert_path = Path(key).expanduser().absolute(), Path(cert).expanduser().absolute()
     else:

@@ -21,12 +21,12 @@ def sign_cmd(
     json_out: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ) -> None:
     """Sign a module file (in place or to --output) or an artifact (stored as a new signed artifact)."""
-    from kpipe.errors import ConfigError
+    from kpipe.errors import ConfigError, UsageError
 
     if (key or cert) and signer:
-        raise ConfigError("give either --key/--cert or --signer, not both")
+        raise UsageError("give either --key/--cert or --signer, not both")
     if bool(key) != bool(cert):
-        raise ConfigError("--key and --cert go together")
+        raise UsageError("--key and --cert go together")
     path = Path(target)
     if path.is_file():
         from kpipe.elf.sign import sign_file, sign_with_signer
