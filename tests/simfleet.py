@@ -761,16 +761,18 @@ class SimHost:
             return
         p.state = "patched"
         d = self.lp / name
-        self._write(d / "vmlinux" / "patched", "1")
-        self._write(d / "transition", "0")
-        self.klog(f"livepatch: '{name}': patching complete")
         # Replace mode (the default): the new patch supersedes every other one; their
-        # sysfs folders go, their modules stay loaded until rmmod.
+        # sysfs folders go, their modules stay loaded until rmmod. They go before
+        # `transition` reads 0, so a reader that waited for the transition never sees
+        # a folder half removed.
         for other in list(self.patches_.values()):
             if other.name != name and other.state in ("patched", "patching"):
                 other.state = "replaced"
                 self._unlock_enabled(other.name)
                 shutil.rmtree(self.lp / other.name, ignore_errors=True)
+        self._write(d / "vmlinux" / "patched", "1")
+        self._write(d / "transition", "0")
+        self.klog(f"livepatch: '{name}': patching complete")
 
     def _stall(self, name: str) -> None:
         p = self.patches_.get(name)
