@@ -90,8 +90,8 @@ def main() -> None:
     from sshd import SshdServer, keygen
 
     from kpipe import recipes
-    from kpipe.build.base import get_builder
-    from kpipe.build.runner import BuildOptions, BuildRunner
+    from kpipe.builder.base import get_builder
+    from kpipe.builder.runner import BuildOptions, BuildRunner
     from kpipe.workspace import load_workspace
 
     import kenv  # the tests' discovery of the installed headers (newest, or KPIPE_TEST_KERNEL)

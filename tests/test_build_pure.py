@@ -10,10 +10,10 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 
 from doubles.buildkit import DEBIAN_RELEASE, kbuild_spec, kpatch_spec, memcg_patch, write_workspace  # noqa: E402
-from kpipe.build.base import get_builder, parse_version_output  # noqa: E402
-from kpipe.build.classify import CATEGORIES, classify  # noqa: E402
-from kpipe.build.hosts import pick_host, refusal_reasons, select_hosts  # noqa: E402
-from kpipe.build.kpatch import module_name_string, predict_module_name  # noqa: E402
+from kpipe.builder.base import get_builder, parse_version_output  # noqa: E402
+from kpipe.builder.classify import CATEGORIES, classify  # noqa: E402
+from kpipe.builder.hosts import pick_host, refusal_reasons, select_hosts  # noqa: E402
+from kpipe.builder.kpatch import module_name_string, predict_module_name  # noqa: E402
 from kpipe.errors import ConfigError, NotFoundError  # noqa: E402
 from kpipe.workspace import BuildHost  # noqa: E402
 
@@ -168,7 +168,7 @@ def test_kbuild_refuses_module_names_that_would_inject_into_make(ws):
 
 
 def test_followed_log_is_reused_only_when_lossless():
-    from kpipe.build.runner import _lossless
+    from kpipe.builder.runner import _lossless
 
     assert _lossless("h\u00e9llo\n", "7") == "h\u00e9llo\n".encode()
     assert _lossless("bad \ufffd byte", "12") is None  # a replaced byte: fetch the real one

@@ -29,8 +29,8 @@ from doubles.buildkit import (  # noqa: E402
     memcg_patch, ssh_host, write_workspace,
 )
 from kpipe.artifacts import get_artifact, list_artifacts  # noqa: E402
-from kpipe.build.records import build_record  # noqa: E402
-from kpipe.build.runner import BuildOptions, BuildRunner  # noqa: E402
+from kpipe.builder.records import build_record  # noqa: E402
+from kpipe.builder.runner import BuildOptions, BuildRunner  # noqa: E402
 
 pytestmark = pytest.mark.timeout(300)
 

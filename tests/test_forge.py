@@ -92,7 +92,7 @@ def test_a_bad_fragment_fails_before_any_build(tmp_path):
 
 
 def test_kpipe_reaches_the_chroot_build_host_over_ssh_with_strict_host_keys(forge_buildhost, tmp_path):
-    from kpipe.build.runner import Connections, probe_host
+    from kpipe.builder.runner import Connections, probe_host
     from kpipe.errors import TransportError
     from kpipe.workspace import load_workspace
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from kpipe.build.spec import Probe
+from kpipe.builder.spec import Probe
 from kpipe.commands import Command
 from kpipe.errors import KpipeError
 from kpipe.fleet import livepatch as lp

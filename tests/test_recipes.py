@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from kpipe import recipes
-from kpipe.build.spec import BuildSpec
+from kpipe.builder.spec import BuildSpec
 from kpipe.errors import ConfigError, NotFoundError
 from kpipe.workspace import load_workspace
 import kenv

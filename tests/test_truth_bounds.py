@@ -325,7 +325,7 @@ def test_kernels_symbols_is_mounted_statically():
 
 
 def test_build_does_not_skip_validation_when_it_cannot_import_it(monkeypatch, tmp_path):
-    from kpipe.build import runner
+    from kpipe.builder import runner
 
     # kpipe.validation failing to import is a broken install: the build must say so, not skip validation
     monkeypatch.setitem(sys.modules, "kpipe.validation", None)

@@ -23,7 +23,7 @@ def build(
     json_out: bool = typer.Option(False, "--json", help="Print the results as JSON."),
 ) -> None:
     """Build live patch modules on the workspace's build hosts (reattaches to running builds)."""
-    from kpipe.build.runner import BuildOptions, BuildResult, BuildRunner
+    from kpipe.builder.runner import BuildOptions, BuildResult, BuildRunner
     from kpipe.cli.context import print_json, state
     from kpipe.errors import ExitCode, KpipeError, UsageError
 
@@ -60,7 +60,7 @@ def build(
 def _specs(ws, kernel: str | None, recipe: str | None, all_kernels: bool):
     """The BuildSpecs to build, and error results for the ones that do not render."""
     from kpipe import recipes
-    from kpipe.build.runner import BuildResult
+    from kpipe.builder.runner import BuildResult
     from kpipe.errors import KpipeError, NotFoundError
 
     pairs: list[tuple[str, str]] = []
@@ -210,7 +210,7 @@ def builds(
     from rich.markup import escape
     from rich.table import Table
 
-    from kpipe.build.records import list_builds
+    from kpipe.builder.records import list_builds
     from kpipe.cli.context import print_json, state
 
     st = state()

@@ -27,7 +27,7 @@ from kpipe.errors import KpipeError
 from kpipe.transport.base import Transport
 
 if TYPE_CHECKING:  # pragma: no cover
-    from kpipe.build.spec import Probe
+    from kpipe.builder.spec import Probe
 
 LIVEPATCH_SYSFS = "/sys/kernel/livepatch"
 KPATCH_DIR = "/var/lib/kpatch"

@@ -1,4 +1,4 @@
-"""Rendering one recipe for one catalog kernel into a kpipe.build.spec.BuildSpec."""
+"""Rendering one recipe for one catalog kernel into a kpipe.builder.spec.BuildSpec."""
 
 from __future__ import annotations
 
@@ -110,7 +110,7 @@ def _default_kbuild(module: str, sources: list[str]) -> str:
 
 def _build_spec(ws: Any, recipe: Recipe, entry: Any, probs: _Problems) -> Any:
     """Render `recipe` for catalog `entry`; problems go to `probs`; the BuildSpec when there are none."""
-    from kpipe.build.spec import BuildSpec, PatchFile, Probe, SourceFile
+    from kpipe.builder.spec import BuildSpec, PatchFile, Probe, SourceFile
 
     kernel, kvars = _kernel_vars(entry)
     options = recipe.options
@@ -199,7 +199,7 @@ def _build_spec(ws: Any, recipe: Recipe, entry: Any, probs: _Problems) -> Any:
 
 
 def render(ws: Any, recipe_name: str, kernel_release: str) -> Any:
-    """The BuildSpec of `recipe_name` for `kernel_release` (kpipe.build.spec.BuildSpec).
+    """The BuildSpec of `recipe_name` for `kernel_release` (kpipe.builder.spec.BuildSpec).
 
     ConfigError (file:line) for a bad recipe or template, NotFoundError for an
     unknown recipe or kernel, or a kernel the recipe does not target.

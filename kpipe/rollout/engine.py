@@ -29,6 +29,7 @@ from kpipe.kernel import normalize_arch
 from kpipe.rollout.gate import SoakWatch, decide, soak_schedule
 from kpipe.rollout.journal import Journal, host_state
 from kpipe.rollout.planner import Assignment, RolloutPlan
+from kpipe.plan import Recorder, StepFailed
 
 T = TypeVar("T")
 
@@ -80,16 +81,6 @@ class Event:
     data: dict[str, Any] = field(default_factory=dict)
 
 
-class StepFailed(KpipeError):
-    """A host step ran and failed (the host answered)."""
-
-    def __init__(self, step: str, reason: str, detail: dict[str, Any] | None = None):
-        super().__init__(f"{step}: {reason}")
-        self.step = step
-        self.reason = reason
-        self.detail = detail or {}
-
-
 @dataclass
 class HostResult:
     host: str
@@ -132,11 +123,11 @@ def classify(e: BaseException) -> tuple[str, str]:
 
 
 def probe_of(plan: RolloutPlan, a: Assignment) -> Any:
-    """The recipe's probe for this host's artifact, as a kpipe.build.spec.Probe (or None)."""
+    """The recipe's probe for this host's artifact, as a kpipe.builder.spec.Probe (or None)."""
     d = plan.probes.get(a.artifact.id)
     if not d or not d.get("argv"):
         return None
-    from kpipe.build.spec import Probe
+    from kpipe.builder.spec import Probe
 
     return Probe(argv=tuple(d["argv"]), expect=d.get("expect", ""),
                  expect_after_rollback=d.get("expect_after_rollback", ""))
@@ -212,7 +203,6 @@ def preflight_problems(a: Assignment, facts: Mapping[str, str], state: lp.HostLi
     return problems
 
 
-Recorder = Callable[[str, str, dict[str, Any]], None]  # (step, phase, detail)
 
 
 def _run_step(rec: Recorder, step: str, fn: Callable[[], T], intended: dict[str, Any] | None = None,
@@ -419,7 +409,7 @@ def dry_run(plan: RolloutPlan, local_path: Callable[[Assignment], Path]) -> dict
         t = DryRunTransport(a)
         probe = probe_of(plan, a)
         if probe is not None:
-            from kpipe.build.spec import Probe
+            from kpipe.builder.spec import Probe
 
             probe = Probe(probe.argv, ".*", probe.expect_after_rollback)  # the canned output cannot match
         apply_host(t, a, local_path(a), probe, lambda *_: None, persist=plan.options.persist,

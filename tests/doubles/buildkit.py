@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 import kenv
-from kpipe.build.spec import BuildSpec, PatchFile, SourceFile
+from kpipe.builder.spec import BuildSpec, PatchFile, SourceFile
 from kpipe.kernel import parse_release
 from kpipe.workspace import load_workspace
 
@@ -115,7 +115,7 @@ def kpatch_spec(ws, patch_text: str, *, release: str, recipe: str = "memcg-fix",
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(patch_text)
     sha = hashlib.sha256(path.read_bytes()).hexdigest()
-    from kpipe.build.kpatch import predict_module_name
+    from kpipe.builder.kpatch import predict_module_name
 
     return BuildSpec(recipe=recipe, recipe_file=ws.recipes_dir / f"{recipe}.yaml", kernel=parse_release(release),
                      kernel_entry=ws.kernel(release), builder="kpatch-build",

@@ -12,8 +12,8 @@ from __future__ import annotations
 import posixpath
 import re
 
-from kpipe.build.base import Builder, BuildPlan, Milestone, StagedFile, safe_relpath
-from kpipe.build.spec import BuildSpec
+from kpipe.builder.base import Builder, BuildPlan, Milestone, StagedFile, safe_relpath
+from kpipe.builder.spec import BuildSpec
 from kpipe.errors import ConfigError
 from kpipe.workspace import BuildHost
 

@@ -1,6 +1,6 @@
 """The builder interface: a BuildSpec in, a BuildPlan (files + argv to run on a build host) out.
 
-A builder is pure: it never touches a host. The runner (kpipe/build/runner.py)
+A builder is pure: it never touches a host. The runner (kpipe/builder/runner.py)
 stages the plan's files, runs its argv detached on the host and fetches the
 module; the builder only says what to write, what to run and where the
 module will be.
@@ -12,7 +12,7 @@ import re
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 
-from kpipe.build.spec import BuildSpec
+from kpipe.builder.spec import BuildSpec
 from kpipe.errors import ConfigError
 from kpipe.workspace import BuildHost
 
@@ -93,8 +93,8 @@ def safe_relpath(name: str) -> str:
 
 def get_builder(name: str) -> Builder:
     """The builder registered under name; ConfigError for an unknown one."""
-    from kpipe.build.kbuild import KbuildBuilder
-    from kpipe.build.kpatch import KpatchBuilder
+    from kpipe.builder.kbuild import KbuildBuilder
+    from kpipe.builder.kpatch import KpatchBuilder
 
     builders: dict[str, Builder] = {"kpatch-build": KpatchBuilder(), "kbuild": KbuildBuilder()}
     try:

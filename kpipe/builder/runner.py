@@ -10,7 +10,7 @@ finds the folder and reattaches: it follows the log from its current offset
 until `exit` appears. Each concurrent build takes one slot lock
 (`<workdir>/cache/slot-N.lock`, flock) and uses that slot's private CACHEDIR.
 
-The host-side scripts are constants (kpipe/build/remote.py); user values
+The host-side scripts are constants (kpipe/builder/remote.py); user values
 reach them only as "$1"... (Command.script), so shell metacharacters in
 recipes, patch names and paths stay data.
 """
@@ -33,12 +33,12 @@ from pathlib import Path
 from typing import Any
 
 from kpipe.artifacts import Artifact, add_artifact, find_by_inputs, get_artifact
-from kpipe.build.base import BuildPlan, StagedFile, get_builder, parse_version_output
-from kpipe.build.classify import Classification, classify
-from kpipe.build.records import build_record, ensure_schema, find_cached, record, save_tool_version
-from kpipe.build.hosts import pick_host, select_hosts
-from kpipe.build.remote import FOLLOW_SCRIPT, LAUNCH_SCRIPT, PROBE_PREFIX, RUN_SCRIPT, SAFE_WORKDIR
-from kpipe.build.spec import BuildSpec
+from kpipe.builder.base import BuildPlan, StagedFile, get_builder, parse_version_output
+from kpipe.builder.classify import Classification, classify
+from kpipe.builder.records import build_record, ensure_schema, find_cached, record, save_tool_version
+from kpipe.builder.hosts import pick_host, select_hosts
+from kpipe.builder.remote import FOLLOW_SCRIPT, LAUNCH_SCRIPT, PROBE_PREFIX, RUN_SCRIPT, SAFE_WORKDIR
+from kpipe.builder.spec import BuildSpec
 from kpipe.commands import Command
 from kpipe.errors import BuildFailed, ConfigError, ExitCode, KpipeError, TransportError
 from kpipe.workspace import BuildHost, Workspace

@@ -7,7 +7,7 @@ import time
 from typing import Any
 
 from kpipe.artifacts import Artifact, find_by_inputs
-from kpipe.build.spec import BuildSpec
+from kpipe.builder.spec import BuildSpec
 from kpipe.store import Store
 from kpipe.workspace import BuildHost, Workspace
 

@@ -1,0 +1,121 @@
+"""Host operations as plans: steps of (action, pure interpreter).
+
+A host operation (facts, stage, load, wait, verify, disable, unload, unstage,
+persist) is a list of `Step`s computed from data the caller already holds (the
+assignment, the facts read before). Each step carries one action, a `Command`
+or an `Upload`, and a pure function that turns the action's `CommandResult`
+into a typed value or raises `StepFailed`. Nothing here touches a host.
+
+Executors run the same steps: `run_steps` over a `Transport` (Fabric/paramiko
+or local), the Ansible executor as generated tasks. Dry-run prints the steps'
+argv (`describe`) and invents no output. Tests feed outputs to interpreters.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Generic, Protocol, TypeVar
+
+from kpipe.commands import Command, CommandResult
+from kpipe.errors import KpipeError
+
+T = TypeVar("T")
+
+# (step name, phase "intended" | "done" | "failed", detail): the journal's write-ahead hook
+Recorder = Callable[[str, str, dict[str, Any]], None]
+
+
+class StepFailed(KpipeError):
+    """A host step ran and failed (the host answered)."""
+
+    def __init__(self, step: str, reason: str, detail: dict[str, Any] | None = None):
+        super().__init__(f"{step}: {reason}")
+        self.step = step
+        self.reason = reason
+        self.detail = detail or {}
+
+
+@dataclass(frozen=True)
+class Upload:
+    """Copy a local file to a path on the host (the interpreter sees an empty, successful result)."""
+
+    local: Path
+    remote: str
+    label: str = "upload"
+
+    def display(self) -> str:
+        return f"upload {self.local} -> {self.remote}"
+
+
+Action = Command | Upload
+
+
+@dataclass(frozen=True)
+class Step(Generic[T]):
+    """One journaled host step: an action, and the pure function that reads its result."""
+
+    name: str  # the journal's step name: "stage", "load", "wait", ...
+    action: Action
+    interpret: Callable[[CommandResult], T]
+    intended: Mapping[str, Any] = field(default_factory=dict)  # journaled before the action runs
+    done: Callable[[T], dict[str, Any]] | None = None  # journaled after: what the value means
+    writes: bool = True  # False: a read; dry-run may run it, a write it only prints
+    journal: bool = True  # False: part of a journaled step, not a step of its own (e.g. an upload's check)
+
+    def argv(self) -> tuple[str, ...]:
+        """The exact argv this step runs on the host (an upload shows as `upload SRC DEST`)."""
+        if isinstance(self.action, Upload):
+            return ("upload", str(self.action.local), self.action.remote)
+        return self.action.argv
+
+    def display(self) -> str:
+        return self.action.display()
+
+
+class StepTransport(Protocol):
+    """What `run_steps` needs from a transport."""
+
+    name: str
+
+    def run(self, cmd: Command) -> CommandResult: ...
+
+    def put(self, local: Path, remote: str) -> None: ...
+
+
+def execute(t: StepTransport, step: Step[T]) -> T:
+    """Run one step's action on `t` and interpret its result (no journaling)."""
+    if isinstance(step.action, Upload):
+        t.put(step.action.local, step.action.remote)
+        result = CommandResult(t.name, Command.of("true", label=step.action.label), 0)
+    else:
+        result = t.run(step.action)
+    return step.interpret(result)
+
+
+def run_step(t: StepTransport, step: Step[T], rec: Recorder | None = None) -> T:
+    """Write-ahead: journal `intended`, run, journal `done` or `failed`; re-raise failures."""
+    if rec is None or not step.journal:
+        return execute(t, step)
+    rec(step.name, "intended", dict(step.intended))
+    try:
+        value = execute(t, step)
+    except StepFailed as e:
+        rec(step.name, "failed", {"error": e.reason, **e.detail})
+        raise
+    except BaseException as e:
+        rec(step.name, "failed", {"error": str(e) or type(e).__name__, "type": type(e).__name__})
+        raise
+    rec(step.name, "done", step.done(value) if step.done else {})
+    return value
+
+
+def run_steps(t: StepTransport, steps: Sequence[Step[Any]], rec: Recorder | None = None) -> list[Any]:
+    """Run steps in order, stopping at the first failure (which is re-raised); return the values."""
+    return [run_step(t, s, rec) for s in steps]
+
+
+def describe(steps: Sequence[Step[Any]]) -> list[str]:
+    """One printable line per step: `name: argv` (secrets shown as ***), for dry-run."""
+    return [f"{s.name}: {s.display()}" for s in steps]
