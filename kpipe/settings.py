@@ -14,9 +14,10 @@ import fnmatch
 import math
 import re
 import tomllib
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
 
 from kpipe.errors import ConfigError
 

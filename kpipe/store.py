@@ -24,7 +24,6 @@ import sqlite3
 import struct
 import tempfile
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 

@@ -11,9 +11,10 @@ import os
 import re
 import tempfile
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from kpipe.checks import ARCH_MACHINE, Finding, KernelFacts, expected_vermagic, report_ok, run_checks
 from kpipe.errors import ConfigError, NotFoundError, ValidationFailed
@@ -160,7 +161,8 @@ def kernel_facts(workspace: Any, release: str) -> KernelFacts:
         tm_size, tm_source = int(opts["this_module_size"]), "the kernel catalog"
     else:
         tm_size, tm_source = stock_this_module_size(release, str(opts.get("stock_module", "")))
-    sig_hash = (entry.sig_hash if entry is not None and entry.sig_hash else None) or config.get("CONFIG_MODULE_SIG_HASH")
+    sig_hash = ((entry.sig_hash if entry is not None and entry.sig_hash else None)
+                or config.get("CONFIG_MODULE_SIG_HASH"))
     return KernelFacts(
         release=release, arch=arch, vermagic=vermagic, vermagic_source=vsource,
         modversions=(config.get("CONFIG_MODVERSIONS") == "y") if config else None,

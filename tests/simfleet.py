@@ -91,7 +91,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -319,7 +319,7 @@ class SimHost:
 
     release_override = ""  # set_release(): this host's `uname -r` instead of the fleet's release
 
-    def __init__(self, fleet: "SimFleet", index: int, name: str, address: str):
+    def __init__(self, fleet: SimFleet, index: int, name: str, address: str):
         self.fleet = fleet
         self.index = index
         self.name = name
@@ -418,11 +418,10 @@ class SimHost:
             if self.proc is not None and self.proc.poll() is None:
                 return
             self._layout()
-            log = open(self.dir / "sshd.log", "ab")
-            self.proc = subprocess.Popen(
-                ["unshare", "--mount", "--propagation", "private", "--", "sh", "-c", self._mount_script()],
-                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-            log.close()
+            with open(self.dir / "sshd.log", "ab") as log:
+                self.proc = subprocess.Popen(
+                    ["unshare", "--mount", "--propagation", "private", "--", "sh", "-c", self._mount_script()],
+                    stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         self._wait_ready()
         try:
             self.mntns = os.readlink(f"/proc/{self.proc.pid}/ns/mnt")
@@ -850,7 +849,7 @@ class SimFleet:
         self._fd_host: dict[int, SimHost] = {}
 
     # ------------------------------------------------------------------ lifecycle
-    def __enter__(self) -> "SimFleet":
+    def __enter__(self) -> SimFleet:
         self.start()
         return self
 
@@ -860,7 +859,7 @@ class SimFleet:
     def host(self, name: str) -> SimHost:
         return self._by_name[name]
 
-    def start(self) -> "SimFleet":
+    def start(self) -> SimFleet:
         """Start every sshd, the simulator, and verify each host's namespace before use."""
         if os.geteuid() != 0:
             raise RuntimeError("SimFleet needs root (mount namespaces)")

@@ -11,11 +11,10 @@ from pathlib import Path
 import pytest
 
 import kenv
-from simfleet import simfleet_factory  # noqa: F401  (fixture)
-
+from kpipe.errors import ConfigError
 from kpipe.rollout.planner import Assignment, Candidate, FailureBudget, RolloutOptions, RolloutPlan
 from kpipe.transport.ansible import budget_settings, build_inventory, run_plan_with_ansible
-from kpipe.errors import ConfigError
+from simfleet import simfleet_factory  # noqa: F401  (fixture)
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 

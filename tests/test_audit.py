@@ -305,7 +305,8 @@ def test_module_name(name, expected):
     assert A.module_name(name) == expected
 
 
-@pytest.mark.parametrize("mask,letters", [(0, ""), (45056, "OEK"), (1, "P"), (1 << 7 | 1 << 9, "DW"), (1 << 20, "bit20")])
+@pytest.mark.parametrize("mask,letters",
+                         [(0, ""), (45056, "OEK"), (1, "P"), (1 << 7 | 1 << 9, "DW"), (1 << 20, "bit20")])
 def test_taint_letters(mask, letters):
     assert A.taint_letters(mask) == letters
 

@@ -15,11 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from exposition import parse_exposition
 import kenv
-from simfleet import simfleet_factory  # noqa: F401  (fixture)
-
+from exposition import parse_exposition
 from kpipe import audit as A
+from simfleet import simfleet_factory  # noqa: F401  (fixture)
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 

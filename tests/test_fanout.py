@@ -51,7 +51,7 @@ def test_facts_from_every_host_partial_failure_is_data(fleet: SimFleet, workspac
     assert failed[fleet.hosts[3].name].kind == "refused"
     assert failed[fleet.hosts[N // 2].name].kind == "timeout"
     assert failed[fleet.hosts[N - 2].name].kind in ("timeout", "error")
-    for name, r in results.items():
+    for r in results.values():
         if isinstance(r, HostFacts):
             assert (r.release, r.arch, r.livepatch_sysfs, r.kpatch_cli) == (fleet.release, "x86_64", True, "")
     # the hung and frozen hosts cost their timeouts once, in parallel with the rest

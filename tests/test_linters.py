@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
 from kenv import require_or_skip
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -115,7 +116,7 @@ class Edge:
     imported: str
 
     def __str__(self) -> str:
-        return f"{self.importer}:{self.line} {self.importer} -> {self.imported}"
+        return f"{self.importer}:{self.line} {_module_name(self.importer)} -> {self.imported}"
 
 
 def _module_name(rel: str) -> str:
@@ -266,11 +267,11 @@ def fake_tree(tmp_path: Path) -> Path:
 def test_graph_walker_sees_nested_relative_and_dynamic_imports(fake_tree: Path) -> None:
     found = sorted(str(edge) for _, edge in violations(fake_tree, RULES))
     assert found == [
-        "kpipe/kernel.py:8 kpipe/kernel.py -> kpipe.store",
-        "kpipe/recipes/render.py:5 kpipe/recipes/render.py -> kpipe.transport.ssh",
-        "kpipe/recipes/render.py:8 kpipe/recipes/render.py -> rich.console",
-        "kpipe/recipes/render.py:8 kpipe/recipes/render.py -> rich.console",  # core rule and the Rich rule
-        "kpipe/transport/ssh.py:2 kpipe/transport/ssh.py -> kpipe.rollout.engine.run",
+        "kpipe/kernel.py:8 kpipe.kernel -> kpipe.store",
+        "kpipe/recipes/render.py:5 kpipe.recipes.render -> kpipe.transport.ssh",
+        "kpipe/recipes/render.py:8 kpipe.recipes.render -> rich.console",
+        "kpipe/recipes/render.py:8 kpipe.recipes.render -> rich.console",  # core rule and the Rich rule
+        "kpipe/transport/ssh.py:2 kpipe.transport.ssh -> kpipe.rollout.engine.run",
     ]
 
 

@@ -71,9 +71,8 @@ def test_accept_new_records_the_key_once(sshd, tmp_path):
 def test_connection_refused_names_the_host(tmp_path):
     from sshd import free_port
 
-    with SshPool(known_hosts=[tmp_path / "kh"]) as pool:
-        with pytest.raises(TransportError) as e:
-            pool.transport(SshTarget("dead", "127.0.0.1", free_port())).run(Command.of("true"))
+    with SshPool(known_hosts=[tmp_path / "kh"]) as pool, pytest.raises(TransportError) as e:
+        pool.transport(SshTarget("dead", "127.0.0.1", free_port())).run(Command.of("true"))
     assert e.value.kind == "refused" and e.value.host == "dead"
 
 

@@ -41,7 +41,7 @@ class LyingHost:
         while not self._stop.is_set():
             try:
                 conn, _ = self.sock.accept()
-            except (socket.timeout, OSError):
+            except (TimeoutError, OSError):
                 continue
             try:
                 if self.mode == "garbage":

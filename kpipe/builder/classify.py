@@ -108,8 +108,8 @@ def classify(log: str, *, max_lines: int = 12) -> Classification:
             break
     if decided is None:
         # No known message: the tool's own error lines, else the end of the log.
-        errors = [l.strip() for l in lines if _CONTEXT.search(l)]
-        picked = list(dict.fromkeys(errors))[:max_lines] or [l for l in lines[-max_lines:] if l.strip()]
+        errors = [line.strip() for line in lines if _CONTEXT.search(line)]
+        picked = list(dict.fromkeys(errors))[:max_lines] or [line for line in lines[-max_lines:] if line.strip()]
         return Classification("unknown", tuple(picked), HINTS["unknown"], picked[0] if errors else "")
     index, category = decided
     matched = lines[index].strip()

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Optional
 
 import typer
 
@@ -32,7 +31,7 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def _root(
-    workspace: Optional[str] = typer.Option(
+    workspace: str | None = typer.Option(
         None, "--workspace", "-W", envvar="KPIPE_WORKSPACE", help="Workspace folder (holds kpipe.toml)."
     ),
     debug: bool = typer.Option(False, "--debug", envvar="KPIPE_DEBUG", help="Show tracebacks."),
@@ -45,7 +44,18 @@ def _root(
 def _register() -> None:
     # Each module adds its commands or sub-app; the import is cheap by design.
     from kpipe.cli import (  # noqa: F401
-        artifacts, audit, build, fleet, init, kernels, keys, lab, recipe, rollout, sign, validate,
+        artifacts,
+        audit,
+        build,
+        fleet,
+        init,
+        kernels,
+        keys,
+        lab,
+        recipe,
+        rollout,
+        sign,
+        validate,
     )
 
     for mod in (init, kernels, recipe, build, artifacts, validate, sign, keys, fleet, rollout, audit, lab):

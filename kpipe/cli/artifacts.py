@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -12,9 +11,9 @@ artifacts_app = typer.Typer(help="Built and signed modules in the store.", no_ar
 
 @artifacts_app.command("list")
 def list_cmd(
-    kernel: Optional[str] = typer.Option(None, "--kernel", "-k", help="Only this kernel release."),
-    recipe: Optional[str] = typer.Option(None, "--recipe", "-r", help="Only this recipe."),
-    status: Optional[str] = typer.Option(None, "--status", help="Only built, valid or rejected artifacts."),
+    kernel: str | None = typer.Option(None, "--kernel", "-k", help="Only this kernel release."),
+    recipe: str | None = typer.Option(None, "--recipe", "-r", help="Only this recipe."),
+    status: str | None = typer.Option(None, "--status", help="Only built, valid or rejected artifacts."),
     json_out: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """List artifacts, newest first."""
@@ -167,7 +166,7 @@ def _log_text(store, sha: str) -> str:
 def _when(ts: float) -> str:
     import datetime
 
-    return datetime.datetime.fromtimestamp(ts, datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%SZ") if ts else ""
+    return datetime.datetime.fromtimestamp(ts, datetime.UTC).strftime("%Y-%m-%d %H:%M:%SZ") if ts else ""
 
 
 def _validation_summary(v: dict) -> str:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from typing import Any, List, Optional
+from typing import Any
 
 import typer
 
@@ -72,7 +72,7 @@ def fetch_cmd(
 @app.command("add")
 def add_cmd(
     release: str = typer.Argument(..., help="Kernel release the files describe."),
-    files: List[str] = typer.Argument(..., help="Module.symvers, kallsyms copy, System.map or vmlinux."),
+    files: list[str] = typer.Argument(..., help="Module.symvers, kallsyms copy, System.map or vmlinux."),
     json_out: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """Index local symbol files for a release (parsed once, cached by content digest)."""
@@ -85,12 +85,13 @@ def add_cmd(
         print_json(rows)
         return
     for r in rows:
-        state().console.print(f"{release}: {r['kind']} {r['origin']} ({r['exports']} exports, {r['symbols']} symbols)", markup=False)
+        state().console.print(f"{release}: {r['kind']} {r['origin']} ({r['exports']} exports, {r['symbols']} symbols)",
+                              markup=False)
 
 
 @app.command("list")
 def list_cmd(
-    release: Optional[str] = typer.Argument(None, help="Only this release."),
+    release: str | None = typer.Argument(None, help="Only this release."),
     json_out: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """List the cached symbol sources."""

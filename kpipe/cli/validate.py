@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, List, Optional
+from typing import Any
 
 import typer
 
@@ -43,12 +43,12 @@ def render_report(report: Any) -> None:
 
 def validate_cmd(
     target: str = typer.Argument(..., help="An artifact id, or a module file (.ko, .ko.xz, .ko.zst, .ko.gz)."),
-    kernel: Optional[str] = typer.Option(None, "--kernel", "-k", help="Target kernel release (default: the artifact's)."),
-    symbols: List[str] = typer.Option([], "--symbols", help="Symbol source: Module.symvers, /proc/kallsyms copy, "
+    kernel: str | None = typer.Option(None, "--kernel", "-k", help="Target kernel release (default: the artifact's)."),
+    symbols: list[str] = typer.Option([], "--symbols", help="Symbol source: Module.symvers, /proc/kallsyms copy, "
                                       "System.map or vmlinux (repeatable)."),
-    cert: List[str] = typer.Option([], "--cert", help="Signing certificate, PEM or DER (repeatable); makes a "
+    cert: list[str] = typer.Option([], "--cert", help="Signing certificate, PEM or DER (repeatable); makes a "
                                    "valid signature mandatory."),
-    strict: Optional[bool] = typer.Option(None, "--strict/--no-strict", help="Skipped checks fail too "
+    strict: bool | None = typer.Option(None, "--strict/--no-strict", help="Skipped checks fail too "
                                           "(default: [validation] strict in kpipe.toml, else off)."),
     json_out: bool = typer.Option(False, "--json", help="Print every finding as JSON."),
 ) -> None:

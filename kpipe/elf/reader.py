@@ -23,8 +23,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kpipe.errors import ExitCode, KpipeError
 from kpipe.elf.signature import SignatureTrailer, split_signature
+from kpipe.errors import ExitCode, KpipeError
 
 # Kernel ABI constants (include/uapi/linux/elf.h, Linux 4.7+ for livepatch).
 SHF_RELA_LIVEPATCH = 0x00100000
@@ -560,7 +560,7 @@ class _Parser:
             names = [n.decode("utf-8", "replace") for n in names if n]
             if len(crcs) != len(names):
                 self.problems.append(f"__version_ext_crcs has {len(crcs)} entries, __version_ext_names {len(names)}")
-            out.extend(VersionEntry(n, c) for n, c in zip(names, crcs))
+            out.extend(VersionEntry(n, c) for n, c in zip(names, crcs, strict=False))  # a mismatch is a problem above
         return out
 
     def _this_module(self) -> tuple[str | None, int | None, int]:

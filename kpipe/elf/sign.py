@@ -54,7 +54,8 @@ def load_private_key(path: Path | str) -> Any:
 
 def build_pkcs7(payload: bytes, key: Any, cert_der: bytes, hash_name: str = "sha256", *, keyid: bool = False) -> bytes:
     """The DER PKCS#7 sign-file would append for payload (RSA or ECDSA key)."""
-    from asn1crypto import algos, cms, core, x509 as ax509
+    from asn1crypto import algos, cms, core
+    from asn1crypto import x509 as ax509
     from cryptography.hazmat.primitives import hashes
     from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa, utils
 
@@ -194,7 +195,7 @@ def run_command_signer(signer: Any, module: Path, output: Path, *, root: Path | 
             proc = subprocess.run(argv, capture_output=True, timeout=timeout, check=False, stdin=subprocess.DEVNULL)
         except FileNotFoundError:
             raise SigningError(f"signer {signer.name!r}: program {argv[0]!r} not found",
-                               hint="fix signing.signers.{0}.argv in kpipe.toml".format(signer.name)) from None
+                               hint=f"fix signing.signers.{signer.name}.argv in kpipe.toml") from None
         except subprocess.TimeoutExpired:
             raise SigningError(f"signer {signer.name!r} took more than {timeout:.0f} s") from None
         if proc.returncode != 0:

@@ -14,9 +14,10 @@ import re
 import struct
 import time
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from kpipe.errors import ConfigError, TransportError
 
@@ -278,7 +279,7 @@ def parse_elf_symbols(data: bytes, origin: str, objname: str = "vmlinux") -> Sym
         text = strtab.decode("latin-1")
         parts = text.split("\0")
         starts = itertools.accumulate(parts, lambda a, p: a + len(p) + 1, initial=0)
-        lookup = dict(zip(starts, parts))
+        lookup = dict(zip(starts, parts, strict=False))  # starts has one more: the offset past the end
         counts: Counter[str] = Counter(map(lookup.get, offs))
         tails = counts.pop(None, 0)
         if tails:  # names that share a tail of another string (linker string merging)

@@ -185,9 +185,8 @@ class BuildHostChroot:
             cfg = self.folder / "sshd_config"
             cfg.write_text(sshd_config(self.folder, p))
             argv = enter_argv(chroot.root, [SSHD, "-D", "-e", "-f", str(cfg)], (self.folder, kdir))
-            log = open(self.folder / "sshd.log", "ab")
-            proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True)
-            log.close()
+            with open(self.folder / "sshd.log", "ab") as log:  # sshd keeps its own copy of the descriptor
+                proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True)
             state = {"pid": proc.pid, "port": p, "suite": suite, "root": str(chroot.root), "kernels": str(kdir),
                      "identity_file": str(self.identity_file), "known_hosts": str(self.known_hosts_file),
                      "started_at": time.time()}

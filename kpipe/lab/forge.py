@@ -414,7 +414,7 @@ class ForgedKernel:
                 "trusted_cert": str(self.cert), "created_at": self.created_at, "seconds": self.seconds}
 
     @classmethod
-    def load(cls, folder: Path) -> "ForgedKernel | None":
+    def load(cls, folder: Path) -> ForgedKernel | None:
         """The forged kernel recorded in folder/forge.json, or None when absent or unfinished."""
         try:
             d = json.loads((folder / "forge.json").read_text())

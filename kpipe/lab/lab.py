@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from kpipe.errors import ConfigError, KpipeError
-from kpipe.lab import initramfs, vm as vmmod
+from kpipe.lab import initramfs
+from kpipe.lab import vm as vmmod
 from kpipe.lab.arch import LabArch, lab_arch
 from kpipe.lab.kernel import KernelImage, boot_image, default_cache_dir
 from kpipe.lab.vm import VmProcess, VmSpec
@@ -168,8 +169,8 @@ class Lab:
                                                client_pub, name)
                 initrd.write_bytes(base_bytes + overlay)
                 enforce = config.sig_enforce or name in config.sig_enforce_vms
-                append = " ".join([base_append(arch), f"kpipe.lab={name}", *(["module.sig_enforce=1"] if enforce else []),
-                                   *extra_args])
+                append = " ".join([base_append(arch), f"kpipe.lab={name}",
+                                   *(["module.sig_enforce=1"] if enforce else []), *extra_args])
                 spec = VmSpec(name, image, initrd, vmmod.free_port(), folder, config.memory_mb, append,
                               config.use_kvm, arch)
                 specs.append((spec, enforce, host_pub))
@@ -239,10 +240,10 @@ class Lab:
 
     def wait_ready(self, st: LabState, timeout: float, say: Progress) -> None:
         """Poll every VM over SSH (strict host keys) until `true` runs; raise with the console tail."""
+        import logging
+
         from kpipe.commands import Command
         from kpipe.errors import TransportError
-
-        import logging
 
         # paramiko logs every refused banner of a booting guest as an ERROR with a traceback
         logging.getLogger("paramiko.transport").setLevel(logging.CRITICAL)
@@ -285,7 +286,7 @@ class Lab:
 
         try:
             threads = [threading.Thread(target=one, args=(v, tg), daemon=True)
-                       for v, tg in zip(st.vms, self.targets(st))]
+                       for v, tg in zip(st.vms, self.targets(st), strict=True)]
             for th in threads:
                 th.start()
             for th in threads:

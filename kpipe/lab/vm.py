@@ -19,6 +19,7 @@ from typing import Any
 from kpipe.errors import KpipeError
 from kpipe.lab.arch import X86_64, LabArch
 
+
 @dataclass
 class VmSpec:
     """What to boot: one VM's kernel, initrd, port and command line."""
@@ -63,7 +64,7 @@ class VmProcess:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "VmProcess":
+    def from_dict(cls, d: dict[str, Any]) -> VmProcess:
         known = {k: d[k] for k in cls.__dataclass_fields__ if k in d}
         return cls(**known)
 
@@ -134,15 +135,13 @@ def start(spec: VmSpec, *, sig_enforce: bool = False, host_key: str = "") -> VmP
     spec.folder.mkdir(parents=True, exist_ok=True)
     (spec.folder / "console.log").write_bytes(b"")
     argv = spec.argv()
-    log = open(spec.folder / "qemu.log", "wb")
-    try:
-        p = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                             start_new_session=True, close_fds=True)
-    except FileNotFoundError:
-        raise KpipeError(f"{spec.arch.qemu} is not installed",
-                         hint=f"install Debian's {spec.arch.qemu_package} package") from None
-    finally:
-        log.close()
+    with open(spec.folder / "qemu.log", "wb") as log:  # qemu keeps its own copy of the descriptor
+        try:
+            p = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                 start_new_session=True, close_fds=True)
+        except FileNotFoundError:
+            raise KpipeError(f"{spec.arch.qemu} is not installed",
+                             hint=f"install Debian's {spec.arch.qemu_package} package") from None
     st = None
     for _ in range(50):  # /proc/<pid>/stat exists as soon as fork returns; be tolerant anyway
         st = proc_start_time(p.pid)

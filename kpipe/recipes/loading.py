@@ -8,9 +8,9 @@ from pathlib import Path
 from typing import Any
 
 from kpipe.errors import ConfigError, NotFoundError
-from kpipe.recipes.problems import _Problems, _did_you_mean, _raise_first
-from kpipe.recipes.schema import MAX_RECIPE_BYTES, RECIPE_SUFFIXES, _NAME_RE, _check_schema
-from kpipe.recipes.yamlnodes import _YamlFail, _compose_yaml
+from kpipe.recipes.problems import _did_you_mean, _Problems, _raise_first
+from kpipe.recipes.schema import _NAME_RE, MAX_RECIPE_BYTES, RECIPE_SUFFIXES, _check_schema
+from kpipe.recipes.yamlnodes import _compose_yaml, _YamlFail
 
 
 @dataclass(frozen=True)

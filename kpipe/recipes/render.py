@@ -11,13 +11,13 @@ from typing import Any
 from kpipe.errors import ConfigError, NotFoundError
 from kpipe.recipes.loading import Recipe, _display, kernels_for_recipe, load_recipe
 from kpipe.recipes.paths import resolve_patch_path, resolve_template_path
-from kpipe.recipes.problems import _Problems, _field, _raise_first
-from kpipe.recipes.sandbox import _WorkspaceLoader, _jinja_error, _read_text, _sandbox, _template_line
+from kpipe.recipes.problems import _field, _Problems, _raise_first
+from kpipe.recipes.sandbox import _jinja_error, _read_text, _sandbox, _template_line, _WorkspaceLoader
 from kpipe.recipes.schema import (
-    MAX_TEMPLATE_BYTES,
-    MODULE_NAME_MAX,
     _NOT_RENDERED,
     _TEMPLATE_MARK,
+    MAX_TEMPLATE_BYTES,
+    MODULE_NAME_MAX,
     _check_schema,
 )
 

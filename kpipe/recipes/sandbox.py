@@ -9,10 +9,10 @@ from __future__ import annotations
 import re
 import time
 import types
-from collections.abc import ItemsView, KeysView, ValuesView
+from collections.abc import Callable, ItemsView, Iterable, Iterator, KeysView, ValuesView
 from functools import update_wrapper
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any
 
 from jinja2 import BaseLoader, StrictUndefined, TemplateNotFound, TemplateSyntaxError, UndefinedError, nodes
 from jinja2.compiler import CodeGenerator, Frame
@@ -195,7 +195,7 @@ _KEEPS_VALUE = frozenset({
 })
 
 
-def _bounded_filter(env: "_BoundedSandbox", name: str, func: Callable[..., Any]) -> Callable[..., Any]:
+def _bounded_filter(env: _BoundedSandbox, name: str, func: Callable[..., Any]) -> Callable[..., Any]:
     """`func` counted as a step, refused before it builds too large a value, and its result accounted."""
     pass_arg = _PassArg.from_obj(func)
     size = _FILTER_SIZES.get(name)
@@ -231,7 +231,7 @@ def _bounded_filter(env: "_BoundedSandbox", name: str, func: Callable[..., Any])
 class _BoundedFormatter(SandboxedFormatter):
     """str.format for templates: each field is refused before it is built past the limit."""
 
-    def __init__(self, env: "_BoundedSandbox", **kwargs: Any) -> None:
+    def __init__(self, env: _BoundedSandbox, **kwargs: Any) -> None:
         super().__init__(env, **kwargs)
         self.budget = env.budget
         self.size = 0
@@ -259,7 +259,7 @@ class _BoundedEscapeFormatter(_BoundedFormatter, EscapeFormatter):
 class _Instrument(NodeTransformer):
     """Routes `a ~ b` and the iterable of every {% for %} through the environment's bounded helpers."""
 
-    def __init__(self, env: "_BoundedSandbox"):
+    def __init__(self, env: _BoundedSandbox):
         self.env = env
 
     def _call(self, helper: str, args: list, lineno: int) -> nodes.Call:

@@ -5,8 +5,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from kpipe.recipes.problems import _Problems, _did_you_mean, _field
-
+from kpipe.recipes.problems import _did_you_mean, _field, _Problems
 
 BUILDERS = ("kpatch-build", "kbuild")
 ROLLBACK_POLICIES = ("failed", "wave", "all")
@@ -18,7 +17,7 @@ MAX_YAML_NODES = 20_000  # stops alias bombs ("billion laughs") while composing
 RECIPE_SUFFIXES = (".yaml", ".yml")
 
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
-_MODULE_RE = re.compile(r"[A-Za-z0-9_-]{1,%d}" % MODULE_NAME_MAX)
+_MODULE_RE = re.compile(rf"[A-Za-z0-9_-]{{1,{MODULE_NAME_MAX}}}")
 _SOURCE_NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+-]{0,99}")
 _GLOB_RE = re.compile(r"[0-9A-Za-z._+~*?\[\]!-]{1,64}")
 _MAKE_ARG_RE = re.compile(r"(?:[A-Za-z_][A-Za-z0-9_]*=[^\x00-\x1f]*|-j\d{1,4}|-k|-s)")
@@ -257,10 +256,10 @@ def _check_schema(data: dict, probs: _Problems, *, rendered: bool) -> dict[str, 
     if sg is not None:
         signing["sign"] = c.boolean(sg, "sign", ("signing",))
         signing["signer"] = c.string(sg, "signer", ("signing",), nonempty=True)
-        if signing["signer"] is not None and (rendered or not _is_template(signing["signer"])):
-            if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", signing["signer"]):
-                probs.error(("signing", "signer"), f"signer {signing['signer']!r} is not a signer name",
-                            "name a signer of kpipe.toml [signing.signers]")
+        if (signing["signer"] is not None and (rendered or not _is_template(signing["signer"]))
+                and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", signing["signer"])):
+            probs.error(("signing", "signer"), f"signer {signing['signer']!r} is not a signer name",
+                        "name a signer of kpipe.toml [signing.signers]")
         signing = {k: v for k, v in signing.items() if v is not None}
     out["signing"] = signing
 

@@ -8,7 +8,6 @@ from kpipe.audit import STATUSES, AuditResult
 from kpipe.cve import CVE_STATUSES
 from kpipe.recipes.schema import SEVERITIES
 
-
 _NULLABLE_BOOL = {"type": ["boolean", "null"]}
 
 # JSON Schema (draft 2020-12) of the document render_json writes; consumers
@@ -43,7 +42,8 @@ AUDIT_SCHEMA: dict = {
             "type": "array",
             "items": {
                 "type": "object",
-                "required": ["host", "reachable", "kernel", "tainted", "taint_flags", "error", "status", "compliant", "patches"],
+                "required": ["host", "reachable", "kernel", "tainted", "taint_flags", "error", "status", "compliant",
+                             "patches"],
                 "additionalProperties": False,
                 "properties": {
                     "host": {"type": "string"},

@@ -10,8 +10,8 @@ over every host attempted so far in the rollout, so a percentage budget means
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Mapping
 
 from kpipe.rollout.planner import FailureBudget
 
