@@ -250,7 +250,7 @@ def _recipe_for_release(ws: Any, recipe: Any, release: str, modules_built: Itera
     from kpipe.recipes.render import _kernel_vars, _render_tree, predict_module_name
     from kpipe.recipes.sandbox import _sandbox, _WorkspaceLoader
     from kpipe.recipes.schema import check_fixes
-    from kpipe.workspace import KernelEntry
+    from kpipe.settings import KernelEntry
 
     entry = ws.kernels.get(release) or KernelEntry(release=release)
     _, kvars = _kernel_vars(entry)

@@ -15,7 +15,7 @@ import re
 from kpipe.builder.base import Builder, BuildPlan, Milestone, StagedFile, safe_relpath
 from kpipe.builder.spec import BuildSpec
 from kpipe.errors import ConfigError
-from kpipe.workspace import BuildHost
+from kpipe.settings import BuildHost
 
 # The kernel's module name field is 56 bytes with the NUL (MODULE_NAME_LEN).
 MODULE_NAME_MAX = 55

@@ -15,10 +15,13 @@ import shutil
 import subprocess
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from kpipe.elf.signature import append_signature, digest_bytes, load_certificates, split_signature, strip_signature
 from kpipe.errors import ConfigError, KpipeError
+
+if TYPE_CHECKING:  # only for the annotation: cryptography is imported when a module is signed
+    from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 
 HASHES = ("sha224", "sha256", "sha384", "sha512")
 PLACEHOLDERS = ("{module}", "{output}", "{key}", "{cert}", "{hash}")
@@ -28,7 +31,7 @@ class SigningError(KpipeError):
     """A signer ran and failed, or produced something that is not a signed module."""
 
 
-def load_private_key(path: Path | str) -> Any:
+def load_private_key(path: Path | str) -> PrivateKeyTypes:
     """A PEM or DER private key; KBUILD_SIGN_PIN unlocks an encrypted one (as sign-file does)."""
     from cryptography.hazmat.primitives import serialization
 
@@ -61,6 +64,9 @@ def build_pkcs7(payload: bytes, key: Any, cert_der: bytes, hash_name: str = "sha
 
     if hash_name not in HASHES:
         raise ConfigError(f"hash {hash_name!r} is not supported for signing", hint=f"use one of {', '.join(HASHES)}")
+    # the key type first: an Ed25519/Ed448 key has no public numbers to compare with the certificate's
+    if not isinstance(key, (rsa.RSAPrivateKey, ec.EllipticCurvePrivateKey)):
+        raise ConfigError(f"key type {type(key).__name__} cannot sign modules here", hint="use an RSA or ECDSA key")
     cert = ax509.Certificate.load(cert_der)
     if key.public_key().public_numbers() != _public_numbers(cert_der):
         raise ConfigError("the signing key does not belong to the certificate",
@@ -74,8 +80,6 @@ def build_pkcs7(payload: bytes, key: Any, cert_der: bytes, hash_name: str = "sha
     elif isinstance(key, ec.EllipticCurvePrivateKey):
         signature = key.sign(digest, ec.ECDSA(utils.Prehashed(algo)))
         sig_alg = algos.SignedDigestAlgorithm({"algorithm": f"{hash_name}_ecdsa"})
-    else:
-        raise ConfigError(f"key type {type(key).__name__} cannot sign modules here", hint="use an RSA or ECDSA key")
     if keyid:
         skid = cert.key_identifier
         if not skid:
@@ -94,13 +98,19 @@ def build_pkcs7(payload: bytes, key: Any, cert_der: bytes, hash_name: str = "sha
                              "signature_algorithm": sig_alg, "signature": signature})
     signed = cms.SignedData({"version": version, "digest_algorithms": [digest_alg],
                              "encap_content_info": {"content_type": "data"}, "signer_infos": [signer]})
-    return cms.ContentInfo({"content_type": "signed_data", "content": signed}).dump()
+    der: bytes = cms.ContentInfo({"content_type": "signed_data", "content": signed}).dump()
+    return der
 
 
-def _public_numbers(cert_der: bytes) -> Any:
+def _public_numbers(cert_der: bytes) -> object:
+    """The certificate key's public numbers (compared with the signing key's); None for a key type that has none."""
     from cryptography import x509
+    from cryptography.hazmat.primitives.asymmetric import dsa, ec, rsa
 
-    return x509.load_der_x509_certificate(cert_der).public_key().public_numbers()
+    key = x509.load_der_x509_certificate(cert_der).public_key()
+    if isinstance(key, (rsa.RSAPublicKey, ec.EllipticCurvePublicKey, dsa.DSAPublicKey)):
+        return key.public_numbers()
+    return None
 
 
 def sign_bytes(data: bytes, key_path: Path | str, cert_path: Path | str, hash_name: str = "sha256", *,

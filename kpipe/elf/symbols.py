@@ -17,7 +17,7 @@ from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from kpipe.errors import ConfigError, TransportError
 
@@ -280,8 +280,9 @@ def parse_elf_symbols(data: bytes, origin: str, objname: str = "vmlinux") -> Sym
         parts = text.split("\0")
         starts = itertools.accumulate(parts, lambda a, p: a + len(p) + 1, initial=0)
         lookup = dict(zip(starts, parts, strict=False))  # starts has one more: the offset past the end
-        counts: Counter[str] = Counter(map(lookup.get, offs))
-        tails = counts.pop(None, 0)
+        found: Counter[str | None] = Counter(map(lookup.get, offs))
+        tails = found.pop(None, 0)
+        counts = cast("Counter[str]", found)  # None (an offset inside a string) is popped just above
         if tails:  # names that share a tail of another string (linker string merging)
             for off in offs:
                 if off not in lookup:

@@ -573,7 +573,7 @@ def find_forged(release: str, cache_dir: Path | None = None) -> ForgedKernel | N
 
 def forged_kernel_entries(cache_dir: Path | None = None) -> list[Any]:
     """Catalog entries (workspace.KernelEntry) for the forged kernels: tree, vmlinux, config on this machine."""
-    from kpipe.workspace import KernelEntry
+    from kpipe.settings import KernelEntry
 
     out = []
     seen: set[str] = set()

@@ -230,8 +230,8 @@ class Lab:
 
     def pool(self, st: LabState | None = None) -> Any:
         """An SshPool that trusts exactly the lab's known_hosts."""
+        from kpipe.settings import SshSettings
         from kpipe.transport.ssh import SshPool
-        from kpipe.workspace import SshSettings
 
         st = st or self.require_state()
         settings = SshSettings(known_hosts=st.known_hosts, identity_file=st.identity_file, ssh_config="/dev/null",

@@ -60,7 +60,7 @@ def lint(ws: Any) -> list[Problem]:
         if not targets:
             # Still render once, against the literal releases the recipe names, so that
             # template mistakes do not hide until a kernel arrives.
-            from kpipe.workspace import KernelEntry
+            from kpipe.settings import KernelEntry
 
             for pattern in recipe.kernels:
                 try:
