@@ -147,7 +147,7 @@ def kernel_facts(workspace: Any, release: str) -> KernelFacts:
             config = read_kconfig(headers)
             sources.append(str(headers))
     if arch in ("", "unknown"):
-        arch = _headers_arch(headers, config) if config else "unknown"
+        arch = _headers_arch(headers, config) if headers is not None and config else "unknown"
     if arch in ("", "unknown"):
         arch = parse_release(release).arch
     vermagic, vsource = None, ""
@@ -174,7 +174,7 @@ def kernel_facts(workspace: Any, release: str) -> KernelFacts:
 
 # -- symbol index ----------------------------------------------------------------------------------------------
 
-def symbol_index(workspace: Any, release: str, symbol_files: Iterable[str | os.PathLike] = ()) -> Any:
+def symbol_index(workspace: Any, release: str, symbol_files: Iterable[str | os.PathLike[str]] = ()) -> Any:
     """The symbol index for release: explicit files first, then the catalog's sources, the local headers'
     Module.symvers and sources cached in the store (e.g. fetched from hosts)."""
     from kpipe.elf import symbols as ks
@@ -250,7 +250,7 @@ def _signer_certificates(workspace: Any) -> list[Any]:
 
 
 def validate_module(workspace: Any, module_path: Path | str, kernel_release: str, *,
-                    symbol_files: Iterable[str | os.PathLike] = (), certs: Iterable[Any] = (),
+                    symbol_files: Iterable[str | os.PathLike[str]] = (), certs: Iterable[Any] = (),
                     strict: bool = False, sm2_user_id: str | None = None) -> ValidationReport:
     """Validate a module file for kernel_release. Certificates given here make a signature mandatory;
     the workspace signers' certificates are used to verify one when present."""
@@ -276,7 +276,7 @@ def validate_module(workspace: Any, module_path: Path | str, kernel_release: str
                             seconds=time.process_time() - t0)
 
 
-def _validation_options(workspace: Any, kernel: str, symbol_files: Iterable[str | os.PathLike],
+def _validation_options(workspace: Any, kernel: str, symbol_files: Iterable[str | os.PathLike[str]],
                         certs: Iterable[Any], strict: bool) -> dict[str, Any]:
     """The options of one validation, comparable across runs (files by resolved path)."""
     def where(p: Any) -> str:
@@ -309,7 +309,7 @@ def _check_read(store: Any, artifact: Any, sha256: str) -> None:
                            hint="the file was changed after it was stored; rebuild it (`kpipe build --force`)")
 
 
-def validate_and_record(workspace: Any, artifact: Any, *, symbol_files: Iterable[str | os.PathLike] = (),
+def validate_and_record(workspace: Any, artifact: Any, *, symbol_files: Iterable[str | os.PathLike[str]] = (),
                         certs: Iterable[Any] = (), strict: bool | None = None, kernel: str | None = None,
                         own: bool | None = None) -> ValidationReport:
     """Validate an artifact (for its kernel, or another) and keep the report as a record with its options.

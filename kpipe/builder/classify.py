@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from typing import Any
 
 CATEGORIES = ("environment", "kernel-config", "compiler", "patch", "diff", "symbols", "crash",
               "source", "unknown")
@@ -91,7 +92,7 @@ class Classification:
     matched: str = ""  # the deciding line
     extra: dict[str, str] = field(default_factory=dict)
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         return {"category": self.category, "lines": list(self.lines), "hint": self.hint, "matched": self.matched}
 
 
@@ -109,8 +110,8 @@ def classify(log: str, *, max_lines: int = 12) -> Classification:
     if decided is None:
         # No known message: the tool's own error lines, else the end of the log.
         errors = [line.strip() for line in lines if _CONTEXT.search(line)]
-        picked = list(dict.fromkeys(errors))[:max_lines] or [line for line in lines[-max_lines:] if line.strip()]
-        return Classification("unknown", tuple(picked), HINTS["unknown"], picked[0] if errors else "")
+        shown = list(dict.fromkeys(errors))[:max_lines] or [line for line in lines[-max_lines:] if line.strip()]
+        return Classification("unknown", tuple(shown), HINTS["unknown"], shown[0] if errors else "")
     index, category = decided
     matched = lines[index].strip()
     # The deciding line, the other lines of the same category, and the tool's error summaries; deduplicated.

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import sys
+from typing import Protocol
 
 import typer
 
@@ -99,11 +100,19 @@ def main() -> None:
     sys.exit(_exit_code(rc))
 
 
-def _click_exception_types() -> tuple[type, ...]:
+class _ClickError(Protocol):
+    """What main() uses of a click usage error (click's own class or Typer's vendored copy)."""
+
+    exit_code: int
+
+    def show(self) -> None: ...
+
+
+def _click_exception_types() -> tuple[type[_ClickError], ...]:
     """ClickException classes: click's own, and the copy newer Typer releases vendor."""
     # Both are genuine version differences, not missing kpipe code: Typer < 0.26 depends on click and has
     # no vendored copy; Typer >= 0.26 vendors click and no longer installs it.
-    types: list[type] = []
+    types: list[type[_ClickError]] = []
     try:
         import click
 

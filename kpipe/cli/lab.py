@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import typer
 from rich.markup import escape
+
+if TYPE_CHECKING:  # imported inside the commands: `kpipe --help` stays fast
+    from kpipe.lab.buildhost import BuildHostChroot
+    from kpipe.lab.lab import Lab
 
 lab_app = typer.Typer(help="Disposable qemu VMs of a target kernel, reachable over SSH.", no_args_is_help=True)
 
@@ -17,7 +22,7 @@ def register(app: typer.Typer) -> None:
         preflight_cmd)
 
 
-def _lab():
+def _lab() -> Lab:
     from kpipe.cli.context import state
     from kpipe.lab import workspace_lab
 
@@ -77,7 +82,7 @@ def status_cmd(json_out: bool = typer.Option(False, "--json", help="Print JSON."
     _print_status(status)
 
 
-def _print_status(status: dict) -> None:
+def _print_status(status: dict[str, Any]) -> None:
     from rich.table import Table
 
     from kpipe.cli.context import esc, state
@@ -163,7 +168,7 @@ buildhost_app = typer.Typer(help="A kpatch-build build host: the forge's chroot 
 lab_app.add_typer(buildhost_app, name="buildhost")
 
 
-def _buildhost(folder: Path | None):
+def _buildhost(folder: Path | None) -> BuildHostChroot:
     from kpipe.cli.context import state
     from kpipe.lab.buildhost import BuildHostChroot
 

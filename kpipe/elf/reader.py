@@ -678,10 +678,11 @@ class _Parser:
     def _function_at(self, shndx: int, off: int, fallback: str) -> str:
         funcs: dict[tuple[int, int], str] | None = getattr(self, "_funcs", None)
         if funcs is None:  # built once: a big module may have many candidate pointers
-            funcs = self._funcs = {}
+            funcs = {}
             for name, info, sh, value, _size in self.symbols:
                 if (info & 0xF) == STT_FUNC:
                     funcs.setdefault((sh, value), name)
+            self._funcs = funcs
         return funcs.get((shndx, off), fallback)
 
     def _pointer(self, shndx: int, off: int) -> int:

@@ -31,10 +31,13 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from kpipe.errors import ConfigError, KpipeError, NotFoundError
 from kpipe.lab.chroot import enter_argv
+
+if TYPE_CHECKING:  # kpipe.lab.kernel imports this module when it looks a release up
+    from kpipe.lab.kernel import KernelImage
 
 FORMAT_VERSION = 1
 DEFAULT_MIRROR = "http://deb.debian.org/debian"
@@ -589,7 +592,7 @@ def forged_kernel_entries(cache_dir: Path | None = None) -> list[Any]:
     return out
 
 
-def find_forged_kernel(release: str, cache_dir: Path | None = None) -> Any:
+def find_forged_kernel(release: str, cache_dir: Path | None = None) -> KernelImage | None:
     """The lab's view (lab.kernel.KernelImage) of a forged kernel, or None."""
     from kpipe.lab.kernel import KernelImage
 

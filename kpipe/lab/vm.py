@@ -73,7 +73,8 @@ def free_port() -> int:
     """A free TCP port on 127.0.0.1 (the kernel picks it)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        port: int = s.getsockname()[1]
+        return port
 
 
 def listens_on(pid: int, port: int) -> bool:

@@ -74,9 +74,10 @@ def lint(ws: Any) -> list[Problem]:
             problems.append(Problem(shown, probs.line(("signing", "signer")),
                                     f"signer {signer!r} is not configured in kpipe.toml",
                                     "add [signing.signers." + signer + "] to kpipe.toml", "warning"))
-        by_message: dict[tuple, list[str]] = {}
-        order: list[tuple] = []
-        found: dict[tuple, Problem] = {}
+        # one problem per (file, line, message, severity), with the kernels it was found for
+        by_message: dict[tuple[str, int, str, str], list[str]] = {}
+        order: list[tuple[str, int, str, str]] = []
+        found: dict[tuple[str, int, str, str], Problem] = {}
         for entry in targets:
             kp = _Problems(shown, recipe.lines, recipe.key_lines)
             try:

@@ -9,7 +9,7 @@ from typing import Any
 
 from kpipe.errors import ConfigError, NotFoundError
 from kpipe.recipes.problems import _did_you_mean, _Problems, _raise_first
-from kpipe.recipes.schema import _NAME_RE, MAX_RECIPE_BYTES, RECIPE_SUFFIXES, _check_schema
+from kpipe.recipes.schema import _NAME_RE, MAX_RECIPE_BYTES, RECIPE_SUFFIXES, KeyPath, _check_schema
 from kpipe.recipes.yamlnodes import _compose_yaml, _YamlFail
 
 
@@ -23,8 +23,8 @@ class Recipe:
     kernels: tuple[str, ...]
     description: str = ""
     data: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
-    lines: dict[tuple, int] = field(default_factory=dict, compare=False, repr=False)
-    key_lines: dict[tuple, int] = field(default_factory=dict, compare=False, repr=False)
+    lines: dict[KeyPath, int] = field(default_factory=dict, compare=False, repr=False)
+    key_lines: dict[KeyPath, int] = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def options(self) -> dict[str, Any]:

@@ -6,20 +6,31 @@ import hashlib
 import re
 from dataclasses import replace
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from kpipe.errors import ConfigError, NotFoundError
 from kpipe.recipes.loading import Recipe, _display, kernels_for_recipe, load_recipe
 from kpipe.recipes.paths import resolve_patch_path, resolve_template_path
 from kpipe.recipes.problems import _field, _Problems, _raise_first
-from kpipe.recipes.sandbox import _jinja_error, _read_text, _sandbox, _template_line, _WorkspaceLoader
+from kpipe.recipes.sandbox import (
+    _BoundedSandbox,
+    _jinja_error,
+    _read_text,
+    _sandbox,
+    _template_line,
+    _WorkspaceLoader,
+)
 from kpipe.recipes.schema import (
     _NOT_RENDERED,
     _TEMPLATE_MARK,
     MAX_TEMPLATE_BYTES,
     MODULE_NAME_MAX,
+    KeyPath,
     _check_schema,
 )
+
+if TYPE_CHECKING:  # kpipe.builder imports the recipes
+    from kpipe.builder.spec import BuildSpec
 
 
 def _sanitize_module(name: str) -> str:
@@ -57,7 +68,7 @@ def _kernel_vars(entry: Any) -> tuple[Any, dict[str, Any]]:
     return k, k.to_dict()
 
 
-def _render_tree(env: Any, value: Any, path: tuple, variables: dict, probs: _Problems,
+def _render_tree(env: _BoundedSandbox, value: Any, path: KeyPath, variables: dict[str, Any], probs: _Problems,
                  loader: _WorkspaceLoader) -> Any:
     if isinstance(value, dict):
         return {k: (v if not path and k in _NOT_RENDERED else _render_tree(env, v, path + (k,), variables, probs,
@@ -79,8 +90,8 @@ def _render_tree(env: Any, value: Any, path: tuple, variables: dict, probs: _Pro
         return value
 
 
-def _render_file(env: Any, ws: Any, loader: _WorkspaceLoader, rel: str, variables: dict, probs: _Problems,
-                 path: tuple) -> str | None:
+def _render_file(env: _BoundedSandbox, ws: Any, loader: _WorkspaceLoader, rel: str, variables: dict[str, Any],
+                 probs: _Problems, path: KeyPath) -> str | None:
     """Render a template file; errors point at the template's own file:line."""
     try:
         file = resolve_template_path(ws, rel)
@@ -108,7 +119,7 @@ def _default_kbuild(module: str, sources: list[str]) -> str:
     return f"obj-m := {module}.o\n{module}-y := {' '.join(c_objs)}\n"
 
 
-def _build_spec(ws: Any, recipe: Recipe, entry: Any, probs: _Problems) -> Any:
+def _build_spec(ws: Any, recipe: Recipe, entry: Any, probs: _Problems) -> BuildSpec | None:
     """Render `recipe` for catalog `entry`; problems go to `probs`; the BuildSpec when there are none."""
     from kpipe.builder.spec import BuildSpec, PatchFile, Probe, SourceFile
 
@@ -198,7 +209,7 @@ def _build_spec(ws: Any, recipe: Recipe, entry: Any, probs: _Problems) -> Any:
                      signing=signing, rollout=norm["rollout"], probe=probe, rendered=plain)
 
 
-def render(ws: Any, recipe_name: str, kernel_release: str) -> Any:
+def render(ws: Any, recipe_name: str, kernel_release: str) -> BuildSpec:
     """The BuildSpec of `recipe_name` for `kernel_release` (kpipe.builder.spec.BuildSpec).
 
     ConfigError (file:line) for a bad recipe or template, NotFoundError for an
@@ -218,4 +229,5 @@ def render(ws: Any, recipe_name: str, kernel_release: str) -> Any:
     probs = _Problems(_display(ws, recipe.file), recipe.lines, recipe.key_lines)
     spec = _build_spec(ws, recipe, entry, probs)
     _raise_first(probs.items, _display(ws, recipe.file))
+    assert spec is not None  # no spec means an error problem, raised just above
     return spec

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from kpipe.audit import HOST_ROW, AuditResult
 
 COLUMNS: tuple[str, ...] = ("HOST", "PATCH", "STATUS", "KERNEL", "DETAIL")
@@ -44,7 +46,7 @@ def render_text(result: AuditResult) -> str:
     return text
 
 
-def _text_table(columns: tuple[str, ...], body: list[tuple[str, ...]]) -> str:
+def _text_table(columns: tuple[str, ...], body: Sequence[tuple[str, ...]]) -> str:
     rows = [columns, *body]
     # Control characters in host names or details would break the layout (and a terminal).
     rows = [tuple(_printable(c) for c in r) for r in rows]

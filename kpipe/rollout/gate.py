@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from kpipe.rollout.planner import FailureBudget
 
@@ -30,7 +31,7 @@ class Decision:
     def verdict(self) -> str:
         return "proceed" if self.proceed else "halt"
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         return {"verdict": self.verdict, "reason": self.reason, "failed": list(self.failed),
                 "allowed": self.allowed, "attempted": self.attempted}
 

@@ -285,7 +285,7 @@ def order_hosts(hosts: Iterable[HostView]) -> list[str]:
 
 
 # -- choosing artifacts ------------------------------------------------------
-def _rank(c: Candidate, skip_preflight: bool) -> tuple:
+def _rank(c: Candidate, skip_preflight: bool) -> tuple[bool, bool, float, str]:
     # newest signed preferred; a preflighted artifact beats an unchecked one of the same signedness
     return (c.signed, skip_preflight or c.preflight == "passed", c.created_at, c.id)
 
