@@ -30,8 +30,9 @@ from kenv import require_or_skip
 ROOT = Path(__file__).resolve().parent.parent
 
 # TEMPORARY. Files other helpers are rewriting on their branches while this test landed
-# (issue 9); the three checks below leave them out so the test is green on this branch.
-# The lead empties this set after merging those branches; it must not grow.
+# (issue 9) and that still had findings then (a mypy error, a ruff problem or a layering
+# edge); the three checks below leave them out. The lead empties this set after merging
+# those branches; it must not grow.
 PENDING: frozenset[str] = frozenset({
     "kpipe/artifacts.py",
     "kpipe/audit.py",
@@ -45,15 +46,12 @@ PENDING: frozenset[str] = frozenset({
     "kpipe/fleet/facts.py",
     "kpipe/fleet/inventory.py",
     "kpipe/fleet/livepatch.py",
-    "kpipe/plan.py",
     "kpipe/recipes/problems.py",
     "kpipe/recipes/yamlnodes.py",
     "kpipe/rollout/engine.py",
     "kpipe/rollout/journal.py",
     "kpipe/rollout/world.py",
-    "kpipe/transport/__init__.py",
     "kpipe/transport/ansible.py",
-    "kpipe/transport/base.py",
     "kpipe/transport/local.py",
     "kpipe/transport/ssh.py",
     "kpipe/workspace.py",
@@ -75,7 +73,6 @@ CORE = (
     "kpipe/audit.py",
     "kpipe/fleet/facts.py",
     "kpipe/fleet/livepatch.py",
-    "kpipe/plan.py",
     "kpipe/commands.py",
     "kpipe/findings.py",
 )
@@ -97,9 +94,8 @@ RULES = (
     Rule("the core touches no transport, store, SSH library or terminal", CORE, WORLD),
     Rule("only kpipe/elf reads ELF with pyelftools", ("kpipe/*",), ("elftools",), exempt=("kpipe/elf/*",)),
     Rule("transports sit below the rollout (no arrow back up)", ("kpipe/transport/*",), ("kpipe.rollout",)),
-    Rule("Typer is the CLI's", ("kpipe/*",), ("typer",), exempt=("kpipe/cli/*",)),
-    Rule("Rich renders in the CLI and the reports only", ("kpipe/*",), ("rich",),
-         exempt=("kpipe/cli/*", "kpipe/report/*")),
+    # docs/architecture.md: "Rich is imported by the CLI only" (kpipe/report renders plain text, JSON, XML, HTML).
+    Rule("Typer and Rich are the CLI's", ("kpipe/*",), ("typer", "rich"), exempt=("kpipe/cli/*",)),
     Rule("SSH libraries and ansible-runner stay in the transports", ("kpipe/*",),
          ("fabric", "invoke", "paramiko", "ansible_runner"),
          # settings.py checks a pinned ssh.kex against paramiko's own list (a lazy import, data only).
@@ -270,7 +266,7 @@ def test_graph_walker_sees_nested_relative_and_dynamic_imports(fake_tree: Path) 
         "kpipe/kernel.py:8 kpipe.kernel -> kpipe.store",
         "kpipe/recipes/render.py:5 kpipe.recipes.render -> kpipe.transport.ssh",
         "kpipe/recipes/render.py:8 kpipe.recipes.render -> rich.console",
-        "kpipe/recipes/render.py:8 kpipe.recipes.render -> rich.console",  # core rule and the Rich rule
+        "kpipe/recipes/render.py:8 kpipe.recipes.render -> rich.console",  # the core rule and the CLI rule
         "kpipe/transport/ssh.py:2 kpipe.transport.ssh -> kpipe.rollout.engine.run",
     ]
 
