@@ -73,6 +73,7 @@ CORE = (
     "kpipe/audit.py",
     "kpipe/fleet/facts.py",
     "kpipe/fleet/livepatch.py",
+    "kpipe/plan.py",
     "kpipe/commands.py",
     "kpipe/findings.py",
 )
