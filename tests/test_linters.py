@@ -230,7 +230,7 @@ FAKE = {
         "if TYPE_CHECKING:\n"
         "    from kpipe.transport.ssh import SshPool\n"      # type-only: no edge
         "else:\n"
-        "    import json\n"
+        "    import paramiko\n"                            # the else branch runs: an edge
         "def f():\n"
         "    from kpipe import store\n"                      # inside a function: an edge
         "    return store\n"
@@ -264,6 +264,8 @@ def fake_tree(tmp_path: Path) -> Path:
 def test_graph_walker_sees_nested_relative_and_dynamic_imports(fake_tree: Path) -> None:
     found = sorted(str(edge) for _, edge in violations(fake_tree, RULES))
     assert found == [
+        "kpipe/kernel.py:6 kpipe.kernel -> paramiko",
+        "kpipe/kernel.py:6 kpipe.kernel -> paramiko",  # the core rule and the SSH-library rule
         "kpipe/kernel.py:8 kpipe.kernel -> kpipe.store",
         "kpipe/recipes/render.py:5 kpipe.recipes.render -> kpipe.transport.ssh",
         "kpipe/recipes/render.py:8 kpipe.recipes.render -> rich.console",
