@@ -15,8 +15,11 @@ from typing import Any, Iterable
 from kpipe.elf.reader import ModuleInfo
 from kpipe.elf.signature import KERNEL_HASHES, Certificate, Pkcs7Error, parse_pkcs7, verify_pkcs7
 from kpipe.elf.symbols import SymbolIndex
+from kpipe.findings import Finding, Severity
 
-SEVERITIES = ("error", "warning", "info", "skipped")
+__all__ = ["Finding", "KernelFacts", "Severity", "SEVERITIES", "expected_vermagic", "report_ok", "run_checks"]
+
+SEVERITIES = tuple(Severity)  # error, warning, info, skipped
 
 ARCH_MACHINE = {"x86_64": 62, "aarch64": 183, "loongarch64": 258}
 # MODULE_ARCH_VERMAGIC (arch/*/include/asm/module.h, 6.1)
@@ -43,19 +46,6 @@ ALLOWED_RELOCS: dict[str, dict[int, str]] = {
 # include/linux/license.h (6.1) license_is_gpl_compatible
 GPL_COMPATIBLE = ("GPL", "GPL v2", "GPL and additional rights", "Dual BSD/GPL", "Dual MIT/GPL", "Dual MPL/GPL")
 LIVEPATCH_API = ("klp_enable_patch", "klp_register_patch", "klp_shadow_alloc", "klp_shadow_get")
-
-
-@dataclass(frozen=True)
-class Finding:
-    """One result: id (stable), severity (error|warning|info|skipped), message naming the values, hint."""
-
-    id: str
-    severity: str
-    message: str
-    hint: str = ""
-
-    def to_dict(self) -> dict[str, str]:
-        return asdict(self)
 
 
 @dataclass(frozen=True)
@@ -101,8 +91,8 @@ def expected_vermagic(release: str, config: dict[str, str], arch: str) -> str:
 class _Out:
     findings: list[Finding] = field(default_factory=list)
 
-    def add(self, id: str, severity: str, message: str, hint: str = "") -> None:
-        self.findings.append(Finding(id, severity, message, hint))
+    def add(self, id: str, severity: Severity | str, message: str, hint: str = "") -> None:
+        self.findings.append(Finding(id, Severity(severity), message, hint))
 
 
 def run_checks(module: ModuleInfo, facts: KernelFacts, index: SymbolIndex | None = None,
@@ -125,7 +115,7 @@ def run_checks(module: ModuleInfo, facts: KernelFacts, index: SymbolIndex | None
 
 def report_ok(findings: Iterable[Finding], *, strict: bool = False) -> bool:
     """True when no finding is an error (nor, with strict, skipped)."""
-    bad = ("error", "skipped") if strict else ("error",)
+    bad = (Severity.ERROR, Severity.SKIPPED) if strict else (Severity.ERROR,)
     return not any(f.severity in bad for f in findings)
 
 

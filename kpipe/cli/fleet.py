@@ -23,16 +23,6 @@ _INVENTORY = typer.Option(None, "--inventory", "-i",
                           help="Inventory source(s) to read instead of the workspace's (repeatable).")
 _JSON = typer.Option(False, "--json", help="Print JSON instead of a table.")
 
-FACTS_DDL = """
-CREATE TABLE IF NOT EXISTS fleet_facts (
-  host TEXT PRIMARY KEY,
-  gathered_at REAL NOT NULL,
-  ok INTEGER NOT NULL,
-  facts_json TEXT NOT NULL
-);
-"""
-
-
 def _select(limit: Optional[str], inventory: Optional[List[str]]) -> list[Any]:
     from kpipe.cli.context import state
     from kpipe.fleet.inventory import select_hosts
@@ -80,7 +70,8 @@ def facts(limit: Optional[str] = _LIMIT, inventory: Optional[List[str]] = _INVEN
 
     from kpipe.cli.context import print_json, state
     from kpipe.errors import ExitCode, KpipeError
-    from kpipe.fleet.facts import HostFacts, gather_facts
+    from kpipe.fleet.facts import HostFacts
+    from kpipe.fleet.observe import gather_facts
 
     st = state()
     hosts = _select(limit, inventory)
@@ -109,28 +100,13 @@ def facts(limit: Optional[str] = _LIMIT, inventory: Optional[List[str]] = _INVEN
 
 
 def _record(workspace: Any, results: dict[str, Any]) -> None:
-    """Keep the latest facts per host in the state store (the audit's observed state)."""
-    import json
-    import time
-
-    from kpipe.fleet.facts import HostFacts
+    """Keep the latest facts per host in the state store (kpipe.fleet.factstore)."""
+    from kpipe.cli.context import esc, state
+    from kpipe.fleet.factstore import record_facts
 
     try:
-        store = workspace.store
-        store.ensure_schema(FACTS_DDL)
-        now = time.time()
-        with store.write() as c:
-            for name, r in results.items():
-                ok = isinstance(r, HostFacts)
-                data = r.to_dict() if ok else {"error": str(r), "kind": getattr(r, "kind", "error")}
-                c.execute("INSERT INTO fleet_facts(host, gathered_at, ok, facts_json) VALUES (?, ?, ?, ?) "
-                          "ON CONFLICT(host) DO UPDATE SET gathered_at=excluded.gathered_at, ok=excluded.ok, "
-                          "facts_json=excluded.facts_json", (name, now, int(ok), json.dumps(data)))
+        record_facts(workspace.store, results)
     except Exception as e:  # facts were read; failing to remember them must not hide them
-        from kpipe.cli.context import state
-
-        from kpipe.cli.context import esc
-
         state().err_console.print(f"[yellow]warning:[/] facts not recorded in the store: {esc(e)}")
 
 
