@@ -149,7 +149,7 @@ def _warn_recipe_errors(result) -> None:
 
 def _keep(ws, result, command: str, limit: Optional[str]) -> None:
     # The audit trail (table `audits`): a failure to record must not hide the result.
-    from kpipe.audit import record_audit
+    from kpipe.fleet.factstore import record_audit
 
     try:
         record_audit(ws.store, result, command=command, limit=limit)
@@ -180,7 +180,7 @@ def verify(
     settle: float = _SETTLE,
 ) -> None:
     """Read every selected host's live patches over SSH and check them against the desired state (exit 1 if any host is not compliant)."""
-    from kpipe.audit import run_audit
+    from kpipe.fleet.auditing import run_audit
     from kpipe.cli.context import print_json, state
 
     ws = state().workspace
@@ -210,7 +210,7 @@ def audit(
     """Report desired vs observed live-patch state per host and patch, as a table, JSON, JUnit XML, Prometheus text or HTML."""
     from pathlib import Path
 
-    from kpipe.audit import run_audit
+    from kpipe.fleet.auditing import run_audit
     from kpipe.cli.context import state
     from kpipe.errors import ConfigError
     from kpipe.report import FORMATS, render, write_atomic
