@@ -20,12 +20,27 @@ import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
+from functools import partial
 from typing import Any, Protocol
 
 from kpipe.desired import (  # noqa: F401 -- the desired side, re-exported: callers see one audit API
-    DEFAULT_ALLOWED_TAINT, TAINT_LETTERS, AppliedRecord, DesiredPatch, DesiredState, ForbidRule, JournalAction,
-    Unmanaged, apply_desired_file, desired_from_records, glob_matcher, load_desired_file, module_name,
-    parse_desired_text, taint_letters, taint_mask)
+    DEFAULT_ALLOWED_TAINT,
+    TAINT_LETTERS,
+    AppliedRecord,
+    DesiredPatch,
+    DesiredState,
+    ForbidRule,
+    JournalAction,
+    Unmanaged,
+    apply_desired_file,
+    desired_from_records,
+    glob_matcher,
+    load_desired_file,
+    module_name,
+    parse_desired_text,
+    taint_letters,
+    taint_mask,
+)
 from kpipe.findings import Finding, Severity
 
 
@@ -217,6 +232,11 @@ def _short(sha: str) -> str:
     return sha[:12] if sha else "?"
 
 
+def _row(host: str, name: str, want: DesiredPatch | None, enabled: bool | None, transition: bool | None, sha: str,
+         status: Verdict, detail: str) -> PatchStatus:
+    return PatchStatus(host, name, status, detail, want, enabled, transition, sha)
+
+
 def evaluate_host(desired: DesiredState, obs: ObservedHost) -> HostAudit:
     """The verdicts for one host: desired patches and observed patches, one row each."""
     host = obs.host
@@ -261,8 +281,7 @@ def evaluate_host(desired: DesiredState, obs: ObservedHost) -> HostAudit:
         enabled = None if state is None else _flag(state.enabled)
         transition = None if state is None else _flag(state.transition)
 
-        def row(status: Verdict, detail: str) -> PatchStatus:
-            return PatchStatus(host, name, status, detail, want, enabled, transition, sha)
+        row = partial(_row, host, name, want, enabled, transition, sha)
 
         if state is None and modules.get(name):
             # Since 5.1 a disabled patch's sysfs directory goes away while its

@@ -9,15 +9,22 @@ A check that lacks its reference data yields a `skipped` finding saying how to p
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
-from typing import Any, Iterable
+from typing import Any
 
 from kpipe.elf.reader import ModuleInfo
-from kpipe.elf.signature import KERNEL_HASHES, Certificate, Pkcs7Error, parse_pkcs7, verify_pkcs7
+from kpipe.elf.signature import (
+    KERNEL_HASHES,
+    Certificate,
+    Pkcs7Error,
+    parse_pkcs7,
+    verify_pkcs7,
+)
 from kpipe.elf.symbols import SymbolIndex
 from kpipe.findings import Finding, Severity
 
-__all__ = ["Finding", "KernelFacts", "Severity", "SEVERITIES", "expected_vermagic", "report_ok", "run_checks"]
+__all__ = ["SEVERITIES", "Finding", "KernelFacts", "Severity", "expected_vermagic", "report_ok", "run_checks"]
 
 SEVERITIES = tuple(Severity)  # error, warning, info, skipped
 
@@ -69,7 +76,9 @@ class KernelFacts:
 
 def expected_vermagic(release: str, config: dict[str, str], arch: str) -> str:
     """include/linux/vermagic.h (6.1): release + SMP + preempt/preempt_rt + mod_unload + modversions + arch."""
-    on = lambda k: config.get(k) in ("y", "m")  # noqa: E731
+    def on(k: str) -> bool:
+        return config.get(k) in ("y", "m")
+
     parts = [release + " "]
     if on("CONFIG_SMP"):
         parts.append("SMP ")

@@ -38,6 +38,7 @@ from typing import Any
 from kpipe.errors import ConfigError, NotFoundError
 from kpipe.yamlnodes import LineDict, YamlError, load_yaml
 
+
 class JournalAction(StrEnum):
     """What a journal record says a rollout did to a patch on a host."""
 
@@ -66,8 +67,7 @@ DEFAULT_ALLOWED_TAINT = (1 << 12) | (1 << 13) | (1 << 15)
 def module_name(name: str) -> str:
     """The name sysfs and lsmod show for a module: '-' becomes '_', '.ko' dropped."""
     base = name.rsplit("/", 1)[-1]
-    if base.endswith(".ko"):
-        base = base[:-3]
+    base = base.removesuffix(".ko")
     return base.replace("-", "_")
 
 
@@ -232,7 +232,7 @@ def apply_desired_file(
         raise bad(doc, "document", "must be a mapping with version, hosts...")
     unknown = set(doc) - {"version", "allowed_taint", "unmanaged", "hosts"}
     if unknown:
-        raise bad(doc, sorted(map(str, unknown))[0], "unknown key (allowed: version, allowed_taint, unmanaged, hosts)")
+        raise bad(doc, min(map(str, unknown)), "unknown key (allowed: version, allowed_taint, unmanaged, hosts)")
     if doc.get("version") != 1:
         raise bad(doc, "version", f"must be 1, got {doc.get('version')!r}")
     if "allowed_taint" in doc:
@@ -259,7 +259,7 @@ def apply_desired_file(
             raise bad(doc, fld, "must be a mapping with match, require and/or forbid")
         unknown = set(rule) - {"match", "require", "forbid"}
         if unknown:
-            raise bad(rule, f"{fld}.{sorted(map(str, unknown))[0]}", "unknown key (allowed: match, require, forbid)")
+            raise bad(rule, f"{fld}.{min(map(str, unknown))}", "unknown key (allowed: match, require, forbid)")
         pattern = rule.get("match")
         if not isinstance(pattern, str) or not pattern.strip():
             raise bad(rule, f"{fld}.match", "must be a non-empty host pattern")
@@ -276,7 +276,7 @@ def apply_desired_file(
                 raise bad(rule, efld, "must be a module name or a mapping with name, sha256, kernel")
             unknown = set(entry) - {"name", "sha256", "kernel", "artifact"}
             if unknown:
-                raise bad(entry, f"{efld}.{sorted(map(str, unknown))[0]}", "unknown key (allowed: name, sha256, kernel, artifact)")
+                raise bad(entry, f"{efld}.{min(map(str, unknown))}", "unknown key (allowed: name, sha256, kernel, artifact)")
             name = entry.get("name")
             if not isinstance(name, str) or not name.strip():
                 raise bad(entry, f"{efld}.name", "must be a module name")

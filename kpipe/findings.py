@@ -41,7 +41,7 @@ class Finding:
 
     @classmethod
     def at(cls, file: str, line: int, message: str, hint: str = "",
-           severity: Severity | str = Severity.ERROR, *, id: str = "") -> "Finding":
+           severity: Severity | str = Severity.ERROR, *, id: str = "") -> Finding:
         """A finding at file:line (recipe lint and the files kpipe reads)."""
         return cls(id, Severity(severity), message, hint, file=file, line=line)
 

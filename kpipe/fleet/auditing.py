@@ -14,17 +14,32 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from kpipe.audit import (AppliedRecord, AuditResult, DesiredState, ObservedHost, Verdict, apply_desired_file,
-                         desired_from_records, evaluate, evaluate_host, load_desired_file, modules_to_read,
-                         observed_from_facts, taint_mask, unreachable)
+from kpipe.audit import (
+    AuditResult,
+    ObservedHost,
+    Verdict,
+    evaluate,
+    evaluate_host,
+    modules_to_read,
+    observed_from_facts,
+    unreachable,
+)
+from kpipe.desired import (
+    AppliedRecord,
+    DesiredState,
+    apply_desired_file,
+    desired_from_records,
+    load_desired_file,
+    taint_mask,
+)
 from kpipe.errors import KpipeError, NotFoundError
-from kpipe.fleet.observe import FanOut, ObservedHostSpec, Observation, observe
+from kpipe.fleet.observe import FanOut, Observation, ObservedHostSpec, observe
 
 if TYPE_CHECKING:  # pragma: no cover
     from kpipe.workspace import Workspace
 
 
-def journal_records(workspace: "Workspace") -> list[AppliedRecord]:
+def journal_records(workspace: Workspace) -> list[AppliedRecord]:
     """Every applied / rolled_back host outcome in the workspace's rollout journal."""
     from kpipe.rollout.engine import applied_records
     from kpipe.rollout.journal import Journal
@@ -37,7 +52,7 @@ def journal_records(workspace: "Workspace") -> list[AppliedRecord]:
             for r in applied_records(Journal(workspace.store))]
 
 
-def observe_for_audit(workspace: "Workspace | None", hosts: Sequence[ObservedHostSpec], desired: DesiredState,
+def observe_for_audit(workspace: Workspace | None, hosts: Sequence[ObservedHostSpec], desired: DesiredState,
                       forks: int | None = None, *, pool: FanOut | None = None) -> dict[str, ObservedHost]:
     """What each host shows (facts, and /sys/module of the modules its audit names), as ObservedHosts."""
     modules = {h.name: modules_to_read(desired, h.name) for h in hosts}
@@ -50,7 +65,7 @@ def observe_for_audit(workspace: "Workspace | None", hosts: Sequence[ObservedHos
     return out
 
 
-def desired_state(workspace: "Workspace", match: Any, desired_file: str | Path | None = None) -> DesiredState:
+def desired_state(workspace: Workspace, match: Any, desired_file: str | Path | None = None) -> DesiredState:
     """The journal's desired state, with [audit] allowed_taint and the desired-state file (default [audit] desired)."""
     desired = desired_from_records(journal_records(workspace))
     section = workspace.settings.audit
@@ -63,7 +78,7 @@ def desired_state(workspace: "Workspace", match: Any, desired_file: str | Path |
     return desired
 
 
-def run_audit(workspace: "Workspace", limit: str | None = None, *, desired_file: str | Path | None = None,
+def run_audit(workspace: Workspace, limit: str | None = None, *, desired_file: str | Path | None = None,
               forks: int | None = None, settle: float = 0.0, pool: FanOut | None = None) -> AuditResult:
     """Audit the hosts `limit` selects: journal (+ desired file) against what each host reports now.
 

@@ -42,7 +42,7 @@ CREATE INDEX IF NOT EXISTS audits_time ON audits(generated_at)
 """
 
 
-def record_facts(store: "Store", results: Mapping[str, Any], *, now: float | None = None) -> None:
+def record_facts(store: Store, results: Mapping[str, Any], *, now: float | None = None) -> None:
     """Keep the latest facts (or the failure) per host: one row per host, replaced on each read."""
     store.ensure_schema(FACTS_DDL)
     at = time.time() if now is None else now
@@ -55,7 +55,7 @@ def record_facts(store: "Store", results: Mapping[str, Any], *, now: float | Non
                       "facts_json=excluded.facts_json", (name, at, int(ok), json.dumps(data)))
 
 
-def latest_facts(store: "Store") -> dict[str, dict[str, Any]]:
+def latest_facts(store: Store) -> dict[str, dict[str, Any]]:
     """host -> {"gathered_at", "ok", "facts"} as last recorded (facts: HostFacts.to_dict() or the error)."""
     store.ensure_schema(FACTS_DDL)
     rows = store.query("SELECT host, gathered_at, ok, facts_json FROM fleet_facts ORDER BY host")
@@ -63,7 +63,7 @@ def latest_facts(store: "Store") -> dict[str, dict[str, Any]]:
             for r in rows}
 
 
-def record_audit(store: "Store", result: "AuditResult", *, command: str = "audit", limit: str | None = None) -> int:
+def record_audit(store: Store, result: AuditResult, *, command: str = "audit", limit: str | None = None) -> int:
     """Keep one audit's full result in the store (compliance asks for a trail); return its id."""
     store.ensure_schema(AUDIT_SCHEMA)
     doc = result.to_dict()
@@ -77,7 +77,7 @@ def record_audit(store: "Store", result: "AuditResult", *, command: str = "audit
         return int(cur.lastrowid or 0)
 
 
-def audit_history(store: "Store", limit: int = 20) -> list[dict[str, Any]]:
+def audit_history(store: Store, limit: int = 20) -> list[dict[str, Any]]:
     """The most recent audits, newest first: id, time, command, pattern, counts (no full result)."""
     store.ensure_schema(AUDIT_SCHEMA)
     rows = store.query(

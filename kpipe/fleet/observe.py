@@ -14,7 +14,7 @@ import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol, Union
+from typing import TYPE_CHECKING, Any, Protocol
 
 from kpipe.commands import CommandResult
 from kpipe.errors import KpipeError, TransportError
@@ -28,15 +28,16 @@ if TYPE_CHECKING:  # pragma: no cover
 
 # What stops one host: it could not be reached (TransportError, FactsError) or a step's
 # interpreter refused its output (StepFailed).
-HostError = Union[TransportError, StepFailed]
+HostError = TransportError | StepFailed
 
 
 class ObservedHostSpec(Protocol):
     """What the observer needs of a host: its name and its SSH target (kpipe.fleet.inventory.Host)."""
 
-    name: str
+    @property
+    def name(self) -> str: ...
 
-    def target(self) -> "SshTarget": ...
+    def target(self) -> SshTarget: ...
 
 
 class FanOut(Protocol):
@@ -140,7 +141,7 @@ def run_reads(pool: FanOut, hosts: Sequence[ObservedHostSpec], steps_for: Callab
     return out
 
 
-def pool_for(workspace: "Workspace", forks: int | None = None) -> "SshPool":
+def pool_for(workspace: Workspace, forks: int | None = None) -> SshPool:
     """An SshPool with the workspace's [ssh] settings (strict known_hosts)."""
     from kpipe.transport.ssh import SshPool
 
@@ -148,7 +149,7 @@ def pool_for(workspace: "Workspace", forks: int | None = None) -> "SshPool":
                    forks=forks or workspace.ssh.forks)
 
 
-def observe(workspace: "Workspace | None", hosts: Sequence[ObservedHostSpec], forks: int | None = None, *,
+def observe(workspace: Workspace | None, hosts: Sequence[ObservedHostSpec], forks: int | None = None, *,
             pool: FanOut | None = None, modules: Mapping[str, Iterable[str]] | None = None, dmesg: bool = False,
             timeout: float = 60.0) -> dict[str, Observation | HostError]:
     """Observe every host: name -> Observation, or the HostError that stopped it (in `hosts` order).
@@ -161,16 +162,16 @@ def observe(workspace: "Workspace | None", hosts: Sequence[ObservedHostSpec], fo
     def steps_for(name: str) -> list[Step[Any]]:
         return observation_steps(wanted[name], dmesg=dmesg, timeout=timeout)
 
-    own = pool is None
+    opened = None
     if pool is None:
         if workspace is None:
             raise ValueError("observe() needs a workspace or a pool")
-        pool = pool_for(workspace, forks)
+        pool = opened = pool_for(workspace, forks)
     try:
         raw = run_reads(pool, hosts, steps_for, forks)
     finally:
-        if own:
-            pool.close()  # type: ignore[attr-defined]
+        if opened is not None:
+            opened.close()
     out: dict[str, Observation | HostError] = {}
     for name, values in raw.items():
         if not isinstance(values, list):
@@ -182,7 +183,7 @@ def observe(workspace: "Workspace | None", hosts: Sequence[ObservedHostSpec], fo
     return out
 
 
-def gather_facts(workspace: "Workspace | None", hosts: Sequence[ObservedHostSpec], forks: int | None = None, *,
+def gather_facts(workspace: Workspace | None, hosts: Sequence[ObservedHostSpec], forks: int | None = None, *,
                  pool: FanOut | None = None, timeout: float = 60.0) -> dict[str, HostFacts | HostError]:
     """Facts for every host (at most `forks` at once): HostFacts, or the error that stopped it."""
     return {name: o.facts if isinstance(o, Observation) else o

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import difflib
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 from kpipe.errors import ConfigError
 from kpipe.findings import Finding, Severity
@@ -16,8 +17,8 @@ Problem = Finding
 class _Problems:
     """Collects problems for one file; `line(path)` finds the nearest known line of a value."""
 
-    def __init__(self, file: str, lines: dict[tuple, int] | None = None,
-                 key_lines: dict[tuple, int] | None = None, context: str = ""):
+    def __init__(self, file: str, lines: dict[tuple[Any, ...], int] | None = None,
+                 key_lines: dict[tuple[Any, ...], int] | None = None, context: str = ""):
         self.file = file
         self.lines = lines or {}
         self.key_lines = key_lines or {}
@@ -25,7 +26,7 @@ class _Problems:
         self.items: list[Problem] = []
         self.data: Any = None  # the parsed YAML, when it parsed
 
-    def line(self, path: tuple, key: bool = False) -> int:
+    def line(self, path: tuple[Any, ...], key: bool = False) -> int:
         if key and path in self.key_lines:
             return self.key_lines[path]
         p = path
@@ -35,14 +36,14 @@ class _Problems:
             p = p[:-1]
         return self.lines.get((), 1)
 
-    def error(self, path: tuple, message: str, hint: str = "", *, key: bool = False, file: str | None = None,
+    def error(self, path: tuple[Any, ...], message: str, hint: str = "", *, key: bool = False, file: str | None = None,
               line: int | None = None) -> None:
         self._add("error", path, message, hint, key, file, line)
 
-    def warning(self, path: tuple, message: str, hint: str = "", *, key: bool = False) -> None:
+    def warning(self, path: tuple[Any, ...], message: str, hint: str = "", *, key: bool = False) -> None:
         self._add("warning", path, message, hint, key, None, None)
 
-    def _add(self, severity: Severity | str, path: tuple, message: str, hint: str, key: bool, file: str | None,
+    def _add(self, severity: Severity | str, path: tuple[Any, ...], message: str, hint: str, key: bool, file: str | None,
              line: int | None) -> None:
         if self.context:
             message = f"{message} ({self.context})"
