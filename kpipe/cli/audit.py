@@ -2,7 +2,7 @@
 
 Desired state: what completed (or partly completed) rollouts applied, minus
 what was rolled back, plus an optional desired-state file (`--desired`, or
-`[audit] desired` in kpipe.toml; format in kpipe/audit.py). Observed state:
+`[audit] desired` in kpipe.toml; format in kpipe/desired.py). Observed state:
 only what each host reports now over SSH (sysfs, /sys/module, installed
 module checksums, taint), never the journal.
 
