@@ -168,8 +168,8 @@ class _Host:
     def __init__(self, name: str):
         self.name = name
 
-    def target(self) -> str:
-        return self.name
+    def target(self) -> _Host:
+        return self  # the SSH target: anything with a name
 
 
 class _Pool:
@@ -181,7 +181,8 @@ class _Pool:
     def run_many(self, targets: Any, fn: Any, forks: int | None = None) -> dict[str, Any]:
         self.calls += 1
         out: dict[str, Any] = {}
-        for name in targets:
+        for target in targets:
+            name = target.name
             try:
                 out[name] = fn(self.transports[name])
             except Exception as e:  # noqa: BLE001 -- as SshPool.run_many: collected, not raised
@@ -250,3 +251,15 @@ def test_state_step_argv_names_only_valid_modules() -> None:
 def test_facts_step_interprets_output() -> None:
     r = CommandResult("h1", facts_step().action, 0, _facts_text())  # type: ignore[arg-type]
     assert interpret_facts(r).name == "h1" and facts_step().interpret(r).release == "6.1.0-56-amd64"
+
+
+def test_reads_on_targets_the_caller_holds() -> None:
+    """The rollout engine keeps SshTargets by name: it can run its soak reads through the same fan-out."""
+    from kpipe.fleet.observe import run_reads_on
+
+    ts = {"a": _T("a", {"facts": (0, _facts_text())}), "b": _T("b", {"facts": (1, "")})}
+    out = run_reads_on(_Pool(ts), [_Host("a"), _Host("b")], lambda name: [facts_step()])
+    assert list(out) == ["a", "b"]
+    a, b = out["a"], out["b"]
+    assert isinstance(a, list) and isinstance(a[0], HostFacts) and a[0].name == "a"
+    assert isinstance(b, TransportError) and b.kind == "facts"

@@ -23,12 +23,19 @@ from kpipe.fleet.facts import HostFacts, facts_step
 from kpipe.plan import Step, StepFailed, StepTransport, run_steps
 
 if TYPE_CHECKING:  # pragma: no cover
-    from kpipe.transport.ssh import SshPool, SshTarget
+    from kpipe.transport.ssh import SshPool
     from kpipe.workspace import Workspace
 
 # What stops one host: it could not be reached (TransportError, FactsError) or a step's
 # interpreter refused its output (StepFailed).
 HostError = TransportError | StepFailed
+
+
+class NamedTarget(Protocol):
+    """An SSH target as a pool takes it (kpipe.transport.ssh.SshTarget): the results are keyed by its name."""
+
+    @property
+    def name(self) -> str: ...
 
 
 class ObservedHostSpec(Protocol):
@@ -37,7 +44,7 @@ class ObservedHostSpec(Protocol):
     @property
     def name(self) -> str: ...
 
-    def target(self) -> SshTarget: ...
+    def target(self) -> NamedTarget: ...
 
 
 class FanOut(Protocol):
@@ -124,7 +131,13 @@ def run_reads(pool: FanOut, hosts: Sequence[ObservedHostSpec], steps_for: Callab
     """Run each host's read steps (at most `forks` hosts at once): name -> the steps' values, or its HostError.
 
     ValueError, before any host is contacted, when a step writes. Results are in `hosts` order."""
-    plans = {h.name: list(steps_for(h.name)) for h in hosts}
+    return run_reads_on(pool, [h.target() for h in hosts], steps_for, forks)
+
+
+def run_reads_on(pool: FanOut, targets: Sequence[NamedTarget], steps_for: Callable[[str], Sequence[Step[Any]]],
+                 forks: int | None = None) -> dict[str, list[Any] | HostError]:
+    """run_reads over SSH targets the caller already holds (the rollout engine's PoolRunner keeps them by name)."""
+    plans = {t.name: list(steps_for(t.name)) for t in targets}
     for name, steps in plans.items():
         for s in steps:
             if s.writes:
@@ -133,11 +146,11 @@ def run_reads(pool: FanOut, hosts: Sequence[ObservedHostSpec], steps_for: Callab
     def one(t: StepTransport) -> list[Any]:
         return run_steps(t, plans[t.name])
 
-    raw = pool.run_many([h.target() for h in hosts], one, forks)
+    raw = pool.run_many(list(targets), one, forks)
     out: dict[str, list[Any] | HostError] = {}
-    for h in hosts:
-        value = raw.get(h.name)
-        out[h.name] = value if isinstance(value, list) else _host_error(h.name, value)
+    for name in plans:
+        value = raw.get(name)
+        out[name] = value if isinstance(value, list) else _host_error(name, value)
     return out
 
 
