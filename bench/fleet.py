@@ -73,7 +73,8 @@ import json, sys, time
 sys.path.insert(0, sys.argv[1])
 from kpipe.workspace import load_workspace
 from kpipe.fleet.inventory import load_inventory
-from kpipe.fleet.facts import HostFacts, gather_facts, pool_for
+from kpipe.fleet.facts import HostFacts
+from kpipe.fleet.observe import gather_facts, pool_for
 from pathlib import Path
 ws = load_workspace(Path(sys.argv[2]))
 hosts = load_inventory(ws).select(None)

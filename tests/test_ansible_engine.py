@@ -125,7 +125,7 @@ def test_failed_host_is_rolled_back_and_gate_halts_later_waves(fresh, tmp_path):
 
 
 def test_wave_policy_rolls_back_the_whole_failing_wave_and_audit_agrees(fresh, tmp_path):
-    from kpipe.audit import run_audit
+    from kpipe.fleet.auditing import run_audit
     from kpipe.rollout.journal import Journal
     from kpipe.transport.ansible import record_outcomes
 

@@ -21,7 +21,7 @@ def _unmatched(ws: Any, shown: str, probs: _Problems, patterns: list[Any]) -> li
         if not isinstance(pattern, str) or any(fnmatch.fnmatchcase(r, pattern) for r in ws.kernels):
             continue
         what = "glob" if any(ch in pattern for ch in "*?[") else "kernel"
-        out.append(Problem(shown, probs.line(("kernels", i)), f"{what} {pattern!r} matches no kernel in the catalog",
+        out.append(Problem.at(shown, probs.line(("kernels", i)), f"{what} {pattern!r} matches no kernel in the catalog",
                            "add it to kpipe.toml [[kernels]] or install its headers; known: "
                            + ", ".join(sorted(ws.kernels)), "warning"))
     return out
@@ -34,7 +34,7 @@ def lint(ws: Any) -> list[Problem]:
     problems: list[Problem] = []
     files = _recipe_files(ws)
     if not files:
-        problems.append(Problem(_display(ws, Path(ws.recipes_dir)), 1, "no recipes found",
+        problems.append(Problem.at(_display(ws, Path(ws.recipes_dir)), 1, "no recipes found",
                                 "add NAME.yaml files to the recipes folder", "warning"))
     seen: dict[str, Path] = {}
     for file in files:
@@ -43,7 +43,7 @@ def lint(ws: Any) -> list[Problem]:
         recipe = _read_recipe(ws, file, probs)
         problems.extend(probs.items)
         if file.stem in seen:
-            problems.append(Problem(shown, 1, f"recipe {file.stem!r} is also defined by {seen[file.stem].name}",
+            problems.append(Problem.at(shown, 1, f"recipe {file.stem!r} is also defined by {seen[file.stem].name}",
                                     "keep one of NAME.yaml / NAME.yml"))
         seen.setdefault(file.stem, file)
         raw_kernels = probs.data.get("kernels") if isinstance(probs.data, dict) else None
@@ -71,7 +71,7 @@ def lint(ws: Any) -> list[Problem]:
                     targets.append(KernelEntry(release=pattern))
         signer = recipe.data.get("signing", {}).get("signer") if isinstance(recipe.data.get("signing"), dict) else None
         if isinstance(signer, str) and not _is_template(signer) and signer not in getattr(ws, "signers", {}):
-            problems.append(Problem(shown, probs.line(("signing", "signer")),
+            problems.append(Problem.at(shown, probs.line(("signing", "signer")),
                                     f"signer {signer!r} is not configured in kpipe.toml",
                                     "add [signing.signers." + signer + "] to kpipe.toml", "warning"))
         # one problem per (file, line, message, severity), with the kernels it was found for

@@ -9,8 +9,8 @@ from typing import Any
 
 from kpipe.errors import ConfigError, NotFoundError
 from kpipe.recipes.problems import _did_you_mean, _Problems, _raise_first
-from kpipe.recipes.schema import _NAME_RE, MAX_RECIPE_BYTES, RECIPE_SUFFIXES, KeyPath, _check_schema
-from kpipe.recipes.yamlnodes import _compose_yaml, _YamlFail
+from kpipe.recipes.schema import _NAME_RE, MAX_RECIPE_BYTES, MAX_YAML_NODES, RECIPE_SUFFIXES, KeyPath, _check_schema
+from kpipe.yamlnodes import YamlError, compose_yaml
 
 
 @dataclass(frozen=True)
@@ -76,8 +76,9 @@ def _read_recipe(ws: Any, file: Path, probs: _Problems) -> Recipe | None:
         probs.error((), f"the recipe is not UTF-8 text (byte {e.start})", "save it as UTF-8")
         return None
     try:
-        data, lines, key_lines = _compose_yaml(text)
-    except _YamlFail as e:
+        data, lines, key_lines = compose_yaml(text, what="recipe", max_nodes=MAX_YAML_NODES,
+                                              empty_hint="a recipe needs at least `builder:` and `kernels:`")
+    except YamlError as e:
         probs.error((), e.message, e.hint, line=e.line)
         return None
     probs.lines, probs.key_lines = lines, key_lines

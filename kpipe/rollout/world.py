@@ -131,7 +131,7 @@ def recipe_defaults(workspace: Any, target: str, *, no_probe: bool = False) -> d
 
 
 def make_pool(workspace: Any, forks: int | None = None) -> Any:
-    from kpipe.fleet.facts import pool_for
+    from kpipe.fleet.observe import pool_for
 
     return pool_for(workspace, forks)
 
@@ -147,10 +147,10 @@ def select_hosts(workspace: Any, limit: str | None) -> list[Any]:
 
 
 def gather(workspace: Any, hosts: list[Any], pool: Any, forks: int) -> dict[str, Any]:
-    """name -> HostFacts or the exception that prevented gathering them."""
-    from kpipe.fleet import facts as fleet_facts
+    """name -> HostFacts or the error that prevented gathering them (through the one observer)."""
+    from kpipe.fleet.observe import gather_facts
 
-    return fleet_facts.gather_facts(workspace, hosts, forks, pool=pool)
+    return gather_facts(workspace, hosts, forks, pool=pool)
 
 
 def build_plan(workspace: Any, target: str, limit: str | None, options: RolloutOptions,
