@@ -810,7 +810,7 @@ def observe_hosts(
 
     pool = F.pool_for(workspace, forks)
     try:
-        raw = pool.run_many([h.target() for h in hosts], one, forks or workspace.ssh.forks)
+        raw = pool.run_many(hosts, one, forks or workspace.ssh.forks)
     finally:
         pool.close()
     out: dict[str, ObservedHost] = {}

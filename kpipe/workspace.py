@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from kpipe.errors import ConfigError, NotFoundError
 from kpipe.settings import (  # noqa: F401  (re-exported: the settings types' historical home)
@@ -21,6 +21,9 @@ from kpipe.settings import (  # noqa: F401  (re-exported: the settings types' hi
     SshSettings,
     parse_settings,
 )
+
+if TYPE_CHECKING:  # the store imports sqlite3 and hashing: kept lazy for --help speed
+    from kpipe.store import Store
 
 WORKSPACE_FILE = "kpipe.toml"
 LOCAL_HOST = "local"  # BuildHost.is_local: a build host of this name and no address builds here
@@ -43,10 +46,11 @@ class Workspace:
     inventories: list[Path]
     settings: Settings
 
-    _store: Any = None
+    _store: Store | None = None
 
     @property
-    def store(self):  # -> kpipe.store.Store (import kept lazy for --help speed)
+    def store(self) -> Store:
+        """The workspace's state store, opened on first use."""
         if self._store is None:
             from kpipe.store import open_store
 
@@ -54,6 +58,7 @@ class Workspace:
         return self._store
 
     def kernel(self, release: str) -> KernelEntry:
+        """The catalog entry of a kernel release; NotFoundError names the known ones."""
         try:
             return self.kernels[release]
         except KeyError:
@@ -64,6 +69,7 @@ class Workspace:
             ) from None
 
     def build_host(self, name: str) -> BuildHost:
+        """The [[build_hosts]] entry of that name; NotFoundError otherwise."""
         for h in self.build_hosts:
             if h.name == name:
                 return h

@@ -41,6 +41,7 @@ from kpipe.builder.remote import FOLLOW_SCRIPT, LAUNCH_SCRIPT, PROBE_PREFIX, RUN
 from kpipe.builder.spec import BuildSpec
 from kpipe.commands import Command
 from kpipe.errors import BuildFailed, ConfigError, ExitCode, KpipeError, TransportError
+from kpipe.host import Host
 from kpipe.workspace import BuildHost, Workspace
 
 POLL_ROUNDS = 20  # one follow request waits at most 20 x 50 ms for news
@@ -128,14 +129,14 @@ class Connections:
             from kpipe.transport.local import LocalTransport
 
             return LocalTransport(host.name)
-        from kpipe.transport.ssh import SshPool, SshTarget
+        from kpipe.transport.ssh import SshPool
 
         with self._lock:
             if self._pool is None:
                 self._pool = SshPool(self.ws.ssh, known_hosts=[self.ws.path(self.ws.ssh.known_hosts)])
             pool = self._pool
         ident = host.identity_file or self.ws.ssh.identity_file
-        target = SshTarget(name=host.name if lane == 0 else f"{host.name}#{lane}", address=host.address,
+        target = Host(name=host.name if lane == 0 else f"{host.name}#{lane}", address=host.address,
                            port=host.port, user=host.user, identity_file=str(self.ws.path(ident)) if ident else "")
         return pool.transport(target)
 

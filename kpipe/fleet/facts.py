@@ -312,7 +312,7 @@ def gather_facts(workspace: "Workspace", hosts: Sequence["Host"], forks: int | N
         return parse_facts(t.name, r.stdout)
 
     try:
-        raw = pool.run_many([h.target() for h in hosts], one, forks)
+        raw = pool.run_many(hosts, one, forks)
     finally:
         if own:
             pool.close()

@@ -70,8 +70,9 @@ from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 from kpipe.errors import ConfigError, NotFoundError
 
+from kpipe.host import Host
+
 if TYPE_CHECKING:  # pragma: no cover
-    from kpipe.transport.ssh import SshTarget
     from kpipe.workspace import Workspace
 
 FLEET_FILE_NAMES = ("fleet.yml", "fleet.yaml")
@@ -92,36 +93,6 @@ _DEFAULT_KEYS = _HOST_KEYS - {"address", "vars"}
 # One InventoryManager parse at a time: ansible's Display and plugin loader are
 # process-wide singletons.
 _ANSIBLE_LOCK = threading.RLock()
-
-
-@dataclass(frozen=True)
-class Host:
-    """One fleet host, with its connection settings resolved from inventory variables."""
-
-    name: str
-    address: str
-    port: int = 22
-    user: str = "root"
-    identity_file: str = ""
-    become: bool = False
-    known_hosts: str = ""  # an extra known_hosts file for this host (kpipe_known_hosts)
-    groups: tuple[str, ...] = ()
-    vars: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
-
-    def target(self) -> "SshTarget":
-        """The SSH transport's view of this host."""
-        from kpipe.transport.ssh import SshTarget
-
-        return SshTarget(name=self.name, address=self.address, port=self.port, user=self.user,
-                         identity_file=self.identity_file, become=self.become, known_hosts=self.known_hosts)
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain data for --json."""
-        return {
-            "name": self.name, "address": self.address, "port": self.port, "user": self.user,
-            "identity_file": self.identity_file, "become": self.become, "known_hosts": self.known_hosts,
-            "groups": list(self.groups), "vars": self.vars,
-        }
 
 
 class Inventory:
@@ -763,12 +734,6 @@ def _fingerprint(paths: Sequence[Path]) -> str | None:
     return h.hexdigest()
 
 
-def _host_from_dict(d: dict[str, Any]) -> Host:
-    return Host(name=d["name"], address=d["address"], port=int(d["port"]), user=d["user"],
-                identity_file=d["identity_file"], become=bool(d["become"]), known_hosts=d["known_hosts"],
-                groups=tuple(d["groups"]), vars=dict(d["vars"]))
-
-
 def select_hosts(workspace: "Workspace | None", pattern: str | None = None,
                  sources: Sequence[str | os.PathLike] | None = None) -> list[Host]:
     """`load_inventory(workspace, sources).select(pattern)`, answered from the store when no
@@ -791,7 +756,7 @@ def select_hosts(workspace: "Workspace | None", pattern: str | None = None,
         row = store.query_one("SELECT hosts_json FROM inventory_selections WHERE key = ?", (key,))
         if row is not None:
             try:
-                return [_host_from_dict(d) for d in json.loads(row[0])]
+                return [Host.from_dict(d) for d in json.loads(row[0])]
             except (KeyError, TypeError, ValueError):
                 pass  # an unreadable entry: resolve again and overwrite it
     hosts = load_inventory(workspace, sources).select(pattern)

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from kpipe.errors import ConfigError, KpipeError
+from kpipe.host import Host
 from kpipe.lab import initramfs, vm as vmmod
 from kpipe.lab.arch import LabArch, lab_arch
 from kpipe.lab.kernel import KernelImage, boot_image, default_cache_dir
@@ -219,13 +220,11 @@ class Lab:
         self.known_hosts_file.write_text("".join(lines))
         self.inventory_file.write_text(render_inventory(st))
 
-    def targets(self, st: LabState | None = None) -> list[Any]:
-        """SshTargets for the recorded VMs (strict host keys from the lab's known_hosts)."""
-        from kpipe.transport.ssh import SshTarget
-
+    def targets(self, st: LabState | None = None) -> list[Host]:
+        """The recorded VMs as hosts (strict host keys from the lab's known_hosts)."""
         st = st or self.require_state()
-        return [SshTarget(v.name, "127.0.0.1", v.ssh_port, "root", st.identity_file, False, st.known_hosts, 10.0)
-                for v in st.vms]
+        return [Host(v.name, "127.0.0.1", v.ssh_port, "root", st.identity_file, known_hosts=st.known_hosts,
+                     connect_timeout=10.0) for v in st.vms]
 
     def pool(self, st: LabState | None = None) -> Any:
         """An SshPool that trusts exactly the lab's known_hosts."""
