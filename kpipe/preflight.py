@@ -14,14 +14,21 @@ import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from kpipe.artifacts import ArtifactStatus, PreflightOutcome
 from kpipe.errors import KpipeError
+
+if TYPE_CHECKING:
+    from kpipe.artifacts import Artifact
+    from kpipe.builder.spec import Probe
+    from kpipe.lab.kernel import KernelImage
+    from kpipe.workspace import Workspace
 
 Progress = Callable[[str], None]
 
 
-def recipe_probe(workspace: Any, artifact: Any) -> tuple[Any, str]:
+def recipe_probe(workspace: Workspace, artifact: Artifact) -> tuple[Probe | None, str]:
     """The artifact's recipe probe (kpipe.recipes.render(...).probe), or (None, why not)."""
     if not artifact.recipe:
         return None, "the artifact names no recipe: no functional probe"
@@ -33,7 +40,7 @@ def recipe_probe(workspace: Any, artifact: Any) -> tuple[Any, str]:
         return None, f"recipe {artifact.recipe!r} could not be rendered for {artifact.kernel}: {e}"
 
 
-def lab_kernel(workspace: Any, release: str, cache_dir: Path | None = None) -> Any:
+def lab_kernel(workspace: Workspace, release: str, cache_dir: Path | None = None) -> KernelImage:
     """The bootable kernel for a release: [lab.kernels."<release>"] image+modules, else Debian's package."""
     from kpipe.lab.kernel import fetch_debian_kernel, user_kernel
 
@@ -65,8 +72,8 @@ def run_preflight(workspace: Any, artifact_ref: str, *, keep: bool = False, sig_
     problems: list[str] = []
     kernel_lines: list[str] = []
     notes: list[str] = []
-    if art.status != "valid":
-        notes.append(f"artifact status is {art.status!r} (not validated)")
+    if art.status != ArtifactStatus.VALID:
+        notes.append(f"artifact status is {str(art.status)!r} (not validated)")
     probe, why = recipe_probe(workspace, art)
     if why:
         notes.append(why)
@@ -136,7 +143,7 @@ def run_preflight(workspace: Any, artifact_ref: str, *, keep: bool = False, sig_
             lab.down()
             shutil.rmtree(folder, ignore_errors=True)
     result.update({
-        "status": "failed" if problems else "passed",
+        "status": PreflightOutcome.FAILED if problems else PreflightOutcome.PASSED,
         "problems": problems,
         "kernel_lines": kernel_lines[-50:],
         "steps": steps,

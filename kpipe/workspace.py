@@ -25,6 +25,24 @@ from kpipe.settings import (  # noqa: F401  (re-exported: the settings types' hi
 if TYPE_CHECKING:  # the store imports sqlite3 and hashing: kept lazy for --help speed
     from kpipe.store import Store
 
+__all__ = [
+    "HEADERS_GLOB_ROOTS",
+    "LOCAL_HOST",
+    "WORKSPACE_FILE",
+    "BuildHost",
+    "KernelEntry",
+    "NoWorkspace",
+    "Settings",
+    "SignerConfig",
+    "SshSettings",
+    "Workspace",
+    "discover_local_kernels",
+    "find_workspace",
+    "load_workspace",
+    "open_workspace",
+    "parse_settings",
+]
+
 WORKSPACE_FILE = "kpipe.toml"
 LOCAL_HOST = "local"  # BuildHost.is_local: a build host of this name and no address builds here
 
@@ -85,7 +103,7 @@ class NoWorkspace(ConfigError):
     """No kpipe.toml where kpipe looked (exit 4, like every configuration error)."""
 
 
-def find_workspace(start: Path | None = None, explicit: str | os.PathLike | None = None) -> Path:
+def find_workspace(start: Path | None = None, explicit: str | os.PathLike[str] | None = None) -> Path:
     """The folder holding kpipe.toml: explicit, $KPIPE_WORKSPACE, or upward from start."""
     explicit = explicit or os.environ.get("KPIPE_WORKSPACE")
     if explicit:
@@ -122,7 +140,9 @@ def load_workspace(root: Path) -> Workspace:
     kernels = {k.release: k for k in settings.kernels}
     for entry in discover_local_kernels():
         kernels.setdefault(entry.release, entry)
-    from kpipe.lab.forge import forged_kernel_entries  # kernels built by `kpipe lab forge` join the catalog
+    from kpipe.lab.forge import (
+        forged_kernel_entries,  # kernels built by `kpipe lab forge` join the catalog
+    )
 
     for entry in forged_kernel_entries():
         kernels.setdefault(entry.release, entry)
@@ -176,6 +196,6 @@ def discover_local_kernels(roots: tuple[Path, ...] | None = None) -> list[Kernel
     return found
 
 
-def open_workspace(explicit: str | os.PathLike | None = None) -> Workspace:
+def open_workspace(explicit: str | os.PathLike[str] | None = None) -> Workspace:
     """Find and load the workspace."""
     return load_workspace(find_workspace(explicit=explicit))

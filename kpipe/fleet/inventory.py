@@ -70,7 +70,7 @@ from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 from kpipe.errors import ConfigError, NotFoundError
 
-from kpipe.host import Host
+from kpipe.host import Host as Host  # the record this module produces (re-exported)
 
 if TYPE_CHECKING:  # pragma: no cover
     from kpipe.workspace import Workspace
@@ -293,7 +293,7 @@ def _first_line(e: BaseException) -> str:
     return str(msg).strip().splitlines()[0] if str(msg).strip() else type(e).__name__
 
 
-class _Warnings(list):
+class _Warnings(list[str]):
     """Warnings captured so far (a list that refreshes from ansible's deferred context)."""
 
     ctx: Any = None
@@ -453,7 +453,7 @@ def inventory_timeout(workspace: "Workspace | None") -> float:
     return settings.fleet.inventory_timeout if settings is not None else DEFAULT_INVENTORY_TIMEOUT
 
 
-def load_inventory(workspace: "Workspace | None", sources: Sequence[str | os.PathLike] | None = None) -> Inventory:
+def load_inventory(workspace: "Workspace | None", sources: Sequence[str | os.PathLike[str]] | None = None) -> Inventory:
     """Read every inventory source with ansible-core; ConfigError names the file that fails.
 
     A dynamic inventory script that runs longer than [fleet] inventory_timeout is killed with its
@@ -735,7 +735,7 @@ def _fingerprint(paths: Sequence[Path]) -> str | None:
 
 
 def select_hosts(workspace: "Workspace | None", pattern: str | None = None,
-                 sources: Sequence[str | os.PathLike] | None = None) -> list[Host]:
+                 sources: Sequence[str | os.PathLike[str]] | None = None) -> list[Host]:
     """`load_inventory(workspace, sources).select(pattern)`, answered from the store when no
     inventory file changed since the same selection was last resolved."""
     import json

@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from kpipe.errors import ConfigError, KpipeError
 from kpipe.host import Host
@@ -23,6 +23,9 @@ from kpipe.lab import initramfs, vm as vmmod
 from kpipe.lab.arch import LabArch, lab_arch
 from kpipe.lab.kernel import KernelImage, boot_image, default_cache_dir
 from kpipe.lab.vm import VmProcess, VmSpec
+
+if TYPE_CHECKING:
+    from kpipe.workspace import Workspace
 
 STATE_VERSION = 1
 
@@ -249,7 +252,7 @@ class Lab:
         errors: dict[str, str] = {}
         pool = self.pool(st)
 
-        def one(v: VmProcess, target: Any) -> None:
+        def one(v: VmProcess, target: Host) -> None:
             last = "no answer yet"
             console = Path(v.folder) / "console.log"
             ready_at: float | None = None
@@ -397,7 +400,7 @@ def _tail(path: Path, lines: int = 3) -> str:
     return " | ".join(ln.strip() for ln in text[-lines:])
 
 
-def workspace_lab(workspace: Any) -> Lab:
+def workspace_lab(workspace: Workspace) -> Lab:
     """The workspace's lab (<root>/.lab), with the cache from [lab] cache_dir if set."""
     cache = workspace.settings.lab.cache_dir
     return Lab(Path(workspace.root) / ".lab", cache_dir=workspace.path(cache) if cache else None)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import fnmatch
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from kpipe.errors import ConfigError
 from kpipe.recipes.loading import _display, _read_recipe, _recipe_files
@@ -13,8 +13,11 @@ from kpipe.recipes.problems import Problem, _Problems
 from kpipe.recipes.render import _build_spec
 from kpipe.recipes.schema import _is_template
 
+if TYPE_CHECKING:
+    from kpipe.workspace import Workspace
 
-def _unmatched(ws: Any, shown: str, probs: _Problems, patterns: list[Any]) -> list[Problem]:
+
+def _unmatched(ws: Workspace, shown: str, probs: _Problems, patterns: list[Any]) -> list[Problem]:
     """Warnings for kernel names and globs that match nothing in the catalog."""
     out = []
     for i, pattern in enumerate(patterns):
@@ -27,7 +30,7 @@ def _unmatched(ws: Any, shown: str, probs: _Problems, patterns: list[Any]) -> li
     return out
 
 
-def lint(ws: Any) -> list[Problem]:
+def lint(ws: Workspace) -> list[Problem]:
     """Every problem of every recipe: schema, YAML, paths, and a render test against each matching kernel."""
     from kpipe.kernel import parse_release
 
@@ -74,9 +77,9 @@ def lint(ws: Any) -> list[Problem]:
             problems.append(Problem(shown, probs.line(("signing", "signer")),
                                     f"signer {signer!r} is not configured in kpipe.toml",
                                     "add [signing.signers." + signer + "] to kpipe.toml", "warning"))
-        by_message: dict[tuple, list[str]] = {}
-        order: list[tuple] = []
-        found: dict[tuple, Problem] = {}
+        by_message: dict[tuple[Any, ...], list[str]] = {}
+        order: list[tuple[Any, ...]] = []
+        found: dict[tuple[Any, ...], Problem] = {}
         for entry in targets:
             kp = _Problems(shown, recipe.lines, recipe.key_lines)
             try:

@@ -12,9 +12,12 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import asdict, dataclass, field
-from typing import Any, Iterable, Mapping
+from typing import TYPE_CHECKING, Any, Iterable, Mapping
 
 from kpipe.errors import ConfigError
+
+if TYPE_CHECKING:
+    from kpipe.artifacts import Artifact
 
 ROLLBACK_POLICIES = ("failed", "wave", "all")
 DEFAULT_WAVES = "1,10%,50%,100%"
@@ -135,7 +138,7 @@ class Candidate:
     replace: bool = True  # klp replace mode (kpatch-build default)
 
     @classmethod
-    def of(cls, art: Any) -> "Candidate":
+    def of(cls, art: Artifact) -> "Candidate":
         """From a kpipe.artifacts.Artifact."""
         meta = getattr(art, "meta", {}) or {}
         validation = getattr(art, "validation", {}) or {}
@@ -284,7 +287,7 @@ def order_hosts(hosts: Iterable[HostView]) -> list[str]:
 
 
 # -- choosing artifacts ------------------------------------------------------
-def _rank(c: Candidate, skip_preflight: bool) -> tuple:
+def _rank(c: Candidate, skip_preflight: bool) -> tuple[Any, ...]:
     # newest signed preferred; a preflighted artifact beats an unchecked one of the same signedness
     return (c.signed, skip_preflight or c.preflight == "passed", c.created_at, c.id)
 

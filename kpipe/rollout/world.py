@@ -10,7 +10,7 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable
 
-from kpipe.errors import ConfigError, KpipeError, NotFoundError, ValidationFailed
+from kpipe.errors import ConfigError, KpipeError, NotFoundError, TransportError, ValidationFailed
 from kpipe.host import Host
 from kpipe.rollout.journal import Journal
 from kpipe.rollout.planner import Assignment, Candidate, HostView, LoadedPatch, RolloutOptions, RolloutPlan, \
@@ -147,7 +147,7 @@ def select_hosts(workspace: Workspace, limit: str | None) -> list[Host]:
 
 
 def gather(workspace: Workspace, hosts: list[Host], pool: SshPool,
-           forks: int) -> dict[str, HostFacts | KpipeError]:
+           forks: int) -> dict[str, HostFacts | TransportError]:
     """name -> HostFacts or the exception that prevented gathering them."""
     from kpipe.fleet import facts as fleet_facts
 

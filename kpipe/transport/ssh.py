@@ -370,7 +370,7 @@ class SshPool:
         self._lock = threading.Lock()
         self.disabled_algorithms: dict[str, list[str]] = {}
         if self.settings.kex:
-            supported = list(paramiko.Transport._preferred_kex)
+            supported: list[str] = list(paramiko.Transport._preferred_kex)  # type: ignore[attr-defined]
             unknown = [k for k in self.settings.kex if k not in supported]
             if unknown:
                 raise ConfigError(f"[ssh] kex names algorithms paramiko does not know: {unknown}",
@@ -378,7 +378,7 @@ class SshPool:
             self.disabled_algorithms = {"kex": [k for k in supported if k not in self.settings.kex]}
         self.fabric_config = self._fabric_config()
 
-    def _fabric_config(self):
+    def _fabric_config(self) -> Any:  # a fabric.Config (Fabric ships no type hints)
         from fabric import Config
 
         path = Path(os.path.expanduser(self.settings.ssh_config))
