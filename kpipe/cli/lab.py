@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import List, Optional
+from typing import TYPE_CHECKING, Any, List, Optional
 
 import typer
 from rich.markup import escape
+
+if TYPE_CHECKING:
+    from kpipe.lab.buildhost import BuildHostChroot
+    from kpipe.lab.lab import Lab
 
 lab_app = typer.Typer(help="Disposable qemu VMs of a target kernel, reachable over SSH.", no_args_is_help=True)
 
@@ -18,7 +22,7 @@ def register(app: typer.Typer) -> None:
         preflight_cmd)
 
 
-def _lab():
+def _lab() -> Lab:
     from kpipe.cli.context import state
     from kpipe.lab import workspace_lab
 
@@ -78,10 +82,11 @@ def status_cmd(json_out: bool = typer.Option(False, "--json", help="Print JSON."
     _print_status(status)
 
 
-def _print_status(status: dict) -> None:
+def _print_status(status: dict[str, Any]) -> None:
     from rich.table import Table
 
     from kpipe.cli.context import esc, state
+    from kpipe.lab.vm import VmState
 
     console = state().console
     if not status["vms"]:
@@ -94,7 +99,7 @@ def _print_status(status: dict) -> None:
     for v in status["vms"]:
         extra = " ".join(a for a in v["append"].split() if a != "panic=-1" and not a.startswith("console=")
                          and not a.startswith("kpipe.lab="))
-        t.add_row(esc(v["name"]), "[green]running[/]" if v["alive"] else "[red]stopped[/]", esc(v["ssh"]),
+        t.add_row(esc(v["name"]), f"[green]{VmState.RUNNING}[/]" if v["alive"] else f"[red]{VmState.STOPPED}[/]", esc(v["ssh"]),
                   str(v["pid"]), f"{v['rss_mib']:.0f}", "yes" if v["sig_enforce"] else "no", esc(extra))
     console.print(t)
     if status.get("ready_seconds"):
@@ -163,7 +168,7 @@ buildhost_app = typer.Typer(help="A kpatch-build build host: the forge's chroot 
 lab_app.add_typer(buildhost_app, name="buildhost")
 
 
-def _buildhost(folder: Optional[Path]):
+def _buildhost(folder: Optional[Path]) -> BuildHostChroot:
     from kpipe.cli.context import state
     from kpipe.lab.buildhost import BuildHostChroot
 

@@ -25,6 +25,7 @@ from kpipe.lab.kernel import KernelImage, boot_image, default_cache_dir
 from kpipe.lab.vm import VmProcess, VmSpec
 
 if TYPE_CHECKING:
+    from kpipe.transport.ssh import SshPool
     from kpipe.workspace import Workspace
 
 STATE_VERSION = 1
@@ -229,7 +230,7 @@ class Lab:
         return [Host(v.name, "127.0.0.1", v.ssh_port, "root", st.identity_file, known_hosts=st.known_hosts,
                      connect_timeout=10.0) for v in st.vms]
 
-    def pool(self, st: LabState | None = None) -> Any:
+    def pool(self, st: LabState | None = None) -> SshPool:
         """An SshPool that trusts exactly the lab's known_hosts."""
         from kpipe.transport.ssh import SshPool
         from kpipe.workspace import SshSettings
@@ -314,8 +315,9 @@ class Lab:
             return {"running": False, "folder": str(self.folder), "vms": []}
         rows = []
         for v in st.vms:
-            up = vmmod.alive(v)
-            rows.append({"name": v.name, "alive": up, "pid": v.pid, "ssh": f"127.0.0.1:{v.ssh_port}",
+            vm_state = vmmod.vm_state(v)
+            up = vm_state == vmmod.VmState.RUNNING
+            rows.append({"name": v.name, "state": vm_state, "alive": up, "pid": v.pid, "ssh": f"127.0.0.1:{v.ssh_port}",
                          "port": v.ssh_port, "sig_enforce": v.sig_enforce, "append": v.append,
                          "rss_mib": round(vmmod.rss_kib(v.pid) / 1024, 1) if up else 0.0,
                          "console": str(Path(v.folder) / "console.log")})

@@ -238,6 +238,7 @@ class SshTransport:
         return cmd.sudo and (self.target.become or (self.conn.user or "root") != "root")
 
     def run(self, cmd: Command) -> CommandResult:
+        """Run one command on a new channel of the reused connection (opened on first use)."""
         with self._lock:
             self._open()
             line = cmd.shell_line(use_sudo=self._use_sudo(cmd))
@@ -308,6 +309,7 @@ class SshTransport:
             chan.close()
 
     def put(self, local: Path, remote: str) -> None:
+        """Copy a local file to the host over SFTP."""
         with self._lock:
             self._open()
             try:
@@ -319,6 +321,7 @@ class SshTransport:
                                      kind="error") from None
 
     def get(self, remote: str, local: Path) -> None:
+        """Copy a file of the host to `local` over SFTP; TransportError when it does not exist."""
         with self._lock:
             self._open()
             Path(local).parent.mkdir(parents=True, exist_ok=True)
@@ -343,6 +346,7 @@ class SshTransport:
             pass
 
     def close(self) -> None:
+        """Close the connection (idempotent)."""
         with self._lock:
             self._drop()
 
