@@ -136,11 +136,11 @@ def stock_this_module_size(release: str, explicit: str = "") -> tuple[int | None
     return None, ""
 
 
-def kernel_facts(workspace: Workspace, release: str) -> KernelFacts:
+def kernel_facts(workspace: Workspace | None, release: str) -> KernelFacts:
     """What is known of release: its catalog entry, then its local headers, then a stock module."""
     from kpipe.kernel import normalize_arch, parse_release
 
-    entry = getattr(workspace, "kernels", {}).get(release) if workspace is not None else None
+    entry = workspace.kernels.get(release) if workspace is not None else None
     sources: list[str] = []
     arch = normalize_arch(entry.arch) if entry is not None and entry.arch else "unknown"
     headers = find_headers(release, entry.headers if entry is not None else "")
@@ -177,15 +177,15 @@ def kernel_facts(workspace: Workspace, release: str) -> KernelFacts:
 
 # -- symbol index ----------------------------------------------------------------------------------------------
 
-def symbol_index(workspace: Workspace, release: str, symbol_files: Iterable[str | os.PathLike[str]] = ()) -> Any:
+def symbol_index(workspace: Workspace | None, release: str, symbol_files: Iterable[str | os.PathLike[str]] = ()) -> Any:
     """The symbol index for release: explicit files first, then the catalog's sources, the local headers'
     Module.symvers and sources cached in the store (e.g. fetched from hosts)."""
     from kpipe.elf import symbols as ks
 
     explicit = [Path(p) for p in symbol_files]
     auto: list[Path] = []
-    entry = getattr(workspace, "kernels", {}).get(release) if workspace is not None else None
-    if entry is not None:
+    entry = workspace.kernels.get(release) if workspace is not None else None
+    if workspace is not None and entry is not None:
         auto += [workspace.path(s) for s in entry.symbols]
     headers = find_headers(release, entry.headers if entry is not None else "")
     if headers is not None and (headers / "Module.symvers").is_file():
@@ -225,7 +225,7 @@ def symbol_index(workspace: Workspace, release: str, symbol_files: Iterable[str 
 
 # -- the public API --------------------------------------------------------------------------------------------
 
-def _certificates(workspace: Workspace, certs: Iterable[Any]) -> list[Any]:
+def _certificates(workspace: Workspace | None, certs: Iterable[Any]) -> list[Any]:
     from kpipe.elf.signature import Certificate, load_certificates
 
     out: list[Certificate] = []
@@ -237,11 +237,13 @@ def _certificates(workspace: Workspace, certs: Iterable[Any]) -> list[Any]:
     return out
 
 
-def _signer_certificates(workspace: Workspace) -> list[Any]:
+def _signer_certificates(workspace: Workspace | None) -> list[Any]:
     from kpipe.elf.signature import load_certificates
 
-    out = []
-    for s in getattr(workspace, "signers", {}).values():
+    out: list[Any] = []
+    if workspace is None:
+        return out
+    for s in workspace.signers.values():
         if s.cert:
             p = workspace.path(s.cert)
             if p.is_file():
@@ -252,7 +254,7 @@ def _signer_certificates(workspace: Workspace) -> list[Any]:
     return out
 
 
-def validate_module(workspace: Workspace, module_path: Path | str, kernel_release: str, *,
+def validate_module(workspace: Workspace | None, module_path: Path | str, kernel_release: str, *,
                     symbol_files: Iterable[str | os.PathLike[str]] = (), certs: Iterable[Any] = (),
                     strict: bool = False, sm2_user_id: str | None = None) -> ValidationReport:
     """Validate a module file for kernel_release. Certificates given here make a signature mandatory;
@@ -279,7 +281,7 @@ def validate_module(workspace: Workspace, module_path: Path | str, kernel_releas
                             seconds=time.process_time() - t0)
 
 
-def _validation_options(workspace: Workspace, kernel: str, symbol_files: Iterable[str | os.PathLike[str]],
+def _validation_options(workspace: Workspace | None, kernel: str, symbol_files: Iterable[str | os.PathLike[str]],
                         certs: Iterable[Any], strict: bool) -> dict[str, Any]:
     """The options of one validation, comparable across runs (files by resolved path)."""
     def where(p: Any) -> str:

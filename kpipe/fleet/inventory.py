@@ -449,8 +449,7 @@ def inventory_timeout(workspace: "Workspace | None") -> float:
     """Seconds a dynamic inventory script may run: [fleet] inventory_timeout (default 60)."""
     from kpipe.settings import DEFAULT_INVENTORY_TIMEOUT
 
-    settings = getattr(workspace, "settings", None)
-    return settings.fleet.inventory_timeout if settings is not None else DEFAULT_INVENTORY_TIMEOUT
+    return workspace.settings.fleet.inventory_timeout if workspace is not None else DEFAULT_INVENTORY_TIMEOUT
 
 
 def load_inventory(workspace: "Workspace | None", sources: Sequence[str | os.PathLike[str]] | None = None) -> Inventory:

@@ -73,7 +73,7 @@ def lint(ws: Workspace) -> list[Problem]:
                 if not any(ch in pattern for ch in "*?["):
                     targets.append(KernelEntry(release=pattern))
         signer = recipe.data.get("signing", {}).get("signer") if isinstance(recipe.data.get("signing"), dict) else None
-        if isinstance(signer, str) and not _is_template(signer) and signer not in getattr(ws, "signers", {}):
+        if isinstance(signer, str) and not _is_template(signer) and signer not in ws.signers:
             problems.append(Problem(shown, probs.line(("signing", "signer")),
                                     f"signer {signer!r} is not configured in kpipe.toml",
                                     "add [signing.signers." + signer + "] to kpipe.toml", "warning"))
