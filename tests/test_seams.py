@@ -18,7 +18,6 @@ import pytest
 
 from kpipe.commands import Command
 from kpipe.errors import ConfigError
-from kpipe.host import Host
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -41,6 +40,7 @@ def _fleet_file(tmp_path: Path, sshd) -> Path:
 
 def test_the_inventory_host_is_what_the_ssh_pool_connects_with(sshd, tmp_path):
     from kpipe.fleet.inventory import load_inventory
+    from kpipe.host import Host
     from kpipe.transport.ssh import SshPool
     from kpipe.workspace import SshSettings
 
@@ -62,9 +62,10 @@ def test_the_inventory_host_is_what_the_ssh_pool_connects_with(sshd, tmp_path):
 
 
 def test_there_is_one_host_record():
-    import kpipe.fleet.inventory as inventory
-    import kpipe.rollout.world as world
-    import kpipe.transport.ssh as ssh
+    from kpipe.fleet import inventory
+    from kpipe.host import Host
+    from kpipe.rollout import world
+    from kpipe.transport import ssh
 
     assert inventory.Host is Host
     assert not hasattr(ssh, "SshTarget")  # the second record of the same host is gone
@@ -73,6 +74,7 @@ def test_there_is_one_host_record():
 
 
 def test_a_lab_vm_is_a_host_with_the_labs_own_known_hosts(tmp_path):
+    from kpipe.host import Host
     from kpipe.lab.lab import Lab, LabState
     from kpipe.lab.vm import VmProcess
 
@@ -88,6 +90,7 @@ def test_a_lab_vm_is_a_host_with_the_labs_own_known_hosts(tmp_path):
 
 
 def test_every_transport_satisfies_the_protocol_at_run_time(tmp_path):
+    from kpipe.host import Host
     from kpipe.transport.base import Pool, Transport
     from kpipe.transport.local import LocalTransport
     from kpipe.transport.ssh import SshPool
@@ -168,7 +171,7 @@ def _mypy(tmp_path: Path, source: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "mypy", "--strict", "--follow-imports=silent", "--config-file", os.devnull,
          "--cache-dir", str(tmp_path / "mypy-cache"), str(snippet)],
-        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600,
+        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600, check=False,
     )
 
 
@@ -195,7 +198,12 @@ def _values(enum_type: type) -> list[str]:
 
 def test_state_values_never_change():
     from kpipe.artifacts import ArtifactStatus, PreflightOutcome
-    from kpipe.builder.states import BuildEventKind, BuildRecordStatus, BuildStatus, LaunchState
+    from kpipe.builder.states import (
+        BuildEventKind,
+        BuildRecordStatus,
+        BuildStatus,
+        LaunchState,
+    )
     from kpipe.lab.vm import VmState
     from kpipe.rollout.states import HostState, Phase, RolloutState
 
@@ -246,7 +254,12 @@ def test_the_journal_stores_plain_strings_and_reads_enums(tmp_path):
 
 
 def test_artifact_status_is_an_enum_and_stored_as_text(tmp_path):
-    from kpipe.artifacts import ArtifactStatus, add_artifact, get_artifact, update_artifact
+    from kpipe.artifacts import (
+        ArtifactStatus,
+        add_artifact,
+        get_artifact,
+        update_artifact,
+    )
     from kpipe.store import open_store
 
     store = open_store(tmp_path / ".kpipe")
