@@ -20,6 +20,7 @@ import enum
 import json
 import sqlite3
 import time
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -223,9 +224,9 @@ def update_artifact(store: Store, artifact_id: str, **fields: Any) -> Artifact:
     return get_artifact(store, artifact_id)
 
 
-def check_blobs(store: Store, artifacts: Any) -> None:
+def check_blobs(store: Store, artifacts: Iterable[Artifact]) -> None:
     """Refuse (StoreCorrupt, exit 1; NotFoundError, exit 5) when the stored bytes of any of these
-    artifacts (anything with .id and .sha256) are missing or no longer hash to their sha256."""
+    artifacts are missing or no longer hash to their sha256."""
     for a in artifacts:
         store.verified_path(a.sha256)
 

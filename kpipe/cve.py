@@ -27,6 +27,7 @@ from kpipe.kernel import normalize_arch
 from kpipe.recipes.schema import SEVERITIES
 
 if TYPE_CHECKING:
+    from kpipe.recipes.loading import Recipe
     from kpipe.workspace import Workspace
 
 FIXED = "fixed"
@@ -241,7 +242,7 @@ def cve_hosts_from_audit(result: Any, arches: Mapping[str, str] | None = None) -
 # --------------------------------------------------------------------------
 
 
-def _recipe_for_release(ws: Workspace, recipe: Any, release: str, modules_built: Iterable[str]) -> CveRecipe:
+def _recipe_for_release(ws: Workspace, recipe: Recipe, release: str, modules_built: Iterable[str]) -> CveRecipe:
     """A recipe's `fixes:` and module name rendered for one release (in the recipes' sandbox).
 
     ConfigError (file:line) on a problem.

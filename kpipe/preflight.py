@@ -55,7 +55,7 @@ def preflight_options(*, sig_enforce: bool = False, append: str = "") -> dict[st
     return {"sig_enforce": bool(sig_enforce), "append": append.strip()}
 
 
-def run_preflight(workspace: Any, artifact_ref: str, *, keep: bool = False, sig_enforce: bool = False,
+def run_preflight(workspace: Workspace, artifact_ref: str, *, keep: bool = False, sig_enforce: bool = False,
                   boot_timeout: float = 480.0, memory_mb: int = 256, append: str = "",
                   progress: Progress | None = None, store_result: bool = True) -> dict[str, Any]:
     """Preflight one artifact; return (and store) {status passed|failed, problems, kernel_lines, duration_s...}."""

@@ -351,7 +351,7 @@ def validate_and_record(workspace: Workspace, artifact: Artifact, *, symbol_file
 
 
 def sign_artifact(workspace: Workspace, artifact: Artifact, signer: str | None = None, *, key: str | None = None,
-                  cert: str | None = None, hash_name: str = "sha256", keyid: bool = False) -> Any:
+                  cert: str | None = None, hash_name: str = "sha256", keyid: bool = False) -> Artifact:
     """Sign an artifact with a configured signer (or an explicit key + cert); store the signed module as a
     new artifact (parent_id = the original), validate and record it, and return it."""
     from kpipe.artifacts import add_artifact, get_artifact
