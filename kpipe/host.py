@@ -15,8 +15,9 @@ class Host:
     """One host: where and as whom to connect, plus its inventory groups and variables.
 
     `user` "" leaves the choice to ssh_config (then the local user); the inventory always sets one
-    (Ansible's default: root). `vars` is the user's host data and takes no part in equality, so two
-    records of the same connection compare equal (the SSH pool reuses a connection on equality).
+    (Ansible's default: root). `groups` and `vars` are the inventory's data and take no part in
+    equality: two records of the same connection compare equal (the SSH pool reuses a connection
+    on equality).
     """
 
     name: str
@@ -27,7 +28,7 @@ class Host:
     become: bool = False  # run sudo-flagged commands through sudo (non-root users)
     known_hosts: str = ""  # an extra known_hosts file for this host (kpipe_known_hosts, the lab's)
     connect_timeout: float | None = None  # None: [ssh] connect_timeout
-    groups: tuple[str, ...] = ()
+    groups: tuple[str, ...] = field(default=(), compare=False)
     vars: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
 
     def to_dict(self) -> dict[str, Any]:

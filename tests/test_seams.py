@@ -61,6 +61,19 @@ def test_the_inventory_host_is_what_the_ssh_pool_connects_with(sshd, tmp_path):
     assert results == {"web1": 0}
 
 
+def test_the_pool_reuses_a_connection_for_the_same_connection_settings():
+    from kpipe.host import Host
+    from kpipe.transport.ssh import SshPool
+    from kpipe.workspace import SshSettings
+
+    settings = SshSettings(known_hosts="/nonexistent", ssh_config="/nonexistent")
+    with SshPool(settings, known_hosts=[]) as pool:
+        first = pool.transport(Host("h", "127.0.0.1", 2200, "root", groups=("web",), vars={"rack": 7}))
+        # the inventory's groups and variables are not connection settings
+        assert pool.transport(Host("h", "127.0.0.1", 2200, "root")) is first
+        assert pool.transport(Host("h", "127.0.0.1", 2201, "root")) is not first
+
+
 def test_there_is_one_host_record():
     from kpipe.fleet import inventory
     from kpipe.host import Host
