@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import typer
+
+if TYPE_CHECKING:
+    from kpipe.store import Store
 
 artifacts_app = typer.Typer(help="Built and signed modules in the store.", no_args_is_help=True)
 
@@ -152,7 +155,7 @@ def export_cmd(
     st.console.print(f"{out} ({art.sha256})", markup=False)
 
 
-def _log_text(store, sha: str) -> str:
+def _log_text(store: Store, sha: str) -> str:
     from kpipe.errors import NotFoundError
     from kpipe.store import StoreCorrupt
 

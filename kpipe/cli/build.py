@@ -4,9 +4,15 @@ from __future__ import annotations
 
 import threading
 import time
-from typing import Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import typer
+
+if TYPE_CHECKING:  # the builder, the store and the workspace load when a command runs: --help stays instant
+    from kpipe.builder.runner import BuildResult
+    from kpipe.builder.spec import BuildSpec
+    from kpipe.store import Store
+    from kpipe.workspace import Workspace
 
 
 def build(
@@ -57,10 +63,12 @@ def build(
     _exit_for(results, console if not json_out else None)
 
 
-def _specs(ws, kernel: str | None, recipe: str | None, all_kernels: bool):
+def _specs(ws: Workspace, kernel: str | None, recipe: str | None,
+           all_kernels: bool) -> tuple[list[BuildSpec], list[BuildResult]]:
     """The BuildSpecs to build, and error results for the ones that do not render."""
     from kpipe import recipes
     from kpipe.builder.runner import BuildResult
+    from kpipe.builder.states import BuildStatus
     from kpipe.errors import KpipeError, NotFoundError
 
     pairs: list[tuple[str, str]] = []
@@ -74,20 +82,22 @@ def _specs(ws, kernel: str | None, recipe: str | None, all_kernels: bool):
                                 hint="see `kpipe recipe list`; add the release or a glob to a recipe's kernels:")
         pairs = [(r.name, kernel) for r in found]
     else:
+        assert recipe is not None  # `kpipe build` refuses a build with neither target before this (exit 2)
         rec = recipes.load_recipe(ws, recipe)
         releases = recipes.kernels_for_recipe(ws, rec)
         if not releases:
             raise NotFoundError(f"recipe {recipe!r} targets no kernel of the catalog",
                                 hint=f"its kernels: {', '.join(rec.kernels)}; see `kpipe kernels list`")
         pairs = [(rec.name, r) for r in releases]
-    specs, errors = [], []
+    specs: list[BuildSpec] = []
+    errors: list[BuildResult] = []
     for name, release in pairs:
         try:
             specs.append(recipes.render(ws, name, release))
         except KpipeError as e:
             if len(pairs) == 1:
                 raise
-            errors.append(BuildResult(f"{name}@{release}", name, release, "error", message=e.message,
+            errors.append(BuildResult(f"{name}@{release}", name, release, BuildStatus.ERROR, message=e.message,
                                       hint=e.hint or "", exit_code=int(e.exit_code)))
     return specs, errors
 
@@ -233,7 +243,7 @@ def builds(
     st.console.print(table)
 
 
-def _print_build_log(store, rows, ref: str) -> None:
+def _print_build_log(store: Store, rows: list[dict[str, Any]], ref: str) -> None:
     import sys
 
     from kpipe.errors import ConfigError, NotFoundError
