@@ -29,7 +29,7 @@ def build(
     json_out: bool = typer.Option(False, "--json", help="Print the results as JSON."),
 ) -> None:
     """Build live patch modules on the workspace's build hosts (reattaches to running builds)."""
-    from kpipe.builder.runner import BuildOptions, BuildResult, BuildRunner
+    from kpipe.builder.runner import BuildOptions, BuildRunner
     from kpipe.cli.context import print_json, state
     from kpipe.errors import ExitCode, KpipeError, UsageError
 
@@ -67,7 +67,7 @@ def _specs(ws: Workspace, kernel: str | None, recipe: str | None,
            all_kernels: bool) -> tuple[list[BuildSpec], list[BuildResult]]:
     """The BuildSpecs to build, and error results for the ones that do not render."""
     from kpipe import recipes
-    from kpipe.builder.runner import BuildResult
+    from kpipe.builder import runner as build_runner
     from kpipe.builder.states import BuildStatus
     from kpipe.errors import KpipeError, NotFoundError
 
@@ -97,8 +97,9 @@ def _specs(ws: Workspace, kernel: str | None, recipe: str | None,
         except KpipeError as e:
             if len(pairs) == 1:
                 raise
-            errors.append(BuildResult(f"{name}@{release}", name, release, BuildStatus.ERROR, message=e.message,
-                                      hint=e.hint or "", exit_code=int(e.exit_code)))
+            errors.append(build_runner.BuildResult(f"{name}@{release}", name, release, BuildStatus.ERROR,
+                                                   message=e.message, hint=e.hint or "",
+                                                   exit_code=int(e.exit_code)))
     return specs, errors
 
 

@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, List, Optional
+from typing import TYPE_CHECKING, List, Optional
 
 import typer
 
 from kpipe.cli.context import print_json, state
 
 if TYPE_CHECKING:
-    from kpipe.workspace import Workspace
     from kpipe.validation import ValidationReport
+    from kpipe.workspace import Workspace
 
 _STYLE = {"error": "bold red", "warning": "yellow", "info": "green", "skipped": "dim"}
 

@@ -70,7 +70,7 @@ from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 from kpipe.errors import ConfigError, NotFoundError
 
-from kpipe.host import Host as Host  # the record this module produces (re-exported)
+from kpipe.host import Host as Host  # noqa: PLC0414  (the record this module produces, re-exported)
 
 if TYPE_CHECKING:  # pragma: no cover
     from kpipe.workspace import Workspace
