@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import typer
 
@@ -173,7 +173,7 @@ def _when(ts: float) -> str:
     return datetime.datetime.fromtimestamp(ts, datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%SZ") if ts else ""
 
 
-def _validation_summary(v: dict) -> str:
+def _validation_summary(v: dict[str, Any]) -> str:
     if not v:
         return "not validated"
     findings = v.get("findings") or []
@@ -186,13 +186,13 @@ def _validation_summary(v: dict) -> str:
     return head + (" (" + ", ".join(f"{n} {s}" for s, n in sorted(sev.items())) + ")" if sev else "")
 
 
-def _options_text(options: dict) -> str:
+def _options_text(options: dict[str, Any]) -> str:
     """The options that differ from a default run, as short text."""
     parts = [f"{k}={v}" for k, v in sorted(options.items()) if v not in (None, False, "", [], ())]
     return "(" + (", ".join(parts) or "default options") + ")"
 
 
-def _preflight_summary(p: dict) -> str:
+def _preflight_summary(p: dict[str, Any]) -> str:
     if not p:
         return "not run"
     return str(p.get("status", "recorded")) + (f": {p['detail']}" if p.get("detail") else "")

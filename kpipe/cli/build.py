@@ -9,7 +9,12 @@ from typing import TYPE_CHECKING, Any, Optional
 import typer
 
 if TYPE_CHECKING:  # the builder, the store and the workspace load when a command runs: --help stays instant
-    from kpipe.builder.runner import BuildResult
+    from contextlib import AbstractContextManager
+
+    from rich.console import Console
+    from rich.status import Status
+
+    from kpipe.builder.runner import BuildEvent, BuildResult
     from kpipe.builder.spec import BuildSpec
     from kpipe.store import Store
     from kpipe.workspace import Workspace
@@ -106,7 +111,7 @@ def _specs(ws: Workspace, kernel: str | None, recipe: str | None,
 class _Progress:
     """Renders BuildEvents: milestones as lines, a live status line on a terminal."""
 
-    def __init__(self, console, *, verbose: bool, quiet: bool):
+    def __init__(self, console: Console, *, verbose: bool, quiet: bool) -> None:
         self.console = console
         self.verbose = verbose
         self.quiet = quiet
@@ -114,10 +119,10 @@ class _Progress:
         self.current: dict[str, str] = {}
         self.done = 0
         self.total = 0
-        self._status = None
+        self._status: Status | None = None
         self._lock = threading.Lock()
 
-    def status(self, total: int):
+    def status(self, total: int) -> AbstractContextManager[object]:
         import contextlib
 
         self.total = total
@@ -130,7 +135,7 @@ class _Progress:
         running = ", ".join(f"{k}: {v}" for k, v in list(self.current.items())[:3])
         return f"building {self.done}/{self.total} done" + (f" | {running}" if running else "")
 
-    def event(self, ev) -> None:
+    def event(self, ev: BuildEvent) -> None:
         from rich.markup import escape
 
         with self._lock:
@@ -164,7 +169,7 @@ class _Progress:
                 self._status.update(self._status_text())
 
 
-def _summary(console, results) -> None:
+def _summary(console: Console, results: list[BuildResult]) -> None:
     from rich.markup import escape
     from rich.table import Table
 
@@ -193,7 +198,7 @@ def _summary(console, results) -> None:
             console.print(f"  hint: {escape(r.hint)}")
 
 
-def _exit_for(results, console) -> None:
+def _exit_for(results: list[BuildResult], console: Console | None) -> None:
     from kpipe.errors import BuildFailed, ExitCode, KpipeError
 
     bad = [r for r in results if not r.ok]
