@@ -322,13 +322,13 @@ def _captured_warnings() -> Iterator[_Warnings]:
         def warn_exc(self: Any, msg: Any, exception: BaseException, *a: Any, **k: Any) -> None:
             messages.append(f"{msg or ''} {exception}".strip())
 
-        Display.warning = warn  # type: ignore[method-assign]
-        Display.error_as_warning = warn_exc  # type: ignore[attr-defined]
-        Display.deprecated = lambda self, *a, **k: None  # type: ignore[method-assign]
+        Display.warning = warn
+        Display.error_as_warning = warn_exc
+        Display.deprecated = lambda self, *a, **k: None
         try:
             yield messages
         finally:
-            Display.warning, Display.error_as_warning, Display.deprecated = saved  # type: ignore[method-assign]
+            Display.warning, Display.error_as_warning, Display.deprecated = saved
         return
     messages.ctx = DeferredWarningContext(variables={})
     messages.fmt = format_message
