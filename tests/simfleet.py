@@ -17,7 +17,7 @@ API
     fleet.known_hosts, fleet.client_key                 # strict known_hosts file, the one client key
     fleet.write_inventory(path, group="simfleet")       # Ansible YAML inventory of every host
     fleet.write_workspace(folder)                       # kpipe.toml ([ssh] keys, [fleet] inventories) + inventory
-    fleet.targets()                                     # kpipe.transport.ssh.SshTarget list
+    fleet.targets()                                     # kpipe.host.Host list
 
     host.name, host.address, host.port, host.dir
     host.patches()        -> {name: {"enabled", "transition", "objects"}}   (read from the simulated sysfs)
@@ -612,10 +612,10 @@ class SimHost:
                       if p.is_file() and ".kpipe-" in p.name)
 
     def target(self, **kw: Any):
-        """A kpipe SshTarget for this host."""
-        from kpipe.transport.ssh import SshTarget
+        """A kpipe Host record for this host (what the SSH transport takes)."""
+        from kpipe.host import Host
 
-        return SshTarget(name=self.name, address=self.address, port=self.port, user="root",
+        return Host(name=self.name, address=self.address, port=self.port, user="root",
                          identity_file=str(self.fleet.client_key), known_hosts=str(self.fleet.known_hosts), **kw)
 
     def ssh_argv(self, *command: str) -> list[str]:
@@ -1040,7 +1040,7 @@ class SimFleet:
 
     # ------------------------------------------------------------------ files for kpipe
     def targets(self) -> list[Any]:
-        """kpipe SshTargets for every host."""
+        """kpipe Host records for every host."""
         return [h.target() for h in self.hosts]
 
     def write_inventory(self, path: Path, group: str = "simfleet", hosts: list[SimHost] | None = None) -> Path:

@@ -125,10 +125,10 @@ class SshdServer:
         raise RuntimeError(f"sshd on {self.address}:{self.port} did not answer within {timeout} s")
 
     def target(self, name: str = "", **kw):
-        """An SshTarget for this server (kpipe.transport.ssh)."""
-        from kpipe.transport.ssh import SshTarget
+        """A kpipe Host record for this server (what kpipe.transport.ssh takes)."""
+        from kpipe.host import Host
 
-        return SshTarget(name=name or f"{self.address}:{self.port}", address=self.address, port=self.port,
+        return Host(name=name or f"{self.address}:{self.port}", address=self.address, port=self.port,
                          user=self.user, identity_file=str(self.client_key), known_hosts=str(self.known_hosts), **kw)
 
     def ssh_argv(self, *command: str) -> list[str]:

@@ -184,13 +184,14 @@ def test_lab_vms_answer_ssh_with_strict_distinct_host_keys(shared_lab: SharedLab
 
 @pytest.mark.vm
 def test_a_vm_presenting_another_vms_key_is_refused(shared_lab: SharedLab, tmp_path):
-    from kpipe.transport.ssh import SshPool, SshTarget
+    from kpipe.host import Host
+    from kpipe.transport.ssh import SshPool
 
     st = shared_lab.state
     lab1, lab2 = st.vms
     wrong = tmp_path / "known_hosts"  # lab2's key recorded for lab1's port
     wrong.write_text(f"[127.0.0.1]:{lab1.ssh_port} {lab2.host_key}\n")
-    target = SshTarget("lab1", "127.0.0.1", lab1.ssh_port, "root", st.identity_file, False, str(wrong), 10.0)
+    target = Host("lab1", "127.0.0.1", lab1.ssh_port, "root", st.identity_file, False, str(wrong), 10.0)
     with SshPool(known_hosts=[wrong]) as pool, pytest.raises(TransportError) as e:
         pool.transport(target).run(Command.of("true"))
     assert e.value.kind == "hostkey" and "MISMATCH" in str(e.value)

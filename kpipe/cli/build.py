@@ -71,7 +71,8 @@ def _specs(ws: Workspace, kernel: str | None, recipe: str | None,
            all_kernels: bool) -> tuple[list[BuildSpec], list[BuildResult]]:
     """The BuildSpecs to build, and error results for the ones that do not render."""
     from kpipe import recipes
-    from kpipe.builder.runner import BuildResult
+    from kpipe.builder import runner as build_runner
+    from kpipe.builder.states import BuildStatus
     from kpipe.errors import KpipeError, NotFoundError
 
     pairs: list[tuple[str, str]] = []
@@ -85,7 +86,7 @@ def _specs(ws: Workspace, kernel: str | None, recipe: str | None,
                                 hint="see `kpipe recipe list`; add the release or a glob to a recipe's kernels:")
         pairs = [(r.name, kernel) for r in found]
     else:
-        assert recipe is not None  # build() refused a call with neither --kernel nor --recipe
+        assert recipe is not None  # `kpipe build` refuses a build with neither target before this (exit 2)
         rec = recipes.load_recipe(ws, recipe)
         releases = recipes.kernels_for_recipe(ws, rec)
         if not releases:
@@ -100,15 +101,16 @@ def _specs(ws: Workspace, kernel: str | None, recipe: str | None,
         except KpipeError as e:
             if len(pairs) == 1:
                 raise
-            errors.append(BuildResult(f"{name}@{release}", name, release, "error", message=e.message,
-                                      hint=e.hint or "", exit_code=int(e.exit_code)))
+            errors.append(build_runner.BuildResult(f"{name}@{release}", name, release, BuildStatus.ERROR,
+                                                   message=e.message, hint=e.hint or "",
+                                                   exit_code=int(e.exit_code)))
     return specs, errors
 
 
 class _Progress:
     """Renders BuildEvents: milestones as lines, a live status line on a terminal."""
 
-    def __init__(self, console: Console, *, verbose: bool, quiet: bool):
+    def __init__(self, console: Console, *, verbose: bool, quiet: bool) -> None:
         self.console = console
         self.verbose = verbose
         self.quiet = quiet

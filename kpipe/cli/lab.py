@@ -86,6 +86,7 @@ def _print_status(status: dict[str, Any]) -> None:
     from rich.table import Table
 
     from kpipe.cli.context import esc, state
+    from kpipe.lab.vm import VmState
 
     console = state().console
     if not status["vms"]:
@@ -98,7 +99,7 @@ def _print_status(status: dict[str, Any]) -> None:
     for v in status["vms"]:
         extra = " ".join(a for a in v["append"].split() if a != "panic=-1" and not a.startswith("console=")
                          and not a.startswith("kpipe.lab="))
-        t.add_row(esc(v["name"]), "[green]running[/]" if v["alive"] else "[red]stopped[/]", esc(v["ssh"]),
+        t.add_row(esc(v["name"]), f"[green]{VmState.RUNNING}[/]" if v["alive"] else f"[red]{VmState.STOPPED}[/]", esc(v["ssh"]),
                   str(v["pid"]), f"{v['rss_mib']:.0f}", "yes" if v["sig_enforce"] else "no", esc(extra))
     console.print(t)
     if status.get("ready_seconds"):

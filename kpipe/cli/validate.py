@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import typer
 
 from kpipe.cli.context import print_json, state
 
+if TYPE_CHECKING:
+    from kpipe.validation import ValidationReport
+    from kpipe.workspace import Workspace
+
 _STYLE = {"error": "bold red", "warning": "yellow", "info": "green", "skipped": "dim"}
 
 
-def _workspace_or_none() -> Any:
+def _workspace_or_none() -> Workspace | None:
     from kpipe.errors import ConfigError
 
     try:
@@ -21,7 +25,7 @@ def _workspace_or_none() -> Any:
         return None
 
 
-def render_report(report: Any) -> None:
+def render_report(report: ValidationReport) -> None:
     """A Rich table of findings, then the verdict."""
     from rich.table import Table
     from rich.text import Text

@@ -20,8 +20,10 @@ from typing import TYPE_CHECKING, Any
 from kpipe.elf.signature import append_signature, digest_bytes, load_certificates, split_signature, strip_signature
 from kpipe.errors import ConfigError, KpipeError
 
-if TYPE_CHECKING:  # only for the annotation: cryptography is imported when a module is signed
+if TYPE_CHECKING:  # only for annotations: cryptography is imported when a module is signed
     from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
+
+    from kpipe.settings import SignerConfig
 
 HASHES = ("sha224", "sha256", "sha384", "sha512")
 PLACEHOLDERS = ("{module}", "{output}", "{key}", "{cert}", "{hash}")
@@ -182,7 +184,7 @@ def expand_argv(template: tuple[str, ...] | list[str], values: dict[str, str]) -
     return out
 
 
-def run_command_signer(signer: Any, module: Path, output: Path, *, root: Path | None = None,
+def run_command_signer(signer: SignerConfig, module: Path, output: Path, *, root: Path | None = None,
                        timeout: float = 300.0) -> Path:
     """Run an external signer (SignerConfig type=command) on module, leaving a signed module at output.
 
@@ -222,7 +224,7 @@ def run_command_signer(signer: Any, module: Path, output: Path, *, root: Path | 
     return output
 
 
-def sign_with_signer(signer: Any, module: Path, output: Path, *, root: Path | None = None) -> Path:
+def sign_with_signer(signer: SignerConfig, module: Path, output: Path, *, root: Path | None = None) -> Path:
     """Sign module with a configured signer (builtin or command); return the output path."""
     if signer.type == "command":
         return run_command_signer(signer, module, output, root=root)

@@ -32,19 +32,14 @@ HostError = TransportError | StepFailed
 
 
 class NamedTarget(Protocol):
-    """An SSH target as a pool takes it (kpipe.transport.ssh.SshTarget): the results are keyed by its name."""
+    """A host as a pool takes it (kpipe.host.Host): the results are keyed by its name."""
 
     @property
     def name(self) -> str: ...
 
 
-class ObservedHostSpec(Protocol):
-    """What the observer needs of a host: its name and its SSH target (kpipe.fleet.inventory.Host)."""
-
-    @property
-    def name(self) -> str: ...
-
-    def target(self) -> NamedTarget: ...
+# What the observer needs of a host: its name; the pool connects with the record itself.
+ObservedHostSpec = NamedTarget
 
 
 class FanOut(Protocol):
@@ -131,7 +126,7 @@ def run_reads(pool: FanOut, hosts: Sequence[ObservedHostSpec], steps_for: Callab
     """Run each host's read steps (at most `forks` hosts at once): name -> the steps' values, or its HostError.
 
     ValueError, before any host is contacted, when a step writes. Results are in `hosts` order."""
-    return run_reads_on(pool, [h.target() for h in hosts], steps_for, forks)
+    return run_reads_on(pool, hosts, steps_for, forks)
 
 
 def run_reads_on(pool: FanOut, targets: Sequence[NamedTarget], steps_for: Callable[[str], Sequence[Step[Any]]],

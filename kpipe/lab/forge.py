@@ -36,8 +36,9 @@ from typing import TYPE_CHECKING, Any
 from kpipe.errors import ConfigError, KpipeError, NotFoundError
 from kpipe.lab.chroot import enter_argv
 
-if TYPE_CHECKING:  # kpipe.lab.kernel imports this module when it looks a release up
+if TYPE_CHECKING:
     from kpipe.lab.kernel import KernelImage
+    from kpipe.settings import KernelEntry
 
 FORMAT_VERSION = 1
 DEFAULT_MIRROR = "http://deb.debian.org/debian"
@@ -574,7 +575,7 @@ def find_forged(release: str, cache_dir: Path | None = None) -> ForgedKernel | N
     return None
 
 
-def forged_kernel_entries(cache_dir: Path | None = None) -> list[Any]:
+def forged_kernel_entries(cache_dir: Path | None = None) -> list[KernelEntry]:
     """Catalog entries (workspace.KernelEntry) for the forged kernels: tree, vmlinux, config on this machine."""
     from kpipe.settings import KernelEntry
 

@@ -15,14 +15,19 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from kpipe.errors import ConfigError, KpipeError
+from kpipe.host import Host
 from kpipe.lab import initramfs
 from kpipe.lab import vm as vmmod
 from kpipe.lab.arch import LabArch, lab_arch
 from kpipe.lab.kernel import KernelImage, boot_image, default_cache_dir
 from kpipe.lab.vm import VmProcess, VmSpec
+
+if TYPE_CHECKING:
+    from kpipe.transport.ssh import SshPool
+    from kpipe.workspace import Workspace
 
 STATE_VERSION = 1
 
@@ -220,15 +225,13 @@ class Lab:
         self.known_hosts_file.write_text("".join(lines))
         self.inventory_file.write_text(render_inventory(st))
 
-    def targets(self, st: LabState | None = None) -> list[Any]:
-        """SshTargets for the recorded VMs (strict host keys from the lab's known_hosts)."""
-        from kpipe.transport.ssh import SshTarget
-
+    def targets(self, st: LabState | None = None) -> list[Host]:
+        """The recorded VMs as hosts (strict host keys from the lab's known_hosts)."""
         st = st or self.require_state()
-        return [SshTarget(v.name, "127.0.0.1", v.ssh_port, "root", st.identity_file, False, st.known_hosts, 10.0)
-                for v in st.vms]
+        return [Host(v.name, "127.0.0.1", v.ssh_port, "root", st.identity_file, known_hosts=st.known_hosts,
+                     connect_timeout=10.0) for v in st.vms]
 
-    def pool(self, st: LabState | None = None) -> Any:
+    def pool(self, st: LabState | None = None) -> SshPool:
         """An SshPool that trusts exactly the lab's known_hosts."""
         from kpipe.settings import SshSettings
         from kpipe.transport.ssh import SshPool
@@ -251,7 +254,7 @@ class Lab:
         errors: dict[str, str] = {}
         pool = self.pool(st)
 
-        def one(v: VmProcess, target: Any) -> None:
+        def one(v: VmProcess, target: Host) -> None:
             last = "no answer yet"
             console = Path(v.folder) / "console.log"
             ready_at: float | None = None
@@ -313,8 +316,9 @@ class Lab:
             return {"running": False, "folder": str(self.folder), "vms": []}
         rows = []
         for v in st.vms:
-            up = vmmod.alive(v)
-            rows.append({"name": v.name, "alive": up, "pid": v.pid, "ssh": f"127.0.0.1:{v.ssh_port}",
+            vm_state = vmmod.vm_state(v)
+            up = vm_state == vmmod.VmState.RUNNING
+            rows.append({"name": v.name, "state": vm_state, "alive": up, "pid": v.pid, "ssh": f"127.0.0.1:{v.ssh_port}",
                          "port": v.ssh_port, "sig_enforce": v.sig_enforce, "append": v.append,
                          "rss_mib": round(vmmod.rss_kib(v.pid) / 1024, 1) if up else 0.0,
                          "console": str(Path(v.folder) / "console.log")})
@@ -399,7 +403,7 @@ def _tail(path: Path, lines: int = 3) -> str:
     return " | ".join(ln.strip() for ln in text[-lines:])
 
 
-def workspace_lab(workspace: Any) -> Lab:
+def workspace_lab(workspace: Workspace) -> Lab:
     """The workspace's lab (<root>/.lab), with the cache from [lab] cache_dir if set."""
     cache = workspace.settings.lab.cache_dir
     return Lab(Path(workspace.root) / ".lab", cache_dir=workspace.path(cache) if cache else None)

@@ -7,6 +7,7 @@ sends it a signal: a recycled PID is never killed.
 
 from __future__ import annotations
 
+import enum
 import os
 import signal
 import socket
@@ -18,6 +19,12 @@ from typing import Any
 
 from kpipe.errors import KpipeError
 from kpipe.lab.arch import X86_64, LabArch
+
+class VmState(enum.StrEnum):
+    """A recorded VM's state as `kpipe lab status` shows it (--json "state")."""
+
+    RUNNING = "running"  # the recorded qemu process (pid + start time) is alive
+    STOPPED = "stopped"  # it is gone: exited, killed, or the machine rebooted
 
 
 @dataclass
@@ -160,6 +167,11 @@ def start(spec: VmSpec, *, sig_enforce: bool = False, host_key: str = "") -> VmP
 _CHILDREN: dict[int, subprocess.Popen[bytes]] = {}
 # Every VM this process started (tests assert none is left running).
 STARTED: list[VmProcess] = []
+
+
+def vm_state(vm: VmProcess) -> VmState:
+    """RUNNING while the recorded qemu runs, else STOPPED."""
+    return VmState.RUNNING if alive(vm) else VmState.STOPPED
 
 
 def alive(vm: VmProcess) -> bool:

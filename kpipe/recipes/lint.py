@@ -5,7 +5,7 @@ from __future__ import annotations
 import fnmatch
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from kpipe.errors import ConfigError
 from kpipe.recipes.loading import _display, _read_recipe, _recipe_files
@@ -13,8 +13,11 @@ from kpipe.recipes.problems import Problem, _Problems
 from kpipe.recipes.render import _build_spec
 from kpipe.recipes.schema import _is_template
 
+if TYPE_CHECKING:
+    from kpipe.workspace import Workspace
 
-def _unmatched(ws: Any, shown: str, probs: _Problems, patterns: list[Any]) -> list[Problem]:
+
+def _unmatched(ws: Workspace, shown: str, probs: _Problems, patterns: list[Any]) -> list[Problem]:
     """Warnings for kernel names and globs that match nothing in the catalog."""
     out = []
     for i, pattern in enumerate(patterns):
@@ -27,7 +30,7 @@ def _unmatched(ws: Any, shown: str, probs: _Problems, patterns: list[Any]) -> li
     return out
 
 
-def lint(ws: Any) -> list[Problem]:
+def lint(ws: Workspace) -> list[Problem]:
     """Every problem of every recipe: schema, YAML, paths, and a render test against each matching kernel."""
     from kpipe.kernel import parse_release
 
@@ -70,7 +73,7 @@ def lint(ws: Any) -> list[Problem]:
                 if not any(ch in pattern for ch in "*?["):
                     targets.append(KernelEntry(release=pattern))
         signer = recipe.data.get("signing", {}).get("signer") if isinstance(recipe.data.get("signing"), dict) else None
-        if isinstance(signer, str) and not _is_template(signer) and signer not in getattr(ws, "signers", {}):
+        if isinstance(signer, str) and not _is_template(signer) and signer not in ws.signers:
             problems.append(Problem.at(shown, probs.line(("signing", "signer")),
                                     f"signer {signer!r} is not configured in kpipe.toml",
                                     "add [signing.signers." + signer + "] to kpipe.toml", "warning"))

@@ -12,7 +12,7 @@ import types
 from collections.abc import Callable, Generator, ItemsView, Iterable, Iterator, KeysView, ValuesView
 from functools import update_wrapper
 from pathlib import Path
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 from jinja2 import BaseLoader, StrictUndefined, TemplateNotFound, TemplateSyntaxError, UndefinedError, nodes
 from jinja2.compiler import CodeGenerator, Frame
@@ -25,6 +25,9 @@ from markupsafe import EscapeFormatter, Markup
 from kpipe.errors import ConfigError
 from kpipe.recipes.paths import resolve_template_path
 from kpipe.recipes.schema import MAX_RENDERED_CHARS, MAX_TEMPLATE_BYTES
+
+if TYPE_CHECKING:
+    from kpipe.workspace import Workspace
 
 # One render of one template (a recipe value or a template file) may take at most this many steps (loop
 # iterations, calls, filters and operators) and seconds, and build at most this many characters in all
@@ -504,7 +507,7 @@ def _jinja_error(exc: BaseException) -> tuple[str, str]:
 class _WorkspaceLoader(BaseLoader):
     """Serves the recipe's own strings, and files under recipes/ or patches/ only (no '..', no symlink escapes)."""
 
-    def __init__(self, ws: Any):
+    def __init__(self, ws: Workspace):
         self.ws = ws
         self.sources: dict[str, tuple[str, str]] = {}  # template name -> (text, filename shown in errors)
 

@@ -13,9 +13,12 @@ import math
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from kpipe.errors import ConfigError
+
+if TYPE_CHECKING:
+    from kpipe.artifacts import Artifact
 
 ROLLBACK_POLICIES = ("failed", "wave", "all")
 DEFAULT_WAVES = "1,10%,50%,100%"
@@ -136,7 +139,7 @@ class Candidate:
     replace: bool = True  # klp replace mode (kpatch-build default)
 
     @classmethod
-    def of(cls, art: Any) -> Candidate:
+    def of(cls, art: Artifact) -> "Candidate":
         """From a kpipe.artifacts.Artifact."""
         meta = getattr(art, "meta", {}) or {}
         validation = getattr(art, "validation", {}) or {}
