@@ -435,14 +435,18 @@ def _dry_run(plan: Any, rid: str, json_out: bool, forks: Optional[int], pool: An
                     "refused": refused})
         return
     con = state().console
+    scripts: dict[str, str] = {}  # each script's exact text is printed once, after the hosts
     for host, steps in plans.items():
         con.print(f"[bold]{esc(host)}[/bold] (wave {plan.assignments[host].wave}):")
         if isinstance(steps, BaseException):
             con.print(f"  [red]would fail:[/red] {esc(str(steps))}")
             continue
-        for i, line in enumerate(describe(steps), start=1):
+        for i, line in enumerate(describe(steps, scripts), start=1):
             kind = "read" if not steps[i - 1].writes else "write"
             con.print(f"  {i:>2}. ({kind}) {line}", markup=False, highlight=False)
+    for name, text in scripts.items():
+        con.print(f"[bold]script {esc(name)}[/bold] (sh -c; its arguments are $1, $2, ...):")
+        con.print(text.strip("\n"), markup=False, highlight=False)
     con.print("dry run: nothing was changed (only the reads ran)")
 
 
