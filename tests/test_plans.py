@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
 from simfleet import simfleet_factory  # noqa: F401  (the session fixture)
 from test_rollout_engine import MODULE, RELEASE, make_plan, setup_ws
 
@@ -274,8 +273,8 @@ def test_state_interpreter_reads_real_outputs_and_refuses_a_cut_one():
     ("absent", 0, f"{SHA}\n", SHA),
     (SHA, 0, f"{SHA}\n", DEST),  # confirmed: the value is the path
     (SHA, 0, "absent\n", ("failed", f"{DEST} changed after it was read (sha256 absent, want {SHA[:12]}); run again")),
-    ("absent", 2, "", ("failed", f"cannot create {FOLDER}: stage-check exited 2: mkdir: cannot create directory "
-                                 f"'{FOLDER}': Read-only file system")),
+    ("absent", 2, "", ("failed", (f"cannot create {FOLDER}: stage-check exited 2: mkdir: cannot create directory "
+                                  f"'{FOLDER}': Read-only file system"))),
 ])
 def test_stage_check_interpreter(installed, code, stdout, want):
     step = lp.stage_plan(LOCAL, R, SHA, FILE, installed)[0]
@@ -299,8 +298,8 @@ def test_stage_commit_interpreter(code, stdout, stderr, want):
 def test_marker_interpreters():
     assert outcome(lp.marker_step(M), 0) == M
     assert outcome(lp.marker_step(M), 1, "", "sh: 1: cannot create /dev/kmsg: Permission denied\n") == (
-        "failed", "writing the /dev/kmsg marker failed: marker exited 1: sh: 1: cannot create /dev/kmsg: "
-                  "Permission denied")
+        "failed", ("writing the /dev/kmsg marker failed: marker exited 1: sh: 1: cannot create /dev/kmsg: "
+                   "Permission denied"))
     log = captured("dmesg_loaded.txt")
     real = "kpipe: marker ced6fd85e71446e0ae08ff43cb08e857 load livepatch_demo"
     check = lp.marker_check_step(real)
@@ -318,13 +317,13 @@ VERMAGIC_MARKER = "kpipe: marker 953a093499ef48e38fbff9f7d89aed05 load livepatch
     ("kpipe: marker ced6fd85e71446e0ae08ff43cb08e857 load livepatch_demo", 0,
      "---kpipe-dmesg---\n" + captured("dmesg_loaded.txt"), "", True, "loaded", True),
     (SIG_MARKER, 1, "---kpipe-dmesg---\n" + SIG_LOG, captured("insmod_stderr_sig_enforce.txt"), False,
-     f"insmod failed: insmod: ERROR: could not insert module {CAPTURED_DEST}: Key was rejected by "
-     "service; kernel: Loading of unsigned module is rejected", True),
+     (f"insmod failed: insmod: ERROR: could not insert module {CAPTURED_DEST}: Key was rejected by "
+      "service; kernel: Loading of unsigned module is rejected"), True),
     (VERMAGIC_MARKER, 1, "---kpipe-dmesg---\n" + captured("dmesg_vermagic.txt"),
      captured("insmod_stderr_vermagic.txt"), False,
-     f"insmod failed: insmod: ERROR: could not insert module {CAPTURED_DEST}: Invalid module format; "
-     "kernel: livepatch_demo: version magic '6.1.0-56-amd64 SMP PREEMPT mod_unload modversions ' should be "
-     "'6.1.0-56-amd64 SMP preempt mod_unload modversions '", True),
+     (f"insmod failed: insmod: ERROR: could not insert module {CAPTURED_DEST}: Invalid module format; "
+      "kernel: livepatch_demo: version magic '6.1.0-56-amd64 SMP PREEMPT mod_unload modversions ' should be "
+      "'6.1.0-56-amd64 SMP preempt mod_unload modversions '"), True),
     # the simulated fleet's EBUSY: no kernel line after the marker
     (M, 1, "---kpipe-dmesg---\n", f"insmod: ERROR: could not insert module {DEST}: Device or resource busy\n",
      False, f"insmod failed: insmod: ERROR: could not insert module {DEST}: Device or resource busy", False),
@@ -355,8 +354,8 @@ STALL_MARKER = "kpipe: marker 5484c624ba0845ef8fb96b97fe1ca26e load livepatch_st
     (0, "transition 0\n", (True, "transition complete")),
     (0, "gone\n", (False, "/sys/kernel/livepatch/livepatch_stall is gone")),
     (1, "timeout transition 1 enabled 1\n---kpipe-dmesg---\n" + STALL.split("[   28.068073]")[0],
-     (False, "transition still running after 20 s (timeout transition 1 enabled 1); kernel: livepatch: signaling "
-             "remaining tasks")),
+     (False, ("transition still running after 20 s (timeout transition 1 enabled 1); kernel: livepatch: "
+              "signaling remaining tasks"))),
     (1, "timeout transition 1 enabled 1\n---kpipe-dmesg---\n",
      (False, "transition still running after 20 s (timeout transition 1 enabled 1)")),
 ], ids=["done", "gone", "stalled", "timeout"])
@@ -374,11 +373,11 @@ def test_wait_interpreter(code, stdout, want):
     (1, 0, "disabled\n", "", (True, True, "disabled")),
     (1, 0, "already-disabled\n", "", (True, False, "already-disabled")),
     (1, 16, "", "sh: 4: cannot create /sys/kernel/livepatch/livepatch_demo/enabled: Read-only file system\n",
-     (False, False, "writing enabled failed: sh: 4: cannot create /sys/kernel/livepatch/livepatch_demo/enabled: "
-                    "Read-only file system")),
+     (False, False, ("writing enabled failed: sh: 4: cannot create /sys/kernel/livepatch/livepatch_demo/enabled: "
+                     "Read-only file system"))),
     (1, 16, "", "sh: 4: echo: echo: I/O error: Device or resource busy\n",
-     (False, False, "EBUSY: another livepatch is in transition: sh: 4: echo: echo: I/O error: Device or resource "
-                    "busy")),
+     (False, False, ("EBUSY: another livepatch is in transition: sh: 4: echo: echo: I/O error: Device or "
+                     "resource busy"))),
     (2, 0, "gone\n", "", (True, True, "disabled; sysfs dir gone")),
     (2, 1, "timeout transition 1 enabled 0\n---kpipe-dmesg---\n", "",
      (False, True, "/sys/kernel/livepatch/livepatch_demo still present after 60 s (timeout transition 1 enabled 0)")),
@@ -413,8 +412,8 @@ def test_refused_unload_and_noop_reads():
     assert outcome(refuse, 0, LOADED) == ("failed", "livepatch_demo is an enabled livepatch: disable it first")
     noop = lp.unload_plan("livepatch_demo", state(NONE))[0]
     assert outcome(noop, 0, NONE).message == "not loaded"
-    assert outcome(noop, 0, MODULE_ONLY) == ("failed", "livepatch_demo was loaded after the state was read; "
-                                                       "run again")
+    assert outcome(noop, 0, MODULE_ONLY) == ("failed", ("livepatch_demo was loaded after the state was read; "
+                                                        "run again"))
     note = lp.note_step("rb-unload", "livepatch_demo", "left livepatch_demo loaded")
     assert outcome(note, 0, OTHER_BUILD).message == "left livepatch_demo loaded"
 
@@ -479,8 +478,8 @@ PREFLIGHT_OUT = (f"release {R}\narch x86_64\nfree_kb 1048576\nstaged absent\nkpa
     (PREFLIGHT_OUT, {"release": R, "arch": "x86_64", "free_kb": "1048576", "staged": "absent", "kpatch_cli": "0"}),
     (PREFLIGHT_OUT.replace(f"release {R}", "release 6.1.0-99-amd64"),
      ("failed", f"release changed: host runs 6.1.0-99-amd64, plan expected {R}")),
-    (PREFLIGHT_OUT.replace("end\n", ""), ("failed", "could not read the host's facts: preflight exited 0: "
-                                                    "module livepatch_demo 0 -")),
+    (PREFLIGHT_OUT.replace("end\n", ""), ("failed", ("could not read the host's facts: preflight exited 0: "
+                                                     "module livepatch_demo 0 -"))),
     (PREFLIGHT_OUT.replace("free_kb 1048576", "free_kb 4"),
      ("failed", f"not enough free space for {FILE}: 4 KiB free, need 1032 KiB")),
 ], ids=["ok", "release-changed", "cut", "full"])
@@ -607,17 +606,17 @@ def host_tree(h: Any) -> dict[str, Any]:
 def test_dry_run_prints_the_argv_the_fabric_executor_then_runs(simfleet_factory, tmp_path):
     fleet = simfleet_factory(2)
     ws, art = setup_ws(fleet, tmp_path)
-    plan, journal, rid = make_plan(ws, art, fleet.hosts, waves="1,100%")
+    _, journal, rid = make_plan(ws, art, fleet.hosts, waves="1,100%")
     before = {h.name: host_tree(h) for h in fleet.hosts}
     base = [sys.executable, "-m", "kpipe", "-W", str(ws.root), "rollout", "start", "--plan", rid, "--dry-run"]
-    r = subprocess.run([*base, "--json"], capture_output=True, text=True, timeout=120)
+    r = subprocess.run([*base, "--json"], capture_output=True, text=True, timeout=120, check=False)
     assert r.returncode == 0, r.stderr
     printed = json.loads(r.stdout)
     assert printed["refused"] == {} and set(printed["commands"]) == {h.name for h in fleet.hosts}
-    human = subprocess.run(base, capture_output=True, text=True, timeout=120)
+    human = subprocess.run(base, capture_output=True, text=True, timeout=120, check=False)
     assert human.returncode == 0, human.stderr
     assert " 1. (read) preflight: " in human.stdout and "(write) stage: upload " in human.stdout
-    assert f"(write) load: sudo -n -- sh -c" in human.stdout and f"/sbin/insmod /var/lib/kpatch/{RELEASE}/" in human.stdout
+    assert "(write) load: sudo -n -- sh -c" in human.stdout and f"/sbin/insmod /var/lib/kpatch/{RELEASE}/" in human.stdout
     # no write reached any host, nothing was journaled
     assert {h.name: host_tree(h) for h in fleet.hosts} == before
     assert journal.entries(rid) == []
@@ -633,8 +632,8 @@ def test_dry_run_prints_the_argv_the_fabric_executor_then_runs(simfleet_factory,
     for h in fleet.hosts:
         ran = rec.argv[h.name]
         assert normal(ran) == normal(printed["commands"][h.name]), h.name
-        assert any(a[:1] == ["upload"] for a in ran) and any(a[-2:] == ["/sbin/insmod", f"/var/lib/kpatch/{RELEASE}/"
-                                                                         f"{art.filename}"] for a in ran)
+        insmod = ["/sbin/insmod", f"/var/lib/kpatch/{RELEASE}/{art.filename}"]
+        assert any(a[:1] == ["upload"] for a in ran) and any(a[-2:] == insmod for a in ran)
         assert MODULE in h.patches()
 
 

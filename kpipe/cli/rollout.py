@@ -397,7 +397,7 @@ def start_cmd(
 
 def _start(plan: Any, rid: str, dry_run: bool, yes: bool, json_out: bool, forks: Optional[int], pool: Any,
            hosts: Optional[list]) -> None:
-    from kpipe.rollout.world import check_preflight, local_path_fn
+    from kpipe.rollout.world import check_preflight
 
     if not json_out:
         _print_plan(plan, rid or "(dry run, not stored)")
@@ -410,7 +410,7 @@ def _start(plan: Any, rid: str, dry_run: bool, yes: bool, json_out: bool, forks:
     _finish(_run_engine(rid, "start", forks, json_out=json_out, pool=pool, hosts=hosts), json_out)
 
 
-def _dry_run(plan: Any, rid: str, json_out: bool, forks: Optional[int], pool: Any, hosts: Optional[list]) -> None:
+def _dry_run(plan: Any, rid: str, json_out: bool, forks: int | None, pool: Any, hosts: list[Any] | None) -> None:
     """Print every host's steps (the exact argv): its preflight read runs, nothing that writes does."""
     from kpipe.plan import argv_lists, describe
     from kpipe.rollout.engine import Engine, PoolRunner

@@ -1,15 +1,18 @@
 """The rollout engine: execute a plan wave by wave, journal every host step, gate, roll back, resume.
 
-Per host: preflight (re-read release, arch, free space, livepatch state,
-conflicting patches, checksum of what is already installed), stage, marker,
-load, wait for the transition, verify (+ the recipe's probe), optionally
-persist. Each step is recorded `intended` before it runs and `done`/`failed`
-after it (kpipe.rollout.journal), and every step is idempotent (the host ops
-in kpipe.fleet.livepatch read the host's state first), so a rollout killed at
-any instant is resumed by re-running the unfinished host pipelines: nothing
-is loaded twice, nothing is forgotten. One host's exception never stops its
-wave: the fan-out returns a result or an exception per host, and the gate
-decides what the wave's results mean.
+Per host: one preflight read (release, arch, free space, livepatch state,
+conflicting patches, checksum of what is already installed), then the host's
+plan built from those facts by pure functions (apply_plan; rollback_plan from a
+state read): stage, marker, load, wait for the transition, verify (+ the
+recipe's probe), optionally persist; each a kpipe.plan.Step of the builders in
+kpipe.fleet.livepatch, run by kpipe.plan.run_steps. Each journal step is
+recorded `intended` before it runs and `done`/`failed` after it
+(kpipe.rollout.journal), and every step is idempotent (a fresh plan is built
+from a fresh read), so a rollout killed at any instant is resumed by re-running
+the unfinished host pipelines: nothing is loaded twice, nothing is forgotten.
+Dry-run runs the preflight read and prints the plan (`Engine.dry_run`). One
+host's exception never stops its wave: the fan-out returns a result or an
+exception per host, and the gate decides what the wave's results mean.
 """
 
 from __future__ import annotations
