@@ -471,6 +471,22 @@ def test_probe_interpreter(stdout, code, want):
     assert (got.probe_output if isinstance(got, lp.Verification) else got) == want
 
 
+@pytest.mark.parametrize("kpatch_cli, code, stdout, stderr, want", [
+    (True, 0, "", "", {"persisted": True}),
+    (True, 1, "", "kpatch: livepatch-demo.ko: module not found\n",
+     ("failed", "kpatch install failed: persist exited 1: kpatch: livepatch-demo.ko: module not found")),
+    (False, 0, "no\n", "", {"persisted": False, "why": "no kpatch CLI on the host: staged only, not loaded at boot"}),
+    (False, 0, "yes\n", "", ("failed", "the kpatch CLI appeared after the facts were read; run again to persist")),
+])
+def test_persist_interpreters(kpatch_cli, code, stdout, stderr, want):
+    step, = lp.persist_plan(R, DEST, kpatch_cli)
+    assert outcome(step, code, stdout, stderr) == want
+    assert step.writes == kpatch_cli
+    un = lp.uninstall_step(R, FILE)
+    assert un.argv() == ("kpatch", "uninstall", "-k", R, FILE) and un.done is not None
+    assert un.done(un.interpret(result(un, 1, "", "not installed"))) == {"exit": 1}
+
+
 PREFLIGHT_OUT = (f"release {R}\narch x86_64\nfree_kb 1048576\nstaged absent\nkpatch_cli 0\n" + NONE)
 
 

@@ -1045,6 +1045,38 @@ def unstage_step(release: str, module_file_name: str, sha256: str = "", *, step:
                                      label="unstage", **_ROOT), partial(_unstaged, dest, sha256))
 
 
+# --------------------------------------------------------------------------- persist
+
+def _persisted(r: CommandResult) -> dict[str, Any]:
+    if not r.ok:
+        raise StepFailed("persist", f"kpatch install failed: {r.summary()}")
+    return {"persisted": True}
+
+
+def _not_persisted(r: CommandResult) -> dict[str, Any]:
+    if r.stdout.strip() == "yes":
+        raise StepFailed("persist", "the kpatch CLI appeared after the facts were read; run again to persist")
+    # without the kpatch CLI (kpatch.service) nothing loads /var/lib/kpatch at boot; say so, honestly
+    return {"persisted": False, "why": "no kpatch CLI on the host: staged only, not loaded at boot"}
+
+
+def persist_plan(release: str, remote_path: str, kpatch_cli: bool, *, step: str = "persist") -> list[Step[Any]]:
+    """Install the module for reboot with `kpatch install`, decided from `kpatch_cli` (the host's facts);
+    without the CLI nothing loads /var/lib/kpatch at boot: a read that says so. Values are journal details."""
+    if kpatch_cli:
+        cmd = Command.of("kpatch", "install", "-k", release, remote_path, label="persist", timeout=120, **_ROOT)
+        return [Step(step, cmd, _persisted, intended={"kpatch_cli": True}, done=lambda d: d)]
+    return [Step(step, Command.script(KPATCH_CLI_SCRIPT, label="kpatch-cli"), _not_persisted,
+                 intended={"kpatch_cli": False}, done=lambda d: d, writes=False)]
+
+
+def uninstall_step(release: str, module_file_name: str, *, step: str = "uninstall") -> Step[CommandResult]:
+    """`kpatch uninstall` of a persisted module (its exit status is journaled; a missing install is no
+    failure: the removal is verified from the host's state afterwards)."""
+    cmd = Command.of("kpatch", "uninstall", "-k", release, module_file_name, label="uninstall", timeout=120, **_ROOT)
+    return Step(step, cmd, lambda r: r, done=lambda r: {"exit": r.exit_status})
+
+
 # --------------------------------------------------------------------------- routines
 # Each routine reads what its plan is decided from, then runs the plan: no logic of their own.
 

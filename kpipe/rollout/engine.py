@@ -242,29 +242,6 @@ def _journaled(steps: list[Step[Any]], intended: Mapping[str, Any],
     return out
 
 
-def _persisted(r: CommandResult) -> dict[str, Any]:
-    if not r.ok:
-        raise StepFailed("persist", f"kpatch install failed: {r.summary()}")
-    return {"persisted": True}
-
-
-def _not_persisted(r: CommandResult) -> dict[str, Any]:
-    if r.stdout.strip() == "yes":
-        raise StepFailed("persist", "the kpatch CLI appeared after the preflight read it; run the rollout again "
-                                    "to persist")
-    # without the kpatch CLI (kpatch.service) nothing loads /var/lib/kpatch at boot; say so, honestly
-    return {"persisted": False, "why": "no kpatch CLI on the host: staged only, not loaded at boot"}
-
-
-def persist_plan(a: Assignment, dest: str, kpatch_cli: bool) -> list[Step[Any]]:
-    """Install the module for reboot (`kpatch install`); without the kpatch CLI, a read saying so."""
-    if kpatch_cli:
-        cmd = Command.of("kpatch", "install", "-k", a.release, dest, label="persist", sudo=True, timeout=120)
-        return [Step("persist", cmd, _persisted, intended={"kpatch_cli": True}, done=lambda d: d)]
-    return [Step("persist", Command.script(lp.KPATCH_CLI_SCRIPT, label="kpatch-cli"), _not_persisted,
-                 intended={"kpatch_cli": False}, done=lambda d: d, writes=False)]
-
-
 def apply_plan(a: Assignment, facts: Mapping[str, str], state: lp.HostLivepatch, local_path: Path,
                probe: Probe | None = None, *, journal_marker: str = "", persist: bool = False,
                timeout: float = 120.0, expect: lp.ModuleIdentity | None = None,
@@ -304,7 +281,7 @@ def apply_plan(a: Assignment, facts: Mapping[str, str], state: lp.HostLivepatch,
                         {"marker": marker, "probe": bool(probe)},
                         lambda v: {"probe_output": v.probe_output[-500:]})
     if persist:
-        steps += persist_plan(a, dest, kpatch_cli)
+        steps += lp.persist_plan(a.release, dest, kpatch_cli)
     return steps
 
 
@@ -351,9 +328,7 @@ def rollback_plan(a: Assignment, state: lp.HostLivepatch, probe: Probe | None = 
         steps += _journaled(lp.unload_plan(name, state, disabled_before=True, step="rb-unload"), {},
                             lambda r: {"message": r.message})
     if persisted:
-        steps.append(Step("rb-uninstall", Command.of("kpatch", "uninstall", "-k", a.release, art.filename,
-                                                     label="uninstall", sudo=True, timeout=120),
-                          lambda r: r, done=lambda r: {"exit": r.exit_status}))
+        steps.append(lp.uninstall_step(a.release, art.filename, step="rb-uninstall"))
     steps += _journaled([lp.unstage_step(a.release, art.filename, art.sha256, step="rb-unstage")],
                         {"temp": lp.temp_path(a.release, art.filename, art.sha256)},
                         lambda r: {"message": r.message})
