@@ -447,7 +447,7 @@ def _dry_run(plan: Any, rid: str, json_out: bool, forks: int | None, pool: Any, 
     for name, text in scripts.items():
         con.print(f"[bold]script {esc(name)}[/bold] (sh -c; its arguments are $1, $2, ...):")
         con.print(text.strip("\n"), markup=False, highlight=False)
-    con.print("dry run: nothing was changed (only the reads ran)")
+    con.print("dry run: nothing was changed (of each host's steps only 1, the preflight read, ran)")
 
 
 @rollout_app.command("resume")

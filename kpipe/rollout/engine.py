@@ -311,8 +311,10 @@ def rollback_plan(a: Assignment, state: lp.HostLivepatch, probe: Probe | None = 
     art = a.artifact
     mod = state.module(name)
     other = expect.differs(mod.identity()) if expect is not None and expect.known and mod.present else ""
-    disable_done: Callable[[Any], dict[str, Any]] = lambda r: {"marker": r.marker, "changed": r.changed,
-                                                                "message": r.message}
+
+    def disable_done(r: lp.OpResult) -> dict[str, Any]:
+        return {"marker": r.marker, "changed": r.changed, "message": r.message}
+
     if other:
         left = f"left {name} loaded: not this rollout's build ({other})"
         steps = _journaled([lp.note_step("rb-disable", name, left)], {}, disable_done)
