@@ -677,3 +677,15 @@ def test_dry_run_runs_only_reads(simfleet_factory, tmp_path):
     assert rec.argv[bad] == [list(ran_steps[0].argv())]
     for h in fleet.hosts:
         assert not h.staged() and not h.patches() and not any("kpipe: marker" in ln for ln in h.log())
+
+
+def test_module_identity_is_read_by_kpipe_elf(tmp_path):
+    from simfleet import fake_module
+
+    ko = tmp_path / "a.ko"
+    ko.write_bytes(fake_module("m", build_id=bytes(range(20)), srcversion="9F1C0A"))
+    assert lp.module_identity(ko) == lp.ModuleIdentity(bytes(range(20)).hex(), "9F1C0A")
+    junk = tmp_path / "b.ko"
+    junk.write_bytes(b"\x7fELF" + b"\0" * 60)  # not a module kpipe can read: nothing known, no exception
+    assert lp.module_identity(junk) == lp.ModuleIdentity() and not lp.module_identity(tmp_path / "none.ko").known
+    assert "import elftools" not in (src := Path(lp.__file__).read_text()) and "from elftools" not in src

@@ -307,28 +307,13 @@ def build_id_from_notes(hex_text: str) -> str:
 
 def module_identity(path: str | Path) -> ModuleIdentity:
     """The build-id and srcversion of a module file (decompressed first); empty when it has none."""
-    import io
-
-    from elftools.common.exceptions import ELFError
-    from elftools.elf.elffile import ELFFile
-
-    from kpipe.elf.reader import load_module_bytes
+    from kpipe.elf.reader import identity_sections  # kpipe/elf is the only reader of ELF files
 
     try:
-        data, _ = load_module_bytes(Path(path))
-        elf = ELFFile(io.BytesIO(data))
-        build_id, srcversion = "", ""
-        notes = elf.get_section_by_name(".note.gnu.build-id")
-        if notes is not None:
-            build_id = build_id_from_notes(notes.data().hex())
-        info = elf.get_section_by_name(".modinfo")
-        if info is not None:
-            for item in info.data().split(b"\0"):
-                if item.startswith(b"srcversion="):
-                    srcversion = item[len(b"srcversion="):].decode("ascii", "replace")
-        return ModuleIdentity(build_id, srcversion)
-    except (KpipeError, ELFError, ValueError, OSError, struct.error):
+        notes, srcversion = identity_sections(path)
+    except (KpipeError, OSError):
         return ModuleIdentity()  # not an ELF module kpipe can read: the name and checksum are all we have
+    return ModuleIdentity(build_id_from_notes(notes.hex()), srcversion)
 
 
 # --------------------------------------------------------------------------- kernel log
