@@ -23,7 +23,7 @@ from typing import Any
 
 from kpipe.errors import ConfigError, KpipeError
 from kpipe.lab.chroot import enter_argv
-from kpipe.lab.forge import DEFAULT_MIRROR, Progress, ensure_chroot, kernels_dir
+from kpipe.lab.forge import DEFAULT_MIRROR, FORCE_DEPENDS_PACKAGES, Progress, ensure_chroot, kernels_dir
 
 SSHD = "/usr/sbin/sshd"
 
@@ -162,14 +162,20 @@ class BuildHostChroot:
 
     def up(self, suite: str = "trixie", *, version: str = "6.12", port: int | None = None,
            mirror: str = DEFAULT_MIRROR, cache_dir: Path | None = None, timeout: float = 60.0,
-           progress: Progress | None = None) -> dict[str, Any]:
-        """Start sshd in the suite's forge chroot on a free loopback port; wait for its banner."""
+           progress: Progress | None = None, packages: tuple[str, ...] | None = None,
+           forced: tuple[str, ...] = FORCE_DEPENDS_PACKAGES) -> dict[str, Any]:
+        """Start sshd in the suite's chroot on a free loopback port; wait for its banner.
+
+        packages: the chroot's extra packages (default linux-source-<version>, the forge's); forced:
+        those installed with --force-depends (kpatch-build; () for a kbuild host of headers only).
+        """
         say = progress or (lambda _m: None)
         if self.running():
             raise ConfigError(f"a build host is already running from {self.folder}",
                               hint="run `kpipe lab buildhost down` first")
-        chroot = ensure_chroot(suite, extra_packages=(f"linux-source-{version}",), mirror=mirror,
-                               cache_dir=cache_dir, progress=say)
+        extra = packages if packages is not None else (f"linux-source-{version}",)
+        chroot = ensure_chroot(suite, extra_packages=extra, mirror=mirror, cache_dir=cache_dir, progress=say,
+                               forced=forced)
         if not (chroot.root / SSHD.lstrip("/")).is_file():
             raise KpipeError(f"{SSHD} is missing from the {suite} chroot {chroot.root}")
         self.folder.mkdir(parents=True, exist_ok=True)

@@ -272,11 +272,15 @@ class Chroot:
 
 
 def ensure_chroot(suite: str, *, extra_packages: tuple[str, ...] = (), mirror: str = DEFAULT_MIRROR,
-                  cache_dir: Path | None = None, progress: Progress | None = None) -> Chroot:
-    """The suite's build chroot, made once with mmdebstrap (as root) and cached by its inputs."""
+                  cache_dir: Path | None = None, progress: Progress | None = None,
+                  forced: tuple[str, ...] = FORCE_DEPENDS_PACKAGES) -> Chroot:
+    """The suite's build chroot, made once with mmdebstrap (as root) and cached by its inputs.
+
+    forced: packages installed with `dpkg --force-depends` (kpatch-build; none for a kbuild-only host).
+    """
     say = progress or (lambda _m: None)
     packages = tuple(dict.fromkeys(BASE_PACKAGES + extra_packages))
-    inputs = chroot_inputs(suite, mirror, packages)
+    inputs = chroot_inputs(suite, mirror, packages, forced)
     key = forge_key(inputs)
     base = (cache_dir or default_cache_dir()) / "chroots" / f"{suite}-{key[:16]}"
     root = base / "root"
@@ -292,12 +296,12 @@ def ensure_chroot(suite: str, *, extra_packages: tuple[str, ...] = (), mirror: s
         base.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=base, prefix=".root-"))
         tmp.rmdir()  # mmdebstrap wants to create (or find empty) the target itself
-        say(f"creating a {suite} chroot with mmdebstrap ({len(packages)} packages + "
-            f"{', '.join(FORCE_DEPENDS_PACKAGES)}); once per input set")
+        say(f"creating a {suite} chroot with mmdebstrap ({len(packages)} packages"
+            f"{' + ' + ', '.join(forced) if forced else ''}); once per input set")
         t0 = time.monotonic()
         log = base / "mmdebstrap.log"
         try:
-            _run(["nice", "-n", str(NICE), *mmdebstrap_argv(suite, tmp, mirror, packages)], log=log,
+            _run(["nice", "-n", str(NICE), *mmdebstrap_argv(suite, tmp, mirror, packages, forced)], log=log,
                  what=f"mmdebstrap {suite}", timeout=3600)
         except KpipeError:
             shutil.rmtree(tmp, ignore_errors=True)

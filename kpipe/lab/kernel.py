@@ -3,15 +3,22 @@
 `apt-get download` + `dpkg-deb -x` fetch and unpack the image package without
 running its initramfs/boot hooks (lab.md). The Debian ABI number moves and old
 ABIs leave the registry, so the release is discovered, never hard-coded.
+
+A kernel of another Debian suite (bullseye's 5.10 on a bookworm host) comes
+from that suite's own index: apt runs with a private sources list, state and
+archive folder under the cache (`AptSuite`), so the host's apt sources and
+lists are never read or changed.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import shutil
 import subprocess
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +26,13 @@ from kpipe.errors import ConfigError, KpipeError, NotFoundError
 
 _RELEASE = re.compile(r"^[0-9][A-Za-z0-9._+~-]{2,100}$")
 _DEP = re.compile(r"linux-(?:image|headers)-([0-9][A-Za-z0-9._+~-]*)")
+_SUITE = re.compile(r"^[a-z][a-z0-9-]{1,30}$")
+_PREFIX = re.compile(r"^[0-9]+\.[0-9]+(?:\.[0-9]+)?$")  # 5.10 or 5.10.0: discover the newest ABI
+DEBIAN_MIRROR = "http://deb.debian.org/debian"
+DEBIAN_KEYRING = "/usr/share/keyrings/debian-archive-keyring.gpg"
+INDEX_MAX_AGE = 24 * 3600  # seconds before a private suite index is refreshed for a discovery
+# The Debian suite that ships each upstream kernel series (a plain `--kernel 5.10.0-NN-amd64` finds its suite here).
+SUITE_OF_SERIES = {"4.19": "buster", "5.10": "bullseye", "6.1": "bookworm", "6.12": "trixie"}
 
 
 @dataclass(frozen=True)
@@ -28,7 +42,7 @@ class KernelImage:
     release: str
     vmlinuz: Path
     modules_dir: Path  # .../lib/modules/<release> (holds modules.order)
-    source: str = ""  # "debian" or "user"
+    source: str = ""  # "debian", "debian:<suite>" (a private suite index) or "user"
 
     def to_dict(self) -> dict[str, str]:
         return {"release": self.release, "vmlinuz": str(self.vmlinuz), "modules_dir": str(self.modules_dir),
@@ -75,8 +89,165 @@ def discover_debian_release() -> str:
     return release
 
 
-def fetch_debian_kernel(release: str, cache_dir: Path | None = None) -> KernelImage:
-    """A kernel built by `kpipe lab forge`, else linux-image-<release> downloaded and unpacked (once)."""
+# --------------------------------------------------------------------------- other Debian suites
+
+@dataclass(frozen=True)
+class KernelSpec:
+    """What `--kernel` asked for: a suite (None: the host's apt) and a release, a prefix, or "" (the current)."""
+
+    suite: str | None
+    release: str = ""  # a full release (5.10.0-32-amd64)
+    prefix: str = ""  # or a release prefix to discover the newest of (5.10, 5.10.0)
+    flavour: str = "amd64"
+
+
+def host_suite() -> str:
+    """The host's Debian codename (VERSION_CODENAME of /etc/os-release), or ""."""
+    try:
+        text = Path("/etc/os-release").read_text()
+    except OSError:
+        return ""
+    m = re.search(r"^VERSION_CODENAME=\"?([a-z0-9-]*)\"?$", text, re.M)
+    return m.group(1) if m else ""
+
+
+def suite_of_release(release: str) -> str | None:
+    """The Debian suite shipping a release's upstream series (5.10.0-32-amd64 -> bullseye), or None."""
+    m = re.match(r"^([0-9]+\.[0-9]+)[.-]", release + "-")
+    return SUITE_OF_SERIES.get(m.group(1)) if m else None
+
+
+def parse_kernel_spec(text: str) -> KernelSpec:
+    """`debian:<suite>[/<release or prefix>]`, a release, or a prefix (5.10) into a KernelSpec."""
+    text = text.strip()
+    suite: str | None = None
+    rest = text
+    if text.startswith("debian:"):
+        suite, _, rest = text[len("debian:"):].partition("/")
+        if not _SUITE.match(suite):
+            raise ConfigError(f"--kernel {text!r}: {suite!r} is not a Debian suite name",
+                              hint="e.g. debian:bullseye/5.10.0-32-amd64, debian:bullseye/5.10 or debian:bullseye")
+    if rest == "":
+        if suite is None:
+            raise ConfigError("--kernel is empty", hint="e.g. 5.10.0-32-amd64 or debian:bullseye/5.10")
+        return KernelSpec(suite)
+    if _PREFIX.match(rest):
+        return KernelSpec(suite or suite_of_release(rest), prefix=rest)
+    if not _RELEASE.match(rest):
+        raise ConfigError(f"--kernel {text!r}: {rest!r} is not a kernel release",
+                          hint="e.g. 5.10.0-32-amd64, a prefix such as 5.10, or debian:bullseye/5.10")
+    return KernelSpec(suite, release=rest)
+
+
+def pick_release(names: list[str], prefix: str, flavour: str = "amd64") -> str | None:
+    """The newest linux-image-<prefix>...-<ABI>-<flavour> release among package names (ABI compared as numbers)."""
+    rx = re.compile(rf"^linux-image-({re.escape(prefix)}[0-9.]*-([0-9]+)-{re.escape(flavour)})$")
+    best: tuple[tuple[int, ...], str] | None = None
+    for n in names:
+        m = rx.match(n.strip())
+        if not m:
+            continue
+        version = tuple(int(x) for x in re.findall(r"[0-9]+", m.group(1).rsplit("-", 2)[0])) + (int(m.group(2)),)
+        if best is None or version > best[0]:
+            best = (version, m.group(1))
+    return best[1] if best else None
+
+
+@dataclass(frozen=True)
+class AptSuite:
+    """A Debian suite's package index in a private apt folder (its own sources list, lists and archives)."""
+
+    suite: str
+    cache_dir: Path
+    mirror: str = DEBIAN_MIRROR
+    arch: str = "amd64"
+
+    def inputs(self) -> dict[str, str]:
+        return {"suite": self.suite, "mirror": self.mirror, "components": "main", "arch": self.arch}
+
+    @property
+    def key(self) -> str:
+        blob = "\n".join(f"{k}={v}" for k, v in sorted(self.inputs().items()))
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+    @property
+    def folder(self) -> Path:
+        return self.cache_dir / "apt" / f"{self.suite}-{self.key}"
+
+    def sources_line(self) -> str:
+        """The one deb line of the private sources list (the archive keyring named when present)."""
+        signed = f" [signed-by={DEBIAN_KEYRING}]" if os.path.isfile(DEBIAN_KEYRING) else ""
+        return f"deb{signed} {self.mirror} {self.suite} main\n"
+
+    def options(self) -> list[str]:
+        """apt -o options that point every path apt reads or writes at the private folder."""
+        f = self.folder
+        return ["-o", f"Dir::Etc::SourceList={f / 'sources.list'}", "-o", "Dir::Etc::SourceParts=/dev/null",
+                "-o", "Dir::Etc::Preferences=/dev/null", "-o", "Dir::Etc::PreferencesParts=/dev/null",
+                "-o", f"Dir::State={f / 'state'}", "-o", "Dir::State::Status=/dev/null",
+                "-o", f"Dir::Cache={f / 'cache'}", "-o", f"APT::Architecture={self.arch}",
+                "-o", f"APT::Architectures::={self.arch}", "-o", "Acquire::Languages=none"]
+
+    def _lists(self) -> list[Path]:
+        return sorted((self.folder / "state" / "lists").glob("*_Packages*"))
+
+    def update(self, max_age: float | None = INDEX_MAX_AGE) -> None:
+        """apt-get update into the private folder, unless an index younger than max_age is there."""
+        lists = self._lists()
+        if lists and max_age is not None and time.time() - min(p.stat().st_mtime for p in lists) < max_age:
+            return
+        for d in ("state/lists/partial", "cache/archives/partial"):
+            (self.folder / d).mkdir(parents=True, exist_ok=True)
+        (self.folder / "sources.list").write_text(self.sources_line())
+        r = _run(["apt-get", "-q", *self.options(), "update"])
+        if r.returncode != 0 or not self._lists():
+            raise NotFoundError(f"apt-get update of Debian {self.suite} ({self.mirror}) failed: "
+                                f"{(r.stderr.strip().splitlines() or ['no index'])[-1]}",
+                                hint="check the network to the mirror, or the suite's name")
+
+    def current_release(self, flavour: str = "amd64") -> str:
+        """The release linux-image-<flavour> of this suite depends on (its current ABI)."""
+        self.update()
+        r = _run(["apt-cache", *self.options(), "depends", f"linux-image-{flavour}"])
+        release = parse_release_dependency(r.stdout) if r.returncode == 0 else None
+        if not release:
+            raise NotFoundError(f"Debian {self.suite} has no linux-image-{flavour}",
+                                hint="name a release: --kernel debian:SUITE/RELEASE")
+        return release
+
+    def newest_release(self, prefix: str, flavour: str = "amd64") -> str:
+        """The newest linux-image-<prefix>*-<flavour> release in this suite's index."""
+        self.update()
+        r = _run(["apt-cache", *self.options(), "pkgnames", f"linux-image-{prefix}"])
+        release = pick_release(r.stdout.splitlines(), prefix, flavour) if r.returncode == 0 else None
+        if not release:
+            raise NotFoundError(f"Debian {self.suite} has no linux-image-{prefix}*-{flavour}",
+                                hint=f"see `apt-cache pkgnames linux-image-` of {self.suite}; "
+                                     "pass --kernel debian:SUITE/RELEASE")
+        return release
+
+    def download(self, package: str, dest: Path) -> subprocess.CompletedProcess[str]:
+        """apt-get download package into dest (refreshing a stale index once when the package is not in it)."""
+        self.update()
+        r = _run(["apt-get", "-q", *self.options(), "download", package], cwd=dest)
+        if r.returncode != 0 and not list(dest.glob("*.deb")):
+            self.update(max_age=None)
+            r = _run(["apt-get", "-q", *self.options(), "download", package], cwd=dest)
+        return r
+
+
+def suite_kernel_folder(release: str, apt: AptSuite) -> Path:
+    """The cache folder of a suite's kernel, keyed by its inputs (release, suite, mirror, arch)."""
+    return apt.cache_dir / "kernels" / f"{release}@{apt.suite}-{apt.key[:8]}"
+
+
+def fetch_debian_kernel(release: str, cache_dir: Path | None = None, *, suite: str | None = None,
+                        mirror: str = DEBIAN_MIRROR) -> KernelImage:
+    """A kernel built by `kpipe lab forge`, else linux-image-<release> downloaded and unpacked (once).
+
+    The package comes from the host's apt when the release belongs to the host's suite, else from
+    its own suite's private index (suite, or the one SUITE_OF_SERIES names).
+    """
     if not _RELEASE.match(release):
         raise ConfigError(f"invalid kernel release {release!r}", hint="e.g. 6.1.0-56-amd64")
     from kpipe.lab.forge import find_forged_kernel  # every release lookup (lab up, preflight) passes here
@@ -84,17 +255,27 @@ def fetch_debian_kernel(release: str, cache_dir: Path | None = None) -> KernelIm
     forged = find_forged_kernel(release)
     if forged is not None:
         return forged
-    cache = (cache_dir or default_cache_dir()) / "kernels" / release
+    cache_dir = cache_dir or default_cache_dir()
+    if suite is None:
+        known = suite_of_release(release)
+        suite = known if known and known != host_suite() else None
+    apt = AptSuite(suite, cache_dir, mirror) if suite else None
+    cache = suite_kernel_folder(release, apt) if apt else cache_dir / "kernels" / release
     done = cache / ".complete"
     if not done.exists():
         cache.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=cache.parent, prefix=f".{release}-") as tmp:
-            r = _run(["apt-get", "download", f"linux-image-{release}"], cwd=Path(tmp))
+            if apt:
+                r = apt.download(f"linux-image-{release}", Path(tmp))
+            else:
+                r = _run(["apt-get", "download", f"linux-image-{release}"], cwd=Path(tmp))
             debs = sorted(Path(tmp).glob("*.deb"))
             if r.returncode != 0 or not debs:
-                raise NotFoundError(f"apt-get download linux-image-{release} failed: "
+                where = f" from Debian {apt.suite}" if apt else ""
+                raise NotFoundError(f"apt-get download linux-image-{release}{where} failed: "
                                     f"{(r.stderr.strip().splitlines() or ['no package'])[-1]}",
-                                    hint="run apt-get update; old Debian ABIs leave the registry")
+                                    hint="old Debian ABIs leave the archive: pass a prefix (--kernel 5.10) "
+                                         "or debian:SUITE to discover the current one")
             tree = Path(tmp) / "tree"
             r = _run(["dpkg-deb", "-x", str(debs[0]), str(tree)])
             if r.returncode != 0:
@@ -107,7 +288,7 @@ def fetch_debian_kernel(release: str, cache_dir: Path | None = None) -> KernelIm
     modules = _modules_dir(cache, release)
     if not vmlinuz.is_file():
         raise NotFoundError(f"{vmlinuz} is missing from the linux-image-{release} package")
-    return KernelImage(release, vmlinuz, modules, "debian")
+    return KernelImage(release, vmlinuz, modules, f"debian:{apt.suite}" if apt else "debian")
 
 
 def _modules_dir(tree: Path, release: str) -> Path:
@@ -138,13 +319,27 @@ def user_kernel(vmlinuz: Path, modules: Path) -> KernelImage:
 
 def resolve_kernel(kernel: str | None, kernel_image: Path | None, modules: Path | None,
                    cache_dir: Path | None = None) -> KernelImage:
-    """--kernel RELEASE|debian, or --kernel-image + --modules, into a KernelImage."""
+    """--kernel RELEASE|PREFIX|debian[:SUITE[/RELEASE|PREFIX]], or --kernel-image + --modules, into a KernelImage."""
     if kernel_image is not None:
         if modules is None:
             raise ConfigError("--kernel-image needs --modules DIR (its /lib/modules/<release> folder)")
         return user_kernel(kernel_image, modules)
-    release = discover_debian_release() if kernel in (None, "", "debian") else kernel
-    return fetch_debian_kernel(release, cache_dir)
+    if kernel in (None, "", "debian"):
+        return fetch_debian_kernel(discover_debian_release(), cache_dir)
+    return fetch_debian_kernel(*resolve_release(kernel, cache_dir), cache_dir)
+
+
+def resolve_release(kernel: str, cache_dir: Path | None = None) -> tuple[str, str | None]:
+    """--kernel text into (release, suite or None); a prefix or a bare suite is looked up in the suite's index."""
+    spec = parse_kernel_spec(kernel)
+    if spec.release:
+        return spec.release, spec.suite
+    if spec.suite is None:
+        raise ConfigError(f"--kernel {kernel!r}: no Debian suite is known to ship {spec.prefix}",
+                          hint="name it: --kernel debian:SUITE/" + spec.prefix)
+    apt = AptSuite(spec.suite, cache_dir or default_cache_dir())
+    release = apt.newest_release(spec.prefix, spec.flavour) if spec.prefix else apt.current_release(spec.flavour)
+    return release, spec.suite
 
 
 # --------------------------------------------------------------------------- PVH boot
