@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from kpipe.lab.buildhost import BuildHostChroot
+from kpipe.lab.buildhost import BuildHostChroot, kbuild_host_packages
 from kpipe.lab.kernel import AptSuite, KernelImage, default_cache_dir, fetch_debian_kernel
 
 SUITE = os.environ.get("KPIPE_UOS510_SUITE", "bullseye")
@@ -74,11 +74,6 @@ def kernel_510() -> KernelImage:
     return k
 
 
-def buildhost_packages(release: str) -> tuple[str, ...]:
-    """The bullseye kbuild host's packages on top of the forge's base: the 5.10 headers (+ gcc-10, kbuild)."""
-    return (f"linux-headers-{release}", "gcc-10")
-
-
 def start_buildhost(folder: Path) -> dict[str, Any]:
     """The bullseye chroot's sshd on a free loopback port (the chroot made once, niced, cached by inputs)."""
     need_real("the bullseye build host needs root (mmdebstrap, chroot, mount namespaces)", os.geteuid() == 0)
@@ -86,7 +81,7 @@ def start_buildhost(folder: Path) -> dict[str, Any]:
     release = release_510()
     _nice()
     t = time.monotonic()
-    state = BuildHostChroot(folder).up(SUITE, packages=buildhost_packages(release), forced=(),
+    state = BuildHostChroot(folder).up(SUITE, packages=kbuild_host_packages(SUITE, release), forced=(),
                                        progress=lambda m: sys.stderr.write(f"buildhost: {m}\n"))
     TIMINGS["buildhost_up"] = time.monotonic() - t
     return state

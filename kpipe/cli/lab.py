@@ -31,7 +31,9 @@ def _lab() -> Lab:
 
 @lab_app.command("up")
 def up_cmd(
-    kernel: str | None = typer.Option(None, "--kernel", help="Debian kernel release, or `debian` for the current one."),
+    kernel: str | None = typer.Option(
+        None, "--kernel", help="Debian kernel release (5.10.0-32-amd64), a prefix to discover the newest (5.10), "
+        "debian:SUITE[/RELEASE|PREFIX], or `debian` for the host's current one."),
     kernel_image: Path | None = typer.Option(None, "--kernel-image", help="A vmlinuz of your own."),
     modules: Path | None = typer.Option(None, "--modules", help="Its /lib/modules/<release> folder."),
     vms: int | None = typer.Option(None, "--vms", min=1, max=16, help="How many VMs (\\[lab] vms, default 1)."),
@@ -180,6 +182,9 @@ def _buildhost(folder: Path | None) -> BuildHostChroot:
 def buildhost_up_cmd(
     suite: str = typer.Option("trixie", "--suite", help="Debian suite of the chroot (must ship kpatch-build)."),
     version: str = typer.Option("6.12", "--version", help="linux-source-<version> in the chroot (the forge's)."),
+    headers: str | None = typer.Option(
+        None, "--headers", help="A kbuild host instead: the suite's linux-headers of this release or prefix "
+        "(e.g. 5.10 on bullseye: the newest 5.10 ABI), no kernel source, no kpatch-build."),
     port: int | None = typer.Option(None, "--port", min=1, max=65535, help="Loopback port (default: a free one)."),
     folder: Path | None = typer.Option(None, "--folder", help="State folder (default: <workspace>/.lab/buildhost)."),
     json_out: bool = typer.Option(False, "--json", help="Print the state as JSON."),
@@ -191,14 +196,28 @@ def buildhost_up_cmd(
     st = state()
     out = st.err_console if json_out else st.console
     bh = _buildhost(folder)
-    info = bh.up(suite, version=version, port=port, progress=lambda m: out.print(f"[dim]buildhost:[/] {escape(m)}"))
+    say = lambda m: out.print(f"[dim]buildhost:[/] {escape(m)}")  # noqa: E731
+    if headers:
+        from kpipe.lab.buildhost import kbuild_host_packages, kbuild_kernel_toml
+        from kpipe.lab.kernel import resolve_release
+
+        release, _ = resolve_release(f"debian:{suite}/{headers}")
+        info = bh.up(suite, port=port, progress=say, packages=kbuild_host_packages(suite, release), forced=(),
+                     host_paths=("usr/src",))
+        name, kernels = f"kbuild-{suite}", (release,)
+        info["kernel_toml"] = kbuild_kernel_toml(release, Path(info["root"]))
+    else:
+        info = bh.up(suite, version=version, port=port, progress=say)
+        name, kernels = f"forge-{suite}", ("*-kforge-*",)
     if json_out:
         print_json(info)
         return
     st.console.print(f"build host: root@127.0.0.1:{info['port']} (sshd PID {info['pid']})")
     st.console.print(escape(f"add to kpipe.toml, and set [ssh] known_hosts = \"{info['known_hosts']}\" "
                             "(strict host keys):"), highlight=False)
-    st.console.print(escape(build_host_toml(f"forge-{suite}", info["port"], bh.identity_file)), highlight=False)
+    st.console.print(escape(build_host_toml(name, info["port"], bh.identity_file, kernels)), highlight=False)
+    if "kernel_toml" in info:
+        st.console.print(escape(info["kernel_toml"]), highlight=False)
 
 
 @buildhost_app.command("down")

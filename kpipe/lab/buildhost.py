@@ -56,6 +56,23 @@ def sshd_config(state: Path, port: int) -> str:
     return SSHD_CONFIG.format(port=port, state=state)
 
 
+# The gcc each suite built its kernels with: a module must be built with the kernel's own compiler major.
+SUITE_KERNEL_GCC = {"buster": "gcc-8", "bullseye": "gcc-10", "bookworm": "gcc-12", "trixie": "gcc-14"}
+
+
+def kbuild_host_packages(suite: str, release: str) -> tuple[str, ...]:
+    """A kbuild build host's extra packages: the release's headers (with kbuild) and the suite's kernel gcc."""
+    gcc = SUITE_KERNEL_GCC.get(suite)
+    return (f"linux-headers-{release}", *((gcc,) if gcc else ()))
+
+
+def kbuild_kernel_toml(release: str, root: Path) -> str:
+    """The [[kernels]] entry of a kbuild host's release: its headers by the path valid in and out of the chroot."""
+    headers = root / "usr" / "src" / f"linux-headers-{release}"
+    return (f"[[kernels]]\nrelease = {json.dumps(release)}\nheaders = {json.dumps(str(headers))}\n"
+            f"symbols = [{json.dumps(str(headers / 'Module.symvers'))}]\n")
+
+
 def known_hosts_line(port: int, host_pub: str) -> str:
     """The strict known_hosts line for the loopback build host."""
     return f"[127.0.0.1]:{port} {' '.join(host_pub.split()[:2])}\n"
@@ -163,11 +180,13 @@ class BuildHostChroot:
     def up(self, suite: str = "trixie", *, version: str = "6.12", port: int | None = None,
            mirror: str = DEFAULT_MIRROR, cache_dir: Path | None = None, timeout: float = 60.0,
            progress: Progress | None = None, packages: tuple[str, ...] | None = None,
-           forced: tuple[str, ...] = FORCE_DEPENDS_PACKAGES) -> dict[str, Any]:
+           forced: tuple[str, ...] = FORCE_DEPENDS_PACKAGES, host_paths: tuple[str, ...] = ()) -> dict[str, Any]:
         """Start sshd in the suite's chroot on a free loopback port; wait for its banner.
 
         packages: the chroot's extra packages (default linux-source-<version>, the forge's); forced:
         those installed with --force-depends (kpatch-build; () for a kbuild host of headers only).
+        host_paths: chroot folders (e.g. usr/src) also mounted inside at their host path, so one
+        absolute path names the chroot's headers for the build (in the chroot) and validation (here).
         """
         say = progress or (lambda _m: None)
         if self.running():
@@ -187,12 +206,16 @@ class BuildHostChroot:
         (chroot.root / "run" / "sshd").mkdir(parents=True, exist_ok=True)  # sshd's privilege separation dir
         kdir = kernels_dir(cache_dir)
         kdir.mkdir(parents=True, exist_ok=True)
+        exposed = tuple(chroot.root / p.strip("/") for p in host_paths)
+        for p in exposed:
+            if not p.is_dir() or ".." in Path(p).parts:
+                raise ConfigError(f"{p} is not a folder of the {suite} chroot")
         last_error = ""
         for _attempt in range(3):
             p = port or free_port()
             cfg = self.folder / "sshd_config"
             cfg.write_text(sshd_config(self.folder, p))
-            argv = enter_argv(chroot.root, [SSHD, "-D", "-e", "-f", str(cfg)], (self.folder, kdir))
+            argv = enter_argv(chroot.root, [SSHD, "-D", "-e", "-f", str(cfg)], (self.folder, kdir, *exposed))
             with open(self.folder / "sshd.log", "ab") as log:  # sshd keeps its own copy of the descriptor
                 proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True)
             state = {"pid": proc.pid, "port": p, "suite": suite, "root": str(chroot.root), "kernels": str(kdir),

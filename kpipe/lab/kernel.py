@@ -326,7 +326,8 @@ def resolve_kernel(kernel: str | None, kernel_image: Path | None, modules: Path 
         return user_kernel(kernel_image, modules)
     if kernel in (None, "", "debian"):
         return fetch_debian_kernel(discover_debian_release(), cache_dir)
-    return fetch_debian_kernel(*resolve_release(kernel, cache_dir), cache_dir)
+    release, suite = resolve_release(kernel, cache_dir)
+    return fetch_debian_kernel(release, cache_dir, suite=suite)
 
 
 def resolve_release(kernel: str, cache_dir: Path | None = None) -> tuple[str, str | None]:
