@@ -206,10 +206,10 @@ class BuildHostChroot:
         (chroot.root / "run" / "sshd").mkdir(parents=True, exist_ok=True)  # sshd's privilege separation dir
         kdir = kernels_dir(cache_dir)
         kdir.mkdir(parents=True, exist_ok=True)
-        exposed = tuple(chroot.root / p.strip("/") for p in host_paths)
-        for p in exposed:
-            if not p.is_dir() or ".." in Path(p).parts:
-                raise ConfigError(f"{p} is not a folder of the {suite} chroot")
+        exposed = tuple(chroot.root / rel.strip("/") for rel in host_paths)
+        for folder in exposed:
+            if ".." in folder.parts or not folder.is_dir():
+                raise ConfigError(f"{folder} is not a folder of the {suite} chroot")
         last_error = ""
         for _attempt in range(3):
             p = port or free_port()
