@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from kpipe.lab.buildhost import BuildHostChroot, kbuild_host_packages
+from kpipe.lab.buildhost import KBUILD_HOST_PATHS, BuildHostChroot, kbuild_host_packages
 from kpipe.lab.kernel import AptSuite, KernelImage, default_cache_dir, fetch_debian_kernel
 
 SUITE = os.environ.get("KPIPE_UOS510_SUITE", "bullseye")
@@ -82,6 +82,7 @@ def start_buildhost(folder: Path) -> dict[str, Any]:
     _nice()
     t = time.monotonic()
     state = BuildHostChroot(folder).up(SUITE, packages=kbuild_host_packages(SUITE, release), forced=(),
+                                       host_paths=KBUILD_HOST_PATHS,
                                        progress=lambda m: sys.stderr.write(f"buildhost: {m}\n"))
     TIMINGS["buildhost_up"] = time.monotonic() - t
     return state

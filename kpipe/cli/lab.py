@@ -198,12 +198,12 @@ def buildhost_up_cmd(
     bh = _buildhost(folder)
     say = lambda m: out.print(f"[dim]buildhost:[/] {escape(m)}")  # noqa: E731
     if headers:
-        from kpipe.lab.buildhost import kbuild_host_packages, kbuild_kernel_toml
+        from kpipe.lab.buildhost import KBUILD_HOST_PATHS, kbuild_host_packages, kbuild_kernel_toml
         from kpipe.lab.kernel import resolve_release
 
         release, _ = resolve_release(f"debian:{suite}/{headers}")
         info = bh.up(suite, port=port, progress=say, packages=kbuild_host_packages(suite, release), forced=(),
-                     host_paths=("usr/src",))
+                     host_paths=KBUILD_HOST_PATHS)
         name, kernels = f"kbuild-{suite}", (release,)
         info["kernel_toml"] = kbuild_kernel_toml(release, Path(info["root"]))
     else:

@@ -60,6 +60,11 @@ def sshd_config(state: Path, port: int) -> str:
 SUITE_KERNEL_GCC = {"buster": "gcc-8", "bullseye": "gcc-10", "bookworm": "gcc-12", "trixie": "gcc-14"}
 
 
+# Mounted inside a kbuild host's chroot at their host paths too: the headers tree (usr/src) links its
+# scripts into usr/lib/linux-kbuild-X.Y by relative symlinks, so both must resolve under one prefix.
+KBUILD_HOST_PATHS = ("usr/src", "usr/lib")
+
+
 def kbuild_host_packages(suite: str, release: str) -> tuple[str, ...]:
     """A kbuild build host's extra packages: the release's headers (with kbuild) and the suite's kernel gcc."""
     gcc = SUITE_KERNEL_GCC.get(suite)
