@@ -18,7 +18,8 @@ lab_app = typer.Typer(help="Disposable qemu VMs of a target kernel, reachable ov
 def register(app: typer.Typer) -> None:
     """Add this group's commands to the root app."""
     app.add_typer(lab_app, name="lab")
-    app.command("preflight", help="Boot the artifact's kernel in a VM, load, verify, probe, unload, verify removal.")(
+    app.command("preflight", help="Boot the artifact's kernel in a VM (or reuse a lab VM with --vm), load, verify, "
+                                  "probe, unload, verify removal.")(
         preflight_cmd)
 
 
@@ -235,7 +236,11 @@ def preflight_cmd(
     artifact_id: str = typer.Argument(..., help="Artifact id (or unique prefix)."),
     keep: bool = typer.Option(False, "--keep",
                               help="Leave the VM running after the check (`kpipe lab down --all` stops it)."),
-    sig_enforce: bool = typer.Option(False, "--sig-enforce", help="Boot the VM with module.sig_enforce=1."),
+    sig_enforce: bool = typer.Option(False, "--sig-enforce", help="Boot the VM with module.sig_enforce=1 "
+                                     "(with --vm: require that the lab VM enforces signatures)."),
+    vm: str | None = typer.Option(None, "--vm", metavar="VM",
+                                  help="Reuse this running lab VM (`kpipe lab up`, e.g. lab1) instead of booting "
+                                       "one; it must run the artifact's kernel and is left running and clean."),
     timeout: float = typer.Option(480.0, "--timeout", help="Seconds the VM may take to answer SSH."),
     json_out: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ) -> None:
@@ -247,15 +252,19 @@ def preflight_cmd(
     st = state()
     out = st.err_console if json_out else st.console
     result = run_preflight(st.workspace, artifact_id, keep=keep, sig_enforce=sig_enforce, boot_timeout=timeout,
-                           progress=lambda m: out.print(f"[dim]preflight:[/] {esc(m)}"))
+                           progress=lambda m: out.print(f"[dim]preflight:[/] {esc(m)}"), vm=vm)
     if json_out:
         print_json(result)
     else:
         colour = "green" if result["status"] == "passed" else "red"
-        st.console.print(f"preflight {esc(result['artifact'])} on {esc(result['kernel'])}: "
+        where = f" (lab VM {esc(result['vm'])})" if result.get("vm") else ""
+        st.console.print(f"preflight {esc(result['artifact'])} on {esc(result['kernel'])}{where}: "
                          f"[{colour}]{esc(result['status'])}[/] in {result['duration_s']:.1f} s")
         for p in result["problems"]:
             st.console.print(f"  - {esc(p)}")
+        for n in result.get("notes", []):
+            if "forged kernel" in n:
+                st.console.print(f"  note: {esc(n)}")
         if result.get("kept"):
             kept = result["kept"]
             st.console.print(f"VM kept at {esc(kept['ssh'])} (key and known_hosts in {esc(kept['folder'])}); "
