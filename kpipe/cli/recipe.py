@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+import re
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Optional
 
 import typer
 
 from kpipe.cli.context import print_json, state
 
 if TYPE_CHECKING:
+    from kpipe.builder.base import BuildPlan
+    from kpipe.builder.spec import BuildSpec
     from kpipe.workspace import Workspace
 
 recipe_app = typer.Typer(help="Patch recipes (recipes/*.yaml).", no_args_is_help=True)
@@ -28,8 +32,38 @@ def _scan(ws: Workspace) -> list[dict[str, Any]]:
             continue
         d = r.to_dict()
         d.update(ok=True, targets=recipes.kernels_for_recipe(ws, r))
+        d["description"] = _description(ws, file.stem, d.get("description", ""), d["targets"])
         rows.append(d)
     return rows
+
+
+_JINJA = re.compile(r"\{\{(.*?)\}\}|\{%.*?%\}|\{#.*?#\}", re.S)
+
+
+def plain_description(text: str) -> str:
+    """A description template without Jinja: each {{ a.b | f }} becomes its name in capitals (B), tags go."""
+    def name(m: re.Match[str]) -> str:
+        if m.group(1) is None:
+            return ""
+        expr = m.group(1).split("|")[0].strip()
+        return (re.split(r"[.\[\]'\"]+", expr.strip("'\"[]")) or [expr])[-1].strip().upper() or "..."
+
+    return " ".join(_JINJA.sub(name, text).split())
+
+
+def _description(ws: Workspace, name: str, raw: str, targets: list[str]) -> str:
+    """The description rendered for the recipe's first catalog kernel, else plain (never raw Jinja)."""
+    if "{" not in raw:
+        return raw
+    from kpipe import recipes
+    from kpipe.errors import KpipeError
+
+    if targets:
+        try:
+            return str(recipes.render(ws, name, targets[0]).rendered.get("description", ""))
+        except KpipeError:
+            pass  # `recipe lint` reports why; the listing shows the plain text
+    return plain_description(raw)
 
 
 @recipe_app.command("list")
@@ -39,6 +73,16 @@ def list_cmd(json_out: bool = typer.Option(False, "--json", help="Print JSON."))
     rows = _scan(st.workspace)
     if json_out:
         print_json(rows)
+        return
+    if not st.console.is_terminal:
+        # for tools and pipes: tab-separated, no boxes, no padding, nothing cut
+        print("\t".join(("name", "builder", "kernels", "targets in catalog", "description")))
+        for r in rows:
+            if not r["ok"]:
+                print("\t".join((r["name"], "broken", "", "", r["error"])))
+            else:
+                print("\t".join((r["name"], r["builder"], ", ".join(r["kernels"]), ", ".join(r["targets"]) or "none",
+                                 r["description"])))
         return
     from rich.table import Table
     from rich.text import Text
@@ -98,9 +142,13 @@ def lint_cmd(json_out: bool = typer.Option(False, "--json", help="Print JSON."))
 def render_cmd(
     name: str = typer.Argument(..., help="Recipe name (file name without .yaml)."),
     kernel: str = typer.Option(..., "--kernel", "-k", help="Target kernel release (from `kpipe kernels list`)."),
+    output: Optional[Path] = typer.Option(
+        None, "--output", "-o", metavar="DIR",
+        help="Also write the plain rendered files to DIR: patches and sources, recipe.yaml (the rendered recipe) "
+             "and builder.argv (the builder's command line, shell-quoted)."),
     json_out: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
-    """Render a recipe for one kernel and print the concrete build spec (with rendered sources)."""
+    """Render a recipe for one kernel: the build spec, the builder's exact argv, the rendered sources."""
     from kpipe import recipes
 
     st = state()
@@ -108,33 +156,143 @@ def render_cmd(
     data = spec.to_dict()
     data["inputs_digest"] = spec.inputs_digest()
     data["description"] = spec.rendered.get("description", "")
+    # With --output the build folder is DIR itself: builder.argv then runs as written against DIR's files.
+    build_dir = str(output.resolve()) if output is not None else BUILD_DIR
+    plan, argv_note = builder_plan(st.workspace, spec, build_dir)
+    argv = list(plan.argv)
+    data["builder_argv"] = argv
+    data["builder_argv_note"] = argv_note
+    if output is not None:
+        data["output"] = [str(f) for f in write_rendered(spec, plan, output)]
     if json_out:
         print_json(data)
         return
-    from rich.panel import Panel
-    from rich.syntax import Syntax
-    from rich.table import Table
+    _print_render(spec, data, argv, argv_note)
+    if output is not None:
+        st.console.print(f"wrote {len(data['output'])} files to {output}", markup=False, highlight=False)
+
+
+BUILD_DIR = "$BUILD_DIR"  # the per-build folder on the build host, chosen when the build runs
+
+
+def builder_plan(ws: Workspace, spec: BuildSpec, build_dir: str) -> tuple[BuildPlan, str]:
+    """The builder's plan (argv, staged files) for `spec` on the build host a build would pick (its `tools`
+    paths) in `build_dir`; and which host, or why none of the configured ones accepts the kernel."""
+    from kpipe.builder.base import get_builder
+    from kpipe.builder.hosts import select_hosts
+    from kpipe.errors import KpipeError
+    from kpipe.settings import BuildHost
+
+    note = ""
+    try:
+        host = select_hosts(ws.build_hosts, spec.kernel.release, spec.kernel.arch)[0]
+        note = f"on build host {host.name}"
+    except KpipeError as e:
+        host = BuildHost(name="local")
+        note = f"tools by bare name: {e}"
+    return get_builder(spec.builder).plan(spec, host, build_dir), note
+
+
+def write_rendered(spec: BuildSpec, plan: BuildPlan, folder: Path) -> list[Path]:
+    """Write the plain rendered files to `folder` as the build folder holds them (kpatch-build:
+    patches/NN/NAME; kbuild: src/NAME), plus recipe.yaml and builder.argv; the paths written."""
+    import shlex
+
+    import yaml
+
+    from kpipe.errors import ConfigError
+
+    written: list[Path] = []
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+
+        def put(rel: str, data: bytes) -> None:
+            dest = folder / rel
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            dest.write_bytes(data)
+            written.append(dest)
+
+        for f in plan.files:
+            if f.data or not f.name.endswith("/.keep"):
+                put(f.name, f.data)
+            else:
+                (folder / f.name).parent.mkdir(parents=True, exist_ok=True)  # the builder's output folder
+        put("recipe.yaml", yaml.safe_dump(spec.rendered, sort_keys=False, allow_unicode=True).encode())
+        put("builder.argv", (shlex.join(plan.argv) + "\n").encode())
+    except OSError as e:
+        raise ConfigError(f"--output {folder}: cannot write: {e.strerror or e}",
+                          hint="give a folder you can write to") from None
+    return written
+
+
+def _value(value: Any) -> str:
+    """An option's value on one line: strings with edge spaces or newlines quoted (JSON)."""
+    import json
+
+    if isinstance(value, str) and (value != value.strip() or "\n" in value):
+        return json.dumps(value)
+    return str(value)
+
+
+def _seconds(value: Any) -> str:
+    return f"{value:g} s" if isinstance(value, (int, float)) and not isinstance(value, bool) else str(value)
+
+
+def _rollout_text(rollout: dict[str, Any]) -> str:
+    parts = []
+    for key, value in rollout.items():
+        if key == "probe":
+            continue  # shown on its own row
+        if key == "soak":
+            parts.append(f"soak {_seconds(value)}")
+        elif key == "waves":
+            parts.append("waves " + ", ".join(map(str, value)))
+        else:
+            parts.append(f"{key.replace('_', ' ')} {value}")
+    return ", ".join(parts) or "-"
+
+
+def _print_render(spec: BuildSpec, data: dict[str, Any], argv: list[str], argv_note: str) -> None:
+    """A table and source panels on a terminal; `key: value` lines and the raw sources when piped."""
+    import shlex
+
     from rich.text import Text
 
-    table = Table(show_header=False, box=None, pad_edge=False)
-    table.add_column(style="bold")
-    table.add_column()
+    st = state()
     k = spec.kernel
+    recipe_opts = spec.rendered.get("options") or {}
     rows = [
         ("recipe", f"{spec.recipe}  ({spec.recipe_file})"),
         ("description", data["description"]),
         ("kernel", f"{k.release}  ({k.distro}, {k.arch}, {'.'.join(map(str, k.version))})"),
         ("builder", spec.builder),
+        ("argv", shlex.join(argv) + (f"  ({argv_note})" if argv_note else "")),
         ("module", f"{spec.module_name}.ko  (sysfs: {spec.module_name.replace('-', '_')})"),
-        ("options", ", ".join(f"{a}={b}" for a, b in spec.options.items()) or "-"),
+        ("recipe options", ", ".join(f"{a}={_value(b)}" for a, b in recipe_opts.items()) or "-"),
+        ("builder options", ", ".join(f"{a}={_value(b)}" for a, b in spec.options.items()) or "-"),
         ("signing", f"sign={spec.signing.get('sign')} signer={spec.signing.get('signer') or '-'}"),
-        ("rollout", ", ".join(f"{a}={b}" for a, b in spec.rollout.items()) or "-"),
+        ("rollout", _rollout_text(spec.rollout)),
         ("probe", "-" if spec.probe is None else f"{list(spec.probe.argv)} expect /{spec.probe.expect}/"
          + (f" after rollback /{spec.probe.expect_after_rollback}/" if spec.probe.expect_after_rollback else "")),
         ("inputs digest", data["inputs_digest"]),
     ]
     for p in spec.patches:
         rows.append(("patch", f"{p.name}  sha256:{p.sha256[:16]}"))
+    if not st.console.is_terminal:
+        # for tools and pipes: no boxes, no padding, no colour; the sources verbatim after a header line
+        for key, value in rows:
+            print(f"{key}: {value}")
+        for src in spec.sources:
+            print(f"--- {src.name}")
+            print(src.text, end="" if src.text.endswith("\n") else "\n")
+        return
+    from rich.panel import Panel
+    from rich.syntax import Syntax
+    from rich.table import Table
+
+    table = Table(show_header=False, box=None, pad_edge=False)
+    table.add_column(style="bold", no_wrap=True)
+    table.add_column()
     for key, value in rows:
         table.add_row(key, Text(str(value)))
     st.console.print(table)
