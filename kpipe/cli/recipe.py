@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any
 
 import typer
 
@@ -142,7 +142,7 @@ def lint_cmd(json_out: bool = typer.Option(False, "--json", help="Print JSON."))
 def render_cmd(
     name: str = typer.Argument(..., help="Recipe name (file name without .yaml)."),
     kernel: str = typer.Option(..., "--kernel", "-k", help="Target kernel release (from `kpipe kernels list`)."),
-    output: Optional[Path] = typer.Option(
+    output: Path | None = typer.Option(
         None, "--output", "-o", metavar="DIR",
         help="Also write the plain rendered files to DIR: patches and sources, recipe.yaml (the rendered recipe) "
              "and builder.argv (the builder's command line, shell-quoted)."),
