@@ -263,7 +263,7 @@ def preflight_cmd(
         for p in result["problems"]:
             st.console.print(f"  - {esc(p)}")
         for n in result.get("notes", []):
-            if "forged kernel" in n:
+            if "forged kernel" in n and n not in result["problems"]:  # the sig_enforce line, said once
                 st.console.print(f"  note: {esc(n)}")
         if result.get("kept"):
             kept = result["kept"]
