@@ -111,7 +111,8 @@ def test_completion_of_command_names_imports_no_command_module(ws: Path):
 
 
 def test_completion_inside_a_group_loads_that_group(ws: Path):
-    r, names = imported((), ws, script=True, _KPIPE_COMPLETE="complete_bash", COMP_WORDS="kpipe kernels p", COMP_CWORD="2")
+    r, names = imported((), ws, script=True, _KPIPE_COMPLETE="complete_bash", COMP_WORDS="kpipe kernels p",
+                        COMP_CWORD="2")
     assert r.returncode == 0 and r.stdout.split() == ["parse"], r.stdout + r.stderr[-2000:]
     assert "kpipe.cli.kernels" in names and "kpipe.cli.rollout" not in names
 
