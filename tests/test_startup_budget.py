@@ -158,3 +158,17 @@ def test_no_arguments_shows_help_and_exit_2(ws: Path):
     r = subprocess.run([sys.executable, "-m", "kpipe"], cwd=ws, env=_env(), capture_output=True, text=True,
                        timeout=120)
     assert r.returncode == 2 and "Usage:" in r.stdout + r.stderr and "rollout" in r.stdout + r.stderr
+
+
+def test_a_listed_command_used_directly_runs_the_real_one(ws: Path):
+    """A tool that takes a command from the listing (not through resolve_command) still gets the real one."""
+    code = ("import typer.main\n"
+            "from kpipe.cli.app import app\n"
+            "root = typer.main.get_command(app)\n"
+            "ctx = root.make_context('kpipe', ['kernels'])\n"
+            f"args = ['parse', '{RELEASE}', '--json']\n"
+            "sub = root.get_command(ctx, 'kernels').make_context('kernels', args, parent=ctx)\n"
+            "sub.command.invoke(sub)\n")
+    r = subprocess.run([sys.executable, "-c", code], cwd=ws, env=_env(), capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert f'"release": "{RELEASE}"' in r.stdout

@@ -83,6 +83,11 @@ def _lazy_group_class() -> type[TyperGroup]:
 
         module = ""
 
+        def make_context(self, info_name: str | None, args: list[str], parent: Any = None, **extra: Any) -> Any:
+            # Reached only by a caller that skipped resolve_command (a docs generator, say): run the real one.
+            real = load_commands(self.module)[self.name or ""]
+            return real.make_context(info_name, args, parent=parent, **extra)
+
     class LazyGroup(TyperGroup):
         """The root group: each command's module is imported when that command is resolved, not before."""
 
