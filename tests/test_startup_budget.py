@@ -29,7 +29,7 @@ COMMAND_MODULES = tuple(f"kpipe.cli.{m}" for m in ("init", "kernels", "symbols",
                                                     "validate", "sign", "keys", "fleet", "rollout", "audit", "lab"))
 
 BUDGET: list[tuple[tuple[str, ...], tuple[str, ...]]] = [
-    (("--version",), ("typer", "click", "rich", "sqlite3", "kpipe.errors", *SSH)),
+    (("--version",), ("typer", "click", "rich", "sqlite3", "kpipe.errors", "kpipe.cli.context", *SSH)),
     (("-W", ".", "--debug", "--version"), ("typer", "rich", *SSH)),
     (("kernels", "parse", RELEASE), (*SSH, *NO_ELF, *NO_RECIPE, "sqlite3", "yaml", "kpipe.workspace")),
     (("kernels", "parse", RELEASE, "--json"), (*SSH, *NO_ELF, *NO_RECIPE, *NO_TABLE, "sqlite3", "yaml")),

@@ -13,7 +13,6 @@ import sys
 from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
 from kpipe import __version__
-from kpipe.cli.context import STATE
 
 if TYPE_CHECKING:  # Typer loads only once a command (not --version) runs
     import typer
@@ -112,6 +111,8 @@ def build_app() -> typer.Typer:
     """The root Typer app: global options, and every command as a lazily imported entry of COMMANDS."""
     import typer
 
+    from kpipe.cli.context import STATE
+
     app = typer.Typer(
         name="kpipe",
         cls=_lazy_group_class(),
@@ -185,6 +186,7 @@ def main() -> None:
 
     import typer
 
+    from kpipe.cli.context import STATE  # after the --version answer: it loads dataclasses and json
     from kpipe.errors import ExitCode, KpipeError
 
     debug = os.environ.get("KPIPE_DEBUG", "") not in ("", "0")
