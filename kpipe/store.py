@@ -5,7 +5,10 @@ Layout under the store folder (default `.kpipe/` in the workspace):
 
 Each component declares its own tables as a DDL string and calls
 `Store.ensure_schema()`; the DDL runs only when one of the tables or indexes it
-names is missing, so read-only commands never take the write lock. WAL plus a
+names is missing, so read-only commands never take the write lock. What exists
+is read once per process (one query of sqlite_master, however many components
+ask), and `PRAGMA user_version` holds the store format (SCHEMA_VERSION): a store
+from a newer kpipe is refused rather than half understood. WAL plus a
 bounded busy wait plus IMMEDIATE write transactions let several kpipe processes
 share one store; a writer that holds the lock longer than the wait
 (`KPIPE_STORE_WAIT`, default 5 s) makes the command exit 10 naming the holder.
@@ -37,6 +40,8 @@ WAIT_ENV = "KPIPE_STORE_WAIT"
 _DEFAULT_WAIT_S = 5.0
 # PRAGMA application_id of a store kpipe created ("kpip"): tells a new store from an emptied one.
 _APPLICATION_ID = 0x6B706970
+# PRAGMA user_version of the stores this kpipe writes; raise it with a migration when a table changes shape.
+SCHEMA_VERSION = 1
 _DDL_NAME = re.compile(r"^\s*CREATE\s+(?:UNIQUE\s+)?(?:TABLE|INDEX|VIEW|TRIGGER)\s+IF\s+NOT\s+EXISTS\s+([\w\"]+)",
                        re.IGNORECASE)
 _RESTORE_HINT = ("restore it from a backup, or move it aside to start a new store (the blobs stay; "
@@ -45,6 +50,10 @@ _RESTORE_HINT = ("restore it from a backup, or move it aside to start a new stor
 
 class StoreCorrupt(KpipeError):
     """The store's bytes are not what it recorded: a changed blob, or a damaged state.db (exit 1)."""
+
+
+class StoreTooNew(KpipeError):
+    """The store was written by a newer kpipe whose schema this one does not know (exit 1)."""
 
 
 def store_wait_seconds() -> float:
@@ -142,6 +151,8 @@ class Store:
         self.db_path = self.root / "state.db"
         self._local = threading.local()
         self._ensured: set[str] = set()
+        self._names: set[str] | None = None  # tables/indexes in sqlite_master, read once
+        self._user_version = 0
         self._ensure_lock = threading.Lock()
         self._opened = False
         # (digest, dev, inode, size, mtime, ctime) of blobs whose hash was checked
@@ -162,6 +173,7 @@ class Store:
             try:
                 c.execute("PRAGMA journal_mode=WAL")
                 c.execute(f"PRAGMA application_id={_APPLICATION_ID}")
+                c.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
             finally:
                 c.close()
             with contextlib.suppress(FileExistsError):  # another process made it first: use theirs
@@ -172,9 +184,14 @@ class Store:
                     os.unlink(tmp + suffix)
 
     def _open_check(self, conn: sqlite3.Connection) -> None:
-        """Refuse a state.db that is damaged, or that exists but holds nothing of kpipe's."""
+        """Refuse a state.db that is damaged, holds nothing of kpipe's, or was written by a newer kpipe."""
         app_id = conn.execute("PRAGMA application_id").fetchone()[0]
+        self._user_version = int(conn.execute("PRAGMA user_version").fetchone()[0])
         if app_id == _APPLICATION_ID:
+            if self._user_version > SCHEMA_VERSION:
+                raise StoreTooNew(f"the store's database {self.db_path} has schema version {self._user_version}; "
+                                  f"this kpipe knows up to {SCHEMA_VERSION}",
+                                  hint="run the kpipe that wrote it, or a newer one")
             return
         tables = conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]
         if app_id != 0 or not tables:
@@ -231,23 +248,28 @@ class Store:
         return conn
 
     def ensure_schema(self, ddl: str) -> None:
-        """Create a component's tables and indexes when one is missing (so reading never writes)."""
+        """Create a component's tables and indexes when one is missing (so reading never writes).
+
+        The names in sqlite_master are read once per process; a store whose user_version is behind
+        SCHEMA_VERSION is stamped in the same write that creates what it lacks."""
         if ddl in self._ensured:
             return
         with self._ensure_lock:
             if ddl in self._ensured:
                 return
             stmts = [s for s in ddl.split(";") if s.strip()]
-            names = [m.group(1).strip('"') for s in stmts if (m := _DDL_NAME.match(s))]
-            present = set()
-            if len(names) == len(stmts):  # every statement is a CREATE ... IF NOT EXISTS: check first
-                marks = ", ".join("?" * len(names))
-                present = {r[0] for r in self.query(f"SELECT name FROM sqlite_master WHERE name IN ({marks})",
-                                                    tuple(names))}
-            if len(names) != len(stmts) or present != set(names):
+            names = {m.group(1).strip('"') for s in stmts if (m := _DDL_NAME.match(s))}
+            if self._names is None:
+                self._names = {r[0] for r in self.query("SELECT name FROM sqlite_master")}
+            complete = len(names) == len(stmts)  # every statement is a CREATE ... IF NOT EXISTS: checkable
+            if not complete or not names <= self._names or self._user_version < SCHEMA_VERSION:
                 with self.write() as c:
                     for stmt in stmts:
                         c.execute(stmt)
+                    if self._user_version < SCHEMA_VERSION:
+                        c.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+                self._user_version = SCHEMA_VERSION
+                self._names |= names
             self._ensured.add(ddl)
 
     @contextlib.contextmanager

@@ -1,78 +1,254 @@
 """The kpipe command line: one Typer app, one module per command group.
 
-Command modules import their heavy dependencies inside the commands, so that
-`kpipe --help` and shell completion stay instant.
+Start-up is budgeted (tests/test_startup_budget.py, bench/startup.py): `kpipe --version` answers before
+Typer loads, and the root group knows each command's module by name (COMMANDS) and imports only the one
+that runs. `--help` and shell completion list names and short help from that table, so they import no
+command module at all.
 """
 
 from __future__ import annotations
 
 import os
 import sys
-from typing import Protocol
-
-import typer
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
 from kpipe import __version__
-from kpipe.cli.context import STATE
 
-app = typer.Typer(
-    name="kpipe",
-    help="Build, validate, sign and roll out kernel live patches to Linux fleets.",
-    no_args_is_help=True,
-    pretty_exceptions_enable=False,
-    context_settings={"help_option_names": ["-h", "--help"]},
-)
+if TYPE_CHECKING:  # Typer loads only once a command (not --version) runs
+    import typer
+    from typer.core import TyperGroup
 
 
-def _version(value: bool) -> None:
-    if value:
-        typer.echo(f"kpipe {__version__}")
-        raise typer.Exit()
+class CommandEntry(NamedTuple):
+    """Where a root command lives and what `kpipe --help` says of it before its module is imported."""
+
+    module: str  # kpipe.cli.<module> has register(app), which adds this command
+    help: str  # the first paragraph of the command's own help (tests/test_startup_budget.py checks it)
 
 
-@app.callback()
-def _root(
-    workspace: str | None = typer.Option(
-        None, "--workspace", "-W", envvar="KPIPE_WORKSPACE", help="Workspace folder (holds kpipe.toml)."
-    ),
-    debug: bool = typer.Option(False, "--debug", envvar="KPIPE_DEBUG", help="Show tracebacks."),
-    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
-) -> None:
-    STATE.workspace_arg = workspace
-    STATE.debug = debug
+# In the order `kpipe --help` lists them (Typer lists commands before groups).
+COMMANDS: dict[str, CommandEntry] = {
+    "init": CommandEntry("init", "Write a commented kpipe.toml (a local build host, the installed kernels, a lab "
+                                 "signer, an empty fleet), recipes/ with one example and patches/."),
+    "build": CommandEntry("build", "Build live patch modules on the workspace's build hosts (reattaches to running "
+                                   "builds)."),
+    "builds": CommandEntry("build", "List recorded builds (running ones can be reattached with the same "
+                                    "`kpipe build`)."),
+    "validate": CommandEntry("validate", "Validate a module or artifact for a kernel; exit 3 when it is invalid."),
+    "sign": CommandEntry("sign", "Sign a module file (in place or to --output) or an artifact (stored as a new "
+                                 "signed artifact)."),
+    "verify": CommandEntry("audit", "Read every selected host's live patches over SSH and check them against the "
+                                    "desired state (exit 1 if any host is not compliant)."),
+    "audit": CommandEntry("audit", "Report desired vs observed live-patch state per host and patch, as a table, "
+                                   "JSON, JUnit XML, Prometheus text or HTML."),
+    "preflight": CommandEntry("lab", "Boot the artifact's kernel in a VM, load, verify, probe, unload, verify "
+                                     "removal."),
+    "kernels": CommandEntry("kernels", "Kernel releases and the workspace's kernel catalog."),
+    "recipe": CommandEntry("recipe", "Patch recipes (recipes/*.yaml)."),
+    "artifacts": CommandEntry("artifacts", "Built and signed modules in the store."),
+    "keys": CommandEntry("keys", "Module-signing keys (the kernel's X.509 format)."),
+    "fleet": CommandEntry("fleet", "The fleet: hosts from kpipe's fleet file and Ansible inventories, and their "
+                                   "facts."),
+    "rollout": CommandEntry("rollout", "Staged, health-gated rollouts with a journal, resume and rollback."),
+    "lab": CommandEntry("lab", "Disposable qemu VMs of a target kernel, reachable over SSH."),
+}
+
+HELP = "Build, validate, sign and roll out kernel live patches to Linux fleets."
+# Root options that take a value: the --version fast path steps over them.
+_VALUE_OPTIONS = ("--workspace", "-W")
+_FLAG_OPTIONS = ("--debug",)
+COMPLETE_VAR = "_KPIPE_COMPLETE"
 
 
-def _register() -> None:
-    # Each module adds its commands or sub-app; the import is cheap by design.
-    from kpipe.cli import (  # noqa: F401
-        artifacts,
-        audit,
-        build,
-        fleet,
-        init,
-        kernels,
-        keys,
-        lab,
-        recipe,
-        rollout,
-        sign,
-        validate,
+class _Registers(Protocol):
+    """A kpipe.cli command module: register(app) adds its commands to the root app."""
+
+    def register(self, app: typer.Typer) -> None: ...
+
+
+def command_module(module: str) -> _Registers:
+    """kpipe.cli.<module>, imported by name in the source (so the import graph and importtime show it)."""
+    match module:
+        case "init":
+            from kpipe.cli import init
+
+            return init
+        case "kernels":
+            from kpipe.cli import kernels
+
+            return kernels
+        case "recipe":
+            from kpipe.cli import recipe
+
+            return recipe
+        case "build":
+            from kpipe.cli import build
+
+            return build
+        case "artifacts":
+            from kpipe.cli import artifacts
+
+            return artifacts
+        case "validate":
+            from kpipe.cli import validate
+
+            return validate
+        case "sign":
+            from kpipe.cli import sign
+
+            return sign
+        case "keys":
+            from kpipe.cli import keys
+
+            return keys
+        case "fleet":
+            from kpipe.cli import fleet
+
+            return fleet
+        case "rollout":
+            from kpipe.cli import rollout
+
+            return rollout
+        case "audit":
+            from kpipe.cli import audit
+
+            return audit
+        case "lab":
+            from kpipe.cli import lab
+
+            return lab
+        case _:
+            raise KeyError(f"no kpipe.cli command module {module!r}")
+
+
+def load_commands(module: str) -> dict[str, Any]:
+    """The click commands kpipe.cli.<module> registers, by name (imports that module and Typer)."""
+    import typer
+    import typer.main
+
+    scratch = typer.Typer()
+    command_module(module).register(scratch)
+    return dict(typer.main.get_group(scratch).commands)
+
+
+def _lazy_group_class() -> type[TyperGroup]:
+    from typer.core import TyperCommand, TyperGroup
+
+    class _Placeholder(TyperCommand):
+        """A root command whose module is not imported yet: its name and short help, for --help and completion."""
+
+        module = ""
+
+        def make_context(self, info_name: str | None, args: list[str], parent: Any = None, **extra: Any) -> Any:
+            # Reached only by a caller that skipped resolve_command (a docs generator, say): run the real one.
+            real = load_commands(self.module)[self.name or ""]
+            return real.make_context(info_name, args, parent=parent, **extra)
+
+    class LazyGroup(TyperGroup):
+        """The root group: each command's module is imported when that command is resolved, not before."""
+
+        def __init__(self, **kw: Any) -> None:
+            super().__init__(**kw)
+            for name, entry in COMMANDS.items():
+                if name not in self.commands:
+                    stub = _Placeholder(name=name, help=entry.help)
+                    stub.module = entry.module
+                    self.commands[name] = stub
+
+        def resolve_command(self, ctx: Any, args: list[str]) -> tuple[str | None, Any, list[str]]:
+            cmd = self.commands.get(args[0]) if args else None
+            if isinstance(cmd, _Placeholder):
+                self.commands.update(load_commands(cmd.module))
+            return super().resolve_command(ctx, args)
+
+    return LazyGroup
+
+
+def build_app() -> typer.Typer:
+    """The root Typer app: global options, and every command as a lazily imported entry of COMMANDS."""
+    import typer
+
+    from kpipe.cli.context import STATE
+
+    app = typer.Typer(
+        name="kpipe",
+        cls=_lazy_group_class(),
+        help=HELP,
+        no_args_is_help=True,
+        pretty_exceptions_enable=False,
+        context_settings={"help_option_names": ["-h", "--help"]},
     )
 
-    for mod in (init, kernels, recipe, build, artifacts, validate, sign, keys, fleet, rollout, audit, lab):
-        mod.register(app)
+    def _version(value: bool) -> None:
+        if value:
+            typer.echo(f"kpipe {__version__}")
+            raise typer.Exit()
+
+    @app.callback()
+    def _root(
+        workspace: str | None = typer.Option(
+            None, "--workspace", "-W", envvar="KPIPE_WORKSPACE", help="Workspace folder (holds kpipe.toml)."
+        ),
+        debug: bool = typer.Option(False, "--debug", envvar="KPIPE_DEBUG", help="Show tracebacks."),
+        version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                     help="Print the version."),
+    ) -> None:
+        STATE.workspace_arg = workspace
+        STATE.debug = debug
+
+    return app
 
 
-_register()
+_app: typer.Typer | None = None
+
+
+def get_app() -> typer.Typer:
+    """The process's root app, built on first use."""
+    global _app
+    if _app is None:
+        _app = build_app()
+    return _app
+
+
+def __getattr__(name: str) -> Any:
+    # `from kpipe.cli.app import app` keeps working; Typer loads on that first use, not on import.
+    if name == "app":
+        return get_app()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _asks_version(args: list[str]) -> bool:
+    """Whether the root options (before any command) include --version: answered without Typer."""
+    i = 0
+    while i < len(args):
+        a = args[i]
+        if a == "--version":
+            return True
+        if a in _VALUE_OPTIONS:
+            i += 2
+            continue
+        if a in _FLAG_OPTIONS or a.startswith("--workspace=") or (a.startswith("-W") and len(a) > 2):
+            i += 1
+            continue
+        return False
+    return False
 
 
 def main() -> None:
     """Console-script entry point: run the app, map KpipeError to one line and its exit code."""
+    if COMPLETE_VAR not in os.environ and _asks_version(sys.argv[1:]):
+        sys.stdout.write(f"kpipe {__version__}\n")
+        sys.stdout.flush()
+        sys.exit(0)
+
+    import typer
+
+    from kpipe.cli.context import STATE  # after the --version answer: it loads dataclasses and json
     from kpipe.errors import ExitCode, KpipeError
 
     debug = os.environ.get("KPIPE_DEBUG", "") not in ("", "0")
     try:
-        rc = app(standalone_mode=False)
+        rc = get_app()(standalone_mode=False)
     except KpipeError as e:
         if debug or STATE.debug:
             import traceback

@@ -21,9 +21,6 @@ def list_cmd(
     json_out: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """List artifacts, newest first."""
-    from rich.markup import escape
-    from rich.table import Table
-
     from kpipe.artifacts import list_artifacts
     from kpipe.cli.context import print_json, state
 
@@ -32,6 +29,9 @@ def list_cmd(
     if json_out:
         print_json([a.to_dict() for a in arts])
         return
+    from rich.markup import escape  # after the JSON return: --json output loads no Rich
+    from rich.table import Table
+
     if not arts:
         st.console.print("no artifacts" + (" match" if kernel or recipe or status else " yet; run `kpipe build`"))
         return

@@ -1,0 +1,175 @@
+"""The start-up budget (issue 13): each command imports only what it uses.
+
+`python3 -X importtime -m kpipe ...` lists every module a run imports; each command below has a list of
+modules it must not load (SSH and Ansible libraries for commands that touch no host, Rich tables for JSON
+output, Typer for --version, pyelftools where no ELF is read, Jinja2 where no recipe renders). No timing is
+asserted here: bench/startup.py measures the CPU cost beside `python3 -c pass`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+RELEASE = "5.10.0-amd64-UOS"  # parser test data
+
+SSH = ("paramiko", "fabric", "invoke", "cryptography", "bcrypt", "nacl", "ansible*")
+NO_ELF = ("elftools",)
+NO_RECIPE = ("jinja2",)
+NO_TABLE = ("rich.table", "rich.console")  # --json writes JSON with the json module, no Rich at all
+# kpipe.cli modules that define commands: --help and completion list them from a static table instead
+COMMAND_MODULES = tuple(f"kpipe.cli.{m}" for m in ("init", "kernels", "symbols", "recipe", "build", "artifacts",
+                                                    "validate", "sign", "keys", "fleet", "rollout", "audit", "lab"))
+
+BUDGET: list[tuple[tuple[str, ...], tuple[str, ...]]] = [
+    (("--version",), ("typer", "click", "rich", "sqlite3", "kpipe.errors", "kpipe.cli.context", *SSH)),
+    (("-W", ".", "--debug", "--version"), ("typer", "rich", *SSH)),
+    (("kernels", "parse", RELEASE), (*SSH, *NO_ELF, *NO_RECIPE, "sqlite3", "yaml", "kpipe.workspace")),
+    (("kernels", "parse", RELEASE, "--json"), (*SSH, *NO_ELF, *NO_RECIPE, *NO_TABLE, "sqlite3", "yaml")),
+    (("artifacts", "list"), (*SSH, *NO_ELF, *NO_RECIPE, "yaml")),
+    (("artifacts", "list", "--json"), (*SSH, *NO_ELF, *NO_RECIPE, *NO_TABLE, "yaml")),
+    (("rollout", "status", "last"), (*SSH, *NO_ELF, *NO_RECIPE)),
+    (("rollout", "status", "last", "--json"), (*SSH, *NO_ELF, *NO_RECIPE, *NO_TABLE)),
+    (("--help",), (*SSH, *NO_ELF, *NO_RECIPE, "sqlite3", *COMMAND_MODULES)),
+]
+
+
+@pytest.fixture(scope="module")
+def ws(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A workspace with one finished rollout, so `rollout status last` renders a real one."""
+    root = tmp_path_factory.mktemp("budget")
+    (root / "kpipe.toml").write_text('[workspace]\nstore = ".kpipe"\n')
+    seed = ("from kpipe.store import open_store\n"
+            "from kpipe.rollout.journal import Journal\n"
+            "j = Journal(open_store('.kpipe'))\n"
+            "plan = {'target': 'all', 'target_kind': 'artifact', 'waves': [], 'assignments': {}, 'excluded': [],"
+            " 'options': {}}\n"
+            "j.set_state(j.create(plan, {}, target='all'), 'completed')\n")
+    subprocess.run([sys.executable, "-c", seed], cwd=root, env=_env(), check=True, timeout=120)
+    return root
+
+
+def _env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("KPIPE_", "_KPIPE_"))}
+    return {**env, "PYTHONPATH": str(REPO), "COLUMNS": "200", **extra}
+
+
+# The console script's way in (its program name is `kpipe`, which shell completion keys on).
+AS_SCRIPT = "import sys; sys.argv[0] = 'kpipe'; from kpipe.cli.app import main; main()"
+
+
+def imported(args: tuple[str, ...], cwd: Path, script: bool = False,
+             **env: str) -> tuple[subprocess.CompletedProcess[str], set[str]]:
+    """Run `python3 -X importtime -m kpipe ARGS`; the result and the names of every module it imported."""
+    entry = ["-c", AS_SCRIPT] if script else ["-m", "kpipe"]
+    r = subprocess.run([sys.executable, "-X", "importtime", *entry, *args], cwd=cwd, env=_env(**env),
+                       capture_output=True, text=True, timeout=120)
+    names = {line.rsplit("|", 1)[1].strip() for line in r.stderr.splitlines() if line.startswith("import time:")}
+    names.discard("package")  # the header line
+    return r, names
+
+
+def _matches(name: str, pattern: str) -> bool:
+    if pattern.endswith("*"):
+        return name.startswith(pattern[:-1])
+    return name == pattern or name.startswith(pattern + ".")
+
+
+@pytest.mark.parametrize("args, forbidden", BUDGET, ids=[" ".join(a) for a, _ in BUDGET])
+def test_command_imports_nothing_it_does_not_use(ws: Path, args: tuple[str, ...], forbidden: tuple[str, ...]):
+    r, names = imported(args, ws)
+    assert r.returncode == 0, r.stdout + r.stderr[-2000:]
+    assert names and "kpipe.cli.app" in names  # importtime really listed the run
+    loaded = sorted(n for n in names if any(_matches(n, f) for f in forbidden))
+    roots = sorted({n for n in loaded if not any(n.startswith(o + ".") for o in loaded)})  # packages, not parts
+    assert not loaded, f"`kpipe {' '.join(args)}` imported {roots}"
+
+
+def test_version_answers_before_typer_and_is_the_package_version(ws: Path):
+    import kpipe
+
+    r, names = imported(("--version",), ws)
+    assert r.stdout == f"kpipe {kpipe.__version__}\n" and r.returncode == 0
+    assert "typer" not in names
+
+
+def test_version_after_a_command_is_still_the_command_s_usage_error(ws: Path):
+    r, _ = imported(("kernels", "--version"), ws)
+    assert r.returncode == 2 and "No such option" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_completion_of_command_names_imports_no_command_module(ws: Path):
+    r, names = imported((), ws, script=True, _KPIPE_COMPLETE="complete_bash", COMP_WORDS="kpipe ro", COMP_CWORD="1")
+    assert r.returncode == 0 and r.stdout.split() == ["rollout"], r.stdout + r.stderr[-2000:]
+    assert not names & set(COMMAND_MODULES), sorted(names & set(COMMAND_MODULES))
+
+
+def test_completion_inside_a_group_loads_that_group(ws: Path):
+    r, names = imported((), ws, script=True, _KPIPE_COMPLETE="complete_bash", COMP_WORDS="kpipe kernels p",
+                        COMP_CWORD="2")
+    assert r.returncode == 0 and r.stdout.split() == ["parse"], r.stdout + r.stderr[-2000:]
+    assert "kpipe.cli.kernels" in names and "kpipe.cli.rollout" not in names
+
+
+def test_the_static_command_table_is_what_the_modules_register():
+    """COMMANDS (names, modules, short help) equals what each module's register() really adds."""
+    from typer.main import get_group
+
+    from kpipe.cli.app import COMMANDS, load_commands
+
+    real: dict[str, tuple[str, str]] = {}
+    for module in sorted({e.module for e in COMMANDS.values()}):
+        for name, cmd in load_commands(module).items():
+            first = inspect.cleandoc(cmd.help or "").split("\n\n")[0].replace("\n", " ")
+            real[name] = (module, first)
+    assert {n: (e.module, e.help) for n, e in COMMANDS.items()} == real
+    # every command module of kpipe/cli is in the table (a new group cannot be forgotten)
+    registering = {p.stem for p in (REPO / "kpipe" / "cli").glob("*.py")
+                   if hasattr(importlib.import_module(f"kpipe.cli.{p.stem}"), "register")}
+    assert registering == {e.module for e in COMMANDS.values()}
+    # and the listing order is the one Typer would give the eagerly built app
+    import typer
+
+    eager = typer.Typer()
+    for module in ("init", "kernels", "recipe", "build", "artifacts", "validate", "sign", "keys", "fleet",
+                   "rollout", "audit", "lab"):
+        importlib.import_module(f"kpipe.cli.{module}").register(eager)
+    assert list(get_group(eager).commands) == list(COMMANDS)
+
+
+def test_help_lists_every_command_from_the_table(ws: Path):
+    r = subprocess.run([sys.executable, "-m", "kpipe", "--help"], cwd=ws, env=_env(), capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0
+    from kpipe.cli.app import COMMANDS
+
+    listed = [line.split()[1] for line in r.stdout.splitlines()
+              if line.startswith("│ ") and len(line.split()) > 1 and line.split()[1] in COMMANDS]
+    assert listed == list(COMMANDS)
+
+
+def test_no_arguments_shows_help_and_exit_2(ws: Path):
+    r = subprocess.run([sys.executable, "-m", "kpipe"], cwd=ws, env=_env(), capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 2 and "Usage:" in r.stdout + r.stderr and "rollout" in r.stdout + r.stderr
+
+
+def test_a_listed_command_used_directly_runs_the_real_one(ws: Path):
+    """A tool that takes a command from the listing (not through resolve_command) still gets the real one."""
+    code = ("import typer.main\n"
+            "from kpipe.cli.app import app\n"
+            "root = typer.main.get_command(app)\n"
+            "ctx = root.make_context('kpipe', ['kernels'])\n"
+            f"args = ['parse', '{RELEASE}', '--json']\n"
+            "sub = root.get_command(ctx, 'kernels').make_context('kernels', args, parent=ctx)\n"
+            "sub.command.invoke(sub)\n")
+    r = subprocess.run([sys.executable, "-c", code], cwd=ws, env=_env(), capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert f'"release": "{RELEASE}"' in r.stdout
