@@ -41,8 +41,8 @@ COMMANDS: dict[str, CommandEntry] = {
                                     "desired state (exit 1 if any host is not compliant)."),
     "audit": CommandEntry("audit", "Report desired vs observed live-patch state per host and patch, as a table, "
                                    "JSON, JUnit XML, Prometheus text or HTML."),
-    "preflight": CommandEntry("lab", "Boot the artifact's kernel in a VM, load, verify, probe, unload, verify "
-                                     "removal."),
+    "preflight": CommandEntry("lab", "Boot the artifact's kernel in a VM (or reuse a lab VM with --vm), load, "
+                                     "verify, probe, unload, verify removal."),
     "kernels": CommandEntry("kernels", "Kernel releases and the workspace's kernel catalog."),
     "recipe": CommandEntry("recipe", "Patch recipes (recipes/*.yaml)."),
     "artifacts": CommandEntry("artifacts", "Built and signed modules in the store."),
