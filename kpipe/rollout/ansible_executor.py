@@ -232,7 +232,8 @@ def ansible_engine_for(workspace: Any, journal: Journal, rollout_id: str, *, for
                 pass  # journaled as unreachable by the engine: "not in the inventory any more"
     known = known_hosts_files(workspace)
     interp = workspace.settings.ansible.python_interpreter or "auto_silent"
-    hostvars = {n: connection_vars(h, known, interp) for n, h in found.items()}
+    key = getattr(workspace.ssh, "identity_file", "") or ""
+    hostvars = {n: connection_vars(h, known, interp, default_identity=key) for n, h in found.items()}
     stamp = time.strftime("%Y%m%d-%H%M%S-", time.gmtime()) + os.urandom(3).hex()
     private = Path(workspace.store.root) / "ansible" / f"{rollout_id}-{stamp}"
     session = AnsibleSession(hostvars, private, forks=forks or plan.options.forks)

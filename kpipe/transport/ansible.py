@@ -101,7 +101,7 @@ def ssh_common_args(known_hosts: Sequence[str]) -> str:
 
 
 def connection_vars(host: Any, known_hosts: Sequence[str], python_interpreter: str = "auto_silent", *,
-                    with_identity: bool = True) -> dict[str, Any]:
+                    with_identity: bool = True, default_identity: str = "") -> dict[str, Any]:
     """An inventory Host's connection variables for Ansible (strict host keys; values checked)."""
     name = host.name
     files = [*known_hosts, *([host.known_hosts] if getattr(host, "known_hosts", "") else [])]
@@ -114,8 +114,9 @@ def connection_vars(host: Any, known_hosts: Sequence[str], python_interpreter: s
         "ansible_python_interpreter": safe_value(interp, "ansible_python_interpreter", name),
         "ansible_ssh_common_args": ssh_common_args(files),
     }
-    if with_identity and getattr(host, "identity_file", ""):
-        v["ansible_ssh_private_key_file"] = safe_value(os.path.expanduser(host.identity_file), "identity file", name)
+    key = getattr(host, "identity_file", "") or default_identity
+    if with_identity and key:
+        v["ansible_ssh_private_key_file"] = safe_value(os.path.expanduser(key), "identity file", name)
     return v
 
 
