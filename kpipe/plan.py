@@ -111,9 +111,50 @@ def run_step(t: StepTransport, step: Step[T], rec: Recorder | None = None) -> T:
     return value
 
 
+def groups(steps: Sequence[Step[Any]]) -> list[list[Step[Any]]]:
+    """The journal steps of a plan: consecutive journaled steps sharing a name are one journal step
+    (e.g. a stage's check, upload and commit); an unjournaled step is a group of its own."""
+    out: list[list[Step[Any]]] = []
+    for s in steps:
+        if out and s.journal and out[-1][0].journal and out[-1][0].name == s.name:
+            out[-1].append(s)
+        else:
+            out.append([s])
+    return out
+
+
 def run_steps(t: StepTransport, steps: Sequence[Step[Any]], rec: Recorder | None = None) -> list[Any]:
-    """Run steps in order, stopping at the first failure (which is re-raised); return the values."""
-    return [run_step(t, s, rec) for s in steps]
+    """Run steps in order, stopping at the first failure (which is re-raised); return the values.
+
+    Write-ahead per journal step (see `groups`): the first step's `intended` is recorded before the
+    group's first action, `done` (from the last step's value) after its last, `failed` on any failure."""
+    values: list[Any] = []
+    for group in groups(steps):
+        if rec is None or not group[0].journal:
+            values.extend(execute(t, s) for s in group)
+            continue
+        if len(group) == 1:
+            values.append(run_step(t, group[0], rec))
+            continue
+        name = group[0].name
+        rec(name, "intended", dict(group[0].intended))
+        try:
+            for s in group:
+                values.append(execute(t, s))
+        except StepFailed as e:
+            rec(name, "failed", {"error": e.reason, **e.detail})
+            raise
+        except BaseException as e:
+            rec(name, "failed", {"error": str(e) or type(e).__name__, "type": type(e).__name__})
+            raise
+        last = group[-1]
+        rec(name, "done", last.done(values[-1]) if last.done else {})
+    return values
+
+
+def argv_lists(steps: Sequence[Step[Any]]) -> list[list[str]]:
+    """Every step's exact argv (an upload as `upload SRC DEST`), for dry-run's JSON."""
+    return [list(s.argv()) for s in steps]
 
 
 def describe(steps: Sequence[Step[Any]]) -> list[str]:

@@ -423,18 +423,7 @@ def _start(plan: Any, rid: str, dry_run: bool, yes: bool, json_out: bool, forks:
         _print_plan(plan, rid or "(dry run, not stored)")
     check_preflight(plan)
     if dry_run:
-        from kpipe.rollout.engine import dry_run as dry
-
-        cmds = dry(plan, local_path_fn(state().workspace.store))
-        if json_out:
-            print_json({"plan": plan.to_dict(), "commands": cmds})
-            return
-        con = state().console
-        for host, lines in cmds.items():
-            con.print(f"[bold]{esc(host)}[/bold] (wave {plan.assignments[host].wave}):")
-            for line in lines:
-                con.print(f"  {line}", markup=False)
-        con.print("dry run: nothing was changed")
+        _dry_run(plan, rid, json_out, forks, pool, hosts)
         return
     if not yes:
         _confirm(f"Roll out to {len(plan.hosts)} host(s) in {len(plan.waves)} wave(s)?", json_out)
@@ -442,6 +431,42 @@ def _start(plan: Any, rid: str, dry_run: bool, yes: bool, json_out: bool, forks:
         pool.close()  # the planning connections are not used by Ansible
         pool = None
     _finish(_run_engine(rid, "start", forks, json_out=json_out, pool=pool, hosts=hosts, engine_name=engine), json_out)
+
+
+def _dry_run(plan: Any, rid: str, json_out: bool, forks: Optional[int], pool: Any, hosts: Optional[list]) -> None:
+    """Print every host's steps (the exact argv): its preflight read runs, nothing that writes does."""
+    from kpipe.plan import argv_lists, describe
+    from kpipe.rollout.engine import Engine, PoolRunner
+    from kpipe.rollout.world import engine_for, host_target, local_path_fn
+
+    journal = _journal()
+    if rid:
+        engine, runner = engine_for(state().workspace, journal, rid, forks=forks, pool=pool, hosts=hosts,
+                                    check_blobs=True)
+    else:  # a plan made for this dry run only: its hosts and pool are at hand
+        runner = PoolRunner(pool, {h.name: host_target(h) for h in hosts or [] if h.name in plan.assignments}, forks)
+        engine = Engine(journal, runner, local_path_fn(state().workspace.store))
+    try:
+        plans = engine.dry_run(plan)
+    finally:
+        if pool is None:
+            runner.close()  # its own pool; the caller closes the planning pool
+    refused = {h: str(v) for h, v in plans.items() if isinstance(v, BaseException)}
+    if json_out:
+        print_json({"plan": plan.to_dict(),
+                    "commands": {h: argv_lists(v) for h, v in plans.items() if not isinstance(v, BaseException)},
+                    "refused": refused})
+        return
+    con = state().console
+    for host, steps in plans.items():
+        con.print(f"[bold]{esc(host)}[/bold] (wave {plan.assignments[host].wave}):")
+        if isinstance(steps, BaseException):
+            con.print(f"  [red]would fail:[/red] {esc(str(steps))}")
+            continue
+        for i, line in enumerate(describe(steps), start=1):
+            kind = "read" if not steps[i - 1].writes else "write"
+            con.print(f"  {i:>2}. ({kind}) {line}", markup=False, highlight=False)
+    con.print("dry run: nothing was changed (only the reads ran)")
 
 
 @rollout_app.command("resume")

@@ -1,10 +1,14 @@
-"""Livepatch operations on one host: commands as data, pure parsers, small routines.
+"""Livepatch operations on one host as plans: commands as data, pure interpreters, pure plan builders.
 
-Every routine here drives a Transport (`t.run(Command) -> CommandResult`,
-`t.put(local, remote)`) and is idempotent: it reads the host's state first and
-does nothing when the host already is where the step wants it. Nothing trusts a
-tool's exit code for the kernel's state: verification reads sysfs and the kernel
-log after kpipe's own /dev/kmsg marker (kernel-facts.md).
+Each operation (state, stage, marker, load, wait, verify, disable, unload, unstage) is a
+builder returning `kpipe.plan.Step`s from data the caller already holds (the module, the
+host's livepatch state as a read step returned it): one Command or Upload each, and a pure
+function reading its result (raising StepFailed with the evidence). Decisions such as
+"already staged with this sha256: no upload" or "loaded and enabled: no insmod" are made
+when the plan is built, from that state; the host-side scripts stay idempotent besides.
+Nothing trusts a tool's exit code for the kernel's state: verification reads sysfs and the
+kernel log after kpipe's own /dev/kmsg marker (kernel-facts.md). The routines at the end
+(stage(t, ...), load(t, ...), ...) read what their plan needs and run it with run_steps.
 
 Kernel interfaces used (Documentation/ABI/testing/sysfs-kernel-livepatch):
 `/sys/kernel/livepatch/<m>/{enabled,transition}` (transition: 4.12+),
@@ -16,15 +20,15 @@ from __future__ import annotations
 
 import re
 import struct
-import time
 import uuid
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kpipe.commands import Command, CommandResult
 from kpipe.errors import KpipeError
-from kpipe.transport.base import Transport
+from kpipe.plan import Step, StepFailed, StepTransport, Upload, run_step, run_steps
 
 if TYPE_CHECKING:  # pragma: no cover
     from kpipe.builder.spec import Probe
@@ -44,13 +48,14 @@ _MODULE_NAME = re.compile(r"^[A-Za-z0-9_-]{1,55}$")  # the kernel's name field i
 _SAFE_COMPONENT = re.compile(r"^[A-Za-z0-9._+~-]{1,200}$")
 
 
-class LivepatchOpError(KpipeError):
+class LivepatchOpError(StepFailed):
     """A host step could not be carried out (the host answered, the step failed)."""
 
     def __init__(self, message: str, *, host: str = "", step: str = "", output: str = "", hint: str | None = None):
-        super().__init__(f"{host}: {message}" if host else message, hint=hint)
+        super().__init__(step, message, {"output": output[-2000:]} if output else {})
+        # the user's line names the host, not the step (the journal keeps the step)
+        KpipeError.__init__(self, f"{host}: {message}" if host else message, hint=hint)
         self.host = host
-        self.step = step
         self.output = output
 
 
@@ -231,14 +236,10 @@ def state_command(*module_names: str) -> Command:
     return Command.script(STATE_SCRIPT, *(sysfs_name(m) for m in module_names), label="livepatch-state", **_ROOT)
 
 
-def read_state(t: Transport, *module_names: str) -> HostLivepatch:
+def read_state(t: StepTransport, *module_names: str) -> HostLivepatch:
     """Run STATE_SCRIPT on the host and parse it."""
-    r = t.run(state_command(*module_names))
-    st = parse_host_livepatch(r.stdout)
-    if not st.complete:
-        raise LivepatchOpError(f"reading livepatch state failed: {r.summary()}", host=t.name, step="state",
-                               output=r.stdout + r.stderr)
-    return st
+    state: HostLivepatch = run_step(t, state_step(*module_names))
+    return state
 
 
 # --------------------------------------------------------------------------- names
@@ -391,16 +392,6 @@ def new_marker(action: str = "", module_name: str = "") -> str:
 MARKER_SCRIPT = r"""printf '%s\n' "$1" > /dev/kmsg"""
 
 
-def write_marker(t: Transport, action: str = "", module_name: str = "") -> str:
-    """Write a unique marker line to /dev/kmsg; return it (read the log after it)."""
-    marker = new_marker(action, module_name and sysfs_name(module_name))
-    r = t.run(Command.script(MARKER_SCRIPT, marker, label="marker", **_ROOT))
-    if not r.ok:
-        raise LivepatchOpError(f"writing the /dev/kmsg marker failed: {r.summary()}", host=t.name, step="marker",
-                               output=r.stderr)
-    return marker
-
-
 # --------------------------------------------------------------------------- results
 
 @dataclass
@@ -434,6 +425,117 @@ class Verification:
         return {"ok": self.ok, "problems": list(self.problems),
                 "state": None if self.state is None else self.state.to_dict(),
                 "kernel_lines": list(self.kernel_lines), "probe_output": self.probe_output}
+
+
+class OpFailed(StepFailed):
+    """A host operation's step failed; `result` holds the evidence (what the routines return)."""
+
+    def __init__(self, result: OpResult):
+        super().__init__(result.step, result.message,
+                         {"output": result.output[-2000:], "kernel": result.kernel_lines[-20:]})
+        self.result = result
+
+
+class VerifyFailed(StepFailed):
+    """A verification found problems; `verification` holds them and the state they came from."""
+
+    def __init__(self, step: str, verification: Verification):
+        super().__init__(step, "; ".join(verification.problems),
+                         {"kernel": verification.kernel_lines[-20:],
+                          "probe_output": verification.probe_output[-500:]})
+        self.verification = verification
+
+
+# The dmesg a script prints after its own output, so that one round trip carries the kernel's reason.
+_DMESG_SEP = "---kpipe-dmesg---"
+
+
+def _split_log(stdout: str) -> tuple[str, str]:
+    head, _, log = stdout.partition(_DMESG_SEP)
+    return head, log
+
+
+def _state_of(step: str, r: CommandResult, text: str | None = None) -> HostLivepatch:
+    st = parse_host_livepatch(r.stdout if text is None else text)
+    if not st.complete:
+        raise LivepatchOpError(f"reading livepatch state failed: {r.summary()}", host=r.host, step=step,
+                               output=r.stdout + r.stderr)
+    return st
+
+
+# --------------------------------------------------------------------------- reads
+
+def state_step(*module_names: str, step: str = "state") -> Step[HostLivepatch]:
+    """Read the host's livepatch state (STATE_SCRIPT) and /sys/module of the named modules."""
+    return Step(step, state_command(*module_names), partial(_state_of, step), writes=False, journal=False)
+
+
+def _noop(step: str, kind: str, name: str, message: str, r: CommandResult) -> OpResult:
+    # a step decided to be a no-op when its plan was built: the read shows the host still is that way
+    st = _state_of(step, r)
+    now = name in st.patches if kind == "patch" else st.module(name).present
+    if now:
+        raise OpFailed(OpResult(step, False, False, f"{name} was loaded after the state was read; run again",
+                                output=r.stdout[-2000:], seconds=r.duration))
+    return OpResult(step, True, False, message, seconds=r.duration)
+
+
+def _note(step: str, message: str, r: CommandResult) -> OpResult:
+    _state_of(step, r)
+    return OpResult(step, True, False, message, seconds=r.duration)
+
+
+def note_step(step: str, module_name: str, message: str) -> Step[OpResult]:
+    """A journaled step that changes nothing (decided from the facts: e.g. another build is loaded):
+    it re-reads the state as its evidence and reports `message`."""
+    return Step(step, state_command(module_name), partial(_note, step, message), writes=False)
+
+
+KPATCH_CLI_SCRIPT = "command -v kpatch >/dev/null 2>&1 && echo yes || echo no"
+
+
+def kpatch_cli_step() -> Step[bool]:
+    """Whether the kpatch CLI is on the host's PATH."""
+    return Step("kpatch-cli", Command.script(KPATCH_CLI_SCRIPT, label="kpatch-cli"),
+                lambda r: r.stdout.strip() == "yes", writes=False, journal=False)
+
+
+# --------------------------------------------------------------------------- marker
+
+def _marker_written(marker: str, r: CommandResult) -> str:
+    if not r.ok:
+        raise LivepatchOpError(f"writing the /dev/kmsg marker failed: {r.summary()}", host=r.host, step="marker",
+                               output=r.stderr)
+    return marker
+
+
+def marker_step(marker: str, step: str = "marker") -> Step[str]:
+    """Write `marker` (see new_marker) to /dev/kmsg; the kernel log after it belongs to what follows."""
+    return Step(step, Command.script(MARKER_SCRIPT, marker, label="marker", **_ROOT),
+                partial(_marker_written, marker), done=lambda m: {"marker": m})
+
+
+DMESG = Command.of("dmesg", label="dmesg", **_ROOT)
+
+
+def _marker_found(marker: str, r: CommandResult) -> str:
+    if not r.ok:
+        raise LivepatchOpError(f"reading the kernel log failed: {r.summary()}", host=r.host, step="marker",
+                               output=r.stderr)
+    return marker if lines_after_marker(r.stdout, marker) is not None else ""
+
+
+def marker_check_step(marker: str, step: str = "marker") -> Step[str]:
+    """Whether an earlier marker is still in the kernel log: the marker, or "" when the log lost it
+    (ring buffer wrapped, log reset) and a load can no longer be proved from the log."""
+    return Step(step, DMESG, partial(_marker_found, marker), intended={"reuse": marker}, writes=False,
+                done=lambda m: {"marker": m} if m else {"marker": "", "lost": marker})
+
+
+def write_marker(t: StepTransport, action: str = "", module_name: str = "") -> str:
+    """Write a unique marker line to /dev/kmsg; return it (read the log after it)."""
+    marker: str = run_step(t, marker_step(new_marker(action, module_name and sysfs_name(module_name))))
+    return marker
 
 
 # --------------------------------------------------------------------------- stage
@@ -474,42 +576,58 @@ def temp_path(release: str, module_file_name: str, sha256: str) -> str:
     return f"{folder}/.{module_file_name}{TEMP_MARK}{sha256.lower()[:16]}"
 
 
-def stage(t: Transport, local_path: str | Path, release: str, sha256: str, module_file_name: str) -> str:
-    """Install the module at /var/lib/kpatch/<release>/<file> (checksum verified, atomic); return the path."""
+def _stage_checked(folder: str, dest: str, confirm: str, r: CommandResult) -> str:
+    if not r.ok:
+        raise LivepatchOpError(f"cannot create {folder}: {r.summary()}", host=r.host, step="stage", output=r.stderr)
+    got = r.stdout.strip()
+    if confirm and got != confirm:
+        raise LivepatchOpError(f"{dest} changed after it was read (sha256 {got[:12]}, want {confirm[:12]}); "
+                               f"run again", host=r.host, step="stage", output=r.stdout)
+    return dest if confirm else got
+
+
+def stage_check_step(release: str, module_file_name: str, *, confirm: str = "") -> Step[str]:
+    """Create the folder, remove partial uploads, read the installed file's sha256 ("absent").
+    With `confirm` (a sha256) the file must have it: the step's value is then the path."""
     dest = staged_path(release, module_file_name)
     folder = dest.rsplit("/", 1)[0]
-    sha256 = sha256.lower()
-    r = t.run(Command.script(STAGE_CHECK_SCRIPT, folder, dest, module_file_name, label="stage-check", **_ROOT))
+    return Step("stage", Command.script(STAGE_CHECK_SCRIPT, folder, dest, module_file_name, label="stage-check",
+                                        **_ROOT), partial(_stage_checked, folder, dest, confirm.lower()))
+
+
+def _staged(dest: str, r: CommandResult) -> str:
     if not r.ok:
-        raise LivepatchOpError(f"cannot create {folder}: {r.summary()}", host=t.name, step="stage", output=r.stderr)
-    if r.stdout.strip() == sha256:
-        return dest  # already installed with this content
-    tmp = temp_path(release, module_file_name, sha256)
-    try:
-        t.put(Path(local_path), tmp)
-    except KpipeError:
-        try:  # best effort: the connection may be what failed (the next stage or unstage removes it then)
-            t.run(Command.of("rm", "-f", tmp, label="stage-cleanup", **_ROOT))
-        except KpipeError:
-            pass
-        raise
-    r = t.run(Command.script(STAGE_COMMIT_SCRIPT, tmp, dest, sha256, label="stage", **_ROOT))
-    if not r.ok:
-        raise LivepatchOpError(f"staging {dest} failed: {(r.stderr or r.stdout).strip()}", host=t.name,
+        raise LivepatchOpError(f"staging {dest} failed: {(r.stderr or r.stdout).strip()}", host=r.host,
                                step="stage", output=r.stdout + r.stderr)
     return dest
 
 
+def stage_plan(local_path: str | Path, release: str, sha256: str, module_file_name: str,
+               installed: str) -> list[Step[Any]]:
+    """Install the module at /var/lib/kpatch/<release>/<file>, checksum verified and atomic.
+
+    `installed` is the sha256 of the file already at that path ("absent"), as a read returned it:
+    the same build means a check only, no upload. The last step's value is the path. A failed upload
+    leaves its temp file (journaled); the next stage, unstage or rollback removes it."""
+    dest = staged_path(release, module_file_name)
+    sha = sha256.lower()
+    if installed.strip().lower() == sha:
+        return [stage_check_step(release, module_file_name, confirm=sha)]
+    tmp = temp_path(release, module_file_name, sha)
+    return [stage_check_step(release, module_file_name),
+            Step("stage", Upload(Path(local_path), tmp, label="stage-upload"), lambda r: tmp),
+            Step("stage", Command.script(STAGE_COMMIT_SCRIPT, tmp, dest, sha, label="stage", **_ROOT),
+                 partial(_staged, dest))]
+
+
+def stage(t: StepTransport, local_path: str | Path, release: str, sha256: str, module_file_name: str) -> str:
+    """Install the module at /var/lib/kpatch/<release>/<file> (checksum verified, atomic); return the path."""
+    installed = run_step(t, stage_check_step(release, module_file_name))
+    path: str = run_steps(t, stage_plan(local_path, release, sha256, module_file_name, installed))[-1]
+    return path
+
+
 # --------------------------------------------------------------------------- load
-
-KPATCH_CLI_SCRIPT = "command -v kpatch >/dev/null 2>&1 && echo yes || echo no"
-DMESG = Command.of("dmesg", label="dmesg", **_ROOT)
-
-
-def has_kpatch_cli(t: Transport) -> bool:
-    """Whether the kpatch CLI is on the host's PATH."""
-    return t.run(Command.script(KPATCH_CLI_SCRIPT, label="kpatch-cli")).stdout.strip() == "yes"
-
 
 def load_command(remote_path: str, *, kpatch_cli: bool) -> Command:
     """The command that loads a module file: `kpatch load` or /sbin/insmod."""
@@ -518,52 +636,76 @@ def load_command(remote_path: str, *, kpatch_cli: bool) -> Command:
     return Command.of(INSMOD, remote_path, label="load", timeout=120, **_ROOT)
 
 
-def load(t: Transport, remote_path: str, module_name: str, *, use_kpatch_cli: bool | None = None,
-         timeout: float = 120.0) -> OpResult:
-    """Load a staged module (marker first). No-op when the patch is loaded and enabled.
+# "$@" the load command (load_command's argv); then the kernel log, so a refusal carries the
+# kernel's own reason in the same round trip. The loader's exit status is the script's.
+LOAD_SCRIPT = r"""
+"$@"
+rc=$?
+echo "---kpipe-dmesg---"
+dmesg
+exit $rc
+"""
 
-    A module left loaded but disabled cannot be re-enabled (kernel/livepatch), so it is
-    removed and loaded again. `ok` only means the loader accepted it: verify_loaded() decides.
-    """
-    name = sysfs_name(module_name)
-    start = time.monotonic()
-    st = read_state(t, name)
-    patch = st.patches.get(name)
-    if patch is not None and patch.enabled == 1:
-        return OpResult("load", True, False, "already loaded and enabled", seconds=time.monotonic() - start)
-    if patch is not None:  # disabled, unpatching: wait for the dir to vanish before reloading
-        d = disable(t, name, timeout=timeout)
-        if not d.ok:
-            return OpResult("load", False, False, f"a disabled copy is still present: {d.message}",
-                            output=d.output, seconds=time.monotonic() - start)
-    if st.module(name).present:
-        u = unload(t, name)
-        if not u.ok:
-            return OpResult("load", False, False, f"an old copy could not be removed: {u.message}",
-                            output=u.output, seconds=time.monotonic() - start)
-    marker = write_marker(t, "load", name)
-    kpatch_cli = has_kpatch_cli(t) if use_kpatch_cli is None else use_kpatch_cli
-    r = t.run(load_command(remote_path, kpatch_cli=kpatch_cli).with_timeout(timeout))
-    output = (r.stdout + r.stderr).strip()
-    kernel = _lines_after(t, marker)
+
+def _loaded(marker: str, kpatch_cli: bool, r: CommandResult) -> OpResult:
+    head, log = _split_log(r.stdout)
+    output = (head + r.stderr).strip()
+    kernel = (lines_after_marker(log, marker) or []) if marker else []
     if not r.ok:
         reason = (r.stderr.strip().splitlines() or [f"exit status {r.exit_status}"])[-1]
         fails = failure_lines(kernel)
         msg = f"{'kpatch load' if kpatch_cli else 'insmod'} failed: {reason}"
         if fails:
             msg += f"; kernel: {fails[-1]}"
-        return OpResult("load", False, False, msg, marker, output, time.monotonic() - start, kernel)
-    return OpResult("load", True, True, "loaded", marker, output, time.monotonic() - start, kernel)
+        raise OpFailed(OpResult("load", False, False, msg, marker, output, r.duration, kernel))
+    return OpResult("load", True, True, "loaded", marker, output, r.duration, kernel)
 
 
-def _lines_after(t: Transport, marker: str) -> list[str]:
-    r = t.run(DMESG)
-    return lines_after_marker(r.stdout, marker) or []
+def load_step(remote_path: str, *, marker: str, kpatch_cli: bool, timeout: float = 120.0,
+              step: str = "load") -> Step[OpResult]:
+    """Run the loader, then read the kernel log after `marker`. `ok` means only that the loader
+    accepted the module: verify decides."""
+    cmd = load_command(remote_path, kpatch_cli=kpatch_cli)
+    return Step(step, Command.script(LOAD_SCRIPT, *cmd.argv, label="load", timeout=timeout, **_ROOT),
+                partial(_loaded, marker, kpatch_cli))
+
+
+def _still_loaded(name: str, r: CommandResult) -> OpResult:
+    st = _state_of("load", r)
+    p = st.patches.get(name)
+    if p is None or p.enabled != 1:
+        raise OpFailed(OpResult("load", False, False, f"{name} is no longer loaded and enabled; run again",
+                                output=r.stdout[-2000:], seconds=r.duration))
+    return OpResult("load", True, False, "already loaded and enabled", seconds=r.duration)
+
+
+def load_plan(remote_path: str, module_name: str, state: HostLivepatch, *, marker: str, kpatch_cli: bool,
+              timeout: float = 120.0, step: str = "load", with_marker: bool = False) -> list[Step[Any]]:
+    """Load a staged module, decided from `state` (the host's livepatch state as read).
+
+    Loaded and enabled: a confirming read only. A copy left disabled cannot be re-enabled (kernel/
+    livepatch): it is disabled to the end and removed, then loaded again. The load's kernel lines are
+    read after `marker`: the caller wrote it before (marker_step), or `with_marker` writes it here."""
+    name = sysfs_name(module_name)
+    patch = state.patches.get(name)
+    if patch is not None and patch.enabled == 1:
+        return [Step(step, state_command(name), partial(_still_loaded, name), writes=False)]
+    steps: list[Step[Any]] = []
+    if patch is not None:
+        steps += [Step(step, disable_command(name), partial(_disabled, name, marker)),
+                  Step(step, wait_command(name, timeout, "gone"), partial(_gone, name, timeout, marker, False))]
+    if patch is not None or state.module(name).present:
+        steps.append(Step(step, rmmod_command(name), partial(_removed, name)))
+    if with_marker:
+        steps.append(marker_step(marker, step))
+    steps.append(load_step(remote_path, marker=marker, kpatch_cli=kpatch_cli, timeout=timeout, step=step))
+    return steps
 
 
 # --------------------------------------------------------------------------- transition
 
 # "$1" module, "$2" timeout in seconds (integer), "$3" wanted: "0" (transition done) or "gone".
+# On a timeout the kernel log follows (it may say which task stalls the transition).
 WAIT_SCRIPT = r"""
 d=/sys/kernel/livepatch/$1
 end=$(( $(date +%s) + $2 ))
@@ -571,16 +713,22 @@ while :; do
   if [ ! -d "$d" ]; then echo gone; exit 0; fi
   tr=$(cat "$d/transition" 2>/dev/null || echo '?')
   if [ "$3" = 0 ] && [ "$tr" = 0 ]; then echo "transition 0"; exit 0; fi
-  if [ "$(date +%s)" -ge "$end" ]; then echo "timeout transition $tr enabled $(cat "$d/enabled" 2>/dev/null)"; exit 1; fi
+  if [ "$(date +%s)" -ge "$end" ]; then
+    echo "timeout transition $tr enabled $(cat "$d/enabled" 2>/dev/null)"
+    echo "---kpipe-dmesg---"
+    dmesg
+    exit 1
+  fi
   sleep 0.1 2>/dev/null || sleep 1
 done
 """
 
 
-def _wait(t: Transport, name: str, timeout: float, wanted: str) -> CommandResult:
+def wait_command(name: str, timeout: float, wanted: str) -> Command:
+    """WAIT_SCRIPT for `name` until `wanted` ("0": transition done, "gone": sysfs dir removed)."""
     secs = max(1, int(timeout + 0.999))
-    return t.run(Command.script(WAIT_SCRIPT, name, str(secs), wanted, label=f"wait-{wanted}", timeout=secs + 30,
-                                **_ROOT))
+    return Command.script(WAIT_SCRIPT, sysfs_name(name), str(secs), wanted, label=f"wait-{wanted}",
+                          timeout=secs + 30, **_ROOT)
 
 
 def _stall_lines(dmesg_output: str, marker: str) -> list[str]:
@@ -590,22 +738,31 @@ def _stall_lines(dmesg_output: str, marker: str) -> list[str]:
     return [ln for ln in lines if STALL_PATTERN.search(ln)]
 
 
-def wait_transition(t: Transport, module_name: str, timeout: float = 60.0, *, marker: str = "") -> OpResult:
-    """Wait until the patch's transition is 0 (never writes `force`); reports stalls from the log."""
-    name = sysfs_name(module_name)
-    start = time.monotonic()
-    r = _wait(t, name, timeout, "0")
-    out = r.stdout.strip()
+def _transitioned(name: str, timeout: float, marker: str, r: CommandResult) -> OpResult:
+    head, log = _split_log(r.stdout)
+    out = head.strip()
     if r.ok and out == "transition 0":
-        return OpResult("wait", True, False, "transition complete", seconds=time.monotonic() - start)
+        return OpResult("wait", True, False, "transition complete", seconds=r.duration)
     if r.ok and out == "gone":
-        return OpResult("wait", False, False, f"/sys/kernel/livepatch/{name} is gone", output=out,
-                        seconds=time.monotonic() - start)
-    stalls = _stall_lines(t.run(DMESG).stdout, marker)
+        raise OpFailed(OpResult("wait", False, False, f"/sys/kernel/livepatch/{name} is gone", output=out,
+                                seconds=r.duration))
+    stalls = _stall_lines(log, marker)
     msg = f"transition still running after {timeout:g} s ({out or r.summary()})"
     if stalls:
         msg += f"; kernel: {stalls[-1]}"
-    return OpResult("wait", False, False, msg, output=out, seconds=time.monotonic() - start, kernel_lines=stalls)
+    raise OpFailed(OpResult("wait", False, False, msg, output=out, seconds=r.duration, kernel_lines=stalls))
+
+
+def wait_step(module_name: str, timeout: float = 60.0, *, marker: str = "", step: str = "wait") -> Step[OpResult]:
+    """Wait until the patch's transition is 0 (never writes `force`); a stall is reported from the log."""
+    name = sysfs_name(module_name)
+    return Step(step, wait_command(name, timeout, "0"), partial(_transitioned, name, timeout, marker),
+                writes=False)
+
+
+def wait_transition(t: StepTransport, module_name: str, timeout: float = 60.0, *, marker: str = "") -> OpResult:
+    """Wait until the patch's transition is 0 (never writes `force`); reports stalls from the log."""
+    return _op_result(t, [wait_step(module_name, timeout, marker=marker)])
 
 
 # --------------------------------------------------------------------------- verify
@@ -615,17 +772,6 @@ VERIFY_SCRIPT = STATE_SCRIPT + r"""
 echo "---kpipe-dmesg---"
 dmesg
 """
-_DMESG_SEP = "---kpipe-dmesg---"
-
-
-def _state_and_log(t: Transport, name: str) -> tuple[HostLivepatch, str]:
-    r = t.run(Command.script(VERIFY_SCRIPT, name, label="verify-state", **_ROOT))
-    head, _, log = r.stdout.partition(_DMESG_SEP)
-    st = parse_host_livepatch(head)
-    if not st.complete:
-        raise LivepatchOpError(f"reading livepatch state failed: {r.summary()}", host=t.name, step="verify",
-                               output=r.stdout + r.stderr)
-    return st, log
 
 
 def evaluate_loaded(module_name: str, state: HostLivepatch, kernel_after_marker: list[str] | None,
@@ -696,9 +842,19 @@ def _show(v: int | None) -> str:
     return "missing" if v is None else str(v)
 
 
-def run_probe(t: Transport, argv: tuple[str, ...], expect: str) -> tuple[bool, str, str]:
-    """Run a probe command; (matched, stdout, problem text)."""
-    r = t.run(Command(argv=tuple(argv), label="probe", timeout=60))
+
+def verify_state_command(module_name: str) -> Command:
+    """VERIFY_SCRIPT: the livepatch state and /sys/module of `module_name`, then the kernel log."""
+    return Command.script(VERIFY_SCRIPT, sysfs_name(module_name), label="verify-state", **_ROOT)
+
+
+def probe_command(argv: tuple[str, ...]) -> Command:
+    """The recipe's probe, run as the login user (no sudo)."""
+    return Command(argv=tuple(argv), label="probe", timeout=60)
+
+
+def probe_result(argv: tuple[str, ...], expect: str, r: CommandResult) -> tuple[bool, str, str]:
+    """A probe's output against its regex (pure): (matched, stdout, problem text)."""
     try:
         matched = re.search(expect, r.stdout) is not None
     except re.error as e:
@@ -710,36 +866,63 @@ def run_probe(t: Transport, argv: tuple[str, ...], expect: str) -> tuple[bool, s
     return False, r.stdout, f"probe {' '.join(argv)!r} printed {got!r}, want /{expect}/{extra}"
 
 
-def verify_loaded(t: Transport, module_name: str, marker: str, probe: Probe | None = None,
-                  expect: ModuleIdentity | None = None) -> Verification:
-    """Verify a load through sysfs, taint, the loaded build (`expect`), the log after `marker` and the
-    probe; never from exit codes."""
-    name = sysfs_name(module_name)
-    st, log = _state_and_log(t, name)
+def _probed(step: str, argv: tuple[str, ...], expect: str, r: CommandResult) -> Verification:
+    ok, out, problem = probe_result(argv, expect, r)
+    if not ok:
+        raise VerifyFailed(step, Verification(False, [problem], None, [], out))
+    return Verification(True, [], None, [], out)
+
+
+def _verified(step: str, name: str, marker: str, expect: ModuleIdentity | None, lost_ok: bool, removed: bool,
+              r: CommandResult) -> Verification:
+    head, log = _split_log(r.stdout)
+    st = _state_of(step, r, head)
     after = lines_after_marker(log, marker) if marker else []
-    problems = evaluate_loaded(name, st, after, marker, expect)
-    probe_out = ""
+    if marker and after is None and lost_ok:
+        # a reused marker the log no longer holds: the load cannot be re-proved from the log, sysfs must do
+        marker, after = "", []
+    evaluate = evaluate_removed if removed else evaluate_loaded
+    problems = evaluate(name, st, after, marker, expect)
+    v = Verification(not problems, problems, st, after or [])
+    if problems:
+        raise VerifyFailed(step, v)
+    return v
+
+
+def verify_loaded_plan(module_name: str, marker: str, probe: Probe | None = None,
+                       expect: ModuleIdentity | None = None, *, step: str = "verify",
+                       marker_may_be_lost: bool = False) -> list[Step[Verification]]:
+    """Verify a load through sysfs, taint, the loaded build (`expect`), the log after `marker`, then the
+    probe; never from exit codes. `marker_may_be_lost`: a reused marker missing from the log is no
+    failure (sysfs decides)."""
+    name = sysfs_name(module_name)
+    steps: list[Step[Verification]] = [
+        Step(step, verify_state_command(name), partial(_verified, step, name, marker, expect, marker_may_be_lost,
+                                                       False), writes=False)]
     if probe is not None and probe.argv:
-        ok, probe_out, problem = run_probe(t, probe.argv, probe.expect)
-        if not ok:
-            problems.append(problem)
-    return Verification(not problems, problems, st, after or [], probe_out)
+        steps.append(Step(step, probe_command(probe.argv), partial(_probed, step, tuple(probe.argv), probe.expect),
+                          writes=False))
+    return steps
 
 
-def verify_removed(t: Transport, module_name: str, probe: Probe | None = None, *, marker: str = "",
-                   expect: ModuleIdentity | None = None) -> Verification:
+def verify_removed_plan(module_name: str, probe: Probe | None = None, *, marker: str = "",
+                        expect: ModuleIdentity | None = None, step: str = "verify") -> list[Step[Verification]]:
     """Verify a removal: /sys/module/<m> and /sys/kernel/livepatch/<m> gone (or provably another build
-    than `expect`), unpatching logged, probe."""
+    than `expect`), unpatching logged after `marker`, then the probe's after-rollback regex."""
     name = sysfs_name(module_name)
-    st, log = _state_and_log(t, name)
-    after = lines_after_marker(log, marker) if marker else []
-    problems = evaluate_removed(name, st, after, marker, expect)
-    probe_out = ""
+    steps: list[Step[Verification]] = [
+        Step(step, verify_state_command(name), partial(_verified, step, name, marker, expect, False, True),
+             writes=False)]
     if probe is not None and probe.argv and probe.expect_after_rollback:
-        ok, probe_out, problem = run_probe(t, probe.argv, probe.expect_after_rollback)
-        if not ok:
-            problems.append(problem)
-    return Verification(not problems, problems, st, after or [], probe_out)
+        steps.append(Step(step, probe_command(probe.argv),
+                          partial(_probed, step, tuple(probe.argv), probe.expect_after_rollback), writes=False))
+    return steps
+
+
+def merged(values: list[Verification]) -> Verification:
+    """One Verification from a verify plan's values: the state read's, with the probe's output."""
+    first, last = values[0], values[-1]
+    return Verification(True, [], first.state, first.kernel_lines, last.probe_output)
 
 
 # --------------------------------------------------------------------------- disable / unload
@@ -758,48 +941,81 @@ fi
 """
 
 
-def disable(t: Transport, module_name: str, timeout: float = 60.0) -> OpResult:
-    """Disable the patch (echo 0 > enabled) and wait until its sysfs dir is gone; no-op when absent."""
-    name = sysfs_name(module_name)
-    start = time.monotonic()
-    st = read_state(t, name)
-    if name not in st.patches:
-        return OpResult("disable", True, False, "not loaded as a livepatch", seconds=time.monotonic() - start)
-    marker = write_marker(t, "disable", name)
-    r = t.run(Command.script(DISABLE_SCRIPT, name, label="disable", **_ROOT))
+def disable_command(module_name: str) -> Command:
+    """DISABLE_SCRIPT: `echo 0 > enabled` when enabled is 1."""
+    return Command.script(DISABLE_SCRIPT, sysfs_name(module_name), label="disable", **_ROOT)
+
+
+def _disabled(name: str, marker: str, r: CommandResult) -> OpResult:
     if not r.ok:
         err = r.stderr.strip() or r.stdout.strip()
         busy = "busy" in err.lower()
         msg = ("EBUSY: another livepatch is in transition: " if busy else "writing enabled failed: ") + err
-        return OpResult("disable", False, False, msg, marker, r.stdout + r.stderr, time.monotonic() - start)
-    w = _wait(t, name, timeout, "gone")
-    if w.ok and w.stdout.strip() == "gone":
-        return OpResult("disable", True, r.stdout.strip() == "disabled", "disabled; sysfs dir gone", marker,
-                        r.stdout.strip(), time.monotonic() - start)
-    stalls = _stall_lines(t.run(DMESG).stdout, marker)
-    msg = f"/sys/kernel/livepatch/{name} still present after {timeout:g} s ({w.stdout.strip()})"
+        raise OpFailed(OpResult("disable", False, False, msg, marker, r.stdout + r.stderr, r.duration))
+    out = r.stdout.strip()
+    return OpResult("disable", True, out == "disabled", out, marker, out, r.duration)
+
+
+def _gone(name: str, timeout: float, marker: str, changed: bool, r: CommandResult) -> OpResult:
+    head, log = _split_log(r.stdout)
+    if r.ok and head.strip() == "gone":
+        return OpResult("disable", True, changed, "disabled; sysfs dir gone", marker, head.strip(), r.duration)
+    stalls = _stall_lines(log, marker)
+    msg = f"/sys/kernel/livepatch/{name} still present after {timeout:g} s ({head.strip()})"
     if stalls:
         msg += f"; kernel: {stalls[-1]}"
-    return OpResult("disable", False, True, msg, marker, w.stdout, time.monotonic() - start, stalls)
+    raise OpFailed(OpResult("disable", False, True, msg, marker, head, r.duration, stalls))
 
 
-def unload(t: Transport, module_name: str) -> OpResult:
-    """Remove the module with /sbin/rmmod; no-op when /sys/module/<m> is absent."""
+def disable_plan(module_name: str, state: HostLivepatch, *, marker: str, timeout: float = 60.0,
+                 step: str = "disable") -> list[Step[Any]]:
+    """Disable the patch (marker, echo 0 > enabled) and wait until its sysfs dir is gone, decided from
+    `state`: not a livepatch there, a confirming read only. The last value's `changed` says whether
+    enabled was 1 (the log after `marker` then holds "unpatching complete")."""
     name = sysfs_name(module_name)
-    start = time.monotonic()
-    st = read_state(t, name)
-    if not st.module(name).present:
-        return OpResult("unload", True, False, "not loaded", seconds=time.monotonic() - start)
-    if name in st.patches and st.patches[name].enabled == 1:
-        return OpResult("unload", False, False, f"{name} is an enabled livepatch: disable it first",
-                        seconds=time.monotonic() - start)
-    r = t.run(Command.of(RMMOD, name, label="unload", timeout=60, **_ROOT))
-    if not r.ok:
-        reason = (r.stderr.strip().splitlines() or [f"exit status {r.exit_status}"])[-1]
-        return OpResult("unload", False, False, f"rmmod failed: {reason}", output=r.stdout + r.stderr,
-                        seconds=time.monotonic() - start)
-    return OpResult("unload", True, True, "removed", output=(r.stdout + r.stderr).strip(),
-                    seconds=time.monotonic() - start)
+    patch = state.patches.get(name)
+    if patch is None:
+        return [Step(step, state_command(name), partial(_noop, "disable", "patch", name, "not loaded as a livepatch"),
+                     writes=False)]
+    return [marker_step(marker, step),
+            Step(step, disable_command(name), partial(_disabled, name, marker)),
+            Step(step, wait_command(name, timeout, "gone"), partial(_gone, name, timeout, marker, patch.enabled == 1))]
+
+
+def rmmod_command(module_name: str) -> Command:
+    """/sbin/rmmod of the module."""
+    return Command.of(RMMOD, sysfs_name(module_name), label="unload", timeout=60, **_ROOT)
+
+
+def _removed(name: str, r: CommandResult) -> OpResult:
+    output = (r.stdout + r.stderr).strip()
+    if r.ok:
+        return OpResult("unload", True, True, "removed", output=output, seconds=r.duration)
+    if "is not currently loaded" in r.stderr:  # gone since the state was read: where the step wants it
+        return OpResult("unload", True, False, "not loaded", output=output, seconds=r.duration)
+    reason = (r.stderr.strip().splitlines() or [f"exit status {r.exit_status}"])[-1]
+    raise OpFailed(OpResult("unload", False, False, f"rmmod failed: {reason}", output=r.stdout + r.stderr,
+                            seconds=r.duration))
+
+
+def _refuse_enabled(name: str, r: CommandResult) -> OpResult:
+    _state_of("unload", r)
+    raise OpFailed(OpResult("unload", False, False, f"{name} is an enabled livepatch: disable it first",
+                            output=r.stdout[-2000:], seconds=r.duration))
+
+
+def unload_plan(module_name: str, state: HostLivepatch, *, disabled_before: bool = False,
+                step: str = "unload") -> list[Step[Any]]:
+    """Remove the module with /sbin/rmmod, decided from `state`: absent, a confirming read only; an
+    enabled livepatch (unless `disabled_before`: a disable precedes in the same plan), refused."""
+    name = sysfs_name(module_name)
+    if not state.module(name).present:
+        return [Step(step, state_command(name), partial(_noop, "unload", "module", name, "not loaded"),
+                     writes=False)]
+    patch = state.patches.get(name)
+    if patch is not None and patch.enabled == 1 and not disabled_before:
+        return [Step(step, state_command(name), partial(_refuse_enabled, name), writes=False)]
+    return [Step(step, rmmod_command(name), partial(_removed, name))]
 
 
 # "$1" final path, "$2" folder, "$3" module file name, "$4" sha256 of the build to remove ("" = any).
@@ -811,15 +1027,86 @@ if [ -e "$1" ]; then rm -f -- "$1" && echo removed; else echo absent; fi
 """
 
 
-def unstage(t: Transport, release: str, module_file_name: str, sha256: str = "") -> OpResult:
-    """Remove the staged file from /var/lib/kpatch/<release>/ and any partial upload of it (no-op when
-    absent); with `sha256`, a file of another build at that path is kept."""
+def _unstaged(dest: str, sha256: str, r: CommandResult) -> OpResult:
+    out = r.stdout.strip()
+    if not r.ok:
+        raise OpFailed(OpResult("unstage", False, False, r.summary(), output=r.stderr, seconds=r.duration))
+    message = {"removed": "removed", "absent": "not staged",
+               "kept-other": f"kept {dest}: another build (not sha256 {sha256[:12]})"}.get(out, out)
+    return OpResult("unstage", True, out == "removed", message, output=r.stderr, seconds=r.duration)
+
+
+def unstage_step(release: str, module_file_name: str, sha256: str = "", *, step: str = "unstage") -> Step[OpResult]:
+    """Remove the staged file and any partial upload of it (idempotent); with `sha256`, a file of
+    another build at that path is kept."""
     dest = staged_path(release, module_file_name)
     folder = dest.rsplit("/", 1)[0]
-    r = t.run(Command.script(UNSTAGE_SCRIPT, dest, folder, module_file_name, sha256.lower(), label="unstage",
-                             **_ROOT))
-    out = r.stdout.strip()
-    return OpResult("unstage", r.ok, out == "removed",
-                    {"removed": "removed", "absent": "not staged",
-                     "kept-other": f"kept {dest}: another build (not sha256 {sha256[:12]})"}.get(out, out)
-                    if r.ok else r.summary(), output=r.stderr)
+    return Step(step, Command.script(UNSTAGE_SCRIPT, dest, folder, module_file_name, sha256.lower(),
+                                     label="unstage", **_ROOT), partial(_unstaged, dest, sha256))
+
+
+# --------------------------------------------------------------------------- routines
+# Each routine reads what its plan is decided from, then runs the plan: no logic of their own.
+
+def _op_result(t: StepTransport, steps: list[Step[Any]]) -> OpResult:
+    try:
+        result: OpResult = run_steps(t, steps)[-1]
+    except OpFailed as e:
+        return e.result
+    return result
+
+
+def _verification(t: StepTransport, steps: list[Step[Verification]]) -> Verification:
+    try:
+        return merged(run_steps(t, steps))
+    except VerifyFailed as e:
+        return e.verification
+
+
+def has_kpatch_cli(t: StepTransport) -> bool:
+    """Whether the kpatch CLI is on the host's PATH."""
+    found: bool = run_step(t, kpatch_cli_step())
+    return found
+
+
+def load(t: StepTransport, remote_path: str, module_name: str, *, use_kpatch_cli: bool | None = None,
+         timeout: float = 120.0) -> OpResult:
+    """Load a staged module (marker first); no-op when the patch is loaded and enabled (see load_plan).
+    `ok` only means the loader accepted it: verify_loaded() decides."""
+    name = sysfs_name(module_name)
+    state = read_state(t, name)
+    kpatch_cli = has_kpatch_cli(t) if use_kpatch_cli is None else use_kpatch_cli
+    marker = new_marker("load", name)
+    return _op_result(t, load_plan(remote_path, name, state, marker=marker, kpatch_cli=kpatch_cli,
+                                   timeout=timeout, with_marker=True))
+
+
+def verify_loaded(t: StepTransport, module_name: str, marker: str, probe: Probe | None = None,
+                  expect: ModuleIdentity | None = None) -> Verification:
+    """Verify a load (see verify_loaded_plan); the problems, never an exception, when it is not right."""
+    return _verification(t, verify_loaded_plan(module_name, marker, probe, expect))
+
+
+def verify_removed(t: StepTransport, module_name: str, probe: Probe | None = None, *, marker: str = "",
+                   expect: ModuleIdentity | None = None) -> Verification:
+    """Verify a removal (see verify_removed_plan); the problems, never an exception."""
+    return _verification(t, verify_removed_plan(module_name, probe, marker=marker, expect=expect))
+
+
+def disable(t: StepTransport, module_name: str, timeout: float = 60.0) -> OpResult:
+    """Disable the patch and wait until its sysfs dir is gone; no-op when absent (see disable_plan)."""
+    name = sysfs_name(module_name)
+    return _op_result(t, disable_plan(name, read_state(t, name), marker=new_marker("disable", name),
+                                      timeout=timeout))
+
+
+def unload(t: StepTransport, module_name: str) -> OpResult:
+    """Remove the module with /sbin/rmmod; no-op when /sys/module/<m> is absent (see unload_plan)."""
+    name = sysfs_name(module_name)
+    return _op_result(t, unload_plan(name, read_state(t, name)))
+
+
+def unstage(t: StepTransport, release: str, module_file_name: str, sha256: str = "") -> OpResult:
+    """Remove the staged file from /var/lib/kpatch/<release>/ and any partial upload of it (no-op when
+    absent); with `sha256`, a file of another build at that path is kept."""
+    return _op_result(t, [unstage_step(release, module_file_name, sha256)])

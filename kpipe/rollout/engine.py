@@ -18,9 +18,9 @@ import fnmatch
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Mapping, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Protocol, TypeVar
 
 from kpipe.commands import Command, CommandResult
 from kpipe.errors import CommandTimeout, KpipeError, ConfigError, TransportError
@@ -29,7 +29,10 @@ from kpipe.kernel import normalize_arch
 from kpipe.rollout.gate import SoakWatch, decide, soak_schedule
 from kpipe.rollout.journal import Journal, host_state
 from kpipe.rollout.planner import Assignment, RolloutPlan
-from kpipe.plan import Recorder, StepFailed
+from kpipe.plan import Recorder, Step, StepFailed, StepTransport, run_step, run_steps
+
+if TYPE_CHECKING:  # pragma: no cover
+    from kpipe.builder.spec import Probe
 
 T = TypeVar("T")
 
@@ -205,217 +208,174 @@ def preflight_problems(a: Assignment, facts: Mapping[str, str], state: lp.HostLi
 
 
 
-def _run_step(rec: Recorder, step: str, fn: Callable[[], T], intended: dict[str, Any] | None = None,
-              done: Callable[[T], dict[str, Any]] | None = None) -> T:
-    """Write-ahead: record `intended`, run, record `done` or `failed`; re-raise failures."""
-    rec(step, "intended", intended or {})
-    try:
-        value = fn()
-    except StepFailed as e:
-        rec(step, "failed", {"error": e.reason, **e.detail})
-        raise
-    except BaseException as e:
-        rec(step, "failed", {"error": str(e) or type(e).__name__, "type": type(e).__name__})
-        raise
-    rec(step, "done", done(value) if done else {})
-    return value
+def preflight_step(a: Assignment, module_size: int, ours_by_journal: bool = False,
+                   expect: lp.ModuleIdentity | None = None) -> Step[tuple[dict[str, str], lp.HostLivepatch]]:
+    """The host's facts and livepatch state in one read; refused (StepFailed) when the host must not get
+    its artifact now (preflight_problems). Its value is what apply_plan is built from."""
+    dest = lp.staged_path(a.release, a.artifact.filename)
 
-
-def _op(result: lp.OpResult) -> lp.OpResult:
-    if not result.ok:
-        raise StepFailed(result.step, result.message,
-                         {"output": result.output[-2000:], "kernel": result.kernel_lines[-20:]})
-    return result
-
-
-def apply_host(t: Any, a: Assignment, local_path: Path, probe: Any, rec: Recorder, *, journal_marker: str = "",
-               ours_by_journal: bool = False, persist: bool = False, timeout: float = 120.0,
-               expect: lp.ModuleIdentity | None = None) -> HostResult:
-    """Run one host's pipeline (every step idempotent); return applied, or raise on the first failure.
-    `expect` is the artifact's build identity: the loaded module must be that build."""
-    art = a.artifact
-    name = a.sysfs_name
-    dest = lp.staged_path(a.release, art.filename)
-    size = local_path.stat().st_size if local_path.exists() else 0
-
-    def preflight() -> tuple[dict[str, str], lp.HostLivepatch]:
-        r = t.run(preflight_command(dest, name))
+    def interpret(r: CommandResult) -> tuple[dict[str, str], lp.HostLivepatch]:
         facts = parse_preflight(r.stdout)
         # STATE_SCRIPT's lines share the output; its parser ignores ours, ours are read by key
         state = lp.parse_host_livepatch(r.stdout)
         if "release" not in facts or not state.complete:
             raise StepFailed("preflight", f"could not read the host's facts: {r.summary()}")
-        problems = preflight_problems(a, facts, state, size, ours_by_journal, expect)
+        problems = preflight_problems(a, facts, state, module_size, ours_by_journal, expect)
         if problems:
             raise StepFailed("preflight", "; ".join(problems), {"facts": facts})
         return facts, state
 
-    facts, state = _run_step(rec, "preflight", preflight, {"release": a.release, "artifact": art.id},
-                             lambda v: {"facts": v[0], "loaded": sorted(v[1].patches)})
-    ours = state.patches.get(name)
-    # the temp name is journaled: a kpipe killed mid-upload leaves it, the next stage or unstage removes it
-    _run_step(rec, "stage", lambda: lp.stage(t, local_path, a.release, art.sha256, art.filename),
-              {"path": dest, "sha256": art.sha256, "temp": lp.temp_path(a.release, art.filename, art.sha256)},
-              lambda p: {"path": p})
-    if ours is not None and ours.enabled == 1:
-        # already loaded (by an earlier run of this rollout, or the same build by hand): keep the marker
-        # that run journaled so verification still reads "patching complete" after it
-        marker = journal_marker
-        if marker and lp.lines_after_marker(t.run(lp.DMESG).stdout, marker) is None:
-            # the log no longer holds our marker (ring buffer wrapped, or the host's log was reset while
-            # it was away): the load cannot be re-proved from the log, so verify through sysfs only
-            rec("marker", "intended", {"reuse": marker})
-            rec("marker", "done", {"marker": "", "lost": marker})
-            marker = ""
-    else:
-        marker = _run_step(rec, "marker", lambda: lp.write_marker(t, "rollout", name), {},
-                           lambda m: {"marker": m})
-    kpatch_cli = facts.get("kpatch_cli") == "1"
-    _run_step(rec, "load", lambda: _op(lp.load(t, dest, name, use_kpatch_cli=kpatch_cli, timeout=timeout)),
-              {"marker": marker, "path": dest, "kpatch_cli": kpatch_cli},
-              lambda r: {"changed": r.changed, "message": r.message, "output": r.output[-500:]})
-    _run_step(rec, "wait", lambda: _op(lp.wait_transition(t, name, timeout=timeout)), {"timeout": timeout},
-              lambda r: {"message": r.message, "seconds": round(r.seconds, 3)})
-
-    def verify() -> lp.Verification:
-        v = lp.verify_loaded(t, name, marker, probe, expect)
-        if not v.ok:
-            raise StepFailed("verify", "; ".join(v.problems), {"kernel": v.kernel_lines[-20:],
-                                                                "probe_output": v.probe_output[-500:]})
-        return v
-
-    v = _run_step(rec, "verify", verify, {"marker": marker, "probe": bool(probe)},
-                  lambda v: {"probe_output": v.probe_output[-500:]})
-    if persist:
-        _run_step(rec, "persist", lambda: _persist(t, a, dest, kpatch_cli), {"kpatch_cli": kpatch_cli},
-                  lambda d: d)
-    return HostResult(t.name, "applied", "", "verify", {"probe_output": v.probe_output[-200:]})
+    return Step("preflight", preflight_command(dest, a.sysfs_name), interpret,
+                intended={"release": a.release, "artifact": a.artifact.id},
+                done=lambda v: {"facts": v[0], "loaded": sorted(v[1].patches)}, writes=False)
 
 
-def _persist(t: Any, a: Assignment, dest: str, kpatch_cli: bool) -> dict[str, Any]:
-    if not kpatch_cli:
-        # without the kpatch CLI (kpatch.service) nothing loads /var/lib/kpatch at boot; say so, honestly
-        return {"persisted": False, "why": "no kpatch CLI on the host: staged only, not loaded at boot"}
-    r = t.run(Command.of("kpatch", "install", "-k", a.release, dest, label="persist", sudo=True, timeout=120))
+def _journaled(steps: list[Step[Any]], intended: Mapping[str, Any],
+               done: Callable[[Any], dict[str, Any]] | None) -> list[Step[Any]]:
+    """One journal step (the steps share a name): `intended` on the first, `done` on the last."""
+    out = list(steps)
+    out[0] = replace(out[0], intended=dict(intended))
+    out[-1] = replace(out[-1], done=done)
+    return out
+
+
+def _persisted(r: CommandResult) -> dict[str, Any]:
     if not r.ok:
         raise StepFailed("persist", f"kpatch install failed: {r.summary()}")
     return {"persisted": True}
 
 
-def _other_build(t: Any, name: str, expect: lp.ModuleIdentity | None) -> str:
-    """Why the module loaded under `name` is provably not the build `expect` names ("" if it may be ours)."""
-    if expect is None or not expect.known:
-        return ""
-    mod = lp.read_state(t, name).module(name)
-    return expect.differs(mod.identity()) if mod.present else ""
+def _not_persisted(r: CommandResult) -> dict[str, Any]:
+    if r.stdout.strip() == "yes":
+        raise StepFailed("persist", "the kpatch CLI appeared after the preflight read it; run the rollout again "
+                                    "to persist")
+    # without the kpatch CLI (kpatch.service) nothing loads /var/lib/kpatch at boot; say so, honestly
+    return {"persisted": False, "why": "no kpatch CLI on the host: staged only, not loaded at boot"}
 
 
-def rollback_host(t: Any, a: Assignment, probe: Any, rec: Recorder, *, timeout: float = 120.0,
-                  persisted: bool = False, expect: lp.ModuleIdentity | None = None) -> HostResult:
-    """Disable, wait until the sysfs dir is gone, unload, unstage, verify removal (each step idempotent).
+def persist_plan(a: Assignment, dest: str, kpatch_cli: bool) -> list[Step[Any]]:
+    """Install the module for reboot (`kpatch install`); without the kpatch CLI, a read saying so."""
+    if kpatch_cli:
+        cmd = Command.of("kpatch", "install", "-k", a.release, dest, label="persist", sudo=True, timeout=120)
+        return [Step("persist", cmd, _persisted, intended={"kpatch_cli": True}, done=lambda d: d)]
+    return [Step("persist", Command.script(lp.KPATCH_CLI_SCRIPT, label="kpatch-cli"), _not_persisted,
+                 intended={"kpatch_cli": False}, done=lambda d: d, writes=False)]
+
+
+def apply_plan(a: Assignment, facts: Mapping[str, str], state: lp.HostLivepatch, local_path: Path,
+               probe: Probe | None = None, *, journal_marker: str = "", persist: bool = False,
+               timeout: float = 120.0, expect: lp.ModuleIdentity | None = None,
+               marker: str | None = None) -> list[Step[Any]]:
+    """One host's apply steps after its preflight (pure): stage, marker, load, wait, verify, persist.
+
+    Built from `facts` and `state` as preflight_step read them: an installed file of this sha256 is
+    not uploaded again; a patch already loaded and enabled is not loaded again and keeps the marker an
+    earlier run journaled (`journal_marker`). `marker`: the new /dev/kmsg marker (default: a fresh one).
+    Journal step names and details are the engine's: the journal reads them on resume and status."""
+    art = a.artifact
+    name = a.sysfs_name
+    dest = lp.staged_path(a.release, art.filename)
+    # the temp name is journaled: a kpipe killed mid-upload leaves it, the next stage or unstage removes it
+    steps = _journaled(lp.stage_plan(local_path, a.release, art.sha256, art.filename, facts.get("staged", "absent")),
+                       {"path": dest, "sha256": art.sha256, "temp": lp.temp_path(a.release, art.filename, art.sha256)},
+                       lambda p: {"path": p})
+    ours = state.patches.get(name)
+    loaded = ours is not None and ours.enabled == 1
+    if loaded:
+        # already loaded (by an earlier run of this rollout, or the same build by hand): keep the marker
+        # that run journaled so verification still reads "patching complete" after it
+        marker = journal_marker
+        if marker:
+            steps.append(lp.marker_check_step(marker))
+    else:
+        marker = marker or lp.new_marker("rollout", name)
+        steps.append(lp.marker_step(marker))
+    kpatch_cli = facts.get("kpatch_cli") == "1"
+    steps += _journaled(lp.load_plan(dest, name, state, marker=marker, kpatch_cli=kpatch_cli, timeout=timeout),
+                        {"marker": marker, "path": dest, "kpatch_cli": kpatch_cli},
+                        lambda r: {"changed": r.changed, "message": r.message, "output": r.output[-500:]})
+    steps += _journaled([lp.wait_step(name, timeout, marker=marker)], {"timeout": timeout},
+                        lambda r: {"message": r.message, "seconds": round(r.seconds, 3)})
+    # a reused marker the log lost (ring buffer wrapped, log reset): verification falls back to sysfs
+    steps += _journaled(lp.verify_loaded_plan(name, marker, probe, expect, marker_may_be_lost=loaded),
+                        {"marker": marker, "probe": bool(probe)},
+                        lambda v: {"probe_output": v.probe_output[-500:]})
+    if persist:
+        steps += persist_plan(a, dest, kpatch_cli)
+    return steps
+
+
+def apply_host(t: StepTransport, a: Assignment, local_path: Path, probe: Probe | None, rec: Recorder, *,
+               journal_marker: str = "", ours_by_journal: bool = False, persist: bool = False,
+               timeout: float = 120.0, expect: lp.ModuleIdentity | None = None) -> HostResult:
+    """Run one host's pipeline: the preflight read, then the plan built from its facts (apply_plan).
+    Returns applied, or raises on the first failure. `expect`: the loaded module must be that build."""
+    size = local_path.stat().st_size if local_path.exists() else 0
+    facts, state = run_step(t, preflight_step(a, size, ours_by_journal, expect), rec)
+    steps = apply_plan(a, facts, state, local_path, probe, journal_marker=journal_marker, persist=persist,
+                       timeout=timeout, expect=expect)
+    values = run_steps(t, steps, rec)
+    verified = [v for s, v in zip(steps, values) if s.name == "verify"][-1]
+    return HostResult(t.name, "applied", "", "verify", {"probe_output": verified.probe_output[-200:]})
+
+
+def rollback_plan(a: Assignment, state: lp.HostLivepatch, probe: Probe | None = None, *, timeout: float = 120.0,
+                  persisted: bool = False, expect: lp.ModuleIdentity | None = None,
+                  marker: str | None = None) -> list[Step[Any]]:
+    """One host's rollback steps (pure), from its livepatch `state` as read: disable, wait until the
+    sysfs dir is gone, unload, uninstall (if persisted), unstage, verify removal.
 
     Only what this rollout installed is removed: a module of the same name that is another build
     (`expect`: the artifact's build-id or srcversion) stays loaded, a file of another build stays staged."""
     name = a.sysfs_name
-
-    def disable() -> lp.OpResult:
-        other = _other_build(t, name, expect)
-        if other:
-            return lp.OpResult("disable", True, False, f"left {name} loaded: not this rollout's build ({other})")
-        return _op(lp.disable(t, name, timeout=timeout))
-
-    def unload() -> lp.OpResult:
-        other = _other_build(t, name, expect)
-        if other:
-            return lp.OpResult("unload", True, False, f"left {name} loaded: not this rollout's build ({other})")
-        return _op(lp.unload(t, name))
-
-    d = _run_step(rec, "rb-disable", disable, {},
-                  lambda r: {"marker": r.marker, "changed": r.changed, "message": r.message})
-    _run_step(rec, "rb-unload", unload, {}, lambda r: {"message": r.message})
+    art = a.artifact
+    mod = state.module(name)
+    other = expect.differs(mod.identity()) if expect is not None and expect.known and mod.present else ""
+    disable_done: Callable[[Any], dict[str, Any]] = lambda r: {"marker": r.marker, "changed": r.changed,
+                                                                "message": r.message}
+    if other:
+        left = f"left {name} loaded: not this rollout's build ({other})"
+        steps = _journaled([lp.note_step("rb-disable", name, left)], {}, disable_done)
+        steps += _journaled([lp.note_step("rb-unload", name, left)], {}, lambda r: {"message": r.message})
+        verify_marker = ""
+    else:
+        marker = marker or lp.new_marker("disable", name)
+        patch = state.patches.get(name)
+        # the log after the marker holds "unpatching complete" only when this rollback disables the patch
+        verify_marker = marker if patch is not None and patch.enabled == 1 else ""
+        steps = _journaled(lp.disable_plan(name, state, marker=marker, timeout=timeout, step="rb-disable"), {},
+                           disable_done)
+        steps += _journaled(lp.unload_plan(name, state, disabled_before=True, step="rb-unload"), {},
+                            lambda r: {"message": r.message})
     if persisted:
-        _run_step(rec, "rb-uninstall", lambda: t.run(Command.of("kpatch", "uninstall", "-k", a.release,
-                                                                a.artifact.filename, label="uninstall",
-                                                                sudo=True, timeout=120)), {},
-                  lambda r: {"exit": r.exit_status})
-    _run_step(rec, "rb-unstage", lambda: _op(lp.unstage(t, a.release, a.artifact.filename, a.artifact.sha256)),
-              {"temp": lp.temp_path(a.release, a.artifact.filename, a.artifact.sha256)},
-              lambda r: {"message": r.message})
+        steps.append(Step("rb-uninstall", Command.of("kpatch", "uninstall", "-k", a.release, art.filename,
+                                                     label="uninstall", sudo=True, timeout=120),
+                          lambda r: r, done=lambda r: {"exit": r.exit_status}))
+    steps += _journaled([lp.unstage_step(a.release, art.filename, art.sha256, step="rb-unstage")],
+                        {"temp": lp.temp_path(a.release, art.filename, art.sha256)},
+                        lambda r: {"message": r.message})
+    steps += _journaled(lp.verify_removed_plan(name, probe, marker=verify_marker, expect=expect, step="rb-verify"),
+                        {}, lambda v: {"probe_output": v.probe_output[-200:]})
+    return steps
 
-    def verify() -> lp.Verification:
-        v = lp.verify_removed(t, name, probe, marker=d.marker if d.changed else "", expect=expect)
-        if not v.ok:
-            raise StepFailed("rb-verify", "; ".join(v.problems), {"kernel": v.kernel_lines[-20:]})
-        return v
 
-    _run_step(rec, "rb-verify", verify, {}, lambda v: {"probe_output": v.probe_output[-200:]})
+def rollback_host(t: StepTransport, a: Assignment, probe: Probe | None, rec: Recorder, *, timeout: float = 120.0,
+                  persisted: bool = False, expect: lp.ModuleIdentity | None = None) -> HostResult:
+    """Read the host's livepatch state, then run the rollback plan built from it (each step idempotent)."""
+    state = run_step(t, lp.state_step(a.sysfs_name))
+    run_steps(t, rollback_plan(a, state, probe, timeout=timeout, persisted=persisted, expect=expect), rec)
     return HostResult(t.name, "rolled_back", "", "rb-verify")
 
 
 # -- dry run ---------------------------------------------------------------------
-class DryRunTransport:
-    """Records every Command and answers as a fresh, healthy host would; changes nothing."""
-
-    def __init__(self, a: Assignment):
-        self.name = a.host
-        self.a = a
-        self.commands: list[str] = []
-        self._marker = ""
-        self._loaded = False
-
-    def run(self, cmd: Command) -> CommandResult:
-        line = cmd.display() if cmd.secret else cmd.shell_line(use_sudo=False)
-        self.commands.append(f"[sudo] {line}" if cmd.sudo else line)
-        out = ""
-        name = self.a.sysfs_name
-        if cmd.label == "preflight":
-            out = (f"release {self.a.release}\narch {self.a.artifact.arch or self.a.arch}\nfree_kb 10485760\n"
-                   f"staged absent\nkpatch_cli 0\nlivepatch_sysfs 1\ntainted 0\nend\n")
-        elif cmd.label in ("livepatch-state", "verify-state"):
-            out = "livepatch_sysfs 1\ntainted 32768\n"
-            if self._loaded:
-                out += (f"patch {name}\nenabled {name} 1\ntransition {name} 0\nobject {name} vmlinux 1\n"
-                        f"module {name} 1 OK\n")
-            out += "end\n"
-            if cmd.label == "verify-state":
-                out += f"---kpipe-dmesg---\n{self._marker}\nlivepatch: '{name}': patching complete\n"
-        elif cmd.label == "marker":
-            self._marker = self._marker or cmd.argv[-1]
-        elif cmd.label == "stage-check":
-            out = "absent\n"
-        elif cmd.label == "load":
-            self._loaded = True
-        elif cmd.label == "wait-0":
-            out = "transition 0\n"
-        elif cmd.label == "probe" and self.a:
-            out = "(probe output)"
-        return CommandResult(self.name, cmd, 0, out, "", 0.0)
-
-    def put(self, local: Any, remote: str) -> None:
-        self.commands.append(f"put {local} -> {remote}")
-
-    def get(self, remote: str, local: Any) -> None:  # pragma: no cover - never used by the pipeline
-        self.commands.append(f"get {remote} -> {local}")
-
-    def close(self) -> None:
-        pass
-
-
-def dry_run(plan: RolloutPlan, local_path: Callable[[Assignment], Path]) -> dict[str, list[str]]:
-    """Every command the engine would run on every host (the same Command values, recorded, not run)."""
-    out = {}
-    for host in plan.hosts:
-        a = plan.assignments[host]
-        t = DryRunTransport(a)
-        probe = probe_of(plan, a)
-        if probe is not None:
-            from kpipe.builder.spec import Probe
-
-            probe = Probe(probe.argv, ".*", probe.expect_after_rollback)  # the canned output cannot match
-        apply_host(t, a, local_path(a), probe, lambda *_: None, persist=plan.options.persist,
-                   timeout=plan.options.step_timeout_s)
-        out[host] = t.commands
-    return out
+def dry_run_host(t: StepTransport, a: Assignment, local_path: Path, probe: Probe | None, *,
+                 persist: bool = False, timeout: float = 120.0,
+                 expect: lp.ModuleIdentity | None = None) -> list[Step[Any]]:
+    """The preflight read (run: it writes nothing) and the plan built from its facts (not run)."""
+    size = local_path.stat().st_size if local_path.exists() else 0
+    pre = preflight_step(a, size, False, expect)
+    facts, state = run_step(t, pre)
+    return [pre, *apply_plan(a, facts, state, local_path, probe, persist=persist, timeout=timeout, expect=expect)]
 
 
 # -- the engine --------------------------------------------------------------------
@@ -732,6 +692,17 @@ class Engine:
         s = self.summary(rid)
         self.emit(kind="rollout-end", rollout_id=rid, phase=s.state, data=s.to_dict())
         return s
+
+    def dry_run(self, plan: RolloutPlan) -> dict[str, list[Step[Any]] | BaseException]:
+        """Every host's steps: its preflight read runs (reads only), the plan built from the facts it
+        returned is not run. A host that cannot be read or that its preflight refuses maps to the error."""
+        def one(t: Any) -> list[Step[Any]]:
+            a = plan.assignments[t.name]
+            return dry_run_host(t, a, self.local_path(a), probe_of(plan, a), persist=plan.options.persist,
+                                timeout=plan.options.step_timeout_s, expect=self.identity(a))
+
+        results = self.runner.run_many(list(plan.hosts), one, plan.options.forks)
+        return {h: results.get(h) or KpipeError(f"{h}: not run") for h in plan.hosts}
 
     def summary(self, rid: str) -> RunSummary:
         """The rollout's state and every host's final state, from the journal."""
