@@ -8,6 +8,7 @@ command line is parsed: nonsense is a usage error (exit 2) before any host is co
 from __future__ import annotations
 
 import math
+from pathlib import Path
 import sys
 from typing import Any, Callable, Optional
 
@@ -511,6 +512,30 @@ def rollback_cmd(rollout_id: str = typer.Argument(..., help="Rollout id, or `las
 
         raise KpipeError(f"rollback incomplete on {len(bad)} host(s): {', '.join(bad[:5])}",
                          hint=f"fix them, then `kpipe rollout resume {rid}`")
+
+
+@rollout_app.command("export")
+def export_cmd(rollout_id: str = typer.Argument(..., help="Rollout id, or `last` (the last one started)."),
+               ansible_dir: Path = typer.Option(..., "--ansible", help="Write a self-contained Ansible project "
+                                                "(playbook, inventory, vars, module files) to this new folder."),
+               json_out: bool = typer.Option(False, "--json")) -> None:
+    """Export a stored rollout as an Ansible project for ansible-playbook or AWX / Automation Platform."""
+    from kpipe.rollout.ansible_export import export_ansible
+    from kpipe.rollout.planner import RolloutPlan
+
+    j = _journal()
+    rid = _resolve(j, rollout_id)
+    plan = RolloutPlan.from_dict(j.get(rid).plan)
+    if not plan.hosts:
+        from kpipe.errors import ConfigError
+
+        raise ConfigError(f"rollout {rid} has no eligible host", hint="see `kpipe rollout status`")
+    summary = export_ansible(state().workspace, rid, plan, ansible_dir)
+    if json_out:
+        print_json(summary)
+        return
+    state().console.print(f"wrote {esc(summary['folder'])}: {summary['hosts']} host(s) in waves "
+                          f"{summary['waves']}; run `ansible-playbook playbook.yml` there", markup=True)
 
 
 @rollout_app.command("abort")
