@@ -71,7 +71,7 @@ def test_exported_project_runs_with_plain_ansible_playbook(simfleet_factory, tmp
     steps = yaml.safe_load((project / "vars" / "plan.yml").read_text().replace("!unsafe ", ""))
     first = steps["kpipe_apply_steps"][plan.hosts[0]]
     assert [s["name"] for s in first if s["action"] == "command"][:2] == ["preflight", "stage"]
-    assert any(s["argv"][-1] == f"/var/lib/kpatch/{RELEASE}/livepatch-demo.ko" and s["label"] == "load"
+    assert any(s["label"] == "load" and s["argv"][-1] == f"/var/lib/kpatch/{RELEASE}/livepatch-demo.ko"
                for s in first)
 
     a = playbook(project, "playbook.yml", fleet.client_key)
