@@ -144,10 +144,12 @@ class AnsibleStepTransport:
 class AnsibleRunner:
     """The Engine's Runner over Ansible: fn(transport) per host, their actions batched into plays."""
 
-    def __init__(self, session: AnsibleSession, hosts: Mapping[str, Any], *, default_timeout: float = 600.0):
+    def __init__(self, session: AnsibleSession, hosts: Mapping[str, Any], *, default_timeout: float = 600.0,
+                 forks: int | None = None):
         self.session = session
         self.hosts = dict(hosts)  # name -> inventory Host
         self.default_timeout = default_timeout or 600.0
+        self.forks = forks  # the operator's --forks wins over the plan's
 
     def _become(self, name: str) -> bool:
         h = self.hosts[name]
@@ -163,7 +165,7 @@ class AnsibleRunner:
         if not present:
             return out
         rounds = _Rounds(present)
-        self.session.forks = forks or self.session.forks
+        self.session.forks = self.forks or forks or self.session.forks
 
         def one(h: str) -> None:
             try:
@@ -237,7 +239,8 @@ def ansible_engine_for(workspace: Any, journal: Journal, rollout_id: str, *, for
     stamp = time.strftime("%Y%m%d-%H%M%S-", time.gmtime()) + os.urandom(3).hex()
     private = Path(workspace.store.root) / "ansible" / f"{rollout_id}-{stamp}"
     session = AnsibleSession(hostvars, private, forks=forks or plan.options.forks)
-    runner = AnsibleRunner(session, found, default_timeout=float(workspace.ssh.command_timeout or 0))
+    runner = AnsibleRunner(session, found, default_timeout=float(workspace.ssh.command_timeout or 0), forks=forks)
     engine = Engine(journal, runner, local_path_fn(workspace.store), on_event=on_event)
-    journal.update_detail(rollout_id, engine="ansible", ansible_dir=str(private))
+    # where ansible-runner keeps this run's inventories and events (for an operator who digs in)
+    journal.update_detail(rollout_id, ansible_dir=str(private))
     return engine, runner
