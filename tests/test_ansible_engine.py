@@ -15,9 +15,8 @@ import hashlib
 import os
 from pathlib import Path
 
-import pytest
-
 import kenv
+import pytest
 from simfleet import simfleet_factory  # noqa: F401  (fixture)
 
 from kpipe.artifacts import add_artifact
@@ -25,8 +24,20 @@ from kpipe.errors import ConfigError
 from kpipe.rollout.ansible_executor import AnsibleRunner, ansible_engine_for
 from kpipe.rollout.ansible_export import max_fail_percentage
 from kpipe.rollout.journal import Journal
-from kpipe.rollout.planner import Candidate, FailureBudget, HostView, RolloutOptions, plan_rollout
-from kpipe.transport.ansible import AnsibleSession, HostAction, connection_vars, dump_yaml, Unsafe
+from kpipe.rollout.planner import (
+    Candidate,
+    FailureBudget,
+    HostView,
+    RolloutOptions,
+    plan_rollout,
+)
+from kpipe.transport.ansible import (
+    AnsibleSession,
+    HostAction,
+    Unsafe,
+    connection_vars,
+    dump_yaml,
+)
 from kpipe.workspace import open_workspace
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
@@ -110,7 +121,7 @@ def enables(host) -> int:
 def test_waves_apply_everywhere_and_a_second_rollout_loads_nothing_twice(fresh, tmp_path):
     ws, art = make_ws(fresh, tmp_path)
     names = [h.name for h in fresh.hosts[:3]]
-    plan, journal, rid = make_plan(ws, art, [names[:1], names[1:]])
+    _plan, journal, rid = make_plan(ws, art, [names[:1], names[1:]])
     s, events = run(ws, journal, rid)
     assert s.state == "completed" and s.hosts == {n: "applied" for n in names}, s
     assert [e.wave for e in events if e.kind == "gate"] == [1, 2]
@@ -122,7 +133,7 @@ def test_waves_apply_everywhere_and_a_second_rollout_loads_nothing_twice(fresh, 
         assert_clean(h)  # not in the plan: untouched
     before = {n: enables(fresh.host(n)) for n in names}
     # A second rollout of the same build finds everything in place: verified, nothing loaded twice.
-    plan2, _, rid2 = make_plan(ws, art, [names])
+    _plan2, _, rid2 = make_plan(ws, art, [names])
     s2, _ = run(ws, journal, rid2)
     assert s2.hosts == {n: "applied" for n in names}, s2
     assert before == {n: enables(fresh.host(n)) for n in names}
@@ -133,7 +144,7 @@ def test_failed_host_is_rolled_back_and_gate_halts_later_waves(fresh, tmp_path):
     ws, art = make_ws(fresh, tmp_path)
     h = [x.name for x in fresh.hosts]
     fresh.host(h[2]).inject("sig_enforce")  # refuses the unsigned module
-    plan, journal, rid = make_plan(ws, art, [[h[0]], [h[1], h[2]], [h[3], h[4]]], max_failures=FailureBudget.parse("0"),
+    _plan, journal, rid = make_plan(ws, art, [[h[0]], [h[1], h[2]], [h[3], h[4]]], max_failures=FailureBudget.parse("0"),
                                    rollback_policy="failed")
     s, _ = run(ws, journal, rid)
     assert s.state == "halted" and h[2] in s.halt_reason
@@ -151,7 +162,7 @@ def test_wave_policy_rolls_back_the_whole_failing_wave_and_audit_agrees(fresh, t
     ws, art = make_ws(fresh, tmp_path)
     h = [x.name for x in fresh.hosts]
     fresh.host(h[2]).inject("sig_enforce")
-    plan, journal, rid = make_plan(ws, art, [[h[0]], [h[1], h[2]], [h[3]]], rollback_policy="wave")
+    _plan, journal, rid = make_plan(ws, art, [[h[0]], [h[1], h[2]], [h[3]]], rollback_policy="wave")
     s, _ = run(ws, journal, rid)
     assert s.hosts == {h[0]: "applied", h[1]: "rolled_back", h[2]: "rolled_back", h[3]: "pending"}, s
     assert_patched(fresh.host(h[0]), art.sha256)
@@ -169,7 +180,7 @@ def test_budget_tolerates_a_failure_and_stuck_transition_is_rolled_back(fresh, t
     ws, art = make_ws(fresh, tmp_path)
     h = [x.name for x in fresh.hosts[:3]]
     fresh.host(h[1]).inject("stuck_transition")
-    plan, journal, rid = make_plan(ws, art, [[h[0]], [h[1]], [h[2]]], max_failures=FailureBudget.parse("1"),
+    _plan, journal, rid = make_plan(ws, art, [[h[0]], [h[1]], [h[2]]], max_failures=FailureBudget.parse("1"),
                                    step_timeout_s=3.0)
     s, _ = run(ws, journal, rid)
     assert s.state == "completed"
@@ -185,7 +196,7 @@ def test_budget_tolerates_a_failure_and_stuck_transition_is_rolled_back(fresh, t
 def test_unreachable_host_is_data_not_an_exception(fresh, tmp_path):
     ws, art = make_ws(fresh, tmp_path)
     h = [x.name for x in fresh.hosts[:3]]
-    plan, journal, rid = make_plan(ws, art, [h], max_failures=FailureBudget.parse("1"))
+    _plan, journal, rid = make_plan(ws, art, [h], max_failures=FailureBudget.parse("1"))
     fresh.host(h[1]).stop()
     try:
         s, _ = run(ws, journal, rid)
@@ -206,7 +217,7 @@ def test_strict_host_key_checking_refuses_unknown_keys(fresh, tmp_path):
     for f in (tmp_path / "ws" / "kpipe.toml", tmp_path / "ws" / "simfleet.yml"):
         f.write_text(f.read_text().replace(str(fresh.known_hosts), str(empty)))
     ws = open_workspace(str(tmp_path / "ws"))
-    plan, journal, rid = make_plan(ws, art, [[name]])
+    _plan, journal, rid = make_plan(ws, art, [[name]])
     s, _ = run(ws, journal, rid)
     assert s.hosts[name] == "unreachable", s
     assert "host key" in s.reasons[name].lower() or "verification" in s.reasons[name].lower(), s.reasons

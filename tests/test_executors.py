@@ -18,9 +18,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 import kenv
+import pytest
 from simfleet import simfleet_factory  # noqa: F401  (the session fixture)
 
 from kpipe.artifacts import add_artifact
@@ -75,7 +74,7 @@ def setup(fleet, tmp_path: Path, **opts):
 
 def kpipe(ws, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "kpipe", "-W", str(ws.root), *args], capture_output=True, text=True,
-                          timeout=600, env={**os.environ, "NO_COLOR": "1"})
+                          timeout=600, check=False, env={**os.environ, "NO_COLOR": "1"})
 
 
 def steps(journal, rid, host) -> list[tuple[str, str]]:
@@ -107,7 +106,7 @@ CLEAN = {"patches": {}, "modules": [], "staged": {}, "temp": []}
 
 @pytest.mark.parametrize("engine", ENGINES)
 def test_same_plan_same_fleet_state_and_journal(engine, fresh, tmp_path):
-    ws, art, plan, journal, rid = setup(fresh, tmp_path)
+    ws, art, _plan, journal, rid = setup(fresh, tmp_path)
     r = kpipe(ws, "rollout", "start", "--plan", rid, "--engine", engine, "--yes", "--json")
     assert r.returncode == 0, r.stdout + r.stderr
     summary = json.loads(r.stdout)
@@ -134,7 +133,7 @@ def test_same_plan_same_fleet_state_and_journal(engine, fresh, tmp_path):
 
 @pytest.mark.parametrize("engine", ENGINES)
 def test_failure_in_the_canary_wave_halts_and_rolls_back(engine, fresh, tmp_path):
-    ws, art, plan, journal, rid = setup(fresh, tmp_path, rollback_policy="failed")
+    ws, _art, plan, journal, rid = setup(fresh, tmp_path, rollback_policy="failed")
     canary = plan.waves[0][0]
     fresh.host(canary).inject("ebusy_enable")  # insmod fails: "Device or resource busy"
     r = kpipe(ws, "rollout", "start", "--plan", rid, "--engine", engine, "--yes", "--json")

@@ -30,7 +30,12 @@ from kpipe.commands import Command, CommandResult
 from kpipe.errors import CommandTimeout, KpipeError, NotFoundError, TransportError
 from kpipe.rollout.journal import Journal
 from kpipe.rollout.planner import RolloutPlan
-from kpipe.transport.ansible import ActionResult, AnsibleSession, HostAction, connection_vars
+from kpipe.transport.ansible import (
+    ActionResult,
+    AnsibleSession,
+    HostAction,
+    connection_vars,
+)
 
 T = TypeVar("T")
 ENGINES = ("fabric", "ansible")

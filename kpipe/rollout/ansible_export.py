@@ -108,7 +108,7 @@ the hosts really run.
 """
 
 
-def _play(name: str, hosts: str, steps_var: str, serial: list[int] | None, max_fail: float | int) -> dict[str, Any]:
+def _play(name: str, hosts: str, steps_var: str, serial: list[int] | None, max_fail: float) -> dict[str, Any]:
     play: dict[str, Any] = {"name": name, "hosts": hosts, "gather_facts": False, "order": "inventory"}
     if serial is not None:
         play["serial"] = serial
@@ -219,10 +219,10 @@ def export_ansible(workspace: Any, rollout_id: str, plan: RolloutPlan, out: Path
     known = known_hosts_files(workspace)
     lines: list[str] = []
     for name, h in hosts.items():
-        files = [*known, *([os.path.expanduser(h.known_hosts)] if h.known_hosts else [])]
-        got = _known_lines(files, h)
+        kh_files = [*known, *([os.path.expanduser(h.known_hosts)] if h.known_hosts else [])]
+        got = _known_lines(kh_files, h)
         if not got:
-            raise ConfigError(f"host {name}: no key in known_hosts ({', '.join(files) or 'none configured'})",
+            raise ConfigError(f"host {name}: no key in known_hosts ({', '.join(kh_files) or 'none configured'})",
                               hint="the export checks host keys strictly; add the host's key first")
         lines += [ln for ln in got if ln not in lines]
 

@@ -187,7 +187,7 @@ class _Collector:
         if self._on_event is not None:
             try:
                 self._on_event(event)
-            except Exception:  # a progress printer must not break the run
+            except Exception:  # noqa: BLE001, S110 - a progress printer must not break the run
                 pass
         return True
 
