@@ -13,6 +13,7 @@ argv (`describe`) and invents no output. Tests feed outputs to interpreters.
 
 from __future__ import annotations
 
+import shlex
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -157,6 +158,29 @@ def argv_lists(steps: Sequence[Step[Any]]) -> list[list[str]]:
     return [list(s.argv()) for s in steps]
 
 
-def describe(steps: Sequence[Step[Any]]) -> list[str]:
-    """One printable line per step: `name: argv` (secrets shown as ***), for dry-run."""
-    return [f"{s.name}: {s.display()}" for s in steps]
+def describe(steps: Sequence[Step[Any]], scripts: dict[str, str] | None = None) -> list[str]:
+    """One printable line per step: `name: argv` (secrets shown as ***), for dry-run.
+
+    With `scripts`, a multi-line `sh -c` script shows as `[script NAME]` and its exact text is
+    put in `scripts` (NAME -> text; one name per distinct text), so that a reader sees each once."""
+    if scripts is None:
+        return [f"{s.name}: {s.display()}" for s in steps]
+    names = {text: name for name, text in scripts.items()}
+    out = []
+    for s in steps:
+        a = s.action
+        if isinstance(a, Command) and not a.secret and a.argv[:2] == ("sh", "-c") and len(a.argv) > 2 \
+                and "\n" in a.argv[2]:
+            text = a.argv[2]
+            if text not in names:
+                base = a.label or s.name
+                name, n = base, 2
+                while name in scripts:
+                    name, n = f"{base}-{n}", n + 1
+                names[text] = name
+                scripts[name] = text
+            sudo = "sudo -n -- " if a.sudo else ""
+            out.append(f"{s.name}: {sudo}sh -c [script {names[text]}] {shlex.join(a.argv[3:])}")
+        else:
+            out.append(f"{s.name}: {s.display()}")
+    return out

@@ -193,7 +193,7 @@ def test_user_values_travel_only_as_positional_parameters():
     assert cmd.argv[:3] == ("sh", "-c", lp.STATE_SCRIPT)
     assert cmd.argv[3:] == ("kpipe", "evil_name")
     for script in (lp.STATE_SCRIPT, lp.STAGE_CHECK_SCRIPT, lp.STAGE_COMMIT_SCRIPT, lp.WAIT_SCRIPT, lp.DISABLE_SCRIPT,
-                   lp.MARKER_SCRIPT, lp.VERIFY_SCRIPT):
+                   lp.MARKER_SCRIPT, lp.VERIFY_SCRIPT, lp.LOAD_SCRIPT, lp.UNSTAGE_SCRIPT):
         assert not re.search(r"/force\b", script)  # never write the livepatch force file
     assert lp.load_command("/var/lib/kpatch/r/m.ko", kpatch_cli=False).argv == ("/sbin/insmod",
                                                                                "/var/lib/kpatch/r/m.ko")

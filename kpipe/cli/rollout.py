@@ -418,7 +418,7 @@ def start_cmd(
 
 def _start(plan: Any, rid: str, dry_run: bool, yes: bool, json_out: bool, forks: Optional[int], pool: Any,
            hosts: Optional[list], engine: str = "fabric") -> None:
-    from kpipe.rollout.world import check_preflight, local_path_fn
+    from kpipe.rollout.world import check_preflight
 
     if not json_out:
         _print_plan(plan, rid or "(dry run, not stored)")
@@ -434,7 +434,7 @@ def _start(plan: Any, rid: str, dry_run: bool, yes: bool, json_out: bool, forks:
     _finish(_run_engine(rid, "start", forks, json_out=json_out, pool=pool, hosts=hosts, engine_name=engine), json_out)
 
 
-def _dry_run(plan: Any, rid: str, json_out: bool, forks: Optional[int], pool: Any, hosts: Optional[list]) -> None:
+def _dry_run(plan: Any, rid: str, json_out: bool, forks: int | None, pool: Any, hosts: list[Any] | None) -> None:
     """Print every host's steps (the exact argv): its preflight read runs, nothing that writes does."""
     from kpipe.plan import argv_lists, describe
     from kpipe.rollout.engine import Engine, PoolRunner
@@ -459,15 +459,19 @@ def _dry_run(plan: Any, rid: str, json_out: bool, forks: Optional[int], pool: An
                     "refused": refused})
         return
     con = state().console
+    scripts: dict[str, str] = {}  # each script's exact text is printed once, after the hosts
     for host, steps in plans.items():
         con.print(f"[bold]{esc(host)}[/bold] (wave {plan.assignments[host].wave}):")
         if isinstance(steps, BaseException):
             con.print(f"  [red]would fail:[/red] {esc(str(steps))}")
             continue
-        for i, line in enumerate(describe(steps), start=1):
+        for i, line in enumerate(describe(steps, scripts), start=1):
             kind = "read" if not steps[i - 1].writes else "write"
             con.print(f"  {i:>2}. ({kind}) {line}", markup=False, highlight=False)
-    con.print("dry run: nothing was changed (only the reads ran)")
+    for name, text in scripts.items():
+        con.print(f"[bold]script {esc(name)}[/bold] (sh -c; its arguments are $1, $2, ...):")
+        con.print(text.strip("\n"), markup=False, highlight=False)
+    con.print("dry run: nothing was changed (of each host's steps only 1, the preflight read, ran)")
 
 
 @rollout_app.command("resume")

@@ -803,3 +803,25 @@ def _cstr(blob: bytes, off: int) -> str:
     end = blob.find(b"\0", off)
     raw = blob[off:end] if end >= 0 else blob[off:]
     return raw.decode("utf-8", "replace")
+
+
+def identity_sections(path: Path | str) -> tuple[bytes, str]:
+    """A module file's raw `.note.gnu.build-id` section and its `.modinfo` srcversion (decompressed
+    first); b"" / "" when it has none. ModuleFormatError when it is no ELF file kpipe can read."""
+    from elftools.common.exceptions import ELFError
+    from elftools.elf.elffile import ELFFile
+
+    data, _ = load_module_bytes(Path(path))
+    try:
+        elf = ELFFile(io.BytesIO(data))
+        notes = elf.get_section_by_name(".note.gnu.build-id")
+        raw = notes.data() if notes is not None else b""
+        srcversion = ""
+        info = elf.get_section_by_name(".modinfo")
+        if info is not None:
+            for item in info.data().split(b"\0"):
+                if item.startswith(b"srcversion="):
+                    srcversion = item[len(b"srcversion="):].decode("ascii", "replace")
+    except (ELFError, ValueError, struct.error) as e:
+        raise ModuleFormatError(f"{path}: not a readable ELF module: {_short(e)}") from None
+    return raw, srcversion

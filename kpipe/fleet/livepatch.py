@@ -307,28 +307,13 @@ def build_id_from_notes(hex_text: str) -> str:
 
 def module_identity(path: str | Path) -> ModuleIdentity:
     """The build-id and srcversion of a module file (decompressed first); empty when it has none."""
-    import io
-
-    from elftools.common.exceptions import ELFError
-    from elftools.elf.elffile import ELFFile
-
-    from kpipe.elf.reader import load_module_bytes
+    from kpipe.elf.reader import identity_sections  # kpipe/elf is the only reader of ELF files
 
     try:
-        data, _ = load_module_bytes(Path(path))
-        elf = ELFFile(io.BytesIO(data))
-        build_id, srcversion = "", ""
-        notes = elf.get_section_by_name(".note.gnu.build-id")
-        if notes is not None:
-            build_id = build_id_from_notes(notes.data().hex())
-        info = elf.get_section_by_name(".modinfo")
-        if info is not None:
-            for item in info.data().split(b"\0"):
-                if item.startswith(b"srcversion="):
-                    srcversion = item[len(b"srcversion="):].decode("ascii", "replace")
-        return ModuleIdentity(build_id, srcversion)
-    except (KpipeError, ELFError, ValueError, OSError, struct.error):
+        notes, srcversion = identity_sections(path)
+    except (KpipeError, OSError):
         return ModuleIdentity()  # not an ELF module kpipe can read: the name and checksum are all we have
+    return ModuleIdentity(build_id_from_notes(notes.hex()), srcversion)
 
 
 # --------------------------------------------------------------------------- kernel log
@@ -1043,6 +1028,38 @@ def unstage_step(release: str, module_file_name: str, sha256: str = "", *, step:
     folder = dest.rsplit("/", 1)[0]
     return Step(step, Command.script(UNSTAGE_SCRIPT, dest, folder, module_file_name, sha256.lower(),
                                      label="unstage", **_ROOT), partial(_unstaged, dest, sha256))
+
+
+# --------------------------------------------------------------------------- persist
+
+def _persisted(r: CommandResult) -> dict[str, Any]:
+    if not r.ok:
+        raise StepFailed("persist", f"kpatch install failed: {r.summary()}")
+    return {"persisted": True}
+
+
+def _not_persisted(r: CommandResult) -> dict[str, Any]:
+    if r.stdout.strip() == "yes":
+        raise StepFailed("persist", "the kpatch CLI appeared after the facts were read; run again to persist")
+    # without the kpatch CLI (kpatch.service) nothing loads /var/lib/kpatch at boot; say so, honestly
+    return {"persisted": False, "why": "no kpatch CLI on the host: staged only, not loaded at boot"}
+
+
+def persist_plan(release: str, remote_path: str, kpatch_cli: bool, *, step: str = "persist") -> list[Step[Any]]:
+    """Install the module for reboot with `kpatch install`, decided from `kpatch_cli` (the host's facts);
+    without the CLI nothing loads /var/lib/kpatch at boot: a read that says so. Values are journal details."""
+    if kpatch_cli:
+        cmd = Command.of("kpatch", "install", "-k", release, remote_path, label="persist", timeout=120, **_ROOT)
+        return [Step(step, cmd, _persisted, intended={"kpatch_cli": True}, done=lambda d: d)]
+    return [Step(step, Command.script(KPATCH_CLI_SCRIPT, label="kpatch-cli"), _not_persisted,
+                 intended={"kpatch_cli": False}, done=lambda d: d, writes=False)]
+
+
+def uninstall_step(release: str, module_file_name: str, *, step: str = "uninstall") -> Step[CommandResult]:
+    """`kpatch uninstall` of a persisted module (its exit status is journaled; a missing install is no
+    failure: the removal is verified from the host's state afterwards)."""
+    cmd = Command.of("kpatch", "uninstall", "-k", release, module_file_name, label="uninstall", timeout=120, **_ROOT)
+    return Step(step, cmd, lambda r: r, done=lambda r: {"exit": r.exit_status})
 
 
 # --------------------------------------------------------------------------- routines

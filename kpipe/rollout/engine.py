@@ -1,15 +1,18 @@
 """The rollout engine: execute a plan wave by wave, journal every host step, gate, roll back, resume.
 
-Per host: preflight (re-read release, arch, free space, livepatch state,
-conflicting patches, checksum of what is already installed), stage, marker,
-load, wait for the transition, verify (+ the recipe's probe), optionally
-persist. Each step is recorded `intended` before it runs and `done`/`failed`
-after it (kpipe.rollout.journal), and every step is idempotent (the host ops
-in kpipe.fleet.livepatch read the host's state first), so a rollout killed at
-any instant is resumed by re-running the unfinished host pipelines: nothing
-is loaded twice, nothing is forgotten. One host's exception never stops its
-wave: the fan-out returns a result or an exception per host, and the gate
-decides what the wave's results mean.
+Per host: one preflight read (release, arch, free space, livepatch state,
+conflicting patches, checksum of what is already installed), then the host's
+plan built from those facts by pure functions (apply_plan; rollback_plan from a
+state read): stage, marker, load, wait for the transition, verify (+ the
+recipe's probe), optionally persist; each a kpipe.plan.Step of the builders in
+kpipe.fleet.livepatch, run by kpipe.plan.run_steps. Each journal step is
+recorded `intended` before it runs and `done`/`failed` after it
+(kpipe.rollout.journal), and every step is idempotent (a fresh plan is built
+from a fresh read), so a rollout killed at any instant is resumed by re-running
+the unfinished host pipelines: nothing is loaded twice, nothing is forgotten.
+Dry-run runs the preflight read and prints the plan (`Engine.dry_run`). One
+host's exception never stops its wave: the fan-out returns a result or an
+exception per host, and the gate decides what the wave's results mean.
 """
 
 from __future__ import annotations
@@ -239,29 +242,6 @@ def _journaled(steps: list[Step[Any]], intended: Mapping[str, Any],
     return out
 
 
-def _persisted(r: CommandResult) -> dict[str, Any]:
-    if not r.ok:
-        raise StepFailed("persist", f"kpatch install failed: {r.summary()}")
-    return {"persisted": True}
-
-
-def _not_persisted(r: CommandResult) -> dict[str, Any]:
-    if r.stdout.strip() == "yes":
-        raise StepFailed("persist", "the kpatch CLI appeared after the preflight read it; run the rollout again "
-                                    "to persist")
-    # without the kpatch CLI (kpatch.service) nothing loads /var/lib/kpatch at boot; say so, honestly
-    return {"persisted": False, "why": "no kpatch CLI on the host: staged only, not loaded at boot"}
-
-
-def persist_plan(a: Assignment, dest: str, kpatch_cli: bool) -> list[Step[Any]]:
-    """Install the module for reboot (`kpatch install`); without the kpatch CLI, a read saying so."""
-    if kpatch_cli:
-        cmd = Command.of("kpatch", "install", "-k", a.release, dest, label="persist", sudo=True, timeout=120)
-        return [Step("persist", cmd, _persisted, intended={"kpatch_cli": True}, done=lambda d: d)]
-    return [Step("persist", Command.script(lp.KPATCH_CLI_SCRIPT, label="kpatch-cli"), _not_persisted,
-                 intended={"kpatch_cli": False}, done=lambda d: d, writes=False)]
-
-
 def apply_plan(a: Assignment, facts: Mapping[str, str], state: lp.HostLivepatch, local_path: Path,
                probe: Probe | None = None, *, journal_marker: str = "", persist: bool = False,
                timeout: float = 120.0, expect: lp.ModuleIdentity | None = None,
@@ -301,7 +281,7 @@ def apply_plan(a: Assignment, facts: Mapping[str, str], state: lp.HostLivepatch,
                         {"marker": marker, "probe": bool(probe)},
                         lambda v: {"probe_output": v.probe_output[-500:]})
     if persist:
-        steps += persist_plan(a, dest, kpatch_cli)
+        steps += lp.persist_plan(a.release, dest, kpatch_cli)
     return steps
 
 
@@ -331,8 +311,10 @@ def rollback_plan(a: Assignment, state: lp.HostLivepatch, probe: Probe | None = 
     art = a.artifact
     mod = state.module(name)
     other = expect.differs(mod.identity()) if expect is not None and expect.known and mod.present else ""
-    disable_done: Callable[[Any], dict[str, Any]] = lambda r: {"marker": r.marker, "changed": r.changed,
-                                                                "message": r.message}
+
+    def disable_done(r: lp.OpResult) -> dict[str, Any]:
+        return {"marker": r.marker, "changed": r.changed, "message": r.message}
+
     if other:
         left = f"left {name} loaded: not this rollout's build ({other})"
         steps = _journaled([lp.note_step("rb-disable", name, left)], {}, disable_done)
@@ -348,9 +330,7 @@ def rollback_plan(a: Assignment, state: lp.HostLivepatch, probe: Probe | None = 
         steps += _journaled(lp.unload_plan(name, state, disabled_before=True, step="rb-unload"), {},
                             lambda r: {"message": r.message})
     if persisted:
-        steps.append(Step("rb-uninstall", Command.of("kpatch", "uninstall", "-k", a.release, art.filename,
-                                                     label="uninstall", sudo=True, timeout=120),
-                          lambda r: r, done=lambda r: {"exit": r.exit_status}))
+        steps.append(lp.uninstall_step(a.release, art.filename, step="rb-uninstall"))
     steps += _journaled([lp.unstage_step(a.release, art.filename, art.sha256, step="rb-unstage")],
                         {"temp": lp.temp_path(a.release, art.filename, art.sha256)},
                         lambda r: {"message": r.message})
