@@ -87,14 +87,12 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=5)
     args = ap.parse_args()
 
-    from sshd import SshdServer, keygen
-
+    import kenv  # the tests' discovery of the installed headers (newest, or KPIPE_TEST_KERNEL)
     from kpipe import recipes
     from kpipe.builder.base import get_builder
     from kpipe.builder.runner import BuildOptions, BuildRunner
     from kpipe.workspace import load_workspace
-
-    import kenv  # the tests' discovery of the installed headers (newest, or KPIPE_TEST_KERNEL)
+    from sshd import SshdServer, keygen
 
     try:
         found = kenv.discover()

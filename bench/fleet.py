@@ -47,8 +47,7 @@ def timed(argv: list[str], *, env: dict[str, str] | None = None, stdin: str | No
           check_output: bool = False) -> tuple[float, float, int, str]:
     """Run argv; (wall s, client CPU s of the whole process tree, exit status, stdout)."""
     cpu0, t0 = children_cpu(), time.monotonic()
-    r = subprocess.run(argv, env=env, input=stdin, text=True, stdout=subprocess.PIPE,
-                       stderr=subprocess.PIPE, timeout=1800)
+    r = subprocess.run(argv, env=env, input=stdin, text=True, capture_output=True, timeout=1800)
     return time.monotonic() - t0, children_cpu() - cpu0, r.returncode, r.stdout if check_output else r.stderr[-500:]
 
 
@@ -74,7 +73,8 @@ import json, sys, time
 sys.path.insert(0, sys.argv[1])
 from kpipe.workspace import load_workspace
 from kpipe.fleet.inventory import load_inventory
-from kpipe.fleet.facts import HostFacts, gather_facts, pool_for
+from kpipe.fleet.facts import HostFacts
+from kpipe.fleet.observe import gather_facts, pool_for
 from pathlib import Path
 ws = load_workspace(Path(sys.argv[2]))
 hosts = load_inventory(ws).select(None)

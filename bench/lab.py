@@ -19,8 +19,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from kpipe.lab import Lab, LabConfig, resolve_kernel  # noqa: E402
-from kpipe.lab import initramfs, vm as vmmod  # noqa: E402
+from kpipe.lab import Lab, LabConfig, initramfs, resolve_kernel  # noqa: E402  # noqa: E402
+from kpipe.lab import vm as vmmod
 from kpipe.lab.arch import lab_arch  # noqa: E402
 from kpipe.lab.kernel import boot_image  # noqa: E402
 
@@ -54,7 +54,8 @@ def main() -> int:
     initramfs.build_base(image, lab_cache)
     booted = boot_image(image, lab_cache)
     print(f"kernel {image.release} ({'PVH vmlinux' if booted != image.vmlinuz else 'bzImage'}); cache warm in "
-          f"{time.monotonic() - t0:.1f} s; accel: {' '.join(lab_arch("x86_64").accel_args()[:4])}; {args.runs} run(s) each, "
+          f"{time.monotonic() - t0:.1f} s; accel: {' '.join(lab_arch('x86_64').accel_args()[:4])}; "
+          f"{args.runs} run(s) each, "
           f"-m {args.memory}")
 
     results: dict[int, list[float]] = {1: [], 3: []}

@@ -36,7 +36,8 @@ MODULE = "livepatch_demo"
 HAND_SCRIPT = r"""
 set -e
 vm_port=$1; key=$2; kh=$3; ko=$4; m=$5
-SSH="ssh -i $key -p $vm_port -o StrictHostKeyChecking=yes -o UserKnownHostsFile=$kh -o IdentitiesOnly=yes -o LogLevel=ERROR"
+SSH="ssh -i $key -p $vm_port -o StrictHostKeyChecking=yes -o UserKnownHostsFile=$kh"
+SSH="$SSH -o IdentitiesOnly=yes -o LogLevel=ERROR"
 scp -q -i "$key" -P "$vm_port" -o StrictHostKeyChecking=yes -o UserKnownHostsFile="$kh" -o IdentitiesOnly=yes \
     -o LogLevel=ERROR "$ko" root@127.0.0.1:/tmp/$m.ko
 $SSH root@127.0.0.1 "/sbin/insmod /tmp/$m.ko"
@@ -109,7 +110,8 @@ def main() -> None:
 
         def clean() -> None:
             procs = [subprocess.Popen(["ssh", "-i", lab["identity_file"], "-p", str(v["port"]),
-                                       "-o", "StrictHostKeyChecking=yes", "-o", f"UserKnownHostsFile={lab['known_hosts']}",
+                                       "-o", "StrictHostKeyChecking=yes",
+                                       "-o", f"UserKnownHostsFile={lab['known_hosts']}",
                                        "-o", "IdentitiesOnly=yes", "-o", "LogLevel=ERROR", "root@127.0.0.1",
                                        f"sh -c '{CLEAN_SCRIPT}' clean {MODULE}"]) for v in vms]
             for p in procs:
@@ -127,8 +129,8 @@ def main() -> None:
 
         def kpipe_run() -> float:
             start = time.monotonic()
-            r = kp(ws, "rollout", "start", art.id, "--limit", "lab", "--waves", "100%", "--soak", "0", "--skip-preflight", "--yes",
-                   "--json")
+            r = kp(ws, "rollout", "start", art.id, "--limit", "lab", "--waves", "100%", "--soak", "0",
+                   "--skip-preflight", "--yes", "--json")
             took = time.monotonic() - start
             out = json.loads(r.stdout)
             if set(out["hosts"].values()) != {"applied"}:

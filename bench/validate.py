@@ -1,7 +1,8 @@
 """Benchmarks of module validation (issue 3). Run: python bench/validate.py [--quick]
 
 1. Warm validation: process time of validating the sample livepatch module for the installed headers' kernel
-   (tests/kenv.py: the newest, or KPIPE_TEST_KERNEL) against a full, already cached index (Module.symvers + a kallsyms-sized symbol source). Target < 150 ms.
+   (tests/kenv.py: the newest, or KPIPE_TEST_KERNEL) against a full, already cached index
+   (Module.symvers + a kallsyms-sized symbol source). Target < 150 ms.
 2. Index build from a large symbol source: a generated ELF with 200k symbols (vmlinux-sized .symtab),
    kpipe's raw .symtab scan vs `nm` on the same file. Target: within 2x of nm.
 3. Signature verification throughput vs `sha256sum` over the same signed files. Target >= 0.5x.
@@ -161,8 +162,9 @@ def main() -> int:
         row(f"index build, {count} symbols", f"{ours * 1000:.0f} ms", f"nm {nm * 1000:.0f} ms", f"{ours / nm:.2f}x",
             "<= 2x nm", ours <= 2 * nm)
         ours_tp, sha_tp, total = bench_verification(work, 6 if args.quick else 12)
-        row(f"verify throughput ({total / 1e6:.0f} MB)", f"{ours_tp / 1e6:.0f} MB/s", f"sha256sum {sha_tp / 1e6:.0f} MB/s",
-            f"{ours_tp / sha_tp:.2f}x", ">= 0.5x sha256sum", ours_tp >= 0.5 * sha_tp)
+        row(f"verify throughput ({total / 1e6:.0f} MB)", f"{ours_tp / 1e6:.0f} MB/s",
+            f"sha256sum {sha_tp / 1e6:.0f} MB/s", f"{ours_tp / sha_tp:.2f}x", ">= 0.5x sha256sum",
+            ours_tp >= 0.5 * sha_tp)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return 0

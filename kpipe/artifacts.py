@@ -16,8 +16,11 @@ run, else the last run.
 
 from __future__ import annotations
 
+import enum
 import json
+import sqlite3
 import time
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -75,8 +78,22 @@ CREATE INDEX IF NOT EXISTS artifact_preflights_by_id ON artifact_preflights(arti
 # The preflight options whose last run is the artifact's preflight (a plain `kpipe preflight ID`).
 DEFAULT_PREFLIGHT_OPTIONS: dict[str, Any] = {"sig_enforce": False, "append": ""}
 
-# built: produced, not yet validated; valid: passed validation; rejected: failed it.
-STATUSES = ("built", "valid", "rejected")
+class ArtifactStatus(enum.StrEnum):
+    """An artifact's status (stored in artifacts.status: the values never change)."""
+
+    BUILT = "built"  # produced, not yet validated
+    VALID = "valid"  # passed validation
+    REJECTED = "rejected"  # failed it
+
+
+class PreflightOutcome(enum.StrEnum):
+    """A preflight's outcome (stored in artifact_preflights.status and the artifact's preflight)."""
+
+    PASSED = "passed"
+    FAILED = "failed"
+
+
+STATUSES = tuple(ArtifactStatus)
 
 
 @dataclass
@@ -86,7 +103,7 @@ class Artifact:
     module_name: str
     filename: str
     kernel: str
-    status: str
+    status: ArtifactStatus
     recipe: str = ""
     arch: str = ""
     builder: str = ""
@@ -109,30 +126,30 @@ class Artifact:
 
     @property
     def deployable(self) -> bool:
-        return self.status == "valid"
+        return self.status == ArtifactStatus.VALID
 
     @property
     def preflight_passed(self) -> bool:
-        return self.preflight.get("status") == "passed"
+        return self.preflight.get("status") == PreflightOutcome.PASSED
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
-def _row_to_artifact(row) -> Artifact:
+def _row_to_artifact(row: sqlite3.Row) -> Artifact:
     d = dict(row)
     for key in ("validation", "preflight", "meta"):
         d[key] = json.loads(d[key] or "{}")
     d["signed"] = bool(d["signed"])
+    d["status"] = ArtifactStatus(d["status"])
     return Artifact(**d)
 
 
 def add_artifact(store: Store, module: Path, *, kernel: str, filename: str | None = None,
-                 status: str = "built", **fields: Any) -> Artifact:
+                 status: ArtifactStatus | str = ArtifactStatus.BUILT, **fields: Any) -> Artifact:
     """Store a module file and its metadata; return the artifact (same bytes -> same id, updated)."""
     store.ensure_schema(SCHEMA)
-    if status not in STATUSES:
-        raise ValueError(f"bad artifact status {status!r}")
+    status = ArtifactStatus(status)  # ValueError for a status that is not one
     sha = store.put_file(module)
     art = Artifact(id=sha[:12], sha256=sha, module_name=fields.pop("module_name", module.name.split(".ko")[0]),
                    filename=filename or module.name, kernel=kernel, status=status, created_at=time.time(), **fields)
@@ -192,8 +209,8 @@ def find_by_inputs(store: Store, inputs_digest: str) -> Artifact | None:
 def update_artifact(store: Store, artifact_id: str, **fields: Any) -> Artifact:
     """Update metadata columns (status, validation, preflight, meta...)."""
     store.ensure_schema(SCHEMA)
-    if "status" in fields and fields["status"] not in STATUSES:
-        raise ValueError(f"bad artifact status {fields['status']!r}")
+    if "status" in fields:
+        fields["status"] = ArtifactStatus(fields["status"])  # ValueError for a status that is not one
     sets, params = [], []
     for k, v in fields.items():
         if k in ("validation", "preflight", "meta"):
@@ -207,9 +224,9 @@ def update_artifact(store: Store, artifact_id: str, **fields: Any) -> Artifact:
     return get_artifact(store, artifact_id)
 
 
-def check_blobs(store: Store, artifacts: Any) -> None:
+def check_blobs(store: Store, artifacts: Iterable[Artifact]) -> None:
     """Refuse (StoreCorrupt, exit 1; NotFoundError, exit 5) when the stored bytes of any of these
-    artifacts (anything with .id and .sha256) are missing or no longer hash to their sha256."""
+    artifacts are missing or no longer hash to their sha256."""
     for a in artifacts:
         store.verified_path(a.sha256)
 
@@ -267,6 +284,7 @@ def record_preflight(store: Store, artifact_id: str, options: dict[str, Any], re
                                "ORDER BY seq DESC LIMIT 1", (artifact_id, *params)).fetchone()
             if chosen is not None:
                 break
+        assert chosen is not None  # the row inserted above matches "1"
         c.execute("UPDATE artifacts SET preflight = ? WHERE id = ?", (chosen[0], artifact_id))
 
 

@@ -9,14 +9,24 @@ A check that lacks its reference data yields a `skipped` finding saying how to p
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
-from typing import Any, Iterable
+from typing import Any
 
 from kpipe.elf.reader import ModuleInfo
-from kpipe.elf.signature import KERNEL_HASHES, Certificate, Pkcs7Error, parse_pkcs7, verify_pkcs7
+from kpipe.elf.signature import (
+    KERNEL_HASHES,
+    Certificate,
+    Pkcs7Error,
+    parse_pkcs7,
+    verify_pkcs7,
+)
 from kpipe.elf.symbols import SymbolIndex
+from kpipe.findings import Finding, Severity
 
-SEVERITIES = ("error", "warning", "info", "skipped")
+__all__ = ["SEVERITIES", "Finding", "KernelFacts", "Severity", "expected_vermagic", "report_ok", "run_checks"]
+
+SEVERITIES = tuple(Severity)  # error, warning, info, skipped
 
 ARCH_MACHINE = {"x86_64": 62, "aarch64": 183, "loongarch64": 258}
 # MODULE_ARCH_VERMAGIC (arch/*/include/asm/module.h, 6.1)
@@ -46,19 +56,6 @@ LIVEPATCH_API = ("klp_enable_patch", "klp_register_patch", "klp_shadow_alloc", "
 
 
 @dataclass(frozen=True)
-class Finding:
-    """One result: id (stable), severity (error|warning|info|skipped), message naming the values, hint."""
-
-    id: str
-    severity: str
-    message: str
-    hint: str = ""
-
-    def to_dict(self) -> dict[str, str]:
-        return asdict(self)
-
-
-@dataclass(frozen=True)
 class KernelFacts:
     """What kpipe knows about the target kernel; None means unknown (its checks are skipped)."""
 
@@ -79,7 +76,9 @@ class KernelFacts:
 
 def expected_vermagic(release: str, config: dict[str, str], arch: str) -> str:
     """include/linux/vermagic.h (6.1): release + SMP + preempt/preempt_rt + mod_unload + modversions + arch."""
-    on = lambda k: config.get(k) in ("y", "m")  # noqa: E731
+    def on(k: str) -> bool:
+        return config.get(k) in ("y", "m")
+
     parts = [release + " "]
     if on("CONFIG_SMP"):
         parts.append("SMP ")
@@ -101,8 +100,8 @@ def expected_vermagic(release: str, config: dict[str, str], arch: str) -> str:
 class _Out:
     findings: list[Finding] = field(default_factory=list)
 
-    def add(self, id: str, severity: str, message: str, hint: str = "") -> None:
-        self.findings.append(Finding(id, severity, message, hint))
+    def add(self, id: str, severity: Severity | str, message: str, hint: str = "") -> None:
+        self.findings.append(Finding(id, Severity(severity), message, hint))
 
 
 def run_checks(module: ModuleInfo, facts: KernelFacts, index: SymbolIndex | None = None,
@@ -125,7 +124,7 @@ def run_checks(module: ModuleInfo, facts: KernelFacts, index: SymbolIndex | None
 
 def report_ok(findings: Iterable[Finding], *, strict: bool = False) -> bool:
     """True when no finding is an error (nor, with strict, skipped)."""
-    bad = ("error", "skipped") if strict else ("error",)
+    bad = (Severity.ERROR, Severity.SKIPPED) if strict else (Severity.ERROR,)
     return not any(f.severity in bad for f in findings)
 
 

@@ -35,16 +35,16 @@ class Command:
                 raise ValueError("argv elements cannot contain NUL bytes")
 
     @classmethod
-    def of(cls, *argv: str, **kwargs: object) -> "Command":
+    def of(cls, *argv: str, **kwargs: object) -> Command:
         """Build a Command from positional argv elements."""
         return cls(argv=tuple(argv), **kwargs)  # type: ignore[arg-type]
 
     @classmethod
-    def script(cls, script: str, *args: str, **kwargs: object) -> "Command":
+    def script(cls, script: str, *args: str, **kwargs: object) -> Command:
         """A constant sh script run with user values as "$1".. positional parameters."""
         return cls(argv=("sh", "-c", script, "kpipe", *args), **kwargs)  # type: ignore[arg-type]
 
-    def with_timeout(self, timeout: float | None) -> "Command":
+    def with_timeout(self, timeout: float | None) -> Command:
         return Command(self.argv, self.sudo, timeout, self.secret, self.stdin, self.env, self.label)
 
     def shell_line(self, *, use_sudo: bool | None = None) -> str:

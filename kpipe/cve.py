@@ -21,10 +21,14 @@ import fnmatch
 import glob
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from kpipe.kernel import normalize_arch
 from kpipe.recipes.schema import SEVERITIES
+
+if TYPE_CHECKING:
+    from kpipe.recipes.loading import Recipe
+    from kpipe.workspace import Workspace
 
 FIXED = "fixed"
 EXPOSED = "exposed"
@@ -238,7 +242,7 @@ def cve_hosts_from_audit(result: Any, arches: Mapping[str, str] | None = None) -
 # --------------------------------------------------------------------------
 
 
-def _recipe_for_release(ws: Any, recipe: Any, release: str, modules_built: Iterable[str]) -> CveRecipe:
+def _recipe_for_release(ws: Workspace, recipe: Recipe, release: str, modules_built: Iterable[str]) -> CveRecipe:
     """A recipe's `fixes:` and module name rendered for one release (in the recipes' sandbox).
 
     ConfigError (file:line) on a problem.
@@ -250,7 +254,7 @@ def _recipe_for_release(ws: Any, recipe: Any, release: str, modules_built: Itera
     from kpipe.recipes.render import _kernel_vars, _render_tree, predict_module_name
     from kpipe.recipes.sandbox import _sandbox, _WorkspaceLoader
     from kpipe.recipes.schema import check_fixes
-    from kpipe.workspace import KernelEntry
+    from kpipe.settings import KernelEntry
 
     entry = ws.kernels.get(release) or KernelEntry(release=release)
     _, kvars = _kernel_vars(entry)
@@ -290,7 +294,7 @@ def _one_line(e: Any) -> str:
     return f"{e.message} ({hint})" if hint else e.message
 
 
-def load_cve_recipes(ws: Any, releases: Iterable[str]) -> tuple[list[CveRecipe], list[str]]:
+def load_cve_recipes(ws: Workspace, releases: Iterable[str]) -> tuple[list[CveRecipe], list[str]]:
     """The recipes that declare `fixes:`, one CveRecipe per recipe and fleet release it targets.
 
     Returns (recipes, errors): a recipe that cannot be read or rendered is one
@@ -338,7 +342,7 @@ def load_cve_recipes(ws: Any, releases: Iterable[str]) -> tuple[list[CveRecipe],
     return out, errors
 
 
-def cve_report(ws: Any, result: Any, arches: Mapping[str, str] | None = None) -> CveReport:
+def cve_report(ws: Workspace, result: Any, arches: Mapping[str, str] | None = None) -> CveReport:
     """The CVE view of an audit result: the workspace's recipes against the audited hosts."""
     hosts = cve_hosts_from_audit(result, arches)
     recipes, errors = load_cve_recipes(ws, [h.release for h in hosts])

@@ -13,8 +13,9 @@ architecture word it can find. Pure functions, no I/O.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import Any, Callable
+from typing import Any
 
 from kpipe.errors import ConfigError
 

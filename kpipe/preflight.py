@@ -14,14 +14,21 @@ import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from kpipe.artifacts import ArtifactStatus, PreflightOutcome
 from kpipe.errors import KpipeError
+
+if TYPE_CHECKING:
+    from kpipe.artifacts import Artifact
+    from kpipe.builder.spec import Probe
+    from kpipe.lab.kernel import KernelImage
+    from kpipe.workspace import Workspace
 
 Progress = Callable[[str], None]
 
 
-def recipe_probe(workspace: Any, artifact: Any) -> tuple[Any, str]:
+def recipe_probe(workspace: Workspace, artifact: Artifact) -> tuple[Probe | None, str]:
     """The artifact's recipe probe (kpipe.recipes.render(...).probe), or (None, why not)."""
     if not artifact.recipe:
         return None, "the artifact names no recipe: no functional probe"
@@ -33,7 +40,7 @@ def recipe_probe(workspace: Any, artifact: Any) -> tuple[Any, str]:
         return None, f"recipe {artifact.recipe!r} could not be rendered for {artifact.kernel}: {e}"
 
 
-def lab_kernel(workspace: Any, release: str, cache_dir: Path | None = None) -> Any:
+def lab_kernel(workspace: Workspace, release: str, cache_dir: Path | None = None) -> KernelImage:
     """The bootable kernel for a release: [lab.kernels."<release>"] image+modules, else Debian's package."""
     from kpipe.lab.kernel import fetch_debian_kernel, user_kernel
 
@@ -48,7 +55,7 @@ def preflight_options(*, sig_enforce: bool = False, append: str = "") -> dict[st
     return {"sig_enforce": bool(sig_enforce), "append": append.strip()}
 
 
-def run_preflight(workspace: Any, artifact_ref: str, *, keep: bool = False, sig_enforce: bool = False,
+def run_preflight(workspace: Workspace, artifact_ref: str, *, keep: bool = False, sig_enforce: bool = False,
                   boot_timeout: float = 480.0, memory_mb: int = 256, append: str = "",
                   progress: Progress | None = None, store_result: bool = True) -> dict[str, Any]:
     """Preflight one artifact; return (and store) {status passed|failed, problems, kernel_lines, duration_s...}."""
@@ -65,8 +72,8 @@ def run_preflight(workspace: Any, artifact_ref: str, *, keep: bool = False, sig_
     problems: list[str] = []
     kernel_lines: list[str] = []
     notes: list[str] = []
-    if art.status != "valid":
-        notes.append(f"artifact status is {art.status!r} (not validated)")
+    if art.status != ArtifactStatus.VALID:
+        notes.append(f"artifact status is {str(art.status)!r} (not validated)")
     probe, why = recipe_probe(workspace, art)
     if why:
         notes.append(why)
@@ -136,7 +143,7 @@ def run_preflight(workspace: Any, artifact_ref: str, *, keep: bool = False, sig_
             lab.down()
             shutil.rmtree(folder, ignore_errors=True)
     result.update({
-        "status": "failed" if problems else "passed",
+        "status": PreflightOutcome.FAILED if problems else PreflightOutcome.PASSED,
         "problems": problems,
         "kernel_lines": kernel_lines[-50:],
         "steps": steps,

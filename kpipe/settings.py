@@ -14,9 +14,10 @@ import fnmatch
 import math
 import re
 import tomllib
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
 
 from kpipe.errors import ConfigError
 
@@ -201,7 +202,7 @@ SECTIONS = ("workspace", "build_hosts", "kernels", "ssh", "signing", "fleet", "l
 
 # -- where each key is: a position scanner over valid TOML ----------------------------------------
 
-Path_ = tuple  # a key path: ("ssh", "forks"), ("build_hosts", 0, "port"), ("fleet", "inventories", 1)
+Path_ = tuple[str | int, ...]  # a key path: ("ssh", "forks"), ("build_hosts", 0, "port"), ("fleet", "inventories", 1)
 
 _BARE = re.compile(r"[A-Za-z0-9_-]+")
 
@@ -214,13 +215,13 @@ class _Scanner:
         self.i = 0
         self.n = len(text)
         self.starts = [0] + [m.end() for m in re.finditer(r"\n", text)]
-        self.lines: dict[tuple, int] = {}
-        self.aot: dict[tuple, int] = {}  # concrete path of an array of tables -> elements so far
+        self.lines: dict[Path_, int] = {}
+        self.aot: dict[Path_, int] = {}  # concrete path of an array of tables -> elements so far
 
     def line(self, pos: int) -> int:
         return bisect.bisect_right(self.starts, pos)
 
-    def mark(self, path: tuple, pos: int, *, first: bool = False) -> None:
+    def mark(self, path: Path_, pos: int, *, first: bool = False) -> None:
         if first:
             self.lines.setdefault(path, self.line(pos))
         else:
@@ -243,8 +244,8 @@ class _Scanner:
         while self.i < self.n and self.s[self.i] != "\n":
             self.i += 1
 
-    def document(self) -> dict[tuple, int]:
-        table: tuple = ()
+    def document(self) -> dict[Path_, int]:
+        table: Path_ = ()
         while self.i < self.n:
             self.ws(newlines=True)
             if self.i >= self.n:
@@ -268,8 +269,8 @@ class _Scanner:
                 self.comment()
         return self.lines
 
-    def header(self, keys: list[str], pos: int, *, array: bool) -> tuple:
-        path: tuple = ()
+    def header(self, keys: list[str], pos: int, *, array: bool) -> Path_:
+        path: Path_ = ()
         for j, k in enumerate(keys):
             path = path + (k,)
             last = j == len(keys) - 1
@@ -285,7 +286,7 @@ class _Scanner:
                     path = path + (self.aot[path] - 1,)  # a sub-table of the latest element
         return path
 
-    def keyval(self, table: tuple, keys: list[str], pos: int) -> None:
+    def keyval(self, table: Path_, keys: list[str], pos: int) -> None:
         path = table
         for k in keys:
             path = path + (k,)
@@ -343,7 +344,7 @@ class _Scanner:
                 return k
             j += 1
 
-    def value(self, path: tuple) -> None:
+    def value(self, path: Path_) -> None:
         c = self.peek()
         if self.peek(3) in ('"""', "'''"):
             self.i = self.multiline_end(self.i, c)
@@ -392,7 +393,7 @@ class _Scanner:
                 self.i += 1
 
 
-def toml_lines(text: str) -> dict[tuple, int]:
+def toml_lines(text: str) -> dict[Path_, int]:
     """The 1-based line of every key path in TOML text that tomllib accepted.
 
     Paths name table keys by string and array (or array-of-tables) elements by index. Text the
@@ -477,7 +478,7 @@ class _Reader:
         self.lines = toml_lines(text)
         self.problems: list[SettingsProblem] = []
 
-    def line(self, path: tuple) -> int:
+    def line(self, path: Path_) -> int:
         p = path
         while p:
             if p in self.lines:
@@ -485,7 +486,7 @@ class _Reader:
             p = p[:-1]
         return 1
 
-    def error(self, path: tuple, message: str, hint: str) -> None:
+    def error(self, path: Path_, message: str, hint: str) -> None:
         self.problems.append(SettingsProblem(self.file, self.line(path), message, hint))
 
     def raise_first(self) -> None:
@@ -497,7 +498,7 @@ class _Reader:
 
     # -- containers
 
-    def table(self, value: Any, path: tuple, allowed: tuple[str, ...] | None, *, what: str = "") -> dict:
+    def table(self, value: Any, path: Path_, allowed: tuple[str, ...] | None, *, what: str = "") -> dict[str, Any]:
         """A table (or {} after reporting a problem); unknown keys are reported with a did-you-mean."""
         if not isinstance(value, dict):
             self.error(path, f"{_field(path)} must be a table, got {_type(value)} {_shown(value)}",
@@ -516,7 +517,8 @@ class _Reader:
                                + f"known: {', '.join(allowed)}")
         return value
 
-    def tables(self, data: dict, key: str, path: tuple, allowed: tuple[str, ...]) -> list[tuple[tuple, dict]]:
+    def tables(self, data: dict[str, Any], key: str, path: Path_,
+               allowed: tuple[str, ...]) -> list[tuple[Path_, dict[str, Any]]]:
         """An array of tables ([[key]]) as (path, table) pairs."""
         p = path + (key,)
         value = data.get(key, [])
@@ -535,7 +537,7 @@ class _Reader:
 
     # -- scalars
 
-    def string(self, d: dict, key: str, path: tuple, default: str = "", *, required: bool = False,
+    def string(self, d: dict[str, Any], key: str, path: Path_, default: str = "", *, required: bool = False,
                nonempty: bool = False) -> str:
         p = path + (key,)
         if key not in d:
@@ -554,7 +556,7 @@ class _Reader:
             return default
         return v
 
-    def boolean(self, d: dict, key: str, path: tuple, default: bool) -> bool:
+    def boolean(self, d: dict[str, Any], key: str, path: Path_, default: bool) -> bool:
         p = path + (key,)
         if key not in d:
             return default
@@ -568,7 +570,7 @@ class _Reader:
         self.error(p, f"{_field(p)} must be true or false, got {_type(v)} {_shown(v)}", hint)
         return default
 
-    def integer(self, d: dict, key: str, path: tuple, default: int, *, minimum: int, maximum: int) -> int:
+    def integer(self, d: dict[str, Any], key: str, path: Path_, default: int, *, minimum: int, maximum: int) -> int:
         p = path + (key,)
         if key not in d:
             return default
@@ -583,7 +585,7 @@ class _Reader:
             return default
         return v
 
-    def number(self, d: dict, key: str, path: tuple, default: float, *, minimum: float, maximum: float,
+    def number(self, d: dict[str, Any], key: str, path: Path_, default: float, *, minimum: float, maximum: float,
                above: bool = False) -> float:
         """A float or integer in [minimum, maximum] ((minimum, maximum] with above=True); never nan/inf."""
         p = path + (key,)
@@ -601,7 +603,7 @@ class _Reader:
             return default
         return v
 
-    def choice(self, d: dict, key: str, path: tuple, default: str, choices: tuple[str, ...], *,
+    def choice(self, d: dict[str, Any], key: str, path: Path_, default: str, choices: tuple[str, ...], *,
                empty_ok: bool = False) -> str:
         p = path + (key,)
         if key not in d:
@@ -617,7 +619,7 @@ class _Reader:
         self.error(p, f"{_field(p)} {v!r} {known}", did_you_mean(v, choices) + f"known: {', '.join(choices)}")
         return default
 
-    def str_list(self, d: dict, key: str, path: tuple, default: tuple[str, ...] = (), *,
+    def str_list(self, d: dict[str, Any], key: str, path: Path_, default: tuple[str, ...] = (), *,
                  single_ok: bool = False, nonempty_items: bool = True) -> tuple[str, ...]:
         p = path + (key,)
         if key not in d:
@@ -641,7 +643,7 @@ class _Reader:
             out.append(item)
         return tuple(out)
 
-    def str_map(self, d: dict, key: str, path: tuple) -> dict[str, str]:
+    def str_map(self, d: dict[str, Any], key: str, path: Path_) -> dict[str, str]:
         p = path + (key,)
         if key not in d:
             return {}
@@ -657,7 +659,7 @@ class _Reader:
 # -- the sections, one reader each -----------------------------------------------------------------
 
 
-def _workspace(r: _Reader, data: dict) -> WorkspaceDirs:
+def _workspace(r: _Reader, data: dict[str, Any]) -> WorkspaceDirs:
     p = ("workspace",)
     d = r.table(data.get("workspace", {}), p, ("store", "recipes", "patches"))
     return WorkspaceDirs(store=r.string(d, "store", p, ".kpipe", nonempty=True),
@@ -669,11 +671,11 @@ _BUILD_HOST_KEYS = ("name", "address", "user", "port", "arch", "kernels", "workd
                     "tools")
 
 
-def _build_hosts(r: _Reader, data: dict) -> tuple[BuildHost, ...]:
+def _build_hosts(r: _Reader, data: dict[str, Any]) -> tuple[BuildHost, ...]:
     from kpipe.kernel import normalize_arch
 
     hosts: list[BuildHost] = []
-    seen: dict[str, tuple] = {}
+    seen: dict[str, Path_] = {}
     for p, h in r.tables(data, "build_hosts", (), _BUILD_HOST_KEYS):
         name = r.string(h, "name", p, required=True)
         if name and name in seen:
@@ -699,11 +701,11 @@ _KERNEL_KEYS = ("release", "arch", "distro", "source", "vmlinux", "config", "hea
                 "sig_hash", "vermagic", "options")
 
 
-def _kernels(r: _Reader, data: dict) -> tuple[KernelEntry, ...]:
+def _kernels(r: _Reader, data: dict[str, Any]) -> tuple[KernelEntry, ...]:
     from kpipe.kernel import check_release, normalize_arch, parse_release
 
     out: list[KernelEntry] = []
-    seen: dict[str, tuple] = {}
+    seen: dict[str, Path_] = {}
     for p, k in r.tables(data, "kernels", (), _KERNEL_KEYS):
         release = r.string(k, "release", p, required=True)
         if release:
@@ -738,7 +740,7 @@ _SSH_KEYS = ("known_hosts", "accept_new_host_keys", "identity_file", "ssh_config
              "command_timeout", "forks", "kex")
 
 
-def _ssh(r: _Reader, data: dict) -> SshSettings:
+def _ssh(r: _Reader, data: dict[str, Any]) -> SshSettings:
     p = ("ssh",)
     d = r.table(data.get("ssh", {}), p, _SSH_KEYS)
     base = SshSettings()
@@ -754,12 +756,13 @@ def _ssh(r: _Reader, data: dict) -> SshSettings:
     )
 
 
-def _kex(r: _Reader, d: dict, p: tuple) -> tuple[str, ...]:
+def _kex(r: _Reader, d: dict[str, Any], p: Path_) -> tuple[str, ...]:
     names = r.str_list(d, "kex", p)
     if names:
         import paramiko  # only when kex is pinned: paramiko is slow to import
 
-        known = tuple(paramiko.Transport._preferred_kex)
+        # private, so types-paramiko leaves it out; it is the list paramiko really negotiates from
+        known = tuple(paramiko.Transport._preferred_kex)  # type: ignore[attr-defined]
         for i, name in enumerate(names):
             if name not in known:
                 r.error(p + ("kex", i), f"ssh.kex[{i}] {name!r} is not a key exchange paramiko knows",
@@ -770,7 +773,7 @@ def _kex(r: _Reader, d: dict, p: tuple) -> tuple[str, ...]:
 _SIGNER_KEYS = ("type", "key", "cert", "hash", "keyid", "argv", "sm2_user_id")
 
 
-def _signing(r: _Reader, data: dict) -> SigningSettings:
+def _signing(r: _Reader, data: dict[str, Any]) -> SigningSettings:
     p = ("signing",)
     d = r.table(data.get("signing", {}), p, ("default", "signers"))
     signers: dict[str, SignerConfig] = {}
@@ -799,7 +802,7 @@ def _signing(r: _Reader, data: dict) -> SigningSettings:
     return SigningSettings(default=default, signers=signers)
 
 
-def _fleet(r: _Reader, data: dict) -> FleetSettings:
+def _fleet(r: _Reader, data: dict[str, Any]) -> FleetSettings:
     p = ("fleet",)
     d = r.table(data.get("fleet", {}), p, ("inventories", "inventory_timeout"))
     return FleetSettings(inventories=r.str_list(d, "inventories", p, single_ok=True),
@@ -807,7 +810,7 @@ def _fleet(r: _Reader, data: dict) -> FleetSettings:
                                                     minimum=0, maximum=86400, above=True))
 
 
-def _lab(r: _Reader, data: dict) -> LabSettings:
+def _lab(r: _Reader, data: dict[str, Any]) -> LabSettings:
     p = ("lab",)
     d = r.table(data.get("lab", {}), p, ("cache_dir", "vms", "memory", "append", "kernels"))
     kernels: dict[str, LabKernel] = {}
@@ -833,7 +836,7 @@ def _lab(r: _Reader, data: dict) -> LabSettings:
 _TAINT_LETTERS = "PFSRMBUDAWCIOELKXTN"  # kpipe.audit.TAINT_LETTERS, bits 0..18
 
 
-def _audit(r: _Reader, data: dict) -> AuditSettings:
+def _audit(r: _Reader, data: dict[str, Any]) -> AuditSettings:
     p = ("audit",)
     d = r.table(data.get("audit", {}), p, ("desired", "allowed_taint"))
     allowed: tuple[str, ...] | None = None
@@ -855,13 +858,13 @@ def _audit(r: _Reader, data: dict) -> AuditSettings:
     return AuditSettings(desired=r.string(d, "desired", p), allowed_taint=allowed)
 
 
-def _validation(r: _Reader, data: dict) -> ValidationSettings:
+def _validation(r: _Reader, data: dict[str, Any]) -> ValidationSettings:
     p = ("validation",)
     d = r.table(data.get("validation", {}), p, ("strict",))
     return ValidationSettings(strict=r.boolean(d, "strict", p, False))
 
 
-def _ansible(r: _Reader, data: dict) -> AnsibleSettings:
+def _ansible(r: _Reader, data: dict[str, Any]) -> AnsibleSettings:
     p = ("ansible",)
     d = r.table(data.get("ansible", {}), p, ("python_interpreter",))
     return AnsibleSettings(python_interpreter=r.string(d, "python_interpreter", p, "auto_silent", nonempty=True))
@@ -875,7 +878,7 @@ _KEY_HOMES = {
     "vms": "lab", "memory": "lab", "append": "lab", "default": "signing",
 }
 
-_SECTION_READERS: tuple[tuple[str, Callable[[_Reader, dict], Any]], ...] = (
+_SECTION_READERS: tuple[tuple[str, Callable[[_Reader, dict[str, Any]], Any]], ...] = (
     ("workspace", _workspace), ("build_hosts", _build_hosts), ("kernels", _kernels), ("ssh", _ssh),
     ("signing", _signing), ("fleet", _fleet), ("lab", _lab), ("audit", _audit), ("validation", _validation),
     ("ansible", _ansible),

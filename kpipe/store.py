@@ -24,11 +24,14 @@ import sqlite3
 import struct
 import tempfile
 import threading
-import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any, BinaryIO
 
 from kpipe.errors import ConfigError, KpipeError, Locked, NotFoundError
+
+# SQL parameters: positional (?) or named (:name)
+Params = tuple[Any, ...] | dict[str, Any]
 
 WAIT_ENV = "KPIPE_STORE_WAIT"
 _DEFAULT_WAIT_S = 5.0
@@ -141,7 +144,8 @@ class Store:
         self._ensured: set[str] = set()
         self._ensure_lock = threading.Lock()
         self._opened = False
-        self._verified: set[tuple] = set()
+        # (digest, dev, inode, size, mtime, ctime) of blobs whose hash was checked
+        self._verified: set[tuple[str, int, int, int, int, int]] = set()
         try:
             self.blob_root.mkdir(parents=True, exist_ok=True)
         except OSError as e:
@@ -276,20 +280,22 @@ class Store:
                     c.execute("ROLLBACK")
                 raise self._translate(e) from None
 
-    def query(self, sql: str, params: tuple | dict = ()) -> list[sqlite3.Row]:
+    def query(self, sql: str, params: Params = ()) -> list[sqlite3.Row]:
         """All rows of a read."""
         try:
-            return self.conn.execute(sql, params).fetchall()
+            rows: list[sqlite3.Row] = self.conn.execute(sql, params).fetchall()
+            return rows
         except sqlite3.Error as e:
             err = self._translate(e)
             if err is e:
                 raise
             raise err from None
 
-    def query_one(self, sql: str, params: tuple | dict = ()) -> sqlite3.Row | None:
+    def query_one(self, sql: str, params: Params = ()) -> sqlite3.Row | None:
         """The first row of a read, or None."""
         try:
-            return self.conn.execute(sql, params).fetchone()
+            row: sqlite3.Row | None = self.conn.execute(sql, params).fetchone()
+            return row
         except sqlite3.Error as e:
             err = self._translate(e)
             if err is e:
@@ -354,14 +360,14 @@ class Store:
         """Store a file's bytes; return their sha256. A damaged copy is replaced."""
         digest = sha256_file(path)
         if not self._blob_intact(digest):
-            def copy(f) -> None:
+            def copy(f: BinaryIO) -> None:
                 with open(path, "rb") as src:
                     while chunk := src.read(1 << 20):
                         f.write(chunk)
             self._atomic_write(digest, copy)
         return digest
 
-    def _atomic_write(self, digest: str, writer) -> None:
+    def _atomic_write(self, digest: str, writer: Callable[[BinaryIO], object]) -> None:
         dest = self.blob_path(digest)
         dest.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=".tmp-")

@@ -11,12 +11,18 @@ import os
 import re
 import tempfile
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import TYPE_CHECKING, Any
 
 from kpipe.checks import ARCH_MACHINE, Finding, KernelFacts, expected_vermagic, report_ok, run_checks
 from kpipe.errors import ConfigError, NotFoundError, ValidationFailed
+
+if TYPE_CHECKING:
+    from kpipe.artifacts import Artifact
+    from kpipe.store import Store
+    from kpipe.workspace import Workspace
 
 HEADERS_CANDIDATES = ("/usr/src/linux-headers-{r}", "/lib/modules/{r}/build", "/usr/src/kernels/{r}")
 
@@ -131,11 +137,11 @@ def stock_this_module_size(release: str, explicit: str = "") -> tuple[int | None
     return None, ""
 
 
-def kernel_facts(workspace: Any, release: str) -> KernelFacts:
+def kernel_facts(workspace: Workspace | None, release: str) -> KernelFacts:
     """What is known of release: its catalog entry, then its local headers, then a stock module."""
     from kpipe.kernel import normalize_arch, parse_release
 
-    entry = getattr(workspace, "kernels", {}).get(release) if workspace is not None else None
+    entry = workspace.kernels.get(release) if workspace is not None else None
     sources: list[str] = []
     arch = normalize_arch(entry.arch) if entry is not None and entry.arch else "unknown"
     headers = find_headers(release, entry.headers if entry is not None else "")
@@ -146,7 +152,7 @@ def kernel_facts(workspace: Any, release: str) -> KernelFacts:
             config = read_kconfig(headers)
             sources.append(str(headers))
     if arch in ("", "unknown"):
-        arch = _headers_arch(headers, config) if config else "unknown"
+        arch = _headers_arch(headers, config) if headers is not None and config else "unknown"
     if arch in ("", "unknown"):
         arch = parse_release(release).arch
     vermagic, vsource = None, ""
@@ -160,7 +166,8 @@ def kernel_facts(workspace: Any, release: str) -> KernelFacts:
         tm_size, tm_source = int(opts["this_module_size"]), "the kernel catalog"
     else:
         tm_size, tm_source = stock_this_module_size(release, str(opts.get("stock_module", "")))
-    sig_hash = (entry.sig_hash if entry is not None and entry.sig_hash else None) or config.get("CONFIG_MODULE_SIG_HASH")
+    sig_hash = ((entry.sig_hash if entry is not None and entry.sig_hash else None)
+                or config.get("CONFIG_MODULE_SIG_HASH"))
     return KernelFacts(
         release=release, arch=arch, vermagic=vermagic, vermagic_source=vsource,
         modversions=(config.get("CONFIG_MODVERSIONS") == "y") if config else None,
@@ -172,15 +179,15 @@ def kernel_facts(workspace: Any, release: str) -> KernelFacts:
 
 # -- symbol index ----------------------------------------------------------------------------------------------
 
-def symbol_index(workspace: Any, release: str, symbol_files: Iterable[str | os.PathLike] = ()) -> Any:
+def symbol_index(workspace: Workspace | None, release: str, symbol_files: Iterable[str | os.PathLike[str]] = ()) -> Any:
     """The symbol index for release: explicit files first, then the catalog's sources, the local headers'
     Module.symvers and sources cached in the store (e.g. fetched from hosts)."""
     from kpipe.elf import symbols as ks
 
     explicit = [Path(p) for p in symbol_files]
     auto: list[Path] = []
-    entry = getattr(workspace, "kernels", {}).get(release) if workspace is not None else None
-    if entry is not None:
+    entry = workspace.kernels.get(release) if workspace is not None else None
+    if workspace is not None and entry is not None:
         auto += [workspace.path(s) for s in entry.symbols]
     headers = find_headers(release, entry.headers if entry is not None else "")
     if headers is not None and (headers / "Module.symvers").is_file():
@@ -220,7 +227,7 @@ def symbol_index(workspace: Any, release: str, symbol_files: Iterable[str | os.P
 
 # -- the public API --------------------------------------------------------------------------------------------
 
-def _certificates(workspace: Any, certs: Iterable[Any]) -> list[Any]:
+def _certificates(workspace: Workspace | None, certs: Iterable[Any]) -> list[Any]:
     from kpipe.elf.signature import Certificate, load_certificates
 
     out: list[Certificate] = []
@@ -232,11 +239,13 @@ def _certificates(workspace: Any, certs: Iterable[Any]) -> list[Any]:
     return out
 
 
-def _signer_certificates(workspace: Any) -> list[Any]:
+def _signer_certificates(workspace: Workspace | None) -> list[Any]:
     from kpipe.elf.signature import load_certificates
 
-    out = []
-    for s in getattr(workspace, "signers", {}).values():
+    out: list[Any] = []
+    if workspace is None:
+        return out
+    for s in workspace.signers.values():
         if s.cert:
             p = workspace.path(s.cert)
             if p.is_file():
@@ -247,8 +256,8 @@ def _signer_certificates(workspace: Any) -> list[Any]:
     return out
 
 
-def validate_module(workspace: Any, module_path: Path | str, kernel_release: str, *,
-                    symbol_files: Iterable[str | os.PathLike] = (), certs: Iterable[Any] = (),
+def validate_module(workspace: Workspace | None, module_path: Path | str, kernel_release: str, *,
+                    symbol_files: Iterable[str | os.PathLike[str]] = (), certs: Iterable[Any] = (),
                     strict: bool = False, sm2_user_id: str | None = None) -> ValidationReport:
     """Validate a module file for kernel_release. Certificates given here make a signature mandatory;
     the workspace signers' certificates are used to verify one when present."""
@@ -274,7 +283,7 @@ def validate_module(workspace: Any, module_path: Path | str, kernel_release: str
                             seconds=time.process_time() - t0)
 
 
-def _validation_options(workspace: Any, kernel: str, symbol_files: Iterable[str | os.PathLike],
+def _validation_options(workspace: Workspace | None, kernel: str, symbol_files: Iterable[str | os.PathLike[str]],
                         certs: Iterable[Any], strict: bool) -> dict[str, Any]:
     """The options of one validation, comparable across runs (files by resolved path)."""
     def where(p: Any) -> str:
@@ -286,7 +295,7 @@ def _validation_options(workspace: Any, kernel: str, symbol_files: Iterable[str 
             "symbols": sorted(where(p) for p in symbol_files), "strict": bool(strict)}
 
 
-def _is_own(workspace: Any, artifact: Any, options: dict[str, Any]) -> bool:
+def _is_own(workspace: Workspace, artifact: Artifact, options: dict[str, Any]) -> bool:
     """Whether options are the artifact's own validation's: its kernel, the certificates and symbol files
     it was validated with (none before its first validation) and the workspace's strictness."""
     if options["kernel"] != artifact.kernel:
@@ -297,7 +306,7 @@ def _is_own(workspace: Any, artifact: Any, options: dict[str, Any]) -> bool:
     return (options["certs"], options["symbols"]) == (own.get("certs", []), own.get("symbols", []))
 
 
-def _check_read(store: Any, artifact: Any, sha256: str) -> None:
+def _check_read(store: Store, artifact: Artifact, sha256: str) -> None:
     """The bytes a check read must be the artifact's (the blob may change between two reads)."""
     from kpipe.store import StoreCorrupt
 
@@ -307,7 +316,7 @@ def _check_read(store: Any, artifact: Any, sha256: str) -> None:
                            hint="the file was changed after it was stored; rebuild it (`kpipe build --force`)")
 
 
-def validate_and_record(workspace: Any, artifact: Any, *, symbol_files: Iterable[str | os.PathLike] = (),
+def validate_and_record(workspace: Workspace, artifact: Artifact, *, symbol_files: Iterable[str | os.PathLike[str]] = (),
                         certs: Iterable[Any] = (), strict: bool | None = None, kernel: str | None = None,
                         own: bool | None = None) -> ValidationReport:
     """Validate an artifact (for its kernel, or another) and keep the report as a record with its options.
@@ -343,8 +352,8 @@ def validate_and_record(workspace: Any, artifact: Any, *, symbol_files: Iterable
     return report
 
 
-def sign_artifact(workspace: Any, artifact: Any, signer: str | None = None, *, key: str | None = None,
-                  cert: str | None = None, hash_name: str = "sha256", keyid: bool = False) -> Any:
+def sign_artifact(workspace: Workspace, artifact: Artifact, signer: str | None = None, *, key: str | None = None,
+                  cert: str | None = None, hash_name: str = "sha256", keyid: bool = False) -> Artifact:
     """Sign an artifact with a configured signer (or an explicit key + cert); store the signed module as a
     new artifact (parent_id = the original), validate and record it, and return it."""
     from kpipe.artifacts import add_artifact, get_artifact
@@ -360,6 +369,7 @@ def sign_artifact(workspace: Any, artifact: Any, signer: str | None = None, *, k
         src.parent.mkdir()
         src.write_bytes(store.get_bytes(artifact.sha256))
         out = Path(tmp) / artifact.filename
+        cert_path: Path | None
         if key or cert:
             if not (key and cert):
                 raise ConfigError("--key and --cert go together")

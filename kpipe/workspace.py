@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from kpipe.errors import ConfigError, NotFoundError
 from kpipe.settings import (  # noqa: F401  (re-exported: the settings types' historical home)
@@ -21,6 +21,27 @@ from kpipe.settings import (  # noqa: F401  (re-exported: the settings types' hi
     SshSettings,
     parse_settings,
 )
+
+if TYPE_CHECKING:  # the store imports sqlite3 and hashing: kept lazy for --help speed
+    from kpipe.store import Store
+
+__all__ = [
+    "HEADERS_GLOB_ROOTS",
+    "LOCAL_HOST",
+    "WORKSPACE_FILE",
+    "BuildHost",
+    "KernelEntry",
+    "NoWorkspace",
+    "Settings",
+    "SignerConfig",
+    "SshSettings",
+    "Workspace",
+    "discover_local_kernels",
+    "find_workspace",
+    "load_workspace",
+    "open_workspace",
+    "parse_settings",
+]
 
 WORKSPACE_FILE = "kpipe.toml"
 LOCAL_HOST = "local"  # BuildHost.is_local: a build host of this name and no address builds here
@@ -43,10 +64,11 @@ class Workspace:
     inventories: list[Path]
     settings: Settings
 
-    _store: Any = None
+    _store: Store | None = None
 
     @property
-    def store(self):  # -> kpipe.store.Store (import kept lazy for --help speed)
+    def store(self) -> Store:
+        """The workspace's state store, opened on first use."""
         if self._store is None:
             from kpipe.store import open_store
 
@@ -54,6 +76,7 @@ class Workspace:
         return self._store
 
     def kernel(self, release: str) -> KernelEntry:
+        """The catalog entry of a kernel release; NotFoundError names the known ones."""
         try:
             return self.kernels[release]
         except KeyError:
@@ -64,6 +87,7 @@ class Workspace:
             ) from None
 
     def build_host(self, name: str) -> BuildHost:
+        """The [[build_hosts]] entry of that name; NotFoundError otherwise."""
         for h in self.build_hosts:
             if h.name == name:
                 return h
@@ -79,7 +103,7 @@ class NoWorkspace(ConfigError):
     """No kpipe.toml where kpipe looked (exit 4, like every configuration error)."""
 
 
-def find_workspace(start: Path | None = None, explicit: str | os.PathLike | None = None) -> Path:
+def find_workspace(start: Path | None = None, explicit: str | os.PathLike[str] | None = None) -> Path:
     """The folder holding kpipe.toml: explicit, $KPIPE_WORKSPACE, or upward from start."""
     explicit = explicit or os.environ.get("KPIPE_WORKSPACE")
     if explicit:
@@ -116,7 +140,9 @@ def load_workspace(root: Path) -> Workspace:
     kernels = {k.release: k for k in settings.kernels}
     for entry in discover_local_kernels():
         kernels.setdefault(entry.release, entry)
-    from kpipe.lab.forge import forged_kernel_entries  # kernels built by `kpipe lab forge` join the catalog
+    from kpipe.lab.forge import (
+        forged_kernel_entries,  # kernels built by `kpipe lab forge` join the catalog
+    )
 
     for entry in forged_kernel_entries():
         kernels.setdefault(entry.release, entry)
@@ -170,6 +196,6 @@ def discover_local_kernels(roots: tuple[Path, ...] | None = None) -> list[Kernel
     return found
 
 
-def open_workspace(explicit: str | os.PathLike | None = None) -> Workspace:
+def open_workspace(explicit: str | os.PathLike[str] | None = None) -> Workspace:
     """Find and load the workspace."""
     return load_workspace(find_workspace(explicit=explicit))

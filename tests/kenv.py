@@ -125,7 +125,7 @@ def _sort_key(release: str) -> tuple:
     return (p.version, abi, plain, release)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def discover(override: str | None = None, roots: tuple[Path, ...] | None = None) -> KernelEnv:
     """The installed kernel headers to test against: the newest, or `override` (KPIPE_TEST_KERNEL) when set.
 
@@ -148,8 +148,9 @@ def discover(override: str | None = None, roots: tuple[Path, ...] | None = None)
             usable[entry.release] = KernelEnv(entry.release, headers, sign_file.resolve())
     if override:
         if override not in usable:
+            installed = ", ".join(sorted(usable)) or "none"
             raise KernelEnvMissing(f"{OVERRIDE_ENV}={override} but linux-headers-{override} is not installed "
-                                   f"with Module.symvers and sign-file (installed: {', '.join(sorted(usable)) or 'none'})")
+                                   f"with Module.symvers and sign-file (installed: {installed})")
         return usable[override]
     if not usable:
         detail = f" ({'; '.join(broken)})" if broken else ""

@@ -17,7 +17,7 @@ API
     fleet.known_hosts, fleet.client_key                 # strict known_hosts file, the one client key
     fleet.write_inventory(path, group="simfleet")       # Ansible YAML inventory of every host
     fleet.write_workspace(folder)                       # kpipe.toml ([ssh] keys, [fleet] inventories) + inventory
-    fleet.targets()                                     # kpipe.transport.ssh.SshTarget list
+    fleet.targets()                                     # kpipe.host.Host list
 
     host.name, host.address, host.port, host.dir
     host.patches()        -> {name: {"enabled", "transition", "objects"}}   (read from the simulated sysfs)
@@ -91,7 +91,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -319,7 +319,7 @@ class SimHost:
 
     release_override = ""  # set_release(): this host's `uname -r` instead of the fleet's release
 
-    def __init__(self, fleet: "SimFleet", index: int, name: str, address: str):
+    def __init__(self, fleet: SimFleet, index: int, name: str, address: str):
         self.fleet = fleet
         self.index = index
         self.name = name
@@ -418,11 +418,10 @@ class SimHost:
             if self.proc is not None and self.proc.poll() is None:
                 return
             self._layout()
-            log = open(self.dir / "sshd.log", "ab")
-            self.proc = subprocess.Popen(
-                ["unshare", "--mount", "--propagation", "private", "--", "sh", "-c", self._mount_script()],
-                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-            log.close()
+            with open(self.dir / "sshd.log", "ab") as log:
+                self.proc = subprocess.Popen(
+                    ["unshare", "--mount", "--propagation", "private", "--", "sh", "-c", self._mount_script()],
+                    stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         self._wait_ready()
         try:
             self.mntns = os.readlink(f"/proc/{self.proc.pid}/ns/mnt")
@@ -613,10 +612,10 @@ class SimHost:
                       if p.is_file() and ".kpipe-" in p.name)
 
     def target(self, **kw: Any):
-        """A kpipe SshTarget for this host."""
-        from kpipe.transport.ssh import SshTarget
+        """A kpipe Host record for this host (what the SSH transport takes)."""
+        from kpipe.host import Host
 
-        return SshTarget(name=self.name, address=self.address, port=self.port, user="root",
+        return Host(name=self.name, address=self.address, port=self.port, user="root",
                          identity_file=str(self.fleet.client_key), known_hosts=str(self.fleet.known_hosts), **kw)
 
     def ssh_argv(self, *command: str) -> list[str]:
@@ -850,7 +849,7 @@ class SimFleet:
         self._fd_host: dict[int, SimHost] = {}
 
     # ------------------------------------------------------------------ lifecycle
-    def __enter__(self) -> "SimFleet":
+    def __enter__(self) -> SimFleet:
         self.start()
         return self
 
@@ -860,7 +859,7 @@ class SimFleet:
     def host(self, name: str) -> SimHost:
         return self._by_name[name]
 
-    def start(self) -> "SimFleet":
+    def start(self) -> SimFleet:
         """Start every sshd, the simulator, and verify each host's namespace before use."""
         if os.geteuid() != 0:
             raise RuntimeError("SimFleet needs root (mount namespaces)")
@@ -1041,7 +1040,7 @@ class SimFleet:
 
     # ------------------------------------------------------------------ files for kpipe
     def targets(self) -> list[Any]:
-        """kpipe SshTargets for every host."""
+        """kpipe Host records for every host."""
         return [h.target() for h in self.hosts]
 
     def write_inventory(self, path: Path, group: str = "simfleet", hosts: list[SimHost] | None = None) -> Path:

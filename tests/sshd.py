@@ -84,7 +84,7 @@ class SshdServer:
 
     @classmethod
     def start(cls, folder: Path, *, client_key: Path | None = None, address: str = "127.0.0.1",
-              extra_config: str = "", wrapper: list[str] | None = None) -> "SshdServer":
+              extra_config: str = "", wrapper: list[str] | None = None) -> SshdServer:
         """Start sshd in folder; wrapper (e.g. an unshare argv prefix) runs it inside something."""
         folder.mkdir(parents=True, exist_ok=True)
         os.makedirs("/run/sshd", exist_ok=True)  # sshd's privilege separation folder
@@ -106,8 +106,9 @@ class SshdServer:
                                           authorized_keys=self.folder / "authorized_keys", folder=self.folder,
                                           extra=self.extra_config))
         argv = [*(wrapper or _quiet_rc_wrapper(self.folder)), SSHD, "-D", "-e", "-f", str(cfg)]
-        self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=open(self.log, "ab"),
-                                     stderr=subprocess.STDOUT, start_new_session=True)
+        with open(self.log, "ab") as log:  # sshd keeps its own descriptor; ours is closed
+            self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log,
+                                         stderr=subprocess.STDOUT, start_new_session=True)
         self.wait_ready()
 
     def wait_ready(self, timeout: float = 15.0) -> None:
@@ -124,10 +125,10 @@ class SshdServer:
         raise RuntimeError(f"sshd on {self.address}:{self.port} did not answer within {timeout} s")
 
     def target(self, name: str = "", **kw):
-        """An SshTarget for this server (kpipe.transport.ssh)."""
-        from kpipe.transport.ssh import SshTarget
+        """A kpipe Host record for this server (what kpipe.transport.ssh takes)."""
+        from kpipe.host import Host
 
-        return SshTarget(name=name or f"{self.address}:{self.port}", address=self.address, port=self.port,
+        return Host(name=name or f"{self.address}:{self.port}", address=self.address, port=self.port,
                          user=self.user, identity_file=str(self.client_key), known_hosts=str(self.known_hosts), **kw)
 
     def ssh_argv(self, *command: str) -> list[str]:

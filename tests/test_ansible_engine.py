@@ -15,10 +15,9 @@ import hashlib
 import os
 from pathlib import Path
 
-import kenv
 import pytest
-from simfleet import simfleet_factory  # noqa: F401  (fixture)
 
+import kenv
 from kpipe.artifacts import add_artifact
 from kpipe.errors import ConfigError
 from kpipe.rollout.ansible_executor import AnsibleRunner, ansible_engine_for
@@ -39,6 +38,7 @@ from kpipe.transport.ansible import (
     dump_yaml,
 )
 from kpipe.workspace import open_workspace
+from simfleet import simfleet_factory  # noqa: F401  (fixture)
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -144,8 +144,8 @@ def test_failed_host_is_rolled_back_and_gate_halts_later_waves(fresh, tmp_path):
     ws, art = make_ws(fresh, tmp_path)
     h = [x.name for x in fresh.hosts]
     fresh.host(h[2]).inject("sig_enforce")  # refuses the unsigned module
-    _plan, journal, rid = make_plan(ws, art, [[h[0]], [h[1], h[2]], [h[3], h[4]]], max_failures=FailureBudget.parse("0"),
-                                   rollback_policy="failed")
+    _plan, journal, rid = make_plan(ws, art, [[h[0]], [h[1], h[2]], [h[3], h[4]]],
+                                    max_failures=FailureBudget.parse("0"), rollback_policy="failed")
     s, _ = run(ws, journal, rid)
     assert s.state == "halted" and h[2] in s.halt_reason
     assert s.hosts == {h[0]: "applied", h[1]: "applied", h[2]: "rolled_back", h[3]: "pending", h[4]: "pending"}
@@ -157,7 +157,7 @@ def test_failed_host_is_rolled_back_and_gate_halts_later_waves(fresh, tmp_path):
 
 
 def test_wave_policy_rolls_back_the_whole_failing_wave_and_audit_agrees(fresh, tmp_path):
-    from kpipe.audit import run_audit
+    from kpipe.fleet.auditing import run_audit
 
     ws, art = make_ws(fresh, tmp_path)
     h = [x.name for x in fresh.hosts]

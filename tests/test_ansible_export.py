@@ -10,6 +10,11 @@ from pathlib import Path
 
 import pytest
 import yaml
+
+from kpipe.artifacts import add_artifact
+from kpipe.rollout.journal import Journal
+from kpipe.rollout.planner import Candidate, HostView, RolloutOptions, plan_rollout
+from kpipe.workspace import open_workspace
 from simfleet import simfleet_factory  # noqa: F401  (the session fixture)
 from test_executors import (
     ANSIBLE_TOML,
@@ -20,11 +25,6 @@ from test_executors import (
     fleet_state,
     kpipe,
 )
-
-from kpipe.artifacts import add_artifact
-from kpipe.rollout.journal import Journal
-from kpipe.rollout.planner import Candidate, HostView, RolloutOptions, plan_rollout
-from kpipe.workspace import open_workspace
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -115,8 +115,8 @@ def test_export_halts_on_a_canary_failure_and_checks_host_keys(simfleet_factory,
 
     # a host key that does not match is refused (strict checking against the project's known_hosts)
     kh = project / "known_hosts"
-    kh.write_text("".join(f"[{h.address}]:{h.port} ssh-ed25519 "
-                          "AAAAC3NzaC1lZDI1NTE5AAAAIIEDDeEq2LFqMrJnxy2b3FWz2oG39YHUmDpY8L0VMVlx\n" for h in fleet.hosts))
+    wrong = "AAAAC3NzaC1lZDI1NTE5AAAAIIEDDeEq2LFqMrJnxy2b3FWz2oG39YHUmDpY8L0VMVlx"
+    kh.write_text("".join(f"[{h.address}]:{h.port} ssh-ed25519 {wrong}\n" for h in fleet.hosts))
     c = playbook(project, "playbook.yml", fleet.client_key, "--limit", plan.hosts[1])
     assert c.returncode != 0
     assert "host key" in (c.stdout + c.stderr).lower() or "UNREACHABLE" in c.stdout

@@ -6,6 +6,7 @@ import pytest
 
 import kenv
 from kpipe import audit as A
+from kpipe.fleet import factstore
 from kpipe.audit import AppliedRecord as R
 from kpipe.audit import ObservedHost as H
 from kpipe.audit import ObservedPatch as P
@@ -192,7 +193,7 @@ MATCH = A.glob_matcher(HOSTS)
 
 
 def from_file(text: str, records=(), tmp_path=None) -> A.DesiredState:
-    return A.apply_desired_file(A.desired_from_records(records), A._LineLoader.load(text), MATCH, "d.yml")
+    return A.apply_desired_file(A.desired_from_records(records), A.parse_desired_text(text, "d.yml"), MATCH, "d.yml")
 
 
 FILE_CASES = [
@@ -305,7 +306,8 @@ def test_module_name(name, expected):
     assert A.module_name(name) == expected
 
 
-@pytest.mark.parametrize("mask,letters", [(0, ""), (45056, "OEK"), (1, "P"), (1 << 7 | 1 << 9, "DW"), (1 << 20, "bit20")])
+@pytest.mark.parametrize("mask,letters",
+                         [(0, ""), (45056, "OEK"), (1, "P"), (1 << 7 | 1 << 9, "DW"), (1 << 20, "bit20")])
 def test_taint_letters(mask, letters):
     assert A.taint_letters(mask) == letters
 
@@ -364,10 +366,10 @@ def test_audit_trail_in_the_store(tmp_path):
     store = Store(tmp_path / "store")
     res = A.evaluate(A.desired_from_records([applied("h1")]), [H("h1")], generated_at=100)
     ok = A.evaluate(A.DesiredState(), [H("h1")], generated_at=200)
-    first = A.record_audit(store, res, command="verify", limit="h*")
-    second = A.record_audit(store, ok)
+    first = factstore.record_audit(store, res, command="verify", limit="h*")
+    second = factstore.record_audit(store, ok)
     assert second > first
-    hist = A.audit_history(store)
+    hist = factstore.audit_history(store)
     assert [(h["id"], h["command"], h["host_pattern"], h["compliant"]) for h in hist] == [
         (second, "audit", "", 1), (first, "verify", "h*", 0)]
     import json

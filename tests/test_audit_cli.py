@@ -25,7 +25,8 @@ SCRIPT = textwrap.dedent('''
             hosts = hosts[1:2]
         return A.evaluate(d, hosts, generated_at=0)
 
-    A.run_audit = fake_run_audit
+    import kpipe.fleet.auditing
+    kpipe.fleet.auditing.run_audit = fake_run_audit
     from kpipe.cli.app import main
     sys.argv = ["kpipe", *sys.argv[1:]]
     main()

@@ -15,11 +15,11 @@ from pathlib import Path
 
 import pytest
 
-from exposition import parse_exposition
 import kenv
-from simfleet import simfleet_factory  # noqa: F401  (fixture)
-
+from exposition import parse_exposition
 from kpipe import audit as A
+from kpipe.fleet import auditing
+from simfleet import simfleet_factory  # noqa: F401  (fixture)
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
@@ -103,7 +103,7 @@ def test_run_audit_matches_what_hosts_show(scene):
     from kpipe.workspace import open_workspace
 
     fleet, ws_dir, roles, sha = scene
-    result = A.run_audit(open_workspace(str(ws_dir)), settle=0.5)
+    result = auditing.run_audit(open_workspace(str(ws_dir)), settle=0.5)
     got = {h.host: h.status for h in result.hosts}
     assert got == roles, [(h.host, h.error, [(r.patch, r.status, r.detail) for r in h.rows]) for h in result.hosts]
     rows = {(r.host, r.patch): r for r in result.rows}

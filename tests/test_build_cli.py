@@ -120,7 +120,8 @@ def test_builds_lists_the_recorded_build(built):
 def test_failed_build_log_is_kept_and_printable(built):
     ws, _ = built
     (ws.recipes_dir / "broken.yaml").write_text(RECIPE.replace("lp-demo", "broken").replace(
-        "templates/Kbuild.j2", "templates/Kbuild.j2\n  make_args: [\"KCFLAGS=-DKPIPE_NO_SUCH_HEADER -include nonexistent.h\"]"))
+        "templates/Kbuild.j2",
+        "templates/Kbuild.j2\n  make_args: [\"KCFLAGS=-DKPIPE_NO_SUCH_HEADER -include nonexistent.h\"]"))
     r = kpipe(ws.root, "build", "--recipe", "broken", "--kernel", DEBIAN_RELEASE)
     assert r.returncode == 7, r.stderr
     assert "failed (source)" in r.stdout and "nonexistent.h" in r.stdout

@@ -132,7 +132,7 @@ def test_kpatch_defaults_and_jobs_override(ws):
     spec = kpatch_spec(ws, memcg_patch(), release=UOS)
     plan = get_builder("kpatch-build").plan(spec, BuildHost("b"), "/w/x", jobs=3)
     assert plan.argv[3] == "kpatch-build"
-    assert ["-j", "3"] == list(plan.argv[plan.argv.index("-j"):plan.argv.index("-j") + 2])
+    assert list(plan.argv[plan.argv.index("-j"):plan.argv.index("-j") + 2]) == ["-j", "3"]
     assert "-R" not in plan.argv and "-n" not in plan.argv and "-t" not in plan.argv
     assert plan.module_name == "livepatch-memcg-fix"
 

@@ -25,8 +25,18 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 
 from doubles.buildkit import (  # noqa: E402
-    DEBIAN_HEADERS, DEBIAN_RELEASE, DOUBLE, KERNEL, PYTHON, fake_kernel_tree, kbuild_spec, kpatch_spec, kpipe_env,
-    memcg_patch, ssh_host, write_workspace,
+    DEBIAN_HEADERS,
+    DEBIAN_RELEASE,
+    DOUBLE,
+    KERNEL,
+    PYTHON,
+    fake_kernel_tree,
+    kbuild_spec,
+    kpatch_spec,
+    kpipe_env,
+    memcg_patch,
+    ssh_host,
+    write_workspace,
 )
 from kpipe.artifacts import get_artifact, list_artifacts  # noqa: E402
 from kpipe.builder.records import build_record  # noqa: E402
@@ -215,7 +225,7 @@ def test_every_failure_category_is_classified_through_the_ssh_build_host(env):
         results = runner.run(specs)
     finally:
         runner.close()
-    for (kind, category, text), res in zip(FAILURES, results):
+    for (kind, category, text), res in zip(FAILURES, results, strict=True):
         assert res.status == "failed", (kind, res)
         assert res.category == category, (kind, res.category, res.lines)
         assert any(text in line for line in res.lines), (kind, res.lines)
@@ -325,7 +335,7 @@ def test_sigkilled_kpipe_leaves_the_build_running_and_a_rerun_reattaches(env):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    started = next(l for l in seen if "started on b1" in l)
+    started = next(line for line in seen if "started on b1" in line)
     pid = int(started.rsplit("(pid ", 1)[1].split(")")[0])
     assert alive(pid), "the build died with kpipe"
 
@@ -357,7 +367,7 @@ def test_ctrl_c_stops_following_at_once_and_leaves_the_build_running(env):
     assert proc.returncode == 130, err
     assert "interrupted: the started builds keep running" in err and "reattach" in err
     assert "Traceback" not in err
-    pid = int(next(l for l in seen if "started on b1" in l).rsplit("(pid ", 1)[1].split(")")[0])
+    pid = int(next(line for line in seen if "started on b1" in line).rsplit("(pid ", 1)[1].split(")")[0])
     assert alive(pid)  # the build (10 s) outlived kpipe: kpipe stopped following, it did not wait
     again = _kpipe(ws.root, "build", "--recipe", "intfix", "--kernel", DEBIAN_RELEASE, "--json")
     out, err = again.communicate(timeout=120)

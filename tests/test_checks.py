@@ -14,8 +14,18 @@ from kpipe.elf.reader import parse_module
 from kpipe.elf.symbols import MemoryIndex, parse_nm_style
 from kpipe.validation import kernel_facts, validate_module
 from kpipe.workspace import load_workspace
-from test_elf_support import (HEADERS, KERNEL, RELEASE, VERMAGIC, kallsyms_text, sample_bytes, sample_module, scratch,
-                              synthetic_livepatch, this_module_blob)
+from test_elf_support import (
+    HEADERS,
+    KERNEL,
+    RELEASE,
+    VERMAGIC,
+    kallsyms_text,
+    sample_bytes,
+    sample_module,
+    scratch,
+    synthetic_livepatch,
+    this_module_blob,
+)
 
 SYMVERS = HEADERS / "Module.symvers"
 
@@ -117,12 +127,13 @@ def test_fails_for_a_symvers_with_one_crc_changed():
 
 def test_unknown_symbol_and_namespace():
     text = SYMVERS.read_text()
-    missing = "\n".join(l for l in text.splitlines() if "\tseq_printf\t" not in l) + "\n"
+    missing = "\n".join(line for line in text.splitlines() if "\tseq_printf\t" not in line) + "\n"
     p = scratch("Module.symvers")
     p.write_text(missing)
     r = validate_module(None, sample_module(), RELEASE, symbol_files=[str(p)])
     assert ("symbols.unknown" in _ids(r)) and "seq_printf" in dict(_errors(r))["symbols.unknown"]
-    ns = "\n".join((l.rstrip("\t") + "\tSOME_NS") if "\tseq_printf\t" in l else l for l in text.splitlines())
+    ns = "\n".join((line.rstrip("\t") + "\tSOME_NS") if "\tseq_printf\t" in line else line
+                   for line in text.splitlines())
     p.write_text(ns + "\n")
     r = validate_module(None, sample_module(), RELEASE, symbol_files=[str(p)])
     assert _ids(r) == {"symbols.namespace"}
@@ -259,7 +270,8 @@ def test_this_module_missing():
      "x86_64", "R SMP preempt mod_unload modversions "),
     ({"CONFIG_SMP": "y", "CONFIG_MODULE_UNLOAD": "y", "CONFIG_MODVERSIONS": "y"}, "aarch64",
      "R SMP mod_unload modversions aarch64"),
-    ({"CONFIG_SMP": "y", "CONFIG_PREEMPT_RT": "y", "CONFIG_MODULE_UNLOAD": "y"}, "x86_64", "R SMP preempt_rt mod_unload "),
+    ({"CONFIG_SMP": "y", "CONFIG_PREEMPT_RT": "y", "CONFIG_MODULE_UNLOAD": "y"}, "x86_64",
+     "R SMP preempt_rt mod_unload "),
     ({"CONFIG_PREEMPT": "y", "CONFIG_MODULE_UNLOAD": "y"}, "x86_64", "R preempt mod_unload "),
     ({"CONFIG_SMP": "y", "CONFIG_MODULE_UNLOAD": "y", "CONFIG_MODVERSIONS": "y"}, "loongarch64",
      "R SMP mod_unload modversions LOONGARCH 64BIT "),

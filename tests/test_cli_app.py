@@ -63,4 +63,4 @@ import pytest  # noqa: E402
 def test_usage_errors_kpipe_checks_itself_exit_2(tmp_path, args, message):
     r = kpipe_run(*args, cwd=tmp_path)  # no workspace needed to say how the command is used
     assert r.returncode == 2, r.stderr
-    assert r.stderr.startswith(f"kpipe: error: ") and message in r.stderr and "Traceback" not in r.stderr
+    assert r.stderr.startswith("kpipe: error: ") and message in r.stderr and "Traceback" not in r.stderr

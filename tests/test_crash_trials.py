@@ -28,14 +28,13 @@ from pathlib import Path
 
 import pytest
 
-from simfleet import fake_module, simfleet_factory  # noqa: F401  (the session fixture)
-
 from kpipe.artifacts import add_artifact
 from kpipe.rollout.engine import HOST_STATES, summarize
 from kpipe.rollout.journal import Journal
 from kpipe.rollout.planner import Candidate, HostView, RolloutOptions, plan_rollout
 from kpipe.rollout.world import engine_for
 from kpipe.workspace import open_workspace
+from simfleet import fake_module, simfleet_factory  # noqa: F401  (the session fixture)
 
 MODULE = "livepatch_demo"
 CRASHPOINT = str(Path(__file__).with_name("crashpoint.py"))

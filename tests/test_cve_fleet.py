@@ -21,10 +21,9 @@ import jsonschema
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from simfleet import simfleet_factory  # noqa: F401  (fixture)
-
 import kenv
 from kpipe.report.jsonfmt import AUDIT_SCHEMA
+from simfleet import simfleet_factory  # noqa: F401  (fixture)
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 

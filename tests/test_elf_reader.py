@@ -9,11 +9,21 @@ import subprocess
 
 import pytest
 
+import kenv
 from kpipe.elf.reader import ModuleFormatError, parse_module, read_module
 from kpipe.errors import ExitCode, KpipeError
-import kenv
-from test_elf_support import (ElfBuilder, RELEASE, VERMAGIC, modinfo_blob, sample_bytes, sample_module, scratch,
-                              synthetic_livepatch, this_module_blob, versions_blob)
+from test_elf_support import (
+    RELEASE,
+    VERMAGIC,
+    ElfBuilder,
+    modinfo_blob,
+    sample_bytes,
+    sample_module,
+    scratch,
+    synthetic_livepatch,
+    this_module_blob,
+    versions_blob,
+)
 
 
 def test_reads_real_livepatch_module():
@@ -74,7 +84,8 @@ def test_compressed_modules_read_like_plain(kind):
 def test_corrupt_compressed_module_is_a_clean_error(kind):
     raw = sample_bytes()
     blob = {"xz": lambda: lzma.compress(raw), "gz": lambda: gzip.compress(raw),
-            "zst": lambda: subprocess.run(["zstd", "-q", "-c"], input=raw, capture_output=True, check=True).stdout}[kind]()
+            "zst": lambda: subprocess.run(["zstd", "-q", "-c"], input=raw, capture_output=True,
+                                          check=True).stdout}[kind]()
     path = scratch(f"bad.ko.{kind}")
     path.write_bytes(blob[: len(blob) // 2])
     with pytest.raises(ModuleFormatError) as e:

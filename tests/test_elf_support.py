@@ -79,7 +79,7 @@ _WORK = Path(tempfile.mkdtemp(prefix="kpipe-elf-tests-"))
 atexit.register(shutil.rmtree, _WORK, True)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _build_sample() -> Path:
     kenv.require_tool("make")
     src = _WORK / "lpsample"
@@ -99,7 +99,7 @@ def sample_module() -> Path:
     return _build_sample()
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def stripped_module() -> bytes:
     """The sample module without debug sections (small: a fast fuzzing seed)."""
     out = _WORK / "stripped.ko"
@@ -119,7 +119,7 @@ def scratch(name: str) -> Path:
 
 # -- keys and certificates -------------------------------------------------------------------------------------
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def make_signing_cert(kind: str = "rsa", cn: str = "kpipe test signing key") -> tuple[Path, Path]:
     """(key.pem, cert.pem) with the kernel's module-signing extensions; kind rsa | rsa4096 | p256 | p384."""
     from cryptography import x509
@@ -133,7 +133,7 @@ def make_signing_cert(kind: str = "rsa", cn: str = "kpipe test signing key") -> 
         key = ec.generate_private_key(ec.SECP256R1() if kind == "p256" else ec.SECP384R1())
     name = x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "kpipe tests"),
                       x509.NameAttribute(NameOID.COMMON_NAME, f"{cn} {kind}")])
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     ski = x509.SubjectKeyIdentifier.from_public_key(key.public_key())
     cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
             .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(days=1))
@@ -288,7 +288,7 @@ def synthetic_livepatch(*, name: str = "lp_synth", klp_syms: tuple[str, ...] = (
     b.section(".modinfo", modinfo_blob(**info), align=1)
     b.section(".gnu.linkonce.this_module", this_module if this_module is not None else this_module_blob(name),
               flags=0x3, align=64)
-    fn = b.symbol("new_foo", bind=0, type=2, shndx=text, value=0, size=16)
+    b.symbol("new_foo", bind=0, type=2, shndx=text, value=0, size=16)
     klp = [b.symbol(s, bind=1, shndx=klp_shndx) for s in klp_syms]
     b.symbol("__this_module", bind=1, type=1, shndx=3, size=896)
     b.rela(text, [(8 + 8 * i, s, reloc_type, -4) for i, s in enumerate(klp)], name=klp_rela_name,

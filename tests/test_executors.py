@@ -18,14 +18,14 @@ import subprocess
 import sys
 from pathlib import Path
 
-import kenv
 import pytest
-from simfleet import simfleet_factory  # noqa: F401  (the session fixture)
 
+import kenv
 from kpipe.artifacts import add_artifact
 from kpipe.rollout.journal import Journal
 from kpipe.rollout.planner import Candidate, HostView, RolloutOptions, plan_rollout
 from kpipe.workspace import open_workspace
+from simfleet import simfleet_factory  # noqa: F401  (the session fixture)
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 

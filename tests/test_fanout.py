@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from kpipe.errors import ExitCode, TransportError
-from kpipe.fleet.facts import HostFacts, gather_facts
+from kpipe.fleet.facts import HostFacts
+from kpipe.fleet.observe import gather_facts
 from kpipe.fleet.inventory import load_inventory
 from kpipe.workspace import load_workspace
 from simfleet import SimFleet, simfleet_factory  # noqa: F401  (the fixture)
@@ -51,7 +52,7 @@ def test_facts_from_every_host_partial_failure_is_data(fleet: SimFleet, workspac
     assert failed[fleet.hosts[3].name].kind == "refused"
     assert failed[fleet.hosts[N // 2].name].kind == "timeout"
     assert failed[fleet.hosts[N - 2].name].kind in ("timeout", "error")
-    for name, r in results.items():
+    for r in results.values():
         if isinstance(r, HostFacts):
             assert (r.release, r.arch, r.livepatch_sysfs, r.kpatch_cli) == (fleet.release, "x86_64", True, "")
     # the hung and frozen hosts cost their timeouts once, in parallel with the rest
@@ -111,7 +112,7 @@ def test_known_hosts_mismatch_is_refused_per_host(fleet: SimFleet, workspace, tm
     lines = fleet.known_hosts.read_text().splitlines(keepends=True)
     victim = fleet.hosts[11]
     bad.write_text("".join(ln for ln in lines if not ln.startswith(f"[{victim.address}]:")))
-    from kpipe.fleet.facts import pool_for
+    from kpipe.fleet.observe import pool_for
 
     hosts = [h for h in load_inventory(workspace).select(f"{victim.name}:{fleet.hosts[12].name}")]
     hosts = [type(h)(**{**h.__dict__, "known_hosts": str(bad)}) for h in hosts]

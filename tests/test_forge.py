@@ -17,7 +17,11 @@ from pathlib import Path
 import pytest
 
 from forge_support import (  # noqa: F401  (fixtures)
-    FORGE_SOURCE, TIMINGS, forge_buildhost, forged, workspace_with_buildhost,
+    FORGE_SOURCE,
+    TIMINGS,
+    forge_buildhost,
+    forged,
+    workspace_with_buildhost,
 )
 from kpipe.errors import ExitCode
 from kpipe.lab.forge import ForgedKernel, forge, localversion, parse_config, parse_source

@@ -73,7 +73,7 @@ def test_kpipe_build_runs_the_real_kpatch_build_over_ssh(built, kws, forged, for
     remote = built["remote_dir"]
     # the recorded argv is what ran: the forged kernel's tree, config and pristine vmlinux
     assert argv[:4] == ["env", "-u", "ARCH", "kpatch-build"]
-    opts = dict(zip(argv[4::1], argv[5::1]))
+    opts = dict(zip(argv[4::1], argv[5::1], strict=False))
     assert opts["-s"] == str(forged.tree) and opts["-c"] == str(forged.config)
     assert opts["-v"] == str(forged.vmlinux) and opts["-a"] == forged.release
     assert opts["-n"] == MODULE and opts["-o"] == f"{remote}/out"

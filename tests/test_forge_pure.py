@@ -180,8 +180,9 @@ def test_chroot_enter_argv_uses_a_private_mount_namespace():
 def test_sshd_config_is_loopback_key_only(tmp_path):
     text = buildhost.sshd_config(tmp_path, 2222)
     lines = set(text.splitlines())
-    for want in ("Port 2222", "ListenAddress 127.0.0.1", "PasswordAuthentication no", "PermitRootLogin prohibit-password",
-                 f"AuthorizedKeysFile {tmp_path}/authorized_keys", f"HostKey {tmp_path}/ssh_host_ed25519_key"):
+    for want in ("Port 2222", "ListenAddress 127.0.0.1", "PasswordAuthentication no",
+                 "PermitRootLogin prohibit-password", f"AuthorizedKeysFile {tmp_path}/authorized_keys",
+                 f"HostKey {tmp_path}/ssh_host_ed25519_key"):
         assert want in lines
     with pytest.raises(ConfigError):
         buildhost.sshd_config(Path("/a b"), 22)
@@ -190,7 +191,8 @@ def test_sshd_config_is_loopback_key_only(tmp_path):
 
 
 def test_known_hosts_and_build_host_entry(tmp_path):
-    assert buildhost.known_hosts_line(2200, "ssh-ed25519 AAAAC3 comment here") == "[127.0.0.1]:2200 ssh-ed25519 AAAAC3\n"
+    assert (buildhost.known_hosts_line(2200, "ssh-ed25519 AAAAC3 comment here")
+            == "[127.0.0.1]:2200 ssh-ed25519 AAAAC3\n")
     text = buildhost.build_host_toml("forge-trixie", 2200, tmp_path / 'id "x"')
     [h] = tomllib.loads(text)["build_hosts"]
     assert h == {"name": "forge-trixie", "address": "127.0.0.1", "port": 2200, "user": "root", "arch": "x86_64",

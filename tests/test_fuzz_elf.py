@@ -5,7 +5,8 @@ from __future__ import annotations
 import struct
 
 import pytest
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from kpipe.checks import KernelFacts, run_checks
 from kpipe.elf.reader import ModuleFormatError, parse_module

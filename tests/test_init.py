@@ -6,13 +6,12 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
 from kpipe.errors import ConfigError
 from kpipe.init import WORKSPACE_FILES, init_workspace, kernel_glob
-from kpipe.recipes import kernels_for_recipe, list_recipes
+from kpipe.recipes import list_recipes
 from kpipe.workspace import load_workspace
 
 

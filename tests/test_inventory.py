@@ -271,7 +271,7 @@ g:
     [h] = load_inventory(None, [path]).select("all")
     assert h.name == "web$(reboot);x|y`id`&z"
     assert h.vars["note"] == "`reboot` && rm -rf / | $HOME"
-    assert h.target().address == "10.0.0.1"
+    assert h.address == "10.0.0.1"
     assert not Path("/tmp/kpipe-pwned").exists()
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from kpipe.errors import ConfigError
@@ -109,7 +111,7 @@ def test_to_dict_is_plain_json_data():
 
 def test_release_is_frozen_and_hashable():
     k = parse_release("6.1.0-56-amd64")
-    with pytest.raises(Exception):
+    with pytest.raises(dataclasses.FrozenInstanceError):
         k.arch = "aarch64"  # type: ignore[misc]
     assert k == parse_release("6.1.0-56-amd64") and hash(k) == hash(parse_release("6.1.0-56-amd64"))
     assert isinstance(k, KernelRelease) and k.major_minor == (6, 1)
@@ -158,7 +160,8 @@ def test_longest_legal_release_is_accepted():
     assert parse_release(r).version == (5, 10, 0)
 
 
-from hypothesis import given, settings, strategies as st  # noqa: E402
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
 
 
 @settings(max_examples=150, deadline=None)

@@ -5,21 +5,25 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
 
 from kpipe.commands import Command
 from kpipe.errors import ConfigError, KpipeError, TransportError
-from kpipe.lab import Lab, LabConfig
-from kpipe.lab import initramfs, kernel as labkernel, vm as vmmod
+from kpipe.lab import Lab, LabConfig, initramfs
+from kpipe.lab import kernel as labkernel
+from kpipe.lab import vm as vmmod
 from kpipe.lab.arch import AARCH64, X86_64, host_has_hw_virt, lab_arch
 from kpipe.lab.lab import LabState, render_inventory
 from test_lab_support import (  # noqa: F401  (fixtures)
-    SharedLab, headers_release, kpipe_cli, qemu_guard, remember, shared_lab,
+    SharedLab,
+    headers_release,
+    kpipe_cli,
+    qemu_guard,
+    remember,
+    shared_lab,
 )
-
 
 # ------------------------------------------------------------------ pure
 
@@ -171,7 +175,7 @@ def test_lab_vms_answer_ssh_with_strict_distinct_host_keys(shared_lab: SharedLab
                                                                                   ("lab2", True, True)]
     keys = Path(st.known_hosts).read_text().splitlines()
     assert len(keys) == 2 and len({k.split()[2] for k in keys}) == 2
-    assert all(k.startswith(f"[127.0.0.1]:{v.ssh_port} ssh-ed25519 ") for k, v in zip(keys, st.vms))
+    assert all(k.startswith(f"[127.0.0.1]:{v.ssh_port} ssh-ed25519 ") for k, v in zip(keys, st.vms, strict=True))
     with lab.pool(st) as pool:
         out = pool.run_many(lab.targets(st), lambda t: t.run(Command.of("cat", "/proc/cmdline")).stdout)
     assert "kpipe.lab=lab1" in out["lab1"] and "module.sig_enforce=1" not in out["lab1"]
@@ -180,16 +184,16 @@ def test_lab_vms_answer_ssh_with_strict_distinct_host_keys(shared_lab: SharedLab
 
 @pytest.mark.vm
 def test_a_vm_presenting_another_vms_key_is_refused(shared_lab: SharedLab, tmp_path):
-    from kpipe.transport.ssh import SshPool, SshTarget
+    from kpipe.host import Host
+    from kpipe.transport.ssh import SshPool
 
     st = shared_lab.state
     lab1, lab2 = st.vms
     wrong = tmp_path / "known_hosts"  # lab2's key recorded for lab1's port
     wrong.write_text(f"[127.0.0.1]:{lab1.ssh_port} {lab2.host_key}\n")
-    target = SshTarget("lab1", "127.0.0.1", lab1.ssh_port, "root", st.identity_file, False, str(wrong), 10.0)
-    with SshPool(known_hosts=[wrong]) as pool:
-        with pytest.raises(TransportError) as e:
-            pool.transport(target).run(Command.of("true"))
+    target = Host("lab1", "127.0.0.1", lab1.ssh_port, "root", st.identity_file, False, str(wrong), 10.0)
+    with SshPool(known_hosts=[wrong]) as pool, pytest.raises(TransportError) as e:
+        pool.transport(target).run(Command.of("true"))
     assert e.value.kind == "hostkey" and "MISMATCH" in str(e.value)
 
 

@@ -18,7 +18,12 @@ from kpipe.commands import Command
 from kpipe.errors import KpipeError
 from kpipe.fleet import livepatch as lp
 from test_lab_support import (  # noqa: F401  (fixtures)
-    DEMO_TEXT, SharedLab, altered_vermagic, demo_module, qemu_guard, shared_lab,
+    DEMO_TEXT,
+    SharedLab,
+    altered_vermagic,
+    demo_module,
+    qemu_guard,
+    shared_lab,
 )
 
 CAPTURED = Path(__file__).parent / "data" / "livepatch"
@@ -66,7 +71,8 @@ def test_state_parser_keeps_module_taint_letters():
     ("livepatch_sysfs 1\ntainted ?\npatch p\nenabled p ?\nhello world\ntransition p\nend\n",
      dict(complete=True, sysfs=True, patches={"p": (None, None, {})})),
     # truncated output (connection lost mid-way): not complete
-    ("livepatch_sysfs 1\ntainted 0\npatch p\nenabled p 1\n", dict(complete=False, sysfs=True, patches={"p": (1, None, {})})),
+    ("livepatch_sysfs 1\ntainted 0\npatch p\nenabled p 1\n",
+     dict(complete=False, sysfs=True, patches={"p": (1, None, {})})),
 ])
 def test_state_parser_edge_cases(text, expect):
     st = lp.parse_host_livepatch(text)

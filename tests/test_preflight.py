@@ -14,7 +14,12 @@ from kpipe.artifacts import add_artifact, get_artifact, preflight_records
 from kpipe.lab import Lab
 from kpipe.workspace import open_workspace
 from test_lab_support import (  # noqa: F401  (fixtures)
-    altered_vermagic, build_demo_module, headers_release, kpipe_cli, qemu_guard, remember,
+    altered_vermagic,
+    build_demo_module,
+    headers_release,
+    kpipe_cli,
+    qemu_guard,
+    remember,
 )
 
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"

@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 
+import kenv
 from kpipe import recipes
 from kpipe.builder.spec import BuildSpec
 from kpipe.errors import ConfigError, NotFoundError
 from kpipe.workspace import load_workspace
-import kenv
 from recipe_ws import REPO, line_of, make_workspace
 
 KPATCH = """\
@@ -139,7 +139,7 @@ options:
   keep: kept
 kpatch:
   non_replace: "{{ kernel.version >= [5, 1] }}"
-"""})
+"""})  # noqa: E501  (one long YAML line: the description under test)
     spec = recipes.render(ws, "r", "5.10.0-amd64-UOS")
     assert spec.rendered["description"] == "r uos x86_64 5.10 catalog says hi kept"
     assert spec.options["non_replace"] is True  # rendered string coerced back to a boolean
@@ -228,7 +228,8 @@ def test_undefined_variable_in_template_file(tmp_path):
 
 
 def test_error_inside_block_scalar_points_at_its_line(tmp_path):
-    ws = ws_with(tmp_path, {"r": KPATCH + "description: |\n  first line {{ recipe }}\n  second\n  third {{ kernel.nope }}\n"})
+    ws = ws_with(tmp_path,
+                 {"r": KPATCH + "description: |\n  first line {{ recipe }}\n  second\n  third {{ kernel.nope }}\n"})
     err = _render_error(ws)
     assert f"recipes/r.yaml:{line_of(tmp_path, 'r', 'third')}:" in str(err)
 

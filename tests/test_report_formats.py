@@ -10,6 +10,7 @@ from html.parser import HTMLParser
 import pytest
 
 import kenv
+from exposition import parse_exposition
 from kpipe import audit as A
 from kpipe.audit import AppliedRecord as R
 from kpipe.audit import ObservedHost as H
@@ -18,8 +19,6 @@ from kpipe.report import FORMATS, render, write_atomic
 from kpipe.report.jsonfmt import AUDIT_SCHEMA
 from kpipe.report.prometheus import escape_label_value
 from kpipe.report.table import table_rows
-
-from exposition import parse_exposition
 
 SHA = "c" * 64
 K = kenv.kernel_env(module_level=True).release  # the installed headers' release (tests/kenv.py)
@@ -135,7 +134,7 @@ def test_junit_is_valid_xml_of_the_junit_shape(result):
     errors = [c for c in cases if c.find("error") is not None]
     assert int(suite.get("failures")) == len(fails)
     assert int(suite.get("errors")) == len(errors)
-    for case, row in zip(cases, result.rows):
+    for case, row in zip(cases, result.rows, strict=True):
         bad = case.find("failure") if case.find("failure") is not None else case.find("error")
         assert (bad is None) == row.ok
         if bad is not None:

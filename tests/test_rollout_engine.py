@@ -21,14 +21,13 @@ from pathlib import Path
 import pytest
 
 import kenv
-from simfleet import simfleet_factory  # noqa: F401  (the session fixture)
-
 from kpipe.artifacts import add_artifact
 from kpipe.rollout.engine import summarize
 from kpipe.rollout.journal import Journal, host_state
 from kpipe.rollout.planner import Candidate, FailureBudget, HostView, RolloutOptions, plan_rollout
 from kpipe.rollout.world import engine_for
 from kpipe.workspace import open_workspace
+from simfleet import simfleet_factory  # noqa: F401  (the session fixture)
 
 RELEASE = kenv.kernel_env(module_level=True).release  # the installed headers' release (tests/kenv.py)
 MODULE = "livepatch_demo"
@@ -323,8 +322,8 @@ def test_cli_plan_gathers_facts_and_lists_exclusions(simfleet_factory, tmp_path)
         update_artifact(ws.store, art.id, preflight={})
         r = kpipe_cli(ws, "rollout", "start", art.id, "--limit", "sim000:sim001:sim002:sim003", "--yes", ok=(9,))
         assert "preflight" in r.stderr
-        r = kpipe_cli(ws, "rollout", "start", art.id, "--limit", "sim000:sim001:sim002:sim003", "--waves", "1,100%", "--yes",
-                      "--skip-preflight", "--json")
+        r = kpipe_cli(ws, "rollout", "start", art.id, "--limit", "sim000:sim001:sim002:sim003", "--waves", "1,100%",
+                      "--yes", "--skip-preflight", "--json")
         out = json.loads(r.stdout)
         assert set(out["hosts"].values()) == {"applied"}
         st = json.loads(kpipe_cli(ws, "rollout", "status", "last", "--json").stdout)
@@ -337,8 +336,8 @@ def test_cli_plan_gathers_facts_and_lists_exclusions(simfleet_factory, tmp_path)
         assert set(json.loads(r.stdout)["hosts"].values()) == {"rolled_back"}
         # a halting gate exits 8
         fleet.host("sim002").inject("ebusy_enable")
-        r = kpipe_cli(ws, "rollout", "start", art.id, "--limit", "sim000:sim001:sim002:sim003", "--waves", "1,100%", "--yes",
-                      "--skip-preflight", "--rollback-policy", "all", ok=(8,))
+        r = kpipe_cli(ws, "rollout", "start", art.id, "--limit", "sim000:sim001:sim002:sim003", "--waves", "1,100%",
+                      "--yes", "--skip-preflight", "--rollback-policy", "all", ok=(8,))
         assert "halted" in r.stderr and "sim002" in r.stderr
         assert all(MODULE not in fleet.host(f"sim00{i}").patches() for i in range(4))
         # unknown ids are clear errors

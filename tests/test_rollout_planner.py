@@ -7,8 +7,17 @@ import pytest
 import kenv
 from kpipe.errors import ConfigError
 from kpipe.rollout.gate import SoakWatch, decide, soak_schedule
-from kpipe.rollout.planner import (Candidate, FailureBudget, HostView, LoadedPatch, RolloutOptions, RolloutPlan,
-                                   order_hosts, plan_rollout, wave_sizes)
+from kpipe.rollout.planner import (
+    Candidate,
+    FailureBudget,
+    HostView,
+    LoadedPatch,
+    RolloutOptions,
+    RolloutPlan,
+    order_hosts,
+    plan_rollout,
+    wave_sizes,
+)
 
 R1 = kenv.kernel_env(module_level=True).release  # the installed headers' release (tests/kenv.py)
 R2 = "5.10.0-136.12.0.86.oe2203sp1.x86_64"

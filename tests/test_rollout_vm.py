@@ -49,7 +49,8 @@ def cmdline(ws: Path, vm: str) -> str:
 
 
 def livepatch_dirs(ws: Path, vm: str) -> str:
-    return on_vm(ws, vm, "sh", "-c", "ls /sys/kernel/livepatch 2>/dev/null; ls -d /sys/module/livepatch_* 2>/dev/null; true")
+    return on_vm(ws, vm, "sh", "-c",
+                 "ls /sys/kernel/livepatch 2>/dev/null; ls -d /sys/module/livepatch_* 2>/dev/null; true")
 
 
 def build_module(out: Path, headers: Path) -> Path:
@@ -70,7 +71,8 @@ def sign_with_unknown_key(ko: Path, out: Path, sign_file: Path) -> Path:
                     "-newkey", "rsa:2048"], check=True, capture_output=True)
     signed = out / "signed" / ko.name
     signed.parent.mkdir()
-    subprocess.run([str(sign_file), "sha256", str(key), str(crt), str(ko), str(signed)], check=True, capture_output=True)
+    subprocess.run([str(sign_file), "sha256", str(key), str(crt), str(ko), str(signed)],
+                   check=True, capture_output=True)
     return signed
 
 

@@ -10,16 +10,35 @@ from pathlib import Path
 
 import pytest
 
+import kenv
 from kpipe.checks import KernelFacts, run_checks
 from kpipe.elf.reader import parse_module
 from kpipe.elf.sign import build_pkcs7, expand_argv, load_private_key, run_command_signer, sign_bytes, sign_file
-from kpipe.elf.signature import (MAGIC, SIG_INFO, append_signature, digest_bytes, load_certificates, parse_pkcs7,
-                                 split_signature, strip_signature, verify_module)
+from kpipe.elf.signature import (
+    MAGIC,
+    SIG_INFO,
+    append_signature,
+    digest_bytes,
+    load_certificates,
+    parse_pkcs7,
+    split_signature,
+    strip_signature,
+    verify_module,
+)
 from kpipe.errors import ConfigError
 from kpipe.workspace import SignerConfig, load_workspace
-import kenv
-from test_elf_support import (KERNEL, RELEASE, SIGN_FILE, VERMAGIC, make_signing_cert, sample_bytes, sample_module,
-                              scratch, stripped_module)
+from test_elf_support import (
+    KERNEL,
+    RELEASE,
+    SIGN_FILE,
+    VERMAGIC,
+    make_signing_cert,
+    sample_bytes,
+    sample_module,
+    scratch,
+    stripped_module,
+)
+
 
 def _sign_file(hash_name: str, key: Path, cert: Path, module: Path, keyid: bool = False) -> bytes:
     out = scratch("sf.ko")
@@ -141,9 +160,9 @@ def test_signature_checks():
 
 
 def _pkcs7_with(options_names: list[str]) -> bytes:
+    from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.serialization import pkcs7
-    from cryptography import x509
 
     key, cert = make_signing_cert("rsa")
     k = load_private_key(key)
@@ -235,7 +254,8 @@ def _sm2_cert(tmp_path: Path) -> tuple[Path, Path]:
 
 def _sm2_signed_module(tmp_path: Path, key: Path, cert: Path, user_id: str | None) -> bytes:
     """A module signed by OpenSSL's SM2 (an independent implementation), wrapped as the kernel's PKCS#7."""
-    from asn1crypto import algos, cms, x509 as ax509
+    from asn1crypto import algos, cms
+    from asn1crypto import x509 as ax509
 
     payload = stripped_module()
     (tmp_path / "payload").write_bytes(payload)

@@ -10,12 +10,12 @@ from pathlib import Path
 
 import pytest
 
+import kenv
 from kpipe.commands import Command
 from kpipe.errors import CommandTimeout, TransportError
 from kpipe.fleet import livepatch as lp
 from kpipe.transport.ssh import SshPool
 from kpipe.workspace import SshSettings
-import kenv
 from simfleet import SimFleet, simfleet_factory  # noqa: F401  (the fixture)
 
 RELEASE = kenv.kernel_env(module_level=True).release  # the installed headers' release (tests/kenv.py)

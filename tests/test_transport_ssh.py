@@ -10,7 +10,8 @@ import pytest
 from kpipe.commands import Command
 from kpipe.errors import CommandTimeout, TransportError
 from kpipe.transport.local import LocalTransport
-from kpipe.transport.ssh import SshPool, SshTarget
+from kpipe.host import Host
+from kpipe.transport.ssh import SshPool
 from kpipe.workspace import SshSettings
 
 
@@ -39,7 +40,7 @@ def test_unknown_host_key_is_refused_by_default(sshd, tmp_path):
     empty = tmp_path / "known_hosts"
     empty.write_text("")
     with SshPool(known_hosts=[empty]) as pool:
-        target = SshTarget("h", sshd.address, sshd.port, "root", str(sshd.client_key))
+        target = Host("h", sshd.address, sshd.port, "root", str(sshd.client_key))
         with pytest.raises(TransportError) as e:
             pool.transport(target).run(Command.of("true"))
     assert e.value.kind == "hostkey" and "not in known_hosts" in str(e.value)
@@ -51,7 +52,7 @@ def test_changed_host_key_is_refused(sshd, tmp_path, sshd_factory):
     # the other server's key, written under this server's name
     wrong.write_text(other.known_hosts.read_text().replace(f"]:{other.port} ", f"]:{sshd.port} "))
     with SshPool(known_hosts=[wrong]) as pool:
-        target = SshTarget("h", sshd.address, sshd.port, "root", str(sshd.client_key))
+        target = Host("h", sshd.address, sshd.port, "root", str(sshd.client_key))
         with pytest.raises(TransportError) as e:
             pool.transport(target).run(Command.of("true"))
     assert e.value.kind == "hostkey" and "MISMATCH" in str(e.value)
@@ -60,20 +61,19 @@ def test_changed_host_key_is_refused(sshd, tmp_path, sshd_factory):
 def test_accept_new_records_the_key_once(sshd, tmp_path):
     kh = tmp_path / "known_hosts"
     with SshPool(SshSettings(accept_new_host_keys=True), known_hosts=[kh]) as pool:
-        target = SshTarget("h", sshd.address, sshd.port, "root", str(sshd.client_key))
+        target = Host("h", sshd.address, sshd.port, "root", str(sshd.client_key))
         assert pool.transport(target).run(Command.of("true")).ok
     assert kh.read_text().startswith(f"[{sshd.address}]:{sshd.port} ssh-ed25519 ")
     with SshPool(known_hosts=[kh]) as pool:  # now strict, and it passes
-        target = SshTarget("h", sshd.address, sshd.port, "root", str(sshd.client_key))
+        target = Host("h", sshd.address, sshd.port, "root", str(sshd.client_key))
         assert pool.transport(target).run(Command.of("true")).ok
 
 
 def test_connection_refused_names_the_host(tmp_path):
     from sshd import free_port
 
-    with SshPool(known_hosts=[tmp_path / "kh"]) as pool:
-        with pytest.raises(TransportError) as e:
-            pool.transport(SshTarget("dead", "127.0.0.1", free_port())).run(Command.of("true"))
+    with SshPool(known_hosts=[tmp_path / "kh"]) as pool, pytest.raises(TransportError) as e:
+        pool.transport(Host("dead", "127.0.0.1", free_port())).run(Command.of("true"))
     assert e.value.kind == "refused" and e.value.host == "dead"
 
 
@@ -135,8 +135,8 @@ def test_run_many_collects_partial_failure(sshd_factory, tmp_path):
     servers = [sshd_factory() for _ in range(3)]
     kh = tmp_path / "kh"
     kh.write_text("".join(s.known_hosts.read_text() for s in servers))
-    targets = [SshTarget(f"h{i}", s.address, s.port, "root", str(s.client_key)) for i, s in enumerate(servers)]
-    targets.append(SshTarget("dead", "127.0.0.1", free_port(), "root", str(servers[0].client_key)))
+    targets = [Host(f"h{i}", s.address, s.port, "root", str(s.client_key)) for i, s in enumerate(servers)]
+    targets.append(Host("dead", "127.0.0.1", free_port(), "root", str(servers[0].client_key)))
     with SshPool(known_hosts=[kh], forks=2) as pool:
         results = pool.run_many(targets, lambda t: t.run(Command.of("echo", t.name)).stdout.strip())
     assert [results[f"h{i}"] for i in range(3)] == ["h0", "h1", "h2"]

@@ -96,7 +96,8 @@ BAD = [
     ("[ssh]\nconect_timeout = 3\n", 2, "unknown key 'conect_timeout' in [ssh]"),
     ('[[build_hosts]]\nname = "a"\n\n[[build_hosts]]\nname = "b"\nport = -1\n', 6,
      "build_hosts[1].port must be from 1 to 65535, got -1"),
-    ('[[build_hosts]]\nname = "a"\ntools = { "kpatch-build" = 3 }\n', 3, "build_hosts[0].tools.kpatch-build must be a string"),
+    ('[[build_hosts]]\nname = "a"\ntools = { "kpatch-build" = 3 }\n', 3,
+     "build_hosts[0].tools.kpatch-build must be a string"),
     ('[[build_hosts]]\nname = "a"\n[[build_hosts]]\nname = "a"\n', 4, "build host name 'a' repeats (first at line 2)"),
     ('[signing.signers.x]\nkey = "k"\nkeyid = "false"\n', 3, "signing.signers.x.keyid must be true or false"),
     ('[signing.signers.x]\ntype = "comand"\n', 2, "signing.signers.x.type 'comand' is not one of builtin, command"),
@@ -331,7 +332,7 @@ def test_enum_mirrors_match_their_sources():
 
     assert settings.BUILDERS == BUILDERS
     assert settings.SIGN_HASHES == HASHES and settings.KERNEL_HASHES == KERNEL_HASHES
-    assert settings._TAINT_LETTERS == "".join(TAINT_LETTERS[i] for i in range(len(TAINT_LETTERS)))
+    assert "".join(TAINT_LETTERS[i] for i in range(len(TAINT_LETTERS))) == settings._TAINT_LETTERS
     assert {name for _, name in _RPM_DIST_TAGS} <= set(settings.DISTROS)
     for release in ("6.1.0-9-amd64", "5.15.0-91-generic", "5.10.0-amd64-UOS", "4.19.90-24.4.v2101.ky10.aarch64",
                     "5.14.21-150500.55.39-default", "6.6.8-arch1-1", "6.1.70-0-lts", "6.8.0-060800rc1-generic",

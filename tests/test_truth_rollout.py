@@ -16,8 +16,6 @@ import sys
 import time
 from pathlib import Path
 
-from simfleet import fake_module, simfleet_factory  # noqa: F401  (the session fixture)
-
 from kpipe.artifacts import add_artifact
 from kpipe.fleet import livepatch as lp
 from kpipe.rollout.engine import summarize
@@ -25,6 +23,7 @@ from kpipe.rollout.journal import Journal
 from kpipe.rollout.planner import Candidate, HostView, RolloutOptions, plan_rollout
 from kpipe.rollout.world import engine_for
 from kpipe.workspace import open_workspace
+from simfleet import fake_module, simfleet_factory  # noqa: F401  (the session fixture)
 
 MODULE = "livepatch_demo"
 CRASHPOINT = str(Path(__file__).with_name("crashpoint.py"))

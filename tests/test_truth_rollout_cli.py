@@ -22,12 +22,11 @@ from pathlib import Path
 
 import pytest
 
-from simfleet import simfleet_factory  # noqa: F401  (the session fixture)
-
 from kpipe.artifacts import add_artifact
 from kpipe.rollout.journal import Journal
 from kpipe.rollout.planner import Candidate, HostView, RolloutOptions, plan_rollout
 from kpipe.workspace import open_workspace
+from simfleet import simfleet_factory  # noqa: F401  (the session fixture)
 
 MODULE = "livepatch_demo"
 HOSTILE = "[/x]"  # a closing tag that opens nothing: Rich raises MarkupError on it

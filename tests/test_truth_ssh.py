@@ -41,7 +41,7 @@ class LyingHost:
         while not self._stop.is_set():
             try:
                 conn, _ = self.sock.accept()
-            except (socket.timeout, OSError):
+            except (TimeoutError, OSError):
                 continue
             try:
                 if self.mode == "garbage":
@@ -143,12 +143,13 @@ def test_some_hosts_failing_stays_exit_0_and_quiet(tmp_path, liars, sshd, client
 
 def test_banner_failure_reason_is_one_readable_line(liars):
     from kpipe.errors import TransportError
-    from kpipe.transport.ssh import SshPool, SshTarget
+    from kpipe.host import Host
+    from kpipe.transport.ssh import SshPool
     from kpipe.workspace import SshSettings
 
     with SshPool(SshSettings(connect_timeout=3, ssh_config="/nonexistent"), known_hosts=[]) as pool:
         for mode in ("garbage", "close", "silent"):
-            t = pool.transport(SshTarget(name=mode, address="127.0.0.1", port=liars[mode].port, user="root"))
+            t = pool.transport(Host(name=mode, address="127.0.0.1", port=liars[mode].port, user="root"))
             with pytest.raises(TransportError) as e:
                 t.connect()
             assert e.value.message.startswith(f"{mode}: SSH handshake with 127.0.0.1:") and "\n" not in e.value.message

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 from kpipe.builder.spec import BuildSpec
 from kpipe.errors import ConfigError
-from kpipe.workspace import BuildHost
+from kpipe.settings import BuildHost
 
 
 @dataclass(frozen=True)

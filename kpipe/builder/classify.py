@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from typing import Any
 
 CATEGORIES = ("environment", "kernel-config", "compiler", "patch", "diff", "symbols", "crash",
               "source", "unknown")
@@ -91,7 +92,7 @@ class Classification:
     matched: str = ""  # the deciding line
     extra: dict[str, str] = field(default_factory=dict)
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         return {"category": self.category, "lines": list(self.lines), "hint": self.hint, "matched": self.matched}
 
 
@@ -108,9 +109,9 @@ def classify(log: str, *, max_lines: int = 12) -> Classification:
             break
     if decided is None:
         # No known message: the tool's own error lines, else the end of the log.
-        errors = [l.strip() for l in lines if _CONTEXT.search(l)]
-        picked = list(dict.fromkeys(errors))[:max_lines] or [l for l in lines[-max_lines:] if l.strip()]
-        return Classification("unknown", tuple(picked), HINTS["unknown"], picked[0] if errors else "")
+        errors = [line.strip() for line in lines if _CONTEXT.search(line)]
+        shown = list(dict.fromkeys(errors))[:max_lines] or [line for line in lines[-max_lines:] if line.strip()]
+        return Classification("unknown", tuple(shown), HINTS["unknown"], shown[0] if errors else "")
     index, category = decided
     matched = lines[index].strip()
     # The deciding line, the other lines of the same category, and the tool's error summaries; deduplicated.

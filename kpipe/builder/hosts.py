@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from kpipe.errors import ConfigError, NotFoundError
-from kpipe.workspace import BuildHost
+from kpipe.settings import BuildHost
 
 
 @dataclass(frozen=True)

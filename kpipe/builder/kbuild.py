@@ -12,7 +12,7 @@ import re
 from kpipe.builder.base import Builder, BuildPlan, Milestone, StagedFile, safe_relpath
 from kpipe.builder.spec import BuildSpec
 from kpipe.errors import ConfigError
-from kpipe.workspace import BuildHost
+from kpipe.settings import BuildHost
 
 _NAME_RX = re.compile(r"[A-Za-z0-9_-]{1,55}")
 _FILE_RX = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+-]*")

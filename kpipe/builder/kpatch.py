@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import posixpath
 import re
+from typing import Any
 
 from kpipe.builder.base import Builder, BuildPlan, Milestone, StagedFile, safe_relpath
 from kpipe.builder.spec import BuildSpec
 from kpipe.errors import ConfigError
-from kpipe.workspace import BuildHost
+from kpipe.settings import BuildHost
 
 # The kernel's module name field is 56 bytes with the NUL (MODULE_NAME_LEN).
 MODULE_NAME_MAX = 55
@@ -50,14 +51,14 @@ def predict_module_name(patch_names: list[str] | tuple[str, ...], name: str = ""
     return module_name_string(("livepatch-" if livepatch else "kpatch-") + base)
 
 
-def _opt(options: dict, *keys: str, default=None):
+def _opt(options: dict[str, Any], *keys: str, default: Any = None) -> Any:
     for k in keys:
         if k in options and options[k] not in (None, ""):
             return options[k]
     return default
 
 
-def _positive_int(value, what: str) -> int:
+def _positive_int(value: Any, what: str) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, str)) or not str(value).isdigit() or int(value) < 1:
         raise ConfigError(f"kpatch-build option {what} must be a positive integer, got {value!r}")
     return int(value)

@@ -108,7 +108,9 @@ size=$(stat -c %s "$dir/log" 2>/dev/null || echo 0)
 alive=0
 pid=$(cat "$dir/pid" 2>/dev/null)
 if [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null; then alive=1; fi
-if [ -z "$rc" ] && [ "$alive" = 0 ]; then rc=$(cat "$dir/exit" 2>/dev/null); size=$(stat -c %s "$dir/log" 2>/dev/null || echo 0); fi
+if [ -z "$rc" ] && [ "$alive" = 0 ]; then
+  rc=$(cat "$dir/exit" 2>/dev/null); size=$(stat -c %s "$dir/log" 2>/dev/null || echo 0)
+fi
 end=$size
 [ $((end - off)) -gt "$cap" ] && end=$((off + cap))
 echo "$end $size ${rc:--} $alive"

@@ -30,18 +30,24 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from kpipe.artifacts import Artifact, add_artifact, find_by_inputs, get_artifact
-from kpipe.builder.base import BuildPlan, StagedFile, get_builder, parse_version_output
+from kpipe.artifacts import Artifact, ArtifactStatus, add_artifact, find_by_inputs, get_artifact
+from kpipe.builder.base import Builder, BuildPlan, StagedFile, get_builder, parse_version_output
 from kpipe.builder.classify import Classification, classify
 from kpipe.builder.records import build_record, ensure_schema, find_cached, record, save_tool_version
 from kpipe.builder.hosts import pick_host, select_hosts
 from kpipe.builder.remote import FOLLOW_SCRIPT, LAUNCH_SCRIPT, PROBE_PREFIX, RUN_SCRIPT, SAFE_WORKDIR
 from kpipe.builder.spec import BuildSpec
+from kpipe.builder.states import BuildEventKind, BuildRecordStatus, BuildStatus, LaunchState
 from kpipe.commands import Command
 from kpipe.errors import BuildFailed, ConfigError, ExitCode, KpipeError, TransportError
+from kpipe.host import Host
+from kpipe.transport.base import Transport
 from kpipe.workspace import BuildHost, Workspace
+
+if TYPE_CHECKING:  # paramiko and Fabric load only when a build host is remote
+    from kpipe.transport.ssh import SshPool
 
 POLL_ROUNDS = 20  # one follow request waits at most 20 x 50 ms for news
 CHUNK_BYTES = 1 << 20
@@ -55,7 +61,7 @@ class BuildEvent:
     """Progress of one build, for the CLI (which renders it) and tests."""
 
     key: str  # "<recipe>@<kernel>"
-    kind: str  # cached|host|started|reattached|restarted|milestone|line|built|failed|validated|signed|error
+    kind: BuildEventKind
     message: str = ""
     data: dict[str, Any] = field(default_factory=dict)
 
@@ -74,7 +80,7 @@ class BuildResult:
     key: str
     recipe: str
     kernel: str
-    status: str  # built|cached|failed|rejected|error
+    status: BuildStatus
     host: str = ""
     builder: str = ""
     inputs_digest: str = ""
@@ -94,7 +100,7 @@ class BuildResult:
 
     @property
     def ok(self) -> bool:
-        return self.status in ("built", "cached")
+        return self.status in (BuildStatus.BUILT, BuildStatus.CACHED)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -119,27 +125,28 @@ class Connections:
 
     def __init__(self, ws: Workspace):
         self.ws = ws
-        self._pool = None
+        self._pool: SshPool | None = None
         self._lock = threading.Lock()
 
-    def transport(self, host: BuildHost, lane: int = 0):
+    def transport(self, host: BuildHost, lane: int = 0) -> Transport:
         """A Transport to host (LocalTransport for `local`)."""
         if host.is_local:
             from kpipe.transport.local import LocalTransport
 
             return LocalTransport(host.name)
-        from kpipe.transport.ssh import SshPool, SshTarget
+        from kpipe.transport.ssh import SshPool
 
         with self._lock:
             if self._pool is None:
                 self._pool = SshPool(self.ws.ssh, known_hosts=[self.ws.path(self.ws.ssh.known_hosts)])
             pool = self._pool
         ident = host.identity_file or self.ws.ssh.identity_file
-        target = SshTarget(name=host.name if lane == 0 else f"{host.name}#{lane}", address=host.address,
+        target = Host(name=host.name if lane == 0 else f"{host.name}#{lane}", address=host.address,
                            port=host.port, user=host.user, identity_file=str(self.ws.path(ident)) if ident else "")
         return pool.transport(target)
 
     def close(self) -> None:
+        """Close every connection to the build hosts."""
         with self._lock:
             if self._pool is not None:
                 self._pool.close()
@@ -201,7 +208,7 @@ class _Probe:
     version: str
 
 
-def probe_host(transport, host: BuildHost, builder_name: str) -> _Probe:
+def probe_host(transport: Transport, host: BuildHost, builder_name: str) -> _Probe:
     """The host's absolute work folder and the builder's version there (one command)."""
     builder = get_builder(builder_name)
     cmd = Command.script(PROBE_PREFIX + builder.version_script, host.workdir, *builder.version_args(host),
@@ -257,9 +264,9 @@ class BuildRunner:
                         continue
                 host = pick_host(hosts, spec.kernel.release, arch, load=load, where=where)
             except KpipeError as e:
-                results[i] = BuildResult(key, spec.recipe, spec.kernel.release, "error", builder=spec.builder,
+                results[i] = BuildResult(key, spec.recipe, spec.kernel.release, BuildStatus.ERROR, builder=spec.builder,
                                          message=e.message, hint=e.hint or "", exit_code=int(e.exit_code))
-                self.emit(BuildEvent(key, "error", e.message))
+                self.emit(BuildEvent(key, BuildEventKind.ERROR, e.message))
                 continue
             load[host.name] = load.get(host.name, 0) + 1
             todo.append((i, spec, host))
@@ -295,15 +302,16 @@ class BuildRunner:
         return [results[i] for i in range(len(specs))]
 
     def close(self) -> None:
+        """Close the build hosts' connections."""
         self.connections.close()
 
     def _cached(self, spec: BuildSpec, key: str, art: Artifact, host: BuildHost) -> BuildResult:
-        self.emit(BuildEvent(key, "cached", f"answered from the store: artifact {art.id} ({art.status})",
+        self.emit(BuildEvent(key, BuildEventKind.CACHED, f"answered from the store: artifact {art.id} ({art.status})",
                              {"artifact": art.id, "host": art.build_host}))
-        res = BuildResult(key, spec.recipe, spec.kernel.release, "cached", host=art.build_host or host.name,
+        res = BuildResult(key, spec.recipe, spec.kernel.release, BuildStatus.CACHED, host=art.build_host or host.name,
                           builder=spec.builder, inputs_digest=art.inputs_digest, artifact_id=art.id,
                           artifact_status=art.status, module_name=art.module_name, duration_s=art.duration_s)
-        if art.status == "valid" and (spec.signing or {}).get("sign"):
+        if art.status == ArtifactStatus.VALID and (spec.signing or {}).get("sign"):
             self._ensure_signed(spec, key, art, res)
         return res
 
@@ -313,7 +321,7 @@ class BuildRunner:
         from kpipe.artifacts import list_artifacts
 
         for other in list_artifacts(self.store, kernel=art.kernel):
-            if other.parent_id == art.id and other.signed and other.status == "valid":
+            if other.parent_id == art.id and other.signed and other.status == ArtifactStatus.VALID:
                 res.signed_id = other.id
                 return
         try:
@@ -321,38 +329,39 @@ class BuildRunner:
 
             signed = validation.sign_artifact(self.ws, art, (spec.signing or {}).get("signer"))
         except KpipeError as e:
-            res.status, res.message, res.hint, res.exit_code = "error", e.message, e.hint or "", int(e.exit_code)
+            res.status, res.message, res.hint, res.exit_code = BuildStatus.ERROR, e.message, e.hint or "", int(e.exit_code)
             return
         res.signed_id = signed.id
-        self.emit(BuildEvent(key, "signed", f"signed -> artifact {signed.id}", {"artifact": signed.id}))
+        self.emit(BuildEvent(key, BuildEventKind.SIGNED, f"signed -> artifact {signed.id}", {"artifact": signed.id}))
 
     # -- one build on one host ---------------------------------------------------
     def build_on(self, spec: BuildSpec, host: BuildHost, *, lane: int = 0) -> BuildResult:
         """Build spec on host (reattaching to a running build of the same inputs); never raises KpipeError."""
         key = f"{spec.recipe}@{spec.kernel.release}"
-        res = BuildResult(key, spec.recipe, spec.kernel.release, "error", host=host.name, builder=spec.builder)
+        res = BuildResult(key, spec.recipe, spec.kernel.release, BuildStatus.ERROR, host=host.name, builder=spec.builder)
         try:
             return self._build_on(spec, host, lane, res)
         except BuildFailed as e:
-            res.status, res.message, res.hint = "failed", e.message, e.hint or ""
+            res.status, res.message, res.hint = BuildStatus.FAILED, e.message, e.hint or ""
             res.category = res.category or "environment"
             res.exit_code = int(e.exit_code)
         except KpipeError as e:
-            res.status, res.message, res.hint, res.exit_code = "error", e.message, e.hint or "", int(e.exit_code)
+            res.status, res.message, res.hint, res.exit_code = BuildStatus.ERROR, e.message, e.hint or "", int(e.exit_code)
             if (isinstance(e, TransportError) or e.exit_code == ExitCode.INTERRUPTED) and res.remote_dir:
                 res.hint = (f"the build keeps running on {host.name} in {res.remote_dir}; run the same "
                             "`kpipe build` again to reattach")
         except Exception as e:  # one build's surprise must not abort the matrix (partial failure is data)
             if os.environ.get("KPIPE_DEBUG", "") not in ("", "0"):
                 raise
-            res.status, res.exit_code = "error", 1
+            res.status, res.exit_code = BuildStatus.ERROR, 1
             res.message = f"internal error while building on {host.name}: {type(e).__name__}: {e}"
             res.hint = "rerun with KPIPE_DEBUG=1 and report it"
-        self.emit(BuildEvent(key, "error" if res.status == "error" else "failed", res.message,
+        self.emit(BuildEvent(key, BuildEventKind.ERROR if res.status == BuildStatus.ERROR else BuildEventKind.FAILED,
+                             res.message,
                              {"category": res.category, "hint": res.hint}))
         return res
 
-    def _probe(self, transport, host: BuildHost, builder: str) -> _Probe:
+    def _probe(self, transport: Transport, host: BuildHost, builder: str) -> _Probe:
         with self._probe_lock:
             p = self._probes.get((host.name, builder))
         if p is None:
@@ -366,7 +375,7 @@ class BuildRunner:
         key = res.key
         builder = get_builder(spec.builder)
         t = self.connections.transport(host, lane)
-        self.emit(BuildEvent(key, "host", f"build host {host.name}", {"host": host.name}))
+        self.emit(BuildEvent(key, BuildEventKind.HOST, f"build host {host.name}", {"host": host.name}))
         probe = self._probe(t, host, spec.builder)
         digest = spec.inputs_digest(probe.version)
         res.inputs_digest = digest
@@ -381,29 +390,29 @@ class BuildRunner:
         res.module_name = plan.module_name
         prior = build_record(self.store, digest, host.name)
         # attach: take over a running or finished-but-uncollected build; fresh: restart unless running.
-        mode = "fresh" if self.options.force or (prior is not None and prior["status"] != "running") else "attach"
+        mode = "fresh" if self.options.force or (prior is not None and prior["status"] != BuildRecordStatus.RUNNING) else "attach"
         pid, state = self._launch(t, key, host, probe, name, plan, mode)
         res.pid = pid
-        res.reattached = state in ("running", "done")
+        res.reattached = state in (LaunchState.RUNNING, LaunchState.DONE)
         now = time.time()
         fields = dict(recipe=spec.recipe, kernel=spec.kernel.release, arch=spec.kernel_entry.arch or spec.kernel.arch,
                       builder=spec.builder, builder_version=probe.version, remote_dir=build_dir, pid=pid,
-                      status="running", category="", lines=[], hint="", message="")
-        if state == "started":
+                      status=BuildRecordStatus.RUNNING, category="", lines=[], hint="", message="")
+        if state == LaunchState.STARTED:
             fields.update(started_at=now, finished_at=0, attempts=(prior or {}).get("attempts", 0) + 1)
-            self.emit(BuildEvent(key, "started", f"started on {host.name} in {build_dir} (pid {pid})",
+            self.emit(BuildEvent(key, BuildEventKind.STARTED, f"started on {host.name} in {build_dir} (pid {pid})",
                                  {"host": host.name, "dir": build_dir, "pid": pid}))
         else:
-            self.emit(BuildEvent(key, "reattached",
-                                 f"reattached to the {'running' if state == 'running' else 'finished'} build on "
+            self.emit(BuildEvent(key, BuildEventKind.REATTACHED,
+                                 f"reattached to the {'running' if state == LaunchState.RUNNING else 'finished'} build on "
                                  f"{host.name} in {build_dir} (pid {pid})",
                                  {"host": host.name, "dir": build_dir, "pid": pid}))
         record(self.store, digest, host.name, **fields)
         rc, outputs, followed = self._follow(t, key, builder, plan)
         return self._finish(spec, host, t, plan, probe, digest, rc, outputs, followed, res)
 
-    def _launch(self, t, key: str, host: BuildHost, probe: _Probe, name: str, plan: BuildPlan,
-                mode: str) -> tuple[int, str]:
+    def _launch(self, t: Transport, key: str, host: BuildHost, probe: _Probe, name: str, plan: BuildPlan,
+                mode: str) -> tuple[int, LaunchState]:
         with tempfile.TemporaryDirectory(prefix="kpipe-stage-") as tmp:
             tar = Path(tmp) / "inputs.tar"
             tar.write_bytes(_tarball(plan))
@@ -416,17 +425,17 @@ class BuildRunner:
         r = t.run(cmd)
         kv = _kv(r.stdout)
         state = kv.get("state", "")
-        if r.exit_status != 0 or state not in ("started", "running", "done"):
+        if r.exit_status != 0 or state not in tuple(LaunchState):
             raise BuildFailed(f"build host {host.name}: cannot start the build in {plan.build_dir}: "
                               f"{(r.stderr or r.stdout).strip()[-300:]}",
                               hint="check free space and permissions of the build host's workdir")
         pid = int(kv["pid"]) if kv.get("pid", "").isdigit() else 0
         if "lost" in kv:
-            self.emit(BuildEvent(key, "restarted",
+            self.emit(BuildEvent(key, BuildEventKind.RESTARTED,
                                  f"the earlier build (pid {kv['lost']}) died without finishing; started again"))
-        return pid, state
+        return pid, LaunchState(state)
 
-    def _follow(self, t, key: str, builder, plan: BuildPlan) -> tuple[int, dict[str, str], str]:
+    def _follow(self, t: Transport, key: str, builder: Builder, plan: BuildPlan) -> tuple[int, dict[str, str], str]:
         """Follow the log from offset 0 until the build ends and the log is drained.
 
         Returns the exit status, where the outputs are (key=value) and the log text as followed.
@@ -469,13 +478,13 @@ class BuildRunner:
             else:
                 dead_polls = 0
 
-    def _line(self, key: str, builder, line: str) -> None:
-        self.emit(BuildEvent(key, "line", line))
+    def _line(self, key: str, builder: Builder, line: str) -> None:
+        self.emit(BuildEvent(key, BuildEventKind.LINE, line))
         m = builder.milestone(line)
         if m is not None:
-            self.emit(BuildEvent(key, "milestone", m.text, {"step": m.step}))
+            self.emit(BuildEvent(key, BuildEventKind.MILESTONE, m.text, {"step": m.step}))
 
-    def _finish(self, spec: BuildSpec, host: BuildHost, t, plan: BuildPlan, probe: _Probe, digest: str, rc: int,
+    def _finish(self, spec: BuildSpec, host: BuildHost, t: Transport, plan: BuildPlan, probe: _Probe, digest: str, rc: int,
                 kv: dict[str, str], followed: str, res: BuildResult) -> BuildResult:
         key = res.key
         with tempfile.TemporaryDirectory(prefix="kpipe-fetch-") as tmp:
@@ -500,18 +509,18 @@ class BuildRunner:
                 local_mod = Path(tmp) / Path(module_remote).name
                 t.get(module_remote, local_mod)
                 art = add_artifact(
-                    self.store, local_mod, kernel=spec.kernel.release, status="built", recipe=spec.recipe,
+                    self.store, local_mod, kernel=spec.kernel.release, status=ArtifactStatus.BUILT, recipe=spec.recipe,
                     arch=spec.kernel_entry.arch or spec.kernel.arch, builder=spec.builder,
                     builder_version=probe.version, inputs_digest=digest, build_host=host.name,
                     duration_s=res.duration_s, log_sha256=log_sha, module_name=local_mod.name[:-3],
                     meta={"remote_dir": plan.build_dir, "slot": kv.get("slot", ""), "argv": list(plan.argv),
                           "rendered": json.loads(json.dumps(spec.rendered, default=str))},
                 )
-                record(self.store, digest, host.name, status="succeeded", artifact_id=art.id, log_sha256=log_sha,
+                record(self.store, digest, host.name, status=BuildRecordStatus.SUCCEEDED, artifact_id=art.id, log_sha256=log_sha,
                         finished_at=time.time())
-                res.status, res.artifact_id, res.artifact_status = "built", art.id, art.status
+                res.status, res.artifact_id, res.artifact_status = BuildStatus.BUILT, art.id, art.status
                 res.module_name = art.module_name
-                self.emit(BuildEvent(key, "built", f"module {art.filename} -> artifact {art.id}",
+                self.emit(BuildEvent(key, BuildEventKind.BUILT, f"module {art.filename} -> artifact {art.id}",
                                      {"artifact": art.id, "duration_s": res.duration_s}))
                 self._after_build(spec, art, res)
                 return res
@@ -520,13 +529,13 @@ class BuildRunner:
         if rc == 0:
             c = Classification("unknown", c.lines, "the builder reported success but no module was found in "
                                f"{plan.output_dir}", "no module produced")
-        record(self.store, digest, host.name, status="failed", category=c.category, lines=list(c.lines),
+        record(self.store, digest, host.name, status=BuildRecordStatus.FAILED, category=c.category, lines=list(c.lines),
                 hint=c.hint, message=c.matched, log_sha256=log_sha, finished_at=time.time())
-        res.status, res.category, res.lines = "failed", c.category, list(c.lines)
+        res.status, res.category, res.lines = BuildStatus.FAILED, c.category, list(c.lines)
         res.hint = f"{c.hint} (whole log: `kpipe builds --log {digest[:12]}`)"
         res.message = f"{spec.builder} failed ({c.category}) on {host.name}: {c.matched or 'exit status ' + str(rc)}"
         res.exit_code = int(BuildFailed.exit_code)
-        self.emit(BuildEvent(key, "failed", res.message, {"category": c.category, "lines": list(c.lines),
+        self.emit(BuildEvent(key, BuildEventKind.FAILED, res.message, {"category": c.category, "lines": list(c.lines),
                                                          "hint": c.hint, "log_sha256": log_sha}))
         return res
 
@@ -546,11 +555,11 @@ class BuildRunner:
                 report = validation.validate_and_record(self.ws, art)
             art = get_artifact(self.store, art.id)
             res.artifact_status = art.status
-            ok = bool(getattr(report, "ok", art.status == "valid"))
-            self.emit(BuildEvent(key, "validated", f"validation: {'passed' if ok else 'REJECTED'} ({art.status})",
+            ok = bool(getattr(report, "ok", art.status == ArtifactStatus.VALID))
+            self.emit(BuildEvent(key, BuildEventKind.VALIDATED, f"validation: {'passed' if ok else 'REJECTED'} ({art.status})",
                                  {"ok": ok}))
             if not ok:
-                res.status = "rejected"
+                res.status = BuildStatus.REJECTED
                 findings = [f"{getattr(f, 'id', '')}: {getattr(f, 'message', f)}"
                             for f in getattr(report, "findings", []) if getattr(f, "severity", "") == "error"]
                 res.lines = findings[:12]
@@ -561,6 +570,6 @@ class BuildRunner:
             if (spec.signing or {}).get("sign"):
                 signed = validation.sign_artifact(self.ws, art, (spec.signing or {}).get("signer"))
                 res.signed_id = signed.id
-                self.emit(BuildEvent(key, "signed", f"signed -> artifact {signed.id}", {"artifact": signed.id}))
+                self.emit(BuildEvent(key, BuildEventKind.SIGNED, f"signed -> artifact {signed.id}", {"artifact": signed.id}))
         except KpipeError as e:
-            res.status, res.message, res.hint, res.exit_code = "error", e.message, e.hint or "", int(e.exit_code)
+            res.status, res.message, res.hint, res.exit_code = BuildStatus.ERROR, e.message, e.hint or "", int(e.exit_code)

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from kpipe.kernel import KernelRelease
-from kpipe.workspace import KernelEntry
+from kpipe.settings import KernelEntry
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Optional
+from typing import Protocol
 
 import typer
 
@@ -32,7 +32,7 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def _root(
-    workspace: Optional[str] = typer.Option(
+    workspace: str | None = typer.Option(
         None, "--workspace", "-W", envvar="KPIPE_WORKSPACE", help="Workspace folder (holds kpipe.toml)."
     ),
     debug: bool = typer.Option(False, "--debug", envvar="KPIPE_DEBUG", help="Show tracebacks."),
@@ -45,7 +45,18 @@ def _root(
 def _register() -> None:
     # Each module adds its commands or sub-app; the import is cheap by design.
     from kpipe.cli import (  # noqa: F401
-        artifacts, audit, build, fleet, init, kernels, keys, lab, recipe, rollout, sign, validate,
+        artifacts,
+        audit,
+        build,
+        fleet,
+        init,
+        kernels,
+        keys,
+        lab,
+        recipe,
+        rollout,
+        sign,
+        validate,
     )
 
     for mod in (init, kernels, recipe, build, artifacts, validate, sign, keys, fleet, rollout, audit, lab):
@@ -89,11 +100,19 @@ def main() -> None:
     sys.exit(_exit_code(rc))
 
 
-def _click_exception_types() -> tuple[type, ...]:
+class _ClickError(Protocol):
+    """What main() uses of a click usage error (click's own class or Typer's vendored copy)."""
+
+    exit_code: int
+
+    def show(self) -> None: ...
+
+
+def _click_exception_types() -> tuple[type[_ClickError], ...]:
     """ClickException classes: click's own, and the copy newer Typer releases vendor."""
     # Both are genuine version differences, not missing kpipe code: Typer < 0.26 depends on click and has
     # no vendored copy; Typer >= 0.26 vendors click and no longer installs it.
-    types: list[type] = []
+    types: list[type[_ClickError]] = []
     try:
         import click
 

@@ -3,18 +3,21 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Any
 
 import typer
+
+if TYPE_CHECKING:  # imported inside the commands: `kpipe --help` stays fast
+    from kpipe.store import Store
 
 artifacts_app = typer.Typer(help="Built and signed modules in the store.", no_args_is_help=True)
 
 
 @artifacts_app.command("list")
 def list_cmd(
-    kernel: Optional[str] = typer.Option(None, "--kernel", "-k", help="Only this kernel release."),
-    recipe: Optional[str] = typer.Option(None, "--recipe", "-r", help="Only this recipe."),
-    status: Optional[str] = typer.Option(None, "--status", help="Only built, valid or rejected artifacts."),
+    kernel: str | None = typer.Option(None, "--kernel", "-k", help="Only this kernel release."),
+    recipe: str | None = typer.Option(None, "--recipe", "-r", help="Only this recipe."),
+    status: str | None = typer.Option(None, "--status", help="Only built, valid or rejected artifacts."),
     json_out: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """List artifacts, newest first."""
@@ -152,7 +155,7 @@ def export_cmd(
     st.console.print(f"{out} ({art.sha256})", markup=False)
 
 
-def _log_text(store, sha: str) -> str:
+def _log_text(store: Store, sha: str) -> str:
     from kpipe.errors import NotFoundError
     from kpipe.store import StoreCorrupt
 
@@ -167,10 +170,10 @@ def _log_text(store, sha: str) -> str:
 def _when(ts: float) -> str:
     import datetime
 
-    return datetime.datetime.fromtimestamp(ts, datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%SZ") if ts else ""
+    return datetime.datetime.fromtimestamp(ts, datetime.UTC).strftime("%Y-%m-%d %H:%M:%SZ") if ts else ""
 
 
-def _validation_summary(v: dict) -> str:
+def _validation_summary(v: dict[str, Any]) -> str:
     if not v:
         return "not validated"
     findings = v.get("findings") or []
@@ -183,13 +186,13 @@ def _validation_summary(v: dict) -> str:
     return head + (" (" + ", ".join(f"{n} {s}" for s, n in sorted(sev.items())) + ")" if sev else "")
 
 
-def _options_text(options: dict) -> str:
+def _options_text(options: dict[str, Any]) -> str:
     """The options that differ from a default run, as short text."""
     parts = [f"{k}={v}" for k, v in sorted(options.items()) if v not in (None, False, "", [], ())]
     return "(" + (", ".join(parts) or "default options") + ")"
 
 
-def _preflight_summary(p: dict) -> str:
+def _preflight_summary(p: dict[str, Any]) -> str:
     if not p:
         return "not run"
     return str(p.get("status", "recorded")) + (f": {p['detail']}" if p.get("detail") else "")

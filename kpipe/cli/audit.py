@@ -2,7 +2,7 @@
 
 Desired state: what completed (or partly completed) rollouts applied, minus
 what was rolled back, plus an optional desired-state file (`--desired`, or
-`[audit] desired` in kpipe.toml; format in kpipe/audit.py). Observed state:
+`[audit] desired` in kpipe.toml; format in kpipe/desired.py). Observed state:
 only what each host reports now over SSH (sysfs, /sys/module, installed
 module checksums, taint), never the journal.
 
@@ -19,9 +19,13 @@ recipe declares). Every run is kept in the store's `audits` table
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import TYPE_CHECKING
 
 import typer
+
+if TYPE_CHECKING:  # pragma: no cover
+    from kpipe.audit import AuditResult
+    from kpipe.workspace import Workspace
 
 _LIMIT = typer.Option(None, "--limit", "-l", help="Ansible host pattern: group, host, glob, ~regex, a:b, a:&b, a:!b.")
 _DESIRED = typer.Option(None, "--desired", "-d",
@@ -31,7 +35,7 @@ _SETTLE = typer.Option(5.0, "--settle", min=0.0, max=600.0,
                        help="Seconds to wait before re-reading a host in transition (then it counts as stuck).")
 
 
-def _print_table(result) -> None:  # result: kpipe.audit.AuditResult
+def _print_table(result: AuditResult) -> None:
     from rich.table import Table
     from rich.text import Text
 
@@ -50,13 +54,19 @@ def _print_table(result) -> None:  # result: kpipe.audit.AuditResult
     state().console.print(table)
 
 
-def _print_cves(result, cves: list[str]) -> None:
+def _print_cves(result: AuditResult, cves: list[str]) -> None:
     """The CVE view under the audit table: per CVE the fleet counts, or (with --cve) the exposed hosts."""
     from rich.table import Table
     from rich.text import Text
 
     from kpipe.cli.context import state
-    from kpipe.report.table import CVE_COLUMNS, CVE_HOST_COLUMNS, CVE_STYLE, cve_host_rows, cve_summary_rows
+    from kpipe.report.table import (
+        CVE_COLUMNS,
+        CVE_HOST_COLUMNS,
+        CVE_STYLE,
+        cve_host_rows,
+        cve_summary_rows,
+    )
 
     def cell(value: str, style: str = "") -> Text:
         return Text("".join(c if c.isprintable() else repr(c)[1:-1] for c in value), style=style)
@@ -105,14 +115,13 @@ def _check_cve_ids(cves: list[str]) -> list[str]:
     return out
 
 
-def _narrow_to_cves(result, cves: list[str]):
+def _narrow_to_cves(result: AuditResult, cves: list[str]) -> AuditResult:
     """The result with its CVE view narrowed to `cves`; NotFoundError for a CVE no recipe declares."""
     from dataclasses import replace
 
+    from kpipe.cve import CveReport
     from kpipe.errors import ConfigError, NotFoundError
     from kpipe.recipes.problems import _did_you_mean
-
-    from kpipe.cve import CveReport
 
     report = result.cves if result.cves is not None else CveReport()
     if report.errors:
@@ -129,7 +138,7 @@ def _narrow_to_cves(result, cves: list[str]):
     return replace(result, cves=report.only(cves))
 
 
-def _fail_if_exposed(result, cves: list[str]) -> None:
+def _fail_if_exposed(result: AuditResult, cves: list[str]) -> None:
     from kpipe.errors import ExitCode, KpipeError
 
     bad = sorted({v.host for v in result.cves.verdicts if v.cve in cves and v.status != "fixed"})
@@ -140,16 +149,16 @@ def _fail_if_exposed(result, cves: list[str]) -> None:
                          exit_code=ExitCode.FAILURE)
 
 
-def _warn_recipe_errors(result) -> None:
+def _warn_recipe_errors(result: AuditResult) -> None:
     from kpipe.cli.context import state
 
     for problem in getattr(result.cves, "errors", ()) if result.cves is not None else ():
         state().err_console.print(f"warning: CVE view incomplete: {problem}", markup=False, highlight=False)
 
 
-def _keep(ws, result, command: str, limit: Optional[str]) -> None:
+def _keep(ws: Workspace, result: AuditResult, command: str, limit: str | None) -> None:
     # The audit trail (table `audits`): a failure to record must not hide the result.
-    from kpipe.audit import record_audit
+    from kpipe.fleet.factstore import record_audit
 
     try:
         record_audit(ws.store, result, command=command, limit=limit)
@@ -159,7 +168,7 @@ def _keep(ws, result, command: str, limit: Optional[str]) -> None:
         state().err_console.print(f"warning: audit not recorded in the store: {e}", markup=False)
 
 
-def _fail_unless_compliant(result) -> None:
+def _fail_unless_compliant(result: AuditResult) -> None:
     # A KpipeError, not typer.Exit: main() runs the app with standalone_mode=False,
     # where click returns an Exit's code instead of exiting with it.
     from kpipe.errors import ExitCode, KpipeError
@@ -173,15 +182,15 @@ def _fail_unless_compliant(result) -> None:
 
 
 def verify(
-    limit: Optional[str] = _LIMIT,
+    limit: str | None = _LIMIT,
     as_json: bool = typer.Option(False, "--json", help="Print the audit as JSON instead of a table."),
-    forks: Optional[int] = _FORKS,
-    desired: Optional[str] = _DESIRED,
+    forks: int | None = _FORKS,
+    desired: str | None = _DESIRED,
     settle: float = _SETTLE,
 ) -> None:
     """Read every selected host's live patches over SSH and check them against the desired state (exit 1 if any host is not compliant)."""
-    from kpipe.audit import run_audit
     from kpipe.cli.context import print_json, state
+    from kpipe.fleet.auditing import run_audit
 
     ws = state().workspace
     result = run_audit(ws, limit, desired_file=desired, forks=forks, settle=settle)
@@ -194,25 +203,25 @@ def verify(
 
 
 def audit(
-    limit: Optional[str] = _LIMIT,
-    desired: Optional[str] = _DESIRED,
+    limit: str | None = _LIMIT,
+    desired: str | None = _DESIRED,
     fmt: str = typer.Option("table", "--format", "-F",
                             help="table | json | junit | prometheus | html", case_sensitive=False),
-    output: Optional[str] = typer.Option(None, "--output", "-o",
+    output: str | None = typer.Option(None, "--output", "-o",
                                          help="Write the report here (atomically: temp file + rename)."),
-    forks: Optional[int] = _FORKS,
+    forks: int | None = _FORKS,
     settle: float = _SETTLE,
     strict: bool = typer.Option(False, "--strict", help="Exit 1 if any host is not compliant."),
-    cve: Optional[list[str]] = typer.Option(None, "--cve", metavar="CVE-YYYY-NNNN",
+    cve: list[str] | None = typer.Option(None,  # noqa: B008 -- typer declares options in defaults "--cve", metavar="CVE-YYYY-NNNN",
                                             help="Who is still exposed to this CVE (repeatable): the table lists the "
                                                  "exposed hosts; exit 1 if any host is exposed or unreadable."),
 ) -> None:
     """Report desired vs observed live-patch state per host and patch, as a table, JSON, JUnit XML, Prometheus text or HTML."""
     from pathlib import Path
 
-    from kpipe.audit import run_audit
     from kpipe.cli.context import state
     from kpipe.errors import ConfigError
+    from kpipe.fleet.auditing import run_audit
     from kpipe.report import FORMATS, render, write_atomic
 
     fmt = fmt.lower()

@@ -4,26 +4,36 @@ from __future__ import annotations
 
 import threading
 import time
-from typing import Optional
+from contextlib import AbstractContextManager
+from typing import TYPE_CHECKING, Any
 
 import typer
 
+if TYPE_CHECKING:  # imported inside the commands: `kpipe --help` stays fast
+    from rich.console import Console
+    from rich.status import Status
+
+    from kpipe.builder.runner import BuildEvent, BuildResult
+    from kpipe.builder.spec import BuildSpec
+    from kpipe.store import Store
+    from kpipe.workspace import Workspace
+
 
 def build(
-    kernel: Optional[str] = typer.Option(None, "--kernel", "-k", help="Target kernel release."),
-    recipe: Optional[str] = typer.Option(None, "--recipe", "-r", help="Recipe name (default: every recipe "
+    kernel: str | None = typer.Option(None, "--kernel", "-k", help="Target kernel release."),
+    recipe: str | None = typer.Option(None, "--recipe", "-r", help="Recipe name (default: every recipe "
                                          "targeting --kernel)."),
     all_kernels: bool = typer.Option(False, "--all-kernels", help="Build --recipe for every catalog kernel it "
                                      "targets."),
     force: bool = typer.Option(False, "--force", help="Rebuild even when the store has this exact build."),
-    host: Optional[str] = typer.Option(None, "--host", help="Build only on this build host."),
-    jobs: Optional[int] = typer.Option(None, "--jobs", "-j", min=1, help="make jobs per build (overrides the "
+    host: str | None = typer.Option(None, "--host", help="Build only on this build host."),
+    jobs: int | None = typer.Option(None, "--jobs", "-j", min=1, help="make jobs per build (overrides the "
                                        "recipe; does not change the cache key)."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Print every line of the builder's output."),
     json_out: bool = typer.Option(False, "--json", help="Print the results as JSON."),
 ) -> None:
     """Build live patch modules on the workspace's build hosts (reattaches to running builds)."""
-    from kpipe.builder.runner import BuildOptions, BuildResult, BuildRunner
+    from kpipe.builder.runner import BuildOptions, BuildRunner
     from kpipe.cli.context import print_json, state
     from kpipe.errors import ExitCode, KpipeError, UsageError
 
@@ -57,10 +67,12 @@ def build(
     _exit_for(results, console if not json_out else None)
 
 
-def _specs(ws, kernel: str | None, recipe: str | None, all_kernels: bool):
+def _specs(ws: Workspace, kernel: str | None, recipe: str | None,
+           all_kernels: bool) -> tuple[list[BuildSpec], list[BuildResult]]:
     """The BuildSpecs to build, and error results for the ones that do not render."""
     from kpipe import recipes
-    from kpipe.builder.runner import BuildResult
+    from kpipe.builder import runner as build_runner
+    from kpipe.builder.states import BuildStatus
     from kpipe.errors import KpipeError, NotFoundError
 
     pairs: list[tuple[str, str]] = []
@@ -74,28 +86,31 @@ def _specs(ws, kernel: str | None, recipe: str | None, all_kernels: bool):
                                 hint="see `kpipe recipe list`; add the release or a glob to a recipe's kernels:")
         pairs = [(r.name, kernel) for r in found]
     else:
+        assert recipe is not None  # `kpipe build` refuses a build with neither target before this (exit 2)
         rec = recipes.load_recipe(ws, recipe)
         releases = recipes.kernels_for_recipe(ws, rec)
         if not releases:
             raise NotFoundError(f"recipe {recipe!r} targets no kernel of the catalog",
                                 hint=f"its kernels: {', '.join(rec.kernels)}; see `kpipe kernels list`")
         pairs = [(rec.name, r) for r in releases]
-    specs, errors = [], []
+    specs: list[BuildSpec] = []
+    errors: list[BuildResult] = []
     for name, release in pairs:
         try:
             specs.append(recipes.render(ws, name, release))
         except KpipeError as e:
             if len(pairs) == 1:
                 raise
-            errors.append(BuildResult(f"{name}@{release}", name, release, "error", message=e.message,
-                                      hint=e.hint or "", exit_code=int(e.exit_code)))
+            errors.append(build_runner.BuildResult(f"{name}@{release}", name, release, BuildStatus.ERROR,
+                                                   message=e.message, hint=e.hint or "",
+                                                   exit_code=int(e.exit_code)))
     return specs, errors
 
 
 class _Progress:
     """Renders BuildEvents: milestones as lines, a live status line on a terminal."""
 
-    def __init__(self, console, *, verbose: bool, quiet: bool):
+    def __init__(self, console: Console, *, verbose: bool, quiet: bool) -> None:
         self.console = console
         self.verbose = verbose
         self.quiet = quiet
@@ -103,10 +118,10 @@ class _Progress:
         self.current: dict[str, str] = {}
         self.done = 0
         self.total = 0
-        self._status = None
+        self._status: Status | None = None
         self._lock = threading.Lock()
 
-    def status(self, total: int):
+    def status(self, total: int) -> AbstractContextManager[object]:
         import contextlib
 
         self.total = total
@@ -119,7 +134,7 @@ class _Progress:
         running = ", ".join(f"{k}: {v}" for k, v in list(self.current.items())[:3])
         return f"building {self.done}/{self.total} done" + (f" | {running}" if running else "")
 
-    def event(self, ev) -> None:
+    def event(self, ev: BuildEvent) -> None:
         from rich.markup import escape
 
         with self._lock:
@@ -153,7 +168,7 @@ class _Progress:
                 self._status.update(self._status_text())
 
 
-def _summary(console, results) -> None:
+def _summary(console: Console, results: list[BuildResult]) -> None:
     from rich.markup import escape
     from rich.table import Table
 
@@ -182,7 +197,7 @@ def _summary(console, results) -> None:
             console.print(f"  hint: {escape(r.hint)}")
 
 
-def _exit_for(results, console) -> None:
+def _exit_for(results: list[BuildResult], console: Console | None) -> None:
     from kpipe.errors import BuildFailed, ExitCode, KpipeError
 
     bad = [r for r in results if not r.ok]
@@ -201,8 +216,8 @@ def _exit_for(results, console) -> None:
 
 
 def builds(
-    status: Optional[str] = typer.Option(None, "--status", help="Only running, succeeded or failed builds."),
-    log: Optional[str] = typer.Option(None, "--log", metavar="ID", help="Print the stored log of the build whose "
+    status: str | None = typer.Option(None, "--status", help="Only running, succeeded or failed builds."),
+    log: str | None = typer.Option(None, "--log", metavar="ID", help="Print the stored log of the build whose "
                                       "id (inputs digest prefix) is ID."),
     json_out: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
@@ -233,7 +248,7 @@ def builds(
     st.console.print(table)
 
 
-def _print_build_log(store, rows, ref: str) -> None:
+def _print_build_log(store: Store, rows: list[dict[str, Any]], ref: str) -> None:
     import sys
 
     from kpipe.errors import ConfigError, NotFoundError

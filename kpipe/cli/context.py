@@ -7,26 +7,35 @@ import json
 import os
 import sys
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import IO, TYPE_CHECKING, Any, Callable, TextIO, TypeVar
+
+if TYPE_CHECKING:  # Rich and the workspace load on first use: `kpipe --help` stays instant
+    from rich.console import Console
+
+    from kpipe.workspace import Workspace
+
+E = TypeVar("E")
 
 
 @dataclass
 class AppState:
+    """The process's options (--workspace, --debug) and what they lead to, loaded on first use."""
+
     workspace_arg: str | None = None
     debug: bool = False
-    _workspace: Any = None
-    _console: Any = None
+    _workspace: Workspace | None = None
+    _console: Console | None = None
 
     @property
-    def workspace(self):
-        """The loaded Workspace (kpipe.workspace.Workspace), found on first use."""
+    def workspace(self) -> Workspace:
+        """The loaded Workspace, found on first use."""
         if self._workspace is None:
             from kpipe.workspace import open_workspace
 
             self._workspace = open_workspace(self.workspace_arg)
         return self._workspace
 
-    def optional_workspace(self):
+    def optional_workspace(self) -> Workspace | None:
         """The workspace, or None when there is none here (commands that can work without one)."""
         from kpipe.workspace import NoWorkspace
 
@@ -36,29 +45,30 @@ class AppState:
             return None
 
     @property
-    def console(self):
+    def console(self) -> Console:
         """A rich Console on stdout."""
         if self._console is None:
             self._console = _new_console(highlight=False, soft_wrap=True, width=_width(sys.stdout))
         return self._console
 
     @property
-    def err_console(self):
+    def err_console(self) -> Console:
         """A rich Console on stderr (progress while stdout carries JSON, warnings)."""
         return _new_console(stderr=True, highlight=False, soft_wrap=True, width=_width(sys.stderr))
 
 
-def _new_console(**kw: Any) -> Any:
+def _new_console(**kw: Any) -> Console:
     """A rich Console that survives its reader going away (`kpipe ... | head`).
 
     Rich's default answer to a broken pipe is SystemExit(1) from inside print(): raised in a progress
     callback, that would stop a rollout between two host steps. Here the rest of the output is
     dropped and the command finishes its work; its exit code still tells the outcome."""
-    return _console_class()(**kw)
+    console: Console = _console_class()(**kw)
+    return console
 
 
 @functools.lru_cache(maxsize=None)
-def _console_class() -> type:
+def _console_class() -> type[Console]:
     from rich.console import Console  # imported on first use: `kpipe --help` stays instant
 
     class _Console(Console):
@@ -69,7 +79,7 @@ def _console_class() -> type:
     return _Console
 
 
-def _width(stream: Any) -> int | None:
+def _width(stream: TextIO) -> int | None:
     # Rich assumes 80 columns off a terminal; tables of ids and releases then get
     # truncated in logs and pipes. Let $COLUMNS or a terminal decide, else be wide.
     if os.environ.get("COLUMNS") or (hasattr(stream, "isatty") and stream.isatty()):
@@ -85,7 +95,7 @@ def state() -> AppState:
     return STATE
 
 
-def esc(value: Any) -> str:
+def esc(value: object) -> str:
     """Outside text (host names, kernel releases, reasons, paths) made safe to put in Rich markup:
     brackets escaped, control characters shown as escapes so a terminal never acts on them."""
     from rich.markup import escape
@@ -96,13 +106,13 @@ def esc(value: Any) -> str:
     return escape(s)
 
 
-def guarded(fn: Callable[[Any], None], console: Any = None) -> Callable[[Any], None]:
+def guarded(fn: Callable[[E], None], console: Console | None = None) -> Callable[[E], None]:
     """A progress callback that never raises: a failure to print must not stop the work it reports on.
     A closed pipe (`| head`) sends the console's stream to /dev/null for the rest of the run, so the
     exit code still tells the outcome; any other error is reported once on stderr, then ignored."""
     warned = False
 
-    def call(event: Any) -> None:
+    def call(event: E) -> None:
         nonlocal warned
         try:
             fn(event)
@@ -120,7 +130,9 @@ def guarded(fn: Callable[[Any], None], console: Any = None) -> Callable[[Any], N
     return call
 
 
-def _to_devnull(stream: Any) -> None:
+def _to_devnull(stream: IO[str] | None) -> None:
+    if stream is None:
+        return
     try:
         fd = stream.fileno()
         null = os.open(os.devnull, os.O_WRONLY)

@@ -10,8 +10,7 @@ any host failed. Each failing host is reported on one line.
 from __future__ import annotations
 
 import os
-
-from typing import Any, List, Optional
+from typing import Any
 
 import typer
 
@@ -23,17 +22,7 @@ _INVENTORY = typer.Option(None, "--inventory", "-i",
                           help="Inventory source(s) to read instead of the workspace's (repeatable).")
 _JSON = typer.Option(False, "--json", help="Print JSON instead of a table.")
 
-FACTS_DDL = """
-CREATE TABLE IF NOT EXISTS fleet_facts (
-  host TEXT PRIMARY KEY,
-  gathered_at REAL NOT NULL,
-  ok INTEGER NOT NULL,
-  facts_json TEXT NOT NULL
-);
-"""
-
-
-def _select(limit: Optional[str], inventory: Optional[List[str]]) -> list[Any]:
+def _select(limit: str | None, inventory: list[str] | None) -> list[Any]:
     from kpipe.cli.context import state
     from kpipe.fleet.inventory import select_hosts
 
@@ -46,7 +35,7 @@ def _select(limit: Optional[str], inventory: Optional[List[str]]) -> list[Any]:
 
 
 @fleet_app.command("list")
-def list_hosts(limit: Optional[str] = _LIMIT, inventory: Optional[List[str]] = _INVENTORY,
+def list_hosts(limit: str | None = _LIMIT, inventory: list[str] | None = _INVENTORY,
                as_json: bool = _JSON) -> None:
     """List the hosts a pattern selects, with their connection settings and groups."""
     from kpipe.cli.context import esc, print_json, state
@@ -67,8 +56,8 @@ def list_hosts(limit: Optional[str] = _LIMIT, inventory: Optional[List[str]] = _
 
 
 @fleet_app.command("facts")
-def facts(limit: Optional[str] = _LIMIT, inventory: Optional[List[str]] = _INVENTORY,
-          forks: Optional[int] = typer.Option(None, "--forks", "-f", min=1, max=1000,
+def facts(limit: str | None = _LIMIT, inventory: list[str] | None = _INVENTORY,
+          forks: int | None = typer.Option(None, "--forks", "-f", min=1, max=1000,
                                               help="Hosts in flight at once (default: [ssh] forks)."),
           as_json: bool = _JSON,
           strict: bool = typer.Option(False, "--strict", help="Exit 6 if any host was unreachable or failed."),
@@ -80,7 +69,8 @@ def facts(limit: Optional[str] = _LIMIT, inventory: Optional[List[str]] = _INVEN
 
     from kpipe.cli.context import print_json, state
     from kpipe.errors import ExitCode, KpipeError
-    from kpipe.fleet.facts import HostFacts, gather_facts
+    from kpipe.fleet.facts import HostFacts
+    from kpipe.fleet.observe import gather_facts
 
     st = state()
     hosts = _select(limit, inventory)
@@ -109,28 +99,13 @@ def facts(limit: Optional[str] = _LIMIT, inventory: Optional[List[str]] = _INVEN
 
 
 def _record(workspace: Any, results: dict[str, Any]) -> None:
-    """Keep the latest facts per host in the state store (the audit's observed state)."""
-    import json
-    import time
-
-    from kpipe.fleet.facts import HostFacts
+    """Keep the latest facts per host in the state store (kpipe.fleet.factstore)."""
+    from kpipe.cli.context import esc, state
+    from kpipe.fleet.factstore import record_facts
 
     try:
-        store = workspace.store
-        store.ensure_schema(FACTS_DDL)
-        now = time.time()
-        with store.write() as c:
-            for name, r in results.items():
-                ok = isinstance(r, HostFacts)
-                data = r.to_dict() if ok else {"error": str(r), "kind": getattr(r, "kind", "error")}
-                c.execute("INSERT INTO fleet_facts(host, gathered_at, ok, facts_json) VALUES (?, ?, ?, ?) "
-                          "ON CONFLICT(host) DO UPDATE SET gathered_at=excluded.gathered_at, ok=excluded.ok, "
-                          "facts_json=excluded.facts_json", (name, now, int(ok), json.dumps(data)))
-    except Exception as e:  # facts were read; failing to remember them must not hide them
-        from kpipe.cli.context import state
-
-        from kpipe.cli.context import esc
-
+        record_facts(workspace.store, results)
+    except Exception as e:  # noqa: BLE001 -- facts were read; failing to remember them must not hide them
         state().err_console.print(f"[yellow]warning:[/] facts not recorded in the store: {esc(e)}")
 
 
@@ -168,7 +143,7 @@ def _facts_table(console: Any, results: dict[str, Any], elapsed: float) -> None:
     for name, kind, message in failures:
         prefix = f"{name}: "
         console.print(f"[red]{escape(name)}[/] {escape(kind)}: "
-                      f"{escape(message[len(prefix):] if message.startswith(prefix) else message)}")
+                      f"{escape(message.removeprefix(prefix))}")
 
 
 def _size(kib: int) -> str:

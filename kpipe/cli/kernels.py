@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import typer
 
 from kpipe.cli.context import print_json, state
 from kpipe.cli.symbols import app as symbols_app
+
+if TYPE_CHECKING:
+    from kpipe.workspace import Workspace
 
 kernels_app = typer.Typer(help="Kernel releases and the workspace's kernel catalog.", no_args_is_help=True)
 
@@ -37,7 +40,7 @@ def parse_cmd(
     state().console.print(table)
 
 
-def catalog_rows(ws: Any) -> list[dict[str, Any]]:
+def catalog_rows(ws: Workspace) -> list[dict[str, Any]]:
     """The kernel catalog as plain rows: fields, local presence of each path, build hosts that accept it."""
     from kpipe.errors import ConfigError
     from kpipe.kernel import parse_release

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -14,12 +13,12 @@ keys_app = typer.Typer(help="Module-signing keys (the kernel's X.509 format).", 
 
 @keys_app.command("generate")
 def generate_cmd(
-    signer: Optional[str] = typer.Option(None, "--signer", metavar="NAME",
+    signer: str | None = typer.Option(None, "--signer", metavar="NAME",
                                          help="Write the key and certificate that [signing.signers.NAME] names "
                                               "(default: [signing] default)."),
-    key: Optional[str] = typer.Option(None, "--key", metavar="FILE", help="Private key to write (with --cert; "
+    key: str | None = typer.Option(None, "--key", metavar="FILE", help="Private key to write (with --cert; "
                                       "no workspace needed)."),
-    cert: Optional[str] = typer.Option(None, "--cert", metavar="FILE", help="Certificate to write (with --key)."),
+    cert: str | None = typer.Option(None, "--cert", metavar="FILE", help="Certificate to write (with --key)."),
     key_type: str = typer.Option("rsa", "--type", metavar="TYPE", help="rsa or ecdsa (P-384)."),
     bits: int = typer.Option(3072, "--bits", metavar="BITS", help="RSA key size: 2048, 3072 or 4096."),
     days: int = typer.Option(3650, "--days", metavar="DAYS", help="Certificate validity in days."),

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import List, Optional
+from typing import TYPE_CHECKING, Any
 
 import typer
 from rich.markup import escape
+
+if TYPE_CHECKING:  # imported inside the commands: `kpipe --help` stays fast
+    from kpipe.lab.buildhost import BuildHostChroot
+    from kpipe.lab.lab import Lab
 
 lab_app = typer.Typer(help="Disposable qemu VMs of a target kernel, reachable over SSH.", no_args_is_help=True)
 
@@ -18,7 +22,7 @@ def register(app: typer.Typer) -> None:
         preflight_cmd)
 
 
-def _lab():
+def _lab() -> Lab:
     from kpipe.cli.context import state
     from kpipe.lab import workspace_lab
 
@@ -27,15 +31,15 @@ def _lab():
 
 @lab_app.command("up")
 def up_cmd(
-    kernel: Optional[str] = typer.Option(None, "--kernel", help="Debian kernel release, or `debian` for the current one."),
-    kernel_image: Optional[Path] = typer.Option(None, "--kernel-image", help="A vmlinuz of your own."),
-    modules: Optional[Path] = typer.Option(None, "--modules", help="Its /lib/modules/<release> folder."),
-    vms: Optional[int] = typer.Option(None, "--vms", min=1, max=16, help="How many VMs (\\[lab] vms, default 1)."),
-    memory: Optional[int] = typer.Option(None, "--memory", min=96,
+    kernel: str | None = typer.Option(None, "--kernel", help="Debian kernel release, or `debian` for the current one."),
+    kernel_image: Path | None = typer.Option(None, "--kernel-image", help="A vmlinuz of your own."),
+    modules: Path | None = typer.Option(None, "--modules", help="Its /lib/modules/<release> folder."),
+    vms: int | None = typer.Option(None, "--vms", min=1, max=16, help="How many VMs (\\[lab] vms, default 1)."),
+    memory: int | None = typer.Option(None, "--memory", min=96,
                                          help="Guest memory in MiB (\\[lab] memory, default 256)."),
     sig_enforce: bool = typer.Option(False, "--sig-enforce", help="module.sig_enforce=1 on every VM."),
-    sig_enforce_vms: Optional[List[str]] = typer.Option(None, "--sig-enforce-vms",
-                                                        help="module.sig_enforce=1 on these VMs only (repeat or comma-separate)."),
+    sig_enforce_vms: list[str] | None = typer.Option(
+        None, "--sig-enforce-vms", help="module.sig_enforce=1 on these VMs only (repeat or comma-separate)."),
     append: str = typer.Option("", "--append", help="Extra kernel arguments (after \\[lab] append)."),
     timeout: float = typer.Option(480.0, "--timeout", help="Seconds until every VM must answer SSH."),
     json_out: bool = typer.Option(False, "--json", help="Print the lab as JSON."),
@@ -78,10 +82,11 @@ def status_cmd(json_out: bool = typer.Option(False, "--json", help="Print JSON."
     _print_status(status)
 
 
-def _print_status(status: dict) -> None:
+def _print_status(status: dict[str, Any]) -> None:
     from rich.table import Table
 
     from kpipe.cli.context import esc, state
+    from kpipe.lab.vm import VmState
 
     console = state().console
     if not status["vms"]:
@@ -94,7 +99,7 @@ def _print_status(status: dict) -> None:
     for v in status["vms"]:
         extra = " ".join(a for a in v["append"].split() if a != "panic=-1" and not a.startswith("console=")
                          and not a.startswith("kpipe.lab="))
-        t.add_row(esc(v["name"]), "[green]running[/]" if v["alive"] else "[red]stopped[/]", esc(v["ssh"]),
+        t.add_row(esc(v["name"]), f"[green]{VmState.RUNNING}[/]" if v["alive"] else f"[red]{VmState.STOPPED}[/]", esc(v["ssh"]),
                   str(v["pid"]), f"{v['rss_mib']:.0f}", "yes" if v["sig_enforce"] else "no", esc(extra))
     console.print(t)
     if status.get("ready_seconds"):
@@ -104,7 +109,7 @@ def _print_status(status: dict) -> None:
 @lab_app.command("ssh", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def ssh_cmd(
     vm: str = typer.Argument(..., help="VM name, e.g. lab1."),
-    command: Optional[List[str]] = typer.Argument(None, help="Command to run (after --); argv kept as argv."),
+    command: list[str] | None = typer.Argument(None, help="Command to run (after --); argv kept as argv."),
 ) -> None:
     """Open a shell on a VM (or run COMMAND) with OpenSSH and strict host key checking."""
     import os
@@ -133,11 +138,12 @@ def down_cmd(all_: bool = typer.Option(False, "--all", help="Also stop VMs kept 
 @lab_app.command("forge")
 def forge_cmd(
     source: str = typer.Option(..., "--source", help="debian:<suite>/<version>, e.g. debian:trixie/6.12."),
-    config_fragment: Optional[Path] = typer.Option(None, "--config-fragment",
+    config_fragment: Path | None = typer.Option(None, "--config-fragment",
                                                    help="Config fragment merged over tinyconfig (default: the lab's)."),
-    cert: Optional[Path] = typer.Option(None, "--cert", help="PEM certificate the kernel trusts (default: the forge's lab key)."),
-    jobs: Optional[int] = typer.Option(None, "--jobs", "-j", min=1, help="make -j (default: nproc)."),
-    mirror: Optional[str] = typer.Option(None, "--mirror", help="Debian mirror for the chroot."),
+    cert: Path | None = typer.Option(None, "--cert",
+                                     help="PEM certificate the kernel trusts (default: the forge's lab key)."),
+    jobs: int | None = typer.Option(None, "--jobs", "-j", min=1, help="make -j (default: nproc)."),
+    mirror: str | None = typer.Option(None, "--mirror", help="Debian mirror for the chroot."),
     json_out: bool = typer.Option(False, "--json", help="Print the forged kernel as JSON."),
 ) -> None:
     """Build (once, cached) a small bootable, live-patchable kernel from a Debian source package."""
@@ -163,7 +169,7 @@ buildhost_app = typer.Typer(help="A kpatch-build build host: the forge's chroot 
 lab_app.add_typer(buildhost_app, name="buildhost")
 
 
-def _buildhost(folder: Optional[Path]):
+def _buildhost(folder: Path | None) -> BuildHostChroot:
     from kpipe.cli.context import state
     from kpipe.lab.buildhost import BuildHostChroot
 
@@ -174,8 +180,8 @@ def _buildhost(folder: Optional[Path]):
 def buildhost_up_cmd(
     suite: str = typer.Option("trixie", "--suite", help="Debian suite of the chroot (must ship kpatch-build)."),
     version: str = typer.Option("6.12", "--version", help="linux-source-<version> in the chroot (the forge's)."),
-    port: Optional[int] = typer.Option(None, "--port", min=1, max=65535, help="Loopback port (default: a free one)."),
-    folder: Optional[Path] = typer.Option(None, "--folder", help="State folder (default: <workspace>/.lab/buildhost)."),
+    port: int | None = typer.Option(None, "--port", min=1, max=65535, help="Loopback port (default: a free one)."),
+    folder: Path | None = typer.Option(None, "--folder", help="State folder (default: <workspace>/.lab/buildhost)."),
     json_out: bool = typer.Option(False, "--json", help="Print the state as JSON."),
 ) -> None:
     """Start the chroot's sshd; print the [[build_hosts]] entry and the known_hosts file to use."""
@@ -197,7 +203,7 @@ def buildhost_up_cmd(
 
 @buildhost_app.command("down")
 def buildhost_down_cmd(
-    folder: Optional[Path] = typer.Option(None, "--folder", help="State folder (default: <workspace>/.lab/buildhost)."),
+    folder: Path | None = typer.Option(None, "--folder", help="State folder (default: <workspace>/.lab/buildhost)."),
 ) -> None:
     """Stop exactly the recorded sshd (and the processes left in its mount namespace)."""
     from kpipe.cli.context import state
@@ -208,7 +214,8 @@ def buildhost_down_cmd(
 
 def preflight_cmd(
     artifact_id: str = typer.Argument(..., help="Artifact id (or unique prefix)."),
-    keep: bool = typer.Option(False, "--keep", help="Leave the VM running after the check (`kpipe lab down --all` stops it)."),
+    keep: bool = typer.Option(False, "--keep",
+                              help="Leave the VM running after the check (`kpipe lab down --all` stops it)."),
     sig_enforce: bool = typer.Option(False, "--sig-enforce", help="Boot the VM with module.sig_enforce=1."),
     timeout: float = typer.Option(480.0, "--timeout", help="Seconds the VM may take to answer SSH."),
     json_out: bool = typer.Option(False, "--json", help="Print the result as JSON."),

@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import typer
 
 from kpipe.cli.context import print_json, state
 
+if TYPE_CHECKING:
+    from kpipe.workspace import Workspace
+
 recipe_app = typer.Typer(help="Patch recipes (recipes/*.yaml).", no_args_is_help=True)
 
 
-def _scan(ws: Any) -> list[dict[str, Any]]:
+def _scan(ws: Workspace) -> list[dict[str, Any]]:
     """Every recipe file as a row; a broken recipe is a row with its error, not a failure of the listing."""
     from kpipe import recipes
     from kpipe.errors import ConfigError

@@ -438,14 +438,14 @@ def _dry_run(plan: Any, rid: str, json_out: bool, forks: int | None, pool: Any, 
     """Print every host's steps (the exact argv): its preflight read runs, nothing that writes does."""
     from kpipe.plan import argv_lists, describe
     from kpipe.rollout.engine import Engine, PoolRunner
-    from kpipe.rollout.world import engine_for, host_target, local_path_fn
+    from kpipe.rollout.world import engine_for, local_path_fn
 
     journal = _journal()
     if rid:
         engine, runner = engine_for(state().workspace, journal, rid, forks=forks, pool=pool, hosts=hosts,
                                     check_blobs=True)
     else:  # a plan made for this dry run only: its hosts and pool are at hand
-        runner = PoolRunner(pool, {h.name: host_target(h) for h in hosts or [] if h.name in plan.assignments}, forks)
+        runner = PoolRunner(pool, {h.name: h for h in hosts or [] if h.name in plan.assignments}, forks)
         engine = Engine(journal, runner, local_path_fn(state().workspace.store))
     try:
         plans = engine.dry_run(plan)

@@ -3,20 +3,24 @@
 from __future__ import annotations
 
 import re
-from typing import Any, List, Optional
+from dataclasses import replace
+from typing import TYPE_CHECKING
 
 import typer
 
 from kpipe.cli.context import print_json, state
+from kpipe.host import Host
+
+if TYPE_CHECKING:
+    from kpipe.workspace import Workspace
 
 app = typer.Typer(help="Kernel symbol indexes used by validation (kallsyms, vmlinux, Module.symvers).",
                   no_args_is_help=True)
 
 
-def _target(ws: Any, spec: str) -> Any:
-    """An SshTarget from the fleet inventory (by host name), or from user@address[:port]."""
+def _target(ws: Workspace, spec: str) -> Host:
+    """A host from the fleet inventory (by host name), or from user@address[:port]."""
     from kpipe.errors import ConfigError, NotFoundError
-    from kpipe.transport.ssh import SshTarget
 
     m = re.fullmatch(r"(?:([^@\s]+)@)?(\[[0-9a-fA-F:.]+\]|[^:@\s]+)(?::(\d+))?", spec)
     host = None
@@ -30,13 +34,11 @@ def _target(ws: Any, spec: str) -> Any:
         except ConfigError:
             host = None
     if host is not None:
-        return SshTarget(name=host.name, address=host.address, port=host.port, user=host.user,
-                         identity_file=host.identity_file or ws.ssh.identity_file, become=host.become,
-                         known_hosts=host.known_hosts)
+        return replace(host, identity_file=host.identity_file or ws.ssh.identity_file)
     if m is None:
         raise ConfigError(f"--from {spec!r} is neither an inventory host nor user@address[:port]")
     user, address, port = m.group(1) or "root", m.group(2).strip("[]"), int(m.group(3) or 22)
-    return SshTarget(name=spec, address=address, port=port, user=user, identity_file=ws.ssh.identity_file)
+    return Host(name=spec, address=address, port=port, user=user, identity_file=ws.ssh.identity_file)
 
 
 @app.command("fetch")
@@ -72,7 +74,7 @@ def fetch_cmd(
 @app.command("add")
 def add_cmd(
     release: str = typer.Argument(..., help="Kernel release the files describe."),
-    files: List[str] = typer.Argument(..., help="Module.symvers, kallsyms copy, System.map or vmlinux."),
+    files: list[str] = typer.Argument(..., help="Module.symvers, kallsyms copy, System.map or vmlinux."),
     json_out: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """Index local symbol files for a release (parsed once, cached by content digest)."""
@@ -85,12 +87,13 @@ def add_cmd(
         print_json(rows)
         return
     for r in rows:
-        state().console.print(f"{release}: {r['kind']} {r['origin']} ({r['exports']} exports, {r['symbols']} symbols)", markup=False)
+        state().console.print(f"{release}: {r['kind']} {r['origin']} ({r['exports']} exports, {r['symbols']} symbols)",
+                              markup=False)
 
 
 @app.command("list")
 def list_cmd(
-    release: Optional[str] = typer.Argument(None, help="Only this release."),
+    release: str | None = typer.Argument(None, help="Only this release."),
     json_out: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """List the cached symbol sources."""

@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, List, Optional
+from typing import TYPE_CHECKING
 
 import typer
 
 from kpipe.cli.context import print_json, state
 
+if TYPE_CHECKING:
+    from kpipe.validation import ValidationReport
+    from kpipe.workspace import Workspace
+
 _STYLE = {"error": "bold red", "warning": "yellow", "info": "green", "skipped": "dim"}
 
 
-def _workspace_or_none() -> Any:
+def _workspace_or_none() -> Workspace | None:
     from kpipe.errors import ConfigError
 
     try:
@@ -21,7 +25,7 @@ def _workspace_or_none() -> Any:
         return None
 
 
-def render_report(report: Any) -> None:
+def render_report(report: ValidationReport) -> None:
     """A Rich table of findings, then the verdict."""
     from rich.table import Table
     from rich.text import Text
@@ -43,12 +47,12 @@ def render_report(report: Any) -> None:
 
 def validate_cmd(
     target: str = typer.Argument(..., help="An artifact id, or a module file (.ko, .ko.xz, .ko.zst, .ko.gz)."),
-    kernel: Optional[str] = typer.Option(None, "--kernel", "-k", help="Target kernel release (default: the artifact's)."),
-    symbols: List[str] = typer.Option([], "--symbols", help="Symbol source: Module.symvers, /proc/kallsyms copy, "
+    kernel: str | None = typer.Option(None, "--kernel", "-k", help="Target kernel release (default: the artifact's)."),
+    symbols: list[str] = typer.Option([], "--symbols", help="Symbol source: Module.symvers, /proc/kallsyms copy, "
                                       "System.map or vmlinux (repeatable)."),
-    cert: List[str] = typer.Option([], "--cert", help="Signing certificate, PEM or DER (repeatable); makes a "
+    cert: list[str] = typer.Option([], "--cert", help="Signing certificate, PEM or DER (repeatable); makes a "
                                    "valid signature mandatory."),
-    strict: Optional[bool] = typer.Option(None, "--strict/--no-strict", help="Skipped checks fail too "
+    strict: bool | None = typer.Option(None, "--strict/--no-strict", help="Skipped checks fail too "
                                           "(default: [validation] strict in kpipe.toml, else off)."),
     json_out: bool = typer.Option(False, "--json", help="Print every finding as JSON."),
 ) -> None:

@@ -21,10 +21,10 @@ import threading
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any, cast
 
-from kpipe.errors import ExitCode, KpipeError
 from kpipe.elf.signature import SignatureTrailer, split_signature
+from kpipe.errors import ExitCode, KpipeError
 
 # Kernel ABI constants (include/uapi/linux/elf.h, Linux 4.7+ for livepatch).
 SHF_RELA_LIVEPATCH = 0x00100000
@@ -268,7 +268,7 @@ def _unzstd(raw: Any, label: str, limit: int, kind: str) -> bytes:
         return _unzstd_cli(raw, label, limit, kind)
     try:
         with zstandard.ZstdDecompressor().stream_reader(_ViewReader(memoryview(raw))) as r:
-            data = r.read(limit + 1)
+            data: bytes = r.read(limit + 1)
     except zstandard.ZstdError as e:
         raise ModuleFormatError(f"{label}: corrupt zstd stream: {e}") from None
     if len(data) > limit:
@@ -284,21 +284,24 @@ def _unzstd_cli(raw: Any, label: str, limit: int, kind: str) -> bytes:
     except FileNotFoundError:
         raise ModuleFormatError(f"{label}: is zstd-compressed and neither python zstandard nor zstd is installed",
                                 hint="apt-get install zstd, or pip install zstandard") from None
+    # all three are pipes (asked for above)
+    assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
+    stdin, stdout, stderr = proc.stdin, proc.stdout, proc.stderr
     errors: list[bytes] = []
 
     def feed() -> None:
         try:
-            proc.stdin.write(memoryview(raw))
+            stdin.write(memoryview(raw))
         except OSError:  # zstd stopped reading: it failed, or we stopped it
             pass
         finally:
             try:
-                proc.stdin.close()
+                stdin.close()
             except OSError:
                 pass
 
     def drain() -> None:
-        errors.append(proc.stderr.read())
+        errors.append(stderr.read())
 
     timed_out = threading.Event()
 
@@ -313,11 +316,11 @@ def _unzstd_cli(raw: Any, label: str, limit: int, kind: str) -> bytes:
     timer.start()
     data = b""
     try:
-        data = proc.stdout.read(limit + 1)
+        data = stdout.read(limit + 1)
     finally:
         if len(data) > limit:
             proc.kill()
-        proc.stdout.close()
+        stdout.close()
         code = proc.wait()
         timer.cancel()
         for t in threads:
@@ -431,7 +434,7 @@ class _Parser:
     # that absurd counts fail fast instead of making pyelftools allocate or loop.
     def _read_header(self) -> None:
         d = self.data
-        if len(d) < 16 or d[:4] != b"\x7fELF":
+        if len(d) < 16 or d[:4].tobytes() != b"\x7fELF":
             raise self.fail("not an ELF file (bad magic)" if len(d) >= 4 else f"truncated: only {len(d)} bytes")
         ei_class, ei_data = d[4], d[5]
         if ei_class not in (1, 2):
@@ -445,7 +448,8 @@ class _Parser:
             raise self.fail(f"truncated: {len(d)} bytes, shorter than the ELF header")
         from elftools.elf.elffile import ELFFile
 
-        self.elf = ELFFile(_ViewReader(self.data))
+        # ELFFile only reads, seeks and tells: the view reader is enough of a binary file for it
+        self.elf = ELFFile(cast(IO[bytes], _ViewReader(self.data)))
         h = self.elf.header
         # pyelftools maps known e_type/e_machine values to names; the kernel compares numbers, so read those.
         raw_type, raw_machine = struct.unpack_from(self.e + "HH", d, 16)
@@ -498,7 +502,7 @@ class _Parser:
         if s.type == SHT_NOBITS:
             return b""
         cache = self.__dict__.setdefault("_sec_cache", {})
-        raw = cache.get(s.index)
+        raw: bytes | None = cache.get(s.index)
         if raw is None:  # sliced once: string and pointer lookups come back to the same sections
             raw = cache[s.index] = self._bytes_of(s.offset, s.size, f"section {s.name}")
         return raw
@@ -556,11 +560,11 @@ class _Parser:
         if crcs_s is not None and names_s is not None:
             # CONFIG_EXTENDED_MODVERSIONS (Linux 6.14+): u32 CRCs and NUL-separated names, same order.
             crcs = [c for (c,) in struct.iter_unpack(self.e + "I", self._section_bytes(crcs_s)[:crcs_s.size // 4 * 4])]
-            names = self._section_bytes(names_s).split(b"\0")
-            names = [n.decode("utf-8", "replace") for n in names if n]
+            raw_names = self._section_bytes(names_s).split(b"\0")
+            names = [n.decode("utf-8", "replace") for n in raw_names if n]
             if len(crcs) != len(names):
                 self.problems.append(f"__version_ext_crcs has {len(crcs)} entries, __version_ext_names {len(names)}")
-            out.extend(VersionEntry(n, c) for n, c in zip(names, crcs))
+            out.extend(VersionEntry(n, c) for n, c in zip(names, crcs, strict=False))  # a mismatch is a problem above
         return out
 
     def _this_module(self) -> tuple[str | None, int | None, int]:
@@ -672,12 +676,13 @@ class _Parser:
             return None
 
     def _function_at(self, shndx: int, off: int, fallback: str) -> str:
-        funcs = getattr(self, "_funcs", None)
+        funcs: dict[tuple[int, int], str] | None = getattr(self, "_funcs", None)
         if funcs is None:  # built once: a big module may have many candidate pointers
-            funcs = self._funcs = {}
+            funcs = {}
             for name, info, sh, value, _size in self.symbols:
                 if (info & 0xF) == STT_FUNC:
                     funcs.setdefault((sh, value), name)
+            self._funcs = funcs
         return funcs.get((shndx, off), fallback)
 
     def _pointer(self, shndx: int, off: int) -> int:
@@ -686,7 +691,8 @@ class _Parser:
         fmt = self.e + ("Q" if self.is64 else "I")
         if off + struct.calcsize(fmt) > len(raw):
             return 0
-        return struct.unpack_from(fmt, raw, off)[0]
+        pointer: int = struct.unpack_from(fmt, raw, off)[0]
+        return pointer
 
     def _patched_functions(self, modinfo: dict[str, list[str]]) -> list[PatchedFunction]:
         ptr = 8 if self.is64 else 4

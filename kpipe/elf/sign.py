@@ -15,10 +15,15 @@ import shutil
 import subprocess
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from kpipe.elf.signature import append_signature, digest_bytes, load_certificates, split_signature, strip_signature
 from kpipe.errors import ConfigError, KpipeError
+
+if TYPE_CHECKING:  # only for annotations: cryptography is imported when a module is signed
+    from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
+
+    from kpipe.settings import SignerConfig
 
 HASHES = ("sha224", "sha256", "sha384", "sha512")
 PLACEHOLDERS = ("{module}", "{output}", "{key}", "{cert}", "{hash}")
@@ -28,7 +33,7 @@ class SigningError(KpipeError):
     """A signer ran and failed, or produced something that is not a signed module."""
 
 
-def load_private_key(path: Path | str) -> Any:
+def load_private_key(path: Path | str) -> PrivateKeyTypes:
     """A PEM or DER private key; KBUILD_SIGN_PIN unlocks an encrypted one (as sign-file does)."""
     from cryptography.hazmat.primitives import serialization
 
@@ -54,12 +59,16 @@ def load_private_key(path: Path | str) -> Any:
 
 def build_pkcs7(payload: bytes, key: Any, cert_der: bytes, hash_name: str = "sha256", *, keyid: bool = False) -> bytes:
     """The DER PKCS#7 sign-file would append for payload (RSA or ECDSA key)."""
-    from asn1crypto import algos, cms, core, x509 as ax509
+    from asn1crypto import algos, cms, core
+    from asn1crypto import x509 as ax509
     from cryptography.hazmat.primitives import hashes
     from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa, utils
 
     if hash_name not in HASHES:
         raise ConfigError(f"hash {hash_name!r} is not supported for signing", hint=f"use one of {', '.join(HASHES)}")
+    # the key type first: an Ed25519/Ed448 key has no public numbers to compare with the certificate's
+    if not isinstance(key, (rsa.RSAPrivateKey, ec.EllipticCurvePrivateKey)):
+        raise ConfigError(f"key type {type(key).__name__} cannot sign modules here", hint="use an RSA or ECDSA key")
     cert = ax509.Certificate.load(cert_der)
     if key.public_key().public_numbers() != _public_numbers(cert_der):
         raise ConfigError("the signing key does not belong to the certificate",
@@ -73,8 +82,6 @@ def build_pkcs7(payload: bytes, key: Any, cert_der: bytes, hash_name: str = "sha
     elif isinstance(key, ec.EllipticCurvePrivateKey):
         signature = key.sign(digest, ec.ECDSA(utils.Prehashed(algo)))
         sig_alg = algos.SignedDigestAlgorithm({"algorithm": f"{hash_name}_ecdsa"})
-    else:
-        raise ConfigError(f"key type {type(key).__name__} cannot sign modules here", hint="use an RSA or ECDSA key")
     if keyid:
         skid = cert.key_identifier
         if not skid:
@@ -93,13 +100,19 @@ def build_pkcs7(payload: bytes, key: Any, cert_der: bytes, hash_name: str = "sha
                              "signature_algorithm": sig_alg, "signature": signature})
     signed = cms.SignedData({"version": version, "digest_algorithms": [digest_alg],
                              "encap_content_info": {"content_type": "data"}, "signer_infos": [signer]})
-    return cms.ContentInfo({"content_type": "signed_data", "content": signed}).dump()
+    der: bytes = cms.ContentInfo({"content_type": "signed_data", "content": signed}).dump()
+    return der
 
 
-def _public_numbers(cert_der: bytes) -> Any:
+def _public_numbers(cert_der: bytes) -> object:
+    """The certificate key's public numbers (compared with the signing key's); None for a key type that has none."""
     from cryptography import x509
+    from cryptography.hazmat.primitives.asymmetric import dsa, ec, rsa
 
-    return x509.load_der_x509_certificate(cert_der).public_key().public_numbers()
+    key = x509.load_der_x509_certificate(cert_der).public_key()
+    if isinstance(key, (rsa.RSAPublicKey, ec.EllipticCurvePublicKey, dsa.DSAPublicKey)):
+        return key.public_numbers()
+    return None
 
 
 def sign_bytes(data: bytes, key_path: Path | str, cert_path: Path | str, hash_name: str = "sha256", *,
@@ -171,7 +184,7 @@ def expand_argv(template: tuple[str, ...] | list[str], values: dict[str, str]) -
     return out
 
 
-def run_command_signer(signer: Any, module: Path, output: Path, *, root: Path | None = None,
+def run_command_signer(signer: SignerConfig, module: Path, output: Path, *, root: Path | None = None,
                        timeout: float = 300.0) -> Path:
     """Run an external signer (SignerConfig type=command) on module, leaving a signed module at output.
 
@@ -194,7 +207,7 @@ def run_command_signer(signer: Any, module: Path, output: Path, *, root: Path | 
             proc = subprocess.run(argv, capture_output=True, timeout=timeout, check=False, stdin=subprocess.DEVNULL)
         except FileNotFoundError:
             raise SigningError(f"signer {signer.name!r}: program {argv[0]!r} not found",
-                               hint="fix signing.signers.{0}.argv in kpipe.toml".format(signer.name)) from None
+                               hint=f"fix signing.signers.{signer.name}.argv in kpipe.toml") from None
         except subprocess.TimeoutExpired:
             raise SigningError(f"signer {signer.name!r} took more than {timeout:.0f} s") from None
         if proc.returncode != 0:
@@ -211,7 +224,7 @@ def run_command_signer(signer: Any, module: Path, output: Path, *, root: Path | 
     return output
 
 
-def sign_with_signer(signer: Any, module: Path, output: Path, *, root: Path | None = None) -> Path:
+def sign_with_signer(signer: SignerConfig, module: Path, output: Path, *, root: Path | None = None) -> Path:
     """Sign module with a configured signer (builtin or command); return the output path."""
     if signer.type == "command":
         return run_command_signer(signer, module, output, root=root)

@@ -60,7 +60,8 @@ def split_signature(data: bytes) -> tuple[SignatureTrailer | None, str, int]:
     if sig_len >= body:
         return None, f"sig_len {sig_len} is not smaller than the {body} bytes before the trailer", n
     if id_type != PKEY_ID_PKCS7:
-        return None, f"id_type {id_type} is not 2 (PKCS#7): the kernel says 'not signed with expected PKCS#7 message'", n
+        return None, (f"id_type {id_type} is not 2 (PKCS#7): "
+                      "the kernel says 'not signed with expected PKCS#7 message'"), n
     if algo or hsh or signer_len or key_id_len or _pad != b"\0\0\0":
         return None, "struct module_signature has unexpected non-zero params", n
     payload_len = body - sig_len
@@ -162,7 +163,8 @@ def parse_pkcs7(der: bytes) -> Pkcs7Info:
     except Pkcs7Error:
         raise
     except Exception as e:  # asn1crypto raises ValueError/TypeError/KeyError on bad DER
-        raise Pkcs7Error(f"not a valid PKCS#7 SignedData ({type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''})") from None
+        first = str(e).splitlines()[0][:160] if str(e) else ""
+        raise Pkcs7Error(f"not a valid PKCS#7 SignedData ({type(e).__name__}: {first})") from None
 
 
 # crypto/asymmetric_keys/pkcs7_parser.c pkcs7_sig_note_pkey_algo (6.1): rsaEncryption, ecdsa-with-SHA*,
@@ -232,7 +234,8 @@ def _norm_name(der: bytes) -> Any:
 
 def load_certificates(path: Path | str) -> list[Certificate]:
     """Certificates from a PEM (one or more) or DER file; ConfigError if none can be read."""
-    from asn1crypto import pem, x509 as ax509
+    from asn1crypto import pem
+    from asn1crypto import x509 as ax509
 
     p = Path(path)
     try:

@@ -14,11 +14,16 @@ import re
 import struct
 import time
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import TYPE_CHECKING, Any, cast
 
 from kpipe.errors import ConfigError, TransportError
+
+if TYPE_CHECKING:
+    from kpipe.store import Store
+    from kpipe.transport.base import Transport
 
 KINDS = ("symvers", "kallsyms", "system.map", "vmlinux")
 
@@ -146,7 +151,7 @@ class MemoryIndex(SymbolIndex):
 class StoreIndex(SymbolIndex):
     """An index over cached sources in the store: per-lookup indexed queries, nothing loaded up front."""
 
-    def __init__(self, store: Any, source_ids: list[int], descriptions: list[str], has_exports: bool,
+    def __init__(self, store: Store, source_ids: list[int], descriptions: list[str], has_exports: bool,
                  objects: set[str]):
         self.store = store
         self.ids = source_ids
@@ -278,9 +283,10 @@ def parse_elf_symbols(data: bytes, origin: str, objname: str = "vmlinux") -> Sym
         text = strtab.decode("latin-1")
         parts = text.split("\0")
         starts = itertools.accumulate(parts, lambda a, p: a + len(p) + 1, initial=0)
-        lookup = dict(zip(starts, parts))
-        counts: Counter[str] = Counter(map(lookup.get, offs))
-        tails = counts.pop(None, 0)
+        lookup = dict(zip(starts, parts, strict=False))  # starts has one more: the offset past the end
+        found: Counter[str | None] = Counter(map(lookup.get, offs))
+        tails = found.pop(None, 0)
+        counts = cast("Counter[str]", found)  # None (an offset inside a string) is popped just above
         if tails:  # names that share a tail of another string (linker string merging)
             for off in offs:
                 if off not in lookup:
@@ -340,14 +346,14 @@ def read_source(path: Path | str, kind: str | None = None) -> tuple[bytes, str]:
 
 # -- the store cache -------------------------------------------------------------------------------------------
 
-def cached_source_id(store: Any, release: str, digest: str) -> int | None:
+def cached_source_id(store: Store, release: str, digest: str) -> int | None:
     """The id of an already indexed source of release with this digest, or None."""
     store.ensure_schema(SCHEMA)
     row = store.query_one("SELECT id FROM ksym_sources WHERE release = ? AND digest = ?", (release, digest))
     return int(row[0]) if row else None
 
 
-def save_source(store: Any, release: str, src: SymbolSource) -> int:
+def save_source(store: Store, release: str, src: SymbolSource) -> int:
     """Store a parsed source for release (idempotent by digest); return its id."""
     store.ensure_schema(SCHEMA)
     existing = cached_source_id(store, release, src.digest)
@@ -362,7 +368,8 @@ def save_source(store: Any, release: str, src: SymbolSource) -> int:
         cur = c.execute("INSERT INTO ksym_sources (release, kind, origin, digest, exports, symbols, created_at) "
                         "VALUES (?, ?, ?, ?, ?, ?, ?)",
                         (release, src.kind, src.origin, src.digest, len(src.exports), src.symbol_total, time.time()))
-        sid = int(cur.lastrowid)
+        assert cur.lastrowid is not None  # an INSERT always sets it
+        sid = cur.lastrowid
         c.executemany("INSERT INTO ksym_exports (source_id, name, crc, module, export_type, namespace) "
                       "VALUES (?, ?, ?, ?, ?, ?)",
                       ((sid, e.name, e.crc, e.module, e.export_type, e.namespace) for e in src.exports.values()))
@@ -371,7 +378,7 @@ def save_source(store: Any, release: str, src: SymbolSource) -> int:
     return sid
 
 
-def add_file(store: Any, release: str, path: Path | str, kind: str | None = None) -> int:
+def add_file(store: Store, release: str, path: Path | str, kind: str | None = None) -> int:
     """Index a symbol file for release (parsed only if its digest is new); return the source id."""
     data, origin = read_source(path)
     sid = cached_source_id(store, release, digest_of(data))
@@ -382,7 +389,7 @@ def add_file(store: Any, release: str, path: Path | str, kind: str | None = None
     return save_source(store, release, src)
 
 
-def list_sources(store: Any, release: str | None = None) -> list[dict[str, Any]]:
+def list_sources(store: Store, release: str | None = None) -> list[dict[str, Any]]:
     """Cached sources (newest first), optionally for one release."""
     store.ensure_schema(SCHEMA)
     sql = "SELECT id, release, kind, origin, digest, exports, symbols, created_at FROM ksym_sources"
@@ -391,7 +398,7 @@ def list_sources(store: Any, release: str | None = None) -> list[dict[str, Any]]
     return [dict(r) for r in rows]
 
 
-def store_index(store: Any, source_ids: list[int]) -> StoreIndex:
+def store_index(store: Store, source_ids: list[int]) -> StoreIndex:
     """A StoreIndex over these cached source ids."""
     store.ensure_schema(SCHEMA)
     if not source_ids:
@@ -406,7 +413,7 @@ def store_index(store: Any, source_ids: list[int]) -> StoreIndex:
                       any(r["exports"] for r in rows), objs)
 
 
-def release_index(store: Any, release: str, first_ids: Iterable[int] = (), *, auto: bool = True) -> StoreIndex:
+def release_index(store: Store, release: str, first_ids: Iterable[int] = (), *, auto: bool = True) -> StoreIndex:
     """An index over first_ids (in precedence order), then, with auto, the newest cached source of each
     kind of release that first_ids do not already provide (exports vs symbols)."""
     ids = list(dict.fromkeys(first_ids))
@@ -445,7 +452,7 @@ true
 """
 
 
-def _copy_text(transport: Any, remote: str) -> str | None:
+def _copy_text(transport: Transport, remote: str) -> str | None:
     """A remote file's text, copied as a file: bulk data through a command's stdout is very slow over SSH."""
     import tempfile
 
@@ -461,7 +468,7 @@ def _copy_text(transport: Any, remote: str) -> str | None:
             return res.stdout if res.ok else None
 
 
-def fetch_from_host(transport: Any, release: str) -> list[SymbolSource]:
+def fetch_from_host(transport: Transport, release: str) -> list[SymbolSource]:
     """Read /proc/kallsyms (only if the host runs `release`) and Module.symvers from a host; parsed sources.
 
     TransportError if nothing usable could be read.

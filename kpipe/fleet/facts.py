@@ -2,8 +2,8 @@
 
 `facts_command()` is a constant sh script (no user values) that prints one record
 per line; `parse_facts(name, stdout)` turns that text into `HostFacts` or raises
-`FactsError` naming the host and what was wrong; `gather_facts()` runs it over a
-bounded SSH fan-out and returns a result per host (partial failure is data).
+`FactsError` naming the host and what was wrong; `facts_step()` is the pair as a
+`kpipe.plan.Step`, which kpipe.fleet.observe runs over the fleet (partial failure is data).
 
 What is read, and why (kernel-facts.md):
 - `uname -r`, `uname -m`: the release the artifact must be built for, and the arch;
@@ -21,16 +21,13 @@ What is read, and why (kernel-facts.md):
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import Any
 
-from kpipe.commands import Command
+from kpipe.commands import Command, CommandResult
 from kpipe.errors import KpipeError, TransportError
 from kpipe.fleet import livepatch
-
-if TYPE_CHECKING:  # pragma: no cover
-    from kpipe.fleet.inventory import Host
-    from kpipe.transport.ssh import SshPool
-    from kpipe.workspace import Workspace
+from kpipe.kernel import check_release, normalize_arch
+from kpipe.plan import Step
 
 HEADER = "kpipe-facts 1"
 TRAILER = "kpipe-facts-end"
@@ -181,8 +178,6 @@ def _unquote(value: str) -> str:
 
 def parse_facts(name: str, stdout: str) -> HostFacts:
     """Parse FACTS_SCRIPT output (pure); FactsError says which part is missing or wrong."""
-    from kpipe.kernel import check_release, normalize_arch
-
     if "\x00" in stdout:
         raise FactsError("facts output contains NUL bytes", host=name)
     lines = stdout.splitlines()
@@ -286,43 +281,14 @@ def _parse_df(value: str, warnings: list[str]) -> tuple[int | None, str]:
     return None, path
 
 
-def pool_for(workspace: "Workspace", forks: int | None = None) -> "SshPool":
-    """An SshPool with the workspace's [ssh] settings."""
-    import os
-    from pathlib import Path
-
-    from kpipe.transport.ssh import SshPool
-
-    return SshPool(workspace.ssh, known_hosts=[Path(os.path.expanduser(workspace.ssh.known_hosts))],
-                   forks=forks or workspace.ssh.forks)
+def interpret_facts(r: CommandResult) -> HostFacts:
+    """The facts step's interpreter (pure): the command's result -> HostFacts, or FactsError naming the host."""
+    if r.exit_status != 0 and HEADER not in r.stdout:
+        raise FactsError(f"the facts command exited {r.exit_status}: "
+                         f"{(r.stderr.strip().splitlines() or [''])[-1][:200]}", host=r.host)
+    return parse_facts(r.host, r.stdout)
 
 
-def gather_facts(workspace: "Workspace", hosts: Sequence["Host"], forks: int | None = None, *,
-                 pool: "SshPool | None" = None, timeout: float = 60.0) -> dict[str, HostFacts | TransportError]:
-    """Facts for every host (at most `forks` at once): HostFacts, or the TransportError that stopped it."""
-    own = pool is None
-    pool = pool or pool_for(workspace, forks)
-    cmd = facts_command(timeout)
-
-    def one(t: Any) -> HostFacts:
-        r = t.run(cmd)
-        if r.exit_status != 0 and HEADER not in r.stdout:
-            raise FactsError(f"the facts command exited {r.exit_status}: "
-                             f"{(r.stderr.strip().splitlines() or [''])[-1][:200]}", host=t.name)
-        return parse_facts(t.name, r.stdout)
-
-    try:
-        raw = pool.run_many([h.target() for h in hosts], one, forks)
-    finally:
-        if own:
-            pool.close()
-    out: dict[str, HostFacts | TransportError] = {}
-    for h in hosts:
-        value = raw.get(h.name)
-        if isinstance(value, (HostFacts, TransportError)):
-            out[h.name] = value
-        elif isinstance(value, KpipeError):
-            out[h.name] = TransportError(f"{h.name}: {value.message}", host=h.name, kind="error", hint=value.hint)
-        else:  # an unexpected exception is still one host's failure, not the fleet's
-            out[h.name] = TransportError(f"{h.name}: {type(value).__name__}: {value}", host=h.name, kind="error")
-    return out
+def facts_step(timeout: float = 60.0) -> Step[HostFacts]:
+    """Reading a host's facts as a plan step: the one constant command and its pure parser (a read)."""
+    return Step("facts", facts_command(timeout), interpret_facts, writes=False, journal=False)

@@ -70,8 +70,9 @@ from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 from kpipe.errors import ConfigError, NotFoundError
 
+from kpipe.host import Host as Host  # noqa: PLC0414  (the record this module produces, re-exported)
+
 if TYPE_CHECKING:  # pragma: no cover
-    from kpipe.transport.ssh import SshTarget
     from kpipe.workspace import Workspace
 
 FLEET_FILE_NAMES = ("fleet.yml", "fleet.yaml")
@@ -92,36 +93,6 @@ _DEFAULT_KEYS = _HOST_KEYS - {"address", "vars"}
 # One InventoryManager parse at a time: ansible's Display and plugin loader are
 # process-wide singletons.
 _ANSIBLE_LOCK = threading.RLock()
-
-
-@dataclass(frozen=True)
-class Host:
-    """One fleet host, with its connection settings resolved from inventory variables."""
-
-    name: str
-    address: str
-    port: int = 22
-    user: str = "root"
-    identity_file: str = ""
-    become: bool = False
-    known_hosts: str = ""  # an extra known_hosts file for this host (kpipe_known_hosts)
-    groups: tuple[str, ...] = ()
-    vars: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
-
-    def target(self) -> "SshTarget":
-        """The SSH transport's view of this host."""
-        from kpipe.transport.ssh import SshTarget
-
-        return SshTarget(name=self.name, address=self.address, port=self.port, user=self.user,
-                         identity_file=self.identity_file, become=self.become, known_hosts=self.known_hosts)
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain data for --json."""
-        return {
-            "name": self.name, "address": self.address, "port": self.port, "user": self.user,
-            "identity_file": self.identity_file, "become": self.become, "known_hosts": self.known_hosts,
-            "groups": list(self.groups), "vars": self.vars,
-        }
 
 
 class Inventory:
@@ -322,7 +293,7 @@ def _first_line(e: BaseException) -> str:
     return str(msg).strip().splitlines()[0] if str(msg).strip() else type(e).__name__
 
 
-class _Warnings(list):
+class _Warnings(list[str]):
     """Warnings captured so far (a list that refreshes from ansible's deferred context)."""
 
     ctx: Any = None
@@ -351,13 +322,13 @@ def _captured_warnings() -> Iterator[_Warnings]:
         def warn_exc(self: Any, msg: Any, exception: BaseException, *a: Any, **k: Any) -> None:
             messages.append(f"{msg or ''} {exception}".strip())
 
-        Display.warning = warn  # type: ignore[method-assign]
-        Display.error_as_warning = warn_exc  # type: ignore[attr-defined]
-        Display.deprecated = lambda self, *a, **k: None  # type: ignore[method-assign]
+        Display.warning = warn
+        Display.error_as_warning = warn_exc
+        Display.deprecated = lambda self, *a, **k: None
         try:
             yield messages
         finally:
-            Display.warning, Display.error_as_warning, Display.deprecated = saved  # type: ignore[method-assign]
+            Display.warning, Display.error_as_warning, Display.deprecated = saved
         return
     messages.ctx = DeferredWarningContext(variables={})
     messages.fmt = format_message
@@ -478,11 +449,10 @@ def inventory_timeout(workspace: "Workspace | None") -> float:
     """Seconds a dynamic inventory script may run: [fleet] inventory_timeout (default 60)."""
     from kpipe.settings import DEFAULT_INVENTORY_TIMEOUT
 
-    settings = getattr(workspace, "settings", None)
-    return settings.fleet.inventory_timeout if settings is not None else DEFAULT_INVENTORY_TIMEOUT
+    return workspace.settings.fleet.inventory_timeout if workspace is not None else DEFAULT_INVENTORY_TIMEOUT
 
 
-def load_inventory(workspace: "Workspace | None", sources: Sequence[str | os.PathLike] | None = None) -> Inventory:
+def load_inventory(workspace: "Workspace | None", sources: Sequence[str | os.PathLike[str]] | None = None) -> Inventory:
     """Read every inventory source with ansible-core; ConfigError names the file that fails.
 
     A dynamic inventory script that runs longer than [fleet] inventory_timeout is killed with its
@@ -763,14 +733,8 @@ def _fingerprint(paths: Sequence[Path]) -> str | None:
     return h.hexdigest()
 
 
-def _host_from_dict(d: dict[str, Any]) -> Host:
-    return Host(name=d["name"], address=d["address"], port=int(d["port"]), user=d["user"],
-                identity_file=d["identity_file"], become=bool(d["become"]), known_hosts=d["known_hosts"],
-                groups=tuple(d["groups"]), vars=dict(d["vars"]))
-
-
 def select_hosts(workspace: "Workspace | None", pattern: str | None = None,
-                 sources: Sequence[str | os.PathLike] | None = None) -> list[Host]:
+                 sources: Sequence[str | os.PathLike[str]] | None = None) -> list[Host]:
     """`load_inventory(workspace, sources).select(pattern)`, answered from the store when no
     inventory file changed since the same selection was last resolved."""
     import json
@@ -791,7 +755,7 @@ def select_hosts(workspace: "Workspace | None", pattern: str | None = None,
         row = store.query_one("SELECT hosts_json FROM inventory_selections WHERE key = ?", (key,))
         if row is not None:
             try:
-                return [_host_from_dict(d) for d in json.loads(row[0])]
+                return [Host.from_dict(d) for d in json.loads(row[0])]
             except (KeyError, TypeError, ValueError):
                 pass  # an unreadable entry: resolve again and overwrite it
     hosts = load_inventory(workspace, sources).select(pattern)

@@ -72,7 +72,8 @@ def free_port() -> int:
     """A free TCP port on 127.0.0.1 (the kernel's pick)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        port: int = s.getsockname()[1]
+        return port
 
 
 def _keygen(path: Path, comment: str) -> str:
@@ -145,7 +146,8 @@ class BuildHostChroot:
     def load(self) -> dict[str, Any] | None:
         """The recorded build host, or None."""
         try:
-            return json.loads(self.state_file.read_text())
+            state: dict[str, Any] = json.loads(self.state_file.read_text())
+            return state
         except FileNotFoundError:
             return None
         except (OSError, ValueError) as e:
@@ -185,9 +187,8 @@ class BuildHostChroot:
             cfg = self.folder / "sshd_config"
             cfg.write_text(sshd_config(self.folder, p))
             argv = enter_argv(chroot.root, [SSHD, "-D", "-e", "-f", str(cfg)], (self.folder, kdir))
-            log = open(self.folder / "sshd.log", "ab")
-            proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True)
-            log.close()
+            with open(self.folder / "sshd.log", "ab") as log:  # sshd keeps its own copy of the descriptor
+                proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True)
             state = {"pid": proc.pid, "port": p, "suite": suite, "root": str(chroot.root), "kernels": str(kdir),
                      "identity_file": str(self.identity_file), "known_hosts": str(self.known_hosts_file),
                      "started_at": time.time()}
@@ -242,7 +243,7 @@ def _reap(pids: list[int]) -> None:
             pass
 
 
-def _wait_banner(port: int, proc: subprocess.Popen, timeout: float) -> bool:
+def _wait_banner(port: int, proc: subprocess.Popen[bytes], timeout: float) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:

@@ -31,10 +31,14 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from kpipe.errors import ConfigError, KpipeError, NotFoundError
 from kpipe.lab.chroot import enter_argv
+
+if TYPE_CHECKING:
+    from kpipe.lab.kernel import KernelImage
+    from kpipe.settings import KernelEntry
 
 FORMAT_VERSION = 1
 DEFAULT_MIRROR = "http://deb.debian.org/debian"
@@ -414,7 +418,7 @@ class ForgedKernel:
                 "trusted_cert": str(self.cert), "created_at": self.created_at, "seconds": self.seconds}
 
     @classmethod
-    def load(cls, folder: Path) -> "ForgedKernel | None":
+    def load(cls, folder: Path) -> ForgedKernel | None:
         """The forged kernel recorded in folder/forge.json, or None when absent or unfinished."""
         try:
             d = json.loads((folder / "forge.json").read_text())
@@ -571,9 +575,9 @@ def find_forged(release: str, cache_dir: Path | None = None) -> ForgedKernel | N
     return None
 
 
-def forged_kernel_entries(cache_dir: Path | None = None) -> list[Any]:
+def forged_kernel_entries(cache_dir: Path | None = None) -> list[KernelEntry]:
     """Catalog entries (workspace.KernelEntry) for the forged kernels: tree, vmlinux, config on this machine."""
-    from kpipe.workspace import KernelEntry
+    from kpipe.settings import KernelEntry
 
     out = []
     seen: set[str] = set()
@@ -589,7 +593,7 @@ def forged_kernel_entries(cache_dir: Path | None = None) -> list[Any]:
     return out
 
 
-def find_forged_kernel(release: str, cache_dir: Path | None = None) -> Any:
+def find_forged_kernel(release: str, cache_dir: Path | None = None) -> KernelImage | None:
     """The lab's view (lab.kernel.KernelImage) of a forged kernel, or None."""
     from kpipe.lab.kernel import KernelImage
 

@@ -324,7 +324,7 @@ def make_client_key(path: Path) -> str:
     if not pub_file.is_file():  # derive it again from the private key
         from cryptography.hazmat.primitives import serialization
 
-        key = serialization.load_ssh_private_key(path.read_bytes(), password=None)
-        pub_file.write_bytes(key.public_key().public_bytes(serialization.Encoding.OpenSSH,
+        loaded = serialization.load_ssh_private_key(path.read_bytes(), password=None)
+        pub_file.write_bytes(loaded.public_key().public_bytes(serialization.Encoding.OpenSSH,
                                                            serialization.PublicFormat.OpenSSH) + b" kpipe-lab\n")
     return " ".join(pub_file.read_text().split()[:2])

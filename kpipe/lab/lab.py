@@ -15,13 +15,19 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from kpipe.errors import ConfigError, KpipeError
-from kpipe.lab import initramfs, vm as vmmod
+from kpipe.host import Host
+from kpipe.lab import initramfs
+from kpipe.lab import vm as vmmod
 from kpipe.lab.arch import LabArch, lab_arch
 from kpipe.lab.kernel import KernelImage, boot_image, default_cache_dir
 from kpipe.lab.vm import VmProcess, VmSpec
+
+if TYPE_CHECKING:
+    from kpipe.transport.ssh import SshPool
+    from kpipe.workspace import Workspace
 
 STATE_VERSION = 1
 
@@ -168,8 +174,8 @@ class Lab:
                                                client_pub, name)
                 initrd.write_bytes(base_bytes + overlay)
                 enforce = config.sig_enforce or name in config.sig_enforce_vms
-                append = " ".join([base_append(arch), f"kpipe.lab={name}", *(["module.sig_enforce=1"] if enforce else []),
-                                   *extra_args])
+                append = " ".join([base_append(arch), f"kpipe.lab={name}",
+                                   *(["module.sig_enforce=1"] if enforce else []), *extra_args])
                 spec = VmSpec(name, image, initrd, vmmod.free_port(), folder, config.memory_mb, append,
                               config.use_kvm, arch)
                 specs.append((spec, enforce, host_pub))
@@ -219,18 +225,16 @@ class Lab:
         self.known_hosts_file.write_text("".join(lines))
         self.inventory_file.write_text(render_inventory(st))
 
-    def targets(self, st: LabState | None = None) -> list[Any]:
-        """SshTargets for the recorded VMs (strict host keys from the lab's known_hosts)."""
-        from kpipe.transport.ssh import SshTarget
-
+    def targets(self, st: LabState | None = None) -> list[Host]:
+        """The recorded VMs as hosts (strict host keys from the lab's known_hosts)."""
         st = st or self.require_state()
-        return [SshTarget(v.name, "127.0.0.1", v.ssh_port, "root", st.identity_file, False, st.known_hosts, 10.0)
-                for v in st.vms]
+        return [Host(v.name, "127.0.0.1", v.ssh_port, "root", st.identity_file, known_hosts=st.known_hosts,
+                     connect_timeout=10.0) for v in st.vms]
 
-    def pool(self, st: LabState | None = None) -> Any:
+    def pool(self, st: LabState | None = None) -> SshPool:
         """An SshPool that trusts exactly the lab's known_hosts."""
+        from kpipe.settings import SshSettings
         from kpipe.transport.ssh import SshPool
-        from kpipe.workspace import SshSettings
 
         st = st or self.require_state()
         settings = SshSettings(known_hosts=st.known_hosts, identity_file=st.identity_file, ssh_config="/dev/null",
@@ -239,10 +243,10 @@ class Lab:
 
     def wait_ready(self, st: LabState, timeout: float, say: Progress) -> None:
         """Poll every VM over SSH (strict host keys) until `true` runs; raise with the console tail."""
+        import logging
+
         from kpipe.commands import Command
         from kpipe.errors import TransportError
-
-        import logging
 
         # paramiko logs every refused banner of a booting guest as an ERROR with a traceback
         logging.getLogger("paramiko.transport").setLevel(logging.CRITICAL)
@@ -250,7 +254,7 @@ class Lab:
         errors: dict[str, str] = {}
         pool = self.pool(st)
 
-        def one(v: VmProcess, target: Any) -> None:
+        def one(v: VmProcess, target: Host) -> None:
             last = "no answer yet"
             console = Path(v.folder) / "console.log"
             ready_at: float | None = None
@@ -285,7 +289,7 @@ class Lab:
 
         try:
             threads = [threading.Thread(target=one, args=(v, tg), daemon=True)
-                       for v, tg in zip(st.vms, self.targets(st))]
+                       for v, tg in zip(st.vms, self.targets(st), strict=True)]
             for th in threads:
                 th.start()
             for th in threads:
@@ -312,8 +316,9 @@ class Lab:
             return {"running": False, "folder": str(self.folder), "vms": []}
         rows = []
         for v in st.vms:
-            up = vmmod.alive(v)
-            rows.append({"name": v.name, "alive": up, "pid": v.pid, "ssh": f"127.0.0.1:{v.ssh_port}",
+            vm_state = vmmod.vm_state(v)
+            up = vm_state == vmmod.VmState.RUNNING
+            rows.append({"name": v.name, "state": vm_state, "alive": up, "pid": v.pid, "ssh": f"127.0.0.1:{v.ssh_port}",
                          "port": v.ssh_port, "sig_enforce": v.sig_enforce, "append": v.append,
                          "rss_mib": round(vmmod.rss_kib(v.pid) / 1024, 1) if up else 0.0,
                          "console": str(Path(v.folder) / "console.log")})
@@ -398,7 +403,7 @@ def _tail(path: Path, lines: int = 3) -> str:
     return " | ".join(ln.strip() for ln in text[-lines:])
 
 
-def workspace_lab(workspace: Any) -> Lab:
+def workspace_lab(workspace: Workspace) -> Lab:
     """The workspace's lab (<root>/.lab), with the cache from [lab] cache_dir if set."""
     cache = workspace.settings.lab.cache_dir
     return Lab(Path(workspace.root) / ".lab", cache_dir=workspace.path(cache) if cache else None)

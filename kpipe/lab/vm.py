@@ -7,6 +7,7 @@ sends it a signal: a recycled PID is never killed.
 
 from __future__ import annotations
 
+import enum
 import os
 import signal
 import socket
@@ -18,6 +19,13 @@ from typing import Any
 
 from kpipe.errors import KpipeError
 from kpipe.lab.arch import X86_64, LabArch
+
+class VmState(enum.StrEnum):
+    """A recorded VM's state as `kpipe lab status` shows it (--json "state")."""
+
+    RUNNING = "running"  # the recorded qemu process (pid + start time) is alive
+    STOPPED = "stopped"  # it is gone: exited, killed, or the machine rebooted
+
 
 @dataclass
 class VmSpec:
@@ -63,7 +71,7 @@ class VmProcess:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "VmProcess":
+    def from_dict(cls, d: dict[str, Any]) -> VmProcess:
         known = {k: d[k] for k in cls.__dataclass_fields__ if k in d}
         return cls(**known)
 
@@ -72,7 +80,8 @@ def free_port() -> int:
     """A free TCP port on 127.0.0.1 (the kernel picks it)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        port: int = s.getsockname()[1]
+        return port
 
 
 def listens_on(pid: int, port: int) -> bool:
@@ -134,15 +143,13 @@ def start(spec: VmSpec, *, sig_enforce: bool = False, host_key: str = "") -> VmP
     spec.folder.mkdir(parents=True, exist_ok=True)
     (spec.folder / "console.log").write_bytes(b"")
     argv = spec.argv()
-    log = open(spec.folder / "qemu.log", "wb")
-    try:
-        p = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                             start_new_session=True, close_fds=True)
-    except FileNotFoundError:
-        raise KpipeError(f"{spec.arch.qemu} is not installed",
-                         hint=f"install Debian's {spec.arch.qemu_package} package") from None
-    finally:
-        log.close()
+    with open(spec.folder / "qemu.log", "wb") as log:  # qemu keeps its own copy of the descriptor
+        try:
+            p = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                 start_new_session=True, close_fds=True)
+        except FileNotFoundError:
+            raise KpipeError(f"{spec.arch.qemu} is not installed",
+                             hint=f"install Debian's {spec.arch.qemu_package} package") from None
     st = None
     for _ in range(50):  # /proc/<pid>/stat exists as soon as fork returns; be tolerant anyway
         st = proc_start_time(p.pid)
@@ -160,6 +167,11 @@ def start(spec: VmSpec, *, sig_enforce: bool = False, host_key: str = "") -> VmP
 _CHILDREN: dict[int, subprocess.Popen[bytes]] = {}
 # Every VM this process started (tests assert none is left running).
 STARTED: list[VmProcess] = []
+
+
+def vm_state(vm: VmProcess) -> VmState:
+    """RUNNING while the recorded qemu runs, else STOPPED."""
+    return VmState.RUNNING if alive(vm) else VmState.STOPPED
 
 
 def alive(vm: VmProcess) -> bool:

@@ -15,7 +15,7 @@ options of the same name) and `recipe` (the recipe's name). File templates
 Nothing here runs a command: every value, shell metacharacters included,
 stays data until a builder puts it into an argv tuple.
 
-Modules: problems (Problem), yamlnodes (YAML with lines), schema (checks),
+Modules: problems (Problem), schema (checks; YAML with lines from kpipe.yamlnodes),
 paths (containment), sandbox (Jinja2), loading (Recipe, list/load),
 render (BuildSpec), lint.
 """

@@ -5,12 +5,15 @@ from __future__ import annotations
 import fnmatch
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from kpipe.errors import ConfigError, NotFoundError
-from kpipe.recipes.problems import _Problems, _did_you_mean, _raise_first
-from kpipe.recipes.schema import MAX_RECIPE_BYTES, RECIPE_SUFFIXES, _NAME_RE, _check_schema
-from kpipe.recipes.yamlnodes import _YamlFail, _compose_yaml
+from kpipe.recipes.problems import _did_you_mean, _Problems, _raise_first
+from kpipe.recipes.schema import _NAME_RE, MAX_RECIPE_BYTES, MAX_YAML_NODES, RECIPE_SUFFIXES, KeyPath, _check_schema
+from kpipe.yamlnodes import YamlError, compose_yaml
+
+if TYPE_CHECKING:
+    from kpipe.workspace import Workspace
 
 
 @dataclass(frozen=True)
@@ -23,8 +26,8 @@ class Recipe:
     kernels: tuple[str, ...]
     description: str = ""
     data: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
-    lines: dict[tuple, int] = field(default_factory=dict, compare=False, repr=False)
-    key_lines: dict[tuple, int] = field(default_factory=dict, compare=False, repr=False)
+    lines: dict[KeyPath, int] = field(default_factory=dict, compare=False, repr=False)
+    key_lines: dict[KeyPath, int] = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def options(self) -> dict[str, Any]:
@@ -41,7 +44,7 @@ class Recipe:
                 "description": self.description, "patches": list(self.data.get("patches") or [])}
 
 
-def _display(ws: Any, path: Path) -> str:
+def _display(ws: Workspace, path: Path) -> str:
     """A path as the user should read it: relative to the workspace root when inside it."""
     try:
         return str(path.relative_to(ws.root))
@@ -49,14 +52,14 @@ def _display(ws: Any, path: Path) -> str:
         return str(path)
 
 
-def _recipe_files(ws: Any) -> list[Path]:
+def _recipe_files(ws: Workspace) -> list[Path]:
     d = Path(ws.recipes_dir)
     if not d.is_dir():
         return []
     return sorted(p for p in d.iterdir() if p.suffix in RECIPE_SUFFIXES and not p.name.startswith("."))
 
 
-def _read_recipe(ws: Any, file: Path, probs: _Problems) -> Recipe | None:
+def _read_recipe(ws: Workspace, file: Path, probs: _Problems) -> Recipe | None:
     """Parse and schema-check one recipe file; problems go to `probs`; None when unusable."""
     try:
         if file.is_symlink() and not file.resolve().is_relative_to(Path(ws.recipes_dir).resolve()):
@@ -76,8 +79,9 @@ def _read_recipe(ws: Any, file: Path, probs: _Problems) -> Recipe | None:
         probs.error((), f"the recipe is not UTF-8 text (byte {e.start})", "save it as UTF-8")
         return None
     try:
-        data, lines, key_lines = _compose_yaml(text)
-    except _YamlFail as e:
+        data, lines, key_lines = compose_yaml(text, what="recipe", max_nodes=MAX_YAML_NODES,
+                                              empty_hint="a recipe needs at least `builder:` and `kernels:`")
+    except YamlError as e:
         probs.error((), e.message, e.hint, line=e.line)
         return None
     probs.lines, probs.key_lines = lines, key_lines
@@ -101,7 +105,7 @@ def _read_recipe(ws: Any, file: Path, probs: _Problems) -> Recipe | None:
                   data=data, lines=lines, key_lines=key_lines)
 
 
-def list_recipes(ws: Any) -> list[Recipe]:
+def list_recipes(ws: Workspace) -> list[Recipe]:
     """Every recipe in the workspace, sorted by name; ConfigError on the first broken one."""
     out = []
     for file in _recipe_files(ws):
@@ -118,7 +122,7 @@ def list_recipes(ws: Any) -> list[Recipe]:
     return out
 
 
-def load_recipe(ws: Any, name: str) -> Recipe:
+def load_recipe(ws: Workspace, name: str) -> Recipe:
     """The recipe named `name` (recipes/NAME.yaml); NotFoundError lists the known ones."""
     if not isinstance(name, str) or not _NAME_RE.fullmatch(name):
         raise ConfigError(f"invalid recipe name {name!r}",
@@ -136,12 +140,12 @@ def load_recipe(ws: Any, name: str) -> Recipe:
                         hint=_did_you_mean(name, known) + f"known recipes: {', '.join(known) or 'none'}")
 
 
-def kernels_for_recipe(ws: Any, recipe: Recipe) -> list[str]:
+def kernels_for_recipe(ws: Workspace, recipe: Recipe) -> list[str]:
     """Catalog releases that one of the recipe's names or globs matches, sorted."""
     return sorted(r for r in ws.kernels if recipe.matches(r))
 
 
-def recipes_for_kernel(ws: Any, release: str) -> list[Recipe]:
+def recipes_for_kernel(ws: Workspace, release: str) -> list[Recipe]:
     """Every recipe targeting `release` (by name or glob)."""
     from kpipe.kernel import check_release
 
@@ -149,6 +153,6 @@ def recipes_for_kernel(ws: Any, release: str) -> list[Recipe]:
     return [r for r in list_recipes(ws) if r.matches(release)]
 
 
-def recipe_files(ws: Any) -> list[Path]:
+def recipe_files(ws: Workspace) -> list[Path]:
     """The recipe files of the workspace (recipes/*.yaml, *.yml), sorted."""
     return _recipe_files(ws)

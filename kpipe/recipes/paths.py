@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import TYPE_CHECKING
 
 from kpipe.errors import ConfigError
+
+if TYPE_CHECKING:
+    from kpipe.workspace import Workspace
 
 
 class PathRefused(ConfigError):
@@ -44,7 +47,7 @@ def safe_path(base: Path, rel: str, what: str) -> Path:
     return resolved
 
 
-def resolve_patch_path(ws: Any, rel: str) -> Path:
+def resolve_patch_path(ws: Workspace, rel: str) -> Path:
     """A recipe's patch path, inside patches/ (a leading 'patches/' is accepted)."""
     base = Path(ws.patches_dir)
     if isinstance(rel, str) and rel.startswith(base.name + "/") and not (base / rel).exists():
@@ -52,7 +55,7 @@ def resolve_patch_path(ws: Any, rel: str) -> Path:
     return safe_path(base, rel, "patch")
 
 
-def resolve_template_path(ws: Any, rel: str) -> Path:
+def resolve_template_path(ws: Workspace, rel: str) -> Path:
     """A template path: 'recipes/...' or 'patches/...', else relative to recipes/; never outside them."""
     recipes, patches = Path(ws.recipes_dir), Path(ws.patches_dir)
     for base in (recipes, patches):

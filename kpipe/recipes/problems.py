@@ -1,37 +1,24 @@
-"""Problems found in recipes: file, line, message, hint; and the collector the checks write to."""
+"""Problems found in recipes (kpipe.findings.Finding at file:line) and the collector the checks write to."""
 
 from __future__ import annotations
 
 import difflib
-from dataclasses import asdict, dataclass
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 from kpipe.errors import ConfigError
+from kpipe.findings import Finding, Severity
+from kpipe.yamlnodes import field_name
 
-
-@dataclass(frozen=True)
-class Problem:
-    """One finding of `lint` (or the reason `load`/`render` failed): file:line, message, hint."""
-
-    file: str
-    line: int
-    message: str
-    hint: str = ""
-    severity: str = "error"  # error | warning
-
-    def __str__(self) -> str:
-        return f"{self.file}:{self.line}: {self.message}"
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain data for --json."""
-        return asdict(self)
+# A recipe problem is a Finding located at file:line (Finding.at(file, line, message, hint, severity)).
+Problem = Finding
 
 
 class _Problems:
     """Collects problems for one file; `line(path)` finds the nearest known line of a value."""
 
-    def __init__(self, file: str, lines: dict[tuple, int] | None = None,
-                 key_lines: dict[tuple, int] | None = None, context: str = ""):
+    def __init__(self, file: str, lines: dict[tuple[Any, ...], int] | None = None,
+                 key_lines: dict[tuple[Any, ...], int] | None = None, context: str = ""):
         self.file = file
         self.lines = lines or {}
         self.key_lines = key_lines or {}
@@ -39,7 +26,7 @@ class _Problems:
         self.items: list[Problem] = []
         self.data: Any = None  # the parsed YAML, when it parsed
 
-    def line(self, path: tuple, key: bool = False) -> int:
+    def line(self, path: tuple[Any, ...], key: bool = False) -> int:
         if key and path in self.key_lines:
             return self.key_lines[path]
         p = path
@@ -49,28 +36,28 @@ class _Problems:
             p = p[:-1]
         return self.lines.get((), 1)
 
-    def error(self, path: tuple, message: str, hint: str = "", *, key: bool = False, file: str | None = None,
+    def error(self, path: tuple[Any, ...], message: str, hint: str = "", *, key: bool = False, file: str | None = None,
               line: int | None = None) -> None:
         self._add("error", path, message, hint, key, file, line)
 
-    def warning(self, path: tuple, message: str, hint: str = "", *, key: bool = False) -> None:
+    def warning(self, path: tuple[Any, ...], message: str, hint: str = "", *, key: bool = False) -> None:
         self._add("warning", path, message, hint, key, None, None)
 
-    def _add(self, severity: str, path: tuple, message: str, hint: str, key: bool, file: str | None,
+    def _add(self, severity: Severity | str, path: tuple[Any, ...], message: str, hint: str, key: bool, file: str | None,
              line: int | None) -> None:
         if self.context:
             message = f"{message} ({self.context})"
         hint = hint or "run `kpipe recipe lint` for every problem; README.md documents the recipe format"
-        self.items.append(Problem(file or self.file, line if line is not None else self.line(path, key), message,
-                                  hint, severity))
+        self.items.append(Finding.at(file or self.file, line if line is not None else self.line(path, key),
+                                     message, hint, Severity(severity)))
 
     @property
     def errors(self) -> list[Problem]:
-        return [p for p in self.items if p.severity == "error"]
+        return [p for p in self.items if p.severity == Severity.ERROR]
 
 
 def _raise_first(problems: list[Problem], what: str) -> None:
-    errors = [p for p in problems if p.severity == "error"]
+    errors = [p for p in problems if p.severity == Severity.ERROR]
     if not errors:
         return
     first = errors[0]
@@ -78,11 +65,8 @@ def _raise_first(problems: list[Problem], what: str) -> None:
     raise ConfigError(f"{first}{more}", hint=first.hint or f"fix {what}")
 
 
-def _field(path: tuple) -> str:
-    out = ""
-    for p in path:
-        out += f"[{p}]" if isinstance(p, int) else (f".{p}" if out else str(p))
-    return out or "recipe"
+def _field(path: tuple[Any, ...]) -> str:
+    return field_name(path, "recipe")
 
 
 def _did_you_mean(word: str, choices: Iterable[str]) -> str:

@@ -6,20 +6,33 @@ import hashlib
 import re
 from dataclasses import replace
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from kpipe.errors import ConfigError, NotFoundError
 from kpipe.recipes.loading import Recipe, _display, kernels_for_recipe, load_recipe
 from kpipe.recipes.paths import resolve_patch_path, resolve_template_path
-from kpipe.recipes.problems import _Problems, _field, _raise_first
-from kpipe.recipes.sandbox import _WorkspaceLoader, _jinja_error, _read_text, _sandbox, _template_line
+from kpipe.recipes.problems import _field, _Problems, _raise_first
+from kpipe.recipes.sandbox import (
+    _BoundedSandbox,
+    _jinja_error,
+    _read_text,
+    _sandbox,
+    _template_line,
+    _WorkspaceLoader,
+)
 from kpipe.recipes.schema import (
-    MAX_TEMPLATE_BYTES,
-    MODULE_NAME_MAX,
     _NOT_RENDERED,
     _TEMPLATE_MARK,
+    MAX_TEMPLATE_BYTES,
+    MODULE_NAME_MAX,
+    KeyPath,
     _check_schema,
 )
+
+if TYPE_CHECKING:  # kpipe.builder imports the recipes
+    from kpipe.builder.spec import BuildSpec
+    from kpipe.settings import KernelEntry
+    from kpipe.workspace import Workspace
 
 
 def _sanitize_module(name: str) -> str:
@@ -42,12 +55,12 @@ def predict_module_name(builder: str, recipe_name: str, patches: list[str], expl
     return _sanitize_module(f"livepatch-{recipe_name}")
 
 
-def _kernel_vars(entry: Any) -> tuple[Any, dict[str, Any]]:
+def _kernel_vars(entry: KernelEntry) -> tuple[Any, dict[str, Any]]:
     """(KernelRelease, template dict) for a catalog entry; the catalog's arch/distro win over 'unknown'."""
     from kpipe.kernel import parse_release
 
     k = parse_release(entry.release)
-    changes = {}
+    changes: dict[str, Any] = {}
     if getattr(entry, "arch", "") and entry.arch != "unknown" and k.arch == "unknown":
         changes["arch"] = entry.arch
     if getattr(entry, "distro", "") and entry.distro != "unknown" and k.distro == "unknown":
@@ -57,7 +70,7 @@ def _kernel_vars(entry: Any) -> tuple[Any, dict[str, Any]]:
     return k, k.to_dict()
 
 
-def _render_tree(env: Any, value: Any, path: tuple, variables: dict, probs: _Problems,
+def _render_tree(env: _BoundedSandbox, value: Any, path: KeyPath, variables: dict[str, Any], probs: _Problems,
                  loader: _WorkspaceLoader) -> Any:
     if isinstance(value, dict):
         return {k: (v if not path and k in _NOT_RENDERED else _render_tree(env, v, path + (k,), variables, probs,
@@ -70,7 +83,7 @@ def _render_tree(env: Any, value: Any, path: tuple, variables: dict, probs: _Pro
     name = f"<{probs.file}:{probs.line(path)} {_field(path)}>"
     loader.sources[name] = (value, name)
     try:
-        return env.render_bounded(name, variables)
+        return str(env.render_bounded(name, variables))
     except Exception as e:  # every template failure is the recipe's fault: report it, never a traceback
         msg, hint = _jinja_error(e)
         # a multi-line value: point at the line inside it
@@ -79,8 +92,8 @@ def _render_tree(env: Any, value: Any, path: tuple, variables: dict, probs: _Pro
         return value
 
 
-def _render_file(env: Any, ws: Any, loader: _WorkspaceLoader, rel: str, variables: dict, probs: _Problems,
-                 path: tuple) -> str | None:
+def _render_file(env: _BoundedSandbox, ws: Workspace, loader: _WorkspaceLoader, rel: str, variables: dict[str, Any],
+                 probs: _Problems, path: KeyPath) -> str | None:
     """Render a template file; errors point at the template's own file:line."""
     try:
         file = resolve_template_path(ws, rel)
@@ -92,7 +105,7 @@ def _render_file(env: Any, ws: Any, loader: _WorkspaceLoader, rel: str, variable
     name = f"file:{rel}"
     loader.sources[name] = (text, str(file))
     try:
-        return env.render_bounded(name, variables)
+        return str(env.render_bounded(name, variables))
     except Exception as e:  # every template failure is the recipe's fault: report it, never a traceback
         msg, hint = _jinja_error(e)
         line = getattr(e, "lineno", None) or _template_line(e, str(file)) or 1
@@ -108,7 +121,7 @@ def _default_kbuild(module: str, sources: list[str]) -> str:
     return f"obj-m := {module}.o\n{module}-y := {' '.join(c_objs)}\n"
 
 
-def _build_spec(ws: Any, recipe: Recipe, entry: Any, probs: _Problems) -> Any:
+def _build_spec(ws: Workspace, recipe: Recipe, entry: KernelEntry, probs: _Problems) -> BuildSpec | None:
     """Render `recipe` for catalog `entry`; problems go to `probs`; the BuildSpec when there are none."""
     from kpipe.builder.spec import BuildSpec, PatchFile, Probe, SourceFile
 
@@ -198,7 +211,7 @@ def _build_spec(ws: Any, recipe: Recipe, entry: Any, probs: _Problems) -> Any:
                      signing=signing, rollout=norm["rollout"], probe=probe, rendered=plain)
 
 
-def render(ws: Any, recipe_name: str, kernel_release: str) -> Any:
+def render(ws: Workspace, recipe_name: str, kernel_release: str) -> BuildSpec:
     """The BuildSpec of `recipe_name` for `kernel_release` (kpipe.builder.spec.BuildSpec).
 
     ConfigError (file:line) for a bad recipe or template, NotFoundError for an
@@ -218,4 +231,6 @@ def render(ws: Any, recipe_name: str, kernel_release: str) -> Any:
     probs = _Problems(_display(ws, recipe.file), recipe.lines, recipe.key_lines)
     spec = _build_spec(ws, recipe, entry, probs)
     _raise_first(probs.items, _display(ws, recipe.file))
+    if spec is None:  # _build_spec gives None only with an error recorded, which _raise_first raised
+        raise ConfigError(f"{_display(ws, recipe.file)}: recipe {recipe.name!r} does not render for {kernel_release}")
     return spec

@@ -9,15 +9,15 @@ from __future__ import annotations
 import re
 import time
 import types
-from collections.abc import ItemsView, KeysView, ValuesView
+from collections.abc import Callable, Generator, ItemsView, Iterable, Iterator, KeysView, ValuesView
 from functools import update_wrapper
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Any, cast
 
 from jinja2 import BaseLoader, StrictUndefined, TemplateNotFound, TemplateSyntaxError, UndefinedError, nodes
 from jinja2.compiler import CodeGenerator, Frame
-from jinja2.exceptions import TemplateRuntimeError
-from jinja2.sandbox import SandboxedEnvironment, SandboxedFormatter, SecurityError
+from jinja2.exceptions import SecurityError, TemplateRuntimeError
+from jinja2.sandbox import SandboxedEnvironment, SandboxedFormatter
 from jinja2.utils import Namespace, _PassArg, pass_context
 from jinja2.visitor import NodeTransformer
 from markupsafe import EscapeFormatter, Markup
@@ -25,6 +25,9 @@ from markupsafe import EscapeFormatter, Markup
 from kpipe.errors import ConfigError
 from kpipe.recipes.paths import resolve_template_path
 from kpipe.recipes.schema import MAX_RENDERED_CHARS, MAX_TEMPLATE_BYTES
+
+if TYPE_CHECKING:
+    from kpipe.workspace import Workspace
 
 # One render of one template (a recipe value or a template file) may take at most this many steps (loop
 # iterations, calls, filters and operators) and seconds, and build at most this many characters in all
@@ -137,9 +140,11 @@ def _spec_size(spec: str) -> int:
 def _replace_size(s: Any, old: Any, new: Any, count: Any = -1) -> int:
     if not isinstance(s, (str, bytes)) or not isinstance(old, (str, bytes)) or not isinstance(new, (str, bytes)):
         return _weight(s)
-    try:
+    if isinstance(s, str) and isinstance(old, str):  # noqa: SIM114  (one branch per type: mypy narrows each)
         found = len(s) + 1 if not old else s.count(old)
-    except TypeError:  # str and bytes mixed: the real call says so
+    elif isinstance(s, bytes) and isinstance(old, bytes):
+        found = len(s) + 1 if not old else s.count(old)
+    else:  # str and bytes mixed: the real call says so
         return len(s)
     if isinstance(count, int) and count >= 0:
         found = min(found, count)
@@ -155,10 +160,10 @@ def _translate_size(s: Any, table: Any, *_: Any) -> int:
 
 def _expandtabs_size(s: Any, tabsize: Any = 8) -> int:
     tab = "\t" if isinstance(s, str) else b"\t"
-    return len(s) + s.count(tab) * max(_int(tabsize), 0)
+    return len(s) + int(s.count(tab)) * max(_int(tabsize), 0)
 
 
-def _join_size(sep: Any, items: list) -> int:
+def _join_size(sep: Any, items: list[Any]) -> int:
     return _weight(sep) * max(len(items) - 1, 0) + sum(_weight(x) for x in items)
 
 
@@ -195,7 +200,7 @@ _KEEPS_VALUE = frozenset({
 })
 
 
-def _bounded_filter(env: "_BoundedSandbox", name: str, func: Callable[..., Any]) -> Callable[..., Any]:
+def _bounded_filter(env: _BoundedSandbox, name: str, func: Callable[..., Any]) -> Callable[..., Any]:
     """`func` counted as a step, refused before it builds too large a value, and its result accounted."""
     pass_arg = _PassArg.from_obj(func)
     size = _FILTER_SIZES.get(name)
@@ -231,7 +236,7 @@ def _bounded_filter(env: "_BoundedSandbox", name: str, func: Callable[..., Any])
 class _BoundedFormatter(SandboxedFormatter):
     """str.format for templates: each field is refused before it is built past the limit."""
 
-    def __init__(self, env: "_BoundedSandbox", **kwargs: Any) -> None:
+    def __init__(self, env: _BoundedSandbox, **kwargs: Any) -> None:
         super().__init__(env, **kwargs)
         self.budget = env.budget
         self.size = 0
@@ -259,12 +264,13 @@ class _BoundedEscapeFormatter(_BoundedFormatter, EscapeFormatter):
 class _Instrument(NodeTransformer):
     """Routes `a ~ b` and the iterable of every {% for %} through the environment's bounded helpers."""
 
-    def __init__(self, env: "_BoundedSandbox"):
+    def __init__(self, env: _BoundedSandbox):
         self.env = env
 
-    def _call(self, helper: str, args: list, lineno: int) -> nodes.Call:
+    def _call(self, helper: str, args: list[nodes.Node], lineno: int) -> nodes.Call:
         call = nodes.Call(nodes.EnvironmentAttribute(helper), args, [], None, None)
-        return call.set_lineno(lineno).set_environment(self.env)
+        call.set_lineno(lineno).set_environment(self.env)
+        return call
 
     def visit_Concat(self, node: nodes.Concat) -> nodes.Node:
         # also keeps Jinja from joining constant parts at compile time, where no budget applies
@@ -285,7 +291,7 @@ class _BoundedCodeGenerator(CodeGenerator):
         self.writeline(f"{frame.buffer} = environment.kpipe_buffer()")
 
 
-class _Buffer(list):
+class _Buffer(list[Any]):
     """A block's collected output, refused once past the limit."""
 
     def __init__(self, budget: _Budget):
@@ -323,10 +329,11 @@ class _BoundedSandbox(SandboxedEnvironment):
         self.filters["c_string"] = c_string
         self.filters = {name: _bounded_filter(self, name, f) for name, f in self.filters.items()}
 
-    def render_bounded(self, name: str, variables: dict) -> str:
+    def render_bounded(self, name: str, variables: dict[str, Any]) -> str:
         """Render template `name` within the budget; RenderLimit (raised inside the template) past it."""
         self.budget = _Budget()
-        stream = self.get_template(name).generate(variables)
+        # generate() is a generator function (throw/close below) though annotated as an Iterator
+        stream = cast("Generator[str, None, None]", self.get_template(name).generate(variables))
         chunks: list[str] = []
         size = 0
         try:
@@ -343,7 +350,8 @@ class _BoundedSandbox(SandboxedEnvironment):
         return "".join(chunks)
 
     def _parse(self, source: str, name: str | None, filename: str | None) -> nodes.Template:
-        return _Instrument(self).visit(super()._parse(source, name, filename))
+        tree: nodes.Template = _Instrument(self).visit(super()._parse(source, name, filename))
+        return tree
 
     def _finalize(self, value: Any) -> Any:
         # `{{ value }}`: refused before str() builds it
@@ -499,7 +507,7 @@ def _jinja_error(exc: BaseException) -> tuple[str, str]:
 class _WorkspaceLoader(BaseLoader):
     """Serves the recipe's own strings, and files under recipes/ or patches/ only (no '..', no symlink escapes)."""
 
-    def __init__(self, ws: Any):
+    def __init__(self, ws: Workspace):
         self.ws = ws
         self.sources: dict[str, tuple[str, str]] = {}  # template name -> (text, filename shown in errors)
 

@@ -5,8 +5,10 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from kpipe.recipes.problems import _Problems, _did_you_mean, _field
+from kpipe.recipes.problems import _did_you_mean, _field, _Problems
 
+# Where a value sits in the recipe: ("kpatch", "make_args", 0).
+KeyPath = tuple[str | int, ...]
 
 BUILDERS = ("kpatch-build", "kbuild")
 ROLLBACK_POLICIES = ("failed", "wave", "all")
@@ -18,7 +20,7 @@ MAX_YAML_NODES = 20_000  # stops alias bombs ("billion laughs") while composing
 RECIPE_SUFFIXES = (".yaml", ".yml")
 
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
-_MODULE_RE = re.compile(r"[A-Za-z0-9_-]{1,%d}" % MODULE_NAME_MAX)
+_MODULE_RE = re.compile(rf"[A-Za-z0-9_-]{{1,{MODULE_NAME_MAX}}}")
 _SOURCE_NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+-]{0,99}")
 _GLOB_RE = re.compile(r"[0-9A-Za-z._+~*?\[\]!-]{1,64}")
 _MAKE_ARG_RE = re.compile(r"(?:[A-Za-z_][A-Za-z0-9_]*=[^\x00-\x1f]*|-j\d{1,4}|-k|-s)")
@@ -49,7 +51,7 @@ def _is_template(value: Any) -> bool:
     return isinstance(value, str) and bool(_TEMPLATE_MARK.search(value))
 
 
-def _check_keys(d: dict, allowed: tuple[str, ...], path: tuple, probs: _Problems) -> None:
+def _check_keys(d: dict[str, Any], allowed: tuple[str, ...], path: KeyPath, probs: _Problems) -> None:
     for key in d:
         if key not in allowed:
             probs.error(path + (key,), f"unknown key {key!r} in {_field(path)}",
@@ -66,7 +68,8 @@ class _Checker:
         # Before rendering, a template string can stand for any type; check it after rendering.
         return not self.rendered and _is_template(value)
 
-    def string(self, d: dict, key: str, path: tuple, *, required: bool = False, nonempty: bool = False) -> Any:
+    def string(self, d: dict[str, Any], key: str, path: KeyPath, *, required: bool = False,
+               nonempty: bool = False) -> Any:
         p = path + (key,)
         if key not in d:
             if required:
@@ -80,7 +83,7 @@ class _Checker:
             self.probs.error(p, f"{_field(p)} must not be empty", f"give `{key}:` a value or remove it")
         return v
 
-    def boolean(self, d: dict, key: str, path: tuple) -> Any:
+    def boolean(self, d: dict[str, Any], key: str, path: KeyPath) -> Any:
         p = path + (key,)
         if key not in d:
             return None
@@ -92,7 +95,7 @@ class _Checker:
         self.probs.error(p, f"{_field(p)} must be true or false, got {_type(v)} {v!r}", "write true or false")
         return None
 
-    def integer(self, d: dict, key: str, path: tuple, *, minimum: int = 0, maximum: int = 1 << 20) -> Any:
+    def integer(self, d: dict[str, Any], key: str, path: KeyPath, *, minimum: int = 0, maximum: int = 1 << 20) -> Any:
         p = path + (key,)
         if key not in d:
             return None
@@ -110,7 +113,8 @@ class _Checker:
             return None
         return v
 
-    def str_list(self, d: dict, key: str, path: tuple, *, required: bool = False, nonempty: bool = False) -> Any:
+    def str_list(self, d: dict[str, Any], key: str, path: KeyPath, *, required: bool = False,
+                 nonempty: bool = False) -> Any:
         p = path + (key,)
         if key not in d:
             if required:
@@ -134,7 +138,8 @@ class _Checker:
                 out.append(item)
         return out
 
-    def table(self, d: dict, key: str, path: tuple, allowed: tuple[str, ...] | None) -> dict | None:
+    def table(self, d: dict[str, Any], key: str, path: KeyPath,
+              allowed: tuple[str, ...] | None) -> dict[str, Any] | None:
         p = path + (key,)
         if key not in d or d[key] is None:
             return None
@@ -153,7 +158,7 @@ def _type(v: Any) -> str:
             list: "a list", dict: "a mapping"}.get(type(v), type(v).__name__)
 
 
-def _check_schema(data: dict, probs: _Problems, *, rendered: bool) -> dict[str, Any]:
+def _check_schema(data: dict[str, Any], probs: _Problems, *, rendered: bool) -> dict[str, Any]:
     """Check the whole recipe; returns normalised sections (meaningful once rendered)."""
     c = _Checker(probs, rendered)
     _check_keys(data, _TOP_KEYS, (), probs)
@@ -257,10 +262,10 @@ def _check_schema(data: dict, probs: _Problems, *, rendered: bool) -> dict[str, 
     if sg is not None:
         signing["sign"] = c.boolean(sg, "sign", ("signing",))
         signing["signer"] = c.string(sg, "signer", ("signing",), nonempty=True)
-        if signing["signer"] is not None and (rendered or not _is_template(signing["signer"])):
-            if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", signing["signer"]):
-                probs.error(("signing", "signer"), f"signer {signing['signer']!r} is not a signer name",
-                            "name a signer of kpipe.toml [signing.signers]")
+        if (signing["signer"] is not None and (rendered or not _is_template(signing["signer"]))
+                and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", signing["signer"])):
+            probs.error(("signing", "signer"), f"signer {signing['signer']!r} is not a signer name",
+                        "name a signer of kpipe.toml [signing.signers]")
         signing = {k: v for k, v in signing.items() if v is not None}
     out["signing"] = signing
 
@@ -270,7 +275,7 @@ def _check_schema(data: dict, probs: _Problems, *, rendered: bool) -> dict[str, 
     return out
 
 
-def check_fixes(data: dict, probs: _Problems, *, rendered: bool) -> list[dict[str, str]]:
+def check_fixes(data: dict[str, Any], probs: _Problems, *, rendered: bool) -> list[dict[str, str]]:
     """Check `fixes:` (the CVEs a recipe's patch fixes); the normalised entries {cve, severity, summary}.
 
     Template values are checked once rendered; before that they stand for any string.
@@ -324,7 +329,7 @@ def check_fixes(data: dict, probs: _Problems, *, rendered: bool) -> list[dict[st
     return out
 
 
-def _module_name(c: _Checker, d: dict, path: tuple, rendered: bool) -> Any:
+def _module_name(c: _Checker, d: dict[str, Any], path: KeyPath, rendered: bool) -> Any:
     v = c.string(d, "module_name", path, nonempty=True)
     if isinstance(v, str) and (rendered or not _is_template(v)) and not _MODULE_RE.fullmatch(v):
         c.probs.error(path + ("module_name",), f"module name {v!r} is not a valid module name",
@@ -333,7 +338,7 @@ def _module_name(c: _Checker, d: dict, path: tuple, rendered: bool) -> Any:
     return v
 
 
-def _check_source_name(name: str, path: tuple, probs: _Problems) -> None:
+def _check_source_name(name: str, path: KeyPath, probs: _Problems) -> None:
     if not _SOURCE_NAME_RE.fullmatch(name) or name in (".", ".."):
         probs.error(path, f"source file name {name!r} must be a plain file name",
                     "letters, digits, '_', '.', '+', '-'; no '/' (it is written into the build folder)")
@@ -343,7 +348,7 @@ def _check_source_name(name: str, path: tuple, probs: _Problems) -> None:
         probs.error(path, f"source file name {name!r} should end in .c, .h or .S", "e.g. livepatch-fix.c")
 
 
-def _check_make_arg(arg: str, path: tuple, probs: _Problems) -> None:
+def _check_make_arg(arg: str, path: KeyPath, probs: _Problems) -> None:
     if not _MAKE_ARG_RE.fullmatch(arg):
         probs.error(path, f"make argument {arg!r} is not VAR=value or -jN",
                     "kpipe runs make with -C <headers> M=<build folder>; pass only variables such as KCFLAGS=-O2")
@@ -353,7 +358,7 @@ def _check_make_arg(arg: str, path: tuple, probs: _Problems) -> None:
         probs.error(path, f"make argument {var}= is set by kpipe itself", "remove it")
 
 
-def _percent_or_int(v: Any, p: tuple, c: _Checker, *, minimum: int, what: str) -> Any:
+def _percent_or_int(v: Any, p: KeyPath, c: _Checker, *, minimum: int, what: str) -> Any:
     if c.deferred(v):
         return v
     if isinstance(v, str) and c.rendered and re.fullmatch(r"\s*\d+\s*", v):
@@ -386,7 +391,8 @@ def parse_duration(value: Any) -> float | None:
     return h * 3600 + mi * 60 + s
 
 
-def _check_rollout(ro: dict, c: _Checker, probs: _Problems, rendered: bool) -> tuple[dict, dict | None]:
+def _check_rollout(ro: dict[str, Any], c: _Checker, probs: _Problems,
+                   rendered: bool) -> tuple[dict[str, Any], dict[str, Any] | None]:
     path = ("rollout",)
     out: dict[str, Any] = {}
     if "waves" in ro:

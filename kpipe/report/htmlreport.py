@@ -8,8 +8,12 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-from kpipe.audit import HOST_ROW, STATUSES, AuditResult, taint_letters
+from kpipe.audit import HOST_ROW, STATUSES, AuditResult, PatchStatus, taint_letters
+
+if TYPE_CHECKING:  # Jinja2 is imported when a page is rendered
+    import jinja2
 
 TEMPLATE_DIR = Path(__file__).parent / "templates"
 
@@ -26,7 +30,7 @@ STATUS_COLOUR: dict[str, str] = {
 }
 
 
-def _environment():
+def _environment() -> jinja2.Environment:
     import jinja2
 
     # autoescape=True for every template: host names, patch names and
@@ -40,13 +44,13 @@ def _environment():
     )
 
 
-def grid(result: AuditResult) -> tuple[list[str], list[dict]]:
+def grid(result: AuditResult) -> tuple[list[str], list[dict[str, Any]]]:
     """Columns (host checks first, then patches) and one row per host with a cell per column."""
     has_host_rows = any(r.patch == HOST_ROW for r in result.rows)
     columns = (["(host)"] if has_host_rows else []) + result.patches
     rows = []
     for h in result.hosts:
-        cells: dict[str, list] = {}
+        cells: dict[str, list[PatchStatus]] = {}
         for r in h.rows:
             cells.setdefault("(host)" if r.patch == HOST_ROW else r.patch, []).append(r)
         rows.append(
@@ -84,7 +88,7 @@ def render_html(result: AuditResult, title: str = "kpipe live-patch audit") -> s
     )
 
 
-def cve_section(result: AuditResult) -> dict | None:
+def cve_section(result: AuditResult) -> dict[str, Any] | None:
     """What the page's CVE section shows: per CVE the fleet counts and exposed hosts; None without a CVE view."""
     report = getattr(result, "cves", None)
     if report is None:

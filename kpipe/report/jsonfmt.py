@@ -3,17 +3,17 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
 from kpipe.audit import STATUSES, AuditResult
 from kpipe.cve import CVE_STATUSES
 from kpipe.recipes.schema import SEVERITIES
 
-
 _NULLABLE_BOOL = {"type": ["boolean", "null"]}
 
 # JSON Schema (draft 2020-12) of the document render_json writes; consumers
 # can validate against it, the tests do.
-AUDIT_SCHEMA: dict = {
+AUDIT_SCHEMA: dict[str, Any] = {
     "$schema": "https://json-schema.org/draft/2020-12/schema",
     "$id": "kpipe.audit/v1",
     "type": "object",
@@ -43,7 +43,8 @@ AUDIT_SCHEMA: dict = {
             "type": "array",
             "items": {
                 "type": "object",
-                "required": ["host", "reachable", "kernel", "tainted", "taint_flags", "error", "status", "compliant", "patches"],
+                "required": ["host", "reachable", "kernel", "tainted", "taint_flags", "error", "status", "compliant",
+                             "patches"],
                 "additionalProperties": False,
                 "properties": {
                     "host": {"type": "string"},
@@ -95,7 +96,7 @@ _COUNT = {"type": "integer", "minimum": 0}
 
 # The CVE view (kpipe.cve.CveReport.to_dict): a fleet summary per CVE and one
 # verdict per host and CVE. Present whenever `kpipe audit` computed it.
-CVE_SCHEMA: dict = {
+CVE_SCHEMA: dict[str, Any] = {
     "type": "object",
     "required": ["summary", "hosts", "errors"],
     "additionalProperties": False,

@@ -20,7 +20,11 @@ _XML_INVALID = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff\ufffe\uffff]
 
 def xml_safe(text: str) -> str:
     """Text with XML-invalid characters replaced by a visible \\xNN / \\uNNNN escape."""
-    return _XML_INVALID.sub(lambda m: f"\\x{ord(m.group()):02x}" if ord(m.group()) < 256 else f"\\u{ord(m.group()):04x}", text)
+    def escape(m: re.Match[str]) -> str:
+        c = ord(m.group())
+        return f"\\x{c:02x}" if c < 256 else f"\\u{c:04x}"
+
+    return _XML_INVALID.sub(escape, text)
 
 
 def render_junit(result: AuditResult, suite_name: str = "kpipe-audit") -> str:

@@ -123,10 +123,10 @@ def cve_metric_lines(result: AuditResult) -> list[str]:
             labels = (("host", v.host), ("cve", v.cve), ("severity", v.severity))
             samples["kpipe_cve_exposed"].append(f"kpipe_cve_exposed{_labels(labels)} {_num(v.exposed)}")
     for s in report.cves:
-        labels = _labels((("cve", s.cve), ("severity", s.severity)))
-        samples["kpipe_cve_exposed_hosts"].append(f"kpipe_cve_exposed_hosts{labels} {len(s.exposed_hosts)}")
-        samples["kpipe_cve_fixed_hosts"].append(f"kpipe_cve_fixed_hosts{labels} {len(s.fixed_hosts)}")
-        samples["kpipe_cve_unknown_hosts"].append(f"kpipe_cve_unknown_hosts{labels} {len(s.unknown_hosts)}")
+        cve_labels = _labels((("cve", s.cve), ("severity", s.severity)))
+        samples["kpipe_cve_exposed_hosts"].append(f"kpipe_cve_exposed_hosts{cve_labels} {len(s.exposed_hosts)}")
+        samples["kpipe_cve_fixed_hosts"].append(f"kpipe_cve_fixed_hosts{cve_labels} {len(s.fixed_hosts)}")
+        samples["kpipe_cve_unknown_hosts"].append(f"kpipe_cve_unknown_hosts{cve_labels} {len(s.unknown_hosts)}")
     lines: list[str] = []
     for name, help_text in _CVE_METRICS:
         lines.append(f"# HELP {name} {escape_help(help_text)}")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from kpipe.audit import HOST_ROW, AuditResult
 
 COLUMNS: tuple[str, ...] = ("HOST", "PATCH", "STATUS", "KERNEL", "DETAIL")
@@ -44,12 +46,13 @@ def render_text(result: AuditResult) -> str:
     return text
 
 
-def _text_table(columns: tuple[str, ...], body: list[tuple[str, ...]]) -> str:
+def _text_table(columns: tuple[str, ...], body: Sequence[tuple[str, ...]]) -> str:
     rows = [columns, *body]
     # Control characters in host names or details would break the layout (and a terminal).
     rows = [tuple(_printable(c) for c in r) for r in rows]
     widths = [max(len(r[i]) for r in rows) for i in range(len(columns) - 1)]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[-1] for r in rows]
+    # the last column is not padded: widths has one entry fewer than a row
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=False)) + "  " + r[-1] for r in rows]
     return "\n".join(line.rstrip() for line in lines) + "\n"
 
 

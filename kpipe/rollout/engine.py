@@ -52,7 +52,7 @@ class Runner(Protocol):
 
 
 class PoolRunner:
-    """A Runner over kpipe.transport.ssh.SshPool and the hosts' SshTargets."""
+    """A Runner over kpipe.transport.ssh.SshPool and the hosts' Host records."""
 
     def __init__(self, pool: Any, targets: Mapping[str, Any], forks: int | None = None):
         self.pool = pool

@@ -10,8 +10,9 @@ over every host attempted so far in the rollout, so a percentage budget means
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Mapping
+from typing import Any
 
 from kpipe.rollout.planner import FailureBudget
 
@@ -30,7 +31,7 @@ class Decision:
     def verdict(self) -> str:
         return "proceed" if self.proceed else "halt"
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         return {"verdict": self.verdict, "reason": self.reason, "failed": list(self.failed),
                 "allowed": self.allowed, "attempted": self.attempted}
 

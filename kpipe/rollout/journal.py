@@ -13,15 +13,17 @@ host at once (livepatches on a host interact: transitions, replace mode).
 
 from __future__ import annotations
 
+import builtins
 import json
 import os
 import secrets
 import socket
 import time
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any, Iterator, Literal
 
 from kpipe.errors import ConfigError, Locked, NotFoundError
+from kpipe.rollout.states import HostState, Phase, RolloutState
 from kpipe.store import Store
 
 SCHEMA = """
@@ -61,30 +63,33 @@ CREATE TABLE IF NOT EXISTS host_locks (
 )
 """
 
-# interrupted: the driving kpipe was stopped by the operator (Ctrl-C); resume continues it.
-INTERRUPTED = "interrupted"
-STATES = ("planned", "running", INTERRUPTED, "halted", "completed", "aborted", "rolled_back", "failed")
-PHASES = ("intended", "done", "failed")
-FINAL_HOST_STATES = ("applied", "rolled_back", "failed", "excluded", "unreachable", "pending")
+# The enums' members, for code that iterates them; the types live in kpipe.rollout.states.
+INTERRUPTED = RolloutState.INTERRUPTED
+STATES = tuple(RolloutState)
+PHASES = tuple(Phase)
 
 
 @dataclass(frozen=True)
 class Entry:
+    """One journal record: a host step's phase, or the host's `outcome`."""
+
     seq: int
     host: str
     wave: int
     step: str
-    phase: str
+    phase: Phase
     detail: dict[str, Any]
     ts: float
 
 
 @dataclass(frozen=True)
 class RolloutRecord:
+    """A rollout row: its plan, options, state and driver."""
+
     id: str
     created_at: float
     updated_at: float
-    state: str
+    state: RolloutState
     target: str
     plan: dict[str, Any]
     options: dict[str, Any]
@@ -94,6 +99,7 @@ class RolloutRecord:
     owner_start: str | None
 
     def to_dict(self) -> dict[str, Any]:
+        """Plain data for --json."""
         return {"id": self.id, "created_at": self.created_at, "updated_at": self.updated_at, "state": self.state,
                 "target": self.target, "detail": self.detail, "abort_requested": self.abort_requested,
                 "owner_pid": self.owner_pid}
@@ -156,36 +162,37 @@ class Journal:
             row = self.store.query_one("SELECT id FROM rollouts ORDER BY created_at DESC, id DESC LIMIT 1")
             if row is None:
                 raise NotFoundError("there is no rollout yet", hint="create one with `kpipe rollout plan`")
-            return row["id"]
+            return str(row["id"])
         rows = self.store.query("SELECT id FROM rollouts WHERE id = ? OR id LIKE ? ORDER BY id",
                                 (ref, ref.replace("%", "").replace("_", "") + "%"))
-        exact = [r["id"] for r in rows if r["id"] == ref]
+        exact = [str(r["id"]) for r in rows if r["id"] == ref]
         if exact:
             return exact[0]
         if not rows:
             raise NotFoundError(f"no rollout {ref!r}", hint="see `kpipe rollout list`")
         if len(rows) > 1:
             raise ConfigError(f"rollout id prefix {ref!r} is ambiguous ({len(rows)} match)", hint="give more of it")
-        return rows[0]["id"]
+        return str(rows[0]["id"])
 
     def get(self, rollout_id: str) -> RolloutRecord:
+        """One rollout by exact id; NotFoundError otherwise."""
         row = self.store.query_one("SELECT * FROM rollouts WHERE id = ?", (rollout_id,))
         if row is None:
             raise NotFoundError(f"no rollout {rollout_id!r}", hint="see `kpipe rollout list`")
         return RolloutRecord(id=row["id"], created_at=row["created_at"], updated_at=row["updated_at"],
-                             state=row["state"], target=row["target"], plan=json.loads(row["plan_json"]),
+                             state=RolloutState(row["state"]), target=row["target"], plan=json.loads(row["plan_json"]),
                              options=json.loads(row["options_json"]), detail=json.loads(row["detail_json"]),
                              abort_requested=bool(row["abort_requested"]), owner_pid=row["owner_pid"],
                              owner_start=row["owner_start"])
 
     def list(self, limit: int = 50) -> list[RolloutRecord]:
+        """The newest rollouts first."""
         rows = self.store.query("SELECT id FROM rollouts ORDER BY created_at DESC, id DESC LIMIT ?", (limit,))
         return [self.get(r["id"]) for r in rows]
 
-    def set_state(self, rollout_id: str, state: str, **detail: Any) -> None:
+    def set_state(self, rollout_id: str, state: RolloutState | str, **detail: Any) -> None:
         """Change the rollout's state; merge `detail` keys into its detail document."""
-        if state not in STATES:
-            raise ValueError(f"bad rollout state {state!r}")
+        state = RolloutState(state)  # ValueError for a state that is not one
         with self.store.write() as c:
             row = c.execute("SELECT detail_json FROM rollouts WHERE id = ?", (rollout_id,)).fetchone()
             merged = {**json.loads(row["detail_json"]), **detail} if row else detail
@@ -193,6 +200,7 @@ class Journal:
                       (state, json.dumps(merged, sort_keys=True, default=str), time.time(), rollout_id))
 
     def update_detail(self, rollout_id: str, **detail: Any) -> None:
+        """Merge `detail` keys into the rollout's detail document."""
         with self.store.write() as c:
             row = c.execute("SELECT detail_json FROM rollouts WHERE id = ?", (rollout_id,)).fetchone()
             merged = {**json.loads(row["detail_json"]), **detail}
@@ -206,6 +214,7 @@ class Journal:
             c.execute("UPDATE rollouts SET abort_requested = 1, updated_at = ? WHERE id = ?", (time.time(), rollout_id))
 
     def clear_abort(self, rollout_id: str) -> None:
+        """Forget an abort request (resume after an abort)."""
         with self.store.write() as c:
             c.execute("UPDATE rollouts SET abort_requested = 0 WHERE id = ?", (rollout_id,))
 
@@ -244,6 +253,7 @@ class Journal:
                       (pid, start, me, rollout_id))
 
     def release(self, rollout_id: str, pid: int | None = None) -> None:
+        """Drop this process's rollout and host locks."""
         pid = pid or os.getpid()
         with self.store.write() as c:
             c.execute("DELETE FROM host_locks WHERE rollout_id = ? AND owner_pid = ?", (rollout_id, pid))
@@ -258,7 +268,7 @@ class Journal:
             return None
         return row["owner_pid"] if _alive(row["owner_pid"], row["owner_start"], row["owner_host"]) else None
 
-    def abort(self, rollout_id: str) -> str:
+    def abort(self, rollout_id: str) -> RolloutState:
         """`kpipe rollout abort`: ask the live driver to stop after its in-flight hosts; a rollout whose
         driver is dead (killed) is marked aborted at once and its stale locks dropped. Returns the state."""
         self.request_abort(rollout_id)
@@ -271,11 +281,10 @@ class Journal:
         return self.get(rollout_id).state
 
     # -- the step journal -----------------------------------------------------
-    def record(self, rollout_id: str, host: str, wave: int, step: str, phase: str,
+    def record(self, rollout_id: str, host: str, wave: int, step: str, phase: Phase | str,
                detail: dict[str, Any] | None = None) -> int:
         """Append one journal entry in its own committed transaction; return its seq."""
-        if phase not in PHASES:
-            raise ValueError(f"bad journal phase {phase!r}")
+        phase = Phase(phase)  # ValueError for a phase that is not one
         with self.store.write() as c:
             row = c.execute("SELECT COALESCE(MAX(seq), 0) + 1 AS n FROM journal WHERE rollout_id = ?",
                             (rollout_id,)).fetchone()
@@ -286,18 +295,20 @@ class Journal:
                        json.dumps(detail or {}, sort_keys=True, default=str), time.time()))
         return seq
 
-    def entries(self, rollout_id: str, host: str | None = None) -> list[Entry]:
+    def entries(self, rollout_id: str, host: str | None = None) -> builtins.list[Entry]:
+        """The journal's entries in seq order (one host's when `host` is given)."""
         sql = "SELECT * FROM journal WHERE rollout_id = ?"
-        params: tuple = (rollout_id,)
+        params: tuple[str, ...] = (rollout_id,)
         if host is not None:
             sql += " AND host = ?"
             params += (host,)
         rows = self.store.query(sql + " ORDER BY seq", params)
-        return [Entry(r["seq"], r["host"], r["wave"], r["step"], r["phase"], json.loads(r["detail_json"]), r["ts"])
+        return [Entry(r["seq"], r["host"], r["wave"], r["step"], Phase(r["phase"]), json.loads(r["detail_json"]), r["ts"])
                 for r in rows]
 
-    def iter_hosts(self, rollout_id: str) -> Iterator[tuple[str, list[Entry]]]:
-        by_host: dict[str, list[Entry]] = {}
+    def iter_hosts(self, rollout_id: str) -> Iterator[tuple[str, builtins.list[Entry]]]:
+        """(host, its entries) for every host the journal names."""
+        by_host: dict[str, builtins.list[Entry]] = {}
         for e in self.entries(rollout_id):
             by_host.setdefault(e.host, []).append(e)
         yield from by_host.items()
@@ -309,7 +320,7 @@ class HostJournalState:
     """What the journal says about one host."""
 
     host: str
-    outcome: str  # the last recorded outcome, or "" if none
+    outcome: HostState | Literal[""]  # the last recorded outcome, or "" if none
     outcome_detail: dict[str, Any]
     unfinished: tuple[str, ...]  # steps with an `intended` and no `done`/`failed` after it
     last_step: str
@@ -320,10 +331,12 @@ class HostJournalState:
 def host_state(host: str, entries: list[Entry]) -> HostJournalState:
     """Summarise one host's entries (in seq order)."""
     open_steps: dict[str, int] = {}
-    outcome, outcome_detail, marker = "", {}, ""
+    outcome: HostState | Literal[""] = ""
+    outcome_detail: dict[str, Any] = {}
+    marker = ""
     for e in entries:
         if e.step == "outcome":
-            outcome, outcome_detail = e.detail.get("state", ""), e.detail
+            outcome, outcome_detail = _host_state(e.detail.get("state", "")), e.detail
             continue
         if e.phase == "intended":
             open_steps[e.step] = e.seq
@@ -339,12 +352,21 @@ def host_state(host: str, entries: list[Entry]) -> HostJournalState:
                             last.step if last else "", last.phase if last else "", marker)
 
 
-def mark_interrupted(journal: Journal, rollout_id: str) -> str:
+def _host_state(value: str) -> HostState | Literal[""]:
+    # an outcome written by a kpipe that knew a state this one does not reads as "no outcome":
+    # resume then re-reads the host instead of trusting a word it cannot interpret
+    try:
+        return HostState(value)
+    except ValueError:
+        return ""
+
+
+def mark_interrupted(journal: Journal, rollout_id: str) -> RolloutState:
     """After the driving kpipe was interrupted: a `running` rollout becomes `interrupted` (resume continues
     it); any other state is kept (a `halted` one with an open rollback is what resume must continue).
     Returns the state now."""
     rec = journal.get(rollout_id)
-    if rec.state == "running":
+    if rec.state == RolloutState.RUNNING:
         journal.set_state(rollout_id, INTERRUPTED, interrupted_at=time.time())
         return INTERRUPTED
     return rec.state

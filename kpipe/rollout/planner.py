@@ -11,10 +11,14 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
-from typing import Any, Iterable, Mapping
+from typing import TYPE_CHECKING, Any
 
 from kpipe.errors import ConfigError
+
+if TYPE_CHECKING:
+    from kpipe.artifacts import Artifact
 
 ROLLBACK_POLICIES = ("failed", "wave", "all")
 DEFAULT_WAVES = "1,10%,50%,100%"
@@ -29,7 +33,7 @@ class FailureBudget:
     percent: float | None = None
 
     @classmethod
-    def parse(cls, text: str | int) -> "FailureBudget":
+    def parse(cls, text: str | int) -> FailureBudget:
         """`3` -> at most 3 failures; `10%` -> at most 10 % of the hosts attempted so far."""
         s = str(text).strip()
         try:
@@ -85,7 +89,7 @@ class RolloutOptions:
         return d
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "RolloutOptions":
+    def from_dict(cls, d: Mapping[str, Any]) -> RolloutOptions:
         d = dict(d)
         d["max_failures"] = FailureBudget.parse(d.get("max_failures", "0"))
         known = set(cls.__dataclass_fields__)
@@ -135,7 +139,7 @@ class Candidate:
     replace: bool = True  # klp replace mode (kpatch-build default)
 
     @classmethod
-    def of(cls, art: Any) -> "Candidate":
+    def of(cls, art: Artifact) -> "Candidate":
         """From a kpipe.artifacts.Artifact."""
         meta = getattr(art, "meta", {}) or {}
         validation = getattr(art, "validation", {}) or {}
@@ -208,7 +212,7 @@ class RolloutPlan:
         }
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "RolloutPlan":
+    def from_dict(cls, d: Mapping[str, Any]) -> RolloutPlan:
         assignments = {}
         for h, a in d["assignments"].items():
             a = dict(a)
@@ -284,7 +288,7 @@ def order_hosts(hosts: Iterable[HostView]) -> list[str]:
 
 
 # -- choosing artifacts ------------------------------------------------------
-def _rank(c: Candidate, skip_preflight: bool) -> tuple:
+def _rank(c: Candidate, skip_preflight: bool) -> tuple[bool, bool, float, str]:
     # newest signed preferred; a preflighted artifact beats an unchecked one of the same signedness
     return (c.signed, skip_preflight or c.preflight == "passed", c.created_at, c.id)
 

@@ -8,12 +8,21 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import TYPE_CHECKING, Any, Callable, Iterable
 
-from kpipe.errors import ConfigError, KpipeError, NotFoundError, ValidationFailed
+from kpipe.errors import ConfigError, KpipeError, NotFoundError, TransportError, ValidationFailed
+from kpipe.host import Host
 from kpipe.rollout.journal import Journal
 from kpipe.rollout.planner import Assignment, Candidate, HostView, LoadedPatch, RolloutOptions, RolloutPlan, \
     plan_rollout
+
+if TYPE_CHECKING:  # real imports would load Fabric/paramiko and the engine for every rollout command
+    from kpipe.builder.spec import BuildSpec
+    from kpipe.fleet.facts import HostFacts
+    from kpipe.rollout.engine import Engine, PoolRunner
+    from kpipe.store import Store
+    from kpipe.transport.ssh import SshPool
+    from kpipe.workspace import Workspace
 
 _ARTIFACT_ID = re.compile(r"^[0-9a-f]{4,12}$")
 
@@ -22,32 +31,21 @@ def _truthy(v: Any) -> bool:
     return str(v).strip().lower() in ("1", "true", "yes", "on")
 
 
-def host_view(host: Any, facts: Any) -> HostView:
+def host_view(host: Host, facts: HostFacts | BaseException | None) -> HostView:
     """A planner HostView from an inventory Host and its HostFacts (or the exception gathering raised)."""
-    canary = "canary" in tuple(getattr(host, "groups", ())) or _truthy((getattr(host, "vars", {}) or {})
-                                                                        .get("kpipe_canary", False))
+    canary = "canary" in host.groups or _truthy(host.vars.get("kpipe_canary", False))
     if facts is None or isinstance(facts, BaseException):
         return HostView(name=host.name, reachable=False, error=str(facts or "no facts"), canary=canary)
-    err = getattr(facts, "error", "") or ""
-    if err and not getattr(facts, "release", ""):
-        return HostView(name=host.name, reachable=False, error=str(err), canary=canary)
-    livepatch = getattr(facts, "livepatch", None)
-    patches = getattr(livepatch, "patches", None) if livepatch is not None else None
-    if patches is None:
-        patches = getattr(facts, "patches", {}) or {}
     loaded = tuple(LoadedPatch(name=p.name, enabled=p.enabled == 1, transition=p.transition == 1)
-                   for p in dict(patches).values())
-    sysfs = getattr(livepatch, "sysfs", None) if livepatch is not None else None
-    if sysfs is None:
-        sysfs = bool(getattr(facts, "livepatch_sysfs", getattr(facts, "livepatch_supported", True)))
+                   for p in facts.patches.values())
     from kpipe.kernel import normalize_arch
 
-    return HostView(name=host.name, reachable=True, release=str(getattr(facts, "release", "")),
-                    arch=normalize_arch(str(getattr(facts, "arch", "") or "")), livepatch=bool(sysfs),
-                    sig_enforce=bool(getattr(facts, "sig_enforce", False)), loaded=loaded, canary=canary)
+    return HostView(name=host.name, reachable=True, release=facts.release, arch=normalize_arch(facts.arch or ""),
+                    livepatch=facts.livepatch_sysfs, sig_enforce=bool(facts.sig_enforce), loaded=loaded,
+                    canary=canary)
 
 
-def candidates_for(store: Any, target: str) -> tuple[str, list[Candidate]]:
+def candidates_for(store: Store, target: str) -> tuple[str, list[Candidate]]:
     """(target kind, candidate artifacts): a recipe name -> its valid artifacts; an id -> that artifact.
     StoreCorrupt when a candidate's module changed in the store: it never leaves, and no host is asked."""
     kind, cands = _candidates(store, target)
@@ -56,7 +54,7 @@ def candidates_for(store: Any, target: str) -> tuple[str, list[Candidate]]:
     return kind, cands
 
 
-def _candidates(store: Any, target: str) -> tuple[str, list[Candidate]]:
+def _candidates(store: Store, target: str) -> tuple[str, list[Candidate]]:
     from kpipe.artifacts import get_artifact, list_artifacts
 
     if _ARTIFACT_ID.match(target.lower()):
@@ -80,7 +78,7 @@ def _candidates(store: Any, target: str) -> tuple[str, list[Candidate]]:
     return "recipe", [Candidate.of(a) for a in arts]
 
 
-def _render(workspace: Any, c: Candidate) -> Any:
+def _render(workspace: Workspace, c: Candidate) -> BuildSpec:
     """The recipe of artifact `c` rendered for its kernel; a recipe that does not render is an error."""
     from kpipe import recipes
     from kpipe.errors import KpipeError
@@ -94,7 +92,7 @@ def _render(workspace: Any, c: Candidate) -> Any:
                                "its probe and rollout settings") from e
 
 
-def probes_for(workspace: Any, candidates: Iterable[Candidate], *, no_probe: bool = False) -> dict[str, dict[str, Any]]:
+def probes_for(workspace: Workspace, candidates: Iterable[Candidate], *, no_probe: bool = False) -> dict[str, dict[str, Any]]:
     """artifact id -> the recipe's probe rendered for the artifact's kernel (when the recipe has one).
 
     ConfigError when an artifact's recipe does not render, unless `no_probe` (then no probe at all)."""
@@ -110,7 +108,7 @@ def probes_for(workspace: Any, candidates: Iterable[Candidate], *, no_probe: boo
     return out
 
 
-def recipe_defaults(workspace: Any, target: str, *, no_probe: bool = False) -> dict[str, Any]:
+def recipe_defaults(workspace: Workspace, target: str, *, no_probe: bool = False) -> dict[str, Any]:
     """The recipe's `rollout:` section (waves, max_failures, soak, rollback) for the target, or {}.
 
     {} when there is no artifact yet (the planner reports that) or the artifact has no recipe; ConfigError
@@ -130,13 +128,15 @@ def recipe_defaults(workspace: Any, target: str, *, no_probe: bool = False) -> d
     return {}
 
 
-def make_pool(workspace: Any, forks: int | None = None) -> Any:
-    from kpipe.fleet.facts import pool_for
+def make_pool(workspace: Workspace, forks: int | None = None) -> SshPool:
+    """An SshPool with the workspace's [ssh] settings."""
+    from kpipe.fleet.observe import pool_for
 
     return pool_for(workspace, forks)
 
 
-def select_hosts(workspace: Any, limit: str | None) -> list[Any]:
+def select_hosts(workspace: Workspace, limit: str | None) -> list[Host]:
+    """The inventory's hosts matching `limit` (all when None); NotFoundError when none match."""
     from kpipe.fleet.inventory import select_hosts as select_from_inventory
 
     hosts = select_from_inventory(workspace, limit)
@@ -146,15 +146,16 @@ def select_hosts(workspace: Any, limit: str | None) -> list[Any]:
     return hosts
 
 
-def gather(workspace: Any, hosts: list[Any], pool: Any, forks: int) -> dict[str, Any]:
-    """name -> HostFacts or the exception that prevented gathering them."""
-    from kpipe.fleet import facts as fleet_facts
+def gather(workspace: Workspace, hosts: list[Host], pool: SshPool,
+           forks: int) -> dict[str, HostFacts | TransportError]:
+    """name -> HostFacts or the error that prevented gathering them (through the one observer)."""
+    from kpipe.fleet.observe import gather_facts
 
-    return fleet_facts.gather_facts(workspace, hosts, forks, pool=pool)
+    return gather_facts(workspace, hosts, forks, pool=pool)
 
 
-def build_plan(workspace: Any, target: str, limit: str | None, options: RolloutOptions,
-               *, pool: Any = None, no_probe: bool = False) -> tuple[RolloutPlan, list[Any]]:
+def build_plan(workspace: Workspace, target: str, limit: str | None, options: RolloutOptions,
+               *, pool: SshPool | None = None, no_probe: bool = False) -> tuple[RolloutPlan, list[Host]]:
     """Select hosts, gather their facts, choose artifacts, render probes -> (plan, hosts).
 
     The probes are rendered first: a recipe that does not render stops here, before any host is asked."""
@@ -173,16 +174,16 @@ def build_plan(workspace: Any, target: str, limit: str | None, options: RolloutO
     return plan, hosts
 
 
-def local_path_fn(store: Any) -> Callable[[Assignment], Path]:
+def local_path_fn(store: Store) -> Callable[[Assignment], Path]:
     """Where an assignment's module bytes are (the blob store), checked."""
     def path(a: Assignment) -> Path:
         return store.verified_path(a.artifact.sha256)  # NotFoundError if gone, StoreCorrupt if changed
     return path
 
 
-def engine_for(workspace: Any, journal: Journal, rollout_id: str, *, forks: int | None = None,
-               on_event: Callable[..., None] | None = None, pool: Any = None, hosts: list[Any] | None = None,
-               check_blobs: bool = False):
+def engine_for(workspace: Workspace, journal: Journal, rollout_id: str, *, forks: int | None = None,
+               on_event: Callable[..., None] | None = None, pool: SshPool | None = None,
+               hosts: list[Host] | None = None, check_blobs: bool = False) -> tuple[Engine, PoolRunner]:
     """An Engine over SSH to the rollout's hosts (targets from the current inventory, or `hosts` when
     the caller just loaded them). Passing the planning pool reuses its open connections. check_blobs:
     refuse (before any host is contacted) when a module the plan ships changed in the store."""
@@ -193,33 +194,21 @@ def engine_for(workspace: Any, journal: Journal, rollout_id: str, *, forks: int 
     if check_blobs:
         for sha in sorted({a.artifact.sha256 for a in plan.assignments.values()}):
             workspace.store.verified_path(sha)
-    targets = {}
+    targets: dict[str, Host] = {}
     if hosts is not None:
-        targets = {h.name: host_target(h) for h in hosts if h.name in plan.assignments}
+        targets = {h.name: h for h in hosts if h.name in plan.assignments}
     else:
         from kpipe.fleet.inventory import load_inventory
 
         inv = load_inventory(workspace)
         for name in plan.assignments:
             try:
-                targets[name] = host_target(inv.get(name))
+                targets[name] = inv.get(name)
             except NotFoundError:
                 pass  # journaled as unreachable by the engine: "not in the inventory any more"
     pool = pool or make_pool(workspace, forks or plan.options.forks)
     runner = PoolRunner(pool, targets, forks)
     return Engine(journal, runner, local_path_fn(workspace.store), on_event=on_event), runner
-
-
-def host_target(host: Any) -> Any:
-    """The SshTarget of an inventory Host."""
-    try:
-        return host.target()
-    except TypeError:
-        # Host.target() passed a keyword SshTarget does not take (sudo= vs become=) in one version
-        from kpipe.transport.ssh import SshTarget
-
-        return SshTarget(name=host.name, address=host.address, port=host.port, user=host.user,
-                         identity_file=host.identity_file, become=host.become, known_hosts=host.known_hosts)
 
 
 def check_preflight(plan: RolloutPlan) -> None:

@@ -1,11 +1,15 @@
-"""The transport interface every edge implements."""
+"""The transport interface every edge implements, and the pool that fans commands out over many hosts."""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Protocol, runtime_checkable
+from typing import Protocol, TypeVar, runtime_checkable
 
 from kpipe.commands import Command, CommandResult
+from kpipe.host import Host
+
+T = TypeVar("T")
 
 
 @runtime_checkable
@@ -32,4 +36,28 @@ class Transport(Protocol):
 
     def close(self) -> None:
         """Release the connection (idempotent)."""
+        ...
+
+
+@runtime_checkable
+class Pool(Protocol):
+    """Transports to many hosts, reused per host, and a bounded fan-out over them (kpipe's SshPool).
+
+    `run_many` returns a result or the exception per host name: one host's failure never stops
+    the others (partial failure is data).
+    """
+
+    forks: int
+
+    def transport(self, target: Host) -> Transport:
+        """The (reused) transport for a host; the connection opens on first use."""
+        ...
+
+    def run_many(self, targets: Iterable[Host], fn: Callable[[Transport], T],
+                 forks: int | None = None) -> dict[str, T | BaseException]:
+        """fn(transport) for every host with at most `forks` in flight; each result or exception, by name."""
+        ...
+
+    def close(self) -> None:
+        """Close every transport the pool opened."""
         ...

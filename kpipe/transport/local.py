@@ -20,6 +20,7 @@ class LocalTransport:
         self.default_timeout = default_timeout
 
     def run(self, cmd: Command) -> CommandResult:
+        """Run one command here; a missing program is exit status 127, as a shell reports it."""
         argv = list(cmd.argv)
         if cmd.sudo and os.geteuid() != 0:
             argv = ["sudo", "-n", "--", *argv]
@@ -49,11 +50,13 @@ class LocalTransport:
         )
 
     def put(self, local: Path, remote: str) -> None:
+        """Copy a file to a path on this machine (~ expanded, folders created)."""
         dest = Path(os.path.expanduser(remote))
         dest.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(local, dest)
 
     def get(self, remote: str, local: Path) -> None:
+        """Copy a file of this machine to `local`; TransportError when it does not exist."""
         Path(local).parent.mkdir(parents=True, exist_ok=True)
         try:
             shutil.copyfile(os.path.expanduser(remote), local)
@@ -61,7 +64,7 @@ class LocalTransport:
             raise TransportError(f"{self.name}: {remote} does not exist", host=self.name) from None
 
     def close(self) -> None:
-        pass
+        """Nothing to release: there is no connection."""
 
     def __enter__(self) -> "LocalTransport":
         return self

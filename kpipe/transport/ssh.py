@@ -24,7 +24,6 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -33,6 +32,7 @@ from paramiko.hostkeys import HostKeyEntry, HostKeys
 
 from kpipe.commands import Command, CommandResult
 from kpipe.errors import CommandTimeout, ConfigError, TransportError
+from kpipe.host import Host
 from kpipe.workspace import SshSettings
 
 T = TypeVar("T")
@@ -61,21 +61,6 @@ def _handshake_reason(e: BaseException) -> str:
         return ("no SSH protocol banner (not an SSH server, or it closed or stalled the connection)"
                 + (f": {cause}" if cause else ""))
     return " ".join(text.split())
-
-
-@dataclass(frozen=True)
-class SshTarget:
-    """Where and as whom to connect."""
-
-    name: str
-    address: str
-    port: int = 22
-    user: str = ""
-    identity_file: str = ""
-    become: bool = False  # run sudo-flagged commands through sudo (non-root users)
-    known_hosts: str = ""  # an extra known_hosts file for this host (e.g. the lab's)
-    connect_timeout: float | None = None
-    options: tuple[tuple[str, str], ...] = field(default=())
 
 
 class KnownHosts:
@@ -142,7 +127,7 @@ class KnownHosts:
 class _StrictPolicy(paramiko.MissingHostKeyPolicy):
     """Accept a server key only if known_hosts has exactly it (or new keys are allowed)."""
 
-    def __init__(self, known: KnownHosts, target: SshTarget):
+    def __init__(self, known: KnownHosts, target: Host):
         self.known = known
         self.target = target
 
@@ -179,7 +164,7 @@ def _host_key_name(address: str, port: int) -> str:
 class SshTransport:
     """One host over one reused Fabric connection."""
 
-    def __init__(self, target: SshTarget, pool: "SshPool"):
+    def __init__(self, target: Host, pool: "SshPool"):
         from fabric import Connection
 
         self.name = target.name
@@ -253,6 +238,7 @@ class SshTransport:
         return cmd.sudo and (self.target.become or (self.conn.user or "root") != "root")
 
     def run(self, cmd: Command) -> CommandResult:
+        """Run one command on a new channel of the reused connection (opened on first use)."""
         with self._lock:
             self._open()
             line = cmd.shell_line(use_sudo=self._use_sudo(cmd))
@@ -323,6 +309,7 @@ class SshTransport:
             chan.close()
 
     def put(self, local: Path, remote: str) -> None:
+        """Copy a local file to the host over SFTP."""
         with self._lock:
             self._open()
             try:
@@ -334,6 +321,7 @@ class SshTransport:
                                      kind="error") from None
 
     def get(self, remote: str, local: Path) -> None:
+        """Copy a file of the host to `local` over SFTP; TransportError when it does not exist."""
         with self._lock:
             self._open()
             Path(local).parent.mkdir(parents=True, exist_ok=True)
@@ -358,6 +346,7 @@ class SshTransport:
             pass
 
     def close(self) -> None:
+        """Close the connection (idempotent)."""
         with self._lock:
             self._drop()
 
@@ -385,7 +374,7 @@ class SshPool:
         self._lock = threading.Lock()
         self.disabled_algorithms: dict[str, list[str]] = {}
         if self.settings.kex:
-            supported = list(paramiko.Transport._preferred_kex)
+            supported: list[str] = list(paramiko.Transport._preferred_kex)  # type: ignore[attr-defined]
             unknown = [k for k in self.settings.kex if k not in supported]
             if unknown:
                 raise ConfigError(f"[ssh] kex names algorithms paramiko does not know: {unknown}",
@@ -393,7 +382,7 @@ class SshPool:
             self.disabled_algorithms = {"kex": [k for k in supported if k not in self.settings.kex]}
         self.fabric_config = self._fabric_config()
 
-    def _fabric_config(self):
+    def _fabric_config(self) -> Any:  # a fabric.Config (Fabric ships no type hints)
         from fabric import Config
 
         path = Path(os.path.expanduser(self.settings.ssh_config))
@@ -405,7 +394,7 @@ class SshPool:
                 raise ConfigError(f"{path}: cannot parse ssh_config: {e}") from None
         return Config(ssh_config=ssh_config, lazy=True)
 
-    def known_hosts_for(self, target: SshTarget) -> KnownHosts:
+    def known_hosts_for(self, target: Host) -> KnownHosts:
         """The known host keys for a target: its own file when it names one (like OpenSSH's
         UserKnownHostsFile, it replaces the pool's files), else the pool's."""
         if not target.known_hosts:
@@ -437,7 +426,7 @@ class SshPool:
                 self._keys[path] = key
             return key
 
-    def transport(self, target: SshTarget) -> SshTransport:
+    def transport(self, target: Host) -> SshTransport:
         """The (reused) transport for a target; the connection opens on first use."""
         with self._lock:
             t = self._transports.get(target.name)
@@ -448,7 +437,7 @@ class SshPool:
             self._transports[target.name] = t
         return t
 
-    def run_many(self, targets: Iterable[SshTarget], fn: Callable[[SshTransport], T],
+    def run_many(self, targets: Iterable[Host], fn: Callable[[SshTransport], T],
                  forks: int | None = None) -> dict[str, T | BaseException]:
         """fn(transport) for every target with at most `forks` in flight; each result or exception, by name.
 

@@ -202,7 +202,8 @@ def fake_kernel_tree(root: Path, release: str, *, gcc: str | None = None, debug_
     (src / "mm").mkdir(parents=True, exist_ok=True)
     (src / "mm" / "memcontrol.c").write_text(MEMCONTROL_C)
     config = root / f"config-{release}"
-    config.write_text("CONFIG_LIVEPATCH=y\n" + ("CONFIG_DEBUG_INFO=y\n" if debug_info else "# CONFIG_DEBUG_INFO is not set\n"))
+    debug = "CONFIG_DEBUG_INFO=y\n" if debug_info else "# CONFIG_DEBUG_INFO is not set\n"
+    config.write_text("CONFIG_LIVEPATCH=y\n" + debug)
     vmlinux = root / f"vmlinux-{release}"
     comment = gcc or gcc_comment()
     banner = f"Linux version {release} (builder@example) ({comment.replace('GCC: ', 'gcc ')}, GNU ld) #1 SMP\n"

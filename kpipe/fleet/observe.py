@@ -1,0 +1,198 @@
+"""The one observer: read-only plan steps on many hosts at once, an observation or an error per host.
+
+Every command that reads the fleet goes through here: `kpipe fleet facts`, `kpipe verify`,
+`kpipe audit` and the rollout planner's fact gathering. What a host is asked is a list of
+`kpipe.plan.Step`s (a constant command and its pure parser) computed before any host is
+contacted; this module only runs them, at most `forks` hosts at once, and collects per host
+the typed values or the error that stopped that host. One host's failure never stops or hides
+the others (partial failure is data). Steps that write are refused: the observer only reads.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+from kpipe.commands import CommandResult
+from kpipe.errors import KpipeError, TransportError
+from kpipe.fleet import livepatch as lp
+from kpipe.fleet.facts import HostFacts, facts_step
+from kpipe.plan import Step, StepFailed, StepTransport, run_steps
+
+if TYPE_CHECKING:  # pragma: no cover
+    from kpipe.transport.ssh import SshPool
+    from kpipe.workspace import Workspace
+
+# What stops one host: it could not be reached (TransportError, FactsError) or a step's
+# interpreter refused its output (StepFailed).
+HostError = TransportError | StepFailed
+
+
+class NamedTarget(Protocol):
+    """A host as a pool takes it (kpipe.host.Host): the results are keyed by its name."""
+
+    @property
+    def name(self) -> str: ...
+
+
+# What the observer needs of a host: its name; the pool connects with the record itself.
+ObservedHostSpec = NamedTarget
+
+
+class FanOut(Protocol):
+    """Runs fn(transport) on many targets with bounded parallelism (kpipe.transport.ssh.SshPool)."""
+
+    def run_many(self, targets: Iterable[Any], fn: Callable[[Any], Any],
+                 forks: int | None = None) -> Mapping[str, Any]: ...
+
+
+@dataclass(frozen=True)
+class Observation:
+    """What one host showed: its facts, and when asked, /sys/module of named modules and its kernel log."""
+
+    host: str
+    facts: HostFacts
+    livepatch: lp.HostLivepatch | None = None  # STATE_SCRIPT with the modules asked about
+    dmesg: str | None = None  # `dmesg` output, when asked
+
+
+# -- steps -----------------------------------------------------------------------------------------------------------
+
+def _interpret_state(r: CommandResult) -> lp.HostLivepatch:
+    st = lp.parse_host_livepatch(r.stdout)
+    if not st.complete:
+        raise StepFailed("state", f"reading livepatch state failed: {r.summary()}",
+                         {"output": (r.stdout + r.stderr)[-500:]})
+    return st
+
+
+def livepatch_state_step(*module_names: str) -> Step[lp.HostLivepatch]:
+    """Read /sys/kernel/livepatch and /sys/module for `module_names` (validated): a read step."""
+    return Step("state", lp.state_command(*module_names), _interpret_state, writes=False, journal=False)
+
+
+def _interpret_dmesg(r: CommandResult) -> str:
+    if not r.ok:
+        raise StepFailed("dmesg", f"reading the kernel log failed: {r.summary()}")
+    return r.stdout
+
+
+def dmesg_step() -> Step[str]:
+    """Read the kernel log (`dmesg`, as root): a read step."""
+    return Step("dmesg", lp.DMESG, _interpret_dmesg, writes=False, journal=False)
+
+
+def _valid_module(name: str) -> bool:
+    try:
+        lp.sysfs_name(name)
+    except KpipeError:
+        return False
+    return True
+
+
+def observation_steps(modules: Iterable[str] = (), *, dmesg: bool = False,
+                      timeout: float = 60.0) -> list[Step[Any]]:
+    """The steps of one host's observation: facts, then (when named) modules' state, then (when asked) dmesg.
+
+    Names that are not module names are dropped: they come from journals and desired-state files,
+    and the observer never formats such text into a command."""
+    steps: list[Step[Any]] = [facts_step(timeout)]
+    names = sorted({n for n in modules if _valid_module(n)})
+    if names:
+        steps.append(livepatch_state_step(*names))
+    if dmesg:
+        steps.append(dmesg_step())
+    return steps
+
+
+# -- the fan-out -----------------------------------------------------------------------------------------------------
+
+def _host_error(name: str, value: object) -> HostError:
+    """Any failure of one host as a HostError naming it (an unexpected exception stays that host's failure)."""
+    if isinstance(value, (TransportError, StepFailed)):
+        return value
+    if isinstance(value, KpipeError):
+        return TransportError(f"{name}: {value.message}", host=name, kind="error", hint=value.hint)
+    if value is None:
+        return TransportError(f"{name}: no result", host=name, kind="error")
+    return TransportError(f"{name}: {type(value).__name__}: {value}", host=name, kind="error")
+
+
+def run_reads(pool: FanOut, hosts: Sequence[ObservedHostSpec], steps_for: Callable[[str], Sequence[Step[Any]]],
+              forks: int | None = None) -> dict[str, list[Any] | HostError]:
+    """Run each host's read steps (at most `forks` hosts at once): name -> the steps' values, or its HostError.
+
+    ValueError, before any host is contacted, when a step writes. Results are in `hosts` order."""
+    return run_reads_on(pool, hosts, steps_for, forks)
+
+
+def run_reads_on(pool: FanOut, targets: Sequence[NamedTarget], steps_for: Callable[[str], Sequence[Step[Any]]],
+                 forks: int | None = None) -> dict[str, list[Any] | HostError]:
+    """run_reads over SSH targets the caller already holds (the rollout engine's PoolRunner keeps them by name)."""
+    plans = {t.name: list(steps_for(t.name)) for t in targets}
+    for name, steps in plans.items():
+        for s in steps:
+            if s.writes:
+                raise ValueError(f"{name}: step {s.name!r} writes; the observer only reads")
+
+    def one(t: StepTransport) -> list[Any]:
+        return run_steps(t, plans[t.name])
+
+    raw = pool.run_many(list(targets), one, forks)
+    out: dict[str, list[Any] | HostError] = {}
+    for name in plans:
+        value = raw.get(name)
+        out[name] = value if isinstance(value, list) else _host_error(name, value)
+    return out
+
+
+def pool_for(workspace: Workspace, forks: int | None = None) -> SshPool:
+    """An SshPool with the workspace's [ssh] settings (strict known_hosts)."""
+    from kpipe.transport.ssh import SshPool
+
+    return SshPool(workspace.ssh, known_hosts=[Path(os.path.expanduser(workspace.ssh.known_hosts))],
+                   forks=forks or workspace.ssh.forks)
+
+
+def observe(workspace: Workspace | None, hosts: Sequence[ObservedHostSpec], forks: int | None = None, *,
+            pool: FanOut | None = None, modules: Mapping[str, Iterable[str]] | None = None, dmesg: bool = False,
+            timeout: float = 60.0) -> dict[str, Observation | HostError]:
+    """Observe every host: name -> Observation, or the HostError that stopped it (in `hosts` order).
+
+    `modules` names, per host, the modules whose /sys/module state to read as well (a disabled
+    patch's sysfs folder is gone while its module may still be loaded). Without `pool` one is
+    opened from the workspace's [ssh] settings and closed afterwards."""
+    wanted = {h.name: list((modules or {}).get(h.name, ())) for h in hosts}
+
+    def steps_for(name: str) -> list[Step[Any]]:
+        return observation_steps(wanted[name], dmesg=dmesg, timeout=timeout)
+
+    opened = None
+    if pool is None:
+        if workspace is None:
+            raise ValueError("observe() needs a workspace or a pool")
+        pool = opened = pool_for(workspace, forks)
+    try:
+        raw = run_reads(pool, hosts, steps_for, forks)
+    finally:
+        if opened is not None:
+            opened.close()
+    out: dict[str, Observation | HostError] = {}
+    for name, values in raw.items():
+        if not isinstance(values, list):
+            out[name] = values
+            continue
+        state = next((v for v in values[1:] if isinstance(v, lp.HostLivepatch)), None)
+        log = next((v for v in values[1:] if isinstance(v, str)), None)
+        out[name] = Observation(name, values[0], state, log)
+    return out
+
+
+def gather_facts(workspace: Workspace | None, hosts: Sequence[ObservedHostSpec], forks: int | None = None, *,
+                 pool: FanOut | None = None, timeout: float = 60.0) -> dict[str, HostFacts | HostError]:
+    """Facts for every host (at most `forks` at once): HostFacts, or the error that stopped it."""
+    return {name: o.facts if isinstance(o, Observation) else o
+            for name, o in observe(workspace, hosts, forks, pool=pool, timeout=timeout).items()}
