@@ -331,6 +331,7 @@ def _run_engine(rid: str, what: str, forks: Optional[int], limit: Optional[str] 
                 json_out: bool = False, pool: Any = None, hosts: Optional[list] = None,
                 engine_name: str = "fabric") -> Any:
     journal = _journal()
+    runner: Any  # the executor's runner: an SSH pool or Ansible plays; closed at the end either way
     if engine_name == "ansible":
         from kpipe.rollout.ansible_executor import ansible_engine_for
 
