@@ -13,6 +13,7 @@ from __future__ import annotations
 import ast
 import hashlib
 import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -235,6 +236,7 @@ def test_argv_reaches_the_host_verbatim_never_templated(fresh, tmp_path):
                              tmp_path / "priv")
     runner = AnsibleRunner(session, {h.name: host})
     hostile = "{{ lookup('pipe', 'touch " + str(tmp_path / "pwned") + "') }}"
+    handlers = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
     try:
         out = runner.run_many([h.name], lambda t: t.run(Command.of("printf", "%s|%s", hostile, "a b\n")), 1)
     finally:
@@ -243,6 +245,8 @@ def test_argv_reaches_the_host_verbatim_never_templated(fresh, tmp_path):
     assert not isinstance(r, BaseException), r
     assert r.exit_status == 0 and r.stdout == hostile + "|a b\n"
     assert not (tmp_path / "pwned").exists()
+    # ansible-runner must not take over Ctrl-C: kpipe's own handling (journal `interrupted`) needs it
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == handlers
 
 
 # ---- pure parts ------------------------------------------------------------------------

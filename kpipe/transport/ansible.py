@@ -159,6 +159,11 @@ def base_envvars(cp_dir: str, local_tmp: str) -> dict[str, str]:
     }
 
 
+def _never_cancel() -> bool:
+    """ansible-runner's cancel_callback: kpipe stops a play by KeyboardInterrupt, never by polling."""
+    return False
+
+
 class _Collector:
     """An ansible-runner event_handler: the step task's result per host."""
 
@@ -222,9 +227,13 @@ class AnsibleSession:
         collector = _Collector(self.on_event)
         envvars = base_envvars(self._cp_dir, str(self.private_root / "tmp"))
         try:
+            # A cancel_callback of our own: without one, ansible-runner (in the main thread) replaces the
+            # process's SIGINT/SIGTERM handlers for good, and Ctrl-C would no longer stop kpipe (it would
+            # only end the current play). With it, Ctrl-C raises KeyboardInterrupt here as anywhere else.
             r = ansible_runner.run(private_data_dir=str(pdir), project_dir=str(ANSIBLE_DIR), playbook=STEP_PLAYBOOK,
                                    inventory=str(inv), envvars=envvars, forks=max(1, int(self.forks)),
-                                   event_handler=collector, quiet=True, json_mode=False)
+                                   event_handler=collector, quiet=True, json_mode=False,
+                                   cancel_callback=_never_cancel)
         finally:
             if any(a.secret for a in actions.values()):
                 inv.unlink(missing_ok=True)  # the argv was a secret: keep it off the disk
