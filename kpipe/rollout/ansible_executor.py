@@ -44,7 +44,6 @@ ENGINES = ("fabric", "ansible")
 @dataclass
 class _Request:
     action: HostAction
-    command: Command | None
     result: ActionResult | BaseException | None = None
 
 
@@ -118,7 +117,7 @@ class AnsibleStepTransport:
         action = HostAction(argv=tuple(argv), become=cmd.sudo and self._become, timeout=int(timeout + 0.999),
                             stdin=cmd.stdin.decode("utf-8", "replace") if cmd.stdin else None, secret=cmd.secret)
         start = time.monotonic()
-        r = self._rounds.submit(self.name, _Request(action, cmd))
+        r = self._rounds.submit(self.name, _Request(action))
         what = cmd.label or cmd.argv[0]
         if r.unreachable:
             raise TransportError(f"{self.name}: unreachable during {what}: {r.unreachable}", host=self.name,
@@ -134,7 +133,7 @@ class AnsibleStepTransport:
         """Copy a local file to the host with `ansible.builtin.copy`."""
         action = HostAction(src=str(Path(local).resolve()), dest=remote, become=self._become,
                             timeout=int(self._default_timeout + 0.999))
-        r = self._rounds.submit(self.name, _Request(action, None))
+        r = self._rounds.submit(self.name, _Request(action))
         if r.unreachable:
             raise TransportError(f"{self.name}: unreachable while copying {local} to {remote}: {r.unreachable}",
                                  host=self.name, kind=unreachable_kind(r.unreachable))
