@@ -14,8 +14,10 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -153,3 +155,54 @@ def test_failure_in_the_canary_wave_halts_and_rolls_back(engine, fresh, tmp_path
         assert steps(journal, rid, h) == []
     gates = [e.detail["verdict"] for e in journal.entries(rid, "") if e.step == "gate"]
     assert gates == ["halt"]
+
+
+def _processes_mentioning(text: str) -> list[int]:
+    """PIDs whose command line mentions `text` (read from /proc; nothing is signalled)."""
+    out = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                if text.encode() in (d / "cmdline").read_bytes():
+                    out.append(int(d.name))
+            except OSError:
+                pass
+    return out
+
+
+def test_ctrl_c_stops_an_ansible_rollout_and_resume_finishes_it(fresh, tmp_path):
+    ws, art, plan, journal, rid = setup(fresh, tmp_path)
+    canary, later = plan.waves[0][0], list(plan.waves[1])
+    p = subprocess.Popen([sys.executable, "-m", "kpipe", "-W", str(ws.root), "rollout", "start", "--plan", rid,
+                          "--engine", "ansible", "--yes"], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True, env={**os.environ, "NO_COLOR": "1"})
+    try:
+        assert p.stdout is not None
+        for line in p.stdout:
+            words = line.split()
+            if words[:2] == ["applied", canary]:
+                break
+        deadline = time.monotonic() + 120
+        # wave 2 starts at once (no soak): interrupt it while its hosts' steps run as Ansible plays
+        while not any(journal.entries(rid, h) for h in later) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        p.send_signal(signal.SIGINT)
+        _, err = p.communicate(timeout=180)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    assert p.returncode == 130, err
+    assert f"interrupted; resume with `kpipe rollout resume {rid}`" in err, err
+    assert "Traceback" not in err
+    st = json.loads(kpipe(ws, "rollout", "status", rid, "--json").stdout)
+    assert st["state"] == "interrupted" and st["hosts"][canary] == "applied", st
+    # the play that ran at the interrupt was stopped with kpipe, not left running on its own pty
+    assert _processes_mentioning(journal.get(rid).detail["ansible_dir"]) == []
+
+    r = kpipe(ws, "rollout", "resume", rid, "--engine", "ansible", "--yes", "--json")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert json.loads(r.stdout)["hosts"] == {h.name: "applied" for h in fresh.hosts}
+    assert fleet_state(fresh) == {h.name: applied_state(art.sha256) for h in fresh.hosts}
+    for h in fresh.hosts:  # nothing loaded twice by the resume
+        assert sum(f"enabling patch '{MODULE}'" in ln for ln in h.log()) == 1, h.name

@@ -190,13 +190,17 @@ class AnsibleRunner:
             try:
                 got: Mapping[str, ActionResult | BaseException] = self.session.run_round(
                     {h: r.action for h, r in batch.items()})
-            except BaseException as e:  # ansible-runner itself failed: every host of the round learns it
+            except Exception as e:  # ansible-runner itself failed: every host of the round learns it
                 err = e if isinstance(e, KpipeError) else KpipeError(f"ansible-runner failed: {e}")
-                got = {h: err for h in batch}
-                rounds.deliver(batch, got)
-                if not isinstance(e, Exception):
-                    raise
+                rounds.deliver(batch, {h: err for h in batch})
                 continue
+            except BaseException:
+                # Ctrl-C (or SIGTERM) stopped the play: the hosts' steps end as interrupted, not as failed
+                # outcomes (the engine journals no outcome for a KeyboardInterrupt), then kpipe stops
+                rounds.deliver(batch, {h: KeyboardInterrupt() for h in batch})
+                for t in threads:
+                    t.join(timeout=30)
+                raise
             rounds.deliver(batch, got)
         for t in threads:
             t.join()

@@ -19,6 +19,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import signal
 import subprocess
 import tempfile
 import threading
@@ -159,9 +160,34 @@ def base_envvars(cp_dir: str, local_tmp: str) -> dict[str, str]:
     }
 
 
-def _never_cancel() -> bool:
-    """ansible-runner's cancel_callback: kpipe stops a play by KeyboardInterrupt, never by polling."""
-    return False
+class _Signals:
+    """While a play runs: SIGINT/SIGTERM cancel it (ansible-runner polls `cancel`), then, with the
+    previous handlers back, the signal is raised again (Ctrl-C: KeyboardInterrupt, as anywhere in kpipe)."""
+
+    def __init__(self) -> None:
+        self.got: int | None = None
+        self._saved: dict[int, Any] = {}
+
+    def __enter__(self) -> _Signals:
+        # only the main thread may set handlers; elsewhere ansible-runner leaves them alone too
+        if threading.current_thread() is threading.main_thread():
+            for s in (signal.SIGINT, signal.SIGTERM):
+                self._saved[s] = signal.getsignal(s)
+                signal.signal(s, self._handler)
+        return self
+
+    def _handler(self, signum: int, frame: Any) -> None:
+        self.got = self.got or signum
+
+    def cancel(self) -> bool:
+        """ansible-runner's cancel_callback."""
+        return self.got is not None
+
+    def __exit__(self, *exc: object) -> None:
+        for s, h in self._saved.items():
+            signal.signal(s, h if h is not None else signal.SIG_DFL)
+        if self.got is not None:
+            signal.raise_signal(self.got)
 
 
 class _Collector:
@@ -227,13 +253,15 @@ class AnsibleSession:
         collector = _Collector(self.on_event)
         envvars = base_envvars(self._cp_dir, str(self.private_root / "tmp"))
         try:
-            # A cancel_callback of our own: without one, ansible-runner (in the main thread) replaces the
-            # process's SIGINT/SIGTERM handlers for good, and Ctrl-C would no longer stop kpipe (it would
-            # only end the current play). With it, Ctrl-C raises KeyboardInterrupt here as anywhere else.
-            r = ansible_runner.run(private_data_dir=str(pdir), project_dir=str(ANSIBLE_DIR), playbook=STEP_PLAYBOOK,
-                                   inventory=str(inv), envvars=envvars, forks=max(1, int(self.forks)),
-                                   event_handler=collector, quiet=True, json_mode=False,
-                                   cancel_callback=_never_cancel)
+            # Without a cancel_callback of our own, ansible-runner (in the main thread) replaces the
+            # process's SIGINT/SIGTERM handlers for good: Ctrl-C would only end the current play and
+            # kpipe would go on. _Signals cancels the play (ansible-runner kills its process group,
+            # which a terminal's Ctrl-C does not reach: it runs on its own pty) and re-raises the signal.
+            with _Signals() as sig:
+                r = ansible_runner.run(private_data_dir=str(pdir), project_dir=str(ANSIBLE_DIR),
+                                       playbook=STEP_PLAYBOOK, inventory=str(inv), envvars=envvars,
+                                       forks=max(1, int(self.forks)), event_handler=collector, quiet=True,
+                                       json_mode=False, cancel_callback=sig.cancel)
         finally:
             if any(a.secret for a in actions.values()):
                 inv.unlink(missing_ok=True)  # the argv was a secret: keep it off the disk
