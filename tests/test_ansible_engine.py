@@ -1,25 +1,52 @@
-"""The Ansible engine for real: ansible-runner runs the kpipe playbook over real SSH
-against SimFleet hosts (real sshd processes on loopback, each in a private mount
-namespace where sysfs, insmod/rmmod, dmesg and /var/lib/kpatch are simulated and
-verified before use). Nothing here touches this machine's kernel."""
+"""The Ansible executor for real: kpipe's Engine with every host step run as an Ansible task
+(ansible-runner over real SSH) against SimFleet hosts (real sshd processes on loopback, each in
+a private mount namespace where sysfs, insmod/rmmod, dmesg and /var/lib/kpatch are simulated and
+verified before use). Nothing here touches this machine's kernel.
+
+The scenarios the old role-based engine was tested with, now through the one plan: waves, an
+idempotent second rollout, the gate's halt and the rollback policies, the failure budget, a
+stuck transition, an unreachable host, strict host keys, values Ansible must not template.
+tests/test_executors.py compares the two executors step for step."""
 
 from __future__ import annotations
 
+import ast
 import hashlib
+import os
+import signal
 from pathlib import Path
 
 import pytest
 
 import kenv
+from kpipe.artifacts import add_artifact
 from kpipe.errors import ConfigError
-from kpipe.rollout.planner import Assignment, Candidate, FailureBudget, RolloutOptions, RolloutPlan
-from kpipe.transport.ansible import budget_settings, build_inventory, run_plan_with_ansible
+from kpipe.rollout.ansible_executor import AnsibleRunner, ansible_engine_for
+from kpipe.rollout.ansible_export import max_fail_percentage
+from kpipe.rollout.journal import Journal
+from kpipe.rollout.planner import (
+    Candidate,
+    FailureBudget,
+    HostView,
+    RolloutOptions,
+    plan_rollout,
+)
+from kpipe.transport.ansible import (
+    AnsibleSession,
+    HostAction,
+    Unsafe,
+    connection_vars,
+    dump_yaml,
+)
+from kpipe.workspace import open_workspace
 from simfleet import simfleet_factory  # noqa: F401  (fixture)
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 RELEASE = kenv.kernel_env(module_level=True).release  # the installed headers' release (tests/kenv.py)
-MODULE = "livepatch-demo"
+MODULE = "livepatch_demo"
+# The hosts share this machine's Python; pyenv's shims would fool interpreter discovery.
+ANSIBLE_TOML = '\n[ansible]\npython_interpreter = "/usr/bin/python3"\n'
 
 
 @pytest.fixture(scope="module")
@@ -29,237 +56,243 @@ def fleet(simfleet_factory):  # noqa: F811
 
 @pytest.fixture
 def fresh(fleet):
-    """Every host rebooted (no patches, no faults) before the test."""
+    """Every host rebooted (no patches, no faults, nothing staged) before the test."""
+    import shutil
+
     for h in fleet.hosts:
         h.clear()
         h.reboot()
+        shutil.rmtree(h.dir / "var_lib" / "kpatch", ignore_errors=True)  # a reboot keeps the disk
+        (h.dir / "var_lib" / "kpatch").mkdir()
     fleet.verify()
     return fleet
 
 
 def make_ws(fleet, tmp_path):
-    from kpipe.workspace import open_workspace
-
-    # The hosts share this machine's Python; pyenv's shims would fool interpreter discovery.
-    folder = fleet.write_workspace(tmp_path / "ws", extra_toml='\n[ansible]\npython_interpreter = "/usr/bin/python3"\n')
-    return open_workspace(str(folder)), folder / "simfleet.yml"
-
-
-def artifact(tmp_path: Path, payload: bytes = b"simulated livepatch module\n") -> tuple[Path, Candidate]:
-    path = tmp_path / f"{MODULE}.ko"
-    path.write_bytes(payload)
-    sha = hashlib.sha256(payload).hexdigest()
-    cand = Candidate(id="a" + sha[:11], sha256=sha, module_name=MODULE, filename=f"{MODULE}.ko", kernel=RELEASE)
-    return path, cand
+    folder = fleet.write_workspace(tmp_path / "ws", extra_toml=ANSIBLE_TOML)
+    ws = open_workspace(folder)
+    ko = tmp_path / "livepatch-demo.ko"
+    ko.write_bytes(os.urandom(4096))
+    art = add_artifact(ws.store, ko, kernel=RELEASE, status="valid", arch="x86_64", module_name="livepatch-demo",
+                       preflight={"status": "passed"})
+    return ws, art
 
 
-def plan_for(waves: list[list[str]], cand: Candidate, path: Path, *, budget: str = "0", policy: str = "failed",
-             timeout: float = 30) -> dict:
-    assignments = {h: Assignment(h, i + 1, RELEASE, "x86_64", cand) for i, w in enumerate(waves) for h in w}
-    opts = RolloutOptions(waves=",".join(str(len(w)) for w in waves), max_failures=FailureBudget.parse(budget),
-                          rollback_policy=policy, step_timeout_s=timeout)
-    plan = RolloutPlan(cand.id, "artifact", tuple(tuple(w) for w in waves), assignments, (), opts).to_dict()
-    plan["artifact_paths"] = {cand.id: str(path)}
-    return plan
+def make_plan(ws, art, waves: list[list[str]], **opts):
+    sizes, total = [], 0
+    for w in waves:
+        total += len(w)
+        sizes.append(str(total))
+    options = RolloutOptions(**{"waves": ",".join(sizes), "forks": 10, "step_timeout_s": 20.0, **opts})
+    views = [HostView(h, release=RELEASE, arch="x86_64") for w in waves for h in w]
+    plan = plan_rollout(art.id, "artifact", views, [Candidate.of(art)], options)
+    journal = Journal(ws.store)
+    rid = journal.create(plan.to_dict(), options.to_dict(), target=art.id)
+    return plan, journal, rid
 
 
-def states(results) -> dict[str, str]:
-    return {h: r.state for h, r in results.items()}
+def run(ws, journal, rid, what="start", **kw):
+    events = []
+    engine, runner = ansible_engine_for(ws, journal, rid, on_event=events.append)
+    try:
+        return getattr(engine, what)(rid, **kw), events
+    finally:
+        runner.close()
 
 
 def assert_patched(host, sha):
     p = host.patches()
-    assert p.get("livepatch_demo", {}).get("enabled") in (1, "1", True), p
+    assert str(p.get(MODULE, {}).get("enabled")) == "1", p
     staged = host.staged()
-    assert any(k.endswith(f"{RELEASE}/{MODULE}.ko") and hashlib.sha256(v).hexdigest() == sha
-               for k, v in staged.items()), list(staged)
-    assert not any(".kpipe-ansible" in k for k in staged), "temporary file left behind"
+    assert {k: hashlib.sha256(v).hexdigest() for k, v in staged.items()} == \
+        {f"/var/lib/kpatch/{RELEASE}/livepatch-demo.ko": sha}
+    assert not host.temp_files(), "temporary file left behind"
 
 
 def assert_clean(host):
-    assert "livepatch_demo" not in host.patches()
-    assert "livepatch_demo" not in host.modules()
+    assert MODULE not in host.patches()
+    assert MODULE not in host.modules()
+    assert not host.staged()
 
 
-def test_waves_apply_everywhere_and_rerun_is_idempotent(fresh, tmp_path):
-    ws, inv = make_ws(fresh, tmp_path)
-    path, cand = artifact(tmp_path)
+def enables(host) -> int:
+    return sum(f"enabling patch '{MODULE}'" in line for line in host.log())
+
+
+def test_waves_apply_everywhere_and_a_second_rollout_loads_nothing_twice(fresh, tmp_path):
+    ws, art = make_ws(fresh, tmp_path)
     names = [h.name for h in fresh.hosts[:3]]
-    plan = plan_for([names[:1], names[1:]], cand, path)
-    events = []
-    results = run_plan_with_ansible(ws, plan, inv, on_event=events.append)
-    assert states(results) == {n: "applied" for n in names}
-    assert events, "the runner's event stream reached the caller"
+    _plan, journal, rid = make_plan(ws, art, [names[:1], names[1:]])
+    s, events = run(ws, journal, rid)
+    assert s.state == "completed" and s.hosts == {n: "applied" for n in names}, s
+    assert [e.wave for e in events if e.kind == "gate"] == [1, 2]
+    assert {e.host for e in events if e.kind == "step"} == set(names), "progress reached the caller"
     for n in names:
-        assert_patched(fresh.host(n), cand.sha256)
-        log = fresh.host(n).log()
-        assert any("'livepatch_demo': patching complete" in line for line in log)
-        assert any("kpipe: ansible marker livepatch_demo" in line for line in log)
+        assert_patched(fresh.host(n), art.sha256)
+        assert any(f"'{MODULE}': patching complete" in line for line in fresh.host(n).log())
     for h in fresh.hosts[3:]:
         assert_clean(h)  # not in the plan: untouched
-    inserts = {n: sum("enabling patch 'livepatch_demo'" in line for line in fresh.host(n).log()) for n in names}
-    # A second run finds everything in place: verified, nothing loaded twice.
-    again = run_plan_with_ansible(ws, plan, inv)
-    assert states(again) == {n: "applied" for n in names}
-    assert inserts == {n: sum("enabling patch 'livepatch_demo'" in line for line in fresh.host(n).log())
-                       for n in names}
+    before = {n: enables(fresh.host(n)) for n in names}
+    # A second rollout of the same build finds everything in place: verified, nothing loaded twice.
+    _plan2, _, rid2 = make_plan(ws, art, [names])
+    s2, _ = run(ws, journal, rid2)
+    assert s2.hosts == {n: "applied" for n in names}, s2
+    assert before == {n: enables(fresh.host(n)) for n in names}
+    assert ws.store.root.joinpath("ansible").is_dir()  # ansible-runner's artifacts, per rollout
 
 
 def test_failed_host_is_rolled_back_and_gate_halts_later_waves(fresh, tmp_path):
-    ws, inv = make_ws(fresh, tmp_path)
-    path, cand = artifact(tmp_path)
+    ws, art = make_ws(fresh, tmp_path)
     h = [x.name for x in fresh.hosts]
     fresh.host(h[2]).inject("sig_enforce")  # refuses the unsigned module
-    plan = plan_for([[h[0]], [h[1], h[2]], [h[3], h[4]]], cand, path, budget="0", policy="failed")
-    results = run_plan_with_ansible(ws, plan, inv)
-    s = states(results)
-    assert s[h[0]] == "applied" and s[h[1]] == "applied"
-    assert s[h[2]] == "rolled_back" and results[h[2]].detail.get("apply_failed")
-    assert "Key was rejected" in results[h[2]].reason or "insmod" in results[h[2]].reason
-    assert s[h[3]] == s[h[4]] == "skipped"  # the gate halted before wave 3
-    assert results[h[0]].detail["halted"] is True
-    assert_patched(fresh.host(h[0]), cand.sha256)
-    assert_patched(fresh.host(h[1]), cand.sha256)
+    _plan, journal, rid = make_plan(ws, art, [[h[0]], [h[1], h[2]], [h[3], h[4]]],
+                                    max_failures=FailureBudget.parse("0"), rollback_policy="failed")
+    s, _ = run(ws, journal, rid)
+    assert s.state == "halted" and h[2] in s.halt_reason
+    assert s.hosts == {h[0]: "applied", h[1]: "applied", h[2]: "rolled_back", h[3]: "pending", h[4]: "pending"}
+    assert "Key was rejected" in s.reasons[h[2]] or "insmod" in s.reasons[h[2]], s.reasons
+    assert_patched(fresh.host(h[0]), art.sha256)
+    assert_patched(fresh.host(h[1]), art.sha256)
     for n in (h[2], h[3], h[4]):
         assert_clean(fresh.host(n))
 
 
 def test_wave_policy_rolls_back_the_whole_failing_wave_and_audit_agrees(fresh, tmp_path):
     from kpipe.fleet.auditing import run_audit
-    from kpipe.rollout.journal import Journal
-    from kpipe.transport.ansible import record_outcomes
 
-    ws, inv = make_ws(fresh, tmp_path)
-    path, cand = artifact(tmp_path)
+    ws, art = make_ws(fresh, tmp_path)
     h = [x.name for x in fresh.hosts]
     fresh.host(h[2]).inject("sig_enforce")
-    plan = plan_for([[h[0]], [h[1], h[2]], [h[3]]], cand, path, budget="0", policy="wave")
-    results = run_plan_with_ansible(ws, plan, inv)
-    s = states(results)
-    assert s == {h[0]: "applied", h[1]: "rolled_back", h[2]: "rolled_back", h[3]: "skipped"}
-    assert results[h[1]].detail["state_before_rollback"] == "applied"
-    assert_patched(fresh.host(h[0]), cand.sha256)
+    _plan, journal, rid = make_plan(ws, art, [[h[0]], [h[1], h[2]], [h[3]]], rollback_policy="wave")
+    s, _ = run(ws, journal, rid)
+    assert s.hosts == {h[0]: "applied", h[1]: "rolled_back", h[2]: "rolled_back", h[3]: "pending"}, s
+    assert_patched(fresh.host(h[0]), art.sha256)
     for n in (h[1], h[2], h[3]):
         assert_clean(fresh.host(n))
-    assert not any(k.endswith(f"{MODULE}.ko") for k in fresh.host(h[1]).staged())  # unstaged too
-
-    # Journaled like the SSH engine's outcomes, the audit then reads the hosts themselves.
-    journal = Journal(ws.store)
-    rid = journal.create(plan, plan["options"], target=cand.id)
-    record_outcomes(journal, rid, plan, results)
+    # the journal the Ansible executor wrote is the one the audit reads; it then asks the hosts themselves
     audit = run_audit(ws, f"{h[0]}:{h[1]}:{h[2]}:{h[3]}")
     assert {x.host: x.status for x in audit.hosts} == {n: "compliant" for n in h[:4]}, audit.to_dict()
-    row = next(r for r in audit.rows if r.host == h[0])
-    assert row.patch == "livepatch_demo" and row.observed_sha256 == cand.sha256
-    # A host changed behind kpipe's back shows up at once.
     fresh.host(h[0]).reboot()
     fresh.verify([fresh.host(h[0])])
     assert run_audit(ws, h[0]).hosts[0].status == "missing"
 
 
 def test_budget_tolerates_a_failure_and_stuck_transition_is_rolled_back(fresh, tmp_path):
-    ws, inv = make_ws(fresh, tmp_path)
-    path, cand = artifact(tmp_path)
+    ws, art = make_ws(fresh, tmp_path)
     h = [x.name for x in fresh.hosts[:3]]
     fresh.host(h[1]).inject("stuck_transition")
-    plan = plan_for([[h[0]], [h[1]], [h[2]]], cand, path, budget="1", timeout=3)
-    results = run_plan_with_ansible(ws, plan, inv)
-    s = states(results)
-    assert s == {h[0]: "applied", h[1]: "rolled_back", h[2]: "applied"}, results
-    assert "transition" in results[h[1]].reason
+    _plan, journal, rid = make_plan(ws, art, [[h[0]], [h[1]], [h[2]]], max_failures=FailureBudget.parse("1"),
+                                   step_timeout_s=3.0)
+    s, _ = run(ws, journal, rid)
+    assert s.state == "completed"
+    assert s.hosts == {h[0]: "applied", h[1]: "failed", h[2]: "applied"}, s
+    assert "transition" in s.reasons[h[1]]
+    # the failed host is rolled back on request, by either engine: here the Ansible one
+    r, _ = run(ws, journal, rid, "rollback", limit=h[1])
+    assert r.hosts[h[1]] == "rolled_back"
     assert_clean(fresh.host(h[1]))
     assert not any("force" in line for line in fresh.host(h[1]).log())
 
 
 def test_unreachable_host_is_data_not_an_exception(fresh, tmp_path):
-    ws, inv = make_ws(fresh, tmp_path)
-    path, cand = artifact(tmp_path)
+    ws, art = make_ws(fresh, tmp_path)
     h = [x.name for x in fresh.hosts[:3]]
+    _plan, journal, rid = make_plan(ws, art, [h], max_failures=FailureBudget.parse("1"))
     fresh.host(h[1]).stop()
     try:
-        plan = plan_for([[h[0], h[1], h[2]]], cand, path, budget="1")
-        results = run_plan_with_ansible(ws, plan, inv)
+        s, _ = run(ws, journal, rid)
     finally:
         fresh.host(h[1]).start()
-    s = states(results)
-    assert s == {h[0]: "applied", h[1]: "unreachable", h[2]: "applied"}, results
-    assert results[h[1]].reason
+    assert s.hosts == {h[0]: "applied", h[1]: "unreachable", h[2]: "applied"}, s
+    assert s.reasons[h[1]]
+    # resume retries the unreachable host, nothing is forgotten
+    s2, _ = run(ws, journal, rid, "resume")
+    assert s2.hosts == {n: "applied" for n in h}, s2
 
 
 def test_strict_host_key_checking_refuses_unknown_keys(fresh, tmp_path):
-    ws, inv = make_ws(fresh, tmp_path)
-    path, cand = artifact(tmp_path)
+    ws, art = make_ws(fresh, tmp_path)
     name = fresh.hosts[0].name
-    # An inventory without kpipe_known_hosts and a workspace whose known_hosts is empty.
     empty = tmp_path / "empty_known_hosts"
     empty.write_text("")
-    text = inv.read_text().replace(str(fresh.known_hosts), str(empty))
-    inv2 = tmp_path / "strict.yml"
-    inv2.write_text(text)
-    toml = (tmp_path / "ws" / "kpipe.toml")
-    toml.write_text(toml.read_text().replace(str(fresh.known_hosts), str(empty)))
-    from kpipe.workspace import open_workspace
-
+    for f in (tmp_path / "ws" / "kpipe.toml", tmp_path / "ws" / "simfleet.yml"):
+        f.write_text(f.read_text().replace(str(fresh.known_hosts), str(empty)))
     ws = open_workspace(str(tmp_path / "ws"))
-    results = run_plan_with_ansible(ws, plan_for([[name]], cand, path), inv2)
-    assert results[name].state == "unreachable"
-    assert "host key" in results[name].reason.lower() or "verification" in results[name].reason.lower()
+    _plan, journal, rid = make_plan(ws, art, [[name]])
+    s, _ = run(ws, journal, rid)
+    assert s.hosts[name] == "unreachable", s
+    assert "host key" in s.reasons[name].lower() or "verification" in s.reasons[name].lower(), s.reasons
     assert_clean(fresh.hosts[0])
+
+
+def test_argv_reaches_the_host_verbatim_never_templated(fresh, tmp_path):
+    """Every value travels `!unsafe`: a `{{ }}` in an argv is text on the host, not code on the controller."""
+    from kpipe.commands import Command
+    from kpipe.fleet.inventory import Host
+
+    h = fresh.hosts[0]
+    host = Host(h.name, h.address, h.port, "root", str(fresh.client_key))
+    session = AnsibleSession({h.name: connection_vars(host, [str(fresh.known_hosts)], "/usr/bin/python3")},
+                             tmp_path / "priv")
+    runner = AnsibleRunner(session, {h.name: host})
+    hostile = "{{ lookup('pipe', 'touch " + str(tmp_path / "pwned") + "') }}"
+    handlers = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    try:
+        out = runner.run_many([h.name], lambda t: t.run(Command.of("printf", "%s|%s", hostile, "a b\n")), 1)
+    finally:
+        runner.close()
+    r = out[h.name]
+    assert not isinstance(r, BaseException), r
+    assert r.exit_status == 0 and r.stdout == hostile + "|a b\n"
+    assert not (tmp_path / "pwned").exists()
+    # ansible-runner must not take over Ctrl-C: kpipe's own handling (journal `interrupted`) needs it
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == handlers
 
 
 # ---- pure parts ------------------------------------------------------------------------
 
-@pytest.mark.parametrize("budget,waves,pct,allowed", [
-    ("0", [[1], [1, 2], [1, 2, 3, 4]], 0, [0, 0, 0]),
-    ("2", [[1], [1, 2, 3, 4]], 100, [2, 2]),
-    ("1", [[1, 2], [1, 2, 3, 4]], 50, [1, 1]),
-    ("10%", [[1], [1] * 9, [1] * 90], 10, [0, 1, 10]),
-    ("50%", [[1, 2]], 50, [1]),
+@pytest.mark.parametrize("budget,waves,pct", [
+    ("0", [[1], [1, 2], [1, 2, 3, 4]], 0),
+    ("2", [[1], [1, 2, 3, 4]], 100),
+    ("1", [[1, 2], [1, 2, 3, 4]], 50),
+    ("10%", [[1], [1] * 9, [1] * 90], 10),
+    ("50%", [[1, 2]], 50),
 ])
-def test_budget_translation(budget, waves, pct, allowed):
-    s = budget_settings(budget, waves)
-    assert s["kpipe_serial"] == [len(w) for w in waves]
-    assert s["kpipe_max_fail_percentage"] == pct
-    assert s["kpipe_allowed_failures"] == allowed
+def test_budget_translation(budget, waves, pct):
+    assert max_fail_percentage(FailureBudget.parse(budget), waves) == pct
 
 
 class _H:
     def __init__(self, **kw):
-        self.address, self.port, self.user, self.identity_file = "127.0.0.1", 22, "root", ""
-        self.become, self.known_hosts = False, ""
+        self.name, self.address, self.port, self.user, self.identity_file = "h1", "127.0.0.1", 22, "root", ""
+        self.become, self.known_hosts, self.vars = False, "", {}
         self.__dict__.update(kw)
 
 
 @pytest.mark.parametrize("field,value", [
-    ("module_name", "lp;rm -rf /"), ("module_name", "{{ lookup('pipe','id') }}"), ("filename", "../x.ko"),
-    ("sha256", "zz"), ("release", "6.1 && reboot")])
-def test_hostile_plan_values_are_refused(field, value, tmp_path):
-    _, cand = artifact(tmp_path)
-    plan = plan_for([["h1"]], cand, tmp_path / "x.ko")
-    a = plan["assignments"]["h1"]
-    if field == "release":
-        a["release"] = value
-    else:
-        a["artifact"][field] = value
+    ("address", "{{ lookup('pipe', 'id') }}"), ("user", "root -oProxyCommand=x"), ("known_hosts", "/k/{% x %}"),
+    ("identity_file", "/k/a b")])
+def test_hostile_connection_values_are_refused(field, value):
     with pytest.raises(ConfigError):
-        build_inventory(plan, {"h1": _H()}, {cand.id: "/tmp/x.ko"}, [], rollout_hosts=["h1"], rollback_hosts=[])
+        connection_vars(_H(**{field: value}), ["/k/main"])
 
 
-def test_template_markers_in_connection_values_are_refused(tmp_path):
-    _, cand = artifact(tmp_path)
-    plan = plan_for([["h1"]], cand, tmp_path / "x.ko")
-    with pytest.raises(ConfigError):
-        build_inventory(plan, {"h1": _H(address="{{ lookup('pipe', 'id') }}")}, {cand.id: "/tmp/x.ko"}, [],
-                        rollout_hosts=["h1"], rollback_hosts=[])
+def test_connection_vars_are_strict_and_dump_unsafe():
+    v = connection_vars(_H(known_hosts="/k/extra", identity_file="/k/id"), ["/k/main"], "/usr/bin/python3")
+    assert "StrictHostKeyChecking=yes" in v["ansible_ssh_common_args"]
+    assert "UserKnownHostsFile=/k/main /k/extra" in v["ansible_ssh_common_args"]
+    assert v["ansible_ssh_private_key_file"] == "/k/id"
+    assert "ansible_ssh_private_key_file" not in connection_vars(_H(identity_file="/k/id"), [], with_identity=False)
+    assert dump_yaml({"a": [Unsafe("{{ x }}")]}) == "a:\n- !unsafe '{{ x }}'\n"
+    assert HostAction(src="/x", dest="/y").kind == "copy" and HostAction(argv=("true",)).kind == "command"
 
 
-def test_inventory_orders_hosts_by_wave_and_is_strict(tmp_path):
-    _, cand = artifact(tmp_path)
-    plan = plan_for([["b"], ["c", "a"]], cand, tmp_path / "x.ko")
-    doc = build_inventory(plan, {n: _H(known_hosts="/k/extra") for n in "abc"}, {cand.id: "/tmp/x.ko"},
-                          ["/k/main"], rollout_hosts=["b", "c", "a"], rollback_hosts=[])
-    hosts = doc["all"]["children"]["kpipe_rollout"]["hosts"]
-    assert list(hosts) == ["b", "c", "a"]
-    args = hosts["b"]["ansible_ssh_common_args"]
-    assert "StrictHostKeyChecking=yes" in args and "UserKnownHostsFile=/k/main /k/extra" in args
-    assert hosts["a"]["kpipe_wave"] == 2 and hosts["b"]["kpipe_module"] == "livepatch_demo"
+def test_transport_layer_does_not_import_the_rollout_layer():
+    src = Path(__file__).resolve().parents[1] / "kpipe" / "transport" / "ansible.py"
+    mods = set()
+    for node in ast.walk(ast.parse(src.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module:
+            mods.add(node.module)
+        elif isinstance(node, ast.Import):
+            mods.update(a.name for a in node.names)
+    assert not [m for m in mods if m.startswith("kpipe.rollout")], mods

@@ -8,6 +8,7 @@ command line is parsed: nonsense is a usage error (exit 2) before any host is co
 from __future__ import annotations
 
 import math
+from pathlib import Path
 import sys
 from typing import Any, Callable, Optional
 
@@ -73,6 +74,16 @@ def _policy(value: Optional[str]) -> Optional[str]:
     return value
 
 
+def _engine(value: str) -> str:
+    """--engine: fabric (SSH from this machine) or ansible (ansible-runner), checked at parse time."""
+    if value not in ("fabric", "ansible"):
+        raise typer.BadParameter(f"{value!r} is not one of fabric, ansible")
+    return value
+
+
+_ENGINE = typer.Option("fabric", "--engine", callback=_engine,
+                       help="Who runs the host steps: fabric (SSH from here) or ansible (ansible-runner, "
+                            "the same steps as Ansible tasks). The journal is the same either way.")
 _WAVES = typer.Option(None, "--waves", callback=_waves,
                       help="Cumulative wave sizes: counts or percentages (default: the recipe's, else 1,10%,50%,100%).")
 _LIMIT = typer.Option(None, "--limit", "-l", help="Ansible host pattern (group, glob, a:b, a:&b, a:!b).")
@@ -317,12 +328,22 @@ def _print_summary(s: Any) -> None:
 
 
 def _run_engine(rid: str, what: str, forks: Optional[int], limit: Optional[str] = None,
-                json_out: bool = False, pool: Any = None, hosts: Optional[list] = None) -> Any:
-    from kpipe.rollout.world import engine_for
-
+                json_out: bool = False, pool: Any = None, hosts: Optional[list] = None,
+                engine_name: str = "fabric") -> Any:
     journal = _journal()
-    engine, runner = engine_for(state().workspace, journal, rid, forks=forks, on_event=_progress_printer(json_out),
-                                pool=pool, hosts=hosts, check_blobs=what != "rollback")
+    runner: Any  # the executor's runner: an SSH pool or Ansible plays; closed at the end either way
+    if engine_name == "ansible":
+        from kpipe.rollout.ansible_executor import ansible_engine_for
+
+        engine, runner = ansible_engine_for(state().workspace, journal, rid, forks=forks,
+                                            on_event=_progress_printer(json_out), hosts=hosts,
+                                            check_blobs=what != "rollback")
+    else:
+        from kpipe.rollout.world import engine_for
+
+        engine, runner = engine_for(state().workspace, journal, rid, forks=forks,
+                                    on_event=_progress_printer(json_out), pool=pool, hosts=hosts,
+                                    check_blobs=what != "rollback")
     try:
         if what == "start":
             return engine.start(rid)
@@ -360,6 +381,7 @@ def start_cmd(
     timeout: float = _STEP_TIMEOUT,
     dry_run: bool = typer.Option(False, "--dry-run", help="Print every command for every host; change nothing."),
     no_probe: bool = _NO_PROBE,
+    engine: str = _ENGINE,
     yes: bool = _YES,
     json_out: bool = typer.Option(False, "--json"),
 ) -> None:
@@ -389,14 +411,14 @@ def start_cmd(
     else:
         raise ConfigError("name what to roll out", hint="kpipe rollout start RECIPE|ARTIFACT_ID, or --plan ID")
     try:
-        _start(plan, rid, dry_run, yes, json_out, forks, pool, hosts)
+        _start(plan, rid, dry_run, yes, json_out, forks, pool, hosts, engine)
     finally:
         if pool is not None:
             pool.close()
 
 
 def _start(plan: Any, rid: str, dry_run: bool, yes: bool, json_out: bool, forks: Optional[int], pool: Any,
-           hosts: Optional[list]) -> None:
+           hosts: Optional[list], engine: str = "fabric") -> None:
     from kpipe.rollout.world import check_preflight
 
     if not json_out:
@@ -407,7 +429,10 @@ def _start(plan: Any, rid: str, dry_run: bool, yes: bool, json_out: bool, forks:
         return
     if not yes:
         _confirm(f"Roll out to {len(plan.hosts)} host(s) in {len(plan.waves)} wave(s)?", json_out)
-    _finish(_run_engine(rid, "start", forks, json_out=json_out, pool=pool, hosts=hosts), json_out)
+    if engine == "ansible" and pool is not None:
+        pool.close()  # the planning connections are not used by Ansible
+        pool = None
+    _finish(_run_engine(rid, "start", forks, json_out=json_out, pool=pool, hosts=hosts, engine_name=engine), json_out)
 
 
 def _dry_run(plan: Any, rid: str, json_out: bool, forks: int | None, pool: Any, hosts: list[Any] | None) -> None:
@@ -453,6 +478,7 @@ def _dry_run(plan: Any, rid: str, json_out: bool, forks: int | None, pool: Any, 
 @rollout_app.command("resume")
 def resume_cmd(rollout_id: str = typer.Argument(..., help="Rollout id, or `last` (the last one started)."),
                forks: Optional[int] = _FORKS,
+               engine: str = _ENGINE,
                yes: bool = _YES,
                json_out: bool = typer.Option(False, "--json")) -> None:
     """Continue a rollout from its journal (re-reads every host's real state first).
@@ -462,13 +488,14 @@ def resume_cmd(rollout_id: str = typer.Argument(..., help="Rollout id, or `last`
     rec = _refuse_plan(j, rid, "resume")
     if not yes and _interactive():
         _confirm(f"Resume rollout {rid} ({rec.state}, target {rec.target})?", json_out)
-    _finish(_run_engine(rid, "resume", forks, json_out=json_out), json_out)
+    _finish(_run_engine(rid, "resume", forks, json_out=json_out, engine_name=engine), json_out)
 
 
 @rollout_app.command("rollback")
 def rollback_cmd(rollout_id: str = typer.Argument(..., help="Rollout id, or `last` (the last one started)."),
                  limit: Optional[str] = typer.Option(None, "--limit", "-l", help="Only hosts matching these globs."),
                  forks: Optional[int] = _FORKS,
+                 engine: str = _ENGINE,
                  yes: bool = _YES,
                  json_out: bool = typer.Option(False, "--json")) -> None:
     """Roll back every host the rollout applied (disable, wait, unload, verify removal).
@@ -479,7 +506,7 @@ def rollback_cmd(rollout_id: str = typer.Argument(..., help="Rollout id, or `las
     if not yes and _interactive():
         _confirm(f"Roll back rollout {rid} ({rec.state}, target {rec.target})"
                  + (f" on hosts matching {limit}" if limit else "") + "?", json_out)
-    s = _run_engine(rid, "rollback", forks, limit, json_out=json_out)
+    s = _run_engine(rid, "rollback", forks, limit, json_out=json_out, engine_name=engine)
     if json_out:
         print_json(s.to_dict())
     else:
@@ -490,6 +517,30 @@ def rollback_cmd(rollout_id: str = typer.Argument(..., help="Rollout id, or `las
 
         raise KpipeError(f"rollback incomplete on {len(bad)} host(s): {', '.join(bad[:5])}",
                          hint=f"fix them, then `kpipe rollout resume {rid}`")
+
+
+@rollout_app.command("export")
+def export_cmd(rollout_id: str = typer.Argument(..., help="Rollout id, or `last` (the last one started)."),
+               ansible_dir: Path = typer.Option(..., "--ansible", help="Write a self-contained Ansible project "
+                                                "(playbook, inventory, vars, module files) to this new folder."),
+               json_out: bool = typer.Option(False, "--json")) -> None:
+    """Export a stored rollout as an Ansible project for ansible-playbook or AWX / Automation Platform."""
+    from kpipe.rollout.ansible_export import export_ansible
+    from kpipe.rollout.planner import RolloutPlan
+
+    j = _journal()
+    rid = _resolve(j, rollout_id)
+    plan = RolloutPlan.from_dict(j.get(rid).plan)
+    if not plan.hosts:
+        from kpipe.errors import ConfigError
+
+        raise ConfigError(f"rollout {rid} has no eligible host", hint="see `kpipe rollout status`")
+    summary = export_ansible(state().workspace, rid, plan, ansible_dir)
+    if json_out:
+        print_json(summary)
+        return
+    state().console.print(f"wrote {esc(summary['folder'])}: {summary['hosts']} host(s) in waves "
+                          f"{summary['waves']}; run `ansible-playbook playbook.yml` there", markup=True)
 
 
 @rollout_app.command("abort")
