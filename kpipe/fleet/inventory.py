@@ -64,12 +64,12 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator, Sequence
+from typing import TYPE_CHECKING, Any
 
 from kpipe.errors import ConfigError, NotFoundError
-
 from kpipe.host import Host as Host  # noqa: PLC0414  (the record this module produces, re-exported)
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -220,7 +220,8 @@ def host_from_vars(name: str, hv: dict[str, Any], groups: tuple[str, ...] = ()) 
             raise ConfigError(f"{where}: {var} must be a string, got {type(value).__name__}")
         value = str(value)
         if "{{" in value or "{%" in value:
-            raise ConfigError(f"{where}: {var} is a Jinja template ({value!r}); kpipe reads inventory variables as data",
+            raise ConfigError(f"{where}: {var} is a Jinja template ({value!r}); "
+                              "kpipe reads inventory variables as data",
                               hint="set the resolved value in the inventory")
         if any(ord(c) < 32 or ord(c) == 127 for c in value):
             raise ConfigError(f"{where}: {var} contains a control character: {value!r}")
@@ -299,7 +300,7 @@ class _Warnings(list[str]):
     ctx: Any = None
     fmt: Any = None
 
-    def refresh(self) -> "_Warnings":
+    def refresh(self) -> _Warnings:
         if self.ctx is not None:
             self[:] = [" ".join(self.fmt(w, False).split()) for w in self.ctx.get_warnings()]
         return self
@@ -339,7 +340,7 @@ def _captured_warnings() -> Iterator[_Warnings]:
             messages.refresh()
 
 
-def default_sources(workspace: "Workspace | None") -> list[Path]:
+def default_sources(workspace: Workspace | None) -> list[Path]:
     """The sources a workspace names: [fleet] inventories, fleet.yml, .lab/inventory.yml."""
     if workspace is None:
         return []
@@ -445,14 +446,14 @@ def _bounded_inventory_scripts(clock: _ScriptClock) -> Iterator[None]:
         module.subprocess = subprocess  # type: ignore[attr-defined]
 
 
-def inventory_timeout(workspace: "Workspace | None") -> float:
+def inventory_timeout(workspace: Workspace | None) -> float:
     """Seconds a dynamic inventory script may run: [fleet] inventory_timeout (default 60)."""
     from kpipe.settings import DEFAULT_INVENTORY_TIMEOUT
 
     return workspace.settings.fleet.inventory_timeout if workspace is not None else DEFAULT_INVENTORY_TIMEOUT
 
 
-def load_inventory(workspace: "Workspace | None", sources: Sequence[str | os.PathLike[str]] | None = None) -> Inventory:
+def load_inventory(workspace: Workspace | None, sources: Sequence[str | os.PathLike[str]] | None = None) -> Inventory:
     """Read every inventory source with ansible-core; ConfigError names the file that fails.
 
     A dynamic inventory script that runs longer than [fleet] inventory_timeout is killed with its
@@ -733,7 +734,7 @@ def _fingerprint(paths: Sequence[Path]) -> str | None:
     return h.hexdigest()
 
 
-def select_hosts(workspace: "Workspace | None", pattern: str | None = None,
+def select_hosts(workspace: Workspace | None, pattern: str | None = None,
                  sources: Sequence[str | os.PathLike[str]] | None = None) -> list[Host]:
     """`load_inventory(workspace, sources).select(pattern)`, answered from the store when no
     inventory file changed since the same selection was last resolved."""

@@ -21,18 +21,21 @@ import fnmatch
 import sys
 import threading
 import time
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Mapping, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from kpipe.commands import Command, CommandResult
-from kpipe.errors import CommandTimeout, KpipeError, ConfigError, TransportError
+from kpipe.errors import CommandTimeout, ConfigError, KpipeError, TransportError
 from kpipe.fleet import livepatch as lp
+from kpipe.fleet.observe import run_reads_on
 from kpipe.kernel import normalize_arch
+from kpipe.plan import Recorder, Step, StepFailed, StepTransport, run_step, run_steps
 from kpipe.rollout.gate import SoakWatch, decide, soak_schedule
 from kpipe.rollout.journal import Journal, host_state
 from kpipe.rollout.planner import Assignment, RolloutPlan
-from kpipe.plan import Recorder, Step, StepFailed, StepTransport, run_step, run_steps
 
 if TYPE_CHECKING:  # pragma: no cover
     from kpipe.builder.spec import Probe
@@ -71,6 +74,24 @@ class PoolRunner:
 
     def close(self) -> None:
         self.pool.close()
+
+
+@dataclass(frozen=True)
+class _HostName:
+    """A host as the observer takes it (by name): the Runner holds the connection records."""
+
+    name: str
+
+
+class _RunnerFanOut:
+    """The engine's Runner (keyed by host name) as the observer's fan-out."""
+
+    def __init__(self, runner: Runner):
+        self.runner = runner
+
+    def run_many(self, targets: Iterable[_HostName], fn: Callable[[Any], Any],
+                 forks: int | None = None) -> Mapping[str, Any]:
+        return self.runner.run_many([t.name for t in targets], fn, forks or 1)
 
 
 @dataclass(frozen=True)
@@ -202,10 +223,10 @@ def preflight_problems(a: Assignment, facts: Mapping[str, str], state: lp.HostLi
     comparable = expect is not None and expect.known and mod.identity().known
     if other:
         problems.append(f"a different build of {name} is loaded ({other})")
-    elif (ours is not None or mod.present) and not ours_by_journal and not comparable:
-        if staged != a.artifact.sha256:
-            problems.append(f"a different build of {name} is loaded (installed file checksum "
-                            f"{staged[:12] if staged != 'absent' else 'absent'}, want {a.artifact.sha256[:12]})")
+    elif (ours is not None or mod.present) and not ours_by_journal and not comparable \
+            and staged != a.artifact.sha256:
+        problems.append(f"a different build of {name} is loaded (installed file checksum "
+                        f"{staged[:12] if staged != 'absent' else 'absent'}, want {a.artifact.sha256[:12]})")
     return problems
 
 
@@ -295,7 +316,7 @@ def apply_host(t: StepTransport, a: Assignment, local_path: Path, probe: Probe |
     steps = apply_plan(a, facts, state, local_path, probe, journal_marker=journal_marker, persist=persist,
                        timeout=timeout, expect=expect)
     values = run_steps(t, steps, rec)
-    verified = [v for s, v in zip(steps, values) if s.name == "verify"][-1]
+    verified = [v for s, v in zip(steps, values, strict=True) if s.name == "verify"][-1]
     return HostResult(t.name, "applied", "", "verify", {"probe_output": verified.probe_output[-200:]})
 
 
@@ -512,8 +533,8 @@ class Engine:
                 return self._aborted(rid)
             self.journal.update_detail(rid, wave=wave_no)
             self.emit(kind="wave-start", rollout_id=rid, wave=wave_no, data={"hosts": list(wave), "todo": todo})
-            results = self.runner.run_many(todo, lambda t: self._apply_one(rid, plan, t, wave_no, states),
-                                           opts.forks) if todo else {}
+            apply_one = partial(self._apply_one, rid, plan, wave=wave_no, states=states)
+            results = self.runner.run_many(todo, apply_one, opts.forks) if todo else {}
             skipped = False
             for h in todo:
                 r = results.get(h)
@@ -540,7 +561,7 @@ class Engine:
                 if wait > 0:
                     self.sleep(wait)
                 live = [h for h in applied if h not in failures]
-                round_ = self.runner.run_many(live, lambda t: self._reverify(plan, t), opts.forks) if live else {}
+                round_ = self._reverify(plan, live) if live else {}
                 results_ok = {}
                 for h, v in round_.items():
                     results_ok[h] = (False, classify(v)[1]) if isinstance(v, BaseException) else v
@@ -591,7 +612,7 @@ class Engine:
         done = [h for h in plan.hosts if host_state(h, self.journal.entries(rid, h)).outcome == "applied"]
         if not done:
             return
-        results = self.runner.run_many(done, lambda t: self._reverify(plan, t), plan.options.forks)
+        results = self._reverify(plan, done)
         for h in done:
             v = results.get(h)
             a = plan.assignments[h]
@@ -628,10 +649,22 @@ class Engine:
         self._outcome(rid, r, wave, a)
         return r
 
-    def _reverify(self, plan: RolloutPlan, t: Any) -> tuple[bool, str]:
-        a = plan.assignments[t.name]
-        v = lp.verify_loaded(t, a.sysfs_name, "", probe_of(plan, a), self.identity(a))
-        return v.ok, "; ".join(v.problems)
+    def _reverify(self, plan: RolloutPlan, hosts: list[str]) -> dict[str, tuple[bool, str] | BaseException]:
+        """Re-verify applied hosts through the one observer (read steps only: state, log, probe):
+        per host (ok, problems), or the exception that stopped its reads."""
+        def steps_for(name: str) -> list[Step[lp.Verification]]:
+            a = plan.assignments[name]
+            return lp.verify_loaded_plan(a.sysfs_name, "", probe_of(plan, a), self.identity(a))
+
+        raw = run_reads_on(_RunnerFanOut(self.runner), [_HostName(h) for h in hosts], steps_for,
+                           plan.options.forks)
+        out: dict[str, tuple[bool, str] | BaseException] = {}
+        for h, v in raw.items():
+            if isinstance(v, lp.VerifyFailed):  # the host answered and its patch is not right: a regression
+                out[h] = (False, "; ".join(v.verification.problems))
+            else:
+                out[h] = v if isinstance(v, BaseException) else (True, "")
+        return out
 
     def _rollback(self, rid: str, plan: RolloutPlan, hosts: list[str], *, final_all: bool,
                   halt_reason: str = "") -> RunSummary:
@@ -713,7 +746,7 @@ def summarize(journal: Journal, rid: str) -> RunSummary:
         # no outcome yet: "pending" if never touched, "interrupted" if kpipe died in its pipeline
         hosts[h] = st.outcome or ("interrupted" if entries else "pending")
         # keep the first failure's reason even after a rollback outcome followed it
-        why = [e.detail.get("reason") for e in entries if e.step == "outcome" and e.detail.get("reason")]
+        why = [str(e.detail["reason"]) for e in entries if e.step == "outcome" and e.detail.get("reason")]
         if why:
             reasons[h] = why[-1] if st.outcome != "rolled_back" else why[0]
         step = _open_rollback(entries)
