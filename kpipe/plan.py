@@ -17,7 +17,7 @@ import shlex
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Generic, Protocol, TypeVar
+from typing import Any, Generic, Protocol, TypeVar, runtime_checkable
 
 from kpipe.commands import Command, CommandResult
 from kpipe.errors import KpipeError
@@ -75,6 +75,7 @@ class Step(Generic[T]):
         return self.action.display()
 
 
+@runtime_checkable
 class StepTransport(Protocol):
     """What the core needs from a transport to run steps: the minimal protocol. The edges'
     kpipe.transport.base.Transport extends it; the core imports this one, never kpipe.transport."""
