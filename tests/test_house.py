@@ -14,19 +14,17 @@ from kpipe.errors import ConfigError
 from kpipe.fleet import observe
 from kpipe.fleet.inventory import load_inventory
 from kpipe.plan import Step
-from kpipe.rollout.journal import Journal
 from kpipe.rollout.world import engine_for
 from simfleet import simfleet_factory  # noqa: F401  (the session fixture)
-from test_plans import RecordingRunner, normal
+from test_plans import normal, start_recorded
 from test_rollout_engine import MODULE, make_plan, setup_ws
 
 # -- the gate's soak and resume's re-check read through the one observer ------------------------------------------
 
+def watch_observer(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, list[Step[Any]]]]:
+    """Each call the engine makes to the observer, as host -> the steps it asked for (the real observer runs them).
 
-def test_soak_reverification_runs_only_the_observers_read_steps(simfleet_factory, tmp_path, monkeypatch):
-    fleet = simfleet_factory(2)
-    ws, art = setup_ws(fleet, tmp_path)
-    _, journal, rid = make_plan(ws, art, fleet.hosts, waves="1,100%", soak_s=1.0, verify_interval_s=0.5)
+    raising=True: the engine must reach the hosts through kpipe.fleet.observe's run_reads_on."""
     planned: list[dict[str, list[Step[Any]]]] = []
     real = observe.run_reads_on
 
@@ -34,15 +32,17 @@ def test_soak_reverification_runs_only_the_observers_read_steps(simfleet_factory
         planned.append({t.name: list(steps_for(t.name)) for t in targets})
         return real(pool, targets, steps_for, forks)
 
-    # the engine's soak must reach the hosts through kpipe.fleet.observe (raising=True: the name must exist)
     monkeypatch.setattr(engine_mod, "run_reads_on", seen, raising=True)
-    engine, runner = engine_for(ws, Journal(ws.store), rid)
-    rec = RecordingRunner(runner, [h.name for h in fleet.hosts])
-    engine.runner = rec
-    try:
-        s = engine.start(rid)
-    finally:
-        rec.close()
+    return planned
+
+
+
+def test_soak_reverification_runs_only_the_observers_read_steps(simfleet_factory, tmp_path, monkeypatch):
+    fleet = simfleet_factory(2)
+    ws, art = setup_ws(fleet, tmp_path)
+    _, journal, rid = make_plan(ws, art, fleet.hosts, waves="1,100%", soak_s=1.0, verify_interval_s=0.5)
+    planned = watch_observer(monkeypatch)
+    s, rec = start_recorded(ws, rid, [h.name for h in fleet.hosts])
     assert s.state == "completed" and set(s.hosts.values()) == {"applied"}, s
     first, second = (h.name for h in fleet.hosts)
     # two rounds per wave: the canary in both waves' soaks, the second host in the last wave's
@@ -73,21 +73,14 @@ def test_resume_recheck_reads_through_the_observer(simfleet_factory, tmp_path, m
     r = subprocess.run(fleet.hosts[0].ssh_argv(script), capture_output=True, text=True, timeout=60, check=False)
     assert r.returncode == 0, r.stderr
     journal.record(rid, other, 2, "outcome", "done", {"state": "unreachable", "reason": "test"})
-    planned: list[list[str]] = []
-    real = observe.run_reads_on
-
-    def seen(pool: Any, targets: Any, steps_for: Any, forks: int | None = None) -> Any:
-        planned.append(sorted(t.name for t in targets))
-        assert all(not st.writes for t in targets for st in steps_for(t.name))
-        return real(pool, targets, steps_for, forks)
-
-    monkeypatch.setattr(engine_mod, "run_reads_on", seen, raising=True)
+    planned = watch_observer(monkeypatch)
     engine, runner = engine_for(ws, journal, rid)
     try:
         s = engine.resume(rid)
     finally:
         runner.close()
-    assert planned and planned[0] == [canary]
+    assert planned and sorted(planned[0]) == [canary]
+    assert not any(st.writes for p in planned for steps in p.values() for st in steps)
     assert s.hosts[canary] in ("failed", "rolled_back") and "regressed before resume" in s.reasons[canary], s
 
 

@@ -604,6 +604,17 @@ class RecordingRunner:
         self.inner.close()
 
 
+def start_recorded(ws: Any, rid: str, hosts: list[str]) -> tuple[Any, RecordingRunner]:
+    """Run a planned rollout with the engine over SSH, recording every argv each host ran: (summary, recorder)."""
+    engine, runner = engine_for(ws, Journal(ws.store), rid)
+    rec = RecordingRunner(runner, hosts)
+    engine.runner = rec
+    try:
+        return engine.start(rid), rec
+    finally:
+        rec.close()
+
+
 _UUID = re.compile(r"(kpipe: marker )[0-9a-f]{32}")
 
 
@@ -638,13 +649,7 @@ def test_dry_run_prints_the_argv_the_fabric_executor_then_runs(simfleet_factory,
     assert {h.name: host_tree(h) for h in fleet.hosts} == before
     assert journal.entries(rid) == []
 
-    engine, runner = engine_for(ws, Journal(ws.store), rid)
-    rec = RecordingRunner(runner, [h.name for h in fleet.hosts])
-    engine.runner = rec
-    try:
-        s = engine.start(rid)
-    finally:
-        rec.close()
+    s, rec = start_recorded(ws, rid, [h.name for h in fleet.hosts])
     assert s.state == "completed" and set(s.hosts.values()) == {"applied"}, s
     for h in fleet.hosts:
         ran = rec.argv[h.name]
