@@ -39,6 +39,8 @@ from kpipe.rollout.planner import Assignment, RolloutPlan
 
 if TYPE_CHECKING:  # pragma: no cover
     from kpipe.builder.spec import Probe
+    from kpipe.host import Host
+    from kpipe.transport.base import Pool
 
 T = TypeVar("T")
 
@@ -57,7 +59,7 @@ class Runner(Protocol):
 class PoolRunner:
     """A Runner over kpipe.transport.ssh.SshPool and the hosts' Host records."""
 
-    def __init__(self, pool: Any, targets: Mapping[str, Any], forks: int | None = None):
+    def __init__(self, pool: Pool, targets: Mapping[str, Host], forks: int | None = None):
         self.pool = pool
         self.targets = dict(targets)
         self.forks = forks  # the operator's --forks wins over the plan's
@@ -149,7 +151,7 @@ def classify(e: BaseException) -> tuple[str, str]:
     return "failed", f"{type(e).__name__}: {e}"
 
 
-def probe_of(plan: RolloutPlan, a: Assignment) -> Any:
+def probe_of(plan: RolloutPlan, a: Assignment) -> Probe | None:
     """The recipe's probe for this host's artifact, as a kpipe.builder.spec.Probe (or None)."""
     d = plan.probes.get(a.artifact.id)
     if not d or not d.get("argv"):
@@ -629,7 +631,8 @@ class Engine:
         self.emit(kind="rollout-end", rollout_id=rid, phase="aborted", data=s.to_dict())
         return s
 
-    def _apply_one(self, rid: str, plan: RolloutPlan, t: Any, wave: int, states: Mapping[str, Any]) -> HostResult:
+    def _apply_one(self, rid: str, plan: RolloutPlan, t: StepTransport, wave: int,
+                   states: Mapping[str, Any]) -> HostResult:
         a = plan.assignments[t.name]
         if self.journal.abort_requested(rid):
             return HostResult(t.name, "skipped", "aborted before this host started")
@@ -674,7 +677,7 @@ class Engine:
         persisted = {h for h in todo if any(e.step == "persist" and e.phase == "done" and e.detail.get("persisted")
                                             for e in self.journal.entries(rid, h))}
 
-        def one(t: Any) -> HostResult:
+        def one(t: StepTransport) -> HostResult:
             a = plan.assignments[t.name]
             rec = self._recorder(rid, t.name, a.wave)
             try:
@@ -709,7 +712,7 @@ class Engine:
     def dry_run(self, plan: RolloutPlan) -> dict[str, list[Step[Any]] | BaseException]:
         """Every host's steps: its preflight read runs (reads only), the plan built from the facts it
         returned is not run. A host that cannot be read or that its preflight refuses maps to the error."""
-        def one(t: Any) -> list[Step[Any]]:
+        def one(t: StepTransport) -> list[Step[Any]]:
             a = plan.assignments[t.name]
             return dry_run_host(t, a, self.local_path(a), probe_of(plan, a), persist=plan.options.persist,
                                 timeout=plan.options.step_timeout_s, expect=self.identity(a))
