@@ -655,19 +655,22 @@ class Engine:
     def _reverify(self, plan: RolloutPlan, hosts: list[str]) -> dict[str, tuple[bool, str] | BaseException]:
         """Re-verify applied hosts through the one observer (read steps only: state, log, probe):
         per host (ok, problems), or the exception that stopped its reads."""
-        def steps_for(name: str) -> list[Step[lp.Verification]]:
-            a = plan.assignments[name]
-            return lp.verify_loaded_plan(a.sysfs_name, "", probe_of(plan, a), self.identity(a))
-
-        raw = run_reads_on(_RunnerFanOut(self.runner), [_HostName(h) for h in hosts], steps_for,
-                           plan.options.forks)
         out: dict[str, tuple[bool, str] | BaseException] = {}
+        plans: dict[str, list[Step[lp.Verification]]] = {}
+        for h in hosts:
+            a = plan.assignments[h]
+            try:
+                plans[h] = lp.verify_loaded_plan(a.sysfs_name, "", probe_of(plan, a), self.identity(a))
+            except KpipeError as e:  # e.g. a module name a hand-edited journal made unusable: this host's failure
+                out[h] = e
+        raw = run_reads_on(_RunnerFanOut(self.runner), [_HostName(h) for h in plans], plans.__getitem__,
+                           plan.options.forks)
         for h, v in raw.items():
             if isinstance(v, lp.VerifyFailed):  # the host answered and its patch is not right: a regression
                 out[h] = (False, "; ".join(v.verification.problems))
             else:
                 out[h] = v if isinstance(v, BaseException) else (True, "")
-        return out
+        return {h: out[h] for h in hosts}  # in the caller's order, as the journal records them
 
     def _rollback(self, rid: str, plan: RolloutPlan, hosts: list[str], *, final_all: bool,
                   halt_reason: str = "") -> RunSummary:
