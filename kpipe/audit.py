@@ -24,8 +24,6 @@ from functools import partial
 from typing import Any, Protocol
 
 from kpipe.desired import (  # noqa: F401 -- the desired side, re-exported: callers see one audit API
-    DEFAULT_ALLOWED_TAINT,
-    TAINT_LETTERS,
     AppliedRecord,
     DesiredPatch,
     DesiredState,
@@ -38,10 +36,9 @@ from kpipe.desired import (  # noqa: F401 -- the desired side, re-exported: call
     load_desired_file,
     module_name,
     parse_desired_text,
-    taint_letters,
-    taint_mask,
 )
 from kpipe.findings import Finding, Severity
+from kpipe.taint import DEFAULT_ALLOWED_TAINT, TAINT_LETTERS, taint_letters, taint_mask  # noqa: F401 -- re-exported
 
 
 class Verdict(StrEnum):
@@ -300,7 +297,8 @@ def evaluate_host(desired: DesiredState, obs: ObservedHost) -> HostAudit:
             assert want is not None
             if not _kernel_applies(want, obs.kernel):
                 if want.source.startswith("rollout"):
-                    detail = f"not loaded; host now runs {obs.kernel}, artifact {want.artifact_id or '?'} is for {want.kernel}"
+                    detail = (f"not loaded; host now runs {obs.kernel}, "
+                              f"artifact {want.artifact_id or '?'} is for {want.kernel}")
                     rows.append(row(MISSING, detail))
                 # a file rule scoped to another kernel does not apply to this host
                 continue

@@ -247,7 +247,7 @@ def _recipe_for_release(ws: Workspace, recipe: Recipe, release: str, modules_bui
 
     ConfigError (file:line) on a problem.
     """
-    from kpipe.audit import module_name
+    from kpipe.desired import module_name
     from kpipe.kernel import parse_release
     from kpipe.recipes.loading import _display
     from kpipe.recipes.problems import _Problems, _raise_first

@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from kpipe.errors import ConfigError, NotFoundError
+from kpipe.taint import DEFAULT_ALLOWED_TAINT, taint_mask
 from kpipe.yamlnodes import LineDict, YamlError, load_yaml
 
 
@@ -53,38 +54,11 @@ class Unmanaged(StrEnum):
     IGNORE = "ignore"
 
 
-# Taint bits, Documentation/admin-guide/tainted-kernels.rst (bit -> letter).
-TAINT_LETTERS: dict[int, str] = {
-    0: "P", 1: "F", 2: "S", 3: "R", 4: "M", 5: "B", 6: "U", 7: "D", 8: "A", 9: "W",
-    10: "C", 11: "I", 12: "O", 13: "E", 14: "L", 15: "K", 16: "X", 17: "T", 18: "N",
-}
-_LETTER_BITS = {v: k for k, v in TAINT_LETTERS.items()}
-# Loading a live patch sets K (15, stays set after unload), O (12) for an
-# out-of-tree module and E (13) when unsigned or signed by an unknown key.
-DEFAULT_ALLOWED_TAINT = (1 << 12) | (1 << 13) | (1 << 15)
-
-
 def module_name(name: str) -> str:
     """The name sysfs and lsmod show for a module: '-' becomes '_', '.ko' dropped."""
     base = name.rsplit("/", 1)[-1]
     base = base.removesuffix(".ko")
     return base.replace("-", "_")
-
-
-def taint_letters(mask: int) -> str:
-    """Taint bits as the kernel's letters, e.g. 45056 -> 'OEK'."""
-    return "".join(TAINT_LETTERS.get(b, f"bit{b}") for b in range(32) if mask & (1 << b))
-
-
-def taint_mask(letters: Iterable[str]) -> int:
-    """The mask for taint letters ('K', 'O'...); ValueError on an unknown letter."""
-    mask = 0
-    for letter in letters:
-        letter = str(letter).strip().upper()
-        if letter not in _LETTER_BITS:
-            raise ValueError(f"unknown taint letter {letter!r}")
-        mask |= 1 << _LETTER_BITS[letter]
-    return mask
 
 
 # -- desired state -------------------------------------------------------------------------------------------------
@@ -276,7 +250,8 @@ def apply_desired_file(
                 raise bad(rule, efld, "must be a module name or a mapping with name, sha256, kernel")
             unknown = set(entry) - {"name", "sha256", "kernel", "artifact"}
             if unknown:
-                raise bad(entry, f"{efld}.{min(map(str, unknown))}", "unknown key (allowed: name, sha256, kernel, artifact)")
+                raise bad(entry, f"{efld}.{min(map(str, unknown))}",
+                          "unknown key (allowed: name, sha256, kernel, artifact)")
             name = entry.get("name")
             if not isinstance(name, str) or not name.strip():
                 raise bad(entry, f"{efld}.name", "must be a module name")

@@ -40,7 +40,7 @@ class Host:
         }
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "Host":
+    def from_dict(cls, d: dict[str, Any]) -> Host:
         """The inverse of to_dict (KeyError/TypeError/ValueError on a damaged document)."""
         return cls(name=str(d["name"]), address=str(d["address"]), port=int(d["port"]), user=str(d["user"]),
                    identity_file=str(d["identity_file"]), become=bool(d["become"]),

@@ -17,7 +17,7 @@ import shlex
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Generic, Protocol, TypeVar
+from typing import Any, Generic, Protocol, TypeVar, runtime_checkable
 
 from kpipe.commands import Command, CommandResult
 from kpipe.errors import KpipeError
@@ -75,14 +75,20 @@ class Step(Generic[T]):
         return self.action.display()
 
 
+@runtime_checkable
 class StepTransport(Protocol):
-    """What `run_steps` needs from a transport."""
+    """What the core needs from a transport to run steps: the minimal protocol. The edges'
+    kpipe.transport.base.Transport extends it; the core imports this one, never kpipe.transport."""
 
     name: str
 
-    def run(self, cmd: Command) -> CommandResult: ...
+    def run(self, cmd: Command) -> CommandResult:
+        """Run one command; return its exit status and output (a non-zero exit is a result)."""
+        ...
 
-    def put(self, local: Path, remote: str) -> None: ...
+    def put(self, local: Path, remote: str) -> None:
+        """Copy a local file to a remote path."""
+        ...
 
 
 def execute(t: StepTransport, step: Step[T]) -> T:

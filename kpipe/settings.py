@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from kpipe.errors import ConfigError
+from kpipe.taint import TAINT_LETTERS
 
 # Enums. Mirrors of constants whose modules are slow to import (kpipe.recipes, cryptography);
 # tests/test_truth_config.py checks they stay equal to the originals.
@@ -833,9 +834,6 @@ def _lab(r: _Reader, data: dict[str, Any]) -> LabSettings:
                        append=r.string(d, "append", p), kernels=kernels)
 
 
-_TAINT_LETTERS = "PFSRMBUDAWCIOELKXTN"  # kpipe.audit.TAINT_LETTERS, bits 0..18
-
-
 def _audit(r: _Reader, data: dict[str, Any]) -> AuditSettings:
     p = ("audit",)
     d = r.table(data.get("audit", {}), p, ("desired", "allowed_taint"))
@@ -849,10 +847,10 @@ def _audit(r: _Reader, data: dict[str, Any]) -> AuditSettings:
                     'write e.g. allowed_taint = "OEK" or ["O", "E", "K"]')
         else:
             norm = [x.strip().upper() for x in letters if x.strip()]
-            bad = [x for x in norm if x not in _TAINT_LETTERS or len(x) != 1]
+            bad = [x for x in norm if x not in TAINT_LETTERS or len(x) != 1]
             if bad:
                 r.error(q, f"audit.allowed_taint has unknown taint letter(s) {', '.join(map(repr, bad))}",
-                        f"taint letters: {_TAINT_LETTERS}")
+                        f"taint letters: {TAINT_LETTERS}")
             else:
                 allowed = tuple(norm)
     return AuditSettings(desired=r.string(d, "desired", p), allowed_taint=allowed)

@@ -316,8 +316,9 @@ def _check_read(store: Store, artifact: Artifact, sha256: str) -> None:
                            hint="the file was changed after it was stored; rebuild it (`kpipe build --force`)")
 
 
-def validate_and_record(workspace: Workspace, artifact: Artifact, *, symbol_files: Iterable[str | os.PathLike[str]] = (),
-                        certs: Iterable[Any] = (), strict: bool | None = None, kernel: str | None = None,
+def validate_and_record(workspace: Workspace, artifact: Artifact, *,
+                        symbol_files: Iterable[str | os.PathLike[str]] = (), certs: Iterable[Any] = (),
+                        strict: bool | None = None, kernel: str | None = None,
                         own: bool | None = None) -> ValidationReport:
     """Validate an artifact (for its kernel, or another) and keep the report as a record with its options.
     Only its own validation (own=True, or options equal to the artifact's own: see _is_own) sets its

@@ -6,11 +6,11 @@ import pytest
 
 import kenv
 from kpipe import audit as A
-from kpipe.fleet import factstore
 from kpipe.audit import AppliedRecord as R
 from kpipe.audit import ObservedHost as H
 from kpipe.audit import ObservedPatch as P
 from kpipe.errors import ConfigError, NotFoundError
+from kpipe.fleet import factstore
 
 SHA1 = "a" * 64
 SHA2 = "b" * 64

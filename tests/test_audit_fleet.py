@@ -17,7 +17,6 @@ import pytest
 
 import kenv
 from exposition import parse_exposition
-from kpipe import audit as A
 from kpipe.fleet import auditing
 from simfleet import simfleet_factory  # noqa: F401  (fixture)
 

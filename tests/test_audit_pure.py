@@ -98,7 +98,7 @@ def test_an_error_is_an_unreachable_verdict_for_every_desired_patch() -> None:
 def test_verdicts_are_a_strenum_and_json_keeps_plain_strings() -> None:
     assert [str(v) for v in A.Verdict] == ["compliant", "disabled", "transition", "missing", "wrong_hash",
                                            "unexpected", "unexpected_taint", "unreachable"]
-    assert A.STATUSES == tuple(A.Verdict) and A.MISSING is A.Verdict.MISSING
+    assert tuple(A.Verdict) == A.STATUSES and A.MISSING is A.Verdict.MISSING
     result = A.evaluate(A.desired_from_records([applied()]),
                         [A.observed_from_facts(parse_facts("h1", facts_text(tainted=0)))], generated_at=0)
     text = json.dumps(result.to_dict())

@@ -12,8 +12,8 @@ import pytest
 
 from kpipe.errors import ExitCode, TransportError
 from kpipe.fleet.facts import HostFacts
-from kpipe.fleet.observe import gather_facts
 from kpipe.fleet.inventory import load_inventory
+from kpipe.fleet.observe import gather_facts
 from kpipe.workspace import load_workspace
 from simfleet import SimFleet, simfleet_factory  # noqa: F401  (the fixture)
 

@@ -92,7 +92,8 @@ def test_empty_documents_and_alias_bombs() -> None:
     with pytest.raises(YamlError, match="the recipe is empty"):
         compose_yaml("# nothing\n", what="recipe")
     bomb = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
-        f"{c}: &{c} [*{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}]\n" for p, c in zip("abcdef", "bcdefg"))
+        f"{c}: &{c} [*{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}]\n"
+        for p, c in zip("abcdef", "bcdefg", strict=True))
     with pytest.raises(YamlError, match="too large"):
         load_yaml(bomb, max_nodes=1000)
 

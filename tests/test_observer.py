@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from simfleet import SimFleet, fake_module, simfleet_factory  # noqa: F401  (the fixture)
 
 from kpipe.commands import Command, CommandResult
 from kpipe.errors import TransportError
@@ -22,7 +21,6 @@ from kpipe.fleet.inventory import load_inventory
 from kpipe.fleet.observe import (
     Observation,
     gather_facts,
-    livepatch_state_step,
     observation_steps,
     observe,
     pool_for,
@@ -30,6 +28,7 @@ from kpipe.fleet.observe import (
 )
 from kpipe.plan import Step, StepFailed
 from kpipe.workspace import load_workspace
+from simfleet import SimFleet, fake_module, simfleet_factory  # noqa: F401  (the fixture)
 
 NAME = "livepatch_obs"
 
@@ -244,7 +243,7 @@ def test_observation_steps_table(modules: tuple[str, ...], dmesg: bool, names: l
 
 
 def test_state_step_argv_names_only_valid_modules() -> None:
-    step = livepatch_state_step("lp-a", "lp_b")
+    step = lp.state_step("lp-a", "lp_b")
     assert step.argv()[-2:] == ("lp_a", "lp_b") and step.action.sudo
 
 

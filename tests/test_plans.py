@@ -17,8 +17,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from simfleet import simfleet_factory  # noqa: F401  (the session fixture)
-from test_rollout_engine import MODULE, RELEASE, make_plan, setup_ws
 
 from kpipe.builder.spec import Probe
 from kpipe.commands import Command, CommandResult
@@ -28,6 +26,8 @@ from kpipe.rollout import engine as eng
 from kpipe.rollout.journal import Journal
 from kpipe.rollout.planner import Assignment, Candidate
 from kpipe.rollout.world import engine_for
+from simfleet import simfleet_factory  # noqa: F401  (the session fixture)
+from test_rollout_engine import MODULE, RELEASE, make_plan, setup_ws
 
 CAPTURED = Path(__file__).parent / "data" / "livepatch"
 R = "6.1.0-56-amd64"  # the captured kernel's release (parser data only)
@@ -604,6 +604,17 @@ class RecordingRunner:
         self.inner.close()
 
 
+def start_recorded(ws: Any, rid: str, hosts: list[str]) -> tuple[Any, RecordingRunner]:
+    """Run a planned rollout with the engine over SSH, recording every argv each host ran: (summary, recorder)."""
+    engine, runner = engine_for(ws, Journal(ws.store), rid)
+    rec = RecordingRunner(runner, hosts)
+    engine.runner = rec
+    try:
+        return engine.start(rid), rec
+    finally:
+        rec.close()
+
+
 _UUID = re.compile(r"(kpipe: marker )[0-9a-f]{32}")
 
 
@@ -632,18 +643,13 @@ def test_dry_run_prints_the_argv_the_fabric_executor_then_runs(simfleet_factory,
     human = subprocess.run(base, capture_output=True, text=True, timeout=120, check=False)
     assert human.returncode == 0, human.stderr
     assert " 1. (read) preflight: " in human.stdout and "(write) stage: upload " in human.stdout
-    assert "(write) load: sudo -n -- sh -c" in human.stdout and f"/sbin/insmod /var/lib/kpatch/{RELEASE}/" in human.stdout
+    assert "(write) load: sudo -n -- sh -c" in human.stdout
+    assert f"/sbin/insmod /var/lib/kpatch/{RELEASE}/" in human.stdout
     # no write reached any host, nothing was journaled
     assert {h.name: host_tree(h) for h in fleet.hosts} == before
     assert journal.entries(rid) == []
 
-    engine, runner = engine_for(ws, Journal(ws.store), rid)
-    rec = RecordingRunner(runner, [h.name for h in fleet.hosts])
-    engine.runner = rec
-    try:
-        s = engine.start(rid)
-    finally:
-        rec.close()
+    s, rec = start_recorded(ws, rid, [h.name for h in fleet.hosts])
     assert s.state == "completed" and set(s.hosts.values()) == {"applied"}, s
     for h in fleet.hosts:
         ran = rec.argv[h.name]

@@ -9,8 +9,8 @@ import pytest
 
 from kpipe.commands import Command
 from kpipe.errors import CommandTimeout, TransportError
-from kpipe.transport.local import LocalTransport
 from kpipe.host import Host
+from kpipe.transport.local import LocalTransport
 from kpipe.transport.ssh import SshPool
 from kpipe.workspace import SshSettings
 

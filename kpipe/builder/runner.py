@@ -35,8 +35,8 @@ from typing import TYPE_CHECKING, Any
 from kpipe.artifacts import Artifact, ArtifactStatus, add_artifact, find_by_inputs, get_artifact
 from kpipe.builder.base import Builder, BuildPlan, StagedFile, get_builder, parse_version_output
 from kpipe.builder.classify import Classification, classify
-from kpipe.builder.records import build_record, ensure_schema, find_cached, record, save_tool_version
 from kpipe.builder.hosts import pick_host, select_hosts
+from kpipe.builder.records import build_record, ensure_schema, find_cached, record, save_tool_version
 from kpipe.builder.remote import FOLLOW_SCRIPT, LAUNCH_SCRIPT, PROBE_PREFIX, RUN_SCRIPT, SAFE_WORKDIR
 from kpipe.builder.spec import BuildSpec
 from kpipe.builder.states import BuildEventKind, BuildRecordStatus, BuildStatus, LaunchState
@@ -106,6 +106,11 @@ class BuildResult:
         d = asdict(self)
         d["ok"] = self.ok
         return d
+
+
+def _errored(res: BuildResult, e: KpipeError) -> None:
+    # a KpipeError ends one build with its own line, hint and exit code; the matrix goes on
+    res.status, res.message, res.hint, res.exit_code = BuildStatus.ERROR, e.message, e.hint or "", int(e.exit_code)
 
 
 @dataclass
@@ -244,6 +249,10 @@ class BuildRunner:
         self._stop = threading.Event()  # set on Ctrl-C: stop following, leave the builds running
         ensure_schema(self.store)
 
+    def _signed(self, key: str, artifact_id: str) -> None:
+        self.emit(BuildEvent(key, BuildEventKind.SIGNED, f"signed -> artifact {artifact_id}",
+                             {"artifact": artifact_id}))
+
     # -- the matrix ---------------------------------------------------------------
     def run(self, specs: list[BuildSpec]) -> list[BuildResult]:
         """Build every spec: cache hits first (no host contact), the rest in parallel up to each host's slots."""
@@ -329,16 +338,17 @@ class BuildRunner:
 
             signed = validation.sign_artifact(self.ws, art, (spec.signing or {}).get("signer"))
         except KpipeError as e:
-            res.status, res.message, res.hint, res.exit_code = BuildStatus.ERROR, e.message, e.hint or "", int(e.exit_code)
+            _errored(res, e)
             return
         res.signed_id = signed.id
-        self.emit(BuildEvent(key, BuildEventKind.SIGNED, f"signed -> artifact {signed.id}", {"artifact": signed.id}))
+        self._signed(key, signed.id)
 
     # -- one build on one host ---------------------------------------------------
     def build_on(self, spec: BuildSpec, host: BuildHost, *, lane: int = 0) -> BuildResult:
         """Build spec on host (reattaching to a running build of the same inputs); never raises KpipeError."""
         key = f"{spec.recipe}@{spec.kernel.release}"
-        res = BuildResult(key, spec.recipe, spec.kernel.release, BuildStatus.ERROR, host=host.name, builder=spec.builder)
+        res = BuildResult(key, spec.recipe, spec.kernel.release, BuildStatus.ERROR, host=host.name,
+                          builder=spec.builder)
         try:
             return self._build_on(spec, host, lane, res)
         except BuildFailed as e:
@@ -346,7 +356,7 @@ class BuildRunner:
             res.category = res.category or "environment"
             res.exit_code = int(e.exit_code)
         except KpipeError as e:
-            res.status, res.message, res.hint, res.exit_code = BuildStatus.ERROR, e.message, e.hint or "", int(e.exit_code)
+            _errored(res, e)
             if (isinstance(e, TransportError) or e.exit_code == ExitCode.INTERRUPTED) and res.remote_dir:
                 res.hint = (f"the build keeps running on {host.name} in {res.remote_dir}; run the same "
                             "`kpipe build` again to reattach")
@@ -390,7 +400,8 @@ class BuildRunner:
         res.module_name = plan.module_name
         prior = build_record(self.store, digest, host.name)
         # attach: take over a running or finished-but-uncollected build; fresh: restart unless running.
-        mode = "fresh" if self.options.force or (prior is not None and prior["status"] != BuildRecordStatus.RUNNING) else "attach"
+        finished = prior is not None and prior["status"] != BuildRecordStatus.RUNNING
+        mode = "fresh" if self.options.force or finished else "attach"
         pid, state = self._launch(t, key, host, probe, name, plan, mode)
         res.pid = pid
         res.reattached = state in (LaunchState.RUNNING, LaunchState.DONE)
@@ -404,8 +415,8 @@ class BuildRunner:
                                  {"host": host.name, "dir": build_dir, "pid": pid}))
         else:
             self.emit(BuildEvent(key, BuildEventKind.REATTACHED,
-                                 f"reattached to the {'running' if state == LaunchState.RUNNING else 'finished'} build on "
-                                 f"{host.name} in {build_dir} (pid {pid})",
+                                 f"reattached to the {'running' if state == LaunchState.RUNNING else 'finished'} "
+                                 f"build on {host.name} in {build_dir} (pid {pid})",
                                  {"host": host.name, "dir": build_dir, "pid": pid}))
         record(self.store, digest, host.name, **fields)
         rc, outputs, followed = self._follow(t, key, builder, plan)
@@ -484,8 +495,8 @@ class BuildRunner:
         if m is not None:
             self.emit(BuildEvent(key, BuildEventKind.MILESTONE, m.text, {"step": m.step}))
 
-    def _finish(self, spec: BuildSpec, host: BuildHost, t: Transport, plan: BuildPlan, probe: _Probe, digest: str, rc: int,
-                kv: dict[str, str], followed: str, res: BuildResult) -> BuildResult:
+    def _finish(self, spec: BuildSpec, host: BuildHost, t: Transport, plan: BuildPlan, probe: _Probe, digest: str,
+                rc: int, kv: dict[str, str], followed: str, res: BuildResult) -> BuildResult:
         key = res.key
         with tempfile.TemporaryDirectory(prefix="kpipe-fetch-") as tmp:
             log = _lossless(followed, kv.get("logsize", ""))
@@ -516,8 +527,8 @@ class BuildRunner:
                     meta={"remote_dir": plan.build_dir, "slot": kv.get("slot", ""), "argv": list(plan.argv),
                           "rendered": json.loads(json.dumps(spec.rendered, default=str))},
                 )
-                record(self.store, digest, host.name, status=BuildRecordStatus.SUCCEEDED, artifact_id=art.id, log_sha256=log_sha,
-                        finished_at=time.time())
+                record(self.store, digest, host.name, status=BuildRecordStatus.SUCCEEDED, artifact_id=art.id,
+                       log_sha256=log_sha, finished_at=time.time())
                 res.status, res.artifact_id, res.artifact_status = BuildStatus.BUILT, art.id, art.status
                 res.module_name = art.module_name
                 self.emit(BuildEvent(key, BuildEventKind.BUILT, f"module {art.filename} -> artifact {art.id}",
@@ -556,8 +567,8 @@ class BuildRunner:
             art = get_artifact(self.store, art.id)
             res.artifact_status = art.status
             ok = bool(getattr(report, "ok", art.status == ArtifactStatus.VALID))
-            self.emit(BuildEvent(key, BuildEventKind.VALIDATED, f"validation: {'passed' if ok else 'REJECTED'} ({art.status})",
-                                 {"ok": ok}))
+            self.emit(BuildEvent(key, BuildEventKind.VALIDATED,
+                                 f"validation: {'passed' if ok else 'REJECTED'} ({art.status})", {"ok": ok}))
             if not ok:
                 res.status = BuildStatus.REJECTED
                 findings = [f"{getattr(f, 'id', '')}: {getattr(f, 'message', f)}"
@@ -570,6 +581,6 @@ class BuildRunner:
             if (spec.signing or {}).get("sign"):
                 signed = validation.sign_artifact(self.ws, art, (spec.signing or {}).get("signer"))
                 res.signed_id = signed.id
-                self.emit(BuildEvent(key, BuildEventKind.SIGNED, f"signed -> artifact {signed.id}", {"artifact": signed.id}))
+                self._signed(key, signed.id)
         except KpipeError as e:
-            res.status, res.message, res.hint, res.exit_code = BuildStatus.ERROR, e.message, e.hint or "", int(e.exit_code)
+            _errored(res, e)

@@ -30,7 +30,8 @@ if TYPE_CHECKING:  # pragma: no cover
 _LIMIT = typer.Option(None, "--limit", "-l", help="Ansible host pattern: group, host, glob, ~regex, a:b, a:&b, a:!b.")
 _DESIRED = typer.Option(None, "--desired", "-d",
                         help="Desired-state YAML (hosts/patterns -> patches required/forbidden).")
-_FORKS = typer.Option(None, "--forks", "-f", min=1, max=1000, help="Hosts in flight at once (default: the ssh section's forks in kpipe.toml).")
+_FORKS = typer.Option(None, "--forks", "-f", min=1, max=1000,
+                      help="Hosts in flight at once (default: the ssh section's forks in kpipe.toml).")
 _SETTLE = typer.Option(5.0, "--settle", min=0.0, max=600.0,
                        help="Seconds to wait before re-reading a host in transition (then it counts as stuck).")
 
@@ -188,7 +189,8 @@ def verify(
     desired: str | None = _DESIRED,
     settle: float = _SETTLE,
 ) -> None:
-    """Read every selected host's live patches over SSH and check them against the desired state (exit 1 if any host is not compliant)."""
+    """Read every selected host's live patches over SSH and check them against the desired state
+    (exit 1 if any host is not compliant)."""
     from kpipe.cli.context import print_json, state
     from kpipe.fleet.auditing import run_audit
 
@@ -216,7 +218,8 @@ def audit(
                                             help="Who is still exposed to this CVE (repeatable): the table lists the "
                                                  "exposed hosts; exit 1 if any host is exposed or unreadable."),
 ) -> None:
-    """Report desired vs observed live-patch state per host and patch, as a table, JSON, JUnit XML, Prometheus text or HTML."""
+    """Report desired vs observed live-patch state per host and patch, as a table, JSON, JUnit XML,
+    Prometheus text or HTML."""
     from pathlib import Path
 
     from kpipe.cli.context import state

@@ -6,8 +6,9 @@ import functools
 import json
 import os
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import IO, TYPE_CHECKING, Any, Callable, TextIO, TypeVar
+from typing import IO, TYPE_CHECKING, Any, TextIO, TypeVar
 
 if TYPE_CHECKING:  # Rich and the workspace load on first use: `kpipe --help` stays instant
     from rich.console import Console
@@ -67,7 +68,7 @@ def _new_console(**kw: Any) -> Console:
     return console
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _console_class() -> type[Console]:
     from rich.console import Console  # imported on first use: `kpipe --help` stays instant
 

@@ -102,7 +102,8 @@ def _print_status(status: dict[str, Any]) -> None:
     for v in status["vms"]:
         extra = " ".join(a for a in v["append"].split() if a != "panic=-1" and not a.startswith("console=")
                          and not a.startswith("kpipe.lab="))
-        t.add_row(esc(v["name"]), f"[green]{VmState.RUNNING}[/]" if v["alive"] else f"[red]{VmState.STOPPED}[/]", esc(v["ssh"]),
+        vm_state = f"[green]{VmState.RUNNING}[/]" if v["alive"] else f"[red]{VmState.STOPPED}[/]"
+        t.add_row(esc(v["name"]), vm_state, esc(v["ssh"]),
                   str(v["pid"]), f"{v['rss_mib']:.0f}", "yes" if v["sig_enforce"] else "no", esc(extra))
     console.print(t)
     if status.get("ready_seconds"):

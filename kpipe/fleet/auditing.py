@@ -30,10 +30,10 @@ from kpipe.desired import (
     apply_desired_file,
     desired_from_records,
     load_desired_file,
-    taint_mask,
 )
 from kpipe.errors import KpipeError, NotFoundError
 from kpipe.fleet.observe import FanOut, Observation, ObservedHostSpec, observe
+from kpipe.taint import taint_mask
 
 if TYPE_CHECKING:  # pragma: no cover
     from kpipe.workspace import Workspace

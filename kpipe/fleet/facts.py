@@ -28,6 +28,7 @@ from kpipe.errors import KpipeError, TransportError
 from kpipe.fleet import livepatch
 from kpipe.kernel import check_release, normalize_arch
 from kpipe.plan import Step
+from kpipe.taint import TAINT_LIVEPATCH, taint_letters
 
 HEADER = "kpipe-facts 1"
 TRAILER = "kpipe-facts-end"
@@ -89,9 +90,6 @@ echo "kpipe-facts-end"
 """
 )
 
-TAINT_LETTERS = "PFSRMBUDAWCIOELKXTNJ"  # bit 0 = P ... bit 19 = J (Documentation/admin-guide/tainted-kernels.rst)
-
-
 class FactsError(TransportError):
     """A host answered, but not with facts kpipe can trust (garbage, missing sections, lies)."""
 
@@ -144,7 +142,7 @@ class HostFacts:
     @property
     def livepatched(self) -> bool:
         """Taint K: a livepatch was loaded since boot (it stays set)."""
-        return bool(self.tainted & livepatch.TAINT_LIVEPATCH)
+        return bool(self.tainted & TAINT_LIVEPATCH)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data for JSON and the state store."""
@@ -157,11 +155,6 @@ class HostFacts:
             "free_path": self.free_path, "installed": [m.to_dict() for m in self.installed],
             "warnings": list(self.warnings),
         }
-
-
-def taint_letters(tainted: int) -> str:
-    """Taint bits -> letters in bit order, e.g. 45056 -> 'OEK'."""
-    return "".join(c for i, c in enumerate(TAINT_LETTERS) if tainted >> i & 1)
 
 
 def facts_command(timeout: float = 60.0) -> Command:

@@ -64,12 +64,12 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator, Sequence
+from typing import TYPE_CHECKING, Any
 
 from kpipe.errors import ConfigError, NotFoundError
-
 from kpipe.host import Host as Host  # noqa: PLC0414  (the record this module produces, re-exported)
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -220,7 +220,8 @@ def host_from_vars(name: str, hv: dict[str, Any], groups: tuple[str, ...] = ()) 
             raise ConfigError(f"{where}: {var} must be a string, got {type(value).__name__}")
         value = str(value)
         if "{{" in value or "{%" in value:
-            raise ConfigError(f"{where}: {var} is a Jinja template ({value!r}); kpipe reads inventory variables as data",
+            raise ConfigError(f"{where}: {var} is a Jinja template ({value!r}); "
+                              "kpipe reads inventory variables as data",
                               hint="set the resolved value in the inventory")
         if any(ord(c) < 32 or ord(c) == 127 for c in value):
             raise ConfigError(f"{where}: {var} contains a control character: {value!r}")
@@ -299,7 +300,7 @@ class _Warnings(list[str]):
     ctx: Any = None
     fmt: Any = None
 
-    def refresh(self) -> "_Warnings":
+    def refresh(self) -> _Warnings:
         if self.ctx is not None:
             self[:] = [" ".join(self.fmt(w, False).split()) for w in self.ctx.get_warnings()]
         return self
@@ -339,7 +340,7 @@ def _captured_warnings() -> Iterator[_Warnings]:
             messages.refresh()
 
 
-def default_sources(workspace: "Workspace | None") -> list[Path]:
+def default_sources(workspace: Workspace | None) -> list[Path]:
     """The sources a workspace names: [fleet] inventories, fleet.yml, .lab/inventory.yml."""
     if workspace is None:
         return []
@@ -445,14 +446,14 @@ def _bounded_inventory_scripts(clock: _ScriptClock) -> Iterator[None]:
         module.subprocess = subprocess  # type: ignore[attr-defined]
 
 
-def inventory_timeout(workspace: "Workspace | None") -> float:
+def inventory_timeout(workspace: Workspace | None) -> float:
     """Seconds a dynamic inventory script may run: [fleet] inventory_timeout (default 60)."""
     from kpipe.settings import DEFAULT_INVENTORY_TIMEOUT
 
     return workspace.settings.fleet.inventory_timeout if workspace is not None else DEFAULT_INVENTORY_TIMEOUT
 
 
-def load_inventory(workspace: "Workspace | None", sources: Sequence[str | os.PathLike[str]] | None = None) -> Inventory:
+def load_inventory(workspace: Workspace | None, sources: Sequence[str | os.PathLike[str]] | None = None) -> Inventory:
     """Read every inventory source with ansible-core; ConfigError names the file that fails.
 
     A dynamic inventory script that runs longer than [fleet] inventory_timeout is killed with its
@@ -566,42 +567,53 @@ class FleetFile:
 
 
 def parse_fleet_file(path: Path) -> FleetFile:
-    """Read and validate kpipe's fleet file; ConfigError names file:line and the field."""
-    import yaml
+    """Read and validate kpipe's fleet file (through the one line-keeping YAML loader); ConfigError
+    names file:line and the field."""
+    from kpipe.yamlnodes import YamlError, compose_yaml
 
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
         raise ConfigError(f"{path}: cannot read: {e}") from None
     try:
-        doc = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
-        raise ConfigError(f"{where}: invalid YAML: {getattr(e, 'problem', e)}") from None
-    return fleet_from_data(path, doc if doc is not None else {})
+        doc, lines, key_lines = compose_yaml(text, what="fleet file", allow_empty=True)
+    except YamlError as e:
+        raise ConfigError(f"{path}:{e.line}: invalid YAML: {e.message.removeprefix('broken YAML: ')}",
+                          hint=e.hint or None) from None
+    return fleet_from_data(path, doc if doc is not None else {}, {**lines, **key_lines})
 
 
-def fleet_from_data(path: Path, doc: Any) -> FleetFile:
-    """Validate an already-loaded fleet document (see the module docstring for the format)."""
+def fleet_from_data(path: Path, doc: Any, lines: Mapping[tuple[Any, ...], int] | None = None) -> FleetFile:
+    """Validate an already-loaded fleet document (see the module docstring for the format).
+
+    `lines` maps a field's path (("hosts", "web1", "port")) to its line, for file:line errors."""
+    known = lines or {}
+
+    def at(*fld: Any) -> str:
+        # the nearest field on the path that has a line (a key's own line wins over its value's)
+        for n in range(len(fld), -1, -1):
+            if fld[:n] in known:
+                return f"{path}:{known[fld[:n]]}"
+        return str(path)
+
     if not isinstance(doc, dict):
         raise ConfigError(f"{path}: the fleet file must be a mapping with hosts: and groups:")
     unknown = set(doc) - {"defaults", "hosts", "groups"}
     if unknown:
-        raise ConfigError(f"{path}: unknown top-level keys {sorted(map(str, unknown))}",
+        raise ConfigError(f"{at(min(map(str, unknown)))}: unknown top-level keys {sorted(map(str, unknown))}",
                           hint="known keys: defaults, hosts, groups")
     defaults = doc.get("defaults") or {}
     if not isinstance(defaults, dict) or set(defaults) - _DEFAULT_KEYS:
-        raise ConfigError(f"{path}: defaults must be a mapping with keys from {sorted(_DEFAULT_KEYS)}")
+        raise ConfigError(f"{at('defaults')}: defaults must be a mapping with keys from {sorted(_DEFAULT_KEYS)}")
     hosts_raw = doc.get("hosts") or {}
     if not isinstance(hosts_raw, dict):
-        raise ConfigError(f"{path}: hosts must be a mapping of host name -> settings")
+        raise ConfigError(f"{at('hosts')}: hosts must be a mapping of host name -> settings")
     hosts: dict[str, dict[str, Any]] = {}
     for name, h in hosts_raw.items():
-        where = f"{path}: hosts.{name}"
+        where = f"{at('hosts', name)}: hosts.{name}"
         if not isinstance(name, str) or not _NAME_RE.match(name):
-            raise ConfigError(f"{path}: host name {name!r} is not usable (whitespace, control characters, '/' "
-                              "or a leading '-')")
+            raise ConfigError(f"{where}: host name {name!r} is not usable (whitespace, control characters, "
+                              "'/' or a leading '-')")
         h = {} if h is None else h
         if not isinstance(h, dict):
             raise ConfigError(f"{where} must be a mapping")
@@ -612,7 +624,7 @@ def fleet_from_data(path: Path, doc: Any) -> FleetFile:
         hv: dict[str, Any] = {}
         user_vars = merged.get("vars") or {}
         if not isinstance(user_vars, dict):
-            raise ConfigError(f"{where}.vars must be a mapping")
+            raise ConfigError(f"{at('hosts', name, 'vars')}: hosts.{name}.vars must be a mapping")
         hv.update({str(k): v for k, v in user_vars.items()})
         mapping = {"address": "ansible_host", "port": "ansible_port", "user": "ansible_user",
                    "identity_file": "ansible_ssh_private_key_file", "become": "ansible_become",
@@ -624,14 +636,15 @@ def fleet_from_data(path: Path, doc: Any) -> FleetFile:
                     p = Path(os.path.expanduser(value))
                     value = str(p if p.is_absolute() else path.parent / p)
                 hv[var] = value
-        host_from_vars(name, {**hv, "inventory_dir": str(path.parent), "inventory_file": str(path)})  # validate now
+        # validate now; its errors name the host's line
+        host_from_vars(name, {**hv, "inventory_dir": str(path.parent), "inventory_file": at("hosts", name)})
         hosts[name] = hv
     groups_raw = doc.get("groups") or {}
     if not isinstance(groups_raw, dict):
-        raise ConfigError(f"{path}: groups must be a mapping of group name -> members")
+        raise ConfigError(f"{at('groups')}: groups must be a mapping of group name -> members")
     groups: dict[str, dict[str, Any]] = {}
     for gname, g in groups_raw.items():
-        where = f"{path}: groups.{gname}"
+        where = f"{at('groups', gname)}: groups.{gname}"
         if not isinstance(gname, str) or not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", gname):
             raise ConfigError(f"{where}: group names are letters, digits and '_' (Ansible's rule)")
         g = {} if g is None else g
@@ -733,7 +746,7 @@ def _fingerprint(paths: Sequence[Path]) -> str | None:
     return h.hexdigest()
 
 
-def select_hosts(workspace: "Workspace | None", pattern: str | None = None,
+def select_hosts(workspace: Workspace | None, pattern: str | None = None,
                  sources: Sequence[str | os.PathLike[str]] | None = None) -> list[Host]:
     """`load_inventory(workspace, sources).select(pattern)`, answered from the store when no
     inventory file changed since the same selection was last resolved."""

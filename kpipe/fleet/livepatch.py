@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 from kpipe.commands import Command, CommandResult
 from kpipe.errors import KpipeError
 from kpipe.plan import Step, StepFailed, StepTransport, Upload, run_step, run_steps
+from kpipe.taint import TAINT_LIVEPATCH
 
 if TYPE_CHECKING:  # pragma: no cover
     from kpipe.builder.spec import Probe
@@ -37,9 +38,6 @@ LIVEPATCH_SYSFS = "/sys/kernel/livepatch"
 KPATCH_DIR = "/var/lib/kpatch"
 INSMOD = "/sbin/insmod"  # explicit: busybox's shell runs its own applets before PATH (lab.md)
 RMMOD = "/sbin/rmmod"
-TAINT_LIVEPATCH = 1 << 15  # K
-TAINT_OOT = 1 << 12  # O
-TAINT_UNSIGNED = 1 << 13  # E
 
 # Privileged commands carry sudo=True; the transport applies it only for hosts that need it.
 _ROOT = {"sudo": True}
@@ -117,7 +115,7 @@ class ModuleState:
     build_id: str = ""  # GNU build-id (hex) from /sys/module/<m>/notes, "" when the kernel shows none
     srcversion: str = ""  # /sys/module/<m>/srcversion, "" when absent
 
-    def identity(self) -> "ModuleIdentity":
+    def identity(self) -> ModuleIdentity:
         """The loaded build's identity (empty fields: unknown)."""
         return ModuleIdentity(self.build_id, self.srcversion)
 
@@ -273,10 +271,12 @@ class ModuleIdentity:
     def known(self) -> bool:
         return bool(self.build_id or self.srcversion)
 
-    def differs(self, other: "ModuleIdentity") -> str:
+    def differs(self, other: ModuleIdentity) -> str:
         """Why `other` (what a host has loaded) is not this build; "" when it is or cannot be told."""
         if self.build_id and other.build_id:
-            return "" if self.build_id == other.build_id else f"build-id {other.build_id[:16]}, want {self.build_id[:16]}"
+            if self.build_id == other.build_id:
+                return ""
+            return f"build-id {other.build_id[:16]}, want {self.build_id[:16]}"
         if self.srcversion and other.srcversion:
             return "" if self.srcversion == other.srcversion else \
                 f"srcversion {other.srcversion}, want {self.srcversion}"

@@ -61,19 +61,6 @@ class Observation:
 
 # -- steps -----------------------------------------------------------------------------------------------------------
 
-def _interpret_state(r: CommandResult) -> lp.HostLivepatch:
-    st = lp.parse_host_livepatch(r.stdout)
-    if not st.complete:
-        raise StepFailed("state", f"reading livepatch state failed: {r.summary()}",
-                         {"output": (r.stdout + r.stderr)[-500:]})
-    return st
-
-
-def livepatch_state_step(*module_names: str) -> Step[lp.HostLivepatch]:
-    """Read /sys/kernel/livepatch and /sys/module for `module_names` (validated): a read step."""
-    return Step("state", lp.state_command(*module_names), _interpret_state, writes=False, journal=False)
-
-
 def _interpret_dmesg(r: CommandResult) -> str:
     if not r.ok:
         raise StepFailed("dmesg", f"reading the kernel log failed: {r.summary()}")
@@ -102,7 +89,7 @@ def observation_steps(modules: Iterable[str] = (), *, dmesg: bool = False,
     steps: list[Step[Any]] = [facts_step(timeout)]
     names = sorted({n for n in modules if _valid_module(n)})
     if names:
-        steps.append(livepatch_state_step(*names))
+        steps.append(lp.state_step(*names))
     if dmesg:
         steps.append(dmesg_step())
     return steps

@@ -20,6 +20,7 @@ from typing import Any
 from kpipe.errors import KpipeError
 from kpipe.lab.arch import X86_64, LabArch
 
+
 class VmState(enum.StrEnum):
     """A recorded VM's state as `kpipe lab status` shows it (--json "state")."""
 

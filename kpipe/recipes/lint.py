@@ -88,7 +88,7 @@ def lint(ws: Workspace) -> list[Problem]:
             except ConfigError as e:  # e.g. a hostile release in the catalog
                 kp.error((), str(e), e.hint or "")
             for p in kp.items:
-                key = (p.file, p.line, p.message, p.severity)
+                key = (p.file, p.line, p.message, str(p.severity))
                 if key not in found:
                     found[key] = p
                     order.append(key)

@@ -43,8 +43,8 @@ class _Problems:
     def warning(self, path: tuple[Any, ...], message: str, hint: str = "", *, key: bool = False) -> None:
         self._add("warning", path, message, hint, key, None, None)
 
-    def _add(self, severity: Severity | str, path: tuple[Any, ...], message: str, hint: str, key: bool, file: str | None,
-             line: int | None) -> None:
+    def _add(self, severity: Severity | str, path: tuple[Any, ...], message: str, hint: str, key: bool,
+             file: str | None, line: int | None) -> None:
         if self.context:
             message = f"{message} ({self.context})"
         hint = hint or "run `kpipe recipe lint` for every problem; README.md documents the recipe format"

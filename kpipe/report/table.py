@@ -26,7 +26,7 @@ def table_rows(result: AuditResult) -> list[tuple[str, str, str, str, str]]:
     rows = []
     for h in result.hosts:
         for r in h.rows:
-            rows.append((h.host, r.patch if r.patch != HOST_ROW else "-", r.status, h.kernel or "-", r.detail))
+            rows.append((h.host, r.patch if r.patch != HOST_ROW else "-", str(r.status), h.kernel or "-", r.detail))
     return rows
 
 

@@ -21,21 +21,26 @@ import fnmatch
 import sys
 import threading
 import time
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Mapping, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from kpipe.commands import Command, CommandResult
-from kpipe.errors import CommandTimeout, KpipeError, ConfigError, TransportError
+from kpipe.errors import CommandTimeout, ConfigError, KpipeError, TransportError
 from kpipe.fleet import livepatch as lp
+from kpipe.fleet.observe import run_reads_on
 from kpipe.kernel import normalize_arch
+from kpipe.plan import Recorder, Step, StepFailed, StepTransport, run_step, run_steps
 from kpipe.rollout.gate import SoakWatch, decide, soak_schedule
 from kpipe.rollout.journal import Journal, host_state
 from kpipe.rollout.planner import Assignment, RolloutPlan
-from kpipe.plan import Recorder, Step, StepFailed, StepTransport, run_step, run_steps
 
 if TYPE_CHECKING:  # pragma: no cover
     from kpipe.builder.spec import Probe
+    from kpipe.host import Host
+    from kpipe.transport.base import Pool
 
 T = TypeVar("T")
 
@@ -54,7 +59,7 @@ class Runner(Protocol):
 class PoolRunner:
     """A Runner over kpipe.transport.ssh.SshPool and the hosts' Host records."""
 
-    def __init__(self, pool: Any, targets: Mapping[str, Any], forks: int | None = None):
+    def __init__(self, pool: Pool, targets: Mapping[str, Host], forks: int | None = None):
         self.pool = pool
         self.targets = dict(targets)
         self.forks = forks  # the operator's --forks wins over the plan's
@@ -71,6 +76,24 @@ class PoolRunner:
 
     def close(self) -> None:
         self.pool.close()
+
+
+@dataclass(frozen=True)
+class _HostName:
+    """A host as the observer takes it (by name): the Runner holds the connection records."""
+
+    name: str
+
+
+class _RunnerFanOut:
+    """The engine's Runner (keyed by host name) as the observer's fan-out."""
+
+    def __init__(self, runner: Runner):
+        self.runner = runner
+
+    def run_many(self, targets: Iterable[_HostName], fn: Callable[[Any], Any],
+                 forks: int | None = None) -> Mapping[str, Any]:
+        return self.runner.run_many([t.name for t in targets], fn, forks or 1)
 
 
 @dataclass(frozen=True)
@@ -128,7 +151,7 @@ def classify(e: BaseException) -> tuple[str, str]:
     return "failed", f"{type(e).__name__}: {e}"
 
 
-def probe_of(plan: RolloutPlan, a: Assignment) -> Any:
+def probe_of(plan: RolloutPlan, a: Assignment) -> Probe | None:
     """The recipe's probe for this host's artifact, as a kpipe.builder.spec.Probe (or None)."""
     d = plan.probes.get(a.artifact.id)
     if not d or not d.get("argv"):
@@ -202,10 +225,10 @@ def preflight_problems(a: Assignment, facts: Mapping[str, str], state: lp.HostLi
     comparable = expect is not None and expect.known and mod.identity().known
     if other:
         problems.append(f"a different build of {name} is loaded ({other})")
-    elif (ours is not None or mod.present) and not ours_by_journal and not comparable:
-        if staged != a.artifact.sha256:
-            problems.append(f"a different build of {name} is loaded (installed file checksum "
-                            f"{staged[:12] if staged != 'absent' else 'absent'}, want {a.artifact.sha256[:12]})")
+    elif (ours is not None or mod.present) and not ours_by_journal and not comparable \
+            and staged != a.artifact.sha256:
+        problems.append(f"a different build of {name} is loaded (installed file checksum "
+                        f"{staged[:12] if staged != 'absent' else 'absent'}, want {a.artifact.sha256[:12]})")
     return problems
 
 
@@ -295,7 +318,7 @@ def apply_host(t: StepTransport, a: Assignment, local_path: Path, probe: Probe |
     steps = apply_plan(a, facts, state, local_path, probe, journal_marker=journal_marker, persist=persist,
                        timeout=timeout, expect=expect)
     values = run_steps(t, steps, rec)
-    verified = [v for s, v in zip(steps, values) if s.name == "verify"][-1]
+    verified = [v for s, v in zip(steps, values, strict=True) if s.name == "verify"][-1]
     return HostResult(t.name, "applied", "", "verify", {"probe_output": verified.probe_output[-200:]})
 
 
@@ -512,8 +535,8 @@ class Engine:
                 return self._aborted(rid)
             self.journal.update_detail(rid, wave=wave_no)
             self.emit(kind="wave-start", rollout_id=rid, wave=wave_no, data={"hosts": list(wave), "todo": todo})
-            results = self.runner.run_many(todo, lambda t: self._apply_one(rid, plan, t, wave_no, states),
-                                           opts.forks) if todo else {}
+            apply_one = partial(self._apply_one, rid, plan, wave=wave_no, states=states)
+            results = self.runner.run_many(todo, apply_one, opts.forks) if todo else {}
             skipped = False
             for h in todo:
                 r = results.get(h)
@@ -540,7 +563,7 @@ class Engine:
                 if wait > 0:
                     self.sleep(wait)
                 live = [h for h in applied if h not in failures]
-                round_ = self.runner.run_many(live, lambda t: self._reverify(plan, t), opts.forks) if live else {}
+                round_ = self._reverify(plan, live) if live else {}
                 results_ok = {}
                 for h, v in round_.items():
                     results_ok[h] = (False, classify(v)[1]) if isinstance(v, BaseException) else v
@@ -591,7 +614,7 @@ class Engine:
         done = [h for h in plan.hosts if host_state(h, self.journal.entries(rid, h)).outcome == "applied"]
         if not done:
             return
-        results = self.runner.run_many(done, lambda t: self._reverify(plan, t), plan.options.forks)
+        results = self._reverify(plan, done)
         for h in done:
             v = results.get(h)
             a = plan.assignments[h]
@@ -608,7 +631,8 @@ class Engine:
         self.emit(kind="rollout-end", rollout_id=rid, phase="aborted", data=s.to_dict())
         return s
 
-    def _apply_one(self, rid: str, plan: RolloutPlan, t: Any, wave: int, states: Mapping[str, Any]) -> HostResult:
+    def _apply_one(self, rid: str, plan: RolloutPlan, t: StepTransport, wave: int,
+                   states: Mapping[str, Any]) -> HostResult:
         a = plan.assignments[t.name]
         if self.journal.abort_requested(rid):
             return HostResult(t.name, "skipped", "aborted before this host started")
@@ -628,10 +652,25 @@ class Engine:
         self._outcome(rid, r, wave, a)
         return r
 
-    def _reverify(self, plan: RolloutPlan, t: Any) -> tuple[bool, str]:
-        a = plan.assignments[t.name]
-        v = lp.verify_loaded(t, a.sysfs_name, "", probe_of(plan, a), self.identity(a))
-        return v.ok, "; ".join(v.problems)
+    def _reverify(self, plan: RolloutPlan, hosts: list[str]) -> dict[str, tuple[bool, str] | BaseException]:
+        """Re-verify applied hosts through the one observer (read steps only: state, log, probe):
+        per host (ok, problems), or the exception that stopped its reads."""
+        out: dict[str, tuple[bool, str] | BaseException] = {}
+        plans: dict[str, list[Step[lp.Verification]]] = {}
+        for h in hosts:
+            a = plan.assignments[h]
+            try:
+                plans[h] = lp.verify_loaded_plan(a.sysfs_name, "", probe_of(plan, a), self.identity(a))
+            except KpipeError as e:  # e.g. a module name a hand-edited journal made unusable: this host's failure
+                out[h] = e
+        raw = run_reads_on(_RunnerFanOut(self.runner), [_HostName(h) for h in plans], plans.__getitem__,
+                           plan.options.forks)
+        for h, v in raw.items():
+            if isinstance(v, lp.VerifyFailed):  # the host answered and its patch is not right: a regression
+                out[h] = (False, "; ".join(v.verification.problems))
+            else:
+                out[h] = v if isinstance(v, BaseException) else (True, "")
+        return {h: out[h] for h in hosts}  # in the caller's order, as the journal records them
 
     def _rollback(self, rid: str, plan: RolloutPlan, hosts: list[str], *, final_all: bool,
                   halt_reason: str = "") -> RunSummary:
@@ -641,7 +680,7 @@ class Engine:
         persisted = {h for h in todo if any(e.step == "persist" and e.phase == "done" and e.detail.get("persisted")
                                             for e in self.journal.entries(rid, h))}
 
-        def one(t: Any) -> HostResult:
+        def one(t: StepTransport) -> HostResult:
             a = plan.assignments[t.name]
             rec = self._recorder(rid, t.name, a.wave)
             try:
@@ -676,7 +715,7 @@ class Engine:
     def dry_run(self, plan: RolloutPlan) -> dict[str, list[Step[Any]] | BaseException]:
         """Every host's steps: its preflight read runs (reads only), the plan built from the facts it
         returned is not run. A host that cannot be read or that its preflight refuses maps to the error."""
-        def one(t: Any) -> list[Step[Any]]:
+        def one(t: StepTransport) -> list[Step[Any]]:
             a = plan.assignments[t.name]
             return dry_run_host(t, a, self.local_path(a), probe_of(plan, a), persist=plan.options.persist,
                                 timeout=plan.options.step_timeout_s, expect=self.identity(a))
@@ -713,7 +752,7 @@ def summarize(journal: Journal, rid: str) -> RunSummary:
         # no outcome yet: "pending" if never touched, "interrupted" if kpipe died in its pipeline
         hosts[h] = st.outcome or ("interrupted" if entries else "pending")
         # keep the first failure's reason even after a rollback outcome followed it
-        why = [e.detail.get("reason") for e in entries if e.step == "outcome" and e.detail.get("reason")]
+        why = [str(e.detail["reason"]) for e in entries if e.step == "outcome" and e.detail.get("reason")]
         if why:
             reasons[h] = why[-1] if st.outcome != "rolled_back" else why[0]
         step = _open_rollback(entries)

@@ -19,8 +19,9 @@ import os
 import secrets
 import socket
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Iterator, Literal
+from typing import Any, Literal
 
 from kpipe.errors import ConfigError, Locked, NotFoundError
 from kpipe.rollout.states import HostState, Phase, RolloutState
@@ -276,8 +277,8 @@ class Journal:
             with self.store.write() as c:
                 c.execute("DELETE FROM host_locks WHERE rollout_id = ?", (rollout_id,))
                 c.execute("UPDATE rollouts SET owner_pid = NULL, owner_start = NULL, owner_host = NULL, "
-                          "state = CASE WHEN state IN ('running', 'interrupted') THEN 'aborted' ELSE state END, updated_at = ? "
-                          "WHERE id = ?", (time.time(), rollout_id))
+                          "state = CASE WHEN state IN ('running', 'interrupted') THEN 'aborted' ELSE state END, "
+                          "updated_at = ? WHERE id = ?", (time.time(), rollout_id))
         return self.get(rollout_id).state
 
     # -- the step journal -----------------------------------------------------
@@ -303,8 +304,8 @@ class Journal:
             sql += " AND host = ?"
             params += (host,)
         rows = self.store.query(sql + " ORDER BY seq", params)
-        return [Entry(r["seq"], r["host"], r["wave"], r["step"], Phase(r["phase"]), json.loads(r["detail_json"]), r["ts"])
-                for r in rows]
+        return [Entry(r["seq"], r["host"], r["wave"], r["step"], Phase(r["phase"]), json.loads(r["detail_json"]),
+                      r["ts"]) for r in rows]
 
     def iter_hosts(self, rollout_id: str) -> Iterator[tuple[str, builtins.list[Entry]]]:
         """(host, its entries) for every host the journal names."""

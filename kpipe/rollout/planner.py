@@ -139,7 +139,7 @@ class Candidate:
     replace: bool = True  # klp replace mode (kpatch-build default)
 
     @classmethod
-    def of(cls, art: Artifact) -> "Candidate":
+    def of(cls, art: Artifact) -> Candidate:
         """From a kpipe.artifacts.Artifact."""
         meta = getattr(art, "meta", {}) or {}
         validation = getattr(art, "validation", {}) or {}

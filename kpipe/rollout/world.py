@@ -7,18 +7,27 @@ the planner, the gate and the journal reader stay pure.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterable
+from typing import TYPE_CHECKING, Any
 
-from kpipe.errors import ConfigError, KpipeError, NotFoundError, TransportError, ValidationFailed
+from kpipe.errors import ConfigError, KpipeError, NotFoundError, ValidationFailed
 from kpipe.host import Host
 from kpipe.rollout.journal import Journal
-from kpipe.rollout.planner import Assignment, Candidate, HostView, LoadedPatch, RolloutOptions, RolloutPlan, \
-    plan_rollout
+from kpipe.rollout.planner import (
+    Assignment,
+    Candidate,
+    HostView,
+    LoadedPatch,
+    RolloutOptions,
+    RolloutPlan,
+    plan_rollout,
+)
 
 if TYPE_CHECKING:  # real imports would load Fabric/paramiko and the engine for every rollout command
     from kpipe.builder.spec import BuildSpec
     from kpipe.fleet.facts import HostFacts
+    from kpipe.fleet.observe import HostError
     from kpipe.rollout.engine import Engine, PoolRunner
     from kpipe.store import Store
     from kpipe.transport.ssh import SshPool
@@ -92,7 +101,8 @@ def _render(workspace: Workspace, c: Candidate) -> BuildSpec:
                                "its probe and rollout settings") from e
 
 
-def probes_for(workspace: Workspace, candidates: Iterable[Candidate], *, no_probe: bool = False) -> dict[str, dict[str, Any]]:
+def probes_for(workspace: Workspace, candidates: Iterable[Candidate], *,
+               no_probe: bool = False) -> dict[str, dict[str, Any]]:
     """artifact id -> the recipe's probe rendered for the artifact's kernel (when the recipe has one).
 
     ConfigError when an artifact's recipe does not render, unless `no_probe` (then no probe at all)."""
@@ -147,7 +157,7 @@ def select_hosts(workspace: Workspace, limit: str | None) -> list[Host]:
 
 
 def gather(workspace: Workspace, hosts: list[Host], pool: SshPool,
-           forks: int) -> dict[str, HostFacts | TransportError]:
+           forks: int) -> dict[str, HostFacts | HostError]:
     """name -> HostFacts or the error that prevented gathering them (through the one observer)."""
     from kpipe.fleet.observe import gather_facts
 

@@ -6,29 +6,20 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Protocol, TypeVar, runtime_checkable
 
-from kpipe.commands import Command, CommandResult
 from kpipe.host import Host
+from kpipe.plan import StepTransport
 
 T = TypeVar("T")
 
 
 @runtime_checkable
-class Transport(Protocol):
-    """Runs Commands on one host and moves files to and from it.
+class Transport(StepTransport, Protocol):
+    """Runs Commands on one host and moves files to and from it: the core's StepTransport
+    (kpipe/plan.py: name, run, put) plus what only the edges use (get, close).
 
     A non-zero exit status is a result, not an exception; TransportError (and
     CommandTimeout) mean the host could not be reached or did not answer.
     """
-
-    name: str
-
-    def run(self, cmd: Command) -> CommandResult:
-        """Run one command; return its exit status and output."""
-        ...
-
-    def put(self, local: Path, remote: str) -> None:
-        """Copy a local file to a remote path."""
-        ...
 
     def get(self, remote: str, local: Path) -> None:
         """Copy a remote file to a local path."""

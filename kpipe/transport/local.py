@@ -66,7 +66,7 @@ class LocalTransport:
     def close(self) -> None:
         """Nothing to release: there is no connection."""
 
-    def __enter__(self) -> "LocalTransport":
+    def __enter__(self) -> LocalTransport:
         return self
 
     def __exit__(self, *exc: object) -> None:

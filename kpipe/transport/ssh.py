@@ -164,7 +164,7 @@ def _host_key_name(address: str, port: int) -> str:
 class SshTransport:
     """One host over one reused Fabric connection."""
 
-    def __init__(self, target: Host, pool: "SshPool"):
+    def __init__(self, target: Host, pool: SshPool):
         from fabric import Connection
 
         self.name = target.name
@@ -196,7 +196,7 @@ class SshTransport:
         timeout = self._connect_timeout()
         try:
             sock = socket.create_connection((address, port), timeout=timeout)
-        except (socket.timeout, TimeoutError):
+        except TimeoutError:
             raise TransportError(f"{self.name}: connection to {address}:{port} timed out after {timeout:g} s",
                                  host=self.name, kind="timeout") from None
         except ConnectionRefusedError:
@@ -228,7 +228,7 @@ class SshTransport:
         finally:
             self.conn.connect_kwargs.pop("sock", None)
 
-    def connect(self) -> "SshTransport":
+    def connect(self) -> SshTransport:
         """Open the connection now (otherwise the first command opens it)."""
         with self._lock:
             self._open()
@@ -350,7 +350,7 @@ class SshTransport:
         with self._lock:
             self._drop()
 
-    def __enter__(self) -> "SshTransport":
+    def __enter__(self) -> SshTransport:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -468,7 +468,7 @@ class SshPool:
         for t in transports:
             t.close()
 
-    def __enter__(self) -> "SshPool":
+    def __enter__(self) -> SshPool:
         return self
 
     def __exit__(self, *exc: object) -> None:
