@@ -8,13 +8,19 @@ command line is parsed: nonsense is a usage error (exit 2) before any host is co
 from __future__ import annotations
 
 import math
-from pathlib import Path
 import sys
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import typer
 
 from kpipe.cli.context import esc, guarded, print_json, state
+
+if TYPE_CHECKING:
+    from kpipe.host import Host
+    from kpipe.rollout.journal import Journal
+    from kpipe.rollout.planner import RolloutOptions
 
 rollout_app = typer.Typer(help="Staged, health-gated rollouts with a journal, resume and rollback.",
                           no_args_is_help=True)
@@ -23,10 +29,10 @@ _WEEK = 7 * 24 * 3600.0
 _DAY = 24 * 3600.0
 
 
-def _number(lo: float, hi: float, what: str) -> Callable[[Optional[float]], Optional[float]]:
+def _number(lo: float, hi: float, what: str) -> Callable[[float | None], float | None]:
     """A click callback: the value must be a finite number in [lo, hi], else a usage error (exit 2).
     click's own range check lets nan through (every comparison with nan is false)."""
-    def check(value: Optional[float]) -> Optional[float]:
+    def check(value: float | None) -> float | None:
         if value is None:
             return value
         if not math.isfinite(value):
@@ -37,7 +43,7 @@ def _number(lo: float, hi: float, what: str) -> Callable[[Optional[float]], Opti
     return check
 
 
-def _budget(value: Optional[str]) -> Optional[str]:
+def _budget(value: str | None) -> str | None:
     """--max-failures: N or N%, checked at parse time."""
     if value is None:
         return value
@@ -50,7 +56,7 @@ def _budget(value: Optional[str]) -> Optional[str]:
         raise typer.BadParameter(f"{value!r} is not a count (0, 2) or a percentage (10%) of 0-100") from None
 
 
-def _waves(value: Optional[str]) -> Optional[str]:
+def _waves(value: str | None) -> str | None:
     """--waves: cumulative counts or percentages, checked at parse time."""
     if value is None:
         return value
@@ -64,7 +70,7 @@ def _waves(value: Optional[str]) -> Optional[str]:
     return value
 
 
-def _policy(value: Optional[str]) -> Optional[str]:
+def _policy(value: str | None) -> str | None:
     if value is None:
         return value
     from kpipe.rollout.planner import ROLLBACK_POLICIES
@@ -109,9 +115,9 @@ def register(app: typer.Typer) -> None:
     app.add_typer(rollout_app, name="rollout")
 
 
-def _options(target: str, waves: Optional[str], soak: Optional[float], verify_interval: float,
-             max_failures: Optional[str], rollback_policy: Optional[str], skip_preflight: bool, persist: bool,
-             forks: Optional[int], timeout: float, no_probe: bool = False):
+def _options(target: str, waves: str | None, soak: float | None, verify_interval: float,
+             max_failures: str | None, rollback_policy: str | None, skip_preflight: bool, persist: bool,
+             forks: int | None, timeout: float, no_probe: bool = False) -> RolloutOptions:
     """Options from the command line; what it leaves out comes from the recipe's `rollout:` section."""
     from kpipe.rollout.planner import DEFAULT_WAVES, FailureBudget, RolloutOptions
     from kpipe.rollout.world import recipe_defaults
@@ -132,44 +138,25 @@ def _options(target: str, waves: Optional[str], soak: Optional[float], verify_in
                           step_timeout_s=timeout)
 
 
-def _journal():
+def _journal() -> Journal:
     from kpipe.rollout.journal import Journal
 
     return Journal(state().workspace.store)
 
 
-def _resolve(journal: Any, ref: str) -> str:
+def _resolve(journal: Journal, ref: str) -> str:
     """A rollout id from an id, a unique prefix, or `last`: the rollout started (or resumed) most
     recently. A stored plan that never ran is not `last`: rolling it back or resuming it means nothing."""
     if (ref or "").strip() != "last":
         return journal.resolve(ref)
-    import json
-
-    from kpipe.errors import NotFoundError
-
-    rows = journal.store.query("SELECT id, created_at, detail_json FROM rollouts WHERE state != 'planned'")
-    if not rows:
-        raise NotFoundError("no rollout has been started yet (`last` never names a plan that did not run)",
-                            hint="see `kpipe rollout list`; start a plan with `kpipe rollout start --plan ID`")
-
-    def started(r: Any) -> tuple:
-        detail = json.loads(r["detail_json"] or "{}")
-        return (float(detail.get("started_at") or r["created_at"]), r["created_at"], r["id"])
-
-    return max(rows, key=started)["id"]
+    return journal.last_started()
 
 
-def _resolve_plan(journal: Any, ref: str) -> str:
+def _resolve_plan(journal: Journal, ref: str) -> str:
     """`start --plan`: an id, a prefix, or `last` (the newest stored plan that has not run)."""
     if (ref or "").strip() != "last":
         return journal.resolve(ref)
-    from kpipe.errors import NotFoundError
-
-    row = journal.store.query_one("SELECT id FROM rollouts WHERE state = 'planned' "
-                                  "ORDER BY created_at DESC, id DESC LIMIT 1")
-    if row is None:
-        raise NotFoundError("no stored plan is waiting to be started", hint="make one with `kpipe rollout plan`")
-    return row["id"]
+    return journal.last_planned()
 
 
 def _refuse_plan(journal: Any, rid: str, verb: str) -> Any:
@@ -236,8 +223,8 @@ def _print_plan(plan: Any, rollout_id: str) -> None:
         con.print(t)
 
 
-def _plan_and_store(target: str, limit: Optional[str], opts: Any, store: bool = True,
-                    pool: Any = None, no_probe: bool = False) -> tuple[Any, str, list]:
+def _plan_and_store(target: str, limit: str | None, opts: Any, store: bool = True,
+                    pool: Any = None, no_probe: bool = False) -> tuple[Any, str, list[Host]]:
     from kpipe.rollout.world import build_plan
 
     ws = state().workspace
@@ -251,15 +238,15 @@ def _plan_and_store(target: str, limit: Optional[str], opts: Any, store: bool = 
 @rollout_app.command("plan")
 def plan_cmd(
     target: str = typer.Argument(..., help="A recipe name, or an artifact id."),
-    limit: Optional[str] = _LIMIT,
-    waves: Optional[str] = _WAVES,
-    soak: Optional[float] = _SOAK,
+    limit: str | None = _LIMIT,
+    waves: str | None = _WAVES,
+    soak: float | None = _SOAK,
     verify_interval: float = _VERIFY_INTERVAL,
-    max_failures: Optional[str] = _MAX_FAILURES,
-    rollback_policy: Optional[str] = _POLICY,
+    max_failures: str | None = _MAX_FAILURES,
+    rollback_policy: str | None = _POLICY,
     skip_preflight: bool = typer.Option(False, "--skip-preflight", help="Allow artifacts without a passed preflight."),
     persist: bool = typer.Option(False, "--persist", help="Install for reboot (kpatch install)."),
-    forks: Optional[int] = _FORKS,
+    forks: int | None = _FORKS,
     timeout: float = _STEP_TIMEOUT,
     no_probe: bool = _NO_PROBE,
     json_out: bool = typer.Option(False, "--json", help="Print JSON."),
@@ -327,8 +314,8 @@ def _print_summary(s: Any) -> None:
         con.print(f"  halted: {esc(s.halt_reason)}")
 
 
-def _run_engine(rid: str, what: str, forks: Optional[int], limit: Optional[str] = None,
-                json_out: bool = False, pool: Any = None, hosts: Optional[list] = None,
+def _run_engine(rid: str, what: str, forks: int | None, limit: str | None = None,
+                json_out: bool = False, pool: Any = None, hosts: list[Host] | None = None,
                 engine_name: str = "fabric") -> Any:
     journal = _journal()
     runner: Any  # the executor's runner: an SSH pool or Ansible plays; closed at the end either way
@@ -367,17 +354,17 @@ def _run_engine(rid: str, what: str, forks: Optional[int], limit: Optional[str] 
 
 @rollout_app.command("start")
 def start_cmd(
-    target: Optional[str] = typer.Argument(None, help="A recipe name or an artifact id (or use --plan)."),
-    plan_id: Optional[str] = typer.Option(None, "--plan", help="Start a stored plan (an id, or `last`: the newest plan)."),
-    limit: Optional[str] = _LIMIT,
-    waves: Optional[str] = _WAVES,
-    soak: Optional[float] = _SOAK,
+    target: str | None = typer.Argument(None, help="A recipe name or an artifact id (or use --plan)."),
+    plan_id: str | None = typer.Option(None, "--plan", help="Start a stored plan (an id, or `last`: the newest plan)."),
+    limit: str | None = _LIMIT,
+    waves: str | None = _WAVES,
+    soak: float | None = _SOAK,
     verify_interval: float = _VERIFY_INTERVAL,
-    max_failures: Optional[str] = _MAX_FAILURES,
-    rollback_policy: Optional[str] = _POLICY,
+    max_failures: str | None = _MAX_FAILURES,
+    rollback_policy: str | None = _POLICY,
     skip_preflight: bool = typer.Option(False, "--skip-preflight", help="Allow artifacts without a passed preflight."),
     persist: bool = typer.Option(False, "--persist", help="Install for reboot (kpatch install)."),
-    forks: Optional[int] = _FORKS,
+    forks: int | None = _FORKS,
     timeout: float = _STEP_TIMEOUT,
     dry_run: bool = typer.Option(False, "--dry-run", help="Print every command for every host; change nothing."),
     no_probe: bool = _NO_PROBE,
@@ -417,8 +404,8 @@ def start_cmd(
             pool.close()
 
 
-def _start(plan: Any, rid: str, dry_run: bool, yes: bool, json_out: bool, forks: Optional[int], pool: Any,
-           hosts: Optional[list], engine: str = "fabric") -> None:
+def _start(plan: Any, rid: str, dry_run: bool, yes: bool, json_out: bool, forks: int | None, pool: Any,
+           hosts: list[Host] | None, engine: str = "fabric") -> None:
     from kpipe.rollout.world import check_preflight
 
     if not json_out:
@@ -477,7 +464,7 @@ def _dry_run(plan: Any, rid: str, json_out: bool, forks: int | None, pool: Any, 
 
 @rollout_app.command("resume")
 def resume_cmd(rollout_id: str = typer.Argument(..., help="Rollout id, or `last` (the last one started)."),
-               forks: Optional[int] = _FORKS,
+               forks: int | None = _FORKS,
                engine: str = _ENGINE,
                yes: bool = _YES,
                json_out: bool = typer.Option(False, "--json")) -> None:
@@ -493,8 +480,8 @@ def resume_cmd(rollout_id: str = typer.Argument(..., help="Rollout id, or `last`
 
 @rollout_app.command("rollback")
 def rollback_cmd(rollout_id: str = typer.Argument(..., help="Rollout id, or `last` (the last one started)."),
-                 limit: Optional[str] = typer.Option(None, "--limit", "-l", help="Only hosts matching these globs."),
-                 forks: Optional[int] = _FORKS,
+                 limit: str | None = typer.Option(None, "--limit", "-l", help="Only hosts matching these globs."),
+                 forks: int | None = _FORKS,
                  engine: str = _ENGINE,
                  yes: bool = _YES,
                  json_out: bool = typer.Option(False, "--json")) -> None:
@@ -593,8 +580,9 @@ def list_cmd(json_out: bool = typer.Option(False, "--json")) -> None:
     if json_out:
         print_json([r.to_dict() for r in recs])
         return
-    from rich.table import Table
     import time as _time
+
+    from rich.table import Table
 
     t = Table()
     for col in ("id", "created", "state", "target", "hosts"):

@@ -175,6 +175,27 @@ class Journal:
             raise ConfigError(f"rollout id prefix {ref!r} is ambiguous ({len(rows)} match)", hint="give more of it")
         return str(rows[0]["id"])
 
+    def last_started(self) -> str:
+        """The rollout started (or resumed) most recently; a stored plan that never ran is not it."""
+        rows = self.store.query("SELECT id, created_at, detail_json FROM rollouts WHERE state != 'planned'")
+        if not rows:
+            raise NotFoundError("no rollout has been started yet (`last` never names a plan that did not run)",
+                                hint="see `kpipe rollout list`; start a plan with `kpipe rollout start --plan ID`")
+
+        def started(r: Any) -> tuple[float, float, str]:
+            detail = json.loads(r["detail_json"] or "{}")
+            return (float(detail.get("started_at") or r["created_at"]), float(r["created_at"]), str(r["id"]))
+
+        return str(max(rows, key=started)["id"])
+
+    def last_planned(self) -> str:
+        """The newest stored plan that has not run (`rollout start --plan last`)."""
+        row = self.store.query_one("SELECT id FROM rollouts WHERE state = 'planned' "
+                                   "ORDER BY created_at DESC, id DESC LIMIT 1")
+        if row is None:
+            raise NotFoundError("no stored plan is waiting to be started", hint="make one with `kpipe rollout plan`")
+        return str(row["id"])
+
     def get(self, rollout_id: str) -> RolloutRecord:
         """One rollout by exact id; NotFoundError otherwise."""
         row = self.store.query_one("SELECT * FROM rollouts WHERE id = ?", (rollout_id,))
