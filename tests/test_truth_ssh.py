@@ -14,6 +14,7 @@ import subprocess
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -166,3 +167,61 @@ def test_verify_and_audit_over_lying_hosts_are_quiet(tmp_path, liars, client_key
     r = _kpipe(ws, "audit", "--format", "json")
     assert "Traceback" not in r.stderr and "paramiko" not in r.stderr and len(r.stderr.splitlines()) <= 2, r.stderr
     assert "[Errno" not in r.stdout
+
+
+class _RacingChannel:
+    """A paramiko channel at the instant the race happens: the last output, EOF, the exit status and the
+    close all arrived after kpipe's read and before its EOF check (seen under load in the 200-host test)."""
+
+    def __init__(self, status: int | None):
+        self.out = [b"late output\n"]
+        self.eof_received = True
+        self.closed = True
+        self.status = status
+
+    def exec_command(self, line: str) -> None: ...
+    def sendall(self, data: bytes) -> None: ...
+    def shutdown_write(self) -> None: ...
+    def fileno(self) -> int:
+        self.fd = os.open(os.devnull, os.O_RDONLY)
+        return self.fd
+    def recv_ready(self) -> bool:
+        # the first look (in the read loop) misses the data, the drain finds it
+        self._looks = getattr(self, "_looks", 0) + 1
+        return self._looks > 1 and bool(self.out)
+    def recv(self, n: int) -> bytes:
+        return self.out.pop(0)
+    def recv_stderr_ready(self) -> bool:
+        return False
+    def exit_status_ready(self) -> bool:
+        return self.status is not None
+    def recv_exit_status(self) -> int:
+        assert self.status is not None
+        return self.status
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+def _racing_transport(chan: _RacingChannel) -> Any:
+    from types import SimpleNamespace
+
+    from kpipe.transport.ssh import SshTransport
+
+    t = object.__new__(SshTransport)
+    session = SimpleNamespace(is_active=lambda: True, open_session=lambda timeout=None: chan)
+    t.name = "racer"
+    t.conn = SimpleNamespace(client=SimpleNamespace(get_transport=lambda: session))
+    t.target = SimpleNamespace(connect_timeout=5.0)
+    return t
+
+
+@pytest.mark.parametrize("status", [0, 1])
+def test_a_session_that_closed_with_its_exit_status_answered(status: int) -> None:
+    """Not 'connection lost': the host answered; its output and exit status are what it said."""
+    got = _racing_transport(_RacingChannel(status))._exec("true", None, 10.0)
+    assert got == (status, b"late output\n", b"")
+
+
+def test_a_session_that_closed_without_an_exit_status_died() -> None:
+    got = _racing_transport(_RacingChannel(None))._exec("true", None, 10.0)
+    assert got[0] is None and got[1] == b"late output\n"

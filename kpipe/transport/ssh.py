@@ -294,6 +294,16 @@ class SshTransport:
                 if chan.eof_received and not chan.recv_ready() and not chan.recv_stderr_ready():
                     break  # EOF: no more output will come
                 if chan.closed or not transport.is_active():
+                    # Output, EOF, exit-status and close can all arrive between the reads above and
+                    # this check: what came with the close is still buffered, and a session that sent
+                    # its exit status answered (reporting it unreachable would be a lie).
+                    while chan.recv_ready():
+                        out += chan.recv(65536)
+                    while chan.recv_stderr_ready():
+                        err += chan.recv_stderr(65536)
+                    if chan.exit_status_ready():
+                        status = chan.recv_exit_status()
+                        return (None if status == -1 else status), bytes(out), bytes(err)
                     return None, bytes(out), bytes(err)
                 if deadline is not None and time.monotonic() >= deadline:
                     raise CommandTimeout("timeout", host=self.name)
