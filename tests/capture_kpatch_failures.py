@@ -148,10 +148,10 @@ def main(argv: list[str]) -> int:
                     "-v", str(vm[case.vmlinux]), "-a", case.archversion or k.release,
                     "-n", f"livepatch-{case.name}", "-o", str(out_dir), str(pfile)]
             print(f"== {case.name}: {case.what}", flush=True)
-            script = (f"rm -rf {shlex.quote(cache)}; mkdir -p {shlex.quote(cache)}; export CACHEDIR={shlex.quote(cache)}; "
-                      f"nice -n 10 {shlex.join(argv)} 2>&1; echo \"[exit $?]\"; "
-                      f"echo {shlex.quote(SEPARATOR)}; cat {shlex.quote(cache)}/build.log 2>/dev/null")
-            r = ssh(["sh", "-c", script])
+            # $1 the CACHEDIR, then kpatch-build's argv; the build.log follows the tool's own output
+            script = ('rm -rf "$1"; mkdir -p "$1"; export CACHEDIR="$1"; shift; nice -n 10 "$@" 2>&1; '
+                      'echo "[exit $?]"; echo "$SEP"; cat "$CACHEDIR/build.log" 2>/dev/null')
+            r = ssh(["env", f"SEP={SEPARATOR}", "sh", "-c", script, "sh", cache, *argv])
             body, _, blog = r.stdout.partition(SEPARATOR + "\n")
             assert "[exit 0]" not in body, f"{case.name}: kpatch-build succeeded\n{body}"
             header = (f"# kpatch-build --version: {version}\n# {gcc}\n# case {case.name}: {case.what}\n"
