@@ -20,8 +20,9 @@ TABLE: dict[str, tuple[str, str, str, str]] = {
     "patch-does-not-apply": ("patch", "file failed to apply", "Hunk #1 FAILED", "does not apply"),
     "no-functional-change": ("patch", "no functional changes found", "no functional changes found",
                              "changes no compiled code"),
-    "static-local": ("diff", "changed section", "error(s) encountered", "static locals"),
-    "init-section": ("diff", ".init.text", "error(s) encountered", "__init"),
+    "static-local": ("diff", "changed section .data.warncount.0 not selected", "unsupported section change",
+                     "static local"),
+    "init-section": ("diff", "changed section .init.text not selected", "unsupported section change", "__init code"),
     "missing-vmlinux": ("environment", "vmlinux file", "no-such-vmlinux", "does not exist on the build host"),
     "stripped-vmlinux": ("environment", "can't find special struct alt_instr size", "alt_instr", "no debug info"),
     "archversion-mismatch": ("environment", "Kernel version mismatch: 6.12.117-other was specified",
@@ -66,7 +67,15 @@ def test_a_stripped_vmlinux_is_not_blamed_on_the_config():
     assert "CONFIG_DEBUG_INFO" not in c.hint  # the config has it; the vmlinux lost it
 
 
+def test_create_diff_objects_summary_does_not_hide_the_cause():
+    # "unreconcilable difference" comes first in the log (stdout and stderr interleave); the section decides
+    for case in ("static-local", "init-section"):
+        c = classify(_log(case))
+        assert "unreconcilable" not in c.matched and "not selected for inclusion" in c.matched, c.matched
+
+
 def test_narrow_hints_differ_from_the_category_default():
-    for case in ("archversion-mismatch", "stripped-vmlinux", "patch-does-not-apply", "compiler-mismatch"):
+    for case in ("archversion-mismatch", "stripped-vmlinux", "patch-does-not-apply", "compiler-mismatch",
+                 "static-local", "init-section", "missing-vmlinux", "no-functional-change"):
         c = classify(_log(case))
         assert c.hint != HINTS[c.category], case

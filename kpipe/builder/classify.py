@@ -54,6 +54,11 @@ _NO_CHANGE = ("the patch changes no compiled code (a comment, whitespace, or a f
               "not build): nothing to live-patch")
 _MISSING = ("a path kpatch-build was given does not exist on the build host: the kernel entry's source, vmlinux "
             "and config must be paths there (kpipe passes them as -s, -v, -c)")
+_INIT = ("the patch changes __init code (.init.text): it ran once at boot and its memory is freed, so a live "
+         "patch cannot replace it; leave the __init function as it is and patch the code that runs later")
+_DATA = ("the patch changes data, not code (an initialised global or a function's static local: .data.<name>): "
+         "a live patch replaces functions, not values already in memory; keep the initial value and change it "
+         "from code, or use a shadow variable or a pre-patch callback")
 _GCC = ("the build host's gcc is not the one that built the kernel (both are shown above): build on a host "
         "with the kernel's own gcc (skip_compiler_check in the recipe overrides the check, not recommended)")
 
@@ -84,6 +89,8 @@ _RULES: tuple[tuple[str, re.Pattern[str], str], ...] = tuple((cat, re.compile(rx
     ("patch", r"no changed objects found", _NO_CHANGE),
     ("patch", r"no functional changes found", _NO_CHANGE),
     ("patch", r"patch file '.*' not found", ""),
+    ("diff", r"changed section \.(rela\.)?init\.\S+ not selected for inclusion", _INIT),
+    ("diff", r"changed section \.(rela\.)?(data|bss|rodata)\S* not selected for inclusion", _DATA),
     ("diff", r"changed section \S+ not selected for inclusion", ""),
     ("diff", r"data section \S+ selected for inclusion", ""),
     ("diff", r"doesn't have patchable function entry|has no fentry/mcount call", ""),
@@ -91,11 +98,17 @@ _RULES: tuple[tuple[str, re.Pattern[str], str], ...] = tuple((cat, re.compile(rx
     ("diff", r"couldn't find matching .* local symbols", ""),
     ("diff", r"unsupported jump label", ""),
     ("diff", r"unsupported static call", ""),
-    ("diff", r"unreconcilable difference", ""),
     ("symbols", r"Undefined symbols:", ""),
     ("symbols", r"Patch module referencing altered exported kernel symbols", ""),
     ("symbols", r"ERROR: modpost: \"[^\"]+\" \[.*\] undefined!", ""),
     ("source", r"^\S+:\d+(:\d+)?: (fatal )?error: |^<command-line>: (fatal )?error: ", ""),
+))
+
+# create-diff-object's closing summaries: they follow the specific message (stdout and stderr interleave, so
+# they may come first in the log) and decide only when no specific message is there.
+_SUMMARY_RULES: tuple[tuple[str, re.Pattern[str], str], ...] = tuple((cat, re.compile(rx), hint) for cat, rx, hint in (
+    ("diff", r"unreconcilable difference", ""),
+    ("diff", r"\d+ unsupported section change\(s\)", ""),
 ))
 
 # Lines shown with the deciding line: the tool's own summary and compiler errors.
@@ -122,10 +135,13 @@ def classify(log: str, *, max_lines: int = 12) -> Classification:
     """Classify a failed build's log text (kpatch-build's or make's output, plus build.log)."""
     lines = log.splitlines()
     decided: tuple[int, str, str] | None = None
-    for i, line in enumerate(lines):
-        for cat, rx, hint in _RULES:
-            if rx.search(line):
-                decided = (i, cat, hint)
+    for rules in (_RULES, _SUMMARY_RULES):
+        for i, line in enumerate(lines):
+            for cat, rx, hint in rules:
+                if rx.search(line):
+                    decided = (i, cat, hint)
+                    break
+            if decided:
                 break
         if decided:
             break
@@ -142,7 +158,7 @@ def classify(log: str, *, max_lines: int = 12) -> Classification:
         s = line.strip()
         if not s or s in picked:
             continue
-        same = any(cat == category and rx.search(line) for cat, rx, _h in _RULES)
+        same = any(cat == category and rx.search(line) for cat, rx, _h in _RULES + _SUMMARY_RULES)
         if i == index or same or _CONTEXT.search(line):
             picked.append(s)
     if matched not in picked[:max_lines]:
