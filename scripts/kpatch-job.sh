@@ -21,6 +21,8 @@ RECIPE=cmdline-kforge
 mkdir -p "$WS/recipes" "$WS/patches"
 cp recipes/$RECIPE.yaml "$WS/recipes/"
 cp patches/$RECIPE.patch "$WS/patches/"
+# the build host's entry is added below, once its port and keys are known
+[ -f "$WS/kpipe.toml" ] || printf '[workspace]\n' >"$WS/kpipe.toml"
 export KPIPE_WORKSPACE="$WS"
 stage() { printf '\n\033[1m==> [%s] %s\033[0m\n' "$1" "$2"; }
 field() { python3 -c 'import json,sys; d=json.load(sys.stdin); print(eval(sys.argv[1], {}, {"d": d}))' "$1"; }
