@@ -193,7 +193,7 @@ CASES = [
     ("kernel-config", "ERROR: kernel doesn't have 'CONFIG_DEBUG_INFO' enabled."),
     ("kernel-config", "ERROR: kernel option 'CONFIG_X86_KERNEL_IBT' not supported."),
     ("kernel-config", "ERROR: The kernel doesn't support klp replace. Check /x/build.log for more details."),
-    ("kernel-config", "ERROR: can't find special struct alt_instr size."),
+    ("environment", "ERROR: can't find special struct alt_instr size."),  # a stripped vmlinux (real log)
     ("compiler", "ERROR: gcc/kernel version mismatch"),
     ("compiler", "ERROR: clang/kernel version mismatch"),
     ("patch", "ERROR: /w/p/00/fix.patch file failed to apply. Check /root/.kpatch/build.log for more details."),

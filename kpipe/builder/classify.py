@@ -1,10 +1,14 @@
 """Classify a failed build's log: category, the lines that matter, a hint (pure).
 
-The messages are kpatch-build's and create-diff-object's (kernel-facts.md,
-kpatch 0.9.11); the prefix in front of them varies by version ("ERROR: ",
-"create-diff-object: ERROR: foo.o: ..."), so the rules match the message.
-Kbuild failures (compiler errors in rendered source, missing headers) get
-their own categories.
+The messages are kpatch-build's and create-diff-object's; the ones of
+tests/data/kpatch-build/ are real logs of Debian trixie's kpatch-build 0.9.10
+(tests/test_classify_real.py). The prefix in front of them varies by version
+("ERROR: ", "create-diff-object: ERROR: foo.o: ..."), so the rules match the
+message. Details come on stdout, the summary on stderr and the patch tool's
+words in $CACHEDIR/build.log: the log classified holds all three. A rule may
+carry its own hint when its cause is narrower than its category's. Kbuild
+failures (compiler errors in rendered source, missing headers) get their own
+categories.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ HINTS: dict[str, str] = {
                    "on the build host and install the kernel's debuginfo (-dbg / dbgsym / debuginfo) package; "
                    "pass the source tree (-s) for distros kpatch-build does not know (UOS, Kylin)",
     "kernel-config": "the target kernel's configuration does not allow this build: kpatch-build needs "
-                     "CONFIG_DEBUG_INFO and a matching unstripped vmlinux; for kernels older than 5.1 set "
+                     "CONFIG_DEBUG_INFO and none of the options it names; for kernels older than 5.1 set "
                      "non_replace in the recipe",
     "compiler": "install on the build host the exact compiler the kernel was built with "
                 "(skip_compiler_check in the recipe overrides the check, not recommended)",
@@ -39,47 +43,78 @@ HINTS: dict[str, str] = {
     "unknown": "no known failure message in the log; read it whole",
 }
 
+# Narrower causes than their category's, with their own hint.
+_STRIPPED = ("the vmlinux has no debug info (stripped, or not the debug build): point the kernel entry's vmlinux "
+             "at the unstripped one (Debian: linux-image-<release>-dbg, /usr/lib/debug/boot/vmlinux-<release>)")
+_ARCHVERSION = ("the kernel's release (-a) is not the one its vmlinux was built for: the kernel entry's vmlinux "
+                "belongs to another kernel; point it at this release's vmlinux (or fix the release)")
+_NOT_APPLIED = ("the patch does not apply to the kernel entry's source tree (see 'Hunk #... FAILED' in "
+                "$CACHEDIR/build.log): rebase it on this kernel's source; it must apply with -p1")
+_NO_CHANGE = ("the patch changes no compiled code (a comment, whitespace, or a file this kernel's config does "
+              "not build): nothing to live-patch")
+_MISSING = ("a path kpatch-build was given does not exist on the build host: the kernel entry's source, vmlinux "
+            "and config must be paths there (kpipe passes them as -s, -v, -c)")
+_INIT = ("the patch changes __init code (.init.text): it ran once at boot and its memory is freed, so a live "
+         "patch cannot replace it; leave the __init function as it is and patch the code that runs later")
+_DATA = ("the patch changes data, not code (an initialised global or a function's static local: .data.<name>): "
+         "a live patch replaces functions, not values already in memory; keep the initial value and change it "
+         "from code, or use a shadow variable or a pre-patch callback")
+_GCC = ("the build host's gcc is not the one that built the kernel (both are shown above): build on a host "
+        "with the kernel's own gcc (skip_compiler_check in the recipe overrides the check, not recommended)")
+
 # Order matters only for ties on the same line; the earliest matching line decides.
-_RULES: tuple[tuple[str, re.Pattern[str]], ...] = tuple((cat, re.compile(rx)) for cat, rx in (
-    ("crash", r"create-diff-object SIGSEGV|There was a SIGSEGV|\bSIGSEGV\b"),
-    ("environment", r"Unsupported distribution"),
-    ("environment", r"can't find vmlinux"),
-    ("environment", r"can't find config file"),
-    ("environment", r"\bnot installed\b"),
-    ("environment", r"can't find supporting tools"),
-    ("environment", r"source dir '.*' not found|vmlinux file '.*' not found|config file '.*' not found"),
-    ("environment", r"output dir '.*' not found"),
-    ("environment", r"archversion \S+ does not match the vmlinux|--archversion is incompatible"),
-    ("environment", r"kpatch-build: (command )?not found|kpatch-build: No such file"),
-    ("environment", r"make(\[\d+\])?: \*\*\* .*: No such file or directory\.\s+Stop\."),
-    ("kernel-config", r"kernel doesn't have '?CONFIG_DEBUG_INFO'? enabled"),
-    ("kernel-config", r"kernel option '?CONFIG_[A-Z0-9_]+'? not supported"),
-    ("kernel-config", r"The kernel doesn't support klp replace"),
-    ("kernel-config", r"can't find special struct .* size"),
-    ("compiler", r"gcc/kernel version mismatch"),
-    ("compiler", r"clang/kernel version mismatch"),
-    ("patch", r"file failed to apply"),
-    ("patch", r"unsupported patch to lib/"),
-    ("patch", r"unsupported patch to assembly"),
-    ("patch", r"no changed objects found"),
-    ("patch", r"no functional changes found"),
-    ("patch", r"patch file '.*' not found"),
-    ("diff", r"changed section \S+ not selected for inclusion"),
-    ("diff", r"data section \S+ selected for inclusion"),
-    ("diff", r"doesn't have patchable function entry|has no fentry/mcount call"),
-    ("diff", r"reference to static local variable"),
-    ("diff", r"couldn't find matching .* local symbols"),
-    ("diff", r"unsupported jump label"),
-    ("diff", r"unsupported static call"),
-    ("diff", r"unreconcilable difference"),
-    ("symbols", r"Undefined symbols:"),
-    ("symbols", r"Patch module referencing altered exported kernel symbols"),
-    ("symbols", r"ERROR: modpost: \"[^\"]+\" \[.*\] undefined!"),
-    ("source", r"^\S+:\d+(:\d+)?: (fatal )?error: |^<command-line>: (fatal )?error: "),
+_RULES: tuple[tuple[str, re.Pattern[str], str], ...] = tuple((cat, re.compile(rx), hint) for cat, rx, hint in (
+    ("crash", r"create-diff-object SIGSEGV|There was a SIGSEGV|\bSIGSEGV\b", ""),
+    ("environment", r"Unsupported distribution", ""),
+    ("environment", r"can't find vmlinux", ""),
+    ("environment", r"can't find config file", ""),
+    ("environment", r"\bnot installed\b", ""),
+    ("environment", r"can't find supporting tools", ""),
+    ("environment", r"source dir '.*' not found|vmlinux file '.*' not found|config file '.*' not found", _MISSING),
+    ("environment", r"output dir '.*' not found", ""),
+    ("environment", r"Kernel version mismatch: \S+ was specified but vmlinux was built for", _ARCHVERSION),
+    ("environment", r"Unable to determine the kernel version from vmlinux", _STRIPPED),
+    # kpatch-build reads these sizes from the vmlinux's DWARF: a stripped vmlinux has none.
+    ("environment", r"can't find special struct \S+ size", _STRIPPED),
+    ("environment", r"kpatch-build: (command )?not found|kpatch-build: No such file", ""),
+    ("environment", r"make(\[\d+\])?: \*\*\* .*: No such file or directory\.\s+Stop\.", ""),
+    ("kernel-config", r"kernel doesn't have '?CONFIG_DEBUG_INFO'? enabled", ""),
+    ("kernel-config", r"kernel option '?CONFIG_[A-Z0-9_]+'? not supported", ""),
+    ("kernel-config", r"The kernel doesn't support klp replace", ""),
+    ("compiler", r"gcc/kernel version mismatch", _GCC),
+    ("compiler", r"clang/kernel version mismatch", ""),
+    ("patch", r"file failed to apply", _NOT_APPLIED),
+    ("patch", r"unsupported patch to lib/", ""),
+    ("patch", r"unsupported patch to assembly", ""),
+    ("patch", r"no changed objects found", _NO_CHANGE),
+    ("patch", r"no functional changes found", _NO_CHANGE),
+    ("patch", r"patch file '.*' not found", ""),
+    ("diff", r"changed section \.(rela\.)?init\.\S+ not selected for inclusion", _INIT),
+    ("diff", r"changed section \.(rela\.)?(data|bss|rodata)\S* not selected for inclusion", _DATA),
+    ("diff", r"changed section \S+ not selected for inclusion", ""),
+    ("diff", r"data section \S+ selected for inclusion", ""),
+    ("diff", r"doesn't have patchable function entry|has no fentry/mcount call", ""),
+    ("diff", r"reference to static local variable", ""),
+    ("diff", r"couldn't find matching .* local symbols", ""),
+    ("diff", r"unsupported jump label", ""),
+    ("diff", r"unsupported static call", ""),
+    ("symbols", r"Undefined symbols:", ""),
+    ("symbols", r"Patch module referencing altered exported kernel symbols", ""),
+    ("symbols", r"ERROR: modpost: \"[^\"]+\" \[.*\] undefined!", ""),
+    ("source", r"^\S+:\d+(:\d+)?: (fatal )?error: |^<command-line>: (fatal )?error: ", ""),
+))
+
+# create-diff-object's closing summaries: they follow the specific message (stdout and stderr interleave, so
+# they may come first in the log) and decide only when no specific message is there.
+_SUMMARY_RULES: tuple[tuple[str, re.Pattern[str], str], ...] = tuple((cat, re.compile(rx), hint) for cat, rx, hint in (
+    ("diff", r"unreconcilable difference", ""),
+    ("diff", r"\d+ unsupported section change\(s\)", ""),
 ))
 
 # Lines shown with the deciding line: the tool's own summary and compiler errors.
-_CONTEXT = re.compile(r"(^ERROR: |: ERROR: |error\(s\) encountered|: error: |\*\*\* \[)")
+# kpatch-build prints both compilers after a mismatch; patch(1) writes which hunk failed to build.log.
+_CONTEXT = re.compile(r"(^ERROR: |: ERROR: |error\(s\) encountered|: error: |\*\*\* \[|^(gcc|clang|kernel) "
+                      r"version: |^Hunk #\d+ FAILED|^\d+ out of \d+ hunks? FAILED)")
 
 
 @dataclass(frozen=True)
@@ -99,11 +134,14 @@ class Classification:
 def classify(log: str, *, max_lines: int = 12) -> Classification:
     """Classify a failed build's log text (kpatch-build's or make's output, plus build.log)."""
     lines = log.splitlines()
-    decided: tuple[int, str] | None = None
-    for i, line in enumerate(lines):
-        for cat, rx in _RULES:
-            if rx.search(line):
-                decided = (i, cat)
+    decided: tuple[int, str, str] | None = None
+    for rules in (_RULES, _SUMMARY_RULES):
+        for i, line in enumerate(lines):
+            for cat, rx, hint in rules:
+                if rx.search(line):
+                    decided = (i, cat, hint)
+                    break
+            if decided:
                 break
         if decided:
             break
@@ -112,7 +150,7 @@ def classify(log: str, *, max_lines: int = 12) -> Classification:
         errors = [line.strip() for line in lines if _CONTEXT.search(line)]
         shown = list(dict.fromkeys(errors))[:max_lines] or [line for line in lines[-max_lines:] if line.strip()]
         return Classification("unknown", tuple(shown), HINTS["unknown"], shown[0] if errors else "")
-    index, category = decided
+    index, category, hint = decided
     matched = lines[index].strip()
     # The deciding line, the other lines of the same category, and the tool's error summaries; deduplicated.
     picked: list[str] = []
@@ -120,9 +158,9 @@ def classify(log: str, *, max_lines: int = 12) -> Classification:
         s = line.strip()
         if not s or s in picked:
             continue
-        same = any(cat == category and rx.search(line) for cat, rx in _RULES)
+        same = any(cat == category and rx.search(line) for cat, rx, _h in _RULES + _SUMMARY_RULES)
         if i == index or same or _CONTEXT.search(line):
             picked.append(s)
     if matched not in picked[:max_lines]:
         picked = [matched] + [p for p in picked if p != matched]
-    return Classification(category, tuple(picked[:max_lines]), HINTS[category], matched)
+    return Classification(category, tuple(picked[:max_lines]), hint or HINTS[category], matched)

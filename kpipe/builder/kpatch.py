@@ -1,10 +1,11 @@
 """The kpatch-build builder: a binary diff of the kernel built with and without the patches.
 
-Facts from kernel-facts.md (kpatch 0.9.11): positional arguments are the
-patches (applied with -p1); -o must exist; one build per CACHEDIR at a time
-(the runner gives each build slot its own CACHEDIR under a lock); ARCH in the
-environment breaks aarch64 builds, so it is removed with `env -u ARCH`;
---skip-cleanup leaves the tree patched and is never passed.
+Checked against Debian trixie's kpatch-build 0.9.10 (tests/test_forge_kpatch.py):
+positional arguments are the patches (applied with -p1); -o must exist; one
+build per CACHEDIR at a time (the runner gives each build slot its own CACHEDIR
+under a lock); the build runs in place in the -s tree; ARCH in the environment
+breaks aarch64 builds, so it is removed with `env -u ARCH`; --skip-cleanup
+leaves the tree patched and is never passed.
 """
 
 from __future__ import annotations
@@ -68,8 +69,8 @@ class KpatchBuilder(Builder):
     """kpatch-build on a build host of the target's architecture and distro."""
 
     name = "kpatch-build"
-    # Real kpatch-build 0.9.x has no --version (getopt rejects it), so the
-    # script's own sha256 identifies it as well; the compiler matters too.
+    # --version exists (0.9.10 still prints "Version : 0.9.9": its VERSION line was not bumped), so
+    # the script's own sha256 identifies the tool as well; the compiler matters too.
     version_script = r"""
 tool=$1; cc=$2
 p=$(command -v "$tool" 2>/dev/null) || { echo "kpatch-build=missing"; exit 0; }
