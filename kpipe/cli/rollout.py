@@ -13,7 +13,9 @@ from typing import Any, Callable, Optional
 
 import typer
 
-from kpipe.cli.context import esc, guarded, print_json, state
+from kpipe.cli.params import WORD
+
+from kpipe.cli.context import esc, guarded, plural, print_json, state
 
 rollout_app = typer.Typer(help="Staged, health-gated rollouts with a journal, resume and rollback.",
                           no_args_is_help=True)
@@ -73,19 +75,20 @@ def _policy(value: Optional[str]) -> Optional[str]:
     return value
 
 
-_WAVES = typer.Option(None, "--waves", callback=_waves,
+_WAVES = typer.Option(None, "--waves", metavar="SIZES", callback=_waves,
                       help="Cumulative wave sizes: counts or percentages (default: the recipe's, else 1,10%,50%,100%).")
-_LIMIT = typer.Option(None, "--limit", "-l", help="Ansible host pattern (group, glob, a:b, a:&b, a:!b).")
-_SOAK = typer.Option(None, "--soak", callback=_number(0.0, _WEEK, "seconds"),
+_LIMIT = typer.Option(None, "--limit", "-l", metavar="PATTERN", help="Ansible host pattern (group, glob, a:b, a:&b, a:!b).")
+_SOAK = typer.Option(None, "--soak", metavar="SECONDS", callback=_number(0.0, _WEEK, "seconds"),
                      help="Seconds to watch each wave, 0 to 604800 (default: the recipe's, else 0).")
-_VERIFY_INTERVAL = typer.Option(10.0, "--verify-interval", callback=_number(0.5, _WEEK, "seconds"),
+_VERIFY_INTERVAL = typer.Option(10.0, "--verify-interval", metavar="SECONDS", callback=_number(0.5, _WEEK, "seconds"),
                                 help="Re-verify every N seconds in a soak (at least 0.5).")
-_MAX_FAILURES = typer.Option(None, "--max-failures", callback=_budget,
+_MAX_FAILURES = typer.Option(None, "--max-failures", metavar="BUDGET", callback=_budget,
                              help="Failure budget: N hosts or N% (default 0).")
-_POLICY = typer.Option(None, "--rollback-policy", callback=_policy,
+_POLICY = typer.Option(None, "--rollback-policy", metavar="POLICY", callback=_policy,
                        help="failed | wave | all (default failed).")
-_FORKS = typer.Option(None, "--forks", min=1, max=1000, help="Hosts in flight at once (1-1000).")
-_STEP_TIMEOUT = typer.Option(120.0, "--step-timeout", callback=_number(1.0, _DAY, "seconds"),
+_FORKS = typer.Option(None, "--forks", metavar="N", min=1, max=1000,
+                      help="Hosts in flight at once (default: 50, or forks in the ssh section of kpipe.toml).")
+_STEP_TIMEOUT = typer.Option(120.0, "--step-timeout", metavar="SECONDS", callback=_number(1.0, _DAY, "seconds"),
                              help="Seconds per load / transition wait (1 to 86400).")
 _YES = typer.Option(False, "--yes", "-y", help="Do not ask for confirmation.")
 _NO_PROBE = typer.Option(False, "--no-probe",
@@ -187,10 +190,13 @@ def _need_yes(what: str) -> None:
                      hint="pass --yes to confirm on the command line", exit_code=ExitCode.USAGE)
 
 
-def _confirm(question: str, json_out: bool) -> None:
+def _confirm(question: str, json_out: bool, what: str = "rollout", hint: str | None = None) -> None:
+    """Ask on the terminal; a no ends the command with exit 1 and "WHAT not started" (nothing changed)."""
     # the question goes to stderr when stdout carries JSON
     if not typer.confirm(question, err=json_out):
-        raise typer.Abort()
+        from kpipe.errors import ExitCode, KpipeError
+
+        raise KpipeError(f"{what} not started: not confirmed", exit_code=ExitCode.FAILURE, hint=hint)
 
 
 def _print_plan(plan: Any, rollout_id: str) -> None:
@@ -199,7 +205,7 @@ def _print_plan(plan: Any, rollout_id: str) -> None:
     con = state().console
     o = plan.options
     con.print(f"[bold]rollout {esc(rollout_id)}[/bold]: {esc(plan.target_kind)} {esc(plan.target)}, "
-              f"{len(plan.hosts)} host(s) in {len(plan.waves)} wave(s), {len(plan.excluded)} excluded")
+              f"{plural(len(plan.hosts), 'host')} in {plural(len(plan.waves), 'wave')}, {len(plan.excluded)} excluded")
     con.print(f"  soak {o.soak_s:g} s (verify every {o.verify_interval_s:g} s), max failures {esc(o.max_failures)}, "
               f"rollback policy {esc(o.rollback_policy)}, persist {'yes' if o.persist else 'no'}"
               + (", [yellow]preflight skipped[/yellow]" if o.skip_preflight else ""))
@@ -239,7 +245,7 @@ def _plan_and_store(target: str, limit: Optional[str], opts: Any, store: bool = 
 
 @rollout_app.command("plan")
 def plan_cmd(
-    target: str = typer.Argument(..., help="A recipe name, or an artifact id."),
+    target: str = typer.Argument(..., metavar="TARGET", click_type=WORD, help="A recipe name, or an artifact id."),
     limit: Optional[str] = _LIMIT,
     waves: Optional[str] = _WAVES,
     soak: Optional[float] = _SOAK,
@@ -271,18 +277,18 @@ def _progress_printer(to_stderr: bool = False) -> Callable[[Any], None]:
 
     def on_event(ev: Any) -> None:
         if ev.kind == "wave-start":
-            con.print(f"[bold]wave {ev.wave}[/bold]: {len(ev.data.get('todo', []))} host(s)")
+            con.print(f"[bold]wave {ev.wave}[/bold]: {plural(len(ev.data.get('todo', [])), 'host')}")
         elif ev.kind == "host":
             c = colors.get(ev.phase, "white")
             con.print(f"  [{c}]{esc(f'{ev.phase:<11}')}[/{c}] {esc(ev.host)}"
                       + (f"  {esc(ev.message)}" if ev.message else ""))
         elif ev.kind == "soak" and ev.data.get("regressions"):
-            con.print(f"  soak round {ev.data['round']}: {len(ev.data['regressions'])} regression(s)")
+            con.print(f"  soak round {ev.data['round']}: {plural(len(ev.data['regressions']), 'regression')}")
         elif ev.kind == "gate":
             con.print(f"  gate after wave {ev.wave}: [{'green' if ev.phase == 'proceed' else 'red'}]{esc(ev.phase)}"
                       f"[/]" + (f": {esc(ev.message)}" if ev.message else ""))
         elif ev.kind == "rollback-start":
-            con.print(f"[bold yellow]rolling back[/bold yellow] {len(ev.data.get('hosts', []))} host(s)")
+            con.print(f"[bold yellow]rolling back[/bold yellow] {plural(len(ev.data.get('hosts', [])), 'host')}")
         elif ev.kind == "resume":
             con.print(f"resume: {esc(ev.message)}")
     return guarded(on_event, con)
@@ -346,8 +352,8 @@ def _run_engine(rid: str, what: str, forks: Optional[int], limit: Optional[str] 
 
 @rollout_app.command("start")
 def start_cmd(
-    target: Optional[str] = typer.Argument(None, help="A recipe name or an artifact id (or use --plan)."),
-    plan_id: Optional[str] = typer.Option(None, "--plan", help="Start a stored plan (an id, or `last`: the newest plan)."),
+    target: Optional[str] = typer.Argument(None, metavar="TARGET", click_type=WORD, help="A recipe name or an artifact id (or use --plan)."),
+    plan_id: Optional[str] = typer.Option(None, "--plan", metavar="ID", help="Start a stored plan (an id, or `last`: the newest plan)."),
     limit: Optional[str] = _LIMIT,
     waves: Optional[str] = _WAVES,
     soak: Optional[float] = _SOAK,
@@ -361,7 +367,7 @@ def start_cmd(
     dry_run: bool = typer.Option(False, "--dry-run", help="Print every command for every host; change nothing."),
     no_probe: bool = _NO_PROBE,
     yes: bool = _YES,
-    json_out: bool = typer.Option(False, "--json"),
+    json_out: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """Plan (or take a stored plan) and run it wave by wave; exit 8 when a gate halts it."""
     from kpipe.errors import ConfigError
@@ -406,7 +412,8 @@ def _start(plan: Any, rid: str, dry_run: bool, yes: bool, json_out: bool, forks:
         _dry_run(plan, rid, json_out, forks, pool, hosts)
         return
     if not yes:
-        _confirm(f"Roll out to {len(plan.hosts)} host(s) in {len(plan.waves)} wave(s)?", json_out)
+        _confirm(f"Roll out to {plural(len(plan.hosts), 'host')} in {plural(len(plan.waves), 'wave')}?", json_out,
+                 f"rollout {rid}", hint=f"the plan is kept: `kpipe rollout start --plan {rid}`")
     _finish(_run_engine(rid, "start", forks, json_out=json_out, pool=pool, hosts=hosts), json_out)
 
 
@@ -451,26 +458,26 @@ def _dry_run(plan: Any, rid: str, json_out: bool, forks: int | None, pool: Any, 
 
 
 @rollout_app.command("resume")
-def resume_cmd(rollout_id: str = typer.Argument(..., help="Rollout id, or `last` (the last one started)."),
+def resume_cmd(rollout_id: str = typer.Argument(..., metavar="ID", click_type=WORD, help="Rollout id, or `last` (the last one started)."),
                forks: Optional[int] = _FORKS,
                yes: bool = _YES,
-               json_out: bool = typer.Option(False, "--json")) -> None:
+               json_out: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
     """Continue a rollout from its journal (re-reads every host's real state first).
     On a terminal it asks first unless --yes; without one it goes on (the rollout was confirmed at start)."""
     j = _journal()
     rid = _resolve(j, rollout_id)
     rec = _refuse_plan(j, rid, "resume")
     if not yes and _interactive():
-        _confirm(f"Resume rollout {rid} ({rec.state}, target {rec.target})?", json_out)
+        _confirm(f"Resume rollout {rid} ({rec.state}, target {rec.target})?", json_out, f"resume of rollout {rid}")
     _finish(_run_engine(rid, "resume", forks, json_out=json_out), json_out)
 
 
 @rollout_app.command("rollback")
-def rollback_cmd(rollout_id: str = typer.Argument(..., help="Rollout id, or `last` (the last one started)."),
-                 limit: Optional[str] = typer.Option(None, "--limit", "-l", help="Only hosts matching these globs."),
+def rollback_cmd(rollout_id: str = typer.Argument(..., metavar="ID", click_type=WORD, help="Rollout id, or `last` (the last one started)."),
+                 limit: Optional[str] = typer.Option(None, "--limit", "-l", metavar="PATTERN", help="Only hosts matching these globs."),
                  forks: Optional[int] = _FORKS,
                  yes: bool = _YES,
-                 json_out: bool = typer.Option(False, "--json")) -> None:
+                 json_out: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
     """Roll back every host the rollout applied (disable, wait, unload, verify removal).
     On a terminal it asks first unless --yes; without one it goes on (a rollback is the way back)."""
     j = _journal()
@@ -478,7 +485,7 @@ def rollback_cmd(rollout_id: str = typer.Argument(..., help="Rollout id, or `las
     rec = _refuse_plan(j, rid, "roll back")
     if not yes and _interactive():
         _confirm(f"Roll back rollout {rid} ({rec.state}, target {rec.target})"
-                 + (f" on hosts matching {limit}" if limit else "") + "?", json_out)
+                 + (f" on hosts matching {limit}" if limit else "") + "?", json_out, f"rollback of rollout {rid}")
     s = _run_engine(rid, "rollback", forks, limit, json_out=json_out)
     if json_out:
         print_json(s.to_dict())
@@ -488,12 +495,12 @@ def rollback_cmd(rollout_id: str = typer.Argument(..., help="Rollout id, or `las
     if bad:
         from kpipe.errors import KpipeError
 
-        raise KpipeError(f"rollback incomplete on {len(bad)} host(s): {', '.join(bad[:5])}",
+        raise KpipeError(f"rollback incomplete on {plural(len(bad), 'host')}: {', '.join(bad[:5])}",
                          hint=f"fix them, then `kpipe rollout resume {rid}`")
 
 
 @rollout_app.command("abort")
-def abort_cmd(rollout_id: str = typer.Argument(..., help="Rollout id, or `last` (the last one started).")) -> None:
+def abort_cmd(rollout_id: str = typer.Argument(..., metavar="ID", click_type=WORD, help="Rollout id, or `last` (the last one started).")) -> None:
     """Ask the driving kpipe to stop after its in-flight hosts."""
     j = _journal()
     rid = _resolve(j, rollout_id)
@@ -502,8 +509,8 @@ def abort_cmd(rollout_id: str = typer.Argument(..., help="Rollout id, or `last` 
 
 
 @rollout_app.command("status")
-def status_cmd(rollout_id: str = typer.Argument("last", help="Rollout id, or `last` (the last one started)."),
-               json_out: bool = typer.Option(False, "--json")) -> None:
+def status_cmd(rollout_id: str = typer.Argument("last", metavar="ID", click_type=WORD, help="Rollout id, or `last` (the last one started)."),
+               json_out: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
     """A rollout's state and every host's final state."""
     from kpipe.rollout.engine import summarize
 
@@ -535,7 +542,7 @@ def status_cmd(rollout_id: str = typer.Argument("last", help="Rollout id, or `la
 
 
 @rollout_app.command("list")
-def list_cmd(json_out: bool = typer.Option(False, "--json")) -> None:
+def list_cmd(json_out: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
     """Rollouts, newest first."""
     j = _journal()
     recs = j.list()

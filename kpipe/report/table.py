@@ -34,7 +34,7 @@ def summary_line(result: AuditResult) -> str:
     """'N hosts, M compliant; status counts' in one line."""
     counts = ", ".join(f"{k} {v}" for k, v in result.counts().items() if v)
     ok = sum(1 for h in result.hosts if h.compliant)
-    return f"{len(result.hosts)} hosts, {ok} compliant; {counts or 'no rows'}"
+    return f"{len(result.hosts)} host{'' if len(result.hosts) == 1 else 's'}, {ok} compliant; {counts or 'no rows'}"
 
 
 def render_text(result: AuditResult) -> str:
