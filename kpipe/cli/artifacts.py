@@ -19,7 +19,8 @@ artifacts_app = typer.Typer(help="Built and signed modules in the store.", no_ar
 def list_cmd(
     kernel: str | None = typer.Option(None, "--kernel", "-k", metavar="RELEASE", help="Only this kernel release."),
     recipe: str | None = typer.Option(None, "--recipe", "-r", metavar="RECIPE", help="Only this recipe."),
-    status: str | None = typer.Option(None, "--status", metavar="STATUS", help="Only built, valid or rejected artifacts."),
+    status: str | None = typer.Option(None, "--status", metavar="STATUS",
+                                      help="Only built, valid or rejected artifacts."),
     json_out: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """List artifacts, newest first."""

@@ -29,10 +29,12 @@ if TYPE_CHECKING:  # pragma: no cover
     from kpipe.audit import AuditResult
     from kpipe.workspace import Workspace
 
-_LIMIT = typer.Option(None, "--limit", "-l", metavar="PATTERN", help="Ansible host pattern: group, host, glob, ~regex, a:b, a:&b, a:!b.")
+_LIMIT = typer.Option(None, "--limit", "-l", metavar="PATTERN",
+                      help="Ansible host pattern: group, host, glob, ~regex, a:b, a:&b, a:!b.")
 _DESIRED = typer.Option(None, "--desired", "-d", metavar="FILE",
                         help="Desired-state YAML (hosts/patterns -> patches required/forbidden).")
-_FORKS = typer.Option(None, "--forks", "-f", metavar="N", min=1, max=1000, help="Hosts in flight at once (default: 50, or forks in the ssh section of kpipe.toml).")
+_FORKS = typer.Option(None, "--forks", "-f", metavar="N", min=1, max=1000,
+                      help="Hosts in flight at once (default: 50, or forks in the ssh section of kpipe.toml).")
 _SETTLE = typer.Option(5.0, "--settle", metavar="SECONDS", min=0.0, max=600.0,
                        help="Seconds to wait before re-reading a host in transition (then it counts as stuck).")
 

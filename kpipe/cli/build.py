@@ -21,7 +21,8 @@ if TYPE_CHECKING:  # imported inside the commands: `kpipe --help` stays fast
 
 def build(
     kernel: str | None = typer.Option(None, "--kernel", "-k", metavar="RELEASE", help="Target kernel release."),
-    recipe: str | None = typer.Option(None, "--recipe", "-r", metavar="RECIPE", help="Recipe name (default: every recipe "
+    recipe: str | None = typer.Option(None, "--recipe", "-r", metavar="RECIPE",
+                                      help="Recipe name (default: every recipe "
                                          "targeting --kernel)."),
     all_kernels: bool = typer.Option(False, "--all-kernels", help="Build --recipe for every catalog kernel it "
                                      "targets."),
@@ -216,7 +217,8 @@ def _exit_for(results: list[BuildResult], console: Console | None) -> None:
 
 
 def builds(
-    status: str | None = typer.Option(None, "--status", metavar="STATUS", help="Only running, succeeded or failed builds."),
+    status: str | None = typer.Option(None, "--status", metavar="STATUS",
+                                      help="Only running, succeeded or failed builds."),
     log: str | None = typer.Option(None, "--log", metavar="ID", help="Print the stored log of the build whose "
                                       "id (inputs digest prefix) is ID."),
     json_out: bool = typer.Option(False, "--json", help="Print JSON."),

@@ -19,7 +19,8 @@ from kpipe.cli.context import plural
 fleet_app = typer.Typer(help="The fleet: hosts from kpipe's fleet file and Ansible inventories, and their facts.",
                         no_args_is_help=True)
 
-_LIMIT = typer.Option(None, "--limit", "-l", metavar="PATTERN", help="Ansible host pattern: group, host, glob, ~regex, a:b, a:&b, a:!b.")
+_LIMIT = typer.Option(None, "--limit", "-l", metavar="PATTERN",
+                      help="Ansible host pattern: group, host, glob, ~regex, a:b, a:&b, a:!b.")
 _INVENTORY = typer.Option(None, "--inventory", "-i", metavar="FILE",
                           help="Inventory source(s) to read instead of the workspace's (repeatable).")
 _JSON = typer.Option(False, "--json", help="Print JSON instead of a table.")
@@ -60,7 +61,8 @@ def list_hosts(limit: str | None = _LIMIT, inventory: list[str] | None = _INVENT
 @fleet_app.command("facts")
 def facts(limit: str | None = _LIMIT, inventory: list[str] | None = _INVENTORY,
           forks: int | None = typer.Option(None, "--forks", "-f", metavar="N", min=1, max=1000,
-                                              help="Hosts in flight at once (default: 50, or forks in the ssh section of kpipe.toml)."),
+                                              help="Hosts in flight at once (default: 50, or forks in the ssh "
+                                                   "section of kpipe.toml)."),
           as_json: bool = _JSON,
           strict: bool = typer.Option(False, "--strict", help="Exit 6 if any host was unreachable or failed."),
           timeout: float = typer.Option(60.0, "--timeout", metavar="SECONDS", min=1.0,
@@ -95,7 +97,8 @@ def facts(limit: str | None = _LIMIT, inventory: list[str] | None = _INVENTORY,
         raise KpipeError(f"none of the {plural(len(results), 'host')} reported facts", exit_code=ExitCode.UNREACHABLE,
                          hint="each host's reason is in the output above; check addresses, ports and that sshd runs")
     if strict and failed:
-        raise KpipeError(f"{len(failed)} of {plural(len(results), 'host')} did not report facts: {', '.join(failed[:10])}"
+        raise KpipeError(f"{len(failed)} of {plural(len(results), 'host')} did not report facts: "
+                         f"{', '.join(failed[:10])}"
                          + (" ..." if len(failed) > 10 else ""), exit_code=ExitCode.UNREACHABLE,
                          hint="see each host's status above; drop --strict to exit 0 with partial results")
 

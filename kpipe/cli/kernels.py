@@ -20,7 +20,8 @@ kernels_app = typer.Typer(help="Kernel releases and the workspace's kernel catal
 
 @kernels_app.command("parse")
 def parse_cmd(
-    release: str = typer.Argument(..., metavar="RELEASE", click_type=WORD, help="A kernel release as `uname -r` prints it."),
+    release: str = typer.Argument(..., metavar="RELEASE", click_type=WORD,
+                                  help="A kernel release as `uname -r` prints it."),
     json_out: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """Parse a kernel release: version, distro, flavour, architecture."""

@@ -33,17 +33,21 @@ def _lab() -> Lab:
 
 @lab_app.command("up")
 def up_cmd(
-    kernel: str | None = typer.Option(None, "--kernel", metavar="RELEASE", help="Debian kernel release, or `debian` for the current one."),
+    kernel: str | None = typer.Option(None, "--kernel", metavar="RELEASE",
+                                      help="Debian kernel release, or `debian` for the current one."),
     kernel_image: Path | None = typer.Option(None, "--kernel-image", metavar="FILE", help="A vmlinuz of your own."),
     modules: Path | None = typer.Option(None, "--modules", metavar="DIR", help="Its /lib/modules/<release> folder."),
-    vms: int | None = typer.Option(None, "--vms", metavar="N", min=1, max=16, help="How many VMs (\\[lab] vms, default 1)."),
+    vms: int | None = typer.Option(None, "--vms", metavar="N", min=1, max=16,
+                                   help="How many VMs (\\[lab] vms, default 1)."),
     memory: int | None = typer.Option(None, "--memory", metavar="MIB", min=96,
                                          help="Guest memory in MiB (\\[lab] memory, default 256)."),
     sig_enforce: bool = typer.Option(False, "--sig-enforce", help="module.sig_enforce=1 on every VM."),
     sig_enforce_vms: list[str] | None = typer.Option(
-        None, "--sig-enforce-vms", metavar="VM", help="module.sig_enforce=1 on these VMs only (repeat or comma-separate)."),
+        None, "--sig-enforce-vms", metavar="VM",
+        help="module.sig_enforce=1 on these VMs only (repeat or comma-separate)."),
     append: str = typer.Option("", "--append", metavar="ARGS", help="Extra kernel arguments (after \\[lab] append)."),
-    timeout: float = typer.Option(480.0, "--timeout", metavar="SECONDS", help="Seconds until every VM must answer SSH."),
+    timeout: float = typer.Option(480.0, "--timeout", metavar="SECONDS",
+                                  help="Seconds until every VM must answer SSH."),
     json_out: bool = typer.Option(False, "--json", help="Print the lab as JSON."),
 ) -> None:
     """Boot N VMs and write .lab/inventory.yml and .lab/known_hosts."""
@@ -111,7 +115,8 @@ def _print_status(status: dict[str, Any]) -> None:
 @lab_app.command("ssh", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def ssh_cmd(
     vm: str = typer.Argument(..., metavar="VM", click_type=WORD, help="VM name, e.g. lab1."),
-    command: list[str] | None = typer.Argument(None, metavar="COMMAND...", click_type=WORD, help="Command to run (after --); argv kept as argv."),
+    command: list[str] | None = typer.Argument(None, metavar="COMMAND...", click_type=WORD,
+                                               help="Command to run (after --); argv kept as argv."),
 ) -> None:
     """Open a shell on a VM (or run COMMAND) with OpenSSH and strict host key checking."""
     import os
@@ -139,7 +144,8 @@ def down_cmd(all_: bool = typer.Option(False, "--all", help="Also stop VMs kept 
 
 @lab_app.command("forge")
 def forge_cmd(
-    source: str = typer.Option(..., "--source", metavar="SOURCE", help="debian:<suite>/<version>, e.g. debian:trixie/6.12."),
+    source: str = typer.Option(..., "--source", metavar="SOURCE",
+                               help="debian:<suite>/<version>, e.g. debian:trixie/6.12."),
     config_fragment: Path | None = typer.Option(None, "--config-fragment", metavar="FILE",
                                                    help="Config fragment merged over tinyconfig (default: the lab's)."),
     cert: Path | None = typer.Option(None, "--cert", metavar="FILE",
@@ -180,10 +186,14 @@ def _buildhost(folder: Path | None) -> BuildHostChroot:
 
 @buildhost_app.command("up")
 def buildhost_up_cmd(
-    suite: str = typer.Option("trixie", "--suite", metavar="SUITE", help="Debian suite of the chroot (must ship kpatch-build)."),
-    version: str = typer.Option("6.12", "--version", metavar="VERSION", help="linux-source-<version> in the chroot (the forge's)."),
-    port: int | None = typer.Option(None, "--port", metavar="PORT", min=1, max=65535, help="Loopback port (default: a free one)."),
-    folder: Path | None = typer.Option(None, "--folder", metavar="DIR", help="State folder (default: <workspace>/.lab/buildhost)."),
+    suite: str = typer.Option("trixie", "--suite", metavar="SUITE",
+                              help="Debian suite of the chroot (must ship kpatch-build)."),
+    version: str = typer.Option("6.12", "--version", metavar="VERSION",
+                                help="linux-source-<version> in the chroot (the forge's)."),
+    port: int | None = typer.Option(None, "--port", metavar="PORT", min=1, max=65535,
+                                    help="Loopback port (default: a free one)."),
+    folder: Path | None = typer.Option(None, "--folder", metavar="DIR",
+                                       help="State folder (default: <workspace>/.lab/buildhost)."),
     json_out: bool = typer.Option(False, "--json", help="Print the state as JSON."),
 ) -> None:
     """Start the chroot's sshd; print the [[build_hosts]] entry and the known_hosts file to use."""
@@ -205,7 +215,8 @@ def buildhost_up_cmd(
 
 @buildhost_app.command("down")
 def buildhost_down_cmd(
-    folder: Path | None = typer.Option(None, "--folder", metavar="DIR", help="State folder (default: <workspace>/.lab/buildhost)."),
+    folder: Path | None = typer.Option(None, "--folder", metavar="DIR",
+                                       help="State folder (default: <workspace>/.lab/buildhost)."),
 ) -> None:
     """Stop exactly the recorded sshd (and the processes left in its mount namespace)."""
     from kpipe.cli.context import state

@@ -99,7 +99,8 @@ def lint_cmd(json_out: bool = typer.Option(False, "--json", help="Print JSON."))
 @recipe_app.command("render")
 def render_cmd(
     name: str = typer.Argument(..., metavar="RECIPE", click_type=WORD, help="Recipe name (file name without .yaml)."),
-    kernel: str = typer.Option(..., "--kernel", "-k", metavar="RELEASE", help="Target kernel release (from `kpipe kernels list`)."),
+    kernel: str = typer.Option(..., "--kernel", "-k", metavar="RELEASE",
+                               help="Target kernel release (from `kpipe kernels list`)."),
     json_out: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """Render a recipe for one kernel and print the concrete build spec (with rendered sources)."""

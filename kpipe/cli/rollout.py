@@ -77,7 +77,8 @@ def _policy(value: Optional[str]) -> Optional[str]:
 
 _WAVES = typer.Option(None, "--waves", metavar="SIZES", callback=_waves,
                       help="Cumulative wave sizes: counts or percentages (default: the recipe's, else 1,10%,50%,100%).")
-_LIMIT = typer.Option(None, "--limit", "-l", metavar="PATTERN", help="Ansible host pattern (group, glob, a:b, a:&b, a:!b).")
+_LIMIT = typer.Option(None, "--limit", "-l", metavar="PATTERN",
+                      help="Ansible host pattern (group, glob, a:b, a:&b, a:!b).")
 _SOAK = typer.Option(None, "--soak", metavar="SECONDS", callback=_number(0.0, _WEEK, "seconds"),
                      help="Seconds to watch each wave, 0 to 604800 (default: the recipe's, else 0).")
 _VERIFY_INTERVAL = typer.Option(10.0, "--verify-interval", metavar="SECONDS", callback=_number(0.5, _WEEK, "seconds"),
@@ -352,8 +353,10 @@ def _run_engine(rid: str, what: str, forks: Optional[int], limit: Optional[str] 
 
 @rollout_app.command("start")
 def start_cmd(
-    target: Optional[str] = typer.Argument(None, metavar="TARGET", click_type=WORD, help="A recipe name or an artifact id (or use --plan)."),
-    plan_id: Optional[str] = typer.Option(None, "--plan", metavar="ID", help="Start a stored plan (an id, or `last`: the newest plan)."),
+    target: Optional[str] = typer.Argument(None, metavar="TARGET", click_type=WORD,
+                                           help="A recipe name or an artifact id (or use --plan)."),
+    plan_id: Optional[str] = typer.Option(None, "--plan", metavar="ID",
+                                          help="Start a stored plan (an id, or `last`: the newest plan)."),
     limit: Optional[str] = _LIMIT,
     waves: Optional[str] = _WAVES,
     soak: Optional[float] = _SOAK,
@@ -458,7 +461,8 @@ def _dry_run(plan: Any, rid: str, json_out: bool, forks: int | None, pool: Any, 
 
 
 @rollout_app.command("resume")
-def resume_cmd(rollout_id: str = typer.Argument(..., metavar="ID", click_type=WORD, help="Rollout id, or `last` (the last one started)."),
+def resume_cmd(rollout_id: str = typer.Argument(..., metavar="ID", click_type=WORD,
+                                                help="Rollout id, or `last` (the last one started)."),
                forks: Optional[int] = _FORKS,
                yes: bool = _YES,
                json_out: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
@@ -473,8 +477,10 @@ def resume_cmd(rollout_id: str = typer.Argument(..., metavar="ID", click_type=WO
 
 
 @rollout_app.command("rollback")
-def rollback_cmd(rollout_id: str = typer.Argument(..., metavar="ID", click_type=WORD, help="Rollout id, or `last` (the last one started)."),
-                 limit: Optional[str] = typer.Option(None, "--limit", "-l", metavar="PATTERN", help="Only hosts matching these globs."),
+def rollback_cmd(rollout_id: str = typer.Argument(..., metavar="ID", click_type=WORD,
+                                                  help="Rollout id, or `last` (the last one started)."),
+                 limit: Optional[str] = typer.Option(None, "--limit", "-l", metavar="PATTERN",
+                                                     help="Only hosts matching these globs."),
                  forks: Optional[int] = _FORKS,
                  yes: bool = _YES,
                  json_out: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
@@ -500,7 +506,8 @@ def rollback_cmd(rollout_id: str = typer.Argument(..., metavar="ID", click_type=
 
 
 @rollout_app.command("abort")
-def abort_cmd(rollout_id: str = typer.Argument(..., metavar="ID", click_type=WORD, help="Rollout id, or `last` (the last one started).")) -> None:
+def abort_cmd(rollout_id: str = typer.Argument(..., metavar="ID", click_type=WORD,
+                                               help="Rollout id, or `last` (the last one started).")) -> None:
     """Ask the driving kpipe to stop after its in-flight hosts."""
     j = _journal()
     rid = _resolve(j, rollout_id)
@@ -509,7 +516,8 @@ def abort_cmd(rollout_id: str = typer.Argument(..., metavar="ID", click_type=WOR
 
 
 @rollout_app.command("status")
-def status_cmd(rollout_id: str = typer.Argument("last", metavar="ID", click_type=WORD, help="Rollout id, or `last` (the last one started)."),
+def status_cmd(rollout_id: str = typer.Argument("last", metavar="ID", click_type=WORD,
+                                                help="Rollout id, or `last` (the last one started)."),
                json_out: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
     """A rollout's state and every host's final state."""
     from kpipe.rollout.engine import summarize

@@ -76,7 +76,8 @@ def fetch_cmd(
 @app.command("add")
 def add_cmd(
     release: str = typer.Argument(..., metavar="RELEASE", click_type=WORD, help="Kernel release the files describe."),
-    files: list[str] = typer.Argument(..., metavar="FILE...", click_type=WORD, help="Module.symvers, kallsyms copy, System.map or vmlinux."),
+    files: list[str] = typer.Argument(..., metavar="FILE...", click_type=WORD,
+                                      help="Module.symvers, kallsyms copy, System.map or vmlinux."),
     json_out: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """Index local symbol files for a release (parsed once, cached by content digest)."""

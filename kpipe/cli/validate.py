@@ -48,11 +48,15 @@ def render_report(report: ValidationReport) -> None:
 
 
 def validate_cmd(
-    target: str = typer.Argument(..., metavar="TARGET", click_type=WORD, help="An artifact id, or a module file (.ko, .ko.xz, .ko.zst, .ko.gz)."),
-    kernel: str | None = typer.Option(None, "--kernel", "-k", metavar="RELEASE", help="Target kernel release (default: the artifact's)."),
-    symbols: list[str] = typer.Option([], "--symbols", metavar="FILE", help="Symbol source: Module.symvers, /proc/kallsyms copy, "
+    target: str = typer.Argument(..., metavar="TARGET", click_type=WORD,
+                                 help="An artifact id, or a module file (.ko, .ko.xz, .ko.zst, .ko.gz)."),
+    kernel: str | None = typer.Option(None, "--kernel", "-k", metavar="RELEASE",
+                                      help="Target kernel release (default: the artifact's)."),
+    symbols: list[str] = typer.Option([], "--symbols", metavar="FILE",
+                                      help="Symbol source: Module.symvers, /proc/kallsyms copy, "
                                       "System.map or vmlinux (repeatable)."),
-    cert: list[str] = typer.Option([], "--cert", metavar="FILE", help="Signing certificate, PEM or DER (repeatable); makes a "
+    cert: list[str] = typer.Option([], "--cert", metavar="FILE",
+                                   help="Signing certificate, PEM or DER (repeatable); makes a "
                                    "valid signature mandatory."),
     strict: bool | None = typer.Option(None, "--strict/--no-strict", help="Skipped checks fail too "
                                           "(default: [validation] strict in kpipe.toml, else off)."),
