@@ -98,6 +98,8 @@ def main() -> None:
             raise
         _print_error(f"internal error: {type(e).__name__}: {e}", "rerun with KPIPE_DEBUG=1 for a traceback")
         sys.exit(int(ExitCode.FAILURE))
+    if rc == ExitCode.INTERRUPTED:  # Typer turns Ctrl-C into a silent return of 130
+        _print_error("interrupted", None)
     sys.exit(_exit_code(rc))
 
 
