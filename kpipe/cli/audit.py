@@ -219,6 +219,7 @@ def audit(
     cve: list[str] | None = typer.Option(None, "--cve", metavar="CVE-YYYY-NNNN",  # noqa: B008 -- typer declares options in defaults
                                             help="Who is still exposed to this CVE (repeatable): the table lists the "
                                                  "exposed hosts; exit 1 if any host is exposed or unreadable."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON: the same as --format json."),
 ) -> None:
     """Report desired vs observed live-patch state per host and patch, as a table, JSON, JUnit XML, Prometheus text or HTML."""
     from pathlib import Path
@@ -229,6 +230,12 @@ def audit(
     from kpipe.report import FORMATS, render, write_atomic
 
     fmt = fmt.lower()
+    if as_json and fmt not in ("table", "json"):
+        from kpipe.errors import UsageError
+
+        raise UsageError(f"--json and --format {fmt} ask for two formats", hint="give one of them")
+    if as_json:
+        fmt = "json"
     if fmt not in FORMATS:
         raise ConfigError(f"--format {fmt!r} is unknown", hint=f"use one of {', '.join(FORMATS)}")
     out_path = Path(output) if output else None

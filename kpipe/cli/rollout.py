@@ -323,7 +323,7 @@ def _print_summary(s: Any) -> None:
         con.print(f"  halted: {esc(s.halt_reason)}")
 
 
-def _run_engine(rid: str, what: str, forks: Optional[int], limit: Optional[str] = None,
+def _run_engine(rid: str, what: str, forks: Optional[int], limit: Optional[frozenset[str]] = None,
                 json_out: bool = False, pool: Any = None, hosts: Optional[list] = None) -> Any:
     from kpipe.rollout.world import engine_for
 
@@ -480,7 +480,8 @@ def resume_cmd(rollout_id: str = typer.Argument(..., metavar="ID", click_type=WO
 def rollback_cmd(rollout_id: str = typer.Argument(..., metavar="ID", click_type=WORD,
                                                   help="Rollout id, or `last` (the last one started)."),
                  limit: Optional[str] = typer.Option(None, "--limit", "-l", metavar="PATTERN",
-                                                     help="Only hosts matching these globs."),
+                                                     help="Only these hosts: an Ansible pattern (group, glob, "
+                                                          "a:b, a:&b, a:!b, @FILE)."),
                  forks: Optional[int] = _FORKS,
                  yes: bool = _YES,
                  json_out: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
@@ -489,10 +490,11 @@ def rollback_cmd(rollout_id: str = typer.Argument(..., metavar="ID", click_type=
     j = _journal()
     rid = _resolve(j, rollout_id)
     rec = _refuse_plan(j, rid, "roll back")
+    picked = _rollback_hosts(rec, limit)  # a pattern that selects none of its hosts fails before the question
     if not yes and _interactive():
         _confirm(f"Roll back rollout {rid} ({rec.state}, target {rec.target})"
                  + (f" on hosts matching {limit}" if limit else "") + "?", json_out, f"rollback of rollout {rid}")
-    s = _run_engine(rid, "rollback", forks, limit, json_out=json_out)
+    s = _run_engine(rid, "rollback", forks, picked, json_out=json_out)
     if json_out:
         print_json(s.to_dict())
     else:
@@ -503,6 +505,37 @@ def rollback_cmd(rollout_id: str = typer.Argument(..., metavar="ID", click_type=
 
         raise KpipeError(f"rollback incomplete on {plural(len(bad), 'host')}: {', '.join(bad[:5])}",
                          hint=f"fix them, then `kpipe rollout resume {rid}`")
+
+
+def _rollback_hosts(rec: Any, limit: Optional[str]) -> Optional[frozenset[str]]:
+    """The rollout's hosts an Ansible pattern selects (None: all). Hosts that have left the inventory
+    since the rollout still match by name or glob; NotFoundError when the pattern selects none of them."""
+    if limit is None:
+        return None
+    import fnmatch
+
+    from kpipe.errors import NotFoundError
+    from kpipe.fleet.inventory import expand_limit_files, select_hosts
+    from kpipe.rollout.planner import RolloutPlan
+
+    ws = state().workspace
+    pattern = expand_limit_files(limit) or ""
+    plan_hosts = RolloutPlan.from_dict(rec.plan).hosts
+    try:
+        known = {h.name for h in select_hosts(ws)}
+    except NotFoundError:  # no inventory any more: names and globs only
+        known = set()
+    try:
+        chosen = {h.name for h in select_hosts(ws, pattern)} if known else set()
+    except NotFoundError:
+        chosen = set()
+    globs = [t for t in pattern.split(":") if t and t[0] not in "&!~"]
+    chosen |= {h for h in plan_hosts if h not in known and any(fnmatch.fnmatchcase(h, g) for g in globs)}
+    picked = frozenset(h for h in plan_hosts if h in chosen)
+    if not picked:
+        raise NotFoundError(f"--limit {limit!r} matches no host of rollout {rec.id}",
+                            hint=f"its hosts: {', '.join(plan_hosts[:10])}" + (" ..." if len(plan_hosts) > 10 else ""))
+    return picked
 
 
 @rollout_app.command("abort")
