@@ -140,9 +140,12 @@ def _click_completion_order() -> None:
 
 def _print_click_error(e: _ClickError) -> None:
     """click's usage errors in kpipe's one-line format, with the command's --help as the hint."""
+    message = e.format_message()
+    if not message.strip():  # `kpipe GROUP` without a command: its help was printed, nothing is wrong to say
+        return
     ctx = getattr(e, "ctx", None)
     hint = f"see `{ctx.command_path} --help`" if ctx is not None else "see `kpipe --help`"
-    _print_error(e.format_message(), hint)
+    _print_error(message, hint)
 
 
 def _exit_code(rc: object) -> int:

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 import typer
 
+from kpipe.cli import complete
 from kpipe.cli.params import WORD
 
 if TYPE_CHECKING:  # imported inside the commands: `kpipe --help` stays fast
@@ -17,8 +18,10 @@ artifacts_app = typer.Typer(help="Built and signed modules in the store.", no_ar
 
 @artifacts_app.command("list")
 def list_cmd(
-    kernel: str | None = typer.Option(None, "--kernel", "-k", metavar="RELEASE", help="Only this kernel release."),
-    recipe: str | None = typer.Option(None, "--recipe", "-r", metavar="RECIPE", help="Only this recipe."),
+    kernel: str | None = typer.Option(None, "--kernel", "-k", shell_complete=complete.kernels, metavar="RELEASE",
+                                      help="Only this kernel release."),
+    recipe: str | None = typer.Option(None, "--recipe", "-r", shell_complete=complete.recipes, metavar="RECIPE",
+                                      help="Only this recipe."),
     status: str | None = typer.Option(None, "--status", metavar="STATUS",
                                       help="Only built, valid or rejected artifacts."),
     json_out: bool = typer.Option(False, "--json", help="Print JSON."),
@@ -49,7 +52,8 @@ def list_cmd(
 
 @artifacts_app.command("show")
 def show_cmd(
-    artifact_id: str = typer.Argument(..., metavar="ID", click_type=WORD, help="Artifact id (or a unique prefix)."),
+    artifact_id: str = typer.Argument(..., shell_complete=complete.artifacts, metavar="ID", click_type=WORD,
+                                      help="Artifact id (or a unique prefix)."),
     json_out: bool = typer.Option(False, "--json", help="Print JSON."),
     tail: int = typer.Option(20, "--tail", metavar="N", min=0, help="Lines of the build log to show."),
 ) -> None:
@@ -105,7 +109,8 @@ def show_cmd(
 
 
 @artifacts_app.command("log")
-def log_cmd(artifact_id: str = typer.Argument(..., metavar="ID", click_type=WORD, help="Artifact id.")) -> None:
+def log_cmd(artifact_id: str = typer.Argument(..., shell_complete=complete.artifacts, metavar="ID", click_type=WORD,
+                                              help="Artifact id.")) -> None:
     """Print the artifact's whole build log."""
     import sys
 
@@ -126,7 +131,8 @@ def log_cmd(artifact_id: str = typer.Argument(..., metavar="ID", click_type=WORD
 
 @artifacts_app.command("export")
 def export_cmd(
-    artifact_id: str = typer.Argument(..., metavar="ID", click_type=WORD, help="Artifact id."),
+    artifact_id: str = typer.Argument(..., shell_complete=complete.artifacts, metavar="ID", click_type=WORD,
+                                      help="Artifact id."),
     output: Path = typer.Option(..., "--output", "-o", metavar="FILE", help="File to write the module to."),
     force: bool = typer.Option(False, "--force", help="Overwrite an existing file."),
 ) -> None:

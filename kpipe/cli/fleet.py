@@ -14,12 +14,13 @@ from typing import Any
 
 import typer
 
+from kpipe.cli import complete
 from kpipe.cli.context import plural
 
 fleet_app = typer.Typer(help="The fleet: hosts from kpipe's fleet file and Ansible inventories, and their facts.",
                         no_args_is_help=True)
 
-_LIMIT = typer.Option(None, "--limit", "-l", metavar="PATTERN",
+_LIMIT = typer.Option(None, "--limit", "-l", shell_complete=complete.host_patterns, metavar="PATTERN",
                       help="Ansible host pattern: group, host, glob, ~regex, a:b, a:&b, a:!b.")
 _INVENTORY = typer.Option(None, "--inventory", "-i", metavar="FILE",
                           help="Inventory source(s) to read instead of the workspace's (repeatable).")

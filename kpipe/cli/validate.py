@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 
 import typer
 
+from kpipe.cli import complete
 from kpipe.cli.params import WORD
 
 from kpipe.cli.context import print_json, state
@@ -50,7 +51,7 @@ def render_report(report: ValidationReport) -> None:
 def validate_cmd(
     target: str = typer.Argument(..., metavar="TARGET", click_type=WORD,
                                  help="An artifact id, or a module file (.ko, .ko.xz, .ko.zst, .ko.gz)."),
-    kernel: str | None = typer.Option(None, "--kernel", "-k", metavar="RELEASE",
+    kernel: str | None = typer.Option(None, "--kernel", "-k", shell_complete=complete.kernels, metavar="RELEASE",
                                       help="Target kernel release (default: the artifact's)."),
     symbols: list[str] = typer.Option([], "--symbols", metavar="FILE",
                                       help="Symbol source: Module.symvers, /proc/kallsyms copy, "
