@@ -100,7 +100,7 @@ def _print_status(status: dict[str, Any]) -> None:
         console.print("no lab is running")
         return
     t = Table(title=f"lab: {esc(status['kernel'].get('release', '?'))} ({esc(status['folder'])})")
-    for col in ("VM", "state", "ssh", "pid", "RSS MiB", "sig_enforce"):
+    for col in ("vm", "state", "ssh", "pid", "rss MiB", "sig_enforce"):
         t.add_column(col, no_wrap=True)
     t.add_column("extra kernel args")
     for v in status["vms"]:
