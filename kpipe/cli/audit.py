@@ -255,7 +255,7 @@ def audit(
             _print_table(result)
         _print_cves(result, cves)
     else:
-        text = render(result, fmt)
+        text = render(result, fmt, limit=limit)
         if out_path is None:
             import sys
 
