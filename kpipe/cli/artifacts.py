@@ -18,9 +18,9 @@ artifacts_app = typer.Typer(help="Built and signed modules in the store.", no_ar
 
 @artifacts_app.command("list")
 def list_cmd(
-    kernel: str | None = typer.Option(None, "--kernel", "-k", shell_complete=complete.kernels, metavar="RELEASE",
+    kernel: str | None = typer.Option(None, "--kernel", "-k", autocompletion=complete.kernels, metavar="RELEASE",
                                       help="Only this kernel release."),
-    recipe: str | None = typer.Option(None, "--recipe", "-r", shell_complete=complete.recipes, metavar="RECIPE",
+    recipe: str | None = typer.Option(None, "--recipe", "-r", autocompletion=complete.recipes, metavar="RECIPE",
                                       help="Only this recipe."),
     status: str | None = typer.Option(None, "--status", metavar="STATUS",
                                       help="Only built, valid or rejected artifacts."),
@@ -52,7 +52,7 @@ def list_cmd(
 
 @artifacts_app.command("show")
 def show_cmd(
-    artifact_id: str = typer.Argument(..., shell_complete=complete.artifacts, metavar="ID", click_type=WORD,
+    artifact_id: str = typer.Argument(..., autocompletion=complete.artifacts, metavar="ID", click_type=WORD,
                                       help="Artifact id (or a unique prefix)."),
     json_out: bool = typer.Option(False, "--json", help="Print JSON."),
     tail: int = typer.Option(20, "--tail", metavar="N", min=0, help="Lines of the build log to show."),
@@ -109,7 +109,7 @@ def show_cmd(
 
 
 @artifacts_app.command("log")
-def log_cmd(artifact_id: str = typer.Argument(..., shell_complete=complete.artifacts, metavar="ID", click_type=WORD,
+def log_cmd(artifact_id: str = typer.Argument(..., autocompletion=complete.artifacts, metavar="ID", click_type=WORD,
                                               help="Artifact id.")) -> None:
     """Print the artifact's whole build log."""
     import sys
@@ -131,7 +131,7 @@ def log_cmd(artifact_id: str = typer.Argument(..., shell_complete=complete.artif
 
 @artifacts_app.command("export")
 def export_cmd(
-    artifact_id: str = typer.Argument(..., shell_complete=complete.artifacts, metavar="ID", click_type=WORD,
+    artifact_id: str = typer.Argument(..., autocompletion=complete.artifacts, metavar="ID", click_type=WORD,
                                       help="Artifact id."),
     output: Path = typer.Option(..., "--output", "-o", metavar="FILE", help="File to write the module to."),
     force: bool = typer.Option(False, "--force", help="Overwrite an existing file."),

@@ -30,7 +30,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from kpipe.audit import AuditResult
     from kpipe.workspace import Workspace
 
-_LIMIT = typer.Option(None, "--limit", "-l", shell_complete=complete.host_patterns, metavar="PATTERN",
+_LIMIT = typer.Option(None, "--limit", "-l", autocompletion=complete.host_patterns, metavar="PATTERN",
                       help="Ansible host pattern: group, host, glob, ~regex, a:b, a:&b, a:!b.")
 _DESIRED = typer.Option(None, "--desired", "-d", metavar="FILE",
                         help="Desired-state YAML (hosts/patterns -> patches required/forbidden).")
@@ -210,7 +210,7 @@ def verify(
 def audit(
     limit: str | None = _LIMIT,
     desired: str | None = _DESIRED,
-    fmt: str = typer.Option("table", "--format", "-F", shell_complete=complete.audit_formats, metavar="FORMAT",
+    fmt: str = typer.Option("table", "--format", "-F", autocompletion=complete.audit_formats, metavar="FORMAT",
                             help="table | json | junit | prometheus | html", case_sensitive=False),
     output: str | None = typer.Option(None, "--output", "-o", metavar="FILE",
                                          help="Write the report here (atomically: temp file + rename)."),

@@ -22,9 +22,9 @@ if TYPE_CHECKING:  # imported inside the commands: `kpipe --help` stays fast
 
 
 def build(
-    kernel: str | None = typer.Option(None, "--kernel", "-k", shell_complete=complete.kernels, metavar="RELEASE",
+    kernel: str | None = typer.Option(None, "--kernel", "-k", autocompletion=complete.kernels, metavar="RELEASE",
                                       help="Target kernel release."),
-    recipe: str | None = typer.Option(None, "--recipe", "-r", shell_complete=complete.recipes, metavar="RECIPE",
+    recipe: str | None = typer.Option(None, "--recipe", "-r", autocompletion=complete.recipes, metavar="RECIPE",
                                       help="Recipe name (default: every recipe "
                                          "targeting --kernel)."),
     all_kernels: bool = typer.Option(False, "--all-kernels", help="Build --recipe for every catalog kernel it "

@@ -8,27 +8,31 @@ nothing: completion must never print an error into the user's command line.
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import sqlite3
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable
 
+import typer
+
 if TYPE_CHECKING:
     from kpipe.workspace import Workspace
 
-Completer = Callable[[Any, Any, str], list[str]]
+Completer = Callable[[Any, str], list[str]]
 
 
 def _quiet(fn: Callable[[Any, str], Iterable[str]]) -> Completer:
-    """A click shell_complete callback from fn(ctx, incomplete): failures and a missing workspace offer nothing."""
-    @functools.wraps(fn)
-    def complete(ctx: Any, param: Any, incomplete: str) -> list[str]:
+    """A Typer autocompletion callback from fn(ctx, incomplete): failures and a missing workspace offer nothing."""
+    # Typer passes arguments by annotation (a Context, the incomplete str): no functools.wraps, whose
+    # __wrapped__ would make Typer read fn's signature instead
+    def complete(ctx: typer.Context, incomplete: str) -> list[str]:
         try:
             return [v for v in fn(ctx, incomplete or "")]
         except Exception:  # noqa: BLE001 - a completer that raises would print a traceback into the shell
             return []
+    complete.__doc__ = fn.__doc__
+    complete.__name__ = fn.__name__
     return complete
 
 

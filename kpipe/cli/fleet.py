@@ -20,7 +20,7 @@ from kpipe.cli.context import plural
 fleet_app = typer.Typer(help="The fleet: hosts from kpipe's fleet file and Ansible inventories, and their facts.",
                         no_args_is_help=True)
 
-_LIMIT = typer.Option(None, "--limit", "-l", shell_complete=complete.host_patterns, metavar="PATTERN",
+_LIMIT = typer.Option(None, "--limit", "-l", autocompletion=complete.host_patterns, metavar="PATTERN",
                       help="Ansible host pattern: group, host, glob, ~regex, a:b, a:&b, a:!b.")
 _INVENTORY = typer.Option(None, "--inventory", "-i", metavar="FILE",
                           help="Inventory source(s) to read instead of the workspace's (repeatable).")

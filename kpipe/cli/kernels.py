@@ -7,9 +7,8 @@ from typing import TYPE_CHECKING, Any
 
 import typer
 
-from kpipe.cli.params import WORD
-
 from kpipe.cli.context import print_json, state
+from kpipe.cli.params import WORD
 from kpipe.cli.symbols import app as symbols_app
 
 if TYPE_CHECKING:

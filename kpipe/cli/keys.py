@@ -14,8 +14,8 @@ keys_app = typer.Typer(help="Module-signing keys (the kernel's X.509 format).", 
 @keys_app.command("generate")
 def generate_cmd(
     signer: str | None = typer.Option(None, "--signer", metavar="NAME",
-                                         help="Write the key and certificate that [signing.signers.NAME] names "
-                                              "(default: [signing] default)."),
+                                         help="Write the key and certificate that \\[signing.signers.NAME] names "
+                                              "(default: \\[signing] default)."),
     key: str | None = typer.Option(None, "--key", metavar="FILE", help="Private key to write (with --cert; "
                                       "no workspace needed)."),
     cert: str | None = typer.Option(None, "--cert", metavar="FILE", help="Certificate to write (with --key)."),

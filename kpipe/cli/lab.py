@@ -6,10 +6,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import typer
+from rich.markup import escape
 
 from kpipe.cli import complete
 from kpipe.cli.params import WORD
-from rich.markup import escape
 
 if TYPE_CHECKING:  # imported inside the commands: `kpipe --help` stays fast
     from kpipe.lab.buildhost import BuildHostChroot
@@ -34,7 +34,7 @@ def _lab() -> Lab:
 
 @lab_app.command("up")
 def up_cmd(
-    kernel: str | None = typer.Option(None, "--kernel", shell_complete=complete.kernels, metavar="RELEASE",
+    kernel: str | None = typer.Option(None, "--kernel", autocompletion=complete.kernels, metavar="RELEASE",
                                       help="Debian kernel release, or `debian` for the current one."),
     kernel_image: Path | None = typer.Option(None, "--kernel-image", metavar="FILE", help="A vmlinuz of your own."),
     modules: Path | None = typer.Option(None, "--modules", metavar="DIR", help="Its /lib/modules/<release> folder."),
@@ -44,7 +44,7 @@ def up_cmd(
                                          help="Guest memory in MiB (\\[lab] memory, default 256)."),
     sig_enforce: bool = typer.Option(False, "--sig-enforce", help="module.sig_enforce=1 on every VM."),
     sig_enforce_vms: list[str] | None = typer.Option(
-        None, "--sig-enforce-vms", shell_complete=complete.lab_vms, metavar="VM",
+        None, "--sig-enforce-vms", autocompletion=complete.lab_vms, metavar="VM",
         help="module.sig_enforce=1 on these VMs only (repeat or comma-separate)."),
     append: str = typer.Option("", "--append", metavar="ARGS", help="Extra kernel arguments (after \\[lab] append)."),
     timeout: float = typer.Option(480.0, "--timeout", metavar="SECONDS",
@@ -115,7 +115,7 @@ def _print_status(status: dict[str, Any]) -> None:
 
 @lab_app.command("ssh", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def ssh_cmd(
-    vm: str = typer.Argument(..., shell_complete=complete.lab_vms, metavar="VM", click_type=WORD,
+    vm: str = typer.Argument(..., autocompletion=complete.lab_vms, metavar="VM", click_type=WORD,
                              help="VM name, e.g. lab1."),
     command: list[str] | None = typer.Argument(None, metavar="COMMAND...", click_type=WORD,
                                                help="Command to run (after --); argv kept as argv."),
@@ -228,7 +228,7 @@ def buildhost_down_cmd(
 
 
 def preflight_cmd(
-    artifact_id: str = typer.Argument(..., shell_complete=complete.artifacts, metavar="ID", click_type=WORD,
+    artifact_id: str = typer.Argument(..., autocompletion=complete.artifacts, metavar="ID", click_type=WORD,
                                       help="Artifact id (or unique prefix)."),
     keep: bool = typer.Option(False, "--keep",
                               help="Leave the VM running after the check (`kpipe lab down --all` stops it)."),

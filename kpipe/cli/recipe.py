@@ -7,9 +7,8 @@ from typing import TYPE_CHECKING, Any
 import typer
 
 from kpipe.cli import complete
-from kpipe.cli.params import WORD
-
 from kpipe.cli.context import plural, print_json, state
+from kpipe.cli.params import WORD
 
 if TYPE_CHECKING:
     from kpipe.workspace import Workspace
@@ -99,9 +98,9 @@ def lint_cmd(json_out: bool = typer.Option(False, "--json", help="Print JSON."))
 
 @recipe_app.command("render")
 def render_cmd(
-    name: str = typer.Argument(..., shell_complete=complete.recipes, metavar="RECIPE", click_type=WORD,
+    name: str = typer.Argument(..., autocompletion=complete.recipes, metavar="RECIPE", click_type=WORD,
                                help="Recipe name (file name without .yaml)."),
-    kernel: str = typer.Option(..., "--kernel", "-k", shell_complete=complete.kernels, metavar="RELEASE",
+    kernel: str = typer.Option(..., "--kernel", "-k", autocompletion=complete.kernels, metavar="RELEASE",
                                help="Target kernel release (from `kpipe kernels list`)."),
     json_out: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:

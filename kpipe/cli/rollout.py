@@ -14,9 +14,8 @@ from typing import Any, Callable, Optional
 import typer
 
 from kpipe.cli import complete
-from kpipe.cli.params import WORD
-
 from kpipe.cli.context import esc, guarded, plural, print_json, state
+from kpipe.cli.params import WORD
 
 rollout_app = typer.Typer(help="Staged, health-gated rollouts with a journal, resume and rollback.",
                           no_args_is_help=True)
@@ -78,7 +77,7 @@ def _policy(value: Optional[str]) -> Optional[str]:
 
 _WAVES = typer.Option(None, "--waves", metavar="SIZES", callback=_waves,
                       help="Cumulative wave sizes: counts or percentages (default: the recipe's, else 1,10%,50%,100%).")
-_LIMIT = typer.Option(None, "--limit", "-l", shell_complete=complete.host_patterns, metavar="PATTERN",
+_LIMIT = typer.Option(None, "--limit", "-l", autocompletion=complete.host_patterns, metavar="PATTERN",
                       help="Ansible host pattern (group, glob, a:b, a:&b, a:!b).")
 _SOAK = typer.Option(None, "--soak", metavar="SECONDS", callback=_number(0.0, _WEEK, "seconds"),
                      help="Seconds to watch each wave, 0 to 604800 (default: the recipe's, else 0).")
@@ -247,7 +246,7 @@ def _plan_and_store(target: str, limit: Optional[str], opts: Any, store: bool = 
 
 @rollout_app.command("plan")
 def plan_cmd(
-    target: str = typer.Argument(..., shell_complete=complete.targets, metavar="TARGET", click_type=WORD,
+    target: str = typer.Argument(..., autocompletion=complete.targets, metavar="TARGET", click_type=WORD,
                                  help="A recipe name, or an artifact id."),
     limit: Optional[str] = _LIMIT,
     waves: Optional[str] = _WAVES,
@@ -355,9 +354,9 @@ def _run_engine(rid: str, what: str, forks: Optional[int], limit: Optional[froze
 
 @rollout_app.command("start")
 def start_cmd(
-    target: Optional[str] = typer.Argument(None, shell_complete=complete.targets, metavar="TARGET", click_type=WORD,
+    target: Optional[str] = typer.Argument(None, autocompletion=complete.targets, metavar="TARGET", click_type=WORD,
                                            help="A recipe name or an artifact id (or use --plan)."),
-    plan_id: Optional[str] = typer.Option(None, "--plan", shell_complete=complete.plans, metavar="ID",
+    plan_id: Optional[str] = typer.Option(None, "--plan", autocompletion=complete.plans, metavar="ID",
                                           help="Start a stored plan (an id, or `last`: the newest plan)."),
     limit: Optional[str] = _LIMIT,
     waves: Optional[str] = _WAVES,
@@ -463,7 +462,7 @@ def _dry_run(plan: Any, rid: str, json_out: bool, forks: int | None, pool: Any, 
 
 
 @rollout_app.command("resume")
-def resume_cmd(rollout_id: str = typer.Argument(..., shell_complete=complete.rollouts, metavar="ID", click_type=WORD,
+def resume_cmd(rollout_id: str = typer.Argument(..., autocompletion=complete.rollouts, metavar="ID", click_type=WORD,
                                                 help="Rollout id, or `last` (the last one started)."),
                forks: Optional[int] = _FORKS,
                yes: bool = _YES,
@@ -479,10 +478,10 @@ def resume_cmd(rollout_id: str = typer.Argument(..., shell_complete=complete.rol
 
 
 @rollout_app.command("rollback")
-def rollback_cmd(rollout_id: str = typer.Argument(..., shell_complete=complete.rollouts, metavar="ID", click_type=WORD,
+def rollback_cmd(rollout_id: str = typer.Argument(..., autocompletion=complete.rollouts, metavar="ID", click_type=WORD,
                                                   help="Rollout id, or `last` (the last one started)."),
                  limit: Optional[str] = typer.Option(None, "--limit", "-l",
-                                                     shell_complete=complete.host_patterns, metavar="PATTERN",
+                                                     autocompletion=complete.host_patterns, metavar="PATTERN",
                                                      help="Only these hosts: an Ansible pattern (group, glob, "
                                                           "a:b, a:&b, a:!b, @FILE)."),
                  forks: Optional[int] = _FORKS,
@@ -542,7 +541,7 @@ def _rollback_hosts(rec: Any, limit: Optional[str]) -> Optional[frozenset[str]]:
 
 
 @rollout_app.command("abort")
-def abort_cmd(rollout_id: str = typer.Argument(..., shell_complete=complete.rollouts, metavar="ID", click_type=WORD,
+def abort_cmd(rollout_id: str = typer.Argument(..., autocompletion=complete.rollouts, metavar="ID", click_type=WORD,
                                                help="Rollout id, or `last` (the last one started).")) -> None:
     """Ask the driving kpipe to stop after its in-flight hosts."""
     j = _journal()
@@ -552,7 +551,7 @@ def abort_cmd(rollout_id: str = typer.Argument(..., shell_complete=complete.roll
 
 
 @rollout_app.command("status")
-def status_cmd(rollout_id: str = typer.Argument("last", shell_complete=complete.rollouts, metavar="ID", click_type=WORD,
+def status_cmd(rollout_id: str = typer.Argument("last", autocompletion=complete.rollouts, metavar="ID", click_type=WORD,
                                                 help="Rollout id, or `last` (the last one started)."),
                json_out: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
     """A rollout's state and every host's final state."""

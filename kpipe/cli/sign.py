@@ -6,9 +6,8 @@ from pathlib import Path
 
 import typer
 
-from kpipe.cli.params import WORD
-
 from kpipe.cli.context import print_json, state
+from kpipe.cli.params import WORD
 
 
 def sign_cmd(

@@ -8,9 +8,8 @@ from typing import TYPE_CHECKING
 
 import typer
 
-from kpipe.cli.params import WORD
-
 from kpipe.cli.context import print_json, state
+from kpipe.cli.params import WORD
 from kpipe.host import Host
 
 if TYPE_CHECKING:

@@ -57,7 +57,7 @@ def render_report(report: ValidationReport, verbose: bool = False) -> None:
 def validate_cmd(
     target: str = typer.Argument(..., metavar="TARGET", click_type=WORD,
                                  help="An artifact id, or a module file (.ko, .ko.xz, .ko.zst, .ko.gz)."),
-    kernel: str | None = typer.Option(None, "--kernel", "-k", shell_complete=complete.kernels, metavar="RELEASE",
+    kernel: str | None = typer.Option(None, "--kernel", "-k", autocompletion=complete.kernels, metavar="RELEASE",
                                       help="Target kernel release (default: the artifact's)."),
     symbols: list[str] = typer.Option([], "--symbols", metavar="FILE",
                                       help="Symbol source: Module.symvers, /proc/kallsyms copy, "
@@ -66,7 +66,7 @@ def validate_cmd(
                                    help="Signing certificate, PEM or DER (repeatable); makes a "
                                    "valid signature mandatory."),
     strict: bool | None = typer.Option(None, "--strict/--no-strict", help="Skipped checks fail too "
-                                          "(default: [validation] strict in kpipe.toml, else off)."),
+                                          "(default: \\[validation] strict in kpipe.toml, else off)."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="List the checks that passed too."),
     json_out: bool = typer.Option(False, "--json", help="Print every finding as JSON."),
 ) -> None:

@@ -752,7 +752,7 @@ def expand_limit_files(pattern: str | None) -> str | None:
             lines = path.read_text().splitlines()
         except OSError as e:
             raise ConfigError(f"--limit {term}: cannot read the limit file {path}: {e.strerror or e}",
-                              hint="@FILE names a file of host patterns, one a line (as an Ansible retry file)") from None
+                              hint="@FILE names a file of host patterns, one a line (an Ansible retry file)") from None
         patterns = [ln.strip() for ln in lines if ln.strip() and not ln.lstrip().startswith("#")]
         if not patterns:
             raise ConfigError(f"--limit {term}: the limit file {path} names no host",
