@@ -258,3 +258,17 @@ def test_answering_no_at_the_confirmation_exits_1_not_started(simfleet_factory, 
     assert child.exitstatus == 1, child.before
     assert f"rollback of rollout {rid} not started" in child.before
     assert all(h.patches() for h in fleet.hosts), "a declined rollback changed a host"
+
+
+# -- usage errors kpipe checks itself ------------------------------------------------------------------------
+@pytest.mark.parametrize("args, message", [
+    (("rollout", "start", "--yes"), "name what to roll out"),
+    (("validate", "m.ko"), "--kernel is required when validating a file"),
+    (("audit", "--format", "yaml"), "--format 'yaml' is unknown"),
+])
+def test_usage_errors_kpipe_checks_itself_exit_2(tmp_path, args, message):
+    ws = fresh_ws(tmp_path)
+    (ws / "m.ko").write_bytes(b"\x7fELF")
+    r = kp(*args, cwd=ws)
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.startswith(f"kpipe: error: {message}") and "hint:" in r.stderr, r.stderr

@@ -238,7 +238,9 @@ def audit(
     if as_json:
         fmt = "json"
     if fmt not in FORMATS:
-        raise ConfigError(f"--format {fmt!r} is unknown", hint=f"use one of {', '.join(FORMATS)}")
+        from kpipe.errors import UsageError
+
+        raise UsageError(f"--format {fmt!r} is unknown", hint=f"use one of {', '.join(FORMATS)}")
     out_path = Path(output) if output else None
     if out_path is not None and not out_path.parent.is_dir():
         raise ConfigError(f"--output {output}: folder {out_path.parent} does not exist")

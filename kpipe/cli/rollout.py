@@ -374,7 +374,7 @@ def start_cmd(
     json_out: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """Plan (or take a stored plan) and run it wave by wave; exit 8 when a gate halts it."""
-    from kpipe.errors import ConfigError
+    from kpipe.errors import UsageError
     from kpipe.rollout.planner import RolloutPlan
 
     if not (yes or dry_run or _interactive()):
@@ -397,7 +397,7 @@ def start_cmd(
             pool.close()
             raise
     else:
-        raise ConfigError("name what to roll out", hint="kpipe rollout start RECIPE|ARTIFACT_ID, or --plan ID")
+        raise UsageError("name what to roll out", hint="kpipe rollout start RECIPE|ARTIFACT_ID, or --plan ID")
     try:
         _start(plan, rid, dry_run, yes, json_out, forks, pool, hosts)
     finally:

@@ -71,13 +71,13 @@ def validate_cmd(
     json_out: bool = typer.Option(False, "--json", help="Print every finding as JSON."),
 ) -> None:
     """Validate a module or artifact for a kernel; exit 3 when it is invalid."""
-    from kpipe.errors import ConfigError
+    from kpipe.errors import UsageError
 
     path = Path(target)
     if path.is_file():
         ws = _workspace_or_none()
         if not kernel:
-            raise ConfigError("--kernel is required when validating a file",
+            raise UsageError("--kernel is required when validating a file",
                               hint="name the target release, e.g. one from `kpipe kernels list`")
         from kpipe.validation import validate_module
 
