@@ -600,7 +600,8 @@ class Engine:
                 self._outcome(rid, HostResult(h, state, f"re-check on resume: {reason}", "resume"), a.wave, a)
             elif v is not None and not v[0]:
                 self._outcome(rid, HostResult(h, "failed", f"regressed before resume: {v[1]}", "resume"), a.wave, a)
-        self.emit(kind="resume", rollout_id=rid, message=f"re-checked {len(done)} applied host{'' if len(done) == 1 else 's'}")
+        self.emit(kind="resume", rollout_id=rid,
+                  message=f"re-checked {len(done)} applied host{'' if len(done) == 1 else 's'}")
 
     def _aborted(self, rid: str) -> RunSummary:
         self.journal.set_state(rid, "aborted", finished_at=time.time())

@@ -220,6 +220,7 @@ def check_preflight(plan: RolloutPlan) -> None:
         ids = sorted({m.reason.split()[1] for m in missing})
         raise PreflightFailed(f"{len(missing)} host{'' if len(missing) == 1 else 's'} excluded because "
                               f"artifact{'' if len(ids) == 1 else 's'} {', '.join(ids)} "
-                              f"{'has' if len(ids) == 1 else 'have'} not passed preflight", hint=f"run `kpipe preflight {ids[0]}`, or pass --skip-preflight")
+                              f"{'has' if len(ids) == 1 else 'have'} not passed preflight",
+                              hint=f"run `kpipe preflight {ids[0]}`, or pass --skip-preflight")
     if not plan.hosts:
         raise ConfigError("the plan has no eligible host", hint="see the excluded hosts and their reasons")
