@@ -235,7 +235,8 @@ def test_answering_no_at_the_confirmation_exits_1_not_started(simfleet_factory, 
     fleet, ws, art = fleet_ws(request, tmp_path)
     env = {k: v for k, v in os.environ.items() if k != "KPIPE_DEBUG"}
     child = pexpect.spawn(sys.executable, ["-m", "kpipe", "-W", str(ws.root), "rollout", "start", art.id,
-                                           "--waves", "100%"], env=env, encoding="utf-8", timeout=120)
+                                           "--waves", "100%"], env=env, encoding="utf-8", timeout=120,
+                          cwd=str(tmp_path))
     child.expect(r"Roll out to 2 hosts in 1 wave\?")
     child.sendline("n")
     child.expect(pexpect.EOF)
@@ -250,7 +251,7 @@ def test_answering_no_at_the_confirmation_exits_1_not_started(simfleet_factory, 
     r = kp("rollout", "start", "--plan", rid, "--yes", cwd=tmp_path, ws=ws.root)
     assert r.returncode == 0, r.stderr
     child = pexpect.spawn(sys.executable, ["-m", "kpipe", "-W", str(ws.root), "rollout", "rollback", rid],
-                          env=env, encoding="utf-8", timeout=120)
+                          env=env, encoding="utf-8", timeout=120, cwd=str(tmp_path))
     child.expect(r"Roll back rollout .*\?")
     child.sendline("n")
     child.expect(pexpect.EOF)
