@@ -17,8 +17,8 @@ from kpipe.cli.app import app
 from kpipe.settings import SshSettings
 
 PLACEHOLDER = re.compile(r"^\[?[A-Z][A-Z0-9_|-]*(\.\.\.)?\]?$")
-BAD_IN_HELP = ("<str>", "<float>", "<int", "<path>", "<bool>", "<text>", "<function>", " TEXT ", "(default:  ", "default: )",
-               "default: ,", "that  names")
+BAD_IN_HELP = ("<str>", "<float>", "<int", "<path>", "<bool>", "<text>", "<function>", " TEXT ",
+               "(default:  ", "default: )", "default: ,", "that  names")
 
 
 def commands() -> list[tuple[list[str], object]]:

@@ -7,7 +7,7 @@ from typing import Any
 try:  # Typer >= 0.26 vendors click; older releases use click itself
     from typer._click.types import StringParamType
 except ImportError:  # Typer < 0.26
-    from click.types import StringParamType  # type: ignore[assignment,no-redef]
+    from click.types import StringParamType  # type: ignore[assignment]
 
 
 class _Word(StringParamType):
