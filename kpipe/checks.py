@@ -345,7 +345,8 @@ def _klp(out: _Out, m: ModuleInfo, index: SymbolIndex | None) -> None:
         # sympos N needs at least N occurrences.
         if n == 0:
             problems += 1
-            out.add(f"{kind}.missing", "error", f"{label}: symbol {name!r} not found in {obj} (the kernel: "
+            out.add("klp.syms" if kind == "klp.sym" else "klp.funcs", "error",
+                    f"{label}: symbol {name!r} not found in {obj} (the kernel: "
                     f"\"symbol '{name}' not found in symbol table\")",
                     "the patch targets a symbol this kernel does not have")
         elif sympos == 0 and n > 1:
