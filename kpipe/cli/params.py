@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
-try:  # Typer >= 0.26 vendors click; older releases use click itself
+import typer
+
+if hasattr(typer, "_click"):  # Typer >= 0.26 vendors click
     from typer._click.types import StringParamType
-except ImportError:  # Typer < 0.26
+else:  # Typer < 0.26 uses click itself
     from click.types import StringParamType  # type: ignore[assignment]
 
 
