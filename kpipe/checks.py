@@ -194,13 +194,13 @@ def _vermagic(out: _Out, m: ModuleInfo, facts: KernelFacts) -> None:
 def _name(out: _Out, m: ModuleInfo) -> None:
     name = m.name
     if not name:
-        out.add("name.missing", "error", "the module has no name= in .modinfo", "build it with kbuild (modpost)")
+        out.add("name.present", "error", "the module has no name= in .modinfo", "build it with kbuild (modpost)")
         return
     if m.this_module_name is not None:
         if m.this_module_name == name:
-            out.add("name.mismatch", "info", f"name {name!r} in .modinfo and this_module")
+            out.add("name.match", "info", f"name {name!r} in .modinfo and this_module")
         else:
-            out.add("name.mismatch", "error", f"modinfo name {name!r} differs from this_module name "
+            out.add("name.match", "error", f"modinfo name {name!r} differs from this_module name "
                     f"{m.this_module_name!r}", "the module was edited after modpost; rebuild it")
     if len(name) > 55:
         out.add("name.length", "error", f"name {name!r} has {len(name)} characters; the kernel's limit is 55",
@@ -255,7 +255,7 @@ def _livepatch(out: _Out, m: ModuleInfo) -> None:
         out.add("license.gpl", "error", f"license is {lic!r}; livepatch modules must be GPL-compatible "
                 "(klp_* are EXPORT_SYMBOL_GPL)", "MODULE_LICENSE(\"GPL\")")
     if not m.patched_functions and not m.klp_relocations:
-        out.add("klp.func.missing", "warning", "no patched functions found (.kpatch.funcs, klp_funcs or klp_func "
+        out.add("klp.funcs", "warning", "no patched functions found (.kpatch.funcs, klp_funcs or klp_func "
                 "arrays)")
 
 
@@ -263,7 +263,7 @@ def _livepatch(out: _Out, m: ModuleInfo) -> None:
 
 def _symbols(out: _Out, m: ModuleInfo, facts: KernelFacts, index: SymbolIndex | None) -> None:
     if index is None or not index.has_exports:
-        out.add("symbols.unknown", "skipped", f"no Module.symvers for {facts.release}: undefined symbols and CRCs "
+        out.add("symbols.exported", "skipped", f"no Module.symvers for {facts.release}: undefined symbols and CRCs "
                 "not checked", f"install linux-headers-{facts.release}, pass --symbols Module.symvers, or run "
                 f"`kpipe kernels symbols fetch {facts.release} --from HOST`")
         return
@@ -290,11 +290,11 @@ def _symbols(out: _Out, m: ModuleInfo, facts: KernelFacts, index: SymbolIndex | 
         if exp is not None and exp.crc is not None and exp.crc != crc:
             crc_bad.append((name, crc, exp.crc))
     if unknown:
-        out.add("symbols.unknown", "error", f"{len(unknown)} undefined symbol(s) not exported by {facts.release}: "
+        out.add("symbols.exported", "error", f"{len(unknown)} undefined symbol(s) not exported by {facts.release}: "
                 f"{', '.join(unknown[:20])} (the kernel: 'Unknown symbol')",
                 "the patch calls functions the target does not export; use klp relocations or kallsyms")
     else:
-        out.add("symbols.unknown", "info", f"all {len(m.undefined)} undefined symbols are exported")
+        out.add("symbols.exported", "info", f"all {len(m.undefined)} undefined symbols are exported")
     if crc_bad:
         out.add("symbols.crc", "error", "; ".join(f"disagrees about version of symbol {n} (module {c:#010x}, "
                                                    f"kernel {k:#010x})" for n, c, k in crc_bad[:20]),
@@ -305,7 +305,7 @@ def _symbols(out: _Out, m: ModuleInfo, facts: KernelFacts, index: SymbolIndex | 
     else:
         out.add("symbols.crc", "info", f"{len(versions)} symbol CRCs match")
     if no_version:
-        out.add("symbols.version_missing", "warning", f"no symbol version for {', '.join(no_version[:20])}")
+        out.add("symbols.versions", "warning", f"no symbol version for {', '.join(no_version[:20])}")
     if ns_bad:
         out.add("symbols.namespace", "error", "; ".join(f"uses symbol {n} from namespace {ns}, but does not import it"
                                                          for n, ns in ns_bad[:20]),
@@ -329,7 +329,7 @@ def _klp(out: _Out, m: ModuleInfo, index: SymbolIndex | None) -> None:
     if not wanted:
         return
     if index is None or not index.has_symbols:
-        out.add("klp.sym.missing", "skipped", f"{len(wanted)} livepatch symbol(s)/function(s) not checked: no "
+        out.add("klp.syms", "skipped", f"{len(wanted)} livepatch symbol(s)/function(s) not checked: no "
                 "kallsyms or vmlinux symbols for the target",
                 "pass --symbols with the target's /proc/kallsyms or debuginfo vmlinux, or "
                 "`kpipe kernels symbols fetch RELEASE --from HOST`")
@@ -345,7 +345,8 @@ def _klp(out: _Out, m: ModuleInfo, index: SymbolIndex | None) -> None:
         # sympos N needs at least N occurrences.
         if n == 0:
             problems += 1
-            out.add(f"{kind}.missing", "error", f"{label}: symbol {name!r} not found in {obj} (the kernel: "
+            out.add("klp.syms" if kind == "klp.sym" else "klp.funcs", "error",
+                    f"{label}: symbol {name!r} not found in {obj} (the kernel: "
                     f"\"symbol '{name}' not found in symbol table\")",
                     "the patch targets a symbol this kernel does not have")
         elif sympos == 0 and n > 1:
@@ -358,10 +359,10 @@ def _klp(out: _Out, m: ModuleInfo, index: SymbolIndex | None) -> None:
             out.add(f"{kind}.sympos" if kind == "klp.func" else "klp.sym.sympos", "error",
                     f"{label}: sympos {sympos} but {obj} has only {n} symbol(s) named {name!r}")
     for obj in sorted(skipped_objs):
-        out.add("klp.sym.missing", "skipped", f"symbols of object {obj!r} are not in the index",
+        out.add("klp.syms", "skipped", f"symbols of object {obj!r} are not in the index",
                 f"add /proc/kallsyms of a target with {obj} loaded")
     if not problems:
-        out.add("klp.sym.missing", "info", f"{len(wanted) - sum(1 for w in wanted if w[1] in skipped_objs)} livepatch "
+        out.add("klp.syms", "info", f"{len(wanted) - sum(1 for w in wanted if w[1] in skipped_objs)} livepatch "
                 "symbol(s)/function(s) resolve in the target")
 
 
@@ -386,20 +387,20 @@ def _relocs(out: _Out, m: ModuleInfo, facts: KernelFacts) -> None:
 def _signature(out: _Out, m: ModuleInfo, facts: KernelFacts, certs: list[Certificate],
                payload: bytes | memoryview | None, sm2_user_id: str | None, require: bool) -> None:
     if m.signature_problem:
-        out.add("sig.malformed", "error", f"signature trailer is malformed: {m.signature_problem}",
+        out.add("sig.format", "error", f"signature trailer is malformed: {m.signature_problem}",
                 "re-sign the unsigned module")
         return
     if m.signature is None:
         severity = "error" if (require or facts.sig_force) else "warning"
-        out.add("sig.missing", severity, "the module is not signed (the kernel taints it 'E', or refuses it under "
+        out.add("sig.present", severity, "the module is not signed (the kernel taints it 'E', or refuses it under "
                 "module.sig_enforce / lockdown)", "kpipe sign ARTIFACT")
         return
     try:
         p7 = parse_pkcs7(m.signature.der)
     except Pkcs7Error as e:
-        out.add("sig.malformed", "error", f"PKCS#7 signature: {e}", "re-sign the module")
+        out.add("sig.format", "error", f"PKCS#7 signature: {e}", "re-sign the module")
         return
-    out.add("sig.missing", "info", f"signed by {p7.signer_text()} ({p7.digest}, {p7.signature_algorithm})")
+    out.add("sig.present", "info", f"signed by {p7.signer_text()} ({p7.digest}, {p7.signature_algorithm})")
     if p7.has_content:
         out.add("sig.content", "error", "the PKCS#7 embeds the content; the kernel needs a detached signature",
                 "sign with sign-file or kpipe sign")
@@ -419,16 +420,16 @@ def _signature(out: _Out, m: ModuleInfo, facts: KernelFacts, certs: list[Certifi
     if p7.has_content or p7.has_signed_attrs:
         return
     if not certs:
-        out.add("sig.invalid", "skipped", "signature not verified: no certificate given",
+        out.add("sig.verify", "skipped", "signature not verified: no certificate given",
                 "pass --cert with the kernel's module-signing certificate(s)")
         return
     if payload is None:
-        out.add("sig.invalid", "skipped", "signature not verified: the signed bytes were not supplied")
+        out.add("sig.verify", "skipped", "signature not verified: the signed bytes were not supplied")
         return
     v = verify_pkcs7(payload, p7, certs, sm2_user_id=sm2_user_id)
     if v.status == "valid":
-        out.add("sig.invalid", "info", v.message)
+        out.add("sig.verify", "info", v.message)
     elif v.status == "signer_unknown":
-        out.add("sig.signer_unknown", "error", v.message, "pass the certificate of the key that signed it, or re-sign")
+        out.add("sig.signer", "error", v.message, "pass the certificate of the key that signed it, or re-sign")
     else:
-        out.add("sig.invalid", "error", v.message, "the module or its signature was altered; re-sign it")
+        out.add("sig.verify", "error", v.message, "the module or its signature was altered; re-sign it")

@@ -1,6 +1,6 @@
 """The one finding type: what a check found, how bad it is, where, and what to do about it.
 
-Module checks (kpipe.checks: an id such as `sig.missing`), recipe lint (kpipe.recipes: a
+Module checks (kpipe.checks: an id such as `sig.present`), recipe lint (kpipe.recipes: a
 file and line) and the audit (kpipe.audit: a host) all report `Finding`s. The JSON shape
 (`to_dict`) keeps the keys each of them has always printed: a finding located in a file
 prints file, line, message, hint, severity; one with an id prints id, severity, message,

@@ -160,7 +160,7 @@ def test_audit_cli_every_format(scene, tmp_path):
     assert table.returncode == 1 and "wrong_hash" in table.stdout
 
     unknown = kpipe(ws_dir, "audit", "-F", "yaml")
-    assert unknown.returncode == 4 and "kpipe: error:" in unknown.stderr
+    assert unknown.returncode == 2 and "kpipe: error:" in unknown.stderr
 
 
 def test_desired_file_through_the_cli(scene, tmp_path):

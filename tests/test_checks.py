@@ -54,10 +54,10 @@ def test_real_module_validates_clean_for_its_kernel(target_kallsyms):
     r = validate_module(None, sample_module(), RELEASE, symbol_files=[str(target_kallsyms)])
     assert r.ok, _errors(r)
     assert _errors(r) == []
-    assert {f.id for f in r.findings if f.severity == "warning"} <= {"sig.missing"}
+    assert {f.id for f in r.findings if f.severity == "warning"} <= {"sig.present"}
     got = {f.id: f.severity for f in r.findings}
-    for check in ("elf.class", "elf.type", "elf.machine", "vermagic.release", "vermagic.flags", "name.mismatch",
-                  "livepatch.flag", "license.gpl", "symbols.unknown", "symbols.crc", "reloc.type", "klp.sym.missing"):
+    for check in ("elf.class", "elf.type", "elf.machine", "vermagic.release", "vermagic.flags", "name.match",
+                  "livepatch.flag", "license.gpl", "symbols.exported", "symbols.crc", "reloc.type", "klp.syms"):
         assert got[check] == "info", (check, got.get(check))
     # Module.symvers of the installed headers was used without being asked for
     assert any("Module.symvers" in s for s in r.symbol_sources)
@@ -131,7 +131,7 @@ def test_unknown_symbol_and_namespace():
     p = scratch("Module.symvers")
     p.write_text(missing)
     r = validate_module(None, sample_module(), RELEASE, symbol_files=[str(p)])
-    assert ("symbols.unknown" in _ids(r)) and "seq_printf" in dict(_errors(r))["symbols.unknown"]
+    assert ("symbols.exported" in _ids(r)) and "seq_printf" in dict(_errors(r))["symbols.exported"]
     ns = "\n".join((line.rstrip("\t") + "\tSOME_NS") if "\tseq_printf\t" in line else line
                    for line in text.splitlines())
     p.write_text(ns + "\n")
@@ -144,8 +144,8 @@ def test_symvers_skipped_without_data_and_strict_fails():
     info = parse_module(sample_bytes(), "m.ko")
     facts = KernelFacts(release=RELEASE, arch="x86_64", vermagic=VERMAGIC)
     findings = run_checks(info, facts, None)
-    assert "symbols.unknown" in _ids(findings, "skipped")
-    skip = next(f for f in findings if f.id == "symbols.unknown")
+    assert "symbols.exported" in _ids(findings, "skipped")
+    skip = next(f for f in findings if f.id == "symbols.exported")
     assert "kpipe kernels symbols fetch" in skip.hint
     assert report_ok(findings) and not report_ok(findings, strict=True)
 
@@ -188,7 +188,7 @@ def test_synthetic_livepatch_is_clean_when_symbols_resolve():
 
 
 @pytest.mark.parametrize("kallsyms,sym,finding", [
-    ({"other": 1}, ".klp.sym.vmlinux.foo_helper,0", "klp.sym.missing"),
+    ({"other": 1}, ".klp.sym.vmlinux.foo_helper,0", "klp.syms"),
     ({"foo_helper": 2}, ".klp.sym.vmlinux.foo_helper,0", "klp.sym.sympos"),
     ({"foo_helper": 2}, ".klp.sym.vmlinux.foo_helper,3", "klp.sym.sympos"),
     ({"foo_helper": 2}, ".klp.sym.vmlinux.foo_helper,2", None),
@@ -202,15 +202,15 @@ def test_klp_symbol_resolution(kallsyms, sym, finding):
 def test_klp_symbol_in_a_module_object():
     data = synthetic_livepatch(klp_syms=(".klp.sym.ext4.ext4_helper,0",))
     assert _ids(_check(data, _index({}, {("ext4", "ext4_helper"): 1}))) == set()
-    assert _ids(_check(data, _index({}, {("ext4", "other"): 1}))) == {"klp.sym.missing"}
+    assert _ids(_check(data, _index({}, {("ext4", "other"): 1}))) == {"klp.syms"}
     # the object is not in the index: skipped, with how to provide it
     fs = _check(data, _index({"x": 1}))
-    assert any(f.id == "klp.sym.missing" and f.severity == "skipped" and "ext4" in f.message for f in fs)
+    assert any(f.id == "klp.syms" and f.severity == "skipped" and "ext4" in f.message for f in fs)
 
 
 def test_klp_symbols_skipped_without_kallsyms():
     fs = _check(synthetic_livepatch(), None)
-    f = next(f for f in fs if f.id == "klp.sym.missing")
+    f = next(f for f in fs if f.id == "klp.syms")
     assert f.severity == "skipped" and "--symbols" in f.hint
 
 
@@ -229,7 +229,7 @@ def test_patched_function_missing_in_target():
     data = synthetic_livepatch(kpatch_funcs=(("cmdline_proc_show", "vmlinux", 0),))
     assert _ids(_check(data, _index({"foo_helper": 1, "cmdline_proc_show": 1}))) == set()
     fs = _check(data, _index({"foo_helper": 1}))
-    assert _ids(fs) == {"klp.func.missing"} and "cmdline_proc_show" in _errors(fs)[0][1]
+    assert _ids(fs) == {"klp.funcs"} and "cmdline_proc_show" in _errors(fs)[0][1]
     fs = _check(data, _index({"foo_helper": 1, "cmdline_proc_show": 2}))
     assert _ids(fs) == {"klp.func.sympos"}
 
@@ -251,7 +251,7 @@ def test_relocation_type_the_loader_rejects():
 
 
 def test_name_checks():
-    assert _ids(_check(synthetic_livepatch(modinfo_name="other_name"), _index({"foo_helper": 1}))) == {"name.mismatch"}
+    assert _ids(_check(synthetic_livepatch(modinfo_name="other_name"), _index({"foo_helper": 1}))) == {"name.match"}
     long = "a" * 60
     fs = _check(synthetic_livepatch(name=long, modinfo_name=long), _index({"foo_helper": 1}))
     assert "name.length" in _ids(fs)

@@ -69,7 +69,7 @@ def test_recipe_list_and_lint_clean(ws):
     assert rows["cmdline-demo"]["builder"] == "kbuild"
     r = kpipe(ws, "recipe", "lint")
     assert r.returncode == 0, r.stdout
-    assert "0 error(s)" in r.stdout
+    assert "0 errors, 0 warnings" in r.stdout
     r = kpipe(ws, "recipe", "lint", "--json")
     assert r.returncode == 0 and json.loads(r.stdout)["ok"] is True
 

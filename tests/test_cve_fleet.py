@@ -122,7 +122,7 @@ def test_cve_shows_who_is_still_exposed(scene):
     h = sorted(roles)
     r = kpipe(ws_dir, "audit", "--cve", CVE.lower(), "--settle", "0")
     assert r.returncode == 1, r.stdout + r.stderr
-    assert "Traceback" not in r.stderr and "kpipe: error: 3 host(s) exposed to CVE-2024-11111" in r.stderr
+    assert "Traceback" not in r.stderr and "kpipe: error: 3 hosts exposed to CVE-2024-11111" in r.stderr
     assert f"{CVE} (high): 2 exposed, 1 fixed, 1 unknown" in r.stdout
     listed = r.stdout.split("exposed hosts", 1)[1]
     for name in (h[1], h[2], h[3]):

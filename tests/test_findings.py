@@ -22,8 +22,8 @@ def test_checks_recipes_and_audit_share_one_type() -> None:
 
 SHAPES = [
     # a module check: id, severity, message, hint (kpipe validate --json)
-    (Finding("sig.missing", Severity.WARNING, "not signed", "sign it"),
-     {"id": "sig.missing", "severity": "warning", "message": "not signed", "hint": "sign it"}, "not signed"),
+    (Finding("sig.present", Severity.WARNING, "not signed", "sign it"),
+     {"id": "sig.present", "severity": "warning", "message": "not signed", "hint": "sign it"}, "not signed"),
     # a recipe problem: file, line, message, hint, severity (kpipe recipe lint --json)
     (Problem.at("recipes/a.yml", 3, "bad builder", "use kbuild"),
      {"file": "recipes/a.yml", "line": 3, "message": "bad builder", "hint": "use kbuild", "severity": "error"},

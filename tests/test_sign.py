@@ -138,7 +138,7 @@ def test_flip_in_real_module_payload_fails_the_sig_check():
     key, cert = make_signing_cert("rsa")
     signed = bytearray(sign_bytes(sample_bytes(), key, cert, "sha256"))
     signed[1000] ^= 0x40
-    assert _sig_findings(bytes(signed), load_certificates(cert))["sig.invalid"] == "error"
+    assert _sig_findings(bytes(signed), load_certificates(cert))["sig.verify"] == "error"
 
 
 def test_signature_checks():
@@ -146,15 +146,15 @@ def test_signature_checks():
     certs = load_certificates(cert)
     good = sign_bytes(stripped_module(), key, cert, "sha256")
     got = _sig_findings(good, certs)
-    assert got == {"sig.missing": "info", "sig.hash": "info", "sig.invalid": "info"}
+    assert got == {"sig.present": "info", "sig.hash": "info", "sig.verify": "info"}
     # without certificates: verification skipped, with how to provide one
-    assert _sig_findings(good, [])["sig.invalid"] == "skipped"
+    assert _sig_findings(good, [])["sig.verify"] == "skipped"
     # unsigned: a warning, or an error once certificates are required
-    assert _sig_findings(stripped_module(), [])["sig.missing"] == "warning"
-    assert _sig_findings(stripped_module(), certs)["sig.missing"] == "error"
+    assert _sig_findings(stripped_module(), [])["sig.present"] == "warning"
+    assert _sig_findings(stripped_module(), certs)["sig.present"] == "error"
     # another key
     _k2, cert2 = make_signing_cert("p384")
-    assert _sig_findings(good, load_certificates(cert2))["sig.signer_unknown"] == "error"
+    assert _sig_findings(good, load_certificates(cert2))["sig.signer"] == "error"
     # a digest other than CONFIG_MODULE_SIG_HASH
     assert _sig_findings(sign_bytes(stripped_module(), key, cert, "sha512"), certs)["sig.hash"] == "warning"
 
@@ -203,12 +203,12 @@ def test_malformed_trailers(mutate, expect):
     assert trailer is None and expect in problem
     m = parse_module(data, "m.ko")
     assert expect in m.signature_problem
-    assert _sig_findings(data, load_certificates(cert)) == {"sig.malformed": "error"}
+    assert _sig_findings(data, load_certificates(cert)) == {"sig.format": "error"}
 
 
 def test_garbage_pkcs7_is_malformed():
     data = append_signature(stripped_module(), b"\x30\x03\x02\x01\x01" + b"junk")
-    assert _sig_findings(data, []) == {"sig.malformed": "error"}
+    assert _sig_findings(data, []) == {"sig.format": "error"}
     assert verify_module(data, []).status == "malformed"
 
 
@@ -373,7 +373,7 @@ def test_validate_and_sign_artifacts(tmp_path):
     assert signed.id != art.id and signed.parent_id == art.id and signed.signed
     assert signed.status == "valid" and signed.meta["signer"] == "team"
     sig = {f["id"]: f["severity"] for f in signed.validation["findings"] if f["id"].startswith("sig.")}
-    assert sig["sig.invalid"] == "info"  # verified against the signer's certificate
+    assert sig["sig.verify"] == "info"  # verified against the signer's certificate
     via_cmd = sign_artifact(ws, art, "sf")
     assert via_cmd.sha256 == signed.sha256  # sign-file and the builtin signer agree byte for byte
 
@@ -433,7 +433,7 @@ def test_cli_sign_file_and_artifact(tmp_path):
     _k2, cert2 = make_signing_cert("p384")
     v = subprocess.run(["kpipe", "validate", doc["id"], "--cert", str(cert2)], capture_output=True, text=True,
                        cwd=root)
-    assert v.returncode == 3 and "sig.signer_unknown" in v.stdout
+    assert v.returncode == 3 and "sig.signer" in v.stdout
 
 
 def test_build_pkcs7_rejects_unknown_hash():

@@ -107,7 +107,7 @@ def test_every_host_failing_is_one_line_each_and_exit_6(tmp_path, liars, client_
     assert "Traceback" not in r.stderr and "paramiko" not in r.stderr and "Exception" not in r.stderr, r.stderr
     assert len(r.stderr.splitlines()) <= 2, r.stderr
     assert r.returncode == 6, (r.returncode, r.stderr)
-    assert r.stderr.startswith("kpipe: error: none of the 5 host(s) reported facts")
+    assert r.stderr.startswith("kpipe: error: none of the 5 hosts reported facts")
     # each failing host's reason: exactly one line naming it
     reasons = [ln for ln in r.stdout.splitlines() if ln.startswith("liar-") or ln.startswith("nothing-listens")]
     assert sorted(ln.split()[0] for ln in reasons) == sorted(hosts), r.stdout

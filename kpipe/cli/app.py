@@ -247,6 +247,7 @@ def main() -> None:
     from kpipe.errors import ExitCode, KpipeError
 
     debug = os.environ.get("KPIPE_DEBUG", "") not in ("", "0")
+    _click_completion_order()
     try:
         rc = get_app()(standalone_mode=False)
     except KpipeError as e:
@@ -267,12 +268,14 @@ def main() -> None:
     except Exception as e:  # click usage errors and the unexpected
         click_error = _click_exception_types()
         if isinstance(e, click_error):
-            e.show()
+            _print_click_error(e)
             sys.exit(e.exit_code)
         if debug or STATE.debug:
             raise
         _print_error(f"internal error: {type(e).__name__}: {e}", "rerun with KPIPE_DEBUG=1 for a traceback")
         sys.exit(int(ExitCode.FAILURE))
+    if rc == ExitCode.INTERRUPTED:  # Typer turns Ctrl-C into a silent return of 130
+        _print_error("interrupted", None)
     sys.exit(_exit_code(rc))
 
 
@@ -281,7 +284,7 @@ class _ClickError(Protocol):
 
     exit_code: int
 
-    def show(self) -> None: ...
+    def format_message(self) -> str: ...
 
 
 def _click_exception_types() -> tuple[type[_ClickError], ...]:
@@ -302,6 +305,23 @@ def _click_exception_types() -> tuple[type[_ClickError], ...]:
     except ImportError:  # Typer < 0.26
         pass
     return tuple(types)
+
+
+def _click_completion_order() -> None:
+    """Accept click's `_KPIPE_COMPLETE=bash_complete` (SHELL_INSTRUCTION) too: Typer reads INSTRUCTION_SHELL."""
+    shell, _, instruction = os.environ.get("_KPIPE_COMPLETE", "").partition("_")
+    if shell in ("bash", "zsh", "fish", "powershell", "pwsh") and instruction in ("complete", "source"):
+        os.environ["_KPIPE_COMPLETE"] = f"{instruction}_{shell}"
+
+
+def _print_click_error(e: _ClickError) -> None:
+    """click's usage errors in kpipe's one-line format, with the command's --help as the hint."""
+    message = e.format_message()
+    if not message.strip():  # `kpipe GROUP` without a command: its help was printed, nothing is wrong to say
+        return
+    ctx = getattr(e, "ctx", None)
+    hint = f"see `{ctx.command_path} --help`" if ctx is not None else "see `kpipe --help`"
+    _print_error(message, hint)
 
 
 def _exit_code(rc: object) -> int:

@@ -7,6 +7,9 @@ from typing import TYPE_CHECKING, Any
 
 import typer
 
+from kpipe.cli import complete
+from kpipe.cli.params import WORD
+
 if TYPE_CHECKING:  # imported inside the commands: `kpipe --help` stays fast
     from kpipe.store import Store
 
@@ -15,9 +18,12 @@ artifacts_app = typer.Typer(help="Built and signed modules in the store.", no_ar
 
 @artifacts_app.command("list")
 def list_cmd(
-    kernel: str | None = typer.Option(None, "--kernel", "-k", help="Only this kernel release."),
-    recipe: str | None = typer.Option(None, "--recipe", "-r", help="Only this recipe."),
-    status: str | None = typer.Option(None, "--status", help="Only built, valid or rejected artifacts."),
+    kernel: str | None = typer.Option(None, "--kernel", "-k", autocompletion=complete.kernels, metavar="RELEASE",
+                                      help="Only this kernel release."),
+    recipe: str | None = typer.Option(None, "--recipe", "-r", autocompletion=complete.recipes, metavar="RECIPE",
+                                      help="Only this recipe."),
+    status: str | None = typer.Option(None, "--status", metavar="STATUS",
+                                      help="Only built, valid or rejected artifacts."),
     json_out: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """List artifacts, newest first."""
@@ -46,9 +52,10 @@ def list_cmd(
 
 @artifacts_app.command("show")
 def show_cmd(
-    artifact_id: str = typer.Argument(..., metavar="ID", help="Artifact id (or a unique prefix)."),
+    artifact_id: str = typer.Argument(..., autocompletion=complete.artifacts, metavar="ID", click_type=WORD,
+                                      help="Artifact id (or a unique prefix)."),
     json_out: bool = typer.Option(False, "--json", help="Print JSON."),
-    tail: int = typer.Option(20, "--tail", min=0, help="Lines of the build log to show."),
+    tail: int = typer.Option(20, "--tail", metavar="N", min=0, help="Lines of the build log to show."),
 ) -> None:
     """Show an artifact: metadata, validation summary, preflight and the end of its build log."""
     from rich.markup import escape
@@ -102,7 +109,8 @@ def show_cmd(
 
 
 @artifacts_app.command("log")
-def log_cmd(artifact_id: str = typer.Argument(..., metavar="ID", help="Artifact id.")) -> None:
+def log_cmd(artifact_id: str = typer.Argument(..., autocompletion=complete.artifacts, metavar="ID", click_type=WORD,
+                                              help="Artifact id.")) -> None:
     """Print the artifact's whole build log."""
     import sys
 
@@ -123,8 +131,9 @@ def log_cmd(artifact_id: str = typer.Argument(..., metavar="ID", help="Artifact 
 
 @artifacts_app.command("export")
 def export_cmd(
-    artifact_id: str = typer.Argument(..., metavar="ID", help="Artifact id."),
-    output: Path = typer.Option(..., "--output", "-o", help="File to write the module to."),
+    artifact_id: str = typer.Argument(..., autocompletion=complete.artifacts, metavar="ID", click_type=WORD,
+                                      help="Artifact id."),
+    output: Path = typer.Option(..., "--output", "-o", metavar="FILE", help="File to write the module to."),
     force: bool = typer.Option(False, "--force", help="Overwrite an existing file."),
 ) -> None:
     """Write the artifact's module to a file (checksum verified)."""

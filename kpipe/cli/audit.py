@@ -23,16 +23,20 @@ from typing import TYPE_CHECKING
 
 import typer
 
+from kpipe.cli import complete
+from kpipe.cli.context import plural
+
 if TYPE_CHECKING:  # pragma: no cover
     from kpipe.audit import AuditResult
     from kpipe.workspace import Workspace
 
-_LIMIT = typer.Option(None, "--limit", "-l", help="Ansible host pattern: group, host, glob, ~regex, a:b, a:&b, a:!b.")
-_DESIRED = typer.Option(None, "--desired", "-d",
+_LIMIT = typer.Option(None, "--limit", "-l", autocompletion=complete.host_patterns, metavar="PATTERN",
+                      help="Ansible host pattern: group, host, glob, ~regex, a:b, a:&b, a:!b.")
+_DESIRED = typer.Option(None, "--desired", "-d", metavar="FILE",
                         help="Desired-state YAML (hosts/patterns -> patches required/forbidden).")
-_FORKS = typer.Option(None, "--forks", "-f", min=1, max=1000,
-                      help="Hosts in flight at once (default: the ssh section's forks in kpipe.toml).")
-_SETTLE = typer.Option(5.0, "--settle", min=0.0, max=600.0,
+_FORKS = typer.Option(None, "--forks", "-f", metavar="N", min=1, max=1000,
+                      help="Hosts in flight at once (default: 50, or forks in the ssh section of kpipe.toml).")
+_SETTLE = typer.Option(5.0, "--settle", metavar="SECONDS", min=0.0, max=600.0,
                        help="Seconds to wait before re-reading a host in transition (then it counts as stuck).")
 
 
@@ -144,7 +148,7 @@ def _fail_if_exposed(result: AuditResult, cves: list[str]) -> None:
 
     bad = sorted({v.host for v in result.cves.verdicts if v.cve in cves and v.status != "fixed"})
     if bad:
-        raise KpipeError(f"{len(bad)} host(s) exposed to {', '.join(cves)} or not read: {', '.join(bad[:10])}"
+        raise KpipeError(f"{plural(len(bad), 'host')} exposed to {', '.join(cves)} or not read: {', '.join(bad[:10])}"
                          + (" ..." if len(bad) > 10 else ""),
                          hint="roll out the recipe's patch to them (`kpipe rollout start`), then audit again",
                          exit_code=ExitCode.FAILURE)
@@ -176,7 +180,7 @@ def _fail_unless_compliant(result: AuditResult) -> None:
 
     if not result.compliant:
         bad = [h.host for h in result.hosts if not h.compliant]
-        raise KpipeError(f"{len(bad)} of {len(result.hosts)} hosts not compliant: {', '.join(bad[:10])}"
+        raise KpipeError(f"{len(bad)} of {plural(len(result.hosts), 'host')} not compliant: {', '.join(bad[:10])}"
                          + (" ..." if len(bad) > 10 else ""),
                          hint="see the table / JSON for each host's status and detail",
                          exit_code=ExitCode.FAILURE)
@@ -207,16 +211,17 @@ def verify(
 def audit(
     limit: str | None = _LIMIT,
     desired: str | None = _DESIRED,
-    fmt: str = typer.Option("table", "--format", "-F",
+    fmt: str = typer.Option("table", "--format", "-F", autocompletion=complete.audit_formats, metavar="FORMAT",
                             help="table | json | junit | prometheus | html", case_sensitive=False),
-    output: str | None = typer.Option(None, "--output", "-o",
+    output: str | None = typer.Option(None, "--output", "-o", metavar="FILE",
                                          help="Write the report here (atomically: temp file + rename)."),
     forks: int | None = _FORKS,
     settle: float = _SETTLE,
     strict: bool = typer.Option(False, "--strict", help="Exit 1 if any host is not compliant."),
-    cve: list[str] | None = typer.Option(None,  # noqa: B008 -- typer declares options in defaults "--cve", metavar="CVE-YYYY-NNNN",
+    cve: list[str] | None = typer.Option(None, "--cve", metavar="CVE-YYYY-NNNN",  # noqa: B008 -- typer declares options in defaults
                                             help="Who is still exposed to this CVE (repeatable): the table lists the "
                                                  "exposed hosts; exit 1 if any host is exposed or unreadable."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON: the same as --format json."),
 ) -> None:
     """Report desired vs observed live-patch state per host and patch, as a table, JSON, JUnit XML,
     Prometheus text or HTML."""
@@ -228,8 +233,16 @@ def audit(
     from kpipe.report import FORMATS, render, write_atomic
 
     fmt = fmt.lower()
+    if as_json and fmt not in ("table", "json"):
+        from kpipe.errors import UsageError
+
+        raise UsageError(f"--json and --format {fmt} ask for two formats", hint="give one of them")
+    if as_json:
+        fmt = "json"
     if fmt not in FORMATS:
-        raise ConfigError(f"--format {fmt!r} is unknown", hint=f"use one of {', '.join(FORMATS)}")
+        from kpipe.errors import UsageError
+
+        raise UsageError(f"--format {fmt!r} is unknown", hint=f"use one of {', '.join(FORMATS)}")
     out_path = Path(output) if output else None
     if out_path is not None and not out_path.parent.is_dir():
         raise ConfigError(f"--output {output}: folder {out_path.parent} does not exist")
@@ -246,7 +259,7 @@ def audit(
             _print_table(result)
         _print_cves(result, cves)
     else:
-        text = render(result, fmt)
+        text = render(result, fmt, limit=limit)
         if out_path is None:
             import sys
 

@@ -9,6 +9,8 @@ from typing import TYPE_CHECKING, Any
 
 import typer
 
+from kpipe.cli import complete
+
 if TYPE_CHECKING:  # imported inside the commands: `kpipe --help` stays fast
     from rich.console import Console
     from rich.status import Status
@@ -20,14 +22,16 @@ if TYPE_CHECKING:  # imported inside the commands: `kpipe --help` stays fast
 
 
 def build(
-    kernel: str | None = typer.Option(None, "--kernel", "-k", help="Target kernel release."),
-    recipe: str | None = typer.Option(None, "--recipe", "-r", help="Recipe name (default: every recipe "
+    kernel: str | None = typer.Option(None, "--kernel", "-k", autocompletion=complete.kernels, metavar="RELEASE",
+                                      help="Target kernel release."),
+    recipe: str | None = typer.Option(None, "--recipe", "-r", autocompletion=complete.recipes, metavar="RECIPE",
+                                      help="Recipe name (default: every recipe "
                                          "targeting --kernel)."),
     all_kernels: bool = typer.Option(False, "--all-kernels", help="Build --recipe for every catalog kernel it "
                                      "targets."),
     force: bool = typer.Option(False, "--force", help="Rebuild even when the store has this exact build."),
-    host: str | None = typer.Option(None, "--host", help="Build only on this build host."),
-    jobs: int | None = typer.Option(None, "--jobs", "-j", min=1, help="make jobs per build (overrides the "
+    host: str | None = typer.Option(None, "--host", metavar="HOST", help="Build only on this build host."),
+    jobs: int | None = typer.Option(None, "--jobs", "-j", metavar="N", min=1, help="make jobs per build (overrides the "
                                        "recipe; does not change the cache key)."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Print every line of the builder's output."),
     json_out: bool = typer.Option(False, "--json", help="Print the results as JSON."),
@@ -216,7 +220,8 @@ def _exit_for(results: list[BuildResult], console: Console | None) -> None:
 
 
 def builds(
-    status: str | None = typer.Option(None, "--status", help="Only running, succeeded or failed builds."),
+    status: str | None = typer.Option(None, "--status", metavar="STATUS",
+                                      help="Only running, succeeded or failed builds."),
     log: str | None = typer.Option(None, "--log", metavar="ID", help="Print the stored log of the build whose "
                                       "id (inputs digest prefix) is ID."),
     json_out: bool = typer.Option(False, "--json", help="Print JSON."),

@@ -162,3 +162,8 @@ def _default(o: Any) -> Any:
     if isinstance(o, bytes):
         return o.hex()
     raise TypeError(f"not JSON serializable: {type(o).__name__}")
+
+
+def plural(n: int, word: str, many: str | None = None) -> str:
+    """`1 host`, `2 hosts`: a count with its noun in the right number (`many` for irregular plurals)."""
+    return f"{n} {word if n == 1 else (many or word + 's')}"

@@ -14,11 +14,15 @@ from typing import Any
 
 import typer
 
+from kpipe.cli import complete
+from kpipe.cli.context import plural
+
 fleet_app = typer.Typer(help="The fleet: hosts from kpipe's fleet file and Ansible inventories, and their facts.",
                         no_args_is_help=True)
 
-_LIMIT = typer.Option(None, "--limit", "-l", help="Ansible host pattern: group, host, glob, ~regex, a:b, a:&b, a:!b.")
-_INVENTORY = typer.Option(None, "--inventory", "-i",
+_LIMIT = typer.Option(None, "--limit", "-l", autocompletion=complete.host_patterns, metavar="PATTERN",
+                      help="Ansible host pattern: group, host, glob, ~regex, a:b, a:&b, a:!b.")
+_INVENTORY = typer.Option(None, "--inventory", "-i", metavar="FILE",
                           help="Inventory source(s) to read instead of the workspace's (repeatable).")
 _JSON = typer.Option(False, "--json", help="Print JSON instead of a table.")
 
@@ -46,7 +50,7 @@ def list_hosts(limit: str | None = _LIMIT, inventory: list[str] | None = _INVENT
         return
     from rich.table import Table
 
-    table = Table(title=f"{len(hosts)} host(s)", title_justify="left")
+    table = Table(title=plural(len(hosts), "host"), title_justify="left")
     for col in ("host", "address", "port", "user", "become", "groups"):
         table.add_column(col)
     for h in hosts:
@@ -57,11 +61,12 @@ def list_hosts(limit: str | None = _LIMIT, inventory: list[str] | None = _INVENT
 
 @fleet_app.command("facts")
 def facts(limit: str | None = _LIMIT, inventory: list[str] | None = _INVENTORY,
-          forks: int | None = typer.Option(None, "--forks", "-f", min=1, max=1000,
-                                              help="Hosts in flight at once (default: [ssh] forks)."),
+          forks: int | None = typer.Option(None, "--forks", "-f", metavar="N", min=1, max=1000,
+                                              help="Hosts in flight at once (default: 50, or forks in the ssh "
+                                                   "section of kpipe.toml)."),
           as_json: bool = _JSON,
           strict: bool = typer.Option(False, "--strict", help="Exit 6 if any host was unreachable or failed."),
-          timeout: float = typer.Option(60.0, "--timeout", min=1.0,
+          timeout: float = typer.Option(60.0, "--timeout", metavar="SECONDS", min=1.0,
                                         help="Seconds the facts command may run on one host."),
           ) -> None:
     """Read kernel, arch, distro, livepatch state, taint, kpatch CLI, SELinux, sig_enforce and free space."""
@@ -90,10 +95,11 @@ def facts(limit: str | None = _LIMIT, inventory: list[str] | None = _INVENTORY,
     else:
         _facts_table(st.console, results, elapsed)
     if failed and len(failed) == len(results):
-        raise KpipeError(f"none of the {len(results)} host(s) reported facts", exit_code=ExitCode.UNREACHABLE,
+        raise KpipeError(f"none of the {plural(len(results), 'host')} reported facts", exit_code=ExitCode.UNREACHABLE,
                          hint="each host's reason is in the output above; check addresses, ports and that sshd runs")
     if strict and failed:
-        raise KpipeError(f"{len(failed)} of {len(results)} host(s) did not report facts: {', '.join(failed[:10])}"
+        raise KpipeError(f"{len(failed)} of {plural(len(results), 'host')} did not report facts: "
+                         f"{', '.join(failed[:10])}"
                          + (" ..." if len(failed) > 10 else ""), exit_code=ExitCode.UNREACHABLE,
                          hint="see each host's status above; drop --strict to exit 0 with partial results")
 
@@ -116,7 +122,7 @@ def _facts_table(console: Any, results: dict[str, Any], elapsed: float) -> None:
     from kpipe.fleet.facts import HostFacts
 
     ok = sum(isinstance(r, HostFacts) for r in results.values())
-    table = Table(title=f"facts: {ok}/{len(results)} host(s) answered in {elapsed:.1f} s", title_justify="left")
+    table = Table(title=f"facts: {ok}/{plural(len(results), 'host')} answered in {elapsed:.1f} s", title_justify="left")
     # Failed hosts show their failure kind in the kernel column; the reasons follow the table.
     for col in ("host", "kernel", "arch", "distro", "livepatch", "taint", "kpatch", "selinux", "sig", "free"):
         table.add_column(col, overflow="fold", no_wrap=col not in ("livepatch", "kernel", "distro"),

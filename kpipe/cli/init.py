@@ -7,10 +7,12 @@ from pathlib import Path
 import typer
 
 from kpipe.cli.context import print_json, state
+from kpipe.cli.params import WORD
 
 
 def init_cmd(
-    folder: Path = typer.Argument(Path("."), metavar="[DIR]", help="Folder of the new workspace (default: here)."),
+    folder: str = typer.Argument(".", metavar="[DIR]", click_type=WORD,
+                                 help="Folder of the new workspace (default: here)."),
     force: bool = typer.Option(False, "--force", help="Rewrite kpipe.toml and the example files if they exist."),
     json_out: bool = typer.Option(False, "--json", help="Print what was written as JSON."),
 ) -> None:
@@ -20,7 +22,7 @@ def init_cmd(
     from kpipe.workspace import discover_local_kernels
 
     kernels = sorted(k.release for k in discover_local_kernels())
-    result = init_workspace(folder, kernels, force=force)
+    result = init_workspace(Path(folder), kernels, force=force)
     if json_out:
         print_json(result)
         return

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 import typer
 
 from kpipe.cli.context import print_json, state
+from kpipe.cli.params import WORD
 from kpipe.cli.symbols import app as symbols_app
 
 if TYPE_CHECKING:
@@ -18,7 +19,8 @@ kernels_app = typer.Typer(help="Kernel releases and the workspace's kernel catal
 
 @kernels_app.command("parse")
 def parse_cmd(
-    release: str = typer.Argument(..., help="A kernel release as `uname -r` prints it."),
+    release: str = typer.Argument(..., metavar="RELEASE", click_type=WORD,
+                                  help="A kernel release as `uname -r` prints it."),
     json_out: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """Parse a kernel release: version, distro, flavour, architecture."""

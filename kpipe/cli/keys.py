@@ -14,15 +14,15 @@ keys_app = typer.Typer(help="Module-signing keys (the kernel's X.509 format).", 
 @keys_app.command("generate")
 def generate_cmd(
     signer: str | None = typer.Option(None, "--signer", metavar="NAME",
-                                         help="Write the key and certificate that [signing.signers.NAME] names "
-                                              "(default: [signing] default)."),
+                                         help="Write the key and certificate that \\[signing.signers.NAME] names "
+                                              "(default: \\[signing] default)."),
     key: str | None = typer.Option(None, "--key", metavar="FILE", help="Private key to write (with --cert; "
                                       "no workspace needed)."),
     cert: str | None = typer.Option(None, "--cert", metavar="FILE", help="Certificate to write (with --key)."),
     key_type: str = typer.Option("rsa", "--type", metavar="TYPE", help="rsa or ecdsa (P-384)."),
     bits: int = typer.Option(3072, "--bits", metavar="BITS", help="RSA key size: 2048, 3072 or 4096."),
     days: int = typer.Option(3650, "--days", metavar="DAYS", help="Certificate validity in days."),
-    common_name: str = typer.Option("kpipe module signing key", "--cn", metavar="TEXT",
+    common_name: str = typer.Option("kpipe module signing key", "--cn", metavar="NAME",
                                     help="The certificate's common name."),
     force: bool = typer.Option(False, "--force", help="Replace an existing key pair."),
     json_out: bool = typer.Option(False, "--json", help="Print the result as JSON."),

@@ -8,6 +8,9 @@ from typing import TYPE_CHECKING, Any
 import typer
 from rich.markup import escape
 
+from kpipe.cli import complete
+from kpipe.cli.params import WORD
+
 if TYPE_CHECKING:  # imported inside the commands: `kpipe --help` stays fast
     from kpipe.lab.buildhost import BuildHostChroot
     from kpipe.lab.lab import Lab
@@ -33,18 +36,22 @@ def _lab() -> Lab:
 @lab_app.command("up")
 def up_cmd(
     kernel: str | None = typer.Option(
-        None, "--kernel", help="Debian kernel release (5.10.0-32-amd64), a prefix to discover the newest (5.10), "
+        None, "--kernel", autocompletion=complete.kernels, metavar="RELEASE",
+        help="Debian kernel release (5.10.0-32-amd64), a prefix to discover the newest (5.10), "
         "debian:SUITE[/RELEASE|PREFIX], or `debian` for the host's current one."),
-    kernel_image: Path | None = typer.Option(None, "--kernel-image", help="A vmlinuz of your own."),
-    modules: Path | None = typer.Option(None, "--modules", help="Its /lib/modules/<release> folder."),
-    vms: int | None = typer.Option(None, "--vms", min=1, max=16, help="How many VMs (\\[lab] vms, default 1)."),
-    memory: int | None = typer.Option(None, "--memory", min=96,
+    kernel_image: Path | None = typer.Option(None, "--kernel-image", metavar="FILE", help="A vmlinuz of your own."),
+    modules: Path | None = typer.Option(None, "--modules", metavar="DIR", help="Its /lib/modules/<release> folder."),
+    vms: int | None = typer.Option(None, "--vms", metavar="N", min=1, max=16,
+                                   help="How many VMs (\\[lab] vms, default 1)."),
+    memory: int | None = typer.Option(None, "--memory", metavar="MIB", min=96,
                                          help="Guest memory in MiB (\\[lab] memory, default 256)."),
     sig_enforce: bool = typer.Option(False, "--sig-enforce", help="module.sig_enforce=1 on every VM."),
     sig_enforce_vms: list[str] | None = typer.Option(
-        None, "--sig-enforce-vms", help="module.sig_enforce=1 on these VMs only (repeat or comma-separate)."),
-    append: str = typer.Option("", "--append", help="Extra kernel arguments (after \\[lab] append)."),
-    timeout: float = typer.Option(480.0, "--timeout", help="Seconds until every VM must answer SSH."),
+        None, "--sig-enforce-vms", autocompletion=complete.lab_vms, metavar="VM",
+        help="module.sig_enforce=1 on these VMs only (repeat or comma-separate)."),
+    append: str = typer.Option("", "--append", metavar="ARGS", help="Extra kernel arguments (after \\[lab] append)."),
+    timeout: float = typer.Option(480.0, "--timeout", metavar="SECONDS",
+                                  help="Seconds until every VM must answer SSH."),
     json_out: bool = typer.Option(False, "--json", help="Print the lab as JSON."),
 ) -> None:
     """Boot N VMs and write .lab/inventory.yml and .lab/known_hosts."""
@@ -96,7 +103,7 @@ def _print_status(status: dict[str, Any]) -> None:
         console.print("no lab is running")
         return
     t = Table(title=f"lab: {esc(status['kernel'].get('release', '?'))} ({esc(status['folder'])})")
-    for col in ("VM", "state", "ssh", "pid", "RSS MiB", "sig_enforce"):
+    for col in ("vm", "state", "ssh", "pid", "rss MiB", "sig_enforce"):
         t.add_column(col, no_wrap=True)
     t.add_column("extra kernel args")
     for v in status["vms"]:
@@ -112,8 +119,10 @@ def _print_status(status: dict[str, Any]) -> None:
 
 @lab_app.command("ssh", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def ssh_cmd(
-    vm: str = typer.Argument(..., help="VM name, e.g. lab1."),
-    command: list[str] | None = typer.Argument(None, help="Command to run (after --); argv kept as argv."),
+    vm: str = typer.Argument(..., autocompletion=complete.lab_vms, metavar="VM", click_type=WORD,
+                             help="VM name, e.g. lab1."),
+    command: list[str] | None = typer.Argument(None, metavar="COMMAND...", click_type=WORD,
+                                               help="Command to run (after --); argv kept as argv."),
 ) -> None:
     """Open a shell on a VM (or run COMMAND) with OpenSSH and strict host key checking."""
     import os
@@ -141,13 +150,14 @@ def down_cmd(all_: bool = typer.Option(False, "--all", help="Also stop VMs kept 
 
 @lab_app.command("forge")
 def forge_cmd(
-    source: str = typer.Option(..., "--source", help="debian:<suite>/<version>, e.g. debian:trixie/6.12."),
-    config_fragment: Path | None = typer.Option(None, "--config-fragment",
+    source: str = typer.Option(..., "--source", metavar="SOURCE",
+                               help="debian:<suite>/<version>, e.g. debian:trixie/6.12."),
+    config_fragment: Path | None = typer.Option(None, "--config-fragment", metavar="FILE",
                                                    help="Config fragment merged over tinyconfig (default: the lab's)."),
-    cert: Path | None = typer.Option(None, "--cert",
+    cert: Path | None = typer.Option(None, "--cert", metavar="FILE",
                                      help="PEM certificate the kernel trusts (default: the forge's lab key)."),
-    jobs: int | None = typer.Option(None, "--jobs", "-j", min=1, help="make -j (default: nproc)."),
-    mirror: str | None = typer.Option(None, "--mirror", help="Debian mirror for the chroot."),
+    jobs: int | None = typer.Option(None, "--jobs", "-j", metavar="N", min=1, help="make -j (default: nproc)."),
+    mirror: str | None = typer.Option(None, "--mirror", metavar="URL", help="Debian mirror for the chroot."),
     json_out: bool = typer.Option(False, "--json", help="Print the forged kernel as JSON."),
 ) -> None:
     """Build (once, cached) a small bootable, live-patchable kernel from a Debian source package."""
@@ -182,13 +192,18 @@ def _buildhost(folder: Path | None) -> BuildHostChroot:
 
 @buildhost_app.command("up")
 def buildhost_up_cmd(
-    suite: str = typer.Option("trixie", "--suite", help="Debian suite of the chroot (must ship kpatch-build)."),
-    version: str = typer.Option("6.12", "--version", help="linux-source-<version> in the chroot (the forge's)."),
+    suite: str = typer.Option("trixie", "--suite", metavar="SUITE",
+                              help="Debian suite of the chroot (must ship kpatch-build)."),
+    version: str = typer.Option("6.12", "--version", metavar="VERSION",
+                                help="linux-source-<version> in the chroot (the forge's)."),
     headers: str | None = typer.Option(
-        None, "--headers", help="A kbuild host instead: the suite's linux-headers of this release or prefix "
+        None, "--headers", metavar="RELEASE",
+        help="A kbuild host instead: the suite's linux-headers of this release or prefix "
         "(e.g. 5.10 on bullseye: the newest 5.10 ABI), no kernel source, no kpatch-build."),
-    port: int | None = typer.Option(None, "--port", min=1, max=65535, help="Loopback port (default: a free one)."),
-    folder: Path | None = typer.Option(None, "--folder", help="State folder (default: <workspace>/.lab/buildhost)."),
+    port: int | None = typer.Option(None, "--port", metavar="PORT", min=1, max=65535,
+                                    help="Loopback port (default: a free one)."),
+    folder: Path | None = typer.Option(None, "--folder", metavar="DIR",
+                                       help="State folder (default: <workspace>/.lab/buildhost)."),
     json_out: bool = typer.Option(False, "--json", help="Print the state as JSON."),
 ) -> None:
     """Start the chroot's sshd; print the [[build_hosts]] entry and the known_hosts file to use."""
@@ -224,7 +239,8 @@ def buildhost_up_cmd(
 
 @buildhost_app.command("down")
 def buildhost_down_cmd(
-    folder: Path | None = typer.Option(None, "--folder", help="State folder (default: <workspace>/.lab/buildhost)."),
+    folder: Path | None = typer.Option(None, "--folder", metavar="DIR",
+                                       help="State folder (default: <workspace>/.lab/buildhost)."),
 ) -> None:
     """Stop exactly the recorded sshd (and the processes left in its mount namespace)."""
     from kpipe.cli.context import state
@@ -234,15 +250,16 @@ def buildhost_down_cmd(
 
 
 def preflight_cmd(
-    artifact_id: str = typer.Argument(..., help="Artifact id (or unique prefix)."),
+    artifact_id: str = typer.Argument(..., autocompletion=complete.artifacts, metavar="ID", click_type=WORD,
+                                      help="Artifact id (or unique prefix)."),
     keep: bool = typer.Option(False, "--keep",
                               help="Leave the VM running after the check (`kpipe lab down --all` stops it)."),
     sig_enforce: bool = typer.Option(False, "--sig-enforce", help="Boot the VM with module.sig_enforce=1 "
                                      "(with --vm: require that the lab VM enforces signatures)."),
-    vm: str | None = typer.Option(None, "--vm", metavar="VM",
+    vm: str | None = typer.Option(None, "--vm", metavar="VM", autocompletion=complete.lab_vms,
                                   help="Reuse this running lab VM (`kpipe lab up`, e.g. lab1) instead of booting "
                                        "one; it must run the artifact's kernel and is left running and clean."),
-    timeout: float = typer.Option(480.0, "--timeout", help="Seconds the VM may take to answer SSH."),
+    timeout: float = typer.Option(480.0, "--timeout", metavar="SECONDS", help="Seconds the VM may take to answer SSH."),
     json_out: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ) -> None:
     """Gate before the first canary: exit 9 with the kernel's own reason on failure."""

@@ -8,7 +8,9 @@ from typing import TYPE_CHECKING, Any
 
 import typer
 
-from kpipe.cli.context import print_json, state
+from kpipe.cli import complete
+from kpipe.cli.context import plural, print_json, state
+from kpipe.cli.params import WORD
 
 if TYPE_CHECKING:
     from kpipe.builder.base import BuildPlan
@@ -129,19 +131,21 @@ def lint_cmd(json_out: bool = typer.Option(False, "--json", help="Print JSON."))
             st.console.print(line)
             if p.hint:
                 st.console.print(Text(f"    hint: {p.hint}", style="dim"))
-        summary = f"{len(errors)} error(s), {len(warnings)} warning(s)"
+        summary = f"{plural(len(errors), 'error')}, {plural(len(warnings), 'warning')}"
         st.console.print(Text(summary, style="red" if errors else "green"))
     if errors:
         # A KpipeError (not typer.Exit: main() runs click with standalone_mode=False, which
         # turns Exit into a return value) so that the exit status is 4.
-        raise ConfigError(f"{len(errors)} recipe problem(s) found by lint",
+        raise ConfigError(f"{plural(len(errors), 'recipe problem')} found by lint",
                           hint="fix the errors listed above, then run `kpipe recipe lint` again")
 
 
 @recipe_app.command("render")
 def render_cmd(
-    name: str = typer.Argument(..., help="Recipe name (file name without .yaml)."),
-    kernel: str = typer.Option(..., "--kernel", "-k", help="Target kernel release (from `kpipe kernels list`)."),
+    name: str = typer.Argument(..., autocompletion=complete.recipes, metavar="RECIPE", click_type=WORD,
+                               help="Recipe name (file name without .yaml)."),
+    kernel: str = typer.Option(..., "--kernel", "-k", autocompletion=complete.kernels, metavar="RELEASE",
+                               help="Target kernel release (from `kpipe kernels list`)."),
     output: Path | None = typer.Option(
         None, "--output", "-o", metavar="DIR",
         help="Also write the plain rendered files to DIR: patches and sources, recipe.yaml (the rendered recipe) "

@@ -15,7 +15,9 @@ from typing import TYPE_CHECKING, Any
 
 import typer
 
-from kpipe.cli.context import esc, guarded, print_json, state
+from kpipe.cli import complete
+from kpipe.cli.context import esc, guarded, plural, print_json, state
+from kpipe.cli.params import WORD
 
 if TYPE_CHECKING:
     from kpipe.host import Host
@@ -87,22 +89,24 @@ def _engine(value: str) -> str:
     return value
 
 
-_ENGINE = typer.Option("fabric", "--engine", callback=_engine,
+_ENGINE = typer.Option("fabric", "--engine", metavar="ENGINE", callback=_engine,
                        help="Who runs the host steps: fabric (SSH from here) or ansible (ansible-runner, "
                             "the same steps as Ansible tasks). The journal is the same either way.")
-_WAVES = typer.Option(None, "--waves", callback=_waves,
+_WAVES = typer.Option(None, "--waves", metavar="SIZES", callback=_waves,
                       help="Cumulative wave sizes: counts or percentages (default: the recipe's, else 1,10%,50%,100%).")
-_LIMIT = typer.Option(None, "--limit", "-l", help="Ansible host pattern (group, glob, a:b, a:&b, a:!b).")
-_SOAK = typer.Option(None, "--soak", callback=_number(0.0, _WEEK, "seconds"),
+_LIMIT = typer.Option(None, "--limit", "-l", autocompletion=complete.host_patterns, metavar="PATTERN",
+                      help="Ansible host pattern (group, glob, a:b, a:&b, a:!b).")
+_SOAK = typer.Option(None, "--soak", metavar="SECONDS", callback=_number(0.0, _WEEK, "seconds"),
                      help="Seconds to watch each wave, 0 to 604800 (default: the recipe's, else 0).")
-_VERIFY_INTERVAL = typer.Option(10.0, "--verify-interval", callback=_number(0.5, _WEEK, "seconds"),
+_VERIFY_INTERVAL = typer.Option(10.0, "--verify-interval", metavar="SECONDS", callback=_number(0.5, _WEEK, "seconds"),
                                 help="Re-verify every N seconds in a soak (at least 0.5).")
-_MAX_FAILURES = typer.Option(None, "--max-failures", callback=_budget,
+_MAX_FAILURES = typer.Option(None, "--max-failures", metavar="BUDGET", callback=_budget,
                              help="Failure budget: N hosts or N% (default 0).")
-_POLICY = typer.Option(None, "--rollback-policy", callback=_policy,
+_POLICY = typer.Option(None, "--rollback-policy", metavar="POLICY", callback=_policy,
                        help="failed | wave | all (default failed).")
-_FORKS = typer.Option(None, "--forks", min=1, max=1000, help="Hosts in flight at once (1-1000).")
-_STEP_TIMEOUT = typer.Option(120.0, "--step-timeout", callback=_number(1.0, _DAY, "seconds"),
+_FORKS = typer.Option(None, "--forks", metavar="N", min=1, max=1000,
+                      help="Hosts in flight at once (default: 50, or forks in the ssh section of kpipe.toml).")
+_STEP_TIMEOUT = typer.Option(120.0, "--step-timeout", metavar="SECONDS", callback=_number(1.0, _DAY, "seconds"),
                              help="Seconds per load / transition wait (1 to 86400).")
 _YES = typer.Option(False, "--yes", "-y", help="Do not ask for confirmation.")
 _NO_PROBE = typer.Option(False, "--no-probe",
@@ -185,10 +189,13 @@ def _need_yes(what: str) -> None:
                      hint="pass --yes to confirm on the command line", exit_code=ExitCode.USAGE)
 
 
-def _confirm(question: str, json_out: bool) -> None:
+def _confirm(question: str, json_out: bool, what: str = "rollout", hint: str | None = None) -> None:
+    """Ask on the terminal; a no ends the command with exit 1 and "WHAT not started" (nothing changed)."""
     # the question goes to stderr when stdout carries JSON
     if not typer.confirm(question, err=json_out):
-        raise typer.Abort()
+        from kpipe.errors import ExitCode, KpipeError
+
+        raise KpipeError(f"{what} not started: not confirmed", exit_code=ExitCode.FAILURE, hint=hint)
 
 
 def _print_plan(plan: Any, rollout_id: str) -> None:
@@ -197,7 +204,7 @@ def _print_plan(plan: Any, rollout_id: str) -> None:
     con = state().console
     o = plan.options
     con.print(f"[bold]rollout {esc(rollout_id)}[/bold]: {esc(plan.target_kind)} {esc(plan.target)}, "
-              f"{len(plan.hosts)} host(s) in {len(plan.waves)} wave(s), {len(plan.excluded)} excluded")
+              f"{plural(len(plan.hosts), 'host')} in {plural(len(plan.waves), 'wave')}, {len(plan.excluded)} excluded")
     con.print(f"  soak {o.soak_s:g} s (verify every {o.verify_interval_s:g} s), max failures {esc(o.max_failures)}, "
               f"rollback policy {esc(o.rollback_policy)}, persist {'yes' if o.persist else 'no'}"
               + (", [yellow]preflight skipped[/yellow]" if o.skip_preflight else ""))
@@ -237,7 +244,8 @@ def _plan_and_store(target: str, limit: str | None, opts: Any, store: bool = Tru
 
 @rollout_app.command("plan")
 def plan_cmd(
-    target: str = typer.Argument(..., help="A recipe name, or an artifact id."),
+    target: str = typer.Argument(..., autocompletion=complete.targets, metavar="TARGET", click_type=WORD,
+                                 help="A recipe name, or an artifact id."),
     limit: str | None = _LIMIT,
     waves: str | None = _WAVES,
     soak: float | None = _SOAK,
@@ -269,18 +277,18 @@ def _progress_printer(to_stderr: bool = False) -> Callable[[Any], None]:
 
     def on_event(ev: Any) -> None:
         if ev.kind == "wave-start":
-            con.print(f"[bold]wave {ev.wave}[/bold]: {len(ev.data.get('todo', []))} host(s)")
+            con.print(f"[bold]wave {ev.wave}[/bold]: {plural(len(ev.data.get('todo', [])), 'host')}")
         elif ev.kind == "host":
             c = colors.get(ev.phase, "white")
             con.print(f"  [{c}]{esc(f'{ev.phase:<11}')}[/{c}] {esc(ev.host)}"
                       + (f"  {esc(ev.message)}" if ev.message else ""))
         elif ev.kind == "soak" and ev.data.get("regressions"):
-            con.print(f"  soak round {ev.data['round']}: {len(ev.data['regressions'])} regression(s)")
+            con.print(f"  soak round {ev.data['round']}: {plural(len(ev.data['regressions']), 'regression')}")
         elif ev.kind == "gate":
             con.print(f"  gate after wave {ev.wave}: [{'green' if ev.phase == 'proceed' else 'red'}]{esc(ev.phase)}"
                       f"[/]" + (f": {esc(ev.message)}" if ev.message else ""))
         elif ev.kind == "rollback-start":
-            con.print(f"[bold yellow]rolling back[/bold yellow] {len(ev.data.get('hosts', []))} host(s)")
+            con.print(f"[bold yellow]rolling back[/bold yellow] {plural(len(ev.data.get('hosts', [])), 'host')}")
         elif ev.kind == "resume":
             con.print(f"resume: {esc(ev.message)}")
     return guarded(on_event, con)
@@ -314,7 +322,7 @@ def _print_summary(s: Any) -> None:
         con.print(f"  halted: {esc(s.halt_reason)}")
 
 
-def _run_engine(rid: str, what: str, forks: int | None, limit: str | None = None,
+def _run_engine(rid: str, what: str, forks: int | None, limit: frozenset[str] | None = None,
                 json_out: bool = False, pool: Any = None, hosts: list[Host] | None = None,
                 engine_name: str = "fabric") -> Any:
     journal = _journal()
@@ -354,8 +362,10 @@ def _run_engine(rid: str, what: str, forks: int | None, limit: str | None = None
 
 @rollout_app.command("start")
 def start_cmd(
-    target: str | None = typer.Argument(None, help="A recipe name or an artifact id (or use --plan)."),
-    plan_id: str | None = typer.Option(None, "--plan", help="Start a stored plan (an id, or `last`: the newest plan)."),
+    target: str | None = typer.Argument(None, autocompletion=complete.targets, metavar="TARGET", click_type=WORD,
+                                        help="A recipe name or an artifact id (or use --plan)."),
+    plan_id: str | None = typer.Option(None, "--plan", autocompletion=complete.plans, metavar="ID",
+                                       help="Start a stored plan (an id, or `last`: the newest plan)."),
     limit: str | None = _LIMIT,
     waves: str | None = _WAVES,
     soak: float | None = _SOAK,
@@ -370,10 +380,10 @@ def start_cmd(
     no_probe: bool = _NO_PROBE,
     engine: str = _ENGINE,
     yes: bool = _YES,
-    json_out: bool = typer.Option(False, "--json"),
+    json_out: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """Plan (or take a stored plan) and run it wave by wave; exit 8 when a gate halts it."""
-    from kpipe.errors import ConfigError
+    from kpipe.errors import UsageError
     from kpipe.rollout.planner import RolloutPlan
 
     if not (yes or dry_run or _interactive()):
@@ -396,7 +406,7 @@ def start_cmd(
             pool.close()
             raise
     else:
-        raise ConfigError("name what to roll out", hint="kpipe rollout start RECIPE|ARTIFACT_ID, or --plan ID")
+        raise UsageError("name what to roll out", hint="kpipe rollout start RECIPE|ARTIFACT_ID, or --plan ID")
     try:
         _start(plan, rid, dry_run, yes, json_out, forks, pool, hosts, engine)
     finally:
@@ -415,7 +425,8 @@ def _start(plan: Any, rid: str, dry_run: bool, yes: bool, json_out: bool, forks:
         _dry_run(plan, rid, json_out, forks, pool, hosts)
         return
     if not yes:
-        _confirm(f"Roll out to {len(plan.hosts)} host(s) in {len(plan.waves)} wave(s)?", json_out)
+        _confirm(f"Roll out to {plural(len(plan.hosts), 'host')} in {plural(len(plan.waves), 'wave')}?", json_out,
+                 f"rollout {rid}", hint=f"the plan is kept: `kpipe rollout start --plan {rid}`")
     if engine == "ansible" and pool is not None:
         pool.close()  # the planning connections are not used by Ansible
         pool = None
@@ -463,37 +474,43 @@ def _dry_run(plan: Any, rid: str, json_out: bool, forks: int | None, pool: Any, 
 
 
 @rollout_app.command("resume")
-def resume_cmd(rollout_id: str = typer.Argument(..., help="Rollout id, or `last` (the last one started)."),
+def resume_cmd(rollout_id: str = typer.Argument(..., autocompletion=complete.rollouts, metavar="ID", click_type=WORD,
+                                                help="Rollout id, or `last` (the last one started)."),
                forks: int | None = _FORKS,
                engine: str = _ENGINE,
                yes: bool = _YES,
-               json_out: bool = typer.Option(False, "--json")) -> None:
+               json_out: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
     """Continue a rollout from its journal (re-reads every host's real state first).
     On a terminal it asks first unless --yes; without one it goes on (the rollout was confirmed at start)."""
     j = _journal()
     rid = _resolve(j, rollout_id)
     rec = _refuse_plan(j, rid, "resume")
     if not yes and _interactive():
-        _confirm(f"Resume rollout {rid} ({rec.state}, target {rec.target})?", json_out)
+        _confirm(f"Resume rollout {rid} ({rec.state}, target {rec.target})?", json_out, f"resume of rollout {rid}")
     _finish(_run_engine(rid, "resume", forks, json_out=json_out, engine_name=engine), json_out)
 
 
 @rollout_app.command("rollback")
-def rollback_cmd(rollout_id: str = typer.Argument(..., help="Rollout id, or `last` (the last one started)."),
-                 limit: str | None = typer.Option(None, "--limit", "-l", help="Only hosts matching these globs."),
+def rollback_cmd(rollout_id: str = typer.Argument(..., autocompletion=complete.rollouts, metavar="ID", click_type=WORD,
+                                                  help="Rollout id, or `last` (the last one started)."),
+                 limit: str | None = typer.Option(None, "--limit", "-l",
+                                                  autocompletion=complete.host_patterns, metavar="PATTERN",
+                                                  help="Only these hosts: an Ansible pattern (group, glob, "
+                                                       "a:b, a:&b, a:!b, @FILE)."),
                  forks: int | None = _FORKS,
                  engine: str = _ENGINE,
                  yes: bool = _YES,
-                 json_out: bool = typer.Option(False, "--json")) -> None:
+                 json_out: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
     """Roll back every host the rollout applied (disable, wait, unload, verify removal).
     On a terminal it asks first unless --yes; without one it goes on (a rollback is the way back)."""
     j = _journal()
     rid = _resolve(j, rollout_id)
     rec = _refuse_plan(j, rid, "roll back")
+    picked = _rollback_hosts(rec, limit)  # a pattern that selects none of its hosts fails before the question
     if not yes and _interactive():
         _confirm(f"Roll back rollout {rid} ({rec.state}, target {rec.target})"
-                 + (f" on hosts matching {limit}" if limit else "") + "?", json_out)
-    s = _run_engine(rid, "rollback", forks, limit, json_out=json_out, engine_name=engine)
+                 + (f" on hosts matching {limit}" if limit else "") + "?", json_out, f"rollback of rollout {rid}")
+    s = _run_engine(rid, "rollback", forks, picked, json_out=json_out, engine_name=engine)
     if json_out:
         print_json(s.to_dict())
     else:
@@ -502,15 +519,48 @@ def rollback_cmd(rollout_id: str = typer.Argument(..., help="Rollout id, or `las
     if bad:
         from kpipe.errors import KpipeError
 
-        raise KpipeError(f"rollback incomplete on {len(bad)} host(s): {', '.join(bad[:5])}",
+        raise KpipeError(f"rollback incomplete on {plural(len(bad), 'host')}: {', '.join(bad[:5])}",
                          hint=f"fix them, then `kpipe rollout resume {rid}`")
 
 
+def _rollback_hosts(rec: Any, limit: str | None) -> frozenset[str] | None:
+    """The rollout's hosts an Ansible pattern selects (None: all). Hosts that have left the inventory
+    since the rollout still match by name or glob; NotFoundError when the pattern selects none of them."""
+    if limit is None:
+        return None
+    import fnmatch
+
+    from kpipe.errors import NotFoundError
+    from kpipe.fleet.inventory import expand_limit_files, select_hosts
+    from kpipe.rollout.planner import RolloutPlan
+
+    ws = state().workspace
+    pattern = expand_limit_files(limit) or ""
+    plan_hosts = RolloutPlan.from_dict(rec.plan).hosts
+    try:
+        known = {h.name for h in select_hosts(ws)}
+    except NotFoundError:  # no inventory any more: names and globs only
+        known = set()
+    try:
+        chosen = {h.name for h in select_hosts(ws, pattern)} if known else set()
+    except NotFoundError:
+        chosen = set()
+    globs = [t for t in pattern.split(":") if t and t[0] not in "&!~"]
+    chosen |= {h for h in plan_hosts if h not in known and any(fnmatch.fnmatchcase(h, g) for g in globs)}
+    picked = frozenset(h for h in plan_hosts if h in chosen)
+    if not picked:
+        raise NotFoundError(f"--limit {limit!r} matches no host of rollout {rec.id}",
+                            hint=f"its hosts: {', '.join(plan_hosts[:10])}" + (" ..." if len(plan_hosts) > 10 else ""))
+    return picked
+
+
 @rollout_app.command("export")
-def export_cmd(rollout_id: str = typer.Argument(..., help="Rollout id, or `last` (the last one started)."),
-               ansible_dir: Path = typer.Option(..., "--ansible", help="Write a self-contained Ansible project "
-                                                "(playbook, inventory, vars, module files) to this new folder."),
-               json_out: bool = typer.Option(False, "--json")) -> None:
+def export_cmd(rollout_id: str = typer.Argument(..., autocompletion=complete.rollouts, metavar="ID", click_type=WORD,
+                                              help="Rollout id, or `last` (the last one started)."),
+               ansible_dir: Path = typer.Option(..., "--ansible", metavar="DIR",
+                                                help="Write a self-contained Ansible project (playbook, inventory, "
+                                                     "vars, module files) to this new folder."),
+               json_out: bool = typer.Option(False, "--json", help="Print the summary as JSON.")) -> None:
     """Export a stored rollout as an Ansible project for ansible-playbook or AWX / Automation Platform."""
     from kpipe.rollout.ansible_export import export_ansible
     from kpipe.rollout.planner import RolloutPlan
@@ -531,7 +581,8 @@ def export_cmd(rollout_id: str = typer.Argument(..., help="Rollout id, or `last`
 
 
 @rollout_app.command("abort")
-def abort_cmd(rollout_id: str = typer.Argument(..., help="Rollout id, or `last` (the last one started).")) -> None:
+def abort_cmd(rollout_id: str = typer.Argument(..., autocompletion=complete.rollouts, metavar="ID", click_type=WORD,
+                                               help="Rollout id, or `last` (the last one started).")) -> None:
     """Ask the driving kpipe to stop after its in-flight hosts."""
     j = _journal()
     rid = _resolve(j, rollout_id)
@@ -540,8 +591,9 @@ def abort_cmd(rollout_id: str = typer.Argument(..., help="Rollout id, or `last` 
 
 
 @rollout_app.command("status")
-def status_cmd(rollout_id: str = typer.Argument("last", help="Rollout id, or `last` (the last one started)."),
-               json_out: bool = typer.Option(False, "--json")) -> None:
+def status_cmd(rollout_id: str = typer.Argument("last", autocompletion=complete.rollouts, metavar="ID", click_type=WORD,
+                                                help="Rollout id, or `last` (the last one started)."),
+               json_out: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
     """A rollout's state and every host's final state."""
     from kpipe.rollout.engine import summarize
 
@@ -573,7 +625,7 @@ def status_cmd(rollout_id: str = typer.Argument("last", help="Rollout id, or `la
 
 
 @rollout_app.command("list")
-def list_cmd(json_out: bool = typer.Option(False, "--json")) -> None:
+def list_cmd(json_out: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
     """Rollouts, newest first."""
     j = _journal()
     recs = j.list()

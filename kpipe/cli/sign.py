@@ -7,16 +7,20 @@ from pathlib import Path
 import typer
 
 from kpipe.cli.context import print_json, state
+from kpipe.cli.params import WORD
 
 
 def sign_cmd(
-    target: str = typer.Argument(..., help="An artifact id, or a module file."),
-    key: str | None = typer.Option(None, "--key", help="Private key (PEM/DER; KBUILD_SIGN_PIN if encrypted)."),
-    cert: str | None = typer.Option(None, "--cert", help="X.509 certificate of the key (PEM/DER)."),
-    hash_name: str = typer.Option("sha256", "--hash", help="sha224, sha256, sha384 or sha512."),
+    target: str = typer.Argument(..., metavar="TARGET", click_type=WORD, help="An artifact id, or a module file."),
+    key: str | None = typer.Option(None, "--key", metavar="FILE",
+                                   help="Private key (PEM/DER; KBUILD_SIGN_PIN if encrypted)."),
+    cert: str | None = typer.Option(None, "--cert", metavar="FILE", help="X.509 certificate of the key (PEM/DER)."),
+    hash_name: str = typer.Option("sha256", "--hash", metavar="ALGO", help="sha224, sha256, sha384 or sha512."),
     keyid: bool = typer.Option(False, "--keyid", help="Name the signer by subject key id (sign-file -k)."),
-    signer: str | None = typer.Option(None, "--signer", help="A signer named in kpipe.toml (signing.signers.NAME)."),
-    output: str | None = typer.Option(None, "--output", "-o", help="For a file: where to write (default: in place)."),
+    signer: str | None = typer.Option(None, "--signer", metavar="NAME",
+                                      help="A signer named in kpipe.toml (signing.signers.NAME)."),
+    output: str | None = typer.Option(None, "--output", "-o", metavar="FILE",
+                                      help="For a file: where to write (default: in place)."),
     json_out: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ) -> None:
     """Sign a module file (in place or to --output) or an artifact (stored as a new signed artifact)."""

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 import typer
 
 from kpipe.cli.context import print_json, state
+from kpipe.cli.params import WORD
 from kpipe.host import Host
 
 if TYPE_CHECKING:
@@ -43,8 +44,8 @@ def _target(ws: Workspace, spec: str) -> Host:
 
 @app.command("fetch")
 def fetch_cmd(
-    release: str = typer.Argument(..., help="Kernel release the host runs."),
-    from_: str = typer.Option(..., "--from", help="Inventory host name, or user@address[:port]."),
+    release: str = typer.Argument(..., metavar="RELEASE", click_type=WORD, help="Kernel release the host runs."),
+    from_: str = typer.Option(..., "--from", metavar="HOST", help="Inventory host name, or user@address[:port]."),
     json_out: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """Read /proc/kallsyms and Module.symvers from a host into the symbol index."""
@@ -73,8 +74,9 @@ def fetch_cmd(
 
 @app.command("add")
 def add_cmd(
-    release: str = typer.Argument(..., help="Kernel release the files describe."),
-    files: list[str] = typer.Argument(..., help="Module.symvers, kallsyms copy, System.map or vmlinux."),
+    release: str = typer.Argument(..., metavar="RELEASE", click_type=WORD, help="Kernel release the files describe."),
+    files: list[str] = typer.Argument(..., metavar="FILE...", click_type=WORD,
+                                      help="Module.symvers, kallsyms copy, System.map or vmlinux."),
     json_out: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """Index local symbol files for a release (parsed once, cached by content digest)."""
@@ -93,7 +95,7 @@ def add_cmd(
 
 @app.command("list")
 def list_cmd(
-    release: str | None = typer.Argument(None, help="Only this release."),
+    release: str | None = typer.Argument(None, metavar="RELEASE", click_type=WORD, help="Only this release."),
     json_out: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """List the cached symbol sources."""

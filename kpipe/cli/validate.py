@@ -7,7 +7,9 @@ from typing import TYPE_CHECKING
 
 import typer
 
-from kpipe.cli.context import print_json, state
+from kpipe.cli import complete
+from kpipe.cli.context import plural, print_json, state
+from kpipe.cli.params import WORD
 
 if TYPE_CHECKING:
     from kpipe.validation import ValidationReport
@@ -25,8 +27,8 @@ def _workspace_or_none() -> Workspace | None:
         return None
 
 
-def render_report(report: ValidationReport) -> None:
-    """A Rich table of findings, then the verdict."""
+def render_report(report: ValidationReport, verbose: bool = False) -> None:
+    """A Rich table of findings, then the verdict; the checks that passed (info) only with `verbose`."""
     from rich.table import Table
     from rich.text import Text
 
@@ -36,34 +38,46 @@ def render_report(report: ValidationReport) -> None:
     table.add_column("check")
     table.add_column("finding", overflow="fold")
     order = {"error": 0, "warning": 1, "skipped": 2, "info": 3}
-    for f in sorted(report.findings, key=lambda f: order.get(f.severity, 9)):
+    shown = [f for f in report.findings if verbose or f.severity != "info"]
+    for f in sorted(shown, key=lambda f: order.get(f.severity, 9)):
         msg = Text(f.message)
         if f.hint and f.severity != "info":
             msg.append(f"\n  hint: {f.hint}", style="dim")
         table.add_row(Text(f.severity, style=_STYLE.get(f.severity, "")), Text(f.id), msg)
-    console.print(table)
+    if shown:
+        console.print(table)
+    else:
+        console.print(table.title)
+    passed = len(report.findings) - len(shown)
+    if passed:
+        console.print(Text(f"{plural(passed, 'check')} passed (--verbose lists them)", style="green"))
     console.print(Text(report.summary(), style="bold green" if report.ok else "bold red"))
 
 
 def validate_cmd(
-    target: str = typer.Argument(..., help="An artifact id, or a module file (.ko, .ko.xz, .ko.zst, .ko.gz)."),
-    kernel: str | None = typer.Option(None, "--kernel", "-k", help="Target kernel release (default: the artifact's)."),
-    symbols: list[str] = typer.Option([], "--symbols", help="Symbol source: Module.symvers, /proc/kallsyms copy, "
+    target: str = typer.Argument(..., metavar="TARGET", click_type=WORD,
+                                 help="An artifact id, or a module file (.ko, .ko.xz, .ko.zst, .ko.gz)."),
+    kernel: str | None = typer.Option(None, "--kernel", "-k", autocompletion=complete.kernels, metavar="RELEASE",
+                                      help="Target kernel release (default: the artifact's)."),
+    symbols: list[str] = typer.Option([], "--symbols", metavar="FILE",
+                                      help="Symbol source: Module.symvers, /proc/kallsyms copy, "
                                       "System.map or vmlinux (repeatable)."),
-    cert: list[str] = typer.Option([], "--cert", help="Signing certificate, PEM or DER (repeatable); makes a "
+    cert: list[str] = typer.Option([], "--cert", metavar="FILE",
+                                   help="Signing certificate, PEM or DER (repeatable); makes a "
                                    "valid signature mandatory."),
     strict: bool | None = typer.Option(None, "--strict/--no-strict", help="Skipped checks fail too "
-                                          "(default: [validation] strict in kpipe.toml, else off)."),
+                                          "(default: \\[validation] strict in kpipe.toml, else off)."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="List the checks that passed too."),
     json_out: bool = typer.Option(False, "--json", help="Print every finding as JSON."),
 ) -> None:
     """Validate a module or artifact for a kernel; exit 3 when it is invalid."""
-    from kpipe.errors import ConfigError
+    from kpipe.errors import UsageError
 
     path = Path(target)
     if path.is_file():
         ws = _workspace_or_none()
         if not kernel:
-            raise ConfigError("--kernel is required when validating a file",
+            raise UsageError("--kernel is required when validating a file",
                               hint="name the target release, e.g. one from `kpipe kernels list`")
         from kpipe.validation import validate_module
 
@@ -82,7 +96,7 @@ def validate_cmd(
     if json_out:
         print_json({**report.to_dict(), **({"own": report.own} if report.own is not None else {})})
     else:
-        render_report(report)
+        render_report(report, verbose)
         if report.own is False:
             from rich.text import Text
 

@@ -128,8 +128,9 @@ class Inventory:
         return [h for h in self._manager.get_hosts("all") if not getattr(h, "implicit", False)]
 
     def select(self, pattern: str | None = None) -> list[Host]:
-        """Hosts matching an Ansible pattern (None or '' = all); NotFoundError if none match."""
-        pattern = (pattern or "all").strip() or "all"
+        """Hosts matching an Ansible pattern (None or '' = all; `@FILE` reads patterns from a file);
+        NotFoundError if none match."""
+        pattern = (expand_limit_files(pattern) or "all").strip() or "all"
         if not self.sources:
             raise NotFoundError("no inventory: the workspace names no hosts",
                                 hint="create fleet.yml in the workspace root, list Ansible inventories under "
@@ -746,6 +747,33 @@ def _fingerprint(paths: Sequence[Path]) -> str | None:
     return h.hexdigest()
 
 
+def expand_limit_files(pattern: str | None) -> str | None:
+    """`--limit @FILE` as Ansible reads it: each `@FILE` term becomes the file's patterns (one a line; blank
+    lines and `#` comments skipped; a relative path is taken from the current folder). ConfigError names
+    a missing or empty file."""
+    if not pattern or "@" not in pattern:
+        return pattern
+    from ansible.inventory.manager import split_host_pattern
+
+    terms: list[str] = []
+    for term in split_host_pattern(pattern.strip()):
+        if not term.startswith("@"):
+            terms.append(term)
+            continue
+        path = Path(os.path.expanduser(term[1:]))
+        try:
+            lines = path.read_text().splitlines()
+        except OSError as e:
+            raise ConfigError(f"--limit {term}: cannot read the limit file {path}: {e.strerror or e}",
+                              hint="@FILE names a file of host patterns, one a line (an Ansible retry file)") from None
+        patterns = [ln.strip() for ln in lines if ln.strip() and not ln.lstrip().startswith("#")]
+        if not patterns:
+            raise ConfigError(f"--limit {term}: the limit file {path} names no host",
+                              hint="write one host or pattern a line")
+        terms.extend(patterns)
+    return ":".join(terms)
+
+
 def select_hosts(workspace: Workspace | None, pattern: str | None = None,
                  sources: Sequence[str | os.PathLike[str]] | None = None) -> list[Host]:
     """`load_inventory(workspace, sources).select(pattern)`, answered from the store when no
@@ -754,6 +782,8 @@ def select_hosts(workspace: Workspace | None, pattern: str | None = None,
     import time
 
     from kpipe import __version__
+
+    pattern = expand_limit_files(pattern)  # the file's patterns, not its name, key the cache
 
     if workspace is None:  # no store to cache the selection in
         return load_inventory(None, sources).select(pattern)

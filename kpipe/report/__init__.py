@@ -18,8 +18,9 @@ from kpipe.audit import AuditResult
 FORMATS: tuple[str, ...] = ("table", "json", "junit", "prometheus", "html")
 
 
-def render(result: AuditResult, fmt: str) -> str:
-    """The report in one of FORMATS (except "table", which the CLI draws); ValueError otherwise."""
+def render(result: AuditResult, fmt: str, *, limit: str | None = None) -> str:
+    """The report in one of FORMATS (except "table", which the CLI draws); ValueError otherwise.
+    `limit` is the audit's host pattern (the HTML page states its scope)."""
     if fmt == "json":
         from kpipe.report.jsonfmt import render_json
 
@@ -35,7 +36,7 @@ def render(result: AuditResult, fmt: str) -> str:
     if fmt == "html":
         from kpipe.report.htmlreport import render_html
 
-        return render_html(result)
+        return render_html(result, limit=limit)
     if fmt == "table":
         from kpipe.report.table import render_text
 

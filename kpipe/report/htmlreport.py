@@ -66,8 +66,18 @@ def grid(result: AuditResult) -> tuple[list[str], list[dict[str, Any]]]:
     return columns, rows
 
 
-def render_html(result: AuditResult, title: str = "kpipe live-patch audit") -> str:
-    """The whole page as a string (UTF-8 text, inline CSS, no scripts)."""
+def scope(result: AuditResult, limit: str | None = None) -> dict[str, Any]:
+    """What the page covers: the host pattern, and the rollouts and artifacts its desired state comes from."""
+    desired = [r.desired for r in result.rows if r.desired is not None]
+    return {
+        "limit": limit or "all",
+        "rollouts": sorted({d.source.removeprefix("rollout ") for d in desired if d.source.startswith("rollout ")}),
+        "artifacts": sorted({d.artifact_id for d in desired if d.artifact_id}),
+    }
+
+
+def render_html(result: AuditResult, title: str = "kpipe live-patch audit", *, limit: str | None = None) -> str:
+    """The whole page as a string (UTF-8 text, inline CSS, no scripts); `limit` is the audit's host pattern."""
     columns, rows = grid(result)
     counts = result.counts()
     host_counts = {s: 0 for s in STATUSES}
@@ -75,6 +85,9 @@ def render_html(result: AuditResult, title: str = "kpipe live-patch audit") -> s
         host_counts[h.status] += 1
     return _environment().get_template("audit.html.j2").render(
         title=title,
+        scope=scope(result, limit),
+        shown_statuses=[s for s in STATUSES if host_counts[s] or counts[s]],
+        empty_statuses=[s for s in STATUSES if not (host_counts[s] or counts[s])],
         generated=time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(result.generated_at)),
         sources=list(result.sources),
         columns=columns,

@@ -6,7 +6,8 @@ from collections.abc import Sequence
 
 from kpipe.audit import HOST_ROW, AuditResult
 
-COLUMNS: tuple[str, ...] = ("HOST", "PATCH", "STATUS", "KERNEL", "DETAIL")
+# Lower-case headers, as every table kpipe prints.
+COLUMNS: tuple[str, ...] = ("host", "patch", "status", "kernel", "detail")
 
 # A Rich style per status; the CLI applies it, this module stays Rich-free.
 STATUS_STYLE: dict[str, str] = {
@@ -34,7 +35,7 @@ def summary_line(result: AuditResult) -> str:
     """'N hosts, M compliant; status counts' in one line."""
     counts = ", ".join(f"{k} {v}" for k, v in result.counts().items() if v)
     ok = sum(1 for h in result.hosts if h.compliant)
-    return f"{len(result.hosts)} hosts, {ok} compliant; {counts or 'no rows'}"
+    return f"{len(result.hosts)} host{'' if len(result.hosts) == 1 else 's'}, {ok} compliant; {counts or 'no rows'}"
 
 
 def render_text(result: AuditResult) -> str:
@@ -57,8 +58,8 @@ def _text_table(columns: tuple[str, ...], body: Sequence[tuple[str, ...]]) -> st
 
 
 # The CVE view: one row per CVE for the fleet, and one per host and CVE for `--cve`.
-CVE_COLUMNS: tuple[str, ...] = ("CVE", "SEVERITY", "FIXED", "EXPOSED", "UNKNOWN", "EXPOSED HOSTS")
-CVE_HOST_COLUMNS: tuple[str, ...] = ("HOST", "CVE", "SEVERITY", "STATUS", "KERNEL", "DETAIL")
+CVE_COLUMNS: tuple[str, ...] = ("cve", "severity", "fixed", "exposed", "unknown", "exposed hosts")
+CVE_HOST_COLUMNS: tuple[str, ...] = ("host", "cve", "severity", "status", "kernel", "detail")
 CVE_STYLE: dict[str, str] = {"fixed": "green", "exposed": "red", "unknown": "bold red",
                              "critical": "bold red", "high": "red", "medium": "yellow"}
 

@@ -450,8 +450,8 @@ class Engine:
         """Continue a rollout from its journal after re-reading every host's real state."""
         return self._drive(rollout_id, resuming=True)
 
-    def rollback(self, rollout_id: str, limit: str | None = None) -> RunSummary:
-        """Roll back every host this rollout touched (or those matching `limit`)."""
+    def rollback(self, rollout_id: str, limit: str | frozenset[str] | None = None) -> RunSummary:
+        """Roll back every host this rollout touched (or those matching `limit`: globs, or a set of names)."""
         self._acquire(rollout_id)
         try:
             rec = self.journal.get(rollout_id)
@@ -623,7 +623,8 @@ class Engine:
                 self._outcome(rid, HostResult(h, state, f"re-check on resume: {reason}", "resume"), a.wave, a)
             elif v is not None and not v[0]:
                 self._outcome(rid, HostResult(h, "failed", f"regressed before resume: {v[1]}", "resume"), a.wave, a)
-        self.emit(kind="resume", rollout_id=rid, message=f"re-checked {len(done)} applied host(s)")
+        self.emit(kind="resume", rollout_id=rid,
+                  message=f"re-checked {len(done)} applied host{'' if len(done) == 1 else 's'}")
 
     def _aborted(self, rid: str) -> RunSummary:
         self.journal.set_state(rid, "aborted", finished_at=time.time())
@@ -781,7 +782,12 @@ def _open_rollback(entries: list[Any]) -> str:
     return f"{rb[-1].step} ({rb[-1].phase}; the next step did not start)"
 
 
-def _matches(host: str, pattern: str | None) -> bool:
+def _matches(host: str, pattern: str | frozenset[str] | None) -> bool:
+    # a set is the host names the CLI resolved from an Ansible pattern; a string is globs joined by ':'
+    if pattern is None:
+        return True
+    if isinstance(pattern, frozenset):
+        return host in pattern
     if not pattern:
         return True
     return any(fnmatch.fnmatchcase(host, p) for p in pattern.split(":") if p)

@@ -45,7 +45,8 @@ def decide(budget: FailureBudget, attempted: int, failures: Mapping[str, str],
         return Decision(False, "aborted by the operator", failed, allowed, attempted)
     if len(failed) > allowed:
         first = failed[0]
-        reason = (f"{len(failed)} of {attempted} hosts failed (budget {budget}: {allowed} allowed); "
+        reason = (f"{len(failed)} of {attempted} host{'' if attempted == 1 else 's'} failed "
+                  f"(budget {budget}: {allowed} allowed); "
                   f"first: {first}: {failures[first]}")
         return Decision(False, reason, failed, allowed, attempted)
     return Decision(True, "", failed, allowed, attempted)

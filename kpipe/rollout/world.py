@@ -228,7 +228,9 @@ def check_preflight(plan: RolloutPlan) -> None:
     missing = plan.preflight_missing()
     if missing and not plan.options.skip_preflight:
         ids = sorted({m.reason.split()[1] for m in missing})
-        raise PreflightFailed(f"{len(missing)} host(s) excluded because artifact(s) {', '.join(ids)} have not "
-                              f"passed preflight", hint=f"run `kpipe preflight {ids[0]}`, or pass --skip-preflight")
+        raise PreflightFailed(f"{len(missing)} host{'' if len(missing) == 1 else 's'} excluded because "
+                              f"artifact{'' if len(ids) == 1 else 's'} {', '.join(ids)} "
+                              f"{'has' if len(ids) == 1 else 'have'} not passed preflight",
+                              hint=f"run `kpipe preflight {ids[0]}`, or pass --skip-preflight")
     if not plan.hosts:
         raise ConfigError("the plan has no eligible host", hint="see the excluded hosts and their reasons")
