@@ -69,7 +69,13 @@ def test_recipe_list_and_lint_clean(ws):
     assert rows["cmdline-demo"]["builder"] == "kbuild"
     r = kpipe(ws, "recipe", "lint")
     assert r.returncode == 0, r.stdout
-    assert "0 errors, 0 warnings" in r.stdout
+    assert "0 errors" in r.stdout
+    # The one warning the shipped recipes may raise depends on the machine, not on them: a kernel glob
+    # whose kernels this machine's catalog does not hold yet (the forged kernel before `kpipe lab forge`,
+    # bullseye's 5.10 before its build host printed the [[kernels]] entry).
+    warnings = [ln for ln in r.stdout.splitlines() if ": warning: " in ln]
+    assert all("matches no kernel in the catalog" in w for w in warnings), warnings
+    assert not any(f"{n}.yaml" in w for w in warnings for n in ("memcg-oom-fix", "cmdline-demo")), warnings
     r = kpipe(ws, "recipe", "lint", "--json")
     assert r.returncode == 0 and json.loads(r.stdout)["ok"] is True
 
