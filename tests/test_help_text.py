@@ -13,7 +13,7 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from kpipe.cli.app import app
+from kpipe.cli.app import app, full_command
 from kpipe.settings import SshSettings
 
 PLACEHOLDER = re.compile(r"^\[?[A-Z][A-Z0-9_|-]*(\.\.\.)?\]?$")
@@ -32,7 +32,7 @@ def commands() -> list[tuple[list[str], object]]:
                 walk(sub, path + [name])
         else:
             out.append((path, cmd))
-    walk(typer.main.get_command(app), [])
+    walk(full_command(), [])
     return out
 
 
@@ -50,7 +50,7 @@ def test_every_value_placeholder_names_what_to_type():
 
 @pytest.mark.parametrize("group", ["start", "resume", "rollback", "status", "abort", "list", "plan"])
 def test_every_rollout_option_has_help(group):
-    cmd = typer.main.get_command(app).commands["rollout"].commands[group]
+    cmd = full_command().commands["rollout"].commands[group]
     missing = [p.opts for p in cmd.params if not (getattr(p, "help", None) or "").strip()]
     assert not missing, f"kpipe rollout {group}: options without help: {missing}"
 

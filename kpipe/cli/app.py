@@ -210,6 +210,18 @@ def get_app() -> typer.Typer:
     return _app
 
 
+def full_command() -> Any:
+    """The root click group with every command loaded (for documentation generators and tests that walk
+    every command; `kpipe` itself loads only the command it runs)."""
+    import typer.main
+
+    root = typer.main.get_command(get_app())
+    commands = getattr(root, "commands", {})
+    for module in dict.fromkeys(entry.module for entry in COMMANDS.values()):
+        commands.update(load_commands(module))
+    return root
+
+
 def __getattr__(name: str) -> Any:
     # `from kpipe.cli.app import app` keeps working; Typer loads on that first use, not on import.
     if name == "app":

@@ -38,7 +38,7 @@ def up_cmd(
     kernel: str | None = typer.Option(
         None, "--kernel", autocompletion=complete.kernels, metavar="RELEASE",
         help="Debian kernel release (5.10.0-32-amd64), a prefix to discover the newest (5.10), "
-        "debian:SUITE[/RELEASE|PREFIX], or `debian` for the host's current one."),
+        "debian:SUITE\\[/RELEASE|PREFIX], or `debian` for the host's current one."),
     kernel_image: Path | None = typer.Option(None, "--kernel-image", metavar="FILE", help="A vmlinuz of your own."),
     modules: Path | None = typer.Option(None, "--modules", metavar="DIR", help="Its /lib/modules/<release> folder."),
     vms: int | None = typer.Option(None, "--vms", metavar="N", min=1, max=16,
