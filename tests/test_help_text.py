@@ -10,7 +10,6 @@ import subprocess
 import sys
 
 import pytest
-import typer
 from typer.testing import CliRunner
 
 from kpipe.cli.app import app, full_command
