@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -339,3 +341,34 @@ def test_the_qemu_command_line_comes_from_the_architecture(tmp_path, arch, qemu,
     assert argv[argv.index("-cpu") + 1] == arch.tcg_cpu
     assert (argv[argv.index("-machine") + 1] if "-machine" in argv else None) == machine
     assert f"{arch.nic},netdev=n0,romfile=" in argv
+
+
+class _SlowExecSpec:
+    """A VmSpec whose "qemu" takes a moment to exec (as a loaded machine does): before the exec,
+    /proc/<pid>/cmdline is still the parent's Python."""
+
+    def __init__(self, folder: Path):
+        from kpipe.lab.arch import X86_64
+
+        self.name, self.folder, self.arch = "slow1", folder, X86_64
+        self.ssh_port, self.append = 0, ""
+
+    def argv(self) -> list[str]:
+        code = ("import os, sys, time; time.sleep(0.5); "
+                "os.execv('/bin/sh', ['qemu-system-x86_64', '-c', 'sleep 30; true', sys.argv[1]])")
+        return [sys.executable, "-c", code, str(self.folder)]
+
+
+def test_a_vm_that_is_still_starting_is_alive_not_exited(tmp_path):
+    """`lab up` once reported 'qemu exited' for a VM that booted fine: alive() read the pre-exec cmdline."""
+    from kpipe.lab import vm as vmmod
+
+    v = vmmod.start(_SlowExecSpec(tmp_path / "slow1"))  # type: ignore[arg-type]
+    try:
+        assert vmmod.alive(v)
+    finally:
+        assert vmmod.stop(v)
+        try:  # the stand-in's own `sleep` child, in the session start() gave it
+            os.killpg(v.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass

@@ -157,6 +157,14 @@ def start(spec: VmSpec, *, sig_enforce: bool = False, host_key: str = "") -> VmP
         if st is not None:
             break
         time.sleep(0.01)
+    # Until the child has exec'd, /proc/<pid>/cmdline is still this Python's: is_ours() would call a
+    # VM that is starting dead. Wait for the exec (qemu replaces the image within milliseconds).
+    deadline = time.monotonic() + 10.0
+    while p.poll() is None and time.monotonic() < deadline:
+        argv0 = (_cmdline(p.pid) or [""])[0]
+        if os.path.basename(argv0).startswith("qemu-system"):
+            break
+        time.sleep(0.01)
     _CHILDREN[p.pid] = p
     vm = VmProcess(spec.name, p.pid, st or 0, spec.ssh_port, str(spec.folder), argv, sig_enforce, spec.append,
                    host_key, time.time())
