@@ -391,6 +391,17 @@ def start_cmd(
     journal = _journal()
     pool, hosts = None, None
     if plan_id:
+        # A stored plan was reviewed as it is: options that would reshape it are refused, not silently ignored.
+        given = [name for name, value in (("TARGET", target), ("--limit", limit), ("--waves", waves), ("--soak", soak),
+                                          ("--max-failures", max_failures), ("--rollback-policy", rollback_policy))
+                 if value is not None]
+        given += [name for name, on in (("--skip-preflight", skip_preflight), ("--persist", persist),
+                                        ("--no-probe", no_probe),
+                                        ("--verify-interval", verify_interval != _VERIFY_INTERVAL.default),
+                                        ("--step-timeout", timeout != _STEP_TIMEOUT.default)) if on]
+        if given:
+            raise UsageError(f"--plan runs a stored plan as it was made; {', '.join(given)} cannot change it",
+                             hint="make a new plan with `kpipe rollout plan ...` (or start TARGET with those options)")
         rid = _resolve_plan(journal, plan_id)
         plan = RolloutPlan.from_dict(journal.get(rid).plan)
     elif target:

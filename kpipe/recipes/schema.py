@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import re
 from typing import Any
 
@@ -39,6 +41,7 @@ _KPATCH_KEYS = ("jobs", "non_replace", "targets", "skip_compiler_check", "module
 _KBUILD_KEYS = ("sources", "kbuild", "make_args", "module_name")
 _SOURCE_KEYS = ("template", "name")
 _SIGNING_KEYS = ("sign", "signer")
+_MAX_SOAK_S = 7 * 24 * 3600  # as `kpipe rollout start --soak` allows
 _ROLLOUT_KEYS = ("waves", "max_failures", "soak", "rollback", "probe")
 _PROBE_KEYS = ("argv", "expect", "expect_after_rollback")
 _FIX_KEYS = ("cve", "severity", "summary")
@@ -381,7 +384,7 @@ def parse_duration(value: Any) -> float | None:
     if isinstance(value, bool):
         return None
     if isinstance(value, (int, float)):
-        return float(value) if value >= 0 else None
+        return float(value) if 0 <= value < math.inf else None  # false for nan and inf too
     if not isinstance(value, str) or not value.strip():
         return None
     m = _DURATION_RE.fullmatch(value.strip())
@@ -410,7 +413,9 @@ def _check_rollout(ro: dict[str, Any], c: _Checker, probs: _Problems,
         v = ro["soak"]
         if not c.deferred(v):
             seconds = parse_duration(v)
-            if seconds is None:
+            if seconds is not None and seconds > _MAX_SOAK_S:
+                probs.error(path + ("soak",), f"rollout.soak {v!r} is longer than a week", "seconds, or 30s / 5m / 1h")
+            elif seconds is None:
                 probs.error(path + ("soak",), f"rollout.soak must be a duration, got {_type(v)} {v!r}",
                             "seconds, or 30s / 5m / 1h")
             else:

@@ -60,6 +60,11 @@ class FailureBudget:
         return f"{self.percent:g}%" if self.percent is not None else str(self.count)
 
 
+MAX_SOAK_S = 7 * 24 * 3600.0  # a week: longer is a typo, not a soak
+MIN_VERIFY_INTERVAL_S = 0.5
+MIN_STEP_TIMEOUT_S, MAX_STEP_TIMEOUT_S = 1.0, 24 * 3600.0
+
+
 @dataclass(frozen=True)
 class RolloutOptions:
     """How a plan is executed and gated."""
@@ -78,10 +83,16 @@ class RolloutOptions:
         if self.rollback_policy not in ROLLBACK_POLICIES:
             raise ConfigError(f"--rollback-policy {self.rollback_policy!r} is unknown",
                               hint=f"use one of {', '.join(ROLLBACK_POLICIES)}")
-        if self.soak_s < 0 or self.verify_interval_s <= 0:
-            raise ConfigError("--soak must be >= 0 and the verify interval > 0")
-        if self.forks < 1:
-            raise ConfigError("--forks must be at least 1")
+        # Every bound is written so that nan fails it too (comparisons with nan are false),
+        # whether the value came from the command line, a recipe's `rollout:` or a stored plan.
+        for what, value, lo, hi in (("soak", self.soak_s, 0.0, MAX_SOAK_S),
+                                    ("verify interval", self.verify_interval_s, MIN_VERIFY_INTERVAL_S, MAX_SOAK_S),
+                                    ("step timeout", self.step_timeout_s, MIN_STEP_TIMEOUT_S, MAX_STEP_TIMEOUT_S)):
+            if not (isinstance(value, (int, float)) and not isinstance(value, bool) and lo <= value <= hi):
+                raise ConfigError(f"rollout {what} {value!r} is not a number of seconds from {lo:g} to {hi:g}",
+                                  hint="check --soak / --verify-interval / --step-timeout and the recipe's rollout:")
+        if not (isinstance(self.forks, int) and 1 <= self.forks <= 10000):
+            raise ConfigError(f"--forks {self.forks!r} must be a whole number from 1 to 10000")
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
