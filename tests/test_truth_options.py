@@ -81,3 +81,33 @@ def test_start_plan_refuses_options_that_would_reshape_it(one_host, tmp_path, ex
     no_trace(r)
     assert [r.state for r in Journal(ws.store).list()] == ["planned"]  # nothing ran
     assert not one_host.hosts[0].patches() and not one_host.hosts[0].staged()
+
+
+# -- `rollback --limit` locks only the hosts it rolls back -----------------------------------------------
+def test_rollback_limit_leaves_other_hosts_to_other_rollouts(simfleet_factory, tmp_path):
+    import subprocess
+    import sys
+
+    from test_truth_rollout import artifact, enabled, kpipe, make_plan, run, workspace
+
+    fleet = simfleet_factory(2)
+    a_host, b_host = fleet.hosts
+    ws = workspace(fleet, tmp_path)
+    art = artifact(ws, fleet, tmp_path, "x")
+    _, journal, rid_x = make_plan(ws, fleet, art, fleet.hosts)
+    assert run(ws, journal, rid_x).state == "completed"
+    # another rollout, driven by a live process, holds b_host
+    _, _, rid_y = make_plan(ws, fleet, artifact(ws, fleet, tmp_path, "y"), [b_host])
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    try:
+        journal.acquire(rid_y, pid=holder.pid, hosts={b_host.name: "livepatch_demo"})
+        r = kpipe(ws, "rollout", "rollback", rid_x, "--limit", a_host.name, "--yes")
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert not enabled(a_host) and enabled(b_host)
+        # the whole rollback still needs b_host, and says who holds it
+        r = kpipe(ws, "rollout", "rollback", rid_x, "--yes")
+        assert r.returncode == 10 and rid_y in r.stderr, r.stdout + r.stderr
+        assert enabled(b_host)
+    finally:
+        holder.kill()
+        holder.wait()

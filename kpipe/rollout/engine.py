@@ -452,7 +452,8 @@ class Engine:
 
     def rollback(self, rollout_id: str, limit: str | frozenset[str] | None = None) -> RunSummary:
         """Roll back every host this rollout touched (or those matching `limit`: globs, or a set of names)."""
-        self._acquire(rollout_id)
+        # only the hosts this rollback may touch are locked: `--limit` leaves the others to other rollouts
+        self._acquire(rollout_id, only=lambda h: _matches(h, limit))
         try:
             rec = self.journal.get(rollout_id)
             plan = RolloutPlan.from_dict(rec.plan)
@@ -479,10 +480,12 @@ class Engine:
                 out.append(h)
         return [h for h in plan.hosts if h in out]
 
-    def _acquire(self, rid: str) -> None:
-        """The rollout's driver lock plus one lock per host of its plan (Locked, exit 10, if taken)."""
+    def _acquire(self, rid: str, only: Callable[[str], bool] | None = None) -> None:
+        """The rollout's driver lock plus one lock per host of its plan, or of the plan's hosts that `only`
+        keeps (Locked, exit 10, if taken)."""
         plan = RolloutPlan.from_dict(self.journal.get(rid).plan)
-        self.journal.acquire(rid, hosts={h: a.sysfs_name for h, a in plan.assignments.items()})
+        self.journal.acquire(rid, hosts={h: a.sysfs_name for h, a in plan.assignments.items()
+                                         if only is None or only(h)})
 
     def _drive(self, rid: str, resuming: bool = False) -> RunSummary:
         self._acquire(rid)
