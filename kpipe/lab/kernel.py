@@ -397,19 +397,33 @@ def has_pvh_entry(elf: bytes) -> bool:
     return False
 
 
-def _decompress(fmt: str, payload: bytes) -> bytes | None:
+# An uncompressed kernel image is tens of MB; a payload that inflates past this is not one (or is a bomb),
+# and the lab then boots the compressed image as it is instead of holding gigabytes in memory.
+MAX_KERNEL_IMAGE_BYTES = 512 << 20
+
+
+def _decompress(fmt: str, payload: bytes, limit: int = MAX_KERNEL_IMAGE_BYTES) -> bytes | None:
+    """The bzImage payload inflated, at most `limit` bytes; None when it is larger or not understood."""
+    out: bytes
     if fmt == "xz":
         import lzma
 
-        return lzma.LZMADecompressor(format=lzma.FORMAT_XZ).decompress(payload)
-    if fmt == "gzip":
+        out = lzma.LZMADecompressor(format=lzma.FORMAT_XZ).decompress(payload, max_length=limit + 1)
+    elif fmt == "gzip":
         import zlib
 
-        return zlib.decompressobj(16 + zlib.MAX_WBITS).decompress(payload)
-    if fmt == "zstd" and shutil.which("zstd"):
-        r = subprocess.run(["zstd", "-dc"], input=payload, capture_output=True, check=False)
-        return r.stdout if r.returncode == 0 else None
-    return None
+        out = zlib.decompressobj(16 + zlib.MAX_WBITS).decompress(payload, limit + 1)
+    elif fmt == "zstd":
+        from kpipe.elf.reader import ModuleFormatError, decompress
+
+        try:
+            out, _ = decompress(payload, "the kernel image's payload", limit=limit, kind="kernel image")
+        except ModuleFormatError:
+            return None
+        out = bytes(out)
+    else:
+        return None
+    return out if len(out) <= limit else None
 
 
 def boot_image(kernel: KernelImage, cache_dir: Path | None = None) -> Path:
