@@ -428,3 +428,27 @@ def open_store(root: Path) -> Store:
     if store is None:
         store = _stores[root] = Store(root)
     return store
+
+
+# What shell completion lists, newest first. Completion runs on every TAB: it must never create, migrate or
+# wait on a store, so it reads the database file directly, read-only, and gives up at once when it cannot.
+_PEEK_SQL = {
+    "artifacts": "SELECT id FROM artifacts ORDER BY created_at DESC",
+    "rollouts": "SELECT id FROM rollouts WHERE state != 'planned' ORDER BY created_at DESC",
+    "plans": "SELECT id FROM rollouts WHERE state = 'planned' ORDER BY created_at DESC",
+}
+
+
+def peek_ids(store_dir: Path, kind: str) -> list[str]:
+    """Ids of `kind` (artifacts, rollouts that ran, plans that did not) in the store at store_dir, newest
+    first; nothing when there is no store yet or it cannot be read at once (never creates one)."""
+    db = Path(store_dir) / "state.db"
+    if not db.is_file():
+        return []
+    con = sqlite3.connect(f"{db.as_uri()}?mode=ro", uri=True, timeout=0.5)
+    try:
+        return [str(r[0]) for r in con.execute(_PEEK_SQL[kind])]
+    except sqlite3.Error:  # a store without that table yet, or locked
+        return []
+    finally:
+        con.close()

@@ -132,3 +132,15 @@ def test_transport_extends_the_cores_step_transport() -> None:
     assert StepTransport in Transport.__mro__
     t = LocalTransport()
     assert isinstance(t, Transport) and isinstance(t, StepTransport)
+
+
+def test_the_cli_holds_no_sql():
+    """The CLI reads the store through kpipe.store / the journal / the fact store, never with its own SQL
+    (completion included: kpipe.store.peek_ids)."""
+    import re
+
+    cli = Path(__file__).resolve().parent.parent / "kpipe" / "cli"
+    sql = re.compile(r"\b(SELECT|INSERT|UPDATE|DELETE)\b\s+\S+.*\b(FROM|INTO|SET|WHERE)\b|import sqlite3")
+    offenders = [f"{p.name}:{i}" for p in sorted(cli.glob("*.py"))
+                 for i, line in enumerate(p.read_text().splitlines(), 1) if sql.search(line)]
+    assert offenders == []

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import json
 import os
-import sqlite3
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import typer
+
+from kpipe.store import peek_ids
 
 if TYPE_CHECKING:
     from kpipe.workspace import Workspace
@@ -57,20 +58,6 @@ def _prefixed(values: Iterable[str], incomplete: str) -> list[str]:
     return list(seen)
 
 
-def _query(ws: Workspace, sql: str) -> list[str]:
-    """First column of a read-only query on the store; nothing when there is no store yet (never creates one)."""
-    db = Path(ws.store_dir) / "state.db"
-    if not db.is_file():
-        return []
-    con = sqlite3.connect(f"{db.as_uri()}?mode=ro", uri=True, timeout=0.5)
-    try:
-        return [str(r[0]) for r in con.execute(sql)]
-    except sqlite3.Error:  # a store without that table yet
-        return []
-    finally:
-        con.close()
-
-
 def _recipe_names(ws: Workspace) -> list[str]:
     folder = Path(ws.recipes_dir)
     if not folder.is_dir():
@@ -79,7 +66,7 @@ def _recipe_names(ws: Workspace) -> list[str]:
 
 
 def _artifact_ids(ws: Workspace) -> list[str]:
-    return _query(ws, "SELECT id FROM artifacts ORDER BY created_at DESC")
+    return peek_ids(Path(ws.store_dir), "artifacts")
 
 
 @_quiet
@@ -116,7 +103,7 @@ def rollouts(ctx: Any, incomplete: str) -> list[str]:
     ws = _workspace(ctx)
     if ws is None:
         return []
-    ids = _query(ws, "SELECT id FROM rollouts WHERE state != 'planned' ORDER BY created_at DESC")
+    ids = peek_ids(Path(ws.store_dir), "rollouts")
     return _prefixed(["last", *ids], incomplete)
 
 
@@ -126,7 +113,7 @@ def plans(ctx: Any, incomplete: str) -> list[str]:
     ws = _workspace(ctx)
     if ws is None:
         return []
-    ids = _query(ws, "SELECT id FROM rollouts WHERE state = 'planned' ORDER BY created_at DESC")
+    ids = peek_ids(Path(ws.store_dir), "plans")
     return _prefixed(["last", *ids], incomplete)
 
 
