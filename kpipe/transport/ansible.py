@@ -32,7 +32,9 @@ import yaml
 
 from kpipe.errors import ConfigError
 
-ANSIBLE_DIR = Path(__file__).resolve().parents[2] / "ansible"
+# The step playbook ships inside the package (an installed wheel has no source tree); the repository's
+# ansible/playbooks/kpipe-step.yml is a link to it.
+ANSIBLE_DIR = Path(__file__).resolve().parents[1] / "ansible_assets"
 STEP_PLAYBOOK = "playbooks/kpipe-step.yml"
 _TEMPLATE = re.compile(r"\{\{|\{%|\{#|\}\}|%\}|#\}")
 _TIMEOUT_MSG = ("expected time frame", "timed out")
