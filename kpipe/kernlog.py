@@ -22,8 +22,8 @@ _HEADERS: tuple[tuple[str, re.Pattern[str]], ...] = (
     ("hung_task", re.compile(r"INFO: task \S.* blocked for more than \d+ seconds")),
     ("rcu_stall", re.compile(r"(?:rcu: )?INFO: rcu_\w+ (?:self-detected stall|detected stalls?)")),
     ("gpf", re.compile(r"general protection fault")),
-    ("oops", re.compile(r"\bOops(?: - \w+)?: [0-9a-f]{4}\b|\bOops:")),
-    ("bug", re.compile(r"\bBUG: ")),
+    ("oops", re.compile(r"\bOops(?: - \w+)?: [0-9a-f]{4}\b|\bOops:|invalid opcode: [0-9a-f]{4} \[#\d+\]")),
+    ("bug", re.compile(r"\bBUG: |kernel BUG at ")),
     ("warning", re.compile(r"^WARNING: |\bWARNING: CPU: \d+ PID: \d+")),
 )
 # Lines that belong to a report already open (not a new incident): an oops after its BUG: line, say.
