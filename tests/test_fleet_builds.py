@@ -18,8 +18,16 @@ import pytest
 from doubles.buildkit import DEBIAN_RELEASE, DOUBLE, KERNEL, fake_kernel_tree, memcg_patch, toml_str
 from kpipe import audit as A
 from kpipe.audit import AppliedRecord
-from kpipe.builder.fleet import (NO_BUILD_HOST, NO_RECIPE, NOT_IN_CATALOG, UNREACHABLE, Running, fleet_exit_code,
-                                 fleet_matrix, running_releases)
+from kpipe.builder.fleet import (
+    NO_BUILD_HOST,
+    NO_RECIPE,
+    NOT_IN_CATALOG,
+    UNREACHABLE,
+    Running,
+    fleet_exit_code,
+    fleet_matrix,
+    running_releases,
+)
 from kpipe.errors import TransportError
 from kpipe.fleet.facts import HostFacts
 from kpipe.workspace import open_workspace

@@ -76,32 +76,32 @@ def prometheus(tmp_path_factory):
         "scrape_configs:\n  - job_name: kpipe-test\n    static_configs:\n"
         f"      - targets: ['127.0.0.1:{exporter.port}']\n")
     port = free_port()
-    log = open(d / "prometheus.log", "w")
-    proc = subprocess.Popen([binary, f"--config.file={d / 'prometheus.yml'}", f"--storage.tsdb.path={d / 'data'}",
-                             f"--web.listen-address=127.0.0.1:{port}"], stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                with urllib.request.urlopen(url + "/-/ready", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            assert proc.poll() is None, (d / "prometheus.log").read_text()[-2000:]
-            assert time.monotonic() < deadline, "prometheus did not become ready"
-            time.sleep(0.3)
-        yield url, exporter
-    finally:
-        proc.terminate()  # by PID: the process this fixture started
+    with open(d / "prometheus.log", "w") as log:
+        proc = subprocess.Popen([binary, f"--config.file={d / 'prometheus.yml'}",
+                                 f"--storage.tsdb.path={d / 'data'}", f"--web.listen-address=127.0.0.1:{port}"],
+                                stdout=log, stderr=subprocess.STDOUT)
         try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
-        exporter.close()
+            deadline = time.monotonic() + 60
+            while True:
+                try:
+                    with urllib.request.urlopen(url + "/-/ready", timeout=2) as r:
+                        if r.status == 200:
+                            break
+                except OSError:
+                    pass
+                assert proc.poll() is None, (d / "prometheus.log").read_text()[-2000:]
+                assert time.monotonic() < deadline, "prometheus did not become ready"
+                time.sleep(0.3)
+            yield url, exporter
+        finally:
+            proc.terminate()  # by PID: the process this fixture started
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+            exporter.close()
 
 
 def scraped(url: str, want: dict[str, float]) -> None:

@@ -31,9 +31,9 @@ from kpipe.commands import Command, CommandResult
 from kpipe.errors import CommandTimeout, ConfigError, KpipeError, TransportError
 from kpipe.fleet import livepatch as lp
 from kpipe.fleet.observe import run_reads_on
+from kpipe.health import HealthResult, health_step
 from kpipe.kernel import normalize_arch
 from kpipe.plan import Recorder, Step, StepFailed, StepTransport, run_step, run_steps
-from kpipe.health import HealthResult, health_step
 from kpipe.prometheus import PrometheusError
 from kpipe.prometheus import judge as judge_prometheus
 from kpipe.prometheus import query as query_prometheus
