@@ -4,6 +4,7 @@ where one host logs kernel trouble, gains a taint or fails its health command af
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 from dataclasses import replace
 from pathlib import Path
@@ -358,3 +359,32 @@ def test_an_unreachable_prometheus_halts_the_gate(simfleet_factory, tmp_path):
     s = run(ws, journal, rid)
     assert s.state == "rolled_back" and set(s.hosts.values()) == {"rolled_back"}, s
     assert all("gate error: Prometheus at" in r and "cannot be reached" in r for r in s.reasons.values()), s.reasons
+
+
+def test_the_plan_takes_the_recipes_health_else_kpipe_tomls_and_prometheus(tmp_path):
+    from kpipe.rollout.world import gates_for
+
+    ws_dir = tmp_path / "ws"
+    ws_dir.mkdir()
+    (ws_dir / "kpipe.toml").write_text(
+        '[workspace]\nstore = ".kpipe"\n[rollout.health]\ncommand = ["systemctl", "is-active", "nginx"]\n'
+        '[rollout.prometheus]\nurl = "http://127.0.0.1:9090"\nquery = "up"\nthreshold = 0.5\nhost_label = "host"\n')
+    recipes = ws_dir / "recipes"
+    shutil.copytree(Path(__file__).resolve().parent.parent / "recipes", recipes)
+    demo = (recipes / "cmdline-demo.yaml").read_text()
+    assert "\n  probe:\n" in demo
+    (recipes / "cmdline-demo.yaml").write_text(
+        demo.replace("\n  probe:\n", "\n  health:\n    command: [/usr/local/bin/check, --fast]\n    timeout: 4\n"
+                                     "  probe:\n"))
+    ws = open_workspace(ws_dir)
+
+    def cand(i: str, recipe: str) -> Candidate:
+        return Candidate(id=i, sha256="0" * 64, module_name="m", filename="m.ko", kernel=RELEASE, recipe=recipe)
+
+    g = GateConfig.from_dict(gates_for(ws, [cand("a1", "cmdline-demo"), cand("a2", "cmdline-warn"), cand("a3", "")]))
+    assert g.health["a1"] == HealthCheck(("/usr/local/bin/check", "--fast"), 4)
+    assert g.health["a2"] == g.health["a3"] == HealthCheck(("systemctl", "is-active", "nginx"), 10)
+    assert g.prometheus == PromCheck("http://127.0.0.1:9090", "up", 0.5, host_label="host")
+    # --no-probe reads no recipe: kpipe.toml's check for every artifact
+    g = GateConfig.from_dict(gates_for(ws, [cand("a1", "cmdline-demo")], no_probe=True))
+    assert g.health["a1"] == HealthCheck(("systemctl", "is-active", "nginx"), 10)
