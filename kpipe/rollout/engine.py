@@ -570,7 +570,7 @@ class Engine:
             if skipped:
                 return self._aborted(rid)
             # the soak: re-verify every applied host (this wave's and earlier ones'); a regression is a failure
-            watch = SoakWatch()
+            watch = SoakWatch(soak=opts.soak_s > 0)
             begin = time.monotonic()
             for offset in gate_schedule(opts.soak_s, opts.verify_interval_s):
                 wait = begin + offset - time.monotonic()

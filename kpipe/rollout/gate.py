@@ -82,6 +82,7 @@ class SoakWatch:
 
     regressions: dict[str, str] = field(default_factory=dict)
     rounds: int = 0
+    soak: bool = True  # False: the one tick right after a wave without a soak
 
     def record(self, results: Mapping[str, tuple[bool, str]]) -> list[str]:
         """Record one round (host -> (ok, problem)); return hosts that newly regressed."""
@@ -89,7 +90,8 @@ class SoakWatch:
         new = []
         for host, (ok, problem) in results.items():
             if not ok and host not in self.regressions:
-                self.regressions[host] = f"regressed during soak (round {self.rounds}): {problem}"
+                self.regressions[host] = (f"regressed during soak (round {self.rounds}): {problem}" if self.soak
+                                          else f"failed the gate after its wave: {problem}")
                 new.append(host)
         return new
 
