@@ -388,7 +388,7 @@ def dry_run_host(t: StepTransport, a: Assignment, local_path: Path, probe: Probe
 
 def _gate_read(r: CommandResult) -> tuple[lp.HostLivepatch, str]:
     """VERIFY_SCRIPT's output as (state, kernel log) for the gate; StepFailed when the state is unreadable."""
-    head, _, log = r.stdout.partition("---kpipe-dmesg---")
+    head, _, log = r.stdout.partition("---kpipe-dmesg---")  # VERIFY_SCRIPT's separator before `dmesg`
     st = lp.parse_host_livepatch(head)
     if not st.complete:
         raise StepFailed("verify", f"could not read the livepatch state: {r.summary()}")
@@ -731,7 +731,8 @@ class Engine:
                 # a gate that cannot ask Prometheus cannot pass anyone: every judged host fails, the gate halts
                 bad = {h: f"gate error: {e.message}" for h in judged_hosts}
             for h, problem in bad.items():
-                ok, text = out[h]  # type: ignore[misc]
+                prev = out[h]
+                text = prev[1] if isinstance(prev, tuple) else ""
                 out[h] = (False, f"{text}; {problem}" if text else problem)
         return {h: out[h] for h in hosts}  # in the caller's order, as the journal records them
 
