@@ -160,3 +160,27 @@ def test_audit_flags_a_kernel_change_that_needs_a_build(built, want):
     (row,) = A.evaluate_host(desired, obs, built=built).rows
     assert row.status == A.MISSING and row.detail.startswith(want), row.detail
     assert f"host now runs {OTHER}" in row.detail
+
+
+def test_audit_on_the_fleet_says_which_rebooted_host_needs_a_build(simfleet_factory, tmp_path):
+    from test_gates import run, setup
+
+    fleet = simfleet_factory(2)
+    moved, stayed = fleet.hosts
+    ws, journal, rid = setup(fleet, tmp_path)
+    s = run(ws, journal, rid)
+    assert s.state == "completed", s
+    journal.store.close()
+    try:
+        moved.set_release(OTHER)
+        moved.reboot()  # the patch is gone with the old kernel; the store has no artifact for OTHER
+        r = subprocess.run([sys.executable, "-m", "kpipe", "-W", str(ws.root), "audit", "--json"],
+                           capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr
+        rows = {(row["host"], row["patch"]): row for h in json.loads(r.stdout)["hosts"] for row in h["patches"]}
+        row = rows[(moved.name, "livepatch_demo")]
+        assert row["status"] == "missing" and row["detail"].startswith(f"kernel changed: build needed for {OTHER}")
+        assert rows[(stayed.name, "livepatch_demo")]["status"] == "compliant"
+    finally:
+        moved.set_release("")
+        moved.reboot()
