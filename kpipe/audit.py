@@ -234,8 +234,12 @@ def _row(host: str, name: str, want: DesiredPatch | None, enabled: bool | None, 
     return PatchStatus(host, name, status, detail, want, enabled, transition, sha)
 
 
-def evaluate_host(desired: DesiredState, obs: ObservedHost) -> HostAudit:
-    """The verdicts for one host: desired patches and observed patches, one row each."""
+def evaluate_host(desired: DesiredState, obs: ObservedHost, *,
+                  built: Mapping[str, Iterable[str]] | None = None) -> HostAudit:
+    """The verdicts for one host: desired patches and observed patches, one row each.
+
+    `built`: patch module name -> the kernel releases the store holds an artifact of it for; a host
+    that rebooted into a kernel without one is flagged "kernel changed: build needed for R"."""
     host = obs.host
     wanted = dict(desired.for_host(host))
     rules = desired.forbidden.get(host, [])
@@ -299,6 +303,12 @@ def evaluate_host(desired: DesiredState, obs: ObservedHost) -> HostAudit:
                 if want.source.startswith("rollout"):
                     detail = (f"not loaded; host now runs {obs.kernel}, "
                               f"artifact {want.artifact_id or '?'} is for {want.kernel}")
+                    if built is not None:
+                        have = {module_name(k): set(v) for k, v in built.items()}.get(name, set())
+                        detail = (f"kernel changed: build needed for {obs.kernel} (`kpipe build --fleet {host}`)"
+                                  if obs.kernel not in have else
+                                  f"kernel changed: an artifact for {obs.kernel} exists, roll it out") \
+                            + f"; {detail}"
                     rows.append(row(MISSING, detail))
                 # a file rule scoped to another kernel does not apply to this host
                 continue
@@ -400,8 +410,8 @@ def modules_to_read(desired: DesiredState, host: str) -> set[str]:
 
 
 def evaluate(desired: DesiredState, observed: Iterable[ObservedHost], *,
-             generated_at: float | None = None) -> AuditResult:
-    """Audit every observed host against the desired state; hosts sorted by name."""
-    hosts = tuple(evaluate_host(desired, o) for o in sorted(observed, key=lambda o: o.host))
+             generated_at: float | None = None, built: Mapping[str, Iterable[str]] | None = None) -> AuditResult:
+    """Audit every observed host against the desired state; hosts sorted by name (`built`: see evaluate_host)."""
+    hosts = tuple(evaluate_host(desired, o, built=built) for o in sorted(observed, key=lambda o: o.host))
     return AuditResult(generated_at=time.time() if generated_at is None else generated_at, hosts=hosts,
                        sources=tuple(desired.sources))

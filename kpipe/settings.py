@@ -182,6 +182,34 @@ class AnsibleSettings:
 
 
 @dataclass(frozen=True)
+class HealthSettings:
+    """[rollout.health]: an argv run on each patched host at every gate tick (exit 0 = healthy)."""
+
+    command: tuple[str, ...] = ()
+    timeout: float = 10.0
+
+
+@dataclass(frozen=True)
+class PrometheusSettings:
+    """[rollout.prometheus]: an instant PromQL query per gate tick; a host breaking `threshold` fails."""
+
+    url: str = ""
+    query: str = ""
+    threshold: float = 0.0
+    host_label: str = "instance"
+    fail_when: str = "above"
+    timeout: float = 10.0
+
+
+@dataclass(frozen=True)
+class RolloutSettings:
+    """[rollout]: the gate's extra checks ([rollout.health], [rollout.prometheus]); None = not configured."""
+
+    health: HealthSettings | None = None
+    prometheus: PrometheusSettings | None = None
+
+
+@dataclass(frozen=True)
 class Settings:
     """Every section of one kpipe.toml, typed."""
 
@@ -196,9 +224,11 @@ class Settings:
     audit: AuditSettings = field(default_factory=AuditSettings)
     validation: ValidationSettings = field(default_factory=ValidationSettings)
     ansible: AnsibleSettings = field(default_factory=AnsibleSettings)
+    rollout: RolloutSettings = field(default_factory=RolloutSettings)
 
 
-SECTIONS = ("workspace", "build_hosts", "kernels", "ssh", "signing", "fleet", "lab", "audit", "validation", "ansible")
+SECTIONS = ("workspace", "build_hosts", "kernels", "ssh", "signing", "fleet", "lab", "audit", "validation", "ansible",
+            "rollout")
 
 
 # -- where each key is: a position scanner over valid TOML ----------------------------------------
@@ -868,6 +898,51 @@ def _ansible(r: _Reader, data: dict[str, Any]) -> AnsibleSettings:
     return AnsibleSettings(python_interpreter=r.string(d, "python_interpreter", p, "auto_silent", nonempty=True))
 
 
+def _rollout(r: _Reader, data: dict[str, Any]) -> RolloutSettings:
+    p = ("rollout",)
+    d = r.table(data.get("rollout", {}), p, ("health", "prometheus"))
+    health = prom = None
+    if "health" in d:
+        q = p + ("health",)
+        h = r.table(d["health"], q, ("command", "timeout"))
+        if isinstance(d["health"], dict):
+            if "command" not in h:
+                r.error(q, "rollout.health.command is required",
+                        'add command = ["/usr/local/bin/check-service", "--quiet"] (an argv, run without a shell)')
+            argv = r.str_list(h, "command", q)
+            if "command" in h and isinstance(h["command"], list) and not h["command"]:
+                r.error(q + ("command",), "rollout.health.command must not be empty",
+                        'give the argv to run, e.g. command = ["systemctl", "is-active", "nginx"]')
+            timeout = r.number(h, "timeout", q, 10.0, minimum=0, maximum=3600, above=True)
+            if argv:
+                health = HealthSettings(argv, timeout)
+    if "prometheus" in d:
+        q = p + ("prometheus",)
+        m = r.table(d["prometheus"], q, ("url", "query", "threshold", "host_label", "fail_when", "timeout"))
+        if isinstance(d["prometheus"], dict):
+            url = r.string(m, "url", q, required=True)
+            if url and not re.match(r"^https?://[^/\s]+", url):
+                r.error(q + ("url",), f"rollout.prometheus.url {url!r} is not an http(s) URL",
+                        'write the server\'s base URL, e.g. url = "http://prometheus.example:9090"')
+            query = r.string(m, "query", q, required=True)
+            threshold = 0.0
+            if "threshold" not in m:
+                r.error(q, "rollout.prometheus.threshold is required",
+                        "add threshold = 0.5 (a host whose value is above it fails)")
+            else:
+                v = m["threshold"]
+                if isinstance(v, bool) or not isinstance(v, (int, float)) or math.isnan(v) or math.isinf(v):
+                    r.error(q + ("threshold",), f"rollout.prometheus.threshold must be a number, got {_type(v)} "
+                            f"{_shown(v)}", "write a number without quotes, e.g. threshold = 0.5")
+                else:
+                    threshold = float(v)
+            prom = PrometheusSettings(url=url, query=query, threshold=threshold,
+                                      host_label=r.string(m, "host_label", q, "instance", nonempty=True),
+                                      fail_when=r.choice(m, "fail_when", q, "above", ("above", "below")),
+                                      timeout=r.number(m, "timeout", q, 10.0, minimum=0, maximum=300, above=True))
+    return RolloutSettings(health=health, prometheus=prom)
+
+
 # A key written above every [section] header: which section it belongs to.
 _KEY_HOMES = {
     **{k: "ssh" for k in _SSH_KEYS}, **{k: "fleet" for k in ("inventories", "inventory_timeout")},
@@ -879,7 +954,7 @@ _KEY_HOMES = {
 _SECTION_READERS: tuple[tuple[str, Callable[[_Reader, dict[str, Any]], Any]], ...] = (
     ("workspace", _workspace), ("build_hosts", _build_hosts), ("kernels", _kernels), ("ssh", _ssh),
     ("signing", _signing), ("fleet", _fleet), ("lab", _lab), ("audit", _audit), ("validation", _validation),
-    ("ansible", _ansible),
+    ("ansible", _ansible), ("rollout", _rollout),
 )
 
 

@@ -34,6 +34,12 @@ key = "k.pem"
 cert = "c.pem"
 [lab.kernels."6.1.0-1-amd64"]
 image = "vmlinuz"
+[rollout.health]
+command = ["true"]
+[rollout.prometheus]
+url = "http://127.0.0.1:9090"
+query = "up"
+threshold = 1
 '''
 
 

@@ -34,6 +34,9 @@ def build(
     jobs: int | None = typer.Option(None, "--jobs", "-j", metavar="N", min=1, help="make jobs per build (overrides the "
                                        "recipe; does not change the cache key)."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Print every line of the builder's output."),
+    fleet: str | None = typer.Option(None, "--fleet", metavar="PATTERN",
+                                     help="Build every recipe for the kernels the hosts matching PATTERN run "
+                                          "(an inventory pattern; with --recipe, only that recipe)."),
     json_out: bool = typer.Option(False, "--json", help="Print the results as JSON."),
 ) -> None:
     """Build live patch modules on the workspace's build hosts (reattaches to running builds)."""
@@ -42,6 +45,12 @@ def build(
     from kpipe.errors import ExitCode, KpipeError, UsageError
 
     st = state()
+    if fleet is not None:
+        if kernel or all_kernels:
+            raise UsageError("--fleet builds for the kernels the hosts run: it goes without --kernel and "
+                             "--all-kernels", hint="kpipe build --fleet PATTERN [--recipe NAME]")
+        _build_fleet(fleet, recipe, force=force, host=host, jobs=jobs, verbose=verbose, json_out=json_out)
+        return
     if not kernel and not recipe:
         raise UsageError("give --kernel RELEASE, --recipe NAME --kernel RELEASE, or --recipe NAME --all-kernels",
                          hint="see `kpipe build --help`")
@@ -69,6 +78,86 @@ def build(
     else:
         _summary(console, results)
     _exit_for(results, console if not json_out else None)
+
+
+def _build_fleet(pattern: str, recipe: str | None, *, force: bool, host: str | None, jobs: int | None,
+                 verbose: bool, json_out: bool) -> None:
+    """`kpipe build --fleet`: the running releases (through the observer) -> the matrix, built in parallel."""
+    from kpipe import recipes
+    from kpipe.builder import runner as build_runner
+    from kpipe.builder.fleet import fleet_exit_code, fleet_matrix, running_releases
+    from kpipe.builder.runner import BuildOptions, BuildRunner
+    from kpipe.builder.states import BuildStatus
+    from kpipe.cli.context import print_json, state
+    from kpipe.errors import ExitCode, KpipeError, NotFoundError
+    from kpipe.fleet.inventory import select_hosts
+    from kpipe.fleet.observe import gather_facts
+
+    st = state()
+    ws = st.workspace
+    if recipe:
+        recipes.load_recipe(ws, recipe)  # NotFoundError (exit 5) before any host is asked
+    hosts = select_hosts(ws, pattern)
+    if not hosts:
+        raise NotFoundError(f"no host matches {pattern!r}", hint="see `kpipe fleet list`")
+    console = st.err_console if json_out else st.console
+    facts = gather_facts(ws, hosts)
+    running, unbuilt = running_releases(facts)
+    pairs, not_buildable = fleet_matrix(ws, running, recipe)
+    unbuilt = not_buildable + unbuilt
+    specs: list[BuildSpec] = []
+    results: list[BuildResult] = []
+    for name, release in pairs:
+        try:
+            specs.append(recipes.render(ws, name, release))
+        except KpipeError as e:
+            results.append(build_runner.BuildResult(f"{name}@{release}", name, release, BuildStatus.ERROR,
+                                                    message=e.message, hint=e.hint or "", exit_code=int(e.exit_code)))
+    progress = _Progress(console, verbose=verbose, quiet=False)
+    runner = BuildRunner(ws, on_event=progress.event, options=BuildOptions(force=force, host=host, jobs=jobs))
+    try:
+        with progress.status(len(specs)):
+            results += runner.run(specs) if specs else []
+    except KeyboardInterrupt:
+        raise KpipeError("interrupted: the started builds keep running on their build hosts",
+                         hint="run the same `kpipe build` again to reattach (`kpipe builds` lists them)",
+                         exit_code=ExitCode.INTERRUPTED) from None
+    finally:
+        runner.close()
+    if json_out:
+        print_json({"running": [{"release": r.release, "arch": r.arch, "hosts": list(r.hosts)} for r in running],
+                    "builds": [r.to_dict() for r in results], "not_built": [u.to_dict() for u in unbuilt]})
+    else:
+        if results:
+            _summary(console, results)
+        elif not unbuilt:
+            console.print("nothing to build")
+        _unbuilt_table(console, unbuilt)
+    if any(not r.ok for r in results):
+        _exit_for(results, console if not json_out else None)
+    code = fleet_exit_code(unbuilt)
+    if code:
+        problems = [u for u in unbuilt if u.code != "no-recipe"]
+        first = problems[0]
+        who = first.release or ", ".join(first.hosts)
+        raise KpipeError(f"{len(problems)} of the fleet's kernels or hosts got no build; first: {who}: "
+                         f"{first.reason}", hint="the `not built` table lists each with its reason",
+                         exit_code=ExitCode(code))
+
+
+def _unbuilt_table(console: Console, unbuilt: list[Any]) -> None:
+    from rich.markup import escape
+    from rich.table import Table
+
+    if not unbuilt:
+        return
+    t = Table(title="not built")
+    for col in ("kernel", "hosts", "reason"):
+        t.add_column(col)
+    for u in unbuilt:
+        hosts = ", ".join(u.hosts[:5]) + (f" (+{len(u.hosts) - 5})" if len(u.hosts) > 5 else "")
+        t.add_row(escape(u.release or "?"), escape(hosts), escape(u.reason))
+    console.print(t)
 
 
 def _specs(ws: Workspace, kernel: str | None, recipe: str | None,

@@ -30,6 +30,7 @@ from kpipe.desired import (
     apply_desired_file,
     desired_from_records,
     load_desired_file,
+    module_name,
 )
 from kpipe.errors import KpipeError, NotFoundError
 from kpipe.fleet.observe import FanOut, Observation, ObservedHostSpec, observe
@@ -116,8 +117,19 @@ def run_audit(workspace: Workspace, limit: str | None = None, *, desired_file: s
         known = {h.name for h in hosts}
         for host in sorted(set(desired.patches) - known):
             observed[host] = ObservedHost(host, reachable=False, error="not in the inventory (a rollout patched it)")
-    result = evaluate(desired, observed.values())
+    result = evaluate(desired, observed.values(), built=built_kernels(workspace))
     return replace(result, cves=cve_report(workspace, result, _arches(observed)))
+
+
+def built_kernels(workspace: Workspace) -> dict[str, set[str]]:
+    """Patch module name -> the kernel releases the store holds a usable artifact of it for."""
+    from kpipe.artifacts import list_artifacts
+
+    out: dict[str, set[str]] = {}
+    for a in list_artifacts(workspace.store):
+        if str(a.status) != "rejected":
+            out.setdefault(module_name(a.module_name), set()).add(a.kernel)
+    return out
 
 
 def _arches(observed: Mapping[str, ObservedHost]) -> dict[str, str]:

@@ -41,7 +41,8 @@ _KBUILD_KEYS = ("sources", "kbuild", "make_args", "module_name")
 _SOURCE_KEYS = ("template", "name")
 _SIGNING_KEYS = ("sign", "signer")
 _MAX_SOAK_S = 7 * 24 * 3600  # as `kpipe rollout start --soak` allows
-_ROLLOUT_KEYS = ("waves", "max_failures", "soak", "rollback", "probe")
+_ROLLOUT_KEYS = ("waves", "max_failures", "soak", "rollback", "probe", "health")
+_HEALTH_KEYS = ("command", "timeout")
 _PROBE_KEYS = ("argv", "expect", "expect_after_rollback")
 _FIX_KEYS = ("cve", "severity", "summary")
 # CVSS v3 qualitative ratings (plus "none"), lowest first: kpipe.cve orders by this.
@@ -443,4 +444,15 @@ def _check_rollout(ro: dict[str, Any], c: _Checker, probs: _Problems,
                                 "it is a Python regex searched in the probe's output; escape ( ) [ ] . * + ?")
         if argv and isinstance(expect, str):
             probe = {"argv": argv, "expect": expect, "expect_after_rollback": after or ""}
+    hc = c.table(ro, "health", path, _HEALTH_KEYS)
+    if hc is not None:
+        hp = path + ("health",)
+        argv = c.str_list(hc, "command", hp, required=True, nonempty=True)
+        timeout = hc.get("timeout", 10)
+        if not c.deferred(timeout) and (isinstance(timeout, bool) or not isinstance(timeout, (int, float))
+                                        or not 0 < timeout <= 3600):
+            probs.error(hp + ("timeout",), f"rollout.health.timeout must be seconds above 0 and at most 3600, "
+                        f"got {_type(timeout)} {timeout!r}", "write a number without quotes, e.g. timeout: 10")
+        elif argv and isinstance(timeout, (int, float)):
+            out["health"] = {"command": list(argv), "timeout": timeout}
     return out, probe

@@ -31,9 +31,13 @@ from kpipe.commands import Command, CommandResult
 from kpipe.errors import CommandTimeout, ConfigError, KpipeError, TransportError
 from kpipe.fleet import livepatch as lp
 from kpipe.fleet.observe import run_reads_on
+from kpipe.health import HealthResult, health_step
 from kpipe.kernel import normalize_arch
 from kpipe.plan import Recorder, Step, StepFailed, StepTransport, run_step, run_steps
-from kpipe.rollout.gate import SoakWatch, decide, soak_schedule
+from kpipe.prometheus import PrometheusError
+from kpipe.prometheus import judge as judge_prometheus
+from kpipe.prometheus import query as query_prometheus
+from kpipe.rollout.gate import GateConfig, SoakWatch, decide, gate_schedule, judge_host
 from kpipe.rollout.journal import Journal, host_state
 from kpipe.rollout.planner import Assignment, RolloutPlan
 
@@ -253,7 +257,8 @@ def preflight_step(a: Assignment, module_size: int, ours_by_journal: bool = Fals
 
     return Step("preflight", preflight_command(dest, a.sysfs_name), interpret,
                 intended={"release": a.release, "artifact": a.artifact.id},
-                done=lambda v: {"facts": v[0], "loaded": sorted(v[1].patches)}, writes=False)
+                done=lambda v: {"facts": v[0], "loaded": sorted(v[1].patches), "tainted": v[1].tainted},
+                writes=False)
 
 
 def _journaled(steps: list[Step[Any]], intended: Mapping[str, Any],
@@ -379,6 +384,15 @@ def dry_run_host(t: StepTransport, a: Assignment, local_path: Path, probe: Probe
     pre = preflight_step(a, size, False, expect)
     facts, state = run_step(t, pre)
     return [pre, *apply_plan(a, facts, state, local_path, probe, persist=persist, timeout=timeout, expect=expect)]
+
+
+def _gate_read(r: CommandResult) -> tuple[lp.HostLivepatch, str]:
+    """VERIFY_SCRIPT's output as (state, kernel log) for the gate; StepFailed when the state is unreadable."""
+    head, _, log = r.stdout.partition("---kpipe-dmesg---")  # VERIFY_SCRIPT's separator before `dmesg`
+    st = lp.parse_host_livepatch(head)
+    if not st.complete:
+        raise StepFailed("verify", f"could not read the livepatch state: {r.summary()}")
+    return st, log
 
 
 # -- the engine --------------------------------------------------------------------
@@ -559,14 +573,14 @@ class Engine:
             if skipped:
                 return self._aborted(rid)
             # the soak: re-verify every applied host (this wave's and earlier ones'); a regression is a failure
-            watch = SoakWatch()
+            watch = SoakWatch(soak=opts.soak_s > 0)
             begin = time.monotonic()
-            for offset in soak_schedule(opts.soak_s, opts.verify_interval_s):
+            for offset in gate_schedule(opts.soak_s, opts.verify_interval_s):
                 wait = begin + offset - time.monotonic()
                 if wait > 0:
                     self.sleep(wait)
                 live = [h for h in applied if h not in failures]
-                round_ = self._reverify(plan, live) if live else {}
+                round_ = self._reverify(plan, live, rid) if live else {}
                 results_ok = {}
                 for h, v in round_.items():
                     results_ok[h] = (False, classify(v)[1]) if isinstance(v, BaseException) else v
@@ -617,7 +631,7 @@ class Engine:
         done = [h for h in plan.hosts if host_state(h, self.journal.entries(rid, h)).outcome == "applied"]
         if not done:
             return
-        results = self._reverify(plan, done)
+        results = self._reverify(plan, done, rid)
         for h in done:
             v = results.get(h)
             a = plan.assignments[h]
@@ -656,15 +670,42 @@ class Engine:
         self._outcome(rid, r, wave, a)
         return r
 
-    def _reverify(self, plan: RolloutPlan, hosts: list[str]) -> dict[str, tuple[bool, str] | BaseException]:
-        """Re-verify applied hosts through the one observer (read steps only: state, log, probe):
-        per host (ok, problems), or the exception that stopped its reads."""
+    def _gate_context(self, rid: str, host: str) -> tuple[str, int | None]:
+        """The load's kernel-log marker and the taint read before the load, from the host's journal."""
+        marker, taint = "", None
+        for e in self.journal.entries(rid, host) if rid else ():
+            if e.step == "marker" and e.phase == "done" and e.detail.get("marker"):
+                marker = str(e.detail["marker"])
+            elif e.step == "preflight" and e.phase == "done" and taint is None and \
+                    isinstance(e.detail.get("tainted"), int):
+                taint = e.detail["tainted"]  # the first read: later ones may already show the patch's bits
+        return marker, taint
+
+    def _reverify(self, plan: RolloutPlan, hosts: list[str],
+                  rid: str = "") -> dict[str, tuple[bool, str] | BaseException]:
+        """One gate tick over applied hosts through the one observer (read steps only: state and kernel log
+        in one command, the probe, the health command), then the Prometheus query once for all of them:
+        per host (ok, problems), or the exception that stopped its reads.
+
+        With `rid`, the kernel log after the load's marker and the taint since the read before the load
+        are judged too (kpipe.rollout.gate.judge_host)."""
         out: dict[str, tuple[bool, str] | BaseException] = {}
-        plans: dict[str, list[Step[lp.Verification]]] = {}
+        gates = GateConfig.from_dict(plan.gates)
+        plans: dict[str, list[Step[Any]]] = {}
+        context: dict[str, tuple[str, int | None]] = {}
         for h in hosts:
             a = plan.assignments[h]
             try:
-                plans[h] = lp.verify_loaded_plan(a.sysfs_name, "", probe_of(plan, a), self.identity(a))
+                name = lp.sysfs_name(a.sysfs_name)
+                context[h] = self._gate_context(rid, h)
+                verify = lp.verify_loaded_plan(name, "", probe_of(plan, a), self.identity(a))
+                # the state and the whole kernel log in one read; the gate judges them (judge_host)
+                steps: list[Step[Any]] = [Step(verify[0].name, lp.verify_state_command(name), _gate_read,
+                                               writes=False), *verify[1:]]
+                check = gates.health.get(a.artifact.id)
+                if check is not None:
+                    steps.append(health_step(check))
+                plans[h] = steps
             except KpipeError as e:  # e.g. a module name a hand-edited journal made unusable: this host's failure
                 out[h] = e
         raw = run_reads_on(_RunnerFanOut(self.runner), [_HostName(h) for h in plans], plans.__getitem__,
@@ -672,8 +713,30 @@ class Engine:
         for h, v in raw.items():
             if isinstance(v, lp.VerifyFailed):  # the host answered and its patch is not right: a regression
                 out[h] = (False, "; ".join(v.verification.problems))
-            else:
-                out[h] = v if isinstance(v, BaseException) else (True, "")
+                continue
+            if isinstance(v, BaseException):
+                out[h] = v
+                continue
+            a = plan.assignments[h]
+            state, log = v[0]
+            marker, taint = context[h]
+            judged = judge_host(a.sysfs_name, state, log, marker=marker, taint_before=taint,
+                                expect=self.identity(a))
+            problems = list(judged.problems)
+            problems += [r.problem for r in v[1:] if isinstance(r, HealthResult) and not r.ok]
+            out[h] = (not problems, "; ".join(problems))
+        if gates.prometheus is not None:
+            judged_hosts = [h for h in hosts if isinstance(out.get(h), tuple)]
+            try:
+                bad = judge_prometheus(gates.prometheus, query_prometheus(gates.prometheus), judged_hosts) \
+                    if judged_hosts else {}
+            except PrometheusError as e:
+                # a gate that cannot ask Prometheus cannot pass anyone: every judged host fails, the gate halts
+                bad = {h: f"gate error: {e.message}" for h in judged_hosts}
+            for h, problem in bad.items():
+                prev = out[h]
+                text = prev[1] if isinstance(prev, tuple) else ""
+                out[h] = (False, f"{text}; {problem}" if text else problem)
         return {h: out[h] for h in hosts}  # in the caller's order, as the journal records them
 
     def _rollback(self, rid: str, plan: RolloutPlan, hosts: list[str], *, final_all: bool,

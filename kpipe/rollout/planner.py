@@ -197,6 +197,7 @@ class RolloutPlan:
     excluded: tuple[Exclusion, ...]
     options: RolloutOptions
     probes: dict[str, dict[str, Any]] = field(default_factory=dict)  # artifact id -> Probe as dict
+    gates: dict[str, Any] = field(default_factory=dict)  # kpipe.rollout.gate.GateConfig as dict
 
     @property
     def hosts(self) -> list[str]:
@@ -220,6 +221,7 @@ class RolloutPlan:
             "excluded": [asdict(e) for e in self.excluded],
             "options": self.options.to_dict(),
             "probes": self.probes,
+            "gates": self.gates,
         }
 
     @classmethod
@@ -233,7 +235,8 @@ class RolloutPlan:
         return cls(target=d["target"], target_kind=d["target_kind"],
                    waves=tuple(tuple(w) for w in d["waves"]), assignments=assignments,
                    excluded=tuple(Exclusion(**e) for e in d["excluded"]),
-                   options=RolloutOptions.from_dict(d["options"]), probes=dict(d.get("probes", {})))
+                   options=RolloutOptions.from_dict(d["options"]), probes=dict(d.get("probes", {})),
+                   gates=dict(d.get("gates") or {}))
 
 
 # -- waves -------------------------------------------------------------------

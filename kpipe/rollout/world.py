@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Iterable
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -118,6 +119,28 @@ def probes_for(workspace: Workspace, candidates: Iterable[Candidate], *,
     return out
 
 
+def gates_for(workspace: Workspace, candidates: Iterable[Candidate], *, no_probe: bool = False) -> dict[str, Any]:
+    """The gate's extra checks as a GateConfig dict: per artifact the recipe's `rollout.health` (else
+    kpipe.toml's [rollout.health]), and kpipe.toml's [rollout.prometheus]. `no_probe`: no recipe is read."""
+    from kpipe.health import HealthCheck
+    from kpipe.prometheus import PromCheck
+    from kpipe.rollout.gate import GateConfig
+
+    conf = workspace.settings.rollout
+    default = HealthCheck(conf.health.command, conf.health.timeout) if conf.health else None
+    health: dict[str, HealthCheck] = {}
+    for c in candidates:
+        ro = dict(getattr(_render(workspace, c), "rollout", None) or {}) if c.recipe and not no_probe else {}
+        h = ro.get("health")
+        if h:
+            health[c.id] = HealthCheck(tuple(h["command"]), float(h.get("timeout", 10)))
+        elif default is not None:
+            health[c.id] = default
+    p = conf.prometheus
+    prom = PromCheck(p.url, p.query, p.threshold, p.host_label, p.fail_when, p.timeout) if p else None
+    return GateConfig(health, prom).to_dict()
+
+
 def recipe_defaults(workspace: Workspace, target: str, *, no_probe: bool = False) -> dict[str, Any]:
     """The recipe's `rollout:` section (waves, max_failures, soak, rollback) for the target, or {}.
 
@@ -171,6 +194,7 @@ def build_plan(workspace: Workspace, target: str, limit: str | None, options: Ro
     The probes are rendered first: a recipe that does not render stops here, before any host is asked."""
     kind, cands = candidates_for(workspace.store, target)  # checks every candidate's bytes
     probes = probes_for(workspace, cands, no_probe=no_probe)
+    gates = gates_for(workspace, cands, no_probe=no_probe)
     hosts = select_hosts(workspace, limit)
     own = pool is None
     pool = pool or make_pool(workspace, options.forks)
@@ -181,7 +205,9 @@ def build_plan(workspace: Workspace, target: str, limit: str | None, options: Ro
             pool.close()
     views = [host_view(h, facts.get(h.name)) for h in hosts]
     plan = plan_rollout(target, kind, views, cands, options, probes)
-    return plan, hosts
+    used = set(plan.artifacts())
+    gates["health"] = {k: v for k, v in gates["health"].items() if k in used}
+    return replace(plan, gates=gates), hosts
 
 
 def local_path_fn(store: Store) -> Callable[[Assignment], Path]:
