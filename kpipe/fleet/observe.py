@@ -136,12 +136,23 @@ def run_reads_on(pool: FanOut, targets: Sequence[NamedTarget], steps_for: Callab
     return out
 
 
-def pool_for(workspace: Workspace, forks: int | None = None) -> SshPool:
-    """An SshPool with the workspace's [ssh] settings (strict known_hosts)."""
+def workers_setting(workspace: Workspace | None, workers: int | None = None) -> int:
+    """Worker processes for a fan-out: `workers` (--workers), else [fleet] workers, else one per core."""
+    from kpipe.transport.workers import default_workers
+
+    if workers:
+        return workers
+    configured = workspace.settings.fleet.workers if workspace is not None else 0
+    return configured or default_workers()
+
+
+def pool_for(workspace: Workspace, forks: int | None = None, workers: int | None = None) -> SshPool:
+    """An SshPool with the workspace's [ssh] settings (strict known_hosts) and its fan-out worker processes
+    (`workers`, else [fleet] workers, else one per core; small fan-outs stay in-process)."""
     from kpipe.transport.ssh import SshPool
 
     return SshPool(workspace.ssh, known_hosts=[Path(os.path.expanduser(workspace.ssh.known_hosts))],
-                   forks=forks or workspace.ssh.forks)
+                   forks=forks or workspace.ssh.forks, workers=workers_setting(workspace, workers))
 
 
 def observe(workspace: Workspace | None, hosts: Sequence[ObservedHostSpec], forks: int | None = None, *,
