@@ -156,6 +156,7 @@ class _Worker:
         return value
 
     def _read(self) -> None:
+        why = ""
         try:
             while True:
                 msg = _recv(self._out)
@@ -166,11 +167,12 @@ class _Worker:
                     entry = self._pending.pop(rid, None)
                 if entry is not None:
                     entry[0].set_result(value)
-        except Exception:  # a torn message is a dead worker, as EOF is  # noqa: BLE001
-            pass
+        except Exception as e:  # a torn message is a dead worker, as EOF is  # noqa: BLE001
+            why = f": unreadable answer ({type(e).__name__}: {e})"
+            self.proc.kill()  # by its pid: it cannot be talked to any more
         status = self.proc.poll()
         self._gone(f"worker process {self.pid} ended" + ("" if status is None else f" (status {status})")
-                   + " before this host's answer")
+                   + f" before this host's answer{why}")
 
     def _gone(self, why: str) -> None:
         with self._plock:
@@ -343,4 +345,8 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    # run the imported module's main: what crosses the pipe (_Failure) must pickle as
+    # kpipe.transport.workers._Failure, not __main__._Failure
+    from kpipe.transport.workers import main as _main
+
+    _main()
