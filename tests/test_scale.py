@@ -192,3 +192,44 @@ def test_sigkill_of_the_parent_mid_wave_then_resume_leaves_no_host_unknown(fleet
         # loaded once: the kill and the resume never load a module twice
         assert _enables(h) - before[h.name] == 1, h.name
     _cleanup(journal, ws, rid)
+
+
+class _Counting:
+    """A fan-out that counts the commands each host is sent (the real pool runs them)."""
+
+    def __init__(self, pool) -> None:
+        self.pool = pool
+        self.runs: dict[str, int] = {}
+        self.lock = threading.Lock()
+
+    def run_many(self, targets, fn, forks=None):
+        def counted(t):
+            real = t.run
+
+            class T:
+                name = t.name
+
+                def run(_self, cmd):
+                    with self.lock:
+                        self.runs[t.name] = self.runs.get(t.name, 0) + 1
+                    return real(cmd)
+
+                def put(_self, local, remote):
+                    return t.put(local, remote)
+
+            return fn(T())
+
+        return self.pool.run_many(targets, counted, forks)
+
+
+def test_an_audit_read_is_one_round_trip_per_host(fleet: SimFleet, tmp_path: Path) -> None:
+    ws = load_workspace(fleet.write_workspace(tmp_path / "ws", forks=8))
+    hosts = load_inventory(ws).select(None)[:4]
+    with pool_for(ws, 8, workers=1) as pool:
+        fan = _Counting(pool)
+        seen = observe(ws, hosts, 8, pool=fan, modules={h.name: [MODULE, "other_mod"] for h in hosts})
+    assert fan.runs == {h.name: 1 for h in hosts}
+    for o in seen.values():
+        assert isinstance(o, Observation) and o.livepatch is not None
+        assert set(o.livepatch.modules) == {MODULE, "other_mod"}  # the modules' /sys/module state was read
+        assert o.livepatch.patches == o.facts.patches
