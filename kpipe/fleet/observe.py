@@ -22,7 +22,7 @@ from kpipe.fleet import livepatch as lp
 from kpipe.fleet.facts import _LP_BEGIN as LP_BEGIN
 from kpipe.fleet.facts import _LP_END as LP_END
 from kpipe.fleet.facts import FACTS_SCRIPT, HostFacts, facts_step, interpret_facts
-from kpipe.plan import Step, StepFailed, StepTransport, run_steps
+from kpipe.plan import FanOut, Step, StepFailed, StepTransport, run_steps
 
 if TYPE_CHECKING:  # pragma: no cover
     from kpipe.transport.ssh import SshPool
@@ -43,12 +43,8 @@ class NamedTarget(Protocol):
 # What the observer needs of a host: its name; the pool connects with the record itself.
 ObservedHostSpec = NamedTarget
 
-
-class FanOut(Protocol):
-    """Runs fn(transport) on many targets with bounded parallelism (kpipe.transport.ssh.SshPool)."""
-
-    def run_many(self, targets: Iterable[Any], fn: Callable[[Any], Any],
-                 forks: int | None = None) -> Mapping[str, Any]: ...
+__all__ = ["FanOut", "HostError", "Observation", "ObservedHostSpec", "gather_facts", "observe", "pool_for",
+           "run_reads", "run_reads_on"]
 
 
 @dataclass(frozen=True)

@@ -306,14 +306,15 @@ def _serve(inp: BinaryIO, out: BinaryIO) -> None:
     def handle(rid: int, op: str, host: Host, args: tuple[Any, ...]) -> None:
         try:
             t = pool.transport(host)
+            value: Any = None
             if op == "run":
-                value: Any = t.run(args[0])
+                value = t.run(args[0])
             elif op == "put":
-                value = t.put(args[0], args[1])
+                t.put(args[0], args[1])
             elif op == "get":
-                value = t.get(args[0], args[1])
+                t.get(args[0], args[1])
             elif op == "close":
-                value = t.close()
+                t.close()
             else:
                 raise ValueError(f"unknown request {op!r}")
         except BaseException as e:  # every failure is the host's answer, never the worker's end
@@ -341,7 +342,7 @@ def main() -> None:
     # prints can tear a message.
     out = os.fdopen(os.dup(1), "wb")
     os.dup2(2, 1)
-    _serve(sys.stdin.buffer, out)  # type: ignore[arg-type]
+    _serve(sys.stdin.buffer, out)
 
 
 if __name__ == "__main__":
