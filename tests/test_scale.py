@@ -233,3 +233,32 @@ def test_an_audit_read_is_one_round_trip_per_host(fleet: SimFleet, tmp_path: Pat
         assert isinstance(o, Observation) and o.livepatch is not None
         assert set(o.livepatch.modules) == {MODULE, "other_mod"}  # the modules' /sys/module state was read
         assert o.livepatch.patches == o.facts.patches
+
+
+def test_journal_batches_done_records_and_commits_intended_ones_at_once(tmp_path: Path) -> None:
+    from kpipe.store import Store
+
+    writer = Journal(Store(tmp_path / "store"))
+    rid = writer.create({"hosts": []}, {})
+    reader = Journal(Store(tmp_path / "store"))  # another connection: sees only what is committed
+
+    def seen() -> list[tuple[str, str, str]]:
+        rows = reader.store.query("SELECT host, step, phase FROM journal WHERE rollout_id = ? ORDER BY seq", (rid,))
+        return [(r["host"], r["step"], r["phase"]) for r in rows]
+
+    writer.record(rid, "a", 1, "stage", "intended")
+    assert seen() == [("a", "stage", "intended")]  # write-ahead: committed before the action may run
+    writer.record(rid, "a", 1, "stage", "done")
+    writer.record(rid, "b", 1, "stage", "failed", {"error": "x"})
+    assert seen() == [("a", "stage", "intended")]  # done/failed wait for the next durable record
+    writer.record(rid, "a", 1, "load", "intended")  # ... which carries them, in order, in one transaction
+    assert seen() == [("a", "stage", "intended"), ("a", "stage", "done"), ("b", "stage", "failed"),
+                      ("a", "load", "intended")]
+    writer.record(rid, "a", 1, "load", "done")
+    assert [(e.step, str(e.phase)) for e in writer.entries(rid, "a")][-1] == ("load", "done")  # reads flush
+    writer.record(rid, "a", 1, "outcome", "done", {"state": "applied"})
+    assert seen()[-1] == ("a", "outcome", "done")  # an outcome is never held back
+    assert writer.stats.records == 6 and writer.stats.transactions == 4
+    unbatched = Journal(Store(tmp_path / "store"), batch=False)
+    unbatched.record(rid, "c", 1, "stage", "done")
+    assert seen()[-1] == ("c", "stage", "done") and unbatched.stats.transactions == 1
