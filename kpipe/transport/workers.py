@@ -104,11 +104,11 @@ class _Failure:
         return cls(type(e).__name__, f"{host}: {type(e).__name__}: {e}", host, "error", None)
 
     def exception(self) -> KpipeError:
+        """The error as the in-process pool would have raised it (a timeout stays a CommandTimeout)."""
         if self.type == "CommandTimeout":
             return CommandTimeout(self.message, host=self.host, hint=self.hint)
-        if self.type in ("TransportError", "CommandTimeout"):
-            return TransportError(self.message, host=self.host, kind=self.kind, hint=self.hint)
-        # ConfigError (a bad identity file) and the like: still that host's failure, said as it was
+        # TransportError and its kinds; a ConfigError (a bad identity file) and the like are still
+        # that host's failure, said as they were
         return TransportError(self.message, host=self.host, kind=self.kind, hint=self.hint)
 
 
