@@ -41,10 +41,12 @@ from kpipe.workspace import SshSettings
 
 T = TypeVar("T")
 
-# Below this many hosts per worker a worker's start (~0.3 s of CPU: the interpreter plus paramiko,
-# Fabric and cryptography imports) costs more than the ~10 ms of client CPU per SSH handshake it
-# takes off the parent's core: smaller fan-outs stay in-process (bench/fleet.py measures both).
-MIN_HOSTS_PER_WORKER = 32
+# Hosts per worker below which a fan-out stays in-process. A worker costs ~0.4 s of CPU to start
+# (the interpreter plus paramiko, Fabric and cryptography) and a pickled request and answer per
+# command; measured on 2 cores at 200 hosts (bench/fleet.py --sizes 200) in-process took 8.7 s and
+# 12.6 ms CPU/host, 2 workers 13.8 s and 20.9 ms/host. So workers start only where that fixed cost
+# is small per host (< 2 ms at 250 hosts per worker) and one core's ~80-100 hosts/s is the limit.
+MIN_HOSTS_PER_WORKER = 250
 
 # What a worker's environment keeps: enough to find Python and kpipe, the agent socket (when no
 # identity file is configured, the agent is how the pool authenticates) and the debug switch.
