@@ -2,6 +2,12 @@
 """bench/fleet: `kpipe fleet facts` over N loopback hosts vs parallel OpenSSH and `ansible -m raw`.
 
     python bench/fleet.py [--hosts 200] [--forks 50] [--kex curve25519] [--skip-ansible] [--json FILE]
+    python bench/fleet.py --sizes 50,200,500,1000 [--workers N] [--skip-ansible] [--json FILE]
+
+`--sizes` prints the scaling curve (issue 13): at each size, `kpipe fleet facts` with worker
+processes and in-process, `kpipe audit` of the same hosts (a desired state naming a module, so
+each host's /sys/module is read too), `xargs -P50 ssh` and `ansible -m raw -f 50`: hosts/s,
+client CPU per host, peak RSS of each client's whole process tree, and the ratios.
 
 One run, same hosts (tests/simfleet.py: real sshd processes, simulated kernels), same
 parallelism, same remote command (kpipe's facts script), same key exchange for every
@@ -134,8 +140,180 @@ def one_round(record, fleet, ws: Path, env: dict, remote: str, openssh_kex: str 
             subprocess.run(["ssh", "-O", "exit", "-o", f"ControlPath={sock}", "bench"], capture_output=True, timeout=30)
 
 
+# -- the scaling curve (issue 13 §2, §4) ------------------------------------------------------------------------------
+
+def _tree_rss_kb(root: int) -> int:
+    """The summed RSS (KiB) of a process and all its descendants, from /proc (one pass)."""
+    children: dict[int, list[int]] = {}
+    rss: dict[int, int] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as f:
+                fields = f.read().decode(errors="replace").rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        pid = int(entry)
+        children.setdefault(int(fields[1]), []).append(pid)
+        rss[pid] = int(fields[21]) * (resource.getpagesize() // 1024)
+    total, todo = 0, [root]
+    while todo:
+        pid = todo.pop()
+        total += rss.get(pid, 0)
+        todo.extend(children.get(pid, []))
+    return total
+
+
+def sampled(argv: list[str], *, env: dict[str, str] | None = None, stdin: str | None = None,
+            every: float = 0.1) -> tuple[float, float, int, int, str]:
+    """Run argv; (wall s, client CPU s of the process tree, peak summed RSS KiB of the tree, exit, stdout).
+
+    The RSS is sampled every `every` s over the whole tree (kpipe's parent plus its worker processes;
+    ansible's forks; xargs' ssh processes)."""
+    import threading
+
+    cpu0, t0 = children_cpu(), time.monotonic()
+    proc = subprocess.Popen(argv, env=env, stdin=subprocess.PIPE if stdin is not None else subprocess.DEVNULL,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    peak = [0]
+    done = threading.Event()
+
+    def watch() -> None:
+        while not done.wait(every):
+            peak[0] = max(peak[0], _tree_rss_kb(proc.pid))
+
+    w = threading.Thread(target=watch, daemon=True)
+    w.start()
+    out, err = proc.communicate(stdin, timeout=3600)
+    done.set()
+    w.join()
+    return time.monotonic() - t0, children_cpu() - cpu0, peak[0], proc.returncode, out if proc.returncode in (0, 1) \
+        else err[-500:]
+
+
+DESIRED = "version: 1\nhosts:\n  - match: all\n    require: [livepatch_demo]\n"
+
+
+def curve(args: argparse.Namespace) -> int:
+    """kpipe fleet facts (workers, and in-process), kpipe audit, xargs ssh and ansible -m raw at each size."""
+    from kpipe.fleet.facts import facts_command
+    from kpipe.transport.workers import default_workers
+    from simfleet import SimFleet
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:  # this bench's process tree only: ~3 descriptors per host in flight and per sshd
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    sizes = sorted(int(x) for x in args.sizes.split(","))
+    paramiko_kex, openssh_kex = KEX.get(args.kex, (None, None))
+    remote = facts_command().shell_line()
+    tmp = Path(tempfile.mkdtemp(prefix="kpipe-bench-curve-"))
+    workers = args.workers or default_workers()
+    print(f"bench/fleet curve: sizes {sizes}, forks {args.forks}, kpipe workers {workers} "
+          f"(cores {os.cpu_count()}), kex {args.kex}, RLIMIT_NOFILE {resource.getrlimit(resource.RLIMIT_NOFILE)[0]}",
+          flush=True)
+    t0 = time.monotonic()
+    fleet = SimFleet(sizes[-1], tmp / "fleet", prefix="c").start()
+    print(f"  {sizes[-1]} sshd hosts up and verified in {time.monotonic() - t0:.1f} s", flush=True)
+    table: list[dict[str, object]] = []
+    try:
+        for n in sizes:
+            ws = fleet.write_workspace(tmp / f"ws{n}", forks=args.forks)
+            fleet.write_inventory(ws / "simfleet.yml", hosts=fleet.hosts[:n])
+            if paramiko_kex:
+                text = (ws / "kpipe.toml").read_text().replace("[fleet]", f'kex = ["{paramiko_kex}"]\n\n[fleet]')
+                (ws / "kpipe.toml").write_text(text)
+            (ws / "desired.yml").write_text(DESIRED)
+            env = dict(os.environ, KPIPE_WORKSPACE=str(ws))
+            rows: dict[str, tuple[float, float, int, int]] = {}
+
+            def rec(name: str, r: tuple[float, float, int, int, str], ok: int | None = None,
+                    n: int = n, rows: dict[str, tuple[float, float, int, int]] = rows) -> None:
+                wall, cpu, rss, rc, out = r
+                rows[name] = (wall, cpu, rss, rc)
+                note = "" if rc in (0, 1) else f"  exit {rc}: {out.strip()[-160:]}"
+                if ok is not None and ok != n:
+                    note += f"  ({ok}/{n} hosts ok)"
+                print(f"  {n:5d} hosts  {name:<30} {wall:7.2f} s {n / wall:7.1f} hosts/s  cpu/host "
+                      f"{1000 * cpu / n:6.2f} ms  peak RSS {rss / 1024:7.1f} MiB{note}", flush=True)
+
+            def facts_ok(out: str) -> int | None:
+                try:
+                    return int(json.loads(out)["summary"]["ok"])
+                except (ValueError, KeyError):
+                    return None
+
+            for w in (workers, 1):
+                r = sampled(["kpipe", "fleet", "facts", "--json", "--forks", str(args.forks), "--workers", str(w)],
+                            env=env)
+                rec(f"kpipe fleet facts workers={w}", r, facts_ok(r[4]))
+            r = sampled(["kpipe", "audit", "--format", "json", "--forks", str(args.forks), "--workers", str(workers),
+                         "--desired", str(ws / "desired.yml")], env=env)
+            rec(f"kpipe audit workers={workers}", r)
+            lines = "".join(f"{h.port} {h.address}\n" for h in fleet.hosts[:n])
+            inner = "exec ssh " + " ".join(shlex.quote(o) for o in ssh_opts(fleet, openssh_kex)) + \
+                ' -p "$0" root@"$1" "$KPIPE_BENCH_CMD" >/dev/null'
+            rec("xargs -P50 ssh", sampled(["xargs", "-P", str(args.forks), "-L", "1", "sh", "-c", inner],
+                                          env=dict(os.environ, KPIPE_BENCH_CMD=remote), stdin=lines))
+            if not args.skip_ansible:
+                inv = fleet.write_inventory(tmp / f"ansible-{n}.yml", hosts=fleet.hosts[:n])
+                cp = Path(tempfile.mkdtemp(prefix="kpa-", dir="/tmp"))
+                ssh_args = "-C -o ControlMaster=auto -o ControlPersist=60s"
+                if openssh_kex:
+                    ssh_args += f" -o KexAlgorithms={openssh_kex}"
+                aenv = dict(os.environ, ANSIBLE_SSH_ARGS=ssh_args, ANSIBLE_HOST_KEY_CHECKING="True",
+                            ANSIBLE_SSH_EXTRA_ARGS=f"-o UserKnownHostsFile={fleet.known_hosts} -o IdentitiesOnly=yes",
+                            ANSIBLE_SSH_CONTROL_PATH_DIR=str(cp), ANSIBLE_NOCOLOR="1")
+                rec("ansible -m raw -f 50", sampled(["ansible", "all", "-i", str(inv), "-f", str(args.forks), "-m",
+                                                     "raw", "-a", remote], env=aenv))
+                for sock in cp.glob("*"):
+                    if sock.is_socket():
+                        subprocess.run(["ssh", "-O", "exit", "-o", f"ControlPath={sock}", "bench"],
+                                       capture_output=True, timeout=30)
+            kp = rows[f"kpipe fleet facts workers={workers}"]
+            row: dict[str, object] = {"hosts": n, "workers": workers, **{k: {"wall": v[0], "cpu": v[1], "rss_kb": v[2],
+                                                                            "rc": v[3]} for k, v in rows.items()}}
+            for name in ("xargs -P50 ssh", "ansible -m raw -f 50", "kpipe fleet facts workers=1"):
+                if name in rows:
+                    row[f"ratio vs {name}"] = rows[name][0] / kp[0]
+            row["audit / facts"] = rows[f"kpipe audit workers={workers}"][0] / kp[0]
+            table.append(row)
+    finally:
+        fleet.close()
+        if not args.keep:
+            import shutil
+
+            shutil.rmtree(tmp, ignore_errors=True)
+    print(f"\nscaling curve (throughput ratio = their wall / kpipe fleet facts workers={workers} wall; "
+          "audit / facts = wall ratio, target <= 1.2):")
+    print(f"  {'hosts':>5}  {'kpipe hosts/s':>13}  {'cpu/host ms':>11}  {'peak RSS MiB':>12}  {'vs xargs':>8}  "
+          f"{'vs ansible':>10}  {'vs 1 proc':>9}  {'audit/facts':>11}")
+    for row in table:
+        kp = row[f"kpipe fleet facts workers={workers}"]
+        assert isinstance(kp, dict)
+
+        def fmt(key: str, row: dict[str, object] = row) -> str:
+            v = row.get(key)
+            return f"{v:.2f}x" if isinstance(v, float) else "n/a"
+
+        print(f"  {row['hosts']:>5}  {int(row['hosts']) / kp['wall']:>13.1f}  "  # type: ignore[call-overload]
+              f"{1000 * kp['cpu'] / int(row['hosts']):>11.2f}  {kp['rss_kb'] / 1024:>12.1f}  "  # type: ignore[call-overload]
+              f"{fmt('ratio vs xargs -P50 ssh'):>8}  {fmt('ratio vs ansible -m raw -f 50'):>10}  "
+              f"{fmt('ratio vs kpipe fleet facts workers=1'):>9}  {fmt('audit / facts'):>11}")
+    at200 = next((r for r in table if r["hosts"] == 200), None)
+    if at200 is not None:
+        print("\nissue 13 targets at 200 hosts: "
+              f"vs ansible -m raw -f 50 {at200.get('ratio vs ansible -m raw -f 50', float('nan')):.2f}x (>= 4x), "
+              f"vs xargs -P50 ssh {at200.get('ratio vs xargs -P50 ssh', float('nan')):.2f}x (>= 1.2x)")
+    if args.json:
+        args.json.write_text(json.dumps({"forks": args.forks, "kex": args.kex, "curve": table}, indent=2))
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--sizes", help="the scaling curve instead: comma-separated fleet sizes, e.g. 50,200,500,1000")
+    ap.add_argument("--workers", type=int, default=0, help="kpipe worker processes in the curve (default: cores)")
     ap.add_argument("--hosts", type=int, default=200)
     ap.add_argument("--forks", type=int, default=50)
     ap.add_argument("--kex", choices=["curve25519", "default"], default="curve25519",
@@ -146,6 +324,8 @@ def main() -> int:
     ap.add_argument("--repeat", type=int, default=2,
                     help="rounds; each client's best round counts (this machine's load varies)")
     args = ap.parse_args()
+    if args.sizes:
+        return curve(args)
 
     from kpipe.fleet.facts import facts_command
     from simfleet import SimFleet

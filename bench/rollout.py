@@ -1,6 +1,16 @@
 """bench/rollout: a three-VM real-kernel rollout by kpipe vs a hand-written scp + insmod + poll loop.
 
     python bench/rollout.py [--rounds N] [--keep-lab WORKSPACE]
+    python bench/rollout.py --simulated 1000 [--workers N] [--configs normal:batch,full:batch,normal:each]
+
+`--simulated N` (issue 13 §3) runs no VM: a SimFleet of N real sshd hosts with simulated kernels,
+a rollout with waves `1,10%,50%,100%` and no soak, driven in this process by the engine over the
+SSH pool (worker processes as configured). Per wave: hosts/s; per run: journal records and
+transactions per host and the share of the wall time spent inside journal transactions, for
+each CONFIG: the store's synchronous pragma (normal: WAL + synchronous=NORMAL, kpipe's setting,
+no fsync per commit; full: fsync of the WAL at every commit) and the journal's batching (batch:
+done/failed records ride with the next intended record; each: one transaction per record).
+Between runs the patch is rolled back (not timed).
 
 Boots three lab VMs (`kpipe lab up --vms 3`), builds the cmdline demo livepatch
 module against the local headers, then alternates, N rounds each:
@@ -84,10 +94,110 @@ def build(out: Path, rel: str) -> Path:
     return src / "livepatch_demo.ko"
 
 
+def simulated(n: int, configs: list[str], workers: int, forks: int) -> None:
+    """A simulated N-host rollout per config: hosts/s per wave, journal writes per host and their time share."""
+    sys.path[:0] = [str(REPO), str(REPO / "tests")]
+    import resource
+
+    import kpipe.store
+    from kpipe.artifacts import add_artifact
+    from kpipe.fleet.observe import pool_for
+    from kpipe.rollout.journal import Journal
+    from kpipe.rollout.planner import Candidate, HostView, RolloutOptions, plan_rollout
+    from kpipe.rollout.world import engine_for
+    from kpipe.transport.workers import default_workers
+    from kpipe.workspace import open_workspace
+    from simfleet import SimFleet, fake_module
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:  # this process only: a descriptor or three per host
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    workers = workers or default_workers()
+    tmp = Path(tempfile.mkdtemp(prefix="kpipe-bench-simrollout-"))
+    t0 = time.monotonic()
+    fleet = SimFleet(n, tmp / "fleet", prefix="r").start()
+    print(f"bench/rollout --simulated: {n} sshd hosts up in {time.monotonic() - t0:.1f} s; waves 1,10%,50%,100%, "
+          f"no soak, forks {forks}, workers {workers}", flush=True)
+    results = []
+    try:
+        for i, config in enumerate(configs):
+            sync, _, batching = config.partition(":")
+            kpipe.store.SYNCHRONOUS = sync.upper()  # read by every new store connection
+            ws = open_workspace(fleet.write_workspace(tmp / f"ws{i}", forks=forks))
+            ko = tmp / f"livepatch-demo-{i}.ko"
+            ko.write_bytes(fake_module(MODULE, build_id=os.urandom(20)))
+            art = add_artifact(ws.store, ko, kernel=fleet.release, status="valid", arch="x86_64",
+                               module_name="livepatch-demo", preflight={"status": "passed"})
+            options = RolloutOptions(waves="1,10%,50%,100%", forks=forks, step_timeout_s=120.0, soak_s=0.0)
+            views = [HostView(h.name, release=fleet.release, arch="x86_64") for h in fleet.hosts]
+            plan = plan_rollout(art.id, "artifact", views, [Candidate.of(art)], options)
+            journal = Journal(ws.store, batch=batching != "each")
+            rid = journal.create(plan.to_dict(), options.to_dict(), target=art.id)
+            marks: list[tuple[str, int, float, int, float, int]] = []
+
+            def on_event(e: object, journal: Journal = journal,
+                         marks: list[tuple[str, int, float, int, float, int]] = marks) -> None:
+                kind = getattr(e, "kind", "")
+                if kind in ("wave-start", "gate"):
+                    st = journal.stats
+                    marks.append((kind, getattr(e, "wave", 0), time.monotonic(), st.records, st.seconds,
+                                  st.transactions))
+
+            engine, runner = engine_for(ws, journal, rid, on_event=on_event, pool=pool_for(ws, forks, workers))
+            start = time.monotonic()
+            try:
+                s = engine.start(rid)
+            finally:
+                runner.close()
+            wall = time.monotonic() - start
+            bad = {h: st for h, st in s.hosts.items() if st != "applied"}
+            st = journal.stats
+            print(f"\n{config}: {s.state} in {wall:.1f} s ({n / wall:.1f} hosts/s overall)"
+                  + (f"; NOT applied: {len(bad)} ({sorted(set(bad.values()))})" if bad else ""), flush=True)
+            starts = {w: m for m in marks if m[0] == "wave-start" for w in [m[1]]}
+            for m in marks:
+                if m[0] != "gate" or m[1] not in starts:
+                    continue
+                w0 = starts[m[1]]
+                hosts = len(plan.waves[m[1] - 1])
+                took = m[2] - w0[2]
+                print(f"  wave {m[1]}: {hosts:5d} hosts in {took:7.2f} s = {hosts / took:7.1f} hosts/s; journal "
+                      f"{(m[3] - w0[3]) / hosts:5.1f} records/host in {(m[5] - w0[5]) / hosts:5.1f} transactions/host,"
+                      f" {1000 * (m[4] - w0[4]) / hosts:6.2f} ms/host = {100 * (m[4] - w0[4]) / took:4.1f} % of the "
+                      "wave's wall time", flush=True)
+            print(f"  whole run: {st.records / n:.1f} journal records/host, {st.transactions / n:.1f} "
+                  f"transactions/host, {st.seconds:.2f} s in journal transactions = {100 * st.seconds / wall:.1f} %"
+                  " of the wall time", flush=True)
+            results.append({"config": config, "wall": wall, "records": st.records, "transactions": st.transactions,
+                            "journal_s": st.seconds})
+            t1 = time.monotonic()
+            engine, runner = engine_for(ws, journal, rid, pool=pool_for(ws, forks, workers))
+            try:
+                engine.rollback(rid)
+            finally:
+                runner.close()
+            print(f"  (rolled back in {time.monotonic() - t1:.1f} s, not timed)", flush=True)
+    finally:
+        fleet.close()
+        shutil.rmtree(tmp, ignore_errors=True)
+    print("\nsummary: config, wall s, hosts/s, journal records/host, transactions/host, journal share of wall")
+    for r in results:
+        print(f"  {r['config']:<14} {r['wall']:7.1f} {n / r['wall']:7.1f} {r['records'] / n:6.1f} "
+              f"{r['transactions'] / n:6.1f} {100 * r['journal_s'] / r['wall']:5.1f} %")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--simulated", type=int, metavar="N", help="a simulated N-host rollout instead (no VM)")
+    ap.add_argument("--configs", default="normal:batch,full:batch,normal:each",
+                    help="with --simulated: SYNC:JOURNAL runs (sync normal|full, journal batch|each)")
+    ap.add_argument("--workers", type=int, default=0, help="with --simulated: worker processes (default: cores)")
+    ap.add_argument("--forks", type=int, default=50, help="with --simulated: hosts in flight")
     args = ap.parse_args()
+    if args.simulated:
+        simulated(args.simulated, args.configs.split(","), args.workers, args.forks)
+        return
     rel = release()
     ws = Path(tempfile.mkdtemp(prefix="kpipe-bench-rollout-"))
     (ws / "kpipe.toml").write_text('[workspace]\nstore = ".kpipe"\n')

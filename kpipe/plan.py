@@ -14,7 +14,7 @@ argv (`describe`) and invents no output. Tests feed outputs to interpreters.
 from __future__ import annotations
 
 import shlex
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Generic, Protocol, TypeVar, runtime_checkable
@@ -88,6 +88,18 @@ class StepTransport(Protocol):
 
     def put(self, local: Path, remote: str) -> None:
         """Copy a local file to a remote path."""
+        ...
+
+
+@runtime_checkable
+class FanOut(Protocol):
+    """The one fan-out abstraction: fn(transport) on many targets (each with a `name`), at most `forks` at
+    once; a result or the exception per target name (partial failure is data). kpipe.transport.base.Pool
+    extends it with transport() and close(); SshPool runs it in threads or in worker processes."""
+
+    def run_many(self, targets: Iterable[Any], fn: Callable[[Any], Any],
+                 forks: int | None = None) -> Mapping[str, Any]:
+        """fn(transport) for every target; each result or exception, by the target's name."""
         ...
 
 

@@ -138,6 +138,7 @@ class FleetSettings:
 
     inventories: tuple[str, ...] = ()
     inventory_timeout: float = DEFAULT_INVENTORY_TIMEOUT  # seconds per script source
+    workers: int = 0  # fan-out worker processes; 0 = one per core, 1 = in-process (kpipe.transport.workers)
 
 
 @dataclass(frozen=True)
@@ -835,10 +836,11 @@ def _signing(r: _Reader, data: dict[str, Any]) -> SigningSettings:
 
 def _fleet(r: _Reader, data: dict[str, Any]) -> FleetSettings:
     p = ("fleet",)
-    d = r.table(data.get("fleet", {}), p, ("inventories", "inventory_timeout"))
+    d = r.table(data.get("fleet", {}), p, ("inventories", "inventory_timeout", "workers"))
     return FleetSettings(inventories=r.str_list(d, "inventories", p, single_ok=True),
                          inventory_timeout=r.number(d, "inventory_timeout", p, DEFAULT_INVENTORY_TIMEOUT,
-                                                    minimum=0, maximum=86400, above=True))
+                                                    minimum=0, maximum=86400, above=True),
+                         workers=r.integer(d, "workers", p, 0, minimum=0, maximum=256))
 
 
 def _lab(r: _Reader, data: dict[str, Any]) -> LabSettings:
@@ -945,7 +947,7 @@ def _rollout(r: _Reader, data: dict[str, Any]) -> RolloutSettings:
 
 # A key written above every [section] header: which section it belongs to.
 _KEY_HOMES = {
-    **{k: "ssh" for k in _SSH_KEYS}, **{k: "fleet" for k in ("inventories", "inventory_timeout")},
+    **{k: "ssh" for k in _SSH_KEYS}, **{k: "fleet" for k in ("inventories", "inventory_timeout", "workers")},
     **{k: "workspace" for k in ("store", "recipes", "patches")}, "strict": "validation",
     "python_interpreter": "ansible", "desired": "audit", "allowed_taint": "audit", "cache_dir": "lab",
     "vms": "lab", "memory": "lab", "append": "lab", "default": "signing",

@@ -40,6 +40,13 @@ WAIT_ENV = "KPIPE_STORE_WAIT"
 _DEFAULT_WAIT_S = 5.0
 # PRAGMA application_id of a store kpipe created ("kpip"): tells a new store from an emptied one.
 _APPLICATION_ID = 0x6B706970
+# WAL + synchronous=NORMAL: a commit is not fsynced, the WAL is at checkpoints. A kpipe killed
+# (SIGKILL, crash) loses nothing it committed: the OS holds the written pages. A power loss or
+# kernel crash of the control machine may lose the last commits (never corrupt the file); the
+# rollout journal's write-ahead then reads as "step intended, not done", which resume re-reads.
+# FULL fsyncs the WAL at every commit (bench/rollout.py --simulated measures both).
+SYNCHRONOUS = "NORMAL"
+
 # PRAGMA user_version of the stores this kpipe writes; raise it with a migration when a table changes shape.
 SCHEMA_VERSION = 1
 _DDL_NAME = re.compile(r"^\s*CREATE\s+(?:UNIQUE\s+)?(?:TABLE|INDEX|VIEW|TRIGGER)\s+IF\s+NOT\s+EXISTS\s+([\w\"]+)",
@@ -213,7 +220,7 @@ class Store:
                 self._open_check(conn)
             if conn.execute("PRAGMA journal_mode").fetchone()[0] != "wal":  # a store from before WAL
                 conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute("PRAGMA synchronous=NORMAL")
+            conn.execute(f"PRAGMA synchronous={SYNCHRONOUS}")
             conn.execute("PRAGMA foreign_keys=ON")
         except sqlite3.Error as e:
             conn.close()

@@ -26,7 +26,7 @@ from kpipe.fleet.observe import (
     pool_for,
     run_reads,
 )
-from kpipe.plan import Step, StepFailed
+from kpipe.plan import Step
 from kpipe.workspace import load_workspace
 from simfleet import SimFleet, fake_module, simfleet_factory  # noqa: F401  (the fixture)
 
@@ -199,7 +199,9 @@ def _facts_text(release: str = "6.1.0-56-amd64") -> str:
 def test_each_failure_kind_is_one_hosts_data() -> None:
     ts = {
         "ok": _T("ok", {"facts": (0, _facts_text()), "livepatch-state": (0, "livepatch_sysfs 1\ntainted 0\nend\n")}),
-        "cut": _T("cut", {"facts": (0, _facts_text()), "livepatch-state": (0, "livepatch_sysfs 1\n")}),
+        # the modules' state comes in the facts command (one round trip): a cut livepatch section is
+        # a facts error of that host
+        "cut": _T("cut", {"facts": (0, _facts_text().replace("tainted 0\nend\n---end", "---end"))}),
         "gone": _T("gone", {"facts": TransportError("gone: connection refused", host="gone", kind="refused")}),
         "odd": _T("odd", {"facts": RuntimeError("paramiko broke")}),
         "junk": _T("junk", {"facts": (127, "sh: not found")}),
@@ -209,7 +211,8 @@ def test_each_failure_kind_is_one_hosts_data() -> None:
     assert list(out) == list(ts)
     ok = out["ok"]
     assert isinstance(ok, Observation) and ok.facts.release == "6.1.0-56-amd64" and ok.livepatch is not None
-    assert isinstance(out["cut"], StepFailed) and out["cut"].step == "state"
+    assert isinstance(out["cut"], TransportError) and out["cut"].kind == "facts"
+    assert ts["ok"].ran == ["facts"]  # facts and the modules' state: one command
     assert isinstance(out["gone"], TransportError) and out["gone"].kind == "refused"
     assert isinstance(out["odd"], TransportError) and "paramiko broke" in out["odd"].message
     assert isinstance(out["junk"], TransportError) and out["junk"].kind == "facts"
@@ -227,8 +230,8 @@ def test_a_write_step_is_refused_before_any_host_is_contacted() -> None:
 STEP_TABLE = [
     # (modules asked, dmesg) -> step names, in order
     ((), False, ["facts"]),
-    (("lp_a",), False, ["facts", "state"]),
-    (("lp_a", "not a name;"), True, ["facts", "state", "dmesg"]),
+    (("lp_a",), False, ["facts"]),  # the modules' state is read by the facts command itself
+    (("lp_a", "not a name;"), True, ["facts", "dmesg"]),
     (("$(reboot)",), False, ["facts"]),
 ]
 
@@ -240,6 +243,7 @@ def test_observation_steps_table(modules: tuple[str, ...], dmesg: bool, names: l
     assert not any(s.writes for s in steps)
     for s in steps:
         assert "reboot" not in " ".join(s.argv()) and "not a name" not in " ".join(s.argv())
+    assert ("lp_a" in steps[0].argv()) == ("lp_a" in modules)
 
 
 def test_state_step_argv_names_only_valid_modules() -> None:

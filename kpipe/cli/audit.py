@@ -19,7 +19,7 @@ recipe declares). Every run is kept in the store's `audits` table
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import typer
 
@@ -36,6 +36,9 @@ _DESIRED = typer.Option(None, "--desired", "-d", metavar="FILE",
                         help="Desired-state YAML (hosts/patterns -> patches required/forbidden).")
 _FORKS = typer.Option(None, "--forks", "-f", metavar="N", min=1, max=1000,
                       help="Hosts in flight at once (default: 50, or forks in the ssh section of kpipe.toml).")
+_WORKERS = typer.Option(None, "--workers", metavar="N", min=1, max=256,
+                        help="Worker processes for the SSH fan-out (default: workers in the fleet section of "
+                             "kpipe.toml, else one per core; 1 = in-process).")
 _SETTLE = typer.Option(5.0, "--settle", metavar="SECONDS", min=0.0, max=600.0,
                        help="Seconds to wait before re-reading a host in transition (then it counts as stuck).")
 
@@ -186,20 +189,30 @@ def _fail_unless_compliant(result: AuditResult) -> None:
                          exit_code=ExitCode.FAILURE)
 
 
+def _audit_with_workers(ws: Any, limit: str | None, desired: str | None, forks: int | None, workers: int | None,
+                        settle: float) -> Any:
+    """run_audit over a pool with the chosen worker processes (closed afterwards)."""
+    from kpipe.fleet.auditing import run_audit
+    from kpipe.fleet.observe import pool_for
+
+    with pool_for(ws, forks, workers) as pool:
+        return run_audit(ws, limit, desired_file=desired, forks=forks, settle=settle, pool=pool)
+
+
 def verify(
     limit: str | None = _LIMIT,
     as_json: bool = typer.Option(False, "--json", help="Print the audit as JSON instead of a table."),
     forks: int | None = _FORKS,
+    workers: int | None = _WORKERS,
     desired: str | None = _DESIRED,
     settle: float = _SETTLE,
 ) -> None:
     """Read every selected host's live patches over SSH and check them against the desired state
     (exit 1 if any host is not compliant)."""
     from kpipe.cli.context import print_json, state
-    from kpipe.fleet.auditing import run_audit
 
     ws = state().workspace
-    result = run_audit(ws, limit, desired_file=desired, forks=forks, settle=settle)
+    result = _audit_with_workers(ws, limit, desired, forks, workers, settle)
     _keep(ws, result, "verify", limit)
     if as_json:
         print_json(result.to_dict())
@@ -216,6 +229,7 @@ def audit(
     output: str | None = typer.Option(None, "--output", "-o", metavar="FILE",
                                          help="Write the report here (atomically: temp file + rename)."),
     forks: int | None = _FORKS,
+    workers: int | None = _WORKERS,
     settle: float = _SETTLE,
     strict: bool = typer.Option(False, "--strict", help="Exit 1 if any host is not compliant."),
     cve: list[str] | None = typer.Option(None, "--cve", metavar="CVE-YYYY-NNNN",  # noqa: B008 -- typer declares options in defaults
@@ -229,7 +243,6 @@ def audit(
 
     from kpipe.cli.context import state
     from kpipe.errors import ConfigError
-    from kpipe.fleet.auditing import run_audit
     from kpipe.report import FORMATS, render, write_atomic
 
     fmt = fmt.lower()
@@ -248,7 +261,7 @@ def audit(
         raise ConfigError(f"--output {output}: folder {out_path.parent} does not exist")
     cves = _check_cve_ids(cve or [])
     ws = state().workspace
-    result = run_audit(ws, limit, desired_file=desired, forks=forks, settle=settle)
+    result = _audit_with_workers(ws, limit, desired, forks, workers, settle)
     _keep(ws, result, "audit", limit)
     if cves:
         result = _narrow_to_cves(result, cves)

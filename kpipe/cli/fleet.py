@@ -68,6 +68,10 @@ def facts(limit: str | None = _LIMIT, inventory: list[str] | None = _INVENTORY,
           strict: bool = typer.Option(False, "--strict", help="Exit 6 if any host was unreachable or failed."),
           timeout: float = typer.Option(60.0, "--timeout", metavar="SECONDS", min=1.0,
                                         help="Seconds the facts command may run on one host."),
+          workers: int | None = typer.Option(None, "--workers", metavar="N", min=1, max=256,
+                                             help="Worker processes for the SSH fan-out (default: workers in "
+                                                  "the fleet section of kpipe.toml, else one per core; "
+                                                  "1 = in-process)."),
           ) -> None:
     """Read kernel, arch, distro, livepatch state, taint, kpatch CLI, SELinux, sig_enforce and free space."""
     import time
@@ -75,12 +79,13 @@ def facts(limit: str | None = _LIMIT, inventory: list[str] | None = _INVENTORY,
     from kpipe.cli.context import print_json, state
     from kpipe.errors import ExitCode, KpipeError
     from kpipe.fleet.facts import HostFacts
-    from kpipe.fleet.observe import gather_facts
+    from kpipe.fleet.observe import gather_facts, pool_for
 
     st = state()
     hosts = _select(limit, inventory)
     start = time.monotonic()
-    results = gather_facts(st.workspace, hosts, forks, timeout=timeout)
+    with pool_for(st.workspace, forks, workers) as pool:
+        results = gather_facts(st.workspace, hosts, forks, pool=pool, timeout=timeout)
     elapsed = time.monotonic() - start
     failed = [n for n, r in results.items() if not isinstance(r, HostFacts)]
     _record(st.workspace, results)

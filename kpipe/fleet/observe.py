@@ -16,11 +16,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from kpipe.commands import CommandResult
+from kpipe.commands import Command, CommandResult
 from kpipe.errors import KpipeError, TransportError
 from kpipe.fleet import livepatch as lp
-from kpipe.fleet.facts import HostFacts, facts_step
-from kpipe.plan import Step, StepFailed, StepTransport, run_steps
+from kpipe.fleet.facts import _LP_BEGIN as LP_BEGIN
+from kpipe.fleet.facts import _LP_END as LP_END
+from kpipe.fleet.facts import FACTS_SCRIPT, HostFacts, facts_step, interpret_facts
+from kpipe.plan import FanOut, Step, StepFailed, StepTransport, run_steps
 
 if TYPE_CHECKING:  # pragma: no cover
     from kpipe.transport.ssh import SshPool
@@ -41,12 +43,8 @@ class NamedTarget(Protocol):
 # What the observer needs of a host: its name; the pool connects with the record itself.
 ObservedHostSpec = NamedTarget
 
-
-class FanOut(Protocol):
-    """Runs fn(transport) on many targets with bounded parallelism (kpipe.transport.ssh.SshPool)."""
-
-    def run_many(self, targets: Iterable[Any], fn: Callable[[Any], Any],
-                 forks: int | None = None) -> Mapping[str, Any]: ...
+__all__ = ["FanOut", "HostError", "Observation", "ObservedHostSpec", "gather_facts", "observe", "pool_for",
+           "run_reads", "run_reads_on"]
 
 
 @dataclass(frozen=True)
@@ -80,16 +78,40 @@ def _valid_module(name: str) -> bool:
     return True
 
 
+# The facts script with its livepatch section also reporting /sys/module of the modules named as
+# "$@" (sysfs names: letters, digits, '_', so splitting $mods is exact): facts and the modules'
+# state in ONE round trip, which is what makes an audit cost what `fleet facts` costs.
+_LP_SECTION = 'echo "---livepatch---"\nset --\n'
+_FACTS_WITH_MODULES = 'mods="$*"\n' + FACTS_SCRIPT.replace(_LP_SECTION,
+                                                            'echo "---livepatch---"\nset -f; set -- $mods; set +f\n')
+
+
+def _interpret_facts_and_state(r: CommandResult) -> tuple[HostFacts, lp.HostLivepatch]:
+    facts = interpret_facts(r)  # FactsError when the output is not a whole facts report
+    lines = r.stdout.splitlines()
+    start = lines.index(LP_BEGIN)  # interpret_facts checked both markers
+    state = lp.parse_host_livepatch("\n".join(lines[start + 1:lines.index(LP_END, start)]))
+    return facts, state
+
+
+def facts_and_state_step(*module_names: str, timeout: float = 60.0) -> Step[tuple[HostFacts, lp.HostLivepatch]]:
+    """Facts plus /sys/module of the named modules in one command (as root: module notes are root's)."""
+    if _LP_SECTION not in FACTS_SCRIPT:  # a changed facts script must change this too, not ask twice silently
+        raise AssertionError("kpipe.fleet.facts.FACTS_SCRIPT no longer has its livepatch section marker")
+    cmd = Command.script(_FACTS_WITH_MODULES, *(lp.sysfs_name(m) for m in module_names), label="facts",
+                         timeout=timeout, sudo=True)
+    return Step("facts", cmd, _interpret_facts_and_state, writes=False, journal=False)
+
+
 def observation_steps(modules: Iterable[str] = (), *, dmesg: bool = False,
                       timeout: float = 60.0) -> list[Step[Any]]:
-    """The steps of one host's observation: facts, then (when named) modules' state, then (when asked) dmesg.
+    """The steps of one host's observation: facts (with the named modules' state, in the same command),
+    then (when asked) dmesg.
 
     Names that are not module names are dropped: they come from journals and desired-state files,
     and the observer never formats such text into a command."""
-    steps: list[Step[Any]] = [facts_step(timeout)]
     names = sorted({n for n in modules if _valid_module(n)})
-    if names:
-        steps.append(lp.state_step(*names))
+    steps: list[Step[Any]] = [facts_and_state_step(*names, timeout=timeout) if names else facts_step(timeout)]
     if dmesg:
         steps.append(dmesg_step())
     return steps
@@ -136,12 +158,23 @@ def run_reads_on(pool: FanOut, targets: Sequence[NamedTarget], steps_for: Callab
     return out
 
 
-def pool_for(workspace: Workspace, forks: int | None = None) -> SshPool:
-    """An SshPool with the workspace's [ssh] settings (strict known_hosts)."""
+def workers_setting(workspace: Workspace | None, workers: int | None = None) -> int:
+    """Worker processes for a fan-out: `workers` (--workers), else [fleet] workers, else one per core."""
+    from kpipe.transport.workers import default_workers
+
+    if workers:
+        return workers
+    configured = workspace.settings.fleet.workers if workspace is not None else 0
+    return configured or default_workers()
+
+
+def pool_for(workspace: Workspace, forks: int | None = None, workers: int | None = None) -> SshPool:
+    """An SshPool with the workspace's [ssh] settings (strict known_hosts) and its fan-out worker processes
+    (`workers`, else [fleet] workers, else one per core; small fan-outs stay in-process)."""
     from kpipe.transport.ssh import SshPool
 
     return SshPool(workspace.ssh, known_hosts=[Path(os.path.expanduser(workspace.ssh.known_hosts))],
-                   forks=forks or workspace.ssh.forks)
+                   forks=forks or workspace.ssh.forks, workers=workers_setting(workspace, workers))
 
 
 def observe(workspace: Workspace | None, hosts: Sequence[ObservedHostSpec], forks: int | None = None, *,
@@ -172,9 +205,9 @@ def observe(workspace: Workspace | None, hosts: Sequence[ObservedHostSpec], fork
         if not isinstance(values, list):
             out[name] = values
             continue
-        state = next((v for v in values[1:] if isinstance(v, lp.HostLivepatch)), None)
+        first, state = values[0] if isinstance(values[0], tuple) else (values[0], None)
         log = next((v for v in values[1:] if isinstance(v, str)), None)
-        out[name] = Observation(name, values[0], state, log)
+        out[name] = Observation(name, first, state, log)
     return out
 
 

@@ -1,9 +1,14 @@
 """The rollout journal: rollouts and their write-ahead step records in the state store.
 
 Every step that changes a host is recorded `intended` before it runs and
-`done` or `failed` after it, each in its own committed transaction, so a
-kpipe killed at any instant leaves a journal from which `resume` can tell
-what may have happened. One process drives a rollout at a time: the rollout
+`done` or `failed` after it, so a kpipe killed at any instant leaves a journal
+from which `resume` can tell what may have happened. An `intended` record is
+committed before its action runs (record() returns after the commit); `done` and
+`failed` records may wait in a batch and are committed with the next record that
+must be durable (any host's `intended`, an `outcome`), before any read of the
+journal, and at most BATCH records later. Losing a batch (SIGKILL) leaves steps
+that read "intended, not done": resume re-reads those hosts, every step being
+idempotent, so batching never hides a write on a host. One process drives a rollout at a time: the rollout
 row holds the owner's pid and process start time; a lock whose process is
 gone (or whose pid was reused) is stale and may be taken over. One rollout
 drives a host at a time: the driver also holds a lock per host of its plan
@@ -18,6 +23,7 @@ import json
 import os
 import secrets
 import socket
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -135,12 +141,29 @@ def new_rollout_id() -> str:
     return time.strftime("r%Y%m%d-%H%M%S", time.gmtime()) + "-" + secrets.token_hex(2)
 
 
+# done/failed records held back at most (see the module docstring)
+BATCH = 64
+
+
+@dataclass
+class JournalStats:
+    """What writing the step journal cost this process: records, transactions, seconds inside them."""
+
+    records: int = 0
+    transactions: int = 0
+    seconds: float = 0.0
+
+
 class Journal:
     """Rollout rows, the per-host step journal, the driver lock and the abort flag."""
 
-    def __init__(self, store: Store):
+    def __init__(self, store: Store, *, batch: bool = True):
         self.store = store
         store.ensure_schema(SCHEMA)
+        self.batch = batch  # False: every record in its own transaction
+        self.stats = JournalStats()
+        self._pending: builtins.list[tuple[str, str, int, str, str, str, float]] = []
+        self._plock = threading.Lock()
 
     # -- rollouts -------------------------------------------------------------
     def create(self, plan: dict[str, Any], options: dict[str, Any], *, target: str = "",
@@ -215,6 +238,7 @@ class Journal:
     def set_state(self, rollout_id: str, state: RolloutState | str, **detail: Any) -> None:
         """Change the rollout's state; merge `detail` keys into its detail document."""
         state = RolloutState(state)  # ValueError for a state that is not one
+        self.flush()  # the steps before a state change are on disk before it
         with self.store.write() as c:
             row = c.execute("SELECT detail_json FROM rollouts WHERE id = ?", (rollout_id,)).fetchone()
             merged = {**json.loads(row["detail_json"]), **detail} if row else detail
@@ -305,20 +329,49 @@ class Journal:
     # -- the step journal -----------------------------------------------------
     def record(self, rollout_id: str, host: str, wave: int, step: str, phase: Phase | str,
                detail: dict[str, Any] | None = None) -> int:
-        """Append one journal entry in its own committed transaction; return its seq."""
+        """Append one journal entry. An `intended` record or an `outcome` is committed (with the batch
+        before it) when this returns, and its seq is returned; a step's `done`/`failed` may be held in
+        the batch (then 0 is returned; see the module docstring)."""
         phase = Phase(phase)  # ValueError for a phase that is not one
-        with self.store.write() as c:
-            row = c.execute("SELECT COALESCE(MAX(seq), 0) + 1 AS n FROM journal WHERE rollout_id = ?",
-                            (rollout_id,)).fetchone()
-            seq = int(row["n"])
-            c.execute("INSERT INTO journal (rollout_id, seq, host, wave, step, phase, detail_json, ts) "
-                      "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                      (rollout_id, seq, host, wave, step, phase,
-                       json.dumps(detail or {}, sort_keys=True, default=str), time.time()))
+        row = (rollout_id, host, wave, step, str(phase), json.dumps(detail or {}, sort_keys=True, default=str),
+               time.time())
+        with self._plock:
+            self._pending.append(row)
+            # only a host step's done/failed waits; the gate (host "") and outcomes are decisions, kept at once
+            if (self.batch and host and phase != Phase.INTENDED and step != "outcome"
+                    and len(self._pending) < BATCH):
+                return 0
+            return self._flush_locked()
+
+    def flush(self) -> None:
+        """Commit the held-back done/failed records (before reading the journal, at the end of a run)."""
+        with self._plock:
+            if self._pending:
+                self._flush_locked()
+
+    def _flush_locked(self) -> int:
+        rows, self._pending = self._pending, []
+        t0 = time.perf_counter()
+        seq = 0
+        try:
+            with self.store.write() as c:
+                for rid, host, wave, step, phase, detail_json, ts in rows:
+                    n = c.execute("SELECT COALESCE(MAX(seq), 0) + 1 AS n FROM journal WHERE rollout_id = ?",
+                                  (rid,)).fetchone()
+                    seq = int(n["n"])
+                    c.execute("INSERT INTO journal (rollout_id, seq, host, wave, step, phase, detail_json, ts) "
+                              "VALUES (?, ?, ?, ?, ?, ?, ?, ?)", (rid, seq, host, wave, step, phase, detail_json, ts))
+        except BaseException:
+            self._pending = rows + self._pending  # not written: kept for the next try, order kept
+            raise
+        self.stats.transactions += 1
+        self.stats.records += len(rows)
+        self.stats.seconds += time.perf_counter() - t0
         return seq
 
     def entries(self, rollout_id: str, host: str | None = None) -> builtins.list[Entry]:
         """The journal's entries in seq order (one host's when `host` is given)."""
+        self.flush()
         sql = "SELECT * FROM journal WHERE rollout_id = ?"
         params: tuple[str, ...] = (rollout_id,)
         if host is not None:

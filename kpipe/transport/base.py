@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Protocol, TypeVar, runtime_checkable
 
 from kpipe.host import Host
-from kpipe.plan import StepTransport
+from kpipe.plan import FanOut, StepTransport
 
 T = TypeVar("T")
 
@@ -31,8 +31,9 @@ class Transport(StepTransport, Protocol):
 
 
 @runtime_checkable
-class Pool(Protocol):
-    """Transports to many hosts, reused per host, and a bounded fan-out over them (kpipe's SshPool).
+class Pool(FanOut, Protocol):
+    """Transports to many hosts, reused per host, and a bounded fan-out over them (kpipe's SshPool):
+    kpipe.plan.FanOut plus transport() and close().
 
     `run_many` returns a result or the exception per host name: one host's failure never stops
     the others (partial failure is data).

@@ -371,12 +371,16 @@ class SshPool:
     """Shared SSH state for a fan-out: parsed known_hosts, keys, ssh_config, open connections."""
 
     def __init__(self, settings: SshSettings | None = None, *, known_hosts: Iterable[Path] | None = None,
-                 forks: int | None = None, accept_new: bool | None = None):
+                 forks: int | None = None, accept_new: bool | None = None, workers: int = 1):
         quiet_paramiko_logging()
         self.settings = settings or SshSettings()
         files = list(known_hosts) if known_hosts is not None else [Path(os.path.expanduser(self.settings.known_hosts))]
         accept = self.settings.accept_new_host_keys if accept_new is None else accept_new
         self._default_known = KnownHosts(files, accept_new=accept, write_to=files[0] if files else None)
+        self._known_files = files
+        self._accept_new = accept_new
+        self.workers = max(1, workers)  # >1: large fan-outs run in worker processes (kpipe.transport.workers)
+        self._procs: Any = None  # the ProcessPool, started by the first fan-out large enough
         self._per_file: dict[str, KnownHosts] = {}
         self.forks = forks or self.settings.forks
         self._keys: dict[str, paramiko.PKey] = {}
@@ -451,8 +455,13 @@ class SshPool:
                  forks: int | None = None) -> dict[str, T | BaseException]:
         """fn(transport) for every target with at most `forks` in flight; each result or exception, by name.
 
-        One host's exception never stops the others (partial failure is data).
+        One host's exception never stops the others (partial failure is data). With `workers` > 1 and
+        enough targets (kpipe.transport.workers.workers_for), the connections live in worker processes.
         """
+        targets = list(targets)
+        procs = self._process_pool(len(targets))
+        if procs is not None:
+            return procs.run_many(targets, fn, forks)  # type: ignore[no-any-return]
         # Built here, all before the fan-out: constructing a Connection mutates the shared Fabric
         # Config, and doing it while other threads open connections races (seen: "No attribute
         # or config key found for 'authentication'" on half of 200 hosts).
@@ -471,12 +480,30 @@ class SshPool:
                 results[name] = value
         return results
 
+    def _process_pool(self, hosts: int) -> Any:
+        """The worker processes for a fan-out of `hosts` (started on first need), or None: in-process."""
+        if self.workers <= 1:
+            return None
+        from kpipe.transport.workers import ProcessPool, workers_for
+
+        if self._procs is None:
+            n = workers_for(self.workers, hosts)
+            if n <= 1:
+                return None
+            self._procs = ProcessPool(self.settings, self._known_files, workers=n, forks=self.forks,
+                                      accept_new=self._accept_new)
+        return self._procs
+
     def close(self) -> None:
+        """Close every connection the pool opened, and end its worker processes."""
         with self._lock:
             transports = list(self._transports.values())
             self._transports.clear()
+            procs, self._procs = self._procs, None
         for t in transports:
             t.close()
+        if procs is not None:
+            procs.close()
 
     def __enter__(self) -> SshPool:
         return self
