@@ -57,12 +57,6 @@ def versioned_module_name(name: str, version: int | None) -> str:
     return f"{name}-v{version}"
 
 
-def split_versioned(module: str) -> tuple[str, int] | None:
-    """(base, version) of a versioned module name ('-' read as '_'), e.g. kpipe_memcg_v2 -> (kpipe_memcg, 2)."""
-    m = _VERSIONED.match(module.replace("-", "_"))
-    return (m.group("base"), int(m.group("version"))) if m else None
-
-
 def predict_module_name(builder: str, recipe_name: str, patches: list[str], explicit: str | None,
                         version: int | None = None) -> str:
     """The module name the builder will produce (file <name>.ko; sysfs shows '-' as '_').
