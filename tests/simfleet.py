@@ -366,8 +366,12 @@ class SimHost:
         for p in (self.lp / CONF_NAME, self.sysmod / CONF_NAME, d / "var_lib" / CONF_NAME):
             p.write_text(self.token)
         (self.sysmod / "module" / "parameters" / "sig_enforce").write_text("N\n")
-        (d / "tainted").write_text("0\n")
-        (d / "kmsg.log").write_text("")
+        # a host that comes back (start() after kill()) keeps its simulated kernel: taint and log survive;
+        # reboot() is what forgets them
+        if not (d / "tainted").exists():
+            (d / "tainted").write_text("0\n")
+        if not (d / "kmsg.log").exists():
+            (d / "kmsg.log").write_text("")
         (d / "os-release").write_text(f'PRETTY_NAME="{f.os_id} {f.version_id} (simfleet)"\nNAME="{f.os_id}"\n'
                                       f'ID={f.os_id}\nVERSION_ID="{f.version_id}"\n')
         if not (d / "kmsg").exists():
