@@ -81,7 +81,8 @@ def stream_vars(data: dict[str, Any], recipe_name: str) -> dict[str, Any]:
     """The template variables `stream`, `version` and `replace` of a recipe's (unrendered) data.
 
     Plain values only (the schema refuses templates there); defaults: the recipe's name, 1, true."""
-    kpatch = data.get("kpatch") if isinstance(data.get("kpatch"), dict) else {}
+    section = data.get("kpatch")
+    kpatch: dict[str, Any] = section if isinstance(section, dict) else {}
     replace = data.get("replace")
     if not isinstance(replace, bool):
         nr = kpatch.get("non_replace")
