@@ -20,9 +20,11 @@ from kpipe import recipes
 from kpipe.artifacts import add_artifact
 from kpipe.audit import MISSING, UNEXPECTED, evaluate_host, observed_from_livepatch
 from kpipe.builder.kpatch import KpatchBuilder
+from kpipe.commands import CommandResult
 from kpipe.desired import AppliedRecord, desired_from_records, split_versioned
 from kpipe.errors import ConfigError
 from kpipe.fleet import livepatch as lp
+from kpipe.plan import StepFailed
 from kpipe.rollout.engine import Restore, apply_plan, preflight_problems, rollback_plan
 from kpipe.rollout.journal import Journal
 from kpipe.rollout.planner import (
@@ -246,6 +248,11 @@ def test_rollback_of_an_upgrade_loads_the_older_version_then_removes_ours(tmp_pa
     # a first install's rollback: disable and unload only
     first = rollback_plan(a, state("kpipe_demo_v2"))
     assert "rb-reload" not in [s.name for s in first]
+    # another stream's patch loaded meanwhile: reloading replace-mode v1 would disable it too, so the
+    # rollback refuses (ours stays loaded) and says why
+    (refuse,) = rollback_plan(a, state("kpipe_demo_v2", "kpipe_other_v1"), restore=Restore(old, ko))
+    with pytest.raises(StepFailed, match="kpipe_other_v1"):
+        refuse.interpret(CommandResult("h1", refuse.action, 0))
 
 
 # --- desired state and audit -----------------------------------------------------------------------------------

@@ -399,6 +399,10 @@ def _restore_steps(r: Restore, state: lp.HostLivepatch, timeout: float, marker: 
     return steps
 
 
+def _refuse_restore(why: str, r: CommandResult) -> None:
+    raise StepFailed("rb-restore", why)
+
+
 def rollback_plan(a: Assignment, state: lp.HostLivepatch, probe: Probe | None = None, *, timeout: float = 120.0,
                   persisted: bool = False, expect: lp.ModuleIdentity | None = None,
                   marker: str | None = None, restore: Restore | None = None) -> list[Step[Any]]:
@@ -418,6 +422,14 @@ def rollback_plan(a: Assignment, state: lp.HostLivepatch, probe: Probe | None = 
         return {"marker": r.marker, "changed": r.changed, "message": r.message}
 
     restoring: list[Step[Any]] = []
+    if restore is not None and not other and restore.assignment.artifact.replace:
+        keep = (name, restore.assignment.sysfs_name)
+        others = sorted(p.name for p in state.patches.values() if p.name not in keep and p.enabled == 1)
+        if others:
+            # loading the older replace-mode version would disable these too: refuse, ours stays loaded
+            why = (f"rolling back would load {restore.assignment.sysfs_name}, a replace patch, which would also "
+                   f"disable {', '.join(others)} (another stream's); roll those back first")
+            return [Step("rb-restore", lp.state_command(name), partial(_refuse_restore, why), writes=False)]
     if restore is not None and not other:
         restoring = _restore_steps(restore, state, timeout, lp.new_marker("restore", restore.assignment.sysfs_name))
         probe = None  # ours is gone when the older version answers the probe: _restore_steps checked that
