@@ -4,7 +4,8 @@ Per host: one preflight read (release, arch, free space, livepatch state,
 conflicting patches, checksum of what is already installed), then the host's
 plan built from those facts by pure functions (apply_plan; rollback_plan from a
 state read): stage, marker, load, wait for the transition, verify (+ the
-recipe's probe), optionally persist; each a kpipe.plan.Step of the builders in
+recipe's probe), for an upgrade retire the stream's older version (its patch disabled and its
+sysfs folder gone, its module unloaded), optionally persist; each a kpipe.plan.Step of the builders in
 kpipe.fleet.livepatch, run by kpipe.plan.run_steps. Each journal step is
 recorded `intended` before it runs and `done`/`failed` after it
 (kpipe.rollout.journal), and every step is idempotent (a fresh plan is built
