@@ -36,6 +36,7 @@ from kpipe.desired import (  # noqa: F401 -- the desired side, re-exported: call
     load_desired_file,
     module_name,
     parse_desired_text,
+    split_versioned,
 )
 from kpipe.findings import Finding, Severity
 from kpipe.taint import DEFAULT_ALLOWED_TAINT, TAINT_LETTERS, taint_letters, taint_mask  # noqa: F401 -- re-exported
@@ -225,6 +226,16 @@ def _kernel_applies(want: DesiredPatch, kernel: str) -> bool:
     return not want.kernel or not kernel or fnmatch.fnmatchcase(kernel, want.kernel)
 
 
+def _older_versions(want: DesiredPatch, observed: Mapping[str, Any]) -> list[tuple[str, int]]:
+    """Loaded patches of `want`'s stream at a lower version than desired, as (name, version), newest first:
+    a versioned module name (base_vN) with the same base as the desired one's."""
+    mine = split_versioned(want.patch) if want.stream and want.version else None
+    if mine is None:
+        return []
+    out = [(n, v[1]) for n in observed if (v := split_versioned(n)) and v[0] == mine[0] and v[1] < mine[1]]
+    return sorted(out, key=lambda o: -o[1])
+
+
 def _short(sha: str) -> str:
     return sha[:12] if sha else "?"
 
@@ -313,6 +324,11 @@ def evaluate_host(desired: DesiredState, obs: ObservedHost, *,
                 # a file rule scoped to another kernel does not apply to this host
                 continue
             detail = "not loaded (no /sys/kernel/livepatch entry)"
+            older = _older_versions(want, observed)
+            if older:
+                # the stream is there, at an older version: name it, an operator reads "outdated", not "gone"
+                detail = (f"outdated: stream {want.stream} runs v{older[0][1]} ({older[0][0]}), desired "
+                          f"v{want.version} ({name})")
             if sha:
                 detail += "; installed file present"
             rows.append(row(MISSING, detail))
@@ -333,7 +349,9 @@ def evaluate_host(desired: DesiredState, obs: ObservedHost, *,
             if rule is not None:
                 rows.append(row(UNEXPECTED, f"loaded and enabled; forbidden by {rule.source} ({rule.pattern})"))
             elif name in retired:
-                rows.append(row(UNEXPECTED, f"loaded and enabled; {retired[name]}"))
+                newer = [w for w in wanted.values() if any(o[0] == name for o in _older_versions(w, observed))]
+                what = f"outdated version of stream {newer[0].stream} (desired v{newer[0].version}); " if newer else ""
+                rows.append(row(UNEXPECTED, f"{what}loaded and enabled; {retired[name]}"))
             elif desired.unmanaged == Unmanaged.IGNORE:
                 rows.append(row(COMPLIANT, "unmanaged patch (ignored by policy)"))
             else:

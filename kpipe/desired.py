@@ -29,6 +29,7 @@ with kpipe's one line-keeping YAML loader (kpipe.yamlnodes): errors name file:li
 from __future__ import annotations
 
 import fnmatch
+import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -61,6 +62,16 @@ def module_name(name: str) -> str:
     return base.replace("-", "_")
 
 
+_VERSIONED = re.compile(r"^(?P<base>.+?)_v(?P<version>\d+)$")
+
+
+def split_versioned(module: str) -> tuple[str, int] | None:
+    """(base, version) of a versioned module name (kpipe.recipes names a stream's version N <base>-vN),
+    '-' read as '_': kpipe_memcg_v2 -> (kpipe_memcg, 2); None for a name without a version."""
+    m = _VERSIONED.match(module_name(module))
+    return (m.group("base"), int(m.group("version"))) if m else None
+
+
 # -- desired state -------------------------------------------------------------------------------------------------
 
 
@@ -84,6 +95,9 @@ class AppliedRecord:
     replace: bool = False
     build_id: str = ""  # the artifact's GNU build-id (hex), "" when unknown
     srcversion: str = ""
+    stream: str = ""  # the artifact's patch stream ("" in records written before streams)
+    version: int = 0  # its version in the stream (0: unknown)
+    restored: str = ""  # a rollback of an upgrade: the older version's module it loaded again
 
 
 @dataclass(frozen=True)
@@ -97,10 +111,15 @@ class DesiredPatch:
     source: str = ""  # "rollout <id>" or "<file>:<line>"
     build_id: str = ""  # the loaded module must show this GNU build-id (when both are known)
     srcversion: str = ""  # else this srcversion
+    stream: str = ""  # the patch stream (a rollout's record); "" when unknown
+    version: int = 0  # the desired version of that stream; 0 when unknown
 
     def to_dict(self) -> dict[str, Any]:
-        return {"patch": self.patch, "artifact_id": self.artifact_id, "sha256": self.sha256, "kernel": self.kernel,
-                "source": self.source}
+        d: dict[str, Any] = {"patch": self.patch, "artifact_id": self.artifact_id, "sha256": self.sha256,
+                             "kernel": self.kernel, "source": self.source}
+        if self.stream:
+            d.update(stream=self.stream, version=self.version)
+        return d
 
 
 @dataclass(frozen=True)
@@ -119,6 +138,9 @@ class DesiredState:
     forbidden: dict[str, list[ForbidRule]] = field(default_factory=dict)
     # host -> patch -> why it is no longer desired ("rolled back by rollout R", ...)
     retired: dict[str, dict[str, str]] = field(default_factory=dict)
+    # host -> older stream version -> what was desired before an upgrade superseded it (a rollback of
+    # the upgrade that loaded it again makes it desired again)
+    superseded: dict[str, dict[str, DesiredPatch]] = field(default_factory=dict)
     allowed_taint: int = DEFAULT_ALLOWED_TAINT
     unmanaged: Unmanaged = Unmanaged.FLAG
     sources: list[str] = field(default_factory=list)
@@ -134,16 +156,26 @@ def desired_from_records(records: Iterable[AppliedRecord]) -> DesiredState:
         name = module_name(rec.patch)
         host_patches = state.patches.setdefault(rec.host, {})
         retired = state.retired.setdefault(rec.host, {})
+        superseded = state.superseded.setdefault(rec.host, {})
         if rec.action == JournalAction.APPLIED:
-            if rec.replace:
-                # klp replace mode (kernel >= 5.1) disables every other live
-                # patch on the host when this one finishes its transition.
-                for other in list(host_patches):
-                    if other != name:
-                        del host_patches[other]
-                        retired[other] = f"superseded by replace-mode {name} (rollout {rec.rollout_id})"
+            for other in list(host_patches):
+                old = host_patches[other]
+                if other == name:
+                    continue
+                if rec.stream and old.stream == rec.stream:
+                    # an upgrade: the older version of the stream is retired (kpipe unloads it)
+                    superseded[other] = old
+                    del host_patches[other]
+                    retired[other] = (f"superseded by {name} (stream {rec.stream} v{old.version} -> "
+                                      f"v{rec.version}, rollout {rec.rollout_id})")
+                elif rec.replace:
+                    # klp replace mode (kernel >= 5.1) disables every other live
+                    # patch on the host when this one finishes its transition.
+                    del host_patches[other]
+                    retired[other] = f"superseded by replace-mode {name} (rollout {rec.rollout_id})"
             host_patches[name] = DesiredPatch(name, rec.artifact_id, rec.sha256.lower(), rec.kernel,
-                                              f"rollout {rec.rollout_id}", rec.build_id.lower(), rec.srcversion)
+                                              f"rollout {rec.rollout_id}", rec.build_id.lower(), rec.srcversion,
+                                              rec.stream, rec.version)
             retired.pop(name, None)
         elif rec.action == JournalAction.ROLLED_BACK:
             current = host_patches.get(name)
@@ -152,6 +184,11 @@ def desired_from_records(records: Iterable[AppliedRecord]) -> DesiredState:
                 continue
             if host_patches.pop(name, None) is not None or name not in retired:
                 retired[name] = f"rolled back by rollout {rec.rollout_id}"
+            back = module_name(rec.restored) if rec.restored else ""
+            if back and back in superseded:
+                # the rollback of an upgrade loaded the older version again: it is what the host should run
+                host_patches[back] = superseded.pop(back)
+                retired.pop(back, None)
         else:
             raise ValueError(f"unknown journal action {rec.action!r}")
     for host in [h for h, p in state.patches.items() if not p]:

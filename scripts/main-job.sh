@@ -2,7 +2,8 @@
 # kpipe's main job, end to end, on a local lab of real Debian kernels under qemu:
 # set up the machine, build the kbuild example on the `local` build host, validate,
 # sign with a generated lab key, preflight in a VM, roll out in waves over three lab
-# VMs, verify, audit (table + HTML), roll back, audit again. Leaves no VM running.
+# VMs, verify, audit (table + HTML), roll back, audit again; then a cumulative upgrade of a patch
+# stream (v1, v2, rollback to v1). Leaves no VM running.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
@@ -88,5 +89,27 @@ echo "exposed again after the rollback (exit 1 expected):"
 if kpipe audit --limit lab --cve CVE-2099-0001; then echo "unexpected: no host exposed"; exit 1; fi
 kpipe audit --limit lab --format html --output "$REPORTS/audit-after-rollback.html"
 echo "HTML report: $REPORTS/audit-after-rollback.html"
+
+stage streams "a cumulative upgrade: stream cmdline-stream v1, then v2 (klp replace), then the rollback"
+# Two versions of one patch stream (recipes/cmdline-stream-v1.yaml, -v2.yaml), built like cmdline-demo;
+# preflight was shown above, so these skip it. v2's rollout onto hosts running v1 loads v2, lets klp
+# replace disable v1, then unloads v1; rolling that rollout back loads v1 again.
+kpipe build --recipe cmdline-stream-v1 --kernel "$RELEASE" --host local
+kpipe build --recipe cmdline-stream-v2 --kernel "$RELEASE" --host local
+kpipe rollout start cmdline-stream-v1 --limit lab --waves 100% --skip-preflight --yes
+echo "v1 loaded:"; show_cmdline
+kpipe rollout plan cmdline-stream-v2 --limit lab --waves 100% --skip-preflight
+kpipe rollout start cmdline-stream-v2 --limit lab --waves 100% --skip-preflight --yes
+echo "after the upgrade (v1's module is gone):"; show_cmdline
+kpipe lab ssh lab1 -- sh -c 'grep kpipe_ /proc/modules | cut -d " " -f 1; ls /sys/kernel/livepatch'
+kpipe verify --limit lab
+kpipe rollout rollback last --yes
+echo "after rolling the upgrade back (v1 again):"; show_cmdline
+kpipe verify --limit lab
+STREAM_V1=$(kpipe rollout list --json | python3 -c '
+import json, sys
+print(next(r["id"] for r in json.load(sys.stdin) if r.get("target") == "cmdline-stream-v1"))')
+kpipe rollout rollback "$STREAM_V1" --yes
+echo "after rolling v1 back:"; show_cmdline
 
 stage done "main job complete; reports in $REPORTS"

@@ -65,7 +65,8 @@ request files; the simulator plays the kernel as
 kernel-facts.md and lab.md describe: /sys/module/<m>, /sys/kernel/livepatch/<m>/{enabled,
 transition,vmlinux/patched,vmlinux/cmdline_proc_show,1}, the log lines, taints O/E/K (messages
 only the first time), `echo 0 > enabled` -> unpatching transition then the folder vanishes, rmmod
-refused while enabled, replace mode (a completed patch removes the older patches' sysfs folders).
+refused while enabled, replace mode (a completed patch removes the older patches' sysfs folders; a
+module whose .modinfo says kpipe_replace=N, as kpipe's templates write for `replace: false`, stacks instead).
 The module name is the `.modinfo` name= of the file when present, else its file name ('-' -> '_').
 
 SAFETY: before a host is handed out, a check script runs on it over SSH and compares the
@@ -245,10 +246,14 @@ def elf_sections(data: bytes) -> dict[str, bytes]:
         return {}
 
 
-def fake_module(name: str, *, build_id: bytes | None = None, srcversion: str = "", size: int = 4096) -> bytes:
-    """A small ELF64 relocatable "module": .modinfo (name=, srcversion=), a GNU build-id note, padding
-    of random bytes (so two calls give two builds). Enough for the simulated kernel and kpipe's stage."""
+def fake_module(name: str, *, build_id: bytes | None = None, srcversion: str = "", size: int = 4096,
+                replace: bool | None = None) -> bytes:
+    """A small ELF64 relocatable "module": .modinfo (name=, srcversion=, kpipe_replace= when `replace` is
+    given), a GNU build-id note, padding of random bytes (so two calls give two builds). Enough for the
+    simulated kernel and kpipe's stage."""
     modinfo = f"name={name}\0".encode() + (f"srcversion={srcversion}\0".encode() if srcversion else b"")
+    if replace is not None:
+        modinfo += f"kpipe_replace={'Y' if replace else 'N'}\0".encode()
     sections = [(".modinfo", 1, 2, modinfo, 1)]
     if build_id:
         sections.append((".note.gnu.build-id", 7, 2,
@@ -312,6 +317,7 @@ class _Patch:
     signed: bool
     state: str = "patching"  # patching | patched | unpatching | replaced
     stuck: bool = False
+    replace: bool = True  # klp replace mode; .modinfo kpipe_replace=N (kpipe's templates write it) says not
 
 
 class SimHost:
@@ -360,8 +366,12 @@ class SimHost:
         for p in (self.lp / CONF_NAME, self.sysmod / CONF_NAME, d / "var_lib" / CONF_NAME):
             p.write_text(self.token)
         (self.sysmod / "module" / "parameters" / "sig_enforce").write_text("N\n")
-        (d / "tainted").write_text("0\n")
-        (d / "kmsg.log").write_text("")
+        # a host that comes back (start() after kill()) keeps its simulated kernel: taint and log survive;
+        # reboot() is what forgets them
+        if not (d / "tainted").exists():
+            (d / "tainted").write_text("0\n")
+        if not (d / "kmsg.log").exists():
+            (d / "kmsg.log").write_text("")
         (d / "os-release").write_text(f'PRETTY_NAME="{f.os_id} {f.version_id} (simfleet)"\nNAME="{f.os_id}"\n'
                                       f'ID={f.os_id}\nVERSION_ID="{f.version_id}"\n')
         if not (d / "kmsg").exists():
@@ -702,7 +712,7 @@ class SimHost:
             (mod / "taint").write_text(self.modules_[name] + "\n")
             (mod / "initstate").write_text("live\n")
             (mod / "refcnt").write_text("0\n")
-            self._module_notes(mod, path)
+            modinfo = self._module_notes(mod, path)
             d = self.lp / name
             (d / "vmlinux" / "cmdline_proc_show,1").mkdir(parents=True, exist_ok=True)
             self._write(d / "transition", "1")
@@ -710,7 +720,8 @@ class SimHost:
             self._write(d / "enabled", "1")
             if "ebusy_disable" in self.faults:
                 self._lock_enabled(name)
-            patch = _Patch(name, sha, signed == "1", stuck="stuck_transition" in self.faults)
+            patch = _Patch(name, sha, signed == "1", stuck="stuck_transition" in self.faults,
+                           replace=modinfo.get("kpipe_replace", "Y") != "N")
             self.patches_[name] = patch
             self.klog(f"livepatch: enabling patch '{name}'")
             self.klog(f"livepatch: '{name}': starting patching transition")
@@ -734,8 +745,8 @@ class SimHost:
             return 0, ""
         return 1, f"{op}: not simulated"
 
-    def _module_notes(self, mod: Path, path: str) -> None:
-        # what the kernel shows of the file's ELF notes and modinfo (kernel/module/sysfs.c)
+    def _module_notes(self, mod: Path, path: str) -> dict[str, str]:
+        # what the kernel shows of the file's ELF notes and modinfo (kernel/module/sysfs.c); returns the modinfo
         try:
             data = Path(f"/proc/{self.proc.pid}/root{path}").read_bytes() if self.proc is not None else b""
         except OSError:
@@ -745,9 +756,14 @@ class SimHost:
         if note:
             (mod / "notes").mkdir(exist_ok=True)
             (mod / "notes" / ".note.gnu.build-id").write_bytes(note)
+        info: dict[str, str] = {}
         for item in secs.get(".modinfo", b"").split(b"\0"):
+            key, eq, value = item.decode("utf-8", "replace").partition("=")
+            if eq:
+                info[key] = value
             if item.startswith(b"srcversion="):
                 (mod / "srcversion").write_text(item[len(b"srcversion="):].decode() + "\n")
+        return info
 
     def _maybe_die(self, op: str) -> None:
         # The step took effect in the kernel, then the host dies before the tool answers.
@@ -764,7 +780,7 @@ class SimHost:
         # sysfs folders go, their modules stay loaded until rmmod. They go before
         # `transition` reads 0, so a reader that waited for the transition never sees
         # a folder half removed.
-        for other in list(self.patches_.values()):
+        for other in list(self.patches_.values()) if p.replace else []:
             if other.name != name and other.state in ("patched", "patching"):
                 other.state = "replaced"
                 self._unlock_enabled(other.name)

@@ -525,7 +525,8 @@ class BuildRunner:
                     builder_version=probe.version, inputs_digest=digest, build_host=host.name,
                     duration_s=res.duration_s, log_sha256=log_sha, module_name=local_mod.name[:-3],
                     meta={"remote_dir": plan.build_dir, "slot": kv.get("slot", ""), "argv": list(plan.argv),
-                          "rendered": json.loads(json.dumps(spec.rendered, default=str))},
+                          "rendered": json.loads(json.dumps(spec.rendered, default=str)),
+                          "stream": spec.stream, "version": spec.version, "replace": spec.replace},
                 )
                 record(self.store, digest, host.name, status=BuildRecordStatus.SUCCEEDED, artifact_id=art.id,
                        log_sha256=log_sha, finished_at=time.time())

@@ -55,6 +55,9 @@ class BuildSpec:
     rollout: dict[str, Any] = field(default_factory=dict)  # waves, max_failures, soak, rollback policy
     probe: Probe | None = None
     rendered: dict[str, Any] = field(default_factory=dict)  # the rendered recipe as plain data
+    stream: str = ""  # the patch stream (default: the recipe's name)
+    version: int = 1  # the version within the stream
+    replace: bool = True  # klp replace mode: a loaded patch of this build supersedes every other one
 
     def inputs_digest(self, builder_version: str = "") -> str:
         """sha256 over everything that determines the build's output (the build cache key)."""
@@ -83,6 +86,9 @@ class BuildSpec:
             "options": self.options,
             "signing": self.signing,
             "rollout": self.rollout,
+            "stream": self.stream,
+            "version": self.version,
+            "replace": self.replace,
             "probe": None if self.probe is None else {"argv": list(self.probe.argv), "expect": self.probe.expect,
                                                       "expect_after_rollback": self.probe.expect_after_rollback},
         }

@@ -49,7 +49,8 @@ def journal_records(workspace: Workspace) -> list[AppliedRecord]:
                           patch=str(r["patch"]), action=str(r["action"]), artifact_id=str(r.get("artifact_id", "")),
                           sha256=str(r.get("sha256", "")), kernel=str(r.get("kernel", "")),
                           replace=bool(r.get("replace", False)), build_id=str(r.get("build_id", "")),
-                          srcversion=str(r.get("srcversion", "")))
+                          srcversion=str(r.get("srcversion", "")), stream=str(r.get("stream", "")),
+                          version=int(r.get("version") or 0), restored=str(r.get("restored", "")))
             for r in applied_records(Journal(workspace.store))]
 
 

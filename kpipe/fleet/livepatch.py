@@ -1127,3 +1127,74 @@ def unstage(t: StepTransport, release: str, module_file_name: str, sha256: str =
     """Remove the staged file from /var/lib/kpatch/<release>/ and any partial upload of it (no-op when
     absent); with `sha256`, a file of another build at that path is kept."""
     return _op_result(t, [unstage_step(release, module_file_name, sha256)])
+
+
+# --------------------------------------------------------------------------- streams: retiring an older version
+
+# "$1" the older version's module, "$2" timeout in seconds (integer), "$3" 1 when the new version is a klp
+# replace patch (the kernel already disabled the older one: it must not read enabled=1 any more), 0 when
+# this script disables it. Then it waits until the older patch's sysfs folder is gone: the kernel removes
+# a replaced patch's folder from a work item queued when the transition ends, so it can still be there for
+# a moment after the new patch's `transition` reads 0 (kernel/livepatch/transition.c, core.c).
+RETIRE_SCRIPT = r"""
+d=/sys/kernel/livepatch/$1
+end=$(( $(date +%s) + $2 ))
+if [ -d "$d" ] && [ "$(cat "$d/enabled" 2>/dev/null)" = 1 ]; then
+  if [ "$3" = 1 ]; then echo still-enabled; exit 3; fi
+  echo 0 > "$d/enabled" || { echo disable-failed; exit 16; }
+  echo disabling
+fi
+while [ -d "$d" ]; do
+  if [ "$(date +%s)" -ge "$end" ]; then
+    echo "timeout transition $(cat "$d/transition" 2>/dev/null) enabled $(cat "$d/enabled" 2>/dev/null)"
+    exit 1
+  fi
+  sleep 0.1 2>/dev/null || sleep 1
+done
+echo gone
+"""
+
+
+def _retired(name: str, new: str, replaced: bool, timeout: float, r: CommandResult) -> OpResult:
+    lines = r.stdout.split()
+    out = r.stdout.strip()
+    if r.ok and lines[-1:] == ["gone"]:
+        how = "disabled, sysfs dir gone" if "disabling" in lines else (
+            f"replaced by {new}: disabled, sysfs dir gone" if replaced else "sysfs dir gone")
+        return OpResult("retire", True, "disabling" in lines, how, output=out, seconds=r.duration)
+    if "still-enabled" in lines:
+        msg = (f"{name} is still enabled after {new} finished its transition: {new} is not a replace patch "
+               f"(the recipe's `replace:`, the template's klp_patch .replace)")
+    elif "disable-failed" in lines:
+        msg = f"writing 0 to /sys/kernel/livepatch/{name}/enabled failed: {r.stderr.strip() or out}"
+    else:
+        msg = f"/sys/kernel/livepatch/{name} still present after {timeout:g} s ({out or r.summary()})"
+    raise OpFailed(OpResult("retire", False, False, msg, output=out + r.stderr, seconds=r.duration))
+
+
+def _retire_checked(name: str, r: CommandResult) -> OpResult:
+    st = _state_of("retire-verify", r)
+    problems = []
+    if name in st.patches:
+        problems.append(f"/sys/kernel/livepatch/{name} still exists")
+    if st.module(name).present:
+        problems.append(f"module {name} is still loaded")
+    if problems:
+        raise OpFailed(OpResult("retire-verify", False, False, "; ".join(problems), output=r.stdout[-2000:],
+                                seconds=r.duration))
+    return OpResult("retire-verify", True, False, f"{name} disabled and unloaded", seconds=r.duration)
+
+
+def retire_plan(old_module: str, new_module: str, *, replaced: bool, timeout: float = 60.0) -> list[Step[Any]]:
+    """Retire an older version of a stream once the new one is verified: its patch disabled (by the new
+    replace patch, else here) and its sysfs folder gone (step `retire`), its module removed
+    (`retire-unload`), then a read proving both (`retire-verify`). Every step acts on what the host
+    shows when it runs, so a rerun after a crash finishes the job and changes nothing twice."""
+    name, new = sysfs_name(old_module), sysfs_name(new_module)
+    secs = max(1, int(timeout + 0.999))
+    return [
+        Step("retire", Command.script(RETIRE_SCRIPT, name, str(secs), "1" if replaced else "0", label="retire",
+                                      timeout=secs + 30, **_ROOT), partial(_retired, name, new, replaced, timeout)),
+        Step("retire-unload", rmmod_command(name), partial(_removed, name)),
+        Step("retire-verify", state_command(name), partial(_retire_checked, name), writes=False),
+    ]

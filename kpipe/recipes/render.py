@@ -40,10 +40,32 @@ def _sanitize_module(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_-]", "-", name)[:MODULE_NAME_MAX]
 
 
-def predict_module_name(builder: str, recipe_name: str, patches: list[str], explicit: str | None) -> str:
-    """The module name the builder will produce (file <name>.ko; sysfs shows '-' as '_')."""
+_VERSIONED = re.compile(r"^(?P<base>.+?)[-_]v(?P<version>\d+)$")
+
+
+def versioned_module_name(name: str, version: int | None) -> str:
+    """`name` with the stream version as a `-vN` suffix (kept when it already ends in -vN or _vN).
+
+    Two versions of a stream are loaded side by side during an upgrade, and the kernel names a module's
+    /sys/module and /sys/kernel/livepatch folders after the module, refusing a second module of one name:
+    each version needs its own module name."""
+    if version is None:
+        return name
+    m = _VERSIONED.match(name)
+    if m and int(m.group("version")) == version:
+        return name
+    return f"{name}-v{version}"
+
+
+def predict_module_name(builder: str, recipe_name: str, patches: list[str], explicit: str | None,
+                        version: int | None = None) -> str:
+    """The module name the builder will produce (file <name>.ko; sysfs shows '-' as '_').
+
+    With a declared stream `version`, the name ends in -v<version> (versioned_module_name)."""
     if explicit:
-        return explicit
+        return versioned_module_name(explicit, version)
+    if version is not None:
+        return versioned_module_name(predict_module_name(builder, recipe_name, patches, None), version)
     if builder == "kpatch-build" and patches:
         # kpatch-build: livepatch-<first patch's basename without .patch/.diff>, sanitised
         base = PurePosixPath(patches[0]).name
@@ -53,6 +75,23 @@ def predict_module_name(builder: str, recipe_name: str, patches: list[str], expl
                 break
         return _sanitize_module(f"livepatch-{base}")
     return _sanitize_module(f"livepatch-{recipe_name}")
+
+
+def stream_vars(data: dict[str, Any], recipe_name: str) -> dict[str, Any]:
+    """The template variables `stream`, `version` and `replace` of a recipe's (unrendered) data.
+
+    Plain values only (the schema refuses templates there); defaults: the recipe's name, 1, true."""
+    section = data.get("kpatch")
+    kpatch: dict[str, Any] = section if isinstance(section, dict) else {}
+    replace = data.get("replace")
+    if not isinstance(replace, bool):
+        nr = kpatch.get("non_replace")
+        replace = not nr if isinstance(nr, bool) else True
+    stream = data.get("stream")
+    version = data.get("version")
+    return {"stream": stream if isinstance(stream, str) and stream else recipe_name,
+            "version": version if isinstance(version, int) and not isinstance(version, bool) else 1,
+            "replace": replace}
 
 
 def _kernel_vars(entry: KernelEntry) -> tuple[Any, dict[str, Any]]:
@@ -131,7 +170,7 @@ def _build_spec(ws: Workspace, recipe: Recipe, entry: KernelEntry, probs: _Probl
     for key in options:  # the catalog may override a recipe option for one kernel
         if key in entry_opts:
             options[key] = entry_opts[key]
-    variables = {"kernel": kvars, "options": options, "recipe": recipe.name}
+    variables = {"kernel": kvars, "options": options, "recipe": recipe.name, **stream_vars(recipe.data, recipe.name)}
     loader = _WorkspaceLoader(ws)
     env = _sandbox(loader)
 
@@ -163,7 +202,15 @@ def _build_spec(ws: Workspace, recipe: Recipe, entry: KernelEntry, probs: _Probl
 
     builder = norm["builder"]
     section = norm["kpatch"] if builder == "kpatch-build" else norm["kbuild"]
-    module = predict_module_name(builder, recipe.name, norm["patches"], section.get("module_name"))
+    module = predict_module_name(builder, recipe.name, norm["patches"], section.get("module_name"), norm["version"])
+    if len(module) > MODULE_NAME_MAX:
+        where = (("kpatch" if builder == "kpatch-build" else "kbuild"), "module_name")
+        probs.error(where if "module_name" in section else ("version",),
+                    f"module name {module!r} is longer than {MODULE_NAME_MAX} characters",
+                    "shorten `module_name:` (the stream version is appended as -vN)")
+        return None
+    stream = norm["stream"] or recipe.name
+    version = norm["version"] or 1
     file_vars = dict(variables, module=module, module_sysfs=module.replace("-", "_"))
 
     sources: list[SourceFile] = []
@@ -173,7 +220,11 @@ def _build_spec(ws: Workspace, recipe: Recipe, entry: KernelEntry, probs: _Probl
             if key in entry_opts and key not in section:
                 builder_opts[key] = entry_opts[key]  # catalog builder defaults for this kernel
         builder_opts.update({k: v for k, v in section.items()})
+        if "replace" in recipe.data or "non_replace" in section:
+            builder_opts["non_replace"] = not norm["replace"]  # the recipe decides: kpatch-build -R
         builder_opts.setdefault("non_replace", False)
+        if "module_name" in section or norm["version"] is not None:
+            builder_opts["module_name"] = module  # kpatch-build -n: the versioned name
         builder_opts.setdefault("skip_compiler_check", False)
         builder_opts.setdefault("targets", [])
     else:
@@ -190,8 +241,8 @@ def _build_spec(ws: Workspace, recipe: Recipe, entry: KernelEntry, probs: _Probl
             sources.append(SourceFile(name="Kbuild", text=_default_kbuild(module, [s["name"] for s in
                                                                                       section.get("sources", [])])))
         builder_opts = {"make_args": section.get("make_args", [])}
-        if "module_name" in section:
-            builder_opts["module_name"] = section["module_name"]
+        if "module_name" in section or norm["version"] is not None:
+            builder_opts["module_name"] = module
 
     signing = {"sign": bool(norm["signing"].get("sign", False)), "signer": norm["signing"].get("signer", "")}
     probe = None
@@ -200,15 +251,18 @@ def _build_spec(ws: Workspace, recipe: Recipe, entry: KernelEntry, probs: _Probl
                       expect_after_rollback=norm["probe"]["expect_after_rollback"])
     if probs.errors:
         return None
+    replace = (not builder_opts["non_replace"]) if builder == "kpatch-build" else norm["replace"]
     plain = {
         "name": recipe.name, "description": norm["description"], "builder": builder, "module_name": module,
+        "stream": stream, "version": version, "replace": replace,
         "kernels": list(norm["kernels"]), "patches": [p.name for p in patches], "options": options,
         "builder_options": builder_opts, "signing": signing, "rollout": norm["rollout"],
         "probe": norm["probe"],
     }
     return BuildSpec(recipe=recipe.name, recipe_file=recipe.file, kernel=kernel, kernel_entry=entry, builder=builder,
                      module_name=module, patches=tuple(patches), sources=tuple(sources), options=builder_opts,
-                     signing=signing, rollout=norm["rollout"], probe=probe, rendered=plain)
+                     signing=signing, rollout=norm["rollout"], probe=probe, rendered=plain, stream=stream,
+                     version=version, replace=replace)
 
 
 def render(ws: Workspace, recipe_name: str, kernel_release: str) -> BuildSpec:

@@ -31,11 +31,15 @@ _DURATION_RE = re.compile(r"(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:
 
 # Keys whose values are never rendered: identity and matching happen before rendering,
 # and `options` are the template's inputs.
-_NOT_RENDERED = ("name", "builder", "kernels", "options")
+_NOT_RENDERED = ("name", "builder", "kernels", "options", "stream", "version", "replace")
 
 
 _TOP_KEYS = ("name", "description", "builder", "kernels", "patches", "options", "kpatch", "kbuild", "signing",
-             "rollout", "fixes")
+             "rollout", "fixes", "stream", "version", "replace")
+VERSION_MAX = 1_000_000
+# Keys that identify a build (its stream, version and klp mode): never templates, so every kernel's
+# artifact of one recipe belongs to the same stream and version.
+_IDENTITY_KEYS = ("stream", "version", "replace")
 _KPATCH_KEYS = ("jobs", "non_replace", "targets", "skip_compiler_check", "module_name")
 _KBUILD_KEYS = ("sources", "kbuild", "make_args", "module_name")
 _SOURCE_KEYS = ("template", "name")
@@ -183,6 +187,7 @@ def _check_schema(data: dict[str, Any], probs: _Problems, *, rendered: bool) -> 
             probs.error(("kernels", i), f"kernel pattern {pattern!r} is not a release name or glob",
                         "a release (`uname -r`) or a glob such as 5.10.0-*-UOS; letters, digits, . _ + ~ - * ? [ ]")
     out["kernels"] = kernels
+    _check_stream(data, c, probs, out)
     patches = c.str_list(data, "patches", ()) or []
     out["patches"] = patches
     opts = c.table(data, "options", (), None)
@@ -221,6 +226,12 @@ def _check_schema(data: dict[str, Any], probs: _Problems, *, rendered: bool) -> 
         kpatch["module_name"] = _module_name(c, kp, path, rendered)
         kpatch = {k: v for k, v in kpatch.items() if v is not None}
     out["kpatch"] = kpatch
+    nr = kpatch.get("non_replace")
+    if isinstance(nr, bool) and isinstance(out.get("replace"), bool) and "replace" in data and nr == out["replace"]:
+        probs.error(("kpatch", "non_replace"), f"kpatch.non_replace: {str(nr).lower()} contradicts "
+                    f"replace: {str(out['replace']).lower()}", "keep `replace:` and remove kpatch.non_replace")
+    elif isinstance(nr, bool) and "replace" not in data:
+        out["replace"] = not nr  # the older spelling of `replace: false`
     kbuild: dict[str, Any] = {}
     if kb is not None:
         path = ("kbuild",)
@@ -276,6 +287,24 @@ def _check_schema(data: dict[str, Any], probs: _Problems, *, rendered: bool) -> 
     out["rollout"], out["probe"] = _check_rollout(ro, c, probs, rendered) if ro is not None else ({}, None)
     out["fixes"] = check_fixes(data, probs, rendered=rendered)
     return out
+
+
+def _check_stream(data: dict[str, Any], c: _Checker, probs: _Problems, out: dict[str, Any]) -> None:
+    """`stream:` (default: the recipe's name), `version:` (default 1) and `replace:` (default true)."""
+    for key in _IDENTITY_KEYS:
+        if _is_template(data.get(key)):
+            probs.error((key,), f"{key} must be a plain value, not a template",
+                        f"a build's {key} is the same for every kernel; write it out")
+    stream = c.string(data, "stream", (), nonempty=True)
+    if isinstance(stream, str) and not _is_template(stream) and not _NAME_RE.fullmatch(stream):
+        probs.error(("stream",), f"stream {stream!r} is not a valid stream name",
+                    "use letters, digits, '.', '_' and '-' (at most 64), starting with a letter or digit")
+        stream = None
+    out["stream"] = stream if isinstance(stream, str) and not _is_template(stream) else None
+    version = c.integer(data, "version", (), minimum=1, maximum=VERSION_MAX)
+    out["version"] = version if isinstance(version, int) else None
+    replace = c.boolean(data, "replace", ())
+    out["replace"] = replace if isinstance(replace, bool) else True
 
 
 def check_fixes(data: dict[str, Any], probs: _Problems, *, rendered: bool) -> list[dict[str, str]]:

@@ -4,7 +4,8 @@ Per host: one preflight read (release, arch, free space, livepatch state,
 conflicting patches, checksum of what is already installed), then the host's
 plan built from those facts by pure functions (apply_plan; rollback_plan from a
 state read): stage, marker, load, wait for the transition, verify (+ the
-recipe's probe), optionally persist; each a kpipe.plan.Step of the builders in
+recipe's probe), for an upgrade retire the stream's older version (its patch disabled and its
+sysfs folder gone, its module unloaded), optionally persist; each a kpipe.plan.Step of the builders in
 kpipe.fleet.livepatch, run by kpipe.plan.run_steps. Each journal step is
 recorded `intended` before it runs and `done`/`failed` after it
 (kpipe.rollout.journal), and every step is idempotent (a fresh plan is built
@@ -157,7 +158,13 @@ def classify(e: BaseException) -> tuple[str, str]:
 
 def probe_of(plan: RolloutPlan, a: Assignment) -> Probe | None:
     """The recipe's probe for this host's artifact, as a kpipe.builder.spec.Probe (or None)."""
-    d = plan.probes.get(a.artifact.id)
+    return _probe_by_id(plan, a.artifact)
+
+
+def _probe_by_id(plan: RolloutPlan, c: Any) -> Probe | None:
+    if c is None:
+        return None
+    d = plan.probes.get(c.id)
     if not d or not d.get("argv"):
         return None
     from kpipe.builder.spec import Probe
@@ -179,10 +186,11 @@ if command -v kpatch >/dev/null 2>&1; then echo "kpatch_cli 1"; else echo "kpatc
 """
 
 
-def preflight_command(staged_path: str, module: str) -> Command:
-    """The facts the host pipeline re-reads, plus kpipe.fleet.livepatch's STATE_SCRIPT, in one round trip."""
+def preflight_command(staged_path: str, module: str, *also: str) -> Command:
+    """The facts the host pipeline re-reads, plus kpipe.fleet.livepatch's STATE_SCRIPT, in one round trip.
+    `also`: more modules whose /sys/module state is read (the older version an upgrade retires)."""
     return Command.script(PREFLIGHT_SCRIPT + "shift\n" + lp.STATE_SCRIPT, staged_path, lp.sysfs_name(module),
-                          label="preflight", sudo=True, timeout=60)
+                          *(lp.sysfs_name(m) for m in also), label="preflight", sudo=True, timeout=60)
 
 
 def parse_preflight(stdout: str) -> dict[str, str]:
@@ -218,10 +226,23 @@ def preflight_problems(a: Assignment, facts: Mapping[str, str], state: lp.HostLi
     if free is not None and staged != a.artifact.sha256 and free < 2 * module_size + _FREE_MARGIN:
         problems.append(f"not enough free space for {a.artifact.filename}: {free // 1024} KiB free, "
                         f"need {(2 * module_size + _FREE_MARGIN) // 1024} KiB")
+    from kpipe.desired import split_versioned
+
+    mine = split_versioned(name)
     for p in state.patches.values():
-        if p.name != name and p.transition == 1:
+        theirs = split_versioned(p.name)
+        if p.name == name:
+            continue
+        if p.transition == 1:
             problems.append(f"conflicting patch: {p.name} is in transition")
-        elif p.name != name and p.enabled == 1 and not a.artifact.replace:
+        elif p.name == a.supersedes or p.enabled != 1:
+            continue  # the older version this upgrade retires; a disabled patch changes nothing
+        elif mine and theirs and mine[0] == theirs[0] and theirs[1] > mine[1]:
+            problems.append(f"{p.name} is loaded, a newer version of stream {a.artifact.stream_name} than ours "
+                            f"(v{mine[1]}): kpipe does not downgrade (a rollback of the upgrade does)")
+        elif p.name in a.coexists and a.artifact.replace:
+            problems.append(f"conflicting patch: {p.name} is another stream's and ours is a replace patch")
+        elif p.name not in a.coexists and not a.artifact.replace:
             problems.append(f"conflicting patch: {p.name} is loaded and ours is not a replace patch")
     ours = state.patches.get(name)
     mod = state.module(name)
@@ -255,7 +276,8 @@ def preflight_step(a: Assignment, module_size: int, ours_by_journal: bool = Fals
             raise StepFailed("preflight", "; ".join(problems), {"facts": facts})
         return facts, state
 
-    return Step("preflight", preflight_command(dest, a.sysfs_name), interpret,
+    also = (a.supersedes,) if a.supersedes else ()
+    return Step("preflight", preflight_command(dest, a.sysfs_name, *also), interpret,
                 intended={"release": a.release, "artifact": a.artifact.id},
                 done=lambda v: {"facts": v[0], "loaded": sorted(v[1].patches), "tainted": v[1].tainted},
                 writes=False)
@@ -308,6 +330,13 @@ def apply_plan(a: Assignment, facts: Mapping[str, str], state: lp.HostLivepatch,
     steps += _journaled(lp.verify_loaded_plan(name, marker, probe, expect, marker_may_be_lost=loaded),
                         {"marker": marker, "probe": bool(probe)},
                         lambda v: {"probe_output": v.probe_output[-500:]})
+    if a.supersedes:
+        # an upgrade: the older version goes only once ours is proved loaded. Each step is journaled
+        # before it runs and acts on what the host shows then, so a host lost between our load and
+        # the older module's removal is finished by `rollout resume`.
+        for step in lp.retire_plan(a.supersedes, name, replaced=art.replace, timeout=timeout):
+            steps.append(replace(step, intended={"module": lp.sysfs_name(a.supersedes), "replace": art.replace},
+                                 done=lambda r: {"changed": r.changed, "message": r.message}))
     if persist:
         steps += lp.persist_plan(a.release, dest, kpatch_cli)
     return steps
@@ -327,14 +356,69 @@ def apply_host(t: StepTransport, a: Assignment, local_path: Path, probe: Probe |
     return HostResult(t.name, "applied", "", "verify", {"probe_output": verified.probe_output[-200:]})
 
 
+@dataclass(frozen=True)
+class Restore:
+    """The older version a rollback of an upgrade loads again: its assignment (the plan's host with the
+    older artifact), module file, probe and build identity."""
+
+    assignment: Assignment
+    local_path: Path
+    probe: Probe | None = None
+    expect: lp.ModuleIdentity | None = None
+
+
+def restore_of(a: Assignment, local_path: Callable[[Assignment], Path], probe: Probe | None = None,
+               expect: Callable[[Assignment], lp.ModuleIdentity] | None = None) -> Restore | None:
+    """The Restore of an upgrade's assignment (None for a first install, or when the store does not know
+    the older version's artifact: the rollback then only removes ours)."""
+    if not a.supersedes or a.supersedes_artifact is None:
+        return None
+    old = replace(a, artifact=a.supersedes_artifact, supersedes="", supersedes_artifact=None)
+    return Restore(old, local_path(old), probe, expect(old) if expect is not None else None)
+
+
+def _restore_steps(r: Restore, state: lp.HostLivepatch, timeout: float, marker: str) -> list[Step[Any]]:
+    """Load the older version again (it replaces ours when it is a replace patch) and prove it loaded."""
+    old = r.assignment
+    art, name = old.artifact, old.sysfs_name
+    dest = lp.staged_path(old.release, art.filename)
+
+    def named(steps: list[Step[Any]], step: str) -> list[Step[Any]]:
+        return [replace(s, name=step) for s in steps]
+
+    # the older file is uploaded again unless a read proves it is still staged (stage_plan's check step)
+    steps = _journaled(named(lp.stage_plan(r.local_path, old.release, art.sha256, art.filename, "absent"),
+                             "rb-restage"),
+                       {"path": dest, "sha256": art.sha256, "artifact": art.id,
+                        "temp": lp.temp_path(old.release, art.filename, art.sha256)}, lambda p: {"path": p})
+    steps.append(lp.marker_step(marker, "rb-marker"))
+    steps += _journaled(lp.load_plan(dest, name, state, marker=marker, kpatch_cli=False, timeout=timeout,
+                                     step="rb-reload"),
+                        {"marker": marker, "path": dest, "module": name},
+                        lambda o: {"changed": o.changed, "message": o.message, "output": o.output[-500:]})
+    steps += _journaled([lp.wait_step(name, timeout, marker=marker, step="rb-rewait")], {"timeout": timeout},
+                        lambda o: {"message": o.message, "seconds": round(o.seconds, 3)})
+    steps += _journaled(lp.verify_loaded_plan(name, marker, r.probe, r.expect, step="rb-reverify",
+                                              marker_may_be_lost=True),
+                        {"marker": marker, "probe": bool(r.probe)},
+                        lambda v: {"probe_output": v.probe_output[-500:]})
+    return steps
+
+
+def _refuse_restore(why: str, r: CommandResult) -> None:
+    raise StepFailed("rb-restore", why)
+
+
 def rollback_plan(a: Assignment, state: lp.HostLivepatch, probe: Probe | None = None, *, timeout: float = 120.0,
                   persisted: bool = False, expect: lp.ModuleIdentity | None = None,
-                  marker: str | None = None) -> list[Step[Any]]:
+                  marker: str | None = None, restore: Restore | None = None) -> list[Step[Any]]:
     """One host's rollback steps (pure), from its livepatch `state` as read: disable, wait until the
     sysfs dir is gone, unload, uninstall (if persisted), unstage, verify removal.
 
     Only what this rollout installed is removed: a module of the same name that is another build
-    (`expect`: the artifact's build-id or srcversion) stays loaded, a file of another build stays staged."""
+    (`expect`: the artifact's build-id or srcversion) stays loaded, a file of another build stays staged.
+    `restore` (the rollback of an upgrade): the older version is loaded again first, then ours removed;
+    the probe then checks the older version (its own probe), not the unpatched behaviour."""
     name = a.sysfs_name
     art = a.artifact
     mod = state.module(name)
@@ -343,6 +427,18 @@ def rollback_plan(a: Assignment, state: lp.HostLivepatch, probe: Probe | None = 
     def disable_done(r: lp.OpResult) -> dict[str, Any]:
         return {"marker": r.marker, "changed": r.changed, "message": r.message}
 
+    restoring: list[Step[Any]] = []
+    if restore is not None and not other and restore.assignment.artifact.replace:
+        keep = (name, restore.assignment.sysfs_name)
+        others = sorted(p.name for p in state.patches.values() if p.name not in keep and p.enabled == 1)
+        if others:
+            # loading the older replace-mode version would disable these too: refuse, ours stays loaded
+            why = (f"rolling back would load {restore.assignment.sysfs_name}, a replace patch, which would also "
+                   f"disable {', '.join(others)} (another stream's); roll those back first")
+            return [Step("rb-restore", lp.state_command(name), partial(_refuse_restore, why), writes=False)]
+    if restore is not None and not other:
+        restoring = _restore_steps(restore, state, timeout, lp.new_marker("restore", restore.assignment.sysfs_name))
+        probe = None  # ours is gone when the older version answers the probe: _restore_steps checked that
     if other:
         left = f"left {name} loaded: not this rollout's build ({other})"
         steps = _journaled([lp.note_step("rb-disable", name, left)], {}, disable_done)
@@ -352,9 +448,10 @@ def rollback_plan(a: Assignment, state: lp.HostLivepatch, probe: Probe | None = 
         marker = marker or lp.new_marker("disable", name)
         patch = state.patches.get(name)
         # the log after the marker holds "unpatching complete" only when this rollback disables the patch
-        verify_marker = marker if patch is not None and patch.enabled == 1 else ""
-        steps = _journaled(lp.disable_plan(name, state, marker=marker, timeout=timeout, step="rb-disable"), {},
-                           disable_done)
+        verify_marker = marker if patch is not None and patch.enabled == 1 and not restoring else ""
+        # after a restore that replaced ours, the disable finds nothing to disable (its script reads first)
+        steps = restoring + _journaled(lp.disable_plan(name, state, marker=marker, timeout=timeout,
+                                                       step="rb-disable"), {}, disable_done)
         steps += _journaled(lp.unload_plan(name, state, disabled_before=True, step="rb-unload"), {},
                             lambda r: {"message": r.message})
     if persisted:
@@ -368,11 +465,15 @@ def rollback_plan(a: Assignment, state: lp.HostLivepatch, probe: Probe | None = 
 
 
 def rollback_host(t: StepTransport, a: Assignment, probe: Probe | None, rec: Recorder, *, timeout: float = 120.0,
-                  persisted: bool = False, expect: lp.ModuleIdentity | None = None) -> HostResult:
+                  persisted: bool = False, expect: lp.ModuleIdentity | None = None,
+                  restore: Restore | None = None) -> HostResult:
     """Read the host's livepatch state, then run the rollback plan built from it (each step idempotent)."""
-    state = run_step(t, lp.state_step(a.sysfs_name))
-    run_steps(t, rollback_plan(a, state, probe, timeout=timeout, persisted=persisted, expect=expect), rec)
-    return HostResult(t.name, "rolled_back", "", "rb-verify")
+    names = (a.sysfs_name, restore.assignment.sysfs_name) if restore is not None else (a.sysfs_name,)
+    state = run_step(t, lp.state_step(*names))
+    run_steps(t, rollback_plan(a, state, probe, timeout=timeout, persisted=persisted, expect=expect,
+                               restore=restore), rec)
+    return HostResult(t.name, "rolled_back", "", "rb-verify",
+                      {"restored": restore.assignment.sysfs_name} if restore is not None else {})
 
 
 # -- dry run ---------------------------------------------------------------------
@@ -448,7 +549,9 @@ class Engine:
                             "failed", {"state": r.state, "reason": r.reason, "step": r.step, "action": action,
                                        "artifact": a.artifact.id, "sha256": a.artifact.sha256,
                                        "module": a.sysfs_name, "kernel": a.release, "replace": a.artifact.replace,
-                                       "build_id": ident.build_id, "srcversion": ident.srcversion})
+                                       "build_id": ident.build_id, "srcversion": ident.srcversion,
+                                       "stream": a.artifact.stream_name, "version": a.artifact.version,
+                                       "supersedes": a.supersedes, "restored": r.detail.get("restored", "")})
         self.emit(kind="host", rollout_id=rid, host=r.host, wave=wave, step=r.step, phase=r.state, message=r.reason)
 
     # -- public --------------------------------------------------------------------
@@ -751,8 +854,9 @@ class Engine:
             a = plan.assignments[t.name]
             rec = self._recorder(rid, t.name, a.wave)
             try:
+                restore = restore_of(a, self.local_path, _probe_by_id(plan, a.supersedes_artifact), self.identity)
                 r = rollback_host(t, a, probe_of(plan, a), rec, timeout=plan.options.step_timeout_s,
-                                  persisted=t.name in persisted, expect=self.identity(a))
+                                  persisted=t.name in persisted, expect=self.identity(a), restore=restore)
             except Exception as e:
                 state, reason = classify(e)
                 r = HostResult(t.name, state, f"rollback failed: {reason}", getattr(e, "step", ""))
@@ -861,7 +965,8 @@ def _matches(host: str, pattern: str | frozenset[str] | None) -> bool:
 
 def applied_records(journal: Journal) -> list[dict[str, Any]]:
     """Every host outcome of every rollout that applied or rolled back a patch, in journal order
-    (for kpipe.audit's AppliedRecord: seq, rollout_id, host, patch, action, artifact_id, sha256, kernel, replace)."""
+    (for kpipe.audit's AppliedRecord: seq, rollout_id, host, patch, action, artifact_id, sha256, kernel, replace,
+    build_id, srcversion, stream, version, restored)."""
     rows = journal.store.query("SELECT rollout_id, seq, host, detail_json, ts FROM journal "
                                "WHERE step = 'outcome' ORDER BY ts, rollout_id, seq")
     import json
@@ -874,5 +979,6 @@ def applied_records(journal: Journal) -> list[dict[str, Any]]:
         out.append({"seq": r["ts"], "rollout_id": r["rollout_id"], "host": r["host"], "patch": d.get("module", ""),
                     "action": d["state"], "artifact_id": d.get("artifact", ""), "sha256": d.get("sha256", ""),
                     "kernel": d.get("kernel", ""), "replace": bool(d.get("replace", False)),
-                    "build_id": d.get("build_id", ""), "srcversion": d.get("srcversion", "")})
+                    "build_id": d.get("build_id", ""), "srcversion": d.get("srcversion", ""),
+                    "stream": d.get("stream", ""), "version": d.get("version", 0), "restored": d.get("restored", "")})
     return out

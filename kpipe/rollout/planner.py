@@ -15,6 +15,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from kpipe.desired import split_versioned
 from kpipe.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -148,6 +149,18 @@ class Candidate:
     preflight: str = ""  # passed | failed | "" (never run)
     created_at: float = 0.0
     replace: bool = True  # klp replace mode (kpatch-build default)
+    stream: str = ""  # the recipe's patch stream ("": the recipe's name)
+    version: int = 1  # the version within the stream
+
+    @property
+    def stream_name(self) -> str:
+        """The stream this artifact belongs to: the recipe's `stream:`, else its recipe, else its module."""
+        return self.stream or self.recipe or self.module_name.replace("-", "_")
+
+    @property
+    def sysfs_name(self) -> str:
+        """The module name as sysfs and lsmod show it ('-' becomes '_')."""
+        return self.module_name.replace("-", "_")
 
     @classmethod
     def of(cls, art: Artifact) -> Candidate:
@@ -155,10 +168,13 @@ class Candidate:
         meta = getattr(art, "meta", {}) or {}
         validation = getattr(art, "validation", {}) or {}
         replace = meta.get("replace", validation.get("replace", True))
+        version = meta.get("version", 1)
         return cls(id=art.id, sha256=art.sha256, module_name=art.module_name, filename=art.filename,
                    kernel=art.kernel, arch=art.arch or "", recipe=art.recipe or "", signed=bool(art.signed),
                    status=art.status, preflight=str((art.preflight or {}).get("status", "")),
-                   created_at=float(art.created_at or 0), replace=bool(replace))
+                   created_at=float(art.created_at or 0), replace=bool(replace),
+                   stream=str(meta.get("stream") or ""),
+                   version=version if isinstance(version, int) and not isinstance(version, bool) else 1)
 
 
 # -- outputs -----------------------------------------------------------------
@@ -172,6 +188,11 @@ class Assignment:
     arch: str
     artifact: Candidate
     notes: tuple[str, ...] = ()
+    # an upgrade: the older version of the same stream loaded on the host (sysfs name), retired once ours
+    # is verified, and its artifact when the store knows it (a rollback loads it again)
+    supersedes: str = ""
+    supersedes_artifact: Candidate | None = None
+    coexists: tuple[str, ...] = ()  # other streams' patches ours loads beside (ours is not a replace patch)
 
     @property
     def sysfs_name(self) -> str:
@@ -183,6 +204,7 @@ class Assignment:
 class Exclusion:
     host: str
     code: str  # unreachable | no-livepatch | no-artifact | arch-mismatch | unsigned | not-preflighted | conflict
+    #            | downgrade
     reason: str
 
 
@@ -207,6 +229,11 @@ class RolloutPlan:
     def artifacts(self) -> dict[str, Candidate]:
         return {a.artifact.id: a.artifact for a in self.assignments.values()}
 
+    def restorable(self) -> dict[str, Candidate]:
+        """The older versions a rollback of this plan's upgrades loads again, by artifact id."""
+        return {a.supersedes_artifact.id: a.supersedes_artifact for a in self.assignments.values()
+                if a.supersedes_artifact is not None}
+
     def preflight_missing(self) -> list[Exclusion]:
         """Exclusions that exist only because an artifact has not passed preflight."""
         return [e for e in self.excluded if e.code == "not-preflighted"]
@@ -216,7 +243,8 @@ class RolloutPlan:
             "target": self.target,
             "target_kind": self.target_kind,
             "waves": [list(w) for w in self.waves],
-            "assignments": {h: {**asdict(a), "artifact": asdict(a.artifact), "notes": list(a.notes)}
+            "assignments": {h: {**asdict(a), "artifact": asdict(a.artifact), "notes": list(a.notes),
+                                "coexists": list(a.coexists)}
                             for h, a in self.assignments.items()},
             "excluded": [asdict(e) for e in self.excluded],
             "options": self.options.to_dict(),
@@ -231,6 +259,9 @@ class RolloutPlan:
             a = dict(a)
             a["artifact"] = Candidate(**a["artifact"])
             a["notes"] = tuple(a.get("notes", ()))
+            a["coexists"] = tuple(a.get("coexists", ()))
+            if a.get("supersedes_artifact"):
+                a["supersedes_artifact"] = Candidate(**a["supersedes_artifact"])
             assignments[h] = Assignment(**a)
         return cls(target=d["target"], target_kind=d["target_kind"],
                    waves=tuple(tuple(w) for w in d["waves"]), assignments=assignments,
@@ -302,9 +333,10 @@ def order_hosts(hosts: Iterable[HostView]) -> list[str]:
 
 
 # -- choosing artifacts ------------------------------------------------------
-def _rank(c: Candidate, skip_preflight: bool) -> tuple[bool, bool, float, str]:
-    # newest signed preferred; a preflighted artifact beats an unchecked one of the same signedness
-    return (c.signed, skip_preflight or c.preflight == "passed", c.created_at, c.id)
+def _rank(c: Candidate, skip_preflight: bool) -> tuple[int, bool, bool, float, str]:
+    # the stream's highest version first (an older one is never shipped because it was preflighted);
+    # then newest signed preferred; a preflighted artifact beats an unchecked one of the same signedness
+    return (c.version, c.signed, skip_preflight or c.preflight == "passed", c.created_at, c.id)
 
 
 def choose_artifact(host: HostView, candidates: list[Candidate], target_kind: str, target: str,
@@ -342,31 +374,109 @@ def choose_artifact(host: HostView, candidates: list[Candidate], target_kind: st
     return best, None
 
 
-def _conflicts(host: HostView, art: Candidate) -> tuple[Exclusion | None, tuple[str, ...]]:
-    """A loaded patch that makes loading ours unsafe, or notes about what ours will do to them."""
-    ours = art.module_name.replace("-", "_")
-    notes = []
+@dataclass(frozen=True)
+class _Identified:
+    stream: str
+    version: int
+    artifact: Candidate | None
+
+
+def identify(name: str, release: str, known: Iterable[Candidate]) -> _Identified | None:
+    """The stream and version of a loaded patch `name` (sysfs form): from the store's artifacts of that
+    module (the one for `release` preferred), else None (the patch is not kpipe's, or its artifact is gone)."""
+    same = [c for c in known if c.sysfs_name == name]
+    if not same:
+        return None
+    best = max(same, key=lambda c: (c.kernel == release, c.status == "valid", c.created_at, c.id))
+    return _Identified(best.stream_name, best.version, best if best.kernel == release else None)
+
+
+def _by_name(name: str, ours: Candidate) -> _Identified | None:
+    """A loaded patch of our stream recognised by its versioned module name (base_vN) alone."""
+    mine, theirs = split_versioned(ours.sysfs_name), split_versioned(name)
+    if mine is None or theirs is None or mine[0] != theirs[0]:
+        return None
+    return _Identified(ours.stream_name, theirs[1], None)
+
+
+@dataclass(frozen=True)
+class _Fit:
+    """What loading our artifact means on one host: refused (`why`), or notes, an upgrade, coexistence."""
+
+    why: Exclusion | None = None
+    notes: tuple[str, ...] = ()
+    supersedes: str = ""
+    supersedes_artifact: Candidate | None = None
+    coexists: tuple[str, ...] = ()
+
+
+def _conflicts(host: HostView, art: Candidate, known: Iterable[Candidate] = ()) -> _Fit:
+    """A loaded patch that makes loading ours unsafe, or what ours will do to the loaded ones.
+
+    Streams: an older version of our stream is upgraded (ours loads, then the older one is retired); a
+    newer one refuses ours (a downgrade is a rollback's job). Another stream's patch and a replace patch
+    of ours cannot share a host: klp replace disables every other live patch, whatever its stream, so
+    ours must be built `replace: false` to load beside it."""
+    ours = art.sysfs_name
+    known = list(known)
+    notes: list[str] = []
+    supersedes, old_art, coexists = "", None, []
+
+    def refuse(code: str, reason: str) -> _Fit:
+        return _Fit(Exclusion(host.name, code, reason))
+
     for p in host.loaded:
         if p.transition:
             # enabling a patch while another is in transition fails with EBUSY (kernel/livepatch/core.c)
-            return Exclusion(host.name, "conflict", f"conflicting patch loaded: {p.name} is in transition"), ()
+            return refuse("conflict", f"conflicting patch loaded: {p.name} is in transition")
         if p.name == ours:
             notes.append(f"{ours} already loaded ({'enabled' if p.enabled else 'disabled'}); will verify")
             if not p.enabled:
                 # a disabled patch cannot be re-enabled; it must be removed first
-                return Exclusion(host.name, "conflict",
-                                 f"conflicting patch loaded: {p.name} is loaded but disabled"), ()
+                return refuse("conflict", f"conflicting patch loaded: {p.name} is loaded but disabled")
+            continue
+        ident = identify(p.name, host.release, known) or _by_name(p.name, art)
+        if ident is not None and ident.stream == art.stream_name:
+            if ident.version > art.version:
+                return refuse("downgrade", f"stream {art.stream_name} v{ident.version} ({p.name}) is loaded, newer "
+                                           f"than {ours} (v{art.version}): kpipe does not downgrade; `kpipe rollout "
+                                           f"rollback` of the rollout that upgraded loads the older version again")
+            if ident.version == art.version:
+                return refuse("conflict", f"conflicting patch loaded: {p.name} is stream {art.stream_name} "
+                                          f"v{art.version} too, under another module name")
+            if supersedes:
+                return refuse("conflict", f"two older versions of stream {art.stream_name} are loaded "
+                                          f"({supersedes}, {p.name}): remove one first")
+            supersedes, old_art = p.name, ident.artifact
+            how = "replaces it" if art.replace else "then disables it"
+            notes.append(f"upgrade of stream {art.stream_name}: v{ident.version} ({p.name}) -> v{art.version}; "
+                         f"loads {ours} (which {how}), then unloads {p.name}"
+                         + ("" if old_art else f"; no artifact of {p.name} in the store: a rollback cannot "
+                                               f"load it again"))
+        elif ident is not None:
+            if not p.enabled:
+                continue  # a disabled leftover of another stream: nothing ours would change
+            if art.replace:
+                return refuse("conflict", f"conflicting patch loaded: {p.name} (stream {ident.stream}) and ours "
+                                          f"(stream {art.stream_name}) is a replace patch, which would disable "
+                                          f"it: streams that share a host are built `replace: false`")
+            coexists.append(p.name)
+            notes.append(f"loads beside {p.name} (stream {ident.stream}): both are non-replace patches")
         elif p.enabled and not art.replace:
-            return Exclusion(host.name, "conflict",
-                             f"conflicting patch loaded: {p.name} (ours is not a replace patch)"), ()
+            return refuse("conflict", f"conflicting patch loaded: {p.name} (ours is not a replace patch, and "
+                                      f"{p.name} is no kpipe stream's)")
         elif p.enabled:
             notes.append(f"replaces loaded livepatch {p.name}")
-    return None, tuple(notes)
+    return _Fit(None, tuple(notes), supersedes, old_art, tuple(coexists))
 
 
 def plan_rollout(target: str, target_kind: str, hosts: Iterable[HostView], candidates: Iterable[Candidate],
-                 options: RolloutOptions, probes: Mapping[str, dict[str, Any]] | None = None) -> RolloutPlan:
-    """The plan for `target` (a recipe name or an artifact id) over these hosts (pure)."""
+                 options: RolloutOptions, probes: Mapping[str, dict[str, Any]] | None = None,
+                 known: Iterable[Candidate] = ()) -> RolloutPlan:
+    """The plan for `target` (a recipe name or an artifact id) over these hosts (pure).
+
+    `known`: the store's artifacts, to tell which stream and version a loaded patch is (upgrades,
+    downgrades, other streams); the candidates are always known."""
     if target_kind not in ("recipe", "artifact"):
         raise ValueError(f"bad target kind {target_kind!r}")
     cands = list(candidates)
@@ -374,14 +484,16 @@ def plan_rollout(target: str, target_kind: str, hosts: Iterable[HostView], candi
     names = [h.name for h in hosts]
     if len(set(names)) != len(names):
         raise ConfigError(f"host names repeat: {sorted({n for n in names if names.count(n) > 1})}")
-    chosen: dict[str, tuple[Candidate, tuple[str, ...]]] = {}
+    known_all = cands + [k for k in known if k.id not in {c.id for c in cands}]
+    chosen: dict[str, tuple[Candidate, _Fit]] = {}
     excluded: list[Exclusion] = []
     for h in hosts:
         art, why = choose_artifact(h, cands, target_kind, target, options.skip_preflight)
         if why is None and art is not None:
-            why, notes = _conflicts(h, art)
+            fit = _conflicts(h, art, known_all)
+            why = fit.why
             if why is None:
-                chosen[h.name] = (art, notes)
+                chosen[h.name] = (art, fit)
         if why is not None:
             excluded.append(why)
     views = {h.name: h for h in hosts}
@@ -394,11 +506,14 @@ def plan_rollout(target: str, target_kind: str, hosts: Iterable[HostView], candi
     assignments = {}
     for w, wave in enumerate(waves, start=1):
         for name in wave:
-            art, notes = chosen[name]
+            art, fit = chosen[name]
             assignments[name] = Assignment(host=name, wave=w, release=views[name].release,
-                                           arch=views[name].arch, artifact=art, notes=notes)
+                                           arch=views[name].arch, artifact=art, notes=fit.notes,
+                                           supersedes=fit.supersedes, supersedes_artifact=fit.supersedes_artifact,
+                                           coexists=fit.coexists)
     excluded.sort(key=lambda e: _natural_key(e.host))
     used = {a.artifact.id for a in assignments.values()}
+    used |= {a.supersedes_artifact.id for a in assignments.values() if a.supersedes_artifact is not None}
     return RolloutPlan(target=target, target_kind=target_kind, waves=tuple(waves), assignments=assignments,
                        excluded=tuple(excluded), options=options,
                        probes={k: v for k, v in (probes or {}).items() if k in used})

@@ -204,10 +204,42 @@ def build_plan(workspace: Workspace, target: str, limit: str | None, options: Ro
         if own:
             pool.close()
     views = [host_view(h, facts.get(h.name)) for h in hosts]
-    plan = plan_rollout(target, kind, views, cands, options, probes)
+    plan = plan_rollout(target, kind, views, cands, options, probes, known=known_artifacts(workspace.store))
+    restorable = [c for c in plan.restorable().values() if c.id not in plan.probes]
+    if restorable:  # a rollback of an upgrade loads the older version again and probes it with its recipe's probe
+        plan = replace(plan, probes={**plan.probes, **stored_probes(workspace, restorable, no_probe=no_probe)})
     used = set(plan.artifacts())
     gates["health"] = {k: v for k, v in gates["health"].items() if k in used}
     return replace(plan, gates=gates), hosts
+
+
+def stored_probes(workspace: Workspace, candidates: Iterable[Candidate], *,
+                  no_probe: bool = False) -> dict[str, dict[str, Any]]:
+    """artifact id -> the probe its recipe had when it was built (kept in the artifact's metadata): an older
+    version's probe, when the recipe file now describes a newer one; the recipe rendered now otherwise."""
+    from kpipe.artifacts import get_artifact
+
+    out: dict[str, dict[str, Any]] = {}
+    if no_probe:
+        return out
+    rest = []
+    for c in candidates:
+        rendered = (get_artifact(workspace.store, c.id).meta or {}).get("rendered") or {}
+        if "probe" in rendered:
+            p = rendered["probe"]
+            if p and p.get("argv"):
+                out[c.id] = {"argv": list(p["argv"]), "expect": p.get("expect", ""),
+                             "expect_after_rollback": p.get("expect_after_rollback", "")}
+        else:
+            rest.append(c)
+    return {**out, **probes_for(workspace, rest)}
+
+
+def known_artifacts(store: Store) -> list[Candidate]:
+    """Every stored artifact as a Candidate: the planner tells a loaded patch's stream and version by them."""
+    from kpipe.artifacts import list_artifacts
+
+    return [Candidate.of(a) for a in list_artifacts(store)]
 
 
 def local_path_fn(store: Store) -> Callable[[Assignment], Path]:
