@@ -140,9 +140,7 @@ def load_workspace(root: Path) -> Workspace:
     kernels = {k.release: k for k in settings.kernels}
     for entry in discover_local_kernels():
         kernels.setdefault(entry.release, entry)
-    from kpipe.lab.forge import (
-        forged_kernel_entries,  # kernels built by `kpipe lab forge` join the catalog
-    )
+    from kpipe.forged import forged_kernel_entries  # kernels built by `kpipe lab forge` join the catalog
 
     for entry in forged_kernel_entries():
         kernels.setdefault(entry.release, entry)
