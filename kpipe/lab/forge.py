@@ -34,14 +34,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kpipe.errors import ConfigError, KpipeError, NotFoundError
-from kpipe.forged import (  # noqa: F401  (the cache reader's names, still reachable from the forge)
-    ForgedKernel,
-    default_cache_dir,
-    find_forged,
-    forged_kernel_entries,
-    forged_kernels,
-    kernels_dir,
-)
+from kpipe.forged import ForgedKernel as ForgedKernel  # the cache reader's names, re-exported by the forge
+from kpipe.forged import default_cache_dir as default_cache_dir
+from kpipe.forged import find_forged as find_forged
+from kpipe.forged import forged_kernel_entries as forged_kernel_entries
+from kpipe.forged import forged_kernels as forged_kernels
+from kpipe.forged import kernels_dir as kernels_dir
 from kpipe.lab.chroot import enter_argv
 
 if TYPE_CHECKING:
