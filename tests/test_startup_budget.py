@@ -23,7 +23,14 @@ RELEASE = "5.10.0-amd64-UOS"  # parser test data
 SSH = ("paramiko", "fabric", "invoke", "cryptography", "bcrypt", "nacl", "ansible*")
 NO_ELF = ("elftools",)
 NO_RECIPE = ("jinja2",)
-NO_TABLE = ("rich.table", "rich.console")  # --json writes JSON with the json module, no Rich at all
+# --json writes JSON with the json module; piped (as here: stdout is a pipe), tables and styled lines are
+# plain text too: no Rich at all (on a terminal the same commands draw Rich tables: test_startup_output.py)
+NO_RICH = ("rich",)
+# the workspace's kernel catalog reads the forge's cache through kpipe.forged, never the lab (qemu, chroots)
+NO_LAB = ("kpipe.lab",)
+# `rollout status` reads the journal (kpipe.rollout.summary): nothing that plans or drives a rollout
+NO_ENGINE = ("kpipe.rollout.engine", "kpipe.rollout.planner", "kpipe.rollout.gate", "kpipe.rollout.world",
+             "kpipe.transport", "kpipe.fleet")
 # kpipe.cli modules that define commands: --help and completion list them from a static table instead
 COMMAND_MODULES = tuple(f"kpipe.cli.{m}" for m in ("init", "kernels", "symbols", "recipe", "build", "artifacts",
                                                     "validate", "sign", "keys", "fleet", "rollout", "audit", "lab"))
@@ -31,29 +38,40 @@ COMMAND_MODULES = tuple(f"kpipe.cli.{m}" for m in ("init", "kernels", "symbols",
 BUDGET: list[tuple[tuple[str, ...], tuple[str, ...]]] = [
     (("--version",), ("typer", "click", "rich", "sqlite3", "kpipe.errors", "kpipe.cli.context", *SSH)),
     (("-W", ".", "--debug", "--version"), ("typer", "rich", *SSH)),
-    (("kernels", "parse", RELEASE), (*SSH, *NO_ELF, *NO_RECIPE, "sqlite3", "yaml", "kpipe.workspace")),
-    (("kernels", "parse", RELEASE, "--json"), (*SSH, *NO_ELF, *NO_RECIPE, *NO_TABLE, "sqlite3", "yaml")),
-    (("artifacts", "list"), (*SSH, *NO_ELF, *NO_RECIPE, "yaml")),
-    (("artifacts", "list", "--json"), (*SSH, *NO_ELF, *NO_RECIPE, *NO_TABLE, "yaml")),
-    (("rollout", "status", "last"), (*SSH, *NO_ELF, *NO_RECIPE)),
-    (("rollout", "status", "last", "--json"), (*SSH, *NO_ELF, *NO_RECIPE, *NO_TABLE)),
+    (("kernels", "parse", RELEASE), (*SSH, *NO_ELF, *NO_RECIPE, *NO_RICH, "sqlite3", "yaml", "kpipe.workspace")),
+    (("kernels", "parse", RELEASE, "--json"), (*SSH, *NO_ELF, *NO_RECIPE, *NO_RICH, "sqlite3", "yaml",
+                                               "kpipe.workspace")),
+    (("artifacts", "list"), (*SSH, *NO_ELF, *NO_RECIPE, *NO_RICH, *NO_LAB, "yaml")),
+    (("artifacts", "list", "--json"), (*SSH, *NO_ELF, *NO_RECIPE, *NO_RICH, *NO_LAB, "yaml")),
+    (("rollout", "status", "last"), (*SSH, *NO_ELF, *NO_RECIPE, *NO_RICH, *NO_LAB, *NO_ENGINE, "yaml")),
+    (("rollout", "status", "last", "--json"), (*SSH, *NO_ELF, *NO_RECIPE, *NO_RICH, *NO_LAB, *NO_ENGINE, "yaml")),
     (("--help",), (*SSH, *NO_ELF, *NO_RECIPE, "sqlite3", *COMMAND_MODULES)),
 ]
 
 
 @pytest.fixture(scope="module")
 def ws(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A workspace with one finished rollout, so `rollout status last` renders a real one."""
+    """A workspace with one artifact and one finished rollout of two hosts (one excluded), so that
+    `artifacts list` and `rollout status last` print real tables, not their empty-store lines."""
     root = tmp_path_factory.mktemp("budget")
     (root / "kpipe.toml").write_text('[workspace]\nstore = ".kpipe"\n')
-    seed = ("from kpipe.store import open_store\n"
-            "from kpipe.rollout.journal import Journal\n"
-            "j = Journal(open_store('.kpipe'))\n"
-            "plan = {'target': 'all', 'target_kind': 'artifact', 'waves': [], 'assignments': {}, 'excluded': [],"
-            " 'options': {}}\n"
-            "j.set_state(j.create(plan, {}, target='all'), 'completed')\n")
-    subprocess.run([sys.executable, "-c", seed], cwd=root, env=_env(), check=True, timeout=120)
+    subprocess.run([sys.executable, "-c", SEED], cwd=root, env=_env(), check=True, timeout=120)
     return root
+
+
+SEED = f"""\
+from pathlib import Path
+from kpipe.artifacts import add_artifact
+from kpipe.store import open_store
+from kpipe.rollout.journal import Journal
+store = open_store('.kpipe')
+Path('demo.ko').write_bytes(b'\\x7fELF demo')
+add_artifact(store, Path('demo.ko'), kernel='{RELEASE}', module_name='livepatch-demo', recipe='demo')
+j = Journal(store)
+plan = {{'target': 'all', 'target_kind': 'artifact', 'waves': [['web1']], 'assignments': {{}},
+        'excluded': [{{'host': 'db1', 'reason': 'kernel not in the catalog', 'code': 'no-artifact'}}], 'options': {{}}}}
+j.set_state(j.create(plan, {{}}, target='all'), 'completed')
+"""
 
 
 def _env(**extra: str) -> dict[str, str]:
@@ -90,6 +108,20 @@ def test_command_imports_nothing_it_does_not_use(ws: Path, args: tuple[str, ...]
     loaded = sorted(n for n in names if any(_matches(n, f) for f in forbidden))
     roots = sorted({n for n in loaded if not any(n.startswith(o + ".") for o in loaded)})  # packages, not parts
     assert not loaded, f"`kpipe {' '.join(args)}` imported {roots}"
+
+
+def test_piped_tables_are_plain_rows(ws: Path):
+    """The table forms really print their rows (so the budget above covers the table code), as plain text."""
+    r, _ = imported(("artifacts", "list"), ws)
+    lines = r.stdout.splitlines()
+    assert lines[0].split("\t") == ["id", "module", "kernel", "recipe", "status", "signed", "host", "built"]
+    assert lines[1].split("\t")[1:5] == ["livepatch-demo", RELEASE, "demo", "built"], r.stdout
+    r, _ = imported(("rollout", "status", "last"), ws)
+    head, *table = r.stdout.splitlines()
+    assert head.startswith("rollout r") and head.endswith(": completed (target all)"), r.stdout
+    assert table == ["host\tstate\treason", "web1\tpending\t", "db1\texcluded\tkernel not in the catalog"]
+    r, _ = imported(("kernels", "parse", RELEASE), ws)
+    assert r.stdout.splitlines()[:3] == [f"release: {RELEASE}", "version: 5.10.0", "distro: uos"], r.stdout
 
 
 def test_version_answers_before_typer_and_is_the_package_version(ws: Path):
