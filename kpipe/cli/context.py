@@ -67,6 +67,12 @@ class AppState:
             self._console = _new_console(highlight=False, soft_wrap=True, width=_width(sys.stdout))
         return self._console
 
+    def printer(self, stderr: bool = False) -> Console | PlainConsole:
+        """Where a command's styled lines go: a Rich console on a terminal, a PlainConsole (no Rich) otherwise."""
+        if stderr:
+            return self.err_console if _stream_is_terminal(sys.stderr) else PlainConsole(sys.stderr)
+        return self.console if self.is_terminal else PlainConsole(sys.stdout)
+
     @property
     def err_console(self) -> Console:
         """A rich Console on stderr (progress while stdout carries JSON, warnings)."""
@@ -104,6 +110,10 @@ def _width(stream: TextIO) -> int | None:
 
 
 def _stdout_is_terminal() -> bool:
+    return _stream_is_terminal(sys.stdout)
+
+
+def _stream_is_terminal(stream: IO[str]) -> bool:
     # Rich's Console.is_terminal, in its order: TTY_COMPATIBLE=0/1 decides, a set FORCE_COLOR forces, else isatty
     tty_compatible = os.environ.get("TTY_COMPATIBLE", "")
     if tty_compatible in ("0", "1"):
@@ -112,9 +122,28 @@ def _stdout_is_terminal() -> bool:
     if force_color is not None:
         return force_color != ""
     try:
-        return bool(sys.stdout.isatty())
-    except (ValueError, AttributeError):  # a closed or replaced stdout is no terminal
+        return bool(stream.isatty())
+    except (ValueError, AttributeError):  # a closed or replaced stream is no terminal
         return False
+
+
+class PlainConsole:
+    """The part of a Rich Console that progress printers use, for a stream that is no terminal: each
+    print() writes the plain text of its markup (what Rich would show there, without loading Rich)."""
+
+    is_terminal = False
+
+    def __init__(self, file: IO[str]) -> None:
+        self.file = file
+
+    def print(self, *objects: object, markup: bool | None = None, end: str = "\n", **_style: object) -> None:
+        """Write the objects' text, space-separated; markup tags are dropped unless markup=False."""
+        text = " ".join(str(o) for o in objects)
+        try:
+            self.file.write((text if markup is False else plain_text(text)) + end)
+            self.file.flush()
+        except BrokenPipeError:  # like the Rich console here: the reader went away, the work goes on
+            _to_devnull(self.file)
 
 
 STATE = AppState()
