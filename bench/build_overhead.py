@@ -101,6 +101,42 @@ def bench_env(**extra: str) -> dict[str, str]:
     return {**env, "PYTHONPATH": str(ROOT), "PYTHONPYCACHEPREFIX": str(pycache), **extra}
 
 
+class CountingTransport:
+    """A build host's Transport that counts what crosses the link: commands run, files put and fetched."""
+
+    def __init__(self, inner: Any, counts: dict[str, int]) -> None:
+        self.inner, self.counts = inner, counts
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self.inner, name)
+        if name in ("run", "put", "get") and callable(attr):
+            def counted(*a: Any, **kw: Any) -> Any:
+                self.counts[name] = self.counts.get(name, 0) + 1
+                return attr(*a, **kw)
+            return counted
+        return attr
+
+
+def count_round_trips(ws: Any, spec: Any) -> dict[str, int]:
+    """One `--force` build in process with its transports counted: run/put/get calls and transports opened."""
+    from kpipe.builder.runner import BuildOptions, BuildRunner
+
+    counts: dict[str, int] = {"transports": 0}
+    runner = BuildRunner(ws, options=BuildOptions(force=True, validate=False))
+    plain = runner.connections.transport
+
+    def transport(host: Any, lane: int = 0) -> Any:
+        counts["transports"] += 1
+        return CountingTransport(plain(host, lane), counts)
+
+    runner.connections.transport = transport  # type: ignore[method-assign]
+    try:
+        assert runner.run([spec])[0].status == "built"
+    finally:
+        runner.close()
+    return counts
+
+
 def build_in_process(ws: Any, spec: Any) -> Timing:
     """BuildRunner.run(--force, no validation or signing) in this process: connect, probe the toolchain, stage,
     start detached, follow the log, fetch module + log, store."""
@@ -305,6 +341,10 @@ def main() -> None:
         print(f"kbuild recipe {RECIPE!r} for {release} on an SSH build host (loopback sshd), {args.runs} runs each; "
               f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
         report(times, "direct make over ssh", 0.15)
+        trips = count_round_trips(ws, spec)
+        print(f"round trips of one kpipe build: {trips.get('run', 0)} commands, {trips.get('put', 0)} upload(s), "
+              f"{trips.get('get', 0)} download(s) over {trips['transports']} transport(s) from one SSH pool; "
+              "the direct path: 1 command")
         print()
         hit = cache_hit(env, release, args.runs)
         print(f"cache hit `kpipe build` (CLI process), median of {args.runs}: {hit['wall'] * 1000:.0f} ms wall, "

@@ -27,6 +27,7 @@ import argparse
 import json
 import os
 import resource
+import shlex
 import shutil
 import statistics
 import subprocess
@@ -125,11 +126,10 @@ HEADER = (f"{'measure':46} {'CPU ms':>7} {'wall ms':>8} | {'pass CPU':>8} {'pass
 def build_rows(env: dict[str, str], runs: int) -> list[str]:
     """The cache-hit `kpipe build` row and the overhead of `kpipe build` over the same make over SSH."""
     import kenv
-    from sshd import SshdServer, keygen
-
     from kpipe import recipes
     from kpipe.builder.base import get_builder
     from kpipe.workspace import load_workspace
+    from sshd import SshdServer, keygen
 
     found = kenv.discover()
     tmp = Path(tempfile.mkdtemp(prefix="kpipe-startup-build-"))
@@ -153,8 +153,6 @@ def build_rows(env: dict[str, str], runs: int) -> list[str]:
             for f in plan.files:
                 (plan_dir / f.name).parent.mkdir(parents=True, exist_ok=True)
                 (plan_dir / f.name).write_bytes(f.data)
-            import shlex
-
             _, w, _ = run_once(server.ssh_argv(shlex.join(plan.argv)), benv)
             direct_wall.append(w)
             _, w, out = run_once([*argv, "--force", "--json"], benv)
