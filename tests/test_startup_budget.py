@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib
 import inspect
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -205,3 +206,53 @@ def test_a_listed_command_used_directly_runs_the_real_one(ws: Path):
     r = subprocess.run([sys.executable, "-c", code], cwd=ws, env=_env(), capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
     assert f'"release": "{RELEASE}"' in r.stdout
+
+
+CACHED_RELEASE = "6.1.0-999-amd64"  # catalog test data: a kernel that never has to exist (nothing is built)
+
+
+@pytest.fixture(scope="module")
+def cached_build(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A workspace whose store already holds the build of cmdline-demo for a catalog kernel on an SSH build
+    host (the host's builder version recorded, the artifact stored under the inputs digest), so that
+    `kpipe build` is answered from the store without contacting the host (which does not exist)."""
+    root = tmp_path_factory.mktemp("cached")
+    (root / "recipes").mkdir()
+    (root / "patches").mkdir()
+    shutil.copytree(REPO / "recipes" / "templates", root / "recipes" / "templates")
+    kept, skip = [], False  # the repository's recipe without its signing section (no signer here)
+    for line in (REPO / "recipes" / "cmdline-demo.yaml").read_text().splitlines():
+        skip = line.startswith("signing:") or (skip and (line.startswith(" ") or not line.strip()))
+        if not skip:
+            kept.append(line)
+    (root / "recipes" / "cmdline-demo.yaml").write_text("\n".join(kept) + "\n")
+    (root / "kpipe.toml").write_text(f'[workspace]\nstore = ".kpipe"\n\n[[build_hosts]]\nname = "far"\n'
+                                     f'address = "192.0.2.1"\nkernels = ["*"]\n\n[[kernels]]\n'
+                                     f'release = "{CACHED_RELEASE}"\nheaders = "/nonexistent/headers"\n')
+    seed = ("from pathlib import Path\n"
+            "from kpipe import recipes\n"
+            "from kpipe.artifacts import add_artifact\n"
+            "from kpipe.builder.records import ensure_schema, save_tool_version\n"
+            "from kpipe.workspace import load_workspace\n"
+            "ws = load_workspace(Path('.').resolve())\n"
+            f"spec = recipes.render(ws, 'cmdline-demo', '{CACHED_RELEASE}')\n"
+            "ensure_schema(ws.store)\n"
+            "save_tool_version(ws.store, 'far', 'kbuild', 'make 4.3', '/tmp/kpipe-builds')\n"
+            "Path('m.ko').write_bytes(b'\\x7fELF cached')\n"
+            f"add_artifact(ws.store, Path('m.ko'), kernel='{CACHED_RELEASE}', module_name=spec.module_name,"
+            " recipe='cmdline-demo', builder='kbuild', build_host='far',"
+            " inputs_digest=spec.inputs_digest('make 4.3'))\n")
+    subprocess.run([sys.executable, "-c", seed], cwd=root, env=_env(), check=True, timeout=120)
+    return root
+
+
+def test_a_cache_hit_build_contacts_no_host_and_loads_no_ssh_or_rich(cached_build: Path):
+    """The cache key needs the rendered recipe (Jinja2 stays), not the build host: no SSH library, no ELF
+    reader, and piped, no Rich."""
+    r, names = imported(("build", "--recipe", "cmdline-demo", "--kernel", CACHED_RELEASE), cached_build)
+    assert r.returncode == 0, r.stdout + r.stderr[-2000:]
+    assert "cached answered from the store" in r.stdout, r.stdout
+    forbidden = (*SSH, *NO_ELF, *NO_RICH, *NO_LAB, "kpipe.transport.ssh")
+    loaded = sorted({n.split(".")[0] if not n.startswith("kpipe") else n for n in names
+                     if any(_matches(n, f) for f in forbidden)})
+    assert not loaded, f"a cache-hit `kpipe build` imported {loaded}"
