@@ -256,3 +256,21 @@ def test_a_cache_hit_build_contacts_no_host_and_loads_no_ssh_or_rich(cached_buil
     loaded = sorted({n.split(".")[0] if not n.startswith("kpipe") else n for n in names
                      if any(_matches(n, f) for f in forbidden)})
     assert not loaded, f"a cache-hit `kpipe build` imported {loaded}"
+
+
+def test_a_group_command_converts_only_the_subcommand_that_runs():
+    """`kpipe rollout status` turns one function into click parameters, not every rollout command's; the
+    group's help and completion (no exact subcommand) still get every command."""
+    from kpipe.cli.app import load_commands
+
+    every = set(load_commands("rollout")["rollout"].commands)
+    assert {"status", "start", "plan", "list"} <= every
+    assert set(load_commands("rollout", ("rollout", "status"))["rollout"].commands) == {"status"}
+    assert set(load_commands("kernels", ("kernels", "symbols"))["kernels"].commands) == {"symbols"}
+    assert set(load_commands("rollout", ("rollout", "stat"))["rollout"].commands) == every  # a prefix: all
+    assert set(load_commands("rollout")["rollout"].commands) == every  # the module's app is left whole
+
+
+def test_an_unknown_subcommand_is_still_a_usage_error_with_the_group_s_commands(ws: Path):
+    r, _ = imported(("rollout", "stauts", "last"), ws)
+    assert r.returncode == 2 and "No such command" in r.stderr and "status" in r.stderr, r.stderr[-2000:]
