@@ -38,6 +38,7 @@ __all__ = [
     "Workspace",
     "discover_local_kernels",
     "find_workspace",
+    "kernel_catalog",
     "load_workspace",
     "open_workspace",
     "parse_settings",
@@ -57,7 +58,6 @@ class Workspace:
     recipes_dir: Path
     patches_dir: Path
     build_hosts: list[BuildHost]
-    kernels: dict[str, KernelEntry]
     ssh: SshSettings
     signers: dict[str, SignerConfig]
     default_signer: str
@@ -65,6 +65,16 @@ class Workspace:
     settings: Settings
 
     _store: Store | None = None
+    _kernels: dict[str, KernelEntry] | None = None
+
+    @property
+    def kernels(self) -> dict[str, KernelEntry]:
+        """The kernel catalog: kpipe.toml's [[kernels]], then kernels whose headers are installed here, then
+        forged ones (a declared entry wins). Built on first use, so that commands that never look at kernels
+        (`artifacts list`, `rollout status`) skip the scan of /usr/src and of the forge's cache."""
+        if self._kernels is None:
+            self._kernels = kernel_catalog(self.settings)
+        return self._kernels
 
     @property
     def store(self) -> Store:
@@ -137,16 +147,6 @@ def load_workspace(root: Path) -> Workspace:
         p = Path(os.path.expanduser(value))
         return p if p.is_absolute() else root / p
 
-    kernels = {k.release: k for k in settings.kernels}
-    for entry in discover_local_kernels():
-        kernels.setdefault(entry.release, entry)
-    from kpipe.lab.forge import (
-        forged_kernel_entries,  # kernels built by `kpipe lab forge` join the catalog
-    )
-
-    for entry in forged_kernel_entries():
-        kernels.setdefault(entry.release, entry)
-
     return Workspace(
         root=root,
         file=file,
@@ -154,13 +154,24 @@ def load_workspace(root: Path) -> Workspace:
         recipes_dir=folder(settings.workspace.recipes),
         patches_dir=folder(settings.workspace.patches),
         build_hosts=list(settings.build_hosts),
-        kernels=kernels,
         ssh=settings.ssh,
         signers=dict(settings.signing.signers),
         default_signer=settings.signing.default,
         inventories=[folder(s) for s in settings.fleet.inventories],
         settings=settings,
     )
+
+
+def kernel_catalog(settings: Settings) -> dict[str, KernelEntry]:
+    """kpipe.toml's kernels, then the ones installed here, then the forged ones; the first entry of a release wins."""
+    kernels = {k.release: k for k in settings.kernels}
+    for entry in discover_local_kernels():
+        kernels.setdefault(entry.release, entry)
+    from kpipe.forged import forged_kernel_entries  # kernels built by `kpipe lab forge` join the catalog
+
+    for entry in forged_kernel_entries():
+        kernels.setdefault(entry.release, entry)
+    return kernels
 
 
 HEADERS_GLOB_ROOTS = (Path("/usr/src"),)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib
 import inspect
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -23,7 +24,14 @@ RELEASE = "5.10.0-amd64-UOS"  # parser test data
 SSH = ("paramiko", "fabric", "invoke", "cryptography", "bcrypt", "nacl", "ansible*")
 NO_ELF = ("elftools",)
 NO_RECIPE = ("jinja2",)
-NO_TABLE = ("rich.table", "rich.console")  # --json writes JSON with the json module, no Rich at all
+# --json writes JSON with the json module; piped (as here: stdout is a pipe), tables and styled lines are
+# plain text too: no Rich at all (on a terminal the same commands draw Rich tables: test_startup_output.py)
+NO_RICH = ("rich",)
+# the workspace's kernel catalog reads the forge's cache through kpipe.forged, never the lab (qemu, chroots)
+NO_LAB = ("kpipe.lab",)
+# `rollout status` reads the journal (kpipe.rollout.summary): nothing that plans or drives a rollout
+NO_ENGINE = ("kpipe.rollout.engine", "kpipe.rollout.planner", "kpipe.rollout.gate", "kpipe.rollout.world",
+             "kpipe.transport", "kpipe.fleet")
 # kpipe.cli modules that define commands: --help and completion list them from a static table instead
 COMMAND_MODULES = tuple(f"kpipe.cli.{m}" for m in ("init", "kernels", "symbols", "recipe", "build", "artifacts",
                                                     "validate", "sign", "keys", "fleet", "rollout", "audit", "lab"))
@@ -31,29 +39,40 @@ COMMAND_MODULES = tuple(f"kpipe.cli.{m}" for m in ("init", "kernels", "symbols",
 BUDGET: list[tuple[tuple[str, ...], tuple[str, ...]]] = [
     (("--version",), ("typer", "click", "rich", "sqlite3", "kpipe.errors", "kpipe.cli.context", *SSH)),
     (("-W", ".", "--debug", "--version"), ("typer", "rich", *SSH)),
-    (("kernels", "parse", RELEASE), (*SSH, *NO_ELF, *NO_RECIPE, "sqlite3", "yaml", "kpipe.workspace")),
-    (("kernels", "parse", RELEASE, "--json"), (*SSH, *NO_ELF, *NO_RECIPE, *NO_TABLE, "sqlite3", "yaml")),
-    (("artifacts", "list"), (*SSH, *NO_ELF, *NO_RECIPE, "yaml")),
-    (("artifacts", "list", "--json"), (*SSH, *NO_ELF, *NO_RECIPE, *NO_TABLE, "yaml")),
-    (("rollout", "status", "last"), (*SSH, *NO_ELF, *NO_RECIPE)),
-    (("rollout", "status", "last", "--json"), (*SSH, *NO_ELF, *NO_RECIPE, *NO_TABLE)),
+    (("kernels", "parse", RELEASE), (*SSH, *NO_ELF, *NO_RECIPE, *NO_RICH, "sqlite3", "yaml", "kpipe.workspace")),
+    (("kernels", "parse", RELEASE, "--json"), (*SSH, *NO_ELF, *NO_RECIPE, *NO_RICH, "sqlite3", "yaml",
+                                               "kpipe.workspace")),
+    (("artifacts", "list"), (*SSH, *NO_ELF, *NO_RECIPE, *NO_RICH, *NO_LAB, "yaml")),
+    (("artifacts", "list", "--json"), (*SSH, *NO_ELF, *NO_RECIPE, *NO_RICH, *NO_LAB, "yaml")),
+    (("rollout", "status", "last"), (*SSH, *NO_ELF, *NO_RECIPE, *NO_RICH, *NO_LAB, *NO_ENGINE, "yaml")),
+    (("rollout", "status", "last", "--json"), (*SSH, *NO_ELF, *NO_RECIPE, *NO_RICH, *NO_LAB, *NO_ENGINE, "yaml")),
     (("--help",), (*SSH, *NO_ELF, *NO_RECIPE, "sqlite3", *COMMAND_MODULES)),
 ]
 
 
 @pytest.fixture(scope="module")
 def ws(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A workspace with one finished rollout, so `rollout status last` renders a real one."""
+    """A workspace with one artifact and one finished rollout of two hosts (one excluded), so that
+    `artifacts list` and `rollout status last` print real tables, not their empty-store lines."""
     root = tmp_path_factory.mktemp("budget")
     (root / "kpipe.toml").write_text('[workspace]\nstore = ".kpipe"\n')
-    seed = ("from kpipe.store import open_store\n"
-            "from kpipe.rollout.journal import Journal\n"
-            "j = Journal(open_store('.kpipe'))\n"
-            "plan = {'target': 'all', 'target_kind': 'artifact', 'waves': [], 'assignments': {}, 'excluded': [],"
-            " 'options': {}}\n"
-            "j.set_state(j.create(plan, {}, target='all'), 'completed')\n")
-    subprocess.run([sys.executable, "-c", seed], cwd=root, env=_env(), check=True, timeout=120)
+    subprocess.run([sys.executable, "-c", SEED], cwd=root, env=_env(), check=True, timeout=120)
     return root
+
+
+SEED = f"""\
+from pathlib import Path
+from kpipe.artifacts import add_artifact
+from kpipe.store import open_store
+from kpipe.rollout.journal import Journal
+store = open_store('.kpipe')
+Path('demo.ko').write_bytes(b'\\x7fELF demo')
+add_artifact(store, Path('demo.ko'), kernel='{RELEASE}', module_name='livepatch-demo', recipe='demo')
+j = Journal(store)
+plan = {{'target': 'all', 'target_kind': 'artifact', 'waves': [['web1']], 'assignments': {{}},
+        'excluded': [{{'host': 'db1', 'reason': 'kernel not in the catalog', 'code': 'no-artifact'}}], 'options': {{}}}}
+j.set_state(j.create(plan, {{}}, target='all'), 'completed')
+"""
 
 
 def _env(**extra: str) -> dict[str, str]:
@@ -90,6 +109,20 @@ def test_command_imports_nothing_it_does_not_use(ws: Path, args: tuple[str, ...]
     loaded = sorted(n for n in names if any(_matches(n, f) for f in forbidden))
     roots = sorted({n for n in loaded if not any(n.startswith(o + ".") for o in loaded)})  # packages, not parts
     assert not loaded, f"`kpipe {' '.join(args)}` imported {roots}"
+
+
+def test_piped_tables_are_plain_rows(ws: Path):
+    """The table forms really print their rows (so the budget above covers the table code), as plain text."""
+    r, _ = imported(("artifacts", "list"), ws)
+    lines = r.stdout.splitlines()
+    assert lines[0].split("\t") == ["id", "module", "kernel", "recipe", "status", "signed", "host", "built"]
+    assert lines[1].split("\t")[1:5] == ["livepatch-demo", RELEASE, "demo", "built"], r.stdout
+    r, _ = imported(("rollout", "status", "last"), ws)
+    head, *table = r.stdout.splitlines()
+    assert head.startswith("rollout r") and head.endswith(": completed (target all)"), r.stdout
+    assert table == ["host\tstate\treason", "web1\tpending\t", "db1\texcluded\tkernel not in the catalog"]
+    r, _ = imported(("kernels", "parse", RELEASE), ws)
+    assert r.stdout.splitlines()[:3] == [f"release: {RELEASE}", "version: 5.10.0", "distro: uos"], r.stdout
 
 
 def test_version_answers_before_typer_and_is_the_package_version(ws: Path):
@@ -173,3 +206,71 @@ def test_a_listed_command_used_directly_runs_the_real_one(ws: Path):
     r = subprocess.run([sys.executable, "-c", code], cwd=ws, env=_env(), capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
     assert f'"release": "{RELEASE}"' in r.stdout
+
+
+CACHED_RELEASE = "6.1.0-999-amd64"  # catalog test data: a kernel that never has to exist (nothing is built)
+
+
+@pytest.fixture(scope="module")
+def cached_build(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A workspace whose store already holds the build of cmdline-demo for a catalog kernel on an SSH build
+    host (the host's builder version recorded, the artifact stored under the inputs digest), so that
+    `kpipe build` is answered from the store without contacting the host (which does not exist)."""
+    root = tmp_path_factory.mktemp("cached")
+    (root / "recipes").mkdir()
+    (root / "patches").mkdir()
+    shutil.copytree(REPO / "recipes" / "templates", root / "recipes" / "templates")
+    kept, skip = [], False  # the repository's recipe without its signing section (no signer here)
+    for line in (REPO / "recipes" / "cmdline-demo.yaml").read_text().splitlines():
+        skip = line.startswith("signing:") or (skip and (line.startswith(" ") or not line.strip()))
+        if not skip:
+            kept.append(line)
+    (root / "recipes" / "cmdline-demo.yaml").write_text("\n".join(kept) + "\n")
+    (root / "kpipe.toml").write_text(f'[workspace]\nstore = ".kpipe"\n\n[[build_hosts]]\nname = "far"\n'
+                                     f'address = "192.0.2.1"\nkernels = ["*"]\n\n[[kernels]]\n'
+                                     f'release = "{CACHED_RELEASE}"\nheaders = "/nonexistent/headers"\n')
+    seed = ("from pathlib import Path\n"
+            "from kpipe import recipes\n"
+            "from kpipe.artifacts import add_artifact\n"
+            "from kpipe.builder.records import ensure_schema, save_tool_version\n"
+            "from kpipe.workspace import load_workspace\n"
+            "ws = load_workspace(Path('.').resolve())\n"
+            f"spec = recipes.render(ws, 'cmdline-demo', '{CACHED_RELEASE}')\n"
+            "ensure_schema(ws.store)\n"
+            "save_tool_version(ws.store, 'far', 'kbuild', 'make 4.3', '/tmp/kpipe-builds')\n"
+            "Path('m.ko').write_bytes(b'\\x7fELF cached')\n"
+            f"add_artifact(ws.store, Path('m.ko'), kernel='{CACHED_RELEASE}', module_name=spec.module_name,"
+            " recipe='cmdline-demo', builder='kbuild', build_host='far',"
+            " inputs_digest=spec.inputs_digest('make 4.3'))\n")
+    subprocess.run([sys.executable, "-c", seed], cwd=root, env=_env(), check=True, timeout=120)
+    return root
+
+
+def test_a_cache_hit_build_contacts_no_host_and_loads_no_ssh_or_rich(cached_build: Path):
+    """The cache key needs the rendered recipe (Jinja2 stays), not the build host: no SSH library, no ELF
+    reader, and piped, no Rich."""
+    r, names = imported(("build", "--recipe", "cmdline-demo", "--kernel", CACHED_RELEASE), cached_build)
+    assert r.returncode == 0, r.stdout + r.stderr[-2000:]
+    assert "cached answered from the store" in r.stdout, r.stdout
+    forbidden = (*SSH, *NO_ELF, *NO_RICH, *NO_LAB, "kpipe.transport.ssh")
+    loaded = sorted({n.split(".")[0] if not n.startswith("kpipe") else n for n in names
+                     if any(_matches(n, f) for f in forbidden)})
+    assert not loaded, f"a cache-hit `kpipe build` imported {loaded}"
+
+
+def test_a_group_command_converts_only_the_subcommand_that_runs():
+    """`kpipe rollout status` turns one function into click parameters, not every rollout command's; the
+    group's help and completion (no exact subcommand) still get every command."""
+    from kpipe.cli.app import load_commands
+
+    every = set(load_commands("rollout")["rollout"].commands)
+    assert {"status", "start", "plan", "list"} <= every
+    assert set(load_commands("rollout", ("rollout", "status"))["rollout"].commands) == {"status"}
+    assert set(load_commands("kernels", ("kernels", "symbols"))["kernels"].commands) == {"symbols"}
+    assert set(load_commands("rollout", ("rollout", "stat"))["rollout"].commands) == every  # a prefix: all
+    assert set(load_commands("rollout")["rollout"].commands) == every  # the module's app is left whole
+
+
+def test_an_unknown_subcommand_is_still_a_usage_error_with_the_group_s_commands(ws: Path):
+    r, _ = imported(("rollout", "stauts", "last"), ws)
+    assert r.returncode == 2 and "No such command" in r.stderr and "status" in r.stderr, r.stderr[-2000:]

@@ -121,14 +121,47 @@ def command_module(module: str) -> _Registers:
             raise KeyError(f"no kpipe.cli command module {module!r}")
 
 
-def load_commands(module: str) -> dict[str, Any]:
-    """The click commands kpipe.cli.<module> registers, by name (imports that module and Typer)."""
+def load_commands(module: str, only: tuple[str, str] | None = None) -> dict[str, Any]:
+    """The click commands kpipe.cli.<module> registers, by name (imports that module and Typer).
+
+    only=(group, sub): the group is converted with that one subcommand (or sub-group) alone, when it has
+    one of that exact name: `kpipe rollout status` turns one function signature into click parameters, not
+    every rollout command's. Anything else (a group's --help, a prefix being completed) gets the whole group."""
     import typer
     import typer.main
 
     scratch = typer.Typer()
     command_module(module).register(scratch)
+    if only is not None:
+        scratch.registered_groups = [_trimmed(info, only[1]) if _name_of(info) == only[0] else info
+                                     for info in scratch.registered_groups]
     return dict(typer.main.get_group(scratch).commands)
+
+
+def _name_of(info: Any) -> str:
+    """A registered command's or sub-app's command name, as Typer derives it."""
+    name = getattr(info, "name", None)
+    if isinstance(name, str) and name:
+        return name
+    callback = getattr(info, "callback", None)
+    return str(getattr(callback, "__name__", "")).lower().replace("_", "-")
+
+
+def _trimmed(group: Any, sub: str) -> Any:
+    """A copy of a registered sub-app that holds only its command or sub-group named `sub` (the original,
+    and so full_command and --help, keep them all); the group itself when it has no such member."""
+    import copy
+
+    app = group.typer_instance
+    commands = [c for c in app.registered_commands if _name_of(c) == sub]
+    groups = [g for g in app.registered_groups if _name_of(g) == sub]
+    if not commands and not groups:
+        return group
+    lean = copy.copy(app)
+    lean.registered_commands, lean.registered_groups = commands, groups
+    info = copy.copy(group)
+    info.typer_instance = lean
+    return info
 
 
 def _lazy_group_class() -> type[TyperGroup]:
@@ -158,7 +191,9 @@ def _lazy_group_class() -> type[TyperGroup]:
         def resolve_command(self, ctx: Any, args: list[str]) -> tuple[str | None, Any, list[str]]:
             cmd = self.commands.get(args[0]) if args else None
             if isinstance(cmd, _Placeholder):
-                self.commands.update(load_commands(cmd.module))
+                # `kpipe GROUP SUB ...`: convert SUB alone (help and completion of the group take all of it)
+                sub = args[1] if len(args) > 1 and not args[1].startswith("-") else None
+                self.commands.update(load_commands(cmd.module, (args[0], sub) if sub else None))
             return super().resolve_command(ctx, args)
 
     return LazyGroup

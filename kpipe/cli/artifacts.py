@@ -28,26 +28,20 @@ def list_cmd(
 ) -> None:
     """List artifacts, newest first."""
     from kpipe.artifacts import list_artifacts
-    from kpipe.cli.context import print_json, state
+    from kpipe.cli.context import print_json, print_markup, print_table, state
 
     st = state()
     arts = list_artifacts(st.workspace.store, kernel=kernel, recipe=recipe, status=status)
     if json_out:
         print_json([a.to_dict() for a in arts])
         return
-    from rich.markup import escape  # after the JSON return: --json output loads no Rich
-    from rich.table import Table
-
     if not arts:
-        st.console.print("no artifacts" + (" match" if kernel or recipe or status else " yet; run `kpipe build`"))
+        print_markup("no artifacts" + (" match" if kernel or recipe or status else " yet; run `kpipe build`"))
         return
-    table = Table()
-    for col in ("id", "module", "kernel", "recipe", "status", "signed", "host", "built"):
-        table.add_column(col)
-    for a in arts:
-        table.add_row(a.id, escape(a.module_name), escape(a.kernel), escape(a.recipe), a.status,
-                      "yes" if a.signed else "", escape(a.build_host), _when(a.created_at))
-    st.console.print(table)
+    # cells are plain text (never markup); Rich draws them only on a terminal
+    print_table(["id", "module", "kernel", "recipe", "status", "signed", "host", "built"],
+                [[a.id, a.module_name, a.kernel, a.recipe, str(a.status), "yes" if a.signed else "", a.build_host,
+                  _when(a.created_at)] for a in arts])
 
 
 @artifacts_app.command("show")

@@ -17,6 +17,7 @@ if TYPE_CHECKING:  # imported inside the commands: `kpipe --help` stays fast
 
     from kpipe.builder.runner import BuildEvent, BuildResult
     from kpipe.builder.spec import BuildSpec
+    from kpipe.cli.context import PlainConsole
     from kpipe.store import Store
     from kpipe.workspace import Workspace
 
@@ -61,7 +62,7 @@ def build(
                          hint="add --kernel RELEASE or --all-kernels")
     ws = st.workspace
     specs, errors = _specs(ws, kernel, recipe, all_kernels)
-    console = st.err_console if json_out else st.console
+    console = st.printer(stderr=json_out)  # Rich on a terminal; piped (scripts, CI), plain lines and no Rich
     progress = _Progress(console, verbose=verbose, quiet=False)
     runner = BuildRunner(ws, on_event=progress.event, options=BuildOptions(force=force, host=host, jobs=jobs))
     try:
@@ -203,7 +204,7 @@ def _specs(ws: Workspace, kernel: str | None, recipe: str | None,
 class _Progress:
     """Renders BuildEvents: milestones as lines, a live status line on a terminal."""
 
-    def __init__(self, console: Console, *, verbose: bool, quiet: bool) -> None:
+    def __init__(self, console: Console | PlainConsole, *, verbose: bool, quiet: bool) -> None:
         self.console = console
         self.verbose = verbose
         self.quiet = quiet
@@ -217,8 +218,10 @@ class _Progress:
     def status(self, total: int) -> AbstractContextManager[object]:
         import contextlib
 
+        from kpipe.cli.context import PlainConsole
+
         self.total = total
-        if not self.console.is_terminal or total == 0:
+        if isinstance(self.console, PlainConsole) or not self.console.is_terminal or total == 0:
             return contextlib.nullcontext()
         self._status = self.console.status(self._status_text(), spinner="dots")
         return self._status
@@ -228,7 +231,7 @@ class _Progress:
         return f"building {self.done}/{self.total} done" + (f" | {running}" if running else "")
 
     def event(self, ev: BuildEvent) -> None:
-        from rich.markup import escape
+        from kpipe.cli.context import esc as escape  # Rich's escaping, without loading Rich when piped
 
         with self._lock:
             t0 = self.started.setdefault(ev.key, time.monotonic())
@@ -261,11 +264,20 @@ class _Progress:
                 self._status.update(self._status_text())
 
 
-def _summary(console: Console, results: list[BuildResult]) -> None:
-    from rich.markup import escape
-    from rich.table import Table
+def _summary(console: Console | PlainConsole, results: list[BuildResult]) -> None:
+    from kpipe.cli.context import PlainConsole
+    from kpipe.cli.context import esc as escape
 
-    if len(results) > 1:
+    if len(results) > 1 and isinstance(console, PlainConsole):
+        # for tools and pipes: one tab-separated header line and one line per build (as `recipe list`)
+        console.print("\t".join(("recipe", "kernel", "host", "status", "artifact", "time", "detail")), markup=False)
+        for r in results:
+            cells = (r.recipe, r.kernel, r.host, str(r.status), r.artifact_id,
+                     f"{r.duration_s:.1f}s" if r.duration_s else "", r.message[-100:] if not r.ok else "")
+            console.print("\t".join(" ".join(str(c).split()) for c in cells), markup=False)
+    elif len(results) > 1:
+        from rich.table import Table
+
         table = Table(title="builds", show_lines=False)
         for col in ("recipe", "kernel", "host", "status", "artifact", "time", "detail"):
             table.add_column(col)
@@ -290,7 +302,7 @@ def _summary(console: Console, results: list[BuildResult]) -> None:
             console.print(f"  hint: {escape(r.hint)}")
 
 
-def _exit_for(results: list[BuildResult], console: Console | None) -> None:
+def _exit_for(results: list[BuildResult], console: Console | PlainConsole | None) -> None:
     from kpipe.errors import BuildFailed, ExitCode, KpipeError
 
     bad = [r for r in results if not r.ok]

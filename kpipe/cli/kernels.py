@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 import typer
 
-from kpipe.cli.context import print_json, state
+from kpipe.cli.context import print_fields, print_json, state
 from kpipe.cli.params import WORD
 from kpipe.cli.symbols import app as symbols_app
 
@@ -30,16 +30,9 @@ def parse_cmd(
     if json_out:
         print_json(k.to_dict())
         return
-    from rich.table import Table
-    from rich.text import Text
-
-    table = Table(show_header=False, box=None, pad_edge=False)
-    table.add_column(style="bold")
-    table.add_column()
-    for key, value in k.to_dict().items():
-        shown = ".".join(str(v) for v in value) if key == "version" else (value if value != "" else "-")
-        table.add_row(key, Text(str(shown)))
-    state().console.print(table)
+    rows = [(key, ".".join(str(v) for v in value) if key == "version" else str(value if value != "" else "-"))
+            for key, value in k.to_dict().items()]
+    print_fields(rows)  # Rich only on a terminal: piped, `key: value` lines
 
 
 def catalog_rows(ws: Workspace) -> list[dict[str, Any]]:

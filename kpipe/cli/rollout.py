@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 import typer
 
 from kpipe.cli import complete
-from kpipe.cli.context import esc, guarded, plural, print_json, state
+from kpipe.cli.context import esc, guarded, plural, print_json, print_markup, print_table, state
 from kpipe.cli.params import WORD
 
 if TYPE_CHECKING:
@@ -606,7 +606,7 @@ def status_cmd(rollout_id: str = typer.Argument("last", autocompletion=complete.
                                                 help="Rollout id, or `last` (the last one started)."),
                json_out: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
     """A rollout's state and every host's final state."""
-    from kpipe.rollout.engine import summarize
+    from kpipe.rollout.summary import summarize  # the journal alone: no engine, planner or transport
 
     j = _journal()
     rid = _resolve(j, rollout_id)
@@ -616,23 +616,14 @@ def status_cmd(rollout_id: str = typer.Argument("last", autocompletion=complete.
     if json_out:
         print_json({**rec.to_dict(), "owner_pid": owner, "hosts": s.hosts, "reasons": s.reasons})
         return
-    from rich.table import Table
-
-    con = state().console
-    con.print(f"rollout {esc(rid)}: [bold]{esc(rec.state)}[/bold] (target {esc(rec.target)})"
-              + (f", driven by pid {owner}" if owner else "")
-              + (", abort requested" if rec.abort_requested else ""))
+    print_markup(f"rollout {esc(rid)}: [bold]{esc(rec.state)}[/bold] (target {esc(rec.target)})"
+                 + (f", driven by pid {owner}" if owner else "")
+                 + (", abort requested" if rec.abort_requested else ""))
     if rec.detail.get("halt_reason"):
-        con.print(f"  halted: {esc(rec.detail['halt_reason'])}")
+        print_markup(f"  halted: {esc(rec.detail['halt_reason'])}")
     if rec.state == "interrupted":
-        con.print(f"  interrupted: continue with `kpipe rollout resume {esc(rid)}`")
-    t = Table()
-    t.add_column("host")
-    t.add_column("state")
-    t.add_column("reason")
-    for h, st in s.hosts.items():
-        t.add_row(esc(h), esc(st), esc(s.reasons.get(h, "")))
-    con.print(t)
+        print_markup(f"  interrupted: continue with `kpipe rollout resume {esc(rid)}`")
+    print_table(["host", "state", "reason"], [[h, str(st), s.reasons.get(h, "")] for h, st in s.hosts.items()])
 
 
 @rollout_app.command("list")

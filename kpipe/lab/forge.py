@@ -11,8 +11,8 @@ certificate digests). The kernel is booted from copies taken right after the
 normal build: kpatch-build later rebuilds the same tree with
 -ffunction-sections/-fdata-sections, and that vmlinux does not boot.
 
-Forged kernels join the kernel catalog (`forged_kernel_entries`) and the lab
-(`find_forged_kernel`).
+Forged kernels join the kernel catalog (kpipe.forged, the cache's reader, which imports no lab code)
+and the lab (`find_forged_kernel`).
 """
 
 from __future__ import annotations
@@ -34,11 +34,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kpipe.errors import ConfigError, KpipeError, NotFoundError
+from kpipe.forged import ForgedKernel as ForgedKernel  # the cache reader's names, re-exported by the forge
+from kpipe.forged import default_cache_dir as default_cache_dir
+from kpipe.forged import find_forged as find_forged
+from kpipe.forged import forged_kernel_entries as forged_kernel_entries
+from kpipe.forged import forged_kernels as forged_kernels
+from kpipe.forged import kernels_dir as kernels_dir
 from kpipe.lab.chroot import enter_argv
 
 if TYPE_CHECKING:
     from kpipe.lab.kernel import KernelImage
-    from kpipe.settings import KernelEntry
 
 FORMAT_VERSION = 1
 DEFAULT_MIRROR = "http://deb.debian.org/debian"
@@ -189,15 +194,6 @@ def release_of(tree: Path) -> str | None:
 
 
 # --------------------------------------------------------------------------- cache layout
-
-def default_cache_dir() -> Path:
-    """$KPIPE_FORGE_CACHE, else $XDG_CACHE_HOME/kpipe/forge, else ~/.cache/kpipe/forge."""
-    env = os.environ.get("KPIPE_FORGE_CACHE")
-    if env:
-        return Path(env).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")
-    return Path(base) / "kpipe" / "forge"
-
 
 @contextmanager
 def _locked(path: Path) -> Iterator[None]:
@@ -370,78 +366,6 @@ def _cert_pem(path: Path) -> bytes:
 
 # --------------------------------------------------------------------------- the forge
 
-@dataclass(frozen=True)
-class ForgedKernel:
-    """A forged kernel in the cache: its release and where its parts are."""
-
-    release: str
-    folder: Path
-    source: str  # debian:<suite>/<version>
-    package_version: str  # linux-source-<version>'s Debian version
-    key: str
-    created_at: float = 0.0
-    seconds: float = 0.0
-
-    @property
-    def tree(self) -> Path:
-        return self.folder / "src"
-
-    @property
-    def vmlinux(self) -> Path:
-        return self.folder / "vmlinux"
-
-    @property
-    def bzimage(self) -> Path:
-        return self.folder / "bzImage"
-
-    @property
-    def config(self) -> Path:
-        return self.folder / "config"
-
-    @property
-    def system_map(self) -> Path:
-        return self.folder / "System.map"
-
-    @property
-    def symvers(self) -> Path:
-        return self.folder / "Module.symvers"
-
-    @property
-    def cert(self) -> Path:
-        return self.folder / "trusted-cert.pem"
-
-    @property
-    def modules_dir(self) -> Path:
-        return self.folder / "modroot" / "lib" / "modules" / self.release
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"release": self.release, "source": self.source, "package_version": self.package_version,
-                "key": self.key, "folder": str(self.folder), "tree": str(self.tree), "vmlinux": str(self.vmlinux),
-                "bzImage": str(self.bzimage), "config": str(self.config), "system_map": str(self.system_map),
-                "module_symvers": str(self.symvers), "modules_dir": str(self.modules_dir),
-                "trusted_cert": str(self.cert), "created_at": self.created_at, "seconds": self.seconds}
-
-    @classmethod
-    def load(cls, folder: Path) -> ForgedKernel | None:
-        """The forged kernel recorded in folder/forge.json, or None when absent or unfinished."""
-        try:
-            d = json.loads((folder / "forge.json").read_text())
-        except (OSError, ValueError):
-            return None
-        if not isinstance(d, dict) or not d.get("complete"):
-            return None
-        try:
-            return cls(str(d["release"]), folder, str(d["source"]), str(d["package_version"]), str(d["key"]),
-                       float(d.get("created_at", 0.0)), float(d.get("seconds", 0.0)))
-        except (KeyError, TypeError, ValueError):  # a record from another format: not a kernel kpipe can use
-            return None
-
-
-def kernels_dir(cache_dir: Path | None = None) -> Path:
-    """Where forged kernels live (bind-mounted at the same path into chroots)."""
-    return (cache_dir or default_cache_dir()) / "kernels"
-
-
 def forge(source: ForgeSource, *, fragment: Path | None = None, cert: Path | None = None,
           jobs: int | None = None, mirror: str = DEFAULT_MIRROR, cache_dir: Path | None = None,
           progress: Progress | None = None) -> ForgedKernel:
@@ -559,43 +483,6 @@ def _build(chroot: Chroot, source: ForgeSource, pkg_version: str, frag: dict[str
 
 
 # --------------------------------------------------------------------------- registry
-
-def forged_kernels(cache_dir: Path | None = None) -> list[ForgedKernel]:
-    """Every finished forged kernel in the cache, newest first."""
-    base = kernels_dir(cache_dir)
-    try:
-        folders = [p for p in base.iterdir() if p.is_dir()]
-    except OSError:
-        return []
-    found = [k for k in (ForgedKernel.load(p) for p in folders) if k is not None]
-    return sorted(found, key=lambda k: k.created_at, reverse=True)
-
-
-def find_forged(release: str, cache_dir: Path | None = None) -> ForgedKernel | None:
-    """The newest forged kernel of that release, or None."""
-    for k in forged_kernels(cache_dir):
-        if k.release == release:
-            return k
-    return None
-
-
-def forged_kernel_entries(cache_dir: Path | None = None) -> list[KernelEntry]:
-    """Catalog entries (workspace.KernelEntry) for the forged kernels: tree, vmlinux, config on this machine."""
-    from kpipe.settings import KernelEntry
-
-    out = []
-    seen: set[str] = set()
-    for k in forged_kernels(cache_dir):
-        if k.release in seen:
-            continue
-        seen.add(k.release)
-        symbols = tuple(str(p) for p in (k.vmlinux, k.symvers) if p.is_file())
-        out.append(KernelEntry(release=k.release, arch="x86_64", distro="debian", source=str(k.tree),
-                               vmlinux=str(k.vmlinux), config=str(k.config), headers=str(k.tree),
-                               builder="kpatch-build", symbols=symbols, sig_hash="sha256",
-                               options={"forged": k.source}))
-    return out
-
 
 def find_forged_kernel(release: str, cache_dir: Path | None = None) -> KernelImage | None:
     """The lab's view (lab.kernel.KernelImage) of a forged kernel, or None."""

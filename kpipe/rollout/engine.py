@@ -41,6 +41,7 @@ from kpipe.prometheus import query as query_prometheus
 from kpipe.rollout.gate import GateConfig, SoakWatch, decide, gate_schedule, judge_host
 from kpipe.rollout.journal import Journal, host_state
 from kpipe.rollout.planner import Assignment, RolloutPlan
+from kpipe.rollout.summary import RunSummary, summarize
 
 if TYPE_CHECKING:  # pragma: no cover
     from kpipe.builder.spec import Probe
@@ -122,25 +123,6 @@ class HostResult:
     reason: str = ""
     step: str = ""
     detail: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass
-class RunSummary:
-    """What a start/resume/rollback ended with."""
-
-    rollout_id: str
-    state: str
-    hosts: dict[str, str]  # host -> final state
-    reasons: dict[str, str] = field(default_factory=dict)
-    halt_reason: str = ""
-
-    @property
-    def halted(self) -> bool:
-        return bool(self.halt_reason)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"rollout_id": self.rollout_id, "state": self.state, "hosts": self.hosts, "reasons": self.reasons,
-                "halt_reason": self.halt_reason}
 
 
 def classify(e: BaseException) -> tuple[str, str]:
@@ -905,51 +887,6 @@ def _finished_rollback(s: RunSummary) -> RunSummary:
     if s.state == "rolled_back":
         return RunSummary(s.rollout_id, s.state, s.hosts, s.reasons, "")
     return s
-
-
-def summarize(journal: Journal, rid: str) -> RunSummary:
-    """Every plan host's final state from the journal: applied, rolled_back, failed, unreachable, excluded,
-    pending (never touched), skipped (aborted before it started), interrupted (kpipe died in the host's
-    pipeline or rollback; the reason names the rollback step) or rolling_back (a live kpipe is at it)."""
-    rec = journal.get(rid)
-    plan = RolloutPlan.from_dict(rec.plan)
-    hosts: dict[str, str] = {}
-    reasons: dict[str, str] = {}
-    by_host = dict(journal.iter_hosts(rid))
-    alive = journal.live_owner(rid) is not None
-    for h in plan.hosts:
-        entries = by_host.get(h, [])
-        st = host_state(h, entries)
-        # no outcome yet: "pending" if never touched, "interrupted" if kpipe died in its pipeline
-        hosts[h] = st.outcome or ("interrupted" if entries else "pending")
-        # keep the first failure's reason even after a rollback outcome followed it
-        why = [str(e.detail["reason"]) for e in entries if e.step == "outcome" and e.detail.get("reason")]
-        if why:
-            reasons[h] = why[-1] if st.outcome != "rolled_back" else why[0]
-        step = _open_rollback(entries)
-        if step:
-            # rollback steps after the last outcome: the host may already be un-patched, never say applied
-            hosts[h] = "rolling_back" if alive else "interrupted"
-            reasons[h] = f"rollback {'at' if alive else 'interrupted at'} {step}"
-    for e in plan.excluded:
-        hosts[e.host] = "excluded"
-        reasons[e.host] = e.reason
-    halt = rec.detail.get("halt_reason", "") if rec.state in ("halted", "rolled_back") else ""
-    return RunSummary(rid, rec.state, hosts, reasons, halt)
-
-
-def _open_rollback(entries: list[Any]) -> str:
-    """The rollback step a host is in (e.g. "rb-unload (started, not finished)") when rollback steps follow
-    its last outcome; "" when none do."""
-    last = max((i for i, e in enumerate(entries) if e.step == "outcome"), default=-1)
-    rb = [e for e in entries[last + 1:] if e.step.startswith("rb-")]
-    if not rb:
-        return ""
-    open_steps = [e.step for e in rb if e.phase == "intended"
-                  and not any(x.step == e.step and x.seq > e.seq and x.phase != "intended" for x in rb)]
-    if open_steps:
-        return f"{open_steps[-1]} (started, not finished)"
-    return f"{rb[-1].step} ({rb[-1].phase}; the next step did not start)"
 
 
 def _matches(host: str, pattern: str | frozenset[str] | None) -> bool:
