@@ -49,6 +49,9 @@ COMMANDS: dict[str, CommandEntry] = {
     "keys": CommandEntry("keys", "Module-signing keys (the kernel's X.509 format)."),
     "fleet": CommandEntry("fleet", "The fleet: hosts from kpipe's fleet file and Ansible inventories, and their "
                                    "facts."),
+    "unpersist": CommandEntry("persist", "Remove what `rollout start --persist` installed for boot (kpipe's unit "
+                                         "and file, or kpatch uninstall) on a rollout's hosts; the live patch stays "
+                                         "loaded."),
     "rollout": CommandEntry("rollout", "Staged, health-gated rollouts with a journal, resume and rollback."),
     "lab": CommandEntry("lab", "Disposable qemu VMs of a target kernel, reachable over SSH."),
 }
