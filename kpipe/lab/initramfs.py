@@ -72,9 +72,16 @@ export PATH=/sbin:/usr/sbin:/bin:/usr/bin
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev 2>/dev/null
-for m in virtio_pci virtio_blk crc32c_generic ext4; do /sbin/modprobe "$m" 2>/dev/null; done
+for m in virtio_pci virtio_net virtio_blk crc32c_generic ext4; do /sbin/modprobe "$m" 2>/dev/null; done
 i=0
 while [ ! -b /dev/vda ] && [ $i -lt 300 ]; do sleep 0.1; i=$((i+1)); done
+# the address survives switch_root: systemd needs no network daemon (and no minutes of TCG time for one)
+i=0
+while [ ! -e /sys/class/net/eth0 ] && [ $i -lt 300 ]; do sleep 0.1; i=$((i+1)); done
+ip link set lo up
+ip link set eth0 up
+ip addr add 10.0.2.15/24 dev eth0
+ip route add default via 10.0.2.2
 mkdir -p /newroot
 if ! mount -t ext4 -o rw /dev/vda /newroot; then
   echo "KPIPE-LAB-ROOTFS-FAILED: cannot mount /dev/vda as ext4" > /dev/console
