@@ -120,6 +120,10 @@ def command_module(module: str) -> _Registers:
             from kpipe.cli import lab
 
             return lab
+        case "persist":
+            from kpipe.cli import persist
+
+            return persist
         case _:
             raise KeyError(f"no kpipe.cli command module {module!r}")
 
