@@ -10,6 +10,7 @@ import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -26,6 +27,7 @@ def rootfs_lab(tmp_path_factory: pytest.TempPathFactory, kernel_env: Any, kind: 
     release = kernel_env.release
     ws = tmp_path_factory.mktemp(f"lab-{kind}")
     (ws / "kpipe.toml").write_text('[workspace]\nstore = ".kpipe"\n')
+    shutil.copytree(Path(__file__).resolve().parent.parent / "recipes", ws / "recipes")  # the probe's recipe
     ko = build_module(ws, kernel_env.headers)
     from kpipe.artifacts import add_artifact
     from kpipe.store import Store

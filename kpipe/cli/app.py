@@ -41,6 +41,9 @@ COMMANDS: dict[str, CommandEntry] = {
                                     "desired state (exit 1 if any host is not compliant)."),
     "audit": CommandEntry("audit", "Report desired vs observed live-patch state per host and patch, as a table, "
                                    "JSON, JUnit XML, Prometheus text or HTML."),
+    "unpersist": CommandEntry("persist", "Remove what `rollout start --persist` installed for boot (kpipe's unit "
+                                         "and file, or kpatch uninstall) on a rollout's hosts; the live patch stays "
+                                         "loaded."),
     "preflight": CommandEntry("lab", "Boot the artifact's kernel in a VM (or reuse a lab VM with --vm), load, "
                                      "verify, probe, unload, verify removal."),
     "kernels": CommandEntry("kernels", "Kernel releases and the workspace's kernel catalog."),
@@ -49,9 +52,6 @@ COMMANDS: dict[str, CommandEntry] = {
     "keys": CommandEntry("keys", "Module-signing keys (the kernel's X.509 format)."),
     "fleet": CommandEntry("fleet", "The fleet: hosts from kpipe's fleet file and Ansible inventories, and their "
                                    "facts."),
-    "unpersist": CommandEntry("persist", "Remove what `rollout start --persist` installed for boot (kpipe's unit "
-                                         "and file, or kpatch uninstall) on a rollout's hosts; the live patch stays "
-                                         "loaded."),
     "rollout": CommandEntry("rollout", "Staged, health-gated rollouts with a journal, resume and rollback."),
     "lab": CommandEntry("lab", "Disposable qemu VMs of a target kernel, reachable over SSH."),
 }

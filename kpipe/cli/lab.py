@@ -86,7 +86,8 @@ def up_cmd(
 
 @lab_app.command("reboot")
 def reboot_cmd(
-    vm: str = typer.Argument(..., autocompletion=complete.lab_vms, metavar="VM", help="The lab VM to reboot."),
+    vm: str = typer.Argument(..., autocompletion=complete.lab_vms, metavar="VM", click_type=WORD,
+                             help="The lab VM to reboot."),
     timeout: float = typer.Option(480.0, "--timeout", metavar="SECONDS", help="Seconds until it must answer SSH."),
 ) -> None:
     """Reboot one VM (systemctl reboot on a --rootfs VM, a reset for busybox) and wait for SSH."""
