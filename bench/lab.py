@@ -1,10 +1,13 @@
 """bench/lab: boot-to-SSH time of one lab VM and of three, and qemu RSS per VM.
 
-    python bench/lab.py [--runs N] [--memory MB] [--json FILE]
+    python bench/lab.py [--runs N] [--memory MB] [--json FILE] [--rootfs debian]
 
 The kernel package and the base initramfs are warmed first, so the figures
 are what a second `kpipe lab up` costs. Target: three VMs ready within 2x the
-time of one. Every VM is stopped at the end (also on failure).
+time of one. With --rootfs, one more boot of one VM with that Debian userland
+(systemd as init) is measured and printed beside the busybox figure (its image
+is built first if it is not cached: that build is timed apart). Every VM is
+stopped at the end (also on failure).
 """
 
 from __future__ import annotations
@@ -27,12 +30,12 @@ from kpipe.lab.kernel import boot_image  # noqa: E402
 TARGET_RATIO = 2.0
 
 
-def boot(image, folder: Path, n: int, memory: int) -> tuple[float, list[float]]:
+def boot(image, folder: Path, n: int, memory: int, rootfs: str = "") -> tuple[float, list[float]]:
     """Seconds from `up` to every VM answering SSH; RSS (MiB) of each qemu once ready."""
     lab = Lab(folder, prefix="bench")
     try:
         t0 = time.monotonic()
-        st = lab.up(image, LabConfig(vms=n, memory_mb=memory))
+        st = lab.up(image, LabConfig(vms=n, memory_mb=memory, rootfs=rootfs))
         seconds = time.monotonic() - t0
         rss = [vmmod.rss_kib(v.pid) / 1024 for v in st.vms]
         return seconds, rss
@@ -46,6 +49,7 @@ def main() -> int:
     ap.add_argument("--memory", type=int, default=256, help="guest memory in MiB")
     ap.add_argument("--kernel", default=None, help="Debian kernel release (default: the current one)")
     ap.add_argument("--json", dest="json_out", default="", help="also write the figures to this file")
+    ap.add_argument("--rootfs", default="", help="also boot one VM with this userland (debian, debian-selinux)")
     args = ap.parse_args()
 
     t0 = time.monotonic()
@@ -68,14 +72,28 @@ def main() -> int:
                 rss += r
                 print(f"  run {run + 1}: {n} VM(s) ready in {seconds:5.1f} s, RSS "
                       + ", ".join(f"{x:.0f}" for x in r) + " MiB")
+        systemd_s = None
+        if args.rootfs:
+            from kpipe.lab import rootfs
+
+            tb = time.monotonic()
+            rootfs.ensure_image(rootfs.kind_of(args.rootfs), image, lab_cache, print)
+            initramfs.build_base(image, lab_cache, rootfs=True)
+            print(f"  {args.rootfs} image and rootfs initramfs ready in {time.monotonic() - tb:.1f} s")
+            systemd_s, r = boot(image, Path(tmp) / "rootfs", 1, max(args.memory, rootfs.MIN_MEMORY_MB), args.rootfs)
+            print(f"  --rootfs {args.rootfs}: 1 VM (systemd) ready in {systemd_s:5.1f} s, RSS {r[0]:.0f} MiB")
     one, three = statistics.median(results[1]), statistics.median(results[3])
     ratio = three / one
     figures = {"one_vm_s": round(one, 2), "three_vms_s": round(three, 2), "ratio": round(ratio, 2),
                "target_ratio": TARGET_RATIO, "rss_mib_median": round(statistics.median(rss), 1),
                "rss_mib_max": round(max(rss), 1), "runs": args.runs, "memory_mb": args.memory,
-               "kernel": image.release}
+               "kernel": image.release, "rootfs": args.rootfs or None,
+               "systemd_one_vm_s": round(systemd_s, 2) if systemd_s is not None else None}
     print(f"boot-to-SSH: 1 VM {one:.1f} s, 3 VMs {three:.1f} s -> ratio {ratio:.2f}x "
           f"(target <= {TARGET_RATIO:.1f}x: {'met' if ratio <= TARGET_RATIO else 'MISSED'})")
+    if systemd_s is not None:
+        print(f"boot-to-SSH, one VM: busybox initramfs {one:.1f} s, {args.rootfs} with systemd {systemd_s:.1f} s "
+              f"({systemd_s / one:.1f}x)")
     print(f"qemu RSS per VM: median {figures['rss_mib_median']:.0f} MiB, max {figures['rss_mib_max']:.0f} MiB")
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(figures, indent=2) + "\n")

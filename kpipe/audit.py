@@ -101,6 +101,8 @@ class ObservedHost:
     arch: str = ""  # `uname -m`, normalised (the CVE view matches it against the recipe's kernel)
     # module name -> (build-id hex, srcversion) of the loaded module, "" where the kernel shows none
     builds: Mapping[str, tuple[str, str]] = field(default_factory=dict)
+    # module names (sysfs spelling) persisted for boot: kpipe-livepatch.service's files, or kpatch's
+    persisted: frozenset[str] = frozenset()
 
 
 # -- result --------------------------------------------------------------------------------------------------------
@@ -147,6 +149,7 @@ class HostAudit:
     tainted: int | None
     error: str
     rows: tuple[PatchStatus, ...]
+    persisted: tuple[str, ...] = ()  # modules loaded again at boot; a loaded patch not in it is live-only
 
     @property
     def compliant(self) -> bool:
@@ -161,7 +164,14 @@ class HostAudit:
         return {"host": self.host, "reachable": self.reachable, "kernel": self.kernel, "tainted": self.tainted,
                 "taint_flags": taint_letters(self.tainted) if self.tainted is not None else None,
                 "error": self.error, "status": str(self.status), "compliant": self.compliant,
-                "patches": [r.to_dict() for r in self.rows]}
+                "persisted": list(self.persisted),
+                "patches": [self._row_dict(r) for r in self.rows]}
+
+    def _row_dict(self, r: PatchStatus) -> dict[str, Any]:
+        d = r.to_dict()
+        if r.patch != HOST_ROW:  # persisted: loaded again at boot; false: live-only
+            d["observed"]["persisted"] = r.patch in self.persisted
+        return d
 
 
 @dataclass(frozen=True)
@@ -389,7 +399,7 @@ def evaluate_host(desired: DesiredState, obs: ObservedHost, *,
 
     if not rows:
         rows.append(PatchStatus(host, HOST_ROW, COMPLIANT, "no live patch expected or loaded"))
-    return HostAudit(host, True, obs.kernel, obs.tainted, obs.error, tuple(rows))
+    return HostAudit(host, True, obs.kernel, obs.tainted, obs.error, tuple(rows), tuple(sorted(obs.persisted)))
 
 
 def observed_from_livepatch(host: str, state: Any, *, kernel: str = "", installed: Mapping[str, str] | None = None,
@@ -412,8 +422,10 @@ def observed_from_facts(facts: Any, state: Any = None) -> ObservedHost:
         modules = {n: bool(m.present) for n, m in state.modules.items()}
         builds = {n: (getattr(m, "build_id", ""), getattr(m, "srcversion", "")) for n, m in state.modules.items()
                   if m.present}
+    persisted = frozenset(module_name(f) for f in getattr(facts, "persisted", ()))
     return ObservedHost(host=facts.name, reachable=True, kernel=facts.release, arch=getattr(facts, "arch", ""),
-                        tainted=facts.tainted, patches=patches, installed=installed, modules=modules, builds=builds)
+                        tainted=facts.tainted, patches=patches, installed=installed, modules=modules, builds=builds,
+                        persisted=persisted)
 
 
 def unreachable(host: str, error: str) -> ObservedHost:

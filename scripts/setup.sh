@@ -16,6 +16,8 @@ $SUDO apt-get install -y -q --no-install-recommends \
 # The kernel forge (kpipe lab forge) and its kpatch-build build host: mmdebstrap makes a chroot of the
 # source's suite (with its own apt sources; the host's are never changed), unshare gives it private mounts.
 $SUDO apt-get install -y -q --no-install-recommends mmdebstrap debian-archive-keyring util-linux
+# `kpipe lab up --rootfs debian`: the image (mkfs.ext4 -d) and each VM's copy-on-write overlay (qemu-img).
+$SUDO apt-get install -y -q --no-install-recommends e2fsprogs qemu-utils
 # The rollout gate's Prometheus check is tested against a real server (tests/test_gates_prometheus.py; the test
 # starts its own on a free loopback port; the package's service is not needed).
 $SUDO apt-get install -y -q --no-install-recommends prometheus

@@ -62,3 +62,19 @@ def sshd_factory(tmp_path_factory: pytest.TempPathFactory, client_key: Path) -> 
 def sshd(sshd_factory) -> SshdServer:
     """One real sshd on a loopback port."""
     return sshd_factory()
+
+
+@pytest.fixture(scope="session")
+def debian_lab(tmp_path_factory: pytest.TempPathFactory, kernel_env: KernelEnv) -> Iterator:
+    """One `kpipe lab up --rootfs debian` VM (lab1) + the cmdline demo artifact, for the whole session."""
+    from rootfs_lab import rootfs_lab
+
+    yield from rootfs_lab(tmp_path_factory, kernel_env, "debian")
+
+
+@pytest.fixture(scope="session")
+def selinux_lab(tmp_path_factory: pytest.TempPathFactory, kernel_env: KernelEnv) -> Iterator:
+    """One `kpipe lab up --rootfs debian-selinux` VM (lab1) + the cmdline demo artifact."""
+    from rootfs_lab import rootfs_lab
+
+    yield from rootfs_lab(tmp_path_factory, kernel_env, "debian-selinux")

@@ -71,6 +71,11 @@ RMMOD_ARGV = ("/sbin/rmmod", "livepatch_demo")
 VERIFY_ARGV = sh(lp.VERIFY_SCRIPT, "livepatch_demo")
 
 
+PERSISTED = f"/var/lib/kpipe/modules/{R}/livepatch_demo/{FILE}"
+PERSIST_ARGV = sh(lp.PERSIST_SCRIPT, DEST, PERSISTED.rsplit("/", 1)[0], PERSISTED, lp.PERSIST_UNIT_PATH,
+                  lp.PERSIST_UNIT_TEXT, lp.PERSIST_LOADER_PATH, lp.PERSIST_LOADER, "")
+
+
 def wait_argv(timeout: str, wanted: str) -> tuple[str, ...]:
     return sh(lp.WAIT_SCRIPT, "livepatch_demo", timeout, wanted)
 
@@ -180,9 +185,9 @@ def names(steps: list[Step[Any]]) -> list[str]:
     # the same build loaded by hand, no marker journaled: none to reuse
     ({**FACTS, "staged": SHA}, LOADED, "", False, ["stage", "load", "wait", "verify"],
      [CHECK_ARGV, STATE_ARGV, wait_argv("30", "0"), VERIFY_ARGV]),
-    # persist without the kpatch CLI: a read that says so; with it: kpatch install
+    # persist without the kpatch CLI: kpipe's own layout and unit; with it: kpatch install
     ({**FACTS, "staged": SHA}, NONE, "", True, ["stage", "marker", "load", "wait", "verify", "persist"],
-     [CHECK_ARGV, MARKER_ARGV, INSMOD_ARGV, wait_argv("30", "0"), VERIFY_ARGV, sh(lp.KPATCH_CLI_SCRIPT)]),
+     [CHECK_ARGV, MARKER_ARGV, INSMOD_ARGV, wait_argv("30", "0"), VERIFY_ARGV, PERSIST_ARGV]),
     ({**FACTS, "staged": SHA, "kpatch_cli": "1"}, NONE, "", True,
      ["stage", "marker", "load", "wait", "verify", "persist"],
      [CHECK_ARGV, MARKER_ARGV, KPATCH_LOAD_ARGV, wait_argv("30", "0"), VERIFY_ARGV,
@@ -472,16 +477,20 @@ def test_probe_interpreter(stdout, code, want):
 
 
 @pytest.mark.parametrize("kpatch_cli, code, stdout, stderr, want", [
-    (True, 0, "", "", {"persisted": True}),
+    (True, 0, "", "", {"persisted": True, "method": "kpatch"}),
     (True, 1, "", "kpatch: livepatch-demo.ko: module not found\n",
      ("failed", "kpatch install failed: persist exited 1: kpatch: livepatch-demo.ko: module not found")),
-    (False, 0, "no\n", "", {"persisted": False, "why": "no kpatch CLI on the host: staged only, not loaded at boot"}),
-    (False, 0, "yes\n", "", ("failed", "the kpatch CLI appeared after the facts were read; run again to persist")),
+    (False, 0, "persisted\n", "", {"persisted": True, "method": "kpipe", "path": PERSISTED,
+                                   "unit": "kpipe-livepatch.service"}),
+    (False, 0, "no-systemd\n", "",
+     {"persisted": False, "why": "no kpatch CLI and no systemd on the host: staged only, not loaded at boot"}),
+    (False, 6, "", "systemctl enable kpipe-livepatch.service failed\n",
+     ("failed", f"persisting {PERSISTED} failed: systemctl enable kpipe-livepatch.service failed")),
 ])
 def test_persist_interpreters(kpatch_cli, code, stdout, stderr, want):
     step, = lp.persist_plan(R, DEST, kpatch_cli)
     assert outcome(step, code, stdout, stderr) == want
-    assert step.writes == kpatch_cli
+    assert step.writes
     un = lp.uninstall_step(R, FILE)
     assert un.argv() == ("kpatch", "uninstall", "-k", R, FILE) and un.done is not None
     assert un.done(un.interpret(result(un, 1, "", "not installed"))) == {"exit": 1}

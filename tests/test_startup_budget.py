@@ -34,7 +34,8 @@ NO_ENGINE = ("kpipe.rollout.engine", "kpipe.rollout.planner", "kpipe.rollout.gat
              "kpipe.transport", "kpipe.fleet")
 # kpipe.cli modules that define commands: --help and completion list them from a static table instead
 COMMAND_MODULES = tuple(f"kpipe.cli.{m}" for m in ("init", "kernels", "symbols", "recipe", "build", "artifacts",
-                                                    "validate", "sign", "keys", "fleet", "rollout", "audit", "lab"))
+                                                    "validate", "sign", "keys", "fleet", "rollout", "audit", "persist",
+                                                    "lab"))
 
 BUDGET: list[tuple[tuple[str, ...], tuple[str, ...]]] = [
     (("--version",), ("typer", "click", "rich", "sqlite3", "kpipe.errors", "kpipe.cli.context", *SSH)),
@@ -172,7 +173,7 @@ def test_the_static_command_table_is_what_the_modules_register():
 
     eager = typer.Typer()
     for module in ("init", "kernels", "recipe", "build", "artifacts", "validate", "sign", "keys", "fleet",
-                   "rollout", "audit", "lab"):
+                   "rollout", "audit", "persist", "lab"):
         importlib.import_module(f"kpipe.cli.{module}").register(eager)
     assert list(get_group(eager).commands) == list(COMMANDS)
 

@@ -41,6 +41,9 @@ COMMANDS: dict[str, CommandEntry] = {
                                     "desired state (exit 1 if any host is not compliant)."),
     "audit": CommandEntry("audit", "Report desired vs observed live-patch state per host and patch, as a table, "
                                    "JSON, JUnit XML, Prometheus text or HTML."),
+    "unpersist": CommandEntry("persist", "Remove what `rollout start --persist` installed for boot (kpipe's unit "
+                                         "and file, or kpatch uninstall) on a rollout's hosts; the live patch stays "
+                                         "loaded."),
     "preflight": CommandEntry("lab", "Boot the artifact's kernel in a VM (or reuse a lab VM with --vm), load, "
                                      "verify, probe, unload, verify removal."),
     "kernels": CommandEntry("kernels", "Kernel releases and the workspace's kernel catalog."),
@@ -117,6 +120,10 @@ def command_module(module: str) -> _Registers:
             from kpipe.cli import lab
 
             return lab
+        case "persist":
+            from kpipe.cli import persist
+
+            return persist
         case _:
             raise KeyError(f"no kpipe.cli command module {module!r}")
 

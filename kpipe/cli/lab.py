@@ -53,6 +53,9 @@ def up_cmd(
     timeout: float = typer.Option(480.0, "--timeout", metavar="SECONDS",
                                   help="Seconds until every VM must answer SSH."),
     json_out: bool = typer.Option(False, "--json", help="Print the lab as JSON."),
+    rootfs: str = typer.Option("busybox", "--rootfs", metavar="KIND",
+                               help="Guest userland: busybox (initramfs, fast), debian (systemd, OpenSSH, Python 3 "
+                               "on a cached disk image) or debian-selinux (the same, SELinux permissive)."),
 ) -> None:
     """Boot N VMs and write .lab/inventory.yml and .lab/known_hosts."""
     from kpipe.cli.context import esc, print_json, state
@@ -70,7 +73,8 @@ def up_cmd(
     section = st.workspace.settings.lab
     cfg = LabConfig(vms=vms or section.vms, memory_mb=memory or section.memory,
                     sig_enforce=sig_enforce, sig_enforce_vms=enforce_vms,
-                    append=" ".join(a for a in (section.append, append) if a), boot_timeout=timeout)
+                    append=" ".join(a for a in (section.append, append) if a), boot_timeout=timeout,
+                    rootfs="" if rootfs == "busybox" else rootfs)
     lab.up(image, cfg, say)
     status = lab.status()
     if json_out:
@@ -78,6 +82,20 @@ def up_cmd(
         return
     _print_status(status)
     st.console.print(f"inventory: {esc(status['inventory'])}  (fleet group `lab`)")
+
+
+@lab_app.command("reboot")
+def reboot_cmd(
+    vm: str = typer.Argument(..., autocompletion=complete.lab_vms, metavar="VM", click_type=WORD,
+                             help="The lab VM to reboot."),
+    timeout: float = typer.Option(480.0, "--timeout", metavar="SECONDS", help="Seconds until it must answer SSH."),
+) -> None:
+    """Reboot one VM (systemctl reboot on a --rootfs VM, a reset for busybox) and wait for SSH."""
+    from kpipe.cli.context import esc, state
+
+    st = state()
+    new = _lab().reboot(vm, timeout, lambda m: st.console.print(f"[dim]lab:[/] {esc(m)}"))
+    st.console.print(f"{esc(new.name)} is up again: ssh 127.0.0.1:{new.ssh_port}, pid {new.pid}")
 
 
 @lab_app.command("status")

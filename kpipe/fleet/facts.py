@@ -80,6 +80,9 @@ if [ -n "$r" ] && [ -d "/var/lib/kpatch/$r" ]; then
     sha256sum "$f" 2>/dev/null || printf '? %s\n' "$f"
   done
 fi
+if [ -n "$r" ] && [ -d "/var/lib/kpipe/modules/$r" ]; then
+  for f in "/var/lib/kpipe/modules/$r"/*/*.ko; do [ -f "$f" ] && printf 'persisted %s\n' "${f##*/}"; done
+fi
 echo "---livepatch---"
 set --
 """
@@ -133,6 +136,7 @@ class HostFacts:
     free_path: str = ""
     installed: tuple[InstalledModule, ...] = ()
     warnings: tuple[str, ...] = ()  # non-fatal oddities in the output
+    persisted: tuple[str, ...] = ()  # module files loaded at boot: kpipe's layout, or kpatch's with its CLI
 
     @property
     def taint_flags(self) -> str:
@@ -153,7 +157,7 @@ class HostFacts:
             "patches": {k: v.to_dict() for k, v in self.patches.items()}, "kpatch_cli": self.kpatch_cli,
             "selinux": self.selinux, "sig_enforce": self.sig_enforce, "free_kb": self.free_kb,
             "free_path": self.free_path, "installed": [m.to_dict() for m in self.installed],
-            "warnings": list(self.warnings),
+            "warnings": list(self.warnings), "persisted": list(self.persisted),
         }
 
 
@@ -193,6 +197,7 @@ def parse_facts(name: str, stdout: str) -> HostFacts:
     rec: dict[str, str] = {}
     os_fields: dict[str, str] = {}
     installed: list[InstalledModule] = []
+    persisted: list[str] = []
     warnings: list[str] = []
     df_lines: list[str] | None = None
     df_path = ""
@@ -217,6 +222,8 @@ def parse_facts(name: str, stdout: str) -> HostFacts:
                 installed.append(InstalledModule(parts[1].strip(), parts[0]))
             else:
                 warnings.append(f"unreadable installed module line: {value[:120]!r}")
+        elif key == "persisted" and value.strip():
+            persisted.append(value.strip())
         elif key in ("release", "machine", "tainted", "kpatch", "selinux", "sig_enforce", "df"):
             if key in rec:
                 raise FactsError(f"facts output repeats {key!r}", host=name, hint=hint)
@@ -248,13 +255,15 @@ def parse_facts(name: str, stdout: str) -> HostFacts:
         warnings.append(f"sig_enforce reads {sig[:20]!r}")
     free_kb, free_path = _parse_df(rec.get("df", ""), warnings)
     kpatch = rec.get("kpatch", "-")
+    if kpatch not in ("-", ""):  # kpatch.service loads everything kpatch installed for the release
+        persisted += [m.file_name.rsplit("/", 1)[-1] for m in installed]
     return HostFacts(
         name=name, release=release, arch=normalize_arch(machine), machine=machine,
         os_id=os_fields.get("ID", ""), os_version=os_fields.get("VERSION_ID", ""),
         os_name=os_fields.get("PRETTY_NAME", ""), tainted=tainted, livepatch_sysfs=state.sysfs,
         patches=dict(state.patches), kpatch_cli="" if kpatch in ("-", "") else kpatch, selinux=selinux,
         sig_enforce=sig_enforce, free_kb=free_kb, free_path=free_path, installed=tuple(installed),
-        warnings=tuple(warnings),
+        warnings=tuple(warnings), persisted=tuple(sorted(set(persisted))),
     )
 
 

@@ -1030,29 +1030,161 @@ def unstage_step(release: str, module_file_name: str, sha256: str = "", *, step:
                                      label="unstage", **_ROOT), partial(_unstaged, dest, sha256))
 
 
+# --------------------------------------------------------------------------- SELinux labels
+
+SELINUX_MODULE_CONTEXT = "system_u:object_r:modules_object_t:s0"
+
+
+def _labelled(path: str, r: CommandResult) -> str:
+    if not r.ok:
+        raise LivepatchOpError(f"cannot label {path} {SELINUX_MODULE_CONTEXT}: {(r.stderr or r.stdout).strip()}",
+                               host=r.host, step="label", output=r.stdout + r.stderr,
+                               hint="the host has SELinux enabled: without modules_object_t its policy may refuse "
+                                    "the module; check chcon and the loaded policy")
+    return path
+
+
+def parse_ls_context(stdout: str) -> str:
+    """The SELinux context `ls -Z FILE` prints before the name ("" when it shows none, e.g. "?")."""
+    first = stdout.strip().split()[0] if stdout.strip() else ""
+    return first if first.count(":") >= 3 else ""
+
+
+def _label_checked(path: str, r: CommandResult) -> dict[str, str]:
+    got = parse_ls_context(r.stdout) if r.ok else ""
+    if got != SELINUX_MODULE_CONTEXT:
+        raise LivepatchOpError(f"{path} is labelled {got or 'nothing'} after chcon, want {SELINUX_MODULE_CONTEXT}",
+                               host=r.host, step="label", output=r.stdout + r.stderr,
+                               hint="the policy may not know modules_object_t; run restorecon or fix the policy")
+    return {"path": path, "context": got}
+
+
+def label_plan(path: str, *, step: str = "label") -> list[Step[Any]]:
+    """Label a staged module `system_u:object_r:modules_object_t:s0` (hosts with SELinux enabled, as the
+    facts say) and read the label back with `ls -Z`: a host where it does not stick fails with the reason."""
+    return [Step(step, Command.of("chcon", SELINUX_MODULE_CONTEXT, path, label="label", **_ROOT),
+                 partial(_labelled, path), intended={"path": path, "context": SELINUX_MODULE_CONTEXT}),
+            Step(step, Command.of("ls", "-Z", path, label="label-check", **_ROOT), partial(_label_checked, path),
+                 done=lambda d: d, writes=False)]
+
+
 # --------------------------------------------------------------------------- persist
+# Without the kpatch CLI, kpipe persists a module itself: the file under /var/lib/kpipe/modules/<release>/
+# <stream>/ and kpipe-livepatch.service, a oneshot that runs a small loader at boot. The loader loads, for the
+# running release only, the newest file of each stream (`ls -v` order), so a module never meets a kernel it was
+# not built for. Where the kpatch CLI exists, its own layout and kpatch.service are used instead.
+
+PERSIST_DIR = "/var/lib/kpipe/modules"
+PERSIST_UNIT = "kpipe-livepatch.service"
+PERSIST_UNIT_PATH = f"/etc/systemd/system/{PERSIST_UNIT}"
+PERSIST_LOADER_PATH = "/usr/local/libexec/kpipe-livepatch-load"
+
+PERSIST_LOADER = r"""#!/bin/sh
+# Installed by kpipe (kpipe-livepatch.service): load, for the running kernel release only, the newest
+# persisted live patch module of each stream under /var/lib/kpipe/modules/<release>/<stream>/.
+base=/var/lib/kpipe/modules/$(uname -r)
+[ -d "$base" ] || exit 0
+rc=0
+for d in "$base"/*/; do
+  [ -d "$d" ] || continue
+  m=$(ls -1v "$d" | grep '\.ko$' | tail -n 1)
+  [ -n "$m" ] || continue
+  name=$(basename "$m" .ko | tr - _)
+  [ -d "/sys/module/$name" ] && continue
+  echo "kpipe-livepatch: loading $d$m"
+  /sbin/insmod "$d$m" || rc=1
+done
+exit $rc
+"""
+
+PERSIST_UNIT_TEXT = f"""[Unit]
+Description=Load kpipe's persisted kernel live patches for the running kernel
+After=local-fs.target
+ConditionPathIsDirectory={PERSIST_DIR}
+
+[Service]
+Type=oneshot
+RemainAfterExit=yes
+ExecStart={PERSIST_LOADER_PATH}
+
+[Install]
+WantedBy=multi-user.target
+"""
+
+# $1 staged file, $2 stream folder, $3 persisted file, $4 unit path, $5 unit text, $6 loader path, $7 loader text,
+# $8 SELinux context ("" when the facts say SELinux is off). Prints `persisted`, or `no-systemd` (nothing written).
+PERSIST_SCRIPT = r"""
+[ -d /run/systemd/system ] || { echo no-systemd; exit 0; }
+mkdir -p "$2" || exit 2
+cp -f -- "$1" "$3.kpipe-tmp" && mv -f -- "$3.kpipe-tmp" "$3" || { rm -f -- "$3.kpipe-tmp"; exit 3; }
+if [ -n "$8" ]; then chcon "$8" "$3" || { echo "chcon $8 $3 failed" >&2; exit 4; }; fi
+mkdir -p "${6%/*}" || exit 2
+printf '%s' "$7" > "$6.kpipe-tmp" && chmod 755 "$6.kpipe-tmp" && mv -f -- "$6.kpipe-tmp" "$6" || exit 5
+printf '%s' "$5" > "$4.kpipe-tmp" && mv -f -- "$4.kpipe-tmp" "$4" || exit 5
+systemctl daemon-reload || exit 6
+systemctl enable "${4##*/}" >/dev/null 2>&1 || { echo "systemctl enable ${4##*/} failed" >&2; exit 6; }
+sync
+echo persisted
+"""
+
+# $1 persisted file, $2 stream folder, $3 modules root, $4 unit path, $5 loader path. Removes the file (and the
+# unit and loader once no persisted module is left). Prints `removed` or `absent`.
+UNPERSIST_SCRIPT = r"""
+out=absent
+if [ -e "$1" ]; then rm -f -- "$1" || exit 3; out=removed; fi
+rmdir -- "$2" "${2%/*}" 2>/dev/null
+if [ -z "$(find "$3" -name '*.ko' 2>/dev/null | head -n 1)" ] && [ -e "$4" ]; then
+  systemctl disable "${4##*/}" >/dev/null 2>&1
+  rm -f -- "$4" "$5"
+  systemctl daemon-reload 2>/dev/null
+fi
+sync
+echo "$out"
+"""
+
+
+def persisted_path(release: str, stream: str, module_file_name: str) -> str:
+    """Where kpipe persists a module without the kpatch CLI: /var/lib/kpipe/modules/<release>/<stream>/<file>."""
+    for what, value in (("kernel release", release), ("stream", stream), ("module file name", module_file_name)):
+        if not _SAFE_COMPONENT.match(value) or value in (".", ".."):
+            raise KpipeError(f"invalid {what} {value!r}", hint="no slashes, spaces or shell characters")
+    return f"{PERSIST_DIR}/{release}/{stream}/{module_file_name}"
+
 
 def _persisted(r: CommandResult) -> dict[str, Any]:
     if not r.ok:
         raise StepFailed("persist", f"kpatch install failed: {r.summary()}")
-    return {"persisted": True}
+    return {"persisted": True, "method": "kpatch"}
 
 
-def _not_persisted(r: CommandResult) -> dict[str, Any]:
-    if r.stdout.strip() == "yes":
-        raise StepFailed("persist", "the kpatch CLI appeared after the facts were read; run again to persist")
-    # without the kpatch CLI (kpatch.service) nothing loads /var/lib/kpatch at boot; say so, honestly
-    return {"persisted": False, "why": "no kpatch CLI on the host: staged only, not loaded at boot"}
+def _kpipe_persisted(path: str, r: CommandResult) -> dict[str, Any]:
+    out = r.stdout.strip()
+    if not r.ok:
+        raise StepFailed("persist", f"persisting {path} failed: {(r.stderr or r.stdout).strip() or r.summary()}")
+    if out == "no-systemd":
+        # nothing would load the module at boot: said, not pretended
+        return {"persisted": False, "why": "no kpatch CLI and no systemd on the host: staged only, not loaded at boot"}
+    if out != "persisted":
+        raise StepFailed("persist", f"unexpected answer persisting {path}: {out[:200]!r}")
+    return {"persisted": True, "method": "kpipe", "path": path, "unit": PERSIST_UNIT}
 
 
-def persist_plan(release: str, remote_path: str, kpatch_cli: bool, *, step: str = "persist") -> list[Step[Any]]:
-    """Install the module for reboot with `kpatch install`, decided from `kpatch_cli` (the host's facts);
-    without the CLI nothing loads /var/lib/kpatch at boot: a read that says so. Values are journal details."""
+def persist_plan(release: str, remote_path: str, kpatch_cli: bool, *, step: str = "persist", stream: str = "",
+                 selinux: bool = False) -> list[Step[Any]]:
+    """Install the module for reboot: `kpatch install` where the facts show the kpatch CLI, else kpipe's own
+    layout (persisted_path) and kpipe-livepatch.service (systemd hosts; elsewhere the value says it is not
+    persisted). `stream` defaults to the module's name. Values are journal details."""
     if kpatch_cli:
         cmd = Command.of("kpatch", "install", "-k", release, remote_path, label="persist", timeout=120, **_ROOT)
         return [Step(step, cmd, _persisted, intended={"kpatch_cli": True}, done=lambda d: d)]
-    return [Step(step, Command.script(KPATCH_CLI_SCRIPT, label="kpatch-cli"), _not_persisted,
-                 intended={"kpatch_cli": False}, done=lambda d: d, writes=False)]
+    file_name = remote_path.rsplit("/", 1)[-1]
+    stream = stream or sysfs_name(file_name)
+    dest = persisted_path(release, stream, file_name)
+    cmd = Command.script(PERSIST_SCRIPT, remote_path, dest.rsplit("/", 1)[0], dest, PERSIST_UNIT_PATH,
+                         PERSIST_UNIT_TEXT, PERSIST_LOADER_PATH, PERSIST_LOADER,
+                         SELINUX_MODULE_CONTEXT if selinux else "", label="persist", timeout=120, **_ROOT)
+    return [Step(step, cmd, partial(_kpipe_persisted, dest),
+                 intended={"kpatch_cli": False, "path": dest, "unit": PERSIST_UNIT}, done=lambda d: d)]
 
 
 def uninstall_step(release: str, module_file_name: str, *, step: str = "uninstall") -> Step[CommandResult]:
@@ -1060,6 +1192,62 @@ def uninstall_step(release: str, module_file_name: str, *, step: str = "uninstal
     failure: the removal is verified from the host's state afterwards)."""
     cmd = Command.of("kpatch", "uninstall", "-k", release, module_file_name, label="uninstall", timeout=120, **_ROOT)
     return Step(step, cmd, lambda r: r, done=lambda r: {"exit": r.exit_status})
+
+
+def _unpersisted(path: str, r: CommandResult) -> OpResult:
+    out = r.stdout.strip()
+    if not r.ok or out not in ("removed", "absent"):
+        raise OpFailed(OpResult("unpersist", False, False, f"removing {path} failed: {r.summary()}",
+                                output=r.stderr, seconds=r.duration))
+    return OpResult("unpersist", True, out == "removed", "removed" if out == "removed" else "not persisted",
+                    output=r.stderr, seconds=r.duration)
+
+
+def unpersist_step(release: str, module_file_name: str, *, stream: str = "", step: str = "unpersist"
+                   ) -> Step[OpResult]:
+    """Remove a module kpipe persisted itself (idempotent); the unit and its loader go with the last one."""
+    stream = stream or sysfs_name(module_file_name)
+    dest = persisted_path(release, stream, module_file_name)
+    cmd = Command.script(UNPERSIST_SCRIPT, dest, dest.rsplit("/", 1)[0], PERSIST_DIR, PERSIST_UNIT_PATH,
+                         PERSIST_LOADER_PATH, label="unpersist", timeout=120, **_ROOT)
+    return Step(step, cmd, partial(_unpersisted, dest), intended={"path": dest},
+                done=lambda r: {"message": r.message, "changed": r.changed})
+
+
+def remove_persisted_step(release: str, module_file_name: str, method: str, *, stream: str = "",
+                          step: str = "uninstall") -> Step[Any]:
+    """The removal matching how a module was persisted (`method` from the persist step's journal detail)."""
+    if method == "kpipe":
+        return unpersist_step(release, module_file_name, stream=stream, step=step)
+    return uninstall_step(release, module_file_name, step=step)
+
+
+# $1 release. `persisted <release>/<stream>/<file>` lines for kpipe's layout, `kpatch <file>` for kpatch's.
+PERSISTED_LIST_SCRIPT = r"""
+for f in /var/lib/kpipe/modules/"$1"/*/*.ko; do [ -e "$f" ] && echo "persisted ${f#/var/lib/kpipe/modules/}"; done
+for f in /var/lib/kpatch/"$1"/*.ko; do
+  [ -e "$f" ] && command -v kpatch >/dev/null 2>&1 && echo "kpatch ${f##*/}"
+done
+exit 0
+"""
+
+
+def parse_persisted(stdout: str) -> list[str]:
+    """The module file names persisted for boot, from PERSISTED_LIST_SCRIPT's output (pure)."""
+    out = []
+    for line in stdout.splitlines():
+        kind, _, rest = line.strip().partition(" ")
+        if kind in ("persisted", "kpatch") and rest:
+            out.append(rest.rsplit("/", 1)[-1])
+    return sorted(set(out))
+
+
+def persisted_step(release: str, *, step: str = "persisted") -> Step[list[str]]:
+    """A read: which module files are persisted for `release` (kpipe's layout, or kpatch's with its CLI)."""
+    if not _SAFE_COMPONENT.match(release):
+        raise KpipeError(f"invalid kernel release {release!r}")
+    return Step(step, Command.script(PERSISTED_LIST_SCRIPT, release, label="persisted", **_ROOT),
+                lambda r: parse_persisted(r.stdout), writes=False)
 
 
 # --------------------------------------------------------------------------- routines

@@ -36,6 +36,9 @@ KMOD_LINKS = ("insmod", "rmmod", "lsmod", "modprobe", "depmod", "modinfo")
 VIRTIO_MODULES = ("virtio_ring", "virtio", "virtio_pci_legacy_dev", "virtio_pci_modern_dev", "virtio_pci",
                   "failover", "net_failover", "virtio_net")
 
+# `--rootfs`: the disk, its file system and the checksum ext4 asks the crypto API for at mount time.
+ROOTFS_MODULES = ("virtio_blk", "crc16", "mbcache", "jbd2", "crc32c_generic", "ext4")
+
 READY_LINE = "KPIPE-LAB-READY"
 
 INIT_SCRIPT = r"""#!/bin/sh
@@ -59,6 +62,42 @@ ip route add default via 10.0.2.2
 /usr/sbin/dropbear -s -r /etc/dropbear/dropbear_ed25519_host_key -p 22 -P /run/dropbear.pid
 echo "KPIPE-LAB-READY $(hostname) $(cat /proc/sys/kernel/osrelease)" > /dev/console
 while :; do sleep 3600; done
+"""
+
+# `--rootfs`: mount the VM's disk, copy in its own host key, the lab's client key and the hostname (the image
+# holds none of them), then hand PID 1 to systemd. A disk that does not mount powers the VM off: `lab up`
+# then reports "qemu exited" with this console line instead of waiting for its timeout.
+ROOTFS_INIT_SCRIPT = r"""#!/bin/sh
+export PATH=/sbin:/usr/sbin:/bin:/usr/bin
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev 2>/dev/null
+for m in virtio_pci virtio_net virtio_blk crc32c_generic ext4; do /sbin/modprobe "$m" 2>/dev/null; done
+i=0
+while [ ! -b /dev/vda ] && [ $i -lt 300 ]; do sleep 0.1; i=$((i+1)); done
+# the address survives switch_root: systemd needs no network daemon (and no minutes of TCG time for one)
+i=0
+while [ ! -e /sys/class/net/eth0 ] && [ $i -lt 300 ]; do sleep 0.1; i=$((i+1)); done
+ip link set lo up
+ip link set eth0 up
+ip addr add 10.0.2.15/24 dev eth0
+ip route add default via 10.0.2.2
+mkdir -p /newroot
+if ! mount -t ext4 -o rw /dev/vda /newroot; then
+  echo "KPIPE-LAB-ROOTFS-FAILED: cannot mount /dev/vda as ext4" > /dev/console
+  poweroff -f
+fi
+mkdir -p /newroot/root/.ssh /newroot/etc/ssh
+chmod 700 /newroot/root/.ssh
+cp /kpipe/authorized_keys /newroot/root/.ssh/authorized_keys
+cp /kpipe/ssh_host_ed25519_key /newroot/etc/ssh/ssh_host_ed25519_key
+cp /kpipe/ssh_host_ed25519_key.pub /newroot/etc/ssh/ssh_host_ed25519_key.pub
+chmod 600 /newroot/root/.ssh/authorized_keys /newroot/etc/ssh/ssh_host_ed25519_key
+cp /etc/hostname /newroot/etc/hostname
+mount --move /dev /newroot/dev
+mount --move /sys /newroot/sys
+mount --move /proc /newroot/proc
+exec switch_root /newroot /sbin/init
 """
 
 PASSWD = "root:x:0:0:root:/root:/bin/sh\n"
@@ -159,9 +198,9 @@ def _sftp_server() -> str:
     raise KpipeError("sftp-server is missing", hint="install Debian's openssh-sftp-server package")
 
 
-def _find_modules(modules_dir: Path) -> list[Path]:
-    """The virtio module files present in modules_dir (any compression)."""
-    wanted = set(VIRTIO_MODULES)
+def _find_modules(modules_dir: Path, extra: tuple[str, ...] = ()) -> list[Path]:
+    """The virtio module files (and `extra` ones) present in modules_dir (any compression)."""
+    wanted = set(VIRTIO_MODULES) | set(extra)
     found: dict[str, Path] = {}
     for root, _dirs, files in os.walk(modules_dir / "kernel"):
         for f in files:
@@ -171,14 +210,14 @@ def _find_modules(modules_dir: Path) -> list[Path]:
     return sorted(found.values())
 
 
-def _inputs(kernel: KernelImage) -> list[tuple[str, Path]]:
+def _inputs(kernel: KernelImage, rootfs: bool = False) -> list[tuple[str, Path]]:
     files = [("busybox", Path(_require(BUSYBOX, "busybox-static"))),
              ("dropbear", Path(_require(DROPBEAR, "dropbear-bin"))),
              ("sftp-server", Path(_sftp_server())),
              ("kmod", Path(_require(KMOD, "kmod")))]
     for lib in sorted(set(_ldd_libs(DROPBEAR) + _ldd_libs(KMOD) + _ldd_libs(_sftp_server()))):
         files.append(("lib", Path(lib)))
-    for mod in _find_modules(kernel.modules_dir):
+    for mod in _find_modules(kernel.modules_dir, ROOTFS_MODULES if rootfs else ()):
         files.append(("module", mod))
     for name in ("modules.order", "modules.builtin", "modules.builtin.modinfo"):
         if (kernel.modules_dir / name).is_file():
@@ -186,12 +225,12 @@ def _inputs(kernel: KernelImage) -> list[tuple[str, Path]]:
     return files
 
 
-def base_digest(kernel: KernelImage) -> str:
+def base_digest(kernel: KernelImage, rootfs: bool = False) -> str:
     """The cache key of the base initramfs: sha256 over every input file and the init script."""
     h = hashlib.sha256()
     h.update(f"kpipe-lab-initramfs {FORMAT_VERSION} {kernel.release}\n".encode())
-    h.update(INIT_SCRIPT.encode())
-    for kind, path in _inputs(kernel):
+    h.update((ROOTFS_INIT_SCRIPT if rootfs else INIT_SCRIPT).encode())
+    for kind, path in _inputs(kernel, rootfs):
         h.update(f"{kind} {path}\n".encode())
         with open(path, "rb") as f:
             h.update(hashlib.file_digest(f, "sha256").digest())
@@ -203,10 +242,14 @@ def _busybox_applets() -> list[str]:
     return [a for a in r.stdout.split() if a and "/" not in a]
 
 
-def build_base(kernel: KernelImage, cache_dir: Path) -> Path:
-    """The base initramfs for `kernel` (gzip'd newc cpio), built once per content digest."""
-    digest = base_digest(kernel)
-    out = cache_dir / "initramfs" / f"base-{kernel.release}-{digest[:16]}.cpio.gz"
+def build_base(kernel: KernelImage, cache_dir: Path, rootfs: bool = False) -> Path:
+    """The base initramfs for `kernel` (gzip'd newc cpio), built once per content digest.
+
+    rootfs: the variant that mounts the VM's disk and switch_roots into its systemd (`--rootfs`).
+    """
+    digest = base_digest(kernel, rootfs)
+    name = "rootfs" if rootfs else "base"
+    out = cache_dir / "initramfs" / f"{name}-{kernel.release}-{digest[:16]}.cpio.gz"
     if out.is_file():
         return out
     tree = _Tree()
@@ -242,8 +285,10 @@ def build_base(kernel: KernelImage, cache_dir: Path) -> Path:
     tree.file("etc/shadow", SHADOW.encode(), 0o600)
     tree.file("etc/shells", b"/bin/sh\n")
     tree.file("etc/hosts", b"127.0.0.1 localhost\n")
-    tree.file("init", INIT_SCRIPT.encode(), 0o755)
-    _add_modules(tree, kernel)
+    tree.file("init", (ROOTFS_INIT_SCRIPT if rootfs else INIT_SCRIPT).encode(), 0o755)
+    if rootfs:
+        tree.dir("newroot")
+    _add_modules(tree, kernel, ROOTFS_MODULES if rootfs else ())
     data = _gzip(tree.cpio())
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(f".tmp{os.getpid()}")
@@ -252,7 +297,7 @@ def build_base(kernel: KernelImage, cache_dir: Path) -> Path:
     return out
 
 
-def _add_modules(tree: _Tree, kernel: KernelImage) -> None:
+def _add_modules(tree: _Tree, kernel: KernelImage, extra: tuple[str, ...] = ()) -> None:
     """Copy the virtio modules and index them with depmod -b (at build time, not in the guest)."""
     rel = kernel.release
     with tempfile.TemporaryDirectory(prefix="kpipe-lab-mods-") as tmp:
@@ -263,7 +308,7 @@ def _add_modules(tree: _Tree, kernel: KernelImage) -> None:
             src = kernel.modules_dir / name
             if src.is_file():
                 shutil.copy2(src, mdir / name)
-        for mod in _find_modules(kernel.modules_dir):
+        for mod in _find_modules(kernel.modules_dir, extra):
             dest = mdir / mod.relative_to(kernel.modules_dir)
             dest.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(mod, dest)
@@ -286,6 +331,17 @@ def vm_overlay(host_key: Path, authorized_key: str, hostname: str) -> bytes:
     tree.dir("root/.ssh", 0o700)
     tree.file("etc/dropbear/dropbear_ed25519_host_key", host_key.read_bytes(), 0o600)
     tree.file("root/.ssh/authorized_keys", authorized_key.strip().encode() + b"\n", 0o600)
+    tree.file("etc/hostname", hostname.encode() + b"\n")
+    return _gzip(tree.cpio())
+
+
+def rootfs_overlay(host_key: Path, host_pub: str, authorized_key: str, hostname: str) -> bytes:
+    """The per-VM archive of a `--rootfs` VM: its OpenSSH host key pair, the lab's client key, its hostname."""
+    tree = _Tree()
+    tree.dir("kpipe", 0o700)
+    tree.file("kpipe/ssh_host_ed25519_key", host_key.read_bytes(), 0o600)
+    tree.file("kpipe/ssh_host_ed25519_key.pub", f"{host_pub} root@{hostname}\n".encode())
+    tree.file("kpipe/authorized_keys", authorized_key.strip().encode() + b"\n", 0o600)
     tree.file("etc/hostname", hostname.encode() + b"\n")
     return _gzip(tree.cpio())
 

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from kpipe.errors import ConfigError, KpipeError
 from kpipe.host import Host
-from kpipe.lab import initramfs
+from kpipe.lab import initramfs, rootfs
 from kpipe.lab import vm as vmmod
 from kpipe.lab.arch import LabArch, lab_arch
 from kpipe.lab.kernel import KernelImage, boot_image, default_cache_dir
@@ -30,6 +30,7 @@ if TYPE_CHECKING:
     from kpipe.workspace import Workspace
 
 STATE_VERSION = 1
+REBOOT_SHUTDOWN_TIMEOUT = 120.0  # seconds a --rootfs guest gets to shut down cleanly before it is reset
 
 
 def base_append(arch: LabArch) -> str:
@@ -54,6 +55,7 @@ class LabConfig:
     names: tuple[str, ...] = ()  # default lab1..labN
     pvh: bool = True  # boot the uncompressed vmlinux through PVH when the kernel supports it (half the CPU)
     arch: str = "x86_64"  # the guest architecture (kpipe.lab.arch registry)
+    rootfs: str = ""  # "" = the busybox initramfs; else a kpipe.lab.rootfs.KINDS name (a Debian userland on disk)
 
     def vm_names(self, prefix: str = "lab") -> list[str]:
         if self.names:
@@ -152,32 +154,47 @@ class Lab:
             raise ConfigError(f"--sig-enforce-vms names unknown VMs: {', '.join(unknown)}",
                               hint=f"VMs: {', '.join(names)}")
         extra_args = shlex.split(config.append) if config.append else []
+        kind = rootfs.kind_of(config.rootfs) if config.rootfs else None
         self.folder.mkdir(parents=True, exist_ok=True)
         client_pub = initramfs.make_client_key(self.identity_file)
         t0 = time.monotonic()
+        disk_image = rootfs.ensure_image(kind, kernel, self.cache_dir, say) if kind else None
         say(f"initramfs for {kernel.release}")
-        base = initramfs.build_base(kernel, self.cache_dir)
+        base = initramfs.build_base(kernel, self.cache_dir, rootfs=kind is not None)
         base_bytes = base.read_bytes()
         arch = lab_arch(config.arch)
         image = boot_image(kernel, self.cache_dir) if config.pvh and arch.pvh else kernel.vmlinuz
+        # systemd, journald and sshd need more than the busybox guest's 256 MiB
+        memory = max(config.memory_mb, rootfs.MIN_MEMORY_MB) if kind else config.memory_mb
         vms: list[VmProcess] = []
+        extra: dict[str, Any] = {"rootfs": kind.name, "image": str(disk_image)} if kind else {}
         st = LabState(self.folder, {**kernel.to_dict(), "boot_image": str(image)}, vms, str(self.identity_file),
-                      str(self.known_hosts_file), str(self.inventory_file), time.time())
+                      str(self.known_hosts_file), str(self.inventory_file), time.time(), extra=extra)
         try:
             specs = []
             for name in names:
                 folder = self.folder / "vms" / name
                 folder.mkdir(parents=True, exist_ok=True)
-                host_pub = initramfs.make_host_key(self.folder / "keys" / name / "dropbear_ed25519_host_key")
                 initrd = folder / "initrd.img"
-                overlay = initramfs.vm_overlay(self.folder / "keys" / name / "dropbear_ed25519_host_key",
-                                               client_pub, name)
+                disk: Path | None = None
+                if kind and disk_image:
+                    key_file = self.folder / "keys" / name / "ssh_host_ed25519_key"
+                    host_pub = rootfs.make_openssh_host_key(key_file)
+                    overlay = initramfs.rootfs_overlay(key_file, host_pub, client_pub, name)
+                    disk = folder / "disk.qcow2"
+                    rootfs.make_overlay(disk_image, disk)  # fresh per `up`: VMs never share writes
+                    kind_args = [f"kpipe.root={rootfs.ROOT_DEVICE}", *kind.append]
+                else:
+                    key_file = self.folder / "keys" / name / "dropbear_ed25519_host_key"
+                    host_pub = initramfs.make_host_key(key_file)
+                    overlay = initramfs.vm_overlay(key_file, client_pub, name)
+                    kind_args = []
                 initrd.write_bytes(base_bytes + overlay)
                 enforce = config.sig_enforce or name in config.sig_enforce_vms
-                append = " ".join([base_append(arch), f"kpipe.lab={name}",
+                append = " ".join([base_append(arch), f"kpipe.lab={name}", *kind_args,
                                    *(["module.sig_enforce=1"] if enforce else []), *extra_args])
-                spec = VmSpec(name, image, initrd, vmmod.free_port(), folder, config.memory_mb, append,
-                              config.use_kvm, arch)
+                spec = VmSpec(name, image, initrd, vmmod.free_port(), folder, memory, append,
+                              config.use_kvm, arch, disk)
                 specs.append((spec, enforce, host_pub))
             say(f"booting {len(specs)} VM(s)")
             for spec, enforce, host_pub in specs:
@@ -301,6 +318,59 @@ class Lab:
             raise KpipeError(f"lab VM {name} did not come up: {why}",
                              hint=f"see {Path(st.folder) / 'vms' / name / 'console.log'}")
 
+    # ------------------------------------------------------------------ reboot
+
+    def reboot(self, name: str, timeout: float = 480.0, progress: Progress | None = None) -> VmProcess:
+        """Reboot one VM and wait until it answers SSH again (same port, host key and disk); its new record.
+
+        A `--rootfs` VM is asked to `systemctl reboot` (a clean shutdown flushes its disk); qemu runs with
+        -no-reboot, so the guest's reset ends the process and kpipe starts the recorded command line again and
+        records the new PID. The busybox guest keeps nothing on disk: it is reset (stopped and started).
+        """
+        say = progress or (lambda _m: None)
+        st = self.require_state()
+        v = st.vm(name)
+        if not vmmod.alive(v):
+            raise ConfigError(f"lab VM {name} is not running", hint="run `kpipe lab down` and `kpipe lab up`")
+        if st.extra.get("rootfs"):
+            say(f"{name}: systemctl reboot")
+            self._ask_reboot(st, v)
+            deadline = time.monotonic() + REBOOT_SHUTDOWN_TIMEOUT
+            while vmmod.alive(v) and time.monotonic() < deadline:
+                time.sleep(0.2)
+            if vmmod.alive(v):
+                say(f"{name}: no clean shutdown within {REBOOT_SHUTDOWN_TIMEOUT:g} s; resetting it")
+                vmmod.stop(v)
+        else:
+            say(f"{name}: reset (the busybox guest keeps no state)")
+            vmmod.stop(v)
+        vmmod.stop(v)  # reaps the exited qemu (no zombie keeps its PID alive)
+        new = vmmod.restart(v)
+        st.vms = [new if x.name == name else x for x in st.vms]
+        self._save(st)  # recorded at once, so `down` stops the new process whatever happens next
+        t0 = time.monotonic()
+        self.wait_ready(LabState(st.folder, st.kernel, [new], st.identity_file, st.known_hosts, st.inventory,
+                                 st.created_at, st.ready_seconds, st.extra), timeout, say)
+        say(f"{name} rebooted in {time.monotonic() - t0:.1f} s (pid {new.pid})")
+        return new
+
+    def _ask_reboot(self, st: LabState, v: VmProcess) -> None:
+        from kpipe.commands import Command
+        from kpipe.errors import TransportError
+
+        target = next(t for t in self.targets(st) if t.name == v.name)
+        pool = self.pool(st)
+        try:
+            # --no-block: the reply comes back before sshd is stopped, so the command itself succeeds
+            r = pool.transport(target).run(Command.of("systemctl", "--no-block", "reboot", timeout=30))
+            if not r.ok:
+                raise KpipeError(f"lab VM {v.name}: systemctl reboot failed: {r.summary()}",
+                                 hint=f"see {Path(v.folder) / 'console.log'}")
+        except TransportError:
+            pass  # the connection may drop while the guest goes down: the wait below decides
+        finally:
+            pool.close()
+
     # ------------------------------------------------------------------ status / down
 
     def require_state(self) -> LabState:
@@ -324,7 +394,7 @@ class Lab:
                          "console": str(Path(v.folder) / "console.log")})
         return {"running": any(r["alive"] for r in rows), "folder": str(self.folder), "kernel": st.kernel,
                 "inventory": st.inventory, "known_hosts": st.known_hosts, "identity_file": st.identity_file,
-                "ready_seconds": round(st.ready_seconds, 1), "vms": rows}
+                "ready_seconds": round(st.ready_seconds, 1), "rootfs": st.extra.get("rootfs", "busybox"), "vms": rows}
 
     def down(self) -> list[str]:
         """Stop exactly the recorded qemu processes and remove the state; the names stopped."""

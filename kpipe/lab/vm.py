@@ -41,6 +41,7 @@ class VmSpec:
     append: str = "console=ttyS0 panic=-1"
     use_kvm: bool | None = None
     arch: LabArch = X86_64
+    disk: Path | None = None  # `--rootfs`: the VM's qcow2 overlay, attached as virtio disk /dev/vda
 
     def argv(self) -> list[str]:
         """The qemu command line (stdin /dev/null, serial console to a file, SSH forwarded to loopback)."""
@@ -50,7 +51,8 @@ class VmSpec:
                 "-kernel", str(self.vmlinuz), "-initrd", str(self.initrd), "-append", self.append,
                 "-serial", f"file:{self.folder / 'console.log'}", "-monitor", "none",
                 "-netdev", f"user,id=n0,hostfwd=tcp:127.0.0.1:{self.ssh_port}-:22",
-                "-device", f"{self.arch.nic},netdev=n0,romfile="]
+                "-device", f"{self.arch.nic},netdev=n0,romfile=",
+                *(["-drive", f"file={self.disk},if=virtio,format=qcow2"] if self.disk else [])]
 
 
 @dataclass
@@ -141,16 +143,33 @@ def is_ours(vm: VmProcess) -> bool:
 
 def start(spec: VmSpec, *, sig_enforce: bool = False, host_key: str = "") -> VmProcess:
     """Start qemu detached (own session, stdin /dev/null, output to qemu.log); return its record."""
-    spec.folder.mkdir(parents=True, exist_ok=True)
-    (spec.folder / "console.log").write_bytes(b"")
-    argv = spec.argv()
-    with open(spec.folder / "qemu.log", "wb") as log:  # qemu keeps its own copy of the descriptor
+    return _spawn(spec.name, spec.argv(), spec.folder, spec.ssh_port, spec.append, sig_enforce, host_key,
+                  f"install Debian's {spec.arch.qemu_package} package")
+
+
+def restart(vm: VmProcess) -> VmProcess:
+    """Start the recorded VM again with its recorded command line (same folder, port, disk); the new record.
+
+    `kpipe lab reboot`: the old qemu must be gone (a guest reboot ends it: qemu runs with -no-reboot).
+    """
+    if is_ours(vm):
+        raise KpipeError(f"lab VM {vm.name} is still running (pid {vm.pid})", hint="stop it before restarting it")
+    if not vm.argv:
+        raise KpipeError(f"lab VM {vm.name} has no recorded command line", hint="run `kpipe lab down` and `up`")
+    return _spawn(vm.name, list(vm.argv), Path(vm.folder), vm.ssh_port, vm.append, vm.sig_enforce, vm.host_key,
+                  "install qemu")
+
+
+def _spawn(name: str, argv: list[str], folder: Path, ssh_port: int, append: str, sig_enforce: bool,
+           host_key: str, install_hint: str) -> VmProcess:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "console.log").write_bytes(b"")
+    with open(folder / "qemu.log", "wb") as log:  # qemu keeps its own copy of the descriptor
         try:
             p = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                                  start_new_session=True, close_fds=True)
         except FileNotFoundError:
-            raise KpipeError(f"{spec.arch.qemu} is not installed",
-                             hint=f"install Debian's {spec.arch.qemu_package} package") from None
+            raise KpipeError(f"{argv[0]} is not installed", hint=install_hint) from None
     st = None
     for _ in range(50):  # /proc/<pid>/stat exists as soon as fork returns; be tolerant anyway
         st = proc_start_time(p.pid)
@@ -166,8 +185,7 @@ def start(spec: VmSpec, *, sig_enforce: bool = False, host_key: str = "") -> VmP
             break
         time.sleep(0.01)
     _CHILDREN[p.pid] = p
-    vm = VmProcess(spec.name, p.pid, st or 0, spec.ssh_port, str(spec.folder), argv, sig_enforce, spec.append,
-                   host_key, time.time())
+    vm = VmProcess(name, p.pid, st or 0, ssh_port, str(folder), argv, sig_enforce, append, host_key, time.time())
     STARTED.append(vm)
     return vm
 

@@ -55,6 +55,7 @@ AUDIT_SCHEMA: dict[str, Any] = {
                     "error": {"type": "string"},
                     "status": {"enum": list(STATUSES)},
                     "compliant": {"type": "boolean"},
+                    "persisted": {"type": "array", "items": {"type": "string"}},
                     "patches": {
                         "type": "array",
                         "minItems": 1,
@@ -79,6 +80,7 @@ AUDIT_SCHEMA: dict[str, Any] = {
                                         "enabled": _NULLABLE_BOOL,
                                         "transition": _NULLABLE_BOOL,
                                         "sha256": {"type": ["string", "null"]},
+                                        "persisted": {"type": "boolean"},
                                     },
                                 },
                             },

@@ -180,7 +180,8 @@ def host_steps(plan: RolloutPlan, a: Assignment, local: Path) -> tuple[list[Step
     name = a.sysfs_name
     loaded = lp.parse_host_livepatch(f"livepatch_sysfs 1\ntainted 32768\npatch {name}\nenabled {name} 1\n"
                                      f"transition {name} 0\nmodule {name} 1 OK\nend\n")
-    rollback = rollback_plan(a, loaded, probe, timeout=timeout, persisted=plan.options.persist)
+    # the apply above is built for a host without the kpatch CLI: its --persist is kpipe's own layout
+    rollback = rollback_plan(a, loaded, probe, timeout=timeout, persisted="kpipe" if plan.options.persist else False)
     return apply, rollback
 
 

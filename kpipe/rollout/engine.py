@@ -22,7 +22,7 @@ import fnmatch
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
@@ -165,6 +165,7 @@ while [ ! -d "$d" ]; do d=${d%/*}; [ -n "$d" ] || d=/; done
 df -Pk "$d" 2>/dev/null | awk 'NR==2 {print "free_kb " $4}'
 if [ -f "$1" ]; then echo "staged $(sha256sum "$1" | cut -d ' ' -f 1)"; else echo "staged absent"; fi
 if command -v kpatch >/dev/null 2>&1; then echo "kpatch_cli 1"; else echo "kpatch_cli 0"; fi
+if [ -e /sys/fs/selinux/enforce ]; then echo "selinux $(cat /sys/fs/selinux/enforce)"; else echo "selinux off"; fi
 """
 
 
@@ -291,6 +292,11 @@ def apply_plan(a: Assignment, facts: Mapping[str, str], state: lp.HostLivepatch,
     steps = _journaled(lp.stage_plan(local_path, a.release, art.sha256, art.filename, facts.get("staged", "absent")),
                        {"path": dest, "sha256": art.sha256, "temp": lp.temp_path(a.release, art.filename, art.sha256)},
                        lambda p: {"path": p})
+    # SELinux hosts (the facts say so): the staged file must carry modules_object_t, read back with ls -Z
+    selinux = facts.get("selinux", "off") in ("0", "1")
+    if selinux:
+        steps += _journaled(lp.label_plan(dest), {"path": dest, "context": lp.SELINUX_MODULE_CONTEXT},
+                            lambda d: d)
     ours = state.patches.get(name)
     loaded = ours is not None and ours.enabled == 1
     if loaded:
@@ -320,7 +326,8 @@ def apply_plan(a: Assignment, facts: Mapping[str, str], state: lp.HostLivepatch,
             steps.append(replace(step, intended={"module": lp.sysfs_name(a.supersedes), "replace": art.replace},
                                  done=lambda r: {"changed": r.changed, "message": r.message}))
     if persist:
-        steps += lp.persist_plan(a.release, dest, kpatch_cli)
+        # one folder per stream: at boot the loader loads only the stream's newest version
+        steps += lp.persist_plan(a.release, dest, kpatch_cli, selinux=selinux, stream=art.stream_name)
     return steps
 
 
@@ -392,10 +399,13 @@ def _refuse_restore(why: str, r: CommandResult) -> None:
 
 
 def rollback_plan(a: Assignment, state: lp.HostLivepatch, probe: Probe | None = None, *, timeout: float = 120.0,
-                  persisted: bool = False, expect: lp.ModuleIdentity | None = None,
+                  persisted: bool | str = False, expect: lp.ModuleIdentity | None = None,
                   marker: str | None = None, restore: Restore | None = None) -> list[Step[Any]]:
     """One host's rollback steps (pure), from its livepatch `state` as read: disable, wait until the
     sysfs dir is gone, unload, uninstall (if persisted), unstage, verify removal.
+
+    `persisted`: how the apply persisted the module, as its journal says ("kpatch" or "kpipe"; True is
+    "kpatch", as journals written before kpipe's own layout existed mean).
 
     Only what this rollout installed is removed: a module of the same name that is another build
     (`expect`: the artifact's build-id or srcversion) stays loaded, a file of another build stays staged.
@@ -437,7 +447,9 @@ def rollback_plan(a: Assignment, state: lp.HostLivepatch, probe: Probe | None = 
         steps += _journaled(lp.unload_plan(name, state, disabled_before=True, step="rb-unload"), {},
                             lambda r: {"message": r.message})
     if persisted:
-        steps.append(lp.uninstall_step(a.release, art.filename, step="rb-uninstall"))
+        method = persisted if isinstance(persisted, str) else "kpatch"
+        steps.append(lp.remove_persisted_step(a.release, art.filename, method, stream=art.stream_name,
+                                              step="rb-uninstall"))
     steps += _journaled([lp.unstage_step(a.release, art.filename, art.sha256, step="rb-unstage")],
                         {"temp": lp.temp_path(a.release, art.filename, art.sha256)},
                         lambda r: {"message": r.message})
@@ -447,7 +459,7 @@ def rollback_plan(a: Assignment, state: lp.HostLivepatch, probe: Probe | None = 
 
 
 def rollback_host(t: StepTransport, a: Assignment, probe: Probe | None, rec: Recorder, *, timeout: float = 120.0,
-                  persisted: bool = False, expect: lp.ModuleIdentity | None = None,
+                  persisted: bool | str = False, expect: lp.ModuleIdentity | None = None,
                   restore: Restore | None = None) -> HostResult:
     """Read the host's livepatch state, then run the rollback plan built from it (each step idempotent)."""
     names = (a.sysfs_name, restore.assignment.sysfs_name) if restore is not None else (a.sysfs_name,)
@@ -456,6 +468,17 @@ def rollback_host(t: StepTransport, a: Assignment, probe: Probe | None, rec: Rec
                                restore=restore), rec)
     return HostResult(t.name, "rolled_back", "", "rb-verify",
                       {"restored": restore.assignment.sysfs_name} if restore is not None else {})
+
+
+def persist_method(entries: Sequence[Any]) -> str:
+    """How a host's module was persisted, from its journal ("kpatch", "kpipe"), or "" (not persisted)."""
+    method = ""
+    for e in entries:
+        if e.step == "persist" and e.phase == "done" and e.detail.get("persisted"):
+            method = e.detail.get("method", "kpatch")
+        elif e.step in ("rb-uninstall", "unpersist") and e.phase == "done":
+            method = ""  # removed since
+    return method
 
 
 # -- dry run ---------------------------------------------------------------------
@@ -563,6 +586,46 @@ class Engine:
                                              "all": limit is None})
             return self._rollback(rollout_id, plan, hosts, final_all=limit is None,
                                   halt_reason=rec.detail.get("halt_reason", ""))
+        finally:
+            self.journal.release(rollout_id)
+
+    def persisted_hosts(self, rollout_id: str, limit: str | frozenset[str] | None = None) -> dict[str, str]:
+        """The rollout's hosts whose module is persisted for boot, as its journal says: host -> method."""
+        plan = RolloutPlan.from_dict(self.journal.get(rollout_id).plan)
+        out = {}
+        for h, entries in self.journal.iter_hosts(rollout_id):
+            method = persist_method(entries)
+            if h in plan.assignments and method and _matches(h, limit):
+                out[h] = method
+        return out
+
+    def unpersist(self, rollout_id: str, limit: str | frozenset[str] | None = None) -> RunSummary:
+        """Remove what `--persist` installed for boot on the rollout's hosts (the live patch stays loaded);
+        each removal journaled as step `unpersist`. Hosts with nothing persisted are left alone."""
+        self._acquire(rollout_id)
+        try:
+            plan = RolloutPlan.from_dict(self.journal.get(rollout_id).plan)
+            todo = self.persisted_hosts(rollout_id, limit)
+
+            def one(t: StepTransport) -> lp.OpResult:
+                a = plan.assignments[t.name]
+                step = lp.remove_persisted_step(a.release, a.artifact.filename, todo[t.name],
+                                                stream=a.artifact.stream_name, step="unpersist")
+                value = run_step(t, step, self._recorder(rollout_id, t.name, a.wave))
+                if isinstance(value, CommandResult) and not value.ok:  # kpatch uninstall's own exit status
+                    raise StepFailed("unpersist", f"kpatch uninstall failed: {value.summary()}")
+                return value if isinstance(value, lp.OpResult) else lp.OpResult("unpersist", True, True, "uninstalled")
+
+            results = self.runner.run_many(sorted(todo), one, plan.options.forks) if todo else {}
+            hosts: dict[str, str] = {}
+            reasons: dict[str, str] = {}
+            for h in sorted(todo):
+                r = results.get(h)
+                if isinstance(r, BaseException):
+                    hosts[h], reasons[h] = classify(r)
+                else:
+                    hosts[h] = "unpersisted"
+            return RunSummary(rollout_id, self.journal.get(rollout_id).state, hosts, reasons)
         finally:
             self.journal.release(rollout_id)
 
@@ -829,8 +892,7 @@ class Engine:
         self.emit(kind="rollback-start", rollout_id=rid, data={"hosts": hosts}, message=halt_reason)
         todo = [h for h in hosts if h in plan.assignments
                 and host_state(h, self.journal.entries(rid, h)).outcome != "rolled_back"]
-        persisted = {h for h in todo if any(e.step == "persist" and e.phase == "done" and e.detail.get("persisted")
-                                            for e in self.journal.entries(rid, h))}
+        persisted = {h: persist_method(self.journal.entries(rid, h)) for h in todo}
 
         def one(t: StepTransport) -> HostResult:
             a = plan.assignments[t.name]
@@ -838,7 +900,7 @@ class Engine:
             try:
                 restore = restore_of(a, self.local_path, _probe_by_id(plan, a.supersedes_artifact), self.identity)
                 r = rollback_host(t, a, probe_of(plan, a), rec, timeout=plan.options.step_timeout_s,
-                                  persisted=t.name in persisted, expect=self.identity(a), restore=restore)
+                                  persisted=persisted.get(t.name, ""), expect=self.identity(a), restore=restore)
             except Exception as e:
                 state, reason = classify(e)
                 r = HostResult(t.name, state, f"rollback failed: {reason}", getattr(e, "step", ""))
