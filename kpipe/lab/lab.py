@@ -155,7 +155,7 @@ class Lab:
         self.folder.mkdir(parents=True, exist_ok=True)
         client_pub = initramfs.make_client_key(self.identity_file)
         t0 = time.monotonic()
-        say(f"initramfs for {kernel.release}")
+        say(f"initramfs: for {kernel.release} (built once per kernel, then cached)")
         base = initramfs.build_base(kernel, self.cache_dir)
         base_bytes = base.read_bytes()
         arch = lab_arch(config.arch)
@@ -179,12 +179,13 @@ class Lab:
                 spec = VmSpec(name, image, initrd, vmmod.free_port(), folder, config.memory_mb, append,
                               config.use_kvm, arch)
                 specs.append((spec, enforce, host_pub))
-            say(f"booting {len(specs)} VM(s)")
+            say(f"boot: starting {len(specs)} VM{'' if len(specs) == 1 else 's'} ({', '.join(names)})")
             for spec, enforce, host_pub in specs:
                 vms.append(vmmod.start(spec, sig_enforce=enforce, host_key=host_pub))
                 self._save(st)  # recorded at once, so `down` can stop it whatever happens next
             self._restart_port_clashes(st, specs)
             self._write_access_files(st)
+            say(f"host keys: {len(st.vms)} pinned in {self.known_hosts_file} (strict checking)")
             self.wait_ready(st, config.boot_timeout, say)
         except BaseException:
             self._stop_all(st)
@@ -192,6 +193,7 @@ class Lab:
             raise
         st.ready_seconds = time.monotonic() - t0
         self._save(st)
+        say(f"ready: {len(st.vms)} VM{'' if len(st.vms) == 1 else 's'} in {st.ready_seconds:.1f} s")
         return st
 
     def _restart_port_clashes(self, st: LabState, specs: list[tuple[VmSpec, bool, str]], tries: int = 3) -> None:
@@ -253,6 +255,7 @@ class Lab:
         deadline = time.monotonic() + timeout
         errors: dict[str, str] = {}
         pool = self.pool(st)
+        say(f"ssh: waiting for {len(st.vms)} VM{'' if len(st.vms) == 1 else 's'} to answer (at most {timeout:g} s)")
 
         def one(v: VmProcess, target: Host) -> None:
             last = "no answer yet"
@@ -275,7 +278,7 @@ class Lab:
                     r = t.run(Command.of("true", timeout=30))
                     if r.ok:
                         now = time.monotonic()
-                        say(f"{v.name} answers SSH on 127.0.0.1:{v.ssh_port} ({now - v_start:.1f} s after start; "
+                        say(f"ssh: {v.name} answers on 127.0.0.1:{v.ssh_port} ({now - v_start:.1f} s after start; "
                             f"guest ready {ready_at - v_start:.1f} s, SSH {now - ready_at:.1f} s)")
                         return
                     last = r.summary()
