@@ -17,7 +17,6 @@ import sys
 from pathlib import Path
 
 import pexpect
-import pytest
 
 from kpipe.artifacts import add_artifact
 from kpipe.rollout.journal import Journal

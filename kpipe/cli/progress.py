@@ -171,15 +171,14 @@ class RolloutProgress:
             from rich.live import Live
 
             # stdout is not redirected: it may carry JSON or be a pipe; only stderr draws
+            # transient: at the end the live area goes; the milestones above it and the summary stay
             self._live = Live(_RolloutView(self.state), console=self._console, refresh_per_second=4,
-                              transient=False, redirect_stdout=False, redirect_stderr=True)
+                              transient=True, redirect_stdout=False, redirect_stderr=True)
             self._live.start()
         return self
 
     def __exit__(self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None) -> None:
         if self._live is not None:
-            with self.state.lock:
-                self.state.soak_deadline = None if et is not None else self.state.soak_deadline
             try:
                 self._live.stop()
             except Exception:  # noqa: BLE001 - the display going away must not hide the run's outcome
