@@ -17,11 +17,13 @@ import sys
 from pathlib import Path
 
 import pexpect
+import pytest
 
 from kpipe.artifacts import add_artifact
 from kpipe.rollout.journal import Journal
 from kpipe.workspace import open_workspace
 from simfleet import simfleet_factory  # noqa: F401  (the session fixture)
+from test_lab_support import qemu_guard  # noqa: F401  (fixture: no qemu left running)
 
 TESTS = Path(__file__).resolve().parent
 ANSI = re.compile(r"\x1b[\[\]()]|\x1b")
@@ -172,3 +174,53 @@ def test_progress_options_have_help_text():
                            env={**env(), "COLUMNS": "200"}, timeout=60)
         assert r.returncode == 0, r.stderr
         assert re.search(r"--no-progress\s+Plain progress lines", r.stdout), (cmd, r.stdout)
+
+
+# -- lab up and preflight: their stages, on one real VM ------------------------------------------------
+@pytest.mark.vm
+@pytest.mark.timeout(1500)
+def test_lab_up_and_preflight_show_their_stages_when_piped(tmp_path, qemu_guard):  # noqa: F811
+    """`kpipe lab up` piped prints each stage as a plain line, in order; `kpipe preflight --vm` on that VM
+    prints its own (attach, stage, load, verify, disable, unload, verify-removed, unstage); with --json
+    they go to stderr and stdout stays one document. One VM boot."""
+    from kpipe.lab import Lab
+    from test_lab_support import build_demo_module, headers_release, kpipe_cli, remember
+
+    ws = tmp_path / "ws"
+    ws.mkdir()
+    (ws / "kpipe.toml").write_text("# progress test workspace\n")
+    release = headers_release()
+    lab = Lab(ws / ".lab")
+    r = kpipe_cli(ws, "lab", "up", "--kernel", release, "--vms", "1", timeout=1200)
+    remember(lab.load_state())
+    try:
+        assert r.returncode == 0, f"kpipe lab up failed ({r.returncode}): {r.stderr}{r.stdout}"
+        clean(r.stdout + r.stderr)
+        stages = [ln for ln in r.stdout.splitlines() if ln.startswith("lab: ")]
+        expected = [rf"lab: kernel: resolving {re.escape(release)} ", rf"lab: kernel: {re.escape(release)} ready ",
+                    r"lab: initramfs: for ", r"lab: boot: starting 1 VM \(lab1\)$", r"lab: host keys: 1 pinned in ",
+                    r"lab: ssh: waiting for 1 VM to answer", r"lab: ssh: lab1 answers on 127\.0\.0\.1:\d+ ",
+                    r"lab: ready: 1 VM in \d+\.\d s$"]
+        assert len(stages) == len(expected), stages
+        for line, pattern in zip(stages, expected, strict=True):
+            assert re.match(pattern, line), (pattern, stages)
+        assert r.stdout.index("lab: ready:") < r.stdout.index("inventory:")  # then the lab's table
+
+        from kpipe.artifacts import add_artifact
+        from kpipe.workspace import open_workspace
+
+        ko = build_demo_module(tmp_path / "demo", release)
+        art = add_artifact(open_workspace(str(ws)).store, ko, kernel=release, module_name="livepatch_demo",
+                           status="valid")
+        pf = kpipe_cli(ws, "preflight", art.id, "--vm", "lab1", timeout=600)
+        assert pf.returncode == 0, pf.stdout + pf.stderr
+        clean(pf.stdout + pf.stderr)
+        steps = [ln.split(":")[1].strip() for ln in pf.stdout.splitlines() if ln.startswith("preflight: ")]
+        assert steps == ["attach", "stage", "load", "wait", "verify", "disable", "unload", "verify-removed",
+                         "unstage"], pf.stdout
+        js = kpipe_cli(ws, "preflight", art.id, "--vm", "lab1", "--json", timeout=600)
+        assert js.returncode == 0 and json.loads(js.stdout)["status"] == "passed", js.stdout + js.stderr
+        assert "preflight: attach: lab VM lab1" in js.stderr and "preflight: unstage: " in js.stderr
+    finally:
+        remember(lab.load_state())
+        lab.down()
