@@ -252,10 +252,10 @@ class RolloutProgress:
             return [(text, None)]
         if ev.kind == "host":
             c = _OUTCOME_COLOURS.get(ev.phase, "white")
-            tail = f": {ev.message}" if ev.message else ""
-            return [(f"  {plain(ev.host)}: {plain(ev.phase)}{plain(tail)}",
-                     f"  [{c}]{esc(f'{ev.phase:<11}')}[/{c}] {esc(ev.host)}" + (f"  {esc(ev.message)}" if ev.message
-                                                                               else ""))]
+            why = f"  {ev.message}" if ev.message else ""
+            # state first, as kpipe always printed it: `grep -w applied` still finds the hosts
+            return [(f"  {plain(f'{ev.phase:<11}')} {plain(ev.host)}{plain(why)}",
+                     f"  [{c}]{esc(f'{ev.phase:<11}')}[/{c}] {esc(ev.host)}{esc(why)}")]
         if ev.kind == "soak-start":
             text = (f"soak wave {ev.wave}: {clock(float(d.get('soak_s', 0)))}, a check every "
                     f"{float(d.get('interval_s', 0)):g} s on {plural(int(d.get('hosts', 0)), 'host')}")
