@@ -109,6 +109,7 @@ class _RolloutView:
 
     def __init__(self, st: _RolloutState) -> None:
         self.st = st
+        self._spinners: dict[str, Any] = {}  # one per host: a spinner animates from its own start time
 
     def __rich__(self) -> RenderableType:
         from rich.console import Group
@@ -131,7 +132,8 @@ class _RolloutView:
             for h in shown:
                 what, status = st.hosts[h]
                 if status == "running":
-                    rows.add_row(Spinner("dots", style="cyan"), Text(plain(h)), Text(plain(what)))
+                    spin = self._spinners.setdefault(h, Spinner("dots", style="cyan"))
+                    rows.add_row(spin, Text(plain(h)), Text(plain(what)))
                 else:
                     colour = _OUTCOME_COLOURS.get(status, "white")
                     mark = "✓" if status in ("applied", "rolled_back") else "✗"
