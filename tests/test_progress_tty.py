@@ -69,7 +69,7 @@ class Term:
             return None
         return int(status) if status else -int(signal or 255)  # killed by a signal: negative, as subprocess
 
-    def watch(self, target: str, timeout: float = 300) -> tuple[list[str], int]:
+    def watch(self, target: str, timeout: float = 600) -> tuple[list[str], int]:
         """Every distinct screen seen until the command exits, and its exit status."""
         screens: list[str] = []
         end = time.monotonic() + timeout
