@@ -181,7 +181,7 @@ def run_preflight(workspace: Workspace, artifact_ref: str, *, keep: bool = False
                  + (", module.sig_enforce=1" if sig_enforce else ""))
         else:
             image = lab_kernel(workspace, art.kernel, base.cache_dir)
-            say(f"booting {image.release} ({image.source})")
+            say(f"kernel: {image.release} ({image.source})")
             st = lab.up(image, LabConfig(names=("preflight",), memory_mb=memory_mb, sig_enforce=sig_enforce,
                                          append=append, boot_timeout=boot_timeout), say)
             step("boot", True, f"SSH ready in {st.ready_seconds:.1f} s")

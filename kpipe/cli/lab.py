@@ -10,6 +10,7 @@ from rich.markup import escape
 
 from kpipe.cli import complete
 from kpipe.cli.params import WORD
+from kpipe.cli.progress import NO_PROGRESS_HELP
 
 if TYPE_CHECKING:  # imported inside the commands: `kpipe --help` stays fast
     from kpipe.lab.buildhost import BuildHostChroot
@@ -52,6 +53,7 @@ def up_cmd(
     append: str = typer.Option("", "--append", metavar="ARGS", help="Extra kernel arguments (after \\[lab] append)."),
     timeout: float = typer.Option(480.0, "--timeout", metavar="SECONDS",
                                   help="Seconds until every VM must answer SSH."),
+    no_progress: bool = typer.Option(False, "--no-progress", help=NO_PROGRESS_HELP),
     json_out: bool = typer.Option(False, "--json", help="Print the lab as JSON."),
     rootfs: str = typer.Option("busybox", "--rootfs", metavar="KIND",
                                help="Guest userland: busybox (initramfs, fast), debian (systemd, OpenSSH, Python 3 "
@@ -59,23 +61,23 @@ def up_cmd(
 ) -> None:
     """Boot N VMs and write .lab/inventory.yml and .lab/known_hosts."""
     from kpipe.cli.context import esc, print_json, state
+    from kpipe.cli.progress import StageProgress, live_wanted
     from kpipe.lab import LabConfig, resolve_kernel
 
     st = state()
     lab = _lab()
-    out = st.err_console if json_out else st.console
-
-    def say(m: str) -> None:
-        out.print(f"[dim]lab:[/] {esc(m)}")
-
-    image = resolve_kernel(kernel, kernel_image, modules, lab.cache_dir)
     enforce_vms = tuple(n.strip() for v in (sig_enforce_vms or []) for n in v.split(",") if n.strip())
     section = st.workspace.settings.lab
     cfg = LabConfig(vms=vms or section.vms, memory_mb=memory or section.memory,
                     sig_enforce=sig_enforce, sig_enforce_vms=enforce_vms,
                     append=" ".join(a for a in (section.append, append) if a), boot_timeout=timeout,
                     rootfs="" if rootfs == "busybox" else rootfs)
-    lab.up(image, cfg, say)
+    with StageProgress("lab", live=live_wanted(no_progress), json_out=json_out) as progress:
+        progress.say("kernel: " + (f"{kernel_image} (your own)" if kernel_image else
+                                   f"resolving {kernel or 'debian'} (downloaded once, then cached)"))
+        image = resolve_kernel(kernel, kernel_image, modules, lab.cache_dir)
+        progress.say(f"kernel: {image.release} ready ({image.source})")
+        lab.up(image, cfg, progress.say)
     status = lab.status()
     if json_out:
         print_json(status)
@@ -278,17 +280,19 @@ def preflight_cmd(
                                   help="Reuse this running lab VM (`kpipe lab up`, e.g. lab1) instead of booting "
                                        "one; it must run the artifact's kernel and is left running and clean."),
     timeout: float = typer.Option(480.0, "--timeout", metavar="SECONDS", help="Seconds the VM may take to answer SSH."),
+    no_progress: bool = typer.Option(False, "--no-progress", help=NO_PROGRESS_HELP),
     json_out: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ) -> None:
     """Gate before the first canary: exit 9 with the kernel's own reason on failure."""
     from kpipe.cli.context import esc, print_json, state
+    from kpipe.cli.progress import StageProgress, live_wanted
     from kpipe.errors import PreflightFailed
     from kpipe.preflight import run_preflight
 
     st = state()
-    out = st.err_console if json_out else st.console
-    result = run_preflight(st.workspace, artifact_id, keep=keep, sig_enforce=sig_enforce, boot_timeout=timeout,
-                           progress=lambda m: out.print(f"[dim]preflight:[/] {esc(m)}"), vm=vm)
+    with StageProgress("preflight", live=live_wanted(no_progress), json_out=json_out) as progress:
+        result = run_preflight(st.workspace, artifact_id, keep=keep, sig_enforce=sig_enforce, boot_timeout=timeout,
+                               progress=progress.say, vm=vm)
     if json_out:
         print_json(result)
     else:

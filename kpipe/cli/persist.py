@@ -54,7 +54,8 @@ def unpersist_cmd(
     json_out: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """Remove the boot-time persistence of a rollout's (or an artifact's) module on its hosts, journaled."""
-    from kpipe.cli.rollout import _journal, _progress_printer, _rollback_hosts
+    from kpipe.cli.progress import RolloutProgress, live_wanted
+    from kpipe.cli.rollout import _journal, _rollback_hosts
     from kpipe.errors import KpipeError
     from kpipe.rollout.world import engine_for
 
@@ -64,12 +65,12 @@ def unpersist_cmd(
     bad: list[str] = []
     for rid in rids:
         picked = _rollback_hosts(journal.get(rid), limit)
-        engine, runner = engine_for(state().workspace, journal, rid, forks=forks,
-                                    on_event=_progress_printer(json_out))
-        try:
-            s = engine.unpersist(rid, picked)
-        finally:
-            runner.close()
+        with RolloutProgress(live=live_wanted(False), json_out=json_out) as progress:
+            engine, runner = engine_for(state().workspace, journal, rid, forks=forks, on_event=progress.callback)
+            try:
+                s = engine.unpersist(rid, picked)
+            finally:
+                runner.close()
         results[rid] = s.to_dict()
         bad += [f"{h} ({esc(s.reasons.get(h, st))})" for h, st in s.hosts.items() if st != "unpersisted"]
         if not json_out:

@@ -16,8 +16,9 @@ from typing import TYPE_CHECKING, Any
 import typer
 
 from kpipe.cli import complete
-from kpipe.cli.context import esc, guarded, plural, print_json, print_markup, print_table, state
+from kpipe.cli.context import esc, plural, print_json, print_markup, print_table, state
 from kpipe.cli.params import WORD
+from kpipe.cli.progress import NO_PROGRESS_HELP
 
 if TYPE_CHECKING:
     from kpipe.host import Host
@@ -109,6 +110,7 @@ _FORKS = typer.Option(None, "--forks", metavar="N", min=1, max=1000,
 _STEP_TIMEOUT = typer.Option(120.0, "--step-timeout", metavar="SECONDS", callback=_number(1.0, _DAY, "seconds"),
                              help="Seconds per load / transition wait (1 to 86400).")
 _YES = typer.Option(False, "--yes", "-y", help="Do not ask for confirmation.")
+_NO_PROGRESS = typer.Option(False, "--no-progress", help=NO_PROGRESS_HELP)
 _NO_PROBE = typer.Option(False, "--no-probe",
                          help="Roll out without the recipe's probe (a recipe that no longer renders is then "
                               "tolerated and its rollout settings are not used).")
@@ -269,31 +271,6 @@ def plan_cmd(
         _print_plan(plan, rid)
 
 
-def _progress_printer(to_stderr: bool = False) -> Callable[[Any], None]:
-    """An event callback that prints wave, host and gate lines (on stderr when stdout carries JSON).
-    Host names and reasons are data, never markup; and a failure to print never stops the engine."""
-    con = state().err_console if to_stderr else state().console
-    colors = {"applied": "green", "rolled_back": "cyan", "failed": "red", "unreachable": "red", "skipped": "yellow"}
-
-    def on_event(ev: Any) -> None:
-        if ev.kind == "wave-start":
-            con.print(f"[bold]wave {ev.wave}[/bold]: {plural(len(ev.data.get('todo', [])), 'host')}")
-        elif ev.kind == "host":
-            c = colors.get(ev.phase, "white")
-            con.print(f"  [{c}]{esc(f'{ev.phase:<11}')}[/{c}] {esc(ev.host)}"
-                      + (f"  {esc(ev.message)}" if ev.message else ""))
-        elif ev.kind == "soak" and ev.data.get("regressions"):
-            con.print(f"  soak round {ev.data['round']}: {plural(len(ev.data['regressions']), 'regression')}")
-        elif ev.kind == "gate":
-            con.print(f"  gate after wave {ev.wave}: [{'green' if ev.phase == 'proceed' else 'red'}]{esc(ev.phase)}"
-                      f"[/]" + (f": {esc(ev.message)}" if ev.message else ""))
-        elif ev.kind == "rollback-start":
-            con.print(f"[bold yellow]rolling back[/bold yellow] {plural(len(ev.data.get('hosts', [])), 'host')}")
-        elif ev.kind == "resume":
-            con.print(f"resume: {esc(ev.message)}")
-    return guarded(on_event, con)
-
-
 def _finish(summary: Any, json_out: bool) -> None:
     from kpipe.errors import RolloutHalted
 
@@ -324,27 +301,31 @@ def _print_summary(s: Any) -> None:
 
 def _run_engine(rid: str, what: str, forks: int | None, limit: frozenset[str] | None = None,
                 json_out: bool = False, pool: Any = None, hosts: list[Host] | None = None,
-                engine_name: str = "fabric") -> Any:
+                engine_name: str = "fabric", no_progress: bool = False) -> Any:
+    from kpipe.cli.progress import RolloutProgress, live_wanted
+
+    progress = RolloutProgress(live=live_wanted(no_progress), json_out=json_out)
     journal = _journal()
     runner: Any  # the executor's runner: an SSH pool or Ansible plays; closed at the end either way
     if engine_name == "ansible":
         from kpipe.rollout.ansible_executor import ansible_engine_for
 
         engine, runner = ansible_engine_for(state().workspace, journal, rid, forks=forks,
-                                            on_event=_progress_printer(json_out), hosts=hosts,
+                                            on_event=progress.callback, hosts=hosts,
                                             check_blobs=what != "rollback")
     else:
         from kpipe.rollout.world import engine_for
 
         engine, runner = engine_for(state().workspace, journal, rid, forks=forks,
-                                    on_event=_progress_printer(json_out), pool=pool, hosts=hosts,
+                                    on_event=progress.callback, pool=pool, hosts=hosts,
                                     check_blobs=what != "rollback")
     try:
-        if what == "start":
-            return engine.start(rid)
-        if what == "resume":
-            return engine.resume(rid)
-        return engine.rollback(rid, limit)
+        with progress:
+            if what == "start":
+                return engine.start(rid)
+            if what == "resume":
+                return engine.resume(rid)
+            return engine.rollback(rid, limit)
     except KeyboardInterrupt:
         # Ctrl-C: the journal holds every step taken so far; the rollout is not `running` any more
         from kpipe.errors import ExitCode, KpipeError
@@ -380,6 +361,7 @@ def start_cmd(
     no_probe: bool = _NO_PROBE,
     engine: str = _ENGINE,
     yes: bool = _YES,
+    no_progress: bool = _NO_PROGRESS,
     json_out: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """Plan (or take a stored plan) and run it wave by wave; exit 8 when a gate halts it."""
@@ -419,14 +401,14 @@ def start_cmd(
     else:
         raise UsageError("name what to roll out", hint="kpipe rollout start RECIPE|ARTIFACT_ID, or --plan ID")
     try:
-        _start(plan, rid, dry_run, yes, json_out, forks, pool, hosts, engine)
+        _start(plan, rid, dry_run, yes, json_out, forks, pool, hosts, engine, no_progress)
     finally:
         if pool is not None:
             pool.close()
 
 
 def _start(plan: Any, rid: str, dry_run: bool, yes: bool, json_out: bool, forks: int | None, pool: Any,
-           hosts: list[Host] | None, engine: str = "fabric") -> None:
+           hosts: list[Host] | None, engine: str = "fabric", no_progress: bool = False) -> None:
     from kpipe.rollout.world import check_preflight
 
     if not json_out:
@@ -441,7 +423,8 @@ def _start(plan: Any, rid: str, dry_run: bool, yes: bool, json_out: bool, forks:
     if engine == "ansible" and pool is not None:
         pool.close()  # the planning connections are not used by Ansible
         pool = None
-    _finish(_run_engine(rid, "start", forks, json_out=json_out, pool=pool, hosts=hosts, engine_name=engine), json_out)
+    _finish(_run_engine(rid, "start", forks, json_out=json_out, pool=pool, hosts=hosts, engine_name=engine,
+                        no_progress=no_progress), json_out)
 
 
 def _dry_run(plan: Any, rid: str, json_out: bool, forks: int | None, pool: Any, hosts: list[Any] | None) -> None:
@@ -490,6 +473,7 @@ def resume_cmd(rollout_id: str = typer.Argument(..., autocompletion=complete.rol
                forks: int | None = _FORKS,
                engine: str = _ENGINE,
                yes: bool = _YES,
+               no_progress: bool = _NO_PROGRESS,
                json_out: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
     """Continue a rollout from its journal (re-reads every host's real state first).
     On a terminal it asks first unless --yes; without one it goes on (the rollout was confirmed at start)."""
@@ -498,7 +482,8 @@ def resume_cmd(rollout_id: str = typer.Argument(..., autocompletion=complete.rol
     rec = _refuse_plan(j, rid, "resume")
     if not yes and _interactive():
         _confirm(f"Resume rollout {rid} ({rec.state}, target {rec.target})?", json_out, f"resume of rollout {rid}")
-    _finish(_run_engine(rid, "resume", forks, json_out=json_out, engine_name=engine), json_out)
+    _finish(_run_engine(rid, "resume", forks, json_out=json_out, engine_name=engine, no_progress=no_progress),
+            json_out)
 
 
 @rollout_app.command("rollback")
@@ -511,6 +496,7 @@ def rollback_cmd(rollout_id: str = typer.Argument(..., autocompletion=complete.r
                  forks: int | None = _FORKS,
                  engine: str = _ENGINE,
                  yes: bool = _YES,
+                 no_progress: bool = _NO_PROGRESS,
                  json_out: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
     """Roll back every host the rollout applied (disable, wait, unload, verify removal).
     On a terminal it asks first unless --yes; without one it goes on (a rollback is the way back)."""
@@ -521,7 +507,7 @@ def rollback_cmd(rollout_id: str = typer.Argument(..., autocompletion=complete.r
     if not yes and _interactive():
         _confirm(f"Roll back rollout {rid} ({rec.state}, target {rec.target})"
                  + (f" on hosts matching {limit}" if limit else "") + "?", json_out, f"rollback of rollout {rid}")
-    s = _run_engine(rid, "rollback", forks, picked, json_out=json_out, engine_name=engine)
+    s = _run_engine(rid, "rollback", forks, picked, json_out=json_out, engine_name=engine, no_progress=no_progress)
     if json_out:
         print_json(s.to_dict())
     else:

@@ -159,7 +159,7 @@ class Lab:
         client_pub = initramfs.make_client_key(self.identity_file)
         t0 = time.monotonic()
         disk_image = rootfs.ensure_image(kind, kernel, self.cache_dir, say) if kind else None
-        say(f"initramfs for {kernel.release}")
+        say(f"initramfs: for {kernel.release} (built once per kernel, then cached)")
         base = initramfs.build_base(kernel, self.cache_dir, rootfs=kind is not None)
         base_bytes = base.read_bytes()
         arch = lab_arch(config.arch)
@@ -196,12 +196,13 @@ class Lab:
                 spec = VmSpec(name, image, initrd, vmmod.free_port(), folder, memory, append,
                               config.use_kvm, arch, disk)
                 specs.append((spec, enforce, host_pub))
-            say(f"booting {len(specs)} VM(s)")
+            say(f"boot: starting {len(specs)} VM{'' if len(specs) == 1 else 's'} ({', '.join(names)})")
             for spec, enforce, host_pub in specs:
                 vms.append(vmmod.start(spec, sig_enforce=enforce, host_key=host_pub))
                 self._save(st)  # recorded at once, so `down` can stop it whatever happens next
             self._restart_port_clashes(st, specs)
             self._write_access_files(st)
+            say(f"host keys: {len(st.vms)} pinned in {self.known_hosts_file} (strict checking)")
             self.wait_ready(st, config.boot_timeout, say)
         except BaseException:
             self._stop_all(st)
@@ -209,6 +210,7 @@ class Lab:
             raise
         st.ready_seconds = time.monotonic() - t0
         self._save(st)
+        say(f"ready: {len(st.vms)} VM{'' if len(st.vms) == 1 else 's'} in {st.ready_seconds:.1f} s")
         return st
 
     def _restart_port_clashes(self, st: LabState, specs: list[tuple[VmSpec, bool, str]], tries: int = 3) -> None:
@@ -270,6 +272,7 @@ class Lab:
         deadline = time.monotonic() + timeout
         errors: dict[str, str] = {}
         pool = self.pool(st)
+        say(f"ssh: waiting for {len(st.vms)} VM{'' if len(st.vms) == 1 else 's'} to answer (at most {timeout:g} s)")
 
         def one(v: VmProcess, target: Host) -> None:
             last = "no answer yet"
@@ -292,7 +295,7 @@ class Lab:
                     r = t.run(Command.of("true", timeout=30))
                     if r.ok:
                         now = time.monotonic()
-                        say(f"{v.name} answers SSH on 127.0.0.1:{v.ssh_port} ({now - v_start:.1f} s after start; "
+                        say(f"ssh: {v.name} answers on 127.0.0.1:{v.ssh_port} ({now - v_start:.1f} s after start; "
                             f"guest ready {ready_at - v_start:.1f} s, SSH {now - ready_at:.1f} s)")
                         return
                     last = r.summary()

@@ -106,7 +106,11 @@ class _RunnerFanOut:
 class Event:
     """A progress event: rollout, wave, host step, gate, rollback."""
 
-    kind: str  # rollout-start | wave-start | step | host | soak | gate | rollback-start | rollout-end | resume
+    # rollout-start | wave-start | step | host | soak-start | soak | gate | wave-end | rollback-start |
+    # rollout-end | resume. A `step` carries phase intended (the step starts), done or failed; a `soak` is one
+    # verification tick with data round, checked, ok, regressions, remaining_s, soak_s. Kinds and data keys
+    # are only ever added: a printer ignores what it does not know.
+    kind: str
     rollout_id: str
     host: str = ""
     wave: int = 0
@@ -699,7 +703,8 @@ class Engine:
             if self.journal.abort_requested(rid):
                 return self._aborted(rid)
             self.journal.update_detail(rid, wave=wave_no)
-            self.emit(kind="wave-start", rollout_id=rid, wave=wave_no, data={"hosts": list(wave), "todo": todo})
+            self.emit(kind="wave-start", rollout_id=rid, wave=wave_no, data={"hosts": list(wave), "todo": todo,
+                                                                                "waves": len(plan.waves)})
             apply_one = partial(self._apply_one, rid, plan, wave=wave_no, states=states)
             results = self.runner.run_many(todo, apply_one, opts.forks) if todo else {}
             skipped = False
@@ -723,6 +728,10 @@ class Engine:
             # the soak: re-verify every applied host (this wave's and earlier ones'); a regression is a failure
             watch = SoakWatch(soak=opts.soak_s > 0)
             begin = time.monotonic()
+            if opts.soak_s > 0:
+                self.emit(kind="soak-start", rollout_id=rid, wave=wave_no,
+                          data={"soak_s": opts.soak_s, "interval_s": opts.verify_interval_s,
+                                "hosts": len([h for h in applied if h not in failures])})
             for offset in gate_schedule(opts.soak_s, opts.verify_interval_s):
                 wait = begin + offset - time.monotonic()
                 if wait > 0:
@@ -736,8 +745,10 @@ class Engine:
                     failures[h] = watch.regressions[h]
                     self._outcome(rid, HostResult(h, "failed", watch.regressions[h], "soak"),
                                   plan.assignments[h].wave, plan.assignments[h])
-                self.emit(kind="soak", rollout_id=rid, wave=wave_no, data={"round": watch.rounds,
-                                                                           "regressions": dict(watch.regressions)})
+                self.emit(kind="soak", rollout_id=rid, wave=wave_no, data={
+                    "round": watch.rounds, "regressions": dict(watch.regressions), "checked": len(results_ok),
+                    "ok": sum(1 for ok, _ in results_ok.values() if ok), "soak_s": opts.soak_s,
+                    "remaining_s": max(0.0, opts.soak_s - offset)})
                 if self.journal.abort_requested(rid):
                     break
             decision = decide(opts.max_failures, len(attempted), failures,
@@ -745,6 +756,8 @@ class Engine:
             self.journal.record(rid, "", wave_no, "gate", "done", decision.to_dict())
             self.emit(kind="gate", rollout_id=rid, wave=wave_no, phase=decision.verdict, message=decision.reason,
                       data=decision.to_dict())
+            self.emit(kind="wave-end", rollout_id=rid, wave=wave_no, phase=decision.verdict,
+                      data={"applied": len(applied), "failed": len(failures), "waves": len(plan.waves)})
             if self.journal.abort_requested(rid):
                 return self._aborted(rid)
             if not decision.proceed:
