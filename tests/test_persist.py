@@ -259,6 +259,14 @@ def test_facts_and_audit_show_persisted_versus_live_only():
     assert audit["persisted"] == ["kpatch_memcg_v2"]
     by_patch = {p["patch"]: p["observed"]["persisted"] for p in audit["patches"]}
     assert by_patch == {"kpatch_memcg_v2": True, "kpatch_net": False}
+    # the table says it too: a boot column per loaded patch
+    from kpipe.audit import AuditResult
+    from kpipe.report.table import COLUMNS, render_text, table_rows
+
+    result = AuditResult(0.0, (evaluate_host(DesiredState(), observed_from_facts(facts)),))
+    boot = {row[1]: row[COLUMNS.index("boot")] for row in table_rows(result)}
+    assert boot == {"kpatch_memcg_v2": "persisted", "kpatch_net": "live-only"}
+    assert "live-only" in render_text(result)
     from kpipe.report.jsonfmt import AUDIT_SCHEMA  # the documented schema carries the field
 
     host_props = AUDIT_SCHEMA["properties"]["hosts"]["items"]["properties"]

@@ -254,7 +254,7 @@ def test_table_rows_one_per_verdict():
     result = sample_result()
     rows = table_rows(result)
     assert len(rows) == len(result.rows)
-    assert ("h-down", "livepatch_fix", "unreachable", "-", 'refused "quoted"\nsecond line') in rows
+    assert ("h-down", "livepatch_fix", "unreachable", "-", "-", 'refused "quoted"\nsecond line') in rows
 
 
 def test_text_table_neutralises_control_characters():

@@ -57,8 +57,9 @@ def _print_table(result: AuditResult) -> None:
     table = Table(title=Text(summary_line(result)), title_justify="left")
     for col in COLUMNS:
         table.add_column(col, overflow="fold")
-    for host, patch, status, kernel, detail in table_rows(result):
-        table.add_row(cell(host), cell(patch), cell(status, STATUS_STYLE.get(status, "")), cell(kernel), cell(detail))
+    for host, patch, status, boot, kernel, detail in table_rows(result):
+        table.add_row(cell(host), cell(patch), cell(status, STATUS_STYLE.get(status, "")), cell(boot), cell(kernel),
+                      cell(detail))
     state().console.print(table)
 
 

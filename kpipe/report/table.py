@@ -7,7 +7,8 @@ from collections.abc import Sequence
 from kpipe.audit import HOST_ROW, AuditResult
 
 # Lower-case headers, as every table kpipe prints.
-COLUMNS: tuple[str, ...] = ("host", "patch", "status", "kernel", "detail")
+# boot: "persisted" (loaded again at boot), "live-only" (gone after a reboot), "-" for what is not loaded.
+COLUMNS: tuple[str, ...] = ("host", "patch", "status", "boot", "kernel", "detail")
 
 # A Rich style per status; the CLI applies it, this module stays Rich-free.
 STATUS_STYLE: dict[str, str] = {
@@ -22,12 +23,15 @@ STATUS_STYLE: dict[str, str] = {
 }
 
 
-def table_rows(result: AuditResult) -> list[tuple[str, str, str, str, str]]:
-    """One (host, patch, status, kernel, detail) tuple per verdict, hosts in order."""
+def table_rows(result: AuditResult) -> list[tuple[str, str, str, str, str, str]]:
+    """One (host, patch, status, boot, kernel, detail) tuple per verdict, hosts in order."""
     rows = []
     for h in result.hosts:
         for r in h.rows:
-            rows.append((h.host, r.patch if r.patch != HOST_ROW else "-", str(r.status), h.kernel or "-", r.detail))
+            loaded = r.patch != HOST_ROW and r.enabled is not None
+            boot = ("persisted" if r.patch in h.persisted else "live-only") if loaded else "-"
+            rows.append((h.host, r.patch if r.patch != HOST_ROW else "-", str(r.status), boot, h.kernel or "-",
+                         r.detail))
     return rows
 
 
