@@ -101,6 +101,7 @@ echo "v1 loaded:"; show_cmdline
 kpipe rollout plan cmdline-stream-v2 --limit lab --waves 100% --skip-preflight
 kpipe rollout start cmdline-stream-v2 --limit lab --waves 100% --skip-preflight --yes
 echo "after the upgrade (v1's module is gone):"; show_cmdline
+echo "lab1: kpipe modules loaded, then livepatches in /sys/kernel/livepatch:"
 kpipe lab ssh lab1 -- sh -c 'grep kpipe_ /proc/modules | cut -d " " -f 1; ls /sys/kernel/livepatch'
 kpipe verify --limit lab
 kpipe rollout rollback last --yes

@@ -227,3 +227,12 @@ def test_lab_up_and_preflight_show_their_stages_when_piped(tmp_path, qemu_guard)
     finally:
         remember(lab.load_state())
         lab.down()
+
+
+def test_without_a_soak_the_gate_check_is_not_called_a_soak(simfleet_factory, tmp_path):
+    fleet = simfleet_factory(1)
+    ws, art = setup_ws(fleet, tmp_path)
+    r = kp(ws, "rollout", "start", art.id, "--yes", "--waves", "100%")
+    clean(r.stdout + r.stderr)
+    assert re.search(r"^check wave 1: ok \(1/1\)$", r.stdout, re.M), r.stdout
+    assert "soak" not in r.stdout.replace("soak 0 s", ""), r.stdout

@@ -263,8 +263,11 @@ class RolloutProgress:
                     f"{float(d.get('interval_s', 0)):g} s on {plural(int(d.get('hosts', 0)), 'host')}")
             return [(text, None)]
         if ev.kind == "soak":
-            text = (f"soak wave {ev.wave}: {clock(float(d.get('remaining_s', 0)))} left · "
-                    f"check {d.get('round', 0)} {_tick_word(d)}")
+            if float(d.get("soak_s", 0) or 0) > 0:
+                text = (f"soak wave {ev.wave}: {clock(float(d.get('remaining_s', 0)))} left · "
+                        f"check {d.get('round', 0)} {_tick_word(d)}")
+            else:  # no soak: the gate's one look at the wave (state, kernel log, taint, health)
+                text = f"check wave {ev.wave}: {_tick_word(d)}"
             new = {h: r for h, r in dict(d.get("regressions", {})).items() if h not in self._seen_regressions}
             self._seen_regressions |= set(new)
             out: list[tuple[str, str | None]] = [(text, None)]
