@@ -12,6 +12,9 @@ from pathlib import Path
 
 import pytest
 
+from kpipe.artifacts import get_artifact
+from kpipe.rollout.planner import Candidate
+from kpipe.workspace import open_workspace
 from rootfs_lab import MODULE, TEXT, kp
 
 pytestmark = [pytest.mark.vm, pytest.mark.timeout(5400)]
@@ -34,7 +37,9 @@ def test_persisted_patch_survives_a_reboot_and_unpersist_removes_it(debian_lab):
     summary = json.loads(r.stdout)
     rid = summary["rollout_id"]
     assert summary["hosts"] == {"lab1": "applied"}, summary
-    persisted = f"/var/lib/kpipe/modules/{release}/{MODULE}/{MODULE}.ko"
+    # one folder per patch stream (the artifact's recipe stream): the boot loader loads its newest version
+    stream = Candidate.of(get_artifact(open_workspace(ws).store, debian_lab["artifact"])).stream_name
+    persisted = f"/var/lib/kpipe/modules/{release}/{stream}/{MODULE}.ko"
     assert on_vm(ws, "systemctl", "is-enabled", "kpipe-livepatch.service").strip() == "enabled"
     assert on_vm(ws, "sh", "-c", f"test -f {persisted} && echo yes").strip() == "yes"
     assert audit_row(ws)["persisted"] == [MODULE]
