@@ -41,9 +41,8 @@ def build(
     json_out: bool = typer.Option(False, "--json", help="Print the results as JSON."),
 ) -> None:
     """Build live patch modules on the workspace's build hosts (reattaches to running builds)."""
-    from kpipe.builder.runner import BuildOptions, BuildRunner
     from kpipe.cli.context import print_json, state
-    from kpipe.errors import ExitCode, KpipeError, UsageError
+    from kpipe.errors import UsageError
 
     st = state()
     if fleet is not None:
@@ -63,17 +62,7 @@ def build(
     ws = st.workspace
     specs, errors = _specs(ws, kernel, recipe, all_kernels)
     console = st.printer(stderr=json_out)  # Rich on a terminal; piped (scripts, CI), plain lines and no Rich
-    progress = _Progress(console, verbose=verbose, quiet=False)
-    runner = BuildRunner(ws, on_event=progress.event, options=BuildOptions(force=force, host=host, jobs=jobs))
-    try:
-        with progress.status(len(specs)):
-            results: list[BuildResult] = errors + runner.run(specs)
-    except KeyboardInterrupt:
-        raise KpipeError("interrupted: the started builds keep running on their build hosts",
-                         hint="run the same `kpipe build` again to reattach (`kpipe builds` lists them)",
-                         exit_code=ExitCode.INTERRUPTED) from None
-    finally:
-        runner.close()
+    results: list[BuildResult] = errors + _run_builds(ws, specs, console, verbose, force, host, jobs)
     if json_out:
         print_json([r.to_dict() for r in results])
     else:
@@ -87,7 +76,6 @@ def _build_fleet(pattern: str, recipe: str | None, *, force: bool, host: str | N
     from kpipe import recipes
     from kpipe.builder import runner as build_runner
     from kpipe.builder.fleet import fleet_exit_code, fleet_matrix, running_releases
-    from kpipe.builder.runner import BuildOptions, BuildRunner
     from kpipe.builder.states import BuildStatus
     from kpipe.cli.context import print_json, state
     from kpipe.errors import ExitCode, KpipeError, NotFoundError
@@ -114,17 +102,7 @@ def _build_fleet(pattern: str, recipe: str | None, *, force: bool, host: str | N
         except KpipeError as e:
             results.append(build_runner.BuildResult(f"{name}@{release}", name, release, BuildStatus.ERROR,
                                                     message=e.message, hint=e.hint or "", exit_code=int(e.exit_code)))
-    progress = _Progress(console, verbose=verbose, quiet=False)
-    runner = BuildRunner(ws, on_event=progress.event, options=BuildOptions(force=force, host=host, jobs=jobs))
-    try:
-        with progress.status(len(specs)):
-            results += runner.run(specs) if specs else []
-    except KeyboardInterrupt:
-        raise KpipeError("interrupted: the started builds keep running on their build hosts",
-                         hint="run the same `kpipe build` again to reattach (`kpipe builds` lists them)",
-                         exit_code=ExitCode.INTERRUPTED) from None
-    finally:
-        runner.close()
+    results += _run_builds(ws, specs, console, verbose, force, host, jobs) if specs else []
     if json_out:
         print_json({"running": [{"release": r.release, "arch": r.arch, "hosts": list(r.hosts)} for r in running],
                     "builds": [r.to_dict() for r in results], "not_built": [u.to_dict() for u in unbuilt]})
@@ -144,6 +122,25 @@ def _build_fleet(pattern: str, recipe: str | None, *, force: bool, host: str | N
         raise KpipeError(f"{len(problems)} of the fleet's kernels or hosts got no build; first: {who}: "
                          f"{first.reason}", hint="the `not built` table lists each with its reason",
                          exit_code=ExitCode(code))
+
+
+def _run_builds(ws: Workspace, specs: list[BuildSpec], console: Console | PlainConsole, verbose: bool, force: bool,
+                host: str | None, jobs: int | None) -> list[BuildResult]:
+    """Run the builds with progress on `console`; Ctrl-C leaves the started builds running (exit 130)."""
+    from kpipe.builder.runner import BuildOptions, BuildRunner
+    from kpipe.errors import ExitCode, KpipeError
+
+    progress = _Progress(console, verbose=verbose, quiet=False)
+    runner = BuildRunner(ws, on_event=progress.event, options=BuildOptions(force=force, host=host, jobs=jobs))
+    try:
+        with progress.status(len(specs)):
+            return runner.run(specs)
+    except KeyboardInterrupt:
+        raise KpipeError("interrupted: the started builds keep running on their build hosts",
+                         hint="run the same `kpipe build` again to reattach (`kpipe builds` lists them)",
+                         exit_code=ExitCode.INTERRUPTED) from None
+    finally:
+        runner.close()
 
 
 def _unbuilt_table(console: Console, unbuilt: list[Any]) -> None:

@@ -150,6 +150,26 @@ class _RolloutView:
         return Group(*parts)
 
 
+def _start_live(view: Any, console: Console) -> Live:
+    """A started live area on `console` (stderr). stdout is not redirected: it may carry JSON or be a pipe.
+    Transient: at the end the live area goes; the lines printed above it and the summary stay."""
+    from rich.live import Live
+
+    live = Live(view, console=console, refresh_per_second=4, transient=True, redirect_stdout=False,
+                redirect_stderr=True)
+    live.start()
+    return live
+
+
+def _stop_live(live: Live | None) -> None:
+    """Stop the live area (None: nothing to stop)."""
+    if live is not None:
+        try:
+            live.stop()
+        except Exception:  # noqa: BLE001 - the display going away must not hide the work's outcome
+            pass
+
+
 class RolloutProgress:
     """The rollout engine's progress callback: a live display (`live=True`) or plain lines.
 
@@ -170,22 +190,13 @@ class RolloutProgress:
 
     def __enter__(self) -> RolloutProgress:
         if self.live and self._console is not None:
-            from rich.live import Live
 
-            # stdout is not redirected: it may carry JSON or be a pipe; only stderr draws
-            # transient: at the end the live area goes; the milestones above it and the summary stay
-            self._live = Live(_RolloutView(self.state), console=self._console, refresh_per_second=4,
-                              transient=True, redirect_stdout=False, redirect_stderr=True)
-            self._live.start()
+            self._live = _start_live(_RolloutView(self.state), self._console)
         return self
 
     def __exit__(self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None) -> None:
-        if self._live is not None:
-            try:
-                self._live.stop()
-            except Exception:  # noqa: BLE001 - the display going away must not hide the run's outcome
-                pass
-            self._live = None
+        _stop_live(self._live)
+        self._live = None
 
     # -- events -------------------------------------------------------------------------------
     def _event(self, ev: Any) -> None:
@@ -333,20 +344,13 @@ class StageProgress:
 
     def __enter__(self) -> StageProgress:
         if self._console is not None:
-            from rich.live import Live
 
-            self._live = Live(self._view, console=self._console, refresh_per_second=4, transient=True,
-                              redirect_stdout=False, redirect_stderr=True)
-            self._live.start()
+            self._live = _start_live(self._view, self._console)
         return self
 
     def __exit__(self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None) -> None:
-        if self._live is not None:
-            try:
-                self._live.stop()
-            except Exception:  # noqa: BLE001 - the display going away must not hide the work's outcome
-                pass
-            self._live = None
+        _stop_live(self._live)
+        self._live = None
 
     def _say(self, message: str) -> None:
         if self._lines is not None:
