@@ -302,6 +302,7 @@ SETTINGS_CASES = [
     ("audit", "[audit]\nallowed_taint = \"OQ\"\n", 4, "audit.allowed_taint"),
     ("validation", "[validation]\nstrict = \"yes\"\n", 4, "validation.strict"),
     ("ansible", "[ansible]\npython_interpreter = \"\"\n", 4, "ansible.python_interpreter"),
+    ("rollout", "[rollout.prometheus]\nquery = \"up\"\nurl = \"ftp://x\"\n", 5, "rollout.prometheus.url"),
 ]
 
 
