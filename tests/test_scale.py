@@ -249,16 +249,18 @@ def test_journal_batches_done_records_and_commits_intended_ones_at_once(tmp_path
     writer.record(rid, "a", 1, "stage", "intended")
     assert seen() == [("a", "stage", "intended")]  # write-ahead: committed before the action may run
     writer.record(rid, "a", 1, "stage", "done")
-    writer.record(rid, "b", 1, "stage", "failed", {"error": "x"})
-    assert seen() == [("a", "stage", "intended")]  # done/failed wait for the next durable record
+    assert seen()[-1] == ("a", "stage", "done")  # what a write did is kept at once
+    writer.record(rid, "a", 1, "verify", "intended")
+    writer.record(rid, "a", 1, "verify", "done")
+    writer.record(rid, "b", 1, "wait", "failed", {"error": "x"})
+    assert seen()[-1] == ("a", "verify", "intended")  # a read step's done/failed waits for the next durable one
     writer.record(rid, "a", 1, "load", "intended")  # ... which carries them, in order, in one transaction
-    assert seen() == [("a", "stage", "intended"), ("a", "stage", "done"), ("b", "stage", "failed"),
-                      ("a", "load", "intended")]
-    writer.record(rid, "a", 1, "load", "done")
-    assert [(e.step, str(e.phase)) for e in writer.entries(rid, "a")][-1] == ("load", "done")  # reads flush
+    assert seen()[-3:] == [("a", "verify", "done"), ("b", "wait", "failed"), ("a", "load", "intended")]
+    writer.record(rid, "a", 1, "preflight", "done")
+    assert [(e.step, str(e.phase)) for e in writer.entries(rid, "a")][-1] == ("preflight", "done")  # reads flush
     writer.record(rid, "a", 1, "outcome", "done", {"state": "applied"})
     assert seen()[-1] == ("a", "outcome", "done")  # an outcome is never held back
-    assert writer.stats.records == 6 and writer.stats.transactions == 4
+    assert writer.stats.records == 8 and writer.stats.transactions == 6
     unbatched = Journal(Store(tmp_path / "store"), batch=False)
     unbatched.record(rid, "c", 1, "stage", "done")
     assert seen()[-1] == ("c", "stage", "done") and unbatched.stats.transactions == 1

@@ -3,8 +3,8 @@
 Every step that changes a host is recorded `intended` before it runs and
 `done` or `failed` after it, so a kpipe killed at any instant leaves a journal
 from which `resume` can tell what may have happened. An `intended` record is
-committed before its action runs (record() returns after the commit); `done` and
-`failed` records may wait in a batch and are committed with the next record that
+committed before its action runs (record() returns after the commit); the `done` and
+`failed` records of read steps (BATCHED_READ_STEPS) may wait in a batch and are committed with the next record that
 must be durable (any host's `intended`, an `outcome`), before any read of the
 journal, and at most BATCH records later. Losing a batch (SIGKILL) leaves steps
 that read "intended, not done": resume re-reads those hosts, every step being
@@ -143,6 +143,10 @@ def new_rollout_id() -> str:
 
 # done/failed records held back at most (see the module docstring)
 BATCH = 64
+# Steps that only read a host: their done/failed records may wait in the batch. Every other step's outcome
+# (stage, marker, load, disable, unload, unstage, persist, retire...) is committed when it is recorded.
+BATCHED_READ_STEPS = frozenset({"preflight", "kpatch-cli", "wait", "verify", "retire-verify", "rb-rewait",
+                                "rb-reverify", "rb-verify"})
 
 
 @dataclass
@@ -337,8 +341,9 @@ class Journal:
                time.time())
         with self._plock:
             self._pending.append(row)
-            # only a host step's done/failed waits; the gate (host "") and outcomes are decisions, kept at once
-            if (self.batch and host and phase != Phase.INTENDED and step != "outcome"
+            # only a read step's done/failed waits: what a write did (a load, an unload...) is a fact about the
+            # host that is kept at once, and the gate (host "") and outcomes are decisions, kept at once too
+            if (self.batch and host and phase != Phase.INTENDED and step in BATCHED_READ_STEPS
                     and len(self._pending) < BATCH):
                 return 0
             return self._flush_locked()
