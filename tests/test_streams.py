@@ -133,7 +133,7 @@ def test_shipped_cmdline_template_sets_klp_replace(tmp_path):
 
 
 # --- the planner -----------------------------------------------------------------------------------------------
-R1 = "6.1.0-99-amd64"
+R1 = "5.10.0-amd64-UOS"  # any release: the planner and audit here are pure, no headers are read
 
 
 def cand(id_: str, version: int, *, stream: str = "demo", replace_: bool = True, base: str = "kpipe-demo",
