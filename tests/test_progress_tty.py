@@ -12,6 +12,7 @@ import json
 import os
 import re
 import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -38,7 +39,9 @@ class Term:
         # the pane stays after its command exits: its last screen and exit status can be read
         conf.write_text("set -g remain-on-exit on\nset -g history-limit 5000\nset -g status off\n")
         self.conf = conf
+        self.folder = folder
         self.n = 0
+        self.status_files: dict[str, Path] = {}
 
     def tm(self, *args: str) -> str:
         r = subprocess.run([self.tmux, "-S", str(self.sock), "-f", str(self.conf), *args], capture_output=True,
@@ -49,39 +52,59 @@ class Term:
     def run(self, argv: list[str]) -> str:
         self.n += 1
         name = f"w{self.n}"
-        # tmux runs the command through sh -c: the argv is quoted once, here
+        status_file = self.folder / f"{name}.status"
+        # tmux runs the command through sh -c: the argv is quoted once, here. The shell then writes the exit
+        # status to a file: the test's own record of the end, not tmux's pane flags (which may lag the reap).
+        # PYTHONFAULTHANDLER: a command that hangs is sent SIGABRT and prints every thread's stack on screen.
         cmd = shlex.join(["env", *(f"{k}={v}" for k, v in env().items() if k in ("PYTHONPATH", "PATH", "HOME")),
-                          "TERM=xterm-256color", *argv])
+                          "TERM=xterm-256color", "PYTHONFAULTHANDLER=1", *argv])
+        cmd += f"; echo $? > {shlex.quote(str(status_file))}"
         if self.n == 1:
             self.tm("new-session", "-d", "-s", "kpipe", "-n", name, "-x", str(COLS), "-y", str(ROWS), cmd)
         else:
             self.tm("new-window", "-d", "-t", "kpipe", "-n", name, cmd)
-        return f"kpipe:{name}"
+        target = f"kpipe:{name}"
+        self.status_files[target] = status_file
+        return target
 
     def screen(self, target: str, history: bool = False) -> str:
         return self.tm("capture-pane", "-p", "-t", target, *(["-S", "-2000"] if history else []))
 
-    def dead(self, target: str) -> int | None:
-        out = self.tm("display-message", "-p", "-t", target,
-                      "#{pane_dead}:#{pane_dead_status}:#{pane_dead_signal}").strip()
-        dead, status, signal = out.split(":")  # both empty while the command runs
-        if dead != "1" or not (status or signal):  # tmux may tell the death a moment before its cause
+    def ended(self, target: str) -> int | None:
+        """The command's exit status once it has ended (the shell wrote it), else None."""
+        try:
+            text = self.status_files[target].read_text().strip()
+        except FileNotFoundError:
             return None
-        return int(status) if status else -int(signal or 255)  # killed by a signal: negative, as subprocess
+        return int(text) if text else None
 
-    def watch(self, target: str, timeout: float = 600) -> tuple[list[str], int]:
+    def watch(self, target: str, timeout: float = 300) -> tuple[list[str], int]:
         """Every distinct screen seen until the command exits, and its exit status."""
         screens: list[str] = []
         end = time.monotonic() + timeout
         while time.monotonic() < end:
-            status = self.dead(target)
+            status = self.ended(target)
             s = self.screen(target)
             if not screens or screens[-1] != s:
                 screens.append(s)
             if status is not None:
                 return screens, status
             time.sleep(0.1)
-        raise AssertionError("the command did not end:\n" + (screens[-1] if screens else ""))
+        raise AssertionError("the command did not end:\n" + self._dump_stacks(target))
+
+    def _dump_stacks(self, target: str) -> str:
+        """SIGABRT to a hung command: faulthandler prints every thread's stack; the screen's history holds it."""
+        pid = int(self.tm("display-message", "-p", "-t", target, "#{pane_pid}").strip() or 0)
+        # the pane's process is sh; the command is its child (or sh itself after exec)
+        kids = Path(f"/proc/{pid}/task/{pid}/children")
+        pids = [int(p) for p in kids.read_text().split()] if kids.exists() else []
+        for p in pids or [pid]:
+            try:
+                os.kill(p, signal.SIGABRT)
+            except ProcessLookupError:
+                pass
+        time.sleep(2)
+        return self.screen(target, history=True)
 
     def close(self) -> None:
         subprocess.run([self.tmux, "-S", str(self.sock), "kill-server"], capture_output=True, timeout=30)
