@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from kpipe.audit import HOST_ROW, STATUSES, AuditResult, PatchStatus
 from kpipe.taint import taint_letters
+from kpipe.report.table import boot_of
 
 if TYPE_CHECKING:  # Jinja2 is imported when a page is rendered
     import jinja2
@@ -52,8 +53,12 @@ def grid(result: AuditResult) -> tuple[list[str], list[dict[str, Any]]]:
     rows = []
     for h in result.hosts:
         cells: dict[str, list[PatchStatus]] = {}
+        boots: dict[str, str] = {}
         for r in h.rows:
-            cells.setdefault("(host)" if r.patch == HOST_ROW else r.patch, []).append(r)
+            column = "(host)" if r.patch == HOST_ROW else r.patch
+            cells.setdefault(column, []).append(r)
+            if boot_of(h, r) != "-":
+                boots[column] = boot_of(h, r)
         rows.append(
             {
                 "host": h.host,
@@ -61,6 +66,7 @@ def grid(result: AuditResult) -> tuple[list[str], list[dict[str, Any]]]:
                 "status": h.status,
                 "tainted": "" if h.tainted is None else f"{h.tainted} {taint_letters(h.tainted)}".strip(),
                 "cells": [cells.get(c, []) for c in columns],
+                "boots": [boots.get(c, "") for c in columns],  # persisted / live-only where loaded
             }
         )
     return columns, rows

@@ -12,6 +12,7 @@ import time
 import xml.etree.ElementTree as ET
 
 from kpipe.audit import COMPLIANT, HOST_ROW, UNREACHABLE, AuditResult
+from kpipe.report.table import boot_of
 
 # XML 1.0 forbids most C0 controls, surrogates and U+FFFE/U+FFFF even as
 # character references; a hostile host name must not make the report unreadable.
@@ -45,15 +46,21 @@ def render_junit(result: AuditResult, suite_name: str = "kpipe-audit") -> str:
             case = ET.SubElement(
                 suite, "testcase", {"classname": xml_safe(f"kpipe.audit.{h.host}"), "name": xml_safe(name), "time": "0"}
             )
+            boot = boot_of(h, r)
             if r.status == COMPLIANT:
+                # system-out, not testcase properties: the JUnit schema CI readers validate has none there;
+                # a reader sees which compliant patches a reboot would drop
+                out = [f"boot={boot}"] if boot != "-" else []
                 if r.detail:
-                    ET.SubElement(case, "system-out").text = xml_safe(r.detail)
+                    out.append(r.detail)
+                if out:
+                    ET.SubElement(case, "system-out").text = xml_safe("\n".join(out))
                 continue
             tag = "error" if r.status == UNREACHABLE else "failure"
             message = f"{r.status}: {r.detail}" if r.detail else r.status
             el = ET.SubElement(case, tag, {"message": xml_safe(message), "type": r.status})
             el.text = xml_safe(
-                f"host={h.host}\npatch={name}\nstatus={r.status}\nkernel={h.kernel}\ndetail={r.detail}\n"
+                f"host={h.host}\npatch={name}\nstatus={r.status}\nboot={boot}\nkernel={h.kernel}\ndetail={r.detail}\n"
             )
     add_cve_suite(root, result, stamp)
     ET.indent(root)

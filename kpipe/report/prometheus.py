@@ -13,6 +13,7 @@ import math
 from collections.abc import Iterable
 
 from kpipe.audit import HOST_ROW, STATUSES, AuditResult
+from kpipe.report.table import boot_of
 
 _METRICS: tuple[tuple[str, str], ...] = (
     ("kpipe_audit_timestamp_seconds", "Unix time the audit observed the hosts."),
@@ -23,6 +24,7 @@ _METRICS: tuple[tuple[str, str], ...] = (
     ("kpipe_livepatch_state", "1 for the audit verdict of a host and live patch (label status)."),
     ("kpipe_livepatch_enabled", "The live patch's sysfs enabled flag (1 or 0) where it is loaded."),
     ("kpipe_livepatch_transition", "The live patch's sysfs transition flag (1 or 0) where it is loaded."),
+    ("kpipe_livepatch_persisted", "1 if the loaded live patch is loaded again at boot, 0 if a reboot drops it."),
 )
 
 
@@ -80,6 +82,9 @@ def render_prometheus(result: AuditResult) -> str:
                 add("kpipe_livepatch_enabled", base, r.enabled)
             if r.transition is not None:
                 add("kpipe_livepatch_transition", base, r.transition)
+            boot = boot_of(h, r)
+            if boot != "-":
+                add("kpipe_livepatch_persisted", base, boot == "persisted")
     lines: list[str] = []
     for name, help_text in _METRICS:
         lines.append(f"# HELP {name} {escape_help(help_text)}")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from kpipe.audit import HOST_ROW, AuditResult
+from kpipe.audit import HOST_ROW, AuditResult, HostAudit, PatchStatus
 
 # Lower-case headers, as every table kpipe prints.
 # boot: "persisted" (loaded again at boot), "live-only" (gone after a reboot), "-" for what is not loaded.
@@ -23,16 +23,17 @@ STATUS_STYLE: dict[str, str] = {
 }
 
 
+def boot_of(h: HostAudit, r: PatchStatus) -> str:
+    """What a reboot does to a verdict's patch: "persisted" (loaded again), "live-only" (gone), "-" (not loaded)."""
+    if r.patch == HOST_ROW or r.enabled is None:
+        return "-"
+    return "persisted" if r.patch in h.persisted else "live-only"
+
+
 def table_rows(result: AuditResult) -> list[tuple[str, str, str, str, str, str]]:
     """One (host, patch, status, boot, kernel, detail) tuple per verdict, hosts in order."""
-    rows = []
-    for h in result.hosts:
-        for r in h.rows:
-            loaded = r.patch != HOST_ROW and r.enabled is not None
-            boot = ("persisted" if r.patch in h.persisted else "live-only") if loaded else "-"
-            rows.append((h.host, r.patch if r.patch != HOST_ROW else "-", str(r.status), boot, h.kernel or "-",
-                         r.detail))
-    return rows
+    return [(h.host, r.patch if r.patch != HOST_ROW else "-", str(r.status), boot_of(h, r), h.kernel or "-", r.detail)
+            for h in result.hosts for r in h.rows]
 
 
 def summary_line(result: AuditResult) -> str:
