@@ -11,8 +11,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kpipe.audit import HOST_ROW, STATUSES, AuditResult, PatchStatus
-from kpipe.taint import taint_letters
 from kpipe.report.table import boot_of
+from kpipe.taint import taint_letters
 
 if TYPE_CHECKING:  # Jinja2 is imported when a page is rendered
     import jinja2
