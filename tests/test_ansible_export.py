@@ -11,10 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from kpipe.artifacts import add_artifact
-from kpipe.rollout.journal import Journal
-from kpipe.rollout.planner import Candidate, HostView, RolloutOptions, plan_rollout
-from kpipe.workspace import open_workspace
+from rollout_world import artifact_ws, stored_plan
 from simfleet import simfleet_factory  # noqa: F401  (the session fixture)
 from test_executors import (
     ANSIBLE_TOML,
@@ -30,16 +27,9 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 
 def setup(fleet, tmp_path: Path, **opts):
-    folder = fleet.write_workspace(tmp_path / "ws", extra_toml=ANSIBLE_TOML)
-    ws = open_workspace(folder)
-    ko = tmp_path / "livepatch-demo.ko"
-    ko.write_bytes(os.urandom(4096))
-    art = add_artifact(ws.store, ko, kernel=RELEASE, status="valid", arch="x86_64", module_name="livepatch-demo",
-                       preflight={"status": "passed"})
-    options = RolloutOptions(**{"waves": "1,100%", "forks": 10, "step_timeout_s": 20.0, **opts})
-    views = [HostView(h.name, release=RELEASE, arch="x86_64") for h in fleet.hosts]
-    plan = plan_rollout(art.id, "artifact", views, [Candidate.of(art)], options)
-    rid = Journal(ws.store).create(plan.to_dict(), options.to_dict(), target=art.id)
+    ws, art = artifact_ws(fleet, tmp_path, extra_toml=ANSIBLE_TOML)
+    plan, _, rid = stored_plan(ws, art, [h.name for h in fleet.hosts],
+                               **{"waves": "1,100%", "forks": 10, "step_timeout_s": 20.0, **opts})
     return ws, art, plan, rid
 
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -22,21 +21,13 @@ from pathlib import Path
 
 import pytest
 
-import kenv
-from kpipe.artifacts import add_artifact
-from kpipe.rollout.journal import Journal
-from kpipe.rollout.planner import Candidate, HostView, RolloutOptions, plan_rollout
-from kpipe.workspace import open_workspace
+from rollout_world import ANSIBLE_TOML, MODULE, RELEASE, artifact_ws, rebooted, stored_plan
 from simfleet import simfleet_factory  # noqa: F401  (the session fixture)
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
-RELEASE = kenv.kernel_env(module_level=True).release  # the installed headers' release (tests/kenv.py)
-MODULE = "livepatch_demo"
 ENGINES = ["fabric", "ansible"]
 OTHER = {"fabric": "ansible", "ansible": "fabric"}
-# The hosts share this machine's Python; pyenv's shims would fool Ansible's interpreter discovery.
-ANSIBLE_TOML = '\n[ansible]\npython_interpreter = "/usr/bin/python3"\n'
 
 APPLY = [(s, p) for s in ("preflight", "stage", "marker", "load", "wait", "verify") for p in ("intended", "done")]
 ROLLBACK = [(s, p) for s in ("rb-disable", "rb-unload", "rb-unstage", "rb-verify") for p in ("intended", "done")]
@@ -50,27 +41,13 @@ def fleet(simfleet_factory):  # noqa: F811
 @pytest.fixture
 def fresh(fleet):
     """Every host rebooted (no patches, no faults, nothing staged) before the test."""
-    for h in fleet.hosts:
-        h.clear()
-        h.reboot()
-        shutil.rmtree(h.dir / "var_lib" / "kpatch", ignore_errors=True)  # a reboot keeps the disk
-        (h.dir / "var_lib" / "kpatch").mkdir()
-    fleet.verify()
-    return fleet
+    return rebooted(fleet)
 
 
 def setup(fleet, tmp_path: Path, **opts):
-    folder = fleet.write_workspace(tmp_path / "ws", extra_toml=ANSIBLE_TOML)
-    ws = open_workspace(folder)
-    ko = tmp_path / "livepatch-demo.ko"
-    ko.write_bytes(os.urandom(4096))
-    art = add_artifact(ws.store, ko, kernel=RELEASE, status="valid", arch="x86_64", module_name="livepatch-demo",
-                       preflight={"status": "passed"})
-    options = RolloutOptions(**{"waves": "1,100%", "forks": 10, "step_timeout_s": 20.0, **opts})
-    views = [HostView(h.name, release=RELEASE, arch="x86_64") for h in fleet.hosts]
-    plan = plan_rollout(art.id, "artifact", views, [Candidate.of(art)], options)
-    journal = Journal(ws.store)
-    rid = journal.create(plan.to_dict(), options.to_dict(), target=art.id)
+    ws, art = artifact_ws(fleet, tmp_path, extra_toml=ANSIBLE_TOML)
+    plan, journal, rid = stored_plan(ws, art, [h.name for h in fleet.hosts],
+                                     **{"waves": "1,100%", "forks": 10, "step_timeout_s": 20.0, **opts})
     return ws, art, plan, journal, rid
 
 

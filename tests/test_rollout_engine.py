@@ -20,45 +20,25 @@ from pathlib import Path
 
 import pytest
 
-import kenv
-from kpipe.artifacts import add_artifact
 from kpipe.rollout.engine import summarize
-from kpipe.rollout.journal import Journal, host_state
-from kpipe.rollout.planner import Candidate, FailureBudget, HostView, RolloutOptions, plan_rollout
+from kpipe.rollout.journal import host_state
+from kpipe.rollout.planner import FailureBudget
 from kpipe.rollout.world import engine_for
-from kpipe.workspace import open_workspace
+from rollout_world import MODULE, RELEASE, artifact_ws, run_engine, stored_plan
 from simfleet import simfleet_factory  # noqa: F401  (the session fixture)
-
-RELEASE = kenv.kernel_env(module_level=True).release  # the installed headers' release (tests/kenv.py)
-MODULE = "livepatch_demo"
 
 
 def setup_ws(fleet, tmp_path: Path, n_bytes: int = 4096):
-    folder = fleet.write_workspace(tmp_path / "ws", forks=50)
-    ws = open_workspace(folder)
-    ko = tmp_path / "livepatch-demo.ko"
-    ko.write_bytes(os.urandom(n_bytes))
-    art = add_artifact(ws.store, ko, kernel=RELEASE, status="valid", arch="x86_64", module_name="livepatch-demo",
-                       preflight={"status": "passed"})
-    return ws, art
+    return artifact_ws(fleet, tmp_path, n_bytes=n_bytes)
 
 
 def make_plan(ws, art, hosts, **opts):
-    options = RolloutOptions(**{"waves": "1,10%,50%,100%", "forks": 50, "step_timeout_s": 30.0, **opts})
-    views = [HostView(h.name, release=RELEASE, arch="x86_64") for h in hosts]
-    plan = plan_rollout(art.id, "artifact", views, [Candidate.of(art)], options)
-    journal = Journal(ws.store)
-    rid = journal.create(plan.to_dict(), options.to_dict(), target=art.id)
-    return plan, journal, rid
+    return stored_plan(ws, art, [h.name for h in hosts],
+                       **{"waves": "1,10%,50%,100%", "forks": 50, "step_timeout_s": 30.0, **opts})
 
 
 def run(ws, journal, rid, what="start", **kw):
-    events = []
-    engine, runner = engine_for(ws, journal, rid, on_event=events.append)
-    try:
-        return getattr(engine, what)(rid, **kw), events
-    finally:
-        runner.close()
+    return run_engine(engine_for, ws, journal, rid, what, **kw)
 
 
 def enabled(host) -> bool:
