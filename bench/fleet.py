@@ -44,6 +44,25 @@ sys.path.insert(0, str(ROOT))
 KEX = {"curve25519": ("curve25519-sha256@libssh.org", "curve25519-sha256")}  # (paramiko name, OpenSSH name)
 
 
+def exe(name: str) -> str:
+    """The program itself, not a version manager's shim: a pyenv shim is a bash script that runs
+    `pyenv exec` (~0.15 s of wall time per start) in front of kpipe and ansible alike, which would
+    measure the shim. The interpreter's own bin folder first (where both console scripts are
+    installed), else PATH."""
+    import shutil
+
+    own = Path(sys.executable).parent / name
+    return str(own) if own.is_file() and os.access(own, os.X_OK) else (shutil.which(name) or name)
+
+
+def load() -> str:
+    """The 1-minute load average (this machine is shared: every figure is printed beside it)."""
+    try:
+        return Path("/proc/loadavg").read_text().split()[0]
+    except OSError:
+        return "?"
+
+
 def children_cpu() -> float:
     r = resource.getrusage(resource.RUSAGE_CHILDREN)
     return r.ru_utime + r.ru_stime
@@ -100,7 +119,7 @@ def one_round(record, fleet, ws: Path, env: dict, remote: str, openssh_kex: str 
               tmp: Path, args: argparse.Namespace) -> None:
     """One measurement of every client, in a fixed order."""
     # 1. fresh connections
-    wall, cpu, rc, out = timed(["kpipe", "fleet", "facts", "--json", "--forks", str(args.forks)], env=env,
+    wall, cpu, rc, out = timed([exe("kpipe"), "fleet", "facts", "--json", "--forks", str(args.forks)], env=env,
                                check_output=True)
     ok = json.loads(out)["summary"]["ok"] if rc == 0 else 0
     record("kpipe fleet facts (CLI, fresh)", wall, cpu, rc if ok == args.hosts else 1, f"{ok} ok")
@@ -114,7 +133,7 @@ def one_round(record, fleet, ws: Path, env: dict, remote: str, openssh_kex: str 
         aenv = dict(os.environ, ANSIBLE_SSH_ARGS=ssh_args, ANSIBLE_HOST_KEY_CHECKING="True",
                     ANSIBLE_SSH_EXTRA_ARGS=f"-o UserKnownHostsFile={fleet.known_hosts} -o IdentitiesOnly=yes",
                     ANSIBLE_SSH_CONTROL_PATH_DIR=str(masters_dir / "ansible"), ANSIBLE_NOCOLOR="1")
-        wall, cpu, rc, err = timed(["ansible", "all", "-i", str(inv), "-f", str(args.forks), "-m", "raw",
+        wall, cpu, rc, err = timed([exe("ansible"), "all", "-i", str(inv), "-f", str(args.forks), "-m", "raw",
                                     "-a", remote], env=aenv)
         record(f"ansible -m raw -f {args.forks} (fresh)", wall, cpu, rc, err)
 
@@ -209,9 +228,10 @@ def curve(args: argparse.Namespace) -> int:
     remote = facts_command().shell_line()
     tmp = Path(tempfile.mkdtemp(prefix="kpipe-bench-curve-"))
     workers = args.workers or default_workers()
+    kpipe, ansible = exe("kpipe"), exe("ansible")
     print(f"bench/fleet curve: sizes {sizes}, forks {args.forks}, kpipe workers {workers} "
-          f"(cores {os.cpu_count()}), kex {args.kex}, RLIMIT_NOFILE {resource.getrlimit(resource.RLIMIT_NOFILE)[0]}",
-          flush=True)
+          f"(cores {os.cpu_count()}), kex {args.kex}, RLIMIT_NOFILE {resource.getrlimit(resource.RLIMIT_NOFILE)[0]}, "
+          f"best of {args.repeat} round(s) per client; {kpipe}, {ansible}; load average {load()}", flush=True)
     t0 = time.monotonic()
     fleet = SimFleet(sizes[-1], tmp / "fleet", prefix="c").start()
     print(f"  {sizes[-1]} sshd hosts up and verified in {time.monotonic() - t0:.1f} s", flush=True)
@@ -226,16 +246,23 @@ def curve(args: argparse.Namespace) -> int:
             (ws / "desired.yml").write_text(DESIRED)
             env = dict(os.environ, KPIPE_WORKSPACE=str(ws))
             rows: dict[str, tuple[float, float, int, int]] = {}
+            loads: dict[str, str] = {}
 
             def rec(name: str, r: tuple[float, float, int, int, str], ok: int | None = None,
-                    n: int = n, rows: dict[str, tuple[float, float, int, int]] = rows) -> None:
+                    n: int = n, rows: dict[str, tuple[float, float, int, int]] = rows,
+                    loads: dict[str, str] = loads) -> None:
                 wall, cpu, rss, rc, out = r
-                rows[name] = (wall, cpu, rss, rc)
+                if ok is not None and ok != n and rc == 0:
+                    rc = 1
+                # the best successful round counts: this machine's load varies between rounds
+                if name not in rows or (rc == 0 and (rows[name][3] != 0 or wall < rows[name][0])):
+                    rows[name] = (wall, cpu, rss, rc)
+                    loads[name] = load()
                 note = "" if rc in (0, 1) else f"  exit {rc}: {out.strip()[-160:]}"
                 if ok is not None and ok != n:
                     note += f"  ({ok}/{n} hosts ok)"
                 print(f"  {n:5d} hosts  {name:<30} {wall:7.2f} s {n / wall:7.1f} hosts/s  cpu/host "
-                      f"{1000 * cpu / n:6.2f} ms  peak RSS {rss / 1024:7.1f} MiB{note}", flush=True)
+                      f"{1000 * cpu / n:6.2f} ms  peak RSS {rss / 1024:7.1f} MiB  load {load()}{note}", flush=True)
 
             def facts_ok(out: str) -> int | None:
                 try:
@@ -243,36 +270,38 @@ def curve(args: argparse.Namespace) -> int:
                 except (ValueError, KeyError):
                     return None
 
-            for w in (workers, 1):
-                r = sampled(["kpipe", "fleet", "facts", "--json", "--forks", str(args.forks), "--workers", str(w)],
-                            env=env)
-                rec(f"kpipe fleet facts workers={w}", r, facts_ok(r[4]))
-            r = sampled(["kpipe", "audit", "--format", "json", "--forks", str(args.forks), "--workers", str(workers),
-                         "--desired", str(ws / "desired.yml")], env=env)
-            rec(f"kpipe audit workers={workers}", r)
-            lines = "".join(f"{h.port} {h.address}\n" for h in fleet.hosts[:n])
-            inner = "exec ssh " + " ".join(shlex.quote(o) for o in ssh_opts(fleet, openssh_kex)) + \
-                ' -p "$0" root@"$1" "$KPIPE_BENCH_CMD" >/dev/null'
-            rec("xargs -P50 ssh", sampled(["xargs", "-P", str(args.forks), "-L", "1", "sh", "-c", inner],
-                                          env=dict(os.environ, KPIPE_BENCH_CMD=remote), stdin=lines))
-            if not args.skip_ansible:
-                inv = fleet.write_inventory(tmp / f"ansible-{n}.yml", hosts=fleet.hosts[:n])
-                cp = Path(tempfile.mkdtemp(prefix="kpa-", dir="/tmp"))
-                ssh_args = "-C -o ControlMaster=auto -o ControlPersist=60s"
-                if openssh_kex:
-                    ssh_args += f" -o KexAlgorithms={openssh_kex}"
-                aenv = dict(os.environ, ANSIBLE_SSH_ARGS=ssh_args, ANSIBLE_HOST_KEY_CHECKING="True",
-                            ANSIBLE_SSH_EXTRA_ARGS=f"-o UserKnownHostsFile={fleet.known_hosts} -o IdentitiesOnly=yes",
-                            ANSIBLE_SSH_CONTROL_PATH_DIR=str(cp), ANSIBLE_NOCOLOR="1")
-                rec("ansible -m raw -f 50", sampled(["ansible", "all", "-i", str(inv), "-f", str(args.forks), "-m",
-                                                     "raw", "-a", remote], env=aenv))
-                for sock in cp.glob("*"):
-                    if sock.is_socket():
-                        subprocess.run(["ssh", "-O", "exit", "-o", f"ControlPath={sock}", "bench"],
-                                       capture_output=True, timeout=30)
+            for _round in range(args.repeat):
+                for w in (workers, 1):
+                    r = sampled([kpipe, "fleet", "facts", "--json", "--forks", str(args.forks), "--workers", str(w)],
+                                env=env)
+                    rec(f"kpipe fleet facts workers={w}", r, facts_ok(r[4]))
+                r = sampled([kpipe, "audit", "--format", "json", "--forks", str(args.forks), "--workers", str(workers),
+                             "--desired", str(ws / "desired.yml")], env=env)
+                rec(f"kpipe audit workers={workers}", r)
+                lines = "".join(f"{h.port} {h.address}\n" for h in fleet.hosts[:n])
+                inner = "exec ssh " + " ".join(shlex.quote(o) for o in ssh_opts(fleet, openssh_kex)) + \
+                    ' -p "$0" root@"$1" "$KPIPE_BENCH_CMD" >/dev/null'
+                rec("xargs -P50 ssh", sampled(["xargs", "-P", str(args.forks), "-L", "1", "sh", "-c", inner],
+                                              env=dict(os.environ, KPIPE_BENCH_CMD=remote), stdin=lines))
+                if not args.skip_ansible:
+                    inv = fleet.write_inventory(tmp / f"ansible-{n}.yml", hosts=fleet.hosts[:n])
+                    cp = Path(tempfile.mkdtemp(prefix="kpa-", dir="/tmp"))
+                    ssh_args = "-C -o ControlMaster=auto -o ControlPersist=60s"
+                    if openssh_kex:
+                        ssh_args += f" -o KexAlgorithms={openssh_kex}"
+                    extra = f"-o UserKnownHostsFile={fleet.known_hosts} -o IdentitiesOnly=yes"
+                    aenv = dict(os.environ, ANSIBLE_SSH_ARGS=ssh_args, ANSIBLE_HOST_KEY_CHECKING="True",
+                                ANSIBLE_SSH_EXTRA_ARGS=extra, ANSIBLE_SSH_CONTROL_PATH_DIR=str(cp), ANSIBLE_NOCOLOR="1")
+                    rec("ansible -m raw -f 50", sampled([ansible, "all", "-i", str(inv), "-f", str(args.forks), "-m",
+                                                         "raw", "-a", remote], env=aenv))
+                    for sock in cp.glob("*"):
+                        if sock.is_socket():
+                            subprocess.run(["ssh", "-O", "exit", "-o", f"ControlPath={sock}", "bench"],
+                                           capture_output=True, timeout=30)
             kp = rows[f"kpipe fleet facts workers={workers}"]
             row: dict[str, object] = {"hosts": n, "workers": workers, **{k: {"wall": v[0], "cpu": v[1], "rss_kb": v[2],
-                                                                            "rc": v[3]} for k, v in rows.items()}}
+                                                                            "rc": v[3], "load": loads[k]}
+                                                                        for k, v in rows.items()}}
             for name in ("xargs -P50 ssh", "ansible -m raw -f 50", "kpipe fleet facts workers=1"):
                 if name in rows:
                     row[f"ratio vs {name}"] = rows[name][0] / kp[0]

@@ -94,6 +94,21 @@ def build(out: Path, rel: str) -> Path:
     return src / "livepatch_demo.ko"
 
 
+def _load() -> str:
+    """The 1-minute load average (the bench machine is shared)."""
+    try:
+        return Path("/proc/loadavg").read_text().split()[0]
+    except OSError:
+        return "?"
+
+
+def _children_cpu() -> float:
+    import resource
+
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
 def simulated(n: int, configs: list[str], workers: int, forks: int) -> None:
     """A simulated N-host rollout per config: hosts/s per wave, journal writes per host and their time share."""
     sys.path[:0] = [str(REPO), str(REPO / "tests")]
@@ -117,7 +132,10 @@ def simulated(n: int, configs: list[str], workers: int, forks: int) -> None:
     t0 = time.monotonic()
     fleet = SimFleet(n, tmp / "fleet", prefix="r").start()
     print(f"bench/rollout --simulated: {n} sshd hosts up in {time.monotonic() - t0:.1f} s; waves 1,10%,50%,100%, "
-          f"no soak, forks {forks}, workers {workers}", flush=True)
+          f"no soak, forks {forks}, workers {workers}, cores {os.cpu_count()}, load average {_load()}", flush=True)
+    print("  fsync policy per config: normal = SQLite WAL + synchronous=NORMAL (kpipe's: a commit is not fsynced, "
+          "the WAL is at checkpoints); full = synchronous=FULL (fsync at every commit); batch = read steps' "
+          "done/failed ride with the next durable record (kpipe's); each = one transaction per record", flush=True)
     results = []
     try:
         for i, config in enumerate(configs):
@@ -133,23 +151,25 @@ def simulated(n: int, configs: list[str], workers: int, forks: int) -> None:
             plan = plan_rollout(art.id, "artifact", views, [Candidate.of(art)], options)
             journal = Journal(ws.store, batch=batching != "each")
             rid = journal.create(plan.to_dict(), options.to_dict(), target=art.id)
-            marks: list[tuple[str, int, float, int, float, int]] = []
+            marks: list[tuple[str, int, float, int, float, int, float]] = []
 
             def on_event(e: object, journal: Journal = journal,
-                         marks: list[tuple[str, int, float, int, float, int]] = marks) -> None:
+                         marks: list[tuple[str, int, float, int, float, int, float]] = marks) -> None:
                 kind = getattr(e, "kind", "")
                 if kind in ("wave-start", "gate"):
                     st = journal.stats
                     marks.append((kind, getattr(e, "wave", 0), time.monotonic(), st.records, st.seconds,
-                                  st.transactions))
+                                  st.transactions, time.process_time()))
 
             engine, runner = engine_for(ws, journal, rid, on_event=on_event, pool=pool_for(ws, forks, workers))
-            start = time.monotonic()
+            start, cpu0, kids0 = time.monotonic(), time.process_time(), _children_cpu()
             try:
                 s = engine.start(rid)
+                wall = time.monotonic() - start
             finally:
-                runner.close()
-            wall = time.monotonic() - start
+                runner.close()  # the worker processes end here: their CPU is counted once they are reaped
+            cpu = time.process_time() - cpu0
+            kids = _children_cpu() - kids0
             bad = {h: st for h, st in s.hosts.items() if st != "applied"}
             st = journal.stats
             print(f"\n{config}: {s.state} in {wall:.1f} s ({n / wall:.1f} hosts/s overall)"
@@ -164,12 +184,14 @@ def simulated(n: int, configs: list[str], workers: int, forks: int) -> None:
                 print(f"  wave {m[1]}: {hosts:5d} hosts in {took:7.2f} s = {hosts / took:7.1f} hosts/s; journal "
                       f"{(m[3] - w0[3]) / hosts:5.1f} records/host in {(m[5] - w0[5]) / hosts:5.1f} transactions/host,"
                       f" {1000 * (m[4] - w0[4]) / hosts:6.2f} ms/host = {100 * (m[4] - w0[4]) / took:4.1f} % of the "
-                      "wave's wall time", flush=True)
+                      f"wave's wall time; parent CPU {1000 * (m[6] - w0[6]) / hosts:6.1f} ms/host", flush=True)
             print(f"  whole run: {st.records / n:.1f} journal records/host, {st.transactions / n:.1f} "
                   f"transactions/host, {st.seconds:.2f} s in journal transactions = {100 * st.seconds / wall:.1f} %"
                   " of the wall time", flush=True)
+            print(f"  client CPU: parent {1000 * cpu / n:.1f} ms/host, worker processes {1000 * kids / n:.1f} ms/host;"
+                  f" load average {_load()}", flush=True)
             results.append({"config": config, "wall": wall, "records": st.records, "transactions": st.transactions,
-                            "journal_s": st.seconds})
+                            "journal_s": st.seconds, "cpu_parent_s": cpu, "cpu_workers_s": kids, "load": _load()})
             t1 = time.monotonic()
             engine, runner = engine_for(ws, journal, rid, pool=pool_for(ws, forks, workers))
             try:

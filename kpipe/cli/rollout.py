@@ -107,6 +107,10 @@ _POLICY = typer.Option(None, "--rollback-policy", metavar="POLICY", callback=_po
                        help="failed | wave | all (default failed).")
 _FORKS = typer.Option(None, "--forks", metavar="N", min=1, max=1000,
                       help="Hosts in flight at once (default: 50, or forks in the ssh section of kpipe.toml).")
+_WORKERS = typer.Option(None, "--workers", metavar="N", min=1, max=256,
+                        help="Worker processes for the SSH fan-out (default: workers in the fleet section of "
+                             "kpipe.toml, else one per core; 1 = in-process; fewer than 250 hosts per worker stay "
+                             "in-process). The journal is written by this process either way.")
 _STEP_TIMEOUT = typer.Option(120.0, "--step-timeout", metavar="SECONDS", callback=_number(1.0, _DAY, "seconds"),
                              help="Seconds per load / transition wait (1 to 86400).")
 _YES = typer.Option(False, "--yes", "-y", help="Do not ask for confirmation.")
@@ -301,7 +305,7 @@ def _print_summary(s: Any) -> None:
 
 def _run_engine(rid: str, what: str, forks: int | None, limit: frozenset[str] | None = None,
                 json_out: bool = False, pool: Any = None, hosts: list[Host] | None = None,
-                engine_name: str = "fabric", no_progress: bool = False) -> Any:
+                engine_name: str = "fabric", no_progress: bool = False, workers: int | None = None) -> Any:
     from kpipe.cli.progress import RolloutProgress, live_wanted
 
     progress = RolloutProgress(live=live_wanted(no_progress), json_out=json_out)
@@ -318,7 +322,7 @@ def _run_engine(rid: str, what: str, forks: int | None, limit: frozenset[str] | 
 
         engine, runner = engine_for(state().workspace, journal, rid, forks=forks,
                                     on_event=progress.callback, pool=pool, hosts=hosts,
-                                    check_blobs=what != "rollback")
+                                    check_blobs=what != "rollback", workers=workers)
     try:
         with progress:
             if what == "start":
@@ -356,6 +360,7 @@ def start_cmd(
     skip_preflight: bool = typer.Option(False, "--skip-preflight", help="Allow artifacts without a passed preflight."),
     persist: bool = typer.Option(False, "--persist", help="Install for reboot (kpatch install)."),
     forks: int | None = _FORKS,
+    workers: int | None = _WORKERS,
     timeout: float = _STEP_TIMEOUT,
     dry_run: bool = typer.Option(False, "--dry-run", help="Print every command for every host; change nothing."),
     no_probe: bool = _NO_PROBE,
@@ -392,7 +397,7 @@ def start_cmd(
         opts = _options(target, waves, soak, verify_interval, max_failures, rollback_policy, skip_preflight, persist,
                         forks, timeout, no_probe)
         # one pool for facts and the rollout: each host's connection is opened once
-        pool = make_pool(state().workspace, opts.forks)
+        pool = make_pool(state().workspace, opts.forks, workers)
         try:
             plan, rid, hosts = _plan_and_store(target, limit, opts, store=not dry_run, pool=pool, no_probe=no_probe)
         except BaseException:
@@ -401,21 +406,22 @@ def start_cmd(
     else:
         raise UsageError("name what to roll out", hint="kpipe rollout start RECIPE|ARTIFACT_ID, or --plan ID")
     try:
-        _start(plan, rid, dry_run, yes, json_out, forks, pool, hosts, engine, no_progress)
+        _start(plan, rid, dry_run, yes, json_out, forks, pool, hosts, engine, no_progress, workers)
     finally:
         if pool is not None:
             pool.close()
 
 
 def _start(plan: Any, rid: str, dry_run: bool, yes: bool, json_out: bool, forks: int | None, pool: Any,
-           hosts: list[Host] | None, engine: str = "fabric", no_progress: bool = False) -> None:
+           hosts: list[Host] | None, engine: str = "fabric", no_progress: bool = False,
+           workers: int | None = None) -> None:
     from kpipe.rollout.world import check_preflight
 
     if not json_out:
         _print_plan(plan, rid or "(dry run, not stored)")
     check_preflight(plan)
     if dry_run:
-        _dry_run(plan, rid, json_out, forks, pool, hosts)
+        _dry_run(plan, rid, json_out, forks, pool, hosts, workers)
         return
     if not yes:
         _confirm(f"Roll out to {plural(len(plan.hosts), 'host')} in {plural(len(plan.waves), 'wave')}?", json_out,
@@ -424,10 +430,11 @@ def _start(plan: Any, rid: str, dry_run: bool, yes: bool, json_out: bool, forks:
         pool.close()  # the planning connections are not used by Ansible
         pool = None
     _finish(_run_engine(rid, "start", forks, json_out=json_out, pool=pool, hosts=hosts, engine_name=engine,
-                        no_progress=no_progress), json_out)
+                        no_progress=no_progress, workers=workers), json_out)
 
 
-def _dry_run(plan: Any, rid: str, json_out: bool, forks: int | None, pool: Any, hosts: list[Any] | None) -> None:
+def _dry_run(plan: Any, rid: str, json_out: bool, forks: int | None, pool: Any, hosts: list[Any] | None,
+             workers: int | None = None) -> None:
     """Print every host's steps (the exact argv): its preflight read runs, nothing that writes does."""
     from kpipe.plan import argv_lists, describe
     from kpipe.rollout.engine import Engine, PoolRunner
@@ -436,7 +443,7 @@ def _dry_run(plan: Any, rid: str, json_out: bool, forks: int | None, pool: Any, 
     journal = _journal()
     if rid:
         engine, runner = engine_for(state().workspace, journal, rid, forks=forks, pool=pool, hosts=hosts,
-                                    check_blobs=True)
+                                    check_blobs=True, workers=workers)
     else:  # a plan made for this dry run only: its hosts and pool are at hand
         runner = PoolRunner(pool, {h.name: h for h in hosts or [] if h.name in plan.assignments}, forks)
         engine = Engine(journal, runner, local_path_fn(state().workspace.store))
@@ -471,6 +478,7 @@ def _dry_run(plan: Any, rid: str, json_out: bool, forks: int | None, pool: Any, 
 def resume_cmd(rollout_id: str = typer.Argument(..., autocompletion=complete.rollouts, metavar="ID", click_type=WORD,
                                                 help="Rollout id, or `last` (the last one started)."),
                forks: int | None = _FORKS,
+               workers: int | None = _WORKERS,
                engine: str = _ENGINE,
                yes: bool = _YES,
                no_progress: bool = _NO_PROGRESS,
@@ -482,8 +490,8 @@ def resume_cmd(rollout_id: str = typer.Argument(..., autocompletion=complete.rol
     rec = _refuse_plan(j, rid, "resume")
     if not yes and _interactive():
         _confirm(f"Resume rollout {rid} ({rec.state}, target {rec.target})?", json_out, f"resume of rollout {rid}")
-    _finish(_run_engine(rid, "resume", forks, json_out=json_out, engine_name=engine, no_progress=no_progress),
-            json_out)
+    _finish(_run_engine(rid, "resume", forks, json_out=json_out, engine_name=engine, no_progress=no_progress,
+                        workers=workers), json_out)
 
 
 @rollout_app.command("rollback")
@@ -494,6 +502,7 @@ def rollback_cmd(rollout_id: str = typer.Argument(..., autocompletion=complete.r
                                                   help="Only these hosts: an Ansible pattern (group, glob, "
                                                        "a:b, a:&b, a:!b, @FILE)."),
                  forks: int | None = _FORKS,
+                 workers: int | None = _WORKERS,
                  engine: str = _ENGINE,
                  yes: bool = _YES,
                  no_progress: bool = _NO_PROGRESS,
@@ -507,7 +516,8 @@ def rollback_cmd(rollout_id: str = typer.Argument(..., autocompletion=complete.r
     if not yes and _interactive():
         _confirm(f"Roll back rollout {rid} ({rec.state}, target {rec.target})"
                  + (f" on hosts matching {limit}" if limit else "") + "?", json_out, f"rollback of rollout {rid}")
-    s = _run_engine(rid, "rollback", forks, picked, json_out=json_out, engine_name=engine, no_progress=no_progress)
+    s = _run_engine(rid, "rollback", forks, picked, json_out=json_out, engine_name=engine, no_progress=no_progress,
+                    workers=workers)
     if json_out:
         print_json(s.to_dict())
     else:

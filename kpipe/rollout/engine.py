@@ -22,7 +22,7 @@ import fnmatch
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence, Set
 from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
@@ -686,7 +686,11 @@ class Engine:
             self._recheck_applied(rid, plan)
         gates = {e.wave: e.detail for e in self.journal.entries(rid, "") if e.step == "gate" and e.phase == "done"}
         for wave_no, wave in enumerate(plan.waves, start=1):
-            states = {h: host_state(h, self.journal.entries(rid, h)) for h in wave}
+            # one read of the journal per wave, not one per host (a wave may hold 1,000 hosts)
+            by_host = self.journal.by_host(rid)
+            states = {h: host_state(h, by_host.get(h, [])) for h in wave}
+            # "ours by journal": this rollout already loaded (or began loading) the module on the host
+            loaded = {h for h in wave if any(e.step == "load" for e in by_host.get(h, ()))}
             todo = []
             for h in wave:
                 st = states[h]
@@ -705,7 +709,7 @@ class Engine:
             self.journal.update_detail(rid, wave=wave_no)
             self.emit(kind="wave-start", rollout_id=rid, wave=wave_no, data={"hosts": list(wave), "todo": todo,
                                                                                 "waves": len(plan.waves)})
-            apply_one = partial(self._apply_one, rid, plan, wave=wave_no, states=states)
+            apply_one = partial(self._apply_one, rid, plan, wave=wave_no, states=states, loaded=loaded)
             results = self.runner.run_many(todo, apply_one, opts.forks) if todo else {}
             skipped = False
             for h in todo:
@@ -782,14 +786,15 @@ class Engine:
         return s
 
     def _unfinished_hosts(self, rid: str, plan: RolloutPlan) -> list[str]:
-        by_host = dict(self.journal.iter_hosts(rid))
+        by_host = self.journal.by_host(rid)
         return [h for h in plan.hosts if host_state(h, by_host.get(h, [])).outcome not in
                 ("applied", "failed", "rolled_back")]
 
     def _recheck_applied(self, rid: str, plan: RolloutPlan) -> None:
         """On resume, re-read the real state of every host the journal calls applied: a host whose patch
         is gone or broken becomes failed (a regression); one that cannot be reached is retried."""
-        done = [h for h in plan.hosts if host_state(h, self.journal.entries(rid, h)).outcome == "applied"]
+        by_host = self.journal.by_host(rid)
+        done = [h for h in plan.hosts if host_state(h, by_host.get(h, [])).outcome == "applied"]
         if not done:
             return
         results = self._reverify(plan, done, rid)
@@ -811,15 +816,15 @@ class Engine:
         return s
 
     def _apply_one(self, rid: str, plan: RolloutPlan, t: StepTransport, wave: int,
-                   states: Mapping[str, Any]) -> HostResult:
+                   states: Mapping[str, Any], loaded: Set[str] = frozenset()) -> HostResult:
         a = plan.assignments[t.name]
         if self.journal.abort_requested(rid):
             return HostResult(t.name, "skipped", "aborted before this host started")
         st = states.get(t.name)
         rec = self._recorder(rid, t.name, wave)
-        # "ours by journal": this rollout already loaded (or began loading) the module on this host
-        entries = self.journal.entries(rid, t.name)
-        ours = any(e.step == "load" for e in entries)
+        # the wave's journal read (states, loaded) is this host's too: nothing records for a host
+        # between its wave's start and its own first step
+        ours = t.name in loaded
         try:
             r = apply_host(t, a, self.local_path(a), probe_of(plan, a), rec,
                            journal_marker=st.marker if st else "", ours_by_journal=ours,
@@ -831,10 +836,11 @@ class Engine:
         self._outcome(rid, r, wave, a)
         return r
 
-    def _gate_context(self, rid: str, host: str) -> tuple[str, int | None]:
-        """The load's kernel-log marker and the taint read before the load, from the host's journal."""
+    @staticmethod
+    def _gate_context(entries: Iterable[Any]) -> tuple[str, int | None]:
+        """The load's kernel-log marker and the taint read before the load, from the host's journal entries."""
         marker, taint = "", None
-        for e in self.journal.entries(rid, host) if rid else ():
+        for e in entries:
             if e.step == "marker" and e.phase == "done" and e.detail.get("marker"):
                 marker = str(e.detail["marker"])
             elif e.step == "preflight" and e.phase == "done" and taint is None and \
@@ -854,11 +860,14 @@ class Engine:
         gates = GateConfig.from_dict(plan.gates)
         plans: dict[str, list[Step[Any]]] = {}
         context: dict[str, tuple[str, int | None]] = {}
+        # one read of the journal per tick, not one per host: a tick of a 1,000-host rollout's last wave
+        # re-verifies every applied host
+        by_host = self.journal.by_host(rid) if rid and hosts else {}
         for h in hosts:
             a = plan.assignments[h]
             try:
                 name = lp.sysfs_name(a.sysfs_name)
-                context[h] = self._gate_context(rid, h)
+                context[h] = self._gate_context(by_host.get(h, ()))
                 verify = lp.verify_loaded_plan(name, "", probe_of(plan, a), self.identity(a))
                 # the state and the whole kernel log in one read; the gate judges them (judge_host)
                 steps: list[Step[Any]] = [Step(verify[0].name, lp.verify_state_command(name), _gate_read,
@@ -903,9 +912,10 @@ class Engine:
     def _rollback(self, rid: str, plan: RolloutPlan, hosts: list[str], *, final_all: bool,
                   halt_reason: str = "") -> RunSummary:
         self.emit(kind="rollback-start", rollout_id=rid, data={"hosts": hosts}, message=halt_reason)
+        by_host = self.journal.by_host(rid)
         todo = [h for h in hosts if h in plan.assignments
-                and host_state(h, self.journal.entries(rid, h)).outcome != "rolled_back"]
-        persisted = {h: persist_method(self.journal.entries(rid, h)) for h in todo}
+                and host_state(h, by_host.get(h, [])).outcome != "rolled_back"]
+        persisted = {h: persist_method(by_host.get(h, [])) for h in todo}
 
         def one(t: StepTransport) -> HostResult:
             a = plan.assignments[t.name]

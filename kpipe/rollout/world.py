@@ -161,11 +161,12 @@ def recipe_defaults(workspace: Workspace, target: str, *, no_probe: bool = False
     return {}
 
 
-def make_pool(workspace: Workspace, forks: int | None = None) -> SshPool:
-    """An SshPool with the workspace's [ssh] settings."""
+def make_pool(workspace: Workspace, forks: int | None = None, workers: int | None = None) -> SshPool:
+    """An SshPool with the workspace's [ssh] settings and its fan-out worker processes (`workers`, else
+    [fleet] workers, else one per core; kpipe.transport.workers)."""
     from kpipe.fleet.observe import pool_for
 
-    return pool_for(workspace, forks)
+    return pool_for(workspace, forks, workers)
 
 
 def select_hosts(workspace: Workspace, limit: str | None) -> list[Host]:
@@ -251,10 +252,13 @@ def local_path_fn(store: Store) -> Callable[[Assignment], Path]:
 
 def engine_for(workspace: Workspace, journal: Journal, rollout_id: str, *, forks: int | None = None,
                on_event: Callable[..., None] | None = None, pool: SshPool | None = None,
-               hosts: list[Host] | None = None, check_blobs: bool = False) -> tuple[Engine, PoolRunner]:
+               hosts: list[Host] | None = None, check_blobs: bool = False,
+               workers: int | None = None) -> tuple[Engine, PoolRunner]:
     """An Engine over SSH to the rollout's hosts (targets from the current inventory, or `hosts` when
     the caller just loaded them). Passing the planning pool reuses its open connections. check_blobs:
-    refuse (before any host is contacted) when a module the plan ships changed in the store."""
+    refuse (before any host is contacted) when a module the plan ships changed in the store. workers: the
+    SSH fan-out's worker processes when no pool is passed (else [fleet] workers, else one per core); the
+    journal stays this process's either way."""
     from kpipe.rollout.engine import Engine, PoolRunner
 
     rec = journal.get(rollout_id)
@@ -274,7 +278,7 @@ def engine_for(workspace: Workspace, journal: Journal, rollout_id: str, *, forks
                 targets[name] = inv.get(name)
             except NotFoundError:
                 pass  # journaled as unreachable by the engine: "not in the inventory any more"
-    pool = pool or make_pool(workspace, forks or plan.options.forks)
+    pool = pool or make_pool(workspace, forks or plan.options.forks, workers)
     runner = PoolRunner(pool, targets, forks)
     return Engine(journal, runner, local_path_fn(workspace.store), on_event=on_event), runner
 
