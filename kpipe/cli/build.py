@@ -354,11 +354,8 @@ def builds(
     json_out: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """List recorded builds (running ones can be reattached with the same `kpipe build`)."""
-    from rich.markup import escape
-    from rich.table import Table
-
     from kpipe.builder.records import list_builds
-    from kpipe.cli.context import print_json, state
+    from kpipe.cli.context import print_json, print_markup, print_table, state
 
     st = state()
     rows = list_builds(st.workspace.store, status=status)
@@ -369,15 +366,12 @@ def builds(
         print_json(rows)
         return
     if not rows:
-        st.console.print("no builds recorded")
+        print_markup("no builds recorded")
         return
-    table = Table()
-    for col in ("id", "recipe", "kernel", "host", "status", "category", "artifact", "folder on host", "pid"):
-        table.add_column(col)
-    for r in rows:
-        table.add_row(r["inputs_digest"][:12], escape(r["recipe"]), escape(r["kernel"]), escape(r["host"]),
-                      r["status"], r["category"], r["artifact_id"], escape(r["remote_dir"]), str(r["pid"] or ""))
-    st.console.print(table)
+    # a Rich table on a terminal; piped, tab-separated lines (print_table), as scripts read them
+    print_table(["id", "recipe", "kernel", "host", "status", "category", "artifact", "folder on host", "pid"],
+                [[r["inputs_digest"][:12], r["recipe"], r["kernel"], r["host"], r["status"], r["category"],
+                  r["artifact_id"], r["remote_dir"], str(r["pid"] or "")] for r in rows])
 
 
 def _print_build_log(store: Store, rows: list[dict[str, Any]], ref: str) -> None:
