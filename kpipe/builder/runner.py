@@ -52,6 +52,7 @@ if TYPE_CHECKING:
 POLL_ROUNDS = 20  # one follow request waits at most 20 x 50 ms for news
 CHUNK_BYTES = 1 << 20
 BATCH_ROUNDS = 5  # new output alone returns a follow request only after 5 x 50 ms
+MODULE_INLINE_BYTES = 32 << 20  # a module up to this size comes with the last follow answer (else SFTP)
 
 
 # -- data -----------------------------------------------------------------------
@@ -211,6 +212,21 @@ def _lossless(text: str, size: str) -> bytes | None:
     if "\ufffd" in text or str(len(data)) != size:
         return None
     return data
+
+
+def _module_bytes(kv: dict[str, str]) -> bytes | None:
+    """The module as the last follow answer carried it (base64), when it is there whole; else None."""
+    import base64
+    import binascii
+
+    text, size = kv.get("moduledata", ""), kv.get("modulesize", "")
+    if not text or not size.isdigit():
+        return None
+    try:
+        data = base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        return None
+    return data if len(data) == int(size) else None
 
 
 @dataclass
@@ -506,19 +522,14 @@ class BuildRunner:
 
     def _launch(self, t: Transport, key: str, host: BuildHost, probe: _Probe, name: str, plan: BuildPlan,
                 mode: str) -> tuple[int, LaunchState]:
-        import tempfile
-
         from kpipe.commands import Command
 
-        with tempfile.TemporaryDirectory(prefix="kpipe-stage-") as tmp:
-            tar = Path(tmp) / "inputs.tar"
-            tar.write_bytes(_tarball(plan))
-            remote_tar = f"{probe.workdir}/.{name}.{int(time.time() * 1e6)}.{threading.get_ident()}.tar"
-            t.put(tar, remote_tar)
+        # The inputs travel as the launch command's stdin (one round trip, not an SFTP upload and a command).
+        remote_tar = f"{probe.workdir}/.{name}.{int(time.time() * 1e6)}.{threading.get_ident()}.tar"
         cache_root = f"{probe.workdir}/cache"
         cmd = Command.script(LAUNCH_SCRIPT, probe.workdir, name, remote_tar, mode,
                              cache_root, str(host.slots), "1" if plan.cachedir_log else "0", *plan.argv,
-                             label="launch", timeout=120)
+                             label="launch", timeout=120, stdin=_tarball(plan))
         r = t.run(cmd)
         kv = _kv(r.stdout)
         state = kv.get("state", "")
@@ -548,8 +559,8 @@ class BuildRunner:
                 raise KpipeError(f"stopped following the build in {plan.build_dir}; it keeps running",
                                  exit_code=ExitCode.INTERRUPTED)
             r = t.run(Command.script(FOLLOW_SCRIPT, plan.build_dir, str(offset), str(POLL_ROUNDS), str(CHUNK_BYTES),
-                                     plan.module_path, plan.output_dir, str(BATCH_ROUNDS), label="follow",
-                                     timeout=60))
+                                     plan.module_path, plan.output_dir, str(BATCH_ROUNDS), str(MODULE_INLINE_BYTES),
+                                     label="follow", timeout=60))
             head, sep, body = r.stdout.partition("--kpipe-log--\n")
             head_lines = head.splitlines()
             parts = head_lines[0].split() if head_lines else []
@@ -610,7 +621,11 @@ class BuildRunner:
             module_remote = kv.get("module", "")
             if rc == 0 and module_remote:
                 local_mod = Path(tmp) / Path(module_remote).name
-                t.get(module_remote, local_mod)
+                data = _module_bytes(kv)
+                if data is not None:
+                    local_mod.write_bytes(data)  # came with the last follow answer: no download
+                else:
+                    t.get(module_remote, local_mod)
                 art = add_artifact(
                     self.store, local_mod, kernel=spec.kernel.release, status=ArtifactStatus.BUILT, recipe=spec.recipe,
                     arch=spec.kernel_entry.arch or spec.kernel.arch, builder=spec.builder,
