@@ -214,6 +214,28 @@ def _lossless(text: str, size: str) -> bytes | None:
     return data
 
 
+_prewarm_lock = threading.Lock()
+_prewarm_started = False
+
+
+def _prewarm_validation() -> None:
+    """Import kpipe.validation (pyelftools, the checks) in a background thread while the build runs on its
+    host, once per process: the wait for the build hides that import instead of the import following it."""
+    global _prewarm_started
+    with _prewarm_lock:
+        if _prewarm_started:
+            return
+        _prewarm_started = True
+
+    def load() -> None:
+        try:
+            import kpipe.validation  # noqa: F401
+        except Exception:  # noqa: S110  (the import after the build raises it again, where it is reported)
+            pass
+
+    threading.Thread(target=load, name="kpipe-prewarm", daemon=True).start()
+
+
 def _module_bytes(kv: dict[str, str]) -> bytes | None:
     """The module as the last follow answer carried it (base64), when it is there whole; else None."""
     import base64
@@ -517,6 +539,8 @@ class BuildRunner:
                                  f"build on {host.name} in {build_dir} (pid {pid})",
                                  {"host": host.name, "dir": build_dir, "pid": pid}))
         record(self.store, digest, host.name, **fields)
+        if self.options.validate:
+            _prewarm_validation()
         rc, outputs, followed = self._follow(t, key, builder, plan)
         return self._finish(spec, host, t, plan, probe, digest, rc, outputs, followed, res)
 
