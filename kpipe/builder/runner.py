@@ -51,7 +51,7 @@ if TYPE_CHECKING:
 
 POLL_ROUNDS = 20  # one follow request waits at most 20 x 50 ms for news
 CHUNK_BYTES = 1 << 20
-BATCH_ROUNDS = 5  # new output alone returns a follow request only after 5 x 50 ms
+BATCH_ROUNDS = 5  # new output alone returns the first follow request after 5 x 50 ms (then 10, 20)
 MODULE_INLINE_BYTES = 32 << 20  # a module up to this size comes with the last follow answer (else SFTP)
 
 
@@ -578,13 +578,19 @@ class BuildRunner:
         splitter = _LineSplitter()
         dead_polls = 0
         chunks: list[str] = []
+        # How long new output alone may wait before it is answered: 250 ms at first (the first lines show
+        # quickly), doubling to the 1 s cap. A long build then costs about one follow request a second (each
+        # one a shell on the host, competing with the build for CPU), not four; its end is still seen within
+        # 50 ms, whatever the window.
+        batch = BATCH_ROUNDS
         while True:
             if self._stop.is_set():
                 raise KpipeError(f"stopped following the build in {plan.build_dir}; it keeps running",
                                  exit_code=ExitCode.INTERRUPTED)
             r = t.run(Command.script(FOLLOW_SCRIPT, plan.build_dir, str(offset), str(POLL_ROUNDS), str(CHUNK_BYTES),
-                                     plan.module_path, plan.output_dir, str(BATCH_ROUNDS), str(MODULE_INLINE_BYTES),
+                                     plan.module_path, plan.output_dir, str(batch), str(MODULE_INLINE_BYTES),
                                      label="follow", timeout=60))
+            batch = min(POLL_ROUNDS, batch * 2)
             head, sep, body = r.stdout.partition("--kpipe-log--\n")
             head_lines = head.splitlines()
             parts = head_lines[0].split() if head_lines else []
