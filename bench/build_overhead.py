@@ -59,16 +59,19 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 RECIPE = "cmdline-demo"
 
-Timing = tuple[float, float]  # (wall seconds, the builder's own seconds inside it)
+Timing = tuple[float, float]  # (wall seconds, the builder's own seconds inside it; for a process: its CPU seconds)
 
 
-def alternate(runs: int, paths: dict[str, Callable[[], Timing]]) -> dict[str, list[Timing]]:
-    """Run every path once per round, in turn, for `runs` rounds (so that machine load hits all alike)."""
+def alternate(runs: int, paths: dict[str, Callable[[], Timing]], quiet: bool = False) -> dict[str, list[Timing]]:
+    """Run every path once per round, in turn, for `runs` rounds (so that machine load hits all alike); the one
+    timing loop of every case here and of bench/startup.py's build rows."""
     times: dict[str, list[Timing]] = {name: [] for name in paths}
     for i in range(runs):
         for name, fn in paths.items():
             times[name].append(fn())
-        print(f"run {i + 1}/{runs}: " + ", ".join(f"{n} {t[-1][0]:.2f} s" for n, t in times.items()), flush=True)
+        if not quiet:
+            print(f"run {i + 1}/{runs}: " + ", ".join(f"{n} {t[-1][0]:.2f} s" for n, t in times.items()),
+                  flush=True)
     return times
 
 
@@ -153,20 +156,70 @@ def build_in_process(ws: Any, spec: Any) -> Timing:
     return dt, res.duration_s
 
 
+def process(argv: list[str], env: dict[str, str], check: Callable[[subprocess.CompletedProcess[str]], bool]) -> Timing:
+    """One run of argv as a process: (wall seconds, its CPU seconds: user + system); exits when check fails."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    t0 = time.perf_counter()
+    r = subprocess.run(argv, env=env, capture_output=True, text=True, stdin=subprocess.DEVNULL)
+    wall = time.perf_counter() - t0
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    if not check(r):
+        sys.exit(f"{shlex.join(argv)}: exit {r.returncode}\n{r.stdout[-400:]}{r.stderr[-800:]}")
+    return wall, after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime
+
+
+def cache_hit_paths(env: dict[str, str], release: str) -> dict[str, Callable[[], Timing]]:
+    """`python3 -c pass` and a cache-hit `kpipe build` process, each timed as (wall, CPU), for alternate()."""
+    argv = [sys.executable, "-m", "kpipe", "build", "--recipe", RECIPE, "--kernel", release]
+    return {"python3 -c pass": lambda: process([sys.executable, "-c", "pass"], env, lambda r: r.returncode == 0),
+            "cache-hit kpipe build": lambda: process(argv, env, lambda r: r.returncode == 0 and "cached" in r.stdout)}
+
+
 def cache_hit(env: dict[str, str], release: str, runs: int) -> dict[str, float]:
     """Medians of a cache-hit `kpipe build` process (wall, CPU) and of `python3 -c pass` (wall, CPU), alternating."""
-    argv = [sys.executable, "-m", "kpipe", "build", "--recipe", RECIPE, "--kernel", release]
-    got: dict[str, list[float]] = {"wall": [], "cpu": [], "pass_wall": [], "pass_cpu": []}
-    for _ in range(runs):
-        for key, cmd in (("pass_", [sys.executable, "-c", "pass"]), ("", argv)):
-            before = resource.getrusage(resource.RUSAGE_CHILDREN)
-            t0 = time.perf_counter()
-            r = subprocess.run(cmd, env=env, capture_output=True, text=True)
-            got[key + "wall"].append(time.perf_counter() - t0)
-            after = resource.getrusage(resource.RUSAGE_CHILDREN)
-            got[key + "cpu"].append(after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime)
-            assert r.returncode == 0 and (key or "cached" in r.stdout), r.stdout[-400:] + r.stderr[-800:]
-    return {k: statistics.median(v) for k, v in got.items()}
+    paths = cache_hit_paths(env, release)
+    paths["cache-hit kpipe build"]()  # the first hit renders and remembers its inputs (kpipe.builder.memo)
+    times = alternate(runs, paths, quiet=True)
+    med = {name: (statistics.median(w for w, _ in t), statistics.median(c for _, c in t)) for name, t in times.items()}
+    (pw, pc), (kw, kc) = med["python3 -c pass"], med["cache-hit kpipe build"]
+    return {"wall": kw, "cpu": kc, "pass_wall": pw, "pass_cpu": pc}
+
+
+def direct_path(tmp: Path, server: Any, ws: Any, spec: Any) -> Callable[[], Timing]:
+    """The floor: the make kpipe runs, over one OpenSSH connection, its sources already in place, bracketed by two
+    timestamps; a run gives (wall, the builder's own seconds)."""
+    from kpipe.builder.base import get_builder
+
+    host = ws.build_hosts[0]
+
+    def direct() -> Timing:
+        d = tmp / "direct"
+        shutil.rmtree(d, ignore_errors=True)
+        plan = get_builder("kbuild").plan(spec, host, str(d))
+        for f in plan.files:
+            (d / f.name).parent.mkdir(parents=True, exist_ok=True)
+            (d / f.name).write_bytes(f.data)
+        line = shlex.join(["sh", "-c", 'date +%s.%N; "$@"; rc=$?; date +%s.%N; exit $rc', "sh", *plan.argv])
+        t0 = time.perf_counter()
+        r = subprocess.run(server.ssh_argv(line), capture_output=True, text=True, stdin=subprocess.DEVNULL)
+        dt = time.perf_counter() - t0
+        assert r.returncode == 0 and (d / "src" / f"{plan.module_name}.ko").is_file(), r.stderr[-500:]
+        out = r.stdout.strip().splitlines()
+        return dt, float(out[-1]) - float(out[0])
+    return direct
+
+
+def cli_path(env: dict[str, str], release: str) -> Callable[[], Timing]:
+    """`kpipe build --force` as a process (Python start-up and imports included): (wall, the builder's seconds)."""
+    argv = [sys.executable, "-m", "kpipe", "build", "--recipe", RECIPE, "--kernel", release, "--force", "--json"]
+
+    def kpipe_cli() -> Timing:
+        t0 = time.perf_counter()
+        r = subprocess.run(argv, env=env, capture_output=True, text=True, stdin=subprocess.DEVNULL)
+        dt = time.perf_counter() - t0
+        assert r.returncode == 0, r.stderr[-800:]
+        return dt, float(json.loads(r.stdout)[0]["duration_s"])
+    return kpipe_cli
 
 
 def make_workspace(tmp: Path, server, release: str, headers: str) -> Path:
@@ -285,7 +338,6 @@ def main() -> None:
 
     import kenv  # the tests' discovery of the installed headers (newest, or KPIPE_TEST_KERNEL)
     from kpipe import recipes
-    from kpipe.builder.base import get_builder
     from kpipe.workspace import load_workspace
     from sshd import SshdServer, keygen
 
@@ -301,36 +353,13 @@ def main() -> None:
         ws_root = make_workspace(tmp, server, release, headers)
         ws = load_workspace(ws_root)
         spec = recipes.render(ws, RECIPE, release)
-        host = ws.build_hosts[0]
         env = bench_env(KPIPE_WORKSPACE=str(ws_root))
-
-        def direct() -> Timing:
-            d = tmp / "direct"
-            shutil.rmtree(d, ignore_errors=True)
-            plan = get_builder("kbuild").plan(spec, host, str(d))
-            for f in plan.files:
-                (d / f.name).parent.mkdir(parents=True, exist_ok=True)
-                (d / f.name).write_bytes(f.data)
-            # the make command kpipe runs, bracketed by two timestamps (the builder's own time, as kpipe records it)
-            line = shlex.join(["sh", "-c", 'date +%s.%N; "$@"; rc=$?; date +%s.%N; exit $rc', "sh", *plan.argv])
-            t0 = time.perf_counter()
-            r = subprocess.run(server.ssh_argv(line), capture_output=True, text=True)
-            dt = time.perf_counter() - t0
-            assert r.returncode == 0 and (d / "src" / f"{plan.module_name}.ko").is_file(), r.stderr[-500:]
-            out = r.stdout.strip().splitlines()
-            return dt, float(out[-1]) - float(out[0])
+        direct = direct_path(tmp, server, ws, spec)
 
         def kpipe_inproc() -> Timing:
             return build_in_process(ws, spec)
 
-        def kpipe_cli() -> Timing:
-            """`kpipe build --force` as a process (Python start-up and imports included)."""
-            t0 = time.perf_counter()
-            r = subprocess.run([sys.executable, "-m", "kpipe", "build", "--recipe", RECIPE, "--kernel", release,
-                                "--force", "--json"], env=env, capture_output=True, text=True)
-            dt = time.perf_counter() - t0
-            assert r.returncode == 0, r.stderr[-800:]
-            return dt, float(json.loads(r.stdout)[0]["duration_s"])
+        kpipe_cli = cli_path(env, release)
 
         # warm-up: page cache for the headers and the compiler, toolchain probe
         direct()

@@ -24,10 +24,8 @@ bench/fleet.py's.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import resource
-import shlex
 import shutil
 import statistics
 import subprocess
@@ -41,7 +39,16 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
-from build_overhead import RECIPE, bench_env, build_in_process, make_workspace  # noqa: E402  (beside this file)
+from build_overhead import (  # noqa: E402  (beside this file)
+    RECIPE,
+    alternate,
+    bench_env,
+    build_in_process,
+    cache_hit_paths,
+    cli_path,
+    direct_path,
+    make_workspace,
+)
 
 RELEASE = "5.10.0-amd64-UOS"  # parser test data
 
@@ -124,10 +131,10 @@ HEADER = (f"{'measure':46} {'CPU ms':>7} {'wall ms':>8} | {'pass CPU':>8} {'pass
 
 
 def build_rows(env: dict[str, str], runs: int) -> list[str]:
-    """The cache-hit `kpipe build` row and the overhead of `kpipe build` over the same make over SSH."""
+    """The cache-hit `kpipe build` row and the overhead of `kpipe build` over the same make over SSH, timed by
+    bench/build_overhead.py's one alternating loop and its paths."""
     import kenv
     from kpipe import recipes
-    from kpipe.builder.base import get_builder
     from kpipe.workspace import load_workspace
     from sshd import SshdServer, keygen
 
@@ -140,25 +147,16 @@ def build_rows(env: dict[str, str], runs: int) -> list[str]:
         spec = recipes.render(ws, RECIPE, found.release)
         build_in_process(ws, spec)  # the artifact the cache hits answer with; warms the page cache
         benv = {**env, "KPIPE_WORKSPACE": str(ws_root)}
-        argv = [sys.executable, "-m", "kpipe", "build", "--recipe", RECIPE, "--kernel", found.release]
-        hit = Row("cache-hit kpipe build", 3.0, on="wall").measure(argv, benv, runs,
-                                                                    check=lambda out: "cached" in out)
+        paths = cache_hit_paths(benv, found.release)
+        paths["cache-hit kpipe build"]()  # the first hit renders and remembers its inputs (kpipe.builder.memo)
+        times = alternate(runs, paths, quiet=True)
+        hit = Row("cache-hit kpipe build", 3.0, on="wall")
+        hit.base_wall, hit.base_cpu = ([t[i] for t in times["python3 -c pass"]] for i in (0, 1))
+        hit.wall, hit.cpu = ([t[i] for t in times["cache-hit kpipe build"]] for i in (0, 1))
         # overhead: the same make over one OpenSSH connection (the floor) vs `kpipe build --force` as a process
-        plan_dir = tmp / "direct"
-        direct_wall: list[float] = []
-        kpipe_wall: list[float] = []
-        for _ in range(max(1, min(runs, 3))):
-            shutil.rmtree(plan_dir, ignore_errors=True)
-            plan = get_builder("kbuild").plan(spec, ws.build_hosts[0], str(plan_dir))
-            for f in plan.files:
-                (plan_dir / f.name).parent.mkdir(parents=True, exist_ok=True)
-                (plan_dir / f.name).write_bytes(f.data)
-            _, w, _ = run_once(server.ssh_argv(shlex.join(plan.argv)), benv)
-            direct_wall.append(w)
-            _, w, out = run_once([*argv, "--force", "--json"], benv)
-            assert json.loads(out)[0]["status"] == "built", out
-            kpipe_wall.append(w)
-        d, k = min(direct_wall), min(kpipe_wall)
+        times = alternate(max(1, min(runs, 3)), {"direct": direct_path(tmp, server, ws, spec),
+                                                 "kpipe": cli_path(benv, found.release)}, quiet=True)
+        d, k = min(w for w, _ in times["direct"]), min(w for w, _ in times["kpipe"])
         over = k / d - 1
         overhead = (f"{'kpipe build vs make over SSH (min wall)':46} {'':>7} {k * 1000:8.0f} | {'make:':>8} "
                     f"{d * 1000:9.0f} | {100 * over:+6.1f} % wall {'< 15 %':>7} {'met' if over < 0.15 else 'MISSED'}")

@@ -15,9 +15,9 @@ import math
 import re
 import tomllib
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar, dataclass_transform
 
 from kpipe.errors import ConfigError
 from kpipe.taint import TAINT_LETTERS
@@ -38,8 +38,41 @@ DEFAULT_INVENTORY_TIMEOUT = 60.0
 # -- the sections --------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class WorkspaceDirs:
+class _Frozen:
+    """What @dataclass(frozen=True) generates per class (==, hash, repr), written once: on Python 3.11 the
+    dataclass machinery compiles each generated method from source, and kpipe.toml's 17 classes made that
+    ~10 ms of every command's start. Equality, hashing and repr are the dataclass ones, over every field."""
+
+    __slots__ = ()
+
+    def _values(self) -> tuple[Any, ...]:
+        return tuple(getattr(self, f.name) for f in fields(self))  # type: ignore[arg-type]
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, _Frozen) or other.__class__ is not self.__class__:
+            return NotImplemented
+        return self._values() == other._values()
+
+    def __hash__(self) -> int:
+        return hash(self._values())
+
+    def __repr__(self) -> str:
+        inner = ", ".join(f"{f.name}={getattr(self, f.name)!r}" for f in fields(self))  # type: ignore[arg-type]
+        return f"{self.__class__.__qualname__}({inner})"
+
+
+_T = TypeVar("_T")
+
+
+@dataclass_transform(frozen_default=True, field_specifiers=(field,))
+def _frozen(cls: type[_T]) -> type[_T]:
+    """@dataclass(frozen=True) with _Frozen's ==, hash and repr (generated: __init__, __setattr__, __delattr__)."""
+    return dataclass(frozen=True, eq=False, repr=False)(cls)
+
+
+
+@_frozen
+class WorkspaceDirs(_Frozen):
     """[workspace]: the folders, relative to the workspace root unless absolute."""
 
     store: str = ".kpipe"
@@ -47,8 +80,8 @@ class WorkspaceDirs:
     patches: str = "patches"
 
 
-@dataclass(frozen=True)
-class BuildHost:
+@_frozen
+class BuildHost(_Frozen):
     """A machine that builds modules; `local` builds here without SSH."""
 
     name: str
@@ -78,8 +111,8 @@ class BuildHost:
         )
 
 
-@dataclass(frozen=True)
-class KernelEntry:
+@_frozen
+class KernelEntry(_Frozen):
     """A kernel in the catalog: where its build inputs live (on the build host)."""
 
     release: str
@@ -96,8 +129,8 @@ class KernelEntry:
     options: dict[str, Any] = field(default_factory=dict)  # builder defaults
 
 
-@dataclass(frozen=True)
-class SshSettings:
+@_frozen
+class SshSettings(_Frozen):
     """[ssh]: host keys, identity, timeouts and fan-out width."""
 
     known_hosts: str = "~/.ssh/known_hosts"
@@ -110,8 +143,8 @@ class SshSettings:
     kex: tuple[str, ...] = ()  # empty = paramiko's defaults; pinning is the user's choice
 
 
-@dataclass(frozen=True)
-class SignerConfig:
+@_frozen
+class SignerConfig(_Frozen):
     """A signer: builtin (key + cert) or an external argv template."""
 
     name: str
@@ -124,16 +157,16 @@ class SignerConfig:
     sm2_user_id: str | None = None  # SM2 Z_A convention; None = no Z_A (kernel PKCS#7 style)
 
 
-@dataclass(frozen=True)
-class SigningSettings:
+@_frozen
+class SigningSettings(_Frozen):
     """[signing]: the default signer and every [signing.signers.NAME]."""
 
     default: str = ""
     signers: dict[str, SignerConfig] = field(default_factory=dict)
 
 
-@dataclass(frozen=True)
-class FleetSettings:
+@_frozen
+class FleetSettings(_Frozen):
     """[fleet]: inventory sources and how long a dynamic inventory script may run."""
 
     inventories: tuple[str, ...] = ()
@@ -141,16 +174,16 @@ class FleetSettings:
     workers: int = 0  # fan-out worker processes; 0 = one per core, 1 = in-process (kpipe.transport.workers)
 
 
-@dataclass(frozen=True)
-class LabKernel:
+@_frozen
+class LabKernel(_Frozen):
     """[lab.kernels."RELEASE"]: a bootable kernel of the user's own."""
 
     image: str
     modules: str = ""
 
 
-@dataclass(frozen=True)
-class LabSettings:
+@_frozen
+class LabSettings(_Frozen):
     """[lab]: defaults of `kpipe lab up` and `kpipe preflight`."""
 
     cache_dir: str = ""
@@ -160,38 +193,38 @@ class LabSettings:
     kernels: dict[str, LabKernel] = field(default_factory=dict)
 
 
-@dataclass(frozen=True)
-class AuditSettings:
+@_frozen
+class AuditSettings(_Frozen):
     """[audit]: the desired-state file and the taint letters that are not a finding."""
 
     desired: str = ""
     allowed_taint: tuple[str, ...] | None = None  # None = kpipe's default (O, E, K)
 
 
-@dataclass(frozen=True)
-class ValidationSettings:
+@_frozen
+class ValidationSettings(_Frozen):
     """[validation]: strict turns warnings into errors."""
 
     strict: bool = False
 
 
-@dataclass(frozen=True)
-class AnsibleSettings:
+@_frozen
+class AnsibleSettings(_Frozen):
     """[ansible]: the Ansible engine's settings."""
 
     python_interpreter: str = "auto_silent"
 
 
-@dataclass(frozen=True)
-class HealthSettings:
+@_frozen
+class HealthSettings(_Frozen):
     """[rollout.health]: an argv run on each patched host at every gate tick (exit 0 = healthy)."""
 
     command: tuple[str, ...] = ()
     timeout: float = 10.0
 
 
-@dataclass(frozen=True)
-class PrometheusSettings:
+@_frozen
+class PrometheusSettings(_Frozen):
     """[rollout.prometheus]: an instant PromQL query per gate tick; a host breaking `threshold` fails."""
 
     url: str = ""
@@ -202,16 +235,16 @@ class PrometheusSettings:
     timeout: float = 10.0
 
 
-@dataclass(frozen=True)
-class RolloutSettings:
+@_frozen
+class RolloutSettings(_Frozen):
     """[rollout]: the gate's extra checks ([rollout.health], [rollout.prometheus]); None = not configured."""
 
     health: HealthSettings | None = None
     prometheus: PrometheusSettings | None = None
 
 
-@dataclass(frozen=True)
-class Settings:
+@_frozen
+class Settings(_Frozen):
     """Every section of one kpipe.toml, typed."""
 
     file: Path
@@ -489,8 +522,8 @@ def did_you_mean(word: str, choices: Iterable[str]) -> str:
     return f"did you mean {close[0]!r}? " if close else ""
 
 
-@dataclass(frozen=True)
-class SettingsProblem:
+@_frozen
+class SettingsProblem(_Frozen):
     """One problem of kpipe.toml: where, what, and a hint."""
 
     file: Path

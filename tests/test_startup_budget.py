@@ -259,6 +259,28 @@ def test_a_cache_hit_build_contacts_no_host_and_loads_no_ssh_or_rich(cached_buil
     assert not loaded, f"a cache-hit `kpipe build` imported {loaded}"
 
 
+# A cache hit answered through the render memo (kpipe.builder.memo): the recipe is not rendered (no YAML,
+# no Jinja2, not kpipe.recipes) and nothing that runs a build loads (tarfile, thread pools, the builders'
+# plans, the transports, the command runner).
+MEMO_HIT = (*SSH, *NO_ELF, *NO_RICH, *NO_LAB, *NO_RECIPE, "yaml", "kpipe.recipes", "kpipe.yamlnodes", "tarfile",
+            "concurrent.futures", "kpipe.builder.base", "kpipe.builder.classify", "kpipe.commands", "kpipe.transport",
+            "kpipe.validation")
+
+
+def test_a_repeated_cache_hit_build_renders_nothing_and_runs_no_build_code(cached_build: Path):
+    """The first `kpipe build` renders the recipe and remembers its inputs; the same command again is
+    answered from the store without rendering: same artifact, same output, the lean import list above."""
+    args = ("build", "--recipe", "cmdline-demo", "--kernel", CACHED_RELEASE, "--json")
+    first, _ = imported(args, cached_build)
+    assert first.returncode == 0, first.stdout + first.stderr[-2000:]
+    again, names = imported(args, cached_build)
+    assert again.returncode == 0, again.stdout + again.stderr[-2000:]
+    assert again.stdout == first.stdout and '"status": "cached"' in again.stdout, again.stdout
+    loaded = sorted({n.split(".")[0] if not n.startswith("kpipe") else n for n in names
+                     if any(_matches(n, f) for f in MEMO_HIT)})
+    assert not loaded, f"a repeated cache-hit `kpipe build` imported {loaded}"
+
+
 def test_a_group_command_converts_only_the_subcommand_that_runs():
     """`kpipe rollout status` turns one function into click parameters, not every rollout command's; the
     group's help and completion (no exact subcommand) still get every command."""

@@ -21,10 +21,12 @@ cd "$wd" || exit 3
 echo "workdir=$(pwd -P)"
 """
 
-# $1 workdir, $2 folder name, $3 uploaded tarball, $4 mode (attach|fresh), then run.sh's parameters.
+# $1 workdir, $2 folder name, $3 where to keep the tarball of the inputs (which comes on stdin), $4 mode
+# (attach|fresh), then run.sh's parameters.
 # Under a per-folder lock: report a running build, or (attach) a finished one, else start anew.
 LAUNCH_SCRIPT = r"""
 wd=$1; name=$2; tarball=$3; mode=$4; shift 4
+mkdir -p "$wd" && cat >"$tarball" || { rm -f "$tarball"; echo "state=error"; exit 93; }
 dir=$wd/$name
 exec 8>"$dir.lock" || exit 90
 flock 8 || exit 90
@@ -85,13 +87,14 @@ finish "$rc"
 
 # $1 folder, $2 offset, $3 max polls of 50 ms, $4 max bytes, $5 predicted module, $6 output folder,
 # $7 polls to wait before new output alone ends the wait (batches output: fewer requests competing with
-# the build for CPU; the end of the build is still seen within 50 ms).
+# the build for CPU; the end of the build is still seen within 50 ms), $8 the largest module sent inline.
 # Waits for new output or the end, then prints "<end offset> <log size> <exit status or -> <alive 0|1>",
 # once the build has ended and the log is drained also where the module and the extra log are
-# (key=value lines), then a "--kpipe-log--" line and the log bytes [offset, end). The exit file is read
-# before the size: once it exists the log is complete.
+# (key=value lines) and the module itself (modulesize=, moduledata=<base64>: no separate download),
+# then a "--kpipe-log--" line and the log bytes [offset, end). The exit file is read before the size:
+# once it exists the log is complete.
 FOLLOW_SCRIPT = r"""
-dir=$1; off=$2; n=$3; cap=$4; minw=${7:-0}; i=0
+dir=$1; off=$2; n=$3; cap=$4; minw=${7:-0}; inline=${8:-0}; i=0
 [ -d "$dir" ] || { echo "missing"; exit 0; }
 while :; do
     [ -f "$dir/exit" ] && break
@@ -115,8 +118,16 @@ end=$size
 [ $((end - off)) -gt "$cap" ] && end=$((off + cap))
 echo "$end $size ${rc:--} $alive"
 if [ -n "$rc" ] && [ "$end" -ge "$size" ]; then
-    if [ -f "$5" ]; then echo "module=$5"
-    else for f in "$6"/*.ko; do if [ -f "$f" ]; then echo "module=$f"; break; fi; done
+    m=
+    if [ -f "$5" ]; then m=$5
+    else for f in "$6"/*.ko; do if [ -f "$f" ]; then m=$f; break; fi; done
+    fi
+    if [ -n "$m" ]; then
+        echo "module=$m"
+        msize=$(stat -c %s "$m" 2>/dev/null || echo -1)
+        if [ "$msize" -ge 0 ] && [ "$msize" -le "$inline" ] && data=$(base64 -w 0 "$m" 2>/dev/null); then
+            echo "modulesize=$msize"; echo "moduledata=$data"
+        fi
     fi
     if [ -f "$dir/cachedir-build.log" ]; then echo "cachelog=$dir/cachedir-build.log"; fi
     for k in started finished slot; do echo "$k=$(cat "$dir/$k" 2>/dev/null)"; done

@@ -17,41 +17,42 @@ recipes, patch names and paths stay data.
 
 from __future__ import annotations
 
-import io
 import json
 import os
-import queue
-import sqlite3
-import tarfile
-import tempfile
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kpipe.artifacts import Artifact, ArtifactStatus, add_artifact, find_by_inputs, get_artifact
-from kpipe.builder.base import Builder, BuildPlan, StagedFile, get_builder, parse_version_output
-from kpipe.builder.classify import Classification, classify
 from kpipe.builder.hosts import pick_host, select_hosts
-from kpipe.builder.records import build_record, ensure_schema, find_cached, record, save_tool_version
+from kpipe.builder.records import (
+    build_record,
+    cached_tool_version,
+    ensure_schema,
+    find_cached,
+    record,
+    save_tool_version,
+)
 from kpipe.builder.remote import FOLLOW_SCRIPT, LAUNCH_SCRIPT, PROBE_PREFIX, RUN_SCRIPT, SAFE_WORKDIR
-from kpipe.builder.spec import BuildSpec
 from kpipe.builder.states import BuildEventKind, BuildRecordStatus, BuildStatus, LaunchState
-from kpipe.commands import Command
 from kpipe.errors import BuildFailed, ConfigError, ExitCode, KpipeError, TransportError
-from kpipe.host import Host
-from kpipe.transport.base import Transport
-from kpipe.workspace import BuildHost, Workspace
 
-if TYPE_CHECKING:  # paramiko and Fabric load only when a build host is remote
-    from kpipe.transport.ssh import SshPool
+if TYPE_CHECKING:
+    # A cache hit (answered from the store) needs none of these (tarfile, thread pools, the builders, the
+    # transports): they load when a build runs (tests/test_startup_budget.py: a cache hit's import budget).
+    from kpipe.builder.base import Builder, BuildPlan
+    from kpipe.builder.spec import BuildSpec
+    from kpipe.transport.base import Transport
+    from kpipe.transport.ssh import SshPool  # paramiko and Fabric load only when a build host is remote
+    from kpipe.workspace import BuildHost, Workspace
 
 POLL_ROUNDS = 20  # one follow request waits at most 20 x 50 ms for news
 CHUNK_BYTES = 1 << 20
-BATCH_ROUNDS = 5  # new output alone returns a follow request only after 5 x 50 ms
+BATCH_ROUNDS = 5  # new output alone returns the first follow request after 5 x 50 ms (then 10, 20)
+MODULE_INLINE_BYTES = 32 << 20  # a module up to this size comes with the last follow answer (else SFTP)
 
 
 # -- data -----------------------------------------------------------------------
@@ -139,6 +140,7 @@ class Connections:
             from kpipe.transport.local import LocalTransport
 
             return LocalTransport(host.name)
+        from kpipe.host import Host
         from kpipe.transport.ssh import SshPool
 
         with self._lock:
@@ -171,6 +173,11 @@ def _kv(stdout: str) -> dict[str, str]:
 
 def _tarball(plan: BuildPlan) -> bytes:
     """The build folder's initial contents as a tar archive (run.sh + the plan's files)."""
+    import io
+    import tarfile
+
+    from kpipe.builder.base import StagedFile
+
     buf = io.BytesIO()
     files = [StagedFile("run.sh", RUN_SCRIPT.encode(), 0o755), *plan.files]
     with tarfile.open(fileobj=buf, mode="w") as tar:
@@ -207,6 +214,43 @@ def _lossless(text: str, size: str) -> bytes | None:
     return data
 
 
+_prewarm_lock = threading.Lock()
+_prewarm_started = False
+
+
+def _prewarm_validation() -> None:
+    """Import kpipe.validation (pyelftools, the checks) in a background thread while the build runs on its
+    host, once per process: the wait for the build hides that import instead of the import following it."""
+    global _prewarm_started
+    with _prewarm_lock:
+        if _prewarm_started:
+            return
+        _prewarm_started = True
+
+    def load() -> None:
+        try:
+            import kpipe.validation  # noqa: F401
+        except Exception:  # noqa: S110  (the import after the build raises it again, where it is reported)
+            pass
+
+    threading.Thread(target=load, name="kpipe-prewarm", daemon=True).start()
+
+
+def _module_bytes(kv: dict[str, str]) -> bytes | None:
+    """The module as the last follow answer carried it (base64), when it is there whole; else None."""
+    import base64
+    import binascii
+
+    text, size = kv.get("moduledata", ""), kv.get("modulesize", "")
+    if not text or not size.isdigit():
+        return None
+    try:
+        data = base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        return None
+    return data if len(data) == int(size) else None
+
+
 @dataclass
 class _Probe:
     workdir: str
@@ -215,6 +259,9 @@ class _Probe:
 
 def probe_host(transport: Transport, host: BuildHost, builder_name: str) -> _Probe:
     """The host's absolute work folder and the builder's version there (one command)."""
+    from kpipe.builder.base import get_builder, parse_version_output
+    from kpipe.commands import Command
+
     builder = get_builder(builder_name)
     cmd = Command.script(PROBE_PREFIX + builder.version_script, host.workdir, *builder.version_args(host),
                          label="probe", timeout=60)
@@ -245,6 +292,7 @@ class BuildRunner:
         self.options = options or BuildOptions()
         self.connections = connections or Connections(ws)
         self._probes: dict[tuple[str, str], _Probe] = {}
+        self._versions: dict[str, str] = {}  # inputs digest -> the builder version it was computed with
         self._probe_lock = threading.Lock()
         self._stop = threading.Event()  # set on Ctrl-C: stop following, leave the builds running
         ensure_schema(self.store)
@@ -254,8 +302,31 @@ class BuildRunner:
                              {"artifact": artifact_id}))
 
     # -- the matrix ---------------------------------------------------------------
-    def run(self, specs: list[BuildSpec]) -> list[BuildResult]:
-        """Build every spec: cache hits first (no host contact), the rest in parallel up to each host's slots."""
+    def run(self, specs: list[BuildSpec], input_keys: list[str | None] | None = None) -> list[BuildResult]:
+        """Build every spec: cache hits first (no host contact), the rest in parallel up to each host's slots.
+
+        input_keys (kpipe.builder.memo.input_key of each spec's recipe inputs, taken before it rendered):
+        each usable result is remembered under its key, so the next run answers without rendering."""
+        results = self._run(specs)
+        for spec, res, key in zip(specs, results, input_keys or [], strict=False):
+            if key and res.ok and res.inputs_digest:
+                self._remember(spec, res, key)
+        return results
+
+    def _remember(self, spec: BuildSpec, res: BuildResult, key: str) -> None:
+        from kpipe.builder import memo
+
+        version = self._versions.get(res.inputs_digest)
+        if version is None or spec.inputs_digest(version) != res.inputs_digest:
+            return  # not this spec's digest (cannot happen today; a wrong memo row would answer wrongly)
+        memo.remember(self.store, key, builder=spec.builder, builder_version=version,
+                      inputs_digest=res.inputs_digest, arch=spec.kernel_entry.arch or spec.kernel.arch,
+                      sign=bool((spec.signing or {}).get("sign")))
+
+    def _run(self, specs: list[BuildSpec]) -> list[BuildResult]:
+        import queue
+        from concurrent.futures import ThreadPoolExecutor
+
         results: dict[int, BuildResult] = {}
         todo: list[tuple[int, BuildSpec, BuildHost]] = []
         load: dict[str, int] = {}
@@ -269,6 +340,8 @@ class BuildRunner:
                 if not self.options.force:
                     hit = find_cached(self.ws, spec, hosts)
                     if hit is not None:
+                        self._versions[hit[0].inputs_digest] = cached_tool_version(self.store, hit[1].name,
+                                                                                   spec.builder) or ""
                         results[i] = self._cached(spec, key, *hit)
                         continue
                 host = pick_host(hosts, spec.kernel.release, arch, load=load, where=where)
@@ -314,6 +387,52 @@ class BuildRunner:
         """Close the build hosts' connections."""
         self.connections.close()
 
+    def answer_from_memo(self, recipe: str, release: str, input_key: str) -> BuildResult | None:
+        """The cache hit of recipe x release without rendering it (kpipe.builder.memo), or None: then render
+        and run(). Looks the artifact up exactly as run() does (each candidate host's probed builder version,
+        in workspace order); a recipe that signs is answered only when its signed artifact exists."""
+        from kpipe.builder import memo
+
+        if self.options.force:
+            return None
+        rows = memo.recall(self.store, input_key)
+        if not rows:
+            return None
+        by_version = {(r["builder"], r["builder_version"]): r for r in rows}
+        try:
+            hosts = select_hosts(self.ws.build_hosts, release, rows[0]["arch"], only=self.options.host,
+                                 where=str(self.ws.file))
+        except KpipeError:
+            return None  # the full path reports it, with the rendered recipe's context
+        builder = rows[0]["builder"]
+        for h in hosts:
+            row = by_version.get((builder, cached_tool_version(self.store, h.name, builder)))
+            art = find_by_inputs(self.store, row["inputs_digest"]) if row is not None else None
+            if row is None or art is None:
+                continue
+            key = f"{recipe}@{release}"
+            res = BuildResult(key, recipe, release, BuildStatus.CACHED, host=art.build_host or h.name,
+                              builder=builder, inputs_digest=art.inputs_digest, artifact_id=art.id,
+                              artifact_status=art.status, module_name=art.module_name, duration_s=art.duration_s)
+            if art.status == ArtifactStatus.VALID and row["sign"]:
+                signed = self._signed_child(art)
+                if signed is None:
+                    return None  # signing needs the rendered recipe's signer: the full path signs it
+                res.signed_id = signed
+            self.emit(BuildEvent(key, BuildEventKind.CACHED, f"answered from the store: artifact {art.id} "
+                                 f"({art.status})", {"artifact": art.id, "host": art.build_host}))
+            return res
+        return None
+
+    def _signed_child(self, art: Artifact) -> str | None:
+        """The id of a valid signed artifact made from art, if there is one."""
+        from kpipe.artifacts import list_artifacts
+
+        for other in list_artifacts(self.store, kernel=art.kernel):
+            if other.parent_id == art.id and other.signed and other.status == ArtifactStatus.VALID:
+                return other.id
+        return None
+
     def _cached(self, spec: BuildSpec, key: str, art: Artifact, host: BuildHost) -> BuildResult:
         self.emit(BuildEvent(key, BuildEventKind.CACHED, f"answered from the store: artifact {art.id} ({art.status})",
                              {"artifact": art.id, "host": art.build_host}))
@@ -327,12 +446,10 @@ class BuildRunner:
     def _ensure_signed(self, spec: BuildSpec, key: str, art: Artifact, res: BuildResult) -> None:
         """A cached module the recipe wants signed: reuse its signed artifact, or sign it now
         (the signer may have been configured after the build)."""
-        from kpipe.artifacts import list_artifacts
-
-        for other in list_artifacts(self.store, kernel=art.kernel):
-            if other.parent_id == art.id and other.signed and other.status == ArtifactStatus.VALID:
-                res.signed_id = other.id
-                return
+        signed_id = self._signed_child(art)
+        if signed_id is not None:
+            res.signed_id = signed_id
+            return
         try:
             from kpipe import validation
 
@@ -382,12 +499,15 @@ class BuildRunner:
         return p
 
     def _build_on(self, spec: BuildSpec, host: BuildHost, lane: int, res: BuildResult) -> BuildResult:
+        from kpipe.builder.base import get_builder
+
         key = res.key
         builder = get_builder(spec.builder)
         t = self.connections.transport(host, lane)
         self.emit(BuildEvent(key, BuildEventKind.HOST, f"build host {host.name}", {"host": host.name}))
         probe = self._probe(t, host, spec.builder)
         digest = spec.inputs_digest(probe.version)
+        self._versions[digest] = probe.version
         res.inputs_digest = digest
         if not self.options.force:
             art = find_by_inputs(self.store, digest)
@@ -419,20 +539,21 @@ class BuildRunner:
                                  f"build on {host.name} in {build_dir} (pid {pid})",
                                  {"host": host.name, "dir": build_dir, "pid": pid}))
         record(self.store, digest, host.name, **fields)
+        if self.options.validate:
+            _prewarm_validation()
         rc, outputs, followed = self._follow(t, key, builder, plan)
         return self._finish(spec, host, t, plan, probe, digest, rc, outputs, followed, res)
 
     def _launch(self, t: Transport, key: str, host: BuildHost, probe: _Probe, name: str, plan: BuildPlan,
                 mode: str) -> tuple[int, LaunchState]:
-        with tempfile.TemporaryDirectory(prefix="kpipe-stage-") as tmp:
-            tar = Path(tmp) / "inputs.tar"
-            tar.write_bytes(_tarball(plan))
-            remote_tar = f"{probe.workdir}/.{name}.{int(time.time() * 1e6)}.{threading.get_ident()}.tar"
-            t.put(tar, remote_tar)
+        from kpipe.commands import Command
+
+        # The inputs travel as the launch command's stdin (one round trip, not an SFTP upload and a command).
+        remote_tar = f"{probe.workdir}/.{name}.{int(time.time() * 1e6)}.{threading.get_ident()}.tar"
         cache_root = f"{probe.workdir}/cache"
         cmd = Command.script(LAUNCH_SCRIPT, probe.workdir, name, remote_tar, mode,
                              cache_root, str(host.slots), "1" if plan.cachedir_log else "0", *plan.argv,
-                             label="launch", timeout=120)
+                             label="launch", timeout=120, stdin=_tarball(plan))
         r = t.run(cmd)
         kv = _kv(r.stdout)
         state = kv.get("state", "")
@@ -451,17 +572,25 @@ class BuildRunner:
 
         Returns the exit status, where the outputs are (key=value) and the log text as followed.
         """
+        from kpipe.commands import Command
+
         offset = 0
         splitter = _LineSplitter()
         dead_polls = 0
         chunks: list[str] = []
+        # How long new output alone may wait before it is answered: 250 ms at first (the first lines show
+        # quickly), doubling to the 1 s cap. A long build then costs about one follow request a second (each
+        # one a shell on the host, competing with the build for CPU), not four; its end is still seen within
+        # 50 ms, whatever the window.
+        batch = BATCH_ROUNDS
         while True:
             if self._stop.is_set():
                 raise KpipeError(f"stopped following the build in {plan.build_dir}; it keeps running",
                                  exit_code=ExitCode.INTERRUPTED)
             r = t.run(Command.script(FOLLOW_SCRIPT, plan.build_dir, str(offset), str(POLL_ROUNDS), str(CHUNK_BYTES),
-                                     plan.module_path, plan.output_dir, str(BATCH_ROUNDS), label="follow",
-                                     timeout=60))
+                                     plan.module_path, plan.output_dir, str(batch), str(MODULE_INLINE_BYTES),
+                                     label="follow", timeout=60))
+            batch = min(POLL_ROUNDS, batch * 2)
             head, sep, body = r.stdout.partition("--kpipe-log--\n")
             head_lines = head.splitlines()
             parts = head_lines[0].split() if head_lines else []
@@ -497,6 +626,10 @@ class BuildRunner:
 
     def _finish(self, spec: BuildSpec, host: BuildHost, t: Transport, plan: BuildPlan, probe: _Probe, digest: str,
                 rc: int, kv: dict[str, str], followed: str, res: BuildResult) -> BuildResult:
+        import tempfile
+
+        from kpipe.builder.classify import Classification, classify
+
         key = res.key
         with tempfile.TemporaryDirectory(prefix="kpipe-fetch-") as tmp:
             log = _lossless(followed, kv.get("logsize", ""))
@@ -518,7 +651,11 @@ class BuildRunner:
             module_remote = kv.get("module", "")
             if rc == 0 and module_remote:
                 local_mod = Path(tmp) / Path(module_remote).name
-                t.get(module_remote, local_mod)
+                data = _module_bytes(kv)
+                if data is not None:
+                    local_mod.write_bytes(data)  # came with the last follow answer: no download
+                else:
+                    t.get(module_remote, local_mod)
                 art = add_artifact(
                     self.store, local_mod, kernel=spec.kernel.release, status=ArtifactStatus.BUILT, recipe=spec.recipe,
                     arch=spec.kernel_entry.arch or spec.kernel.arch, builder=spec.builder,
@@ -555,6 +692,8 @@ class BuildRunner:
         """Validate (and sign when the recipe asks) through kpipe.validation."""
         if not self.options.validate:
             return
+        import sqlite3
+
         from kpipe import validation
 
         key = res.key

@@ -60,9 +60,18 @@ def build(
         raise UsageError(f"which kernels should recipe {recipe!r} be built for?",
                          hint="add --kernel RELEASE or --all-kernels")
     ws = st.workspace
-    specs, errors = _specs(ws, kernel, recipe, all_kernels)
     console = st.printer(stderr=json_out)  # Rich on a terminal; piped (scripts, CI), plain lines and no Rich
-    results: list[BuildResult] = errors + _run_builds(ws, specs, console, verbose, force, host, jobs)
+    memo_key = None
+    if recipe and kernel and not force:
+        from kpipe.builder.memo import input_key
+
+        memo_key = input_key(ws, recipe, kernel)
+    hit = _answer_from_memo(ws, recipe, kernel, memo_key, console, verbose, host) if memo_key else None
+    if hit is not None:  # the store's artifact of these very inputs: no rendering, no build host
+        results: list[BuildResult] = [hit]
+    else:
+        specs, keys, errors = _specs(ws, kernel, recipe, all_kernels, memo_key)
+        results = errors + _run_builds(ws, specs, console, verbose, force, host, jobs, keys)
     if json_out:
         print_json([r.to_dict() for r in results])
     else:
@@ -124,8 +133,22 @@ def _build_fleet(pattern: str, recipe: str | None, *, force: bool, host: str | N
                          exit_code=ExitCode(code))
 
 
+def _answer_from_memo(ws: Workspace, recipe: str | None, kernel: str | None, memo_key: str,
+                      console: Console | PlainConsole, verbose: bool, host: str | None) -> BuildResult | None:
+    """A cache hit found through the render memo (kpipe.builder.memo), printed as run() prints one; or None."""
+    from kpipe.builder.runner import BuildOptions, BuildRunner
+
+    assert recipe and kernel  # the memo answers `--recipe R --kernel K` only
+    progress = _Progress(console, verbose=verbose, quiet=False)
+    runner = BuildRunner(ws, on_event=progress.event, options=BuildOptions(host=host))
+    try:
+        return runner.answer_from_memo(recipe, kernel, memo_key)
+    finally:
+        runner.close()
+
+
 def _run_builds(ws: Workspace, specs: list[BuildSpec], console: Console | PlainConsole, verbose: bool, force: bool,
-                host: str | None, jobs: int | None) -> list[BuildResult]:
+                host: str | None, jobs: int | None, input_keys: list[str | None] | None = None) -> list[BuildResult]:
     """Run the builds with progress on `console`; Ctrl-C leaves the started builds running (exit 130)."""
     from kpipe.builder.runner import BuildOptions, BuildRunner
     from kpipe.errors import ExitCode, KpipeError
@@ -134,7 +157,7 @@ def _run_builds(ws: Workspace, specs: list[BuildSpec], console: Console | PlainC
     runner = BuildRunner(ws, on_event=progress.event, options=BuildOptions(force=force, host=host, jobs=jobs))
     try:
         with progress.status(len(specs)):
-            return runner.run(specs)
+            return runner.run(specs, input_keys)
     except KeyboardInterrupt:
         raise KpipeError("interrupted: the started builds keep running on their build hosts",
                          hint="run the same `kpipe build` again to reattach (`kpipe builds` lists them)",
@@ -158,11 +181,13 @@ def _unbuilt_table(console: Console, unbuilt: list[Any]) -> None:
     console.print(t)
 
 
-def _specs(ws: Workspace, kernel: str | None, recipe: str | None,
-           all_kernels: bool) -> tuple[list[BuildSpec], list[BuildResult]]:
-    """The BuildSpecs to build, and error results for the ones that do not render."""
+def _specs(ws: Workspace, kernel: str | None, recipe: str | None, all_kernels: bool,
+           memo_key: str | None = None) -> tuple[list[BuildSpec], list[str | None], list[BuildResult]]:
+    """The BuildSpecs to build, the render memo's input key of each (None where the inputs changed while it
+    rendered, so nothing is remembered for them), and error results for the ones that do not render."""
     from kpipe import recipes
     from kpipe.builder import runner as build_runner
+    from kpipe.builder.memo import input_key
     from kpipe.builder.states import BuildStatus
     from kpipe.errors import KpipeError, NotFoundError
 
@@ -185,8 +210,10 @@ def _specs(ws: Workspace, kernel: str | None, recipe: str | None,
                                 hint=f"its kernels: {', '.join(rec.kernels)}; see `kpipe kernels list`")
         pairs = [(rec.name, r) for r in releases]
     specs: list[BuildSpec] = []
+    keys: list[str | None] = []
     errors: list[BuildResult] = []
     for name, release in pairs:
+        before = memo_key if (name, release) == (recipe, kernel) and memo_key else input_key(ws, name, release)
         try:
             specs.append(recipes.render(ws, name, release))
         except KpipeError as e:
@@ -195,7 +222,9 @@ def _specs(ws: Workspace, kernel: str | None, recipe: str | None,
             errors.append(build_runner.BuildResult(f"{name}@{release}", name, release, BuildStatus.ERROR,
                                                    message=e.message, hint=e.hint or "",
                                                    exit_code=int(e.exit_code)))
-    return specs, errors
+            continue
+        keys.append(before if before is not None and input_key(ws, name, release) == before else None)
+    return specs, keys, errors
 
 
 class _Progress:
@@ -325,11 +354,8 @@ def builds(
     json_out: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """List recorded builds (running ones can be reattached with the same `kpipe build`)."""
-    from rich.markup import escape
-    from rich.table import Table
-
     from kpipe.builder.records import list_builds
-    from kpipe.cli.context import print_json, state
+    from kpipe.cli.context import print_json, print_markup, print_table, state
 
     st = state()
     rows = list_builds(st.workspace.store, status=status)
@@ -340,15 +366,12 @@ def builds(
         print_json(rows)
         return
     if not rows:
-        st.console.print("no builds recorded")
+        print_markup("no builds recorded")
         return
-    table = Table()
-    for col in ("id", "recipe", "kernel", "host", "status", "category", "artifact", "folder on host", "pid"):
-        table.add_column(col)
-    for r in rows:
-        table.add_row(r["inputs_digest"][:12], escape(r["recipe"]), escape(r["kernel"]), escape(r["host"]),
-                      r["status"], r["category"], r["artifact_id"], escape(r["remote_dir"]), str(r["pid"] or ""))
-    st.console.print(table)
+    # a Rich table on a terminal; piped, tab-separated lines (print_table), as scripts read them
+    print_table(["id", "recipe", "kernel", "host", "status", "category", "artifact", "folder on host", "pid"],
+                [[r["inputs_digest"][:12], r["recipe"], r["kernel"], r["host"], r["status"], r["category"],
+                  r["artifact_id"], r["remote_dir"], str(r["pid"] or "")] for r in rows])
 
 
 def _print_build_log(store: Store, rows: list[dict[str, Any]], ref: str) -> None:

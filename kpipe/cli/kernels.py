@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 import typer
 
-from kpipe.cli.context import print_fields, print_json, state
+from kpipe.cli.context import print_fields, print_json, print_table, state
 from kpipe.cli.params import WORD
 from kpipe.cli.symbols import app as symbols_app
 
@@ -74,17 +74,22 @@ def list_cmd(json_out: bool = typer.Option(False, "--json", help="Print JSON."))
     if json_out:
         print_json(rows)
         return
+    columns = ["release", "arch", "distro", "builder", "headers", "source", "vmlinux", "config", "build hosts"]
+    if not st.is_terminal:
+        # piped: one tab-separated line per kernel (print_table), no Rich; `--json` also says which were discovered
+        print_table(columns, [[r["release"], r["arch"], r["distro"], r["builder"] or "-",
+                               *(_where(r["paths"][k]) for k in ("headers", "source", "vmlinux", "config")),
+                               ", ".join(r["build_hosts"]) or "none"] for r in rows])
+        return
     from rich.table import Table
     from rich.text import Text
 
     def mark(p: dict[str, Any]) -> Text:
-        if not p["path"]:
-            return Text("-", style="dim")
-        return Text("here", style="green") if p["present_here"] else Text("remote", style="yellow")
+        return Text(_where(p), style={"-": "dim", "here": "green"}.get(_where(p), "yellow"))
 
     table = Table(title=Text(f"kernels in {st.workspace.file}"))
     table.add_column("release", no_wrap=True)
-    for col in ("arch", "distro", "builder", "headers", "source", "vmlinux", "config", "build hosts"):
+    for col in columns[1:]:
         table.add_column(col)
     for r in rows:
         table.add_row(Text(r["release"] + (" *" if r["discovered"] else "")), Text(r["arch"]), Text(r["distro"]),
@@ -94,6 +99,13 @@ def list_cmd(json_out: bool = typer.Option(False, "--json", help="Print JSON."))
     st.console.print(table)
     if any(r["discovered"] for r in rows):
         st.console.print("* discovered from headers installed on this machine", style="dim")
+
+
+def _where(path: dict[str, Any]) -> str:
+    """Where a catalog path is: `-` (not set), `here` (present on this machine) or `remote` (the build host's)."""
+    if not path["path"]:
+        return "-"
+    return "here" if path["present_here"] else "remote"
 
 
 kernels_app.add_typer(symbols_app, name="symbols", help="Kernel symbol indexes (kallsyms, Module.symvers).")

@@ -632,12 +632,7 @@ def list_cmd(json_out: bool = typer.Option(False, "--json", help="Print JSON."))
         return
     import time as _time
 
-    from rich.table import Table
-
-    t = Table()
-    for col in ("id", "created", "state", "target", "hosts"):
-        t.add_column(col, no_wrap=col == "id")
-    for r in recs:
-        t.add_row(esc(r.id), _time.strftime("%Y-%m-%d %H:%M:%S", _time.gmtime(r.created_at)), esc(r.state),
-                  esc(r.target), str(sum(len(w) for w in r.plan.get("waves", []))))
-    state().console.print(t)
+    # a Rich table on a terminal; piped, tab-separated lines (print_table), as scripts read them
+    print_table(["id", "created", "state", "target", "hosts"],
+                [[r.id, _time.strftime("%Y-%m-%d %H:%M:%S", _time.gmtime(r.created_at)), r.state, r.target,
+                  str(sum(len(w) for w in r.plan.get("waves", [])))] for r in recs], no_wrap=("id",))
