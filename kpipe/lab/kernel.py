@@ -43,10 +43,11 @@ class KernelImage:
     vmlinuz: Path
     modules_dir: Path  # .../lib/modules/<release> (holds modules.order)
     source: str = ""  # "debian", "debian:<suite>" (a private suite index) or "user"
+    arch: str = ""  # the guest arch it boots on ("" = read from the image: image_arch)
 
     def to_dict(self) -> dict[str, str]:
         return {"release": self.release, "vmlinuz": str(self.vmlinuz), "modules_dir": str(self.modules_dir),
-                "source": self.source}
+                "source": self.source, "arch": self.arch or image_arch(self.vmlinuz) or ""}
 
 
 def default_cache_dir() -> Path:
@@ -298,6 +299,27 @@ def _modules_dir(tree: Path, release: str) -> Path:
     raise NotFoundError(f"no lib/modules/{release} under {tree}")
 
 
+def image_arch(path: Path) -> str | None:
+    """The arch a kernel image boots on, from its header: x86 bzImage, arm64 Image (also gzip'd), or ELF vmlinux."""
+    import gzip
+
+    try:
+        with open(path, "rb") as f:
+            head = f.read(0x240)
+        if head[:2] == b"\x1f\x8b":  # Debian's arm64 vmlinuz is a gzip'd Image
+            with gzip.open(path, "rb") as g:
+                head = g.read(0x240)
+    except (OSError, EOFError, gzip.BadGzipFile):
+        return None
+    if head[0x38:0x3C] == b"ARM\x64":  # arm64 Image header magic (Documentation/arch/arm64/booting.rst)
+        return "aarch64"
+    if head[0x202:0x206] == b"HdrS":  # x86 boot protocol header
+        return "x86_64"
+    if head[:4] == b"\x7fELF" and len(head) > 20:
+        return {62: "x86_64", 183: "aarch64"}.get(int.from_bytes(head[18:20], "little"))
+    return None
+
+
 def user_kernel(vmlinuz: Path, modules: Path) -> KernelImage:
     """A user's kernel: a vmlinuz plus its modules folder (lib/modules/<r>, or a tree holding one)."""
     vmlinuz = vmlinuz.expanduser().resolve()
@@ -307,12 +329,12 @@ def user_kernel(vmlinuz: Path, modules: Path) -> KernelImage:
     if not modules.is_dir():
         raise NotFoundError(f"modules folder {modules} does not exist")
     if (modules / "modules.order").is_file() or (modules / "kernel").is_dir():
-        return KernelImage(modules.name, vmlinuz, modules, "user")
+        return KernelImage(modules.name, vmlinuz, modules, "user", image_arch(vmlinuz) or "")
     for base in (modules / "lib" / "modules", modules / "usr" / "lib" / "modules", modules):
         if base.is_dir():
             found = [d for d in base.iterdir() if (d / "modules.order").is_file()]
             if len(found) == 1:
-                return KernelImage(found[0].name, vmlinuz, found[0], "user")
+                return KernelImage(found[0].name, vmlinuz, found[0], "user", image_arch(vmlinuz) or "")
     raise ConfigError(f"{modules} is not a modules folder",
                       hint="pass /lib/modules/<release> (with modules.order) or a tree holding exactly one")
 
