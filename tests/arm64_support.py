@@ -128,3 +128,46 @@ def kp(ws: Path, *args: str, ok: tuple[int, ...] = (0,), timeout: float = 900) -
                        timeout=timeout, cwd=ws, env={**os.environ, "COLUMNS": "200"})
     assert r.returncode in ok, f"kpipe {' '.join(args)} exited {r.returncode}\n{r.stdout[-4000:]}\n{r.stderr[-4000:]}"
     return r
+
+
+@pytest.fixture(scope="session")
+def arm64_ws(tmp_path_factory: pytest.TempPathFactory, arm64_buildhost: dict) -> Path:
+    return arm64_workspace(tmp_path_factory.mktemp("arm64") / "ws", arm64_buildhost)
+
+
+@pytest.fixture(scope="session")
+def arm64_built(arm64_ws: Path, forged_arm64: ForgedKernel) -> dict:
+    """`kpipe build` of the arm64 recipe for the forged arm64 kernel on the x86_64 chroot host (cross), signed."""
+    import json
+
+    t = time.monotonic()
+    r = kp(arm64_ws, "build", "--recipe", RECIPE, "--kernel", forged_arm64.release, "--host", "forge-sid", "--json",
+           timeout=3600)
+    TIMINGS["cross_build"] = time.monotonic() - t
+    [res] = json.loads(r.stdout)
+    return dict(res)
+
+
+def artifact(ws: Path, ref: str) -> dict:
+    """`kpipe artifacts show REF --json`."""
+    import json
+
+    return dict(json.loads(kp(ws, "artifacts", "show", ref, "--json").stdout))
+
+
+def x86_64_headers_release() -> str:
+    """A Debian amd64 release whose headers (with .config) are installed under /usr/src (discovered)."""
+    found = sorted(p.name[len("linux-headers-"):] for p in Path("/usr/src").glob("linux-headers-*-amd64")
+                   if (p / ".config").is_file())
+    need_real("no linux-headers-*-amd64 with a .config under /usr/src", bool(found))
+    return found[-1]
+
+
+def x86_64_module() -> Path:
+    """A real x86_64 module: virtio_net.ko of Debian's current amd64 kernel (the lab's cached package)."""
+    from kpipe.lab import resolve_kernel
+
+    image = resolve_kernel("debian", None, None)
+    found = sorted(image.modules_dir.rglob("virtio_net.ko*"))
+    need_real(f"no virtio_net module under {image.modules_dir}", bool(found))
+    return found[0]
