@@ -157,6 +157,12 @@ def test_a_mixed_lab_inventory_has_one_child_group_per_arch(tmp_path):
     assert set(lab["hosts"]) == {"lab1", "lab2"}
     assert lab["children"] == {"lab_x86_64": {"hosts": {"lab1": None}}, "lab_aarch64": {"hosts": {"lab2": None}}}
     assert lab["hosts"]["lab2"]["kpipe_lab_arch"] == "aarch64"
+    from kpipe.fleet.inventory import load_inventory
+
+    inv = tmp_path / "inventory.yml"
+    inv.write_text(render_inventory(st))
+    groups = load_inventory(None, [inv]).groups  # ansible-core reads the nested groups
+    assert groups["lab_aarch64"] == ["lab2"] and sorted(groups["lab"]) == ["lab1", "lab2"]
     single = LabState(tmp_path, {}, vms[:1], "i", "k", "v")
     assert "children" not in yaml.safe_load(render_inventory(single))["all"]["children"]["lab"]
 
