@@ -61,7 +61,7 @@ def up_cmd(
     arch: str = typer.Option("", "--arch", metavar="ARCH",
                              help="Guest architecture: x86_64 or aarch64 (default: the kernel image's own)."),
     group: list[str] | None = typer.Option(
-        None, "--group", metavar="RELEASE[:N]",
+        None, "--group", metavar="RELEASE",
         help="One more group of N VMs (default 1) of another kernel, e.g. a forged aarch64 release; repeatable. "
         "Each group boots on its kernel's own arch; one inventory (child groups lab_<arch>)."),
 ) -> None:
