@@ -62,8 +62,8 @@ def up_cmd(
                              help="Guest architecture: x86_64 or aarch64 (default: the kernel image's own)."),
     group: list[str] | None = typer.Option(
         None, "--group", metavar="RELEASE",
-        help="One more group of N VMs (default 1) of another kernel, e.g. a forged aarch64 release; repeatable. "
-        "Each group boots on its kernel's own arch; one inventory (child groups lab_<arch>)."),
+        help="RELEASE or RELEASE:N: N more VMs (default 1) of another kernel, e.g. a forged aarch64 release; "
+        "repeatable. Each group boots on its kernel's own arch; one inventory (child groups lab_<arch>)."),
 ) -> None:
     """Boot N VMs and write .lab/inventory.yml and .lab/known_hosts."""
     from kpipe.cli.context import esc, print_json, state
