@@ -38,7 +38,7 @@ def mixed_ws(tmp_path_factory, arm64_buildhost: dict, forge_buildhost: dict) -> 
     """The arm64 workspace plus the trixie build host for the x86_64 forged kernel; one known_hosts for both."""
     ws = arm64_workspace(tmp_path_factory.mktemp("mixed-rollout") / "ws", arm64_buildhost)
     known = ws / "known_hosts"
-    known.write_text(Path(arm64_buildhost["known_hosts"]).read_text() + Path(forge_buildhost["known_hosts"]).read_text())
+    known.write_text("".join(Path(s["known_hosts"]).read_text() for s in (arm64_buildhost, forge_buildhost)))
     toml = (ws / "kpipe.toml").read_text().replace(f"known_hosts = \"{arm64_buildhost['known_hosts']}\"",
                                                    f"known_hosts = \"{known}\"")
     toml = toml.replace('kernels = ["*-kforge-*"]', 'kernels = ["7.*-kforge-*"]', 1)
