@@ -15,10 +15,10 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 
 from arm64_support import ARM64_SOURCE, forged_arm64, kp  # noqa: E402, F401  (fixtures)
+from kpipe.elf.programs import elf_machine  # noqa: E402
 from kpipe.forged import ForgedKernel  # noqa: E402
 from kpipe.lab.forge import FORGE_TARGETS, check_fragment, dropped_options, forge, parse_config, parse_source  # noqa: E402
 from kpipe.lab.kernel import image_arch  # noqa: E402
-from kpipe.lab.userland import elf_machine  # noqa: E402
 
 pytestmark = [pytest.mark.forge, pytest.mark.timeout(7200)]
 

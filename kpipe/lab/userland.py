@@ -20,6 +20,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from kpipe.elf.programs import elf_needs
 from kpipe.errors import KpipeError, NotFoundError
 from kpipe.lab.arch import LabArch, lab_arch
 
@@ -101,34 +102,6 @@ def guest_userland(arch: LabArch, cache_dir: Path, *, suite: str | None = None) 
 
 
 # --------------------------------------------------------------------------- ELF facts of foreign binaries
-
-def elf_needs(path: Path) -> tuple[str | None, list[str]]:
-    """(PT_INTERP, DT_NEEDED sonames) of an ELF file; (None, []) for a static one."""
-    from elftools.elf.dynamic import DynamicSection
-    from elftools.elf.elffile import ELFFile
-    from elftools.elf.segments import InterpSegment
-
-    with open(path, "rb") as f:
-        elf = ELFFile(f)
-        interp = None
-        for seg in elf.iter_segments():
-            if isinstance(seg, InterpSegment):
-                interp = seg.get_interp_name()
-        needed: list[str] = []
-        for sec in elf.iter_sections():
-            if isinstance(sec, DynamicSection):
-                needed += [str(t.needed) for t in sec.iter_tags()  # type: ignore[attr-defined]
-                           if t.entry.d_tag == "DT_NEEDED"]
-    return interp, needed
-
-
-def elf_machine(path: Path) -> str:
-    """e_machine of an ELF file as pyelftools names it (EM_AARCH64, EM_X86_64, ...)."""
-    from elftools.elf.elffile import ELFFile
-
-    with open(path, "rb") as f:
-        return str(ELFFile(f)["e_machine"])
-
 
 def _resolve(root: Path, rel: str) -> Path | None:
     """rel inside root with symlinks followed inside root (an absolute link target is root-relative)."""
