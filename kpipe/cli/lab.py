@@ -82,7 +82,7 @@ def up_cmd(
     with StageProgress("lab", live=live_wanted(no_progress), json_out=json_out) as progress:
         progress.say("kernel: " + (f"{kernel_image} (your own)" if kernel_image else
                                    f"resolving {kernel or 'debian'} (downloaded once, then cached)"))
-        image = resolve_kernel(kernel, kernel_image, modules, lab.cache_dir)
+        image = resolve_kernel(kernel, kernel_image, modules, lab.cache_dir, arch=arch)
         progress.say(f"kernel: {image.release} ready ({image.source})")
         more = []
         for release, n in groups:

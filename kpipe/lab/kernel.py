@@ -237,6 +237,15 @@ class AptSuite:
         return r
 
 
+# Debian kernel flavours of another arch than the host's amd64, by the release's last word (6.1.0-50-arm64).
+_FOREIGN_FLAVOURS = {"arm64": "arm64"}
+
+
+def _foreign_debian_arch(release: str) -> str | None:
+    """The dpkg arch of a Debian release of another arch (…-arm64 -> arm64), or None for the host's."""
+    return _FOREIGN_FLAVOURS.get(release.rsplit("-", 1)[-1])
+
+
 def suite_kernel_folder(release: str, apt: AptSuite) -> Path:
     """The cache folder of a suite's kernel, keyed by its inputs (release, suite, mirror, arch)."""
     return apt.cache_dir / "kernels" / f"{release}@{apt.suite}-{apt.key[:8]}"
@@ -257,10 +266,13 @@ def fetch_debian_kernel(release: str, cache_dir: Path | None = None, *, suite: s
     if forged is not None:
         return forged
     cache_dir = cache_dir or default_cache_dir()
+    foreign = _foreign_debian_arch(release)
     if suite is None:
         known = suite_of_release(release)
         suite = known if known and known != host_suite() else None
-    apt = AptSuite(suite, cache_dir, mirror) if suite else None
+    if foreign and suite is None:  # another arch's package always comes from a private index of that arch
+        suite = host_suite() or "bookworm"
+    apt = AptSuite(suite, cache_dir, mirror, arch=foreign or "amd64") if suite else None
     cache = suite_kernel_folder(release, apt) if apt else cache_dir / "kernels" / release
     done = cache / ".complete"
     if not done.exists():
@@ -289,7 +301,8 @@ def fetch_debian_kernel(release: str, cache_dir: Path | None = None, *, suite: s
     modules = _modules_dir(cache, release)
     if not vmlinuz.is_file():
         raise NotFoundError(f"{vmlinuz} is missing from the linux-image-{release} package")
-    return KernelImage(release, vmlinuz, modules, f"debian:{apt.suite}" if apt else "debian")
+    return KernelImage(release, vmlinuz, modules, f"debian:{apt.suite}" if apt else "debian",
+                       "aarch64" if foreign == "arm64" else "")
 
 
 def _modules_dir(tree: Path, release: str) -> Path:
@@ -340,12 +353,18 @@ def user_kernel(vmlinuz: Path, modules: Path) -> KernelImage:
 
 
 def resolve_kernel(kernel: str | None, kernel_image: Path | None, modules: Path | None,
-                   cache_dir: Path | None = None) -> KernelImage:
-    """--kernel RELEASE|PREFIX|debian[:SUITE[/RELEASE|PREFIX]], or --kernel-image + --modules, into a KernelImage."""
+                   cache_dir: Path | None = None, arch: str = "") -> KernelImage:
+    """--kernel RELEASE|PREFIX|debian[:SUITE[/RELEASE|PREFIX]], or --kernel-image + --modules, into a KernelImage.
+
+    arch aarch64 with `debian` (or no --kernel): Debian's current arm64 kernel of the host's suite.
+    """
     if kernel_image is not None:
         if modules is None:
             raise ConfigError("--kernel-image needs --modules DIR (its /lib/modules/<release> folder)")
         return user_kernel(kernel_image, modules)
+    if kernel in (None, "", "debian") and arch in ("aarch64", "arm64"):
+        apt = AptSuite(host_suite() or "bookworm", cache_dir or default_cache_dir(), arch="arm64")
+        return fetch_debian_kernel(apt.current_release("arm64"), cache_dir, suite=apt.suite)
     if kernel in (None, "", "debian"):
         return fetch_debian_kernel(discover_debian_release(), cache_dir)
     release, suite = resolve_release(kernel, cache_dir)
