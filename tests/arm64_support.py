@@ -9,6 +9,7 @@ KPIPE_REQUIRE_REAL=1 makes that a failure.
 
 from __future__ import annotations
 
+import atexit
 import os
 import shutil
 import subprocess
@@ -29,7 +30,15 @@ REPO = Path(__file__).resolve().parent.parent
 RECIPE = "cmdline-arm64"
 MODULE = "livepatch-cmdline-arm64"
 MESSAGE = "kpipe arm64 live patch active"
-TIMINGS: dict[str, float] = {}  # printed with -s; the report's numbers come from here
+TIMINGS: dict[str, float] = {}  # printed with -s at exit; the report's numbers come from here
+
+
+def _print_timings() -> None:
+    if TIMINGS:
+        sys.stderr.write("arm64 timings: " + ", ".join(f"{k}={v:.1f}s" for k, v in TIMINGS.items()) + "\n")
+
+
+atexit.register(_print_timings)
 
 _FORGED: dict[str, ForgedKernel] = {}
 
