@@ -75,7 +75,8 @@ def test_an_x86_64_module_offered_to_the_arm64_kernel_is_refused(arm64_ws, forge
     assert f["elf.machine"]["severity"] == "error" and "aarch64" in f["elf.machine"]["message"]
     assert f["vermagic.release"]["severity"] == "error"
     assert f["vermagic.flags"]["severity"] == "error"  # no "aarch64" suffix
-    assert f["reloc.type"]["severity"] == "error"  # R_X86_64_* are not arm64 relocation types
+    # R_X86_64_* numbers mean nothing to the arm64 loader: reported once, as the machine (no reloc.type noise)
+    assert "reloc.type" not in f
 
 
 def test_the_arm64_module_offered_to_an_x86_64_kernel_is_refused(arm64_built, arm64_ws):
@@ -87,7 +88,7 @@ def test_the_arm64_module_offered_to_an_x86_64_kernel_is_refused(arm64_built, ar
     assert report["facts"]["arch"] == "x86_64"
     assert f["elf.machine"]["severity"] == "error" and "x86_64" in f["elf.machine"]["message"]
     assert f["vermagic.flags"]["severity"] == "error"
-    assert f["reloc.type"]["severity"] == "error"  # R_AARCH64_* against the x86_64 loader's table
+    assert "reloc.type" not in f  # R_AARCH64_* numbers are not judged by the x86_64 loader's table
 
 
 def test_an_unsigned_arm64_module_fails_the_signature_check(arm64_built, arm64_ws, forged_arm64):

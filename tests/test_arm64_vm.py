@@ -118,7 +118,7 @@ def test_the_arm64_kernel_refuses_a_module_whose_vermagic_names_another_kernel(
               stdin=bad)
     out = r.stdout.decode() + r.stderr.decode()
     assert "rc=0" not in out
-    assert "Invalid module format" in out, out  # ENOEXEC
+    assert "invalid module format" in out.lower(), out  # ENOEXEC (busybox's or kmod's insmod wording)
     assert "version magic" in out and other.decode() in out, out
 
 
