@@ -35,6 +35,7 @@ class ForgedKernel:
     key: str
     created_at: float = 0.0
     seconds: float = 0.0
+    arch: str = "x86_64"  # the guest arch it was built for (forge.json "arch")
 
     @property
     def tree(self) -> Path:
@@ -47,6 +48,11 @@ class ForgedKernel:
     @property
     def bzimage(self) -> Path:
         return self.folder / "bzImage"
+
+    @property
+    def boot_image(self) -> Path:
+        """What qemu boots: bzImage on x86_64, the flat Image on aarch64."""
+        return self.folder / ("Image" if self.arch == "aarch64" else "bzImage")
 
     @property
     def config(self) -> Path:
@@ -71,6 +77,7 @@ class ForgedKernel:
     def to_dict(self) -> dict[str, Any]:
         return {"release": self.release, "source": self.source, "package_version": self.package_version,
                 "key": self.key, "folder": str(self.folder), "tree": str(self.tree), "vmlinux": str(self.vmlinux),
+                "arch": self.arch, "boot_image": str(self.boot_image),
                 "bzImage": str(self.bzimage), "config": str(self.config), "system_map": str(self.system_map),
                 "module_symvers": str(self.symvers), "modules_dir": str(self.modules_dir),
                 "trusted_cert": str(self.cert), "created_at": self.created_at, "seconds": self.seconds}
@@ -86,7 +93,7 @@ class ForgedKernel:
             return None
         try:
             return cls(str(d["release"]), folder, str(d["source"]), str(d["package_version"]), str(d["key"]),
-                       float(d.get("created_at", 0.0)), float(d.get("seconds", 0.0)))
+                       float(d.get("created_at", 0.0)), float(d.get("seconds", 0.0)), str(d.get("arch", "x86_64")))
         except (KeyError, TypeError, ValueError):  # a record from another format: not a kernel kpipe can use
             return None
 
@@ -124,7 +131,7 @@ def forged_kernel_entries(cache_dir: Path | None = None) -> list[KernelEntry]:
             continue
         seen.add(k.release)
         symbols = tuple(str(p) for p in (k.vmlinux, k.symvers) if p.is_file())
-        out.append(KernelEntry(release=k.release, arch="x86_64", distro="debian", source=str(k.tree),
+        out.append(KernelEntry(release=k.release, arch=k.arch, distro="debian", source=str(k.tree),
                                vmlinux=str(k.vmlinux), config=str(k.config), headers=str(k.tree),
                                builder="kpatch-build", symbols=symbols, sig_hash="sha256",
                                options={"forged": k.source}))

@@ -94,6 +94,7 @@ class BuildHost(_Frozen):
     slots: int = 1  # concurrent builds
     identity_file: str = ""
     tools: dict[str, str] = field(default_factory=dict)  # e.g. {"kpatch-build": "/usr/bin/kpatch-build"}
+    cross_arches: tuple[str, ...] = ()  # other arches it cross-builds kbuild modules for (aarch64 on x86_64)
 
     @property
     def is_local(self) -> bool:
@@ -106,7 +107,7 @@ class BuildHost(_Frozen):
 
     def accepts(self, release: str, arch: str) -> bool:
         """Whether this host builds for a kernel release and arch."""
-        return (arch in ("", "unknown") or self.arch == arch) and any(
+        return (arch in ("", "unknown") or self.arch == arch or arch in self.cross_arches) and any(
             fnmatch.fnmatchcase(release, g) for g in self.kernels
         )
 
@@ -733,7 +734,7 @@ def _workspace(r: _Reader, data: dict[str, Any]) -> WorkspaceDirs:
 
 
 _BUILD_HOST_KEYS = ("name", "address", "user", "port", "arch", "kernels", "workdir", "slots", "identity_file",
-                    "tools")
+                    "tools", "cross_arches")
 
 
 def _build_hosts(r: _Reader, data: dict[str, Any]) -> tuple[BuildHost, ...]:
@@ -758,6 +759,7 @@ def _build_hosts(r: _Reader, data: dict[str, Any]) -> tuple[BuildHost, ...]:
             slots=r.integer(h, "slots", p, 1, minimum=1, maximum=1024),
             identity_file=r.string(h, "identity_file", p),
             tools=r.str_map(h, "tools", p),
+            cross_arches=tuple(normalize_arch(a) for a in r.str_list(h, "cross_arches", p, (), single_ok=True)),
         ))
     return tuple(hosts)
 

@@ -11,7 +11,7 @@ $SUDO apt-get update -q
 $SUDO apt-get install -y -q --no-install-recommends \
   openssh-server openssh-client openssh-sftp-server \
   linux-headers-amd64 build-essential bc libelf-dev \
-  qemu-system-x86 busybox-static dropbear-bin cpio kmod \
+  qemu-system-x86 qemu-system-arm busybox-static dropbear-bin cpio kmod \
   xz-utils zstd gzip openssl util-linux iproute2 procps ca-certificates
 # The kernel forge (kpipe lab forge) and its kpatch-build build host: mmdebstrap makes a chroot of the
 # source's suite (with its own apt sources; the host's are never changed), unshare gives it private mounts.

@@ -24,8 +24,9 @@ class Refusal:
 def refusal_reasons(host: BuildHost, release: str, arch: str) -> tuple[str, ...]:
     """Every reason host refuses (release, arch); empty when it accepts."""
     reasons = []
-    if arch not in ("", "unknown") and host.arch != arch:
-        reasons.append(f"arch {host.arch} != kernel arch {arch}")
+    if arch not in ("", "unknown") and host.arch != arch and arch not in host.cross_arches:
+        reasons.append(f"arch {host.arch} != kernel arch {arch}"
+                       + (f" (cross_arches {list(host.cross_arches)})" if host.cross_arches else ""))
     if not any(fnmatch.fnmatchcase(release, g) for g in host.kernels):
         reasons.append(f"kernels {list(host.kernels)} do not match {release}")
     return tuple(reasons)
@@ -44,6 +45,8 @@ def candidate_hosts(hosts: Sequence[BuildHost], release: str, arch: str, *,
             refused.append(Refusal(h.name, reasons))
         else:
             accepted.append(h)
+    # a native host of the kernel's arch before one that cross-builds for it (stable: workspace order otherwise)
+    accepted.sort(key=lambda h: arch not in ("", "unknown") and h.arch != arch)
     return accepted, refused
 
 

@@ -31,6 +31,20 @@ def default_headers(release: str) -> str:
     return f"/lib/modules/{release}/build"
 
 
+def cross_make_args(target_arch: str, host_arch: str) -> list[str]:
+    """ARCH= and CROSS_COMPILE= make arguments when the build host is another arch than the kernel; else none.
+
+    They go on make's command line (never into the environment, where kpatch-build's own make would see them).
+    """
+    from kpipe.kernel import normalize_arch
+    from kpipe.lab.arch import ARCHES, lab_arch
+
+    target = normalize_arch(target_arch) if target_arch else ""
+    if target in ("", "unknown") or target == normalize_arch(host_arch) or target not in ARCHES:
+        return []
+    return lab_arch(target).make_vars(host_arch)
+
+
 def kbuild_file(module: str, c_files: list[str]) -> str:
     """A Kbuild file building module from the given C files."""
     objs = [f[:-2] + ".o" for f in c_files]
@@ -77,7 +91,8 @@ echo "gcc=$("$cc" --version 2>/dev/null | head -n 1)"
             files.append(StagedFile("src/Kbuild", kbuild_file(module, c_files).encode()))
         headers = spec.kernel_entry.headers or default_headers(spec.kernel.release)
         src = f"{build_dir}/src"
-        argv: list[str] = ["env", "-u", "ARCH", host.tool("make"), "-C", headers, f"M={src}"]
+        argv: list[str] = ["env", "-u", "ARCH", host.tool("make"), "-C", headers, f"M={src}",
+                           *cross_make_args(spec.kernel_entry.arch or spec.kernel.arch, host.arch)]
         njobs = jobs if jobs is not None else (spec.options or {}).get("jobs")
         if njobs:
             argv.append(f"-j{int(njobs)}")

@@ -58,6 +58,12 @@ def up_cmd(
     rootfs: str = typer.Option("busybox", "--rootfs", metavar="KIND",
                                help="Guest userland: busybox (initramfs, fast), debian (systemd, OpenSSH, Python 3 "
                                "on a cached disk image) or debian-selinux (the same, SELinux permissive)."),
+    arch: str = typer.Option("", "--arch", metavar="ARCH",
+                             help="Guest architecture: x86_64 or aarch64 (default: the kernel image's own)."),
+    group: list[str] | None = typer.Option(
+        None, "--group", metavar="RELEASE",
+        help="RELEASE or RELEASE:N: N more VMs (default 1) of another kernel, e.g. a forged aarch64 release; "
+        "repeatable. Each group boots on its kernel's own arch; one inventory (child groups lab_<arch>)."),
 ) -> None:
     """Boot N VMs and write .lab/inventory.yml and .lab/known_hosts."""
     from kpipe.cli.context import esc, print_json, state
@@ -71,19 +77,38 @@ def up_cmd(
     cfg = LabConfig(vms=vms or section.vms, memory_mb=memory or section.memory,
                     sig_enforce=sig_enforce, sig_enforce_vms=enforce_vms,
                     append=" ".join(a for a in (section.append, append) if a), boot_timeout=timeout,
-                    rootfs="" if rootfs == "busybox" else rootfs)
+                    rootfs="" if rootfs == "busybox" else rootfs, arch=arch)
+    groups = [parse_group(g) for g in group or []]
     with StageProgress("lab", live=live_wanted(no_progress), json_out=json_out) as progress:
         progress.say("kernel: " + (f"{kernel_image} (your own)" if kernel_image else
                                    f"resolving {kernel or 'debian'} (downloaded once, then cached)"))
-        image = resolve_kernel(kernel, kernel_image, modules, lab.cache_dir)
+        image = resolve_kernel(kernel, kernel_image, modules, lab.cache_dir, arch=arch)
         progress.say(f"kernel: {image.release} ready ({image.source})")
-        lab.up(image, cfg, progress.say)
+        more = []
+        for release, n in groups:
+            gimage = resolve_kernel(release, None, None, lab.cache_dir)
+            progress.say(f"kernel: {gimage.release} ready ({gimage.source}), {n} VM{'' if n == 1 else 's'}")
+            more.append((gimage, LabConfig(vms=n, memory_mb=cfg.memory_mb)))
+        lab.up(image, cfg, progress.say, more=more)
     status = lab.status()
     if json_out:
         print_json(status)
         return
     _print_status(status)
     st.console.print(f"inventory: {esc(status['inventory'])}  (fleet group `lab`)")
+
+
+def parse_group(text: str) -> tuple[str, int]:
+    """`--group RELEASE[:N]` into (release, N); N from 1 to 16."""
+    release, _, count = text.strip().partition(":")
+    from kpipe.errors import ConfigError
+
+    if not release:
+        raise ConfigError(f"--group {text!r}: no kernel release", hint="e.g. --group 7.2.13-kforge-1a2b3c4d:2")
+    if count and not (count.isdigit() and 1 <= int(count) <= 16):
+        raise ConfigError(f"--group {text!r}: {count!r} is not a VM count from 1 to 16",
+                          hint="e.g. --group 7.2.13-kforge-1a2b3c4d:2")
+    return release, int(count) if count else 1
 
 
 @lab_app.command("reboot")
@@ -178,6 +203,8 @@ def forge_cmd(
                                      help="PEM certificate the kernel trusts (default: the forge's lab key)."),
     jobs: int | None = typer.Option(None, "--jobs", "-j", metavar="N", min=1, help="make -j (default: nproc)."),
     mirror: str | None = typer.Option(None, "--mirror", metavar="URL", help="Debian mirror for the chroot."),
+    arch: str = typer.Option("x86_64", "--arch", metavar="ARCH",
+                             help="Build for x86_64 or aarch64 (cross-compiled with the suite's gcc)."),
     json_out: bool = typer.Option(False, "--json", help="Print the forged kernel as JSON."),
 ) -> None:
     """Build (once, cached) a small bootable, live-patchable kernel from a Debian source package."""
@@ -186,14 +213,14 @@ def forge_cmd(
 
     st = state()
     out = st.err_console if json_out else st.console
-    k = forge(parse_source(source), fragment=config_fragment, cert=cert, jobs=jobs, mirror=mirror or DEFAULT_MIRROR,
-              progress=lambda m: out.print(f"[dim]forge:[/] {escape(m)}"))
+    k = forge(parse_source(source), arch=arch, fragment=config_fragment, cert=cert, jobs=jobs,
+              mirror=mirror or DEFAULT_MIRROR, progress=lambda m: out.print(f"[dim]forge:[/] {escape(m)}"))
     if json_out:
         print_json(k.to_dict())
         return
     st.console.print(f"forged kernel: [bold]{escape(k.release)}[/] ({escape(k.source)}, {escape(k.package_version)})")
     for label, path in (("source tree", k.tree), ("config", k.config), ("vmlinux", k.vmlinux),
-                        ("bzImage", k.bzimage), ("modules", k.modules_dir), ("trusted cert", k.cert)):
+                        ("boot image", k.boot_image), ("modules", k.modules_dir), ("trusted cert", k.cert)):
         st.console.print(f"  {label:13} {escape(str(path))}")
     st.console.print(f"boot it: kpipe lab up --kernel {escape(k.release)}")
 

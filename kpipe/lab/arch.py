@@ -31,6 +31,21 @@ class LabArch:
     nic: str  # a virtio NIC device model available on that machine
     image_glob: str  # where a Debian linux-image package keeps the kernel (relative, {release})
     pvh: bool  # x86 PVH entry: boot the uncompressed vmlinux (half the guest CPU under TCG)
+    kbuild_arch: str = ""  # the kernel's make ARCH= (x86_64 picks the 64-bit x86 config)
+    cross_prefix: str = ""  # CROSS_COMPILE= of Debian's cross gcc for this arch
+    cross_package: str = ""  # the Debian package of that cross gcc
+
+    def make_vars(self, host_machine: str | None = None) -> list[str]:
+        """ARCH= (and CROSS_COMPILE= when the build machine is another arch) for make in a kernel tree."""
+        host = (host_machine or platform.machine()).strip().lower()
+        out = [f"ARCH={self.kbuild_arch or self.name}"]
+        if _ALIASES.get(host, host) != self.name and self.cross_prefix:
+            out.append(f"CROSS_COMPILE={self.cross_prefix}")
+        return out
+
+    def needs_cross(self, host_machine: str | None = None) -> bool:
+        """True when building for this arch on host_machine (default: this machine) needs the cross gcc."""
+        return any(v.startswith("CROSS_COMPILE=") for v in self.make_vars(host_machine))
 
     def accel_args(self, use_kvm: bool | None = None, tb_size_mb: int = 64) -> list[str]:
         """-accel/-cpu: KVM only for the host's own arch with hardware virtualisation, else multi-threaded TCG."""
@@ -48,12 +63,16 @@ class LabArch:
 # seconds of jitter entropy (dropbear blocks in getrandom() until then).
 X86_64 = LabArch(name="x86_64", debian_arch="amd64", qemu="qemu-system-x86_64", qemu_package="qemu-system-x86",
                  machine=[], tcg_cpu="qemu64,+rdrand", console="ttyS0", nic="virtio-net-pci",
-                 image_glob="boot/vmlinuz-{release}", pvh=True)
+                 image_glob="boot/vmlinuz-{release}", pvh=True, kbuild_arch="x86_64",
+                 cross_prefix="x86_64-linux-gnu-", cross_package="gcc-x86-64-linux-gnu")
 # `virt` is the only arm64 board with PCIe and no firmware requirement; qemu loads
-# the gzip-compressed Image that Debian's arm64 packages install as vmlinuz.
+# the gzip-compressed Image that Debian's arm64 packages install as vmlinuz (and the forge's flat Image).
+# pauth-impdef: TCG emulates pointer authentication with an implementation-defined hash instead of
+# QARMA5, which costs a large share of guest CPU under `-cpu max` (qemu's docs/system/arm/cpu-features).
 AARCH64 = LabArch(name="aarch64", debian_arch="arm64", qemu="qemu-system-aarch64", qemu_package="qemu-system-arm",
-                  machine=["-machine", "virt,gic-version=max"], tcg_cpu="max", console="ttyAMA0",
-                  nic="virtio-net-pci", image_glob="boot/vmlinuz-{release}", pvh=False)
+                  machine=["-machine", "virt,gic-version=max"], tcg_cpu="max,pauth-impdef=on", console="ttyAMA0",
+                  nic="virtio-net-pci", image_glob="boot/vmlinuz-{release}", pvh=False, kbuild_arch="arm64",
+                  cross_prefix="aarch64-linux-gnu-", cross_package="gcc-aarch64-linux-gnu")
 
 ARCHES: dict[str, LabArch] = {a.name: a for a in (X86_64, AARCH64)}
 _ALIASES = {"amd64": "x86_64", "x86-64": "x86_64", "x64": "x86_64", "arm64": "aarch64"}

@@ -40,6 +40,7 @@ from kpipe.forged import find_forged as find_forged
 from kpipe.forged import forged_kernel_entries as forged_kernel_entries
 from kpipe.forged import forged_kernels as forged_kernels
 from kpipe.forged import kernels_dir as kernels_dir
+from kpipe.lab.arch import LabArch, lab_arch
 from kpipe.lab.chroot import enter_argv
 
 if TYPE_CHECKING:
@@ -48,6 +49,23 @@ if TYPE_CHECKING:
 FORMAT_VERSION = 1
 DEFAULT_MIRROR = "http://deb.debian.org/debian"
 DEFAULT_FRAGMENT = "forge-lab.config"
+
+
+@dataclass(frozen=True)
+class ForgeTarget:
+    """What the forge builds for one guest arch: its default fragment and the images the lab boots."""
+
+    fragment: str
+    image_targets: tuple[str, ...]  # make targets besides vmlinux and modules
+    images: tuple[tuple[str, str], ...]  # (path in the tree, name in the cache folder)
+
+
+# arm64 has no PVH-like entry for vmlinux: qemu's virt board boots the flat Image (Image.gz is kept too).
+FORGE_TARGETS: dict[str, ForgeTarget] = {
+    "x86_64": ForgeTarget(DEFAULT_FRAGMENT, ("bzImage",), (("arch/x86/boot/bzImage", "bzImage"),)),
+    "aarch64": ForgeTarget("forge-lab-arm64.config", ("Image", "Image.gz"),
+                           (("arch/arm64/boot/Image", "Image"), ("arch/arm64/boot/Image.gz", "Image.gz"))),
+}
 NICE = 10
 # Build tools only (kpatch-build's own Depends would add the kernel's packaging build-deps:
 # TeX, asciidoc, ghostscript...). openssl: the kernel generates its module signing key;
@@ -161,7 +179,10 @@ def chroot_inputs(suite: str, mirror: str, packages: tuple[str, ...] = BASE_PACK
 def mmdebstrap_argv(suite: str, target: Path, mirror: str, packages: tuple[str, ...],
                     forced: tuple[str, ...] = FORCE_DEPENDS_PACKAGES) -> list[str]:
     """The mmdebstrap command line; forced packages are downloaded and `dpkg --force-depends -i`-ed in a hook."""
-    argv = ["mmdebstrap", "--variant=apt", "--components=main", "--include=" + ",".join(packages)]
+    argv = ["mmdebstrap", "--variant=apt", "--components=main", "--include=" + ",".join(packages),
+            # sid's Release carries a Valid-Until a week ahead; a mirror snapshot older than that is refused
+            # without this (stable suites carry none, so it changes nothing for them).
+            '--aptopt=Acquire::Check-Valid-Until "false"']
     if forced:
         # The hook's shell text is a constant; package names reach it as "$@"-free literals checked below.
         for p in forced:
@@ -174,9 +195,11 @@ def mmdebstrap_argv(suite: str, target: Path, mirror: str, packages: tuple[str, 
     return argv
 
 
-def make_argv(targets: list[str], jobs: int, *, src: Path, extra: tuple[str, ...] = ()) -> list[str]:
-    """make in the kernel tree for x86_64 with -j jobs."""
-    return ["make", "-C", str(src), "ARCH=x86_64", f"-j{max(1, jobs)}", *extra, *targets]
+def make_argv(targets: list[str], jobs: int, *, src: Path, extra: tuple[str, ...] = (),
+              arch: LabArch | None = None, host_machine: str | None = None) -> list[str]:
+    """make in the kernel tree for arch (default x86_64) with -j jobs; CROSS_COMPILE= when the host differs."""
+    make_vars = (arch or lab_arch("x86_64")).make_vars(host_machine)
+    return ["make", "-C", str(src), *make_vars, f"-j{max(1, jobs)}", *extra, *targets]
 
 
 def localversion(key: str) -> str:
@@ -366,12 +389,16 @@ def _cert_pem(path: Path) -> bytes:
 
 # --------------------------------------------------------------------------- the forge
 
-def forge(source: ForgeSource, *, fragment: Path | None = None, cert: Path | None = None,
+def forge(source: ForgeSource, *, arch: str = "x86_64", fragment: Path | None = None, cert: Path | None = None,
           jobs: int | None = None, mirror: str = DEFAULT_MIRROR, cache_dir: Path | None = None,
           progress: Progress | None = None) -> ForgedKernel:
-    """Build (or find in the cache) a kernel from a Debian source package; return it."""
+    """Build (or find in the cache) a kernel for arch (x86_64, aarch64) from a Debian source package; return it."""
     say = progress or (lambda _m: None)
     cache = cache_dir or default_cache_dir()
+    larch = lab_arch(arch)
+    target = FORGE_TARGETS.get(larch.name)
+    if target is None:
+        raise ConfigError(f"the forge cannot build for {arch!r}", hint=f"supported: {', '.join(FORGE_TARGETS)}")
     if fragment is not None:
         frag_path = fragment.expanduser()
         try:
@@ -380,16 +407,18 @@ def forge(source: ForgeSource, *, fragment: Path | None = None, cert: Path | Non
             raise ConfigError(f"--config-fragment {fragment}: {e.strerror}") from None
         where = str(frag_path)
     else:
-        frag_text = resources.files("kpipe").joinpath("lab_assets", DEFAULT_FRAGMENT).read_text()
-        where = f"(default fragment {DEFAULT_FRAGMENT})"
+        frag_text = resources.files("kpipe").joinpath("lab_assets", target.fragment).read_text()
+        where = f"(default fragment {target.fragment})"
     frag = check_fragment(frag_text, where)
     cert_path = cert.expanduser().resolve() if cert is not None else ensure_lab_key(cache)[1]
     cert_pem = _cert_pem(cert_path)
 
-    chroot = ensure_chroot(source.suite, extra_packages=(source.package,), mirror=mirror, cache_dir=cache,
+    # A cross build needs the suite's cross gcc in the chroot (a chroot of its own: another package set).
+    cross = (larch.cross_package,) if larch.needs_cross() else ()
+    chroot = ensure_chroot(source.suite, extra_packages=(source.package, *cross), mirror=mirror, cache_dir=cache,
                            progress=say)
     pkg_version = chroot.package_version(source.package)
-    inputs = {"format": FORMAT_VERSION, "arch": "x86_64", "suite": source.suite, "version": source.version,
+    inputs = {"format": FORMAT_VERSION, "arch": larch.name, "suite": source.suite, "version": source.version,
               "package_version": pkg_version, "chroot": chroot.key,
               "fragment_sha256": hashlib.sha256(frag_text.encode()).hexdigest(),
               "cert_sha256": hashlib.sha256(cert_pem).hexdigest()}
@@ -404,11 +433,18 @@ def forge(source: ForgeSource, *, fragment: Path | None = None, cert: Path | Non
         found = ForgedKernel.load(folder)
         if found is not None:
             return found
-        return _build(chroot, source, pkg_version, frag, cert_pem, inputs, key, folder, jobs, say)
+        return _build(chroot, source, pkg_version, frag, cert_pem, inputs, key, folder, jobs, say, larch, target)
 
 
 def _build(chroot: Chroot, source: ForgeSource, pkg_version: str, frag: dict[str, str], cert_pem: bytes,
-           inputs: dict[str, Any], key: str, folder: Path, jobs: int | None, say: Progress) -> ForgedKernel:
+           inputs: dict[str, Any], key: str, folder: Path, jobs: int | None, say: Progress,
+           larch: LabArch | None = None, target: ForgeTarget | None = None) -> ForgedKernel:
+    larch = larch or lab_arch("x86_64")
+    target = target or FORGE_TARGETS[larch.name]
+
+    def make(targets: list[str], n: int, *, extra: tuple[str, ...] = ()) -> list[str]:
+        return make_argv(targets, n, src=src, extra=extra, arch=larch)
+
     if folder.exists():  # an interrupted earlier build
         shutil.rmtree(folder)
     folder.mkdir(parents=True)
@@ -435,7 +471,7 @@ def _build(chroot: Chroot, source: ForgeSource, pkg_version: str, frag: dict[str
     (folder / "trusted-cert.pem").write_bytes(cert_pem)
 
     say("make tinyconfig, merge the fragment, make olddefconfig")
-    step("tinyconfig", make_argv(["tinyconfig"], 1, src=src))
+    step("tinyconfig", make(["tinyconfig"], 1))
     frag = dict(frag)
     frag.setdefault("CONFIG_LOCALVERSION", f'"{localversion(key)}"')
     frag["CONFIG_LOCALVERSION_AUTO"] = "n"
@@ -443,33 +479,34 @@ def _build(chroot: Chroot, source: ForgeSource, pkg_version: str, frag: dict[str
         frag["CONFIG_SYSTEM_TRUSTED_KEYS"] = f'"certs/{LAB_CERT_NAME}"'
     config = src / ".config"
     config.write_text(merge_config(config.read_text(), frag))
-    step("olddefconfig", make_argv(["olddefconfig"], 1, src=src))
+    step("olddefconfig", make(["olddefconfig"], 1))
     dropped = dropped_options(parse_config(config.read_text()), frag)
     if dropped:
         raise ConfigError(f"the fragment's options did not survive olddefconfig: {', '.join(dropped[:6])}"
                           + (f" and {len(dropped) - 6} more" if len(dropped) > 6 else ""),
                           hint="add the options they depend on to the fragment (see `make menuconfig` help)")
-    say(f"building {source.package} {pkg_version}: vmlinux bzImage modules (-j{njobs}, nice {NICE}, "
-        "the suite's gcc)")
-    step("build", make_argv(["vmlinux", "bzImage", "modules"], njobs, src=src))
+    gcc_name = f"{larch.cross_prefix}gcc" if larch.needs_cross() else "gcc"
+    built = ["vmlinux", *target.image_targets, "modules"]
+    say(f"building {source.package} {pkg_version} for {larch.name}: {' '.join(built)} (-j{njobs}, nice {NICE}, "
+        f"the suite's {gcc_name})")
+    step("build", make(built, njobs))
     # Written by the build from auto.conf (`make kernelrelease` before it lacks CONFIG_LOCALVERSION).
     release = release_of(src)
     if release is None:
         raise KpipeError("the build wrote no valid include/config/kernel.release", hint=f"see {log}")
-    step("modules_install", make_argv(["modules_install"], 1, src=src,
-                                      extra=(f"INSTALL_MOD_PATH={folder / 'modroot'}",)))
+    step("modules_install", make(["modules_install"], 1, extra=(f"INSTALL_MOD_PATH={folder / 'modroot'}",)))
     # Copies taken now are what boots; kpatch-build later rebuilds src with its own flags.
-    for name, dest in (("vmlinux", "vmlinux"), ("arch/x86/boot/bzImage", "bzImage"), (".config", "config"),
+    for name, dest in (("vmlinux", "vmlinux"), *target.images, (".config", "config"),
                        ("System.map", "System.map"), ("Module.symvers", "Module.symvers")):
         if (src / name).is_file():
             shutil.copy2(src / name, folder / dest)
-    for needed in ("vmlinux", "bzImage", "config"):
+    for needed in ("vmlinux", target.images[0][1], "config"):
         if not (folder / needed).is_file():
             raise KpipeError(f"the build produced no {needed}", hint=f"see {log}")
     modules = folder / "modroot" / "lib" / "modules" / release
     modules.mkdir(parents=True, exist_ok=True)
     (modules / "modules.order").touch()
-    gcc = step("gcc", ["gcc", "--version"], nice=0).splitlines()
+    gcc = step("gcc", [gcc_name, "--version"], nice=0).splitlines()
     record = {**inputs, "key": key, "release": release, "source": str(source), "complete": True,
               "created_at": time.time(), "seconds": round(time.monotonic() - t0, 1), "steps": times,
               "jobs": njobs, "gcc": gcc[0] if gcc else ""}
@@ -491,4 +528,4 @@ def find_forged_kernel(release: str, cache_dir: Path | None = None) -> KernelIma
     k = find_forged(release, cache_dir)
     if k is None:
         return None
-    return KernelImage(k.release, k.bzimage, k.modules_dir, "forge")
+    return KernelImage(k.release, k.boot_image, k.modules_dir, "forge", k.arch)

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from kpipe.errors import KpipeError
 from kpipe.lab.kernel import KernelImage
+from kpipe.lab.userland import Userland, host_userland
 
 FORMAT_VERSION = "3"
 
@@ -174,30 +175,6 @@ def _gzip(data: bytes) -> bytes:
     return gzip.compress(data, compresslevel=6, mtime=0)
 
 
-def _ldd_libs(binary: str) -> list[str]:
-    """Shared libraries (and the loader) a binary needs, from ldd."""
-    r = subprocess.run(["ldd", binary], capture_output=True, text=True, check=False)
-    libs = []
-    for line in r.stdout.splitlines():
-        m = re.search(r"(/\S+)\s+\(0x", line)
-        if m and os.path.exists(m.group(1)):
-            libs.append(m.group(1))
-    return libs
-
-
-def _require(path: str, package: str) -> str:
-    if not os.path.exists(path):
-        raise KpipeError(f"{path} is missing", hint=f"install Debian's {package} package")
-    return path
-
-
-def _sftp_server() -> str:
-    for cand in SFTP_SERVER_CANDIDATES:
-        if os.path.exists(cand):
-            return cand
-    raise KpipeError("sftp-server is missing", hint="install Debian's openssh-sftp-server package")
-
-
 def _find_modules(modules_dir: Path, extra: tuple[str, ...] = ()) -> list[Path]:
     """The virtio module files (and `extra` ones) present in modules_dir (any compression)."""
     wanted = set(VIRTIO_MODULES) | set(extra)
@@ -210,13 +187,8 @@ def _find_modules(modules_dir: Path, extra: tuple[str, ...] = ()) -> list[Path]:
     return sorted(found.values())
 
 
-def _inputs(kernel: KernelImage, rootfs: bool = False) -> list[tuple[str, Path]]:
-    files = [("busybox", Path(_require(BUSYBOX, "busybox-static"))),
-             ("dropbear", Path(_require(DROPBEAR, "dropbear-bin"))),
-             ("sftp-server", Path(_sftp_server())),
-             ("kmod", Path(_require(KMOD, "kmod")))]
-    for lib in sorted(set(_ldd_libs(DROPBEAR) + _ldd_libs(KMOD) + _ldd_libs(_sftp_server()))):
-        files.append(("lib", Path(lib)))
+def _inputs(kernel: KernelImage, rootfs: bool = False, userland: Userland | None = None) -> list[tuple[str, Path]]:
+    files = (userland or host_userland()).files()
     for mod in _find_modules(kernel.modules_dir, ROOTFS_MODULES if rootfs else ()):
         files.append(("module", mod))
     for name in ("modules.order", "modules.builtin", "modules.builtin.modinfo"):
@@ -225,29 +197,48 @@ def _inputs(kernel: KernelImage, rootfs: bool = False) -> list[tuple[str, Path]]
     return files
 
 
-def base_digest(kernel: KernelImage, rootfs: bool = False) -> str:
+def base_digest(kernel: KernelImage, rootfs: bool = False, userland: Userland | None = None) -> str:
     """The cache key of the base initramfs: sha256 over every input file and the init script."""
     h = hashlib.sha256()
     h.update(f"kpipe-lab-initramfs {FORMAT_VERSION} {kernel.release}\n".encode())
     h.update((ROOTFS_INIT_SCRIPT if rootfs else INIT_SCRIPT).encode())
-    for kind, path in _inputs(kernel, rootfs):
+    for kind, path in _inputs(kernel, rootfs, userland):
         h.update(f"{kind} {path}\n".encode())
         with open(path, "rb") as f:
             h.update(hashlib.file_digest(f, "sha256").digest())
     return h.hexdigest()
 
 
-def _busybox_applets() -> list[str]:
-    r = subprocess.run([BUSYBOX, "--list"], capture_output=True, text=True, check=False)
-    return [a for a in r.stdout.split() if a and "/" not in a]
+def _busybox_applets(busybox: Path | str = BUSYBOX, *, native: bool = True) -> list[str]:
+    """busybox's applet names: `busybox --list` for the host's own, else read from the binary's name table."""
+    if native:
+        r = subprocess.run([str(busybox), "--list"], capture_output=True, text=True, check=False)
+        return [a for a in r.stdout.split() if a and "/" not in a]
+    return applets_in_binary(Path(busybox).read_bytes())
 
 
-def build_base(kernel: KernelImage, cache_dir: Path, rootfs: bool = False) -> Path:
+def applets_in_binary(data: bytes) -> list[str]:
+    """The applet names busybox keeps as one NUL-separated, sorted table starting "[", "[[" (any arch)."""
+    i = data.find(b"[\0[[\0")
+    if i < 0:
+        raise KpipeError("busybox: no applet table found in the binary", hint="is it Debian's busybox-static?")
+    out: list[str] = []
+    for raw in data[i:i + 65536].split(b"\0"):
+        if not raw or not re.fullmatch(rb"[\[a-z0-9_.-]{1,40}", raw):
+            break
+        out.append(raw.decode())
+    return out
+
+
+def build_base(kernel: KernelImage, cache_dir: Path, rootfs: bool = False,
+               userland: Userland | None = None) -> Path:
     """The base initramfs for `kernel` (gzip'd newc cpio), built once per content digest.
 
     rootfs: the variant that mounts the VM's disk and switch_roots into its systemd (`--rootfs`).
+    userland: the guest programs (default: the host's; kpipe.lab.userland fetches another arch's).
     """
-    digest = base_digest(kernel, rootfs)
+    ul = userland or host_userland()
+    digest = base_digest(kernel, rootfs, ul)
     name = "rootfs" if rootfs else "base"
     out = cache_dir / "initramfs" / f"{name}-{kernel.release}-{digest[:16]}.cpio.gz"
     if out.is_file():
@@ -260,26 +251,20 @@ def build_base(kernel: KernelImage, cache_dir: Path, rootfs: bool = False) -> Pa
     tree.dir("root/.ssh", 0o700)
     tree.dir("tmp", 0o1777)
     tree.symlink("var/run", "/run")
-    tree.copy(BUSYBOX, "bin/busybox", 0o755)
+    tree.copy(ul.busybox, "bin/busybox", 0o755)
     kmod_links = set(KMOD_LINKS)
-    for applet in _busybox_applets():
+    for applet in _busybox_applets(ul.busybox, native=ul.source == "host"):
         if applet in kmod_links or applet in ("busybox",):
             continue
         tree.symlink(f"bin/{applet}", "busybox")
-    tree.copy(DROPBEAR, "usr/sbin/dropbear", 0o755)
-    tree.copy(_sftp_server(), SFTP_SERVER_TARGET.lstrip("/"), 0o755)
-    tree.copy(KMOD, "bin/kmod", 0o755)
+    tree.copy(ul.dropbear, "usr/sbin/dropbear", 0o755)
+    tree.copy(ul.sftp_server, SFTP_SERVER_TARGET.lstrip("/"), 0o755)
+    tree.copy(ul.kmod, "bin/kmod", 0o755)
     for link in KMOD_LINKS:  # in /bin too: dropbear's session PATH is /usr/bin:/bin
         tree.symlink(f"sbin/{link}", "/bin/kmod")
         tree.symlink(f"bin/{link}", "kmod")
-    for lib in sorted(set(_ldd_libs(DROPBEAR) + _ldd_libs(KMOD) + _ldd_libs(_sftp_server()))):
-        # keep the path ldd resolved: the loader's search path includes it
-        real = os.path.realpath(lib)
-        dest = lib.lstrip("/")
-        if dest.startswith("usr/lib/") or dest.startswith("lib/") or dest.startswith("lib64/"):
-            tree.file(dest, Path(real).read_bytes(), 0o755)
-        else:
-            tree.file("lib/" + os.path.basename(lib), Path(real).read_bytes(), 0o755)
+    for dest, real in ul.libs:
+        tree.file(dest, real.read_bytes(), 0o755)
     tree.file("etc/passwd", PASSWD.encode())
     tree.file("etc/group", GROUP.encode())
     tree.file("etc/shadow", SHADOW.encode(), 0o600)

@@ -43,10 +43,11 @@ class KernelImage:
     vmlinuz: Path
     modules_dir: Path  # .../lib/modules/<release> (holds modules.order)
     source: str = ""  # "debian", "debian:<suite>" (a private suite index) or "user"
+    arch: str = ""  # the guest arch it boots on ("" = read from the image: image_arch)
 
     def to_dict(self) -> dict[str, str]:
         return {"release": self.release, "vmlinuz": str(self.vmlinuz), "modules_dir": str(self.modules_dir),
-                "source": self.source}
+                "source": self.source, "arch": self.arch or image_arch(self.vmlinuz) or ""}
 
 
 def default_cache_dir() -> Path:
@@ -236,6 +237,15 @@ class AptSuite:
         return r
 
 
+# Debian kernel flavours of another arch than the host's amd64, by the release's last word (6.1.0-50-arm64).
+_FOREIGN_FLAVOURS = {"arm64": "arm64"}
+
+
+def _foreign_debian_arch(release: str) -> str | None:
+    """The dpkg arch of a Debian release of another arch (…-arm64 -> arm64), or None for the host's."""
+    return _FOREIGN_FLAVOURS.get(release.rsplit("-", 1)[-1])
+
+
 def suite_kernel_folder(release: str, apt: AptSuite) -> Path:
     """The cache folder of a suite's kernel, keyed by its inputs (release, suite, mirror, arch)."""
     return apt.cache_dir / "kernels" / f"{release}@{apt.suite}-{apt.key[:8]}"
@@ -256,10 +266,13 @@ def fetch_debian_kernel(release: str, cache_dir: Path | None = None, *, suite: s
     if forged is not None:
         return forged
     cache_dir = cache_dir or default_cache_dir()
+    foreign = _foreign_debian_arch(release)
     if suite is None:
         known = suite_of_release(release)
         suite = known if known and known != host_suite() else None
-    apt = AptSuite(suite, cache_dir, mirror) if suite else None
+    if foreign and suite is None:  # another arch's package always comes from a private index of that arch
+        suite = host_suite() or "bookworm"
+    apt = AptSuite(suite, cache_dir, mirror, arch=foreign or "amd64") if suite else None
     cache = suite_kernel_folder(release, apt) if apt else cache_dir / "kernels" / release
     done = cache / ".complete"
     if not done.exists():
@@ -288,7 +301,8 @@ def fetch_debian_kernel(release: str, cache_dir: Path | None = None, *, suite: s
     modules = _modules_dir(cache, release)
     if not vmlinuz.is_file():
         raise NotFoundError(f"{vmlinuz} is missing from the linux-image-{release} package")
-    return KernelImage(release, vmlinuz, modules, f"debian:{apt.suite}" if apt else "debian")
+    return KernelImage(release, vmlinuz, modules, f"debian:{apt.suite}" if apt else "debian",
+                       "aarch64" if foreign == "arm64" else "")
 
 
 def _modules_dir(tree: Path, release: str) -> Path:
@@ -296,6 +310,27 @@ def _modules_dir(tree: Path, release: str) -> Path:
         if cand.is_dir():
             return cand
     raise NotFoundError(f"no lib/modules/{release} under {tree}")
+
+
+def image_arch(path: Path) -> str | None:
+    """The arch a kernel image boots on, from its header: x86 bzImage, arm64 Image (also gzip'd), or ELF vmlinux."""
+    import gzip
+
+    try:
+        with open(path, "rb") as f:
+            head = f.read(0x240)
+        if head[:2] == b"\x1f\x8b":  # Debian's arm64 vmlinuz is a gzip'd Image
+            with gzip.open(path, "rb") as g:
+                head = g.read(0x240)
+    except (OSError, EOFError, gzip.BadGzipFile):
+        return None
+    if head[0x38:0x3C] == b"ARM\x64":  # arm64 Image header magic (Documentation/arch/arm64/booting.rst)
+        return "aarch64"
+    if head[0x202:0x206] == b"HdrS":  # x86 boot protocol header
+        return "x86_64"
+    if head[:4] == b"\x7fELF" and len(head) > 20:
+        return {62: "x86_64", 183: "aarch64"}.get(int.from_bytes(head[18:20], "little"))
+    return None
 
 
 def user_kernel(vmlinuz: Path, modules: Path) -> KernelImage:
@@ -307,23 +342,29 @@ def user_kernel(vmlinuz: Path, modules: Path) -> KernelImage:
     if not modules.is_dir():
         raise NotFoundError(f"modules folder {modules} does not exist")
     if (modules / "modules.order").is_file() or (modules / "kernel").is_dir():
-        return KernelImage(modules.name, vmlinuz, modules, "user")
+        return KernelImage(modules.name, vmlinuz, modules, "user", image_arch(vmlinuz) or "")
     for base in (modules / "lib" / "modules", modules / "usr" / "lib" / "modules", modules):
         if base.is_dir():
             found = [d for d in base.iterdir() if (d / "modules.order").is_file()]
             if len(found) == 1:
-                return KernelImage(found[0].name, vmlinuz, found[0], "user")
+                return KernelImage(found[0].name, vmlinuz, found[0], "user", image_arch(vmlinuz) or "")
     raise ConfigError(f"{modules} is not a modules folder",
                       hint="pass /lib/modules/<release> (with modules.order) or a tree holding exactly one")
 
 
 def resolve_kernel(kernel: str | None, kernel_image: Path | None, modules: Path | None,
-                   cache_dir: Path | None = None) -> KernelImage:
-    """--kernel RELEASE|PREFIX|debian[:SUITE[/RELEASE|PREFIX]], or --kernel-image + --modules, into a KernelImage."""
+                   cache_dir: Path | None = None, arch: str = "") -> KernelImage:
+    """--kernel RELEASE|PREFIX|debian[:SUITE[/RELEASE|PREFIX]], or --kernel-image + --modules, into a KernelImage.
+
+    arch aarch64 with `debian` (or no --kernel): Debian's current arm64 kernel of the host's suite.
+    """
     if kernel_image is not None:
         if modules is None:
             raise ConfigError("--kernel-image needs --modules DIR (its /lib/modules/<release> folder)")
         return user_kernel(kernel_image, modules)
+    if kernel in (None, "", "debian") and arch in ("aarch64", "arm64"):
+        apt = AptSuite(host_suite() or "bookworm", cache_dir or default_cache_dir(), arch="arm64")
+        return fetch_debian_kernel(apt.current_release("arm64"), cache_dir, suite=apt.suite)
     if kernel in (None, "", "debian"):
         return fetch_debian_kernel(discover_debian_release(), cache_dir)
     release, suite = resolve_release(kernel, cache_dir)

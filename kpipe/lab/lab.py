@@ -22,7 +22,8 @@ from kpipe.host import Host
 from kpipe.lab import initramfs, rootfs
 from kpipe.lab import vm as vmmod
 from kpipe.lab.arch import LabArch, lab_arch
-from kpipe.lab.kernel import KernelImage, boot_image, default_cache_dir
+from kpipe.lab.kernel import KernelImage, boot_image, default_cache_dir, image_arch
+from kpipe.lab.userland import guest_userland, is_host_arch
 from kpipe.lab.vm import VmProcess, VmSpec
 
 if TYPE_CHECKING:
@@ -54,13 +55,22 @@ class LabConfig:
     use_kvm: bool | None = None
     names: tuple[str, ...] = ()  # default lab1..labN
     pvh: bool = True  # boot the uncompressed vmlinux through PVH when the kernel supports it (half the CPU)
-    arch: str = "x86_64"  # the guest architecture (kpipe.lab.arch registry)
+    arch: str = ""  # the guest architecture (kpipe.lab.arch registry); "" = the kernel image's own
     rootfs: str = ""  # "" = the busybox initramfs; else a kpipe.lab.rootfs.KINDS name (a Debian userland on disk)
 
-    def vm_names(self, prefix: str = "lab") -> list[str]:
+    def vm_names(self, prefix: str = "lab", first: int = 1) -> list[str]:
         if self.names:
             return list(self.names)
-        return [f"{prefix}{i}" for i in range(1, self.vms + 1)]
+        return [f"{prefix}{i}" for i in range(first, first + self.vms)]
+
+
+def guest_arch(kernel: KernelImage, wanted: str = "") -> LabArch:
+    """The registry entry a kernel boots on: its recorded or detected arch; a different `wanted` is refused."""
+    found = kernel.arch or image_arch(kernel.vmlinuz) or ""
+    if wanted and found and lab_arch(wanted).name != lab_arch(found).name:
+        raise ConfigError(f"--arch {wanted}: kernel {kernel.release} ({kernel.vmlinuz}) is built for {found}",
+                          hint=f"drop --arch, or pass --arch {found}")
+    return lab_arch(wanted or found or "x86_64")
 
 
 @dataclass
@@ -136,9 +146,14 @@ class Lab:
 
     # ------------------------------------------------------------------ up
 
-    def up(self, kernel: KernelImage, config: LabConfig, progress: Progress | None = None) -> LabState:
-        """Boot the VMs and wait until each answers SSH; on failure stop them all and raise."""
+    def up(self, kernel: KernelImage, config: LabConfig, progress: Progress | None = None,
+           more: list[tuple[KernelImage, LabConfig]] | None = None) -> LabState:
+        """Boot the VMs and wait until each answers SSH; on failure stop them all and raise.
+
+        more: further groups (a kernel of another arch, its own VM count) booted in the same lab, one inventory.
+        """
         say = progress or (lambda _m: None)
+        groups = [(kernel, config), *(more or [])]
         old = self.load_state()
         if old is not None:
             running = [v.name for v in old.vms if vmmod.alive(v)]
@@ -146,56 +161,40 @@ class Lab:
                 raise ConfigError(f"a lab is already running in {self.folder} ({', '.join(running)})",
                                   hint="run `kpipe lab down` first")
             self._cleanup_files()
-        if config.vms < 1 and not config.names:
+        if any(c.vms < 1 and not c.names for _k, c in groups):
             raise ConfigError("--vms must be at least 1")
-        names = config.vm_names(self.prefix)
+        group_names: list[list[str]] = []
+        for _k, c in groups:
+            group_names.append(c.vm_names(self.prefix, 1 + sum(len(g) for g in group_names)))
+        names = [n for g in group_names for n in g]
+        if len(set(names)) != len(names):
+            raise ConfigError(f"lab VM names repeat: {', '.join(names)}", hint="give each group its own names")
         unknown = [n for n in config.sig_enforce_vms if n not in names]
         if unknown:
             raise ConfigError(f"--sig-enforce-vms names unknown VMs: {', '.join(unknown)}",
                               hint=f"VMs: {', '.join(names)}")
         extra_args = shlex.split(config.append) if config.append else []
         kind = rootfs.kind_of(config.rootfs) if config.rootfs else None
+        arches = [guest_arch(k, c.arch) for k, c in groups]
+        if kind and any(not is_host_arch(a) for a in arches):
+            raise ConfigError(f"--rootfs {kind.name} boots only the host's architecture",
+                              hint="use the busybox initramfs (no --rootfs) for an aarch64 guest")
         self.folder.mkdir(parents=True, exist_ok=True)
         client_pub = initramfs.make_client_key(self.identity_file)
         t0 = time.monotonic()
         disk_image = rootfs.ensure_image(kind, kernel, self.cache_dir, say) if kind else None
-        say(f"initramfs: for {kernel.release} (built once per kernel, then cached)")
-        base = initramfs.build_base(kernel, self.cache_dir, rootfs=kind is not None)
-        base_bytes = base.read_bytes()
-        arch = lab_arch(config.arch)
-        image = boot_image(kernel, self.cache_dir) if config.pvh and arch.pvh else kernel.vmlinuz
-        # systemd, journald and sshd need more than the busybox guest's 256 MiB
-        memory = max(config.memory_mb, rootfs.MIN_MEMORY_MB) if kind else config.memory_mb
         vms: list[VmProcess] = []
         extra: dict[str, Any] = {"rootfs": kind.name, "image": str(disk_image)} if kind else {}
-        st = LabState(self.folder, {**kernel.to_dict(), "boot_image": str(image)}, vms, str(self.identity_file),
+        st = LabState(self.folder, {}, vms, str(self.identity_file),
                       str(self.known_hosts_file), str(self.inventory_file), time.time(), extra=extra)
         try:
             specs = []
-            for name in names:
-                folder = self.folder / "vms" / name
-                folder.mkdir(parents=True, exist_ok=True)
-                initrd = folder / "initrd.img"
-                disk: Path | None = None
-                if kind and disk_image:
-                    key_file = self.folder / "keys" / name / "ssh_host_ed25519_key"
-                    host_pub = rootfs.make_openssh_host_key(key_file)
-                    overlay = initramfs.rootfs_overlay(key_file, host_pub, client_pub, name)
-                    disk = folder / "disk.qcow2"
-                    rootfs.make_overlay(disk_image, disk)  # fresh per `up`: VMs never share writes
-                    kind_args = [f"kpipe.root={rootfs.ROOT_DEVICE}", *kind.append]
-                else:
-                    key_file = self.folder / "keys" / name / "dropbear_ed25519_host_key"
-                    host_pub = initramfs.make_host_key(key_file)
-                    overlay = initramfs.vm_overlay(key_file, client_pub, name)
-                    kind_args = []
-                initrd.write_bytes(base_bytes + overlay)
-                enforce = config.sig_enforce or name in config.sig_enforce_vms
-                append = " ".join([base_append(arch), f"kpipe.lab={name}", *kind_args,
-                                   *(["module.sig_enforce=1"] if enforce else []), *extra_args])
-                spec = VmSpec(name, image, initrd, vmmod.free_port(), folder, memory, append,
-                              config.use_kvm, arch, disk)
-                specs.append((spec, enforce, host_pub))
+            for (gkernel, gconfig), arch, gnames in zip(groups, arches, group_names, strict=True):
+                specs += self._group_specs(st, gkernel, gconfig, arch, gnames, kind, disk_image, client_pub,
+                                           config, extra_args, say)
+            if len(groups) > 1:
+                st.extra["groups"] = [{"arch": a.name, "kernel": k.to_dict(), "vms": n}
+                                      for (k, _c), a, n in zip(groups, arches, group_names, strict=True)]
             say(f"boot: starting {len(specs)} VM{'' if len(specs) == 1 else 's'} ({', '.join(names)})")
             for spec, enforce, host_pub in specs:
                 vms.append(vmmod.start(spec, sig_enforce=enforce, host_key=host_pub))
@@ -212,6 +211,46 @@ class Lab:
         self._save(st)
         say(f"ready: {len(st.vms)} VM{'' if len(st.vms) == 1 else 's'} in {st.ready_seconds:.1f} s")
         return st
+
+    def _group_specs(self, st: LabState, kernel: KernelImage, gconfig: LabConfig, arch: LabArch, names: list[str],
+                     kind: Any, disk_image: Path | None, client_pub: str, config: LabConfig, extra_args: list[str],
+                     say: Progress) -> list[tuple[VmSpec, bool, str]]:
+        """The VM specs of one group (one kernel, one arch): its initramfs, keys and command lines."""
+        say(f"initramfs: for {kernel.release} ({arch.name}; built once per kernel, then cached)")
+        userland = guest_userland(arch, self.cache_dir)
+        base = initramfs.build_base(kernel, self.cache_dir, rootfs=kind is not None, userland=userland)
+        base_bytes = base.read_bytes()
+        image = boot_image(kernel, self.cache_dir) if gconfig.pvh and arch.pvh else kernel.vmlinuz
+        if not st.kernel:  # the first group's kernel is the lab's (status, preflight)
+            st.kernel = {**kernel.to_dict(), "arch": arch.name, "boot_image": str(image)}
+        # systemd, journald and sshd need more than the busybox guest's 256 MiB
+        memory = max(gconfig.memory_mb, rootfs.MIN_MEMORY_MB) if kind else gconfig.memory_mb
+        specs = []
+        for name in names:
+            folder = self.folder / "vms" / name
+            folder.mkdir(parents=True, exist_ok=True)
+            initrd = folder / "initrd.img"
+            disk: Path | None = None
+            if kind and disk_image:
+                key_file = self.folder / "keys" / name / "ssh_host_ed25519_key"
+                host_pub = rootfs.make_openssh_host_key(key_file)
+                overlay = initramfs.rootfs_overlay(key_file, host_pub, client_pub, name)
+                disk = folder / "disk.qcow2"
+                rootfs.make_overlay(disk_image, disk)  # fresh per `up`: VMs never share writes
+                kind_args = [f"kpipe.root={rootfs.ROOT_DEVICE}", *kind.append]
+            else:
+                key_file = self.folder / "keys" / name / "dropbear_ed25519_host_key"
+                host_pub = initramfs.make_host_key(key_file)
+                overlay = initramfs.vm_overlay(key_file, client_pub, name)
+                kind_args = []
+            initrd.write_bytes(base_bytes + overlay)
+            enforce = config.sig_enforce or name in config.sig_enforce_vms
+            append = " ".join([base_append(arch), f"kpipe.lab={name}", *kind_args,
+                               *(["module.sig_enforce=1"] if enforce else []), *extra_args])
+            spec = VmSpec(name, image, initrd, vmmod.free_port(), folder, memory, append,
+                          gconfig.use_kvm, arch, disk)
+            specs.append((spec, enforce, host_pub))
+        return specs
 
     def _restart_port_clashes(self, st: LabState, specs: list[tuple[VmSpec, bool, str]], tries: int = 3) -> None:
         """Restart a VM whose forwarded port was taken between free_port() and qemu's bind."""
@@ -456,7 +495,16 @@ def render_inventory(st: LabState) -> str:
                       "ansible_ssh_private_key_file": st.identity_file, "kpipe_known_hosts": st.known_hosts,
                       "ansible_ssh_common_args": ssh_args, "kpipe_lab_sig_enforce": v.sig_enforce}
              for v in st.vms}
-    doc = {"all": {"children": {"lab": {"hosts": hosts}}}}
+    lab: dict[str, Any] = {"hosts": hosts}
+    groups = st.extra.get("groups") or []
+    if groups:  # a mixed lab: one child group per arch (lab_x86_64, lab_aarch64) under `lab`
+        by_arch: dict[str, dict[str, None]] = {}
+        for g in groups:
+            for name in g.get("vms", []):
+                by_arch.setdefault(f"lab_{g['arch']}", {})[name] = None
+                hosts[name]["kpipe_lab_arch"] = g["arch"]
+        lab["children"] = {k: {"hosts": v} for k, v in by_arch.items()}
+    doc = {"all": {"children": {"lab": lab}}}
     return "# written by `kpipe lab up`; removed by `kpipe lab down`\n" + yaml.safe_dump(doc, sort_keys=False)
 
 
