@@ -23,7 +23,14 @@ from typing import Any
 
 from kpipe.errors import ConfigError, KpipeError
 from kpipe.lab.chroot import enter_argv
-from kpipe.lab.forge import DEFAULT_MIRROR, FORCE_DEPENDS_PACKAGES, Progress, ensure_chroot, kernels_dir
+from kpipe.lab.forge import (
+    DEFAULT_MIRROR,
+    FORCE_DEPENDS_PACKAGES,
+    Progress,
+    ensure_chroot,
+    kernels_dir,
+    klp_build_packages,
+)
 
 SSHD = "/usr/sbin/sshd"
 
@@ -197,7 +204,7 @@ class BuildHostChroot:
         if self.running():
             raise ConfigError(f"a build host is already running from {self.folder}",
                               hint="run `kpipe lab buildhost down` first")
-        extra = packages if packages is not None else (f"linux-source-{version}",)
+        extra = packages if packages is not None else (f"linux-source-{version}", *klp_build_packages(version))
         chroot = ensure_chroot(suite, extra_packages=extra, mirror=mirror, cache_dir=cache_dir, progress=say,
                                forced=forced)
         if not (chroot.root / SSHD.lstrip("/")).is_file():

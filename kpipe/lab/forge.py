@@ -55,6 +55,7 @@ NICE = 10
 BASE_PACKAGES = ("build-essential", "bc", "bison", "flex", "libelf-dev", "libssl-dev", "openssl", "cpio", "kmod",
                  "xz-utils", "gawk", "patch", "python3", "openssh-server")
 FORCE_DEPENDS_PACKAGES = ("kpatch-build",)
+KLP_BUILD_SINCE = (6, 19)  # the first release with scripts/livepatch/klp-build and `objtool klp`
 LAB_CERT_NAME = "kpipe-lab-cert.pem"  # inside the kernel tree's certs/
 
 Progress = Callable[[str], None]
@@ -88,6 +89,16 @@ def parse_source(text: str) -> ForgeSource:
         raise ConfigError(f"--source {text!r} is not debian:<suite>/<version>",
                           hint="e.g. debian:trixie/6.12 (the suite must ship linux-source-<version>)")
     return ForgeSource(m.group(1), m.group(2))
+
+
+def klp_build_packages(version: str) -> tuple[str, ...]:
+    """Chroot packages klp-build needs on a kernel that carries it (>= 6.19); none for older ones.
+
+    objtool builds its `klp` subcommand only when libxxhash is found (pkg-config), and klp-build refuses to
+    start without recountdiff (patchutils). Older kernels keep their chroot (and so their cache key) unchanged.
+    """
+    major, minor = (int(x) for x in version.split(".")[:2])
+    return ("libxxhash-dev", "pkgconf", "patchutils") if (major, minor) >= KLP_BUILD_SINCE else ()
 
 
 def parse_config(text: str) -> dict[str, str]:
@@ -161,7 +172,10 @@ def chroot_inputs(suite: str, mirror: str, packages: tuple[str, ...] = BASE_PACK
 def mmdebstrap_argv(suite: str, target: Path, mirror: str, packages: tuple[str, ...],
                     forced: tuple[str, ...] = FORCE_DEPENDS_PACKAGES) -> list[str]:
     """The mmdebstrap command line; forced packages are downloaded and `dpkg --force-depends -i`-ed in a hook."""
-    argv = ["mmdebstrap", "--variant=apt", "--components=main", "--include=" + ",".join(packages)]
+    argv = ["mmdebstrap", "--variant=apt", "--components=main", "--include=" + ",".join(packages),
+            # sid's Release carries a Valid-Until a week ahead; a mirror snapshot older than that is refused
+            # without this (stable suites carry none, so it changes nothing for them).
+            '--aptopt=Acquire::Check-Valid-Until "false"']
     if forced:
         # The hook's shell text is a constant; package names reach it as "$@"-free literals checked below.
         for p in forced:
@@ -386,7 +400,8 @@ def forge(source: ForgeSource, *, fragment: Path | None = None, cert: Path | Non
     cert_path = cert.expanduser().resolve() if cert is not None else ensure_lab_key(cache)[1]
     cert_pem = _cert_pem(cert_path)
 
-    chroot = ensure_chroot(source.suite, extra_packages=(source.package,), mirror=mirror, cache_dir=cache,
+    chroot = ensure_chroot(source.suite, extra_packages=(source.package, *klp_build_packages(source.version)),
+                           mirror=mirror, cache_dir=cache,
                            progress=say)
     pkg_version = chroot.package_version(source.package)
     inputs = {"format": FORMAT_VERSION, "arch": "x86_64", "suite": source.suite, "version": source.version,
