@@ -28,7 +28,7 @@ from kpipe.recipes.schema import (
     KeyPath,
     _check_schema,
 )
-from kpipe.recipes.select import select_builder
+from kpipe.recipes.select import klp_build_refusal, select_builder
 
 if TYPE_CHECKING:  # kpipe.builder imports the recipes
     from kpipe.builder.spec import BuildSpec
@@ -204,6 +204,10 @@ def _build_spec(ws: Workspace, recipe: Recipe, entry: KernelEntry, probs: _Probl
 
     choice = select_builder(norm["builder"], kernel, entry)
     builder = choice.builder
+    if builder == "klp-build" and (refusal := klp_build_refusal(kernel, entry)):
+        probs.error(("builder",), f"klp-build cannot build for {entry.release}: {refusal}",
+                    "use `builder: kpatch-build`, or `builder: auto` to pick per kernel")
+        return None
     section_name = {"kpatch-build": "kpatch", "klp-build": "klp"}.get(builder, "kbuild")
     section = norm[section_name]
     if builder == "klp-build" and norm["builder"] == "auto":

@@ -56,6 +56,18 @@ def capable_builder(kernel: KernelRelease, entry: KernelEntry) -> BuilderChoice:
                                       f"(expected to carry {KLP_BUILD_IN_TREE})")
 
 
+def klp_build_refusal(kernel: KernelRelease, entry: KernelEntry) -> str:
+    """Why klp-build cannot build for this kernel ('' when it can, or when its tree is not visible here)."""
+    since = ".".join(str(v) for v in KLP_BUILD_SINCE)
+    if len(kernel.version) >= 2 and kernel.major_minor < KLP_BUILD_SINCE:
+        return f"Linux {kernel.major_minor[0]}.{kernel.major_minor[1]} predates klp-build (in-tree since {since})"
+    if not entry.source:
+        return "its kernel entry names no source tree (klp-build runs in the built tree: set `source`)"
+    if tree_has_klp_build(entry.source) is False:
+        return f"its tree {entry.source} has no {KLP_BUILD_IN_TREE}"
+    return ""
+
+
 def select_builder(recipe_builder: str, kernel: KernelRelease, entry: KernelEntry) -> BuilderChoice:
     """The builder a recipe uses for one kernel: the recipe's own, else (auto) the entry's, else by capability."""
     if recipe_builder != "auto":
