@@ -193,6 +193,65 @@ def make_argv(targets: list[str], jobs: int, *, src: Path, extra: tuple[str, ...
     return ["make", "-C", str(src), "ARCH=x86_64", f"-j{max(1, jobs)}", *extra, *targets]
 
 
+# klp-build's own make variables for its original and patched kernels (build_kernel() in
+# scripts/livepatch/klp-build). Its make runs without ARCH (it refuses none, kpipe removes it), so the
+# forge's build of a klp-build tree does too: any difference in the command lines would make klp-build's
+# patched build recompile the whole tree.
+KLP_BUILD_MAKE_VARS = ("KBUILD_MODPOST_WARN=1", "KLP_SYMIDS=1", "KCFLAGS=-ffunction-sections -fdata-sections")
+KLP_TMP = "klp-tmp"  # klp-build's state folder in the tree; 1-orig holds its original build
+
+
+def klp_make_argv(targets: list[str], jobs: int, *, src: Path) -> list[str]:
+    """The forge's build of a tree that carries klp-build: klp-build's own flags, so its original build is this."""
+    return ["make", "-C", str(src), f"-j{max(1, jobs)}", *KLP_BUILD_MAKE_VARS, *targets]
+
+
+def klp_orig_objects(src: Path) -> list[str]:
+    """What klp-build's copy_orig_objects() keeps of a built tree: vmlinux.o and each module's .o, relative.
+
+    Its find(1): vmlinux.o at the root and every *.ko below it (not root-level ones), pruning klp-tmp and .git;
+    a module's object is its path with the first `.ko` replaced by `.o`.
+    """
+    out: list[str] = []
+    if (src / "vmlinux.o").is_file():
+        out.append("vmlinux.o")
+    for dirpath, dirnames, filenames in os.walk(src):
+        here = Path(dirpath)
+        if here == src:
+            dirnames[:] = [d for d in dirnames if d not in (KLP_TMP, ".git")]
+            continue
+        for name in filenames:
+            if name.endswith(".ko"):
+                rel = str((here / name).relative_to(src))
+                out.append(rel.replace(".ko", ".o", 1))
+    return sorted(out)
+
+
+def prime_klp_tmp(src: Path, note: str) -> int:
+    """Lay the tree's fresh build out as klp-build's completed original build (<tree>/klp-tmp/1-orig).
+
+    klp-build --short-circuit patched then starts from this build instead of `make clean` and a second full
+    build; the layout is copy_orig_objects()'s: the objects, vmlinux, build.log, klp-tmp/timestamp (objects of
+    the patched build must be newer) and 1-orig/.complete. Returns the number of objects copied.
+    """
+    tmp = src / KLP_TMP
+    orig = tmp / "1-orig"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    orig.mkdir(parents=True)
+    objects = klp_orig_objects(src)
+    for rel in objects:
+        if not (src / rel).is_file():
+            raise KpipeError(f"the forged tree has no {rel} for klp-build's original build")
+        (orig / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(src / rel, orig / rel)
+    shutil.copy2(src / "vmlinux", orig / "vmlinux")
+    (orig / "build.log").write_text(note + "\n")
+    (tmp / "timestamp").touch()
+    (orig / ".complete").touch()
+    return len(objects)
+
+
 def localversion(key: str) -> str:
     """The forge's LOCALVERSION: the key's first 8 hex digits, so each input set has its own release."""
     return f"-kforge-{key[:8]}"
@@ -408,6 +467,8 @@ def forge(source: ForgeSource, *, fragment: Path | None = None, cert: Path | Non
               "package_version": pkg_version, "chroot": chroot.key,
               "fragment_sha256": hashlib.sha256(frag_text.encode()).hexdigest(),
               "cert_sha256": hashlib.sha256(cert_pem).hexdigest()}
+    if klp_build_packages(source.version):  # only then: older kernels keep their key
+        inputs["build"] = "klp-build-flags"
     key = forge_key(inputs)
     kdir = kernels_dir(cache)
     folder = kdir / f"{source.version}-{key[:16]}"
@@ -464,9 +525,15 @@ def _build(chroot: Chroot, source: ForgeSource, pkg_version: str, frag: dict[str
         raise ConfigError(f"the fragment's options did not survive olddefconfig: {', '.join(dropped[:6])}"
                           + (f" and {len(dropped) - 6} more" if len(dropped) > 6 else ""),
                           hint="add the options they depend on to the fragment (see `make menuconfig` help)")
+    klp = inputs.get("build") == "klp-build-flags"
     say(f"building {source.package} {pkg_version}: vmlinux bzImage modules (-j{njobs}, nice {NICE}, "
-        "the suite's gcc)")
-    step("build", make_argv(["vmlinux", "bzImage", "modules"], njobs, src=src))
+        f"the suite's gcc{', klp-build flags' if klp else ''})")
+    if klp:
+        # The kernel the lab boots is klp-build's original build (this tree's linker script places
+        # -ffunction-sections/-fdata-sections output, .bss.* included, where a normal build puts it).
+        step("build", klp_make_argv(["vmlinux", "bzImage", "modules"], njobs, src=src))
+    else:
+        step("build", make_argv(["vmlinux", "bzImage", "modules"], njobs, src=src))
     # Written by the build from auto.conf (`make kernelrelease` before it lacks CONFIG_LOCALVERSION).
     release = release_of(src)
     if release is None:
@@ -484,6 +551,12 @@ def _build(chroot: Chroot, source: ForgeSource, pkg_version: str, frag: dict[str
     modules = folder / "modroot" / "lib" / "modules" / release
     modules.mkdir(parents=True, exist_ok=True)
     (modules / "modules.order").touch()
+    if klp:
+        t = time.monotonic()
+        flags = " ".join(KLP_BUILD_MAKE_VARS)
+        n = prime_klp_tmp(src, f"klp-tmp/1-orig primed by kpipe's forge from its build ({flags})")
+        times["klp_prime"] = round(time.monotonic() - t, 1)
+        say(f"klp-build's original build is this one: klp-tmp/1-orig primed ({n} objects)")
     gcc = step("gcc", ["gcc", "--version"], nice=0).splitlines()
     record = {**inputs, "key": key, "release": release, "source": str(source), "complete": True,
               "created_at": time.time(), "seconds": round(time.monotonic() - t0, 1), "steps": times,
