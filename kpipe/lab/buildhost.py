@@ -26,6 +26,7 @@ from kpipe.lab.chroot import enter_argv
 from kpipe.lab.forge import (
     DEFAULT_MIRROR,
     FORCE_DEPENDS_PACKAGES,
+    NICE,
     Progress,
     ensure_chroot,
     kernels_dir,
@@ -227,7 +228,9 @@ class BuildHostChroot:
             p = port or free_port()
             cfg = self.folder / "sshd_config"
             cfg.write_text(sshd_config(self.folder, p))
-            argv = enter_argv(chroot.root, [SSHD, "-D", "-e", "-f", str(cfg)], (self.folder, kdir, *exposed))
+            # niced like the forge: builds run through this sshd on a machine others share
+            argv = enter_argv(chroot.root, [SSHD, "-D", "-e", "-f", str(cfg)], (self.folder, kdir, *exposed),
+                              nice=NICE)
             with open(self.folder / "sshd.log", "ab") as log:  # sshd keeps its own copy of the descriptor
                 proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True)
             state = {"pid": proc.pid, "port": p, "suite": suite, "root": str(chroot.root), "kernels": str(kdir),
