@@ -136,6 +136,19 @@ def test_a_7_x_tree_without_klp_build_falls_back_to_kpatch_build(tmp_path):
     assert select_builder("auto", *_entry("7.2.13-kforge-1")).builder == "kpatch-build"  # no tree named
 
 
+def test_klp_build_is_x86_64_only(tmp_path):
+    tree = tmp_path / "src"
+    (tree / "scripts" / "livepatch").mkdir(parents=True)
+    (tree / "scripts" / "livepatch" / "klp-build").write_text("#!/bin/bash\n")
+    kernel, entry = _entry("7.2.13-kforge-1", str(tree))
+    from dataclasses import replace
+
+    arm = replace(kernel, arch="aarch64")
+    assert capable_builder(kernel, entry).builder == "klp-build"
+    choice = capable_builder(arm, entry)
+    assert choice.builder == "kpatch-build" and "does not support aarch64" in choice.why
+
+
 def test_klp_build_recipe_for_a_kernel_older_than_6_19_is_refused_with_file_and_line(ws):
     _recipe(ws, "klp", """\
         kernels: ["*-kforge-*"]

@@ -16,6 +16,7 @@ from kpipe.settings import KernelEntry
 KLP_BUILD_SINCE = (6, 19)  # the first release with scripts/livepatch/klp-build (kpipe.lab.forge says the same)
 KLP_BUILD_IN_TREE = "scripts/livepatch/klp-build"
 PATCH_BUILDERS = ("kpatch-build", "klp-build")
+KLP_BUILD_ARCHES = ("x86_64",)  # the arches that select HAVE_KLP_BUILD (Linux 7.2: x86_64 only)
 
 
 @dataclass(frozen=True)
@@ -42,6 +43,9 @@ def capable_builder(kernel: KernelRelease, entry: KernelEntry) -> BuilderChoice:
     since = ".".join(str(v) for v in KLP_BUILD_SINCE)
     if len(kernel.version) < 2 or kernel.major_minor < KLP_BUILD_SINCE:
         return BuilderChoice("kpatch-build", f"Linux {ver} predates klp-build (in-tree since {since})")
+    if kernel.arch not in ("", "unknown", *KLP_BUILD_ARCHES):
+        return BuilderChoice("kpatch-build", f"klp-build does not support {kernel.arch} (only "
+                                             f"{', '.join(KLP_BUILD_ARCHES)})")
     has = tree_has_klp_build(entry.source)
     if has is True:
         return BuilderChoice("klp-build", f"Linux {ver} >= {since} and its tree {entry.source} carries "
@@ -61,6 +65,8 @@ def klp_build_refusal(kernel: KernelRelease, entry: KernelEntry) -> str:
     since = ".".join(str(v) for v in KLP_BUILD_SINCE)
     if len(kernel.version) >= 2 and kernel.major_minor < KLP_BUILD_SINCE:
         return f"Linux {kernel.major_minor[0]}.{kernel.major_minor[1]} predates klp-build (in-tree since {since})"
+    if kernel.arch not in ("", "unknown", *KLP_BUILD_ARCHES):
+        return f"klp-build does not support {kernel.arch} (only {', '.join(KLP_BUILD_ARCHES)})"
     if not entry.source:
         return "its kernel entry names no source tree (klp-build runs in the built tree: set `source`)"
     if tree_has_klp_build(entry.source) is False:
