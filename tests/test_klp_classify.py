@@ -24,11 +24,18 @@ TABLE: dict[str, tuple[str, str, str, str]] = {
     "short-circuit-without-tmp": ("environment", "-S 2 requires completed", "klp-tmp/1-orig", "earlier run"),
     "livepatch-disabled": ("kernel-config", "CONFIG_LIVEPATCH not enabled", "CONFIG_LIVEPATCH not enabled",
                            "configuration does not allow"),
+    # on the forged tree, from its original build (--short-circuit 2)
+    "no-functional-change": ("patch", "no changes detected", "no changes detected", "changes no compiled object"),
+    "changed-data": ("diff", "changed data: warncount.0", "objtool klp diff failed", "static local"),
 }
 
 
 def _log(case: str) -> str:
     return (DATA / f"{case}.log").read_text()
+
+
+def _steps(case: str) -> list[str]:
+    return [m.step for m in (KlpBuilder().milestone(ln) for ln in _log(case).splitlines()) if m]
 
 
 def _failure_logs() -> set[str]:
@@ -59,6 +66,18 @@ def test_the_patch_tools_words_are_shown_with_a_patch_that_does_not_apply():
     assert any("Hunk #1 FAILED" in line for line in c.lines), c.lines
 
 
-def test_milestones_of_a_real_failed_run_stop_where_the_tool_stopped():
-    steps = [m.step for m in (KlpBuilder().milestone(ln) for ln in _log("patch-does-not-apply").splitlines()) if m]
-    assert steps == ["validating-patches"]
+def test_milestones_of_real_failed_runs_stop_where_the_tool_stopped():
+    assert _steps("patch-does-not-apply") == ["validating-patches"]
+    assert _steps("no-functional-change") == ["validating-patches", "fixing-patches", "building-patched",
+                                              "copying-patched"]
+    assert _steps("changed-data")[-2:] == ["checksums", "diffing"]
+
+
+def test_milestones_of_a_real_successful_run():
+    text = _log("success")
+    assert "[exit 0]" in text and "vmlinux.o: changed function: cmdline_proc_show" in text
+    assert _steps("success") == ["validating-patches", "fixing-patches", "building-patched", "copying-patched",
+                                 "checksums", "checksums", "diffing", "changed-function", "building-module",
+                                 "success"]
+    shown = [m.text for m in (KlpBuilder().milestone(ln) for ln in text.splitlines()) if m]
+    assert shown[-3] == "vmlinux.o: changed function: cmdline_proc_show"
