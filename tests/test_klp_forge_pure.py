@@ -14,6 +14,7 @@ def test_klp_build_packages_only_for_kernels_that_carry_it():
     pkgs = forge.klp_build_packages("7.2")
     assert "libxxhash-dev" in pkgs and "patchutils" in pkgs  # objtool klp, klp-build's recountdiff
     assert forge.klp_build_packages("6.19") == pkgs
+    assert forge.klp_build_packages("7.2", "aarch64") == ()  # only x86_64 selects HAVE_KLP_BUILD
 
 
 def test_sid_chroots_accept_a_release_file_past_its_valid_until():

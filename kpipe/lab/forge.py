@@ -91,14 +91,17 @@ def parse_source(text: str) -> ForgeSource:
     return ForgeSource(m.group(1), m.group(2))
 
 
-def klp_build_packages(version: str) -> tuple[str, ...]:
-    """Chroot packages klp-build needs on a kernel that carries it (>= 6.19); none for older ones.
+def klp_build_packages(version: str, arch: str = "x86_64") -> tuple[str, ...]:
+    """Chroot packages klp-build needs on a kernel that carries it (>= 6.19, x86_64); none otherwise.
 
     objtool builds its `klp` subcommand only when libxxhash is found (pkg-config), and klp-build refuses to
     start without recountdiff (patchutils). Older kernels keep their chroot (and so their cache key) unchanged.
     """
     major, minor = (int(x) for x in version.split(".")[:2])
-    return ("libxxhash-dev", "pkgconf", "patchutils") if (major, minor) >= KLP_BUILD_SINCE else ()
+    # Only x86_64 selects HAVE_KLP_BUILD (Linux 7.2): other arches keep their chroot and cache key.
+    if arch != "x86_64" or (major, minor) < KLP_BUILD_SINCE:
+        return ()
+    return ("libxxhash-dev", "pkgconf", "patchutils")
 
 
 def parse_config(text: str) -> dict[str, str]:
@@ -467,7 +470,7 @@ def forge(source: ForgeSource, *, fragment: Path | None = None, cert: Path | Non
               "package_version": pkg_version, "chroot": chroot.key,
               "fragment_sha256": hashlib.sha256(frag_text.encode()).hexdigest(),
               "cert_sha256": hashlib.sha256(cert_pem).hexdigest()}
-    if klp_build_packages(source.version):  # only then: older kernels keep their key
+    if klp_build_packages(source.version, str(inputs["arch"])):  # only then: other kernels keep their key
         inputs["build"] = "klp-build-flags"
     key = forge_key(inputs)
     kdir = kernels_dir(cache)
