@@ -16,6 +16,7 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -94,7 +95,9 @@ def kws(tmp_path_factory, klp_buildhost, klp_forged: ForgedKernel) -> Path:
 @pytest.fixture(scope="module")
 def built(kws: Path, klp_forged: ForgedKernel) -> dict:
     t = time.monotonic()
-    r = kp(kws, "build", "--recipe", RECIPE, "--kernel", klp_forged.release, "--host", HOST, "--json",
+    # --force: the build host keeps finished builds, and a new workspace would collect one of the same
+    # inputs instead of running klp-build; this one must run it
+    r = kp(kws, "build", "--recipe", RECIPE, "--kernel", klp_forged.release, "--host", HOST, "--force", "--json",
            timeout=7200)
     TIMINGS["klp_build"] = time.monotonic() - t
     [res] = json.loads(r.stdout)
@@ -117,6 +120,7 @@ def test_recipe_render_picks_klp_build_for_the_forged_7_x_kernel(kws, klp_forged
 def test_kpipe_build_runs_the_real_klp_build_over_ssh(built, kws, klp_forged, klp_buildhost):
     assert built["status"] == "built", built
     assert built["host"] == HOST and built["module_name"] == MODULE
+    assert not built["reattached"]  # klp-build ran now, not an earlier run collected
     art = json.loads(kp(kws, "artifacts", "show", built["artifact_id"], "--json").stdout)
     argv = art["meta"]["argv"] if "meta" in art else art["argv"]
     remote = built["remote_dir"]
@@ -244,3 +248,41 @@ def test_rollout_verify_audit_rollback_on_forged_7_x_vms(built, preflighted, kws
     for vm in vms:
         left = kp(kws, "lab", "ssh", vm, "--", "sh", "-c", "ls /sys/kernel/livepatch; true", timeout=120).stdout
         assert "livepatch_cmdline_klp" not in left, vm
+
+
+def _alive_in_chroot(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # the chroot shares this PID namespace
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def test_a_sigkilled_kpipe_leaves_klp_build_running_and_a_rerun_reattaches(built, kws, klp_forged):
+    args = ["build", "--recipe", RECIPE, "--kernel", klp_forged.release, "--host", HOST, "--force"]
+    proc = subprocess.Popen([sys.executable, "-m", "kpipe", "-W", str(kws), *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, cwd=kws, env={**os.environ, "COLUMNS": "200"})
+    seen: list[str] = []
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            seen.append(line)
+            if "Building patched kernel" in line:  # klp-build's own status line, followed live
+                break
+        else:
+            pytest.fail(f"klp-build never reached its patched build: {''.join(seen)[-3000:]}")
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    started = next(line for line in seen if f"started on {HOST}" in line)
+    pid = int(started.rsplit("(pid ", 1)[1].split(")")[0])
+    assert _alive_in_chroot(pid), "klp-build died with kpipe"
+    r = kp(kws, *args, "--json", timeout=1800)
+    [res] = json.loads(r.stdout)
+    assert res["status"] == "built" and res["reattached"] and res["pid"] == pid, res
+    assert "reattached to the running build" in r.stderr
+    log = kp(kws, "artifacts", "log", res["artifact_id"]).stdout
+    assert log.count("Validating patch(es)") == 1 and "SUCCESS" in log  # one klp-build run, followed twice
