@@ -98,6 +98,11 @@ class ForgedKernel:
             return None
 
 
+def _tree_builder(tree: Path) -> str:
+    """klp-build when the forged tree carries it (Linux >= 6.19), else kpatch-build."""
+    return "klp-build" if (tree / "scripts" / "livepatch" / "klp-build").is_file() else "kpatch-build"
+
+
 def kernels_dir(cache_dir: Path | None = None) -> Path:
     """Where forged kernels live (bind-mounted at the same path into chroots)."""
     return (cache_dir or default_cache_dir()) / "kernels"
@@ -133,6 +138,6 @@ def forged_kernel_entries(cache_dir: Path | None = None) -> list[KernelEntry]:
         symbols = tuple(str(p) for p in (k.vmlinux, k.symvers) if p.is_file())
         out.append(KernelEntry(release=k.release, arch=k.arch, distro="debian", source=str(k.tree),
                                vmlinux=str(k.vmlinux), config=str(k.config), headers=str(k.tree),
-                               builder="kpatch-build", symbols=symbols, sig_hash="sha256",
+                               builder=_tree_builder(k.tree), symbols=symbols, sig_hash="sha256",
                                options={"forged": k.source}))
     return out

@@ -24,7 +24,8 @@ from kpipe.taint import TAINT_LETTERS
 
 # Enums. Mirrors of constants whose modules are slow to import (kpipe.recipes, cryptography);
 # tests/test_truth_config.py checks they stay equal to the originals.
-BUILDERS = ("kpatch-build", "kbuild")  # kpipe.recipes.schema.BUILDERS
+# A kernel entry's default builder (kpipe.recipes.select); the same names as kpipe.recipes.schema.BUILDERS.
+BUILDERS = ("kpatch-build", "klp-build", "kbuild", "auto")
 SIGN_HASHES = ("sha224", "sha256", "sha384", "sha512")  # kpipe.elf.sign.HASHES (builtin signer)
 KERNEL_HASHES = ("sha1", "sha224", "sha256", "sha384", "sha512", "sm3")  # kpipe.elf.signature.KERNEL_HASHES
 SIGNER_TYPES = ("builtin", "command")

@@ -94,9 +94,11 @@ def safe_relpath(name: str) -> str:
 def get_builder(name: str) -> Builder:
     """The builder registered under name; ConfigError for an unknown one."""
     from kpipe.builder.kbuild import KbuildBuilder
+    from kpipe.builder.klp import KlpBuilder
     from kpipe.builder.kpatch import KpatchBuilder
 
-    builders: dict[str, Builder] = {"kpatch-build": KpatchBuilder(), "kbuild": KbuildBuilder()}
+    builders: dict[str, Builder] = {"kpatch-build": KpatchBuilder(), "klp-build": KlpBuilder(),
+                                    "kbuild": KbuildBuilder()}
     try:
         return builders[name]
     except KeyError:

@@ -2,7 +2,10 @@
 
 The messages are kpatch-build's and create-diff-object's; the ones of
 tests/data/kpatch-build/ are real logs of Debian trixie's kpatch-build 0.9.10
-(tests/test_classify_real.py). The prefix in front of them varies by version
+(tests/test_classify_real.py). klp-build's (`error: klp-build: ...`) and
+objtool klp's (`error: objtool: ...`) fall into the same categories; the ones
+of tests/data/klp-build/ are real logs of Linux 7.2's klp-build
+(tests/test_klp_classify.py). The prefix in front of them varies by version
 ("ERROR: ", "create-diff-object: ERROR: foo.o: ..."), so the rules match the
 message. Details come on stdout, the summary on stderr and the patch tool's
 words in $CACHEDIR/build.log: the log classified holds all three. A rule may
@@ -59,6 +62,14 @@ _INIT = ("the patch changes __init code (.init.text): it ran once at boot and it
 _DATA = ("the patch changes data, not code (an initialised global or a function's static local: .data.<name>): "
          "a live patch replaces functions, not values already in memory; keep the initial value and change it "
          "from code, or use a shadow variable or a pre-patch callback")
+_KLP_NOT_APPLIED = ("the patch does not apply to the kernel's source tree (patch(1)'s words are above): rebase it "
+                    "on this kernel's source; klp-build applies it with patch -p1 (fuzz only warns)")
+_KLP_NO_CHANGE = ("the patch changes no compiled object (a comment, whitespace, or a file this kernel's config "
+                  "does not build): klp-build found nothing to live-patch")
+_KLP_SHORT = ("klp-build's --short-circuit needs the klp-tmp folder of an earlier run on this tree (kept with "
+              "--keep-tmp): drop short_circuit from the recipe for the first build")
+_KLP_OBJTOOL = ("the kernel tree's objtool was built without its `klp` subcommand (libxxhash was missing): install "
+                "libxxhash-dev on the build host and rebuild the tree's tools/objtool")
 _GCC = ("the build host's gcc is not the one that built the kernel (both are shown above): build on a host "
         "with the kernel's own gcc (skip_compiler_check in the recipe overrides the check, not recommended)")
 
@@ -78,6 +89,22 @@ _RULES: tuple[tuple[str, re.Pattern[str], str], ...] = tuple((cat, re.compile(rx
     ("environment", r"can't find special struct \S+ size", _STRIPPED),
     ("environment", r"kpatch-build: (command )?not found|kpatch-build: No such file", ""),
     ("environment", r"make(\[\d+\])?: \*\*\* .*: No such file or directory\.\s+Stop\.", ""),
+    # klp-build (scripts/livepatch/klp-build): `error: klp-build: <message>`
+    ("environment", r"klp-build: objtool not built with KLP support", _KLP_OBJTOOL),
+    ("environment", r"klp-build: recountdiff not found|klp-build: can't find fix-patch-lines", ""),
+    ("environment", r"klp-build: please run from the kernel root directory", ""),
+    ("environment", r"klp-build: no \.config file in", ""),
+    ("environment", r"klp-build: --short-circuit requires|klp-build: -S \d requires completed", _KLP_SHORT),
+    ("environment", r"this script requires bash 4\.4\+", ""),
+    ("kernel-config", r"klp-build: CONFIG_(LIVEPATCH|KLP_BUILD) not enabled", ""),
+    ("kernel-config", r"klp-build: \.config mismatch", ""),
+    ("patch", r"klp-build: \S+ did not apply", _KLP_NOT_APPLIED),
+    ("patch", r"klp-build: no changes detected", _KLP_NO_CHANGE),
+    ("patch", r"klp-build: \S+: unsupported patch to ", ""),
+    ("patch", r"klp-build: \S+ doesn't exist", ""),
+    # objtool klp diff / post-link: `<file>: error: objtool: <message>`
+    ("diff", r"error: objtool: changed data: ", _DATA),
+    ("diff", r"error: objtool: .*unsupported static (branch|call) key", ""),
     ("kernel-config", r"kernel doesn't have '?CONFIG_DEBUG_INFO'? enabled", ""),
     ("kernel-config", r"kernel option '?CONFIG_[A-Z0-9_]+'? not supported", ""),
     ("kernel-config", r"The kernel doesn't support klp replace", ""),
@@ -108,13 +135,14 @@ _RULES: tuple[tuple[str, re.Pattern[str], str], ...] = tuple((cat, re.compile(rx
 # they may come first in the log) and decide only when no specific message is there.
 _SUMMARY_RULES: tuple[tuple[str, re.Pattern[str], str], ...] = tuple((cat, re.compile(rx), hint) for cat, rx, hint in (
     ("diff", r"unreconcilable difference", ""),
+    ("diff", r"klp-build: objtool klp diff failed|klp-build: objtool klp post-link failed", ""),
     ("diff", r"\d+ unsupported section change\(s\)", ""),
 ))
 
 # Lines shown with the deciding line: the tool's own summary and compiler errors.
 # kpatch-build prints both compilers after a mismatch; patch(1) writes which hunk failed to build.log.
-_CONTEXT = re.compile(r"(^ERROR: |: ERROR: |error\(s\) encountered|: error: |\*\*\* \[|^(gcc|clang|kernel) "
-                      r"version: |^Hunk #\d+ FAILED|^\d+ out of \d+ hunks? FAILED)")
+_CONTEXT = re.compile(r"(^ERROR: |: ERROR: |^error: klp-build: |: error: objtool: |error\(s\) encountered|: error: "
+                      r"|\*\*\* \[|^(gcc|clang|kernel) version: |^Hunk #\d+ FAILED|^\d+ out of \d+ hunks? FAILED)")
 
 
 @dataclass(frozen=True)

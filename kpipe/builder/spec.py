@@ -46,7 +46,7 @@ class BuildSpec:
     recipe_file: Path
     kernel: KernelRelease
     kernel_entry: KernelEntry
-    builder: str  # "kpatch-build" | "kbuild"
+    builder: str  # "kpatch-build" | "klp-build" | "kbuild" (an `auto` recipe's choice for this kernel)
     module_name: str  # as the builder will name it (kernel's module name uses '_' for '-')
     patches: tuple[PatchFile, ...] = ()
     sources: tuple[SourceFile, ...] = ()
@@ -58,6 +58,7 @@ class BuildSpec:
     stream: str = ""  # the patch stream (default: the recipe's name)
     version: int = 1  # the version within the stream
     replace: bool = True  # klp replace mode: a loaded patch of this build supersedes every other one
+    builder_reason: str = ""  # why this builder (kpipe.recipes.select); not an input of the build
 
     def inputs_digest(self, builder_version: str = "") -> str:
         """sha256 over everything that determines the build's output (the build cache key)."""
@@ -80,6 +81,7 @@ class BuildSpec:
             "recipe_file": str(self.recipe_file),
             "kernel": self.kernel.to_dict(),
             "builder": self.builder,
+            "builder_reason": self.builder_reason,
             "module_name": self.module_name,
             "patches": [{"name": p.name, "sha256": p.sha256} for p in self.patches],
             "sources": [{"name": s.name, "text": s.text} for s in self.sources],

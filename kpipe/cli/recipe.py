@@ -269,7 +269,7 @@ def _print_render(spec: BuildSpec, data: dict[str, Any], argv: list[str], argv_n
         ("recipe", f"{spec.recipe}  ({spec.recipe_file})"),
         ("description", data["description"]),
         ("kernel", f"{k.release}  ({k.distro}, {k.arch}, {'.'.join(map(str, k.version))})"),
-        ("builder", spec.builder),
+        ("builder", spec.builder + (f"  ({spec.builder_reason})" if spec.builder_reason else "")),
         ("argv", shlex.join(argv) + (f"  ({argv_note})" if argv_note else "")),
         ("module", f"{spec.module_name}.ko  (sysfs: {spec.module_name.replace('-', '_')})"),
         ("recipe options", ", ".join(f"{a}={_value(b)}" for a, b in recipe_opts.items()) or "-"),

@@ -23,7 +23,15 @@ from typing import Any
 
 from kpipe.errors import ConfigError, KpipeError
 from kpipe.lab.chroot import enter_argv
-from kpipe.lab.forge import DEFAULT_MIRROR, FORCE_DEPENDS_PACKAGES, Progress, ensure_chroot, kernels_dir
+from kpipe.lab.forge import (
+    DEFAULT_MIRROR,
+    FORCE_DEPENDS_PACKAGES,
+    NICE,
+    Progress,
+    ensure_chroot,
+    kernels_dir,
+    klp_build_packages,
+)
 
 SSHD = "/usr/sbin/sshd"
 
@@ -197,7 +205,7 @@ class BuildHostChroot:
         if self.running():
             raise ConfigError(f"a build host is already running from {self.folder}",
                               hint="run `kpipe lab buildhost down` first")
-        extra = packages if packages is not None else (f"linux-source-{version}",)
+        extra = packages if packages is not None else (f"linux-source-{version}", *klp_build_packages(version))
         chroot = ensure_chroot(suite, extra_packages=extra, mirror=mirror, cache_dir=cache_dir, progress=say,
                                forced=forced)
         if not (chroot.root / SSHD.lstrip("/")).is_file():
@@ -220,7 +228,9 @@ class BuildHostChroot:
             p = port or free_port()
             cfg = self.folder / "sshd_config"
             cfg.write_text(sshd_config(self.folder, p))
-            argv = enter_argv(chroot.root, [SSHD, "-D", "-e", "-f", str(cfg)], (self.folder, kdir, *exposed))
+            # niced like the forge: builds run through this sshd on a machine others share
+            argv = enter_argv(chroot.root, [SSHD, "-D", "-e", "-f", str(cfg)], (self.folder, kdir, *exposed),
+                              nice=NICE)
             with open(self.folder / "sshd.log", "ab") as log:  # sshd keeps its own copy of the descriptor
                 proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True)
             state = {"pid": proc.pid, "port": p, "suite": suite, "root": str(chroot.root), "kernels": str(kdir),

@@ -73,6 +73,7 @@ NICE = 10
 BASE_PACKAGES = ("build-essential", "bc", "bison", "flex", "libelf-dev", "libssl-dev", "openssl", "cpio", "kmod",
                  "xz-utils", "gawk", "patch", "python3", "openssh-server")
 FORCE_DEPENDS_PACKAGES = ("kpatch-build",)
+KLP_BUILD_SINCE = (6, 19)  # the first release with scripts/livepatch/klp-build and `objtool klp`
 LAB_CERT_NAME = "kpipe-lab-cert.pem"  # inside the kernel tree's certs/
 
 Progress = Callable[[str], None]
@@ -106,6 +107,19 @@ def parse_source(text: str) -> ForgeSource:
         raise ConfigError(f"--source {text!r} is not debian:<suite>/<version>",
                           hint="e.g. debian:trixie/6.12 (the suite must ship linux-source-<version>)")
     return ForgeSource(m.group(1), m.group(2))
+
+
+def klp_build_packages(version: str, arch: str = "x86_64") -> tuple[str, ...]:
+    """Chroot packages klp-build needs on a kernel that carries it (>= 6.19, x86_64); none otherwise.
+
+    objtool builds its `klp` subcommand only when libxxhash is found (pkg-config), and klp-build refuses to
+    start without recountdiff (patchutils). Older kernels keep their chroot (and so their cache key) unchanged.
+    """
+    major, minor = (int(x) for x in version.split(".")[:2])
+    # Only x86_64 selects HAVE_KLP_BUILD (Linux 7.2): other arches keep their chroot and cache key.
+    if arch != "x86_64" or (major, minor) < KLP_BUILD_SINCE:
+        return ()
+    return ("libxxhash-dev", "pkgconf", "patchutils")
 
 
 def parse_config(text: str) -> dict[str, str]:
@@ -200,6 +214,65 @@ def make_argv(targets: list[str], jobs: int, *, src: Path, extra: tuple[str, ...
     """make in the kernel tree for arch (default x86_64) with -j jobs; CROSS_COMPILE= when the host differs."""
     make_vars = (arch or lab_arch("x86_64")).make_vars(host_machine)
     return ["make", "-C", str(src), *make_vars, f"-j{max(1, jobs)}", *extra, *targets]
+
+
+# klp-build's own make variables for its original and patched kernels (build_kernel() in
+# scripts/livepatch/klp-build). Its make runs without ARCH (it refuses none, kpipe removes it), so the
+# forge's build of a klp-build tree does too: any difference in the command lines would make klp-build's
+# patched build recompile the whole tree.
+KLP_BUILD_MAKE_VARS = ("KBUILD_MODPOST_WARN=1", "KLP_SYMIDS=1", "KCFLAGS=-ffunction-sections -fdata-sections")
+KLP_TMP = "klp-tmp"  # klp-build's state folder in the tree; 1-orig holds its original build
+
+
+def klp_make_argv(targets: list[str], jobs: int, *, src: Path) -> list[str]:
+    """The forge's build of a tree that carries klp-build: klp-build's own flags, so its original build is this."""
+    return ["make", "-C", str(src), f"-j{max(1, jobs)}", *KLP_BUILD_MAKE_VARS, *targets]
+
+
+def klp_orig_objects(src: Path) -> list[str]:
+    """What klp-build's copy_orig_objects() keeps of a built tree: vmlinux.o and each module's .o, relative.
+
+    Its find(1): vmlinux.o at the root and every *.ko below it (not root-level ones), pruning klp-tmp and .git;
+    a module's object is its path with the first `.ko` replaced by `.o`.
+    """
+    out: list[str] = []
+    if (src / "vmlinux.o").is_file():
+        out.append("vmlinux.o")
+    for dirpath, dirnames, filenames in os.walk(src):
+        here = Path(dirpath)
+        if here == src:
+            dirnames[:] = [d for d in dirnames if d not in (KLP_TMP, ".git")]
+            continue
+        for name in filenames:
+            if name.endswith(".ko"):
+                rel = str((here / name).relative_to(src))
+                out.append(rel.replace(".ko", ".o", 1))
+    return sorted(out)
+
+
+def prime_klp_tmp(src: Path, note: str) -> int:
+    """Lay the tree's fresh build out as klp-build's completed original build (<tree>/klp-tmp/1-orig).
+
+    klp-build --short-circuit patched then starts from this build instead of `make clean` and a second full
+    build; the layout is copy_orig_objects()'s: the objects, vmlinux, build.log, klp-tmp/timestamp (objects of
+    the patched build must be newer) and 1-orig/.complete. Returns the number of objects copied.
+    """
+    tmp = src / KLP_TMP
+    orig = tmp / "1-orig"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    orig.mkdir(parents=True)
+    objects = klp_orig_objects(src)
+    for rel in objects:
+        if not (src / rel).is_file():
+            raise KpipeError(f"the forged tree has no {rel} for klp-build's original build")
+        (orig / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(src / rel, orig / rel)
+    shutil.copy2(src / "vmlinux", orig / "vmlinux")
+    (orig / "build.log").write_text(note + "\n")
+    (tmp / "timestamp").touch()
+    (orig / ".complete").touch()
+    return len(objects)
 
 
 def localversion(key: str) -> str:
@@ -413,15 +486,20 @@ def forge(source: ForgeSource, *, arch: str = "x86_64", fragment: Path | None = 
     cert_path = cert.expanduser().resolve() if cert is not None else ensure_lab_key(cache)[1]
     cert_pem = _cert_pem(cert_path)
 
-    # A cross build needs the suite's cross gcc in the chroot (a chroot of its own: another package set).
+    # A cross build needs the suite's cross gcc in the chroot (a chroot of its own: another package set);
+    # a kernel that carries klp-build needs that tool's build dependencies (x86_64 only).
     cross = (larch.cross_package,) if larch.needs_cross() else ()
-    chroot = ensure_chroot(source.suite, extra_packages=(source.package, *cross), mirror=mirror, cache_dir=cache,
+    chroot = ensure_chroot(source.suite,
+                           extra_packages=(source.package, *cross, *klp_build_packages(source.version, larch.name)),
+                           mirror=mirror, cache_dir=cache,
                            progress=say)
     pkg_version = chroot.package_version(source.package)
     inputs = {"format": FORMAT_VERSION, "arch": larch.name, "suite": source.suite, "version": source.version,
               "package_version": pkg_version, "chroot": chroot.key,
               "fragment_sha256": hashlib.sha256(frag_text.encode()).hexdigest(),
               "cert_sha256": hashlib.sha256(cert_pem).hexdigest()}
+    if klp_build_packages(source.version, str(inputs["arch"])):  # only then: other kernels keep their key
+        inputs["build"] = "klp-build-flags"
     key = forge_key(inputs)
     kdir = kernels_dir(cache)
     folder = kdir / f"{source.version}-{key[:16]}"
@@ -487,9 +565,15 @@ def _build(chroot: Chroot, source: ForgeSource, pkg_version: str, frag: dict[str
                           hint="add the options they depend on to the fragment (see `make menuconfig` help)")
     gcc_name = f"{larch.cross_prefix}gcc" if larch.needs_cross() else "gcc"
     built = ["vmlinux", *target.image_targets, "modules"]
+    klp = inputs.get("build") == "klp-build-flags"
     say(f"building {source.package} {pkg_version} for {larch.name}: {' '.join(built)} (-j{njobs}, nice {NICE}, "
-        f"the suite's {gcc_name})")
-    step("build", make(built, njobs))
+        f"the suite's {gcc_name}{', klp-build flags' if klp else ''})")
+    if klp:
+        # The kernel the lab boots is klp-build's original build (this tree's linker script places
+        # -ffunction-sections/-fdata-sections output, .bss.* included, where a normal build puts it).
+        step("build", klp_make_argv(built, njobs, src=src))
+    else:
+        step("build", make(built, njobs))
     # Written by the build from auto.conf (`make kernelrelease` before it lacks CONFIG_LOCALVERSION).
     release = release_of(src)
     if release is None:
@@ -506,6 +590,12 @@ def _build(chroot: Chroot, source: ForgeSource, pkg_version: str, frag: dict[str
     modules = folder / "modroot" / "lib" / "modules" / release
     modules.mkdir(parents=True, exist_ok=True)
     (modules / "modules.order").touch()
+    if klp:
+        t = time.monotonic()
+        flags = " ".join(KLP_BUILD_MAKE_VARS)
+        n = prime_klp_tmp(src, f"klp-tmp/1-orig primed by kpipe's forge from its build ({flags})")
+        times["klp_prime"] = round(time.monotonic() - t, 1)
+        say(f"klp-build's original build is this one: klp-tmp/1-orig primed ({n} objects)")
     gcc = step("gcc", [gcc_name, "--version"], nice=0).splitlines()
     record = {**inputs, "key": key, "release": release, "source": str(source), "complete": True,
               "created_at": time.time(), "seconds": round(time.monotonic() - t0, 1), "steps": times,

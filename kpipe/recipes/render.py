@@ -28,6 +28,7 @@ from kpipe.recipes.schema import (
     KeyPath,
     _check_schema,
 )
+from kpipe.recipes.select import klp_build_refusal, select_builder
 
 if TYPE_CHECKING:  # kpipe.builder imports the recipes
     from kpipe.builder.spec import BuildSpec
@@ -66,8 +67,9 @@ def predict_module_name(builder: str, recipe_name: str, patches: list[str], expl
         return versioned_module_name(explicit, version)
     if version is not None:
         return versioned_module_name(predict_module_name(builder, recipe_name, patches, None), version)
-    if builder == "kpatch-build" and patches:
-        # kpatch-build: livepatch-<first patch's basename without .patch/.diff>, sanitised
+    if builder in ("kpatch-build", "klp-build") and patches:
+        # kpatch-build: livepatch-<first patch's basename without .patch/.diff>, sanitised (kpipe passes
+        # klp-build the same name with --output)
         base = PurePosixPath(patches[0]).name
         for suffix in (".patch", ".diff"):
             if base.endswith(suffix):
@@ -200,11 +202,20 @@ def _build_spec(ws: Workspace, recipe: Recipe, entry: KernelEntry, probs: _Probl
         rel_name = str(path.relative_to(Path(ws.patches_dir).resolve()))
         patches.append(PatchFile(name=rel_name, path=path, sha256=hashlib.sha256(data).hexdigest()))
 
-    builder = norm["builder"]
-    section = norm["kpatch"] if builder == "kpatch-build" else norm["kbuild"]
+    choice = select_builder(norm["builder"], kernel, entry)
+    builder = choice.builder
+    if builder == "klp-build" and (refusal := klp_build_refusal(kernel, entry)):
+        probs.error(("builder",), f"klp-build cannot build for {entry.release}: {refusal}",
+                    "use `builder: kpatch-build`, or `builder: auto` to pick per kernel")
+        return None
+    section_name = {"kpatch-build": "kpatch", "klp-build": "klp"}.get(builder, "kbuild")
+    section = norm[section_name]
+    if builder == "klp-build" and norm["builder"] == "auto":
+        # one recipe, two backends: what both builders share may be written once, in `kpatch:`
+        section = {**{k: v for k, v in norm["kpatch"].items() if k in ("jobs", "module_name")}, **section}
     module = predict_module_name(builder, recipe.name, norm["patches"], section.get("module_name"), norm["version"])
     if len(module) > MODULE_NAME_MAX:
-        where = (("kpatch" if builder == "kpatch-build" else "kbuild"), "module_name")
+        where = (section_name, "module_name")
         probs.error(where if "module_name" in section else ("version",),
                     f"module name {module!r} is longer than {MODULE_NAME_MAX} characters",
                     "shorten `module_name:` (the stream version is appended as -vN)")
@@ -227,6 +238,13 @@ def _build_spec(ws: Workspace, recipe: Recipe, entry: KernelEntry, probs: _Probl
             builder_opts["module_name"] = module  # kpatch-build -n: the versioned name
         builder_opts.setdefault("skip_compiler_check", False)
         builder_opts.setdefault("targets", [])
+    elif builder == "klp-build":
+        if "jobs" in entry_opts and "jobs" not in section:
+            builder_opts["jobs"] = entry_opts["jobs"]  # the catalog's default for this kernel
+        builder_opts.update(section)
+        builder_opts["non_replace"] = not norm["replace"]  # klp-build --no-replace
+        if "module_name" in section or norm["version"] is not None:
+            builder_opts["module_name"] = module  # klp-build --output <name>.ko: the versioned name
     else:
         for i, src in enumerate(section.get("sources", [])):
             text = _render_file(env, ws, loader, src["template"], file_vars, probs,
@@ -251,7 +269,7 @@ def _build_spec(ws: Workspace, recipe: Recipe, entry: KernelEntry, probs: _Probl
                       expect_after_rollback=norm["probe"]["expect_after_rollback"])
     if probs.errors:
         return None
-    replace = (not builder_opts["non_replace"]) if builder == "kpatch-build" else norm["replace"]
+    replace = (not builder_opts["non_replace"]) if builder in ("kpatch-build", "klp-build") else norm["replace"]
     plain = {
         "name": recipe.name, "description": norm["description"], "builder": builder, "module_name": module,
         "stream": stream, "version": version, "replace": replace,
@@ -262,7 +280,7 @@ def _build_spec(ws: Workspace, recipe: Recipe, entry: KernelEntry, probs: _Probl
     return BuildSpec(recipe=recipe.name, recipe_file=recipe.file, kernel=kernel, kernel_entry=entry, builder=builder,
                      module_name=module, patches=tuple(patches), sources=tuple(sources), options=builder_opts,
                      signing=signing, rollout=norm["rollout"], probe=probe, rendered=plain, stream=stream,
-                     version=version, replace=replace)
+                     version=version, replace=replace, builder_reason=choice.why)
 
 
 def render(ws: Workspace, recipe_name: str, kernel_release: str) -> BuildSpec:

@@ -11,7 +11,9 @@ from kpipe.recipes.problems import _did_you_mean, _field, _Problems
 # Where a value sits in the recipe: ("kpatch", "make_args", 0).
 KeyPath = tuple[str | int, ...]
 
-BUILDERS = ("kpatch-build", "kbuild")
+BUILDERS = ("kpatch-build", "klp-build", "kbuild", "auto")
+# Builders that turn patches into a module; `auto` picks one of them per kernel (kpipe.recipes.select).
+PATCH_BUILDERS = ("kpatch-build", "klp-build")
 ROLLBACK_POLICIES = ("failed", "wave", "all")
 MODULE_NAME_MAX = 55  # the kernel's module name field is 56 bytes with the NUL (MODULE_NAME_LEN)
 MAX_RECIPE_BYTES = 1 << 20
@@ -34,13 +36,15 @@ _DURATION_RE = re.compile(r"(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:
 _NOT_RENDERED = ("name", "builder", "kernels", "options", "stream", "version", "replace")
 
 
-_TOP_KEYS = ("name", "description", "builder", "kernels", "patches", "options", "kpatch", "kbuild", "signing",
+_TOP_KEYS = ("name", "description", "builder", "kernels", "patches", "options", "kpatch", "klp", "kbuild", "signing",
              "rollout", "fixes", "stream", "version", "replace")
 VERSION_MAX = 1_000_000
 # Keys that identify a build (its stream, version and klp mode): never templates, so every kernel's
 # artifact of one recipe belongs to the same stream and version.
 _IDENTITY_KEYS = ("stream", "version", "replace")
 _KPATCH_KEYS = ("jobs", "non_replace", "targets", "skip_compiler_check", "module_name")
+_KLP_KEYS = ("jobs", "module_name", "short_circuit")
+_KLP_STEPS = ("orig", "patched", "checksum", "diff", "kmod")  # klp-build --short-circuit (kpipe.builder.klp)
 _KBUILD_KEYS = ("sources", "kbuild", "make_args", "module_name")
 _SOURCE_KEYS = ("template", "name")
 _SIGNING_KEYS = ("sign", "signer")
@@ -178,8 +182,9 @@ def _check_schema(data: dict[str, Any], probs: _Problems, *, rendered: bool) -> 
     builder = c.string(data, "builder", (), required=True)
     if isinstance(builder, str) and builder not in BUILDERS:
         probs.error(("builder",), f"builder {builder!r} is not one of {', '.join(BUILDERS)}",
-                    _did_you_mean(builder, BUILDERS) + "kpatch-build diffs a patched kernel tree; kbuild builds "
-                    "livepatch source against kernel headers")
+                    _did_you_mean(builder, BUILDERS) + "kpatch-build diffs a patched kernel tree; klp-build is "
+                    "the kernel's own (>= 6.19); auto picks one of them per kernel; kbuild builds livepatch source "
+                    "against kernel headers")
     out["builder"] = builder
     kernels = c.str_list(data, "kernels", (), required=True, nonempty=True) or []
     for i, pattern in enumerate(kernels):
@@ -194,21 +199,29 @@ def _check_schema(data: dict[str, Any], probs: _Problems, *, rendered: bool) -> 
     out["options"] = opts or {}
 
     kp = c.table(data, "kpatch", (), _KPATCH_KEYS)
+    kl = c.table(data, "klp", (), _KLP_KEYS)
     kb = c.table(data, "kbuild", (), _KBUILD_KEYS)
-    if builder == "kpatch-build":
+    if builder in PATCH_BUILDERS or builder == "auto":
         if not patches and "patches" not in data:
-            probs.error((), "a kpatch-build recipe needs `patches:`",
+            probs.error((), f"a {builder} recipe needs `patches:`",
                         "list the patch files under patches/, e.g. `patches: [fix.patch]`")
         elif not patches and isinstance(data.get("patches"), list):
-            probs.error(("patches",), "a kpatch-build recipe needs at least one patch",
+            probs.error(("patches",), f"a {builder} recipe needs at least one patch",
                         "list the patch files under patches/, e.g. `patches: [fix.patch]`")
         if kb is not None:
-            probs.error(("kbuild",), "`kbuild:` is set but the builder is kpatch-build",
+            probs.error(("kbuild",), f"`kbuild:` is set but the builder is {builder}",
                         "remove `kbuild:` or set `builder: kbuild`", key=True)
+    if builder == "kpatch-build" and kl is not None:
+        probs.error(("klp",), "`klp:` is set but the builder is kpatch-build",
+                    "remove `klp:` or set `builder: klp-build` (or `auto`)", key=True)
+    if builder == "klp-build" and kp is not None:
+        probs.error(("kpatch",), "`kpatch:` is set but the builder is klp-build",
+                    "remove `kpatch:` or set `builder: kpatch-build` (or `auto`)", key=True)
     if builder == "kbuild":
-        if kp is not None:
-            probs.error(("kpatch",), "`kpatch:` is set but the builder is kbuild",
-                        "remove `kpatch:` or set `builder: kpatch-build`", key=True)
+        for section, table in (("kpatch", kp), ("klp", kl)):
+            if table is not None:
+                probs.error((section,), f"`{section}:` is set but the builder is kbuild",
+                            f"remove `{section}:` or set `builder: auto`", key=True)
         if kb is None:
             probs.error((), "a kbuild recipe needs `kbuild:` with `sources:`",
                         "add kbuild: {sources: [{template: templates/x.c.j2, name: x.c}]}")
@@ -226,6 +239,22 @@ def _check_schema(data: dict[str, Any], probs: _Problems, *, rendered: bool) -> 
         kpatch["module_name"] = _module_name(c, kp, path, rendered)
         kpatch = {k: v for k, v in kpatch.items() if v is not None}
     out["kpatch"] = kpatch
+    klp: dict[str, Any] = {}
+    if kl is not None:
+        path = ("klp",)
+        klp["jobs"] = c.integer(kl, "jobs", path, minimum=1, maximum=4096)
+        klp["module_name"] = _module_name(c, kl, path, rendered)
+        sc = kl.get("short_circuit")
+        step_ok = (isinstance(sc, str) and sc in _KLP_STEPS) or (
+            isinstance(sc, int) and not isinstance(sc, bool) and 1 <= sc <= 5)
+        if sc is not None and not step_ok and (rendered or not _is_template(sc)):
+            probs.error(path + ("short_circuit",), f"klp.short_circuit {sc!r} is not a klp-build step",
+                        f"one of {', '.join(_KLP_STEPS)} (or 1-5); `patched` reuses the original kernel build of "
+                        "the last klp-build run on the same tree")
+            sc = None
+        klp["short_circuit"] = sc
+        klp = {k: v for k, v in klp.items() if v is not None}
+    out["klp"] = klp
     nr = kpatch.get("non_replace")
     if isinstance(nr, bool) and isinstance(out.get("replace"), bool) and "replace" in data and nr == out["replace"]:
         probs.error(("kpatch", "non_replace"), f"kpatch.non_replace: {str(nr).lower()} contradicts "
