@@ -98,9 +98,16 @@ class ForgedKernel:
             return None
 
 
-def _tree_builder(tree: Path) -> str:
-    """klp-build when the forged tree carries it (Linux >= 6.19), else kpatch-build."""
-    return "klp-build" if (tree / "scripts" / "livepatch" / "klp-build").is_file() else "kpatch-build"
+# The arches whose kernels select HAVE_KLP_BUILD (Linux 7.2: x86_64 only); kpipe.recipes.select uses it too.
+KLP_BUILD_ARCHES = ("x86_64",)
+
+
+def _tree_builder(tree: Path, arch: str) -> str:
+    """klp-build when the forged tree carries it (Linux >= 6.19) and the arch selects it, else kpatch-build.
+
+    Linux 7.2's arm64 tree carries scripts/livepatch/klp-build too, but only x86_64 selects HAVE_KLP_BUILD."""
+    carries = (tree / "scripts" / "livepatch" / "klp-build").is_file()
+    return "klp-build" if carries and arch in KLP_BUILD_ARCHES else "kpatch-build"
 
 
 def kernels_dir(cache_dir: Path | None = None) -> Path:
@@ -138,6 +145,6 @@ def forged_kernel_entries(cache_dir: Path | None = None) -> list[KernelEntry]:
         symbols = tuple(str(p) for p in (k.vmlinux, k.symvers) if p.is_file())
         out.append(KernelEntry(release=k.release, arch=k.arch, distro="debian", source=str(k.tree),
                                vmlinux=str(k.vmlinux), config=str(k.config), headers=str(k.tree),
-                               builder=_tree_builder(k.tree), symbols=symbols, sig_hash="sha256",
+                               builder=_tree_builder(k.tree, k.arch), symbols=symbols, sig_hash="sha256",
                                options={"forged": k.source}))
     return out

@@ -60,6 +60,8 @@ def test_prime_lays_out_klp_builds_completed_original_build(tmp_path):
 def test_forged_catalog_entry_names_the_trees_builder(tmp_path):
     tree = tmp_path / "src"
     (tree / "scripts" / "livepatch").mkdir(parents=True)
-    assert _tree_builder(tree) == "kpatch-build"
+    assert _tree_builder(tree, "x86_64") == "kpatch-build"
     (tree / "scripts" / "livepatch" / "klp-build").write_text("#!/bin/bash\n")
-    assert _tree_builder(tree) == "klp-build"
+    assert _tree_builder(tree, "x86_64") == "klp-build"
+    # Linux 7.2's arm64 tree carries the script too, but only x86_64 selects HAVE_KLP_BUILD
+    assert _tree_builder(tree, "aarch64") == "kpatch-build"

@@ -57,7 +57,8 @@ def lint(ws: Workspace) -> list[Problem]:
         problems.extend(_unmatched(ws, shown, probs, list(recipe.kernels)))
         matched: list[str] = []
         for pattern in recipe.kernels:
-            hits = sorted(r for r in ws.kernels if fnmatch.fnmatchcase(r, pattern))
+            hits = sorted(r for r in ws.kernels if fnmatch.fnmatchcase(r, pattern)
+                          and recipe.matches(r, ws.kernels[r].arch))
             matched.extend(h for h in hits if h not in matched)
         targets: list[Any] = [ws.kernels[r] for r in matched]
         if not targets:

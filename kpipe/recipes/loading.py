@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kpipe.errors import ConfigError, NotFoundError
+from kpipe.kernel import normalize_arch
 from kpipe.recipes.problems import _did_you_mean, _Problems, _raise_first
 from kpipe.recipes.schema import _NAME_RE, MAX_RECIPE_BYTES, MAX_YAML_NODES, RECIPE_SUFFIXES, KeyPath, _check_schema
 from kpipe.yamlnodes import YamlError, compose_yaml
@@ -25,6 +26,7 @@ class Recipe:
     builder: str
     kernels: tuple[str, ...]
     description: str = ""
+    arches: tuple[str, ...] = ()  # empty: every arch the kernel patterns match
     data: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
     lines: dict[KeyPath, int] = field(default_factory=dict, compare=False, repr=False)
     key_lines: dict[KeyPath, int] = field(default_factory=dict, compare=False, repr=False)
@@ -34,8 +36,11 @@ class Recipe:
         """The recipe's `options:` mapping (template inputs)."""
         return dict(self.data.get("options") or {})
 
-    def matches(self, release: str) -> bool:
-        """True if one of the recipe's kernel names or globs matches `release`."""
+    def matches(self, release: str, arch: str = "") -> bool:
+        """True if one of the recipe's kernel names or globs matches `release` and (when known) its arch is
+        one of the recipe's `arches:`."""
+        if self.arches and arch and normalize_arch(arch) not in self.arches:
+            return False
         return any(fnmatch.fnmatchcase(release, pattern) for pattern in self.kernels)
 
     def to_dict(self) -> dict[str, Any]:
@@ -101,6 +106,7 @@ def _read_recipe(ws: Workspace, file: Path, probs: _Problems) -> Recipe | None:
     if probs.errors:
         return None
     return Recipe(name=stem, file=file, builder=data["builder"], kernels=tuple(data["kernels"]),
+                  arches=tuple(normalize_arch(str(a)) for a in data.get("arches") or ()),
                   description=data.get("description", "") if isinstance(data.get("description"), str) else "",
                   data=data, lines=lines, key_lines=key_lines)
 
@@ -142,7 +148,7 @@ def load_recipe(ws: Workspace, name: str) -> Recipe:
 
 def kernels_for_recipe(ws: Workspace, recipe: Recipe) -> list[str]:
     """Catalog releases that one of the recipe's names or globs matches, sorted."""
-    return sorted(r for r in ws.kernels if recipe.matches(r))
+    return sorted(r for r, entry in ws.kernels.items() if recipe.matches(r, entry.arch))
 
 
 def recipes_for_kernel(ws: Workspace, release: str) -> list[Recipe]:
@@ -150,7 +156,8 @@ def recipes_for_kernel(ws: Workspace, release: str) -> list[Recipe]:
     from kpipe.kernel import check_release
 
     check_release(release)
-    return [r for r in list_recipes(ws) if r.matches(release)]
+    entry = ws.kernels.get(release)
+    return [r for r in list_recipes(ws) if r.matches(release, entry.arch if entry else "")]
 
 
 def recipe_files(ws: Workspace) -> list[Path]:

@@ -294,7 +294,7 @@ def render(ws: Workspace, recipe_name: str, kernel_release: str) -> BuildSpec:
     check_release(kernel_release)
     recipe = load_recipe(ws, recipe_name)
     entry = ws.kernel(kernel_release)
-    if not recipe.matches(kernel_release):
+    if not recipe.matches(kernel_release, entry.arch):
         targets = kernels_for_recipe(ws, recipe)
         raise NotFoundError(
             f"recipe {recipe.name!r} does not target kernel {kernel_release!r}",

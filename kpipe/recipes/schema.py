@@ -6,6 +6,7 @@ import math
 import re
 from typing import Any
 
+from kpipe.kernel import normalize_arch
 from kpipe.recipes.problems import _did_you_mean, _field, _Problems
 
 # Where a value sits in the recipe: ("kpatch", "make_args", 0).
@@ -33,12 +34,13 @@ _DURATION_RE = re.compile(r"(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:
 
 # Keys whose values are never rendered: identity and matching happen before rendering,
 # and `options` are the template's inputs.
-_NOT_RENDERED = ("name", "builder", "kernels", "options", "stream", "version", "replace")
+_NOT_RENDERED = ("name", "builder", "kernels", "arches", "options", "stream", "version", "replace")
 
 
-_TOP_KEYS = ("name", "description", "builder", "kernels", "patches", "options", "kpatch", "klp", "kbuild", "signing",
-             "rollout", "fixes", "stream", "version", "replace")
+_TOP_KEYS = ("name", "description", "builder", "kernels", "arches", "patches", "options", "kpatch", "klp", "kbuild",
+             "signing", "rollout", "fixes", "stream", "version", "replace")
 VERSION_MAX = 1_000_000
+RECIPE_ARCHES = ("x86_64", "aarch64", "loongarch64", "riscv64", "ppc64le", "s390x")
 # Keys that identify a build (its stream, version and klp mode): never templates, so every kernel's
 # artifact of one recipe belongs to the same stream and version.
 _IDENTITY_KEYS = ("stream", "version", "replace")
@@ -192,6 +194,14 @@ def _check_schema(data: dict[str, Any], probs: _Problems, *, rendered: bool) -> 
             probs.error(("kernels", i), f"kernel pattern {pattern!r} is not a release name or glob",
                         "a release (`uname -r`) or a glob such as 5.10.0-*-UOS; letters, digits, . _ + ~ - * ? [ ]")
     out["kernels"] = kernels
+    # arches: which of the matched kernels the recipe is for (a glob such as 7.*-kforge-* may name kernels of
+    # several architectures, and a builder may serve only some of them)
+    arches = c.str_list(data, "arches", ()) or []
+    for i, arch in enumerate(arches):
+        if normalize_arch(arch) not in RECIPE_ARCHES:
+            probs.error(("arches", i), f"arch {arch!r} is not one of {', '.join(RECIPE_ARCHES)}",
+                        _did_you_mean(arch, RECIPE_ARCHES) + "kernel arches as `uname -m` prints them")
+    out["arches"] = [normalize_arch(a) for a in arches]
     _check_stream(data, c, probs, out)
     patches = c.str_list(data, "patches", ()) or []
     out["patches"] = patches

@@ -10,13 +10,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from kpipe.forged import KLP_BUILD_ARCHES
 from kpipe.kernel import KernelRelease
 from kpipe.settings import KernelEntry
 
 KLP_BUILD_SINCE = (6, 19)  # the first release with scripts/livepatch/klp-build (kpipe.lab.forge says the same)
 KLP_BUILD_IN_TREE = "scripts/livepatch/klp-build"
 PATCH_BUILDERS = ("kpatch-build", "klp-build")
-KLP_BUILD_ARCHES = ("x86_64",)  # the arches that select HAVE_KLP_BUILD (Linux 7.2: x86_64 only)
 
 
 @dataclass(frozen=True)
