@@ -24,6 +24,8 @@ from kpipe.lab.buildhost import BuildHostChroot, build_host_toml, namespace_pids
 from kpipe.lab.forge import ForgedKernel, ensure_lab_key, forge, parse_source
 
 pytestmark = [pytest.mark.forge, pytest.mark.timeout(7200)]
+BUILT: dict[str, dict] = {}  # release -> the build result of the test that builds both (the rollout test uses it)
+MESSAGE = "kpipe live patch active"  # what /proc/cmdline prints while patches/cmdline-auto.patch is loaded
 
 REPO = Path(__file__).resolve().parent.parent
 RECIPE = "cmdline-auto"
@@ -104,6 +106,7 @@ def test_one_recipe_is_built_by_kpatch_build_for_6_12_and_by_klp_build_for_7_2(w
         assert res["status"] == "built" and res["host"] == host and res["module_name"] == MODULE, res
         assert not res["reattached"], res
         results[k.release] = res
+        BUILT[k.release] = res
     sys.stderr.write(f"timings: {json.dumps({k: round(v, 1) for k, v in TIMINGS.items()})}\n")
     for k, builder, said in ((old, "kpatch-build", "cmdline.o: changed function: cmdline_proc_show"),
                              (new, "klp-build", "vmlinux.o: changed function: cmdline_proc_show")):
@@ -114,3 +117,46 @@ def test_one_recipe_is_built_by_kpatch_build_for_6_12_and_by_klp_build_for_7_2(w
         report = json.loads(kp(ws, "validate", res["signed_id"], "--kernel", k.release, "--cert", str(k.cert),
                                "--json").stdout)
         assert report["ok"] is True, [f for f in report["findings"] if f["severity"] == "error"]
+
+
+@pytest.mark.vm
+def test_the_two_backends_modules_roll_out_over_one_lab_of_both_kernels_and_back(ws, kernels):
+    """Item 3 end to end: the kpatch-build module (6.12) and the klp-build module (7.2) of one recipe, each
+    preflighted with sig_enforce, rolled out in waves over one lab running both kernels; the planner gives each
+    host the artifact of its release; verify, audit and rollback cover both."""
+    old, new = kernels[OLD_SOURCE], kernels[NEW_SOURCE]
+    assert set(BUILT) == {old.release, new.release}, "the build test above must run first (same module)"
+    for res in BUILT.values():
+        pre = json.loads(kp(ws, "preflight", res["signed_id"], "--sig-enforce", "--json", timeout=1800).stdout)
+        assert pre["status"] == "passed", pre
+    kp(ws, "lab", "up", "--kernel", old.release, "--vms", "1", "--group", f"{new.release}:1", "--sig-enforce",
+       "--timeout", "1200", "--no-progress", timeout=1500)
+    vms = {"lab1": old.release, "lab2": new.release}
+    try:
+        def cmdlines() -> dict[str, str]:
+            return {vm: kp(ws, "lab", "ssh", vm, "--", "cat", "/proc/cmdline", timeout=120).stdout.strip()
+                    for vm in vms}
+
+        for vm, release in vms.items():
+            assert kp(ws, "lab", "ssh", vm, "--", "uname", "-r", timeout=120).stdout.strip() == release
+        before = cmdlines()
+        assert MESSAGE not in before.values()
+        plan = json.loads(kp(ws, "rollout", "plan", RECIPE, "--limit", "lab", "--waves", "1,100%",
+                             "--json").stdout)
+        assert not plan["excluded"], plan["excluded"]
+        text = json.dumps(plan)
+        assert all(res["signed_id"] in text for res in BUILT.values()), text
+        r = kp(ws, "rollout", "start", RECIPE, "--limit", "lab", "--waves", "1,100%", "--max-failures", "0",
+               "--rollback-policy", "wave", "--yes", "--json", timeout=1800)
+        summary = json.loads(r.stdout)
+        assert summary["state"] == "completed" and summary["hosts"] == {vm: "applied" for vm in vms}, summary
+        assert cmdlines() == {vm: MESSAGE for vm in vms}
+        kp(ws, "verify", "--limit", "lab")
+        audit = json.loads(kp(ws, "audit", "--limit", "lab", "--format", "json").stdout)
+        assert audit["compliant"] is True, audit
+        assert {h["host"]: h["kernel"] for h in audit["hosts"]} == vms
+        r = kp(ws, "rollout", "rollback", summary["rollout_id"], "--yes", "--json", timeout=1800)
+        assert set(json.loads(r.stdout)["hosts"].values()) == {"rolled_back"}
+        assert cmdlines() == before
+    finally:
+        kp(ws, "lab", "down")
