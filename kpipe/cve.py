@@ -50,7 +50,9 @@ class CveRecipe:
     """What the CVE view needs of a recipe: its kernel globs, the modules it builds, what they fix.
 
     `arch` is the architecture of the targeted kernel when the catalog or the
-    release name says it ("" or "unknown": any).
+    release name says it ("" or "unknown": any). `arches` is the recipe's own
+    `arches:` list (empty: every arch): one release string can name kernels of
+    several arches, and a recipe built for one of them fixes nothing on the others.
     """
 
     recipe: str
@@ -58,13 +60,16 @@ class CveRecipe:
     modules: tuple[str, ...]  # sysfs names ('_' form)
     fixes: tuple[Fix, ...]
     arch: str = ""
+    arches: tuple[str, ...] = ()
 
     def targets(self, release: str, arch: str) -> bool:
         """True if this recipe's patch is meant for a host running `release` on `arch`."""
         if not release or not any(fnmatch.fnmatchcase(release, g) for g in self.kernels):
             return False
-        mine = normalize_arch(self.arch) if self.arch and self.arch != "unknown" else ""
         theirs = normalize_arch(arch) if arch and arch != "unknown" else ""
+        if theirs and self.arches and theirs not in {normalize_arch(a) for a in self.arches}:
+            return False
+        mine = normalize_arch(self.arch) if self.arch and self.arch != "unknown" else ""
         return not mine or not theirs or mine == theirs
 
 
@@ -285,7 +290,7 @@ def _recipe_for_release(ws: Workspace, recipe: Recipe, release: str, modules_bui
     arch = getattr(entry, "arch", "") or parse_release(release).arch
     return CveRecipe(recipe=recipe.name, kernels=(glob.escape(release),),
                      modules=tuple(sorted({module_name(module), *(module_name(m) for m in modules_built)})),
-                     fixes=tuple(Fix(**f) for f in fixes), arch=arch)
+                     fixes=tuple(Fix(**f) for f in fixes), arch=arch, arches=recipe.arches)
 
 
 def _one_line(e: Any) -> str:

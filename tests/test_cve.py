@@ -75,6 +75,12 @@ CASES = {
     "arch mismatch: the catalog's kernel is not the host's": (
         [MEMCG_X86], [host("a", release=ARM, arch="aarch64"), host("b", release=UOS, arch="x86_64")],
         [("b", "CVE-2024-12345", EXPOSED, "high")], {"CVE-2024-12345": 1}),
+    "the recipe's arches: a host of another arch on the same release is not targeted": (
+        [replace(MEMCG, arches=("aarch64",))], [host("a", arch="x86_64"), host("b", arch="arm64")],
+        [("b", "CVE-2024-12345", EXPOSED, "high")], {"CVE-2024-12345": 1}),
+    "the recipe's arches: a host of unknown arch still matches": (
+        [replace(MEMCG, arches=("aarch64",))], [host("a", arch="")],
+        [("a", "CVE-2024-12345", EXPOSED, "high")], {"CVE-2024-12345": 1}),
     "arch names are normalised (amd64 = x86_64)": (
         [replace(MEMCG, arch="amd64")], [host("a", arch="x86_64")],
         [("a", "CVE-2024-12345", EXPOSED, "high")], {"CVE-2024-12345": 1}),
@@ -210,6 +216,17 @@ def test_templated_summary_renders_per_kernel_in_the_sandbox(tmp_path):
     assert errors == []
     assert sorted((r.kernels, r.fixes[0].severity, r.fixes[0].summary) for r in got) == [
         ((UOS,), "high", f"leak on {UOS}"), ((ARM,), "low", f"leak on {ARM}")]
+
+
+def test_recipe_arches_reach_the_verdicts(tmp_path):
+    """A recipe limited to aarch64 by `arches:` leaves an x86_64 host of the same release out of its CVE."""
+    make_workspace(tmp_path, {"r": KPATCH + "arches: [arm64]\n"
+                              + "fixes: [{cve: CVE-2024-1234, severity: high, summary: leak}]\n"})
+    release = "5.10.0-74-UOS"  # names no arch: the hosts' arches decide
+    (rec,), errors = load_cve_recipes(load_workspace(tmp_path), [release])
+    assert errors == [] and rec.arches == ("aarch64",)
+    report = evaluate_cves([rec], [host("x", release, arch="x86_64"), host("a", release, arch="aarch64")])
+    assert [(v.host, v.status) for v in report.verdicts] == [("a", EXPOSED)]
 
 
 def test_sandbox_escape_in_fixes_is_a_recipe_error_not_a_crash(tmp_path):
