@@ -863,6 +863,9 @@ def _ssh(r: _Reader, data: dict[str, Any]) -> SshSettings:
 def _kex(r: _Reader, d: dict[str, Any], p: Path_) -> tuple[str, ...]:
     names = r.str_list(d, "kex", p)
     if names:
+        from kpipe.transport.sshlibs import import_ssh_libraries
+
+        import_ssh_libraries()  # without unittest.mock and asyncio (kpipe.transport.sshlibs)
         import paramiko  # only when kex is pinned: paramiko is slow to import
 
         # private, so types-paramiko leaves it out; it is the list paramiko really negotiates from

@@ -407,7 +407,7 @@ class SimHost:
         if "full_disk" in self.faults:
             lines.append("mount -t tmpfs -o size=16k,nr_inodes=8 simfleet-full /var/lib/kpatch")
             lines.append("dd if=/dev/zero of=/var/lib/kpatch/.filler bs=4k 2>/dev/null || true")
-        lines.append(f"exec {SSHD} -D -e -f '{d}/sshd_config'")
+        lines.append(f"exec {SSHD} -D -e -r -f '{d}/sshd_config'")
         return "\n".join(lines)
 
     def expected_inodes(self) -> list[str]:

@@ -422,3 +422,27 @@ def test_the_fast_way_and_typer_s_way_print_the_same(ws: Path, argv: tuple[str, 
         (slow.returncode, slow.stdout, slow.stderr.count("kpipe: error")), (fast.stderr, slow.stderr)
     errors = [line for line in fast.stderr.splitlines() if not line.startswith("import time:")]
     assert errors == slow.stderr.splitlines()
+
+
+# -- the SSH libraries (kpipe.transport.sshlibs): paramiko and Fabric without invoke's test helpers ----------
+
+
+def test_the_ssh_transport_loads_no_unittest_mock_asyncio_or_second_yaml():
+    """Every command that opens an SSH connection imports kpipe.transport.ssh: paramiko and Fabric load, but
+    not unittest.mock and asyncio (invoke's MockContext) nor invoke's vendored PyYAML when PyYAML is loaded;
+    Fabric and invoke still work, MockContext included, and a later `import unittest.mock` is the real one."""
+    code = ("import sys, yaml\n"
+            "import kpipe.transport.ssh\n"
+            "import fabric, invoke, paramiko\n"
+            "bad = sorted(m for m in ('unittest', 'unittest.mock', 'asyncio', 'invoke.vendor.yaml') if m in sys.modules)\n"
+            "assert not bad, bad\n"
+            "c = fabric.Connection('127.0.0.1', user='u', port=2222)\n"
+            "assert (c.host, c.user, c.port) == ('127.0.0.1', 'u', 2222)\n"
+            "assert invoke.config.yaml.safe_load('a: [1]') == {'a': [1]}\n"
+            "m = invoke.MockContext(run={'ls': invoke.Result('out')})\n"
+            "assert m.run('ls').stdout == 'out'\n"
+            "import unittest.mock\n"
+            "assert isinstance(m.run, unittest.mock.Mock) and unittest.mock.__file__\n"
+            "print('ok')\n")
+    r = subprocess.run([sys.executable, "-c", code], env=_env(), capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout == "ok\n", r.stdout + r.stderr[-2000:]

@@ -27,13 +27,16 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
-import paramiko
-from paramiko.hostkeys import HostKeyEntry, HostKeys
-
 from kpipe.commands import Command, CommandResult
 from kpipe.errors import CommandTimeout, ConfigError, TransportError
 from kpipe.host import Host
+from kpipe.transport.sshlibs import import_ssh_libraries
 from kpipe.workspace import SshSettings
+
+import_ssh_libraries()  # before paramiko: its import of invoke then loads no unittest.mock nor asyncio
+
+import paramiko  # noqa: E402  (after import_ssh_libraries, which says why)
+from paramiko.hostkeys import HostKeyEntry, HostKeys  # noqa: E402
 
 T = TypeVar("T")
 
@@ -203,7 +206,10 @@ class SshTransport:
         address, port = self.conn.host, self.conn.port
         timeout = self._connect_timeout()
         try:
-            sock = socket.create_connection((address, port), timeout=timeout)
+            # an ASCII name or address as bytes: a str makes getaddrinfo load the idna codec (unicodedata,
+            # stringprep: ~10 ms of a CLI's start) even for "10.0.0.5"
+            host: str | bytes = address.encode("ascii") if address.isascii() else address
+            sock = socket.create_connection((host, port), timeout=timeout)
         except TimeoutError:
             raise TransportError(f"{self.name}: connection to {address}:{port} timed out after {timeout:g} s",
                                  host=self.name, kind="timeout") from None
