@@ -55,7 +55,7 @@ class _Frozen:
         if len(args) > len(spec):
             raise TypeError(f"{self.__class__.__qualname__}() takes {len(spec)} positional arguments but "
                             f"{len(args)} were given")
-        for (name, _, _), value in zip(spec, args):
+        for (name, _, _), value in zip(spec, args, strict=False):  # fewer args than fields
             if name in kwargs:
                 raise TypeError(f"{self.__class__.__qualname__}() got multiple values for argument {name!r}")
             object.__setattr__(self, name, value)

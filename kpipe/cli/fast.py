@@ -96,10 +96,11 @@ def parse(args: list[str]) -> Parsed | None:
             return None
     if len(positional) > len(command.arguments):
         return None
-    for (name, default), value in zip(command.arguments, [*positional, *[None] * len(command.arguments)]):
-        if value is None and default is None:
+    given: list[str | None] = [*positional, *[None] * (len(command.arguments) - len(positional))]
+    for (param, default), arg in zip(command.arguments, given, strict=True):
+        if arg is None and default is None:
             return None  # a required argument is missing: Typer's usage error
-        kwargs[name] = default if value is None else value
+        kwargs[param] = default if arg is None else arg
     if workspace is None:
         workspace = os.environ.get("KPIPE_WORKSPACE") or None
     return Parsed(command, kwargs, workspace, debug)

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 import typer
 
-from kpipe.cli.context import print_fields, print_json, print_table, state
+from kpipe.cli.context import print_json, print_table, state
 from kpipe.cli.params import WORD
 from kpipe.cli.symbols import app as symbols_app
 

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 import typer
 
 from kpipe.cli import complete
-from kpipe.cli.context import esc, plural, print_json, print_markup, print_table, state
+from kpipe.cli.context import esc, plural, print_json, print_table, state
 from kpipe.cli.params import WORD
 from kpipe.cli.progress import NO_PROGRESS_HELP
 

@@ -25,7 +25,7 @@ import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 from kpipe.commands import Command, CommandResult
 from kpipe.errors import CommandTimeout, ConfigError, TransportError
@@ -208,7 +208,7 @@ class SshTransport:
         try:
             # an ASCII name or address as bytes: a str makes getaddrinfo load the idna codec (unicodedata,
             # stringprep: ~10 ms of a CLI's start) even for "10.0.0.5"
-            host: str | bytes = address.encode("ascii") if address.isascii() else address
+            host = cast(str, address.encode("ascii")) if address.isascii() else address  # typeshed: str only
             sock = socket.create_connection((host, port), timeout=timeout)
         except TimeoutError:
             raise TransportError(f"{self.name}: connection to {address}:{port} timed out after {timeout:g} s",
