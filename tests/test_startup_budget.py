@@ -429,9 +429,9 @@ def test_the_fast_way_and_typer_s_way_print_the_same(ws: Path, argv: tuple[str, 
 
 def test_the_ssh_transport_loads_no_unittest_mock_asyncio_or_second_yaml():
     """Every command that opens an SSH connection imports kpipe.transport.ssh: paramiko and Fabric load, but
-    not unittest.mock and asyncio (invoke's MockContext) nor invoke's vendored PyYAML when PyYAML is loaded;
+    not unittest.mock and asyncio (invoke's MockContext) nor invoke's vendored copy of PyYAML;
     Fabric and invoke still work, MockContext included, and a later `import unittest.mock` is the real one."""
-    code = ("import sys, yaml\n"
+    code = ("import sys\n"
             "import kpipe.transport.ssh\n"
             "import fabric, invoke, paramiko\n"
             "heavy = ('unittest', 'unittest.mock', 'asyncio', 'invoke.vendor.yaml')\n"
