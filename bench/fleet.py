@@ -22,6 +22,15 @@ choice, not a kpipe default). Measured:
 
 Targets (issue 5): kpipe >= 1.0x parallel OpenSSH throughput, >= 3x ansible -m raw, and the
 second command within 1.5x of the ControlMaster run. Prints hosts/s, client CPU and ratios.
+Issue 13, at 200 hosts: >= 4x ansible -m raw -f 50 and >= 1.2x xargs -P50 ssh (wall).
+
+The servers run on the same 2 cores as the clients, which a real fleet's do not: each SimFleet sshd
+runs with `-r` (no re-exec of sshd per connection; tests/simfleet.py), the same servers for every
+client. Measured server CPU per `fleet facts` connection: ~53 ms with the re-exec, ~40 ms without
+(of which ~12 ms is the facts script and ~28 ms sshd's own fork, key exchange, authentication and
+session), against kpipe's ~9-20 ms of client CPU per host: the servers are most of every client's
+wall time here. Last run (docs/scale.md, 200 hosts, best of 3, load average 20-27): kpipe `fleet
+facts` 7.67 s, `xargs -P50 ssh` 8.87 s (1.16x), `ansible -m raw -f 50` 27.25 s (3.55x).
 """
 
 from __future__ import annotations

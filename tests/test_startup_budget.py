@@ -447,3 +447,12 @@ def test_the_ssh_transport_loads_no_unittest_mock_asyncio_or_second_yaml():
             "print('ok')\n")
     r = subprocess.run([sys.executable, "-c", code], env=_env(), capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and r.stdout == "ok\n", r.stdout + r.stderr[-2000:]
+
+
+def test_a_command_closes_the_store_before_the_process_ends(ws: Path):
+    """kpipe.cli.app skips the interpreter's final garbage collection (gc.freeze), so it closes the stores
+    itself: the WAL is checkpointed and state.db-wal removed, as a clean close does (the Typer way too)."""
+    for args in (("artifacts", "list"), ("rollout", "list", "--json"), ("rollout", "status", "last", "--json")):
+        r, _ = imported(args, ws)
+        assert r.returncode == 0, r.stderr[-2000:]
+        assert not (ws / ".kpipe" / "state.db-wal").exists(), args

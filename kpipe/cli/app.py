@@ -8,6 +8,7 @@ command module at all.
 
 from __future__ import annotations
 
+import gc
 import os
 import sys
 from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
@@ -290,6 +291,22 @@ def _asks_version(args: list[str]) -> bool:
 
 def main() -> None:
     """Console-script entry point: run the app, map KpipeError to one line and its exit code."""
+    try:
+        _main()
+    finally:
+        store = sys.modules.get("kpipe.store")
+        if store is not None:  # closed now, not by the collection skipped below (state.db-wal goes away)
+            store.close_all()
+        # The command is done (its output written, its store commits made; atexit handlers still run).
+        # What is left is the interpreter's shutdown, whose full garbage collection walks every object
+        # the imports made (paramiko, cryptography, Jinja2, pyelftools, Typer...): ~0.1 s of CPU on a
+        # quiet machine and 0.2-0.3 s on a busy one after `kpipe build` or `fleet facts`, for nothing,
+        # as the process's memory goes back to the system at exit anyway. Moving every object to the
+        # permanent generation skips that walk; objects are still freed by reference counting.
+        gc.freeze()
+
+
+def _main() -> None:
     completing = COMPLETE_VAR in os.environ
     if not completing and _asks_version(sys.argv[1:]):
         sys.stdout.write(f"kpipe {__version__}\n")
