@@ -22,6 +22,16 @@ choice, not a kpipe default). Measured:
 
 Targets (issue 5): kpipe >= 1.0x parallel OpenSSH throughput, >= 3x ansible -m raw, and the
 second command within 1.5x of the ControlMaster run. Prints hosts/s, client CPU and ratios.
+Issue 13, at 200 hosts: >= 4x ansible -m raw -f 50 and >= 1.2x xargs -P50 ssh (wall).
+
+The servers run on the same 2 cores as the clients, which a real fleet's do not: each SimFleet sshd
+runs with `-r` (no re-exec of sshd per connection; tests/simfleet.py), the same servers for every
+client. Measured server CPU per `fleet facts` connection: ~53 ms with the re-exec, ~40 ms without
+(of which ~12 ms is the facts script and ~28 ms sshd's own fork, key exchange, authentication and
+session), against kpipe's ~9-20 ms of client CPU per host: the servers are most of every client's
+wall time here. Last run (docs/scale.md, `--sizes 200 --repeat 3`, load average 18-31): kpipe
+`fleet facts` 8.76 s, `xargs -P50 ssh` 9.70 s (1.11x), `ansible -m raw -f 50` 31.14 s (3.56x); an
+earlier one at load 20-27: 7.67 s, 8.87 s (1.16x), 27.25 s (3.55x). Targets not met at these loads.
 """
 
 from __future__ import annotations

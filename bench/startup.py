@@ -19,6 +19,10 @@ the tables have rows); the build rows use a loopback sshd build host and the ker
 here (bench/build_overhead.py; --no-build leaves them out). kpipe runs with compiled bytecode, as an
 installed kpipe does. The fleet rows of the table (`kpipe fleet facts` against ansible and OpenSSH) are
 bench/fleet.py's.
+
+`kernels parse`, `artifacts list` and `rollout status` are parsed without Typer when their argv is plain
+(kpipe.cli.fast; anything else goes to Typer), and kpipe.toml's settings classes generate no code at
+import (kpipe.settings._Frozen). Last run: see docs/scale.md, "Start-up and `kpipe build`".
 """
 
 from __future__ import annotations

@@ -15,9 +15,9 @@ import math
 import re
 import tomllib
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field, fields
+from dataclasses import MISSING, FrozenInstanceError, dataclass, field, fields
 from pathlib import Path
-from typing import Any, TypeVar, dataclass_transform
+from typing import Any, ClassVar, TypeVar, dataclass_transform
 
 from kpipe.errors import ConfigError
 from kpipe.taint import TAINT_LETTERS
@@ -40,11 +40,44 @@ DEFAULT_INVENTORY_TIMEOUT = 60.0
 
 
 class _Frozen:
-    """What @dataclass(frozen=True) generates per class (==, hash, repr), written once: on Python 3.11 the
-    dataclass machinery compiles each generated method from source, and kpipe.toml's 17 classes made that
-    ~10 ms of every command's start. Equality, hashing and repr are the dataclass ones, over every field."""
+    """What @dataclass(frozen=True) generates per class (__init__, ==, hash, repr, and the refusal to assign),
+    written once: on Python 3.11 the dataclass machinery compiles each generated method from source, and
+    kpipe.toml's 17 classes made that ~15 ms of every command's start (bench/startup.py). The classes are
+    still dataclasses (fields(), asdict(), replace() work) and behave as frozen ones: __init__ takes the
+    fields positionally or by name with their defaults, assigning or deleting a field raises
+    FrozenInstanceError, and equality, hashing and repr are the dataclass ones, over every field."""
 
     __slots__ = ()
+    _init_spec: ClassVar[tuple[tuple[str, Any, Any], ...]]  # (name, default, default_factory), by _frozen
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        spec = self._init_spec
+        if len(args) > len(spec):
+            raise TypeError(f"{self.__class__.__qualname__}() takes {len(spec)} positional arguments but "
+                            f"{len(args)} were given")
+        for (name, _, _), value in zip(spec, args, strict=False):  # fewer args than fields
+            if name in kwargs:
+                raise TypeError(f"{self.__class__.__qualname__}() got multiple values for argument {name!r}")
+            object.__setattr__(self, name, value)
+        for name, default, factory in spec[len(args):]:
+            if name in kwargs:
+                value = kwargs.pop(name)
+            elif default is not MISSING:
+                value = default
+            elif factory is not MISSING:
+                value = factory()
+            else:
+                raise TypeError(f"{self.__class__.__qualname__}() missing 1 required argument: {name!r}")
+            object.__setattr__(self, name, value)
+        if kwargs:
+            raise TypeError(f"{self.__class__.__qualname__}() got an unexpected keyword argument "
+                            f"{next(iter(kwargs))!r}")
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise FrozenInstanceError(f"cannot assign to field {name!r}")
+
+    def __delattr__(self, name: str) -> None:
+        raise FrozenInstanceError(f"cannot delete field {name!r}")
 
     def _values(self) -> tuple[Any, ...]:
         return tuple(getattr(self, f.name) for f in fields(self))  # type: ignore[arg-type]
@@ -67,9 +100,12 @@ _T = TypeVar("_T")
 
 @dataclass_transform(frozen_default=True, field_specifiers=(field,))
 def _frozen(cls: type[_T]) -> type[_T]:
-    """@dataclass(frozen=True) with _Frozen's ==, hash and repr (generated: __init__, __setattr__, __delattr__)."""
-    return dataclass(frozen=True, eq=False, repr=False)(cls)
-
+    """A frozen dataclass whose generated methods are _Frozen's (the dataclass machinery only collects the
+    fields: init=False, eq=False, repr=False generate nothing)."""
+    made = dataclass(init=False, eq=False, repr=False, match_args=False)(cls)
+    made._init_spec = tuple((f.name, f.default, f.default_factory)  # type: ignore[attr-defined]
+                            for f in fields(made))  # type: ignore[arg-type]
+    return made
 
 
 @_frozen
@@ -739,11 +775,11 @@ _BUILD_HOST_KEYS = ("name", "address", "user", "port", "arch", "kernels", "workd
 
 
 def _build_hosts(r: _Reader, data: dict[str, Any]) -> tuple[BuildHost, ...]:
-    from kpipe.kernel import normalize_arch
-
     hosts: list[BuildHost] = []
     seen: dict[str, Path_] = {}
     for p, h in r.tables(data, "build_hosts", (), _BUILD_HOST_KEYS):
+        from kpipe.kernel import normalize_arch  # here: a kpipe.toml without build hosts does not need it
+
         name = r.string(h, "name", p, required=True)
         if name and name in seen:
             r.error(p + ("name",), f"build host name {name!r} repeats (first at line {r.line(seen[name])})",
@@ -770,11 +806,11 @@ _KERNEL_KEYS = ("release", "arch", "distro", "source", "vmlinux", "config", "hea
 
 
 def _kernels(r: _Reader, data: dict[str, Any]) -> tuple[KernelEntry, ...]:
-    from kpipe.kernel import check_release, normalize_arch, parse_release
-
     out: list[KernelEntry] = []
     seen: dict[str, Path_] = {}
     for p, k in r.tables(data, "kernels", (), _KERNEL_KEYS):
+        from kpipe.kernel import check_release, normalize_arch, parse_release  # here: only [[kernels]] need it
+
         release = r.string(k, "release", p, required=True)
         if release:
             try:
@@ -827,6 +863,9 @@ def _ssh(r: _Reader, data: dict[str, Any]) -> SshSettings:
 def _kex(r: _Reader, d: dict[str, Any], p: Path_) -> tuple[str, ...]:
     names = r.str_list(d, "kex", p)
     if names:
+        from kpipe.transport.sshlibs import import_ssh_libraries
+
+        import_ssh_libraries()  # without unittest.mock and asyncio (kpipe.transport.sshlibs)
         import paramiko  # only when kex is pinned: paramiko is slow to import
 
         # private, so types-paramiko leaves it out; it is the list paramiko really negotiates from

@@ -27,6 +27,7 @@ import sqlite3
 import struct
 import tempfile
 import threading
+import weakref
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -168,6 +169,7 @@ class Store:
             self.blob_root.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise KpipeError(f"cannot create the store at {self.root}: {e.strerror}") from e
+        _STORES.add(self)
 
     # -- SQLite -------------------------------------------------------------
     def _create_db(self) -> None:
@@ -459,3 +461,14 @@ def peek_ids(store_dir: Path, kind: str) -> list[str]:
         return []
     finally:
         con.close()
+
+
+_STORES: weakref.WeakSet[Store] = weakref.WeakSet()  # every Store of the process (close_all)
+
+
+def close_all() -> None:
+    """Close this thread's connection of every Store still alive (kpipe.cli.app before the process exits:
+    the last connection's close checkpoints the WAL into state.db and removes state.db-wal, which the
+    interpreter's shutdown would otherwise leave to the garbage collector)."""
+    for store in list(_STORES):
+        store.close()

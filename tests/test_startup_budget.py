@@ -37,16 +37,27 @@ COMMAND_MODULES = tuple(f"kpipe.cli.{m}" for m in ("init", "kernels", "symbols",
                                                     "validate", "sign", "keys", "fleet", "rollout", "audit", "persist",
                                                     "lab"))
 
+# The listings scripts run most are parsed by kpipe.cli.fast, without Typer (or click) and without the Typer
+# command modules; the settings dataclasses generate no code (no kpipe.kernel either without [[kernels]]).
+NO_TYPER = ("typer", "click", "kpipe.cli.artifacts", "kpipe.cli.rollout", "kpipe.cli.kernels", "kpipe.cli.complete",
+            "kpipe.cli.params")
+NO_KERNEL = ("kpipe.kernel",)
+
 BUDGET: list[tuple[tuple[str, ...], tuple[str, ...]]] = [
     (("--version",), ("typer", "click", "rich", "sqlite3", "kpipe.errors", "kpipe.cli.context", *SSH)),
     (("-W", ".", "--debug", "--version"), ("typer", "rich", *SSH)),
-    (("kernels", "parse", RELEASE), (*SSH, *NO_ELF, *NO_RECIPE, *NO_RICH, "sqlite3", "yaml", "kpipe.workspace")),
-    (("kernels", "parse", RELEASE, "--json"), (*SSH, *NO_ELF, *NO_RECIPE, *NO_RICH, "sqlite3", "yaml",
+    (("kernels", "parse", RELEASE), (*SSH, *NO_ELF, *NO_RECIPE, *NO_RICH, *NO_TYPER, "sqlite3", "yaml",
+                                     "kpipe.workspace")),
+    (("kernels", "parse", RELEASE, "--json"), (*SSH, *NO_ELF, *NO_RECIPE, *NO_RICH, *NO_TYPER, "sqlite3", "yaml",
                                                "kpipe.workspace")),
-    (("artifacts", "list"), (*SSH, *NO_ELF, *NO_RECIPE, *NO_RICH, *NO_LAB, "yaml")),
-    (("artifacts", "list", "--json"), (*SSH, *NO_ELF, *NO_RECIPE, *NO_RICH, *NO_LAB, "yaml")),
-    (("rollout", "status", "last"), (*SSH, *NO_ELF, *NO_RECIPE, *NO_RICH, *NO_LAB, *NO_ENGINE, "yaml")),
-    (("rollout", "status", "last", "--json"), (*SSH, *NO_ELF, *NO_RECIPE, *NO_RICH, *NO_LAB, *NO_ENGINE, "yaml")),
+    (("artifacts", "list"), (*SSH, *NO_ELF, *NO_RECIPE, *NO_RICH, *NO_LAB, *NO_TYPER, *NO_KERNEL, "yaml")),
+    (("artifacts", "list", "--json"), (*SSH, *NO_ELF, *NO_RECIPE, *NO_RICH, *NO_LAB, *NO_TYPER, *NO_KERNEL, "yaml")),
+    (("-W", ".", "artifacts", "list", "--kernel", RELEASE), (*SSH, *NO_RICH, *NO_TYPER, *NO_KERNEL)),
+    (("rollout", "status", "last"), (*SSH, *NO_ELF, *NO_RECIPE, *NO_RICH, *NO_LAB, *NO_ENGINE, *NO_TYPER,
+                                     *NO_KERNEL, "yaml")),
+    (("rollout", "status", "last", "--json"), (*SSH, *NO_ELF, *NO_RECIPE, *NO_RICH, *NO_LAB, *NO_ENGINE, *NO_TYPER,
+                                               *NO_KERNEL, "yaml")),
+    (("rollout", "status"), (*SSH, *NO_RICH, *NO_ENGINE, *NO_TYPER, *NO_KERNEL)),
     (("--help",), (*SSH, *NO_ELF, *NO_RECIPE, "sqlite3", *COMMAND_MODULES)),
 ]
 
@@ -297,3 +308,151 @@ def test_a_group_command_converts_only_the_subcommand_that_runs():
 def test_an_unknown_subcommand_is_still_a_usage_error_with_the_group_s_commands(ws: Path):
     r, _ = imported(("rollout", "stauts", "last"), ws)
     assert r.returncode == 2 and "No such command" in r.stderr and "status" in r.stderr, r.stderr[-2000:]
+
+
+# -- kpipe.cli.fast: the listings parsed without Typer are the Typer commands' exact equivalents -----------
+
+
+def _click_command(path: tuple[str, str]) -> object:
+    from kpipe.cli.app import COMMANDS, load_commands
+
+    return load_commands(COMMANDS[path[0]].module)[path[0]].commands[path[1]]
+
+
+def test_every_fast_command_accepts_what_its_typer_command_accepts():
+    """FAST's option names, flags and arguments are the click command's, and those are plain strings and
+    flags (no callback, conversion or envvar that the fast parser would skip)."""
+    from kpipe.cli.fast import FAST
+
+    for path, spec in FAST.items():
+        cmd = _click_command(path)
+        options, flags, arguments = {}, {}, []
+        for p in cmd.params:  # type: ignore[attr-defined]
+            assert p.callback is None and not p.envvar and not p.multiple and p.nargs == 1, (path, p.name)
+            assert p.type.name in ("text", "str") or getattr(p, "is_flag", False), (path, p.name, p.type)
+            if p.param_type_name == "argument":
+                arguments.append((p.name, None if p.required else p.default))
+            elif p.is_flag:
+                assert p.default is False and not p.secondary_opts, (path, p.name)
+                flags.update({o: p.name for o in p.opts})
+            else:
+                options.update({o: p.name for o in p.opts})
+        assert (spec.options, spec.flags, spec.arguments) == (options, flags, tuple(arguments)), path
+
+
+def test_the_root_options_the_fast_parser_reads_are_the_root_command_s():
+    import typer.main
+
+    from kpipe.cli.app import get_app
+
+    root = typer.main.get_command(get_app())
+    seen = {p.name: (sorted(p.opts), p.envvar, getattr(p, "is_flag", False)) for p in root.params}
+    assert seen == {"workspace": (["--workspace", "-W"], "KPIPE_WORKSPACE", False),
+                    "debug": (["--debug"], "KPIPE_DEBUG", True), "version": (["--version"], None, True),
+                    # Typer's own; given, they are no plain listing and go to Typer
+                    "install_completion": (["--install-completion"], None, True),
+                    "show_completion": (["--show-completion"], None, True)}
+
+
+FAST_ARGVS = [
+    ["artifacts", "list"], ["artifacts", "list", "--json"], ["artifacts", "list", "-k", RELEASE, "--recipe", "demo"],
+    ["artifacts", "list", "--kernel=" + RELEASE, "--status", "built", "--json", "-r", "x", "-r", "y"],
+    ["rollout", "status"], ["rollout", "status", "r1"], ["rollout", "status", "--json", "last"],
+    ["kernels", "parse", RELEASE], ["kernels", "parse", "--json", RELEASE],
+]
+
+
+@pytest.mark.parametrize("argv", FAST_ARGVS, ids=[" ".join(a) for a in FAST_ARGVS])
+def test_the_fast_parser_reads_an_argv_as_click_does(argv: list[str], monkeypatch: pytest.MonkeyPatch):
+    from kpipe.cli.fast import parse
+
+    monkeypatch.delenv("KPIPE_WORKSPACE", raising=False)
+    monkeypatch.delenv("KPIPE_DEBUG", raising=False)
+    parsed = parse(["-W", "/some/ws", *argv])
+    assert parsed is not None and parsed.workspace == "/some/ws" and parsed.debug is False
+    cmd = _click_command((argv[0], argv[1]))
+    ctx = cmd.make_context(argv[1], list(argv[2:]))  # type: ignore[attr-defined]
+    defaults = {p.name: p.default for p in cmd.params}  # type: ignore[attr-defined]
+    assert {**defaults, **parsed.kwargs} == ctx.params
+
+
+@pytest.mark.parametrize("argv", [
+    ["artifacts", "list", "--help"], ["artifacts", "list", "-h"], ["artifacts", "list", "--kernal", "x"],
+    ["artifacts", "list", "--kernel"], ["artifacts", "list", "--kernel", "--json"], ["artifacts", "list", "extra"],
+    ["artifacts", "list", "-kX"], ["artifacts", "list", "--", "x"], ["artifacts", "lis"], ["artifacts"],
+    ["rollout", "status", "a", "b"], ["kernels", "parse"], ["--debug", "kernels", "parse", "--json=1", RELEASE],
+    ["-Wx", "artifacts", "list"], ["--workspace=", "artifacts", "list"], ["artifacts", "list", "--debug"],
+])
+def test_anything_else_is_left_to_typer(argv: list[str], monkeypatch: pytest.MonkeyPatch):
+    from kpipe.cli.fast import parse
+
+    monkeypatch.delenv("KPIPE_DEBUG", raising=False)
+    assert parse(argv) is None
+
+
+def test_the_root_options_come_from_the_environment_as_typer_reads_them(monkeypatch: pytest.MonkeyPatch):
+    from kpipe.cli.fast import parse
+
+    monkeypatch.setenv("KPIPE_WORKSPACE", "/from/env")
+    monkeypatch.setenv("KPIPE_DEBUG", "yes")
+    parsed = parse(["artifacts", "list"])
+    assert parsed is not None and (parsed.workspace, parsed.debug) == ("/from/env", True)
+    parsed = parse(["-W", "/given", "artifacts", "list"])
+    assert parsed is not None and parsed.workspace == "/given"
+    monkeypatch.setenv("KPIPE_WORKSPACE", "")
+    monkeypatch.setenv("KPIPE_DEBUG", "0")
+    parsed = parse(["artifacts", "list"])
+    assert parsed is not None and (parsed.workspace, parsed.debug) == (None, False)
+    monkeypatch.setenv("KPIPE_DEBUG", "maybe")  # Typer's usage error, not a guess
+    assert parse(["artifacts", "list"]) is None
+
+
+@pytest.mark.parametrize("argv", [("artifacts", "list", "--status", "built"), ("rollout", "status", "last", "--json"),
+                                  ("rollout", "status", "nope"), ("kernels", "parse", "not a release")])
+def test_the_fast_way_and_typer_s_way_print_the_same(ws: Path, argv: tuple[str, ...]):
+    """The same argv run by kpipe.cli.fast and by Typer (the fast parser switched off): same stdout, stderr
+    and exit code."""
+    fast, names = imported(argv, ws)
+    assert "typer" not in names
+    code = ("import sys; import kpipe.cli.fast as f; f.parse = lambda args: None; sys.argv[0] = 'kpipe'; "
+            "from kpipe.cli.app import main; main()")
+    slow = subprocess.run([sys.executable, "-c", code, *argv], cwd=ws, env=_env(), capture_output=True, text=True,
+                          timeout=120)
+    assert (fast.returncode, fast.stdout, fast.stderr.count("kpipe: error")) == \
+        (slow.returncode, slow.stdout, slow.stderr.count("kpipe: error")), (fast.stderr, slow.stderr)
+    errors = [line for line in fast.stderr.splitlines() if not line.startswith("import time:")]
+    assert errors == slow.stderr.splitlines()
+
+
+# -- the SSH libraries (kpipe.transport.sshlibs): paramiko and Fabric without invoke's test helpers ----------
+
+
+def test_the_ssh_transport_loads_no_unittest_mock_asyncio_or_second_yaml():
+    """Every command that opens an SSH connection imports kpipe.transport.ssh: paramiko and Fabric load, but
+    not unittest.mock and asyncio (invoke's MockContext) nor invoke's vendored copy of PyYAML;
+    Fabric and invoke still work, MockContext included, and a later `import unittest.mock` is the real one."""
+    code = ("import sys\n"
+            "import kpipe.transport.ssh\n"
+            "import fabric, invoke, paramiko\n"
+            "heavy = ('unittest', 'unittest.mock', 'asyncio', 'invoke.vendor.yaml')\n"
+            "bad = sorted(m for m in heavy if m in sys.modules)\n"
+            "assert not bad, bad\n"
+            "c = fabric.Connection('127.0.0.1', user='u', port=2222)\n"
+            "assert (c.host, c.user, c.port) == ('127.0.0.1', 'u', 2222)\n"
+            "assert invoke.config.yaml.safe_load('a: [1]') == {'a': [1]}\n"
+            "m = invoke.MockContext(run={'ls': invoke.Result('out')})\n"
+            "assert m.run('ls').stdout == 'out'\n"
+            "import unittest.mock\n"
+            "assert isinstance(m.run, unittest.mock.Mock) and unittest.mock.__file__\n"
+            "print('ok')\n")
+    r = subprocess.run([sys.executable, "-c", code], env=_env(), capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout == "ok\n", r.stdout + r.stderr[-2000:]
+
+
+def test_a_command_closes_the_store_before_the_process_ends(ws: Path):
+    """kpipe.cli.app skips the interpreter's final garbage collection (gc.freeze), so it closes the stores
+    itself: the WAL is checkpointed and state.db-wal removed, as a clean close does (the Typer way too)."""
+    for args in (("artifacts", "list"), ("rollout", "list", "--json"), ("rollout", "status", "last", "--json")):
+        r, _ = imported(args, ws)
+        assert r.returncode == 0, r.stderr[-2000:]
+        assert not (ws / ".kpipe" / "state.db-wal").exists(), args

@@ -27,21 +27,9 @@ def list_cmd(
     json_out: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """List artifacts, newest first."""
-    from kpipe.artifacts import list_artifacts
-    from kpipe.cli.context import print_json, print_markup, print_table, state
+    from kpipe.cli.listings import artifacts_list  # the body kpipe.cli.fast runs without Typer too
 
-    st = state()
-    arts = list_artifacts(st.workspace.store, kernel=kernel, recipe=recipe, status=status)
-    if json_out:
-        print_json([a.to_dict() for a in arts])
-        return
-    if not arts:
-        print_markup("no artifacts" + (" match" if kernel or recipe or status else " yet; run `kpipe build`"))
-        return
-    # cells are plain text (never markup); Rich draws them only on a terminal
-    print_table(["id", "module", "kernel", "recipe", "status", "signed", "host", "built"],
-                [[a.id, a.module_name, a.kernel, a.recipe, str(a.status), "yes" if a.signed else "", a.build_host,
-                  _when(a.created_at)] for a in arts])
+    artifacts_list(kernel=kernel, recipe=recipe, status=status, json_out=json_out)
 
 
 @artifacts_app.command("show")
@@ -171,9 +159,9 @@ def _log_text(store: Store, sha: str) -> str:
 
 
 def _when(ts: float) -> str:
-    import datetime
+    from kpipe.cli.listings import when
 
-    return datetime.datetime.fromtimestamp(ts, datetime.UTC).strftime("%Y-%m-%d %H:%M:%SZ") if ts else ""
+    return when(ts)
 
 
 def _validation_summary(v: dict[str, Any]) -> str:

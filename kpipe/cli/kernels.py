@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 import typer
 
-from kpipe.cli.context import print_fields, print_json, print_table, state
+from kpipe.cli.context import print_json, print_table, state
 from kpipe.cli.params import WORD
 from kpipe.cli.symbols import app as symbols_app
 
@@ -24,15 +24,9 @@ def parse_cmd(
     json_out: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """Parse a kernel release: version, distro, flavour, architecture."""
-    from kpipe.kernel import parse_release
+    from kpipe.cli.listings import kernels_parse  # the body kpipe.cli.fast runs without Typer too
 
-    k = parse_release(release)
-    if json_out:
-        print_json(k.to_dict())
-        return
-    rows = [(key, ".".join(str(v) for v in value) if key == "version" else str(value if value != "" else "-"))
-            for key, value in k.to_dict().items()]
-    print_fields(rows)  # Rich only on a terminal: piped, `key: value` lines
+    kernels_parse(release, json_out=json_out)
 
 
 def catalog_rows(ws: Workspace) -> list[dict[str, Any]]:

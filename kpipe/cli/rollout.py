@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 import typer
 
 from kpipe.cli import complete
-from kpipe.cli.context import esc, plural, print_json, print_markup, print_table, state
+from kpipe.cli.context import esc, plural, print_json, print_table, state
 from kpipe.cli.params import WORD
 from kpipe.cli.progress import NO_PROGRESS_HELP
 
@@ -149,17 +149,16 @@ def _options(target: str, waves: str | None, soak: float | None, verify_interval
 
 
 def _journal() -> Journal:
-    from kpipe.rollout.journal import Journal
+    from kpipe.cli.listings import journal
 
-    return Journal(state().workspace.store)
+    return journal()
 
 
 def _resolve(journal: Journal, ref: str) -> str:
-    """A rollout id from an id, a unique prefix, or `last`: the rollout started (or resumed) most
-    recently. A stored plan that never ran is not `last`: rolling it back or resuming it means nothing."""
-    if (ref or "").strip() != "last":
-        return journal.resolve(ref)
-    return journal.last_started()
+    """A rollout id from an id, a unique prefix, or `last` (kpipe.cli.listings.resolve_rollout)."""
+    from kpipe.cli.listings import resolve_rollout
+
+    return resolve_rollout(journal, ref)
 
 
 def _resolve_plan(journal: Journal, ref: str) -> str:
@@ -602,24 +601,9 @@ def status_cmd(rollout_id: str = typer.Argument("last", autocompletion=complete.
                                                 help="Rollout id, or `last` (the last one started)."),
                json_out: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
     """A rollout's state and every host's final state."""
-    from kpipe.rollout.summary import summarize  # the journal alone: no engine, planner or transport
+    from kpipe.cli.listings import rollout_status  # the body kpipe.cli.fast runs without Typer too
 
-    j = _journal()
-    rid = _resolve(j, rollout_id)
-    rec = j.get(rid)
-    s = summarize(j, rid)
-    owner = j.live_owner(rid)  # a killed kpipe's pid is not a driver
-    if json_out:
-        print_json({**rec.to_dict(), "owner_pid": owner, "hosts": s.hosts, "reasons": s.reasons})
-        return
-    print_markup(f"rollout {esc(rid)}: [bold]{esc(rec.state)}[/bold] (target {esc(rec.target)})"
-                 + (f", driven by pid {owner}" if owner else "")
-                 + (", abort requested" if rec.abort_requested else ""))
-    if rec.detail.get("halt_reason"):
-        print_markup(f"  halted: {esc(rec.detail['halt_reason'])}")
-    if rec.state == "interrupted":
-        print_markup(f"  interrupted: continue with `kpipe rollout resume {esc(rid)}`")
-    print_table(["host", "state", "reason"], [[h, str(st), s.reasons.get(h, "")] for h, st in s.hosts.items()])
+    rollout_status(rollout_id, json_out=json_out)
 
 
 @rollout_app.command("list")

@@ -25,15 +25,18 @@ import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, TypeVar
-
-import paramiko
-from paramiko.hostkeys import HostKeyEntry, HostKeys
+from typing import Any, TypeVar, cast
 
 from kpipe.commands import Command, CommandResult
 from kpipe.errors import CommandTimeout, ConfigError, TransportError
 from kpipe.host import Host
+from kpipe.transport.sshlibs import import_ssh_libraries
 from kpipe.workspace import SshSettings
+
+import_ssh_libraries()  # before paramiko: its import of invoke then loads no unittest.mock nor asyncio
+
+import paramiko  # noqa: E402  (after import_ssh_libraries, which says why)
+from paramiko.hostkeys import HostKeyEntry, HostKeys  # noqa: E402
 
 T = TypeVar("T")
 
@@ -187,7 +190,7 @@ class SshTransport:
         # A Config of its own: Fabric reads (and lazily fills) a Connection's Config while it
         # opens, so one Config shared by connections opening in parallel threads races.
         self.conn = Connection(
-            host=target.address, port=target.port, user=target.user or None, config=pool.fabric_config.clone(),
+            host=target.address, port=target.port, user=target.user or None, config=pool.fabric_config(),
             connect_kwargs=kwargs, connect_timeout=None,
         )
         self.conn.client.set_missing_host_key_policy(_StrictPolicy(pool.known_hosts_for(target), target))
@@ -203,7 +206,10 @@ class SshTransport:
         address, port = self.conn.host, self.conn.port
         timeout = self._connect_timeout()
         try:
-            sock = socket.create_connection((address, port), timeout=timeout)
+            # an ASCII name or address as bytes: a str makes getaddrinfo load the idna codec (unicodedata,
+            # stringprep: ~10 ms of a CLI's start) even for "10.0.0.5"
+            host = cast(str, address.encode("ascii")) if address.isascii() else address  # typeshed: str only
+            sock = socket.create_connection((host, port), timeout=timeout)
         except TimeoutError:
             raise TransportError(f"{self.name}: connection to {address}:{port} timed out after {timeout:g} s",
                                  host=self.name, kind="timeout") from None
@@ -411,11 +417,9 @@ class SshPool:
                 raise ConfigError(f"[ssh] kex names algorithms paramiko does not know: {unknown}",
                                   hint=f"known: {supported}")
             self.disabled_algorithms = {"kex": [k for k in supported if k not in self.settings.kex]}
-        self.fabric_config = self._fabric_config()
+        self._ssh_config = self._read_ssh_config()
 
-    def _fabric_config(self) -> Any:  # a fabric.Config (Fabric ships no type hints)
-        from fabric import Config
-
+    def _read_ssh_config(self) -> paramiko.SSHConfig:
         path = Path(os.path.expanduser(self.settings.ssh_config))
         ssh_config = paramiko.SSHConfig()
         if path.is_file():
@@ -423,7 +427,20 @@ class SshPool:
                 ssh_config = paramiko.SSHConfig.from_path(str(path))
             except Exception as e:  # paramiko raises several types for a malformed file
                 raise ConfigError(f"{path}: cannot parse ssh_config: {e}") from None
-        return Config(ssh_config=ssh_config, lazy=True)
+        return ssh_config
+
+    def fabric_config(self) -> Any:  # a fabric.Config (Fabric ships no type hints)
+        """A new Fabric Config for one connection, over the ssh_config parsed once for the pool.
+
+        Built fresh rather than cloned from one pool-wide Config: Config.clone() deep-copies the parsed
+        ssh_config, merges every config level and tries Fabric's and invoke's config files, ~1-2 ms per host
+        of a fan-out's client CPU, to produce what a new lazy Config is anyway (the lazily created original
+        had loaded no files, and a clone copies its levels over the files it loaded). The parsed
+        ssh_config is shared: a Connection only looks its host up in it (SSHConfig.lookup builds a new
+        dict and changes nothing), once, while it is constructed, before any fan-out starts."""
+        from fabric import Config
+
+        return Config(ssh_config=self._ssh_config, lazy=True)
 
     def known_hosts_for(self, target: Host) -> KnownHosts:
         """The known host keys for a target: its own file when it names one (like OpenSSH's
