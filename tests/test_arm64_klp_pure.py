@@ -26,6 +26,7 @@ from klp_convert import (  # noqa: E402
 from kpipe.validation import validate_module  # noqa: E402
 
 SYMBOL = "seq_printf"  # the exported function the sample's new cmdline_proc_show() calls
+MISSING_ARM64 = "kpipe_no_such_function"
 
 
 def _elf(data: bytes):
@@ -132,3 +133,54 @@ def test_each_wrong_variant_has_its_finding(original: bytes, tmp_path: Path, var
     f = _validate(klp_convert(original, SYMBOL, **variant).data, tmp_path, KALLSYMS)
     errors = [x for x in f.get(finding, []) if x.severity == "error"]
     assert errors and words in errors[0].message, f.get(finding)
+
+
+# -- an arm64-shaped object: the converter and the aarch64 checks without a cross build ------------------------
+
+def _arm64_object() -> bytes:
+    """A minimal EM_AARCH64 livepatch-shaped ET_REL: .text calls the undefined seq_printf (R_AARCH64_CALL26) and
+    printk (kept ordinary), with a .modinfo carrying livepatch=Y and the aarch64 vermagic."""
+    b = es.ElfBuilder(machine=183)
+    text = b.section(".text", b"\x1f\x20\x03\xd5" * 16, flags=0x6, align=4)  # nop x16
+    b.section(".modinfo", es.modinfo_blob(name="lp_arm64", license="GPL", livepatch="Y", depends="",
+                                          vermagic="7.2.13-kforge-0123abcd SMP mod_unload aarch64"), align=1)
+    b.section(".gnu.linkonce.this_module", es.this_module_blob("lp_arm64"), flags=0x3, align=64)
+    b.symbol("new_fn", bind=0, type=2, shndx=text, size=64)
+    seq = b.symbol(SYMBOL)
+    printk = b.symbol("_printk")
+    b.symbol("__this_module", bind=1, type=1, shndx=3, size=896)
+    b.rela(text, [(8, seq, 283, 0), (16, printk, 283, 0), (24, seq, 282, 0)])
+    return b.build()
+
+
+def _arm64_checks(data: bytes, kallsyms: dict[str, int]) -> dict[str, list]:
+    from kpipe.checks import KernelFacts, run_checks
+    from kpipe.elf.reader import parse_module
+    from kpipe.elf.symbols import MemoryIndex, parse_nm_style
+
+    index = MemoryIndex([parse_nm_style(es.kallsyms_text(kallsyms), "kallsyms", "k")])
+    facts = KernelFacts(release="7.2.13-kforge-0123abcd", arch="aarch64")
+    out: dict[str, list] = {}
+    for f in run_checks(parse_module(data), facts, index):
+        out.setdefault(f.id, []).append(f)
+    return out
+
+
+def test_an_arm64_object_converts_and_its_klp_relocations_are_judged_by_arm64s_table():
+    data = _arm64_object()
+    res = klp_convert(data, SYMBOL)
+    assert res.moved == 2 and res.sections == (".klp.rela.vmlinux.text",)
+    elf = _elf(res.data)
+    assert elf["e_machine"] == "EM_AARCH64"
+    klp = elf.get_section_by_name(".klp.rela.vmlinux.text")
+    assert [(r["r_offset"], r["r_info_type"]) for r in klp.iter_relocations()] == [(8, 283), (24, 282)]
+    assert [r["r_offset"] for r in elf.get_section_by_name(".rela.text").iter_relocations()] == [16]
+    good = _arm64_checks(res.data, {SYMBOL: 1, "_printk": 1})
+    assert good["reloc.type"][0].severity == "info"  # CALL26 / JUMP26: arm64's apply_relocate_add takes them
+    assert good["klp.syms"][0].severity == "info"
+    x86 = _arm64_checks(klp_convert(data, SYMBOL, reloc_type=4).data, {SYMBOL: 1})  # R_X86_64_PLT32
+    [bad] = x86["reloc.type"]
+    assert bad.severity == "error" and "aarch64 loader rejects: 4 (x2)" in bad.message
+    missing = _arm64_checks(klp_convert(data, SYMBOL, target=MISSING_ARM64).data, {SYMBOL: 1})
+    assert missing["klp.syms"][0].severity == "error"
+    assert f"symbol '{MISSING_ARM64}' not found in symbol table" in missing["klp.syms"][0].message
