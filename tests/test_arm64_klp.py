@@ -36,7 +36,7 @@ from arm64_support import (  # noqa: E402, F401  (fixtures)
     need_qemu_aarch64,
     recipe_yaml,
 )
-from klp_convert import SHN_LIVEPATCH, klp_convert  # noqa: E402
+from klp_convert import KLP_FLAGS, SHF_RELA_LIVEPATCH, SHN_LIVEPATCH, klp_convert  # noqa: E402
 from kpipe.elf.reader import read_module  # noqa: E402
 from kpipe.errors import ExitCode  # noqa: E402
 from kpipe.forged import ForgedKernel  # noqa: E402
@@ -47,6 +47,9 @@ SYMBOL = "seq_printf"  # exported; the new cmdline_proc_show() calls it (R_AARCH
 MISSING = "kpipe_no_such_function"
 R_X86_64_PLT32 = 4
 R_AARCH64_CALL26 = 283
+VARIANTS: dict[str, dict] = {"good": {}, "missing": {"target": MISSING}, "x86": {"reloc_type": R_X86_64_PLT32},
+                             "sympos": {"sympos": 2}, "noflag": {"flags": KLP_FLAGS & ~SHF_RELA_LIVEPATCH},
+                             "unmarked": {"shndx": 0}}
 KLP_RECIPE = "cmdline-arm64-klp"  # the same probe, a recipe of its own: these artifacts never stand for RECIPE's
 
 
@@ -57,7 +60,9 @@ def _findings(report: dict) -> dict[str, dict]:
 @pytest.fixture(scope="module")
 def klp_artifacts(arm64_ws: Path, arm64_built: dict, forged_arm64: ForgedKernel, tmp_path_factory) -> dict[str, dict]:
     """The converted modules as artifacts of the arm64 workspace: good, missing (a klp symbol the kernel lacks),
-    x86 (an x86_64 relocation type in the klp section). {variant: {"id", "path", "klp_symbol"}}."""
+    x86 (an x86_64 relocation type in the klp section) and the other shapes the checks cover: a sympos past the
+    symbol's count, a klp section without SHF_RELA_LIVEPATCH, a klp symbol not marked SHN_LIVEPATCH.
+    {variant: {"id", "path", "klp_symbol", "sections"}}."""
     from kpipe.artifacts import add_artifact
     from kpipe.workspace import load_workspace
 
@@ -65,7 +70,7 @@ def klp_artifacts(arm64_ws: Path, arm64_built: dict, forged_arm64: ForgedKernel,
     unsigned = Path(artifact(arm64_ws, arm64_built["artifact_id"])["path"]).read_bytes()
     ws = load_workspace(arm64_ws)
     out: dict[str, dict] = {}
-    for variant, kw in {"good": {}, "missing": {"target": MISSING}, "x86": {"reloc_type": R_X86_64_PLT32}}.items():
+    for variant, kw in VARIANTS.items():
         res = klp_convert(unsigned, SYMBOL, **kw)
         ko = tmp_path_factory.mktemp(f"klp-{variant}") / f"{MODULE}.ko"
         ko.write_bytes(res.data)
@@ -129,6 +134,20 @@ def test_kpipe_refuses_an_x86_64_relocation_type_in_the_arm64_klp_section(klp_ar
     assert f["reloc.type"]["severity"] == "error"
     assert f"{R_X86_64_PLT32} (x" in f["reloc.type"]["message"] and "aarch64" in f["reloc.type"]["message"]
     assert f["klp.syms"]["severity"] == "info"  # the symbol itself is fine
+
+
+@pytest.mark.parametrize("variant, finding, words", [
+    ("sympos", "klp.sym.sympos", f"sympos 2 but vmlinux has only 1 symbol(s) named '{SYMBOL}'"),
+    ("noflag", "klp.rela.name", "flag SHF_RELA_LIVEPATCH (0x00100000) is missing"),
+    ("unmarked", "klp.sym.name", "not SHN_LIVEPATCH"),
+])
+def test_kpipe_refuses_the_other_wrong_klp_shapes_on_arm64(klp_artifacts: dict, arm64_ws: Path,
+                                                          forged_arm64: ForgedKernel, variant: str, finding: str,
+                                                          words: str):
+    r = kp(arm64_ws, "validate", klp_artifacts[variant]["id"], "--kernel", forged_arm64.release,
+           "--symbols", str(forged_arm64.vmlinux), "--json", ok=(int(ExitCode.INVALID),))
+    f = _findings(json.loads(r.stdout))
+    assert f[finding]["severity"] == "error" and words in f[finding]["message"], f.get(finding)
 
 
 @pytest.fixture(scope="module")
