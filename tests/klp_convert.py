@@ -98,8 +98,8 @@ def klp_convert(data: bytes, symbol: str, *, objname: str = "vmlinux", target: s
     symtab = secs[symtab_idx]
     strtab = secs[symtab.link]
     syms = list(struct.iter_unpack(e + "IBBHQQ", symtab.data))
-    found = [i for i, (st_name, _i, _o, shndx, _v, _s) in enumerate(syms)
-             if shndx == SHN_UNDEF and i and _cstr(strtab.data, st_name) == symbol]
+    found = [i for i, (name_at, _info, _other, sym_shndx, _value, _size) in enumerate(syms)
+             if i and sym_shndx == SHN_UNDEF and _cstr(strtab.data, name_at) == symbol]
     if len(found) != 1:
         raise ConvertError(f"{len(found)} undefined symbols named {symbol!r} (want exactly one)")
     [sym_idx] = found
@@ -107,7 +107,7 @@ def klp_convert(data: bytes, symbol: str, *, objname: str = "vmlinux", target: s
     klp_name = f".klp.sym.{objname}.{target or symbol},{sympos}"
     name_off = len(strtab.data)
     strtab.data += klp_name.encode() + b"\0"
-    st_name, st_info, st_other, _shndx, _value, st_size = syms[sym_idx]
+    _name_at, st_info, st_other, _undef, _value, st_size = syms[sym_idx]
     entry = struct.pack(e + "IBBHQQ", name_off, st_info, st_other, shndx, 0, st_size)
     symtab.data = symtab.data[:sym_idx * 24] + entry + symtab.data[(sym_idx + 1) * 24:]
 
