@@ -10,6 +10,9 @@ seq_printf() go through `.klp.rela.vmlinux.text` and `.klp.sym.vmlinux.seq_print
   klp symbol in kallsyms and applied the relocation (klp_apply_section_relocs); then it is disabled and unloaded;
 - the signed variant whose klp symbol does not exist is refused by the kernel and kpipe's preflight reports
   livepatch's own reason ("symbol '...' not found in symbol table").
+
+The same load and refusal on the forged x86_64 6.12 kernel (the converter's format is not arm64's alone), and,
+without the forge, a klp section in Debian's real arm64 virtio_net.ko judged by arm64's relocation table.
 """
 
 from __future__ import annotations
@@ -26,9 +29,11 @@ sys.path.insert(0, str(Path(__file__).parent))
 from arm64_support import (  # noqa: E402, F401  (fixtures)
     MESSAGE,
     MODULE,
+    RECIPE,
     TIMINGS,
     arm64_buildhost,
     arm64_built,
+    arm64_workspace,
     arm64_ws,
     artifact,
     forged_arm64,
@@ -36,6 +41,7 @@ from arm64_support import (  # noqa: E402, F401  (fixtures)
     need_qemu_aarch64,
     recipe_yaml,
 )
+from forge_support import forge_buildhost, forged  # noqa: E402, F401  (fixtures)
 from klp_convert import KLP_FLAGS, SHF_RELA_LIVEPATCH, SHN_LIVEPATCH, klp_convert  # noqa: E402
 from kpipe.elf.reader import load_module_bytes, read_module  # noqa: E402
 from kpipe.errors import ExitCode  # noqa: E402
@@ -231,3 +237,34 @@ def test_a_klp_section_in_a_debian_arm64_module_is_judged_by_arm64s_relocation_t
     bad = found["x86"]["reloc.type"]
     assert bad.severity == "error" and "aarch64 loader rejects: 4 (x" in bad.message
     assert found["good"]["klp.syms"].severity == "skipped"  # no symbols for Debian's arm64 kernel here
+
+
+# -- the same converter output on the forged x86_64 kernel (its format is not arm64's alone) --------------------
+
+@pytest.mark.forge
+@pytest.mark.vm
+def test_the_converted_x86_64_module_loads_on_the_forged_x86_64_kernel_and_the_missing_one_is_refused(
+        tmp_path_factory, forged: ForgedKernel, forge_buildhost: dict):
+    from kpipe.artifacts import add_artifact
+    from kpipe.workspace import load_workspace
+
+    ws = arm64_workspace(tmp_path_factory.mktemp("klp-x86") / "ws", forge_buildhost, name="forge-trixie")
+    (ws / "recipes" / f"{KLP_RECIPE}.yaml").write_text(recipe_yaml(name=KLP_RECIPE))
+    [built] = json.loads(kp(ws, "build", "--recipe", RECIPE, "--kernel", forged.release, "--json",
+                            timeout=1800).stdout)
+    unsigned = Path(artifact(ws, built["artifact_id"])["path"]).read_bytes()
+    store = load_workspace(ws).store
+    results = {}
+    for variant, kw in (("good", {}), ("missing", {"target": MISSING})):
+        ko = tmp_path_factory.mktemp(f"klp-x86-{variant}") / f"{MODULE}.ko"
+        ko.write_bytes(klp_convert(unsigned, SYMBOL, **kw).data)
+        art = add_artifact(store, ko, kernel=forged.release, module_name=MODULE, recipe=KLP_RECIPE, arch="x86_64")
+        signed = json.loads(kp(ws, "sign", art.id, "--signer", "lab", "--json").stdout)["id"]
+        r = kp(ws, "preflight", signed, "--sig-enforce", "--no-progress", "--json",
+               ok=(0, int(ExitCode.PREFLIGHT_FAILED)), timeout=1800)
+        results[variant] = json.loads(r.stdout)
+    good, missing = results["good"], results["missing"]
+    assert good["status"] == "passed", good
+    assert MESSAGE in {s["step"]: s for s in good["steps"]}["verify"]["probe_output"]
+    assert missing["status"] == "failed"
+    assert missing["problems"][0] == f"kernel: livepatch: symbol '{MISSING}' not found in symbol table"
