@@ -86,11 +86,13 @@ def klp_convert(data: bytes, symbol: str, *, objname: str = "vmlinux", target: s
         raise ConvertError(f"not an ELF64 relocatable object (class {elf.elfclass}, {elf['e_type']})")
     e = "<" if elf.little_endian else ">"
     secs: list[_Sec] = []
-    for s in elf.iter_sections():
+    for i, s in enumerate(elf.iter_sections()):
         h = s.header
-        nobits = h["sh_type"] == "SHT_NOBITS"
+        # sh_type as a number, read raw: pyelftools names them by machine (SHT_AARCH64_ATTRIBUTES...)
+        (sh_type,) = struct.unpack_from(e + "I", data, elf["e_shoff"] + i * elf["e_shentsize"] + 4)
+        nobits = sh_type == SHT_NOBITS
         raw = b"" if nobits else data[h["sh_offset"]:h["sh_offset"] + h["sh_size"]]
-        secs.append(_Sec(s.name, h["sh_name"], _sh_type(h), h["sh_flags"], h["sh_addr"], h["sh_link"],
+        secs.append(_Sec(s.name, h["sh_name"], sh_type, h["sh_flags"], h["sh_addr"], h["sh_link"],
                          h["sh_info"], h["sh_addralign"], h["sh_entsize"], raw, h["sh_size"] if nobits else 0))
     symtab_idx = next((i for i, s in enumerate(secs) if s.type == SHT_SYMTAB), None)
     if symtab_idx is None:
@@ -140,14 +142,6 @@ def klp_convert(data: bytes, symbol: str, *, objname: str = "vmlinux", target: s
         shstrtab.data += s.name.encode() + b"\0"
     out = _write(data, e, secs + new_secs)
     return Converted(out, klp_name, sym_idx, tuple(s.name for s in new_secs), moved)
-
-
-def _sh_type(h: object) -> int:
-    """The numeric sh_type (pyelftools gives names for the known ones)."""
-    from elftools.elf.enums import ENUM_SH_TYPE_BASE
-
-    value = h["sh_type"]  # type: ignore[index]
-    return int(value) if isinstance(value, int) else int(ENUM_SH_TYPE_BASE[value])
 
 
 def _cstr(blob: bytes, off: int) -> str:
