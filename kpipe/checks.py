@@ -50,6 +50,11 @@ ALLOWED_RELOCS: dict[str, dict[int, str]] = {
                 282: "R_AARCH64_JUMP26", 283: "R_AARCH64_CALL26"},
 }
 
+# What apply_relocate_add logs for a type outside that table (arch/*/kernel/module.c, 6.1-7.2), so that the
+# finding and the kernel's log line (kpipe.fleet.livepatch) read alike.
+LOADER_REFUSAL = {"x86_64": "{module}: Unknown rela relocation: {type}",
+                  "aarch64": "module {module}: unsupported RELA relocation: {type}"}
+
 # include/linux/license.h (6.1) license_is_gpl_compatible
 GPL_COMPATIBLE = ("GPL", "GPL v2", "GPL and additional rights", "Dual BSD/GPL", "Dual MIT/GPL", "Dual MPL/GPL")
 LIVEPATCH_API = ("klp_enable_patch", "klp_register_patch", "klp_shadow_alloc", "klp_shadow_get")
@@ -376,8 +381,9 @@ def _relocs(out: _Out, m: ModuleInfo, facts: KernelFacts) -> None:
     bad = {t: n for t, n in m.relocation_types.items() if t not in allowed}
     if bad:
         out.add("reloc.type", "error", f"relocation type(s) the {facts.arch} loader rejects: "
-                + ", ".join(f"{t} (x{n})" for t, n in sorted(bad.items())),
-                "the module was built with unsupported code model or toolchain flags")
+                + ", ".join(f"{t} (x{n})" for t, n in sorted(bad.items()))
+                + f" (the kernel: \"{LOADER_REFUSAL[facts.arch].format(module=m.name or 'MODULE', type=min(bad))}\")",
+                "the module was built with unsupported code model or toolchain flags, or for another architecture")
     else:
         out.add("reloc.type", "info", f"{sum(m.relocation_types.values())} relocations of accepted types")
 

@@ -12,6 +12,7 @@ import pytest
 from kpipe.checks import KernelFacts, expected_vermagic, report_ok, run_checks
 from kpipe.elf.reader import parse_module
 from kpipe.elf.symbols import MemoryIndex, parse_nm_style
+from kpipe.fleet import livepatch as lp
 from kpipe.validation import kernel_facts, validate_module
 from kpipe.workspace import load_workspace
 from test_elf_support import (
@@ -248,6 +249,11 @@ def test_relocation_type_the_loader_rejects():
     # R_X86_64_GOTPCREL (9) is not accepted by the 6.1 x86_64 module loader
     fs = _check(synthetic_livepatch(reloc_type=9), _index({"foo_helper": 1}))
     assert _ids(fs) == {"reloc.type"} and "9 (x1)" in _errors(fs)[0][1]
+    # ...in the words the kernel's loader would log (arch/x86/kernel/module.c), which kpipe.fleet.livepatch
+    # also recognises as a refusal line
+    words = _errors(fs)[0][1].split('(the kernel: "', 1)[1].rstrip('")')
+    assert words.endswith(": Unknown rela relocation: 9")
+    assert lp.failure_lines([words]) == [words]
 
 
 def test_name_checks():

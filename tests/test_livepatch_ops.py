@@ -107,6 +107,24 @@ def test_markers_are_unique_and_found_in_real_log():
     assert re.fullmatch(r"kpipe: marker [0-9a-f]{32} load m", lp.new_marker("load", "m"))
 
 
+# The kernel's refusals of a live patch's relocations, as the 7.2 sources print them (kernel/livepatch/core.c,
+# arch/*/kernel/module.c), each found among ordinary lines; the good-load lines around them are not failures.
+@pytest.mark.parametrize("line", [
+    "livepatch: symbol 'kpipe_nope' not found in symbol table",
+    "livepatch: unresolvable ambiguity for symbol 'show' in object 'vmlinux'",
+    "livepatch: symbol position 3 for symbol 'show' in object 'vmlinux' not found",
+    "livepatch: symbol .klp.sym.vmlinux.x,0 at rela sec 41 idx 2 is not marked as a livepatch symbol",
+    "livepatch: invalid access to vmlinux symbol 'seq_printf' from module-specific livepatch relocation section",
+    "livepatch_x: Unknown rela relocation: 283",
+    "module livepatch_x: unsupported RELA relocation: 4",
+    "module livepatch_x: overflow in relocation type 283 val ffff800080010000",
+])
+def test_relocation_refusals_are_failure_lines(line):
+    around = ["livepatch_x: loading out-of-tree module taints kernel.", line,
+              "livepatch_x: tainting kernel with TAINT_LIVEPATCH"]
+    assert lp.failure_lines(around) == [line]
+
+
 @pytest.mark.parametrize("file, marker, reason", [
     ("dmesg_vermagic.txt", "kpipe: marker 953a093499ef48e38fbff9f7d89aed05 load livepatch_demo",
      "livepatch_demo: version magic '6.1.0-56-amd64 SMP PREEMPT mod_unload modversions ' should be "

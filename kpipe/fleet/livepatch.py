@@ -329,6 +329,16 @@ KERNEL_FAILURE_PATTERNS: tuple[re.Pattern[str], ...] = tuple(re.compile(p) for p
     r"no symbol version for ",
     r"failed to enable patch",
     r"symbol '.*' not found in symbol table",
+    # kernel/livepatch/core.c klp_find_object_symbol / klp_resolve_symbols (6.1-7.2): a klp relocation the
+    # kernel cannot resolve refuses the whole module
+    r"unresolvable ambiguity for symbol '.*' in object '.*'",
+    r"symbol position \d+ for symbol '.*' in object '.*' not found",
+    r"is not marked as a livepatch symbol",
+    r"invalid access to vmlinux symbol '.*' from module-specific livepatch relocation section",
+    # apply_relocate_add: arch/x86/kernel/module.c, arch/arm64/kernel/module.c (6.1-7.2)
+    r"Unknown rela relocation: \d+",
+    r"unsupported RELA relocation: \d+",
+    r"overflow in relocation type",
     r"failed to register ftrace handler",
     r"Key was rejected by service",
     r"Loading of .* is rejected",
