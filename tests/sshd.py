@@ -147,9 +147,33 @@ class SshdServer:
             return []
         return [int(p) for p in children]
 
+    def _session_sshds(self) -> list[int]:
+        """Every sshd process of the open connections: each connection's monitor (session_pids) and the sshd
+        processes under it, among them the post-auth one that holds the socket.
+
+        Killing the monitor alone does not drop a connection: its post-auth child keeps serving the channels
+        it has and notices the dead monitor only when it next asks it something, which an exec session may
+        never do. What the sessions run (shells, and what they started) is not sshd and is left alone."""
+        out: list[int] = []
+        todo = list(self.session_pids())
+        while todo:
+            pid = todo.pop()
+            out.append(pid)
+            try:
+                children = [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+            except (FileNotFoundError, ProcessLookupError):
+                continue
+            for child in children:
+                try:
+                    if Path(f"/proc/{child}/comm").read_text().startswith("sshd"):  # sshd-session (>= 9.8) too
+                        todo.append(child)
+                except (FileNotFoundError, ProcessLookupError):
+                    continue
+        return out
+
     def kill_sessions(self) -> None:
         """Drop every open SSH connection (kills the per-connection sshd processes) but keep listening."""
-        for pid in self.session_pids():
+        for pid in self._session_sshds():
             try:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
