@@ -385,8 +385,8 @@ def test_finished_but_uncollected_build_is_collected_not_rebuilt(env):
     th.start()
     ev.wait_for(lambda e: e.kind == "started")
     pid = next(e for e in ev.items if e.kind == "started").data["pid"]
-    # The whole server goes, not just this connection: the transport reconnects after a dropped session, and
-    # with the listener up the first run could follow the build to its end and collect it itself.
+    # The whole server goes, not just this connection: with no listener the first run can neither follow on
+    # nor connect again, so the finished build is certainly left for the second run to collect.
     sshd.stop()
     th.join(60)
     runner.close()
