@@ -173,23 +173,20 @@ def _run_builds(ws: Workspace, specs: list[BuildSpec], console: Console | PlainC
         runner.close()
 
 
-_VALIDATION_MODULES = ("kpipe.builder.classify", "elftools.elf.elffile")
-
-
 @functools.cache
 def _import_for_validation() -> None:
     """Import, in a background thread, what a finished build's classification and validation load (pyelftools,
     ~0.1-0.2 s of CPU), while the build host compiles and this process only waits for its log: those imports
     then cost nothing on the way from "built" to the result. Once per process; a failing import is left for
     the real import to report."""
-    import importlib
-
     def load() -> None:
-        for name in _VALIDATION_MODULES:
-            try:
-                importlib.import_module(name)
-            except Exception:  # reported, if it matters, where the module is really used
-                return
+        try:
+            import kpipe.builder.classify  # noqa: F401
+            from kpipe.elf.reader import import_pyelftools
+
+            import_pyelftools()
+        except Exception:  # noqa: BLE001 -- reported, if it matters, where the module is really used
+            return
 
     threading.Thread(target=load, name="kpipe-import-ahead", daemon=True).start()
 

@@ -198,6 +198,14 @@ MAX_MODULE_BYTES = 512 << 20
 MAX_DECOMPRESSED_BYTES = 2 << 30
 
 
+def import_pyelftools() -> None:
+    """Import the pyelftools modules a module's reading needs, now: `kpipe build` does it in a background thread
+    while the build host compiles, so that reading the finished module costs no import on the way to the
+    result."""
+    from elftools.common.exceptions import ELFError  # noqa: F401
+    from elftools.elf.elffile import ELFFile  # noqa: F401
+
+
 def _too_large(label: str, what: str, limit: int, kind: str) -> ModuleFormatError:
     setting = "MAX_MODULE_BYTES" if kind == "kernel module" else "MAX_DECOMPRESSED_BYTES"
     return ModuleFormatError(f"{label}: {what} more than {limit >> 20} MiB, larger than any {kind}",

@@ -30,9 +30,9 @@ from typing import Any
 
 def _real_mock(*args: Any, **kwargs: Any) -> Any:
     """unittest.mock.Mock(*args, **kwargs), with unittest.mock imported on this first use."""
-    import importlib
+    from unittest import mock  # the real module: the stand-in left sys.modules once invoke was imported
 
-    return importlib.import_module("unittest.mock").Mock(*args, **kwargs)
+    return mock.Mock(*args, **kwargs)
 
 
 def import_ssh_libraries() -> None:
