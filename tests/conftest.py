@@ -7,6 +7,7 @@ is turned into a failure naming its reason, so a CI run can only end with 0 skip
 
 from __future__ import annotations
 
+import signal
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,6 +17,13 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 
 import kenv  # noqa: E402
+
+# The Ctrl-C tests send SIGINT to kpipe as a terminal would. A suite started in the background of a
+# non-interactive shell (`bash .ci/run &`, nohup) inherits SIGINT *ignored*, and an ignored signal stays
+# ignored across exec: every kpipe the tests start would then shrug off their Ctrl-C. A handler (unlike
+# SIG_IGN) is reset to the default by exec, so kpipe starts with SIGINT as an operator's shell gives it.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 from kenv import KernelEnv, require_or_skip  # noqa: E402,F401  (require_or_skip: the one skip helper)
 from sshd import SshdServer, keygen  # noqa: E402
 
