@@ -140,7 +140,8 @@ def test_200_hosts_with_faults_end_in_known_journaled_states(simfleet_factory, t
     assert "free space" in reasons["full_disk"]
     assert "busy" in reasons["ebusy_enable"].lower()
     assert "rejected" in reasons["sig_enforce"].lower()
-    print(f"rollout of 200 hosts, {len(faulty)} faulty: {took:.1f} s; slowest simulator step {fleet.slowest_step_s:.2f} s")
+    print(f"rollout of 200 hosts, {len(faulty)} faulty: {took:.1f} s; "
+          f"slowest simulator step {fleet.slowest_step_s:.2f} s")
     # now the hosts come back; resume retries the unreachable ones without loading anything twice
     for name, fault in faulty.items():
         fleet.host(name).clear()
