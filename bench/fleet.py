@@ -264,6 +264,9 @@ def curve(args: argparse.Namespace) -> int:
                 wall, cpu, rss, rc, out = r
                 if ok is not None and ok != n and rc == 0:
                     rc = 1
+                if ok is None and name.startswith("kpipe") and rc in (0, 1):
+                    rc = 2  # not kpipe's JSON (a crash before any output): a failed round, never a figure
+                    out = "no JSON on stdout"
                 # the best successful round counts: this machine's load varies between rounds
                 if name not in rows or (rc == 0 and (rows[name][3] != 0 or wall < rows[name][0])):
                     rows[name] = (wall, cpu, rss, rc)
@@ -277,8 +280,16 @@ def curve(args: argparse.Namespace) -> int:
             def facts_ok(out: str) -> int | None:
                 try:
                     return int(json.loads(out)["summary"]["ok"])
-                except (ValueError, KeyError):
+                except (ValueError, KeyError, TypeError):
                     return None
+
+            def audit_hosts(out: str) -> int | None:
+                try:
+                    doc = json.loads(out)
+                except ValueError:
+                    return None
+                hosts = doc.get("hosts") if isinstance(doc, dict) else None
+                return len(hosts) if isinstance(hosts, (list, dict)) else None
 
             for _round in range(args.repeat):
                 for w in (workers, 1):
@@ -287,7 +298,7 @@ def curve(args: argparse.Namespace) -> int:
                     rec(f"kpipe fleet facts workers={w}", r, facts_ok(r[4]))
                 r = sampled([kpipe, "audit", "--format", "json", "--forks", str(args.forks), "--workers", str(workers),
                              "--desired", str(ws / "desired.yml")], env=env)
-                rec(f"kpipe audit workers={workers}", r)
+                rec(f"kpipe audit workers={workers}", r, audit_hosts(r[4]))
                 lines = "".join(f"{h.port} {h.address}\n" for h in fleet.hosts[:n])
                 inner = "exec ssh " + " ".join(shlex.quote(o) for o in ssh_opts(fleet, openssh_kex)) + \
                     ' -p "$0" root@"$1" "$KPIPE_BENCH_CMD" >/dev/null'
@@ -312,10 +323,14 @@ def curve(args: argparse.Namespace) -> int:
             row: dict[str, object] = {"hosts": n, "workers": workers, **{k: {"wall": v[0], "cpu": v[1], "rss_kb": v[2],
                                                                             "rc": v[3], "load": loads[k]}
                                                                         for k, v in rows.items()}}
-            for name in ("xargs -P50 ssh", "ansible -m raw -f 50", "kpipe fleet facts workers=1"):
-                if name in rows:
-                    row[f"ratio vs {name}"] = rows[name][0] / kp[0]
-            row["audit / facts"] = rows[f"kpipe audit workers={workers}"][0] / kp[0]
+            # a ratio only between successful runs: a client that failed has no speed
+            if kp[3] == 0:
+                for name in ("xargs -P50 ssh", "ansible -m raw -f 50", "kpipe fleet facts workers=1"):
+                    if name in rows and rows[name][3] == 0:
+                        row[f"ratio vs {name}"] = rows[name][0] / kp[0]
+                audit = rows[f"kpipe audit workers={workers}"]
+                if audit[3] == 0:
+                    row["audit / facts"] = audit[0] / kp[0]
             table.append(row)
     finally:
         fleet.close()
@@ -335,18 +350,28 @@ def curve(args: argparse.Namespace) -> int:
             v = row.get(key)
             return f"{v:.2f}x" if isinstance(v, float) else "n/a"
 
+        if kp["rc"] != 0:
+            print(f"  {row['hosts']:>5}  kpipe fleet facts FAILED (exit {kp['rc']}): no figures")
+            continue
         print(f"  {row['hosts']:>5}  {int(row['hosts']) / kp['wall']:>13.1f}  "  # type: ignore[call-overload]
               f"{1000 * kp['cpu'] / int(row['hosts']):>11.2f}  {kp['rss_kb'] / 1024:>12.1f}  "  # type: ignore[call-overload]
               f"{fmt('ratio vs xargs -P50 ssh'):>8}  {fmt('ratio vs ansible -m raw -f 50'):>10}  "
               f"{fmt('ratio vs kpipe fleet facts workers=1'):>9}  {fmt('audit / facts'):>11}")
     at200 = next((r for r in table if r["hosts"] == 200), None)
     if at200 is not None:
+        def target(key: str) -> str:
+            v = at200.get(key)
+            return f"{v:.2f}x" if isinstance(v, float) else "n/a (a client failed)"
+
         print("\nissue 13 targets at 200 hosts: "
-              f"vs ansible -m raw -f 50 {at200.get('ratio vs ansible -m raw -f 50', float('nan')):.2f}x (>= 4x), "
-              f"vs xargs -P50 ssh {at200.get('ratio vs xargs -P50 ssh', float('nan')):.2f}x (>= 1.2x)")
+              f"vs ansible -m raw -f 50 {target('ratio vs ansible -m raw -f 50')} (>= 4x), "
+              f"vs xargs -P50 ssh {target('ratio vs xargs -P50 ssh')} (>= 1.2x)")
     if args.json:
         args.json.write_text(json.dumps({"forks": args.forks, "kex": args.kex, "curve": table}, indent=2))
-    return 0
+    failed = [f"{r['hosts']} hosts: {k}" for r in table for k, v in r.items() if isinstance(v, dict) and v["rc"] != 0]
+    if failed:
+        print("failed runs (no figures from them): " + "; ".join(failed))
+    return 1 if failed else 0
 
 
 def main() -> int:
