@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import threading
 import time
+from collections.abc import Callable
 from contextlib import AbstractContextManager
 from typing import TYPE_CHECKING, Any
 
@@ -16,7 +17,7 @@ if TYPE_CHECKING:  # imported inside the commands: `kpipe --help` stays fast
     from rich.console import Console
     from rich.status import Status
 
-    from kpipe.builder.runner import BuildEvent, BuildResult
+    from kpipe.builder.runner import BuildEvent, BuildResult, BuildRunner
     from kpipe.builder.spec import BuildSpec
     from kpipe.cli.context import PlainConsole
     from kpipe.store import Store
@@ -71,8 +72,14 @@ def build(
     if hit is not None:  # the store's artifact of these very inputs: no rendering, no build host
         results: list[BuildResult] = [hit]
     else:
-        specs, keys, errors = _specs(ws, kernel, recipe, all_kernels, memo_key)
-        results = errors + _run_builds(ws, specs, console, verbose, force, host, jobs, keys)
+        runner, progress = _runner(ws, console, verbose, force, host, jobs)
+        try:
+            if recipe and kernel:
+                runner.prepare(kernel)  # connect to its build host while the recipe renders
+            specs, keys, errors = _specs(ws, kernel, recipe, all_kernels, memo_key, runner.name_builder)
+            results = errors + _run_builds(runner, progress, specs, keys)
+        finally:
+            runner.close()
     if json_out:
         print_json([r.to_dict() for r in results])
     else:
@@ -112,7 +119,12 @@ def _build_fleet(pattern: str, recipe: str | None, *, force: bool, host: str | N
         except KpipeError as e:
             results.append(build_runner.BuildResult(f"{name}@{release}", name, release, BuildStatus.ERROR,
                                                     message=e.message, hint=e.hint or "", exit_code=int(e.exit_code)))
-    results += _run_builds(ws, specs, console, verbose, force, host, jobs) if specs else []
+    if specs:
+        runner, progress = _runner(ws, console, verbose, force, host, jobs)
+        try:
+            results += _run_builds(runner, progress, specs)
+        finally:
+            runner.close()
     if json_out:
         print_json({"running": [{"release": r.release, "arch": r.arch, "hosts": list(r.hosts)} for r in running],
                     "builds": [r.to_dict() for r in results], "not_built": [u.to_dict() for u in unbuilt]})
@@ -148,11 +160,10 @@ def _answer_from_memo(ws: Workspace, recipe: str | None, kernel: str | None, mem
         runner.close()
 
 
-def _run_builds(ws: Workspace, specs: list[BuildSpec], console: Console | PlainConsole, verbose: bool, force: bool,
-                host: str | None, jobs: int | None, input_keys: list[str | None] | None = None) -> list[BuildResult]:
-    """Run the builds with progress on `console`; Ctrl-C leaves the started builds running (exit 130)."""
+def _runner(ws: Workspace, console: Console | PlainConsole, verbose: bool, force: bool, host: str | None,
+            jobs: int | None) -> tuple[BuildRunner, _Progress]:
+    """The BuildRunner of this command and the progress it reports to (the caller closes the runner)."""
     from kpipe.builder.runner import BuildOptions, BuildRunner
-    from kpipe.errors import ExitCode, KpipeError
 
     progress = _Progress(console, verbose=verbose, quiet=False)
 
@@ -161,7 +172,14 @@ def _run_builds(ws: Workspace, specs: list[BuildSpec], console: Console | PlainC
             _import_for_validation()
         progress.event(ev)
 
-    runner = BuildRunner(ws, on_event=on_event, options=BuildOptions(force=force, host=host, jobs=jobs))
+    return BuildRunner(ws, on_event=on_event, options=BuildOptions(force=force, host=host, jobs=jobs)), progress
+
+
+def _run_builds(runner: BuildRunner, progress: _Progress, specs: list[BuildSpec],
+                input_keys: list[str | None] | None = None) -> list[BuildResult]:
+    """Run the builds with progress; Ctrl-C leaves the started builds running (exit 130)."""
+    from kpipe.errors import ExitCode, KpipeError
+
     try:
         with progress.status(len(specs)):
             return runner.run(specs, input_keys)
@@ -169,8 +187,6 @@ def _run_builds(ws: Workspace, specs: list[BuildSpec], console: Console | PlainC
         raise KpipeError("interrupted: the started builds keep running on their build hosts",
                          hint="run the same `kpipe build` again to reattach (`kpipe builds` lists them)",
                          exit_code=ExitCode.INTERRUPTED) from None
-    finally:
-        runner.close()
 
 
 @functools.cache
@@ -207,9 +223,13 @@ def _unbuilt_table(console: Console, unbuilt: list[Any]) -> None:
 
 
 def _specs(ws: Workspace, kernel: str | None, recipe: str | None, all_kernels: bool,
-           memo_key: str | None = None) -> tuple[list[BuildSpec], list[str | None], list[BuildResult]]:
+           memo_key: str | None = None, name_builder: Callable[[str | None], None] | None = None,
+           ) -> tuple[list[BuildSpec], list[str | None], list[BuildResult]]:
     """The BuildSpecs to build, the render memo's input key of each (None where the inputs changed while it
-    rendered, so nothing is remembered for them), and error results for the ones that do not render."""
+    rendered, so nothing is remembered for them), and error results for the ones that do not render.
+
+    name_builder (one recipe for one kernel): told the recipe's builder before the render when the recipe
+    names it literally (the warm-up probes the build host for it meanwhile), else the rendered one."""
     from kpipe import recipes
     from kpipe.builder import runner as build_runner
     from kpipe.builder.memo import input_key
@@ -219,6 +239,13 @@ def _specs(ws: Workspace, kernel: str | None, recipe: str | None, all_kernels: b
     pairs: list[tuple[str, str]] = []
     if recipe and kernel:
         pairs = [(recipe, kernel)]
+        if name_builder is not None:
+            try:
+                literal = recipes.load_recipe(ws, recipe).builder
+            except KpipeError:
+                literal = ""  # render reports it
+            if literal in ("kbuild", "kpatch-build", "klp-build"):
+                name_builder(literal)
     elif kernel:
         found = recipes.recipes_for_kernel(ws, kernel)
         ws.kernel(kernel)  # NotFoundError for a kernel outside the catalog
@@ -241,6 +268,8 @@ def _specs(ws: Workspace, kernel: str | None, recipe: str | None, all_kernels: b
         before = memo_key if (name, release) == (recipe, kernel) and memo_key else input_key(ws, name, release)
         try:
             specs.append(recipes.render(ws, name, release))
+            if name_builder is not None and len(pairs) == 1:
+                name_builder(specs[-1].builder)
         except KpipeError as e:
             if len(pairs) == 1:
                 raise
