@@ -270,6 +270,28 @@ def test_a_cache_hit_build_contacts_no_host_and_loads_no_ssh_or_rich(cached_buil
     assert not loaded, f"a cache-hit `kpipe build` imported {loaded}"
 
 
+# A forced kbuild build runs the builder's plan, whose cross-compiling arguments come from kpipe.lab.arch: that
+# one module of the lab, not the VM machinery the kpipe.lab package re-exports (its qemu runner, initramfs,
+# guest userland, ELF reader) nor the kernel fetcher (`kpipe build` overhead, issue 13).
+LAB_MACHINERY = ("kpipe.lab.lab", "kpipe.lab.vm", "kpipe.lab.initramfs", "kpipe.lab.rootfs", "kpipe.lab.userland",
+                 "kpipe.lab.kernel", "kpipe.lab.forge", "kpipe.lab.chroot", "kpipe.lab.buildhost")
+
+
+def test_a_forced_kbuild_build_loads_only_the_lab_s_arch_table(cached_build: Path, tmp_path: Path):
+    """The cached workspace's recipe built with --force on the `local` build host (its headers do not exist,
+    so make fails at once: exit 7): the plan ran (kpipe.lab.arch is loaded) and nothing else of the lab."""
+    ws = tmp_path / "ws"
+    shutil.copytree(cached_build, ws, ignore=shutil.ignore_patterns(".kpipe"))
+    toml = (ws / "kpipe.toml").read_text()
+    (ws / "kpipe.toml").write_text(toml.replace('name = "far"\naddress = "192.0.2.1"',
+                                                f'name = "local"\nworkdir = "{tmp_path / "work"}"'))
+    r, names = imported(("build", "--recipe", "cmdline-demo", "--kernel", CACHED_RELEASE, "--force", "--json"), ws)
+    assert r.returncode == 7 and '"host": "local"' in r.stdout, r.stdout + r.stderr[-2000:]
+    assert "kpipe.builder.kbuild" in names and "kpipe.lab.arch" in names  # the plan was made
+    loaded = sorted(n for n in names if any(_matches(n, f) for f in LAB_MACHINERY))
+    assert not loaded, f"a forced kbuild build imported {loaded}"
+
+
 # A cache hit answered through the render memo (kpipe.builder.memo): the recipe is not rendered (no YAML,
 # no Jinja2, not kpipe.recipes) and nothing that runs a build loads (tarfile, thread pools, the builders'
 # plans, the transports, the command runner).
