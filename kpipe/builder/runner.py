@@ -328,6 +328,14 @@ class BuildRunner:
             return
         from kpipe.builder.warmup import HostWarmup
 
+        # The SSH stack's import is CPU (~0.15 s), as is the rendering that follows: threads share one core's
+        # worth of Python, so it is done here, before the thread starts, and the thread's network waits
+        # (connect, authenticate, probe) are what overlaps the rendering.
+        try:
+            from kpipe.transport import ssh  # noqa: F401
+        except Exception:  # noqa: BLE001 -- a missing SSH library is reported by the build, as without this
+            return
+
         self._warm = HostWarmup(host, lambda: self.connections.connect(host),
                                 lambda t, builder: self._probe(t, host, builder))
 
@@ -546,11 +554,13 @@ class BuildRunner:
 
         key = res.key
         builder = get_builder(spec.builder)
-        t = self.connections.transport(host, lane)
-        self.emit(BuildEvent(key, BuildEventKind.HOST, f"build host {host.name}", {"host": host.name}))
         warm = self._warm
         if warm is not None and lane == 0 and warm.host.name == host.name:
-            warm.wait(spec.builder)  # its connection (or the error connecting met) and maybe the probe
+            # first: its connection (or the error connecting met) and maybe the probe; then the pool hands out
+            # that connected transport (asked for while the warm-up builds it, it would make a second one)
+            warm.wait(spec.builder)
+        t = self.connections.transport(host, lane)
+        self.emit(BuildEvent(key, BuildEventKind.HOST, f"build host {host.name}", {"host": host.name}))
         probe = self._probe(t, host, spec.builder)
         digest = spec.inputs_digest(probe.version)
         self._versions[digest] = probe.version
