@@ -4,9 +4,10 @@ A build's first contact with its host is mostly waiting: TCP, the SSH key exchan
 the toolchain probe's round trip. The CLI knows the host before it renders (the kernel's catalog entry picks
 it), so BuildRunner.prepare() imports the SSH transport (CPU, like the rendering: it gains nothing in a
 thread) and starts a HostWarmup: a thread that opens the connection and, once told which builder the recipe
-uses, probes the host. The build then finds the connection open and the probe done. A warm-up never decides anything: the error it met while connecting is
-raised by the build that waits for it (the same TransportError, so the same message and exit code), a
-failed probe is simply done again by the build, and a build of another host or builder ignores it.
+uses, probes the host. The build then finds the connection open and the probe done. A warm-up never
+decides anything: the error it met while connecting is raised by the build that waits for it (the same
+TransportError, so the same message and exit code), a failed probe is simply done again by the build, and
+a build of another host or builder ignores it.
 """
 
 from __future__ import annotations
