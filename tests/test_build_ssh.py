@@ -583,3 +583,28 @@ def test_matrix_spreads_kernels_over_the_build_hosts_that_accept_them(tmp_path, 
         [r.message for r in results]
     assert Path(results[0].remote_dir).parent == tmp_path / "wa"
     assert Path(results[1].remote_dir).parent == tmp_path / "wb"
+
+
+def test_cli_build_host_that_cannot_be_reached_or_trusted_exits_unreachable(env, tmp_path):
+    """The build host is connected to while the recipe renders (kpipe.builder.warmup): what connecting meets is
+    still the build's error, reported once with its exit code (6), with --force and without."""
+    import socket
+
+    ws, sshd, tmp = env
+    write_recipe(ws, "reach", "reach.patch", memcg_patch())
+    with socket.socket() as s:  # a loopback port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        closed_port = s.getsockname()[1]
+    refused = dict(ssh_host(sshd, "b1", workdir=str(tmp / "w3")), port=closed_port)
+    empty = tmp_path / "empty_known_hosts"
+    empty.write_text("")
+    cases = [(refused, str(sshd.known_hosts), f"b1: connection to {sshd.address}:{closed_port} refused"),
+             (ssh_host(sshd, "b1", workdir=str(tmp / "w3")), str(empty), "is not in known_hosts")]
+    for host, known, message in cases:
+        ws2 = write_workspace(ws.root, [host], [{"release": DEBIAN_RELEASE, "headers": DEBIAN_HEADERS}],
+                              ssh={"known_hosts": known})
+        for force in ((), ("--force",)):
+            p = _kpipe(ws2.root, "build", "--recipe", "reach", "--kernel", DEBIAN_RELEASE, *force)
+            out, err = p.communicate(timeout=60)
+            assert p.returncode == 6, (force, out, err)
+            assert err.count(message) == 1 and "Traceback" not in err, (force, err)

@@ -270,6 +270,29 @@ def test_a_cache_hit_build_contacts_no_host_and_loads_no_ssh_or_rich(cached_buil
     assert not loaded, f"a cache-hit `kpipe build` imported {loaded}"
 
 
+# A forced kbuild build runs the builder's plan, whose cross-compiling arguments come from kpipe.lab.arch: that
+# one module of the lab, not the VM machinery the kpipe.lab package re-exports (its qemu runner, initramfs,
+# guest userland, ELF reader) nor the kernel fetcher (`kpipe build` overhead, issue 13).
+LAB_MACHINERY = ("kpipe.lab.lab", "kpipe.lab.vm", "kpipe.lab.initramfs", "kpipe.lab.rootfs", "kpipe.lab.userland",
+                 "kpipe.lab.kernel", "kpipe.lab.forge", "kpipe.lab.chroot", "kpipe.lab.buildhost")
+
+
+def test_a_forced_kbuild_build_loads_only_the_lab_s_arch_table(cached_build: Path, tmp_path: Path):
+    """The cached workspace's recipe built with --force on the `local` build host (its headers do not exist,
+    so make fails at once: exit 7): the plan ran (kpipe.lab.arch is loaded) and nothing else of the lab;
+    a plain `kpipe build` argv is parsed by kpipe.cli.fast (no Typer)."""
+    ws = tmp_path / "ws"
+    shutil.copytree(cached_build, ws, ignore=shutil.ignore_patterns(".kpipe"))
+    toml = (ws / "kpipe.toml").read_text()
+    (ws / "kpipe.toml").write_text(toml.replace('name = "far"\naddress = "192.0.2.1"',
+                                                f'name = "local"\nworkdir = "{tmp_path / "work"}"'))
+    r, names = imported(("build", "--recipe", "cmdline-demo", "--kernel", CACHED_RELEASE, "--force", "--json"), ws)
+    assert r.returncode == 7 and '"host": "local"' in r.stdout, r.stdout + r.stderr[-2000:]
+    assert "kpipe.builder.kbuild" in names and "kpipe.lab.arch" in names  # the plan was made
+    loaded = sorted(n for n in names if any(_matches(n, f) for f in (*LAB_MACHINERY, *NO_TYPER)))
+    assert not loaded, f"a forced kbuild build imported {loaded}"
+
+
 # A cache hit answered through the render memo (kpipe.builder.memo): the recipe is not rendered (no YAML,
 # no Jinja2, not kpipe.recipes) and nothing that runs a build loads (tarfile, thread pools, the builders'
 # plans, the transports, the command runner).
@@ -313,22 +336,27 @@ def test_an_unknown_subcommand_is_still_a_usage_error_with_the_group_s_commands(
 # -- kpipe.cli.fast: the listings parsed without Typer are the Typer commands' exact equivalents -----------
 
 
-def _click_command(path: tuple[str, str]) -> object:
+def _click_command(path: tuple[str, ...]) -> object:
     from kpipe.cli.app import COMMANDS, load_commands
 
-    return load_commands(COMMANDS[path[0]].module)[path[0]].commands[path[1]]
+    command = load_commands(COMMANDS[path[0]].module)[path[0]]
+    return command.commands[path[1]] if len(path) == 2 else command
 
 
 def test_every_fast_command_accepts_what_its_typer_command_accepts():
     """FAST's option names, flags and arguments are the click command's, and those are plain strings and
-    flags (no callback, conversion or envvar that the fast parser would skip)."""
+    flags (no callback, conversion or envvar that the fast parser would skip); any other option is one the
+    fast parser leaves to Typer (typer_only)."""
     from kpipe.cli.fast import FAST
 
     for path, spec in FAST.items():
         cmd = _click_command(path)
-        options, flags, arguments = {}, {}, []
+        options, flags, arguments, typer_only = {}, {}, [], {}
         for p in cmd.params:  # type: ignore[attr-defined]
             assert p.callback is None and not p.envvar and not p.multiple and p.nargs == 1, (path, p.name)
+            if p.param_type_name == "option" and set(p.opts) <= set(spec.typer_only):
+                typer_only.update({o: p.name for o in p.opts})
+                continue
             assert p.type.name in ("text", "str") or getattr(p, "is_flag", False), (path, p.name, p.type)
             if p.param_type_name == "argument":
                 arguments.append((p.name, None if p.required else p.default))
@@ -337,7 +365,8 @@ def test_every_fast_command_accepts_what_its_typer_command_accepts():
                 flags.update({o: p.name for o in p.opts})
             else:
                 options.update({o: p.name for o in p.opts})
-        assert (spec.options, spec.flags, spec.arguments) == (options, flags, tuple(arguments)), path
+        assert (spec.options, spec.flags, spec.arguments, spec.typer_only) == \
+            (options, flags, tuple(arguments), typer_only), path
 
 
 def test_the_root_options_the_fast_parser_reads_are_the_root_command_s():
@@ -359,6 +388,9 @@ FAST_ARGVS = [
     ["artifacts", "list", "--kernel=" + RELEASE, "--status", "built", "--json", "-r", "x", "-r", "y"],
     ["rollout", "status"], ["rollout", "status", "r1"], ["rollout", "status", "--json", "last"],
     ["kernels", "parse", RELEASE], ["kernels", "parse", "--json", RELEASE],
+    ["build", "--recipe", "demo", "--kernel", RELEASE, "--force"], ["build", "-k", RELEASE, "--json", "-v"],
+    ["build", "--recipe=demo", "--all-kernels", "--host", "b1", "--verbose"], ["build", "--fleet", "web*", "-r", "x"],
+    ["build"],
 ]
 
 
@@ -370,8 +402,9 @@ def test_the_fast_parser_reads_an_argv_as_click_does(argv: list[str], monkeypatc
     monkeypatch.delenv("KPIPE_DEBUG", raising=False)
     parsed = parse(["-W", "/some/ws", *argv])
     assert parsed is not None and parsed.workspace == "/some/ws" and parsed.debug is False
-    cmd = _click_command((argv[0], argv[1]))
-    ctx = cmd.make_context(argv[1], list(argv[2:]))  # type: ignore[attr-defined]
+    words = len(parsed.command.path)
+    cmd = _click_command(tuple(argv[:words]))
+    ctx = cmd.make_context(argv[words - 1], list(argv[words:]))  # type: ignore[attr-defined]
     defaults = {p.name: p.default for p in cmd.params}  # type: ignore[attr-defined]
     assert {**defaults, **parsed.kwargs} == ctx.params
 
@@ -382,6 +415,8 @@ def test_the_fast_parser_reads_an_argv_as_click_does(argv: list[str], monkeypatc
     ["artifacts", "list", "-kX"], ["artifacts", "list", "--", "x"], ["artifacts", "lis"], ["artifacts"],
     ["rollout", "status", "a", "b"], ["kernels", "parse"], ["--debug", "kernels", "parse", "--json=1", RELEASE],
     ["-Wx", "artifacts", "list"], ["--workspace=", "artifacts", "list"], ["artifacts", "list", "--debug"],
+    ["build", "--help"], ["build", "--jobs", "2", "-k", RELEASE], ["build", "-j", "2"], ["build", "--jobs=2"],
+    ["build", "x"], ["build", "--kernel"], ["build", "--force=1"], ["builds"],
 ])
 def test_anything_else_is_left_to_typer(argv: list[str], monkeypatch: pytest.MonkeyPatch):
     from kpipe.cli.fast import parse
@@ -408,7 +443,9 @@ def test_the_root_options_come_from_the_environment_as_typer_reads_them(monkeypa
 
 
 @pytest.mark.parametrize("argv", [("artifacts", "list", "--status", "built"), ("rollout", "status", "last", "--json"),
-                                  ("rollout", "status", "nope"), ("kernels", "parse", "not a release")])
+                                  ("rollout", "status", "nope"), ("kernels", "parse", "not a release"),
+                                  ("build",), ("build", "--recipe", "nope", "--kernel", RELEASE),
+                                  ("build", "--all-kernels", "--kernel", RELEASE, "--recipe", "x")])
 def test_the_fast_way_and_typer_s_way_print_the_same(ws: Path, argv: tuple[str, ...]):
     """The same argv run by kpipe.cli.fast and by Typer (the fast parser switched off): same stdout, stderr
     and exit code."""

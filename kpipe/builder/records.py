@@ -57,6 +57,14 @@ def cached_tool_version(store: Store, host: str, builder: str) -> str | None:
     return row["version"] if row else None
 
 
+def any_tool_version(store: Store, hosts: list[str]) -> bool:
+    """True when a builder version was probed on any of these hosts (a cache hit may then need no host)."""
+    ensure_schema(store)
+    marks = ", ".join("?" * len(hosts))
+    return bool(hosts) and store.query_one(f"SELECT 1 FROM build_tools WHERE host IN ({marks}) LIMIT 1",  # noqa: S608
+                                           tuple(hosts)) is not None
+
+
 def save_tool_version(store: Store, host: str, builder: str, version: str, workdir: str) -> None:
     """Remember the builder version and absolute work folder probed on host."""
     with store.write() as c:

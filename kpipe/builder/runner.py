@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 from kpipe.artifacts import Artifact, ArtifactStatus, add_artifact, find_by_inputs, get_artifact
 from kpipe.builder.hosts import pick_host, select_hosts
 from kpipe.builder.records import (
+    any_tool_version,
     build_record,
     cached_tool_version,
     ensure_schema,
@@ -45,8 +46,9 @@ if TYPE_CHECKING:
     # transports): they load when a build runs (tests/test_startup_budget.py: a cache hit's import budget).
     from kpipe.builder.base import Builder, BuildPlan
     from kpipe.builder.spec import BuildSpec
+    from kpipe.builder.warmup import HostWarmup
     from kpipe.transport.base import Transport
-    from kpipe.transport.ssh import SshPool  # paramiko and Fabric load only when a build host is remote
+    from kpipe.transport.ssh import SshPool, SshTransport  # paramiko and Fabric load only for a remote host
     from kpipe.workspace import BuildHost, Workspace
 
 POLL_ROUNDS = 20  # one follow request waits at most 20 x 50 ms for news
@@ -140,6 +142,13 @@ class Connections:
             from kpipe.transport.local import LocalTransport
 
             return LocalTransport(host.name)
+        return self._ssh(host, lane)
+
+    def connect(self, host: BuildHost, lane: int = 0) -> Transport:
+        """The transport to a remote host, its connection opened now (TransportError when it cannot be)."""
+        return self._ssh(host, lane).connect()
+
+    def _ssh(self, host: BuildHost, lane: int) -> SshTransport:
         from kpipe.host import Host
         from kpipe.transport.ssh import SshPool
 
@@ -295,7 +304,46 @@ class BuildRunner:
         self._versions: dict[str, str] = {}  # inputs digest -> the builder version it was computed with
         self._probe_lock = threading.Lock()
         self._stop = threading.Event()  # set on Ctrl-C: stop following, leave the builds running
+        self._warm: HostWarmup | None = None
         ensure_schema(self.store)
+
+    def prepare(self, release: str) -> None:
+        """Start connecting, in the background, to the build host run() will pick for one build for `release`
+        (kpipe.builder.warmup): the connection's network waits then overlap the caller's rendering of the
+        recipe. Only when a build will contact the host anyway: with --force, or when no candidate host has a
+        probed builder version (so the store cannot answer). Never raises: run() reports what it meets."""
+        from kpipe.kernel import parse_release
+
+        if self._warm is not None:
+            return
+        where = str(self.ws.file)
+        try:
+            entry = self.ws.kernel(release)
+            arch = entry.arch or parse_release(release).arch
+            hosts = select_hosts(self.ws.build_hosts, release, arch, only=self.options.host, where=where)
+            host = pick_host(hosts, release, arch, where=where)
+        except (KpipeError, ValueError):
+            return
+        if host.is_local or (not self.options.force and any_tool_version(self.store, [h.name for h in hosts])):
+            return
+        from kpipe.builder.warmup import HostWarmup
+
+        # The SSH stack's import is CPU (~0.15 s), as is the rendering that follows: threads share one core's
+        # worth of Python, so it is done here, before the thread starts, and the thread's network waits
+        # (connect, authenticate, probe) are what overlaps the rendering.
+        try:
+            from kpipe.transport import ssh  # noqa: F401
+        except Exception:  # noqa: BLE001 -- a missing SSH library is reported by the build, as without this
+            return
+
+        self._warm = HostWarmup(host, lambda: self.connections.connect(host),
+                                lambda t, builder: self._probe(t, host, builder))
+
+    def name_builder(self, builder: str | None) -> None:
+        """The builder the prepared build will use, as soon as it is known: the warm-up probes the host for it
+        while the recipe still renders (None: unknown yet; run() names it)."""
+        if self._warm is not None:
+            self._warm.name_builder(builder)
 
     def _signed(self, key: str, artifact_id: str) -> None:
         self.emit(BuildEvent(key, BuildEventKind.SIGNED, f"signed -> artifact {artifact_id}",
@@ -384,7 +432,10 @@ class BuildRunner:
         return [results[i] for i in range(len(specs))]
 
     def close(self) -> None:
-        """Close the build hosts' connections."""
+        """Close the build hosts' connections (a warm-up still connecting closes them when it ends)."""
+        warm, self._warm = self._warm, None
+        if warm is not None and not warm.abandon(self.connections.close):
+            return
         self.connections.close()
 
     def answer_from_memo(self, recipe: str, release: str, input_key: str) -> BuildResult | None:
@@ -503,6 +554,11 @@ class BuildRunner:
 
         key = res.key
         builder = get_builder(spec.builder)
+        warm = self._warm
+        if warm is not None and lane == 0 and warm.host.name == host.name:
+            # first: its connection (or the error connecting met) and maybe the probe; then the pool hands out
+            # that connected transport (asked for while the warm-up builds it, it would make a second one)
+            warm.wait(spec.builder)
         t = self.connections.transport(host, lane)
         self.emit(BuildEvent(key, BuildEventKind.HOST, f"build host {host.name}", {"host": host.name}))
         probe = self._probe(t, host, spec.builder)

@@ -1,8 +1,9 @@
-"""Read-only listing commands run straight from argv, without Typer.
+"""Listing commands and `kpipe build` run straight from argv, without Typer.
 
 Importing Typer (and its vendored click) and turning a command's signature into click parameters is
 ~50-60 ms of CPU: more than half of what `kpipe artifacts list` costs beyond a bare interpreter
-(bench/startup.py). Scripts run these listings often, so a plain argv of one of the commands in FAST (root
+(bench/startup.py), and a part of `kpipe build`'s overhead over running make by hand (bench/build_overhead.py).
+Scripts run these often, so a plain argv of one of the commands in FAST (root
 options --workspace/-W and --debug, the command's own options and arguments, spelled exactly as below) is
 parsed here and runs the same body the Typer command runs (kpipe.cli.listings). Anything else -- --help, a
 prefix, an unknown or misspelt option, a missing value, `--`, completion -- returns None from parse() and
@@ -20,17 +21,22 @@ from typing import Any, NamedTuple
 class FastCommand(NamedTuple):
     """A command kpipe.cli.fast runs without Typer: its path and what its click command accepts."""
 
-    path: tuple[str, str]  # ("artifacts", "list")
-    options: dict[str, str]  # option that takes a value -> parameter name
+    path: tuple[str, ...]  # ("artifacts", "list"), ("build",)
+    options: dict[str, str]  # option that takes a text value -> parameter name
     flags: dict[str, str]  # boolean flag -> parameter name
     arguments: tuple[tuple[str, str | None], ...]  # positional (name, default; None: required)
+    typer_only: dict[str, str] = {}  # options this parser leaves to Typer (given: Typer runs), e.g. a number
 
 
-FAST: dict[tuple[str, str], FastCommand] = {c.path: c for c in (
+FAST: dict[tuple[str, ...], FastCommand] = {c.path: c for c in (
     FastCommand(("artifacts", "list"), {"--kernel": "kernel", "-k": "kernel", "--recipe": "recipe", "-r": "recipe",
                                         "--status": "status"}, {"--json": "json_out"}, ()),
     FastCommand(("rollout", "status"), {}, {"--json": "json_out"}, (("rollout_id", "last"),)),
     FastCommand(("kernels", "parse"), {}, {"--json": "json_out"}, (("release", None),)),
+    FastCommand(("build",), {"--kernel": "kernel", "-k": "kernel", "--recipe": "recipe", "-r": "recipe",
+                             "--host": "host", "--fleet": "fleet"},
+                {"--all-kernels": "all_kernels", "--force": "force", "--verbose": "verbose", "-v": "verbose",
+                 "--json": "json_out"}, (), typer_only={"--jobs": "jobs", "-j": "jobs"}),
 )}
 
 # Values of KPIPE_DEBUG whose meaning is plain (click's boolean words); any other value goes to Typer,
@@ -66,14 +72,14 @@ def parse(args: list[str]) -> Parsed | None:
             debug, i = True, i + 1
         else:
             break
-    if i + 2 > len(args):
-        return None
-    command = FAST.get((args[i], args[i + 1]))
+    command = FAST.get(tuple(args[i:i + 1]))  # a command of one word (`build`), else of a group and a word
+    if command is None:
+        command = FAST.get(tuple(args[i:i + 2])) if i + 2 <= len(args) else None
     if command is None:
         return None
     kwargs: dict[str, Any] = {}
     positional: list[str] = []
-    rest = args[i + 2:]
+    rest = args[i + len(command.path):]
     j = 0
     while j < len(rest):
         a = rest[j]
@@ -92,7 +98,7 @@ def parse(args: list[str]) -> Parsed | None:
         elif _plain(a):
             positional.append(a)
             j += 1
-        else:  # --help, -h, `--`, an unknown option, `-kVALUE`: Typer decides
+        else:  # --help, -h, `--`, an unknown option, `-kVALUE`, a typer_only option: Typer decides
             return None
     if len(positional) > len(command.arguments):
         return None
@@ -122,6 +128,10 @@ def body(command: FastCommand) -> Callable[..., None]:
             return listings.rollout_status
         case ("kernels", "parse"):
             return listings.kernels_parse
+        case ("build",):
+            from kpipe.cli.building import build_command
+
+            return build_command
         case _:
             raise KeyError(f"no fast body for {' '.join(command.path)}")
 
