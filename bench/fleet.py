@@ -51,6 +51,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT))
 
+from build_overhead import bench_env  # noqa: E402  (beside this file)
+
 KEX = {"curve25519": ("curve25519-sha256@libssh.org", "curve25519-sha256")}  # (paramiko name, OpenSSH name)
 
 
@@ -84,6 +86,19 @@ def timed(argv: list[str], *, env: dict[str, str] | None = None, stdin: str | No
     cpu0, t0 = children_cpu(), time.monotonic()
     r = subprocess.run(argv, env=env, input=stdin, text=True, capture_output=True, timeout=1800)
     return time.monotonic() - t0, children_cpu() - cpu0, r.returncode, r.stdout if check_output else r.stderr[-500:]
+
+
+def warm_up(kpipe: str, env: dict[str, str], forks: int) -> None:
+    """One untimed `kpipe fleet facts`, so every timed run starts from compiled bytecode.
+
+    kpipe runs from this checkout with its bytecode kept in a scratch folder (bench_env), as a
+    pip-installed kpipe has it compiled at install time; under PYTHONDONTWRITEBYTECODE (set on some
+    machines) every start would otherwise compile ~100 modules (~0.1 s of CPU) and the bench would
+    time the compiler. The other clients run as installed (their bytecode is in site-packages)."""
+    t0 = time.monotonic()
+    r = subprocess.run([kpipe, "fleet", "facts", "--json", "--forks", str(forks)], env=env, capture_output=True,
+                       text=True, timeout=1800)
+    print(f"  warm-up (untimed): kpipe fleet facts exit {r.returncode} in {time.monotonic() - t0:.1f} s", flush=True)
 
 
 def ssh_opts(fleet, kex: str | None, extra: tuple[str, ...] = ()) -> list[str]:
@@ -254,7 +269,9 @@ def curve(args: argparse.Namespace) -> int:
                 text = (ws / "kpipe.toml").read_text().replace("[fleet]", f'kex = ["{paramiko_kex}"]\n\n[fleet]')
                 (ws / "kpipe.toml").write_text(text)
             (ws / "desired.yml").write_text(DESIRED)
-            env = dict(os.environ, KPIPE_WORKSPACE=str(ws))
+            env = bench_env(KPIPE_WORKSPACE=str(ws))
+            if n == sizes[0]:
+                warm_up(kpipe, env, args.forks)
             rows: dict[str, tuple[float, float, int, int]] = {}
             loads: dict[str, str] = {}
 
@@ -409,7 +426,8 @@ def main() -> int:
         if paramiko_kex:
             text = (ws / "kpipe.toml").read_text().replace("[fleet]", f'kex = ["{paramiko_kex}"]\n\n[fleet]')
             (ws / "kpipe.toml").write_text(text)
-        env = dict(os.environ, KPIPE_WORKSPACE=str(ws))
+        env = bench_env(KPIPE_WORKSPACE=str(ws))
+        warm_up(exe("kpipe"), env, args.forks)
 
         def record(name: str, wall: float, cpu: float, rc: int, note: str = "") -> None:
             print(f"  {name:<44} {wall:7.2f} s  {args.hosts / wall:7.1f} hosts/s  cpu {cpu:6.2f} s"

@@ -290,9 +290,13 @@ def _to_devnull(stream: IO[str] | None) -> None:
 
 
 def print_json(data: Any) -> None:
-    """Machine-readable output: one JSON document on stdout (dropped if the reader went away)."""
+    """Machine-readable output: one JSON document on stdout (dropped if the reader went away).
+
+    Indented for a terminal; on one line for a pipe or file, where the reader is a program: json's
+    indenting encoder is pure Python (~0.5 ms per host of a fleet's facts), the one-line one is C."""
     try:
-        sys.stdout.write(json.dumps(data, indent=2, sort_keys=False, default=_default) + "\n")
+        indent = 2 if sys.stdout.isatty() else None
+        sys.stdout.write(json.dumps(data, indent=indent, sort_keys=False, default=_default) + "\n")
         sys.stdout.flush()
     except BrokenPipeError:
         _to_devnull(sys.stdout)

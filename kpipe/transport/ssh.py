@@ -175,8 +175,6 @@ class SshTransport:
     """One host over one reused Fabric connection."""
 
     def __init__(self, target: Host, pool: SshPool):
-        from fabric import Connection
-
         self.name = target.name
         self.target = target
         self.pool = pool
@@ -187,15 +185,33 @@ class SshTransport:
         if pool.disabled_algorithms:
             kwargs["disabled_algorithms"] = pool.disabled_algorithms
         kwargs["banner_timeout"] = kwargs["auth_timeout"] = self._connect_timeout()
-        # A Config of its own: Fabric reads (and lazily fills) a Connection's Config while it
-        # opens, so one Config shared by connections opening in parallel threads races.
-        self.conn = Connection(
-            host=target.address, port=target.port, user=target.user or None, config=pool.fabric_config(),
-            connect_kwargs=kwargs, connect_timeout=None,
-        )
-        self.conn.client.set_missing_host_key_policy(_StrictPolicy(pool.known_hosts_for(target), target))
+        self._connect_kwargs = kwargs
+        self._conn: Any = None  # the Fabric Connection, built on first use (see `conn`)
         self._lock = threading.Lock()
         self._sock: socket.socket | None = None  # the open connection's socket (ours: see _open)
+
+    @property
+    def conn(self) -> Any:  # a fabric.Connection (Fabric ships no type hints)
+        """The Fabric Connection, built on first use, in the thread that opens it.
+
+        ~0.5-1 ms of CPU each (a Config, an ssh_config lookup, invoke's attribute proxies): built
+        here rather than in the pool, a fan-out's first hosts connect while the last ones' are
+        still unbuilt, instead of after all of them. Each has a Config of its own (Fabric reads
+        and lazily fills a Connection's Config while it opens, so a shared one races)."""
+        if self._conn is None:
+            from fabric import Connection
+
+            conn = Connection(host=self.target.address, port=self.target.port, user=self.target.user or None,
+                              config=self.pool.fabric_config(), connect_kwargs=self._connect_kwargs,
+                              connect_timeout=None)
+            conn.client.set_missing_host_key_policy(_StrictPolicy(self.pool.known_hosts_for(self.target),
+                                                                  self.target))
+            self._conn = conn
+        return self._conn
+
+    @conn.setter
+    def conn(self, value: Any) -> None:
+        self._conn = value
 
     def _connect_timeout(self) -> float:
         return self.target.connect_timeout or self.pool.settings.connect_timeout
@@ -373,8 +389,10 @@ class SshTransport:
                 sock.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass  # not connected any more
+        if self._conn is None:
+            return  # never used: nothing was built or opened
         try:
-            self.conn.close()
+            self._conn.close()
         except Exception:  # closing a dead connection may raise anything; it is gone either way
             pass
 
@@ -496,8 +514,8 @@ class SshPool:
         procs = self._process_pool(len(targets))
         if procs is not None:
             return procs.run_many(targets, fn, forks)  # type: ignore[no-any-return]
-        # Built here, all before the fan-out: constructing a Connection mutates the shared Fabric
-        # Config, and doing it while other threads open connections races (seen: "No attribute
+        # Built here, before the fan-out (cheap: each Fabric Connection is built by its first use,
+        # in its own thread, over a Config of its own; a shared Config raced, seen as "No attribute
         # or config key found for 'authentication'" on half of 200 hosts).
         transports = [self.transport(t) for t in targets]
         results: dict[str, T | BaseException] = {}
