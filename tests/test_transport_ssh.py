@@ -146,3 +146,28 @@ def test_run_many_collects_partial_failure(sshd_factory, tmp_path):
 def test_local_transport_runs_without_a_shell(tmp_path):
     r = LocalTransport().run(Command.of("printf", "%s", "$(id); x"))
     assert r.stdout == "$(id); x"
+
+
+def test_threads_asking_for_one_host_share_one_connection(sshd):
+    """A host asked for by several threads at once gets one transport, so one connection: the
+    pool looks up and builds under one lock (it once built outside it, and two threads could
+    each open a connection to the same host)."""
+    import threading
+
+    target = Host("h", sshd.address, sshd.port, "root", str(sshd.client_key))
+    with SshPool(known_hosts=[sshd.known_hosts]) as pool:
+        start = threading.Barrier(8)
+        got: list[object] = []
+
+        def ask() -> None:
+            start.wait()
+            t = pool.transport(target)
+            t.run(Command.of("true"))
+            got.append(t)
+
+        threads = [threading.Thread(target=ask) for _ in range(8)]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join()
+        assert len(got) == 8 and len({id(t) for t in got}) == 1

@@ -426,7 +426,7 @@ class SshPool:
         self.forks = forks or self.settings.forks
         self._keys: dict[str, paramiko.PKey] = {}
         self._transports: dict[str, SshTransport] = {}
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # transport() builds an SshTransport, which loads its key, under it
         self.disabled_algorithms: dict[str, list[str]] = {}
         if self.settings.kex:
             supported: list[str] = list(paramiko.Transport._preferred_kex)  # type: ignore[attr-defined]
@@ -493,15 +493,16 @@ class SshPool:
             return key
 
     def transport(self, target: Host) -> SshTransport:
-        """The (reused) transport for a target; the connection opens on first use."""
+        """The (reused) transport for a target; the connection opens on first use.
+
+        Looked up and built under one lock, so two threads asking for the same host share one
+        transport (and one connection). Building one is cheap: its Fabric Connection and the
+        connection itself wait for its first use."""
         with self._lock:
             t = self._transports.get(target.name)
-            if t is not None and t.target == target:
-                return t
-        t = SshTransport(target, self)
-        with self._lock:
-            self._transports[target.name] = t
-        return t
+            if t is None or t.target != target:
+                t = self._transports[target.name] = SshTransport(target, self)
+            return t
 
     def run_many(self, targets: Iterable[Host], fn: Callable[[SshTransport], T],
                  forks: int | None = None) -> dict[str, T | BaseException]:
