@@ -171,3 +171,18 @@ def test_threads_asking_for_one_host_share_one_connection(sshd):
         for th in threads:
             th.join()
         assert len(got) == 8 and len({id(t) for t in got}) == 1
+
+
+def test_connections_prefer_aes_gcm_and_fall_back_without_it(sshd, sshd_factory):
+    """kpipe asks for AES-GCM first (its packets are authenticated in C, not by paramiko's Python
+    HMAC compare); a server that does not offer it still gets a working connection, over CTR."""
+    with SshPool(known_hosts=[sshd.known_hosts]) as pool:
+        t = pool.transport(Host("h", sshd.address, sshd.port, "root", str(sshd.client_key)))
+        assert t.run(Command.of("echo", "ok")).stdout == "ok\n"
+        transport = t.conn.client.get_transport()
+        assert (transport.local_cipher, transport.remote_cipher) == ("aes128-gcm@openssh.com",) * 2
+    old = sshd_factory(extra_config="Ciphers aes128-ctr,aes256-ctr")
+    with SshPool(known_hosts=[old.known_hosts]) as pool:
+        t = pool.transport(Host("old", old.address, old.port, "root", str(old.client_key)))
+        assert t.run(Command.of("echo", "ok")).stdout == "ok\n"
+        assert t.conn.client.get_transport().remote_cipher == "aes128-ctr"
