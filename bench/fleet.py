@@ -29,9 +29,9 @@ runs with `-r` (no re-exec of sshd per connection; tests/simfleet.py), the same 
 client. Measured server CPU per `fleet facts` connection: ~53 ms with the re-exec, ~40 ms without
 (of which ~12 ms is the facts script and ~28 ms sshd's own fork, key exchange, authentication and
 session), against kpipe's ~9-20 ms of client CPU per host: the servers are most of every client's
-wall time here. Last run (docs/scale.md, `--sizes 200 --repeat 3`, load average 18-31): kpipe
-`fleet facts` 8.76 s, `xargs -P50 ssh` 9.70 s (1.11x), `ansible -m raw -f 50` 31.14 s (3.56x); an
-earlier one at load 20-27: 7.67 s, 8.87 s (1.16x), 27.25 s (3.55x). Targets not met at these loads.
+wall time here (docs/scale.md has a perf breakdown: sshd and the hosts' shells are ~70 % of a
+200-host run's CPU). Last runs (`--sizes 200 --repeat 3`): kpipe `fleet facts` 3.54-4.12 s, `xargs -P50 ssh`
+1.03-1.09x that, `ansible -m raw -f 50` 3.21-3.42x. Targets not met on this 2-core machine.
 """
 
 from __future__ import annotations

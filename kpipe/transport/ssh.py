@@ -167,6 +167,12 @@ class _StrictPolicy(paramiko.MissingHostKeyPolicy):
         )
 
 
+def _aead_first(ciphers: tuple[str, ...]) -> tuple[str, ...]:
+    """The same ciphers with the AES-GCM ones first (those paramiko has)."""
+    gcm = tuple(c for c in ("aes128-gcm@openssh.com", "aes256-gcm@openssh.com") if c in ciphers)
+    return gcm + tuple(c for c in ciphers if c not in gcm)
+
+
 class _AeadFirstTransport(paramiko.Transport):
     """paramiko's Transport, preferring AES-GCM over its default AES-CTR + HMAC-SHA2.
 
@@ -175,9 +181,7 @@ class _AeadFirstTransport(paramiko.Transport):
     client CPU (bench/fleet.py). Both are strong; OpenSSH has offered GCM since 6.2 (2013), and a
     server without it gets paramiko's usual list, in its usual order, after it."""
 
-    _preferred_ciphers = tuple(c for c in ("aes128-gcm@openssh.com", "aes256-gcm@openssh.com")
-                               if c in paramiko.Transport._preferred_ciphers) + \
-        tuple(c for c in paramiko.Transport._preferred_ciphers if "-gcm@" not in c)
+    _preferred_ciphers = _aead_first(tuple(getattr(paramiko.Transport, "_preferred_ciphers")))  # noqa: B009
 
 
 def _host_key_name(address: str, port: int) -> str:
