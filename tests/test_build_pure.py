@@ -189,7 +189,7 @@ CASES = [
     ("environment", "ERROR: kernel-debuginfo-5.10.0-136.12.0.86.oe2203sp1.x86_64 not installed."),
     ("environment", "ERROR: linux-image-5.4.18-53-generic-dbgsym not installed."),
     ("environment", "ERROR: source dir '/usr/src/linux' not found."),
-    ("environment", "make: *** /lib/modules/6.1.0-9-amd64/build: No such file or directory.  Stop."),
+    ("environment", "make: *** /lib/modules/6.1.0-999-amd64/build: No such file or directory.  Stop."),
     ("kernel-config", "ERROR: kernel doesn't have 'CONFIG_DEBUG_INFO' enabled."),
     ("kernel-config", "ERROR: kernel option 'CONFIG_X86_KERNEL_IBT' not supported."),
     ("kernel-config", "ERROR: The kernel doesn't support klp replace. Check /x/build.log for more details."),

@@ -16,8 +16,8 @@ from kpipe.workspace import load_workspace
 
 
 @pytest.mark.parametrize("release, glob", [
-    ("6.1.0-57-amd64", "6.1.*-amd64"),
-    ("6.1.0-57-rt-amd64", "6.1.*-rt-amd64"),
+    ("6.1.0-998-amd64", "6.1.*-amd64"),  # parser test data: releases that never have to exist
+    ("6.1.0-998-rt-amd64", "6.1.*-rt-amd64"),
     ("5.10.0-32-cloud-arm64", "5.10.*-cloud-arm64"),
     ("5.10.0-amd64-UOS", "5.10.0-amd64-UOS"),        # not Debian's scheme: the exact release
     ("4.19.90-24.4.v2101.ky10.aarch64", "4.19.90-24.4.v2101.ky10.aarch64"),
@@ -27,7 +27,7 @@ def test_kernel_globs_survive_debian_abi_bumps(release, glob):
 
 
 def test_init_writes_a_workspace_that_loads_and_lints(tmp_path):
-    result = init_workspace(tmp_path / "ws", ["6.1.0-57-amd64", "6.1.0-58-amd64"], arch="amd64")
+    result = init_workspace(tmp_path / "ws", ["6.1.0-998-amd64", "6.1.0-999-amd64"], arch="amd64")
     assert sorted(result.written) == sorted(WORKSPACE_FILES) and result.globs == ["6.1.*-amd64"]
     ws = load_workspace(tmp_path / "ws")
     assert ws.build_host("local").arch == "x86_64" and ws.default_signer == "lab"
