@@ -120,6 +120,31 @@ def test_run_audit_matches_what_hosts_show(scene):
             assert not loaded, host.name
 
 
+def test_an_audit_with_warm_caches_reads_no_inventory(scene, tmp_path, monkeypatch):
+    """The limit and the desired file's patterns come from the selection cache: the second audit
+    does not parse the inventory with ansible-core (~0.3 s of a 200-host audit), and says the same."""
+    from kpipe.fleet import inventory
+    from kpipe.workspace import open_workspace
+
+    fleet, ws_dir, roles, _ = scene
+    h = sorted(roles)
+    desired = tmp_path / "desired.yml"
+    desired.write_text(f"version: 1\nhosts:\n- match: '{h[0]}:{h[1]}'\n  require: [livepatch-extra]\n")
+    parses: list[str] = []
+    real = inventory.load_inventory
+    monkeypatch.setattr(inventory, "load_inventory", lambda *a, **kw: parses.append("parse") or real(*a, **kw))
+
+    def rows() -> set[tuple[str, str, str]]:
+        result = auditing.run_audit(open_workspace(str(ws_dir)), f"{h[0]}:{h[1]}:{h[2]}", desired_file=desired)
+        return {(r.host, r.patch, r.status) for r in result.rows}
+
+    first = rows()
+    assert len(parses) == 1  # the limit and the pattern are new: the inventory is read once for both
+    assert rows() == first and len(parses) == 1
+    assert {(x, "livepatch_extra") for x in h[:2]} <= {(x, p) for x, p, _ in first}
+    assert (h[2], "livepatch_extra") not in {(x, p) for x, p, _ in first}
+
+
 def test_verify_cli_exit_codes_and_json(scene):
     fleet, ws_dir, roles, _ = scene
     h = sorted(roles)

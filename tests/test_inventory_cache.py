@@ -92,3 +92,24 @@ print(json.dumps({{"all": {{"hosts": [f"dyn{{n}}"]}}, "_meta": {{"hostvars": {{}
     a = select_hosts(ws)
     b = select_hosts(ws)
     assert a[0].name != b[0].name and len(parses) == 2
+
+
+def test_one_selector_reads_the_inventory_once_for_every_missed_pattern(ws, parses):
+    selector = inventory_mod.HostSelector(ws)
+    assert [h.name for h in selector.select("web1")] == ["web1"]
+    assert [h.name for h in selector.select("web2")] == ["web2"]
+    assert [h.name for h in selector.select(None)] == ["web1", "web2"]
+    assert len(parses) == 1
+    # a later selector (a later command) answers all three from the store
+    again = inventory_mod.HostSelector(ws)
+    assert [[h.name for h in again.select(p)] for p in ("web1", "web2", None)] == [["web1"], ["web2"], ["web1", "web2"]]
+    assert len(parses) == 1
+
+
+def test_a_selection_that_matches_nothing_is_not_found_and_not_cached(ws, parses):
+    from kpipe.errors import NotFoundError
+
+    for _ in range(2):
+        with pytest.raises(NotFoundError):
+            select_hosts(ws, "db*")
+    assert len(parses) == 2

@@ -88,10 +88,12 @@ def run_audit(workspace: Workspace, limit: str | None = None, *, desired_file: s
     transition are read again after `settle` seconds before they are called stuck.
     """
     from kpipe.cve import cve_report
-    from kpipe.fleet.inventory import load_inventory
+    from kpipe.fleet.inventory import HostSelector
     from kpipe.fleet.observe import pool_for
 
-    inventory = load_inventory(workspace)
+    # the selection cache answers the limit and the desired file's patterns: an audit reads (and
+    # parses with ansible-core) its inventory only when a file of it changed
+    inventory = HostSelector(workspace)
     hosts = inventory.select(limit)
 
     def match(pattern: str) -> list[str]:
