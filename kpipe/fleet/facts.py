@@ -11,7 +11,8 @@ What is read, and why (kernel-facts.md):
 - `/proc/sys/kernel/tainted`: taint bits (K = 15 livepatched, O = 12, E = 13);
 - `/sys/kernel/livepatch` (CONFIG_LIVEPATCH) and every patch in it, through
   kpipe.fleet.livepatch.STATE_SCRIPT (enabled, transition, objects, functions);
-- `command -v kpatch`: whether the kpatch CLI drives loads on this host;
+- the first executable `kpatch` on PATH (as `command -v` finds it): whether the kpatch CLI
+  drives loads on this host;
 - `/sys/fs/selinux/enforce` (exists iff SELinux is enabled; 1 = enforcing);
 - `/sys/module/module/parameters/sig_enforce` (Y: unsigned modules are refused);
 - `df -Pk` of /var/lib/kpatch (or /var/lib when it does not exist yet): free KiB for staging;
@@ -58,7 +59,11 @@ fi
 # cat, never the shell's read: read takes one byte per read(2) and /proc/sys files answer
 # EOF past offset 0 (proc_dointvec), so busybox's read sees "4" of "45056" (seen on a lab VM).
 echo "tainted $(cat /proc/sys/kernel/tainted 2>/dev/null || echo '?')"
-if k=$(command -v kpatch 2>/dev/null); then printf 'kpatch %s\n' "$k"; else echo "kpatch -"; fi
+# `command -v kpatch` in a subshell costs a fork on every host: the same PATH walk in this shell
+k=-; o=$IFS; IFS=:; set -f
+for d in $PATH; do [ -f "${d:-.}/kpatch" ] && [ -x "${d:-.}/kpatch" ] && { k=${d:-.}/kpatch; break; }; done
+IFS=$o; set +f
+printf 'kpatch %s\n' "$k"
 if [ -e /sys/fs/selinux/enforce ]; then
   v=; read -r v 2>/dev/null < /sys/fs/selinux/enforce; printf 'selinux %s\n' "${v:-?}"
 else

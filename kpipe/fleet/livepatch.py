@@ -67,19 +67,29 @@ class LivepatchOpError(StepFailed):
 # V is '-' when the file does not exist and '?' when it could not be read.
 STATE_SCRIPT = r"""
 LP=/sys/kernel/livepatch
-rd() { if [ -e "$1" ]; then v=$(cat "$1" 2>/dev/null) && printf '%s' "$v" || printf '?'; else printf -- '-'; fi; }
+# rd FILE sets v: the file's first line, '?' when unreadable, '-' when absent. No subshell: `$(rd F)`
+# would fork for every file of every patch. sysfs answers the shell's own read; /proc/sys files
+# need cat (read takes a byte per read(2), and they answer EOF past offset 0: see kpipe.fleet.facts).
+rd() {
+  v=-
+  [ -e "$1" ] || return 0
+  case $1 in
+    /sys/*) v=; read -r v 2>/dev/null < "$1" || [ -n "$v" ] || v='?' ;;
+    *) v=$(cat "$1" 2>/dev/null) || v='?' ;;
+  esac
+}
 if [ -d "$LP" ]; then echo "livepatch_sysfs 1"; else echo "livepatch_sysfs 0"; fi
-echo "tainted $(rd /proc/sys/kernel/tainted)"
+rd /proc/sys/kernel/tainted; echo "tainted $v"
 for d in "$LP"/*/; do
   [ -d "$d" ] || continue
   m=${d%/}; m=${m##*/}
   echo "patch $m"
-  echo "enabled $m $(rd "$d/enabled")"
-  echo "transition $m $(rd "$d/transition")"
+  rd "$d/enabled"; echo "enabled $m $v"
+  rd "$d/transition"; echo "transition $m $v"
   for o in "$d"*/; do
     [ -d "$o" ] || continue
     on=${o%/}; on=${on##*/}
-    echo "object $m $on $(rd "$o/patched")"
+    rd "$o/patched"; echo "object $m $on $v"
     for f in "$o"*/; do
       [ -d "$f" ] || continue
       fn=${f%/}; fn=${fn##*/}
@@ -93,10 +103,10 @@ for m in "$@"; do
   case "$seen" in *" $m "*) continue;; esac
   seen="$seen$m "
   if [ -d "/sys/module/$m" ]; then
-    echo "module $m 1 $(rd "/sys/module/$m/taint")"
+    rd "/sys/module/$m/taint"; echo "module $m 1 $v"
     n="/sys/module/$m/notes/.note.gnu.build-id"
     if [ -r "$n" ]; then echo "notes $m $(od -An -v -tx1 "$n" 2>/dev/null | tr -d ' \n')"; fi
-    if [ -r "/sys/module/$m/srcversion" ]; then echo "srcversion $m $(rd "/sys/module/$m/srcversion")"; fi
+    if [ -r "/sys/module/$m/srcversion" ]; then rd "/sys/module/$m/srcversion"; echo "srcversion $m $v"; fi
   else
     echo "module $m 0 -"
   fi

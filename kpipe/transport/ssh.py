@@ -1,4 +1,5 @@
-"""SSH through Fabric, tuned as ssh-performance.md measures.
+"""SSH through Fabric, tuned as docs/scale.md measures (kpipe.transport.sshtuned: the changes made
+inside paramiko and Fabric).
 
 - Strict host key checking: every known_hosts file is parsed once per pool
   (paramiko's HostKeys.load is quadratic) and shared by all connections
@@ -6,8 +7,8 @@
   the user asked to accept new ones (then they are appended, once).
 - The private key is loaded once and passed as `pkey`; agent and key probing
   are off when a key is configured.
-- ssh_config is read once per pool; Connection objects are built in one
-  thread before any fan-out (building them concurrently from one Config races).
+- ssh_config is read once per pool; each Connection is built by its first use, in the
+  thread that opens it, over a Config of its own (a shared Config races).
 - The socket is ours, connected with TCP_NODELAY (paramiko never sets it, and
   every command on an open connection then stalls ~40 ms).
 - One connection per host, reused for every later step; `in_stream=False`.
@@ -31,6 +32,7 @@ from kpipe.commands import Command, CommandResult
 from kpipe.errors import CommandTimeout, ConfigError, TransportError
 from kpipe.host import Host
 from kpipe.transport.sshlibs import import_ssh_libraries
+from kpipe.transport.sshtuned import AeadFirstTransport, quick_connection_class
 from kpipe.workspace import SshSettings
 
 import_ssh_libraries()  # before paramiko: its import of invoke then loads no unittest.mock nor asyncio
@@ -167,23 +169,6 @@ class _StrictPolicy(paramiko.MissingHostKeyPolicy):
         )
 
 
-def _aead_first(ciphers: tuple[str, ...]) -> tuple[str, ...]:
-    """The same ciphers with the AES-GCM ones first (those paramiko has)."""
-    gcm = tuple(c for c in ("aes128-gcm@openssh.com", "aes256-gcm@openssh.com") if c in ciphers)
-    return gcm + tuple(c for c in ciphers if c not in gcm)
-
-
-class _AeadFirstTransport(paramiko.Transport):
-    """paramiko's Transport, preferring AES-GCM over its default AES-CTR + HMAC-SHA2.
-
-    GCM authenticates each packet inside the cipher (C code, in cryptography); with CTR, paramiko
-    computes every packet's HMAC and compares it byte by byte in Python, ~10 % of a fan-out's
-    client CPU (bench/fleet.py). Both are strong; OpenSSH has offered GCM since 6.2 (2013), and a
-    server without it gets paramiko's usual list, in its usual order, after it."""
-
-    _preferred_ciphers = _aead_first(tuple(getattr(paramiko.Transport, "_preferred_ciphers")))  # noqa: B009
-
-
 def _host_key_name(address: str, port: int) -> str:
     return address if port == 22 else f"[{address}]:{port}"
 
@@ -202,7 +187,7 @@ class SshTransport:
         if pool.disabled_algorithms:
             kwargs["disabled_algorithms"] = pool.disabled_algorithms
         kwargs["banner_timeout"] = kwargs["auth_timeout"] = self._connect_timeout()
-        kwargs["transport_factory"] = _AeadFirstTransport
+        kwargs["transport_factory"] = AeadFirstTransport
         self._connect_kwargs = kwargs
         self._conn: Any = None  # the Fabric Connection, built on first use (see `conn`)
         self._lock = threading.Lock()
@@ -217,9 +202,8 @@ class SshTransport:
         still unbuilt, instead of after all of them. Each has a Config of its own (Fabric reads
         and lazily fills a Connection's Config while it opens, so a shared one races)."""
         if self._conn is None:
-            from fabric import Connection
-
-            conn = Connection(host=self.target.address, port=self.target.port, user=self.target.user or None,
+            connection = quick_connection_class()
+            conn = connection(host=self.target.address, port=self.target.port, user=self.target.user or None,
                               config=self.pool.fabric_config(), connect_kwargs=self._connect_kwargs,
                               connect_timeout=None)
             conn.client.set_missing_host_key_policy(_StrictPolicy(self.pool.known_hosts_for(self.target),
