@@ -109,6 +109,40 @@ def test_this_machine_live() -> None:
     assert facts.machine == platform.machine()
 
 
+@pytest.mark.parametrize("shell", ["sh", "bash", "busybox"])
+def test_the_kpatch_cli_is_found_on_path_as_command_v_finds_it(tmp_path: Path, shell: str) -> None:
+    """The script walks PATH itself (no subshell per host): the first executable regular file named
+    kpatch wins; a folder or a file without x named kpatch is passed over (busybox's `command -v`
+    would name the file without x)."""
+    import shutil
+    import subprocess
+
+    program = shutil.which(shell)
+    if program is None:
+        pytest.fail(f"{shell} is not installed (.ci/run installs it)")
+    folder, no_x, real, later = (tmp_path / n for n in ("folder", "no-x", "real", "later"))
+    for d in (folder, no_x, real, later):
+        d.mkdir()
+    (folder / "kpatch").mkdir()
+    (no_x / "kpatch").write_text("#!/bin/sh\n")
+    for d in (real, later):
+        (d / "kpatch").write_text("#!/bin/sh\n")
+        (d / "kpatch").chmod(0o755)
+    argv = [program, "-c", FACTS_SCRIPT] if shell != "busybox" else [program, "sh", "-c", FACTS_SCRIPT]
+
+    def kpatch_line(path: str) -> str:
+        out = subprocess.run(argv, capture_output=True, text=True, env={"PATH": path}, timeout=60).stdout
+        lines = [ln for ln in out.splitlines() if ln.startswith("kpatch ")]
+        assert len(lines) == 1, out
+        return "" if lines[0] == "kpatch -" else lines[0].removeprefix("kpatch ")
+
+    system = "/usr/sbin:/usr/bin:/sbin:/bin"
+    assert kpatch_line(f"{folder}:{no_x}:{real}:{later}:{system}") == f"{real}/kpatch"
+    assert kpatch_line(f"{folder}:{no_x}:{system}") == ""
+    assert kpatch_line(f"{folder}:{no_x}:{later}:{real}:{system}") == f"{later}/kpatch"
+    assert kpatch_line(f"{later}:{real}") == f"{later}/kpatch"  # PATH without the system folders
+
+
 def test_the_command_is_constant_and_read_only() -> None:
     cmd = facts_command()
     assert cmd.argv[:2] == ("sh", "-c") and cmd.argv[2] == FACTS_SCRIPT and len(cmd.argv) == 4
