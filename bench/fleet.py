@@ -30,8 +30,9 @@ client. Measured server CPU per `fleet facts` connection: ~53 ms with the re-exe
 (of which ~12 ms is the facts script and ~28 ms sshd's own fork, key exchange, authentication and
 session), against kpipe's ~9-20 ms of client CPU per host: the servers are most of every client's
 wall time here (docs/scale.md has a perf breakdown: sshd and the hosts' shells are ~70 % of a
-200-host run's CPU). Last runs (`--sizes 200 --repeat 3`): kpipe `fleet facts` 3.54-4.12 s, `xargs -P50 ssh`
-1.03-1.09x that, `ansible -m raw -f 50` 3.21-3.42x. Targets not met on this 2-core machine.
+200-host run's CPU). Last run (`--sizes 200 --repeat 3`, load ~1 before): kpipe `fleet facts` 2.70 s,
+`audit` 1.02x that, `xargs -P50 ssh` 1.16x, `ansible -m raw -f 50` 3.53x. The xargs and ansible targets are
+not met on this 2-core machine.
 """
 
 from __future__ import annotations
