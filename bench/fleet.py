@@ -7,7 +7,10 @@
 `--sizes` prints the scaling curve (issue 13): at each size, `kpipe fleet facts` with worker
 processes and in-process, `kpipe audit` of the same hosts (a desired state naming a module, so
 each host's /sys/module is read too), `xargs -P50 ssh` and `ansible -m raw -f 50`: hosts/s,
-client CPU per host, peak RSS of each client's whole process tree, and the ratios.
+client CPU per host, the servers' CPU per host during that client's run, how busy the machine's
+cores were, peak RSS of each client's whole process tree, and the ratios. The 200-host point ends
+with kpipe's floor on this machine -- (client CPU + servers' CPU) / cores, a run with no core idle --
+beside the wall time each issue 13 target asks for.
 
 One run, same hosts (tests/simfleet.py: real sshd processes, simulated kernels), same
 parallelism, same remote command (kpipe's facts script), same key exchange for every
@@ -30,9 +33,10 @@ client. Measured server CPU per `fleet facts` connection: ~53 ms with the re-exe
 (of which ~12 ms is the facts script and ~28 ms sshd's own fork, key exchange, authentication and
 session), against kpipe's ~9-20 ms of client CPU per host: the servers are most of every client's
 wall time here (docs/scale.md has a perf breakdown: sshd and the hosts' shells are ~70 % of a
-200-host run's CPU). Last run (`--sizes 200 --repeat 3`, load ~1 before): kpipe `fleet facts` 2.70 s,
-`audit` 1.02x that, `xargs -P50 ssh` 1.16x, `ansible -m raw -f 50` 3.53x. The xargs and ansible targets are
-not met on this 2-core machine.
+200-host run's CPU). Last run (`--sizes 200 --repeat 3`, load ~1.4 before): kpipe `fleet facts` 3.16 s
+(6.8 ms client and 21.5 ms server CPU per host, cores 94 % busy), `audit` 0.98x that, `xargs -P50 ssh` 1.09x,
+`ansible -m raw -f 50` 3.41x; kpipe's floor 2.82 s, which 4x ansible (2.69 s) is below and 1.2x xargs (2.87 s)
+2 % above. The xargs and ansible targets are not met on this 2-core machine.
 """
 
 from __future__ import annotations
@@ -46,7 +50,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
@@ -54,6 +60,7 @@ sys.path.insert(0, str(ROOT))
 
 from build_overhead import bench_env  # noqa: E402  (beside this file)
 
+CORES = os.cpu_count() or 1
 KEX = {"curve25519": ("curve25519-sha256@libssh.org", "curve25519-sha256")}  # (paramiko name, OpenSSH name)
 
 
@@ -210,14 +217,64 @@ def _tree_rss_kb(root: int) -> int:
     return total
 
 
+def machine_busy() -> float:
+    """CPU seconds every core of this machine has spent busy so far (/proc/stat: all but idle and iowait)."""
+    with open("/proc/stat") as f:
+        ticks = [int(x) for x in f.readline().split()[1:]]
+    return (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")
+
+
+def server_cpu(hosts: list[Any]) -> float:
+    """CPU seconds the hosts' sshd listeners have used, with every session they have reaped.
+
+    A SimFleet host's listener is the sshd its Popen started (`exec sshd -D -r`); the CPU of each
+    connection's sshd processes and shell lands in the listener's cutime/cstime once reaped, so the
+    difference across a run is the servers' share of it (settle() first: a session still tearing
+    down is not reaped yet)."""
+    total = 0
+    for h in hosts:
+        if h.proc is None:
+            continue
+        try:
+            with open(f"/proc/{h.proc.pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += sum(int(x) for x in fields[11:15])  # utime stime cutime cstime
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def settle(hosts: list[Any], timeout: float = 15.0) -> None:
+    """Wait until no listener has a child left: every session of the last run has ended and been reaped."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        busy = False
+        for h in hosts:
+            if h.proc is None:
+                continue
+            try:
+                with open(f"/proc/{h.proc.pid}/task/{h.proc.pid}/children") as f:
+                    busy = bool(f.read().strip())
+            except OSError:  # no CONFIG_PROC_CHILDREN: a fixed pause instead
+                time.sleep(1.0)
+                return
+            if busy:
+                break
+        if not busy:
+            return
+        time.sleep(0.05)
+
+
 def sampled(argv: list[str], *, env: dict[str, str] | None = None, stdin: str | None = None,
-            every: float = 0.1) -> tuple[float, float, int, int, str]:
+            every: float = 0.1, busy: list[float] | None = None) -> tuple[float, float, int, int, str]:
     """Run argv; (wall s, client CPU s of the process tree, peak summed RSS KiB of the tree, exit, stdout).
 
     The RSS is sampled every `every` s over the whole tree (kpipe's parent plus its worker processes;
-    ansible's forks; xargs' ssh processes)."""
+    ansible's forks; xargs' ssh processes). `busy`, when given, gets the CPU seconds the whole machine
+    spent busy during the run appended (clients, servers and anything else)."""
     import threading
 
+    busy0 = machine_busy()
     cpu0, t0 = children_cpu(), time.monotonic()
     proc = subprocess.Popen(argv, env=env, stdin=subprocess.PIPE if stdin is not None else subprocess.DEVNULL,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -231,9 +288,12 @@ def sampled(argv: list[str], *, env: dict[str, str] | None = None, stdin: str | 
     w = threading.Thread(target=watch, daemon=True)
     w.start()
     out, err = proc.communicate(stdin, timeout=3600)
+    wall = time.monotonic() - t0
+    if busy is not None:
+        busy.append(machine_busy() - busy0)
     done.set()
     w.join()
-    return time.monotonic() - t0, children_cpu() - cpu0, peak[0], proc.returncode, out if proc.returncode in (0, 1) \
+    return wall, children_cpu() - cpu0, peak[0], proc.returncode, out if proc.returncode in (0, 1) \
         else err[-500:]
 
 
@@ -273,12 +333,29 @@ def curve(args: argparse.Namespace) -> int:
             env = bench_env(KPIPE_WORKSPACE=str(ws))
             if n == sizes[0]:
                 warm_up(kpipe, env, args.forks)
-            rows: dict[str, tuple[float, float, int, int]] = {}
+            rows: dict[str, tuple[float, float, int, int, float, float]] = {}
             loads: dict[str, str] = {}
+            hosts = fleet.hosts[:n]
 
-            def rec(name: str, r: tuple[float, float, int, int, str], ok: int | None = None,
-                    n: int = n, rows: dict[str, tuple[float, float, int, int]] = rows,
+            def measured(argv: list[str], *, env: dict[str, str] | None = None, stdin: str | None = None,
+                         after: Callable[[], None] | None = None,
+                         hosts: list[Any] = hosts) -> tuple[tuple[float, float, int, int, str], float, float]:
+                """sampled(), plus the servers' CPU for this run and the machine's busy CPU during it.
+
+                `after` ends what the client left running (ansible's ControlPersist masters) before the
+                servers' CPU is read: their sessions are this run's too."""
+                settle(hosts)
+                s0, busy = server_cpu(hosts), list[float]()
+                r = sampled(argv, env=env, stdin=stdin, busy=busy)
+                if after is not None:
+                    after()
+                settle(hosts)
+                return r, server_cpu(hosts) - s0, busy[0]
+
+            def rec(name: str, m: tuple[tuple[float, float, int, int, str], float, float], ok: int | None = None,
+                    n: int = n, rows: dict[str, tuple[float, float, int, int, float, float]] = rows,
                     loads: dict[str, str] = loads) -> None:
+                r, servers, busy = m
                 wall, cpu, rss, rc, out = r
                 if ok is not None and ok != n and rc == 0:
                     rc = 1
@@ -287,13 +364,15 @@ def curve(args: argparse.Namespace) -> int:
                     out = "no JSON on stdout"
                 # the best successful round counts: this machine's load varies between rounds
                 if name not in rows or (rc == 0 and (rows[name][3] != 0 or wall < rows[name][0])):
-                    rows[name] = (wall, cpu, rss, rc)
+                    rows[name] = (wall, cpu, rss, rc, servers, busy)
                     loads[name] = load()
                 note = "" if rc in (0, 1) else f"  exit {rc}: {out.strip()[-160:]}"
                 if ok is not None and ok != n:
                     note += f"  ({ok}/{n} hosts ok)"
                 print(f"  {n:5d} hosts  {name:<30} {wall:7.2f} s {n / wall:7.1f} hosts/s  cpu/host "
-                      f"{1000 * cpu / n:6.2f} ms  peak RSS {rss / 1024:7.1f} MiB  load {load()}{note}", flush=True)
+                      f"{1000 * cpu / n:6.2f} ms  servers/host {1000 * servers / n:6.2f} ms  cores busy "
+                      f"{100 * busy / (wall * CORES):3.0f} %  peak RSS {rss / 1024:7.1f} MiB  load {load()}{note}",
+                      flush=True)
 
             def facts_ok(out: str) -> int | None:
                 try:
@@ -311,17 +390,17 @@ def curve(args: argparse.Namespace) -> int:
 
             for _round in range(args.repeat):
                 for w in (workers, 1):
-                    r = sampled([kpipe, "fleet", "facts", "--json", "--forks", str(args.forks), "--workers", str(w)],
-                                env=env)
-                    rec(f"kpipe fleet facts workers={w}", r, facts_ok(r[4]))
-                r = sampled([kpipe, "audit", "--format", "json", "--forks", str(args.forks), "--workers", str(workers),
-                             "--desired", str(ws / "desired.yml")], env=env)
-                rec(f"kpipe audit workers={workers}", r, audit_hosts(r[4]))
+                    m = measured([kpipe, "fleet", "facts", "--json", "--forks", str(args.forks), "--workers", str(w)],
+                                 env=env)
+                    rec(f"kpipe fleet facts workers={w}", m, facts_ok(m[0][4]))
+                m = measured([kpipe, "audit", "--format", "json", "--forks", str(args.forks), "--workers", str(workers),
+                              "--desired", str(ws / "desired.yml")], env=env)
+                rec(f"kpipe audit workers={workers}", m, audit_hosts(m[0][4]))
                 lines = "".join(f"{h.port} {h.address}\n" for h in fleet.hosts[:n])
                 inner = "exec ssh " + " ".join(shlex.quote(o) for o in ssh_opts(fleet, openssh_kex)) + \
                     ' -p "$0" root@"$1" "$KPIPE_BENCH_CMD" >/dev/null'
-                rec("xargs -P50 ssh", sampled(["xargs", "-P", str(args.forks), "-L", "1", "sh", "-c", inner],
-                                              env=dict(os.environ, KPIPE_BENCH_CMD=remote), stdin=lines))
+                rec("xargs -P50 ssh", measured(["xargs", "-P", str(args.forks), "-L", "1", "sh", "-c", inner],
+                                               env=dict(os.environ, KPIPE_BENCH_CMD=remote), stdin=lines))
                 if not args.skip_ansible:
                     inv = fleet.write_inventory(tmp / f"ansible-{n}.yml", hosts=fleet.hosts[:n])
                     cp = Path(tempfile.mkdtemp(prefix="kpa-", dir="/tmp"))
@@ -331,15 +410,18 @@ def curve(args: argparse.Namespace) -> int:
                     extra = f"-o UserKnownHostsFile={fleet.known_hosts} -o IdentitiesOnly=yes"
                     aenv = dict(os.environ, ANSIBLE_SSH_ARGS=ssh_args, ANSIBLE_HOST_KEY_CHECKING="True",
                                 ANSIBLE_SSH_EXTRA_ARGS=extra, ANSIBLE_SSH_CONTROL_PATH_DIR=str(cp), ANSIBLE_NOCOLOR="1")
-                    rec("ansible -m raw -f 50", sampled([ansible, "all", "-i", str(inv), "-f", str(args.forks), "-m",
-                                                         "raw", "-a", remote], env=aenv))
-                    for sock in cp.glob("*"):
-                        if sock.is_socket():
-                            subprocess.run(["ssh", "-O", "exit", "-o", f"ControlPath={sock}", "bench"],
-                                           capture_output=True, timeout=30)
+                    def exit_masters(cp: Path = cp) -> None:
+                        for sock in cp.glob("*"):
+                            if sock.is_socket():
+                                subprocess.run(["ssh", "-O", "exit", "-o", f"ControlPath={sock}", "bench"],
+                                               capture_output=True, timeout=30)
+
+                    rec("ansible -m raw -f 50", measured([ansible, "all", "-i", str(inv), "-f", str(args.forks), "-m",
+                                                          "raw", "-a", remote], env=aenv, after=exit_masters))
             kp = rows[f"kpipe fleet facts workers={workers}"]
             row: dict[str, object] = {"hosts": n, "workers": workers, **{k: {"wall": v[0], "cpu": v[1], "rss_kb": v[2],
-                                                                            "rc": v[3], "load": loads[k]}
+                                                                            "rc": v[3], "server_cpu": v[4],
+                                                                            "busy_cpu": v[5], "load": loads[k]}
                                                                         for k, v in rows.items()}}
             # a ratio only between successful runs: a client that failed has no speed
             if kp[3] == 0:
@@ -384,12 +466,35 @@ def curve(args: argparse.Namespace) -> int:
         print("\nissue 13 targets at 200 hosts: "
               f"vs ansible -m raw -f 50 {target('ratio vs ansible -m raw -f 50')} (>= 4x), "
               f"vs xargs -P50 ssh {target('ratio vs xargs -P50 ssh')} (>= 1.2x)")
+        floor_report(at200, f"kpipe fleet facts workers={workers}")
     if args.json:
         args.json.write_text(json.dumps({"forks": args.forks, "kex": args.kex, "curve": table}, indent=2))
     failed = [f"{r['hosts']} hosts: {k}" for r in table for k, v in r.items() if isinstance(v, dict) and v["rc"] != 0]
     if failed:
         print("failed runs (no figures from them): " + "; ".join(failed))
     return 1 if failed else 0
+
+
+def floor_report(row: dict[str, object], kpipe_name: str) -> None:
+    """Where kpipe's wall goes on this machine, beside what each target asks of it.
+
+    The simulated servers run on the same cores as the client: no client can finish before the CPU of
+    its own run and of the servers it drove, spread over every core, has been spent. That floor says how
+    far a target is from what this machine allows, not only from kpipe's last figure."""
+    kp = row.get(kpipe_name)
+    if not isinstance(kp, dict) or kp["rc"] != 0:
+        return
+    floor = (kp["cpu"] + kp["server_cpu"]) / CORES
+    print(f"  kpipe's CPU floor here: client {kp['cpu']:.2f} s + servers {kp['server_cpu']:.2f} s of CPU over "
+          f"{CORES} cores = {floor:.2f} s with no core ever idle (servers alone {kp['server_cpu'] / CORES:.2f} s); "
+          f"measured {kp['wall']:.2f} s with the cores {100 * kp['busy_cpu'] / (kp['wall'] * CORES):.0f} % busy")
+    for name, factor in (("ansible -m raw -f 50", 4.0), ("xargs -P50 ssh", 1.2)):
+        other = row.get(name)
+        if isinstance(other, dict) and other["rc"] == 0:
+            need = other["wall"] / factor
+            where = "below the floor: out of reach at kpipe's client CPU" if need < floor else \
+                f"{100 * (need - floor) / floor:.0f} % above the floor"
+            print(f"    {factor:g}x {name} ({other['wall']:.2f} s) needs kpipe <= {need:.2f} s: {where}")
 
 
 def main() -> int:
