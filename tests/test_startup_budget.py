@@ -464,19 +464,25 @@ def test_the_fast_way_and_typer_s_way_print_the_same(ws: Path, argv: tuple[str, 
 # -- the SSH libraries (kpipe.transport.sshlibs): paramiko and Fabric without invoke's test helpers ----------
 
 
-def test_the_ssh_transport_loads_no_unittest_mock_asyncio_or_second_yaml():
+def test_the_ssh_transport_loads_no_unittest_mock_asyncio_or_yaml(tmp_path: Path):
     """Every command that opens an SSH connection imports kpipe.transport.ssh: paramiko and Fabric load, but
-    not unittest.mock and asyncio (invoke's MockContext) nor invoke's vendored copy of PyYAML;
-    Fabric and invoke still work, MockContext included, and a later `import unittest.mock` is the real one."""
+    not unittest.mock and asyncio (invoke's MockContext), nor PyYAML or invoke's vendored copy of it
+    until a YAML config file is read; Fabric and invoke still work, a project's invoke.yaml and
+    MockContext included, and a later `import unittest.mock` is the real one."""
+    (tmp_path / "invoke.yaml").write_text("run:\n  echo: true\nkpipe_probe: [1, 2]\n")
     code = ("import sys\n"
             "import kpipe.transport.ssh\n"
             "import fabric, invoke, paramiko\n"
-            "heavy = ('unittest', 'unittest.mock', 'asyncio', 'invoke.vendor.yaml')\n"
+            "heavy = ('unittest', 'unittest.mock', 'asyncio', 'invoke.vendor.yaml', 'yaml')\n"
             "bad = sorted(m for m in heavy if m in sys.modules)\n"
             "assert not bad, bad\n"
             "c = fabric.Connection('127.0.0.1', user='u', port=2222)\n"
             "assert (c.host, c.user, c.port) == ('127.0.0.1', 'u', 2222)\n"
-            "assert invoke.config.yaml.safe_load('a: [1]') == {'a': [1]}\n"
+            "assert 'yaml' not in sys.modules\n"
+            f"cfg = invoke.Config(project_location={str(tmp_path)!r})\n"
+            "cfg.load_project()\n"
+            "assert cfg.run.echo is True and cfg.kpipe_probe == [1, 2], dict(cfg)\n"
+            "assert 'yaml' in sys.modules and invoke.config.yaml.safe_load('a: [1]') == {'a': [1]}\n"
             "m = invoke.MockContext(run={'ls': invoke.Result('out')})\n"
             "assert m.run('ls').stdout == 'out'\n"
             "import unittest.mock\n"

@@ -18,7 +18,11 @@ import), used for one thing: `yaml.safe_load` of invoke's optional *.yaml config
 falls back to the installed PyYAML when its vendor folder is missing (invoke/util.py, for distribution
 packages), and the vendored copy imports the installed PyYAML anyway (for its C loader): so invoke is
 given the installed PyYAML, kpipe's own dependency (kpipe.yamlnodes), instead of a second copy of it
-on top of it (measured: ~19 ms for PyYAML, ~54 ms for the vendored copy with it).
+on top of it (measured: ~19 ms for PyYAML, ~54 ms for the vendored copy with it). And since invoke only
+calls it when such a file exists (/etc/fabric.yaml, ~/.fabric.yml, ...), what it is given is a stand-in
+whose `safe_load` imports PyYAML on its first call: a command that reads no YAML of its own (`fleet
+facts` with a warm selection cache) does not pay ~13 ms of PyYAML's import (yaml.reader compiles its
+regular expressions at import) at every start.
 """
 
 from __future__ import annotations
@@ -35,6 +39,24 @@ def _real_mock(*args: Any, **kwargs: Any) -> Any:
     return mock.Mock(*args, **kwargs)
 
 
+def _yaml_safe_load(stream: Any) -> Any:
+    """yaml.safe_load(stream), with PyYAML imported on this first use (invoke's config files)."""
+    import yaml
+
+    return yaml.safe_load(stream)
+
+
+def _lazy_yaml() -> types.ModuleType | None:
+    """A stand-in for PyYAML holding the one function invoke calls, or None without PyYAML (invoke's own copy)."""
+    import importlib.util
+
+    if "yaml" not in sys.modules and importlib.util.find_spec("yaml") is None:
+        return None
+    stand_in = types.ModuleType("yaml", "kpipe.transport.sshlibs: PyYAML's safe_load, imported on first use")
+    stand_in.safe_load = _yaml_safe_load  # type: ignore[attr-defined]
+    return stand_in
+
+
 def import_ssh_libraries() -> None:
     """Import invoke (and so paramiko and Fabric can be imported) without loading unittest.mock and asyncio."""
     if "invoke" in sys.modules or "unittest.mock" in sys.modules:
@@ -43,11 +65,8 @@ def import_ssh_libraries() -> None:
     stand_in.Mock = _real_mock  # type: ignore[attr-defined]
     lent: dict[str, types.ModuleType] = {"unittest.mock": stand_in}
     if "invoke.vendor.yaml" not in sys.modules:
-        try:
-            import yaml
-        except ImportError:  # no PyYAML here: invoke uses its vendored copy
-            pass
-        else:
+        yaml = sys.modules.get("yaml") or _lazy_yaml()  # None: no PyYAML here, invoke uses its vendored copy
+        if yaml is not None:
             lent["invoke.vendor.yaml"] = yaml
     sys.modules.update(lent)
     try:
