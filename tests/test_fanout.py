@@ -88,6 +88,37 @@ def test_cli_facts_json_exit_0_and_strict_exit_6(fleet: SimFleet, workspace) -> 
     assert {row["host"]: row["ok"] for row in rows}[fleet.hosts[3].name] == 0
 
 
+def test_cli_facts_runs_without_typer_and_answers_as_the_typer_command(fleet: SimFleet, workspace) -> None:
+    """A plain `kpipe fleet facts` argv runs through kpipe.cli.fast: no Typer, click, Rich (JSON output)
+    or PyYAML (a warm selection cache) is imported, and the hosts' answers are the Typer command's."""
+    import sys
+
+    env = dict(os.environ, KPIPE_WORKSPACE=str(workspace.root))
+    env.pop("KPIPE_DEBUG", None)
+    pattern = ":".join(h.name for h in fleet.hosts[:6])  # includes the refused host 3
+    argv = ["fleet", "facts", "--limit", pattern, "--json", "--forks", "4", "--timeout", "30", "--workers", "1"]
+    subprocess.run([sys.executable, "-m", "kpipe", *argv], capture_output=True, env=env, timeout=300)  # warm cache
+    fast = subprocess.run([sys.executable, "-X", "importtime", "-m", "kpipe", *argv], capture_output=True, text=True,
+                          env=env, timeout=300)
+    assert fast.returncode == 0, fast.stderr[-2000:]
+    names = {line.rsplit("|", 1)[1].strip() for line in fast.stderr.splitlines() if line.startswith("import time:")}
+    assert "kpipe.cli.fleetfacts" in names and "paramiko" in names  # importtime listed the run
+    assert not {m for m in names if m.split(".")[0] in ("typer", "click", "rich", "yaml", "ansible")}
+    code = ("import sys; import kpipe.cli.fast as f; f.parse = lambda args: None; sys.argv[0] = 'kpipe'; "
+            "from kpipe.cli.app import main; main()")
+    slow = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, env=env, timeout=300)
+    assert slow.returncode == 0, slow.stderr[-2000:]
+
+    def answers(out: str) -> tuple[dict, dict]:
+        doc = json.loads(out)
+        facts = {n: {k: v for k, v in h.items() if k != "facts"} | {"release": h.get("facts", {}).get("release")}
+                 for n, h in doc["hosts"].items()}
+        return facts, {k: v for k, v in doc["summary"].items() if k != "seconds"}
+
+    assert answers(fast.stdout) == answers(slow.stdout)
+    assert answers(fast.stdout)[1] == {"hosts": 6, "ok": 5, "failed": 1}
+
+
 def test_forks_bound_the_parallelism(fleet: SimFleet, workspace) -> None:
     """--forks is the number of hosts worked on at once: counted while real SSH commands run, not timed."""
     import threading

@@ -1,4 +1,4 @@
-"""Listing commands and `kpipe build` run straight from argv, without Typer.
+"""Listing commands, `kpipe fleet facts` and `kpipe build` run straight from argv, without Typer.
 
 Importing Typer (and its vendored click) and turning a command's signature into click parameters is
 ~50-60 ms of CPU: more than half of what `kpipe artifacts list` costs beyond a bare interpreter
@@ -18,6 +18,27 @@ from collections.abc import Callable
 from typing import Any, NamedTuple
 
 
+class Number(NamedTuple):
+    """An option taking a number in a closed range, as click's IntRange / FloatRange (min/max) accepts it."""
+
+    name: str  # the parameter
+    kind: type[int] | type[float]
+    low: float | None
+    high: float | None
+
+    def convert(self, text: str) -> int | float | None:
+        """The value, or None for anything but plain decimal digits within the range: Typer then reports it
+        (click would also take `+5`, `1_000`, ` 7`, `inf` or `nan`; none of those is left to a guess here)."""
+        whole, dot, fraction = text.partition(".")
+        if not whole.isascii() or not whole.isdigit() or (dot and (self.kind is int or not fraction.isascii()
+                                                                   or not fraction.isdigit())):
+            return None
+        value = self.kind(text)
+        if (self.low is not None and value < self.low) or (self.high is not None and value > self.high):
+            return None
+        return value
+
+
 class FastCommand(NamedTuple):
     """A command kpipe.cli.fast runs without Typer: its path and what its click command accepts."""
 
@@ -25,9 +46,11 @@ class FastCommand(NamedTuple):
     options: dict[str, str]  # option that takes a text value -> parameter name
     flags: dict[str, str]  # boolean flag -> parameter name
     arguments: tuple[tuple[str, str | None], ...]  # positional (name, default; None: required)
-    typer_only: dict[str, str] = {}  # options this parser leaves to Typer (given: Typer runs), e.g. a number
+    typer_only: dict[str, str] = {}  # options this parser leaves to Typer (given: Typer runs), e.g. a list
+    numbers: dict[str, Number] = {}  # option that takes a number -> its parameter and range
 
 
+_FORKS = Number("forks", int, 1, 1000)
 FAST: dict[tuple[str, ...], FastCommand] = {c.path: c for c in (
     FastCommand(("artifacts", "list"), {"--kernel": "kernel", "-k": "kernel", "--recipe": "recipe", "-r": "recipe",
                                         "--status": "status"}, {"--json": "json_out"}, ()),
@@ -37,6 +60,10 @@ FAST: dict[tuple[str, ...], FastCommand] = {c.path: c for c in (
                              "--host": "host", "--fleet": "fleet"},
                 {"--all-kernels": "all_kernels", "--force": "force", "--verbose": "verbose", "-v": "verbose",
                  "--json": "json_out"}, (), typer_only={"--jobs": "jobs", "-j": "jobs"}),
+    FastCommand(("fleet", "facts"), {"--limit": "limit", "-l": "limit"}, {"--json": "as_json", "--strict": "strict"},
+                (), typer_only={"--inventory": "inventory", "-i": "inventory"},
+                numbers={"--forks": _FORKS, "-f": _FORKS, "--timeout": Number("timeout", float, 1.0, None),
+                         "--workers": Number("workers", int, 1, 256)}),
 )}
 
 # Values of KPIPE_DEBUG whose meaning is plain (click's boolean words); any other value goes to Typer,
@@ -95,6 +122,18 @@ def parse(args: list[str]) -> Parsed | None:
         elif eq and name.startswith("--") and name in command.options and _plain(value):
             kwargs[command.options[name]] = value
             j += 1
+        elif a in command.numbers or (eq and name.startswith("--") and name in command.numbers):
+            number = command.numbers[a if a in command.numbers else name]
+            if a in command.numbers:
+                if j + 1 >= len(rest):
+                    return None
+                value, j = rest[j + 1], j + 2
+            else:
+                j += 1
+            converted = number.convert(value)
+            if converted is None:
+                return None
+            kwargs[number.name] = converted
         elif _plain(a):
             positional.append(a)
             j += 1
@@ -132,6 +171,10 @@ def body(command: FastCommand) -> Callable[..., None]:
             from kpipe.cli.building import build_command
 
             return build_command
+        case ("fleet", "facts"):
+            from kpipe.cli.fleetfacts import fleet_facts
+
+            return fleet_facts
         case _:
             raise KeyError(f"no fast body for {' '.join(command.path)}")
 
