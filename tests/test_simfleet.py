@@ -240,6 +240,27 @@ def test_sig_enforce_refuses_unsigned(fleet: SimFleet, pool: SshPool, module_fil
     assert "Loading of unsigned module is rejected" in h.log()
 
 
+def _spin(seconds: float) -> None:
+    end = time.thread_time() + seconds
+    while time.thread_time() < end:
+        pass
+
+
+def test_simulator_cpu_counts_the_simulator_thread_only(fleet: SimFleet) -> None:
+    """bench/rollout.py subtracts simulator_cpu() from its own process's CPU: it must be that thread's."""
+    before = fleet.simulator_cpu()
+    _spin(0.4)  # this thread's CPU: not the simulator's
+    mid = fleet.simulator_cpu()
+    assert 0 <= before <= mid < before + 0.2 <= time.process_time()
+    done: list[float] = []
+    fleet.after(0, lambda: done.append(_spin(0.4) or 1.0))  # the same work on the simulator thread
+    deadline = time.monotonic() + 30
+    while not done and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert done, "the simulator did not run the callback"
+    assert fleet.simulator_cpu() >= mid + 0.3
+
+
 def test_close_stops_every_process_by_pid(tmp_path: Path) -> None:
     fleet = SimFleet(2, tmp_path / "f", prefix="c").start()
     h = fleet.hosts[0]
