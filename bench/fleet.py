@@ -231,17 +231,9 @@ def server_cpu(hosts: list[Any]) -> float:
     connection's sshd processes and shell lands in the listener's cutime/cstime once reaped, so the
     difference across a run is the servers' share of it (settle() first: a session still tearing
     down is not reaped yet)."""
-    total = 0
-    for h in hosts:
-        if h.proc is None:
-            continue
-        try:
-            with open(f"/proc/{h.proc.pid}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        total += sum(int(x) for x in fields[11:15])  # utime stime cutime cstime
-    return total / os.sysconf("SC_CLK_TCK")
+    from simfleet import stat_cpu
+
+    return sum(stat_cpu(f"/proc/{h.proc.pid}/stat", children=True) or 0.0 for h in hosts if h.proc is not None)
 
 
 def settle(hosts: list[Any], timeout: float = 15.0) -> None:

@@ -304,6 +304,17 @@ def _keypair(path: Path) -> Path:
     return path
 
 
+def stat_cpu(stat_path: str, *, children: bool = False) -> float | None:
+    """CPU seconds from a /proc/.../stat file: utime + stime, plus the reaped children's cutime + cstime
+    with `children`; None when the process or thread is gone."""
+    try:
+        with open(stat_path) as f:
+            fields = f.read().rsplit(")", 1)[1].split()  # the name in parentheses may hold spaces
+    except OSError:
+        return None
+    return sum(int(x) for x in fields[11:15 if children else 13]) / os.sysconf("SC_CLK_TCK")
+
+
 def _free_port(address: str) -> int:
     with socket.socket() as s:
         s.bind((address, 0))
@@ -1018,12 +1029,7 @@ class SimFleet:
         t = self._thread
         if t is None or t.native_id is None:
             return 0.0
-        try:
-            with open(f"/proc/self/task/{t.native_id}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-        except OSError:
-            return 0.0
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return stat_cpu(f"/proc/self/task/{t.native_id}/stat") or 0.0
 
     def _run(self) -> None:
         # The simulated kernels react at a kernel's pace, not at the pace of a user process on a machine that a

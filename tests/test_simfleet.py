@@ -252,8 +252,13 @@ def test_simulator_cpu_counts_the_simulator_thread_only(fleet: SimFleet) -> None
     _spin(0.4)  # this thread's CPU: not the simulator's
     mid = fleet.simulator_cpu()
     assert 0 <= before <= mid < before + 0.2 <= time.process_time()
-    done: list[float] = []
-    fleet.after(0, lambda: done.append(_spin(0.4) or 1.0))  # the same work on the simulator thread
+    done: list[bool] = []
+
+    def busy_on_the_simulator_thread() -> None:
+        _spin(0.4)
+        done.append(True)
+
+    fleet.after(0, busy_on_the_simulator_thread)
     deadline = time.monotonic() + 30
     while not done and time.monotonic() < deadline:
         time.sleep(0.05)
