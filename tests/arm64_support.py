@@ -20,11 +20,10 @@ from pathlib import Path
 
 import pytest
 
-from forge_support import need_forge_tools, need_real
+from forge_support import ARM64_SOURCE, need_forge_tools, need_real
 from kpipe.lab.buildhost import BuildHostChroot, build_host_toml, namespace_pids
 from kpipe.lab.forge import ForgedKernel, ensure_lab_key, forge, parse_source
 
-ARM64_SOURCE = os.environ.get("KPIPE_ARM64_FORGE_SOURCE", "debian:sid/7.2")
 CROSS_PACKAGE = "gcc-aarch64-linux-gnu"
 REPO = Path(__file__).resolve().parent.parent
 RECIPE = "cmdline-arm64"

@@ -21,6 +21,11 @@ from kpipe.lab.buildhost import BuildHostChroot, namespace_pids
 from kpipe.lab.forge import ForgedKernel, forge, parse_source
 
 FORGE_SOURCE = os.environ.get("KPIPE_FORGE_SOURCE", "debian:trixie/6.12")
+KLP_SOURCE = os.environ.get("KPIPE_KLP_SOURCE", "debian:sid/7.2")
+ARM64_SOURCE = os.environ.get("KPIPE_ARM64_FORGE_SOURCE", "debian:sid/7.2")
+# Every kernel the tests forge, as (source, arch): tests/forge_prewarm.py forges them side by side
+# when CI starts on a machine that has never forged (the fixtures then wait on each kernel's lock).
+FORGES = ((FORGE_SOURCE, "x86_64"), (KLP_SOURCE, "x86_64"), (ARM64_SOURCE, "aarch64"))
 TIMINGS: dict[str, float] = {}  # printed with -s; the report's cold/warm numbers come from here
 
 

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from forge_support import TIMINGS, need_forge_tools, workspace_with_buildhost
+from forge_support import KLP_SOURCE, TIMINGS, need_forge_tools, workspace_with_buildhost
 from kpipe.builder.klp import KlpBuilder
 from kpipe.lab.buildhost import BuildHostChroot, namespace_pids
 from kpipe.lab.forge import ForgedKernel, ensure_lab_key, forge, parse_source
@@ -33,7 +33,7 @@ from kpipe.lab.forge import ForgedKernel, ensure_lab_key, forge, parse_source
 pytestmark = [pytest.mark.forge, pytest.mark.timeout(7200)]
 
 REPO = Path(__file__).resolve().parent.parent
-SOURCE = os.environ.get("KPIPE_KLP_SOURCE", "debian:sid/7.2")
+SOURCE = KLP_SOURCE
 HOST = "forge-" + SOURCE.split(":", 1)[1].split("/")[0]
 RECIPE = "cmdline-klp"
 MODULE = "livepatch-cmdline-klp"
