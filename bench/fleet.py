@@ -29,14 +29,14 @@ Issue 13, at 200 hosts: >= 4x ansible -m raw -f 50 and >= 1.2x xargs -P50 ssh (w
 
 The servers run on the same 2 cores as the clients, which a real fleet's do not: each SimFleet sshd
 runs with `-r` (no re-exec of sshd per connection; tests/simfleet.py), the same servers for every
-client. Measured server CPU per `fleet facts` connection: ~53 ms with the re-exec, ~40 ms without
-(of which ~12 ms is the facts script and ~28 ms sshd's own fork, key exchange, authentication and
-session), against kpipe's ~9-20 ms of client CPU per host: the servers are most of every client's
-wall time here (docs/scale.md has a perf breakdown: sshd and the hosts' shells are ~70 % of a
-200-host run's CPU). Last run (`--sizes 200 --repeat 3`, load ~1.4 before): kpipe `fleet facts` 3.16 s
-(6.8 ms client and 21.5 ms server CPU per host, cores 94 % busy), `audit` 0.98x that, `xargs -P50 ssh` 1.09x,
-`ansible -m raw -f 50` 3.41x; kpipe's floor 2.82 s, which 4x ansible (2.69 s) is below and 1.2x xargs (2.87 s)
-2 % above. The xargs and ansible targets are not met on this 2-core machine.
+client. Measured server CPU per `fleet facts` connection: 18-21 ms on an idle machine (~40 ms at load
+7-11, ~53 ms with the re-exec; about 70 % of it sshd's own fork, key exchange, authentication and
+session, the rest the facts script), against kpipe's 5-6 ms of client CPU per host: the servers are
+most of every client's wall time here (docs/scale.md has a perf breakdown: sshd and the hosts' shells are ~70 % of a
+200-host run's CPU). Last run (`--sizes 200 --repeat 3`, idle machine, load ~0.2 before): kpipe `fleet facts`
+2.65 s (5.0 ms client and 20.1 ms server CPU per host, cores 96 % busy), `audit` 1.09x that, `xargs -P50 ssh`
+1.19x, `ansible -m raw -f 50` 3.56x; kpipe's floor 2.50 s, which 4x ansible (2.36 s) is below and 1.2x xargs
+(2.64 s) 5 % above. The xargs and ansible targets are not met on this 2-core machine.
 """
 
 from __future__ import annotations
