@@ -27,9 +27,8 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from kpipe.commands import Command, CommandResult
-from kpipe.errors import CommandTimeout, KpipeError, NotFoundError, TransportError
+from kpipe.errors import CommandTimeout, KpipeError, TransportError
 from kpipe.rollout.journal import Journal
-from kpipe.rollout.planner import RolloutPlan
 from kpipe.transport.ansible import (
     ActionResult,
     AnsibleSession,
@@ -222,24 +221,9 @@ def ansible_engine_for(workspace: Any, journal: Journal, rollout_id: str, *, for
                        hosts: list[Any] | None = None) -> tuple[Any, AnsibleRunner]:
     """An Engine whose host steps run through ansible-runner (the rollout's hosts from the inventory)."""
     from kpipe.rollout.engine import Engine
-    from kpipe.rollout.world import local_path_fn
+    from kpipe.rollout.world import local_path_fn, plan_and_targets
 
-    plan = RolloutPlan.from_dict(journal.get(rollout_id).plan)
-    if check_blobs:
-        for sha in sorted({a.artifact.sha256 for a in plan.assignments.values()}):
-            workspace.store.verified_path(sha)
-    found: dict[str, Any] = {}
-    if hosts is not None:
-        found = {h.name: h for h in hosts if h.name in plan.assignments}
-    else:
-        from kpipe.fleet.inventory import load_inventory
-
-        inv = load_inventory(workspace)
-        for name in plan.assignments:
-            try:
-                found[name] = inv.get(name)
-            except NotFoundError:
-                pass  # journaled as unreachable by the engine: "not in the inventory any more"
+    plan, found = plan_and_targets(workspace, journal, rollout_id, hosts=hosts, check_blobs=check_blobs)
     known = known_hosts_files(workspace)
     interp = workspace.settings.ansible.python_interpreter or "auto_silent"
     key = getattr(workspace.ssh, "identity_file", "") or ""

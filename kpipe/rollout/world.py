@@ -250,6 +250,32 @@ def local_path_fn(store: Store) -> Callable[[Assignment], Path]:
     return path
 
 
+def plan_and_targets(workspace: Workspace, journal: Journal, rollout_id: str, *, hosts: list[Host] | None = None,
+                     check_blobs: bool = False) -> tuple[RolloutPlan, dict[str, Host]]:
+    """A journaled rollout's plan and its hosts, whichever executor will run it.
+
+    The hosts are `hosts` when the caller just loaded them, else the current inventory's; a host the
+    inventory no longer has is left out, and the engine journals it as unreachable. check_blobs: refuse
+    (StoreCorrupt / NotFoundError, before any host is contacted) when a module the plan ships changed
+    in the store or is gone."""
+    plan = RolloutPlan.from_dict(journal.get(rollout_id).plan)
+    if check_blobs:
+        for sha in sorted({a.artifact.sha256 for a in plan.assignments.values()}):
+            workspace.store.verified_path(sha)
+    if hosts is not None:
+        return plan, {h.name: h for h in hosts if h.name in plan.assignments}
+    from kpipe.fleet.inventory import load_inventory
+
+    inv = load_inventory(workspace)
+    targets: dict[str, Host] = {}
+    for name in plan.assignments:
+        try:
+            targets[name] = inv.get(name)
+        except NotFoundError:
+            pass  # journaled as unreachable by the engine: "not in the inventory any more"
+    return plan, targets
+
+
 def engine_for(workspace: Workspace, journal: Journal, rollout_id: str, *, forks: int | None = None,
                on_event: Callable[..., None] | None = None, pool: SshPool | None = None,
                hosts: list[Host] | None = None, check_blobs: bool = False,
@@ -261,23 +287,7 @@ def engine_for(workspace: Workspace, journal: Journal, rollout_id: str, *, forks
     journal stays this process's either way."""
     from kpipe.rollout.engine import Engine, PoolRunner
 
-    rec = journal.get(rollout_id)
-    plan = RolloutPlan.from_dict(rec.plan)
-    if check_blobs:
-        for sha in sorted({a.artifact.sha256 for a in plan.assignments.values()}):
-            workspace.store.verified_path(sha)
-    targets: dict[str, Host] = {}
-    if hosts is not None:
-        targets = {h.name: h for h in hosts if h.name in plan.assignments}
-    else:
-        from kpipe.fleet.inventory import load_inventory
-
-        inv = load_inventory(workspace)
-        for name in plan.assignments:
-            try:
-                targets[name] = inv.get(name)
-            except NotFoundError:
-                pass  # journaled as unreachable by the engine: "not in the inventory any more"
+    plan, targets = plan_and_targets(workspace, journal, rollout_id, hosts=hosts, check_blobs=check_blobs)
     pool = pool or make_pool(workspace, forks or plan.options.forks, workers)
     runner = PoolRunner(pool, targets, forks)
     return Engine(journal, runner, local_path_fn(workspace.store), on_event=on_event), runner
