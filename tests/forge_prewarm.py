@@ -49,7 +49,10 @@ def main() -> int:
         # which the next forge rebuilds.
         for _, p in procs:
             if p.poll() is None:
-                os.killpg(p.pid, signal.SIGTERM)
+                try:
+                    os.killpg(p.pid, signal.SIGTERM)
+                except ProcessLookupError:
+                    pass  # that forge's group ended between poll() and here
         sys.exit(128 + signum)
 
     signal.signal(signal.SIGTERM, stop)

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from forge_support import TIMINGS, need_forge_tools
+from forge_support import FORGE_SOURCE, KLP_SOURCE, TIMINGS, need_forge_tools
 from kpipe.lab.buildhost import BuildHostChroot, build_host_toml, namespace_pids
 from kpipe.lab.forge import ForgedKernel, ensure_lab_key, forge, parse_source
 
@@ -30,7 +30,8 @@ MESSAGE = "kpipe live patch active"  # what /proc/cmdline prints while patches/c
 REPO = Path(__file__).resolve().parent.parent
 RECIPE = "cmdline-auto"
 MODULE = "livepatch-cmdline-auto"
-OLD_SOURCE, NEW_SOURCE = "debian:trixie/6.12", "debian:sid/7.2"
+# the kpatch-build kernel and the klp-build kernel: the ones CI prewarms (forge_support.FORGES)
+OLD_SOURCE, NEW_SOURCE = FORGE_SOURCE, KLP_SOURCE
 
 
 def kp(ws: Path, *args: str, timeout: float = 900) -> subprocess.CompletedProcess:
