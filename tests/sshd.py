@@ -183,10 +183,20 @@ class SshdServer:
         """Stop the listener and its sessions, by PID."""
         if self.proc is None:
             return
+        # Freeze the listener before dropping its sessions: a client whose connection is killed may connect
+        # again at once, and the listener would fork that connection after kill_sessions() looked. sshd's
+        # per-connection child calls setsid(), so the killpg below would not reach it either, and the
+        # "stopped" server would go on serving it. Stopped, the listener forks nothing more.
+        if self.proc.poll() is None:
+            try:
+                os.kill(self.proc.pid, signal.SIGSTOP)
+            except ProcessLookupError:
+                pass
         self.kill_sessions()
         if self.proc.poll() is None:
             try:
                 os.killpg(self.proc.pid, signal.SIGTERM)
+                os.killpg(self.proc.pid, signal.SIGCONT)  # a stopped process acts on SIGTERM once continued
             except ProcessLookupError:
                 pass
             try:
